@@ -1,0 +1,51 @@
+"""Rich rendering of plans for the terminal."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from loom.planner.memory import GiB
+from loom.planner.plan import Plan
+
+
+def plans_table(plans: list[Plan], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column, justify in [("#", "right"), ("layout", "left"), ("step s", "right"), ("tokens/s", "right"),
+                            ("TFLOP/s/GPU", "right"), ("MFU", "right"), ("peak / capacity GiB", "right")]:
+        table.add_column(column, justify=justify)
+    for rank, plan in enumerate(plans, start=1):
+        peak = plan.peak_memory.peak_bytes / GiB
+        table.add_row(
+            str(rank),
+            plan.layout.label(),
+            f"{plan.step_time_s:.3f}",
+            f"{plan.tokens_per_s:,.0f}",
+            f"{plan.tflops_per_gpu:.0f}",
+            f"{plan.mfu:.1%}",
+            f"{peak:.1f} / {plan.capacity_bytes / GiB:.1f}",
+        )
+    return table
+
+
+def breakdown_table(plan: Plan) -> Table:
+    """Where the best plan's step time and memory go."""
+    table = Table(title=f"{plan.layout.label()}: where the time and memory go", title_justify="left")
+    table.add_column("time", justify="left")
+    table.add_column("s", justify="right")
+    table.add_column("memory (peak stage)", justify="left")
+    table.add_column("GiB", justify="right")
+    times = [(k, v) for k, v in plan.step.breakdown_s.items() if v > 0]
+    memory = [(k, v) for k, v in plan.peak_memory.breakdown_bytes.items() if v > 0]
+    for i in range(max(len(times), len(memory))):
+        t = times[i] if i < len(times) else ("", None)
+        m = memory[i] if i < len(memory) else ("", None)
+        table.add_row(t[0], "" if t[1] is None else f"{t[1]:.3f}", m[0], "" if m[1] is None else f"{m[1] / GiB:.2f}")
+    stages = ", ".join(str(stage.num_layers) for stage in plan.stages)
+    table.caption = f"layers per stage: {stages}"
+    return table
+
+
+def show(console: Console, plans: list[Plan], title: str) -> None:
+    console.print(plans_table(plans, title))
+    console.print(breakdown_table(plans[0]))

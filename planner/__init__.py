@@ -1,0 +1,1 @@
+"""The domain: specs, the memory and time models, the search and the plan."""

@@ -1,0 +1,73 @@
+"""How fast one GPU runs one kernel: GEMMs by shape, flash attention, and the
+memory-bound elementwise kernels between them.
+
+A GEMM runs at the GPU's large-GEMM efficiency (catalogue ``gemm_efficiency``)
+times its tile and wave utilisation, and never faster than the roofline allows
+for the bytes it reads and writes (Williams et al. 2009, "Roofline"). Tile and
+wave quantisation follow NVIDIA's "Matrix Multiplication Background User's
+Guide": output tiles are padded to the tile size and run in waves of one tile
+per SM, so a 2.1-wave GEMM pays for 3 waves. cuBLAS picks among tile shapes;
+we take the best of a few, the smaller ones running a little less efficiently.
+"""
+
+from __future__ import annotations
+
+import math
+
+from loom.profiles.catalogue import GPU
+
+# (tile_m, tile_n, efficiency of that tile relative to the largest) for the
+# CUTLASS/cuBLAS tensor-core kernels that large training GEMMs use.
+GEMM_TILES = ((256, 128, 1.0), (128, 256, 1.0), (128, 128, 0.92), (64, 128, 0.8))
+# Each output tile pays a fixed prologue (filling the shared-memory pipeline)
+# and epilogue (writing C) worth about this many elements of K on top of its
+# K-long main loop, so short-K GEMMs (small hidden sizes) run slower:
+# efficiency x K / (K + GEMM_K_OVERHEAD). ~6 k-blocks of 64 (CUTLASS's
+# multistage mainloop keeps 3-4 in flight).
+GEMM_K_OVERHEAD = 384
+# Keys whose streaming time equals a flash-attention block's fixed cost.
+FLASH_KV_OVERHEAD = 384
+# Fraction of the HBM bandwidth that streaming kernels reach (STREAM-like
+# copies reach ~90% on A100/H100; PyTorch's elementwise kernels ~80%).
+HBM_EFFICIENCY = 0.8
+# A kernel never takes less than its launch and tail latency.
+KERNEL_MIN_S = 4e-6
+BYTES = {"fp8": 1, "bf16": 2, "fp16": 2}
+
+
+def tile_utilisation(m: int, n: int, sms: int, batch: int = 1) -> float:
+    """The best fraction of the SMs' tile slots a GEMM's output fills."""
+    best = 0.0
+    for tile_m, tile_n, tile_efficiency in GEMM_TILES:
+        tiles = math.ceil(m / tile_m) * math.ceil(n / tile_n) * batch
+        waves = math.ceil(tiles / sms)
+        useful = m * n * batch / (waves * sms * tile_m * tile_n)
+        best = max(best, useful * tile_efficiency)
+    return best
+
+
+def gemm_time_s(m: int, n: int, k: int, gpu: GPU, precision: str, batch: int = 1) -> float:
+    """Time of ``batch`` GEMMs (m x k) @ (k x n) at ``precision``."""
+    flops = 2.0 * m * n * k * batch
+    k_efficiency = k / (k + GEMM_K_OVERHEAD)
+    rate = gpu.peak_flops(precision) * gpu.gemm_efficiency[precision] * k_efficiency * tile_utilisation(m, n, gpu.sms, batch)
+    in_bytes = BYTES[precision]
+    bytes_moved = batch * ((m * k + k * n) * in_bytes + m * n * 2)  # output in 16-bit
+    return max(flops / rate, memory_time_s(bytes_moved, gpu), KERNEL_MIN_S)
+
+
+def memory_time_s(bytes_moved: float, gpu: GPU) -> float:
+    """Time of a memory-bound kernel that reads and writes ``bytes_moved``."""
+    return bytes_moved / (gpu.hbm_GBps * 1e9 * HBM_EFFICIENCY)
+
+
+def flash_attention_time_s(flops: float, gpu: GPU, kv_length: int) -> float:
+    """Flash attention runs at its own sustained fraction of 16-bit peak (the
+    softmax between its two GEMMs keeps it below GEMM efficiency), reached on
+    long sequences: each query block streams ``kv_length`` keys, and short
+    streams don't amortise loading the block and writing its output.
+    kv / (kv + FLASH_KV_OVERHEAD) follows FlashAttention-2's own benchmark
+    (Dao 2023, fig. 4: causal, head dim 128 on A100, 110 TFLOP/s at 512 keys,
+    ~165 at 2K, ~185 at 16K)."""
+    ramp = kv_length / (kv_length + FLASH_KV_OVERHEAD)
+    return flops / (gpu.peak_flops("bf16") * gpu.attention_efficiency * ramp)

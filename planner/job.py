@@ -1,0 +1,144 @@
+"""The job spec: what to train (model), where (cluster), on what batch, and
+which knobs the search may turn. Read from YAML; CLI flags override fields.
+
+Example (``examples/llama3-8b-h100.yaml``)::
+
+    model: llama-3-8b              # catalogue name or path to a config.json
+    cluster: h100-64.yaml          # path (relative to this file) or inline mapping
+    global_batch_size: 512
+    seq_length: 8192
+    precision: bf16                # bf16 | fp16 | fp8
+    framework: megatron            # megatron | deepspeed
+    search: {recompute: [none, selective]}   # any knob not given is "auto"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from loom.planner.cluster import Cluster, load_cluster, parse_cluster
+from loom.planner.errors import SpecError
+from loom.planner.model import ModelSpec, load_model
+from loom.planner.specfile import StrictModel, read_mapping, validate
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+DEFAULT_JOB = EXAMPLES_DIR / "llama3-8b-h100.yaml"
+
+Precision = Literal["bf16", "fp16", "fp8"]
+Framework = Literal["megatron", "deepspeed"]
+
+
+class Features(StrictModel):
+    """Framework features that change the time model, not the layout.
+
+    Defaults are what current Megatron-Core with Transformer Engine runs; set
+    them off to model an older stack (e.g. the 2021 SC'21 runs had none)."""
+
+    flash_attention: bool = True
+    overlap_grad_reduce: bool = True  # --overlap-grad-reduce
+    overlap_param_gather: bool = True  # --overlap-param-gather (distributed optimizer)
+    tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers)
+
+
+Auto = Literal["auto"]
+
+
+class SearchFile(StrictModel):
+    """Which values each knob may take; "auto" lets loom choose the candidates."""
+
+    tp: list[pydantic.PositiveInt] | Auto = "auto"
+    pp: list[pydantic.PositiveInt] | Auto = "auto"
+    cp: list[pydantic.PositiveInt] | Auto = "auto"
+    vpp: list[pydantic.PositiveInt] | Auto = "auto"
+    micro_batch_size: list[pydantic.PositiveInt] | Auto = "auto"
+    sequence_parallel: list[bool] | Auto = "auto"
+    recompute: list[Literal["none", "selective", "full"]] | Auto = "auto"
+    distributed_optimizer: list[bool] | Auto = "auto"
+    zero_stage: list[Literal[0, 1, 2, 3]] | Auto = "auto"
+
+
+class JobFile(StrictModel):
+    model: str
+    cluster: str | dict
+    global_batch_size: pydantic.PositiveInt
+    seq_length: pydantic.PositiveInt
+    precision: Precision = "bf16"
+    optimizer: Literal["adam"] = "adam"
+    framework: Framework = "megatron"
+    features: Features = Features()
+    search: SearchFile = SearchFile()
+    top_k: pydantic.PositiveInt = 5
+    train_iters: pydantic.PositiveInt = 1000
+
+
+@dataclass(frozen=True)
+class Job:
+    model: ModelSpec
+    cluster: Cluster
+    global_batch_size: int
+    seq_length: int
+    precision: str = "bf16"
+    optimizer: str = "adam"
+    framework: str = "megatron"
+    features: Features = field(default_factory=Features)
+    search: SearchFile = field(default_factory=SearchFile)
+    top_k: int = 5
+    train_iters: int = 1000
+    source: str = "<job>"
+
+    @property
+    def params_dtype_bytes(self) -> int:
+        """Model weights are 16-bit in every supported precision (fp8 keeps
+        bf16 weights and casts inside Transformer Engine's GEMMs)."""
+        return 2
+
+
+def _resolve_cluster(value: str | dict, job_path: Path | None, source: str) -> Cluster:
+    if isinstance(value, dict):
+        return parse_cluster(value, source, prefix="cluster")
+    for candidate in [Path(value), *([job_path.parent / value] if job_path else []), EXAMPLES_DIR / value]:
+        if candidate.is_file():
+            return load_cluster(candidate)
+    raise SpecError(source, "cluster", "a cluster YAML path (absolute, relative to the job file, or a bundled example)", value)
+
+
+def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
+    """Read ``path`` (the bundled example when None) and apply CLI overrides."""
+    job_path = path or DEFAULT_JOB
+    source = str(job_path)
+    data = read_mapping(job_path)
+    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    spec = validate(JobFile, data, source)
+    model = load_model(spec.model)
+    cluster = _resolve_cluster(spec.cluster, job_path, source)
+    job = Job(
+        model=model,
+        cluster=cluster,
+        global_batch_size=spec.global_batch_size,
+        seq_length=spec.seq_length,
+        precision=spec.precision,
+        optimizer=spec.optimizer,
+        framework=spec.framework,
+        features=spec.features,
+        search=spec.search,
+        top_k=spec.top_k,
+        train_iters=spec.train_iters,
+        source=source,
+    )
+    check_job(job)
+    return job
+
+
+def check_job(job: Job) -> None:
+    """Checks that need the model and cluster together."""
+    for node in job.cluster.nodes:
+        if not node.gpu.supports(job.precision):
+            raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)
+    if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
+        raise SpecError(
+            job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length
+        )

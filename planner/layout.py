@@ -1,0 +1,64 @@
+"""A layout: the parallel degrees and knobs of one way to run the job.
+
+Its fields are the ``parallel`` object of the JSON report. Megatron's global
+rank order is ``tp-cp-ep-dp-pp`` (``megatron.core.parallel_state.RankGenerator``),
+so TP groups are the innermost, contiguous ranks and PP stages the outermost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Recompute = Literal["none", "selective", "full"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    cp: int
+    micro_batch_size: int
+    global_batch_size: int
+    ep: int = 1
+    vpp: int = 1  # virtual (interleaved) stages per pipeline rank
+    sequence_parallel: bool = False
+    recompute: Recompute = "none"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage; Megatron uses distributed_optimizer
+    distributed_optimizer: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro batches each pipeline runs per step (gradient accumulation)."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def optimizer_shards(self) -> int:
+        """Ways the optimizer state is split: DP x CP ranks share it under
+        Megatron's distributed optimizer or ZeRO (CP ranks hold the same weights)."""
+        sharded = self.distributed_optimizer or self.zero_stage >= 1
+        return self.dp * self.cp if sharded else 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        """Short human label, e.g. ``TP8 PP4x3 DP32 mbs1 SP sel``."""
+        parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vpp}" if self.vpp > 1 else ""), f"DP{self.dp}"]
+        if self.cp > 1:
+            parts.append(f"CP{self.cp}")
+        parts.append(f"mbs{self.micro_batch_size}")
+        if self.sequence_parallel:
+            parts.append("SP")
+        if self.recompute != "none":
+            parts.append({"selective": "sel", "full": "full"}[self.recompute])
+        if self.distributed_optimizer:
+            parts.append("DO")
+        if self.zero_stage:
+            parts.append(f"Z{self.zero_stage}")
+        return " ".join(parts)

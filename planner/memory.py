@@ -1,0 +1,183 @@
+"""Memory per GPU, per pipeline stage: weights, gradients and optimizer state,
+the activations of the micro batches in flight, transient buffers and fixed
+framework overhead.
+
+Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models" (sec. 4), generalised tensor by tensor so that
+GQA, gated MLPs, models without dropout, flash attention and context
+parallelism fall out of the same count: with GPT-3's shapes it reduces to the
+paper's sbh(10 + 24/t + 5as/(ht)) without and 34sbh/t with sequence parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.compute import ACT_BYTES, Shape
+from loom.planner.layout import Layout
+from loom.planner.model import ModelSpec
+from loom.planner.stages import Stage
+
+GiB = 1024**3
+# CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's first
+# blocks: what a PyTorch process holds on a GPU before the model is built.
+CUDA_CONTEXT_BYTES = int(1.0 * GiB)
+# NCCL's per-communicator buffers (channels x peers x 4 MiB by default, NCCL_BUFFSIZE).
+NCCL_COMMUNICATOR_BYTES = int(0.25 * GiB)
+# The caching allocator cannot reuse every freed block: fragmentation costs a
+# few percent of the memory that is allocated and freed every micro batch.
+ALLOCATOR_SLACK_FRACTION = 0.05
+# Bytes per parameter in mixed-precision Adam (Rajbhandari et al. 2020, ZeRO, sec. 3.1):
+WEIGHT_BYTES = 2  # 16-bit weights
+OPTIMIZER_BYTES = 12  # fp32 master weights + Adam m and v
+# Megatron accumulates and reduces gradients in an fp32 "main_grad" buffer
+# (Megatron-LM docs, distributed optimizer table: 18 bytes/param without, 6 + 12/d
+# with the distributed optimizer); DeepSpeed keeps 16-bit gradients (16 bytes/param).
+GRAD_BYTES = {"megatron": 4, "deepspeed": 2}
+# Transformer Engine keeps an fp8 copy (and transpose) of each GEMM weight.
+FP8_WEIGHT_CACHE_BYTES = 2
+# Megatron's cross-entropy keeps the softmax of the logits in fp32.
+LOGIT_SOFTMAX_BYTES = 4
+
+
+# --- parameters and optimizer state ----------------------------------------
+def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> tuple[float, float]:
+    """(parameters on one GPU of this stage, of which in GEMM weights).
+
+    TP splits the linear layers and the vocabulary; norms and position
+    embeddings are replicated. With tied embeddings and pp > 1 the last stage
+    keeps its own copy of the word embeddings for the output layer (Megatron)."""
+    t = layout.tp
+    layer_linear = (model.attention_params() + model.mlp_params()) / t
+    linear = stage.num_layers * layer_linear
+    other = stage.num_layers * 2 * model.norm_params()
+    word_embedding = model.vocab_size * model.hidden_size / t
+    if stage.embedding:
+        other += word_embedding + (model.embedding_params() - model.vocab_size * model.hidden_size)
+    if stage.head:
+        other += model.norm_params()
+        if not model.tied_embeddings or not stage.embedding:
+            linear += word_embedding
+    return linear + other, linear
+
+
+def model_state_bytes(params: float, layout: Layout, framework: str) -> dict[str, float]:
+    """Weights, gradients and optimizer state for ``params`` on one GPU.
+
+    Megatron's distributed optimizer shards the optimizer state over DP (x CP);
+    ZeRO-1 does the same, ZeRO-2 also shards gradients, ZeRO-3 also weights."""
+    shards = layout.optimizer_shards
+    grads = params * GRAD_BYTES[framework]
+    weights = params * WEIGHT_BYTES
+    if layout.zero_stage >= 2:
+        grads /= shards
+    if layout.zero_stage >= 3:
+        weights /= shards
+    return {"weights": weights, "gradients": grads, "optimizer_states": params * OPTIMIZER_BYTES / shards}
+
+
+# --- activations ------------------------------------------------------------
+def layer_activation_bytes(shape: Shape, recompute: str) -> float:
+    """Bytes one decoder layer keeps for backward, per micro batch, per GPU."""
+    m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
+    h, kv, f = m.hidden_size, m.kv_size, m.ffn_hidden_size
+    if recompute == "full":
+        # Only each layer's input is checkpointed (scattered over TP with SP).
+        return e * T * shape.replicated_width
+    masks = 2 if m.dropout else 0  # 1-byte dropout masks after attention and MLP
+    # Norm inputs and outputs (the QKV and MLP inputs) plus the masks: on every
+    # TP rank, or split t ways with sequence parallelism.
+    replicated = (4 * e + masks) * T * shape.replicated_width
+    # Q, K, V, the projection's input, and the MLP's up-projection outputs and
+    # activation output: split over TP. SwiGLU keeps gate, up and their product.
+    split = (e * (2 * h + 2 * kv) + (3 if m.gated_mlp else 2) * e * f) * T / t
+    heads_per_rank = m.num_attention_heads / t
+    scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
+    if shape.features.flash_attention:
+        # Flash attention keeps only the fp32 log-sum-exp per query row.
+        attention = 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
+    elif recompute == "selective":
+        attention = 0.0  # the s x s scores are recomputed (Korthikanti sec. 5)
+    else:
+        attention = (e + (1 + e if m.dropout else 0)) * scores  # softmax, dropout mask and output
+    return replicated + split + attention
+
+
+def embedding_activation_bytes(shape: Shape) -> float:
+    """The embedding's dropout mask (its output is the first layer's input)."""
+    return (shape.tokens * shape.replicated_width) if shape.model.dropout else 0.0
+
+
+def head_activation_bytes(shape: Shape) -> float:
+    """Final norm input and output-layer input, plus the fp32 softmax the loss keeps."""
+    m, T = shape.model, shape.tokens
+    return 2 * ACT_BYTES * T * shape.replicated_width + LOGIT_SOFTMAX_BYTES * T * m.vocab_size / shape.tp
+
+
+def head_transient_bytes(shape: Shape) -> float:
+    """During the loss: the 16-bit logits and their fp32 gradient."""
+    return (ACT_BYTES + 4) * shape.tokens * shape.model.vocab_size / shape.tp
+
+
+def in_flight_chunks(layout: Layout, stage_index: int) -> int:
+    """Model-chunk micro batches whose activations stage ``stage_index`` holds
+    at its peak. 1F1B: pp - s (Narayanan et al. SC'21 sec. 2.2). Interleaved:
+    Megatron's warm-up of (pp - s - 1) * 2 + (vpp - 1) * pp chunks plus the one
+    in steady state (megatron/core/pipeline_parallel/schedules.py)."""
+    total = layout.num_microbatches * layout.vpp
+    if layout.pp == 1:
+        return 1
+    if layout.vpp == 1:
+        return min(layout.pp - stage_index, total)
+    warmup = (layout.pp - stage_index - 1) * 2 + (layout.vpp - 1) * layout.pp
+    return min(warmup + 1, total)
+
+
+# --- the whole stage --------------------------------------------------------
+@dataclass(frozen=True)
+class StageMemory:
+    stage: int
+    breakdown_bytes: dict[str, float]
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.breakdown_bytes.values())
+
+
+def process_groups(layout: Layout) -> int:
+    """NCCL communicators a rank holds (tp, cp, dp, pp, embedding, model-parallel ...)."""
+    degrees = [layout.tp, layout.cp, layout.dp, layout.pp, layout.dp * layout.cp]
+    return sum(1 for d in degrees if d > 1) + 1
+
+
+def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> StageMemory:
+    """Peak memory of one GPU of ``stage`` under the pipeline schedule."""
+    model = shape.model
+    params, linear_params = stage_params(model, layout, stage)
+    state = model_state_bytes(params, layout, framework)
+    if shape.precision == "fp8":
+        state["weights"] += linear_params * (FP8_WEIGHT_CACHE_BYTES - WEIGHT_BYTES / 2) / (
+            layout.optimizer_shards if layout.zero_stage >= 3 else 1
+        )
+
+    chunks = in_flight_chunks(layout, stage.index)
+    layers_per_chunk = max(chunk.num_layers for chunk in stage.chunks)
+    # Micro batches (not chunks) in flight on this stage: the embedding and
+    # head chunks are one of vpp, so they hold 1/vpp of the chunk count.
+    microbatches = max(1, -(-chunks // layout.vpp))
+    activations = chunks * layers_per_chunk * layer_activation_bytes(shape, layout.recompute)
+    if stage.embedding:
+        activations += microbatches * embedding_activation_bytes(shape)
+    if stage.head:
+        activations += head_activation_bytes(shape)
+
+    transient = head_transient_bytes(shape) if stage.head else 0.0
+    if layout.recompute == "full":
+        # Backward re-runs one layer's forward and holds all its activations.
+        transient = max(transient, layer_activation_bytes(shape, recompute="none"))
+    framework_bytes = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
+    framework_bytes += ALLOCATOR_SLACK_FRACTION * (activations + transient)
+    return StageMemory(
+        stage=stage.index,
+        breakdown_bytes={**state, "activations": activations, "transient": transient, "framework": framework_bytes},
+    )

@@ -1,0 +1,112 @@
+"""A plan: one layout of one job, with its stages, placement, predicted step
+time and per-stage memory — and ``evaluate``, which makes one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.compute import Shape, model_flops_per_token
+from loom.planner.errors import SpecError
+from loom.planner.job import Job
+from loom.planner.layout import Layout
+from loom.planner.memory import StageMemory, stage_memory
+from loom.planner.stages import Placement, Stage, default_placement, uniform_stages
+from loom.planner.time_model import StepTime, step_time
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: Job
+    layout: Layout
+    stages: tuple[Stage, ...]
+    placement: Placement
+    step: StepTime
+    memory: tuple[StageMemory, ...]
+
+    @property
+    def step_time_s(self) -> float:
+        return self.step.step_time_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.layout.global_batch_size * self.job.seq_length / self.step_time_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        """Model FLOPs (no recompute counted) per second per GPU, in TFLOP/s."""
+        flops = model_flops_per_token(self.job.model, self.job.seq_length) * self.layout.global_batch_size * self.job.seq_length
+        return flops / self.step_time_s / self.layout.world_size / 1e12
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation against the dense peak of the job's precision."""
+        return self.tflops_per_gpu * 1e12 / self.job.cluster.slowest.gpu.peak_flops(self.job.precision)
+
+    @property
+    def peak_memory(self) -> StageMemory:
+        return max(self.memory, key=lambda stage: stage.peak_bytes)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.job.cluster.slowest.gpu.memory_bytes
+
+    @property
+    def memory_headroom(self) -> float:
+        """Fraction of GPU memory left free on the fullest stage."""
+        return 1.0 - self.peak_memory.peak_bytes / self.capacity_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_headroom >= 0.0
+
+
+def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
+    """Why ``layout`` cannot run ``job``: (field, expected, got) per problem."""
+    model, problems = job.model, []
+
+    def need(ok: bool, field: str, expected: str, got: object) -> None:
+        if not ok:
+            problems.append((field, expected, got))
+
+    need(layout.world_size <= job.cluster.num_gpus, "tp*pp*dp*cp", f"at most the cluster's {job.cluster.num_gpus} GPUs", layout.world_size)
+    need(model.num_attention_heads % layout.tp == 0, "tp", f"a divisor of {model.num_attention_heads} attention heads", layout.tp)
+    need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
+    need(model.num_layers % (layout.pp * layout.vpp) == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", layout.pp * layout.vpp)
+    per_step = layout.micro_batch_size * layout.dp
+    need(layout.global_batch_size % per_step == 0, "global_batch_size", f"a multiple of micro batch x dp = {per_step}", layout.global_batch_size)
+    need(job.seq_length % (2 * layout.cp) == 0, "cp", f"2*cp dividing the sequence length {job.seq_length}", layout.cp)
+    need(not layout.sequence_parallel or layout.tp > 1, "sequence_parallel", "only with tp > 1", layout.sequence_parallel)
+    need(layout.vpp == 1 or layout.pp > 1, "vpp", "1 unless pp > 1", layout.vpp)
+    need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's CP needs it)", layout.cp)
+    if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
+        need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
+    if job.framework == "megatron":
+        need(layout.zero_stage == 0, "zero_stage", "0 with Megatron (use distributed_optimizer)", layout.zero_stage)
+    else:
+        need(layout.tp == 1 and layout.cp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
+        need(not layout.distributed_optimizer, "distributed_optimizer", "false with DeepSpeed (use zero_stage)", True)
+        need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)
+        need(layout.pp == 1 or layout.zero_stage <= 1, "zero_stage", "0 or 1 with a DeepSpeed pipeline", layout.zero_stage)
+    return problems
+
+
+def evaluate(job: Job, layout: Layout, source: str = "layout") -> Plan:
+    """Predict step time and memory of one fixed layout (``loom evaluate``)."""
+    problems = layout_problems(job, layout)
+    if problems:
+        raise SpecError(source, *problems[0])
+    return build_plan(job, layout)
+
+
+def build_plan(job: Job, layout: Layout) -> Plan:
+    """The plan of a layout already known to be valid (the search's inner loop)."""
+    stages = uniform_stages(job.model, layout)
+    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    return Plan(
+        job=job,
+        layout=layout,
+        stages=tuple(stages),
+        placement=default_placement(job.cluster, layout.world_size),
+        step=step_time(job, layout, stages),
+        memory=tuple(stage_memory(shape, layout, stage, job.framework) for stage in stages),
+    )

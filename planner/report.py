@@ -1,0 +1,157 @@
+"""The JSON report (``--json`` on stdout, ``plan.json`` under ``--out``).
+
+Its shape is the contract in ARCHITECTURE.md; these pydantic models are its
+single definition, and ``plan.schema.json`` beside this file is generated from
+them (``python -m loom.planner.report`` rewrites it; a test keeps it in sync).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydantic
+
+from loom.planner.plan import Plan
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
+
+
+class Parallel(pydantic.BaseModel):
+    tp: int
+    pp: int
+    dp: int
+    cp: int
+    ep: int
+    vpp: int
+    micro_batch_size: int
+    global_batch_size: int
+    sequence_parallel: bool
+    recompute: str
+    zero_stage: int
+    distributed_optimizer: bool
+
+
+class StageReport(pydantic.BaseModel):
+    index: int
+    layers: int
+    layer_ranges: list[tuple[int, int]] = pydantic.Field(description="[first, last) decoder layers of each model chunk")
+    embedding: bool
+    head: bool
+    device_group: list[int] = pydantic.Field(description="global ranks of the stage")
+
+
+class GPUSlot(pydantic.BaseModel):
+    rank: int
+    host: str
+    gpu: int
+
+
+class Predicted(pydantic.BaseModel):
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float
+    breakdown_s: dict[str, float]
+
+
+class Memory(pydantic.BaseModel):
+    peak_bytes_per_gpu: float
+    capacity_bytes: int
+    headroom: float
+    peak_stage: int
+    breakdown_bytes: dict[str, float] = pydantic.Field(description="of the peak stage")
+    per_stage_peak_bytes: list[float]
+
+
+class SearchInfo(pydantic.BaseModel):
+    candidates: int = pydantic.Field(description="layouts enumerated")
+    feasible: int = pydantic.Field(description="layouts that fit in memory")
+    wall_time_s: float
+    solver: str
+    status: str
+    gap: float
+
+
+class PlanReport(pydantic.BaseModel):
+    label: str
+    parallel: Parallel
+    stages: list[StageReport]
+    placement: list[GPUSlot]
+    predicted: Predicted
+    memory: Memory
+
+
+class Report(pydantic.BaseModel):
+    schema_version: str
+    model: str
+    cluster: str
+    gpus: int
+    framework: str
+    precision: str
+    seq_length: int
+    plans: list[PlanReport]
+    search: SearchInfo
+
+
+def plan_report(plan: Plan) -> PlanReport:
+    peak = plan.peak_memory
+    return PlanReport(
+        label=plan.layout.label(),
+        parallel=Parallel(**plan.layout.as_dict()),
+        stages=[
+            StageReport(
+                index=stage.index,
+                layers=stage.num_layers,
+                layer_ranges=[(c.first_layer, c.first_layer + c.num_layers) for c in stage.chunks],
+                embedding=stage.embedding,
+                head=stage.head,
+                device_group=list(stage.ranks),
+            )
+            for stage in plan.stages
+        ],
+        placement=[GPUSlot(rank=r, host=host, gpu=gpu) for r, (host, gpu) in enumerate(plan.placement.gpus)],
+        predicted=Predicted(
+            step_time_s=plan.step_time_s,
+            tokens_per_s=plan.tokens_per_s,
+            tflops_per_gpu=plan.tflops_per_gpu,
+            mfu=plan.mfu,
+            breakdown_s=plan.step.breakdown_s,
+        ),
+        memory=Memory(
+            peak_bytes_per_gpu=peak.peak_bytes,
+            capacity_bytes=plan.capacity_bytes,
+            headroom=plan.memory_headroom,
+            peak_stage=peak.stage,
+            breakdown_bytes=peak.breakdown_bytes,
+            per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],
+        ),
+    )
+
+
+def build_report(plans: list[Plan], search: SearchInfo) -> Report:
+    job = plans[0].job
+    return Report(
+        schema_version=SCHEMA_VERSION,
+        model=job.model.name,
+        cluster=job.cluster.name,
+        gpus=job.cluster.num_gpus,
+        framework=job.framework,
+        precision=job.precision,
+        seq_length=job.seq_length,
+        plans=[plan_report(plan) for plan in plans],
+        search=search,
+    )
+
+
+def report_json(report: Report) -> str:
+    return report.model_dump_json(indent=2) + "\n"
+
+
+def json_schema() -> str:
+    return json.dumps(Report.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    SCHEMA_FILE.write_text(json_schema())

@@ -1,0 +1,148 @@
+"""The search: enumerate layouts, prune by divisibility and memory, rank by
+predicted step time, keep the best k.
+
+Every GPU of the cluster is used (dp = gpus / (tp * pp * cp)). "auto" knobs
+take these candidates:
+
+- tp: powers of two up to a node's GPUs that divide heads and key/value heads
+  (TP across nodes is never faster than PP there: Narayanan et al. SC'21 sec. 3.3);
+- cp: 1, 2, 4, 8 where 2*cp divides the sequence (Megatron's load-balanced chunks);
+- pp: divisors of the layer count that divide gpus / (tp * cp);
+- vpp: divisors of layers / pp (interleaving needs micro batches divisible by pp);
+- micro batch: 1, 2, 4, 8;
+- sequence parallel: on whenever tp > 1 (it moves the same bytes as TP's
+  all-reduce and saves memory and elementwise work: Korthikanti et al. 2022);
+- recompute: none, selective, full; distributed optimizer: on and off;
+- DeepSpeed: ZeRO 0-3, tp = cp = 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from loom.planner.compute import Shape
+from loom.planner.errors import InfeasibleError
+from loom.planner.job import Job
+from loom.planner.layout import Layout
+from loom.planner.memory import GiB, stage_memory
+from loom.planner.plan import Plan, build_plan, layout_problems
+from loom.planner.stages import Stage, uniform_stages
+from loom.planner.time_model import step_time
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    plans: list[Plan]  # best first
+    candidates: int
+    feasible: int
+    wall_time_s: float
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choices(job: Job) -> dict[str, list]:
+    """The values each knob may take, "auto" resolved for this job."""
+    model, gpus, space = job.model, job.cluster.num_gpus, job.search
+    megatron = job.framework == "megatron"
+    powers = [2**i for i in range(8) if 2**i <= job.cluster.gpus_per_node]
+    auto = {
+        "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
+        "cp": [c for c in (1, 2, 4, 8) if job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
+        "pp": [p for p in _divisors(model.num_layers) if gpus % p == 0],
+        "vpp": _divisors(model.num_layers),
+        "micro_batch_size": [1, 2, 4, 8],
+        "sequence_parallel": [True],
+        "recompute": ["none", "selective", "full"] if megatron else ["none", "full"],
+        "distributed_optimizer": [True, False] if megatron else [False],
+        "zero_stage": [0] if megatron else [0, 1, 2, 3],
+    }
+    return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
+
+
+def candidate_layouts(job: Job) -> Iterator[Layout]:
+    """Every combination of knob values, with dp filling the cluster."""
+    c, gpus = _choices(job), job.cluster.num_gpus
+    for tp, cp, pp in itertools.product(c["tp"], c["cp"], c["pp"]):
+        if gpus % (tp * cp * pp):
+            continue
+        dp = gpus // (tp * cp * pp)
+        for vpp, mbs, sp, recompute, dist_opt, zero in itertools.product(
+            c["vpp"], c["micro_batch_size"], c["sequence_parallel"], c["recompute"], c["distributed_optimizer"], c["zero_stage"]
+        ):
+            if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
+                continue  # same layout as the one without the knob
+            yield Layout(
+                tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
+                sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero,
+            )
+
+
+def peak_memory_bytes(job: Job, layout: Layout, stages: list[Stage]) -> float:
+    """Peak over stages. With a uniform split the first stage holds the most
+    activations (pp micro batches) and the embedding, the last the LM head:
+    the peak is on one of them."""
+    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    ends = {stages[0].index: stages[0], stages[-1].index: stages[-1]}
+    return max(stage_memory(shape, layout, stage, job.framework).peak_bytes for stage in ends.values())
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A feasible layout with what it is ranked by: fastest first, ties broken
+    by less memory, then by the layout's label, so the ranking is deterministic."""
+
+    step_time_s: float
+    peak_bytes: float
+    layout: Layout
+
+    def key(self) -> tuple:
+        return (round(self.step_time_s, 9), round(self.peak_bytes), self.layout.label())
+
+
+def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Rank the layouts of ``job``; raise InfeasibleError saying what binds."""
+    started = time.perf_counter()
+    layouts = list(candidate_layouts(job))
+    capacity = job.cluster.slowest.gpu.memory_bytes
+    rejected: Counter[str] = Counter()
+    smallest: tuple[float, Layout] | None = None
+    scored: list[_Scored] = []
+    for i, layout in enumerate(layouts):
+        if progress and i % 256 == 0:
+            progress(i, len(layouts))
+        problems = layout_problems(job, layout)
+        if problems:
+            field, expected, _ = problems[0]
+            rejected[f"{field}: {expected}"] += 1
+            continue
+        stages = uniform_stages(job.model, layout)
+        peak = peak_memory_bytes(job, layout, stages)
+        if smallest is None or peak < smallest[0]:
+            smallest = (peak, layout)
+        if peak <= capacity:
+            scored.append(_Scored(step_time(job, layout, stages).step_time_s, peak, layout))
+    if progress:
+        progress(len(layouts), len(layouts))
+    if not scored:
+        raise InfeasibleError(_what_binds(job, smallest, rejected, capacity))
+    best = sorted(scored, key=_Scored.key)[:top_k]
+    plans = [build_plan(job, candidate.layout) for candidate in best]
+    return SearchResult(plans=plans, candidates=len(layouts), feasible=len(scored), wall_time_s=time.perf_counter() - started)
+
+
+def _what_binds(job: Job, smallest: tuple[float, Layout] | None, rejected: Counter, capacity: float) -> str:
+    gpu = job.cluster.slowest.gpu
+    if smallest is not None:
+        peak, layout = smallest
+        return (
+            f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpu.name}: the smallest "
+            f"({layout.label()}) still needs {peak / GiB:.1f} GiB of a {capacity / GiB:.1f} GiB GPU"
+        )
+    reasons = "; ".join(f"{reason} ({count} layouts)" for reason, count in rejected.most_common(3))
+    return f"no layout of {job.model.name} on {job.cluster.num_gpus} GPUs passes the divisibility rules: {reasons}"

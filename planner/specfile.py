@@ -1,0 +1,46 @@
+"""Reading YAML/JSON spec files into pydantic models, with errors that name
+the file and the field (exit code 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import pydantic
+import yaml
+
+from loom.planner.errors import SpecError
+
+Spec = TypeVar("Spec", bound=pydantic.BaseModel)
+
+
+class StrictModel(pydantic.BaseModel):
+    """Spec models reject unknown fields, so a typo is an error, not a default."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+def read_mapping(path: Path) -> dict:
+    """Parse a YAML (or JSON, which is YAML) file that must hold a mapping."""
+    if not path.is_file():
+        raise SpecError(str(path), "<file>", "an existing file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<file>"
+        raise SpecError(str(path), where, f"valid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(data, dict):
+        raise SpecError(str(path), "<top level>", "a mapping of fields")
+    return data
+
+
+def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Spec:
+    """``model.model_validate(data)``, turning the first pydantic error into a SpecError."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+        expected = "no such field (check the spelling)" if first["type"] == "extra_forbidden" else first["msg"]
+        raise SpecError(source, field or "<top level>", expected, first.get("input")) from None

@@ -1,0 +1,224 @@
+"""Predicted time of one optimizer step, with a breakdown of where it goes.
+
+    step = pipeline (compute + exposed TP/CP/PP communication + bubble)
+         + exposed DP gradient reduce + distributed-optimizer parameter gather
+         + embedding gradient sync + optimizer step
+
+The pipeline term for stages with per-micro-batch times tau_s, m micro
+batches and v virtual stages per rank is m * max(tau) + (sum(tau) - max(tau)) / v:
+for equal stages that is Megatron's (m + (p - 1) / v) * tau (Narayanan et al.
+SC'21, sec. 2.2), and for v = 1 it is "one micro batch through every stage
+plus (m - 1) times the slowest stage".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner import compute
+from loom.planner.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from loom.planner.compute import ACT_BYTES, PassTime, Shape
+from loom.planner.efficiency import memory_time_s
+from loom.planner.job import Job
+from loom.planner.layout import Layout
+from loom.planner.memory import GRAD_BYTES, WEIGHT_BYTES, stage_params
+from loom.planner.network import group_link, pipeline_link
+from loom.planner.stages import Chunk, Stage
+from loom.profiles.catalogue import GPU
+
+# Megatron's DDP bucket: max(40M, 1M x dp) parameters (megatron/core/distributed/
+# distributed_data_parallel.py). The last bucket's reduce cannot overlap backward.
+DDP_BUCKET_PARAMS = 40_000_000
+# Adam's step is memory-bound: read fp32 master, m, v and grad (16 B), write
+# master, m, v (12 B) and the 16-bit weight (2 B), plus reading the grads once
+# more for the global norm used by gradient clipping (4 B).
+OPTIMIZER_STEP_BYTES_PER_PARAM = 34
+
+
+@dataclass(frozen=True)
+class StepTime:
+    step_time_s: float
+    breakdown_s: dict[str, float]
+    stage_microbatch_s: tuple[float, ...]  # tau_s: one micro batch, all chunks of stage s
+
+
+@dataclass(frozen=True)
+class _ChunkTime:
+    compute_fwd_s: float
+    compute_bwd_s: float
+    recompute_s: float
+    tp_comm_s: float
+    cp_comm_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
+
+
+class _Links:
+    """The link each parallel group of the layout talks over."""
+
+    def __init__(self, job: Job, layout: Layout):
+        node = job.cluster.slowest
+        self.tp = group_link(node, layout.tp, 1)
+        self.cp = group_link(node, layout.cp, layout.tp)
+        self.dp = group_link(node, layout.dp * layout.cp, layout.tp)
+        stage_ranks = layout.tp * layout.cp * layout.dp
+        self.pp = pipeline_link(node, stage_ranks, layout.pp)
+        self.embedding = pipeline_link(node, stage_ranks * (layout.pp - 1), 2) if layout.pp > 1 else self.pp
+
+
+def _tp_collectives_s(bytes_: float, layout: Layout, link: Link, count: int) -> float:
+    """``count`` TP collectives on a T x h activation: all-reduces, or with
+    sequence parallelism a reduce-scatter + all-gather pair each (same bytes
+    on the wire; Korthikanti et al. 2022, sec. 4.2.2)."""
+    if layout.sequence_parallel:
+        return count * (reduce_scatter_s(bytes_, layout.tp, link) + all_gather_s(bytes_, layout.tp, link))
+    return count * all_reduce_s(bytes_, layout.tp, link)
+
+
+def _exposed(comm_s: float, overlappable_s: float, overlap: bool) -> float:
+    return max(0.0, comm_s - overlappable_s) if overlap else comm_s
+
+
+def _chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: _Links, job: Job) -> _ChunkTime:
+    """One micro batch through one model chunk: forward, backward, recompute
+    and the exposed TP and CP communication."""
+    features, n = job.features, chunk.num_layers
+    fwd_layer = compute.decoder_layer(shape, gpu)
+    bwd_layer = compute.decoder_layer(shape, gpu, backward=True)
+    fwd, bwd = fwd_layer.scaled(n), bwd_layer.scaled(n)
+    if chunk.embedding:
+        fwd, bwd = fwd + compute.embedding(shape, gpu), bwd + compute.embedding(shape, gpu, backward=True)
+    if chunk.head:
+        fwd, bwd = fwd + compute.head(shape, gpu), bwd + compute.head(shape, gpu, backward=True)
+
+    recompute = PassTime()
+    if layout.recompute == "full":
+        recompute = fwd_layer.scaled(n)
+    elif layout.recompute == "selective":
+        recompute = compute.attention_core(shape, gpu).scaled(n)
+
+    # TP: two collectives per layer forward and two backward (Megatron's f/g
+    # operators), again forward under full recompute; one each for the
+    # embedding and the LM head. TE's --tp-comm-overlap hides them behind GEMMs.
+    activation_bytes = shape.tokens * shape.model.hidden_size * ACT_BYTES
+    per_layer_tp = _tp_collectives_s(activation_bytes, layout, links.tp, 2)
+    fwd_tp = per_layer_tp * n + _tp_collectives_s(activation_bytes, layout, links.tp, chunk.embedding + chunk.head)
+    tp_passes = 2 + (layout.recompute == "full")
+    tp_comm = _exposed(fwd_tp, fwd_layer.gemm_s * n, features.tp_comm_overlap) * tp_passes
+
+    # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
+    # dK, dV backward), overlapped with the attention blocks being computed.
+    cp_comm = 0.0
+    if layout.cp > 1:
+        kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * ACT_BYTES
+        ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
+        core_fwd = compute.attention_core(shape, gpu).total_s
+        core_bwd = compute.attention_core(shape, gpu, backward=True).total_s
+        cp_comm = n * (max(0.0, ring_s - core_fwd) + max(0.0, 2 * ring_s - core_bwd))
+    return _ChunkTime(fwd.total_s, bwd.total_s, recompute.total_s, tp_comm, cp_comm)
+
+
+def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
+    slowest = max(stage_s)
+    return layout.num_microbatches * slowest + (sum(stage_s) - slowest) / layout.vpp
+
+
+def _p2p_s(shape: Shape, layout: Layout, links: _Links) -> float:
+    """Exposed pipeline send/recv per step. The activation a stage sends is
+    split over its TP ranks (SC'21's scatter/gather optimisation, or sequence
+    parallelism). Plain 1F1B waits for every transfer: two per micro batch
+    (activation forward, gradient backward). Interleaved 1F1B overlaps them
+    with the next chunk's compute (Megatron's overlap_p2p_comm) except along
+    the fill and drain path, 2 (p*v - 1) transfers."""
+    if layout.pp == 1:
+        return 0.0
+    one = send_recv_s(shape.tokens * shape.model.hidden_size * ACT_BYTES / layout.tp, links.pp)
+    if layout.vpp == 1:
+        return 2 * (layout.num_microbatches + layout.pp - 1) * one
+    return 2 * (layout.pp * layout.vpp - 1) * one
+
+
+def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: _Links, bwd_s: list[float]) -> dict[str, float]:
+    """Exposed gradient reduction and parameter gather over DP x CP, per step."""
+    features, n = job.features, layout.dp * layout.cp
+    grad_exposed, gather_exposed, embedding_sync = 0.0, 0.0, 0.0
+    if n > 1:
+        for stage, bwd in zip(stages, bwd_s):
+            params, _ = stage_params(job.model, layout, stage)
+            grad_bytes = params * GRAD_BYTES[job.framework]
+            sharded = layout.distributed_optimizer or layout.zero_stage >= 1
+            if sharded:
+                reduce = reduce_scatter_s(grad_bytes, n, links.dp)
+                gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp)
+            else:
+                reduce, gather = all_reduce_s(grad_bytes, n, links.dp), 0.0
+            bucket_fraction = min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params)
+            # Buckets reduce during the last micro batch's backward; stage s also
+            # has the s later-finishing stages' cool-down to hide behind.
+            window = bwd * (1 + stage.index) if features.overlap_grad_reduce else 0.0
+            grad_exposed = max(grad_exposed, max(reduce * bucket_fraction, reduce - window))
+            # The parameter all-gather of the distributed optimizer overlaps the
+            # next step's forward, all but its first bucket.
+            overlap_gather = features.overlap_param_gather and layout.distributed_optimizer
+            gather_exposed = max(gather_exposed, gather * bucket_fraction if overlap_gather else gather)
+    if layout.pp > 1 and job.model.tied_embeddings:
+        word_embedding = job.model.vocab_size * job.model.hidden_size / layout.tp
+        embedding_sync = all_reduce_s(word_embedding * GRAD_BYTES[job.framework], 2, links.embedding)
+    return {"dp_grad_reduce": grad_exposed, "dp_param_gather": gather_exposed, "embedding_sync": embedding_sync}
+
+
+def _zero3_gather_s(job: Job, layout: Layout, stage: Stage, links: _Links, microbatch_s: float) -> float:
+    """ZeRO-3 gathers every weight forward and backward and reduce-scatters the
+    gradients for each micro batch (Rajbhandari et al. 2020, sec. 7.2.2),
+    prefetching so that it overlaps compute; what does not fit is exposed."""
+    if layout.zero_stage < 3:
+        return 0.0
+    params, _ = stage_params(job.model, layout, stage)
+    n = layout.dp * layout.cp
+    comm = 2 * all_gather_s(params * WEIGHT_BYTES, n, links.dp) + reduce_scatter_s(params * WEIGHT_BYTES, n, links.dp)
+    return max(0.0, comm - microbatch_s)
+
+
+def step_time(job: Job, layout: Layout, stages: list[Stage]) -> StepTime:
+    """Predict one optimizer step of ``layout`` on ``job``'s cluster."""
+    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    gpu = job.cluster.slowest.gpu
+    links = _Links(job, layout)
+    # Stages with the same chunk sizes (all but the first and last, usually)
+    # cost the same: price each kind once.
+    memo: dict[tuple, _ChunkTime] = {}
+
+    def priced(chunk: Chunk) -> _ChunkTime:
+        kind = (chunk.num_layers, chunk.embedding, chunk.head)
+        if kind not in memo:
+            memo[kind] = _chunk_time(shape, layout, chunk, gpu, links, job)
+        return memo[kind]
+
+    per_stage = [[priced(chunk) for chunk in stage.chunks] for stage in stages]
+    tau = [sum(c.total_s for c in chunks) for chunks in per_stage]
+    tau = [t + _zero3_gather_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)]
+    pipeline = _pipeline_s(tau, layout)
+    p2p = _p2p_s(shape, layout, links)
+
+    slowest = max(range(len(stages)), key=lambda s: tau[s])
+    m = layout.num_microbatches
+    chunks = per_stage[slowest]
+    breakdown = {
+        "compute_forward": m * sum(c.compute_fwd_s for c in chunks),
+        "compute_backward": m * sum(c.compute_bwd_s for c in chunks),
+        "recompute": m * sum(c.recompute_s for c in chunks),
+        "tp_comm": m * sum(c.tp_comm_s for c in chunks),
+        "cp_comm": m * sum(c.cp_comm_s for c in chunks),
+        "zero3_gather": m * (tau[slowest] - sum(c.total_s for c in chunks)),
+        "pp_comm": p2p,
+        "pipeline_bubble": pipeline - m * tau[slowest],
+    }
+    bwd_last = [sum(c.compute_bwd_s + c.recompute_s + c.tp_comm_s / 2 for c in cs) for cs in per_stage]
+    breakdown.update(_data_parallel_s(job, layout, stages, links, bwd_last))
+    breakdown["optimizer"] = max(
+        memory_time_s(stage_params(job.model, layout, stage)[0] / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
+        for stage in stages
+    )
+    return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))

@@ -1,0 +1,1 @@
+"""What is measured or looked up: the GPU catalogue and the model catalogue."""

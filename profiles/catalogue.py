@@ -1,0 +1,79 @@
+"""Look up the bundled catalogues: GPU types (``gpus.yaml``) and model configs
+(``models/*.json``, Hugging Face ``config.json`` files)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from loom.planner.errors import SpecError
+
+CATALOGUE_DIR = Path(__file__).parent
+MODELS_DIR = CATALOGUE_DIR / "models"
+GPUS_FILE = CATALOGUE_DIR / "gpus.yaml"
+GiB = 1024**3
+
+
+@dataclass(frozen=True, eq=False)
+class GPU:
+    """One GPU type: what it can compute and hold. Entries are unique per
+    catalogue name, so identity is equality (and kernel times can be cached)."""
+
+    name: str
+    memory_bytes: int
+    hbm_GBps: float
+    sms: int
+    peak_tflops: dict[str, float | None]  # by precision: fp16, bf16, fp8
+    gemm_efficiency: dict[str, float | None]
+    attention_efficiency: float
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense tensor-core FLOP/s at ``precision``."""
+        return self.peak_tflops[precision] * 1e12
+
+    def supports(self, precision: str) -> bool:
+        return self.peak_tflops.get(precision) is not None
+
+
+@cache
+def _gpu_table() -> dict[str, GPU]:
+    raw = yaml.safe_load(GPUS_FILE.read_text())
+    table: dict[str, GPU] = {}
+    for name, entry in raw.items():
+        gpu = GPU(
+            name=name,
+            memory_bytes=int(entry["memory_GiB"] * GiB),
+            hbm_GBps=float(entry["hbm_GBps"]),
+            sms=int(entry["sms"]),
+            peak_tflops=dict(entry["peak_tflops"]),
+            gemm_efficiency=dict(entry["gemm_efficiency"]),
+            attention_efficiency=float(entry["attention_efficiency"]),
+        )
+        for key in [name, *entry.get("aliases", [])]:
+            table[key.lower()] = gpu
+    return table
+
+
+def gpu_names() -> list[str]:
+    return sorted({gpu.name for gpu in _gpu_table().values()})
+
+
+def find_gpu(name: str, source: str = "cluster", field: str = "gpu") -> GPU:
+    """The catalogue entry for ``name`` (case-insensitive, aliases allowed)."""
+    gpu = _gpu_table().get(str(name).lower())
+    if gpu is None:
+        raise SpecError(source, field, f"a GPU from the catalogue ({', '.join(gpu_names())})", name)
+    return gpu
+
+
+def model_names() -> list[str]:
+    return sorted(path.stem for path in MODELS_DIR.glob("*.json"))
+
+
+def model_config_path(name: str) -> Path | None:
+    """The bundled config file for catalogue name ``name``, if there is one."""
+    path = MODELS_DIR / f"{name.lower()}.json"
+    return path if path.is_file() else None

@@ -1,0 +1,208 @@
+"""The DeepSpeed launch files, checked by DeepSpeed itself: ``DeepSpeedConfig``
+accepts ds_config.json for the plan's DP size, the runner's own hostfile and
+``--include`` parsing gives back the placement, and PipelineModule's "type:"
+partitioning gives loom's stages. Also the atomic, deterministic writer."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from collections import OrderedDict
+
+import pytest
+from deepspeed.launcher.runner import fetch_hostfile, parse_resource_filter
+from deepspeed.runtime import config as ds_config_module
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from deepspeed.runtime.utils import partition_balanced
+
+from loom.planner.cluster import parse_cluster
+from loom.planner.emit import launch_files, write_atomically
+from loom.planner.job import Job
+from loom.planner.layout import Layout
+from loom.planner.model import load_model
+from loom.planner.stages import Placement, default_placement, uniform_stages
+
+
+def make_cluster(nodes: int, hosts: list[str] | None = None):
+    spec = {"nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    return parse_cluster({**spec, **({"hosts": hosts} if hosts else {})}, "test")
+
+
+LLAMA = load_model("llama-3-8b")
+
+CASES = {
+    "zero1-pipeline-full-recompute": (
+        Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=256, seq_length=4096, framework="deepspeed"),
+        Layout(tp=1, pp=4, dp=4, cp=1, micro_batch_size=2, global_batch_size=256, zero_stage=1, recompute="full"),
+    ),
+    "zero3-fp16": (
+        Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=128, seq_length=2048, precision="fp16",
+            framework="deepspeed"),
+        Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=4, global_batch_size=128, zero_stage=3),
+    ),
+    "zero0-one-node": (
+        Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=32, seq_length=2048, framework="deepspeed"),
+        Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=32),
+    ),
+}
+
+
+def files_for(name: str, placement: Placement | None = None) -> tuple[Job, Layout, dict[str, str]]:
+    job, layout = CASES[name]
+    placement = placement or default_placement(job.cluster, layout.world_size)
+    return job, layout, launch_files(job, layout, uniform_stages(job.model, layout), placement)
+
+
+class DataParallelMpu:
+    """The model-parallel unit DeepSpeedConfig asks for the data-parallel size."""
+
+    def __init__(self, dp: int):
+        self.dp = dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ds_config_loads_in_deepspeed(name, monkeypatch):
+    job, layout, files = files_for(name)
+    # DeepSpeedConfig reads the mpu only once dist.get_rank() works; a real
+    # process group would JIT-build DeepSpeed's CPU comm op, so stand in rank 0.
+    monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda: 0)
+    config = DeepSpeedConfig(json.loads(files["ds_config.json"]), mpu=DataParallelMpu(layout.dp))
+    assert config.world_size == layout.dp
+    assert config.train_batch_size == layout.global_batch_size
+    assert config.train_micro_batch_size_per_gpu == layout.micro_batch_size
+    assert config.gradient_accumulation_steps == layout.global_batch_size // (layout.micro_batch_size * layout.dp)
+    assert config.zero_optimization_stage == layout.zero_stage
+    assert config.bfloat16_config.enabled == (job.precision == "bf16")
+    assert config.float16_config.enabled == (job.precision == "fp16")
+    assert config.optimizer_name == "adam"
+    assert ("activation_checkpointing" in json.loads(files["ds_config.json"])) == (layout.recompute == "full")
+
+
+def test_ds_config_with_the_wrong_dp_is_rejected(monkeypatch):
+    """The check above has teeth: DeepSpeed itself refuses a mismatched DP size."""
+    _, layout, files = files_for("zero3-fp16")
+    monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda: 0)
+    with pytest.raises(AssertionError, match="train_batch_size"):
+        DeepSpeedConfig(json.loads(files["ds_config.json"]), mpu=DataParallelMpu(layout.dp // 2))
+
+
+def launched_placement(files: dict[str, str], tmp_path) -> list[tuple[str, int]]:
+    """rank -> (host, GPU) as the DeepSpeed runner and launcher assign them:
+    hosts in hostfile order, --include narrowing and ordering each host's GPUs,
+    ranks numbered host by host (deepspeed/launcher/launch.py)."""
+    (tmp_path / "hostfile").write_text(files["hostfile"])
+    resources = fetch_hostfile(str(tmp_path / "hostfile"))
+    script = files["launch.sh"].replace("\\\n", " ")  # join continued lines
+    command = shlex.split(next(line for line in script.splitlines() if line.startswith("exec deepspeed")))
+    include = command[command.index("--include") + 1] if "--include" in command else ""
+    pool = OrderedDict((host, list(range(slots))) for host, slots in resources.items())
+    active = parse_resource_filter(pool, include_str=include)
+    return [(host, gpu) for host, gpus in active.items() for gpu in gpus]
+
+
+def test_hostfile_and_launch_realise_the_default_placement(tmp_path):
+    job, layout, files = files_for("zero3-fp16")
+    assert files["hostfile"].splitlines() == ["node000 slots=8", "node001 slots=8"]
+    assert "--include" not in files["launch.sh"]
+    assert launched_placement(files, tmp_path) == list(default_placement(job.cluster, layout.world_size).gpus)
+
+
+def permuted_hosts_job() -> tuple[Job, Layout]:
+    job = Job(model=LLAMA, cluster=make_cluster(2, hosts=["a", "b"]), global_batch_size=128, seq_length=2048,
+              framework="deepspeed")
+    return job, Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=4, global_batch_size=128, zero_stage=1)
+
+
+def test_include_realises_host_order_and_a_gpu_subset(tmp_path):
+    job, layout = permuted_hosts_job()
+    placement = Placement(gpus=tuple([("b", g) for g in (1, 3, 5, 7)] + [("a", g) for g in (0, 2, 4, 6)]))
+    files = launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    assert files["hostfile"].splitlines() == ["b slots=8", "a slots=8"]
+    assert "--master_addr b " in files["launch.sh"]
+    assert launched_placement(files, tmp_path) == list(placement.gpus)
+
+
+def test_a_gpu_order_the_runner_would_sort_is_refused():
+    job, layout = permuted_hosts_job()
+    placement = Placement(gpus=tuple([("b", g) for g in (3, 2, 1, 0)] + [("a", g) for g in range(4)]))
+    with pytest.raises(ValueError, match="ascending"):
+        launch_files(job, layout, uniform_stages(job.model, layout), placement)
+
+
+def test_pipeline_snippet_partitions_like_loom_stages():
+    job, layout, files = files_for("zero1-pipeline-full-recompute")
+    stages = uniform_stages(job.model, layout)
+    snippet = files["pipeline_snippet.py"]
+    namespace: dict = {}
+    exec(compile(snippet, "pipeline_snippet.py", "exec"), namespace)  # valid Python, imports deepspeed.pipe
+    assert namespace["PIPELINE_STAGES"] == layout.pp
+    assert namespace["ACTIVATION_CHECKPOINT_INTERVAL"] == 1
+    # "type:REGEX" balances a 0/1 weight per layer spec (module.py _partition_layers):
+    # [embedding, decoder layers..., head].
+    weights = [0] + [1] * job.model.num_layers + [0]
+    bounds = partition_balanced(weights=weights, num_parts=layout.pp)
+    per_stage = [sum(weights[bounds[s] : bounds[s + 1]]) for s in range(layout.pp)]
+    assert per_stage == [stage.num_layers for stage in stages]
+    # DeepSpeed's pipe-major rank order gives each stage loom's ranks.
+    topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
+    assert [tuple(topology.get_axis_list("pipe", s)) for s in range(layout.pp)] == [stage.ranks for stage in stages]
+
+
+def test_no_pipeline_snippet_without_a_pipeline():
+    _, _, files = files_for("zero0-one-node")
+    assert set(files) == {"ds_config.json", "hostfile", "launch.sh"}
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"tp": 2, "dp": 2}, "TP, CP"),
+        ({"zero_stage": 2}, "ZeRO stage 2 with a pipeline"),
+        ({"recompute": "selective"}, "selective"),
+    ],
+)
+def test_layouts_deepspeed_cannot_run_are_refused(change, reason):
+    job, layout = CASES["zero1-pipeline-full-recompute"]
+    bad = Layout(**{**layout.as_dict(), **change})
+    with pytest.raises(ValueError, match=reason):
+        launch_files(job, bad, uniform_stages(job.model, bad), default_placement(job.cluster, bad.world_size))
+
+
+def test_launch_script_is_valid_bash():
+    _, _, files = files_for("zero1-pipeline-full-recompute")
+    subprocess.run(["bash", "-n"], input=files["launch.sh"], text=True, check=True)
+
+
+# --- writing -------------------------------------------------------------------
+
+
+def test_write_atomically_is_deterministic_and_leaves_no_temp_dir(tmp_path):
+    for run in ("first", "second"):
+        _, _, files = files_for("zero1-pipeline-full-recompute")
+        write_atomically(tmp_path / run, files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]
+    names = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert names == sorted(files)
+    for name in names:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
+    assert (tmp_path / "first" / "launch.sh").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "first" / "ds_config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_atomically_replaces_existing_files(tmp_path):
+    out = tmp_path / "out"
+    write_atomically(out, {"train.sh": "old\n", "keep.txt": "kept\n"})
+    write_atomically(out, {"train.sh": "new\n"})
+    assert (out / "train.sh").read_text() == "new\n"
+    assert (out / "keep.txt").read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_write_atomically_refuses_paths_outside_out_dir(tmp_path):
+    with pytest.raises(ValueError):
+        write_atomically(tmp_path / "out", {"../escape.sh": "x"})

@@ -1,0 +1,303 @@
+"""The Megatron-LM launch files, checked by megatron-core itself: the emitted
+flags build a ``TransformerConfig`` (whose __post_init__ validates them),
+``RankGenerator`` forms the groups loom assumes, and ``train.sh`` run per host
+(with torchrun replaced by a recorder) realises the placement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.parallel_state import RankGenerator
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend, LayerType
+
+from loom.planner.cluster import parse_cluster
+from loom.planner.emit import launch_files
+from loom.planner.emit.megatron import megatron_args, train_sh
+from loom.planner.job import Features, Job
+from loom.planner.layout import Layout
+from loom.planner.model import load_model
+from loom.planner.stages import Chunk, Placement, Stage, default_placement, uniform_stages
+
+
+def make_cluster(nodes: int, hosts: list[str] | None = None):
+    spec = {"nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    return parse_cluster({**spec, **({"hosts": hosts} if hosts else {})}, "test")
+
+
+def uneven_stages(layout: Layout, sizes: list[int]) -> list[Stage]:
+    """Stages with ``sizes[i]`` decoder layers on virtual stage i."""
+    n = layout.tp * layout.cp * layout.dp
+    chunks, first = [], 0
+    for i, size in enumerate(sizes):
+        chunks.append(Chunk(first, size, embedding=i == 0, head=i == len(sizes) - 1))
+        first += size
+    return [
+        Stage(s, tuple(chunks[v * layout.pp + s] for v in range(layout.vpp)), tuple(range(s * n, (s + 1) * n)))
+        for s in range(layout.pp)
+    ]
+
+
+GPT3 = load_model("gpt3-175b")
+LLAMA = load_model("llama-3-8b")
+
+CASES = {
+    # GPT-3: learned positions, biases, LayerNorm, GeLU; interleaved, selective recompute.
+    "gpt3-vpp-selective": (
+        Job(model=GPT3, cluster=make_cluster(8), global_batch_size=64, seq_length=2048),
+        Layout(tp=8, pp=8, dp=1, cp=1, micro_batch_size=1, global_batch_size=64, vpp=2,
+               sequence_parallel=True, recompute="selective", distributed_optimizer=True),
+        None,
+    ),
+    # Llama-3: GQA, SwiGLU, RMSNorm, RoPE; context parallel, full recompute.
+    "llama-cp-full": (
+        Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=128, seq_length=8192),
+        Layout(tp=2, pp=2, dp=2, cp=2, micro_batch_size=1, global_batch_size=128,
+               sequence_parallel=True, recompute="full", distributed_optimizer=True),
+        None,
+    ),
+    # fp8 with plain data parallelism and unfused attention.
+    "llama-fp8-dp": (
+        Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=64, seq_length=4096, precision="fp8",
+            features=Features(flash_attention=False)),
+        Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=2, global_batch_size=64),
+        None,
+    ),
+    # An uneven interleaved split, written as --pipeline-model-parallel-layout.
+    "llama-uneven-vpp": (
+        Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=64, seq_length=4096),
+        Layout(tp=2, pp=4, dp=2, cp=1, micro_batch_size=1, global_batch_size=64, vpp=2, sequence_parallel=True),
+        [3, 4, 4, 5, 5, 4, 4, 3],
+    ),
+}
+
+
+def build(name: str):
+    job, layout, sizes = CASES[name]
+    stages = uneven_stages(layout, sizes) if sizes else uniform_stages(job.model, layout)
+    return job, layout, stages
+
+
+def parse_flags(args: list[str]) -> dict[str, object]:
+    """``--flag value`` -> {"flag": "value"}; a bare ``--flag`` -> True."""
+    flags: dict[str, object] = {}
+    for i, token in enumerate(args):
+        if token.startswith("--"):
+            following = args[i + 1] if i + 1 < len(args) else "--"
+            flags[token[2:]] = True if following.startswith("--") else following
+    return flags
+
+
+def transformer_config(flags: dict) -> TransformerConfig:
+    """Map the flags onto TransformerConfig as Megatron-LM's
+    core_transformer_config_from_args does (vpp as validate_args derives it)."""
+    tp, pp = int(flags["tensor-model-parallel-size"]), int(flags["pipeline-model-parallel-size"])
+    num_layers = int(flags["num-layers"])
+    vpp = None
+    if "num-layers-per-virtual-pipeline-stage" in flags:
+        vpp = num_layers // pp // int(flags["num-layers-per-virtual-pipeline-stage"])
+    dtype = torch.float16 if "fp16" in flags else torch.bfloat16
+    recompute_layers = flags.get("recompute-num-layers")
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=int(flags["hidden-size"]),
+        num_attention_heads=int(flags["num-attention-heads"]),
+        num_query_groups=int(flags["num-query-groups"]) if "group-query-attention" in flags else None,
+        ffn_hidden_size=int(flags["ffn-hidden-size"]),
+        gated_linear_unit="swiglu" in flags,
+        activation_func=F.silu if "swiglu" in flags else F.gelu,
+        normalization=flags["normalization"],
+        add_bias_linear="disable-bias-linear" not in flags,
+        add_qkv_bias="add-qkv-bias" in flags,
+        hidden_dropout=float(flags["hidden-dropout"]),
+        attention_dropout=float(flags["attention-dropout"]),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        pipeline_model_parallel_layout=flags.get("pipeline-model-parallel-layout"),
+        context_parallel_size=int(flags["context-parallel-size"]),
+        sequence_parallel="sequence-parallel" in flags,
+        recompute_granularity=flags.get("recompute-granularity"),
+        recompute_method=flags.get("recompute-method"),
+        recompute_num_layers=int(recompute_layers) if recompute_layers else None,
+        bf16="bf16" in flags,
+        fp16="fp16" in flags,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        fp8=flags.get("fp8-format"),
+        attention_backend=AttnBackend[flags["attention-backend"]],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_args_build_a_valid_transformer_config(name):
+    job, layout, stages = build(name)
+    flags = parse_flags(megatron_args(job, layout, stages))
+    config = transformer_config(flags)
+    model = job.model
+    assert config.num_query_groups == model.num_query_groups
+    assert config.gated_linear_unit == model.gated_mlp
+    assert config.add_bias_linear == model.linear_bias
+    assert (flags["position-embedding-type"] == "learned_absolute") == model.learned_position_embeddings
+    assert ("untie-embeddings-and-output-weights" in flags) == (not model.tied_embeddings)
+    assert config.sequence_parallel == layout.sequence_parallel
+    assert (config.virtual_pipeline_model_parallel_size or 1) == layout.vpp
+    expected_recompute = {"none": None, "selective": "selective", "full": "full"}[layout.recompute]
+    assert config.recompute_granularity == expected_recompute
+    assert int(flags["global-batch-size"]) == layout.global_batch_size
+    assert int(flags["micro-batch-size"]) == layout.micro_batch_size
+    assert ("use-distributed-optimizer" in flags) == layout.distributed_optimizer
+    assert flags["attention-backend"] == ("flash" if job.features.flash_attention else "unfused")
+    if job.precision == "fp8":
+        assert config.fp8 == "hybrid" and config.bf16
+
+
+def test_uneven_split_is_the_stages_layer_counts():
+    job, layout, stages = build("llama-uneven-vpp")
+    config = transformer_config(parse_flags(megatron_args(job, layout, stages)))
+    # megatron-core's parsed layout: layer types per [pp rank][virtual stage].
+    parsed = config.pipeline_model_parallel_layout.layout
+    for stage in stages:
+        for v, chunk in enumerate(stage.chunks):
+            layers = parsed[stage.index][v]
+            assert layers.count(LayerType.decoder) == chunk.num_layers
+            assert (LayerType.embedding in layers) == chunk.embedding
+            assert (LayerType.loss in layers) == chunk.head
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rank_generator_groups_match_loom_stages(name):
+    job, layout, stages = build(name)
+    flags = parse_flags(megatron_args(job, layout, stages))
+    tp, pp, cp = (int(flags[f]) for f in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "context-parallel-size"))
+    dp = layout.world_size // (tp * pp * cp)
+    ranks = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+    for group in ranks.get_ranks("pp"):
+        assert all(rank in stage.ranks for stage, rank in zip(stages, group))
+    for stage in stages:
+        assert sorted(group[stage.index] for group in ranks.get_ranks("pp")) == list(stage.ranks)
+    # TP groups are contiguous blocks; DP groups stride over tp * cp ranks.
+    assert ranks.get_ranks("tp") == [list(range(i, i + tp)) for i in range(0, layout.world_size, tp)]
+    for group in ranks.get_ranks("dp"):
+        assert group == [group[0] + k * tp * cp for k in range(dp)]
+
+
+def test_interleaving_needs_micro_batches_in_multiples_of_pp():
+    job, layout, _ = build("gpt3-vpp-selective")
+    odd = Layout(**{**layout.as_dict(), "global_batch_size": 60})  # 60 micro batches over PP8
+    with pytest.raises(ValueError, match="interleaving"):
+        megatron_args(job, odd, uniform_stages(job.model, odd))
+
+
+def test_sequence_parallel_without_tp_is_refused():
+    job, layout, _ = build("llama-fp8-dp")
+    bad = Layout(**{**layout.as_dict(), "sequence_parallel": True})
+    with pytest.raises(ValueError, match="sequence parallelism"):
+        megatron_args(job, bad, uniform_stages(job.model, bad))
+
+
+# --- train.sh realises the placement ---------------------------------------
+
+FAKE_TORCHRUN = """#!{python}
+import json, os, sys
+with open(os.environ["CAPTURE"], "w") as out:
+    json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, out)
+"""
+
+
+def run_train_sh(tmp_path: Path, script: str, host: str, extra_env: dict | None = None) -> dict:
+    """Run train.sh as ``host`` with torchrun replaced by a recorder."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "torchrun"
+    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    fake.chmod(0o755)
+    (tmp_path / "train.sh").write_text(script)
+    capture = tmp_path / f"{host}.json"
+    inherited = {"NODE_RANK", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "SLURMD_NODENAME"}
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", LOOM_HOST=host, CAPTURE=str(capture), **(extra_env or {}))
+    subprocess.run(["bash", str(tmp_path / "train.sh")], env=env, check=True)
+    return json.loads(capture.read_text())
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def placement_from_launch(tmp_path: Path, script: str, hosts: list[str]) -> list[tuple[str, int]]:
+    """rank -> (host, GPU) as torchrun would start it: rank = node_rank * nproc + local_rank,
+    local rank i on the i-th visible GPU."""
+    gpus: dict[int, tuple[str, int]] = {}
+    for host in hosts:
+        got = run_train_sh(tmp_path, script, host)
+        node_rank, nproc = int(flag(got["argv"], "--node-rank")), int(flag(got["argv"], "--nproc-per-node"))
+        visible = got["env"].get("CUDA_VISIBLE_DEVICES")
+        devices = [int(d) for d in visible.split(",")] if visible else list(range(nproc))
+        for local in range(nproc):
+            gpus[node_rank * nproc + local] = (host, devices[local])
+    return [gpus[rank] for rank in range(len(gpus))]
+
+
+def permuted_placement() -> tuple[Job, Layout, Placement]:
+    """Host b first, with its GPUs pairwise swapped; host a second, in order."""
+    job = Job(model=LLAMA, cluster=make_cluster(2, hosts=["a", "b"]), global_batch_size=64, seq_length=4096)
+    layout = Layout(tp=2, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    swapped = [1, 0, 3, 2, 5, 4, 7, 6]
+    placement = Placement(gpus=tuple([("b", g) for g in swapped] + [("a", g) for g in range(8)]))
+    return job, layout, placement
+
+
+def test_train_sh_realises_a_permuted_placement(tmp_path):
+    job, layout, placement = permuted_placement()
+    script = train_sh(job, layout, uniform_stages(job.model, layout), placement)
+    assert placement_from_launch(tmp_path, script, ["a", "b"]) == list(placement.gpus)
+    got = run_train_sh(tmp_path, script, "a")
+    assert flag(got["argv"], "--master-addr") == "b"  # the host of rank 0
+    assert got["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "--mock-data" in got["argv"]
+
+
+def test_train_sh_default_placement_and_overrides(tmp_path):
+    job, layout, _ = build("llama-cp-full")
+    placement = default_placement(job.cluster, layout.world_size)
+    script = train_sh(job, layout, uniform_stages(job.model, layout), placement)
+    assert "CUDA_VISIBLE_DEVICES" not in script  # identity GPU order needs none
+    assert placement_from_launch(tmp_path, script, job.cluster.hosts) == list(placement.gpus)
+    got = run_train_sh(tmp_path, script, "node000", {"NODE_RANK": "1", "DATA_PATH": "0.7 /d/a 0.3 /d/b"})
+    assert flag(got["argv"], "--node-rank") == "1"
+    argv = got["argv"]
+    assert argv[argv.index("--data-path") + 1 : argv.index("--data-path") + 5] == ["0.7", "/d/a", "0.3", "/d/b"]
+    assert "--mock-data" not in argv
+
+
+def test_train_sh_refuses_a_host_with_non_contiguous_ranks():
+    job, layout, _ = permuted_placement()
+    interleaved = Placement(gpus=tuple((("a", "b")[r % 2], r // 2) for r in range(16)))
+    with pytest.raises(ValueError, match="not contiguous"):
+        train_sh(job, layout, uniform_stages(job.model, layout), interleaved)
+
+
+def test_slurm_wrapper_lists_hosts_in_node_order():
+    job, layout, placement = permuted_placement()
+    files = launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    sbatch = files["slurm.sbatch"].splitlines()
+    assert "#SBATCH --nodelist=b,a" in sbatch
+    assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
+    assert "#SBATCH --gpus-per-node=8" in sbatch
+    assert any(line.startswith("srun ") and "train.sh" in line for line in sbatch)
+    for text in files.values():
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)  # syntax
+
+
+def test_stages_that_drop_layers_are_refused():
+    job, layout, _ = build("llama-uneven-vpp")
+    with pytest.raises(ValueError, match="run 30 of 32 layers"):
+        megatron_args(job, layout, uneven_stages(layout, [3, 4, 4, 4, 4, 4, 4, 3]))
