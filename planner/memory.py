@@ -36,6 +36,9 @@ OPTIMIZER_BYTES = 12  # fp32 master weights + Adam m and v
 GRAD_BYTES = {"megatron": 4, "deepspeed": 2}
 # Transformer Engine keeps an fp8 copy (and transpose) of each GEMM weight.
 FP8_WEIGHT_CACHE_BYTES = 2
+# ZeRO-3 holds up to this many gathered parameters at once (DeepSpeed's
+# stage3_max_live_parameters default), in 16-bit.
+ZERO3_LIVE_PARAMS = 1_000_000_000
 # Megatron's cross-entropy keeps the softmax of the logits in fp32.
 LOGIT_SOFTMAX_BYTES = 4
 
@@ -175,6 +178,8 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> 
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
         transient = max(transient, layer_activation_bytes(shape, recompute="none"))
+    if layout.zero_stage >= 3:
+        transient += min(ZERO3_LIVE_PARAMS, params * layout.optimizer_shards) * WEIGHT_BYTES
     framework_bytes = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
     framework_bytes += ALLOCATOR_SLACK_FRACTION * (activations + transient)
     return StageMemory(

@@ -55,14 +55,15 @@ def _choices(job: Job) -> dict[str, list]:
         "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
         "cp": [c for c in (1, 2, 4, 8) if job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
         "pp": [p for p in _divisors(model.num_layers) if gpus % p == 0],
-        "vpp": _divisors(model.num_layers),
+        "vpp": _divisors(model.num_layers) if megatron else [1],
         "micro_batch_size": [1, 2, 4, 8],
-        "sequence_parallel": [True],
+        "sequence_parallel": None,  # on exactly when tp > 1
         "recompute": ["none", "selective", "full"] if megatron else ["none", "full"],
         "distributed_optimizer": [True, False] if megatron else [False],
         "zero_stage": [0] if megatron else [0, 1, 2, 3],
     }
     return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
+
 
 
 def candidate_layouts(job: Job) -> Iterator[Layout]:
@@ -72,8 +73,9 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
         if gpus % (tp * cp * pp):
             continue
         dp = gpus // (tp * cp * pp)
+        sequence_parallel = [tp > 1] if c["sequence_parallel"] is None else c["sequence_parallel"]
         for vpp, mbs, sp, recompute, dist_opt, zero in itertools.product(
-            c["vpp"], c["micro_batch_size"], c["sequence_parallel"], c["recompute"], c["distributed_optimizer"], c["zero_stage"]
+            c["vpp"], c["micro_batch_size"], sequence_parallel, c["recompute"], c["distributed_optimizer"], c["zero_stage"]
         ):
             if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
                 continue  # same layout as the one without the knob
@@ -144,5 +146,7 @@ def _what_binds(job: Job, smallest: tuple[float, Layout] | None, rejected: Count
             f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpu.name}: the smallest "
             f"({layout.label()}) still needs {peak / GiB:.1f} GiB of a {capacity / GiB:.1f} GiB GPU"
         )
+    if not rejected:
+        return f"the search space of {job.source} leaves no layout for {job.cluster.num_gpus} GPUs (check the search: lists)"
     reasons = "; ".join(f"{reason} ({count} layouts)" for reason, count in rejected.most_common(3))
     return f"no layout of {job.model.name} on {job.cluster.num_gpus} GPUs passes the divisibility rules: {reasons}"

@@ -125,19 +125,22 @@ def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
     return layout.num_microbatches * slowest + (sum(stage_s) - slowest) / layout.vpp
 
 
-def _p2p_s(shape: Shape, layout: Layout, links: _Links) -> float:
+def _p2p_s(shape: Shape, layout: Layout, links: _Links, chunk_fwd_s: float) -> float:
     """Exposed pipeline send/recv per step. The activation a stage sends is
     split over its TP ranks (SC'21's scatter/gather optimisation, or sequence
     parallelism). Plain 1F1B waits for every transfer: two per micro batch
-    (activation forward, gradient backward). Interleaved 1F1B overlaps them
-    with the next chunk's compute (Megatron's overlap_p2p_comm) except along
-    the fill and drain path, 2 (p*v - 1) transfers."""
+    (activation forward, gradient backward). Interleaved 1F1B sends v times
+    as often (SC'21 sec. 2.2.2) but overlaps each transfer with the next
+    chunk's forward (Megatron's overlap_p2p_comm), so only what outlasts that
+    chunk is exposed — except along the fill and drain path, 2 (p*v - 1)
+    transfers that nothing hides."""
     if layout.pp == 1:
         return 0.0
     one = send_recv_s(shape.tokens * shape.model.hidden_size * ACT_BYTES / layout.tp, links.pp)
     if layout.vpp == 1:
         return 2 * (layout.num_microbatches + layout.pp - 1) * one
-    return 2 * (layout.pp * layout.vpp - 1) * one
+    steady = 2 * layout.num_microbatches * layout.vpp * max(0.0, one - chunk_fwd_s)
+    return 2 * (layout.pp * layout.vpp - 1) * one + steady
 
 
 def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: _Links, bwd_s: list[float]) -> dict[str, float]:
@@ -150,8 +153,10 @@ def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: _Link
             grad_bytes = params * GRAD_BYTES[job.framework]
             sharded = layout.distributed_optimizer or layout.zero_stage >= 1
             if sharded:
-                reduce = reduce_scatter_s(grad_bytes, n, links.dp)
-                gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp)
+                # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers
+                # after the step (see _zero_microbatch_comm_s).
+                reduce = reduce_scatter_s(grad_bytes, n, links.dp) if layout.zero_stage < 2 else 0.0
+                gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp) if layout.zero_stage < 3 else 0.0
             else:
                 reduce, gather = all_reduce_s(grad_bytes, n, links.dp), 0.0
             bucket_fraction = min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params)
@@ -169,16 +174,23 @@ def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: _Link
     return {"dp_grad_reduce": grad_exposed, "dp_param_gather": gather_exposed, "embedding_sync": embedding_sync}
 
 
-def _zero3_gather_s(job: Job, layout: Layout, stage: Stage, links: _Links, microbatch_s: float) -> float:
-    """ZeRO-3 gathers every weight forward and backward and reduce-scatters the
-    gradients for each micro batch (Rajbhandari et al. 2020, sec. 7.2.2),
-    prefetching so that it overlaps compute; what does not fit is exposed."""
-    if layout.zero_stage < 3:
+def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: _Links, microbatch_s: float) -> float:
+    """Exposed ZeRO-2/3 communication per micro batch. ZeRO-2 reduce-scatters
+    the gradients of every micro batch into their partitions; ZeRO-3 also
+    gathers every weight forward and backward (Rajbhandari et al. 2020, sec.
+    5 and 7.2.2). Both overlap compute, but the first layer's gather of each
+    pass cannot be prefetched."""
+    if layout.zero_stage < 2:
         return 0.0
     params, _ = stage_params(job.model, layout, stage)
     n = layout.dp * layout.cp
-    comm = 2 * all_gather_s(params * WEIGHT_BYTES, n, links.dp) + reduce_scatter_s(params * WEIGHT_BYTES, n, links.dp)
-    return max(0.0, comm - microbatch_s)
+    comm = reduce_scatter_s(params * GRAD_BYTES[job.framework], n, links.dp)
+    unhidden = 0.0
+    if layout.zero_stage >= 3:
+        gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp)
+        comm += 2 * gather
+        unhidden = 2 * gather / max(1, stage.num_layers)
+    return max(unhidden, comm - microbatch_s)
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage]) -> StepTime:
@@ -198,9 +210,9 @@ def step_time(job: Job, layout: Layout, stages: list[Stage]) -> StepTime:
 
     per_stage = [[priced(chunk) for chunk in stage.chunks] for stage in stages]
     tau = [sum(c.total_s for c in chunks) for chunks in per_stage]
-    tau = [t + _zero3_gather_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)]
+    tau = [t + _zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)]
     pipeline = _pipeline_s(tau, layout)
-    p2p = _p2p_s(shape, layout, links)
+    p2p = _p2p_s(shape, layout, links, min(c.compute_fwd_s for chunks in per_stage for c in chunks))
 
     slowest = max(range(len(stages)), key=lambda s: tau[s])
     m = layout.num_microbatches
@@ -211,7 +223,7 @@ def step_time(job: Job, layout: Layout, stages: list[Stage]) -> StepTime:
         "recompute": m * sum(c.recompute_s for c in chunks),
         "tp_comm": m * sum(c.tp_comm_s for c in chunks),
         "cp_comm": m * sum(c.cp_comm_s for c in chunks),
-        "zero3_gather": m * (tau[slowest] - sum(c.total_s for c in chunks)),
+        "zero_comm": m * (tau[slowest] - sum(c.total_s for c in chunks)),
         "pp_comm": p2p,
         "pipeline_bubble": pipeline - m * tau[slowest],
     }

@@ -1,0 +1,126 @@
+"""The memory estimator against Korthikanti et al. 2022 (Figure 1) and its
+own invariants."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_job
+
+from loom.planner.compute import Shape
+from loom.planner.job import Features
+from loom.planner.layout import Layout
+from loom.planner.memory import GiB, in_flight_chunks, layer_activation_bytes, model_state_bytes, stage_memory, stage_params
+from loom.planner.model import ModelSpec
+from loom.planner.stages import Chunk, Stage, uniform_stages
+
+UNFUSED = Features(flash_attention=False)
+
+
+def gpt(run: dict) -> ModelSpec:
+    """The GPT-3-style model of a published run (ffn 4h, MHA, dropout 0.1)."""
+    h = run["hidden"]
+    return ModelSpec(
+        name=run["id"], num_layers=run["layers"], hidden_size=h, num_attention_heads=run["heads"],
+        num_query_groups=run["heads"], ffn_hidden_size=4 * h, vocab_size=run["vocab"], max_position_embeddings=run["seq"],
+        gated_mlp=False, tied_embeddings=True, learned_position_embeddings=True, linear_bias=True, qkv_bias=False,
+        normalization="LayerNorm", dropout=0.1,
+    )
+
+
+def korthikanti_rows(validation: dict):
+    runs = {run["id"]: run for run in validation["runs"]}
+    return [(row, runs[row["run"]]) for row in validation["memory"]]
+
+
+def layout_of(run: dict, sequence_parallel: bool, recompute: str) -> Layout:
+    return Layout(tp=run["tp"], pp=run["pp"], dp=run["dp"], cp=1, vpp=run["vpp"] or 1, micro_batch_size=run["mbs"],
+                  global_batch_size=run["gbs"], sequence_parallel=sequence_parallel, recompute=recompute)
+
+
+def test_first_stage_matches_korthikanti_figure_1(validation):
+    """Within 5% of every row; the figure counts transformer layers only (its
+    figures equal 18 bytes x 12 L h^2 / (t p) exactly), so the state is
+    compared for a stage without the embedding. Activations are the whole
+    first stage's, embedding included, under the pipeline schedule."""
+    for figure, run in korthikanti_rows(validation):
+        model = gpt(run)
+        for sequence_parallel, recompute, key in [(False, "none", "activations_none_GiB"), (True, "selective", "activations_selective_GiB")]:
+            layout = layout_of(run, sequence_parallel, recompute)
+            shape = Shape.of(model, layout, run["seq"], "fp16", UNFUSED)
+            first = uniform_stages(model, layout)[0]
+            memory = stage_memory(shape, layout, first, "megatron")
+            activations = memory.breakdown_bytes["activations"] / GiB
+            assert activations == pytest.approx(figure[key], rel=0.05), (run["id"], key)
+            layers_only = Stage(index=0, chunks=(Chunk(0, first.num_layers),), ranks=first.ranks)
+            params, _ = stage_params(model, layout, layers_only)
+            state = sum(model_state_bytes(params, layout, "megatron").values()) / GiB
+            assert state == pytest.approx(figure["params_and_optimizer_GiB"], rel=0.05), run["id"]
+
+
+def test_in_flight_micro_batches_follow_the_schedules():
+    """1F1B: stage s holds pp - s micro batches; interleaved: Megatron's warm-up + 1."""
+    plain = Layout(tp=1, pp=4, dp=1, cp=1, micro_batch_size=1, global_batch_size=16)
+    assert [in_flight_chunks(plain, s) for s in range(4)] == [4, 3, 2, 1]
+    few = Layout(tp=1, pp=4, dp=1, cp=1, micro_batch_size=1, global_batch_size=2)
+    assert in_flight_chunks(few, 0) == 2  # never more than the micro batches there are
+    interleaved = Layout(tp=1, pp=4, dp=1, cp=1, vpp=2, micro_batch_size=1, global_batch_size=16)
+    assert [in_flight_chunks(interleaved, s) for s in range(4)] == [11, 9, 7, 5]
+
+
+def test_recompute_and_sequence_parallel_shrink_activations():
+    job = make_job("llama-3-8b")
+    sizes = {}
+    for sp, recompute in [(False, "none"), (True, "none"), (True, "selective"), (True, "full")]:
+        layout = Layout(tp=4, pp=1, dp=16, cp=1, micro_batch_size=1, global_batch_size=512, sequence_parallel=sp, recompute=recompute)
+        sizes[(sp, recompute)] = layer_activation_bytes(Shape.of(job.model, layout, 8192, "bf16", Features(flash_attention=False)), recompute)
+    assert sizes[(False, "none")] > sizes[(True, "none")] > sizes[(True, "selective")] > sizes[(True, "full")]
+    # Full recompute keeps only the layer input, split over TP with SP: 2 bytes x T x h / t.
+    assert sizes[(True, "full")] == 2 * 8192 * 4096 / 4
+
+
+def test_flash_attention_removes_the_quadratic_term():
+    job = make_job("llama-3-8b")
+    per_seq = {}
+    for flash in (True, False):
+        for seq in (4096, 8192):
+            layout = Layout(tp=1, pp=1, dp=64, cp=1, micro_batch_size=1, global_batch_size=512)
+            shape = Shape.of(job.model, layout, seq, "bf16", Features(flash_attention=flash))
+            per_seq[(flash, seq)] = layer_activation_bytes(shape, "none")
+    assert per_seq[(True, 8192)] / per_seq[(True, 4096)] == pytest.approx(2.0, rel=0.01)  # linear in s
+    assert per_seq[(False, 8192)] / per_seq[(False, 4096)] > 2.5  # the s^2 scores dominate
+
+
+def test_context_parallel_splits_activations():
+    job = make_job("llama-3-8b")
+    sizes = [layer_activation_bytes(Shape.of(job.model, Layout(tp=2, pp=1, dp=1, cp=cp, micro_batch_size=1, global_batch_size=1,
+                                                              sequence_parallel=True), 8192, "bf16", Features()), "none")
+             for cp in (1, 2, 4)]
+    assert sizes[0] == pytest.approx(2 * sizes[1]) and sizes[1] == pytest.approx(2 * sizes[2])
+
+
+def test_optimizer_sharding():
+    """Megatron: 18 bytes/param, 6 + 12/d with the distributed optimizer;
+    DeepSpeed ZeRO 1/2/3 shard optimizer, then gradients, then weights."""
+    params, d = 1e9, 8
+    plain = Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8)
+    distributed = Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, distributed_optimizer=True)
+    assert sum(model_state_bytes(params, plain, "megatron").values()) == 18 * params
+    assert sum(model_state_bytes(params, distributed, "megatron").values()) == pytest.approx((6 + 12 / d) * params)
+    zero = [sum(model_state_bytes(params, Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=z),
+                                  "deepspeed").values()) for z in (0, 1, 2, 3)]
+    assert zero == pytest.approx([16 * params, (4 + 12 / d) * params, (2 + 14 / d) * params, 16 / d * params])
+
+
+def test_embedding_and_head_land_on_the_end_stages():
+    """The first stage carries the embedding, the last the LM head and the
+    fp32 softmax of the logits; a 128K vocabulary makes both sizeable."""
+    job = make_job("llama-3-8b")
+    layout = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=512, recompute="full")
+    stages = uniform_stages(job.model, layout)
+    shape = Shape.of(job.model, layout, 8192, "bf16", Features())
+    weights = [stage_memory(shape, layout, stage, "megatron").breakdown_bytes["weights"] for stage in stages]
+    embedding_bytes = 2 * job.model.vocab_size * job.model.hidden_size
+    assert weights[0] - weights[1] == pytest.approx(embedding_bytes, rel=0.01)
+    assert weights[3] - weights[1] == pytest.approx(embedding_bytes, rel=0.01)
+    last = stage_memory(shape, layout, stages[3], "megatron").breakdown_bytes
+    assert last["transient"] >= 6 * 8192 * job.model.vocab_size  # 16-bit logits + their fp32 gradient

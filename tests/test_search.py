@@ -1,0 +1,72 @@
+"""The search: what it returns is valid, ranked and at least as good as what
+experts ran."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import make_job
+
+from loom.planner.errors import InfeasibleError
+from loom.planner.job import SearchFile, load_job
+from loom.planner.layout import Layout
+from loom.planner.plan import evaluate, layout_problems
+from loom.planner.published import assumed_layout, write_inputs
+from loom.planner.search import candidate_layouts, search
+
+
+def test_plans_are_valid_fit_and_are_ranked():
+    job = make_job("llama-3-70b", nodes=16, gbs=512)
+    result = search(job, top_k=10)
+    assert len(result.plans) == 10 and result.feasible >= 10 and result.candidates > result.feasible
+    times = [plan.step_time_s for plan in result.plans]
+    assert times == sorted(times)
+    for plan in result.plans:
+        assert layout_problems(job, plan.layout) == []
+        assert plan.fits and plan.layout.world_size == job.cluster.num_gpus
+        assert sum(stage.num_layers for stage in plan.stages) == job.model.num_layers
+
+
+def test_every_candidate_passes_the_divisibility_rules_or_is_reported():
+    job = make_job("llama-3-8b", nodes=2, gbs=48, seq=4096)
+    layouts = list(candidate_layouts(job))
+    assert len(set(layouts)) == len(layouts)
+    # 48 is not divisible by every mbs x dp: those layouts are rejected, not ranked.
+    rejected = [layout for layout in layouts if layout_problems(job, layout)]
+    assert rejected and all(layout.global_batch_size % (layout.micro_batch_size * layout.dp) or layout.vpp > 1 for layout in rejected)
+    for plan in search(job, top_k=50).plans:
+        assert job.global_batch_size % (plan.layout.micro_batch_size * plan.layout.dp) == 0
+
+
+def test_the_search_space_in_the_job_is_respected():
+    job = make_job("llama-3-8b", search=SearchFile(tp=[4], recompute=["full"], micro_batch_size=[1]))
+    plans = search(job, top_k=20).plans
+    assert {(p.layout.tp, p.layout.recompute, p.layout.micro_batch_size) for p in plans} == {(4, "full", 1)}
+
+
+def test_same_inputs_same_ranking():
+    job = make_job("llama-3-8b")
+    first, second = search(job, top_k=8), search(job, top_k=8)
+    assert [p.layout for p in first.plans] == [p.layout for p in second.plans]
+
+
+def test_impossible_job_says_what_binds():
+    with pytest.raises(InfeasibleError, match=r"still needs [\d.]+ GiB of a 79.6 GiB GPU"):
+        search(make_job("llama-3-405b", nodes=1, gbs=8), top_k=1)
+
+
+def test_the_search_never_misses_what_experts_ran(validation):
+    """For every published run, loom's best layout on the same model, cluster
+    and batch is predicted no slower than the published layout."""
+    for row in validation["runs"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = load_job(write_inputs(row, validation["clusters"], Path(tmp)))
+        flags = assumed_layout(row)
+        published = evaluate(job, Layout(
+            tp=flags["tp"], pp=flags["pp"], dp=flags["dp"], cp=1, vpp=flags["vpp"], micro_batch_size=flags["mbs"],
+            global_batch_size=row["gbs"], sequence_parallel=flags["sequence_parallel"], recompute=flags["recompute"],
+            distributed_optimizer=flags["distributed_optimizer"]))
+        best = search(job, top_k=1).plans[0]
+        assert best.step_time_s <= published.step_time_s * (1 + 1e-9), (row["id"], best.layout.label(), published.layout.label())

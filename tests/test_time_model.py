@@ -1,0 +1,105 @@
+"""The time model: collectives, links, kernel efficiency and the pipeline
+schedule behave as their sources say."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from conftest import make_cluster, make_job
+
+from loom.planner.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s
+from loom.planner.efficiency import gemm_time_s
+from loom.planner.job import Features
+from loom.planner.layout import Layout
+from loom.planner.network import NIC_EFFICIENCY, NVLINK_EFFICIENCY, group_link
+from loom.planner.plan import evaluate
+from loom.planner.time_model import _pipeline_s
+from loom.profiles.catalogue import find_gpu
+
+H100 = find_gpu("H100")
+
+
+def test_ring_all_reduce_moves_2_n_minus_1_over_n_of_the_buffer():
+    link = Link(bandwidth_GBps=100, latency_s=5e-6, kind="network")
+    size, n = 1e9, 8
+    assert all_reduce_s(size, n, link) == pytest.approx(2 * 7 * 5e-6 + 2 * 7 / 8 * size / 100e9)
+    assert reduce_scatter_s(size, n, link) + all_gather_s(size, n, link) == pytest.approx(all_reduce_s(size, n, link))
+    assert all_reduce_s(size, 1, link) == 0.0
+
+
+def test_small_messages_on_many_ranks_take_the_tree():
+    link = Link(bandwidth_GBps=50, latency_s=8e-6, kind="network")
+    n, size = 1024, 1e4
+    ring = 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * link.seconds(size)
+    assert all_reduce_s(size, n, link) < ring / 10
+
+
+def test_groups_land_on_nvlink_or_the_network():
+    node = make_cluster().slowest
+    assert group_link(node, 8, 1).kind == "nvlink"  # TP8 fills one node
+    assert group_link(node, 8, 1).bandwidth_GBps == pytest.approx(450 * NVLINK_EFFICIENCY)
+    one_per_node = group_link(node, 16, 8)  # DP over TP8 groups: one member per node, its own rail
+    assert one_per_node.kind == "network"
+    assert one_per_node.bandwidth_GBps == pytest.approx(50 * NIC_EFFICIENCY)
+    two_per_node = group_link(node, 16, 4)  # two members per node use two NICs
+    assert two_per_node.bandwidth_GBps == pytest.approx(2 * one_per_node.bandwidth_GBps)
+
+
+def test_small_and_short_k_gemms_run_slower_per_flop():
+    def per_flop(m, n, k):
+        return gemm_time_s(m, n, k, H100, "bf16") / (2 * m * n * k)
+
+    assert per_flop(8192, 8192, 512) > 1.3 * per_flop(8192, 8192, 8192)  # short K
+    assert per_flop(256, 256, 8192) > 5 * per_flop(8192, 8192, 8192)  # too few tiles for 132 SMs
+    assert per_flop(8192, 8192, 8192) > 1 / (H100.peak_flops("bf16"))  # never above peak
+    assert gemm_time_s(8192, 8192, 8192, H100, "fp8") < gemm_time_s(8192, 8192, 8192, H100, "bf16")
+
+
+def test_pipeline_time_is_megatrons_bubble_formula_for_equal_stages():
+    tau, p, m = 0.1, 8, 32
+    for v in (1, 2, 4):
+        layout = Layout(tp=1, pp=p, dp=1, cp=1, vpp=v, micro_batch_size=1, global_batch_size=m)
+        assert _pipeline_s([tau] * p, layout) == pytest.approx((m + (p - 1) / v) * tau)
+
+
+def test_breakdown_adds_up_and_more_micro_batches_shrink_the_bubble():
+    job = make_job("llama-3-70b", nodes=16, gbs=256)
+    small = evaluate(job, Layout(tp=8, pp=4, dp=4, cp=1, micro_batch_size=1, global_batch_size=256, sequence_parallel=True))
+    assert sum(small.step.breakdown_s.values()) == pytest.approx(small.step_time_s)
+    big = evaluate(replace(job, global_batch_size=1024),
+                   Layout(tp=8, pp=4, dp=4, cp=1, micro_batch_size=1, global_batch_size=1024, sequence_parallel=True))
+    bubble_fraction = [plan.step.breakdown_s["pipeline_bubble"] / plan.step_time_s for plan in (small, big)]
+    assert bubble_fraction[1] < bubble_fraction[0] / 3
+
+
+def test_recompute_costs_time_in_order():
+    job = make_job("gpt3-175b", nodes=8, gbs=64, seq=2048, features=Features(flash_attention=False))
+    times = {
+        recompute: evaluate(job, Layout(tp=8, pp=8, dp=1, cp=1, micro_batch_size=1, global_batch_size=64,
+                                        sequence_parallel=True, recompute=recompute)).step_time_s
+        for recompute in ("none", "selective", "full")
+    }
+    assert times["none"] < times["selective"] < times["full"]
+    # Full recompute re-runs the forward: about a third more compute (Korthikanti Table 4: +36% at 175B).
+    assert 1.2 < times["full"] / times["none"] < 1.45
+
+
+def test_overlapping_the_gradient_reduce_hides_it():
+    layout = Layout(tp=2, pp=1, dp=32, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    hidden = evaluate(make_job("llama-3-8b", gbs=64), layout).step.breakdown_s["dp_grad_reduce"]
+    exposed = evaluate(make_job("llama-3-8b", gbs=64, features=Features(overlap_grad_reduce=False)), layout)
+    assert exposed.step.breakdown_s["dp_grad_reduce"] > 3 * hidden
+
+
+def test_a_slow_node_slows_the_whole_job():
+    """Synchronous training runs at the pace of the slowest member."""
+    from loom.planner.cluster import parse_cluster
+
+    layout = Layout(tp=8, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    base = {"nodes": 8, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    job = make_job("llama-3-70b", gbs=64, features=Features(overlap_grad_reduce=False))
+    fast = evaluate(job, layout)
+    slow_cluster = parse_cluster({**base, "node_overrides": [{"node": 5, "nic_Gbps": 100}]}, "test")
+    slow = evaluate(replace(job, cluster=slow_cluster), layout)
+    assert slow.step.breakdown_s["dp_grad_reduce"] == pytest.approx(4 * fast.step.breakdown_s["dp_grad_reduce"], rel=0.05)
