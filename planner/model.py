@@ -37,6 +37,8 @@ class ModelSpec:
     qkv_bias: bool  # Qwen2 has biases on Q, K, V only
     normalization: str  # "LayerNorm" | "RMSNorm" (Megatron's spelling)
     dropout: float  # hidden and attention dropout during pre-training
+    rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
+    norm_epsilon: float = 1e-5
 
     @property
     def head_dim(self) -> int:
@@ -127,6 +129,8 @@ def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
         normalization="RMSNorm" if llama_like else "LayerNorm",
         # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
         dropout=float(config.get("resid_pdrop", config.get("hidden_dropout", 0.1 if family == "gpt2" else 0.0))),
+        rope_theta=float(_pick(config, source, "rope_theta", "rotary_emb_base", default=10000.0)),
+        norm_epsilon=float(_pick(config, source, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
     )
 
 

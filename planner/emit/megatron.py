@@ -120,6 +120,7 @@ def _model_args(job: Job) -> list[str]:
         "--seq-length", str(job.seq_length),
         "--max-position-embeddings", str(_max_positions(m, job.seq_length)),
         "--normalization", m.normalization,
+        "--norm-epsilon", f"{m.norm_epsilon:g}",
         "--position-embedding-type", "learned_absolute" if m.learned_position_embeddings else "rope",
         "--hidden-dropout", str(m.dropout),
         "--attention-dropout", str(m.dropout),
@@ -127,6 +128,8 @@ def _model_args(job: Job) -> list[str]:
         "--tokenizer-type", "NullTokenizer",
         "--vocab-size", str(m.vocab_size),
     ]
+    if not m.learned_position_embeddings:
+        args += ["--rotary-base", str(int(m.rope_theta))]
     if m.num_query_groups != m.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
     if m.gated_mlp:
