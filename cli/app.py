@@ -7,63 +7,72 @@ renders and maps errors to exit codes.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from loom.cli.render import show
 from loom.planner.emit import launch_files, write_atomically
 from loom.planner.errors import InfeasibleError, SpecError
 from loom.planner.gates import failed_gates, parse_gate
-from loom.planner.job import Job, load_job
+from loom.planner.job import load_job
 from loom.planner.layout import Layout
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.report import SearchInfo, build_report, report_json
 from loom.planner.search import search
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
-err = Console(stderr=True)
+err = Console(stderr=True, highlight=False)
 
-JobArg = typer.Argument(None, help="Job YAML (default: the bundled Llama-3 8B on 64 H100 example).", show_default=False)
+# Options shared by plan and evaluate: the job file and what overrides it.
+JobFile = Annotated[Optional[Path], typer.Argument(help="Job YAML (default: the bundled Llama-3 8B on 64 H100 example).", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Catalogue name or config.json path.")]
+ClusterOpt = Annotated[Optional[str], typer.Option(help="Cluster YAML path.")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Global batch size (sequences).")]
+SeqOpt = Annotated[Optional[int], typer.Option(help="Sequence length (tokens).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8")]
+FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed")]
+OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
+GateOpt = Annotated[Optional[list[str]], typer.Option(help="Exit 1 unless the best plan meets e.g. mfu>=0.4 (repeatable).")]
 
 
-def _load(job_file: Optional[Path], **overrides) -> Job:
-    return load_job(job_file, overrides)
-
-
-def _finish(job: Job, plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str]) -> None:
-    """Render, write files, check gates: what plan and evaluate share."""
+def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str]) -> None:
+    """Render, write files, check gates: what plan and evaluate share. Files
+    are written even when a gate fails, so CI can keep plan.json to see why."""
+    job = plans[0].job
     parsed_gates = [parse_gate(text) for text in gates]
-    report = report_json(build_report(plans, info))
     if as_json:
-        typer.echo(report, nl=False)
+        typer.echo(report_json(build_report(plans, info)), nl=False)
     else:
         show(Console(), plans, f"{job.model.name} on {job.cluster.num_gpus} x {job.cluster.slowest.gpu.name} ({job.framework})")
     if out is not None:
         best = plans[0]
         files = launch_files(job, best.layout, list(best.stages), best.placement)
-        write_atomically(out, {**files, "plan.json": report})
+        # plan.json leaves out the wall time so that the same inputs give the same files.
+        timeless = info.model_copy(update={"wall_time_s": None})
+        write_atomically(out, {**files, "plan.json": report_json(build_report(plans, timeless))})
         if not as_json:
-            err.print(f"wrote {', '.join(sorted([*files, 'plan.json']))} to {out}")
+            err.print(f"wrote {', '.join(sorted([*files, 'plan.json']))} to {escape(str(out))}")
     failures = failed_gates(parsed_gates, plans[0])
     if failures:
-        err.print(f"[red]gate failed:[/red] {'; '.join(failures)}")
+        err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")
         raise typer.Exit(1)
 
 
-def _run(action) -> None:
+def _run(action: Callable[[], None]) -> None:
     """Map loom's errors to exit codes with a one-line message."""
     try:
         action()
     except SpecError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     except InfeasibleError as error:
-        err.print(f"[red]infeasible:[/red] {error}", highlight=False)
+        err.print(f"[red]infeasible:[/red] {escape(str(error))}")
         raise typer.Exit(3) from None
 
 
@@ -76,64 +85,68 @@ def main(ctx: typer.Context) -> None:
 
 @app.command()
 def plan(
-    job_file: Optional[Path] = JobArg,
-    model: Optional[str] = typer.Option(None, help="Catalogue name or config.json path."),
-    cluster: Optional[str] = typer.Option(None, help="Cluster YAML path."),
-    global_batch_size: Optional[int] = typer.Option(None),
-    seq_length: Optional[int] = typer.Option(None),
-    precision: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp8"),
-    framework: Optional[str] = typer.Option(None, help="megatron | deepspeed"),
-    top_k: Optional[int] = typer.Option(None, help="How many plans to keep."),
-    out: Optional[Path] = typer.Option(None, help="Write launch files and plan.json here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
-    gate: list[str] = typer.Option([], help="Fail (exit 1) unless the best plan meets e.g. mfu>=0.4."),
+    job_file: JobFile = None,
+    model: ModelOpt = None,
+    cluster: ClusterOpt = None,
+    global_batch_size: BatchOpt = None,
+    seq_length: SeqOpt = None,
+    precision: PrecisionOpt = None,
+    framework: FrameworkOpt = None,
+    top_k: Annotated[Optional[int], typer.Option(help="How many plans to keep.")] = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+    gate: GateOpt = None,
 ) -> None:
     """Search layouts for a job and rank them by predicted step time."""
+    gates = gate or []
 
     def action() -> None:
-        job = _load(job_file, model=model, cluster=cluster, global_batch_size=global_batch_size, seq_length=seq_length,
-                    precision=precision, framework=framework, top_k=top_k)
-        for text in gate:
+        for text in gates:
             parse_gate(text)  # bad gates are bad input: fail before searching
+        job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
+                                      seq_length=seq_length, precision=precision, framework=framework, top_k=top_k))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
                           solver="enumeration", status="optimal", gap=0.0)
-        _finish(job, result.plans, info, out, as_json, gate)
+        _finish(result.plans, info, out, as_json, gates)
 
     _run(action)
 
 
 @app.command()
 def evaluate(
-    job_file: Optional[Path] = JobArg,
-    model: Optional[str] = typer.Option(None),
-    cluster: Optional[str] = typer.Option(None),
-    global_batch_size: Optional[int] = typer.Option(None),
-    seq_length: Optional[int] = typer.Option(None),
-    precision: Optional[str] = typer.Option(None),
-    framework: Optional[str] = typer.Option(None),
-    tp: int = typer.Option(1),
-    pp: int = typer.Option(1),
-    dp: Optional[int] = typer.Option(None, help="Default: the rest of the cluster's GPUs."),
-    cp: int = typer.Option(1),
-    ep: int = typer.Option(1),
-    vpp: int = typer.Option(1),
-    mbs: int = typer.Option(1),
-    recompute: str = typer.Option("none", help="none | selective | full"),
-    sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1."),
-    distributed_optimizer: Optional[bool] = typer.Option(None, "--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp > 1."),
-    zero_stage: int = typer.Option(0),
-    out: Optional[Path] = typer.Option(None),
-    as_json: bool = typer.Option(False, "--json"),
-    gate: list[str] = typer.Option([]),
+    job_file: JobFile = None,
+    model: ModelOpt = None,
+    cluster: ClusterOpt = None,
+    global_batch_size: BatchOpt = None,
+    seq_length: SeqOpt = None,
+    precision: PrecisionOpt = None,
+    framework: FrameworkOpt = None,
+    tp: Annotated[int, typer.Option(min=1)] = 1,
+    pp: Annotated[int, typer.Option(min=1)] = 1,
+    dp: Annotated[Optional[int], typer.Option(min=1, help="Default: the rest of the cluster's GPUs.")] = None,
+    cp: Annotated[int, typer.Option(min=1)] = 1,
+    ep: Annotated[int, typer.Option(min=1)] = 1,
+    vpp: Annotated[int, typer.Option(min=1)] = 1,
+    mbs: Annotated[int, typer.Option(min=1)] = 1,
+    recompute: Annotated[str, typer.Option(help="none | selective | full")] = "none",
+    sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
+    distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1.")] = None,
+    zero_stage: Annotated[int, typer.Option(min=0, max=3)] = 0,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+    gate: GateOpt = None,
 ) -> None:
     """Predict step time and memory of one fixed layout."""
+    gates = gate or []
 
     def action() -> None:
-        job = _load(job_file, model=model, cluster=cluster, global_batch_size=global_batch_size, seq_length=seq_length,
-                    precision=precision, framework=framework)
+        for text in gates:
+            parse_gate(text)
+        job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
+                                      seq_length=seq_length, precision=precision, framework=framework))
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
         if ep != 1:
@@ -147,6 +160,6 @@ def evaluate(
         )
         plan_ = evaluate_layout(job, layout, source="evaluate flags")
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
-        _finish(replace(job), [plan_], info, out, as_json, gate)
+        _finish([plan_], info, out, as_json, gates)
 
     _run(action)

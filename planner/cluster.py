@@ -90,27 +90,36 @@ class Cluster:
         return [n.host for n in self.nodes]
 
 
-def cluster_from_spec(spec: ClusterFile, source: str) -> Cluster:
+def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Cluster:
+    """Expand the file's defaults and overrides into one Node per node.
+    ``prefix`` names where the cluster sits in its file (``cluster`` inline)."""
+
+    def at(field: str) -> str:
+        return f"{prefix}.{field}" if prefix else field
+
     hosts = spec.hosts or [f"node{i:03d}" for i in range(spec.nodes)]
     if len(hosts) != spec.nodes:
-        raise SpecError(source, "hosts", f"{spec.nodes} host names, one per node", len(hosts))
+        raise SpecError(source, at("hosts"), f"{spec.nodes} host names, one per node", len(hosts))
     base = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
     per_node = [dict(base) for _ in hosts]
+    gpu_field = [at("gpu")] * spec.nodes  # where each node's GPU type was given, for error messages
     for i, override in enumerate(spec.node_overrides):
         index = hosts.index(override.node) if override.node in hosts else override.node
         if not isinstance(index, int) or not 0 <= index < spec.nodes:
-            raise SpecError(source, f"node_overrides.{i}.node", f"a node index below {spec.nodes} or a host name", override.node)
+            raise SpecError(source, at(f"node_overrides.{i}.node"), f"a node index below {spec.nodes} or a host name", override.node)
         per_node[index].update(override.model_dump(exclude={"node"}, exclude_none=True))
+        if override.gpu is not None:
+            gpu_field[index] = at(f"node_overrides.{i}.gpu")
     nodes = tuple(
         Node(
             host=host,
-            gpu=find_gpu(fields["gpu"], source, "gpu"),
+            gpu=find_gpu(fields["gpu"], source, field),
             nvlink_GBps=fields["nvlink_GBps"],
             nics_per_node=fields["nics_per_node"],
             nic_Gbps=fields["nic_Gbps"],
             gpus_per_node=spec.gpus_per_node,
         )
-        for host, fields in zip(hosts, per_node)
+        for host, fields, field in zip(hosts, per_node, gpu_field)
     )
     return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node)
 
@@ -122,4 +131,4 @@ def load_cluster(path: Path) -> Cluster:
 
 def parse_cluster(data: dict, source: str, prefix: str = "") -> Cluster:
     """A cluster given inline (e.g. under ``cluster:`` in a job file)."""
-    return cluster_from_spec(validate(ClusterFile, data, source, prefix), source)
+    return cluster_from_spec(validate(ClusterFile, data, source, prefix), source, prefix)

@@ -62,14 +62,14 @@ class Shape:
     def linear_gemms(self) -> list[tuple[int, int, int]]:
         """(m, n, k) of the forward GEMMs of one decoder layer on one TP rank."""
         m, t = self.model, self.tp
-        h, kv, f = m.hidden_size, m.kv_size, m.ffn_hidden_size
+        h, q, kv, f = m.hidden_size, m.q_size, m.kv_size, m.ffn_hidden_size
         up = (2 if m.gated_mlp else 1) * f
-        return [(self.tokens, (h + 2 * kv) // t, h), (self.tokens, h, h // t), (self.tokens, up // t, h), (self.tokens, h, f // t)]
+        return [(self.tokens, (q + 2 * kv) // t, h), (self.tokens, h, q // t), (self.tokens, up // t, h), (self.tokens, h, f // t)]
 
     def attention_flops(self) -> float:
         """Forward FLOPs of QK^T and attention x V on one rank. Causal flash
         attention skips the masked half; the unfused kernels compute it all."""
-        flops = 4.0 * self.micro_batch_size * (self.seq_length / self.cp) * self.seq_length * self.model.hidden_size / self.tp
+        flops = 4.0 * self.micro_batch_size * (self.seq_length / self.cp) * self.seq_length * self.model.q_size / self.tp
         return flops / 2 if self.features.flash_attention else flops
 
 
@@ -115,7 +115,7 @@ def _layer_elementwise_bytes(shape: Shape) -> float:
     norms = 2 * (2 * e * T * width)
     residuals = 2 * ((3 * e + (1 if m.dropout else 0)) * T * width)
     activation = (3 if m.gated_mlp else 2) * e * T * m.ffn_hidden_size // t
-    rotary = 0 if m.learned_position_embeddings else 2 * e * T * (m.hidden_size + m.kv_size) // t
+    rotary = 0 if m.learned_position_embeddings else 2 * e * T * (m.q_size + m.kv_size) // t
     return norms + residuals + activation + rotary
 
 
@@ -192,6 +192,6 @@ def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
     weights a token multiplies) + attention 12 x s x h per layer — the
     convention of Narayanan et al. SC'21 eq. (3) and PaLM's MFU, generalised to
     GQA, gated MLPs and untied heads (the published runs' 'model_flops')."""
-    h, kv, f = model.hidden_size, model.kv_size, model.ffn_hidden_size
-    per_layer = 2 * (h * (h + 2 * kv) + h * h + (3 if model.gated_mlp else 2) * h * f) + 4 * seq_length * h
+    h, q, kv, f = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size
+    per_layer = 2 * (h * (q + 2 * kv) + q * h + (3 if model.gated_mlp else 2) * h * f) + 4 * seq_length * q
     return 3.0 * (model.num_layers * per_layer + 2 * h * model.vocab_size)

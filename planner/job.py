@@ -113,7 +113,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     data = read_mapping(job_path)
     data.update({key: value for key, value in (overrides or {}).items() if value is not None})
     spec = validate(JobFile, data, source)
-    model = load_model(spec.model)
+    model = load_model(spec.model, source="--model" if overrides and overrides.get("model") else source)
     cluster = _resolve_cluster(spec.cluster, job_path, source)
     job = Job(
         model=model,

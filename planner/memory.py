@@ -83,7 +83,7 @@ def model_state_bytes(params: float, layout: Layout, framework: str) -> dict[str
 def layer_activation_bytes(shape: Shape, recompute: str) -> float:
     """Bytes one decoder layer keeps for backward, per micro batch, per GPU."""
     m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
-    h, kv, f = m.hidden_size, m.kv_size, m.ffn_hidden_size
+    q, kv, f = m.q_size, m.kv_size, m.ffn_hidden_size
     if recompute == "full":
         # Only each layer's input is checkpointed (scattered over TP with SP).
         return e * T * shape.replicated_width
@@ -93,7 +93,7 @@ def layer_activation_bytes(shape: Shape, recompute: str) -> float:
     replicated = (4 * e + masks) * T * shape.replicated_width
     # Q, K, V, the projection's input, and the MLP's up-projection outputs and
     # activation output: split over TP. SwiGLU keeps gate, up and their product.
-    split = (e * (2 * h + 2 * kv) + (3 if m.gated_mlp else 2) * e * f) * T / t
+    split = (e * (2 * q + 2 * kv) + (3 if m.gated_mlp else 2) * e * f) * T / t
     heads_per_rank = m.num_attention_heads / t
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
     if shape.features.flash_attention:

@@ -37,12 +37,18 @@ class ModelSpec:
     qkv_bias: bool  # Qwen2 has biases on Q, K, V only
     normalization: str  # "LayerNorm" | "RMSNorm" (Megatron's spelling)
     dropout: float  # hidden and attention dropout during pre-training
+    kv_channels: int | None = None  # head dim when not hidden / heads (Mistral-NeMo, Qwen3)
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
     norm_epsilon: float = 1e-5
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_size(self) -> int:
+        """Width of Q (and of the attention output): heads x head dim."""
+        return self.num_attention_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:
@@ -51,9 +57,9 @@ class ModelSpec:
 
     # --- parameter counts (whole model, before any parallel split) ---------
     def attention_params(self) -> int:
-        h, kv = self.hidden_size, self.kv_size
-        weights = h * (h + 2 * kv) + h * h
-        biases = (h + 2 * kv) * (self.linear_bias or self.qkv_bias) + h * self.linear_bias
+        h, q, kv = self.hidden_size, self.q_size, self.kv_size
+        weights = h * (q + 2 * kv) + q * h
+        biases = (q + 2 * kv) * (self.linear_bias or self.qkv_bias) + h * self.linear_bias
         return weights + biases
 
     def mlp_params(self) -> int:
@@ -107,8 +113,11 @@ def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
     hidden = _positive_int(config, source, "hidden_size", "n_embd")
     heads = _positive_int(config, source, "num_attention_heads", "n_head")
     kv_heads = _positive_int(config, source, "num_key_value_heads", default=heads)
-    if hidden % heads:
-        raise SpecError(source, "num_attention_heads", f"a divisor of hidden size {hidden}", heads)
+    head_dim = _pick(config, source, "head_dim", required=False)
+    if head_dim is None and hidden % heads:
+        raise SpecError(source, "num_attention_heads", f"a divisor of hidden size {hidden} (or an explicit head_dim)", heads)
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0):
+        raise SpecError(source, "head_dim", "a positive integer", head_dim)
     if heads % kv_heads:
         raise SpecError(source, "num_key_value_heads", f"a divisor of {heads} attention heads", kv_heads)
     llama_like = family in LLAMA_LIKE
@@ -129,20 +138,20 @@ def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
         normalization="RMSNorm" if llama_like else "LayerNorm",
         # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
         dropout=float(config.get("resid_pdrop", config.get("hidden_dropout", 0.1 if family == "gpt2" else 0.0))),
+        kv_channels=head_dim if head_dim != hidden // heads else None,
         rope_theta=float(_pick(config, source, "rope_theta", "rotary_emb_base", default=10000.0)),
         norm_epsilon=float(_pick(config, source, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
     )
 
 
-def load_model(name_or_path: str) -> ModelSpec:
-    """A catalogue name (``llama-3-70b``) or a path to a ``config.json``."""
+def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
+    """A catalogue name (``llama-3-70b``) or a path to a ``config.json``;
+    ``source`` is where the name was given (a job file or the flag)."""
     path = model_config_path(name_or_path)
     if path is None:
         path = Path(name_or_path)
         if not path.is_file():
-            raise SpecError(
-                "--model", "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path
-            )
+            raise SpecError(source, "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path)
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:

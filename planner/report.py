@@ -68,7 +68,7 @@ class Memory(pydantic.BaseModel):
 class SearchInfo(pydantic.BaseModel):
     candidates: int = pydantic.Field(description="layouts enumerated")
     feasible: int = pydantic.Field(description="layouts that fit in memory")
-    wall_time_s: float
+    wall_time_s: float | None = pydantic.Field(description="null in plan.json, so the same inputs give the same files")
     solver: str
     status: str
     gap: float

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+import difflib
+
 import pydantic
 import yaml
 
@@ -40,7 +42,24 @@ def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Sp
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as err:
-        first = err.errors()[0]
+        # A misspelt field also makes the right one "missing": name the typo.
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        first = errors[0]
         field = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
-        expected = "no such field (check the spelling)" if first["type"] == "extra_forbidden" else first["msg"]
-        raise SpecError(source, field or "<top level>", expected, first.get("input")) from None
+        if first["type"] == "extra_forbidden":
+            known = _fields_at(model, first["loc"][:-1])
+            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+            expected = f"no such field; did you mean '{close[0]}'?" if close else f"one of the fields {', '.join(known)}"
+            raise SpecError(source, field, expected) from None
+        got = None if first["type"] == "missing" else first.get("input")
+        raise SpecError(source, field or "<top level>", first["msg"], got) from None
+
+
+def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that ``loc`` points into."""
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -130,6 +130,8 @@ def _model_args(job: Job) -> list[str]:
     ]
     if not m.learned_position_embeddings:
         args += ["--rotary-base", str(int(m.rope_theta))]
+    if m.kv_channels:
+        args += ["--kv-channels", str(m.kv_channels)]
     if m.num_query_groups != m.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
     if m.gated_mlp:

@@ -1,0 +1,479 @@
+"""The ``loom`` command line: exit codes, messages, the JSON contract, launch
+files and flags (ARCHITECTURE.md, "Interfaces that other tools and checks rely on").
+
+Every test runs the real typer app in-process on small inputs built here
+(one or two 8-GPU nodes), so the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.planner.errors import SpecError
+from loom.planner.job import DEFAULT_JOB, load_job
+from loom.planner.model import load_model
+from loom.planner.report import SCHEMA_FILE, json_schema
+from loom.profiles.catalogue import GiB, find_gpu
+
+runner = CliRunner()
+
+CLUSTER = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+JOB = {"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64, "seq_length": 4096}
+
+
+# --- helpers ----------------------------------------------------------------
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def make_job(tmp_path: Path, nodes: int = 1, **fields) -> Path:
+    """A job file in ``tmp_path`` beside its cluster file; ``fields`` override
+    (a value of None removes the field)."""
+    write_yaml(tmp_path / "cluster.yaml", {**CLUSTER, "nodes": nodes})
+    data = {**JOB, **fields}
+    return write_yaml(tmp_path / "job.yaml", {k: v for k, v in data.items() if v is not None})
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def flat(text: str) -> str:
+    """Output with all whitespace removed: rich wraps stderr at 80 columns,
+    which may break a long path or message over lines."""
+    return re.sub(r"\s+", "", text)
+
+
+def mentions(output: str, needle: str) -> bool:
+    return flat(needle) in flat(output)
+
+
+def assert_bad_input(result, *needles: str) -> None:
+    """Exit 2, no traceback, and every needle (file name, field, ...) in the message."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught error
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert mentions(result.output, needle), f"{needle!r} not in:\n{result.output}"
+
+
+def plan_json(*args) -> dict:
+    result = invoke("plan", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --- bad input: exit 2, naming the file and the field -------------------------
+
+
+def test_missing_required_job_field(tmp_path):
+    job = make_job(tmp_path, global_batch_size=None)
+    assert_bad_input(invoke("plan", job), "job.yaml", "global_batch_size")
+    with pytest.raises(SpecError) as info:
+        load_job(job)
+    assert info.value.source == str(job) and info.value.field == "global_batch_size"
+
+
+def test_mistyped_field_beside_the_right_one(tmp_path):
+    job = make_job(tmp_path, global_batch_sise=64)
+    assert_bad_input(invoke("plan", job), "job.yaml", "global_batch_sise")
+    with pytest.raises(SpecError) as info:
+        load_job(job)
+    assert info.value.field == "global_batch_sise"
+
+
+def test_mistyped_field_instead_of_the_right_one_names_the_typo(tmp_path):
+    """The usual typo: the field is misspelt, so the right one is also missing.
+    The message must point at what the user wrote, not only at what is missing."""
+    job = make_job(tmp_path, global_batch_size=None, global_batch_sise=64)
+    result = invoke("plan", job)
+    assert result.exit_code == 2
+    with pytest.raises(SpecError) as info:
+        load_job(job)
+    assert info.value.field == "global_batch_sise", str(info.value)
+
+
+def test_wrong_type(tmp_path):
+    job = make_job(tmp_path, seq_length="long")
+    assert_bad_input(invoke("plan", job), "job.yaml", "seq_length", "long")
+    with pytest.raises(SpecError) as info:
+        load_job(job)
+    assert info.value.field == "seq_length"
+
+
+def test_wrong_type_nested_field_is_named_with_its_path(tmp_path):
+    job = make_job(tmp_path, search={"tp": ["two"]})
+    assert_bad_input(invoke("plan", job), "job.yaml", "search.tp")
+
+
+def test_unknown_gpu_in_cluster_yaml(tmp_path):
+    job = make_job(tmp_path)
+    write_yaml(tmp_path / "cluster.yaml", {**CLUSTER, "gpu": "H900"})
+    assert_bad_input(invoke("plan", job), "cluster.yaml", "gpu", "H900")
+    with pytest.raises(SpecError) as info:
+        load_job(job)
+    assert info.value.source.endswith("cluster.yaml") and info.value.field == "gpu"
+
+
+def test_unknown_model_flag(tmp_path):
+    job = make_job(tmp_path)
+    assert_bad_input(invoke("plan", job, "--model", "llama-9-8b"), "--model", "llama-9-8b")
+
+
+def test_unknown_model_in_job_file_names_the_job_file(tmp_path):
+    job = make_job(tmp_path, model="llama-9-8b")
+    assert_bad_input(invoke("plan", job), "llama-9-8b", "model")
+    with pytest.raises(SpecError) as info:
+        load_job(job)
+    assert info.value.field == "model"
+    assert info.value.source == str(job), f"blames {info.value.source!r}, but the name came from {job}"
+
+
+def test_evaluate_tp_not_dividing_heads(tmp_path):
+    job = make_job(tmp_path)
+    heads = load_model("llama-3-8b").num_attention_heads
+    assert heads % 3
+    assert_bad_input(invoke("evaluate", job, "--tp", 3, "--dp", 2), "tp", str(heads))
+
+
+def test_evaluate_batch_not_divisible_by_micro_batch_times_dp(tmp_path):
+    job = make_job(tmp_path, global_batch_size=20)
+    # 20 is not a multiple of mbs 4 x dp 4 = 16
+    assert_bad_input(invoke("evaluate", job, "--tp", 2, "--dp", 4, "--mbs", 4), "global_batch_size", "16")
+
+
+def test_malformed_job_yaml(tmp_path):
+    make_job(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text("model: llama-3-8b\ncluster: cluster.yaml\nglobal_batch_size: [64\nseq_length: 4096\n")
+    assert_bad_input(invoke("plan", job), "job.yaml", "YAML")
+
+
+def test_job_file_that_is_not_a_mapping(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("- model\n- cluster\n")
+    assert_bad_input(invoke("plan", job), "job.yaml")
+
+
+def test_malformed_model_config_json(tmp_path):
+    job = make_job(tmp_path)
+    config = tmp_path / "broken" / "config.json"
+    config.parent.mkdir()
+    config.write_text('{"model_type": "llama", "hidden_size": 4096,\n')
+    assert_bad_input(invoke("plan", job, "--model", config), "config.json", "JSON")
+
+
+def test_model_config_missing_a_field(tmp_path):
+    job = make_job(tmp_path)
+    config = tmp_path / "nolayers" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "num_attention_heads": 8,
+                                  "intermediate_size": 688, "vocab_size": 1000, "max_position_embeddings": 4096}))
+    assert_bad_input(invoke("plan", job, "--model", config), "config.json", "num_hidden_layers")
+
+
+def test_user_text_with_brackets_is_printed_verbatim(tmp_path):
+    """Messages quote the user's input; rich must not eat "[...]" in it as markup
+    (paths, host lists like node[01-04] and gate texts can hold brackets)."""
+    job = make_job(tmp_path)
+    missing = tmp_path / "runs" / "[test]" / "config.json"
+    assert_bad_input(invoke("plan", job, "--model", missing), "[test]")
+
+
+def test_missing_cluster_file(tmp_path):
+    job = make_job(tmp_path, cluster="no-such-cluster.yaml")
+    assert_bad_input(invoke("plan", job), "job.yaml", "cluster", "no-such-cluster.yaml")
+
+
+def test_missing_job_file(tmp_path):
+    assert_bad_input(invoke("plan", tmp_path / "nope.yaml"), "nope.yaml")
+
+
+@pytest.mark.parametrize("gate", ["mfu=>0.4", "speed>=1", "mfu>=", "mfu>=fast"])
+def test_bad_gate_expression(tmp_path, gate):
+    job = make_job(tmp_path)
+    assert_bad_input(invoke("plan", job, "--gate", gate), "--gate", gate)
+
+
+def test_bad_gate_fails_before_searching_or_writing(tmp_path):
+    """A bad gate is bad input (2), even when the job is also infeasible (3),
+    and nothing is written under --out."""
+    job = make_job(tmp_path, model="llama-3-405b")
+    out = tmp_path / "out"
+    assert_bad_input(invoke("plan", job, "--gate", "speed>=1", "--out", out), "--gate")
+    assert not out.exists() or not any(out.iterdir())
+
+
+# --- infeasible: exit 3, saying what binds -------------------------------------
+
+
+def test_impossible_job_exits_3_and_says_what_binds(tmp_path):
+    job = make_job(tmp_path, model="llama-3-405b")
+    result = invoke("plan", job)
+    assert result.exit_code == 3, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    capacity = find_gpu("H100").memory_bytes / GiB
+    assert mentions(result.output, "GiB")
+    assert mentions(result.output, f"{capacity:.1f}"), result.output
+    needed = [float(x) for x in re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*GiB", result.output)]
+    assert max(needed) > capacity, "the message must show a need larger than the GPU"
+
+
+# --- gates ------------------------------------------------------------------------
+
+
+def test_failing_gate_exits_1_naming_it(tmp_path):
+    job = make_job(tmp_path)
+    result = invoke("plan", job, "--gate", "mfu>=0.99")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert mentions(result.output, "mfu>=0.99")
+
+
+def test_passing_gates_exit_0(tmp_path):
+    job = make_job(tmp_path)
+    result = invoke("plan", job, "--gate", "memory_headroom>=0.0", "--gate", "mfu>0")
+    assert result.exit_code == 0, result.output
+
+
+def test_only_the_failing_gate_is_named(tmp_path):
+    job = make_job(tmp_path)
+    result = invoke("plan", job, "--gate", "memory_headroom>=0.0", "--gate", "step_time_s<=0.000001")
+    assert result.exit_code == 1
+    assert mentions(result.output, "step_time_s<=")
+    assert not mentions(result.output, "memory_headroom>=")
+
+
+def test_gate_checks_the_value_it_reports(tmp_path):
+    """The gate is evaluated on the best plan's own numbers: a threshold just
+    below the reported MFU passes, one just above fails."""
+    job = make_job(tmp_path)
+    mfu = plan_json(job)["plans"][0]["predicted"]["mfu"]
+    assert invoke("plan", job, "--gate", f"mfu>={mfu * 0.99:.6f}").exit_code == 0
+    assert invoke("plan", job, "--gate", f"mfu>={mfu * 1.01:.6f}").exit_code == 1
+
+
+# --- the JSON report ----------------------------------------------------------------
+
+
+def test_json_report_validates_against_the_shipped_schema(tmp_path):
+    job = make_job(tmp_path, nodes=2)
+    report = plan_json(job, "--top-k", 4)
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(report, schema)
+    assert report["schema_version"]
+    for key in ("candidates", "wall_time_s", "status", "gap"):
+        assert key in report["search"]
+
+    gpus = 2 * CLUSTER["gpus_per_node"]
+    assert report["gpus"] == gpus and 1 <= len(report["plans"]) <= 4
+    times = [plan["predicted"]["step_time_s"] for plan in report["plans"]]
+    assert times == sorted(times), "plans must be ranked best (fastest) first"
+    layers = load_model("llama-3-8b").num_layers
+    for plan in report["plans"]:
+        p = plan["parallel"]
+        assert p["tp"] * p["pp"] * p["dp"] * p["cp"] == gpus
+        assert p["global_batch_size"] == JOB["global_batch_size"]
+        assert sum(stage["layers"] for stage in plan["stages"]) == layers
+        assert len(plan["stages"]) == p["pp"]
+        assert sorted(slot["rank"] for slot in plan["placement"]) == list(range(gpus))
+        assert len({(slot["host"], slot["gpu"]) for slot in plan["placement"]}) == gpus
+        assert plan["memory"]["peak_bytes_per_gpu"] <= plan["memory"]["capacity_bytes"]
+
+
+def test_schema_rejects_a_report_missing_a_contract_field(tmp_path):
+    """The schema is not vacuous: dropping a field the contract names fails it."""
+    report = plan_json(make_job(tmp_path), "--top-k", 1)
+    schema = json.loads(SCHEMA_FILE.read_text())
+    del report["plans"][0]["parallel"]["tp"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(report, schema)
+
+
+def test_shipped_schema_is_in_sync_with_the_report_models():
+    assert SCHEMA_FILE.read_text() == json_schema()
+
+
+# --- launch files and determinism ---------------------------------------------------------
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def test_out_writes_megatron_files(tmp_path):
+    job = make_job(tmp_path)
+    out = tmp_path / "out"
+    result = invoke("plan", job, "--out", out)
+    assert result.exit_code == 0, result.output
+    files = _files(out)
+    assert {"train.sh", "slurm.sbatch", "plan.json"} <= set(files)
+    report = json.loads(files["plan.json"])
+    jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))
+    best = report["plans"][0]["parallel"]
+    train = files["train.sh"].decode()
+    assert f"--tensor-model-parallel-size {best['tp']}" in train
+    assert f"--global-batch-size {best['global_batch_size']}" in train
+    assert (out / "train.sh").stat().st_mode & 0o111, "train.sh must be executable"
+
+
+def test_out_writes_deepspeed_files(tmp_path):
+    job = make_job(tmp_path)
+    out = tmp_path / "out"
+    result = invoke("plan", job, "--framework", "deepspeed", "--out", out)
+    assert result.exit_code == 0, result.output
+    files = _files(out)
+    assert {"ds_config.json", "hostfile", "launch.sh", "plan.json"} <= set(files)
+    assert "train.sh" not in files
+    ds_config = json.loads(files["ds_config.json"])
+    assert ds_config["train_batch_size"] == JOB["global_batch_size"]
+    report = json.loads(files["plan.json"])
+    assert report["framework"] == "deepspeed"
+    assert all(plan["parallel"]["tp"] == 1 for plan in report["plans"])
+
+
+def test_launch_files_are_byte_identical_across_runs(tmp_path):
+    for framework in ("megatron", "deepspeed"):
+        job = make_job(tmp_path, nodes=2, framework=framework)
+        first, second = tmp_path / f"{framework}-a", tmp_path / f"{framework}-b"
+        assert invoke("plan", job, "--out", first).exit_code == 0
+        assert invoke("plan", job, "--out", second).exit_code == 0
+        a, b = _files(first), _files(second)
+        assert set(a) == set(b)
+        for name in sorted(set(a) - {"plan.json"}):
+            assert a[name] == b[name], f"{framework}: {name} differs between identical runs"
+
+
+def test_plan_json_is_byte_identical_across_runs(tmp_path):
+    """"Same inputs, byte-identical outputs" (issue 2) includes plan.json."""
+    job = make_job(tmp_path)
+    assert invoke("plan", job, "--out", tmp_path / "a").exit_code == 0
+    assert invoke("plan", job, "--out", tmp_path / "b").exit_code == 0
+    a, b = (tmp_path / "a" / "plan.json").read_bytes(), (tmp_path / "b" / "plan.json").read_bytes()
+    assert a == b, "plan.json differs between identical runs (a wall-clock field?)"
+
+
+def test_failing_gate_still_writes_the_report_and_exits_1(tmp_path):
+    """Decision: a gate is a policy check on a valid plan, so the launch files and
+    plan.json are still written (CI archives plan.json to show why the gate
+    failed); the exit code alone says the gate failed. The files are the same as
+    an ungated run's, and plan.json is the report printed by --json but for the
+    search's wall time, which it leaves null so that files are reproducible."""
+    job = make_job(tmp_path)
+    gated, plain = tmp_path / "gated", tmp_path / "plain"
+    result = invoke("plan", job, "--json", "--out", gated, "--gate", "mfu>=0.99")
+    assert result.exit_code == 1
+    assert mentions(result.stderr, "mfu>=0.99")
+    files = _files(gated)
+    assert {"train.sh", "slurm.sbatch", "plan.json"} <= set(files)
+    written, printed = json.loads(files["plan.json"]), json.loads(result.stdout)
+    assert written["search"].pop("wall_time_s") is None and printed["search"].pop("wall_time_s") > 0
+    assert written == printed
+    assert invoke("plan", job, "--out", plain).exit_code == 0
+    assert files["train.sh"] == _files(plain)["train.sh"]
+
+
+# --- flags override the file ------------------------------------------------------------
+
+
+def test_flags_override_the_job_file(tmp_path):
+    job = make_job(tmp_path)
+    base = plan_json(job)
+    report = plan_json(job, "--global-batch-size", 128, "--seq-length", 2048, "--model", "llama-2-7b", "--top-k", 2)
+    assert base["model"] == "llama-3-8b" and base["seq_length"] == JOB["seq_length"]
+    assert report["model"] == "llama-2-7b"
+    assert report["seq_length"] == 2048
+    assert len(report["plans"]) == 2
+    assert all(plan["parallel"]["global_batch_size"] == 128 for plan in report["plans"])
+    assert sum(stage["layers"] for stage in report["plans"][0]["stages"]) == load_model("llama-2-7b").num_layers
+
+
+def test_cluster_precision_and_framework_flags_override_the_file(tmp_path):
+    job = make_job(tmp_path)
+    write_yaml(tmp_path / "two-nodes.yaml", {**CLUSTER, "nodes": 2, "gpu": "A100"})
+    report = plan_json(job, "--cluster", tmp_path / "two-nodes.yaml", "--precision", "fp16", "--framework", "deepspeed", "--top-k", 1)
+    assert report["gpus"] == 16
+    assert report["precision"] == "fp16"
+    assert report["framework"] == "deepspeed"
+    assert report["plans"][0]["memory"]["capacity_bytes"] == find_gpu("A100").memory_bytes
+
+
+# --- the bundled example --------------------------------------------------------------
+
+
+def _bundled() -> dict:
+    return yaml.safe_load(DEFAULT_JOB.read_text())
+
+
+def test_plan_without_a_job_file_plans_the_bundled_example():
+    result = invoke("plan", "--json", "--top-k", 1)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == _bundled()["model"]
+    assert report["plans"][0]["parallel"]["global_batch_size"] == _bundled()["global_batch_size"]
+
+
+def test_loom_with_no_arguments_plans_the_bundled_example():
+    result = invoke()
+    assert result.exit_code == 0, f"{result.exception!r}\n{result.output}"
+    assert result.exception is None
+    assert _bundled()["model"] in result.output
+
+
+# --- evaluate -----------------------------------------------------------------------------
+
+
+def test_evaluate_reports_exactly_the_layout_given(tmp_path):
+    job = make_job(tmp_path)
+    report = json.loads(invoke(
+        "evaluate", job, "--json", "--tp", 2, "--pp", 2, "--dp", 2, "--vpp", 2, "--mbs", 2,
+        "--recompute", "selective", "--sequence-parallel", "--distributed-optimizer",
+    ).stdout)
+    assert len(report["plans"]) == 1
+    parallel = report["plans"][0]["parallel"]
+    assert parallel == {
+        "tp": 2, "pp": 2, "dp": 2, "cp": 1, "ep": 1, "vpp": 2, "micro_batch_size": 2,
+        "global_batch_size": JOB["global_batch_size"], "sequence_parallel": True, "recompute": "selective",
+        "zero_stage": 0, "distributed_optimizer": True,
+    }
+    stages = report["plans"][0]["stages"]
+    assert len(stages) == 2 and all(len(stage["layer_ranges"]) == 2 for stage in stages)
+
+
+def test_evaluate_negative_flags_are_honoured(tmp_path):
+    job = make_job(tmp_path)
+    result = invoke("evaluate", job, "--json", "--tp", 4, "--pp", 1, "--dp", 2, "--mbs", 1,
+                    "--recompute", "full", "--no-sequence-parallel", "--no-distributed-optimizer")
+    assert result.exit_code == 0, result.output
+    parallel = json.loads(result.stdout)["plans"][0]["parallel"]
+    assert (parallel["tp"], parallel["pp"], parallel["dp"]) == (4, 1, 2)
+    assert parallel["sequence_parallel"] is False and parallel["distributed_optimizer"] is False
+    assert parallel["recompute"] == "full"
+
+
+def test_evaluate_of_the_best_plan_predicts_the_same_step_time(tmp_path):
+    """plan and evaluate share one model: evaluating plan's best layout gives its numbers."""
+    job = make_job(tmp_path)
+    best = plan_json(job, "--top-k", 1)["plans"][0]
+    p = best["parallel"]
+    args = ["--tp", p["tp"], "--pp", p["pp"], "--dp", p["dp"], "--cp", p["cp"], "--vpp", p["vpp"],
+            "--mbs", p["micro_batch_size"], "--recompute", p["recompute"],
+            "--sequence-parallel" if p["sequence_parallel"] else "--no-sequence-parallel",
+            "--distributed-optimizer" if p["distributed_optimizer"] else "--no-distributed-optimizer"]
+    result = invoke("evaluate", job, "--json", *args)
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)["plans"][0]
+    assert again["parallel"] == p
+    assert again["predicted"]["step_time_s"] == pytest.approx(best["predicted"]["step_time_s"], rel=1e-9)
