@@ -138,6 +138,8 @@ def check_job(job: Job) -> None:
     for node in job.cluster.nodes:
         if not node.gpu.supports(job.precision):
             raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)
+    if job.framework == "deepspeed" and job.precision == "fp8":
+        raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
         raise SpecError(
             job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length

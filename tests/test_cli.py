@@ -126,6 +126,13 @@ def test_unknown_gpu_in_cluster_yaml(tmp_path):
     assert info.value.source.endswith("cluster.yaml") and info.value.field == "gpu"
 
 
+def test_fp8_with_deepspeed_is_bad_input(tmp_path):
+    """DeepSpeed's config has no fp8 switch: refuse before planning, not at emit time."""
+    job = make_job(tmp_path, framework="deepspeed", precision="fp8")
+    assert_bad_input(invoke("plan", job, "--out", tmp_path / "out"), "job.yaml", "precision", "fp8")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_flag(tmp_path):
     job = make_job(tmp_path)
     assert_bad_input(invoke("plan", job, "--model", "llama-9-8b"), "--model", "llama-9-8b")
