@@ -75,7 +75,7 @@ class Cluster:
     def slowest(self) -> Node:
         """A node with the least of everything: synchronous training runs at the
         pace of its slowest member, so uniform-cluster formulas use this node."""
-        gpu = min((n.gpu for n in self.nodes), key=lambda g: (g.peak_tflops["bf16"], g.memory_bytes))
+        gpu = min((n.gpu for n in self.nodes), key=_gpu_pace)
         return Node(
             host="slowest",
             gpu=gpu,
@@ -88,6 +88,23 @@ class Cluster:
     @property
     def hosts(self) -> list[str]:
         return [n.host for n in self.nodes]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len({n.gpu.name for n in self.nodes}) > 1
+
+    @cached_property
+    def node_of_host(self) -> dict[str, Node]:
+        return {node.host: node for node in self.nodes}
+
+    def slowest_gpu(self, hosts: set[str]) -> GPU:
+        """The slowest GPU among ``hosts`` (a group runs at its slowest member's pace)."""
+        return min((self.node_of_host[host].gpu for host in sorted(hosts)), key=_gpu_pace)
+
+
+def _gpu_pace(gpu: GPU) -> tuple[float, int]:
+    """Orders GPUs slowest (then smallest) first."""
+    return (gpu.peak_tflops["bf16"], gpu.memory_bytes)
 
 
 def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Cluster:

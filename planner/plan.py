@@ -10,7 +10,7 @@ from loom.planner.errors import SpecError
 from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import StageMemory, stage_memory
-from loom.planner.stages import Placement, Stage, default_placement, uniform_stages
+from loom.planner.stages import Placement, Stage, default_placement, stage_gpus, uniform_stages
 from loom.planner.time_model import StepTime, step_time
 
 
@@ -22,6 +22,7 @@ class Plan:
     placement: Placement
     step: StepTime
     memory: tuple[StageMemory, ...]
+    stage_capacity_bytes: tuple[int, ...]  # memory of each stage's GPUs (clusters may mix GPU types)
 
     @property
     def step_time_s(self) -> float:
@@ -39,21 +40,29 @@ class Plan:
 
     @property
     def mfu(self) -> float:
-        """Model FLOPs utilisation against the dense peak of the job's precision."""
-        return self.tflops_per_gpu * 1e12 / self.job.cluster.slowest.gpu.peak_flops(self.job.precision)
+        """Model FLOPs utilisation against the dense peak of the job's precision,
+        averaged over the GPUs the plan uses."""
+        cluster, used = self.job.cluster, self.layout.world_size
+        nodes = cluster.nodes[: -(-used // cluster.gpus_per_node)]
+        peak = sum(node.gpu.peak_flops(self.job.precision) for node in nodes) / len(nodes)
+        return self.tflops_per_gpu * 1e12 / peak
+
+    def _headroom(self, stage: int) -> float:
+        return 1.0 - self.memory[stage].peak_bytes / self.stage_capacity_bytes[stage]
 
     @property
     def peak_memory(self) -> StageMemory:
-        return max(self.memory, key=lambda stage: stage.peak_bytes)
+        """The stage with the least headroom (the fullest, relative to its GPU)."""
+        return self.memory[min(range(len(self.memory)), key=self._headroom)]
 
     @property
     def capacity_bytes(self) -> int:
-        return self.job.cluster.slowest.gpu.memory_bytes
+        return self.stage_capacity_bytes[self.peak_memory.stage]
 
     @property
     def memory_headroom(self) -> float:
         """Fraction of GPU memory left free on the fullest stage."""
-        return 1.0 - self.peak_memory.peak_bytes / self.capacity_bytes
+        return min(self._headroom(s) for s in range(len(self.memory)))
 
     @property
     def fits(self) -> bool:
@@ -71,7 +80,11 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     need(layout.world_size <= job.cluster.num_gpus, "tp*pp*dp*cp", f"at most the cluster's {job.cluster.num_gpus} GPUs", layout.world_size)
     need(model.num_attention_heads % layout.tp == 0, "tp", f"a divisor of {model.num_attention_heads} attention heads", layout.tp)
     need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
-    need(model.num_layers % (layout.pp * layout.vpp) == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", layout.pp * layout.vpp)
+    chunks = layout.pp * layout.vpp
+    if job.framework == "megatron":  # uneven splits via --pipeline-model-parallel-layout
+        need(chunks <= model.num_layers, "pp*vpp", f"at most {model.num_layers} layers (one per model chunk)", chunks)
+    else:  # DeepSpeed's PipelineModule balances layer counts: an even split only
+        need(model.num_layers % chunks == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", chunks)
     per_step = layout.micro_batch_size * layout.dp
     need(layout.global_batch_size % per_step == 0, "global_batch_size", f"a multiple of micro batch x dp = {per_step}", layout.global_batch_size)
     need(job.seq_length % (2 * layout.cp) == 0, "cp", f"2*cp dividing the sequence length {job.seq_length}", layout.cp)
@@ -99,15 +112,19 @@ def evaluate(job: Job, layout: Layout, source: str = "layout") -> Plan:
     return build_plan(job, layout)
 
 
-def build_plan(job: Job, layout: Layout) -> Plan:
-    """The plan of a layout already known to be valid (the search's inner loop)."""
-    stages = uniform_stages(job.model, layout)
+def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, placement: Placement | None = None) -> Plan:
+    """The plan of a valid layout with the given stages and placement
+    (default: the even split, Megatron's rank order on the nodes in order)."""
+    stages = stages or uniform_stages(job.model, layout)
+    placement = placement or default_placement(job.cluster, layout.world_size)
+    gpus = stage_gpus(job.cluster, placement, stages)
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
     return Plan(
         job=job,
         layout=layout,
         stages=tuple(stages),
-        placement=default_placement(job.cluster, layout.world_size),
-        step=step_time(job, layout, stages),
+        placement=placement,
+        step=step_time(job, layout, stages, gpus),
         memory=tuple(stage_memory(shape, layout, stage, job.framework) for stage in stages),
+        stage_capacity_bytes=tuple(gpu.memory_bytes for gpu in gpus),
     )

@@ -7,8 +7,11 @@ take these candidates:
 - tp: powers of two up to a node's GPUs that divide heads and key/value heads
   (TP across nodes is never faster than PP there: Narayanan et al. SC'21 sec. 3.3);
 - cp: 1, 2, 4, 8 where 2*cp divides the sequence (Megatron's load-balanced chunks);
-- pp: divisors of the layer count that divide gpus / (tp * cp);
-- vpp: divisors of layers / pp (interleaving needs micro batches divisible by pp);
+- pp: divisors of gpus / (tp * cp) up to the layer count (Megatron runs an
+  uneven split through --pipeline-model-parallel-layout; DeepSpeed needs pp to
+  divide the layers);
+- vpp: the degrees that split layers / pp evenly, and 2-4 (interleaving needs
+  micro batches divisible by pp);
 - micro batch: 1, 2, 4, 8;
 - sequence parallel: on whenever tp > 1 (it moves the same bytes as TP's
   all-reduce and saves memory and elementwise work: Korthikanti et al. 2022);
@@ -30,7 +33,8 @@ from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import GiB, stage_memory
 from loom.planner.plan import Plan, build_plan, layout_problems
-from loom.planner.stages import Stage, uniform_stages
+from loom.planner.stages import Stage, default_placement, stage_gpus, uniform_stages
+from loom.profiles.catalogue import GPU
 from loom.planner.time_model import step_time
 
 
@@ -54,8 +58,8 @@ def _choices(job: Job) -> dict[str, list]:
     auto = {
         "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
         "cp": [c for c in (1, 2, 4, 8) if job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
-        "pp": [p for p in _divisors(model.num_layers) if gpus % p == 0],
-        "vpp": _divisors(model.num_layers) if megatron else [1],
+        "pp": [p for p in _divisors(gpus) if p <= model.num_layers] if megatron else [p for p in _divisors(model.num_layers) if gpus % p == 0],
+        "vpp": None if megatron else [1],  # per pp: see _virtual_stages
         "micro_batch_size": [1, 2, 4, 8],
         "sequence_parallel": None,  # on exactly when tp > 1
         "recompute": ["none", "selective", "full"] if megatron else ["none", "full"],
@@ -64,6 +68,12 @@ def _choices(job: Job) -> dict[str, list]:
     }
     return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
 
+
+
+def _virtual_stages(num_layers: int, pp: int) -> list[int]:
+    """Interleaving degrees worth trying at ``pp``: those splitting the layers
+    evenly, and 2-4 (uneven chunks are fine with a pipeline layout)."""
+    return sorted({v for v in _divisors(num_layers // pp) if num_layers % (pp * v) == 0} | {v for v in (1, 2, 3, 4) if pp * v <= num_layers})
 
 
 def candidate_layouts(job: Job) -> Iterator[Layout]:
@@ -75,7 +85,7 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
         dp = gpus // (tp * cp * pp)
         sequence_parallel = [tp > 1] if c["sequence_parallel"] is None else c["sequence_parallel"]
         for vpp, mbs, sp, recompute, dist_opt, zero in itertools.product(
-            c["vpp"], c["micro_batch_size"], sequence_parallel, c["recompute"], c["distributed_optimizer"], c["zero_stage"]
+            _virtual_stages(job.model.num_layers, pp) if c["vpp"] is None else c["vpp"], c["micro_batch_size"], sequence_parallel, c["recompute"], c["distributed_optimizer"], c["zero_stage"]
         ):
             if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
                 continue  # same layout as the one without the knob
@@ -85,13 +95,28 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
             )
 
 
-def peak_memory_bytes(job: Job, layout: Layout, stages: list[Stage]) -> float:
-    """Peak over stages. With a uniform split the first stage holds the most
-    activations (pp micro batches) and the embedding, the last the LM head:
-    the peak is on one of them."""
+@dataclass(frozen=True)
+class _Fullest:
+    """The fullest stage of a layout: its peak bytes and its GPU's capacity."""
+
+    peak_bytes: float
+    capacity_bytes: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.capacity_bytes
+
+
+def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> _Fullest:
+    """The stage closest to (or furthest over) its GPU's memory. On a uniform
+    cluster with an even split the first stage holds the most activations (pp
+    micro batches) and the embedding, the last the LM head: only they are checked."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
-    ends = {stages[0].index: stages[0], stages[-1].index: stages[-1]}
-    return max(stage_memory(shape, layout, stage, job.framework).peak_bytes for stage in ends.values())
+    candidates = range(len(stages)) if job.cluster.heterogeneous else {0, len(stages) - 1}
+    return max(
+        (_Fullest(stage_memory(shape, layout, stages[s], job.framework).peak_bytes, gpus[s].memory_bytes) for s in candidates),
+        key=lambda fullest: fullest.peak_bytes / fullest.capacity_bytes,
+    )
 
 
 @dataclass(frozen=True)
@@ -111,9 +136,10 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     """Rank the layouts of ``job``; raise InfeasibleError saying what binds."""
     started = time.perf_counter()
     layouts = list(candidate_layouts(job))
-    capacity = job.cluster.slowest.gpu.memory_bytes
+    # Every layout fills the cluster, so they share Megatron's default placement.
+    placement = default_placement(job.cluster, job.cluster.num_gpus)
     rejected: Counter[str] = Counter()
-    smallest: tuple[float, Layout] | None = None
+    smallest: tuple[_Fullest, Layout] | None = None
     scored: list[_Scored] = []
     for i, layout in enumerate(layouts):
         if progress and i % 256 == 0:
@@ -124,27 +150,28 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
             rejected[f"{field}: {expected}"] += 1
             continue
         stages = uniform_stages(job.model, layout)
-        peak = peak_memory_bytes(job, layout, stages)
-        if smallest is None or peak < smallest[0]:
-            smallest = (peak, layout)
-        if peak <= capacity:
-            scored.append(_Scored(step_time(job, layout, stages).step_time_s, peak, layout))
+        gpus = stage_gpus(job.cluster, placement, stages)
+        fullest = fullest_stage(job, layout, stages, gpus)
+        if smallest is None or fullest.peak_bytes / fullest.capacity_bytes < smallest[0].peak_bytes / smallest[0].capacity_bytes:
+            smallest = (fullest, layout)
+        if fullest.fits:
+            scored.append(_Scored(step_time(job, layout, stages, gpus).step_time_s, fullest.peak_bytes, layout))
     if progress:
         progress(len(layouts), len(layouts))
     if not scored:
-        raise InfeasibleError(_what_binds(job, smallest, rejected, capacity))
+        raise InfeasibleError(_what_binds(job, smallest, rejected))
     best = sorted(scored, key=_Scored.key)[:top_k]
     plans = [build_plan(job, candidate.layout) for candidate in best]
     return SearchResult(plans=plans, candidates=len(layouts), feasible=len(scored), wall_time_s=time.perf_counter() - started)
 
 
-def _what_binds(job: Job, smallest: tuple[float, Layout] | None, rejected: Counter, capacity: float) -> str:
-    gpu = job.cluster.slowest.gpu
+def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
     if smallest is not None:
-        peak, layout = smallest
+        fullest, layout = smallest
+        gpus = " + ".join(sorted({node.gpu.name for node in job.cluster.nodes}))
         return (
-            f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpu.name}: the smallest "
-            f"({layout.label()}) still needs {peak / GiB:.1f} GiB of a {capacity / GiB:.1f} GiB GPU"
+            f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpus}: the smallest "
+            f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU"
         )
     if not rejected:
         return f"the search space of {job.source} leaves no layout for {job.cluster.num_gpus} GPUs (check the search: lists)"

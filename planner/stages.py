@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from loom.planner.cluster import Cluster
 from loom.planner.layout import Layout
 from loom.planner.model import ModelSpec
+from loom.profiles.catalogue import GPU
 
 
 @dataclass(frozen=True)
@@ -46,27 +47,40 @@ class Stage:
         return any(chunk.head for chunk in self.chunks)
 
 
-def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
-    """Megatron's default split: every model chunk gets L / (pp * vpp) layers.
+def even_chunk_sizes(num_layers: int, chunks: int) -> tuple[int, ...]:
+    """Decoder layers per chunk, as even as possible. A remainder goes to the
+    middle chunks: the first and last already carry the embedding and the LM
+    head. With ``chunks`` dividing ``num_layers`` this is Megatron's default split."""
+    base, extra = divmod(num_layers, chunks)
+    ends = {0, chunks - 1}
+    # Middle chunks first, the most central first; the ends last.
+    order = sorted(range(chunks), key=lambda c: (c in ends, abs(c - (chunks - 1) / 2), c))
+    bonus = set(order[:extra])
+    return tuple(base + (c in bonus) for c in range(chunks))
 
-    With interleaving, pipeline rank s runs virtual stages s, s + pp, s + 2pp, ...
-    (Narayanan et al. SC'21, sec. 2.2)."""
+
+def split_stages(layout: Layout, chunk_sizes: tuple[int, ...]) -> list[Stage]:
+    """Stages from decoder layers per model chunk, in model order (pp * vpp
+    entries). With interleaving, pipeline rank s runs chunks s, s + pp,
+    s + 2pp, ... (Narayanan et al. SC'21, sec. 2.2). Stage s owns the block
+    of global ranks [s*n, (s+1)*n), n = tp*cp*dp, of Megatron's rank order."""
     chunks_total = layout.pp * layout.vpp
-    per_chunk = model.num_layers // chunks_total
-    ranks_per_stage = layout.tp * layout.cp * layout.dp
+    assert len(chunk_sizes) == chunks_total, "one size per model chunk"
+    firsts = [sum(chunk_sizes[:c]) for c in range(chunks_total)]
+    n = layout.tp * layout.cp * layout.dp
     stages = []
     for s in range(layout.pp):
         chunks = tuple(
-            Chunk(
-                first_layer=(v * layout.pp + s) * per_chunk,
-                num_layers=per_chunk,
-                embedding=(v * layout.pp + s) == 0,
-                head=(v * layout.pp + s) == chunks_total - 1,
-            )
-            for v in range(layout.vpp)
+            Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1)
+            for c in (v * layout.pp + s for v in range(layout.vpp))
         )
-        stages.append(Stage(index=s, chunks=chunks, ranks=tuple(range(s * ranks_per_stage, (s + 1) * ranks_per_stage))))
+        stages.append(Stage(index=s, chunks=chunks, ranks=tuple(range(s * n, (s + 1) * n))))
     return stages
+
+
+def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
+    """Megatron's default split (as even as possible when it does not divide)."""
+    return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp))
 
 
 @dataclass(frozen=True)
@@ -79,8 +93,23 @@ class Placement:
         return self.gpus[rank][0]
 
 
+def stage_gpus(cluster: Cluster, placement: Placement, stages: list[Stage]) -> list[GPU]:
+    """The GPU type each stage runs at: the slowest of its device group's."""
+    if not cluster.heterogeneous:
+        return [cluster.slowest.gpu] * len(stages)
+    return [cluster.slowest_gpu({placement.host_of(rank) for rank in stage.ranks}) for stage in stages]
+
+
 def default_placement(cluster: Cluster, world_size: int) -> Placement:
     """Rank r on node r // gpus_per_node, GPU r % gpus_per_node: what torchrun
     with ``--node_rank`` = node index and no CUDA_VISIBLE_DEVICES does."""
-    per_node = cluster.gpus_per_node
-    return Placement(gpus=tuple((cluster.nodes[r // per_node].host, r % per_node) for r in range(world_size)))
+    return stage_block_placement(cluster, world_size, (0,))
+
+
+def stage_block_placement(cluster: Cluster, world_size: int, stage_slots: tuple[int, ...]) -> Placement:
+    """Stage s's rank block on the GPU block ``stage_slots[s]`` (blocks of
+    world_size / len(stage_slots) consecutive GPUs in node order): how a
+    pipeline position is moved onto other device groups, e.g. faster GPUs."""
+    per_node, n = cluster.gpus_per_node, world_size // len(stage_slots)
+    slots = (stage_slots[r // n] * n + r % n for r in range(world_size))
+    return Placement(gpus=tuple((cluster.nodes[slot // per_node].host, slot % per_node) for slot in slots))

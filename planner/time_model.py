@@ -193,22 +193,22 @@ def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: _Link
     return max(unhidden, comm - microbatch_s)
 
 
-def step_time(job: Job, layout: Layout, stages: list[Stage]) -> StepTime:
-    """Predict one optimizer step of ``layout`` on ``job``'s cluster."""
+def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> StepTime:
+    """Predict one optimizer step of ``layout`` on ``job``'s cluster, stage s
+    running on GPUs of type ``gpus[s]``."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
-    gpu = job.cluster.slowest.gpu
     links = _Links(job, layout)
     # Stages with the same chunk sizes (all but the first and last, usually)
     # cost the same: price each kind once.
     memo: dict[tuple, _ChunkTime] = {}
 
-    def priced(chunk: Chunk) -> _ChunkTime:
-        kind = (chunk.num_layers, chunk.embedding, chunk.head)
+    def priced(chunk: Chunk, gpu: GPU) -> _ChunkTime:
+        kind = (chunk.num_layers, chunk.embedding, chunk.head, gpu.name)
         if kind not in memo:
             memo[kind] = _chunk_time(shape, layout, chunk, gpu, links, job)
         return memo[kind]
 
-    per_stage = [[priced(chunk) for chunk in stage.chunks] for stage in stages]
+    per_stage = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
     tau = [sum(c.total_s for c in chunks) for chunks in per_stage]
     tau = [t + _zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)]
     pipeline = _pipeline_s(tau, layout)
@@ -231,6 +231,6 @@ def step_time(job: Job, layout: Layout, stages: list[Stage]) -> StepTime:
     breakdown.update(_data_parallel_s(job, layout, stages, links, bwd_last))
     breakdown["optimizer"] = max(
         memory_time_s(stage_params(job.model, layout, stage)[0] / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
-        for stage in stages
+        for stage, gpu in zip(stages, gpus)
     )
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
