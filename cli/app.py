@@ -109,7 +109,7 @@ def plan(
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
-                          solver="enumeration", status="optimal", gap=0.0)
+                          solver=result.solver, status=result.status, gap=result.gap)
         _finish(result.plans, info, out, as_json, gates)
 
     _run(action)

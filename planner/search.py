@@ -32,10 +32,24 @@ from loom.planner.errors import InfeasibleError
 from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import GiB, stage_memory
+from loom.planner.pipeline_split import solve_split
 from loom.planner.plan import Plan, build_plan, layout_problems
 from loom.planner.stages import Stage, default_placement, stage_gpus, uniform_stages
 from loom.profiles.catalogue import GPU
+from loom.solvers.partition import Partition
 from loom.planner.time_model import step_time
+
+
+# The even split ranks every layout; the best ones (and those within
+# NEAR_FIT of fitting, which an uneven split may make fit) are then split
+# optimally. Without interleaving on one GPU type the split is a bottleneck
+# problem solved exactly in milliseconds, so REFINED layouts get it; the
+# general MILP (interleaving, mixed GPUs) runs for the best MILP_REFINED only,
+# each solve capped at SPLIT_TIME_LIMIT_S.
+REFINED = 8
+MILP_REFINED = 3
+NEAR_FIT = 1.25
+SPLIT_TIME_LIMIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,9 @@ class SearchResult:
     candidates: int
     feasible: int
     wall_time_s: float
+    solver: str = "enumeration"  # and the split methods that ran
+    status: str = "optimal"  # "time_limit" when a split solve stopped at its limit
+    gap: float = 0.0  # largest relative gap of those solves
 
 
 def _divisors(n: int) -> list[int]:
@@ -141,6 +158,7 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     rejected: Counter[str] = Counter()
     smallest: tuple[_Fullest, Layout] | None = None
     scored: list[_Scored] = []
+    near: list[_Scored] = []  # do not fit evenly, but might split unevenly
     for i, layout in enumerate(layouts):
         if progress and i % 256 == 0:
             progress(i, len(layouts))
@@ -154,15 +172,49 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
         fullest = fullest_stage(job, layout, stages, gpus)
         if smallest is None or fullest.peak_bytes / fullest.capacity_bytes < smallest[0].peak_bytes / smallest[0].capacity_bytes:
             smallest = (fullest, layout)
-        if fullest.fits:
-            scored.append(_Scored(step_time(job, layout, stages, gpus).step_time_s, fullest.peak_bytes, layout))
+        splittable = job.framework == "megatron" and layout.pp > 1
+        if fullest.fits or (splittable and fullest.peak_bytes <= NEAR_FIT * fullest.capacity_bytes):
+            candidate = _Scored(step_time(job, layout, stages, gpus).step_time_s, fullest.peak_bytes, layout)
+            (scored if fullest.fits else near).append(candidate)
     if progress:
         progress(len(layouts), len(layouts))
-    if not scored:
+    plans, solves = _split_best(job, sorted(scored, key=_Scored.key)[: top_k + REFINED], sorted(near, key=_Scored.key)[:REFINED])
+    if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
-    best = sorted(scored, key=_Scored.key)[:top_k]
-    plans = [build_plan(job, candidate.layout) for candidate in best]
-    return SearchResult(plans=plans, candidates=len(layouts), feasible=len(scored), wall_time_s=time.perf_counter() - started)
+    plans = sorted(plans, key=lambda plan: (round(plan.step_time_s, 9), round(plan.peak_memory.peak_bytes), plan.layout.label()))
+    methods = sorted({solve.method for solve in solves})
+    return SearchResult(
+        plans=plans[:top_k],
+        candidates=len(layouts),
+        feasible=len(scored) + sum(plan.layout in {c.layout for c in near} for plan in plans),
+        wall_time_s=time.perf_counter() - started,
+        solver="+".join(["enumeration", *methods]),
+        status="time_limit" if any(solve.status == "time_limit" for solve in solves) else "optimal",
+        gap=max((solve.gap for solve in solves), default=0.0),
+    )
+
+
+def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
+    """Plans for the best layouts, each with the better of the even split and
+    the partition MILP's (Megatron runs either), and the MILP's solutions."""
+    plans, solves, milp_runs = [], [], 0
+    for candidate in [*best, *near]:
+        layout = candidate.layout
+        options = [build_plan(job, layout)]
+        needs_milp = layout.vpp > 1 or job.cluster.heterogeneous
+        if job.framework == "megatron" and layout.pp > 1 and (not needs_milp or milp_runs < MILP_REFINED):
+            milp_runs += needs_milp
+            split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
+            if split is not None:
+                solves.append(split.solution)
+                # A time-limited incumbent depends on the machine's speed: only
+                # proven optima are used, so the same inputs give the same plan.
+                if split.solution.status == "optimal":
+                    options.append(build_plan(job, layout, split.stages, split.placement))
+        fitting = [plan for plan in options if plan.fits]
+        if fitting:
+            plans.append(min(fitting, key=lambda plan: plan.step_time_s))
+    return plans, solves
 
 
 def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:

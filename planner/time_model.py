@@ -43,7 +43,7 @@ class StepTime:
 
 
 @dataclass(frozen=True)
-class _ChunkTime:
+class ChunkTime:
     compute_fwd_s: float
     compute_bwd_s: float
     recompute_s: float
@@ -55,7 +55,7 @@ class _ChunkTime:
         return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
 
 
-class _Links:
+class Links:
     """The link each parallel group of the layout talks over."""
 
     def __init__(self, job: Job, layout: Layout):
@@ -81,9 +81,10 @@ def _exposed(comm_s: float, overlappable_s: float, overlap: bool) -> float:
     return max(0.0, comm_s - overlappable_s) if overlap else comm_s
 
 
-def _chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: _Links, job: Job) -> _ChunkTime:
+def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Links, job: Job) -> ChunkTime:
     """One micro batch through one model chunk: forward, backward, recompute
-    and the exposed TP and CP communication."""
+    and the exposed TP and CP communication (per-layer costs for the
+    pipeline partition come from one-layer chunks)."""
     features, n = job.features, chunk.num_layers
     fwd_layer = compute.decoder_layer(shape, gpu)
     bwd_layer = compute.decoder_layer(shape, gpu, backward=True)
@@ -117,7 +118,7 @@ def _chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: _Li
         core_fwd = compute.attention_core(shape, gpu).total_s
         core_bwd = compute.attention_core(shape, gpu, backward=True).total_s
         cp_comm = n * (max(0.0, ring_s - core_fwd) + max(0.0, 2 * ring_s - core_bwd))
-    return _ChunkTime(fwd.total_s, bwd.total_s, recompute.total_s, tp_comm, cp_comm)
+    return ChunkTime(fwd.total_s, bwd.total_s, recompute.total_s, tp_comm, cp_comm)
 
 
 def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
@@ -125,14 +126,14 @@ def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
     return layout.num_microbatches * slowest + (sum(stage_s) - slowest) / layout.vpp
 
 
-def _p2p_s(shape: Shape, layout: Layout, links: _Links, chunk_fwd_s: float) -> float:
+def _p2p_s(shape: Shape, layout: Layout, links: Links, chunk_fwd_s: float) -> float:
     """Exposed pipeline send/recv per step. The activation a stage sends is
     split over its TP ranks (SC'21's scatter/gather optimisation, or sequence
     parallelism). Plain 1F1B waits for every transfer: two per micro batch
     (activation forward, gradient backward). Interleaved 1F1B sends v times
     as often (SC'21 sec. 2.2.2) but overlaps each transfer with the next
-    chunk's forward (Megatron's overlap_p2p_comm), so only what outlasts that
-    chunk is exposed — except along the fill and drain path, 2 (p*v - 1)
+    chunk's forward (Megatron's overlap_p2p_comm), so only what outlasts an
+    average chunk's forward is exposed — except along the fill and drain path, 2 (p*v - 1)
     transfers that nothing hides."""
     if layout.pp == 1:
         return 0.0
@@ -143,7 +144,7 @@ def _p2p_s(shape: Shape, layout: Layout, links: _Links, chunk_fwd_s: float) -> f
     return 2 * (layout.pp * layout.vpp - 1) * one + steady
 
 
-def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: _Links, bwd_s: list[float]) -> dict[str, float]:
+def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: Links, bwd_s: list[float]) -> dict[str, float]:
     """Exposed gradient reduction and parameter gather over DP x CP, per step."""
     features, n = job.features, layout.dp * layout.cp
     grad_exposed, gather_exposed, embedding_sync = 0.0, 0.0, 0.0
@@ -174,7 +175,7 @@ def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: _Link
     return {"dp_grad_reduce": grad_exposed, "dp_param_gather": gather_exposed, "embedding_sync": embedding_sync}
 
 
-def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: _Links, microbatch_s: float) -> float:
+def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links, microbatch_s: float) -> float:
     """Exposed ZeRO-2/3 communication per micro batch. ZeRO-2 reduce-scatters
     the gradients of every micro batch into their partitions; ZeRO-3 also
     gathers every weight forward and backward (Rajbhandari et al. 2020, sec.
@@ -197,22 +198,23 @@ def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) ->
     """Predict one optimizer step of ``layout`` on ``job``'s cluster, stage s
     running on GPUs of type ``gpus[s]``."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
-    links = _Links(job, layout)
+    links = Links(job, layout)
     # Stages with the same chunk sizes (all but the first and last, usually)
     # cost the same: price each kind once.
-    memo: dict[tuple, _ChunkTime] = {}
+    memo: dict[tuple, ChunkTime] = {}
 
-    def priced(chunk: Chunk, gpu: GPU) -> _ChunkTime:
+    def priced(chunk: Chunk, gpu: GPU) -> ChunkTime:
         kind = (chunk.num_layers, chunk.embedding, chunk.head, gpu.name)
         if kind not in memo:
-            memo[kind] = _chunk_time(shape, layout, chunk, gpu, links, job)
+            memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
         return memo[kind]
 
     per_stage = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
     tau = [sum(c.total_s for c in chunks) for chunks in per_stage]
     tau = [t + _zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)]
     pipeline = _pipeline_s(tau, layout)
-    p2p = _p2p_s(shape, layout, links, min(c.compute_fwd_s for chunks in per_stage for c in chunks))
+    all_chunks = [c for chunks in per_stage for c in chunks]
+    p2p = _p2p_s(shape, layout, links, sum(c.compute_fwd_s for c in all_chunks) / len(all_chunks))
 
     slowest = max(range(len(stages)), key=lambda s: tau[s])
     m = layout.num_microbatches

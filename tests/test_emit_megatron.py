@@ -24,7 +24,7 @@ from loom.planner.emit.megatron import megatron_args, train_sh
 from loom.planner.job import Features, Job
 from loom.planner.layout import Layout
 from loom.planner.model import load_model
-from loom.planner.stages import Chunk, Placement, Stage, default_placement, uniform_stages
+from loom.planner.stages import Chunk, Placement, Stage, default_placement, split_stages, uniform_stages
 
 
 def make_cluster(nodes: int, hosts: list[str] | None = None):
@@ -122,6 +122,8 @@ def transformer_config(flags: dict) -> TransformerConfig:
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         pipeline_model_parallel_layout=flags.get("pipeline-model-parallel-layout"),
+        num_layers_in_first_pipeline_stage=int(flags["decoder-first-pipeline-num-layers"]) if "decoder-first-pipeline-num-layers" in flags else None,
+        num_layers_in_last_pipeline_stage=int(flags["decoder-last-pipeline-num-layers"]) if "decoder-last-pipeline-num-layers" in flags else None,
         context_parallel_size=int(flags["context-parallel-size"]),
         sequence_parallel="sequence-parallel" in flags,
         recompute_granularity=flags.get("recompute-granularity"),
@@ -301,3 +303,23 @@ def test_stages_that_drop_layers_are_refused():
     job, layout, _ = build("llama-uneven-vpp")
     with pytest.raises(ValueError, match="run 30 of 32 layers"):
         megatron_args(job, layout, uneven_stages(layout, [3, 4, 4, 4, 4, 4, 4, 3]))
+
+
+@pytest.mark.parametrize("model, pp, sizes", [
+    ("llama-3-8b", 4, [8, 9, 9, 6]),  # what the partition MILP picks for a 128K vocabulary
+    ("llama-3-405b", 16, [7] + [8] * 14 + [7]),  # Meta's split: one layer less at each end
+    ("llama-3-8b", 2, [15, 17]),
+])
+def test_first_and_last_stage_flags_build_the_planned_split(model, pp, sizes):
+    """Where only the end stages differ, the split is written as
+    --decoder-first/last-pipeline-num-layers, and megatron-core builds exactly
+    the planned number of layers on every pipeline rank."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    job = Job(model=load_model(model), cluster=make_cluster(2), global_batch_size=64, seq_length=4096)
+    layout = Layout(tp=1, pp=pp, dp=16 // pp, cp=1, micro_batch_size=1, global_batch_size=64)
+    stages = split_stages(layout, tuple(sizes))
+    flags = parse_flags(megatron_args(job, layout, stages))
+    assert "pipeline-model-parallel-layout" not in flags
+    config = transformer_config(flags)
+    assert [get_num_layers_to_build(config, pp_rank=s) for s in range(pp)] == sizes

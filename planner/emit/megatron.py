@@ -16,7 +16,7 @@ from loom.planner.emit.slurm import NodeRanks, nodes_of
 from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.model import ModelSpec
-from loom.planner.stages import Chunk, Placement, Stage, uniform_stages
+from loom.planner.stages import Chunk, Placement, Stage
 
 # Placeholder optimiser settings: the layout does not depend on them, so the
 # user is expected to tune them. Values are the usual GPT-3/Llama pre-training ones.
@@ -160,13 +160,32 @@ def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> lis
     ]
     if layout.sequence_parallel:
         args.append("--sequence-parallel")
-    if stages != uniform_stages(model, layout):
-        args += ["--pipeline-model-parallel-layout", pipeline_layout(stages)]
-    elif layout.vpp > 1:
-        args += ["--num-layers-per-virtual-pipeline-stage", str(model.num_layers // (layout.pp * layout.vpp))]
+    args += _split_args(layout, stages)
     if layout.distributed_optimizer:
         args.append("--use-distributed-optimizer")
     return args
+
+
+def _split_args(layout: Layout, stages: list[Stage]) -> list[str]:
+    """How many decoder layers each (virtual) stage runs, in the simplest
+    flags that say it: none for an even split; first/last stage counts when
+    only the end stages differ (without interleaving, the middle stages
+    equal); otherwise the full pipeline layout (megatron/training/arguments.py)."""
+    sizes = [chunk.num_layers for chunk in _chunks_in_layer_order(stages)]
+    if len(set(sizes)) == 1:
+        if layout.vpp > 1:
+            return ["--num-layers-per-virtual-pipeline-stage", str(sizes[0])]
+        return []
+    middle = set(sizes[1:-1])
+    if layout.vpp == 1 and len(middle) <= 1 and min(sizes[0], sizes[-1]) > 0:
+        usual = middle.pop() if middle else None
+        args = []
+        if sizes[0] != usual:
+            args += ["--decoder-first-pipeline-num-layers", str(sizes[0])]
+        if sizes[-1] != usual:
+            args += ["--decoder-last-pipeline-num-layers", str(sizes[-1])]
+        return args
+    return ["--pipeline-model-parallel-layout", pipeline_layout(stages)]
 
 
 def pipeline_layout(stages: list[Stage]) -> str:

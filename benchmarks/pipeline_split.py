@@ -1,0 +1,89 @@
+"""Uniform vs MILP pipeline splits: predicted step time and solve time.
+
+    python benchmarks/pipeline_split.py
+
+For each model and pipeline layout, the plan with Megatron's even split is
+compared with the plan whose split the partition MILP chose (both priced by
+the full time model, both checked against memory). On a cluster mixing H100
+and A100 nodes it also compares a split proportional to each stage's speed
+(Metis's and AMP's heuristic) with the MILP, which chooses the split and which
+device group runs which stage jointly.
+"""
+
+from __future__ import annotations
+
+import time
+
+from loom.planner.cluster import parse_cluster
+from loom.planner.job import Job
+from loom.planner.layout import Layout
+from loom.planner.model import load_model
+from loom.planner.pipeline_split import partition_problem, solve_split
+from loom.planner.plan import build_plan
+from loom.planner.stages import split_stages
+from loom.solvers.partition import proportional_partition
+
+H100 = {"gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+A100 = {"gpus_per_node": 8, "gpu": "A100-80GB", "nvlink_GBps": 300, "nics_per_node": 8, "nic_Gbps": 200}
+
+# (model, GPUs, global batch, seq, layout)
+CASES = [
+    ("llama-3-8b", 32, 256, 8192, dict(tp=2, pp=4, dp=4)),
+    ("llama-3-8b", 64, 256, 8192, dict(tp=2, pp=8, dp=4)),
+    ("llama-3-70b", 128, 512, 8192, dict(tp=8, pp=8, dp=2)),
+    ("llama-3-70b", 256, 512, 8192, dict(tp=8, pp=16, dp=2)),
+    ("gpt3-175b", 128, 256, 2048, dict(tp=8, pp=8, dp=2, vpp=3)),
+]
+
+
+def job_on(model: str, nodes: list[dict], gbs: int, seq: int) -> Job:
+    overrides = [{"node": i, **{k: v for k, v in node.items() if k in ("gpu", "nvlink_GBps", "nic_Gbps")}} for i, node in enumerate(nodes)]
+    cluster = parse_cluster({**nodes[0], "nodes": len(nodes), "node_overrides": overrides}, "benchmark")
+    return Job(model=load_model(model), cluster=cluster, global_batch_size=gbs, seq_length=seq)
+
+
+def layout_of(parallel: dict, gbs: int) -> Layout:
+    return Layout(cp=1, micro_batch_size=1, global_batch_size=gbs, sequence_parallel=parallel["tp"] > 1,
+                  distributed_optimizer=parallel["dp"] > 1, recompute="selective", **parallel)
+
+
+def compare(job: Job, layout: Layout) -> tuple:
+    even = build_plan(job, layout)
+    started = time.perf_counter()
+    split = solve_split(job, layout, time_limit_s=30)
+    solve_s = time.perf_counter() - started
+    planned = build_plan(job, layout, split.stages, split.placement)
+    return even, planned, split.solution, solve_s
+
+
+def row(label: str, baseline_name: str, baseline, planned, solution, solve_s: float) -> None:
+    layers = lambda plan: "/".join(str(s.num_layers) for s in plan.stages)  # noqa: E731
+    fits = lambda plan: "" if plan.fits else " (OOM)"  # noqa: E731
+    print(f"{label:<34}{baseline_name:<12}{baseline.step_time_s:>9.3f}{fits(baseline):<6} {planned.step_time_s:>9.3f}{fits(planned):<6}"
+          f"{baseline.step_time_s / planned.step_time_s - 1:>+8.1%}{solve_s:>9.3f}  {solution.method}/{solution.status}  {layers(planned)}")
+
+
+def main() -> None:
+    print(f"{'job':<34}{'baseline':<12}{'base s':>9}{'':<6} {'MILP s':>9}{'':<6}{'gain':>8}{'solve s':>9}  method     MILP layers per stage")
+    for model, gpus, gbs, seq, parallel in CASES:
+        job = job_on(model, [H100] * (gpus // 8), gbs, seq)
+        layout = layout_of(parallel, gbs)
+        even, planned, solution, solve_s = compare(job, layout)
+        row(f"{model} {gpus}xH100 {layout.label()}", "uniform", even, planned, solution, solve_s)
+
+    # Mixed cluster: half the nodes H100, half A100; the A100 nodes come first
+    # so that Megatron's default order puts the first stages on the slower GPUs.
+    for model, gpus, gbs, seq, parallel in [("llama-3-70b", 128, 512, 8192, dict(tp=8, pp=8, dp=2)),
+                                            ("llama-3-8b", 64, 256, 8192, dict(tp=2, pp=8, dp=4))]:
+        job = job_on(model, [A100] * (gpus // 16) + [H100] * (gpus // 16), gbs, seq)
+        layout = layout_of(parallel, gbs)
+        _, planned, solution, solve_s = compare(job, layout)
+        sizes = list(proportional_partition(partition_problem(job, layout)))
+        sizes[0] -= 1  # the layer list starts with the embedding and ends with the head
+        sizes[-1] -= 1
+        proportional = build_plan(job, layout, split_stages(layout, tuple(sizes)))
+        row(f"{model} {gpus//2}xA100+{gpus//2}xH100 {layout.label()}", "proportional", proportional, planned, solution, solve_s)
+
+
+if __name__ == "__main__":
+    main()

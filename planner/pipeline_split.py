@@ -1,0 +1,130 @@
+"""The pipeline split as an integer program: from a layout to the plain
+numbers of ``loom.solvers.partition`` and back to stages and a placement.
+
+The layer list is the model in order: the embedding, each decoder layer, the
+LM head with its loss. Each entry carries what it costs on one micro batch
+(forward, backward with recompute, exposed TP/CP communication — priced by the
+time model) and what it puts in memory (weights, gradients and optimizer
+state; activations per micro batch in flight — from the memory model). A
+chunk may hold the embedding or the head alone: Megatron's pipeline layout
+expresses that (``E|tttt|...``).
+
+On a cluster that mixes GPU types, the device groups (blocks of tp*cp*dp
+consecutive GPUs in node order) differ in speed and memory, and the solver
+also chooses which group runs which pipeline position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.compute import Shape
+from loom.planner.job import Job
+from loom.planner.layout import Layout
+from loom.planner.memory import (
+    ALLOCATOR_SLACK_FRACTION,
+    CUDA_CONTEXT_BYTES,
+    NCCL_COMMUNICATOR_BYTES,
+    embedding_activation_bytes,
+    head_activation_bytes,
+    head_transient_bytes,
+    in_flight_chunks,
+    layer_activation_bytes,
+    model_state_bytes,
+    process_groups,
+    stage_params,
+)
+from loom.planner.stages import Chunk, Placement, Stage, default_placement, split_stages, stage_block_placement
+from loom.planner.time_model import Links, chunk_time
+from loom.profiles.catalogue import GPU
+from loom.solvers.partition import Layer, Partition, PartitionProblem, StageDevice, solve_partition
+
+
+@dataclass(frozen=True)
+class Split:
+    stages: list[Stage]
+    placement: Placement
+    solution: Partition
+
+
+def _piece_state_bytes(job: Job, layout: Layout, chunk: Chunk) -> float:
+    """Weights, gradients and optimizer state of one piece (a one-layer,
+    embedding-only or head-only chunk) on one GPU."""
+    piece = Stage(index=0, chunks=(chunk,), ranks=(0,))
+    params, _ = stage_params(job.model, layout, piece)
+    return sum(model_state_bytes(params, layout, job.framework).values())
+
+
+def _device_groups(job: Job, layout: Layout) -> list[GPU]:
+    """The GPU type of each block of tp*cp*dp consecutive GPUs (in node order)."""
+    n, per_node = layout.tp * layout.cp * layout.dp, job.cluster.gpus_per_node
+    nodes = job.cluster.nodes
+    return [
+        job.cluster.slowest_gpu({nodes[gpu // per_node].host for gpu in range(g * n, (g + 1) * n)})
+        for g in range(layout.pp)
+    ]
+
+
+def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
+    """The split of ``layout`` as plain numbers for the solver."""
+    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    groups = _device_groups(job, layout)
+    reference = groups[0]
+    links = Links(job, layout)
+
+    def layer(chunk: Chunk, activation_bytes: float) -> Layer:
+        cost = chunk_time(shape, layout, chunk, reference, links, job)
+        return Layer(
+            forward_s=cost.compute_fwd_s,
+            backward_s=cost.compute_bwd_s + cost.recompute_s + cost.tp_comm_s + cost.cp_comm_s,
+            state_bytes=_piece_state_bytes(job, layout, chunk),
+            activation_bytes=activation_bytes * (1 + ALLOCATOR_SLACK_FRACTION),
+        )
+
+    decoder = layer(Chunk(0, 1), layer_activation_bytes(shape, layout.recompute))
+    embedding = layer(Chunk(0, 0, embedding=True), embedding_activation_bytes(shape))
+    # The loss's logits are transient, but held once per micro batch in flight
+    # on the last stage: counting them there is exact for 1F1B (one in flight).
+    head = layer(Chunk(0, 0, head=True), head_activation_bytes(shape) + head_transient_bytes(shape))
+
+    fixed = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
+    if layout.recompute == "full":
+        fixed += layer_activation_bytes(shape, "none") * (1 + ALLOCATOR_SLACK_FRACTION)
+    reference_layer_s = decoder.work_s
+    devices = []
+    for gpu in groups:
+        speed = chunk_time(shape, layout, Chunk(0, 1), gpu, links, job)
+        devices.append(StageDevice(
+            speed=(speed.compute_fwd_s + speed.compute_bwd_s + speed.recompute_s + speed.tp_comm_s + speed.cp_comm_s) / reference_layer_s,
+            capacity_bytes=gpu.memory_bytes,
+            fixed_bytes=fixed,
+        ))
+    return PartitionProblem(
+        layers=(embedding, *[decoder] * job.model.num_layers, head),
+        pp=layout.pp,
+        vpp=layout.vpp,
+        microbatches=layout.num_microbatches,
+        in_flight=tuple(in_flight_chunks(layout, s) for s in range(layout.pp)),
+        devices=tuple(devices),
+        assign_devices=len({gpu.name for gpu in groups}) > 1,
+    )
+
+
+def solve_split(job: Job, layout: Layout, time_limit_s: float) -> Split | None:
+    """The optimal split of ``layout`` (None when no split fits in memory or
+    none was found within the time limit)."""
+    solution = solve_partition(partition_problem(job, layout), time_limit_s=time_limit_s)
+    if not solution.chunk_sizes:  # infeasible, or no split found in the time
+        return None
+    # Entries of the layer list are [embedding, decoder..., head]: the first
+    # and last chunks each hold one entry that is not a decoder layer.
+    decoder_sizes = list(solution.chunk_sizes)
+    decoder_sizes[0] -= 1
+    decoder_sizes[-1] -= 1
+    stages = split_stages(layout, tuple(decoder_sizes))
+    placement = (
+        stage_block_placement(job.cluster, layout.world_size, tuple(solution.stage_device))
+        if list(solution.stage_device) != list(range(layout.pp))
+        else default_placement(job.cluster, layout.world_size)
+    )
+    return Split(stages=stages, placement=placement, solution=solution)

@@ -1,0 +1,74 @@
+"""The planner's use of the partition solver: uneven splits where they pay,
+per-stage memory respected, mixed GPU types, and launch flags that say it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from conftest import make_job
+
+from loom.planner.cluster import parse_cluster
+from loom.planner.emit.megatron import megatron_args
+from loom.planner.job import SearchFile
+from loom.planner.layout import Layout
+from loom.planner.pipeline_split import partition_problem, solve_split
+from loom.planner.plan import build_plan
+from loom.planner.search import search
+from loom.solvers.partition import evaluate_partition
+
+LLAMA_PP4 = Layout(tp=2, pp=4, dp=8, cp=1, micro_batch_size=1, global_batch_size=512, sequence_parallel=True, distributed_optimizer=True)
+
+
+def test_a_heavy_lm_head_moves_layers_off_the_last_stage():
+    """Llama-3 8B's 128K-vocabulary head costs about three decoder layers: the
+    last stage takes fewer layers and the step gets faster than the even split."""
+    job = make_job("llama-3-8b")
+    split = solve_split(job, LLAMA_PP4, time_limit_s=10)
+    assert split.solution.status == "optimal"
+    layers = [stage.num_layers for stage in split.stages]
+    assert sum(layers) == 32 and layers[-1] < 8
+    even, uneven = build_plan(job, LLAMA_PP4), build_plan(job, LLAMA_PP4, split.stages, split.placement)
+    assert uneven.fits and uneven.step_time_s < 0.95 * even.step_time_s
+
+
+def test_the_solver_problem_prices_what_the_time_model_prices():
+    """The uniform split's objective in the solver's terms equals the full
+    time model's pipeline part (compute, recompute, TP/CP comm and bubble)."""
+    job = make_job("llama-3-8b")
+    problem = partition_problem(job, LLAMA_PP4)
+    plan = build_plan(job, LLAMA_PP4)
+    # Entries of the layer list: the embedding, 32 decoder layers, the head.
+    sizes = tuple(stage.num_layers + stage.embedding + stage.head for stage in plan.stages)
+    solver_step = evaluate_partition(problem, sizes)
+    pipeline_keys = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "pipeline_bubble")
+    assert abs(solver_step - sum(plan.step.breakdown_s[k] for k in pipeline_keys)) < 1e-6 * solver_step
+
+
+def test_the_search_uses_the_solver_and_reports_it():
+    job = replace(make_job("llama-3-8b", nodes=4, gbs=256), search=SearchFile(tp=[2], pp=[4], cp=[1], vpp=[1], micro_batch_size=[1], recompute=["selective"], distributed_optimizer=[True]))
+    result = search(job, top_k=1)
+    best = result.plans[0]
+    assert "bottleneck" in result.solver and result.status == "optimal"
+    assert [stage.num_layers for stage in best.stages] != [8, 8, 8, 8]
+    flags = megatron_args(job, best.layout, list(best.stages))
+    assert "--decoder-last-pipeline-num-layers" in flags or "--pipeline-model-parallel-layout" in flags
+
+
+def test_mixed_gpus_get_layers_by_speed_and_memory():
+    """Half the nodes A100-40GB, half H100: the faster, larger H100 groups take
+    more layers; every stage fits its own GPU; the placement puts each stage
+    on the device group the solver chose."""
+    base = {"nodes": 4, "gpus_per_node": 8, "gpu": "A100-40GB", "nvlink_GBps": 300, "nics_per_node": 8, "nic_Gbps": 200}
+    cluster = parse_cluster({**base, "node_overrides": [{"node": 2, "gpu": "H100"}, {"node": 3, "gpu": "H100"}]}, "mixed")
+    job = replace(make_job("llama-3-8b", gbs=128, seq=4096), cluster=cluster)
+    layout = Layout(tp=2, pp=4, dp=4, cp=1, micro_batch_size=1, global_batch_size=128, sequence_parallel=True, distributed_optimizer=True)
+    split = solve_split(job, layout, time_limit_s=20)
+    assert split.solution.status == "optimal"
+    plan = build_plan(job, layout, split.stages, split.placement)
+    assert plan.fits
+    gpu_of_stage = [cluster.node_of_host[plan.placement.host_of(stage.ranks[0])].gpu.name for stage in plan.stages]
+    h100 = [stage.num_layers for stage, gpu in zip(plan.stages, gpu_of_stage) if gpu.startswith("H100")]
+    a100 = [stage.num_layers for stage, gpu in zip(plan.stages, gpu_of_stage) if gpu.startswith("A100")]
+    assert len(h100) == len(a100) == 2 and min(h100) > max(a100)
+    even = build_plan(job, layout)
+    assert plan.step_time_s < even.step_time_s
