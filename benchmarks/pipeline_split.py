@@ -1,4 +1,4 @@
-"""Uniform vs MILP pipeline splits: predicted step time and solve time.
+"""Uniform vs optimal pipeline splits: predicted step time and solve time.
 
     python benchmarks/pipeline_split.py
 
@@ -17,7 +17,7 @@ import time
 from loom.planner.cluster import parse_cluster
 from loom.planner.job import Job
 from loom.planner.layout import Layout
-from loom.planner.model import load_model
+from loom.planner.model import load_model, model_from_hf_config
 from loom.planner.pipeline_split import partition_problem, solve_split
 from loom.planner.plan import build_plan
 from loom.planner.stages import split_stages
@@ -32,14 +32,20 @@ CASES = [
     ("llama-3-8b", 64, 256, 8192, dict(tp=2, pp=8, dp=4)),
     ("llama-3-70b", 128, 512, 8192, dict(tp=8, pp=8, dp=2)),
     ("llama-3-70b", 256, 512, 8192, dict(tp=8, pp=16, dp=2)),
+    ("llama-3-70b", 128, 512, 8192, dict(tp=8, pp=8, dp=2, vpp=5)),
     ("gpt3-175b", 128, 256, 2048, dict(tp=8, pp=8, dp=2, vpp=3)),
+    ("llama-3-405b", 256, 256, 8192, dict(tp=8, pp=16, dp=2)),
+    ("gpt-1t", 512, 512, 2048, dict(tp=8, pp=64, dp=1)),  # 128 layers into 64 stages
 ]
+# SC'21's 1T-parameter GPT (128 layers), for the largest split.
+GPT_1T = {"model_type": "gpt2", "n_embd": 25600, "n_layer": 128, "n_head": 160, "n_positions": 2048, "vocab_size": 51200}
 
 
 def job_on(model: str, nodes: list[dict], gbs: int, seq: int) -> Job:
     overrides = [{"node": i, **{k: v for k, v in node.items() if k in ("gpu", "nvlink_GBps", "nic_Gbps")}} for i, node in enumerate(nodes)]
     cluster = parse_cluster({**nodes[0], "nodes": len(nodes), "node_overrides": overrides}, "benchmark")
-    return Job(model=load_model(model), cluster=cluster, global_batch_size=gbs, seq_length=seq)
+    spec = model_from_hf_config(GPT_1T, "gpt-1t", "benchmark") if model == "gpt-1t" else load_model(model)
+    return Job(model=spec, cluster=cluster, global_batch_size=gbs, seq_length=seq)
 
 
 def layout_of(parallel: dict, gbs: int) -> Layout:
@@ -50,21 +56,21 @@ def layout_of(parallel: dict, gbs: int) -> Layout:
 def compare(job: Job, layout: Layout) -> tuple:
     even = build_plan(job, layout)
     started = time.perf_counter()
-    split = solve_split(job, layout, time_limit_s=30)
+    split = solve_split(job, layout, time_limit_s=60)
     solve_s = time.perf_counter() - started
     planned = build_plan(job, layout, split.stages, split.placement)
     return even, planned, split.solution, solve_s
 
 
 def row(label: str, baseline_name: str, baseline, planned, solution, solve_s: float) -> None:
-    layers = lambda plan: "/".join(str(s.num_layers) for s in plan.stages)  # noqa: E731
+    layers = lambda plan: "/".join(str(s.num_layers) for s in plan.stages)[:40]  # noqa: E731
     fits = lambda plan: "" if plan.fits else " (OOM)"  # noqa: E731
-    print(f"{label:<34}{baseline_name:<12}{baseline.step_time_s:>9.3f}{fits(baseline):<6} {planned.step_time_s:>9.3f}{fits(planned):<6}"
+    print(f"{label:<48}{baseline_name:<12}{baseline.step_time_s:>9.3f}{fits(baseline):<6} {planned.step_time_s:>9.3f}{fits(planned):<6}"
           f"{baseline.step_time_s / planned.step_time_s - 1:>+8.1%}{solve_s:>9.3f}  {solution.method}/{solution.status}  {layers(planned)}")
 
 
 def main() -> None:
-    print(f"{'job':<34}{'baseline':<12}{'base s':>9}{'':<6} {'MILP s':>9}{'':<6}{'gain':>8}{'solve s':>9}  method     MILP layers per stage")
+    print(f"{'job':<48}{'baseline':<12}{'base s':>9}{'':<6} {'MILP s':>9}{'':<6}{'gain':>8}{'solve s':>9}  method     MILP layers per stage")
     for model, gpus, gbs, seq, parallel in CASES:
         job = job_on(model, [H100] * (gpus // 8), gbs, seq)
         layout = layout_of(parallel, gbs)

@@ -56,6 +56,8 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
         # plan.json leaves out the wall time so that the same inputs give the same files.
         timeless = info.model_copy(update={"wall_time_s": None})
         write_atomically(out, {**files, "plan.json": report_json(build_report(plans, timeless))})
+        if not files:
+            err.print(f"[yellow]note:[/yellow] no launch files for {escape(job.model.name)} (vision-language models are planned, not launched, for now)")
         if not as_json:
             err.print(f"wrote {', '.join(sorted([*files, 'plan.json']))} to {escape(str(out))}")
     failures = failed_gates(parsed_gates, plans[0])

@@ -70,7 +70,13 @@ class Shape:
         """Forward FLOPs of QK^T and attention x V on one rank. Causal flash
         attention skips the masked half; the unfused kernels compute it all."""
         flops = 4.0 * self.micro_batch_size * (self.seq_length / self.cp) * self.seq_length * self.model.q_size / self.tp
-        return flops / 2 if self.features.flash_attention else flops
+        return flops / 2 if self.features.flash_attention and self.model.causal else flops
+
+    def vision(self) -> Shape:
+        """The vision encoder's shapes: one sequence of patches per sample, TP
+        as in the language model, no context parallelism."""
+        tower = self.model.vision
+        return Shape(tower.encoder, self.tp, 1, self.micro_batch_size, self.sequence_parallel, tower.image_tokens, self.precision, self.features)
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,19 @@ def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     loss_bytes = (CROSS_ENTROPY_BWD_BYTES_PER_LOGIT if backward else CROSS_ENTROPY_FWD_BYTES_PER_LOGIT) * T * logits[1]
     norm_bytes = 2 * ACT_BYTES * T * shape.replicated_width * (2 if backward else 1)
     return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(loss_bytes + norm_bytes, gpu))
+
+
+@cache
+def vision_tower(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """The ViT's layers on the patches, then the 2-layer MLP projector into
+    the language model's width (LLaVA)."""
+    vision = shape.vision()
+    tower, h = shape.model.vision, shape.model.hidden_size
+    patches = vision.tokens
+    projector = [(patches, h // shape.tp, tower.encoder.hidden_size), (patches, h, h // shape.tp)]
+    gemms = [g for mnk in projector for g in _backward_gemms(*mnk)] if backward else projector
+    gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms)
+    return decoder_layer(vision, gpu, backward).scaled(tower.encoder.num_layers) + PassTime(gemm_s=gemm_s)
 
 
 def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:

@@ -61,6 +61,11 @@ def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> tuple[float,
         other += model.norm_params()
         if not model.tied_embeddings or not stage.embedding:
             linear += word_embedding
+    if stage.vision:
+        # The encoder is split over TP like the language model (its norms and
+        # patch/position embeddings replicated, a small share).
+        tower_linear = model.vision.params(model.hidden_size) / t
+        linear += tower_linear
     return linear + other, linear
 
 
@@ -173,6 +178,9 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> 
         activations += microbatches * embedding_activation_bytes(shape)
     if stage.head:
         activations += head_activation_bytes(shape)
+    if stage.vision:
+        vision = shape.vision()
+        activations += microbatches * vision.model.num_layers * layer_activation_bytes(vision, layout.recompute)
 
     transient = head_transient_bytes(shape) if stage.head else 0.0
     if layout.recompute == "full":

@@ -1,5 +1,6 @@
 """The model spec: a dense decoder-only transformer, read from a Hugging Face
-style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, GPT-2, GPT-NeoX).
+style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, GPT-2, GPT-NeoX), and
+optionally a vision tower feeding it (LLaVA: a CLIP ViT and an MLP projector).
 
 Only what the memory and time models need is kept; names follow Megatron's
 arguments so the emitters can write them out directly.
@@ -8,7 +9,7 @@ arguments so the emitters can write them out directly.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loom.planner.errors import SpecError
@@ -18,6 +19,8 @@ from loom.profiles.catalogue import model_config_path, model_names
 LLAMA_LIKE = {"llama", "mistral", "qwen2"}
 # Families with a plain GeLU MLP, LayerNorm and biases everywhere.
 GPT_LIKE = {"gpt2", "gpt_neox"}
+# Vision-language models: a vision encoder, a projector, a language model.
+VISION_LANGUAGE = {"llava"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class ModelSpec:
     kv_channels: int | None = None  # head dim when not hidden / heads (Mistral-NeMo, Qwen3)
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
     norm_epsilon: float = 1e-5
+    causal: bool = True  # decoders mask the future; vision encoders attend to all patches
+    vision: VisionTower | None = None  # image encoder feeding the first layer
 
     @property
     def head_dim(self) -> int:
@@ -85,7 +90,28 @@ class ModelSpec:
         return self.norm_params() + output
 
     def total_params(self) -> int:
-        return self.num_layers * self.layer_params() + self.embedding_params() + self.head_params()
+        vision = self.vision.params(self.hidden_size) if self.vision else 0
+        return self.num_layers * self.layer_params() + self.embedding_params() + self.head_params() + vision
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """A ViT encoder whose patch features a 2-layer MLP projects into the
+    language model's hidden size (LLaVA, Liu et al. 2023). Megatron runs it
+    on the first pipeline stage with the text embedding (its LLaVA model
+    builds the encoder where ``add_encoder``: pipeline rank 0)."""
+
+    encoder: ModelSpec  # non-causal, learned positions, LayerNorm, GeLU MLP
+    image_tokens: int  # patches per image, the encoder's sequence length
+    channels: int = 3
+    patch_size: int = 14
+
+    def params(self, text_hidden: int) -> int:
+        enc = self.encoder
+        patch_embedding = self.channels * self.patch_size**2 * enc.hidden_size
+        positions = (self.image_tokens + 1) * enc.hidden_size  # + class token
+        projector = enc.hidden_size * text_hidden + text_hidden * text_hidden + 2 * text_hidden
+        return enc.num_layers * enc.layer_params() + patch_embedding + positions + projector
 
 
 def _pick(config: dict, source: str, *keys: str, default=None, required: bool = True):
@@ -105,11 +131,49 @@ def _positive_int(config: dict, source: str, *keys: str, default=None) -> int:
     return value
 
 
+def _vision_language(config: dict, name: str, source: str) -> ModelSpec:
+    """LLaVA-style: ``text_config`` is a Llama-family decoder and
+    ``vision_config`` a CLIP ViT (pre-LayerNorm, GeLU MLP, biases)."""
+    for key in ("text_config", "vision_config"):
+        if not isinstance(config.get(key), dict):
+            raise SpecError(source, key, "a mapping of the sub-model's fields")
+    text = model_from_hf_config(config["text_config"], name, source)
+    vision = config["vision_config"]
+    image_size = _positive_int(vision, source, "image_size")
+    patch_size = _positive_int(vision, source, "patch_size")
+    hidden = _positive_int(vision, source, "hidden_size")
+    heads = _positive_int(vision, source, "num_attention_heads")
+    patches = (image_size // patch_size) ** 2
+    encoder = ModelSpec(
+        name=f"{name}-vision",
+        num_layers=_positive_int(vision, source, "num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        ffn_hidden_size=_positive_int(vision, source, "intermediate_size"),
+        vocab_size=1,  # no vocabulary: patches are embedded by a convolution
+        max_position_embeddings=patches + 1,
+        gated_mlp=False,
+        tied_embeddings=False,
+        learned_position_embeddings=True,
+        linear_bias=True,
+        qkv_bias=False,
+        normalization="LayerNorm",
+        dropout=0.0,
+        norm_epsilon=float(vision.get("layer_norm_eps", 1e-5)),
+        causal=False,
+    )
+    tower = VisionTower(encoder=encoder, image_tokens=patches, patch_size=patch_size)
+    return replace(text, vision=tower)
+
+
 def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
     """Build a spec from the fields of a Hugging Face ``config.json``."""
     family = config.get("model_type")
+    if family in VISION_LANGUAGE:
+        return _vision_language(config, name, source)
     if family not in LLAMA_LIKE | GPT_LIKE:
-        raise SpecError(source, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE)}", family)
+        raise SpecError(source, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | VISION_LANGUAGE)}", family)
     hidden = _positive_int(config, source, "hidden_size", "n_embd")
     heads = _positive_int(config, source, "num_attention_heads", "n_head")
     kv_heads = _positive_int(config, source, "num_key_value_heads", default=heads)

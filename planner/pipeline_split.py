@@ -67,7 +67,8 @@ def _device_groups(job: Job, layout: Layout) -> list[GPU]:
 
 def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     """The split of ``layout`` as plain numbers for the solver."""
-    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    model = job.model
+    shape = Shape.of(model, layout, job.seq_length, job.precision, job.features)
     groups = _device_groups(job, layout)
     reference = groups[0]
     links = Links(job, layout)
@@ -82,7 +83,14 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         )
 
     decoder = layer(Chunk(0, 1), layer_activation_bytes(shape, layout.recompute))
-    embedding = layer(Chunk(0, 0, embedding=True), embedding_activation_bytes(shape))
+    # A vision tower runs with the text embedding on the first chunk
+    # (Megatron's LLaVA builds its encoder on pipeline rank 0): one entry.
+    vision = model.vision
+    embedding_activations = embedding_activation_bytes(shape)
+    if vision:
+        encoder = shape.vision()
+        embedding_activations += encoder.model.num_layers * layer_activation_bytes(encoder, layout.recompute)
+    embedding = layer(Chunk(0, 0, embedding=True, vision=vision is not None), embedding_activations)
     # The loss's logits are transient, but held once per micro batch in flight
     # on the last stage: counting them there is exact for 1F1B (one in flight).
     head = layer(Chunk(0, 0, head=True), head_activation_bytes(shape) + head_transient_bytes(shape))
@@ -106,7 +114,10 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         microbatches=layout.num_microbatches,
         in_flight=tuple(in_flight_chunks(layout, s) for s in range(layout.pp)),
         devices=tuple(devices),
-        assign_devices=len({gpu.name for gpu in groups}) > 1,
+        # Moving a stage to another device group moves whole nodes when a
+        # group fills whole nodes: the launch files' node order realises it.
+        # Smaller groups stay in Megatron's order.
+        assign_devices=len({gpu.name for gpu in groups}) > 1 and (layout.tp * layout.cp * layout.dp) % job.cluster.gpus_per_node == 0,
     )
 
 
@@ -121,7 +132,7 @@ def solve_split(job: Job, layout: Layout, time_limit_s: float) -> Split | None:
     decoder_sizes = list(solution.chunk_sizes)
     decoder_sizes[0] -= 1
     decoder_sizes[-1] -= 1
-    stages = split_stages(layout, tuple(decoder_sizes))
+    stages = split_stages(layout, tuple(decoder_sizes), vision=job.model.vision is not None)
     placement = (
         stage_block_placement(job.cluster, layout.world_size, tuple(solution.stage_device))
         if list(solution.stage_device) != list(range(layout.pp))

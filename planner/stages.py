@@ -19,13 +19,15 @@ from loom.profiles.catalogue import GPU
 @dataclass(frozen=True)
 class Chunk:
     """The layers one virtual stage (model chunk) runs: decoder layers
-    [first_layer, first_layer + num_layers), plus the embedding on the very
-    first chunk and the final norm, LM head and loss on the very last."""
+    [first_layer, first_layer + num_layers), plus the embedding (and a vision
+    tower, if the model has one) on the very first chunk and the final norm,
+    LM head and loss on the very last."""
 
     first_layer: int
     num_layers: int
     embedding: bool = False
     head: bool = False
+    vision: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class Stage:
     def head(self) -> bool:
         return any(chunk.head for chunk in self.chunks)
 
+    @property
+    def vision(self) -> bool:
+        return any(chunk.vision for chunk in self.chunks)
+
 
 def even_chunk_sizes(num_layers: int, chunks: int) -> tuple[int, ...]:
     """Decoder layers per chunk, as even as possible. A remainder goes to the
@@ -59,7 +65,7 @@ def even_chunk_sizes(num_layers: int, chunks: int) -> tuple[int, ...]:
     return tuple(base + (c in bonus) for c in range(chunks))
 
 
-def split_stages(layout: Layout, chunk_sizes: tuple[int, ...]) -> list[Stage]:
+def split_stages(layout: Layout, chunk_sizes: tuple[int, ...], vision: bool = False) -> list[Stage]:
     """Stages from decoder layers per model chunk, in model order (pp * vpp
     entries). With interleaving, pipeline rank s runs chunks s, s + pp,
     s + 2pp, ... (Narayanan et al. SC'21, sec. 2.2). Stage s owns the block
@@ -71,7 +77,7 @@ def split_stages(layout: Layout, chunk_sizes: tuple[int, ...]) -> list[Stage]:
     stages = []
     for s in range(layout.pp):
         chunks = tuple(
-            Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1)
+            Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1, vision=vision and c == 0)
             for c in (v * layout.pp + s for v in range(layout.vpp))
         )
         stages.append(Stage(index=s, chunks=chunks, ranks=tuple(range(s * n, (s + 1) * n))))
@@ -80,7 +86,7 @@ def split_stages(layout: Layout, chunk_sizes: tuple[int, ...]) -> list[Stage]:
 
 def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
     """Megatron's default split (as even as possible when it does not divide)."""
-    return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp))
+    return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp), vision=model.vision is not None)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         fwd, bwd = fwd + compute.embedding(shape, gpu), bwd + compute.embedding(shape, gpu, backward=True)
     if chunk.head:
         fwd, bwd = fwd + compute.head(shape, gpu), bwd + compute.head(shape, gpu, backward=True)
+    if chunk.vision:
+        fwd, bwd = fwd + compute.vision_tower(shape, gpu), bwd + compute.vision_tower(shape, gpu, backward=True)
 
     recompute = PassTime()
     if layout.recompute == "full":
@@ -106,6 +108,10 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     activation_bytes = shape.tokens * shape.model.hidden_size * ACT_BYTES
     per_layer_tp = _tp_collectives_s(activation_bytes, layout, links.tp, 2)
     fwd_tp = per_layer_tp * n + _tp_collectives_s(activation_bytes, layout, links.tp, chunk.embedding + chunk.head)
+    if chunk.vision:
+        vision = shape.vision()
+        patch_bytes = vision.tokens * vision.model.hidden_size * ACT_BYTES
+        fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
     tp_passes = 2 + (layout.recompute == "full")
     tp_comm = _exposed(fwd_tp, fwd_layer.gemm_s * n, features.tp_comm_overlap) * tp_passes
 

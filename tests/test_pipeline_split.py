@@ -3,11 +3,13 @@ per-stage memory respected, mixed GPU types, and launch flags that say it."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from conftest import make_job
 
 from loom.planner.cluster import parse_cluster
+from loom.planner.emit import launch_files
 from loom.planner.emit.megatron import megatron_args
 from loom.planner.job import SearchFile
 from loom.planner.layout import Layout
@@ -72,3 +74,30 @@ def test_mixed_gpus_get_layers_by_speed_and_memory():
     assert len(h100) == len(a100) == 2 and min(h100) > max(a100)
     even = build_plan(job, layout)
     assert plan.step_time_s < even.step_time_s
+    # train.sh gives each host the node rank that puts the stage blocks where planned.
+    script = launch_files(job, layout, list(plan.stages), plan.placement)["train.sh"]
+    node_rank = {host: int(rank) for host, rank in re.findall(r"\[(node\d+)\]=(\d+)", script)}
+    for stage in plan.stages:
+        first_host = plan.placement.host_of(stage.ranks[0])
+        assert node_rank[first_host] == stage.ranks[0] // 8
+
+
+def test_a_vision_tower_partitions_with_the_first_stage():
+    """LLaVA: the ViT and projector run with the text embedding on the first
+    chunk. A heavier tower pushes decoder layers off the first stage."""
+    from loom.planner.model import load_model
+
+    llava = load_model("llava-1.5-7b")
+    assert llava.vision.image_tokens == 576 and abs(llava.total_params() / 7.06e9 - 1) < 0.01
+    layout = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=256, distributed_optimizer=True)
+    splits = {}
+    for vision_layers in (24, 120):
+        tower = replace(llava.vision, encoder=replace(llava.vision.encoder, num_layers=vision_layers))
+        job = replace(make_job("llama-3-8b", gbs=256, seq=2048), model=replace(llava, vision=tower))
+        split = solve_split(job, layout, time_limit_s=20)
+        plan = build_plan(job, layout, split.stages, split.placement)
+        assert plan.fits and plan.stages[0].vision and not any(stage.vision for stage in plan.stages[1:])
+        assert sum(stage.num_layers for stage in plan.stages) == llava.num_layers
+        splits[vision_layers] = [stage.num_layers for stage in plan.stages]
+        assert plan.step_time_s <= build_plan(job, layout).step_time_s * (1 + 1e-9)
+    assert splits[120][0] < splits[24][0] and splits[120][0] < max(splits[120][1:])

@@ -26,7 +26,11 @@ EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
 def launch_files(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> dict[str, str]:
     """The launch files that realise ``layout``, ``stages`` and ``placement``.
 
-    Raises ValueError when the framework cannot run the layout as planned."""
+    Raises ValueError when the framework cannot run the layout as planned.
+    Vision-language models get none yet: Megatron trains them through
+    examples/multimodal with its own arguments, which loom does not write."""
+    if job.model.vision is not None:
+        return {}
     if job.framework == "megatron":
         return {
             "train.sh": train_sh(job, layout, stages, placement),
