@@ -36,6 +36,7 @@ CASES = [
     ("gpt3-175b", 128, 256, 2048, dict(tp=8, pp=8, dp=2, vpp=3)),
     ("llama-3-405b", 256, 256, 8192, dict(tp=8, pp=16, dp=2)),
     ("gpt-1t", 512, 512, 2048, dict(tp=8, pp=64, dp=1)),  # 128 layers into 64 stages
+    ("llava-1.5-7b", 32, 256, 2048, dict(tp=1, pp=4, dp=8)),  # ViT + projector + decoder
 ]
 # SC'21's 1T-parameter GPT (128 layers), for the largest split.
 GPT_1T = {"model_type": "gpt2", "n_embd": 25600, "n_layer": 128, "n_head": 160, "n_positions": 2048, "vocab_size": 51200}
