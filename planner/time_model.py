@@ -47,12 +47,23 @@ class ChunkTime:
     compute_fwd_s: float
     compute_bwd_s: float
     recompute_s: float
-    tp_comm_s: float
+    tp_comm_s: float  # exposed, all passes
     cp_comm_s: float
+    tp_comm_fwd_s: float  # of which in the forward pass
+    cp_comm_fwd_s: float
+    weight_grad_s: float  # the weight-gradient GEMMs within compute_bwd_s
 
     @property
     def total_s(self) -> float:
         return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
+
+    @property
+    def forward_s(self) -> float:
+        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s
+
+    @property
+    def backward_s(self) -> float:
+        return self.total_s - self.forward_s
 
 
 class Links:
@@ -113,18 +124,24 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         patch_bytes = vision.tokens * vision.model.hidden_size * ACT_BYTES
         fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
     tp_passes = 2 + (layout.recompute == "full")
-    tp_comm = _exposed(fwd_tp, fwd_layer.gemm_s * n, features.tp_comm_overlap) * tp_passes
+    tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s * n, features.tp_comm_overlap)
 
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
     # dK, dV backward), overlapped with the attention blocks being computed.
-    cp_comm = 0.0
+    cp_fwd, cp_bwd = 0.0, 0.0
     if layout.cp > 1:
         kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * ACT_BYTES
         ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
         core_fwd = compute.attention_core(shape, gpu).total_s
         core_bwd = compute.attention_core(shape, gpu, backward=True).total_s
-        cp_comm = n * (max(0.0, ring_s - core_fwd) + max(0.0, 2 * ring_s - core_bwd))
-    return ChunkTime(fwd.total_s, bwd.total_s, recompute.total_s, tp_comm, cp_comm)
+        cp_fwd, cp_bwd = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd)
+    # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
+    # dX = dY W^T): half the backward GEMM time is the weight gradient.
+    return ChunkTime(
+        compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
+        tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
+        weight_grad_s=bwd.gemm_s / 2,
+    )
 
 
 def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
@@ -210,7 +227,7 @@ def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) ->
     memo: dict[tuple, ChunkTime] = {}
 
     def priced(chunk: Chunk, gpu: GPU) -> ChunkTime:
-        kind = (chunk.num_layers, chunk.embedding, chunk.head, gpu.name)
+        kind = (chunk.num_layers, chunk.embedding, chunk.head, chunk.vision, gpu.name)
         if kind not in memo:
             memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
         return memo[kind]
