@@ -167,35 +167,52 @@ def _p2p_s(shape: Shape, layout: Layout, links: Links, chunk_fwd_s: float) -> fl
     return 2 * (layout.pp * layout.vpp - 1) * one + steady
 
 
-def _data_parallel_s(job: Job, layout: Layout, stages: list[Stage], links: Links, bwd_s: list[float]) -> dict[str, float]:
-    """Exposed gradient reduction and parameter gather over DP x CP, per step."""
-    features, n = job.features, layout.dp * layout.cp
-    grad_exposed, gather_exposed, embedding_sync = 0.0, 0.0, 0.0
-    if n > 1:
-        for stage, bwd in zip(stages, bwd_s):
-            params, _ = stage_params(job.model, layout, stage)
-            grad_bytes = params * GRAD_BYTES[job.framework]
-            sharded = layout.distributed_optimizer or layout.zero_stage >= 1
-            if sharded:
-                # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers
-                # after the step (see _zero_microbatch_comm_s).
-                reduce = reduce_scatter_s(grad_bytes, n, links.dp) if layout.zero_stage < 2 else 0.0
-                gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp) if layout.zero_stage < 3 else 0.0
-            else:
-                reduce, gather = all_reduce_s(grad_bytes, n, links.dp), 0.0
-            bucket_fraction = min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params)
-            # Buckets reduce during the last micro batch's backward; stage s also
-            # has the s later-finishing stages' cool-down to hide behind.
-            window = bwd * (1 + stage.index) if features.overlap_grad_reduce else 0.0
-            grad_exposed = max(grad_exposed, max(reduce * bucket_fraction, reduce - window))
-            # The parameter all-gather of the distributed optimizer overlaps the
-            # next step's forward, all but its first bucket.
-            overlap_gather = features.overlap_param_gather and layout.distributed_optimizer
-            gather_exposed = max(gather_exposed, gather * bucket_fraction if overlap_gather else gather)
-    if layout.pp > 1 and job.model.tied_embeddings:
-        word_embedding = job.model.vocab_size * job.model.hidden_size / layout.tp
-        embedding_sync = all_reduce_s(word_embedding * GRAD_BYTES[job.framework], 2, links.embedding)
-    return {"dp_grad_reduce": grad_exposed, "dp_param_gather": gather_exposed, "embedding_sync": embedding_sync}
+@dataclass(frozen=True)
+class DataParallelComm:
+    """One stage's gradient reduce and parameter gather over DP x CP, whole."""
+
+    reduce_s: float
+    gather_s: float
+    bucket_fraction: float  # of the stage's parameters in one DDP bucket
+
+
+def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> DataParallelComm:
+    n = layout.dp * layout.cp
+    if n == 1:
+        return DataParallelComm(0.0, 0.0, 1.0)
+    params, _ = stage_params(job.model, layout, stage)
+    grad_bytes = params * GRAD_BYTES[job.framework]
+    if layout.distributed_optimizer or layout.zero_stage >= 1:
+        # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers after
+        # the step (see _zero_microbatch_comm_s).
+        reduce = reduce_scatter_s(grad_bytes, n, links.dp) if layout.zero_stage < 2 else 0.0
+        gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp) if layout.zero_stage < 3 else 0.0
+    else:
+        reduce, gather = all_reduce_s(grad_bytes, n, links.dp), 0.0
+    return DataParallelComm(reduce, gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params))
+
+
+def _exposed_gather_s(comm: DataParallelComm, job: Job, layout: Layout) -> float:
+    """The distributed optimizer's parameter all-gather overlaps the next
+    step's forward, all but its first bucket."""
+    overlap = job.features.overlap_param_gather and layout.distributed_optimizer
+    return comm.gather_s * comm.bucket_fraction if overlap else comm.gather_s
+
+
+def _embedding_sync_s(job: Job, layout: Layout, links: Links) -> float:
+    """Tied embeddings: the first and last stages all-reduce their copies' gradients."""
+    if layout.pp == 1 or not job.model.tied_embeddings:
+        return 0.0
+    word_embedding = job.model.vocab_size * job.model.hidden_size / layout.tp
+    return all_reduce_s(word_embedding * GRAD_BYTES[job.framework], 2, links.embedding)
+
+
+def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) -> float:
+    """Buckets reduce while backward still runs (``window_s``); the last
+    bucket (the first layers' gradients) cannot overlap."""
+    if not overlap:
+        return comm.reduce_s
+    return max(comm.reduce_s * comm.bucket_fraction, comm.reduce_s - window_s)
 
 
 def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links, microbatch_s: float) -> float:
@@ -217,9 +234,52 @@ def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links
     return max(unhidden, comm - microbatch_s)
 
 
-def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> StepTime:
-    """Predict one optimizer step of ``layout`` on ``job``'s cluster, stage s
-    running on GPUs of type ``gpus[s]``."""
+@dataclass(frozen=True)
+class StepParts:
+    """What a step is made of, before the schedule puts it together."""
+
+    job: Job
+    layout: Layout
+    chunks: list[list[ChunkTime]]  # per stage, in virtual-stage order
+    zero_comm_s: list[float]  # per stage, per micro batch (ZeRO-2/3)
+    p2p_one_s: float  # one activation (or gradient) transfer between stages
+    dp: list[DataParallelComm]  # per stage
+    optimizer_s: list[float]  # per stage
+    embedding_sync_s: float
+    p2p_exposed_s: float  # the closed form's estimate of exposed send/recv
+
+    @property
+    def tau_s(self) -> list[float]:
+        """One micro batch through all chunks of each stage."""
+        return [sum(c.total_s for c in chunks) + z for chunks, z in zip(self.chunks, self.zero_comm_s)]
+
+    def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float) -> dict[str, float]:
+        """Where the step goes, with the pipeline's length and the exposed
+        gradient reduce coming from the closed form or the simulator."""
+        tau = self.tau_s
+        slowest = max(range(len(tau)), key=lambda s: tau[s])
+        m, chunks = self.layout.num_microbatches, self.chunks[slowest]
+        work = {
+            "compute_forward": m * sum(c.compute_fwd_s for c in chunks),
+            "compute_backward": m * sum(c.compute_bwd_s for c in chunks),
+            "recompute": m * sum(c.recompute_s for c in chunks),
+            "tp_comm": m * sum(c.tp_comm_s for c in chunks),
+            "cp_comm": m * sum(c.cp_comm_s for c in chunks),
+            "zero_comm": m * self.zero_comm_s[slowest],
+        }
+        return {
+            **work,
+            "pp_comm": self.p2p_exposed_s,
+            "pipeline_bubble": max(0.0, pipeline_s - sum(work.values()) - self.p2p_exposed_s),
+            "dp_grad_reduce": dp_grad_reduce_s,
+            "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout) for d in self.dp),
+            "embedding_sync": self.embedding_sync_s,
+            "optimizer": max(self.optimizer_s),
+        }
+
+
+def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> StepParts:
+    """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
     links = Links(job, layout)
     # Stages with the same chunk sizes (all but the first and last, usually)
@@ -232,30 +292,38 @@ def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) ->
             memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
         return memo[kind]
 
-    per_stage = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
-    tau = [sum(c.total_s for c in chunks) for chunks in per_stage]
-    tau = [t + _zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)]
-    pipeline = _pipeline_s(tau, layout)
-    all_chunks = [c for chunks in per_stage for c in chunks]
-    p2p = _p2p_s(shape, layout, links, sum(c.compute_fwd_s for c in all_chunks) / len(all_chunks))
-
-    slowest = max(range(len(stages)), key=lambda s: tau[s])
-    m = layout.num_microbatches
-    chunks = per_stage[slowest]
-    breakdown = {
-        "compute_forward": m * sum(c.compute_fwd_s for c in chunks),
-        "compute_backward": m * sum(c.compute_bwd_s for c in chunks),
-        "recompute": m * sum(c.recompute_s for c in chunks),
-        "tp_comm": m * sum(c.tp_comm_s for c in chunks),
-        "cp_comm": m * sum(c.cp_comm_s for c in chunks),
-        "zero_comm": m * (tau[slowest] - sum(c.total_s for c in chunks)),
-        "pp_comm": p2p,
-        "pipeline_bubble": pipeline - m * tau[slowest],
-    }
-    bwd_last = [sum(c.compute_bwd_s + c.recompute_s + c.tp_comm_s / 2 for c in cs) for cs in per_stage]
-    breakdown.update(_data_parallel_s(job, layout, stages, links, bwd_last))
-    breakdown["optimizer"] = max(
-        memory_time_s(stage_params(job.model, layout, stage)[0] / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
-        for stage, gpu in zip(stages, gpus)
+    chunks = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
+    tau = [sum(c.total_s for c in cs) for cs in chunks]
+    all_chunks = [c for cs in chunks for c in cs]
+    return StepParts(
+        job=job,
+        layout=layout,
+        chunks=chunks,
+        zero_comm_s=[_zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)],
+        p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
+        dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
+        optimizer_s=[
+            memory_time_s(stage_params(job.model, layout, stage)[0] / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
+            for stage, gpu in zip(stages, gpus)
+        ],
+        embedding_sync_s=_embedding_sync_s(job, layout, links),
+        p2p_exposed_s=_p2p_s(shape, layout, links, sum(c.compute_fwd_s for c in all_chunks) / len(all_chunks)),
     )
+
+
+def closed_form_step(parts: StepParts) -> StepTime:
+    """The step by formula: pipeline m * max(tau) + (sum(tau) - max(tau)) / v
+    plus exposed send/recv, and each stage's gradient reduce hidden behind its
+    last backward and the cool-down of the stages after it. Exact for equal
+    stages; the search prunes with it and ranks its best with the simulator."""
+    layout, tau = parts.layout, parts.tau_s
+    features = parts.job.features
+    windows = [sum(c.backward_s for c in cs) * (1 + s) for s, cs in enumerate(parts.chunks)]
+    reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
+    breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce)
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
+
+
+def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> StepTime:
+    """Predict one optimizer step of ``layout`` by the closed form."""
+    return closed_form_step(step_parts(job, layout, stages, gpus))
