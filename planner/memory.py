@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from loom.planner.compute import ACT_BYTES, Shape
 from loom.planner.layout import Layout
 from loom.planner.model import ModelSpec
-from loom.planner.stages import Stage
+from loom.planner.stages import Chunk, Stage
 
 GiB = 1024**3
 # CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's first
@@ -158,8 +158,23 @@ def process_groups(layout: Layout) -> int:
     return sum(1 for d in degrees if d > 1) + 1
 
 
-def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> StageMemory:
-    """Peak memory of one GPU of ``stage`` under the pipeline schedule."""
+def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
+    """What one micro batch through ``chunk`` keeps until its backward."""
+    activations = chunk.num_layers * layer_activation_bytes(shape, layout.recompute)
+    if chunk.embedding:
+        activations += embedding_activation_bytes(shape)
+    if chunk.head:
+        activations += head_activation_bytes(shape)
+    if chunk.vision:
+        vision = shape.vision()
+        activations += vision.model.num_layers * layer_activation_bytes(vision, layout.recompute)
+    return activations
+
+
+def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, in_flight: int | None = None) -> StageMemory:
+    """Peak memory of one GPU of ``stage`` under the pipeline schedule, with
+    ``in_flight`` chunk-micro-batches held at the peak (default: Megatron's
+    schedule's count; the simulator reports the same)."""
     model = shape.model
     params, linear_params = stage_params(model, layout, stage)
     state = model_state_bytes(params, layout, framework)
@@ -168,7 +183,7 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> 
             layout.optimizer_shards if layout.zero_stage >= 3 else 1
         )
 
-    chunks = in_flight_chunks(layout, stage.index)
+    chunks = in_flight_chunks(layout, stage.index) if in_flight is None else in_flight
     layers_per_chunk = max(chunk.num_layers for chunk in stage.chunks)
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.

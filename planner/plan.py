@@ -11,7 +11,9 @@ from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import StageMemory, stage_memory
 from loom.planner.stages import Placement, Stage, default_placement, stage_gpus, uniform_stages
-from loom.planner.time_model import StepTime, step_time
+from loom.planner.schedule import simulated_step
+from loom.planner.simulate import PipelineCosts, Simulation
+from loom.planner.time_model import StepTime, step_parts
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class Plan:
     step: StepTime
     memory: tuple[StageMemory, ...]
     stage_capacity_bytes: tuple[int, ...]  # memory of each stage's GPUs (clusters may mix GPU types)
+    schedule: str  # the pipeline schedule simulated: "1f1b" | "interleaved"
+    schedule_costs: PipelineCosts  # what was simulated, so ``loom explain`` can draw it
+    simulation: Simulation
 
     @property
     def step_time_s(self) -> float:
@@ -119,12 +124,17 @@ def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, plac
     placement = placement or default_placement(job.cluster, layout.world_size)
     gpus = stage_gpus(job.cluster, placement, stages)
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    simulated = simulated_step(step_parts(job, layout, stages, gpus), stages)
+    in_flight = simulated.simulation.peak_in_flight
     return Plan(
         job=job,
         layout=layout,
         stages=tuple(stages),
         placement=placement,
-        step=step_time(job, layout, stages, gpus),
-        memory=tuple(stage_memory(shape, layout, stage, job.framework) for stage in stages),
+        step=simulated.step,
+        memory=tuple(stage_memory(shape, layout, stage, job.framework, in_flight[stage.index]) for stage in stages),
         stage_capacity_bytes=tuple(gpu.memory_bytes for gpu in gpus),
+        schedule=simulated.simulation.schedule,
+        schedule_costs=simulated.costs,
+        simulation=simulated.simulation,
     )

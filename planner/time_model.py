@@ -267,10 +267,12 @@ class StepParts:
             "cp_comm": m * sum(c.cp_comm_s for c in chunks),
             "zero_comm": m * self.zero_comm_s[slowest],
         }
+        idle_s = max(0.0, pipeline_s - sum(work.values()))
+        p2p_s = min(self.p2p_exposed_s, idle_s)
         return {
             **work,
-            "pp_comm": self.p2p_exposed_s,
-            "pipeline_bubble": max(0.0, pipeline_s - sum(work.values()) - self.p2p_exposed_s),
+            "pp_comm": p2p_s,
+            "pipeline_bubble": idle_s - p2p_s,
             "dp_grad_reduce": dp_grad_reduce_s,
             "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout) for d in self.dp),
             "embedding_sync": self.embedding_sync_s,

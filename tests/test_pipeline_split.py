@@ -15,6 +15,8 @@ from loom.planner.job import SearchFile
 from loom.planner.layout import Layout
 from loom.planner.pipeline_split import partition_problem, solve_split
 from loom.planner.plan import build_plan
+from loom.planner.stages import uniform_stages
+from loom.planner.time_model import closed_form_step, step_parts
 from loom.planner.search import search
 from loom.solvers.partition import evaluate_partition
 
@@ -34,16 +36,17 @@ def test_a_heavy_lm_head_moves_layers_off_the_last_stage():
 
 
 def test_the_solver_problem_prices_what_the_time_model_prices():
-    """The uniform split's objective in the solver's terms equals the full
-    time model's pipeline part (compute, recompute, TP/CP comm and bubble)."""
+    """The uniform split's objective in the solver's terms equals the closed
+    form's pipeline part (compute, recompute, TP/CP comm and bubble)."""
     job = make_job("llama-3-8b")
     problem = partition_problem(job, LLAMA_PP4)
-    plan = build_plan(job, LLAMA_PP4)
+    stages = uniform_stages(job.model, LLAMA_PP4)
+    closed = closed_form_step(step_parts(job, LLAMA_PP4, stages, [job.cluster.slowest.gpu] * 4))
     # Entries of the layer list: the embedding, 32 decoder layers, the head.
-    sizes = tuple(stage.num_layers + stage.embedding + stage.head for stage in plan.stages)
+    sizes = tuple(stage.num_layers + stage.embedding + stage.head for stage in stages)
     solver_step = evaluate_partition(problem, sizes)
     pipeline_keys = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "pipeline_bubble")
-    assert abs(solver_step - sum(plan.step.breakdown_s[k] for k in pipeline_keys)) < 1e-6 * solver_step
+    assert abs(solver_step - sum(closed.breakdown_s[k] for k in pipeline_keys)) < 1e-6 * solver_step
 
 
 def test_the_search_uses_the_solver_and_reports_it():
