@@ -15,14 +15,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from loom.cli.render import show
+import json
+
+import pydantic
+
+from loom.cli.render import explain_tables, show
 from loom.planner.emit import launch_files, write_atomically
 from loom.planner.errors import InfeasibleError, SpecError
 from loom.planner.gates import failed_gates, parse_gate
 from loom.planner.job import load_job
 from loom.planner.layout import Layout
 from loom.planner.plan import Plan, evaluate as evaluate_layout
-from loom.planner.report import SearchInfo, build_report, report_json
+from loom.planner.report import Report, SearchInfo, build_report, report_json
+from loom.planner.simulate import SCHEDULES, simulate
 from loom.planner.search import search
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
@@ -163,5 +168,57 @@ def evaluate(
         plan_ = evaluate_layout(job, layout, source="evaluate flags")
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
         _finish([plan_], info, out, as_json, gates)
+
+    _run(action)
+
+
+def _read_report(path: Path) -> Report:
+    """A plan.json (or ``--json`` output), validated against the report's schema."""
+    if not path.is_file():
+        raise SpecError(str(path), "<file>", "an existing plan.json")
+    try:
+        return Report.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise SpecError(str(path), ".".join(map(str, first["loc"])), first["msg"]) from None
+
+
+@app.command()
+def explain(
+    plan_file: Annotated[Path, typer.Argument(help="A plan.json written by loom plan --out (or its --json output).")],
+    plan_index: Annotated[int, typer.Option("--plan", min=1, help="Which plan of the file, 1 = best.")] = 1,
+    schedule: Annotated[Optional[str], typer.Option(help=f"Simulate another schedule instead: {', '.join(SCHEDULES)}.")] = None,
+    timeline: Annotated[Optional[Path], typer.Option(help="Draw the simulated schedule to this .png, .svg or .html file.")] = None,
+    candidates: Annotated[Optional[Path], typer.Option(help="Plot predicted step time of every plan in the file.")] = None,
+) -> None:
+    """Show where a plan's step time and memory go; draw its schedule."""
+
+    def action() -> None:
+        report = _read_report(plan_file)
+        if plan_index > len(report.plans):
+            raise SpecError("--plan", "plan", f"at most {len(report.plans)} (the plans in {plan_file})", plan_index)
+        chosen = report.plans[plan_index - 1]
+        name = schedule or chosen.schedule.name
+        try:
+            simulation = simulate(chosen.schedule.costs(), name)
+        except ValueError as error:
+            raise SpecError("--schedule", "schedule", str(error), name) from None
+        for table in explain_tables(chosen, simulation):
+            Console().print(table)
+        if name != chosen.schedule.name:
+            base = simulate(chosen.schedule.costs(), chosen.schedule.name)
+            Console().print(f"{name}: pipeline {simulation.pipeline_time_s:.3f} s against {chosen.schedule.name}'s {base.pipeline_time_s:.3f} s")
+        for path in (timeline, candidates):
+            if path is not None and path.suffix.lower() not in (".png", ".svg", ".html", ".htm"):
+                raise SpecError(str(path), "suffix", "a .png, .svg or .html file", path.suffix)
+        from loom.cli import figures  # matplotlib is only needed for drawing
+
+        if timeline is not None:
+            figures.save(figures.timeline_figure(simulation, f"{report.model} {chosen.label} ({name})"), timeline)
+        if candidates is not None:
+            labels = [plan.label for plan in report.plans]
+            figures.save(figures.candidates_figure(labels, [p.predicted.step_time_s for p in report.plans], f"{report.model} on {report.gpus} GPUs"), candidates)
 
     _run(action)

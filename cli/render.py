@@ -7,6 +7,8 @@ from rich.table import Table
 
 from loom.planner.memory import GiB
 from loom.planner.plan import Plan
+from loom.planner.report import PlanReport
+from loom.planner.simulate import Simulation
 
 
 def plans_table(plans: list[Plan], title: str) -> Table:
@@ -49,3 +51,26 @@ def breakdown_table(plan: Plan) -> Table:
 def show(console: Console, plans: list[Plan], title: str) -> None:
     console.print(plans_table(plans, title))
     console.print(breakdown_table(plans[0]))
+
+
+def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
+    """A saved plan's step-time breakdown and, per stage, its layers, memory,
+    in-flight micro batches and busy time in the simulated schedule."""
+    step = plan.predicted.step_time_s
+    times = Table(title=f"{plan.label}: {step:.3f} s per step, MFU {plan.predicted.mfu:.1%}", title_justify="left")
+    times.add_column("where the step goes")
+    times.add_column("s", justify="right")
+    times.add_column("share", justify="right")
+    for name, seconds in plan.predicted.breakdown_s.items():
+        if seconds > 0:
+            times.add_row(name, f"{seconds:.3f}", f"{seconds / step:.1%}")
+
+    stages = Table(title=f"stages under {simulation.schedule}: idle {simulation.bubble_fraction():.1%} of the pipeline on average", title_justify="left")
+    for column in ("stage", "layers", "peak GiB", "capacity GiB", "in flight", "busy s", "idle s"):
+        stages.add_column(column, justify="right")
+    for report, peak, in_flight, busy in zip(plan.stages, plan.memory.per_stage_peak_bytes, simulation.peak_in_flight, simulation.busy_s):
+        stages.add_row(
+            str(report.index), str(report.layers), f"{peak / GiB:.1f}", f"{plan.memory.capacity_bytes / GiB:.1f}",
+            str(in_flight), f"{busy:.3f}", f"{simulation.pipeline_time_s - busy:.3f}",
+        )
+    return [times, stages]

@@ -7,12 +7,14 @@ them (``python -m loom.planner.report`` rewrites it; a test keeps it in sync).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pydantic
 
 from loom.planner.plan import Plan
+from loom.planner.simulate import ChunkCost, PipelineCosts
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
@@ -74,6 +76,37 @@ class SearchInfo(pydantic.BaseModel):
     gap: float
 
 
+class ChunkCostReport(pydantic.BaseModel):
+    forward_s: float
+    backward_s: float
+    weight_grad_s: float
+    activation_bytes: float
+
+
+class ScheduleReport(pydantic.BaseModel):
+    """The simulated pipeline schedule and its inputs (``loom explain`` re-simulates them)."""
+
+    name: str
+    microbatches: int
+    p2p_s: float
+    dp_overlap: bool
+    dp_reduce_s: list[float]
+    optimizer_s: list[float]
+    stages: list[list[ChunkCostReport]] = pydantic.Field(description="per stage, its chunks in virtual-stage order")
+    peak_in_flight: list[int]
+    bubble_fraction: float
+
+    def costs(self) -> PipelineCosts:
+        return PipelineCosts(
+            stages=tuple(tuple(ChunkCost(**chunk.model_dump()) for chunk in stage) for stage in self.stages),
+            microbatches=self.microbatches,
+            p2p_s=self.p2p_s,
+            dp_reduce_s=tuple(self.dp_reduce_s),
+            dp_overlap=self.dp_overlap,
+            optimizer_s=tuple(self.optimizer_s),
+        )
+
+
 class PlanReport(pydantic.BaseModel):
     label: str
     parallel: Parallel
@@ -81,6 +114,7 @@ class PlanReport(pydantic.BaseModel):
     placement: list[GPUSlot]
     predicted: Predicted
     memory: Memory
+    schedule: ScheduleReport
 
 
 class Report(pydantic.BaseModel):
@@ -127,6 +161,22 @@ def plan_report(plan: Plan) -> PlanReport:
             breakdown_bytes=peak.breakdown_bytes,
             per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],
         ),
+        schedule=_schedule_report(plan),
+    )
+
+
+def _schedule_report(plan: Plan) -> ScheduleReport:
+    costs = plan.schedule_costs
+    return ScheduleReport(
+        name=plan.schedule,
+        microbatches=costs.microbatches,
+        p2p_s=costs.p2p_s,
+        dp_overlap=costs.dp_overlap,
+        dp_reduce_s=list(costs.dp_reduce_s),
+        optimizer_s=list(costs.optimizer_s),
+        stages=[[ChunkCostReport(**dataclasses.asdict(chunk)) for chunk in stage] for stage in costs.stages],
+        peak_in_flight=list(plan.simulation.peak_in_flight),
+        bubble_fraction=plan.simulation.bubble_fraction(),
     )
 
 
