@@ -76,8 +76,8 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     def layer(chunk: Chunk, activation_bytes: float) -> Layer:
         cost = chunk_time(shape, layout, chunk, reference, links, job)
         return Layer(
-            forward_s=cost.compute_fwd_s,
-            backward_s=cost.compute_bwd_s + cost.recompute_s + cost.tp_comm_s + cost.cp_comm_s,
+            forward_s=cost.forward_s,
+            backward_s=cost.backward_s,
             state_bytes=_piece_state_bytes(job, layout, chunk),
             activation_bytes=activation_bytes * (1 + ALLOCATOR_SLACK_FRACTION),
         )
@@ -91,21 +91,26 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         encoder = shape.vision()
         embedding_activations += encoder.model.num_layers * layer_activation_bytes(encoder, layout.recompute)
     embedding = layer(Chunk(0, 0, embedding=True, vision=vision is not None), embedding_activations)
-    # The loss's logits are transient, but held once per micro batch in flight
-    # on the last stage: counting them there is exact for 1F1B (one in flight).
-    head = layer(Chunk(0, 0, head=True), head_activation_bytes(shape) + head_transient_bytes(shape))
+    # The LM head's activations and the loss's logits are held once, while
+    # the head chunk's forward and backward run back to back: a fixed cost of
+    # the last stage, not one per micro batch in flight. When the solver also
+    # moves stages between device groups the last stage's device is not known
+    # in advance; then it is counted per micro batch in flight (conservative).
+    groups_move = len({gpu.name for gpu in groups}) > 1 and (layout.tp * layout.cp * layout.dp) % job.cluster.gpus_per_node == 0
+    head_bytes = head_activation_bytes(shape) + head_transient_bytes(shape)
+    head = layer(Chunk(0, 0, head=True), head_bytes if groups_move else 0.0)
 
     fixed = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
     if layout.recompute == "full":
         fixed += layer_activation_bytes(shape, "none") * (1 + ALLOCATOR_SLACK_FRACTION)
     reference_layer_s = decoder.work_s
     devices = []
-    for gpu in groups:
-        speed = chunk_time(shape, layout, Chunk(0, 1), gpu, links, job)
+    for g, gpu in enumerate(groups):
+        last = g == layout.pp - 1 and not groups_move
         devices.append(StageDevice(
-            speed=(speed.compute_fwd_s + speed.compute_bwd_s + speed.recompute_s + speed.tp_comm_s + speed.cp_comm_s) / reference_layer_s,
+            speed=chunk_time(shape, layout, Chunk(0, 1), gpu, links, job).total_s / reference_layer_s,
             capacity_bytes=gpu.memory_bytes,
-            fixed_bytes=fixed,
+            fixed_bytes=fixed + (head_bytes * (1 + ALLOCATOR_SLACK_FRACTION) if last else 0.0),
         ))
     return PartitionProblem(
         layers=(embedding, *[decoder] * job.model.num_layers, head),
@@ -117,7 +122,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         # Moving a stage to another device group moves whole nodes when a
         # group fills whole nodes: the launch files' node order realises it.
         # Smaller groups stay in Megatron's order.
-        assign_devices=len({gpu.name for gpu in groups}) > 1 and (layout.tp * layout.cp * layout.dp) % job.cluster.gpus_per_node == 0,
+        assign_devices=groups_move,
     )
 
 

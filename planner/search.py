@@ -126,10 +126,12 @@ class _Fullest:
 
 def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> _Fullest:
     """The stage closest to (or furthest over) its GPU's memory. On a uniform
-    cluster with an even split the first stage holds the most activations (pp
-    micro batches) and the embedding, the last the LM head: only they are checked."""
+    cluster with an exactly even split the first stage holds the most
+    activations (pp micro batches) and the embedding, the last the LM head:
+    only they are checked. Otherwise every stage is."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
-    candidates = range(len(stages)) if job.cluster.heterogeneous else {0, len(stages) - 1}
+    even = len({stage.num_layers for stage in stages}) == 1
+    candidates = {0, len(stages) - 1} if even and not job.cluster.heterogeneous else range(len(stages))
     return max(
         (_Fullest(stage_memory(shape, layout, stages[s], job.framework).peak_bytes, gpus[s].memory_bytes) for s in candidates),
         key=lambda fullest: fullest.peak_bytes / fullest.capacity_bytes,

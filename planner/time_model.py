@@ -110,6 +110,8 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     recompute = PassTime()
     if layout.recompute == "full":
         recompute = fwd_layer.scaled(n)
+        if chunk.vision:
+            recompute = recompute + compute.vision_tower(shape, gpu)
     elif layout.recompute == "selective":
         recompute = compute.attention_core(shape, gpu).scaled(n)
 
