@@ -11,6 +11,16 @@ Example::
     nic_Gbps: 400           # line rate of one NIC
     node_overrides:         # optional: nodes that differ from the rest
       - {node: 3, nic_Gbps: 200}
+    # Optional fabric details (see planner/topology.py), for placement:
+    nodes_per_leaf: 32           # nodes under one leaf switch, in node order; or
+    leaves: [[node000, node005], [node001, ...]]   # the nodes of each leaf switch
+    spine_oversubscription: 2    # leaf down- : uplink bandwidth (1 = non-blocking)
+    nic_overrides:               # a degraded or missing NIC (Gbps: 0); no node = every node
+      - {node: 5, nic: 2, Gbps: 100}
+      - {nic: 7, Gbps: 0}        # rail 7 is down
+    link_overrides:              # a degraded NVLink between two GPUs of a node
+      - {node: 4, gpus: [1, 2], GBps: 100}
+    links_profile: links.json    # measured pair bandwidths (loom profile links) replace the figures
 """
 
 from __future__ import annotations
@@ -34,6 +44,18 @@ class NodeOverride(StrictModel):
     nic_Gbps: pydantic.PositiveFloat | None = None
 
 
+class NicOverride(StrictModel):
+    node: int | str | None = None  # index or host name; None: the NIC on every node (a rail)
+    nic: pydantic.NonNegativeInt
+    Gbps: pydantic.NonNegativeFloat  # 0: missing or down
+
+
+class LinkOverride(StrictModel):
+    node: int | str
+    gpus: tuple[pydantic.NonNegativeInt, pydantic.NonNegativeInt]
+    GBps: pydantic.PositiveFloat  # per direction, like nvlink_GBps
+
+
 class ClusterFile(StrictModel):
     name: str | None = None
     nodes: pydantic.PositiveInt
@@ -44,6 +66,31 @@ class ClusterFile(StrictModel):
     nic_Gbps: pydantic.PositiveFloat
     hosts: list[str] | None = None
     node_overrides: list[NodeOverride] = []
+    nodes_per_leaf: pydantic.PositiveInt | None = None
+    leaves: list[list[int | str]] | None = None
+    spine_oversubscription: float = pydantic.Field(default=1.0, ge=1.0)
+    nic_overrides: list[NicOverride] = []
+    link_overrides: list[LinkOverride] = []
+    links_profile: str | None = None
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """What lies between the GPUs beyond each node's NVLink and NIC figures."""
+
+    leaf_of_node: tuple[int, ...] | None = None  # None: one non-blocking fabric
+    spine_oversubscription: float = 1.0
+    nic_Gbps: tuple[tuple[int, int, float], ...] = ()  # (node index, NIC, Gbps) overrides
+    nvlink_GBps: tuple[tuple[int, int, int, float], ...] = ()  # (node index, GPU, GPU, GB/s) overrides
+    links_profile: Path | None = None  # measured pair bandwidths
+    source: str = ""  # the cluster file, for error messages
+
+    @property
+    def plain(self) -> bool:
+        """No detail beyond the per-node figures: every pair of GPUs gets what
+        the node's NVLink or NIC figure says."""
+        flat = self.leaf_of_node is None or len(set(self.leaf_of_node)) == 1 or self.spine_oversubscription == 1.0
+        return flat and not self.nic_Gbps and not self.nvlink_GBps and self.links_profile is None
 
 
 @dataclass(frozen=True)
@@ -66,6 +113,7 @@ class Cluster:
     name: str
     nodes: tuple[Node, ...]
     gpus_per_node: int
+    fabric: Fabric = Fabric()
 
     @property
     def num_gpus(self) -> int:
@@ -97,9 +145,26 @@ class Cluster:
     def node_of_host(self) -> dict[str, Node]:
         return {node.host: node for node in self.nodes}
 
+    @property
+    def uniform(self) -> bool:
+        """Every node alike and nothing in between: the closed-form link
+        formulas of planner/network.py are exact, no graph is needed."""
+        return self.fabric.plain and len(set(n[1:] for n in map(_node_figures, self.nodes))) == 1
+
+    @cached_property
+    def topology(self):
+        """The graph of GPUs, NICs and switches with every pair's bandwidth."""
+        from loom.planner.topology import build_topology  # the graph needs networkx and numpy
+
+        return build_topology(self)
+
     def slowest_gpu(self, hosts: set[str]) -> GPU:
         """The slowest GPU among ``hosts`` (a group runs at its slowest member's pace)."""
         return min((self.node_of_host[host].gpu for host in sorted(hosts)), key=_gpu_pace)
+
+
+def _node_figures(node: Node) -> tuple:
+    return (node.host, node.gpu.name, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps)
 
 
 def _gpu_pace(gpu: GPU) -> tuple[float, int]:
@@ -138,7 +203,64 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
         )
         for host, fields, field in zip(hosts, per_node, gpu_field)
     )
-    return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node)
+    return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at))
+
+
+def _fabric(spec: ClusterFile, hosts: list[str], source: str, at) -> Fabric:
+    """The fabric fields, with node names resolved to indices and GPU and NIC
+    numbers checked against the node's counts."""
+
+    def node_index(node: int | str, field: str) -> int:
+        index = hosts.index(node) if node in hosts else node
+        if not isinstance(index, int) or not 0 <= index < spec.nodes:
+            raise SpecError(source, at(field), f"a node index below {spec.nodes} or a host name", node)
+        return index
+
+    nics = []
+    for i, override in enumerate(spec.nic_overrides):
+        if override.nic >= spec.nics_per_node:
+            raise SpecError(source, at(f"nic_overrides.{i}.nic"), f"a NIC index below nics_per_node = {spec.nics_per_node}", override.nic)
+        targets = range(spec.nodes) if override.node is None else [node_index(override.node, f"nic_overrides.{i}.node")]
+        nics += [(node, override.nic, override.Gbps) for node in targets]
+    links = []
+    for i, override in enumerate(spec.link_overrides):
+        a, b = override.gpus
+        if max(a, b) >= spec.gpus_per_node or a == b:
+            raise SpecError(source, at(f"link_overrides.{i}.gpus"), f"two different GPU indices below gpus_per_node = {spec.gpus_per_node}", list(override.gpus))
+        links.append((node_index(override.node, f"link_overrides.{i}.node"), min(a, b), max(a, b), override.GBps))
+    profile = None
+    if spec.links_profile is not None:
+        profile = Path(spec.links_profile)
+        if not profile.is_absolute() and Path(source).is_file():
+            profile = Path(source).parent / profile
+    return Fabric(
+        leaf_of_node=_leaf_of_node(spec, node_index, source, at),
+        spine_oversubscription=spec.spine_oversubscription,
+        nic_Gbps=tuple(nics),
+        nvlink_GBps=tuple(links),
+        links_profile=profile,
+        source=source,
+    )
+
+
+def _leaf_of_node(spec: ClusterFile, node_index, source: str, at) -> tuple[int, ...] | None:
+    if spec.leaves is not None and spec.nodes_per_leaf is not None:
+        raise SpecError(source, at("leaves"), "either leaves or nodes_per_leaf, not both")
+    if spec.nodes_per_leaf is not None:
+        return tuple(n // spec.nodes_per_leaf for n in range(spec.nodes))
+    if spec.leaves is None:
+        return None
+    leaf_of_node: dict[int, int] = {}
+    for leaf, members in enumerate(spec.leaves):
+        for i, node in enumerate(members):
+            index = node_index(node, f"leaves.{leaf}.{i}")
+            if index in leaf_of_node:
+                raise SpecError(source, at(f"leaves.{leaf}.{i}"), "each node under one leaf switch", node)
+            leaf_of_node[index] = leaf
+    if len(leaf_of_node) != spec.nodes:
+        missing = sorted(set(range(spec.nodes)) - set(leaf_of_node))
+        raise SpecError(source, at("leaves"), f"every node under some leaf switch; {len(missing)} missing, e.g. node {missing[0]}")
+    return tuple(leaf_of_node[n] for n in range(spec.nodes))
 
 
 def load_cluster(path: Path) -> Cluster:

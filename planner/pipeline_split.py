@@ -71,7 +71,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     shape = Shape.of(model, layout, job.seq_length, job.precision, job.features)
     groups = _device_groups(job, layout)
     reference = groups[0]
-    links = Links(job, layout)
+    links = Links.of(job, layout)
 
     def layer(chunk: Chunk, activation_bytes: float) -> Layer:
         cost = chunk_time(shape, layout, chunk, reference, links, job)

@@ -13,17 +13,23 @@ plus (m - 1) times the slowest stage".
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from loom.planner import compute
-from loom.planner.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from loom.planner.cluster import Node
+from loom.planner.collectives import LOCAL, Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from loom.planner.compute import ACT_BYTES, PassTime, Shape
 from loom.planner.efficiency import memory_time_s
 from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import GRAD_BYTES, WEIGHT_BYTES, stage_params
-from loom.planner.network import group_link, pipeline_link
-from loom.planner.stages import Chunk, Stage
+from loom.planner.network import NETWORK_LATENCY_S, NVLINK_LATENCY_S, group_link, pipeline_link
+from loom.planner.stages import Chunk, Placement, Stage, default_placement
+from loom.planner.topology import Topology, neighbour_pairs, rank_groups
+from loom.solvers.links import crosses_nodes, group_bandwidth_GBps
 from loom.profiles.catalogue import GPU
 
 # Megatron's DDP bucket: max(40M, 1M x dp) parameters (megatron/core/distributed/
@@ -52,6 +58,8 @@ class ChunkTime:
     tp_comm_fwd_s: float  # of which in the forward pass
     cp_comm_fwd_s: float
     weight_grad_s: float  # the weight-gradient GEMMs within compute_bwd_s
+    tp_busy_s: float = 0.0  # TP and CP communication before overlap: what placement can speed up
+    cp_busy_s: float = 0.0
 
     @property
     def total_s(self) -> float:
@@ -66,17 +74,59 @@ class ChunkTime:
         return self.total_s - self.forward_s
 
 
+@dataclass(frozen=True)
 class Links:
-    """The link each parallel group of the layout talks over."""
+    """The link each parallel group of the layout talks over: for a group
+    kind, the slowest group's (they all run at once and the step waits)."""
 
-    def __init__(self, job: Job, layout: Layout):
-        node = job.cluster.slowest
-        self.tp = group_link(node, layout.tp, 1)
-        self.cp = group_link(node, layout.cp, layout.tp)
-        self.dp = group_link(node, layout.dp * layout.cp, layout.tp)
-        stage_ranks = layout.tp * layout.cp * layout.dp
-        self.pp = pipeline_link(node, stage_ranks, layout.pp)
-        self.embedding = pipeline_link(node, stage_ranks * (layout.pp - 1), 2) if layout.pp > 1 else self.pp
+    tp: Link
+    cp: Link
+    dp: Link  # the dp-cp group of the gradient reduce
+    pp: Link  # between pipeline neighbours
+    embedding: Link  # between the first and last stage
+
+    @classmethod
+    def of(cls, job: Job, layout: Layout, placement: Placement | None = None) -> Links:
+        """On a uniform cluster, by the closed forms of planner/network.py;
+        otherwise each group priced on the GPUs ``placement`` gives it."""
+        if job.cluster.uniform:
+            return _uniform_links(job.cluster.slowest, layout)
+        placement = placement or default_placement(job.cluster, layout.world_size)
+        degrees = (layout.tp, layout.cp, layout.dp, layout.pp)
+        return _placed_links(job.cluster.topology, degrees, placement)
+
+
+def _uniform_links(node: Node, layout: Layout) -> Links:
+    stage_ranks = layout.tp * layout.cp * layout.dp
+    pp = pipeline_link(node, stage_ranks, layout.pp)
+    return Links(
+        tp=group_link(node, layout.tp, 1),
+        cp=group_link(node, layout.cp, layout.tp),
+        dp=group_link(node, layout.dp * layout.cp, layout.tp),
+        pp=pp,
+        embedding=pipeline_link(node, stage_ranks * (layout.pp - 1), 2) if layout.pp > 1 else pp,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _placed_links(topology: Topology, degrees: tuple[int, int, int, int], placement: Placement) -> Links:
+    tp, cp, dp, pp = degrees
+    groups = rank_groups(Layout(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch_size=1, global_batch_size=dp))
+    slots = topology.slots(placement.gpus)
+
+    def link(ranks: np.ndarray) -> Link:
+        if ranks.shape[1] == 1:
+            return LOCAL
+        placed = slots[ranks]
+        bandwidth = float(group_bandwidth_GBps(topology.bandwidth_GBps, topology.host_of_slot, placed).min())
+        if crosses_nodes(topology.host_of_slot, placed):
+            return Link(bandwidth, NETWORK_LATENCY_S, "network")
+        return Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
+
+    return Links(
+        tp=link(groups["tp"]), cp=link(groups["cp"]), dp=link(groups["dp-cp"]),
+        pp=link(neighbour_pairs(groups["pp"])), embedding=link(groups["embedding"]),
+    )
 
 
 def _tp_collectives_s(bytes_: float, layout: Layout, link: Link, count: int) -> float:
@@ -130,7 +180,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
 
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
     # dK, dV backward), overlapped with the attention blocks being computed.
-    cp_fwd, cp_bwd = 0.0, 0.0
+    cp_fwd, cp_bwd, ring_s = 0.0, 0.0, 0.0
     if layout.cp > 1:
         kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * ACT_BYTES
         ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
@@ -142,7 +192,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     return ChunkTime(
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
         tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
-        weight_grad_s=bwd.gemm_s / 2,
+        weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
     )
 
 
@@ -282,10 +332,11 @@ class StepParts:
         }
 
 
-def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> StepParts:
-    """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``."""
+def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepParts:
+    """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``,
+    its groups on the links ``placement`` gives them (default: Megatron's order)."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
-    links = Links(job, layout)
+    links = Links.of(job, layout, placement)
     # Stages with the same chunk sizes (all but the first and last, usually)
     # cost the same: price each kind once.
     memo: dict[tuple, ChunkTime] = {}
@@ -328,6 +379,6 @@ def closed_form_step(parts: StepParts) -> StepTime:
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
 
 
-def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> StepTime:
+def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:
     """Predict one optimizer step of ``layout`` by the closed form."""
-    return closed_form_step(step_parts(job, layout, stages, gpus))
+    return closed_form_step(step_parts(job, layout, stages, gpus, placement))
