@@ -26,6 +26,7 @@ from loom.planner.errors import InfeasibleError, SpecError
 from loom.planner.gates import failed_gates, parse_gate
 from loom.planner.job import load_job
 from loom.planner.layout import Layout
+from loom.planner.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.report import Report, SearchInfo, build_report, report_json
 from loom.planner.simulate import SCHEDULES, simulate
@@ -167,7 +168,7 @@ def evaluate(
             zero_stage=zero_stage,
             distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,
         )
-        plan_ = evaluate_layout(job, layout, source="evaluate flags")
+        plan_ = place(evaluate_layout(job, layout, source="evaluate flags"))
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
         _finish([plan_], info, out, as_json, gates)
 

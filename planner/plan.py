@@ -14,6 +14,7 @@ from loom.planner.stages import Placement, Stage, default_placement, stage_gpus,
 from loom.planner.schedule import simulated_step
 from loom.planner.simulate import PipelineCosts, Simulation
 from loom.planner.time_model import StepTime, step_parts
+from loom.solvers.placement import PlacementSolution
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Plan:
     schedule: str  # the pipeline schedule simulated: "1f1b" | "interleaved"
     schedule_costs: PipelineCosts  # what was simulated, so ``loom explain`` can draw it
     simulation: Simulation
+    placement_solve: PlacementSolution | None = None  # when the placement solver ran (planner/placement.py)
+    start_step_time_s: float | None = None  # the step time on the placement it started from
 
     @property
     def step_time_s(self) -> float:
@@ -124,7 +127,7 @@ def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, plac
     placement = placement or default_placement(job.cluster, layout.world_size)
     gpus = stage_gpus(job.cluster, placement, stages)
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
-    simulated = simulated_step(step_parts(job, layout, stages, gpus), stages)
+    simulated = simulated_step(step_parts(job, layout, stages, gpus, placement), stages)
     in_flight = simulated.simulation.peak_in_flight
     return Plan(
         job=job,

@@ -50,6 +50,18 @@ class GPUSlot(pydantic.BaseModel):
     gpu: int
 
 
+class PlacementReport(pydantic.BaseModel):
+    """What the rank placement solver did (planner/placement.py); absent on uniform clusters."""
+
+    method: str = pydantic.Field(description="exact (one CP-SAT model) or decomposed (nodes, then GPUs)")
+    status: str = pydantic.Field(description="optimal (proven), feasible (gap to the bound) or start kept (the time model found the solver's placement slower)")
+    communication_s: float = pydantic.Field(description="the solver's objective on this placement")
+    start_communication_s: float = pydantic.Field(description="on Megatron's default order")
+    bound_s: float = pydantic.Field(description="no placement communicates less")
+    gap: float
+    start_step_time_s: float = pydantic.Field(description="predicted step time on the default order")
+
+
 class Predicted(pydantic.BaseModel):
     step_time_s: float
     tokens_per_s: float
@@ -112,6 +124,7 @@ class PlanReport(pydantic.BaseModel):
     parallel: Parallel
     stages: list[StageReport]
     placement: list[GPUSlot]
+    placement_solver: PlacementReport | None = None
     predicted: Predicted
     memory: Memory
     schedule: ScheduleReport
@@ -146,6 +159,7 @@ def plan_report(plan: Plan) -> PlanReport:
             for stage in plan.stages
         ],
         placement=[GPUSlot(rank=r, host=host, gpu=gpu) for r, (host, gpu) in enumerate(plan.placement.gpus)],
+        placement_solver=_placement_report(plan),
         predicted=Predicted(
             step_time_s=plan.step_time_s,
             tokens_per_s=plan.tokens_per_s,
@@ -162,6 +176,16 @@ def plan_report(plan: Plan) -> PlanReport:
             per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],
         ),
         schedule=_schedule_report(plan),
+    )
+
+
+def _placement_report(plan: Plan) -> PlacementReport | None:
+    solve = plan.placement_solve
+    if solve is None:
+        return None
+    return PlacementReport(
+        method=solve.method, status=solve.status, communication_s=solve.communication_s, start_communication_s=solve.start_s,
+        bound_s=solve.bound_s, gap=solve.gap, start_step_time_s=plan.start_step_time_s,
     )
 
 

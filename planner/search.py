@@ -33,6 +33,7 @@ from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import GiB, stage_memory
 from loom.planner.pipeline_split import solve_split
+from loom.planner.placement import can_place, place
 from loom.planner.plan import Plan, build_plan, layout_problems
 from loom.planner.stages import Stage, default_placement, stage_gpus, uniform_stages
 from loom.profiles.catalogue import GPU
@@ -50,6 +51,9 @@ REFINED = 8
 MILP_REFINED = 3
 NEAR_FIT = 1.25
 SPLIT_TIME_LIMIT_S = 2.0
+# Where links differ (faults, oversubscription, a measured profile), the
+# best PLACED plans get the rank placement solver (planner/placement.py).
+PLACED = 2
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,8 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     """Rank the layouts of ``job``; raise InfeasibleError saying what binds."""
     started = time.perf_counter()
     layouts = list(candidate_layouts(job))
-    # Every layout fills the cluster, so they share Megatron's default placement.
+    # Every layout fills the cluster, so they share Megatron's default placement,
+    # on which the enumeration prices every layout.
     placement = default_placement(job.cluster, job.cluster.num_gpus)
     rejected: Counter[str] = Counter()
     smallest: tuple[_Fullest, Layout] | None = None
@@ -183,8 +188,10 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     plans, solves = _split_best(job, sorted(scored, key=_Scored.key)[: top_k + REFINED], sorted(near, key=_Scored.key)[:REFINED])
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
-    plans = sorted(plans, key=lambda plan: (round(plan.step_time_s, 9), round(plan.peak_memory.peak_bytes), plan.layout.label()))
-    methods = sorted({solve.method for solve in solves})
+    plans = _ranked(plans)
+    if any(can_place(plan) for plan in plans):
+        plans = _ranked([place(plan) if i < PLACED else plan for i, plan in enumerate(plans)])
+    methods = sorted({solve.method for solve in solves} | {plan.placement_solve.method for plan in plans if plan.placement_solve})
     return SearchResult(
         plans=plans[:top_k],
         candidates=len(layouts),
@@ -194,6 +201,10 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
         status="time_limit" if any(solve.status == "time_limit" for solve in solves) else "optimal",
         gap=max((solve.gap for solve in solves), default=0.0),
     )
+
+
+def _ranked(plans: list[Plan]) -> list[Plan]:
+    return sorted(plans, key=lambda plan: (round(plan.step_time_s, 9), round(plan.peak_memory.peak_bytes), plan.layout.label()))
 
 
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
