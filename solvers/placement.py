@@ -273,11 +273,13 @@ def _rank_pairs(kind: GroupKind, block_size: int) -> list[tuple[int, int, int]]:
 
 def _solve(model: cp_model.CpModel, objective: _Objective, time_limit_s: float):
     """Minimise; integer coefficients (ticks). One worker and a deterministic
-    time budget, so the same problem gives the same answer on any machine."""
+    time budget, so the same problem gives the same answer on any machine.
+    CP-SAT's deterministic seconds run 2-4x slower than wall seconds on this
+    kind of model, hence half the limit; the wall-clock cap is a safety net."""
     model.Minimize(sum(-round(gain) * var for gain, var in objective.terms))
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
-    solver.parameters.max_deterministic_time = time_limit_s
+    solver.parameters.max_deterministic_time = time_limit_s / 2
     solver.parameters.max_time_in_seconds = 4 * time_limit_s
     solver.parameters.random_seed = 0
     status = solver.Solve(model)
@@ -359,9 +361,10 @@ def _block_groups(problem: PlacementProblem, kind: GroupKind) -> list[tuple[tupl
 
 
 def _place_blocks(problem: PlacementProblem, time_limit_s: float) -> np.ndarray:
-    """Level 1: a host for every block, by CP-SAT over host classes."""
+    """Level 1: a host for every block, by CP-SAT over host classes, hinted
+    with the better of the start and the leaf packing."""
     hosts = _hosts(problem)
-    start_host = problem.host_of_slot[problem.start[:: problem.block_size]]
+    start_host = _hint(problem, hosts)
     model = cp_model.CpModel()
     classes_of: dict[int, list] = {}  # block -> [(class, "block is in class")]
     for block in range(problem.num_blocks):
@@ -386,6 +389,45 @@ def _place_blocks(problem: PlacementProblem, time_limit_s: float) -> np.ndarray:
         return start_host
     chosen = {block: next(c for c, var in options if solver.Value(var)) for block, options in classes_of.items()}
     return _hosts_in_classes(hosts, start_host, chosen)
+
+
+def _hint(problem: PlacementProblem, hosts: _Hosts) -> np.ndarray:
+    start_host = problem.host_of_slot[problem.start[:: problem.block_size]]
+    packed = _leaf_packing(problem, hosts, start_host)
+    if packed is None:
+        return start_host
+    cost = {name: communication_s(problem, _carry_local_order(problem, option)) for name, option in (("start", start_host), ("packed", packed))}
+    return packed if cost["packed"] < cost["start"] * (1 - TOLERANCE) else start_host
+
+
+def _leaf_packing(problem: PlacementProblem, hosts: _Hosts, start_host: np.ndarray) -> np.ndarray | None:
+    """Each group of the heaviest kind whose groups fit under one leaf switch,
+    packed whole into a leaf (best fit, largest first): the move that takes a
+    group off the spine rewires many nodes at once, which local search and
+    CP-SAT's neighbourhoods rarely find. None if no kind packs (or GPU types mix)."""
+    if len(set(problem.host_type.tolist())) > 1:
+        return None
+    free = {leaf: sorted(np.flatnonzero(hosts.leaf == leaf).tolist()) for leaf in sorted(set(hosts.leaf.tolist()))}
+    for kind in sorted(problem.kinds, key=lambda kind: -kind.volume_GB):
+        groups = sorted({blocks for blocks, _ in _block_groups(problem, kind)}, key=lambda blocks: (-len(blocks), blocks))
+        if not groups or len({b for blocks in groups for b in blocks}) < sum(map(len, groups)):
+            continue  # groups overlap (e.g. pipeline neighbours): not a packing
+        if max(map(len, groups)) > max(map(len, free.values())) or len(free) < 2:
+            continue
+        leaves = {leaf: list(members) for leaf, members in free.items()}
+        host_of_block = np.full(problem.num_blocks, -1)
+        for blocks in groups:
+            fits = [leaf for leaf, members in leaves.items() if len(members) >= len(blocks)]
+            if not fits:
+                break
+            leaf = min(fits, key=lambda leaf: (len(leaves[leaf]), leaf))
+            for block in blocks:
+                host_of_block[block] = leaves[leaf].pop(0)
+        else:
+            rest = sorted(h for members in leaves.values() for h in members)
+            host_of_block[host_of_block < 0] = rest[: int((host_of_block < 0).sum())]
+            return host_of_block
+    return None
 
 
 def _add_block_levels(model, hosts: _Hosts, kind: GroupKind, groups, classes_of: dict[int, list], objective: _Objective) -> None:
@@ -468,7 +510,7 @@ LEVEL2_MAX_GPUS = 8
 def _arrange_hosts(problem: PlacementProblem, slot_of_rank: np.ndarray) -> np.ndarray:
     """Level 2: on each host, the GPU order that is best for the groups touching
     it, every permutation tried (8! = 40,320 at most, vectorised), the other
-    hosts as they are. Hosts whose GPUs all look alike are left alone."""
+    hosts as they are. Hosts whose NVLink pairs are all alike are left alone."""
     if problem.block_size > LEVEL2_MAX_GPUS:
         return slot_of_rank
     slot_of_rank = slot_of_rank.copy()
@@ -487,12 +529,13 @@ def _arrange_hosts(problem: PlacementProblem, slot_of_rank: np.ndarray) -> np.nd
 
 
 def _alike(problem: PlacementProblem, slots: np.ndarray) -> bool:
-    """Every GPU pair of the host equally fast and every GPU equally connected
-    to every other host: no order of the host's GPUs beats another."""
+    """Every NVLink pair of the host equally fast. Then no order of its GPUs
+    beats another: each of its ranks is in a group of every kind that leaves
+    the node, so a GPU with a slow NIC slows some group whatever runs on it,
+    and the step waits for the slowest group of each kind."""
     inside = problem.bandwidth_GBps[np.ix_(slots, slots)]
     off = inside[~np.eye(len(slots), dtype=bool)]
-    outside = np.delete(problem.bandwidth_GBps[slots], slots, axis=1)
-    return bool((off == off[0]).all() and (outside == outside[:1]).all())
+    return bool((off == off[0]).all())
 
 
 def _local_costs(problem: PlacementProblem, slot_of_rank: np.ndarray, ranks: np.ndarray, slots: np.ndarray, perms: np.ndarray) -> np.ndarray:
