@@ -4,6 +4,7 @@ solver. Prints predicted communication and step time, the solver's bound and
 gap, and solve times.
 
     python benchmarks/placement.py [--sizes 64 512 4096] [--plot placement.png]
+    python benchmarks/placement.py --brute-force   # exact vs brute force on 16 GPUs
 
 Each size runs three clusters built by ``cluster_spec``:
 
@@ -29,7 +30,7 @@ from loom.planner.model import load_model
 from loom.planner.placement import placement_problem
 from loom.planner.plan import build_plan, evaluate
 from loom.planner.stages import Placement
-from loom.solvers.placement import anneal, solve
+from loom.solvers.placement import anneal, brute_force, exact, solve
 
 # size -> (model, layout, global batch, nodes per leaf): a stage of each layout
 # fills exactly one leaf, so its data-parallel group can avoid the spine.
@@ -44,23 +45,25 @@ MISSING_RAIL = 3
 TIME_LIMIT_S = 10.0
 
 
-def cluster_spec(gpus: int, scenario: str, nodes_per_leaf: int, seed: int = 0) -> dict:
-    nodes = gpus // 8
-    spec = {"name": f"h100-{gpus}-{scenario}", "nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+def cluster_spec(gpus: int, scenario: str, nodes_per_leaf: int, seed: int = 0, per_node: int = 8) -> dict:
+    nodes = gpus // per_node
+    spec = {"name": f"h100-{gpus}-{scenario}", "nodes": nodes, "gpus_per_node": per_node, "gpu": "H100", "nvlink_GBps": 450,
+            "nics_per_node": per_node, "nic_Gbps": 400}
     if scenario == "uniform":
         return {**spec, "nic_overrides": [{"node": 0, "nic": 0, "Gbps": 400}]}
     rng = np.random.default_rng(seed)
     order = rng.permutation(nodes) if scenario == "fragmented" else np.arange(nodes)
     leaves = [order[i : i + nodes_per_leaf].tolist() for i in range(0, nodes, nodes_per_leaf)]
-    nics = rng.choice(nodes * 8, size=max(1, round(NIC_FAULTS * nodes * 8)), replace=False)
-    pairs = [(n, a, b) for n in range(nodes) for a in range(8) for b in range(a + 1, 8)]
+    nics = rng.choice(nodes * per_node, size=max(1, round(NIC_FAULTS * nodes * per_node)), replace=False)
+    pairs = [(n, a, b) for n in range(nodes) for a in range(per_node) for b in range(a + 1, per_node)]
     links = rng.choice(len(pairs), size=max(1, round(NVLINK_FAULTS * len(pairs))), replace=False)
+    rail = MISSING_RAIL % per_node
     return {
         **spec,
         "leaves": leaves,
         "spine_oversubscription": 2,
-        "nic_overrides": [{"nic": MISSING_RAIL, "Gbps": 0}]
-        + [{"node": int(i // 8), "nic": int(i % 8), "Gbps": float(rng.choice([100, 200]))} for i in sorted(nics) if i % 8 != MISSING_RAIL],
+        "nic_overrides": [{"nic": rail, "Gbps": 0}]
+        + [{"node": int(i // per_node), "nic": int(i % per_node), "Gbps": float(rng.choice([100, 200]))} for i in sorted(nics) if i % per_node != rail],
         "link_overrides": [{"node": pairs[i][0], "gpus": list(pairs[i][1:]), "GBps": float(rng.choice([112.5, 225]))} for i in sorted(links)],
     }
 
@@ -92,11 +95,29 @@ def run(gpus: int, scenario: str) -> dict:
     }
 
 
+def check_brute_force(seeds: range = range(3)) -> None:
+    """16 GPUs (4 nodes x 4) with the fault mix above: the exact CP-SAT
+    model's optimum against all 8 million block-preserving placements."""
+    print(f"{'seed':>4} {'layout':<22} {'exact s':>9} {'brute force s':>13} {'exact solve s':>13} {'brute force s':>13}")
+    for seed in seeds:
+        cluster = parse_cluster(cluster_spec(16, "fragmented", 2, seed, per_node=4), "brute-force")
+        job = Job(model=load_model("llama-3-8b"), cluster=cluster, global_batch_size=64, seq_length=4096)
+        layout = Layout(tp=2, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True)
+        problem = placement_problem(evaluate(job, layout))
+        solved, reference = exact(problem, TIME_LIMIT_S), brute_force(problem)
+        print(f"{seed:>4} {layout.label():<22} {solved.communication_s:>9.4f} {reference.communication_s:>13.4f}"
+              f" {solved.wall_time_s:>13.2f} {reference.wall_time_s:>13.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(CASES))
     parser.add_argument("--plot", help="draw predicted step times to this image")
+    parser.add_argument("--brute-force", action="store_true", help="check the exact model on 16 GPUs instead")
     args = parser.parse_args()
+    if args.brute_force:
+        check_brute_force()
+        return
     rows = []
     print(f"{'GPUs':>5} {'cluster':<11} {'layout':<26} {'comm s: default':>15} {'anneal':>8} {'loom':>8} {'bound':>8} {'gap':>5}"
           f" {'step s: default':>15} {'anneal':>8} {'loom':>8} {'saved':>6} {'solve s':>8}  method")

@@ -22,6 +22,7 @@ from loom.solvers.placement import (
     GroupKind,
     PlacementProblem,
     anneal,
+    brute_force,
     communication_s,
     decomposed,
     exact,
@@ -53,21 +54,7 @@ def random_problem(hosts: int, per_host: int, seed: int, tp: int = 2, pp: int = 
 
 
 def brute_force_s(problem: PlacementProblem) -> float:
-    """Every placement that keeps blocks on hosts: hosts for blocks times GPU
-    orders inside each host, evaluated all at once per host assignment."""
-    size, hosts = problem.block_size, np.unique(problem.host_of_slot)
-    orders = np.array(list(itertools.permutations(range(size))))
-    best = np.inf
-    for host_of_block in itertools.permutations(hosts, problem.num_blocks):
-        choice = np.array(list(itertools.product(range(len(orders)), repeat=problem.num_blocks)))
-        placements = np.concatenate([problem.slots_of_host(h)[orders[choice[:, b]]] for b, h in enumerate(host_of_block)], axis=1)
-        total = np.zeros(len(placements))
-        for kind in problem.kinds:
-            slots = placements[:, kind.groups].reshape(-1, kind.groups.shape[1])
-            bandwidth = group_bandwidth_GBps(problem.bandwidth_GBps, problem.host_of_slot, slots).reshape(len(placements), -1)
-            total += kind.volume_GB / bandwidth.min(axis=1)
-        best = min(best, total.min())
-    return float(best)
+    return brute_force(problem).communication_s
 
 
 SMALL = [(2, 4, 2, 2, 1), (4, 2, 2, 2, 1), (3, 4, 2, 2, 1), (2, 4, 1, 2, 2), (4, 2, 1, 4, 2), (3, 2, 1, 3, 2)]
