@@ -42,10 +42,12 @@ class Shape:
     seq_length: int
     precision: str
     features: Features
+    ep: int = 1
+    etp: int = 1
 
     @classmethod
     def of(cls, model: ModelSpec, layout: Layout, seq_length: int, precision: str, features: Features) -> Shape:
-        return cls(model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision, features)
+        return cls(model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision, features, layout.ep, layout.etp)
 
     @property
     def tokens(self) -> int:
@@ -59,17 +61,52 @@ class Shape:
         h = self.model.hidden_size
         return h // self.tp if self.sequence_parallel else h
 
+    def attention_gemms(self) -> list[tuple[int, int, int]]:
+        """(m, n, k) of the attention's forward GEMMs on one TP rank: QKV and
+        the output projection, split by heads. MLA's down-projections into
+        the query and key/value latents are replicated on every TP rank
+        (megatron-core's MLA), its up-projections split by heads."""
+        m, t, T, h = self.model, self.tp, self.tokens, self.model.hidden_size
+        output = (T, h, m.attention_output_size // t)
+        if m.mla is None:
+            return [(T, (m.q_size + m.kv_size + m.v_size) // t, h), output]
+        mla, heads = m.mla, m.num_attention_heads // t
+        query = [(T, mla.q_lora_rank, h), (T, heads * mla.qk_head_dim, mla.q_lora_rank)] if mla.q_lora_rank else [(T, heads * mla.qk_head_dim, h)]
+        key_value = [(T, mla.kv_lora_rank + mla.qk_rope_head_dim, h), (T, heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank)]
+        return [*query, *key_value, output]
+
+    def mlp_gemms(self, width: int) -> list[tuple[int, int, int]]:
+        """A (gated) MLP of ``width`` split over TP: up (and gate), then down."""
+        up = (2 if self.model.gated_mlp else 1) * width
+        return [(self.tokens, up // self.tp, self.model.hidden_size), (self.tokens, self.model.hidden_size, width // self.tp)]
+
     def linear_gemms(self) -> list[tuple[int, int, int]]:
-        """(m, n, k) of the forward GEMMs of one decoder layer on one TP rank."""
-        m, t = self.model, self.tp
-        h, q, kv, f = m.hidden_size, m.q_size, m.kv_size, m.ffn_hidden_size
-        up = (2 if m.gated_mlp else 1) * f
-        return [(self.tokens, (q + 2 * kv) // t, h), (self.tokens, h, q // t), (self.tokens, up // t, h), (self.tokens, h, f // t)]
+        """(m, n, k) of the forward GEMMs of one dense decoder layer on one TP rank."""
+        return self.attention_gemms() + self.mlp_gemms(self.model.ffn_hidden_size)
+
+    @property
+    def moe_tokens(self) -> int:
+        """Tokens one GPU routes in an MoE layer: its sequence-parallel share
+        (Megatron requires sequence parallelism for MoE with TP)."""
+        return self.tokens // self.tp
+
+    def expert_gemms(self) -> tuple[list[tuple[int, int, int]], int]:
+        """The routed experts' forward GEMMs on one GPU and how many experts
+        it holds: with balanced routing every GPU receives its own token
+        count x top_k assignments, gathered over ETP, spread over its
+        num_experts / ep experts, each split etp ways (grouped GEMM)."""
+        moe, h = self.model.moe, self.model.hidden_size
+        local_experts = moe.num_experts // self.ep
+        rows = max(1, self.moe_tokens * moe.top_k * self.etp // local_experts)
+        width = moe.expert_ffn_hidden_size // self.etp
+        return [(rows, 2 * width, h), (rows, h, width)], local_experts
 
     def attention_flops(self) -> float:
         """Forward FLOPs of QK^T and attention x V on one rank. Causal flash
         attention skips the masked half; the unfused kernels compute it all."""
-        flops = 4.0 * self.micro_batch_size * (self.seq_length / self.cp) * self.seq_length * self.model.q_size / self.tp
+        m = self.model
+        heads = m.num_attention_heads / self.tp
+        flops = 2.0 * self.micro_batch_size * (self.seq_length / self.cp) * self.seq_length * heads * (m.qk_head_dim + m.v_head_dim)
         return flops / 2 if self.features.flash_attention and self.model.causal else flops
 
     def vision(self) -> Shape:
@@ -111,16 +148,24 @@ def _backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
     return [(m, k, n), (k, n, m)]
 
 
-def _layer_elementwise_bytes(shape: Shape) -> float:
+def _layer_elementwise_bytes(shape: Shape, moe: bool = False) -> float:
     """Forward bytes of the memory-bound kernels of one decoder layer: two
     norms (read + write), two bias-dropout-adds (read x and residual, write,
     plus a 1-byte mask with dropout), the activation (GeLU reads 1 and writes
-    1 tensor of ffn width; SwiGLU reads 2), and rotary embedding on Q and K."""
+    1 tensor of ffn width; SwiGLU reads 2), and rotary embedding on Q and K.
+    An MoE layer's activation runs on the shared and the routed experts, and
+    the token dispatcher permutes each routed copy in and out (read + write)."""
     m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
     width = shape.replicated_width
     norms = 2 * (2 * e * T * width)
     residuals = 2 * ((3 * e + (1 if m.dropout else 0)) * T * width)
-    activation = (3 if m.gated_mlp else 2) * e * T * m.ffn_hidden_size // t
+    per_activation = (3 if m.gated_mlp else 2) * e
+    if moe:
+        routed = shape.moe_tokens * m.moe.top_k
+        activation = per_activation * (T * m.moe.shared_ffn_hidden_size // t + routed * m.moe.expert_ffn_hidden_size)
+        activation += 2 * (2 * e * routed * m.hidden_size)
+    else:
+        activation = per_activation * T * m.ffn_hidden_size // t
     rotary = 0 if m.learned_position_embeddings else 2 * e * T * (m.q_size + m.kv_size) // t
     return norms + residuals + activation + rotary
 
@@ -155,17 +200,30 @@ def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 
 
 @cache
-def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
-    """Kernel time of one decoder layer, one micro batch, one pass."""
-    gemms = shape.linear_gemms()
-    if backward:
-        gemms = [g for mnk in gemms for g in _backward_gemms(*mnk)]
-    gemm_s = sum(gemm_time_s(*mnk, gpu, shape.precision) for mnk in gemms)
+def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
+    """Kernel time of one decoder layer, one micro batch, one pass. In an MoE
+    layer the MLP is the router, the shared experts (split over TP like a
+    dense MLP) and the routed experts' grouped GEMMs, which the busiest GPU
+    runs ``moe_load_imbalance`` times longer than an evenly loaded one."""
+    m = shape.model
+    gemms = shape.attention_gemms()
+    mlp_width = m.moe.shared_ffn_hidden_size if moe else m.ffn_hidden_size
+    if mlp_width:
+        gemms += shape.mlp_gemms(mlp_width)
+    expanded = [g for mnk in gemms for g in _backward_gemms(*mnk)] if backward else gemms
+    gemm_s = sum(gemm_time_s(*mnk, gpu, shape.precision) for mnk in expanded)
+    if moe:
+        experts, local = shape.expert_gemms()
+        experts = [g for mnk in experts for g in _backward_gemms(*mnk)] if backward else experts
+        grouped_s = sum(gemm_time_s(*mnk, gpu, shape.precision, batch=local) for mnk in experts)
+        router = (shape.moe_tokens, m.moe.num_experts, m.hidden_size)
+        router_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in (_backward_gemms(*router) if backward else [router]))
+        gemm_s += grouped_s * shape.features.moe_load_imbalance + router_s
     # Backward elementwise kernels read the saved input and the incoming
     # gradient and write one gradient: about twice the forward's traffic.
-    elementwise_bytes = _layer_elementwise_bytes(shape) * (2 if backward else 1)
+    elementwise_bytes = _layer_elementwise_bytes(shape, moe) * (2 if backward else 1)
     if shape.precision == "fp8":
-        elementwise_bytes += _fp8_cast_bytes(shape.linear_gemms())
+        elementwise_bytes += _fp8_cast_bytes(gemms + (shape.expert_gemms()[0] if moe else []))
     elementwise = memory_time_s(elementwise_bytes, gpu)
     return PassTime(gemm_s=gemm_s, elementwise_s=elementwise) + attention_core(shape, gpu, backward)
 
@@ -208,9 +266,15 @@ def vision_tower(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 
 def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
     """Model FLOPs per token, forward + backward, no recompute: 6 x (the
-    weights a token multiplies) + attention 12 x s x h per layer — the
-    convention of Narayanan et al. SC'21 eq. (3) and PaLM's MFU, generalised to
-    GQA, gated MLPs and untied heads (the published runs' 'model_flops')."""
-    h, q, kv, f = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size
-    per_layer = 2 * (h * (q + 2 * kv) + q * h + (3 if model.gated_mlp else 2) * h * f) + 4 * seq_length * q
-    return 3.0 * (model.num_layers * per_layer + 2 * h * model.vocab_size)
+    weights a token multiplies) + attention 6 x 2s x (qk + v head dims) x
+    heads per layer (half the s x s scores are masked, counted anyway) —
+    the convention of Narayanan et al. SC'21 eq. (3) and PaLM's MFU,
+    generalised to GQA, MLA, gated MLPs, MoE (the experts a token is routed
+    to) and untied heads (the published runs' 'model_flops')."""
+    h = model.hidden_size
+    attention = model.attention_weights()
+    dense_mlp = (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size
+    moe_layers = model.num_moe_layers
+    mlp = (model.num_layers - moe_layers) * dense_mlp + (moe_layers and moe_layers * model.moe.active_params(h))
+    scores = 2 * seq_length * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim)
+    return 6.0 * (model.num_layers * attention + mlp + h * model.vocab_size) + 3.0 * model.num_layers * scores

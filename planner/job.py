@@ -42,6 +42,9 @@ class Features(StrictModel):
     overlap_grad_reduce: bool = True  # --overlap-grad-reduce
     overlap_param_gather: bool = True  # --overlap-param-gather (distributed optimizer)
     tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers)
+    # MoE: the busiest GPU's routed tokens over the mean (1 = perfectly
+    # balanced); `loom experts` reports it for measured loads.
+    moe_load_imbalance: float = pydantic.Field(default=1.0, ge=1.0)
 
 
 Auto = Literal["auto"]
@@ -135,6 +138,10 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
 
 def check_job(job: Job) -> None:
     """Checks that need the model and cluster together."""
+    if job.model.moe is not None:
+        # The catalogue and the compute model know MoE and MLA; memory, expert
+        # parallelism in the search and the launch flags do not yet (issue 6).
+        raise SpecError(job.source, "model", "a dense model: loom does not plan mixture-of-experts layouts yet", job.model.name)
     for node in job.cluster.nodes:
         if not node.gpu.supports(job.precision):
             raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)

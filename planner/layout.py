@@ -21,7 +21,8 @@ class Layout:
     cp: int
     micro_batch_size: int
     global_batch_size: int
-    ep: int = 1
+    ep: int = 1  # expert parallel: ranks sharing one layer's experts (MoE)
+    etp: int = 1  # expert tensor parallel: ranks splitting each expert
     vpp: int = 1  # virtual (interleaved) stages per pipeline rank
     sequence_parallel: bool = False
     recompute: Recompute = "none"
@@ -38,6 +39,11 @@ class Layout:
         return self.global_batch_size // (self.micro_batch_size * self.dp)
 
     @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts: world / (etp x ep x pp) (Megatron's expert data parallel)."""
+        return self.tp * self.cp * self.dp // (self.etp * self.ep)
+
+    @property
     def optimizer_shards(self) -> int:
         """Ways the optimizer state is split: DP x CP ranks share it under
         Megatron's distributed optimizer or ZeRO (CP ranks hold the same weights)."""
@@ -52,6 +58,10 @@ class Layout:
         parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vpp}" if self.vpp > 1 else ""), f"DP{self.dp}"]
         if self.cp > 1:
             parts.append(f"CP{self.cp}")
+        if self.ep > 1:
+            parts.append(f"EP{self.ep}")
+        if self.etp > 1:
+            parts.append(f"ETP{self.etp}")
         parts.append(f"mbs{self.micro_batch_size}")
         if self.sequence_parallel:
             parts.append("SP")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from loom.cli.app import app
 from loom.planner.cluster import load_cluster, parse_cluster
 from loom.planner.errors import SpecError
+from loom.planner.job import load_job
 from loom.planner.model import load_model, model_from_hf_config
 from loom.profiles.catalogue import find_gpu, gpu_names, model_names
 
@@ -337,3 +338,39 @@ def test_highspy_and_cp_sat_load_in_either_order_in_a_fresh_process(first):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(3.0, 1.0, 2)" in done.stdout
+
+
+# Published parameter counts (model cards): Mixtral 8x7B 46.7B, 8x22B 141B,
+# Qwen3-235B-A22B 235B (22B active), DeepSeek-V3 671B (37B active) + 14B MTP.
+@pytest.mark.parametrize(
+    "name, total_B, active_B",
+    [("mixtral-8x7b", 46.7, 12.9), ("mixtral-8x22b", 141, 39), ("qwen3-235b-a22b", 235, 22), ("deepseek-v3", 671 + 14, 37)],
+)
+def test_moe_catalogue_models_have_their_published_sizes(name, total_B, active_B):
+    model = load_model(name)
+    assert model.total_params() / 1e9 == pytest.approx(total_B, rel=0.02)
+    h = model.hidden_size
+    dense = model.num_layers - model.num_moe_layers
+    active = (
+        model.num_layers * (model.attention_params() + 2 * model.norm_params())
+        + dense * model.mlp_params()
+        + model.num_moe_layers * model.moe.active_params(h)
+        + model.embedding_params()
+        + model.head_params()
+    )
+    assert active / 1e9 == pytest.approx(active_B, rel=0.05)
+
+
+def test_deepseek_v3_has_latent_attention_and_dense_first_layers():
+    model = load_model("deepseek-v3")
+    assert model.mla.kv_lora_rank == 512 and model.qk_head_dim == 192 and model.v_head_dim == 128
+    assert [model.is_moe_layer(i) for i in (0, 2, 3, 60)] == [False, False, True, True]
+    assert model.moe.shared_ffn_hidden_size == 2048 and model.mtp_layers == 1
+
+
+def test_moe_models_are_refused_until_expert_parallelism_is_planned(tmp_path):
+    job = tmp_path / "job.yaml"
+    cluster = "{nodes: 8, gpus_per_node: 8, gpu: H100, nvlink_GBps: 450, nics_per_node: 8, nic_Gbps: 400}"
+    job.write_text(f"model: mixtral-8x7b\ncluster: {cluster}\nglobal_batch_size: 256\nseq_length: 4096\n")
+    with pytest.raises(SpecError, match="mixture-of-experts"):
+        load_job(job)
