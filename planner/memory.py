@@ -44,16 +44,56 @@ LOGIT_SOFTMAX_BYTES = 4
 
 
 # --- parameters and optimizer state ----------------------------------------
-def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> tuple[float, float]:
-    """(parameters on one GPU of this stage, of which in GEMM weights).
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters on one GPU of a stage."""
+
+    total: float
+    linear: float  # of which in GEMM weights (Transformer Engine caches them in fp8)
+    expert: float  # of which routed experts: sharded and reduced over expert data parallel
+
+
+def _attention_params_per_gpu(model: ModelSpec, tp: int) -> float:
+    """TP splits the attention by heads; MLA's down-projections into its
+    latents (and their norms) are replicated on every TP rank."""
+    mla = model.mla
+    if mla is None:
+        return model.attention_params() / tp
+    replicated = model.hidden_size * ((mla.q_lora_rank or 0) + mla.kv_lora_rank + mla.qk_rope_head_dim) + (mla.q_lora_rank or 0) + mla.kv_lora_rank
+    return replicated + (model.attention_params() - replicated) / tp
+
+
+def _layer_params_per_gpu(model: ModelSpec, layout: Layout, moe: bool) -> StageParams:
+    """One decoder layer on one GPU. An MoE layer holds the router
+    (replicated), the shared experts (split over TP) and num_experts / ep
+    routed experts, each split etp ways."""
+    t, h = layout.tp, model.hidden_size
+    linear = _attention_params_per_gpu(model, t)
+    other = 2 * model.norm_params() + 2 * model.head_dim * model.qk_norm
+    if not moe:
+        return StageParams(total=linear + model.mlp_params() / t + other, linear=linear + model.mlp_params() / t, expert=0.0)
+    experts = model.moe.num_experts // layout.ep * model.moe.expert_params(h) / layout.etp
+    linear += 3 * h * model.moe.shared_ffn_hidden_size / t + experts
+    return StageParams(total=linear + other + h * model.moe.num_experts, linear=linear, expert=experts)
+
+
+def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> StageParams:
+    """Parameters on one GPU of this stage.
 
     TP splits the linear layers and the vocabulary; norms and position
     embeddings are replicated. With tied embeddings and pp > 1 the last stage
-    keeps its own copy of the word embeddings for the output layer (Megatron)."""
+    keeps its own copy of the word embeddings for the output layer (Megatron),
+    and runs the multi-token prediction modules (each a 2h -> h projection and
+    one more layer)."""
     t = layout.tp
-    layer_linear = (model.attention_params() + model.mlp_params()) / t
-    linear = stage.num_layers * layer_linear
-    other = stage.num_layers * 2 * model.norm_params()
+    moe_layers = sum(model.moe_layers_in(chunk.first_layer, chunk.num_layers) for chunk in stage.chunks)
+    layers = [(stage.num_layers - moe_layers, False), (moe_layers, True)]
+    if stage.head and model.mtp_layers:
+        layers.append((model.mtp_layers, model.moe is not None))
+    pieces = [(count, _layer_params_per_gpu(model, layout, moe)) for count, moe in layers if count]
+    linear = sum(count * piece.linear for count, piece in pieces)
+    expert = sum(count * piece.expert for count, piece in pieces)
+    other = sum(count * (piece.total - piece.linear) for count, piece in pieces)
     word_embedding = model.vocab_size * model.hidden_size / t
     if stage.embedding:
         other += word_embedding + (model.embedding_params() - model.vocab_size * model.hidden_size)
@@ -61,34 +101,41 @@ def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> tuple[float,
         other += model.norm_params()
         if not model.tied_embeddings or not stage.embedding:
             linear += word_embedding
+        linear += model.mtp_layers * 2 * model.hidden_size**2 / t
     if stage.vision:
         # The encoder is split over TP like the language model (its norms and
         # patch/position embeddings replicated, a small share).
-        tower_linear = model.vision.params(model.hidden_size) / t
-        linear += tower_linear
-    return linear + other, linear
+        linear += model.vision.params(model.hidden_size) / t
+    return StageParams(total=linear + other, linear=linear, expert=expert)
 
 
-def model_state_bytes(params: float, layout: Layout, framework: str) -> dict[str, float]:
+def model_state_bytes(params: StageParams, layout: Layout, framework: str) -> dict[str, float]:
     """Weights, gradients and optimizer state for ``params`` on one GPU.
 
-    Megatron's distributed optimizer shards the optimizer state over DP (x CP);
-    ZeRO-1 does the same, ZeRO-2 also shards gradients, ZeRO-3 also weights."""
+    Megatron's distributed optimizer shards the optimizer state over DP (x CP),
+    the experts' over expert data parallel; ZeRO-1 does the same, ZeRO-2 also
+    shards gradients, ZeRO-3 also weights."""
     shards = layout.optimizer_shards
-    grads = params * GRAD_BYTES[framework]
-    weights = params * WEIGHT_BYTES
+    expert_shards = layout.expert_dp if shards > 1 else 1
+    dense = params.total - params.expert
+    grads = dense * GRAD_BYTES[framework]
+    weights = dense * WEIGHT_BYTES
     if layout.zero_stage >= 2:
         grads /= shards
     if layout.zero_stage >= 3:
         weights /= shards
-    return {"weights": weights, "gradients": grads, "optimizer_states": params * OPTIMIZER_BYTES / shards}
+    return {
+        "weights": weights + params.expert * WEIGHT_BYTES,
+        "gradients": grads + params.expert * GRAD_BYTES[framework],
+        "optimizer_states": dense * OPTIMIZER_BYTES / shards + params.expert * OPTIMIZER_BYTES / expert_shards,
+    }
 
 
 # --- activations ------------------------------------------------------------
-def layer_activation_bytes(shape: Shape, recompute: str) -> float:
+def layer_activation_bytes(shape: Shape, recompute: str, moe: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per micro batch, per GPU."""
     m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
-    q, kv, f = m.q_size, m.kv_size, m.ffn_hidden_size
+    q, kv, v = m.q_size, m.kv_size, m.v_size
     if recompute == "full":
         # Only each layer's input is checkpointed (scattered over TP with SP).
         return e * T * shape.replicated_width
@@ -96,9 +143,12 @@ def layer_activation_bytes(shape: Shape, recompute: str) -> float:
     # Norm inputs and outputs (the QKV and MLP inputs) plus the masks: on every
     # TP rank, or split t ways with sequence parallelism.
     replicated = (4 * e + masks) * T * shape.replicated_width
-    # Q, K, V, the projection's input, and the MLP's up-projection outputs and
-    # activation output: split over TP. SwiGLU keeps gate, up and their product.
-    split = (e * (2 * q + 2 * kv) + (3 if m.gated_mlp else 2) * e * f) * T / t
+    # Q, K, V and the projection's input, split over TP; MLA also keeps its
+    # query and key/value latents, replicated.
+    split = e * (q + kv + v + m.attention_output_size) * T / t
+    if m.mla:
+        replicated += e * T * ((m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)
+    split += _mlp_activation_bytes(shape, moe)
     heads_per_rank = m.num_attention_heads / t
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
     if shape.features.flash_attention:
@@ -109,6 +159,22 @@ def layer_activation_bytes(shape: Shape, recompute: str) -> float:
     else:
         attention = (e + (1 + e if m.dropout else 0)) * scores  # softmax, dropout mask and output
     return replicated + split + attention
+
+
+def _mlp_activation_bytes(shape: Shape, moe: bool) -> float:
+    """The MLP's up-projection outputs and activation output, split over TP
+    (SwiGLU keeps gate, up and their product). An MoE layer keeps the same for
+    its shared experts, and for every routed copy of a token its permuted
+    input and its expert's outputs, plus the router's fp32 logits and
+    probabilities (megatron-core's MoE layer and alltoall dispatcher)."""
+    m, T, e = shape.model, shape.tokens, ACT_BYTES
+    per_width = (3 if m.gated_mlp else 2) * e
+    if not moe:
+        return per_width * m.ffn_hidden_size * T / shape.tp
+    routed = shape.moe_tokens * m.moe.top_k * shape.etp
+    experts = routed * (e * m.hidden_size + per_width * m.moe.expert_ffn_hidden_size / shape.etp)
+    router = 2 * 4 * shape.moe_tokens * m.moe.num_experts
+    return per_width * m.moe.shared_ffn_hidden_size * T / shape.tp + experts + router
 
 
 def embedding_activation_bytes(shape: Shape) -> float:
@@ -160,7 +226,7 @@ def process_groups(layout: Layout) -> int:
 
 def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
     """What one micro batch through ``chunk`` keeps until its backward."""
-    activations = chunk.num_layers * layer_activation_bytes(shape, layout.recompute)
+    activations = _chunk_layers_activation_bytes(shape, layout.recompute, chunk)
     if chunk.embedding:
         activations += embedding_activation_bytes(shape)
     if chunk.head:
@@ -171,24 +237,30 @@ def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
     return activations
 
 
+def _chunk_layers_activation_bytes(shape: Shape, recompute: str, chunk: Chunk) -> float:
+    """The decoder layers of ``chunk``, dense and MoE."""
+    moe_layers = shape.model.moe_layers_in(chunk.first_layer, chunk.num_layers)
+    dense = (chunk.num_layers - moe_layers) * layer_activation_bytes(shape, recompute)
+    return dense + (moe_layers and moe_layers * layer_activation_bytes(shape, recompute, moe=True))
+
+
 def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, in_flight: int | None = None) -> StageMemory:
     """Peak memory of one GPU of ``stage`` under the pipeline schedule, with
     ``in_flight`` chunk-micro-batches held at the peak (default: Megatron's
     schedule's count; the simulator reports the same)."""
     model = shape.model
-    params, linear_params = stage_params(model, layout, stage)
+    params = stage_params(model, layout, stage)
     state = model_state_bytes(params, layout, framework)
     if shape.precision == "fp8":
-        state["weights"] += linear_params * (FP8_WEIGHT_CACHE_BYTES - WEIGHT_BYTES / 2) / (
+        state["weights"] += params.linear * (FP8_WEIGHT_CACHE_BYTES - WEIGHT_BYTES / 2) / (
             layout.optimizer_shards if layout.zero_stage >= 3 else 1
         )
 
     chunks = in_flight_chunks(layout, stage.index) if in_flight is None else in_flight
-    layers_per_chunk = max(chunk.num_layers for chunk in stage.chunks)
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.
     microbatches = max(1, -(-chunks // layout.vpp))
-    activations = chunks * layers_per_chunk * layer_activation_bytes(shape, layout.recompute)
+    activations = chunks * max(_chunk_layers_activation_bytes(shape, layout.recompute, chunk) for chunk in stage.chunks)
     if stage.embedding:
         activations += microbatches * embedding_activation_bytes(shape)
     if stage.head:
@@ -200,9 +272,9 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, in_
     transient = head_transient_bytes(shape) if stage.head else 0.0
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
-        transient = max(transient, layer_activation_bytes(shape, recompute="none"))
+        transient = max(transient, layer_activation_bytes(shape, recompute="none", moe=shape.model.moe is not None))
     if layout.zero_stage >= 3:
-        transient += min(ZERO3_LIVE_PARAMS, params * layout.optimizer_shards) * WEIGHT_BYTES
+        transient += min(ZERO3_LIVE_PARAMS, params.total * layout.optimizer_shards) * WEIGHT_BYTES
     framework_bytes = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
     framework_bytes += ALLOCATOR_SLACK_FRACTION * (activations + transient)
     return StageMemory(

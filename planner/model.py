@@ -111,6 +111,12 @@ class ModelSpec:
     def num_moe_layers(self) -> int:
         return 0 if self.moe is None else self.num_layers - self.moe.first_dense_layers
 
+    def moe_layers_in(self, first: int, count: int) -> int:
+        """How many of layers [first, first + count) are MoE layers."""
+        if self.moe is None:
+            return 0
+        return max(0, first + count - max(first, self.moe.first_dense_layers))
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads

@@ -51,8 +51,7 @@ def _piece_state_bytes(job: Job, layout: Layout, chunk: Chunk) -> float:
     """Weights, gradients and optimizer state of one piece (a one-layer,
     embedding-only or head-only chunk) on one GPU."""
     piece = Stage(index=0, chunks=(chunk,), ranks=(0,))
-    params, _ = stage_params(job.model, layout, piece)
-    return sum(model_state_bytes(params, layout, job.framework).values())
+    return sum(model_state_bytes(stage_params(job.model, layout, piece), layout, job.framework).values())
 
 
 def _device_groups(job: Job, layout: Layout) -> list[GPU]:

@@ -232,7 +232,7 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> 
     n = layout.dp * layout.cp
     if n == 1:
         return DataParallelComm(0.0, 0.0, 1.0)
-    params, _ = stage_params(job.model, layout, stage)
+    params = stage_params(job.model, layout, stage).total
     grad_bytes = params * GRAD_BYTES[job.framework]
     if layout.distributed_optimizer or layout.zero_stage >= 1:
         # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers after
@@ -275,7 +275,7 @@ def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links
     pass cannot be prefetched."""
     if layout.zero_stage < 2:
         return 0.0
-    params, _ = stage_params(job.model, layout, stage)
+    params = stage_params(job.model, layout, stage).total
     n = layout.dp * layout.cp
     comm = reduce_scatter_s(params * GRAD_BYTES[job.framework], n, links.dp)
     unhidden = 0.0
@@ -358,7 +358,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
         optimizer_s=[
-            memory_time_s(stage_params(job.model, layout, stage)[0] / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
+            memory_time_s(stage_params(job.model, layout, stage).total / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
             for stage, gpu in zip(stages, gpus)
         ],
         embedding_sync_s=_embedding_sync_s(job, layout, links),

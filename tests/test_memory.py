@@ -9,7 +9,7 @@ from conftest import make_job
 from loom.planner.compute import Shape
 from loom.planner.job import Features
 from loom.planner.layout import Layout
-from loom.planner.memory import GiB, in_flight_chunks, layer_activation_bytes, model_state_bytes, stage_memory, stage_params
+from loom.planner.memory import GiB, StageParams, in_flight_chunks, layer_activation_bytes, model_state_bytes, stage_memory, stage_params
 from loom.planner.model import ModelSpec
 from loom.planner.stages import Chunk, Stage, uniform_stages
 
@@ -52,8 +52,7 @@ def test_first_stage_matches_korthikanti_figure_1(validation):
             activations = memory.breakdown_bytes["activations"] / GiB
             assert activations == pytest.approx(figure[key], rel=0.05), (run["id"], key)
             layers_only = Stage(index=0, chunks=(Chunk(0, first.num_layers),), ranks=first.ranks)
-            params, _ = stage_params(model, layout, layers_only)
-            state = sum(model_state_bytes(params, layout, "megatron").values()) / GiB
+            state = sum(model_state_bytes(stage_params(model, layout, layers_only), layout, "megatron").values()) / GiB
             assert state == pytest.approx(figure["params_and_optimizer_GiB"], rel=0.05), run["id"]
 
 
@@ -101,14 +100,15 @@ def test_context_parallel_splits_activations():
 def test_optimizer_sharding():
     """Megatron: 18 bytes/param, 6 + 12/d with the distributed optimizer;
     DeepSpeed ZeRO 1/2/3 shard optimizer, then gradients, then weights."""
-    params, d = 1e9, 8
+    d = 8
+    params = StageParams(total=1e9, linear=1e9, expert=0.0)
     plain = Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8)
     distributed = Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, distributed_optimizer=True)
-    assert sum(model_state_bytes(params, plain, "megatron").values()) == 18 * params
-    assert sum(model_state_bytes(params, distributed, "megatron").values()) == pytest.approx((6 + 12 / d) * params)
+    assert sum(model_state_bytes(params, plain, "megatron").values()) == 18 * params.total
+    assert sum(model_state_bytes(params, distributed, "megatron").values()) == pytest.approx((6 + 12 / d) * params.total)
     zero = [sum(model_state_bytes(params, Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=z),
                                   "deepspeed").values()) for z in (0, 1, 2, 3)]
-    assert zero == pytest.approx([16 * params, (4 + 12 / d) * params, (2 + 14 / d) * params, 16 / d * params])
+    assert zero == pytest.approx([16 * params.total, (4 + 12 / d) * params.total, (2 + 14 / d) * params.total, 16 / d * params.total])
 
 
 def test_embedding_and_head_land_on_the_end_stages():
