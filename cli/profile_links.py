@@ -1,0 +1,91 @@
+"""``loom profile links`` (measure every GPU pair under torchrun or srun) and
+``loom profile nccl-tests`` (import nccl-tests logs). Both write a profile
+JSON atomically; bad input exits 2 with the file and field named."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+
+from loom.profiles.links import LinkSettings, launch_from_env, measure_links
+from loom.profiles.links_profile import links_json
+from loom.profiles.nccl_tests import nccl_tests_json, read_nccl_tests_log
+
+err = Console(stderr=True, highlight=False)
+
+OutOpt = Annotated[Path, typer.Option("--out", help="Profile JSON to write.")]
+
+
+def links(
+    out: OutOpt,
+    message_bytes: Annotated[Optional[int], typer.Option(min=4, help="Bandwidth message size (default: 64 MiB on GPUs, 8 MiB on CPU).", show_default=False)] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per measurement (the median is kept).")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed repeats first.")] = 2,
+    max_group_size: Annotated[Optional[int], typer.Option(min=2, help="Largest all-reduce group (default: the world).", show_default=False)] = None,
+) -> None:
+    """Measure every GPU pair's send/recv bandwidth and latency, and all-reduce bus bandwidth per group size.
+
+    Run it under torchrun or srun, one process per GPU."""
+
+    def action() -> None:
+        launch = launch_from_env()
+        settings = LinkSettings(message_bytes=message_bytes, repeats=repeats, warmup=warmup, max_group_size=max_group_size)
+        with Progress(console=err, transient=True, disable=launch.rank != 0 or not err.is_terminal) as bar:
+            task = bar.add_task("measuring links (tournament rounds, then all-reduce groups)", total=None)
+            profile = measure_links(launch, settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        if profile is None:  # not rank 0
+            return
+        _write(out, links_json(profile))
+        pairs = profile.bandwidth_GBps[~np.eye(len(profile.hosts), dtype=bool)]
+        err.print(f"wrote {escape(str(out))}: {len(profile.hosts)} GPUs ({profile.backend}), {len(profile.rounds)} rounds; "
+                  f"pair bandwidth min {pairs.min():.3g} / median {np.median(pairs):.3g} / max {pairs.max():.3g} GB/s")
+
+    _run(action)
+
+
+def nccl_tests(
+    logs: Annotated[list[Path], typer.Argument(help="nccl-tests output, e.g. all_reduce_perf or sendrecv_perf logs.", show_default=False)],
+    out: OutOpt,
+) -> None:
+    """Import nccl-tests logs (any *_perf binary) into one profile JSON."""
+
+    def action() -> None:
+        runs = [read_nccl_tests_log(path) for path in logs]
+        _write(out, nccl_tests_json(runs))
+        for run in runs:
+            err.print(f"{escape(run.source)}: {run.op}, {len(run.gpus)} GPUs, {len(run.rows)} sizes, avg busbw {run.avg_busbw_GBps:g} GB/s")
+        err.print(f"wrote {escape(str(out))}")
+
+    _run(action)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` (same file system), then
+    rename it into place: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _run(action: Callable[[], None]) -> None:
+    # Imported here: loom.cli.app imports this module (through cli/profile.py).
+    from loom.cli.app import _run as run_mapping_errors_to_exit_codes
+
+    run_mapping_errors_to_exit_codes(action)
