@@ -55,3 +55,11 @@ def all_gather_s(bytes_: float, n: int, link: Link) -> float:
 def send_recv_s(bytes_: float, link: Link) -> float:
     """One point-to-point transfer."""
     return link.latency_s + link.seconds(bytes_)
+
+
+def all_to_all_s(bytes_: float, n: int, link: Link) -> float:
+    """Pairwise all-to-all of a buffer of ``bytes_`` per GPU: (n-1)/n of it
+    leaves each GPU, in n-1 exchange steps (Thakur et al. 2005, sec. 4.4)."""
+    if n == 1:
+        return 0.0
+    return (n - 1) * link.latency_s + (n - 1) / n * link.seconds(bytes_)

@@ -20,7 +20,7 @@ import numpy as np
 
 from loom.planner import compute
 from loom.planner.cluster import Node
-from loom.planner.collectives import LOCAL, Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from loom.planner.collectives import LOCAL, Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
 from loom.planner.compute import ACT_BYTES, PassTime, Shape
 from loom.planner.efficiency import memory_time_s
 from loom.planner.job import Job
@@ -60,14 +60,16 @@ class ChunkTime:
     weight_grad_s: float  # the weight-gradient GEMMs within compute_bwd_s
     tp_busy_s: float = 0.0  # TP and CP communication before overlap: what placement can speed up
     cp_busy_s: float = 0.0
+    ep_comm_s: float = 0.0  # MoE token dispatch and combine, all passes (not overlapped)
+    ep_comm_fwd_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
+        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s
 
     @property
     def forward_s(self) -> float:
-        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s
+        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s + self.ep_comm_fwd_s
 
     @property
     def backward_s(self) -> float:
@@ -84,6 +86,8 @@ class Links:
     dp: Link  # the dp-cp group of the gradient reduce
     pp: Link  # between pipeline neighbours
     embedding: Link  # between the first and last stage
+    ep: Link = LOCAL  # MoE token all-to-all
+    expert_dp: Link = LOCAL  # the experts' gradient reduce
 
     @classmethod
     def of(cls, job: Job, layout: Layout, placement: Placement | None = None) -> Links:
@@ -92,7 +96,7 @@ class Links:
         if job.cluster.uniform:
             return _uniform_links(job.cluster.slowest, layout)
         placement = placement or default_placement(job.cluster, layout.world_size)
-        degrees = (layout.tp, layout.cp, layout.dp, layout.pp)
+        degrees = (layout.tp, layout.cp, layout.dp, layout.pp, layout.ep, layout.etp)
         return _placed_links(job.cluster.topology, degrees, placement)
 
 
@@ -105,13 +109,16 @@ def _uniform_links(node: Node, layout: Layout) -> Links:
         dp=group_link(node, layout.dp * layout.cp, layout.tp),
         pp=pp,
         embedding=pipeline_link(node, stage_ranks * (layout.pp - 1), 2) if layout.pp > 1 else pp,
+        # Expert ranks are ordered tp-ep-dp-pp with etp in place of tp (RankGenerator for experts).
+        ep=group_link(node, layout.ep, layout.etp),
+        expert_dp=group_link(node, layout.expert_dp, layout.etp * layout.ep),
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _placed_links(topology: Topology, degrees: tuple[int, int, int, int], placement: Placement) -> Links:
-    tp, cp, dp, pp = degrees
-    groups = rank_groups(Layout(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch_size=1, global_batch_size=dp))
+def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Placement) -> Links:
+    tp, cp, dp, pp, ep, etp = degrees
+    groups = rank_groups(Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, micro_batch_size=1, global_batch_size=dp))
     slots = topology.slots(placement.gpus)
 
     def link(ranks: np.ndarray) -> Link:
@@ -126,6 +133,7 @@ def _placed_links(topology: Topology, degrees: tuple[int, int, int, int], placem
     return Links(
         tp=link(groups["tp"]), cp=link(groups["cp"]), dp=link(groups["dp-cp"]),
         pp=link(neighbour_pairs(groups["pp"])), embedding=link(groups["embedding"]),
+        ep=link(groups["ep"]), expert_dp=link(groups["expert-dp"]),
     )
 
 
@@ -147,9 +155,9 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     and the exposed TP and CP communication (per-layer costs for the
     pipeline partition come from one-layer chunks)."""
     features, n = job.features, chunk.num_layers
-    fwd_layer = compute.decoder_layer(shape, gpu)
-    bwd_layer = compute.decoder_layer(shape, gpu, backward=True)
-    fwd, bwd = fwd_layer.scaled(n), bwd_layer.scaled(n)
+    n_moe = shape.model.moe_layers_in(chunk.first_layer, n)
+    fwd_layer, bwd_layer = _layers(shape, gpu, n - n_moe, n_moe, backward=False), _layers(shape, gpu, n - n_moe, n_moe, backward=True)
+    fwd, bwd = fwd_layer, bwd_layer
     if chunk.embedding:
         fwd, bwd = fwd + compute.embedding(shape, gpu), bwd + compute.embedding(shape, gpu, backward=True)
     if chunk.head:
@@ -159,7 +167,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
 
     recompute = PassTime()
     if layout.recompute == "full":
-        recompute = fwd_layer.scaled(n)
+        recompute = fwd_layer
         if chunk.vision:
             recompute = recompute + compute.vision_tower(shape, gpu)
     elif layout.recompute == "selective":
@@ -176,7 +184,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         patch_bytes = vision.tokens * vision.model.hidden_size * ACT_BYTES
         fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
     tp_passes = 2 + (layout.recompute == "full")
-    tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s * n, features.tp_comm_overlap)
+    tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s, features.tp_comm_overlap)
 
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
     # dK, dV backward), overlapped with the attention blocks being computed.
@@ -187,13 +195,28 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         core_fwd = compute.attention_core(shape, gpu).total_s
         core_bwd = compute.attention_core(shape, gpu, backward=True).total_s
         cp_fwd, cp_bwd = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd)
+    # MoE: each MoE layer dispatches every routed copy of its tokens to the
+    # experts' ranks and combines the outputs back, one all-to-all each, in
+    # every pass (megatron-core's alltoall token dispatcher); the busiest
+    # rank's share sets the pace. Not overlapped by default.
+    ep_fwd = 0.0
+    if n_moe:
+        routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES
+        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes * features.moe_load_imbalance, layout.ep, links.ep)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.
     return ChunkTime(
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
         tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
         weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
+        ep_comm_s=ep_fwd * tp_passes, ep_comm_fwd_s=ep_fwd,
     )
+
+
+def _layers(shape: Shape, gpu: GPU, dense: int, moe: int, backward: bool) -> PassTime:
+    """``dense`` dense and ``moe`` MoE decoder layers, one pass."""
+    total = compute.decoder_layer(shape, gpu, backward).scaled(dense)
+    return total + compute.decoder_layer(shape, gpu, backward, moe=True).scaled(moe) if moe else total
 
 
 def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
@@ -229,19 +252,26 @@ class DataParallelComm:
 
 
 def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> DataParallelComm:
+    """Dense parameters reduce over DP x CP; routed experts over expert data
+    parallel, on their own group's link (Megatron's expert DDP buffers)."""
+    params = stage_params(job.model, layout, stage)
+    dense_reduce, dense_gather = _reduce_and_gather_s(job, layout, params.total - params.expert, layout.dp * layout.cp, links.dp)
+    expert_reduce, expert_gather = _reduce_and_gather_s(job, layout, params.expert, layout.expert_dp, links.expert_dp)
     n = layout.dp * layout.cp
-    if n == 1:
-        return DataParallelComm(0.0, 0.0, 1.0)
-    params = stage_params(job.model, layout, stage).total
+    return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total))
+
+
+def _reduce_and_gather_s(job: Job, layout: Layout, params: float, n: int, link: Link) -> tuple[float, float]:
+    if n == 1 or params == 0:
+        return 0.0, 0.0
     grad_bytes = params * GRAD_BYTES[job.framework]
     if layout.distributed_optimizer or layout.zero_stage >= 1:
         # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers after
         # the step (see _zero_microbatch_comm_s).
-        reduce = reduce_scatter_s(grad_bytes, n, links.dp) if layout.zero_stage < 2 else 0.0
-        gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp) if layout.zero_stage < 3 else 0.0
-    else:
-        reduce, gather = all_reduce_s(grad_bytes, n, links.dp), 0.0
-    return DataParallelComm(reduce, gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params))
+        reduce = reduce_scatter_s(grad_bytes, n, link) if layout.zero_stage < 2 else 0.0
+        gather = all_gather_s(params * WEIGHT_BYTES, n, link) if layout.zero_stage < 3 else 0.0
+        return reduce, gather
+    return all_reduce_s(grad_bytes, n, link), 0.0
 
 
 def _exposed_gather_s(comm: DataParallelComm, job: Job, layout: Layout) -> float:
@@ -317,6 +347,7 @@ class StepParts:
             "recompute": m * sum(c.recompute_s for c in chunks),
             "tp_comm": m * sum(c.tp_comm_s for c in chunks),
             "cp_comm": m * sum(c.cp_comm_s for c in chunks),
+            "ep_comm": m * sum(c.ep_comm_s for c in chunks),
             "zero_comm": m * self.zero_comm_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))

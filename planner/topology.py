@@ -144,21 +144,25 @@ def measured_bandwidth(cluster: Cluster, gpus: tuple[tuple[str, int], ...]) -> n
 
 
 def rank_groups(layout: Layout) -> dict[str, np.ndarray]:
-    """Megatron's process groups for a dense layout, as rows of global ranks.
+    """Megatron's process groups of a layout, as rows of global ranks.
 
     Rank order ``tp-cp-ep-dp-pp`` (megatron.core.parallel_state.RankGenerator):
     rank = tp_i + tp (cp_i + cp (dp_i + dp pp_i)). The gradient reduce runs
     over the ``dp-cp`` group (CP ranks hold the same weights); ``pp`` rows are
     whole pipelines, ``embedding`` the first and last stage's ranks that share
-    the tied word embedding."""
+    the tied word embedding; ``ep`` and ``expert-dp`` are the MoE layers' groups."""
     grid = np.arange(layout.world_size).reshape(layout.pp, layout.dp, layout.cp, layout.tp)
     pipelines = grid.transpose(1, 2, 3, 0).reshape(-1, layout.pp)
+    # MoE layers regroup the same ranks as tp-ep-dp-pp with etp in place of tp.
+    experts = np.arange(layout.world_size).reshape(layout.pp, layout.expert_dp, layout.ep, layout.etp)
     return {
         "tp": grid.reshape(-1, layout.tp),
         "cp": grid.transpose(0, 1, 3, 2).reshape(-1, layout.cp),
         "dp-cp": grid.transpose(0, 3, 1, 2).reshape(-1, layout.dp * layout.cp),
         "pp": pipelines,
         "embedding": pipelines[:, [0, -1]] if layout.pp > 1 else pipelines,
+        "ep": experts.transpose(0, 1, 3, 2).reshape(-1, layout.ep),
+        "expert-dp": experts.transpose(0, 2, 3, 1).reshape(-1, layout.expert_dp),
     }
 
 
