@@ -138,7 +138,8 @@ def evaluate(
     pp: Annotated[int, typer.Option(min=1)] = 1,
     dp: Annotated[Optional[int], typer.Option(min=1, help="Default: the rest of the cluster's GPUs.")] = None,
     cp: Annotated[int, typer.Option(min=1)] = 1,
-    ep: Annotated[int, typer.Option(min=1)] = 1,
+    ep: Annotated[int, typer.Option(min=1, help="Expert parallel size (MoE models).")] = 1,
+    etp: Annotated[int, typer.Option(min=1, help="Expert tensor parallel size (MoE models).")] = 1,
     vpp: Annotated[int, typer.Option(min=1)] = 1,
     mbs: Annotated[int, typer.Option(min=1)] = 1,
     recompute: Annotated[str, typer.Option(help="none | selective | full")] = "none",
@@ -159,11 +160,9 @@ def evaluate(
                                       seq_length=seq_length, precision=precision, framework=framework))
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
-        if ep != 1:
-            raise SpecError("--ep", "ep", "1 (expert parallelism needs an MoE model)", ep)
         data_parallel = dp if dp is not None else max(1, job.cluster.num_gpus // (tp * pp * cp))
         layout = Layout(
-            tp=tp, pp=pp, dp=data_parallel, cp=cp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
+            tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
             sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel, recompute=recompute,
             zero_stage=zero_stage,
             distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,

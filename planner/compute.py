@@ -252,6 +252,19 @@ def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 
 
 @cache
+def mtp(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """DeepSeek-V3's multi-token prediction modules (Megatron's MTP): each
+    projects [hidden; next token's embedding] 2h -> h, runs one more layer
+    (MoE when the model is) and the shared output layer and loss again."""
+    m = shape.model
+    projection = (shape.tokens, m.hidden_size // shape.tp, 2 * m.hidden_size)
+    gemms = _backward_gemms(*projection) if backward else [projection]
+    one = PassTime(gemm_s=sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms))
+    one = one + decoder_layer(shape, gpu, backward, moe=m.moe is not None) + head(shape, gpu, backward)
+    return one.scaled(m.mtp_layers)
+
+
+@cache
 def vision_tower(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     """The ViT's layers on the patches, then the 2-layer MLP projector into
     the language model's width (LLaVA)."""

@@ -56,6 +56,8 @@ class SearchFile(StrictModel):
     tp: list[pydantic.PositiveInt] | Auto = "auto"
     pp: list[pydantic.PositiveInt] | Auto = "auto"
     cp: list[pydantic.PositiveInt] | Auto = "auto"
+    ep: list[pydantic.PositiveInt] | Auto = "auto"
+    etp: list[pydantic.PositiveInt] | Auto = "auto"
     vpp: list[pydantic.PositiveInt] | Auto = "auto"
     micro_batch_size: list[pydantic.PositiveInt] | Auto = "auto"
     sequence_parallel: list[bool] | Auto = "auto"
@@ -138,10 +140,10 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
 
 def check_job(job: Job) -> None:
     """Checks that need the model and cluster together."""
-    if job.model.moe is not None:
-        # The catalogue and the compute model know MoE and MLA; memory, expert
-        # parallelism in the search and the launch flags do not yet (issue 6).
-        raise SpecError(job.source, "model", "a dense model: loom does not plan mixture-of-experts layouts yet", job.model.name)
+    if job.model.moe is not None and job.framework == "deepspeed":
+        # DeepSpeed's MoE layer lives in the user's model code (deepspeed.moe.layer.MoE);
+        # loom writes Megatron's MoE flags only.
+        raise SpecError(job.source, "framework", "megatron for mixture-of-experts models", job.framework)
     for node in job.cluster.nodes:
         if not node.gpu.supports(job.precision):
             raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)

@@ -56,3 +56,15 @@ def pipeline_link(node: Node, stride: int, pp: int) -> Link:
     if stride * pp <= node.gpus_per_node:
         return nvlink(node)
     return Link(node.nic_GBps_per_gpu * NIC_EFFICIENCY, NETWORK_LATENCY_S, "network")
+
+
+def all_to_all_link(node: Node, size: int, stride: int) -> tuple[Link, float]:
+    """The link an all-to-all over the group runs on, and the share of each
+    GPU's buffer that leaves its node: NVLink inside a node; across nodes,
+    each GPU's own NIC share (an all-to-all gets no k-fold ring channels)."""
+    if size == 1:
+        return LOCAL, 0.0
+    k = members_per_node(size, stride, node.gpus_per_node)
+    if k >= size:
+        return nvlink(node), 0.0
+    return Link(node.nic_GBps_per_gpu * NIC_EFFICIENCY, NETWORK_LATENCY_S, "network"), (size - k) / size

@@ -81,7 +81,10 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
             activation_bytes=activation_bytes * (1 + ALLOCATOR_SLACK_FRACTION),
         )
 
-    decoder = layer(Chunk(0, 1), layer_activation_bytes(shape, layout.recompute))
+    # Dense and MoE decoder layers (DeepSeek-V3 keeps its first layers dense).
+    kinds = {moe: layer(Chunk(first, 1), layer_activation_bytes(shape, layout.recompute, moe))
+             for first, moe in ((0, False), (model.moe.first_dense_layers if model.moe else 0, model.moe is not None))}
+    decoders = [kinds[model.is_moe_layer(i)] for i in range(model.num_layers)]
     # A vision tower runs with the text embedding on the first chunk
     # (Megatron's LLaVA builds its encoder on pipeline rank 0): one entry.
     vision = model.vision
@@ -101,8 +104,8 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
 
     fixed = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
     if layout.recompute == "full":
-        fixed += layer_activation_bytes(shape, "none") * (1 + ALLOCATOR_SLACK_FRACTION)
-    reference_layer_s = decoder.work_s
+        fixed += layer_activation_bytes(shape, "none", moe=model.moe is not None) * (1 + ALLOCATOR_SLACK_FRACTION)
+    reference_layer_s = decoders[0].work_s
     devices = []
     for g, gpu in enumerate(groups):
         last = g == layout.pp - 1 and not groups_move
@@ -112,7 +115,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
             fixed_bytes=fixed + (head_bytes * (1 + ALLOCATOR_SLACK_FRACTION) if last else 0.0),
         ))
     return PartitionProblem(
-        layers=(embedding, *[decoder] * job.model.num_layers, head),
+        layers=(embedding, *decoders, head),
         pp=layout.pp,
         vpp=layout.vpp,
         microbatches=layout.num_microbatches,

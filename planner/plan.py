@@ -86,6 +86,14 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
             problems.append((field, expected, got))
 
     need(layout.world_size <= job.cluster.num_gpus, "tp*pp*dp*cp", f"at most the cluster's {job.cluster.num_gpus} GPUs", layout.world_size)
+    if model.moe is None:
+        need(layout.ep == 1 and layout.etp == 1, "ep", "1 (expert parallelism needs an MoE model)", layout.ep)
+    else:
+        need(model.moe.num_experts % layout.ep == 0, "ep", f"a divisor of {model.moe.num_experts} experts", layout.ep)
+        need(model.moe.expert_ffn_hidden_size % layout.etp == 0, "etp", f"a divisor of the expert width {model.moe.expert_ffn_hidden_size}", layout.etp)
+        stage_ranks = layout.tp * layout.cp * layout.dp
+        need(stage_ranks % (layout.ep * layout.etp) == 0, "ep", f"ep x etp dividing a stage's tp x cp x dp = {stage_ranks} ranks", layout.ep * layout.etp)
+        need(layout.tp == 1 or layout.sequence_parallel, "sequence_parallel", "on with tp > 1 for MoE (Megatron requires it)", layout.sequence_parallel)
     need(model.num_attention_heads % layout.tp == 0, "tp", f"a divisor of {model.num_attention_heads} attention heads", layout.tp)
     need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
     chunks = layout.pp * layout.vpp

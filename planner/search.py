@@ -79,6 +79,9 @@ def _choices(job: Job) -> dict[str, list]:
     auto = {
         "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
         "cp": [c for c in (1, 2, 4, 8) if job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
+        "ep": [e for e in _divisors(model.moe.num_experts) if e <= gpus] if model.moe else [1],
+        # Experts are small GEMMs already: splitting them (ETP) rarely pays; Megatron's MoE recipes keep etp = 1.
+        "etp": [1],
         "pp": [p for p in _divisors(gpus) if p <= model.num_layers] if megatron else [p for p in _divisors(model.num_layers) if gpus % p == 0],
         "vpp": None if megatron else [1],  # per pp: see _virtual_stages
         "micro_batch_size": [1, 2, 4, 8],
@@ -100,9 +103,9 @@ def _virtual_stages(num_layers: int, pp: int) -> list[int]:
 def candidate_layouts(job: Job) -> Iterator[Layout]:
     """Every combination of knob values, with dp filling the cluster."""
     c, gpus = _choices(job), job.cluster.num_gpus
-    for tp, cp, pp in itertools.product(c["tp"], c["cp"], c["pp"]):
-        if gpus % (tp * cp * pp):
-            continue
+    for tp, cp, pp, ep, etp in itertools.product(c["tp"], c["cp"], c["pp"], c["ep"], c["etp"]):
+        if gpus % (tp * cp * pp) or (gpus // pp) % (ep * etp):
+            continue  # expert ranks regroup the tp x cp x dp ranks of a stage
         dp = gpus // (tp * cp * pp)
         sequence_parallel = [tp > 1] if c["sequence_parallel"] is None else c["sequence_parallel"]
         for vpp, mbs, sp, recompute, dist_opt, zero in itertools.product(
@@ -111,7 +114,7 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
             if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
                 continue  # same layout as the one without the knob
             yield Layout(
-                tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
+                tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
                 sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero,
             )
 
@@ -135,7 +138,9 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     only they are checked. Otherwise every stage is."""
     shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
     even = len({stage.num_layers for stage in stages}) == 1
-    candidates = {0, len(stages) - 1} if even and not job.cluster.heterogeneous else range(len(stages))
+    # Dense first layers (DeepSeek-V3) make the stages after them heavier in parameters.
+    alike = even and not job.cluster.heterogeneous and not (job.model.moe and job.model.moe.first_dense_layers)
+    candidates = {0, len(stages) - 1} if alike else range(len(stages))
     return max(
         (_Fullest(stage_memory(shape, layout, stages[s], job.framework).peak_bytes, gpus[s].memory_bytes) for s in candidates),
         key=lambda fullest: fullest.peak_bytes / fullest.capacity_bytes,

@@ -26,10 +26,10 @@ from loom.planner.efficiency import memory_time_s
 from loom.planner.job import Job
 from loom.planner.layout import Layout
 from loom.planner.memory import GRAD_BYTES, WEIGHT_BYTES, stage_params
-from loom.planner.network import NETWORK_LATENCY_S, NVLINK_LATENCY_S, group_link, pipeline_link
+from loom.planner.network import NETWORK_LATENCY_S, NVLINK_LATENCY_S, all_to_all_link, group_link, pipeline_link
 from loom.planner.stages import Chunk, Placement, Stage, default_placement
 from loom.planner.topology import Topology, neighbour_pairs, rank_groups
-from loom.solvers.links import crosses_nodes, group_bandwidth_GBps
+from loom.solvers.links import all_to_all_GBps, crosses_nodes, group_bandwidth_GBps
 from loom.profiles.catalogue import GPU
 
 # Megatron's DDP bucket: max(40M, 1M x dp) parameters (megatron/core/distributed/
@@ -86,7 +86,8 @@ class Links:
     dp: Link  # the dp-cp group of the gradient reduce
     pp: Link  # between pipeline neighbours
     embedding: Link  # between the first and last stage
-    ep: Link = LOCAL  # MoE token all-to-all
+    ep: Link = LOCAL  # MoE token all-to-all (per GPU, see network.all_to_all_link)
+    ep_remote_share: float = 0.0  # of each GPU's all-to-all buffer that leaves its node
     expert_dp: Link = LOCAL  # the experts' gradient reduce
 
     @classmethod
@@ -110,7 +111,8 @@ def _uniform_links(node: Node, layout: Layout) -> Links:
         pp=pp,
         embedding=pipeline_link(node, stage_ranks * (layout.pp - 1), 2) if layout.pp > 1 else pp,
         # Expert ranks are ordered tp-ep-dp-pp with etp in place of tp (RankGenerator for experts).
-        ep=group_link(node, layout.ep, layout.etp),
+        ep=all_to_all_link(node, layout.ep, layout.etp)[0],
+        ep_remote_share=all_to_all_link(node, layout.ep, layout.etp)[1],
         expert_dp=group_link(node, layout.expert_dp, layout.etp * layout.ep),
     )
 
@@ -133,8 +135,16 @@ def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Place
     return Links(
         tp=link(groups["tp"]), cp=link(groups["cp"]), dp=link(groups["dp-cp"]),
         pp=link(neighbour_pairs(groups["pp"])), embedding=link(groups["embedding"]),
-        ep=link(groups["ep"]), expert_dp=link(groups["expert-dp"]),
+        **_all_to_all(topology, slots[groups["ep"]]), expert_dp=link(groups["expert-dp"]),
     )
+
+
+def _all_to_all(topology: Topology, placed: np.ndarray) -> dict:
+    if placed.shape[1] == 1:
+        return {"ep": LOCAL, "ep_remote_share": 0.0}
+    bandwidth, share = all_to_all_GBps(topology.bandwidth_GBps, topology.host_of_slot, placed)
+    link = Link(bandwidth, NETWORK_LATENCY_S, "network") if share else Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
+    return {"ep": link, "ep_remote_share": share}
 
 
 def _tp_collectives_s(bytes_: float, layout: Layout, link: Link, count: int) -> float:
@@ -162,6 +172,8 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         fwd, bwd = fwd + compute.embedding(shape, gpu), bwd + compute.embedding(shape, gpu, backward=True)
     if chunk.head:
         fwd, bwd = fwd + compute.head(shape, gpu), bwd + compute.head(shape, gpu, backward=True)
+        if shape.model.mtp_layers:
+            fwd, bwd = fwd + compute.mtp(shape, gpu), bwd + compute.mtp(shape, gpu, backward=True)
     if chunk.vision:
         fwd, bwd = fwd + compute.vision_tower(shape, gpu), bwd + compute.vision_tower(shape, gpu, backward=True)
 
@@ -200,9 +212,10 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     # every pass (megatron-core's alltoall token dispatcher); the busiest
     # rank's share sets the pace. Not overlapped by default.
     ep_fwd = 0.0
+    n_moe += chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
     if n_moe:
         routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES
-        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes * features.moe_load_imbalance, layout.ep, links.ep)
+        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes * features.moe_load_imbalance, layout.ep, links.ep, links.ep_remote_share)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.
     return ChunkTime(

@@ -47,3 +47,20 @@ def crosses_nodes(host_of_slot: np.ndarray, groups: np.ndarray) -> bool:
     """Whether any group spans more than one node."""
     hosts = host_of_slot[np.asarray(groups)]
     return bool((hosts != hosts[:, :1]).any())
+
+
+def all_to_all_GBps(bandwidth_GBps: np.ndarray, host_of_slot: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """An all-to-all is not a ring: every GPU sends its own share straight to
+    every other member, the part for other nodes through its own NIC. So the
+    slowest pair across nodes (not k times it) and the share that leaves the
+    node ((n - k) / n with k members per node) set its time. Returns (the
+    slowest pair across nodes, or inside one when the groups stay in a node;
+    the largest share any member sends off its node)."""
+    groups = np.asarray(groups)
+    hosts = host_of_slot[groups]
+    same = hosts[:, :, None] == hosts[:, None, :]
+    pair = bandwidth_GBps[groups[:, :, None], groups[:, None, :]]
+    remote_share = float(1 - same.sum(axis=2).min() / groups.shape[1])
+    if remote_share == 0:
+        return float(np.where(same & ~np.eye(groups.shape[1], dtype=bool), pair, np.inf).min()), 0.0
+    return float(np.where(same, np.inf, pair).min()), remote_share

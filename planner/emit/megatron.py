@@ -51,8 +51,10 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
     so loom never writes a launch that fails or silently runs another layout."""
     model = job.model
     problems = []
-    if layout.ep != 1:
-        problems.append(f"expert parallelism ({layout.ep}) on a dense model")
+    if model.moe is None and (layout.ep, layout.etp) != (1, 1):
+        problems.append(f"expert parallelism (EP{layout.ep} ETP{layout.etp}) on a dense model")
+    if model.moe is not None and layout.tp > 1 and not layout.sequence_parallel:
+        problems.append("MoE with tensor parallelism needs sequence parallelism")
     if model.num_attention_heads % layout.tp or model.num_query_groups % layout.tp:
         problems.append(f"{model.num_attention_heads} heads / {model.num_query_groups} query groups over TP{layout.tp}")
     if layout.sequence_parallel and layout.tp == 1:
@@ -142,6 +144,44 @@ def _model_args(job: Job) -> list[str]:
         args.append("--disable-bias-linear")
         if m.qkv_bias:
             args.append("--add-qkv-bias")
+    if m.qk_norm:
+        args.append("--qk-layernorm")
+    return args + _mla_args(m) + _moe_args(m)
+
+
+def _mla_args(m: ModelSpec) -> list[str]:
+    """Multi-head latent attention (megatron-core's MLATransformerConfig)."""
+    if m.mla is None:
+        return []
+    args = ["--multi-latent-attention", "--kv-lora-rank", str(m.mla.kv_lora_rank), "--qk-head-dim", str(m.mla.qk_nope_head_dim),
+            "--qk-pos-emb-head-dim", str(m.mla.qk_rope_head_dim), "--v-head-dim", str(m.mla.v_head_dim)]
+    if m.mla.q_lora_rank:
+        args += ["--q-lora-rank", str(m.mla.q_lora_rank)]
+    return args
+
+
+def _moe_args(m: ModelSpec) -> list[str]:
+    """MoE layers: experts, router, the alltoall token dispatcher with grouped
+    GEMMs (what the time model prices), and the dense-then-MoE pattern as a
+    ``--moe-layer-freq`` list expression (DeepSeek-V3: ``([0]*3+[1]*58)``)."""
+    moe = m.moe
+    if moe is None:
+        return []
+    args = [
+        "--num-experts", str(moe.num_experts),
+        "--moe-router-topk", str(moe.top_k),
+        "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
+        "--moe-token-dispatcher-type", "alltoall",
+        "--moe-grouped-gemm",
+        "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-aux-loss-coeff", "1e-2",
+    ]
+    if moe.shared_ffn_hidden_size:
+        args += ["--moe-shared-expert-intermediate-size", str(moe.shared_ffn_hidden_size)]
+    if moe.first_dense_layers:
+        args += ["--moe-layer-freq", f"([0]*{moe.first_dense_layers}+[1]*{m.num_layers - moe.first_dense_layers})"]
+    if m.mtp_layers:
+        args += ["--mtp-num-layers", str(m.mtp_layers)]
     return args
 
 
@@ -158,6 +198,8 @@ def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> lis
         "--pipeline-model-parallel-size", str(layout.pp),
         "--context-parallel-size", str(layout.cp),
     ]
+    if model.moe is not None:
+        args += ["--expert-model-parallel-size", str(layout.ep), "--expert-tensor-parallel-size", str(layout.etp)]
     if layout.sequence_parallel:
         args.append("--sequence-parallel")
     args += _split_args(layout, stages)
