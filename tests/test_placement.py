@@ -4,11 +4,13 @@ around it (cluster graph, links per group, search, report)."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
+import yaml
 
-from loom.planner.cluster import parse_cluster
+from loom.planner.cluster import load_cluster, parse_cluster
 from loom.planner.errors import SpecError
 from loom.planner.job import Job
 from loom.planner.layout import Layout
@@ -232,3 +234,48 @@ def test_volumes_follow_the_time_model():
     assert volume["pp"] == pytest.approx(2 * 64 * (activation_GB + link.latency_s * link.bandwidth_GBps), rel=1e-9)
     # TP dwarfs DP, which dwarfs the pipeline's sends.
     assert volume["tp"] > volume["dp-cp"] > volume["pp"]
+
+
+def test_a_measured_links_profile_prices_the_groups(tmp_path):
+    """A links profile (what `loom profile links` writes) replaces the
+    cluster file's figures: a pair measured slow slows the TP group it is in,
+    and the placement solver moves the group off it."""
+    hosts = [f"node{n:03d}" for n in range(2)]
+    gpus = [(host, g) for host in hosts for g in range(4)]
+    size = len(gpus)
+    bandwidth = [[None if i == j else (300.0 if gpus[i][0] == gpus[j][0] else 40.0) for j in range(size)] for i in range(size)]
+    bandwidth[1][2] = bandwidth[2][1] = 30.0  # a slow pair inside node000
+    profile = {
+        "schema_version": 1, "kind": "links", "backend": "nccl", "device": "NVIDIA H100", "torch_version": "2.13.0",
+        "gpus": [{"rank": i, "host": host, "local_gpu": g} for i, (host, g) in enumerate(gpus)],
+        "message_bytes": 1 << 26, "latency_message_bytes": 8, "repeats": 10, "warmup": 2,
+        "bandwidth_GBps": bandwidth,
+        "latency_s": [[None if i == j else 1e-5 for j in range(size)] for i in range(size)],
+        "rounds": [], "all_reduce": [],
+    }
+    (tmp_path / "links.json").write_text(json.dumps(profile))
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({**H100, "gpus_per_node": 4, "nics_per_node": 4, "nodes": 2, "links_profile": "links.json"}))
+    cluster = load_cluster(cluster_file)
+    assert cluster.topology.measured and cluster.topology.bandwidth_GBps[1, 2] == 30.0
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster, global_batch_size=64, seq_length=4096)
+    layout = Layout(tp=2, pp=1, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    assert Links.of(job, layout).tp.bandwidth_GBps == 300.0  # Megatron's TP pairs (0,1) and (2,3) avoid (1,2)
+    crossed = Layout(tp=4, pp=1, dp=2, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    assert Links.of(job, crossed).tp.bandwidth_GBps == 30.0
+    placed = place(evaluate(job, crossed), time_limit_s=5)
+    assert placed.placement_solve.status == "optimal"  # TP4 fills the node: the slow pair is unavoidable
+    assert placed.step_time_s == evaluate(job, crossed).step_time_s
+
+
+def test_a_links_profile_missing_a_gpu_is_bad_input(tmp_path):
+    profile = {
+        "schema_version": 1, "kind": "links", "backend": "gloo", "device": "cpu", "torch_version": "2.13.0",
+        "gpus": [{"rank": 0, "host": "node000", "local_gpu": 0}, {"rank": 1, "host": "node000", "local_gpu": 1}],
+        "message_bytes": 8, "latency_message_bytes": 8, "repeats": 1, "warmup": 0,
+        "bandwidth_GBps": [[None, 1.0], [1.0, None]], "latency_s": [[None, 1e-5], [1e-5, None]], "rounds": [[[0, 1]]], "all_reduce": [],
+    }
+    (tmp_path / "links.json").write_text(json.dumps(profile))
+    cluster = parse_cluster({**H100, "gpus_per_node": 4, "nics_per_node": 4, "nodes": 1, "links_profile": str(tmp_path / "links.json")}, "c.yaml")
+    with pytest.raises(SpecError, match="missing"):
+        cluster.topology
