@@ -145,7 +145,7 @@ class Cluster:
     def node_of_host(self) -> dict[str, Node]:
         return {node.host: node for node in self.nodes}
 
-    @property
+    @cached_property
     def uniform(self) -> bool:
         """Every node alike and nothing in between: the closed-form link
         formulas of planner/network.py are exact, no graph is needed."""

@@ -11,6 +11,7 @@ paper's sbh(10 + 24/t + 5as/(ht)) without and 34sbh/t with sequence parallelism.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from loom.planner.compute import ACT_BYTES, Shape
@@ -63,34 +64,42 @@ def _attention_params_per_gpu(model: ModelSpec, tp: int) -> float:
     return replicated + (model.attention_params() - replicated) / tp
 
 
-def _layer_params_per_gpu(model: ModelSpec, layout: Layout, moe: bool) -> StageParams:
-    """One decoder layer on one GPU. An MoE layer holds the router
-    (replicated), the shared experts (split over TP) and num_experts / ep
-    routed experts, each split etp ways."""
-    t, h = layout.tp, model.hidden_size
+@functools.cache
+def _layer_params_per_gpu(model: ModelSpec, t: int, ep: int, etp: int, moe: bool) -> StageParams:
+    """One decoder layer on one GPU under TP ``t``. An MoE layer holds the
+    router (replicated), the shared experts (split over TP) and
+    num_experts / ep routed experts, each split etp ways."""
+    h = model.hidden_size
     linear = _attention_params_per_gpu(model, t)
     other = 2 * model.norm_params() + 2 * model.head_dim * model.qk_norm
     if not moe:
         return StageParams(total=linear + model.mlp_params() / t + other, linear=linear + model.mlp_params() / t, expert=0.0)
-    experts = model.moe.num_experts // layout.ep * model.moe.expert_params(h) / layout.etp
+    experts = model.moe.num_experts // ep * model.moe.expert_params(h) / etp
     linear += 3 * h * model.moe.shared_ffn_hidden_size / t + experts
     return StageParams(total=linear + other + h * model.moe.num_experts, linear=linear, expert=experts)
 
 
 def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> StageParams:
-    """Parameters on one GPU of this stage.
+    """Parameters on one GPU of this stage (they depend on its chunks and the
+    TP and expert degrees only, so layouts share the count)."""
+    return _chunks_params(model, layout.tp, layout.ep, layout.etp, stage.chunks)
+
+
+@functools.cache
+def _chunks_params(model: ModelSpec, t: int, ep: int, etp: int, chunks: tuple[Chunk, ...]) -> StageParams:
+    """Parameters on one GPU of the stage running ``chunks``.
 
     TP splits the linear layers and the vocabulary; norms and position
     embeddings are replicated. With tied embeddings and pp > 1 the last stage
     keeps its own copy of the word embeddings for the output layer (Megatron),
     and runs the multi-token prediction modules (each a 2h -> h projection and
     one more layer)."""
-    t = layout.tp
-    moe_layers = sum(model.moe_layers_in(chunk.first_layer, chunk.num_layers) for chunk in stage.chunks)
+    stage = Stage(index=0, chunks=chunks, ranks=())
+    moe_layers = sum(model.moe_layers_in(chunk.first_layer, chunk.num_layers) for chunk in chunks)
     layers = [(stage.num_layers - moe_layers, False), (moe_layers, True)]
     if stage.head and model.mtp_layers:
         layers.append((model.mtp_layers, model.moe is not None))
-    pieces = [(count, _layer_params_per_gpu(model, layout, moe)) for count, moe in layers if count]
+    pieces = [(count, _layer_params_per_gpu(model, t, ep, etp, moe)) for count, moe in layers if count]
     linear = sum(count * piece.linear for count, piece in pieces)
     expert = sum(count * piece.expert for count, piece in pieces)
     other = sum(count * (piece.total - piece.linear) for count, piece in pieces)

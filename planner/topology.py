@@ -25,14 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from loom.planner.cluster import Cluster, Node
 from loom.planner.errors import SpecError
 from loom.planner.layout import Layout
 from loom.planner.network import NIC_EFFICIENCY, NVLINK_EFFICIENCY
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: cached per cluster
@@ -61,6 +64,8 @@ def build_topology(cluster: Cluster) -> Topology:
 
 def cluster_graph(cluster: Cluster) -> nx.Graph:
     """GPUs, NICs, leaf switches and the spine, with per-flow ``GBps`` on each edge."""
+    import networkx as nx  # only clusters with a fabric need the graph
+
     fabric, per_node = cluster.fabric, cluster.gpus_per_node
     graph = nx.Graph()
     graph.add_node("spine", kind="spine", oversubscription=fabric.spine_oversubscription)

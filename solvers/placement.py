@@ -41,11 +41,14 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from loom.solvers.links import group_bandwidth_GBps
+
+if TYPE_CHECKING:
+    from ortools.sat.python import cp_model
 
 # CP-SAT objectives are integers: seconds are counted in nanoseconds.
 TICKS_PER_S = 1e9
@@ -174,11 +177,20 @@ def _finish(problem: PlacementProblem, slot_of_rank: np.ndarray, bound_s: float,
 # ---------------------------------------------------------------- exact model
 
 
+def _cp_sat():
+    """OR-Tools' CP-SAT, loaded on first solve: it pulls in pandas (~0.4 s),
+    which plans on uniform clusters never need."""
+    from ortools.sat.python import cp_model
+
+    return cp_model
+
+
 def exact(problem: PlacementProblem, time_limit_s: float) -> PlacementSolution:
     started = time.perf_counter()
+    cp = _cp_sat()
     ranks = np.arange(problem.num_ranks)
     hosts = np.unique(problem.host_of_slot)
-    model = cp_model.CpModel()
+    model = cp.CpModel()
     on = {}  # (rank, slot) -> bool
     block_on = {}  # (block, host) -> bool
     for block in range(problem.num_blocks):
@@ -203,13 +215,13 @@ def exact(problem: PlacementProblem, time_limit_s: float) -> PlacementSolution:
     for (rank, slot), var in on.items():
         model.AddHint(var, int(problem.start[rank] == slot))
     status, solver = _solve(model, objective, time_limit_s)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    if status not in (cp.OPTIMAL, cp.FEASIBLE):
         return _finish(problem, problem.start, lower_bound_s(problem), False, "exact", started)
     slot_of_rank = np.array([next(s for s in slots_of_rank[r] if solver.Value(on[r, s])) for r in ranks])
     # Less one tick per rounded coefficient, so the bound stays a bound.
     solver_bound_s = (objective.constant + solver.BestObjectiveBound() - len(objective.terms)) / TICKS_PER_S
     bound_s = max(lower_bound_s(problem), solver_bound_s)
-    return _finish(problem, slot_of_rank, bound_s, status == cp_model.OPTIMAL, "exact", started)
+    return _finish(problem, slot_of_rank, bound_s, status == cp.OPTIMAL, "exact", started)
 
 
 @dataclass
@@ -277,7 +289,7 @@ def _solve(model: cp_model.CpModel, objective: _Objective, time_limit_s: float):
     CP-SAT's deterministic seconds run 2-4x slower than wall seconds on this
     kind of model, hence half the limit; the wall-clock cap is a safety net."""
     model.Minimize(sum(-round(gain) * var for gain, var in objective.terms))
-    solver = cp_model.CpSolver()
+    solver = _cp_sat().CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.max_deterministic_time = time_limit_s / 2
     solver.parameters.max_time_in_seconds = 4 * time_limit_s
@@ -365,7 +377,8 @@ def _place_blocks(problem: PlacementProblem, time_limit_s: float) -> np.ndarray:
     with the better of the start and the leaf packing."""
     hosts = _hosts(problem)
     start_host = _hint(problem, hosts)
-    model = cp_model.CpModel()
+    cp = _cp_sat()
+    model = cp.CpModel()
     classes_of: dict[int, list] = {}  # block -> [(class, "block is in class")]
     for block in range(problem.num_blocks):
         start_class = hosts.class_of_host[start_host[block]]
@@ -385,7 +398,7 @@ def _place_blocks(problem: PlacementProblem, time_limit_s: float) -> np.ndarray:
         if groups and kind.volume_GB > 0:
             _add_block_levels(model, hosts, kind, groups, classes_of, objective)
     status, solver = _solve(model, objective, time_limit_s)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    if status not in (cp.OPTIMAL, cp.FEASIBLE):
         return start_host
     chosen = {block: next(c for c, var in options if solver.Value(var)) for block, options in classes_of.items()}
     return _hosts_in_classes(hosts, start_host, chosen)
