@@ -88,6 +88,7 @@ class Links:
     embedding: Link  # between the first and last stage
     ep: Link = LOCAL  # MoE token all-to-all (per GPU, see network.all_to_all_link)
     ep_remote_share: float = 0.0  # of each GPU's all-to-all buffer that leaves its node
+    etp: Link = LOCAL  # expert tensor parallel: gathers each expert's tokens
     expert_dp: Link = LOCAL  # the experts' gradient reduce
 
     @classmethod
@@ -113,6 +114,7 @@ def _uniform_links(node: Node, layout: Layout) -> Links:
         # Expert ranks are ordered tp-ep-dp-pp with etp in place of tp (RankGenerator for experts).
         ep=all_to_all_link(node, layout.ep, layout.etp)[0],
         ep_remote_share=all_to_all_link(node, layout.ep, layout.etp)[1],
+        etp=group_link(node, layout.etp, 1),
         expert_dp=group_link(node, layout.expert_dp, layout.etp * layout.ep),
     )
 
@@ -135,7 +137,7 @@ def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Place
     return Links(
         tp=link(groups["tp"]), cp=link(groups["cp"]), dp=link(groups["dp-cp"]),
         pp=link(neighbour_pairs(groups["pp"])), embedding=link(groups["embedding"]),
-        **_all_to_all(topology, slots[groups["ep"]]), expert_dp=link(groups["expert-dp"]),
+        **_all_to_all(topology, slots[groups["ep"]]), etp=link(groups["etp"]), expert_dp=link(groups["expert-dp"]),
     )
 
 
@@ -215,7 +217,11 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     n_moe += chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
     if n_moe:
         routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES
-        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes * features.moe_load_imbalance, layout.ep, links.ep, links.ep_remote_share)
+        routed_bytes *= features.moe_load_imbalance
+        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes, layout.ep, links.ep, links.ep_remote_share)
+        # With ETP each expert's tokens are all-gathered over its ETP ranks
+        # before the expert GEMMs and reduce-scattered after.
+        ep_fwd += n_moe * (all_gather_s(routed_bytes * layout.etp, layout.etp, links.etp) + reduce_scatter_s(routed_bytes * layout.etp, layout.etp, links.etp))
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.
     return ChunkTime(

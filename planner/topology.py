@@ -155,7 +155,7 @@ def rank_groups(layout: Layout) -> dict[str, np.ndarray]:
     rank = tp_i + tp (cp_i + cp (dp_i + dp pp_i)). The gradient reduce runs
     over the ``dp-cp`` group (CP ranks hold the same weights); ``pp`` rows are
     whole pipelines, ``embedding`` the first and last stage's ranks that share
-    the tied word embedding; ``ep`` and ``expert-dp`` are the MoE layers' groups."""
+    the tied word embedding; ``ep``, ``etp`` and ``expert-dp`` are the MoE layers' groups."""
     grid = np.arange(layout.world_size).reshape(layout.pp, layout.dp, layout.cp, layout.tp)
     pipelines = grid.transpose(1, 2, 3, 0).reshape(-1, layout.pp)
     # MoE layers regroup the same ranks as tp-ep-dp-pp with etp in place of tp.
@@ -167,6 +167,7 @@ def rank_groups(layout: Layout) -> dict[str, np.ndarray]:
         "pp": pipelines,
         "embedding": pipelines[:, [0, -1]] if layout.pp > 1 else pipelines,
         "ep": experts.transpose(0, 1, 3, 2).reshape(-1, layout.ep),
+        "etp": experts.reshape(-1, layout.etp),
         "expert-dp": experts.transpose(0, 2, 3, 1).reshape(-1, layout.expert_dp),
     }
 

@@ -38,6 +38,7 @@ def test_expert_groups_are_megatrons():
         expert_dp = tp * dp // (ep * etp)
         theirs = parallel_state.RankGenerator(tp=etp, ep=ep, dp=expert_dp, pp=pp, cp=1, order="tp-ep-dp-pp")
         assert sorted(map(tuple, ours["ep"].tolist())) == sorted(map(tuple, theirs.get_ranks("ep")))
+        assert sorted(map(tuple, ours["etp"].tolist())) == sorted(map(tuple, theirs.get_ranks("tp")))
         assert sorted(map(tuple, ours["expert-dp"].tolist())) == sorted(map(tuple, theirs.get_ranks("dp")))
 
 
@@ -67,6 +68,12 @@ def test_token_all_to_all_costs_more_across_nodes():
     assert Links.of(job, layout(dp=16, ep=8)).ep.kind == "nvlink"
     assert Links.of(job, layout(dp=16, ep=16)).ep.kind == "network"
     assert parts[16].chunks[0][0].ep_comm_s > 3 * parts[8].chunks[0][0].ep_comm_s > 0
+
+
+def test_expert_tensor_parallelism_gathers_tokens():
+    job = mixtral_job(nodes=1)
+    plain, split = (step_parts(job, lay, uniform_stages(MIXTRAL, lay), [job.cluster.slowest.gpu]) for lay in (layout(dp=8, ep=4), layout(dp=8, ep=4, etp=2)))
+    assert split.chunks[0][0].ep_comm_s > plain.chunks[0][0].ep_comm_s
 
 
 def test_load_imbalance_slows_the_experts():
