@@ -140,10 +140,11 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
 
 def check_job(job: Job) -> None:
     """Checks that need the model and cluster together."""
-    if job.model.moe is not None and job.framework == "deepspeed":
-        # DeepSpeed's MoE layer lives in the user's model code (deepspeed.moe.layer.MoE);
-        # loom writes Megatron's MoE flags only.
-        raise SpecError(job.source, "framework", "megatron for mixture-of-experts models", job.framework)
+    moe = job.model.moe
+    if moe is not None and job.framework == "deepspeed" and (moe.top_k > 2 or moe.shared_ffn_hidden_size or job.model.mla):
+        # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
+        # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
+        raise SpecError(job.source, "framework", f"megatron for {job.model.name} (DeepSpeed's MoE gates top-1/top-2 only, without shared experts)", job.framework)
     for node in job.cluster.nodes:
         if not node.gpu.supports(job.precision):
             raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)

@@ -117,6 +117,7 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)
         need(layout.pp == 1 or layout.zero_stage <= 1, "zero_stage", "0 or 1 with a DeepSpeed pipeline", layout.zero_stage)
         need(layout.vpp == 1, "vpp", "1 with DeepSpeed (PipelineModule has no interleaved schedule)", layout.vpp)
+        need(model.moe is None or layout.zero_stage <= 2, "zero_stage", "at most 2 for DeepSpeed MoE (ZeRO-3 does not shard experts)", layout.zero_stage)
     return problems
 
 

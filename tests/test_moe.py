@@ -161,3 +161,26 @@ def test_moe_flags_build_megatron_cores_config(model, degrees):
     dense = [i for i in range(spec.num_layers) if not spec.is_moe_layer(i)]
     if dense:
         assert [i for i, moe in enumerate(config.moe_layer_freq) if not moe] == dense
+
+
+def test_deepspeed_moe_snippet_binds_to_deepspeeds_moe_layer(tmp_path):
+    """Mixtral under DeepSpeed: the search uses EP, ds_config passes
+    DeepSpeedConfig, and the snippet's MoE(...) arguments bind to DeepSpeed's
+    own signature with loom's expert parallel size."""
+    import ast
+    import inspect
+
+    moe_layer = pytest.importorskip("deepspeed.moe.layer")
+    from loom.planner.emit import launch_files
+
+    job = Job(model=MIXTRAL, cluster=make_cluster(8), global_batch_size=256, seq_length=4096, framework="deepspeed")
+    best = search(job, top_k=1).plans[0]
+    assert best.fits and best.layout.ep > 1 and best.layout.zero_stage <= 2
+    files = launch_files(job, best.layout, list(best.stages), best.placement)
+    tree = ast.parse(files["moe_snippet.py"])
+    constants = {node.targets[0].id: node.value.value for node in tree.body if isinstance(node, ast.Assign)}
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "MoE")
+    arguments = {keyword.arg: constants.get(getattr(keyword.value, "id", None), getattr(keyword.value, "value", None)) for keyword in call.keywords}
+    inspect.signature(moe_layer.MoE.__init__).bind(None, **arguments)
+    assert arguments["ep_size"] == best.layout.ep and arguments["num_experts"] == 8 and arguments["k"] == 2
+    assert arguments["drop_tokens"] is False

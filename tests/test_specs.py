@@ -368,11 +368,11 @@ def test_deepseek_v3_has_latent_attention_and_dense_first_layers():
     assert model.moe.shared_ffn_hidden_size == 2048 and model.mtp_layers == 1
 
 
-def test_moe_models_need_megatron(tmp_path):
-    """DeepSpeed's MoE layer lives in the user's model code: loom writes Megatron's MoE flags only."""
+def test_top8_moe_models_need_megatron(tmp_path):
+    """DeepSpeed's MoE gates top-1 or top-2 and has no shared experts."""
     job = tmp_path / "job.yaml"
     cluster = "{nodes: 8, gpus_per_node: 8, gpu: H100, nvlink_GBps: 450, nics_per_node: 8, nic_Gbps: 400}"
-    job.write_text(f"model: mixtral-8x7b\ncluster: {cluster}\nglobal_batch_size: 256\nseq_length: 4096\nframework: deepspeed\n")
-    with pytest.raises(SpecError, match="mixture-of-experts") as error:
+    job.write_text(f"model: qwen3-235b-a22b\ncluster: {cluster}\nglobal_batch_size: 256\nseq_length: 4096\nframework: deepspeed\n")
+    with pytest.raises(SpecError, match="top-1/top-2") as error:
         load_job(job)
     assert error.value.field == "framework"

@@ -37,13 +37,17 @@ def deepspeed_files(job: Job, layout: Layout, stages: list[Stage], placement: Pl
     }
     if layout.pp > 1:
         files["pipeline_snippet.py"] = pipeline_snippet(layout, stages)
+    if job.model.moe is not None:
+        files["moe_snippet.py"] = moe_snippet(job, layout)
     return files
 
 
 def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> None:
     problems = []
-    if (layout.tp, layout.cp, layout.ep, layout.vpp) != (1, 1, 1, 1):
-        problems.append("TP, CP, EP and virtual stages must be 1 (they are Megatron features)")
+    if (layout.tp, layout.cp, layout.etp, layout.vpp) != (1, 1, 1, 1):
+        problems.append("TP, CP, expert TP and virtual stages must be 1 (they are Megatron features)")
+    if layout.ep > 1 and job.model.moe is None:
+        problems.append(f"expert parallelism (EP{layout.ep}) on a dense model")
     if layout.sequence_parallel or layout.distributed_optimizer:
         problems.append("sequence parallelism / Megatron's distributed optimizer are not DeepSpeed features")
     if layout.pp > 1 and layout.zero_stage > 1:
@@ -207,3 +211,44 @@ def _layer_range(stage: Stage) -> str:
     chunk = stage.chunks[0]
     extras = (" + embedding" if chunk.embedding else "") + (" + head" if chunk.head else "")
     return f"{chunk.first_layer}-{chunk.first_layer + chunk.num_layers - 1}{extras}"
+
+
+def moe_snippet(job: Job, layout: Layout) -> str:
+    """Python for the user's model: DeepSpeed's MoE layer (deepspeed/moe/layer.py)
+    with loom's expert parallel size, dropless like the time model, and the
+    optimizer's parameter groups that keep expert gradients on their own
+    (expert data parallel) reduce."""
+    moe = job.model.moe
+    return "\n".join(
+        [
+            f'"""MoE layers written by loom for {job.model.name}: {moe.num_experts} experts, top-{moe.top_k},',
+            f"expert parallel size {layout.ep} (so {moe.num_experts // layout.ep} experts per GPU and expert data parallel {layout.expert_dp}).",
+            "Replace each decoder layer's MLP with moe_layer(expert), where expert is one",
+            f"gated MLP of width {moe.expert_ffn_hidden_size}, and build the optimizer from optimizer_groups(model).",
+            '"""',
+            "",
+            "from deepspeed.moe.layer import MoE",
+            "from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer",
+            "",
+            f"HIDDEN_SIZE = {job.model.hidden_size}",
+            f"NUM_EXPERTS = {moe.num_experts}",
+            f"EXPERT_PARALLEL_SIZE = {layout.ep}",
+            f"TOP_K = {moe.top_k}",
+            "",
+            "",
+            "def moe_layer(expert):",
+            "    return MoE(",
+            "        hidden_size=HIDDEN_SIZE,",
+            "        expert=expert,",
+            "        num_experts=NUM_EXPERTS,",
+            "        ep_size=EXPERT_PARALLEL_SIZE,",
+            "        k=TOP_K,",
+            "        drop_tokens=False,  # dropless, as loom's time model assumes",
+            "    )",
+            "",
+            "",
+            "def optimizer_groups(model):",
+            '    return split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "parameters"})',
+            "",
+        ]
+    )
