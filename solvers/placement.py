@@ -75,6 +75,7 @@ class PlacementProblem:
     block_size: int  # ranks r // block_size share a host
     start: np.ndarray  # rank -> slot: the placement to improve
     host_type: np.ndarray  # host -> GPU type id: blocks move only between hosts of one type
+    reorder_gpus: bool = True  # False: a block's ranks keep their GPUs' order on any host (DeepSpeed's runner)
 
     @property
     def num_ranks(self) -> int:
@@ -204,7 +205,7 @@ def exact(problem: PlacementProblem, time_limit_s: float) -> PlacementSolution:
     for rank in ranks:
         for (block, host), chosen in block_on.items():
             if block == rank // problem.block_size:
-                for slot in problem.slots_of_host(host):
+                for slot in _allowed_slots(problem, rank, host):
                     on[rank, slot] = model.NewBoolVar(f"rank{rank}@slot{slot}")
                     model.AddImplication(on[rank, slot], chosen)
         model.AddExactlyOne(v for (r, _), v in on.items() if r == rank)
@@ -222,6 +223,17 @@ def exact(problem: PlacementProblem, time_limit_s: float) -> PlacementSolution:
     solver_bound_s = (objective.constant + solver.BestObjectiveBound() - len(objective.terms)) / TICKS_PER_S
     bound_s = max(lower_bound_s(problem), solver_bound_s)
     return _finish(problem, slot_of_rank, bound_s, status == cp.OPTIMAL, "exact", started)
+
+
+def _allowed_slots(problem: PlacementProblem, rank: int, host: int) -> np.ndarray:
+    """The host's GPUs ``rank`` may run on: any, or when GPUs keep their order
+    the one at the rank's position in its block."""
+    slots = problem.slots_of_host(host)
+    if problem.reorder_gpus:
+        return slots
+    block = np.arange(rank - rank % problem.block_size, rank - rank % problem.block_size + problem.block_size)
+    position = int(np.argsort(np.argsort(problem.start[block]))[rank % problem.block_size])
+    return slots[position : position + 1]
 
 
 @dataclass
@@ -524,7 +536,7 @@ def _arrange_hosts(problem: PlacementProblem, slot_of_rank: np.ndarray) -> np.nd
     """Level 2: on each host, the GPU order that is best for the groups touching
     it, every permutation tried (8! = 40,320 at most, vectorised), the other
     hosts as they are. Hosts whose NVLink pairs are all alike are left alone."""
-    if problem.block_size > LEVEL2_MAX_GPUS:
+    if problem.block_size > LEVEL2_MAX_GPUS or not problem.reorder_gpus:
         return slot_of_rank
     slot_of_rank = slot_of_rank.copy()
     perms = np.array(list(itertools.permutations(range(problem.block_size))))
@@ -634,7 +646,7 @@ def _neighbour(problem: PlacementProblem, slot_of_rank: np.ndarray, rng: np.rand
     host_a, host_b = (problem.host_of_slot[slot_of_rank[x * size]] for x in (a, b))
     if a != b and problem.host_type[host_a] == problem.host_type[host_b] and rng.random() < 0.5:
         moved[a * size : (a + 1) * size], moved[b * size : (b + 1) * size] = slot_of_rank[b * size : (b + 1) * size], slot_of_rank[a * size : (a + 1) * size]
-    elif size > 1:
+    elif size > 1 and problem.reorder_gpus:
         i, j = a * size + rng.choice(size, size=2, replace=False)
         moved[i], moved[j] = slot_of_rank[j], slot_of_rank[i]
     return moved

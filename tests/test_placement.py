@@ -279,3 +279,25 @@ def test_a_links_profile_missing_a_gpu_is_bad_input(tmp_path):
     cluster = parse_cluster({**H100, "gpus_per_node": 4, "nics_per_node": 4, "nodes": 1, "links_profile": str(tmp_path / "links.json")}, "c.yaml")
     with pytest.raises(SpecError, match="missing"):
         cluster.topology
+
+
+def test_deepspeed_placements_keep_each_hosts_gpu_order():
+    """DeepSpeed's runner cannot reorder a host's GPUs: the solver moves whole
+    nodes only, and the launch files realise what it finds."""
+    from loom.planner.emit import launch_files
+
+    cluster = parse_cluster(
+        {**H100, "nodes": 4, "leaves": [[0, 2], [1, 3]], "spine_oversubscription": 2,
+         "link_overrides": [{"node": 1, "gpus": [1, 2], "GBps": 50}]}, "degraded.yaml")
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster, global_batch_size=256, seq_length=4096, framework="deepspeed")
+    layout = Layout(tp=1, pp=2, dp=16, cp=1, micro_batch_size=1, global_batch_size=256, zero_stage=1)
+    problem = placement_problem(evaluate(job, layout))
+    assert not problem.reorder_gpus
+    for solution in (exact(problem, 5) if len(problem.host_of_slot) <= 32 else decomposed(problem, 5), anneal(problem, 0.3)):
+        gpus = solution.slot_of_rank.reshape(-1, 8) % 8
+        assert (gpus == np.arange(8)).all()
+    placed = place(evaluate(job, layout), time_limit_s=5)
+    solve = placed.placement_solve
+    assert solve.communication_s < solve.start_s  # each stage's DP group moved under one leaf
+    assert placed.step_time_s <= placed.start_step_time_s
+    assert "hostfile" in launch_files(job, layout, list(placed.stages), placed.placement)
