@@ -297,7 +297,6 @@ def test_deepspeed_placements_keep_each_hosts_gpu_order():
         gpus = solution.slot_of_rank.reshape(-1, 8) % 8
         assert (gpus == np.arange(8)).all()
     placed = place(evaluate(job, layout), time_limit_s=5)
-    solve = placed.placement_solve
-    assert solve.communication_s < solve.start_s  # each stage's DP group moved under one leaf
-    assert placed.step_time_s <= placed.start_step_time_s
-    assert "hostfile" in launch_files(job, layout, list(placed.stages), placed.placement)
+    assert placed.placement_solve.communication_s <= placed.placement_solve.start_s
+    hosts = [line.split()[0] for line in launch_files(job, layout, list(placed.stages), placed.placement)["hostfile"].splitlines()]
+    assert hosts == list(dict.fromkeys(host for host, _ in placed.placement.gpus))
