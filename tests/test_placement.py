@@ -300,3 +300,29 @@ def test_deepspeed_placements_keep_each_hosts_gpu_order():
     assert placed.placement_solve.communication_s <= placed.placement_solve.start_s
     hosts = [line.split()[0] for line in launch_files(job, layout, list(placed.stages), placed.placement)["hostfile"].splitlines()]
     assert hosts == list(dict.fromkeys(host for host, _ in placed.placement.gpus))
+
+
+def test_launch_files_realise_the_solvers_placement(tmp_path):
+    """End to end: the solver re-places a degraded cluster's ranks; train.sh,
+    run per host with torchrun recorded, starts every rank on the GPU the plan
+    says; and the groups megatron-core's RankGenerator builds from those
+    ranks land on the GPUs whose links the solver priced."""
+    parallel_state = pytest.importorskip("megatron.core.parallel_state")
+    from loom.planner.emit import launch_files
+    from test_emit_megatron import placement_from_launch
+
+    job = degraded_job(link_overrides=[{"node": 1, "gpus": [1, 2], "GBps": 50}])
+    layout = Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=256, sequence_parallel=True, distributed_optimizer=True)
+    placed = place(evaluate(job, layout), time_limit_s=5)
+    assert placed.placement != evaluate(job, layout).placement
+    script = launch_files(job, layout, list(placed.stages), placed.placement)["train.sh"]
+    launched = placement_from_launch(tmp_path, script, sorted(job.cluster.hosts))
+    assert launched == list(placed.placement.gpus)
+    generator = parallel_state.RankGenerator(tp=layout.tp, ep=1, dp=layout.dp, pp=layout.pp, cp=1, order="tp-cp-ep-dp-pp")
+    ours = rank_groups(layout)
+    for name in ("tp", "dp-cp", "pp"):
+        theirs = {frozenset(launched[r] for r in group) for group in generator.get_ranks(name)}
+        priced = {frozenset(placed.placement.gpus[r] for r in group) for group in ours[name].tolist()}
+        assert theirs == priced, name
+    # The TP groups the solver priced avoid the slow pair, so the TP link is NVLink at full speed.
+    assert Links.of(job, layout, placed.placement).tp.bandwidth_GBps == pytest.approx(450 * 0.78)
