@@ -19,6 +19,7 @@ import json
 
 import pydantic
 
+from loom.cli.experts import experts
 from loom.cli.profile import profile_app
 from loom.cli.render import explain_tables, show
 from loom.planner.emit import launch_files, write_atomically
@@ -34,6 +35,7 @@ from loom.planner.search import search
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
 app.add_typer(profile_app, name="profile")
+app.command("experts")(experts)
 err = Console(stderr=True, highlight=False)
 
 # Options shared by plan and evaluate: the job file and what overrides it.

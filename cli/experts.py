@@ -1,0 +1,77 @@
+"""``loom experts``: place the routed experts of an MoE model on its EP ranks
+(replicas included), print per-GPU load and traffic for contiguous, greedy
+(EPLB) and loom, and write the expert map and SGLang's expert-location file."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+def experts(
+    loads: Annotated[Path, typer.Argument(help="Routed tokens per layer and expert: .npy or .json (layers x experts).", show_default=False)],
+    slots_per_gpu: Annotated[int, typer.Option(min=1, help="Expert slots per GPU, redundant ones included (slots x EP >= experts).")],
+    ep_size: Annotated[Optional[int], typer.Option(min=1, help="EP ranks (GPUs). Default with --cluster: all its GPUs.", show_default=False)] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(min=1, help="EP ranks per node (default: all on one node).", show_default=False)] = None,
+    cluster: Annotated[Optional[Path], typer.Option(help="Cluster YAML: the first --ep-size GPUs, priced on its links.", show_default=False)] = None,
+    trace: Annotated[Optional[Path], typer.Option(help="Top-k routing trace, .npy or .json (tokens x layers x top_k expert ids): inter-layer affinity.", show_default=False)] = None,
+    time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit (s).")] = 30.0,
+    cross_node_cost: Annotated[float, typer.Option(min=0.0, help="A token crossing nodes, in tokens of expert compute.")] = 1.0,
+    cross_gpu_cost: Annotated[float, typer.Option(min=0.0, help="A token crossing GPUs inside a node, same units.")] = 0.1,
+    dense_layers: Annotated[int, typer.Option(min=0, help="Leading dense layers SGLang's map needs rows for (DeepSeek-V3: 3).")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Write expert_map.json and expert_location.json (SGLang) here.", show_default=False)] = None,
+) -> None:
+    """Place experts and their replicas on EP ranks: balance the busiest GPU, cut cross-node traffic."""
+
+    def action() -> None:
+        from loom.planner.emit import write_atomically
+        from loom.planner.expert_map import expert_map, expert_problem, output_files, sglang_location
+        from loom.solvers import experts as solver
+
+        problem = expert_problem(loads, slots_per_gpu, ep_size, gpus_per_node, cluster, trace, cross_node_cost, cross_gpu_cost)
+        with err.status("placing experts") if err.is_terminal else nullcontext():
+            solution = solver.solve(problem, time_limit)
+        methods = {
+            "contiguous": solver.evaluate(problem, solver.contiguous_slots(problem)),
+            "greedy": solver.evaluate(problem, solver.greedy_slots(problem)),
+            "loom": solver.evaluate(problem, solution.expert_of_slot),
+        }
+        Console().print(_table(problem, methods, trace is not None))
+        err.print(f"loom: {solution.method}, {solution.status}, objective {solution.objective:,.1f}, bound {solution.bound:,.1f}, "
+                  f"gap {solution.gap:.1%}, {solution.wall_time_s:.1f} s")
+        if out is not None:
+            document = expert_map(problem, solution, methods, time_limit, dense_layers)
+            write_atomically(out, output_files(document, sglang_location(problem, solution.expert_of_slot, dense_layers)))
+            err.print(f"wrote expert_map.json and expert_location.json (SGLang --init-expert-location) to {escape(str(out))}")
+
+    _run(action)
+
+
+def _table(problem, methods: dict, traced: bool) -> Table:
+    """Per-GPU load (routed tokens, per layer on average) and traffic of each method."""
+    table = Table(title=f"{problem.experts} experts x {problem.layers} layers on {problem.gpus} GPUs, "
+                        f"{problem.slots_per_gpu} slots each ({problem.slots - problem.experts} redundant)", title_justify="left")
+    table.add_column("method", no_wrap=True)
+    for column in ("max load", "mean load", "max/mean", "cross-node", "cross-GPU", "objective"):
+        table.add_column(column, justify="right")
+    for name, figures in methods.items():
+        crossing = (f"{figures.cross_node_tokens:,.0f}", f"{figures.cross_gpu_tokens:,.0f}") if traced else ("-", "-")
+        table.add_row(name, f"{figures.max_load_tokens / problem.layers:,.1f}", f"{figures.mean_load_tokens / problem.layers:,.1f}",
+                      f"{figures.imbalance:.3f}", *crossing, f"{figures.objective:,.1f}")
+    table.caption = "load: routed tokens on a GPU per layer (busiest, mean); cross-node/-GPU: routed tokens over all layer pairs (needs --trace)"
+    return table
+
+
+def _run(action) -> None:
+    # Imported here: loom.cli.app imports this module.
+    from loom.cli.app import _run as run_mapping_errors_to_exit_codes
+
+    run_mapping_errors_to_exit_codes(action)

@@ -1,0 +1,232 @@
+"""Expert placement (solvers/experts.py): the exact model against brute force,
+the bound, loom against EPLB's greedy placement, the slots, determinism, and
+``loom experts``: its JSON contract, SGLang's expert-location file and its
+exit code on bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.planner.expert_map import MAP_FILE, SGLANG_FILE, ExpertMap
+from loom.solvers.experts import (
+    ExpertProblem,
+    _replicate,
+    affinity_from_trace,
+    brute_force,
+    check_placement,
+    contiguous,
+    decomposed,
+    evaluate,
+    exact,
+    greedy,
+    greedy_slots,
+    layer_loads,
+    link_cost_matrix,
+    loads_from_trace,
+    lower_bound,
+    solve,
+)
+from loom.solvers.synthetic_routing import correlated_trace, zipf_loads
+
+runner = CliRunner()
+
+
+def tiny_problem(seed: int, layers: int, experts: int, gpus: int, slots: int, top_k: int = 1) -> ExpertProblem:
+    """Integer loads and affinities (a top-k trace of 40 tokens), two nodes, dyadic link costs: CP-SAT's ticks are exact."""
+    rng = np.random.default_rng(seed)
+    trace = np.stack([[rng.choice(experts, top_k, replace=False) for _ in range(layers)] for _ in range(40)])
+    loads = rng.integers(0, 60, (layers, experts)).astype(float)
+    nodes = np.repeat([0, 1], [gpus - gpus // 2, gpus // 2])
+    return ExpertProblem(loads, nodes, slots, affinity_from_trace(trace, experts), link_cost_matrix(nodes, 1.0, 0.25))
+
+
+# (seed, layers, experts, GPUs, slots, top_k): up to 2 redundant slots, as in practice, so CP-SAT proves them in well under a second.
+TINY = [(0, 3, 3, 2, 2, 1), (1, 2, 4, 2, 3, 2), (2, 3, 4, 3, 2, 1), (3, 2, 5, 2, 3, 2), (4, 3, 3, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("case", TINY)
+def test_exact_model_matches_brute_force(case):
+    problem = tiny_problem(*case)
+    reference = brute_force(problem)
+    solved = exact(problem, time_limit_s=10.0)
+    assert solved.status == "optimal"
+    assert solved.objective == pytest.approx(reference.objective, rel=1e-9)
+    assert solved.bound == pytest.approx(reference.objective, rel=1e-9)
+    check_placement(problem, solved.expert_of_slot)
+
+
+@pytest.mark.parametrize("case", TINY)
+def test_every_method_reports_a_valid_bound(case):
+    problem = tiny_problem(*case)
+    optimum = brute_force(problem).objective
+    assert lower_bound(problem) <= optimum * (1 + 1e-9)
+    for method in (contiguous(problem), greedy(problem), decomposed(problem, time_limit_s=1.0), solve(problem, time_limit_s=5.0)):
+        assert method.bound <= optimum * (1 + 1e-9)
+        assert method.objective >= optimum * (1 - 1e-9)
+        assert 0.0 <= method.gap < 1.0
+
+
+def test_replica_counts_other_than_eplbs_when_every_slot_is_filled():
+    """40 and 3 tokens on 2 GPUs x 2 slots. EPLB gives the hot expert both
+    redundant slots: 3 replicas of 13.3, two of them on one GPU (26.7).
+    Two replicas each put 20 + 1.5 on every GPU."""
+    problem = ExpertProblem(np.array([[40.0, 3.0]]), np.array([0, 0]), 2)
+    assert problem.eplb_counts[0].tolist() == [3, 1]
+    greedy_busiest = layer_loads(problem, greedy_slots(problem)).max()
+    for solved in (exact(problem, time_limit_s=5.0), decomposed(problem, time_limit_s=1.0)):
+        assert np.bincount(solved.expert_of_slot[0]).tolist() == [2, 2]
+        assert layer_loads(problem, solved.expert_of_slot).max() == pytest.approx(brute_force(problem).objective)
+        assert layer_loads(problem, solved.expert_of_slot).max() < greedy_busiest
+
+
+def test_eplb_replication_minimises_the_largest_replica():
+    """``_replicate`` (EPLB's rule) against every count vector of a small layer."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        load = rng.integers(1, 100, 4).astype(float)
+        slots = int(rng.integers(4, 9))
+        counts = _replicate(load, np.ones(4, dtype=np.int64), slots)
+        assert counts.sum() == slots
+        best = min((load / np.array(c)).max() for c in itertools.product(range(1, slots), repeat=4) if sum(c) == slots)
+        assert (load / counts).max() == pytest.approx(best)
+
+
+def medium_problem(kind: str, seed: int = 0) -> ExpertProblem:
+    """32 experts x 6 layers on 8 GPUs (2 nodes of 4), 5 slots each (8 redundant)."""
+    nodes = np.arange(8) // 4
+    if kind == "trace":
+        trace = correlated_trace(1024, 6, 32, 2, 1.0, seed, successors=2, affinity=4.0)
+        return ExpertProblem(loads_from_trace(trace, 32), nodes, 5, affinity_from_trace(trace, 32))
+    return ExpertProblem(zipf_loads(6, 32, 2048, {"zipf 1.0": 1.0, "zipf 1.5": 1.5}[kind], seed), nodes, 5)
+
+
+@pytest.mark.parametrize("kind", ["zipf 1.0", "zipf 1.5", "trace"])
+def test_never_worse_than_greedy_on_any_layers_busiest_gpu(kind):
+    problem = medium_problem(kind)
+    solved = solve(problem, time_limit_s=1.0)
+    greedy_busiest = layer_loads(problem, greedy_slots(problem)).max(axis=1)
+    assert (layer_loads(problem, solved.expert_of_slot).max(axis=1) <= greedy_busiest * (1 + 1e-9)).all()
+    assert solved.objective <= evaluate(problem, greedy_slots(problem)).objective
+    assert solved.bound <= solved.objective
+
+
+def test_cuts_cross_node_traffic_when_experts_have_affinity():
+    problem = medium_problem("trace")
+    solved = solve(problem, time_limit_s=1.0)
+    assert evaluate(problem, solved.expert_of_slot).cross_node_tokens < 0.97 * evaluate(problem, greedy_slots(problem)).cross_node_tokens
+
+
+def test_replicas_fill_every_slot_and_every_expert_has_one():
+    problem = medium_problem("zipf 1.5")
+    for method in (solve(problem, time_limit_s=1.0), greedy(problem), contiguous(problem)):
+        rows = method.expert_of_slot
+        assert rows.shape == (problem.layers, problem.gpus * problem.slots_per_gpu)
+        for row in rows:
+            assert set(row.tolist()) == set(range(problem.experts))
+    with pytest.raises(ValueError, match="cannot hold"):
+        ExpertProblem(np.ones((1, 9)), np.zeros(2), 4)
+
+
+def test_same_problem_same_placement():
+    first, second = (solve(medium_problem("trace"), time_limit_s=1.0) for _ in range(2))
+    assert np.array_equal(first.expert_of_slot, second.expert_of_slot)
+    assert first.objective == second.objective and first.bound == second.bound
+
+
+def test_affinity_rows_sum_to_the_loads():
+    trace = correlated_trace(500, 4, 16, 3, 1.0, seed=2)
+    loads, affinity = loads_from_trace(trace, 16), affinity_from_trace(trace, 16)
+    assert np.allclose(affinity.sum(axis=2), loads[:-1])
+    assert np.allclose(affinity.sum(axis=1), loads[1:])
+
+
+def test_link_cost_follows_transfer_time():
+    nodes = np.array([0, 0, 1, 1])
+    bandwidth = np.array([[np.inf, 400, 50, 25], [400, np.inf, 50, 50], [50, 50, np.inf, 400], [25, 50, 400, np.inf]])
+    cost = link_cost_matrix(nodes, cross_node=1.0, bandwidth_GBps=bandwidth)
+    assert cost[0, 3] == pytest.approx(1.0)  # the slowest link between nodes
+    assert cost[0, 2] == pytest.approx(0.5) and cost[0, 1] == pytest.approx(25 / 400)
+    assert np.diag(cost).tolist() == [0.0] * 4
+
+
+# --------------------------------------------------------------------------- loom experts
+
+
+def run_experts(*args: str):
+    return runner.invoke(app, ["experts", *args])
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    trace = correlated_trace(512, 4, 16, 2, 1.0, seed=3)
+    np.save(tmp_path / "trace.npy", trace)
+    (tmp_path / "loads.json").write_text(json.dumps({"load_tokens": loads_from_trace(trace, 16).tolist()}))
+    return {"loads": tmp_path / "loads.json", "trace": tmp_path / "trace.npy"}
+
+
+def test_cli_writes_a_valid_map_and_a_consistent_sglang_file(tmp_path, inputs):
+    out = tmp_path / "out"
+    result = run_experts(str(inputs["loads"]), "--ep-size", "4", "--gpus-per-node", "2", "--slots-per-gpu", "5",
+                         "--trace", str(inputs["trace"]), "--time-limit", "1", "--dense-layers", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "greedy" in result.stdout and "contiguous" in result.stdout and "loom" in result.stdout
+    document = json.loads((out / MAP_FILE).read_text())
+    jsonschema.validate(document, ExpertMap.model_json_schema())
+    parsed = ExpertMap.model_validate(document)
+    assert parsed.layers == 4 and parsed.experts == 16 and parsed.redundant_slots == 4
+    assert parsed.solver.bound <= parsed.solver.objective
+    assert parsed.methods["loom"].max_load_tokens <= parsed.methods["greedy"].max_load_tokens * (1 + 1e-9)
+
+    location = json.loads((out / SGLANG_FILE).read_text())
+    assert list(location) == ["physical_to_logical_map"]  # SGLang passes the keys on as arguments
+    rows = np.array(location["physical_to_logical_map"])
+    assert rows.shape == (2 + 4, 4 * 5)
+    assert (rows[:2] == np.arange(20) % 16).all()  # dense layers: SGLang's trivial map
+    for layer, row in enumerate(rows[2:]):
+        assert set(row.tolist()) == set(range(16))
+        for expert, ranks in enumerate(parsed.placement[layer]):
+            assert sorted((np.flatnonzero(row == expert) // 5).tolist()) == ranks
+
+
+def test_cli_reads_a_cluster_file(tmp_path, inputs):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"nodes": 2, "gpus_per_node": 2, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 2, "nic_Gbps": 400}))
+    result = run_experts(str(inputs["loads"]), "--cluster", str(cluster), "--slots-per-gpu", "4",
+                         "--trace", str(inputs["trace"]), "--time-limit", "1", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    document = ExpertMap.model_validate_json((tmp_path / "out" / MAP_FILE).read_text())
+    assert document.ep_size == 4 and document.node_of_rank == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "arguments, field",
+    [
+        (["--ep-size", "4", "--slots-per-gpu", "3"], "slots_per_gpu"),  # 12 slots for 16 experts
+        (["--ep-size", "4", "--gpus-per-node", "3", "--slots-per-gpu", "4"], "gpus_per_node"),
+        (["--slots-per-gpu", "4"], "ep_size"),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--trace", "LOADS"], "topk_ids"),  # a 2-D array is no trace
+    ],
+)
+def test_cli_bad_input_exits_2_naming_the_field(tmp_path, inputs, arguments, field):
+    arguments = [str(inputs["loads"]) if a == "LOADS" else a for a in arguments]
+    result = run_experts(str(inputs["loads"]), *arguments)
+    assert result.exit_code == 2
+    assert f"'{field}'" in result.output
+
+
+def test_cli_bad_loads_file_exits_2(tmp_path):
+    (tmp_path / "loads.json").write_text(json.dumps({"tokens": [[1, 2]]}))
+    result = run_experts(str(tmp_path / "loads.json"), "--ep-size", "2", "--slots-per-gpu", "1")
+    assert result.exit_code == 2 and "'load_tokens'" in result.output
+    np.save(tmp_path / "loads.npy", np.array([1.0, -2.0]))
+    result = run_experts(str(tmp_path / "loads.npy"), "--ep-size", "2", "--slots-per-gpu", "1")
+    assert result.exit_code == 2 and "'load_tokens'" in result.output
