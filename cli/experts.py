@@ -60,14 +60,21 @@ def _table(problem, methods: dict, traced: bool) -> Table:
     table = Table(title=f"{problem.experts} experts x {problem.layers} layers on {problem.gpus} GPUs, "
                         f"{problem.slots_per_gpu} slots each ({problem.slots - problem.experts} redundant)", title_justify="left")
     table.add_column("method", no_wrap=True)
-    for column in ("max load", "mean load", "max/mean", "cross-node", "cross-GPU", "objective"):
+    for column in ("max\nload", "mean\nload", "max/\nmean", "cross-\nnode", "cross-\nGPU", "objective"):
         table.add_column(column, justify="right")
     for name, figures in methods.items():
-        crossing = (f"{figures.cross_node_tokens:,.0f}", f"{figures.cross_gpu_tokens:,.0f}") if traced else ("-", "-")
+        crossing = (_count(figures.cross_node_tokens), _count(figures.cross_gpu_tokens)) if traced else ("-", "-")
         table.add_row(name, f"{figures.max_load_tokens / problem.layers:,.1f}", f"{figures.mean_load_tokens / problem.layers:,.1f}",
-                      f"{figures.imbalance:.3f}", *crossing, f"{figures.objective:,.1f}")
+                      f"{figures.imbalance:.3f}", *crossing, _count(figures.objective))
     table.caption = "load: routed tokens on a GPU per layer (busiest, mean); cross-node/-GPU: routed tokens over all layer pairs (needs --trace)"
     return table
+
+
+def _count(value: float) -> str:
+    """Short enough for an 80-column table: 1,234 / 12.3k / 1.23M."""
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}k" if value >= 1e4 else f"{value:,.0f}"
 
 
 def _run(action) -> None:
