@@ -223,7 +223,7 @@ def run_train_sh(tmp_path: Path, script: str, host: str, extra_env: dict | None 
     fake.chmod(0o755)
     (tmp_path / "train.sh").write_text(script)
     capture = tmp_path / f"{host}.json"
-    inherited = {"NODE_RANK", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "SLURMD_NODENAME"}
+    inherited = {"NODE_RANK", "LOOM_NODE_RANK", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "SLURMD_NODENAME"}
     env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", LOOM_HOST=host, CAPTURE=str(capture), **(extra_env or {}))
     subprocess.run(["bash", str(tmp_path / "train.sh")], env=env, check=True)
@@ -271,9 +271,12 @@ def test_train_sh_default_placement_and_overrides(tmp_path):
     job, layout, _ = build("llama-cp-full")
     placement = default_placement(job.cluster, layout.world_size)
     script = train_sh(job, layout, uniform_stages(job.model, layout), placement)
-    assert "CUDA_VISIBLE_DEVICES" not in script  # identity GPU order needs none
     assert placement_from_launch(tmp_path, script, job.cluster.hosts) == list(placement.gpus)
-    got = run_train_sh(tmp_path, script, "node000", {"NODE_RANK": "1", "DATA_PATH": "0.7 /d/a 0.3 /d/b"})
+    # Neither a platform's NODE_RANK nor an inherited CUDA_VISIBLE_DEVICES moves the ranks.
+    got = run_train_sh(tmp_path, script, "node001", {"NODE_RANK": "0", "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert flag(got["argv"], "--node-rank") == "1"
+    assert got["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    got = run_train_sh(tmp_path, script, "node000", {"LOOM_NODE_RANK": "1", "DATA_PATH": "0.7 /d/a 0.3 /d/b"})
     assert flag(got["argv"], "--node-rank") == "1"
     argv = got["argv"]
     assert argv[argv.index("--data-path") + 1 : argv.index("--data-path") + 5] == ["0.7", "/d/a", "0.3", "/d/b"]

@@ -296,14 +296,12 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
     """``train.sh``: run once on every node; starts torchrun for that node.
 
     Raises ValueError when the placement cannot be realised by one torchrun per
-    node (a host's ranks not contiguous, or hosts with different rank counts)."""
+    node (see ``nodes_of``: a host's ranks not contiguous, hosts with different
+    rank counts, a GPU used twice or not in the cluster)."""
     args = megatron_args(job, layout, stages)
-    nodes = nodes_of(placement)
     if len(placement.gpus) != layout.world_size:
         raise ValueError(f"placement has {len(placement.gpus)} ranks, layout {layout.label()} needs {layout.world_size}")
-    nproc = len(nodes[0].gpus)
-    if any(len(node.gpus) != nproc for node in nodes):
-        raise ValueError("torchrun starts the same number of ranks on every node; the placement does not")
+    nodes = nodes_of(placement, job.cluster)
     return "\n".join(
         [
             *_header(job, layout, nodes),
@@ -322,9 +320,10 @@ def _header(job: Job, layout: Layout, nodes: list[NodeRanks]) -> list[str]:
         f"# Megatron-LM pre-training of {job.model.name} written by loom: {layout.label()},",
         f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
         "# Run it once on every node of the plan (slurm.sbatch does). The node rank is",
-        "# looked up from this host's name so that global ranks land where loom placed",
-        "# them; NODE_RANK overrides it. Data: --mock-data unless DATA_PATH is set (a",
-        "# Megatron indexed-dataset prefix, or a blend 'weight prefix weight prefix').",
+        "# looked up from this host's name (LOOM_HOST, else SLURMD_NODENAME, else",
+        "# hostname -s) so that global ranks land where loom placed them; LOOM_NODE_RANK",
+        "# overrides it. Data: --mock-data unless DATA_PATH is set (a Megatron",
+        "# indexed-dataset prefix, or a blend 'weight prefix weight prefix').",
         "set -euo pipefail",
         "",
         'MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"',
@@ -337,24 +336,28 @@ def _header(job: Job, layout: Layout, nodes: list[NodeRanks]) -> list[str]:
 
 
 def _node_table(nodes: list[NodeRanks]) -> list[str]:
-    """host -> node rank, and (only if some node's GPU order is not 0..n-1)
-    node rank -> CUDA_VISIBLE_DEVICES, so local rank i runs on GPU gpus[i]."""
+    """host -> node rank, and node rank -> CUDA_VISIBLE_DEVICES, so local rank i
+    runs on GPU gpus[i] (torchrun passes the variable through to its workers,
+    which take the device of their LOCAL_RANK).
+
+    The override is LOOM_NODE_RANK, not NODE_RANK: job platforms export their
+    own NODE_RANK in their own node order, which would silently undo the
+    placement. CUDA_VISIBLE_DEVICES is exported even for the order 0..n-1:
+    an inherited one (a shell's, a scheduler's partial list) would renumber
+    the GPUs the plan names by the node's own numbers."""
     lines = [
         f"# Node k runs global ranks k*{len(nodes[0].gpus)} .. (k+1)*{len(nodes[0].gpus)}-1.",
         "declare -A NODE_RANK_OF_HOST=(",
         *(f"    [{shlex.quote(node.host)}]={node.node_rank}" for node in nodes),
         ")",
         'HOST="${LOOM_HOST:-${SLURMD_NODENAME:-$(hostname -s)}}"',
-        'NODE_RANK="${NODE_RANK:-${NODE_RANK_OF_HOST[$HOST]:?host $HOST is not in this plan; set NODE_RANK}}"',
+        'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_HOST[$HOST]:?host $HOST is not in this plan; set LOOM_HOST}}"',
+        "# Local rank i of node k runs on the i-th GPU listed for node k.",
+        "GPUS_OF_NODE=(",
+        *(f"    {','.join(map(str, node.gpus))}  # {shlex.quote(node.host)}" for node in nodes),
+        ")",
+        'export CUDA_VISIBLE_DEVICES="${GPUS_OF_NODE[$NODE_RANK]:?node rank $NODE_RANK is not in this plan}"',
     ]
-    if not all(node.identity_gpu_order for node in nodes):
-        lines += [
-            "# Local rank i of node k runs on the i-th GPU listed for node k.",
-            "GPUS_OF_NODE=(",
-            *(f"    {','.join(map(str, node.gpus))}" for node in nodes),
-            ")",
-            'export CUDA_VISIBLE_DEVICES="${GPUS_OF_NODE[$NODE_RANK]}"',
-        ]
     return [*lines, ""]
 
 

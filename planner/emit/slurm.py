@@ -3,9 +3,15 @@
 Every launcher loom writes for (torchrun, the DeepSpeed runner) numbers global
 ranks node by node: node k runs the next block of ranks, local rank i of a node
 is global rank ``first_rank + i``. So a placement is realisable by such a
-launcher exactly when each host's ranks form one contiguous block; the node
-order is then the order of those blocks, and local rank i must run on the
-host's GPU ``gpus[i]`` (set through ``CUDA_VISIBLE_DEVICES``).
+launcher exactly when each host's ranks form one contiguous block of the same
+size on every host; the node order is then the order of those blocks, and
+local rank i must run on the host's GPU ``gpus[i]`` (set through
+``CUDA_VISIBLE_DEVICES``). Sources: torchrun gives node ``--node-rank`` k the
+ranks from the sum of the earlier nodes' ``--nproc-per-node`` on
+(``_assign_worker_ranks`` in torch/distributed/elastic/agent/server/api.py);
+DeepSpeed's launch.py numbers ranks host by host in world-info order and takes
+``local_rank = rank % (this node's processes)``, which is the position in the
+node only when every node runs as many.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from loom.planner.cluster import Cluster
 from loom.planner.stages import Placement
 
 
@@ -26,17 +33,16 @@ class NodeRanks:
     first_rank: int
     gpus: tuple[int, ...]
 
-    @property
-    def identity_gpu_order(self) -> bool:
-        """True when local rank i runs on GPU i, the launchers' default."""
-        return self.gpus == tuple(range(len(self.gpus)))
 
-
-def nodes_of(placement: Placement) -> list[NodeRanks]:
+def nodes_of(placement: Placement, cluster: Cluster | None = None) -> list[NodeRanks]:
     """The placement's nodes in node-rank order (the host of rank 0 is node 0).
 
-    Raises ValueError when a host's ranks are not one contiguous block or a
-    GPU is used twice: a per-node launcher cannot realise such a placement."""
+    Raises ValueError when a per-node launcher cannot realise the placement:
+    a host's ranks not one contiguous block, a GPU used twice, or hosts running
+    different numbers of ranks. With ``cluster``, also for a host the cluster
+    does not have or a GPU number outside 0..gpus_per_node-1: CUDA stops
+    reading CUDA_VISIBLE_DEVICES at the first invalid index, so such a node
+    would quietly start on fewer GPUs than planned."""
     blocks: list[tuple[str, int, list[int]]] = []
     for rank, (host, gpu) in enumerate(placement.gpus):
         if blocks and blocks[-1][0] == host:
@@ -51,7 +57,22 @@ def nodes_of(placement: Placement) -> list[NodeRanks]:
     for host, _, gpus in blocks:
         if len(set(gpus)) != len(gpus):
             raise ValueError(f"placement uses a GPU of host {host} twice: {gpus}")
+    sizes = {host: len(gpus) for host, _, gpus in blocks}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"hosts run different numbers of ranks {sizes}: a per-node launcher starts as many on every node")
+    if cluster is not None:
+        _check_in_cluster(blocks, cluster)
     return [NodeRanks(host, k, first, tuple(gpus)) for k, (host, first, gpus) in enumerate(blocks)]
+
+
+def _check_in_cluster(blocks: list[tuple[str, int, list[int]]], cluster: Cluster) -> None:
+    hosts = set(cluster.hosts)
+    for host, _, gpus in blocks:
+        if host not in hosts:
+            raise ValueError(f"placement uses host {host!r}, which cluster {cluster.name} does not have")
+        outside = [gpu for gpu in gpus if not 0 <= gpu < cluster.gpus_per_node]
+        if outside:
+            raise ValueError(f"placement uses GPU(s) {outside} of host {host}, which has GPUs 0..{cluster.gpus_per_node - 1}")
 
 
 def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int) -> str:
