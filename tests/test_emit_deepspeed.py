@@ -127,11 +127,19 @@ def test_include_realises_host_order_and_a_gpu_subset(tmp_path):
     assert launched_placement(files, tmp_path) == list(placement.gpus)
 
 
-def test_a_gpu_order_the_runner_would_sort_is_refused():
+def test_a_gpu_order_the_runner_would_sort_is_set_by_gpu_order_py():
+    """The runner sorts a host's GPUs, so a placement in another order gets
+    gpu_order.py, started in place of the training script with each node's
+    GPU list (tests/test_placement_launch.py runs it under DeepSpeed's launcher)."""
     job, layout = permuted_hosts_job()
     placement = Placement(gpus=tuple([("b", g) for g in (3, 2, 1, 0)] + [("a", g) for g in range(4)]))
-    with pytest.raises(ValueError, match="ascending"):
-        launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    files = launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    assert '"$HERE/gpu_order.py" "$TRAIN_SCRIPT" --deepspeed' in files["launch.sh"]
+    assert "--include b:0,1,2,3@a:0,1,2,3" in files["launch.sh"]
+    namespace: dict = {}
+    exec(compile(files["gpu_order.py"], "gpu_order.py", "exec"), namespace)
+    assert namespace["GPUS_OF_NODE"] == ["3,2,1,0", "0,1,2,3"]
+    assert "gpu_order.py" not in files_for("zero3-fp16")[2]
 
 
 def test_pipeline_snippet_partitions_like_loom_stages():

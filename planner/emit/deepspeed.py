@@ -1,5 +1,7 @@
-"""DeepSpeed launch files: ``ds_config.json``, ``hostfile``, ``launch.sh`` and,
-with a pipeline, ``pipeline_snippet.py`` for the user's training script.
+"""DeepSpeed launch files: ``ds_config.json``, ``hostfile``, ``launch.sh``;
+with a pipeline, ``pipeline_snippet.py`` for the user's training script; and,
+when the placement orders some host's GPUs other than ascending,
+``gpu_order.py``, which the launcher starts in place of the training script.
 
 In loom, DeepSpeed runs ZeRO data parallelism, optionally under a
 ``PipelineModule`` pipeline; TP and CP are Megatron's (tp = cp = 1 here).
@@ -29,12 +31,14 @@ def deepspeed_files(job: Job, layout: Layout, stages: list[Stage], placement: Pl
     """All DeepSpeed launch files for this layout; raises ValueError for a
     layout DeepSpeed cannot run as planned."""
     check_layout(job, layout, stages, placement)
-    nodes = nodes_of(placement)
+    nodes = nodes_of(placement, job.cluster)
     files = {
         "ds_config.json": json.dumps(ds_config(job, layout), indent=2) + "\n",
         "hostfile": hostfile(nodes, job.cluster.gpus_per_node),
         "launch.sh": launch_sh(job, layout, nodes),
     }
+    if needs_gpu_order(nodes):
+        files[GPU_ORDER] = gpu_order_py(nodes)
     if layout.pp > 1:
         files["pipeline_snippet.py"] = pipeline_snippet(layout, stages)
     if job.model.moe is not None:
@@ -122,25 +126,85 @@ def include_filter(nodes: list[NodeRanks], gpus_per_node: int) -> str | None:
     """The runner's ``--include host:gpu,gpu@...``, or None when every node runs
     all its GPUs (the default).
 
-    The runner sorts each host's listed GPUs (``parse_node_config_list`` in
-    deepspeed/launcher/runner.py) and local rank i runs on the i-th of them, so
-    it can choose a subset of a host's GPUs but not their order: a placement
-    that orders a host's GPUs otherwise raises ValueError."""
-    for node in nodes:
-        if list(node.gpus) != sorted(node.gpus):
-            raise ValueError(
-                f"the DeepSpeed runner starts ranks on a host's GPUs in ascending order; "
-                f"the placement orders host {node.host}'s GPUs {list(node.gpus)}"
-            )
-    if all(node.gpus == tuple(range(gpus_per_node)) for node in nodes):
+    It chooses which GPUs of a host run, not their order: the runner sorts each
+    host's list (``parse_node_config_list`` in deepspeed/launcher/runner.py),
+    launch.py sets CUDA_VISIBLE_DEVICES to it and local rank i runs on the i-th.
+    Any other order is set by ``gpu_order.py``."""
+    if all(sorted(node.gpus) == list(range(gpus_per_node)) for node in nodes):
         return None
-    return "@".join(f"{node.host}:{','.join(map(str, node.gpus))}" for node in nodes)
+    return "@".join(f"{node.host}:{','.join(map(str, sorted(node.gpus)))}" for node in nodes)
+
+
+def needs_gpu_order(nodes: list[NodeRanks]) -> bool:
+    """True when some host's local ranks do not run on its GPUs in ascending order."""
+    return any(list(node.gpus) != sorted(node.gpus) for node in nodes)
+
+
+GPU_ORDER = "gpu_order.py"
+
+
+def gpu_order_py(nodes: list[NodeRanks]) -> str:
+    """``gpu_order.py``: started by DeepSpeed's launcher in place of the training
+    script, it puts the node's GPUs in the plan's order, then becomes the script.
+
+    launch.py (deepspeed/launcher/launch.py) runs ``python -u SCRIPT
+    --local_rank=i ARGS`` per local rank with CUDA_VISIBLE_DEVICES set to the
+    node's GPUs in ascending order, and exports the node's index as CROSS_RANK.
+    This file, given as SCRIPT with the training script as the first of ARGS,
+    re-sets CUDA_VISIBLE_DEVICES to the plan's order for that node and
+    ``os.execv``s the same interpreter on the training script, so the script
+    sees exactly what launch.py would have given it, and nothing has touched
+    CUDA before the variable is set. It refuses to start when the launcher
+    gave the node other GPUs than planned (hostfile or --include edited)."""
+    table = [f"    {json.dumps(','.join(map(str, node.gpus)))},  # node {node.node_rank}: {node.host}" for node in nodes]
+    return "\n".join(
+        [
+            f'"""Written by loom: run the training script on this node\'s GPUs in the plan\'s order.',
+            "",
+            "DeepSpeed's launcher gives a node's GPUs in ascending order and local rank i",
+            "uses the i-th; the plan runs local rank i of node k on GPUS_OF_NODE[k][i].",
+            "launch.sh starts this file in place of the training script, which comes first",
+            "among the arguments. See loom/planner/emit/deepspeed.py, gpu_order_py.",
+            '"""',
+            "",
+            "import os",
+            "import sys",
+            "",
+            "GPUS_OF_NODE = [",
+            *table,
+            "]",
+            "",
+            "",
+            "def main() -> None:",
+            '    node = int(os.environ["CROSS_RANK"])  # set by deepspeed/launcher/launch.py',
+            "    planned = GPUS_OF_NODE[node]",
+            '    given = os.environ.get("CUDA_VISIBLE_DEVICES", "")',
+            '    if sorted(given.split(",")) != sorted(planned.split(",")):',
+            '        sys.exit(f"gpu_order.py: the launcher gave node {node} GPUs {given!r}, the plan {planned!r}")',
+            '    os.environ["CUDA_VISIBLE_DEVICES"] = planned',
+            "    args = sys.argv[1:]",
+            '    flags = args[:1] if args[:1] and args[0].startswith("--local_rank") else []',
+            "    script, rest = args[len(flags)], args[len(flags) + 1 :]",
+            '    os.execv(sys.executable, [sys.executable, "-u", script, *flags, *rest])',
+            "",
+            "",
+            'if __name__ == "__main__":',
+            "    main()",
+            "",
+        ]
+    )
 
 
 def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
+    """Runs the DeepSpeed runner from the first host: it starts launch.py on
+    every host of ``hostfile`` over pdsh, passing ``--node_rank=%n``, which
+    pdsh replaces by the host's position in its ``-w`` list, the hostfile's
+    order (pdsh: opt.c pushes -w hosts in order, dsh.c numbers threads in that
+    order, pipecmd.c substitutes %n)."""
     include = include_filter(nodes, job.cluster.gpus_per_node)
     include_arg = f" --include {shlex.quote(include)}" if include else ""
     master = shlex.quote(nodes[0].host)
+    script = f'"$HERE/{GPU_ORDER}" "$TRAIN_SCRIPT"' if needs_gpu_order(nodes) else '"$TRAIN_SCRIPT"'
     lines = [
         "#!/usr/bin/env bash",
         f"# DeepSpeed training of {job.model.name} written by loom: {layout.label()},",
@@ -148,6 +212,11 @@ def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
         "# Run it on the first host of hostfile. TRAIN_SCRIPT is your training script; it",
         "# must accept --deepspeed_config (deepspeed.add_config_arguments) and pass it to",
         "# deepspeed.initialize. With a pipeline, build the model as pipeline_snippet.py shows.",
+        *(
+            [f"# {GPU_ORDER} starts it with each host's GPUs in the plan's order; the files must sit",
+             "# at the same path on every host (a shared file system), like ds_config.json."]
+            if needs_gpu_order(nodes) else []
+        ),
         "set -euo pipefail",
         "",
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
@@ -155,7 +224,7 @@ def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
         f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
         "",
         f'exec deepspeed --hostfile "$HERE/hostfile" --master_addr {master} --master_port "$MASTER_PORT"{include_arg} \\',
-        '    "$TRAIN_SCRIPT" --deepspeed --deepspeed_config "$HERE/ds_config.json" "$@"',
+        f'    {script} --deepspeed --deepspeed_config "$HERE/ds_config.json" "$@"',
         "",
     ]
     return "\n".join(lines)
