@@ -15,6 +15,11 @@ from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
 
+# solvers/experts.py's CROSS_NODE_COST and CROSS_GPU_COST (and why), repeated
+# here so that loading the CLI does not load CP-SAT; tests/test_experts.py checks they agree.
+CROSS_NODE_COST = 1.0
+CROSS_GPU_COST = 0.1
+
 
 def experts(
     loads: Annotated[Path, typer.Argument(help="Routed tokens per layer and expert: .npy or .json (layers x experts).", show_default=False)],
@@ -24,8 +29,8 @@ def experts(
     cluster: Annotated[Optional[Path], typer.Option(help="Cluster YAML: the first --ep-size GPUs, priced on its links.", show_default=False)] = None,
     trace: Annotated[Optional[Path], typer.Option(help="Top-k routing trace, .npy or .json (tokens x layers x top_k expert ids): inter-layer affinity.", show_default=False)] = None,
     time_limit: Annotated[float, typer.Option(min=0.1, help="Solver time limit (s).")] = 30.0,
-    cross_node_cost: Annotated[float, typer.Option(min=0.0, help="A token crossing nodes, in tokens of expert compute.")] = 1.0,
-    cross_gpu_cost: Annotated[float, typer.Option(min=0.0, help="A token crossing GPUs inside a node, same units.")] = 0.1,
+    cross_node_cost: Annotated[float, typer.Option(min=0.0, help="A token crossing nodes, in tokens of expert compute.")] = CROSS_NODE_COST,
+    cross_gpu_cost: Annotated[float, typer.Option(min=0.0, help="A token crossing GPUs inside a node, same units.")] = CROSS_GPU_COST,
     dense_layers: Annotated[int, typer.Option(min=0, help="Leading dense layers SGLang's map needs rows for (DeepSeek-V3: 3).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Write expert_map.json and expert_location.json (SGLang) here.", show_default=False)] = None,
 ) -> None:

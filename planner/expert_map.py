@@ -31,7 +31,16 @@ import pydantic
 
 from loom.planner.cluster import load_cluster
 from loom.planner.errors import SpecError
-from loom.solvers.experts import ExpertPlacement, ExpertProblem, Figures, affinity_from_trace, link_cost_matrix, replica_ranks
+from loom.solvers.experts import (
+    CROSS_GPU_COST,
+    CROSS_NODE_COST,
+    ExpertPlacement,
+    ExpertProblem,
+    Figures,
+    affinity_from_trace,
+    link_cost_matrix,
+    replica_ranks,
+)
 
 SCHEMA_VERSION = "1.0"
 MAP_FILE = "expert_map.json"
@@ -135,7 +144,7 @@ def _read_array(path: Path, keys: tuple[str, ...], field: str) -> np.ndarray:
 
 def expert_problem(loads_file: Path, slots_per_gpu: int, ep_size: int | None = None, gpus_per_node: int | None = None,
                    cluster_file: Path | None = None, trace_file: Path | None = None,
-                   cross_node_cost: float = 1.0, cross_gpu_cost: float = 0.1) -> ExpertProblem:
+                   cross_node_cost: float = CROSS_NODE_COST, cross_gpu_cost: float = CROSS_GPU_COST) -> ExpertProblem:
     """The solver's problem from the command's inputs; SpecError names what is wrong."""
     loads = read_loads(loads_file)
     layers, experts = loads.shape

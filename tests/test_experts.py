@@ -149,6 +149,13 @@ def test_affinity_rows_sum_to_the_loads():
     assert np.allclose(affinity.sum(axis=1), loads[1:])
 
 
+def test_cli_defaults_are_the_solvers():
+    from loom.cli import experts as command
+    from loom.solvers import experts as solver
+
+    assert (command.CROSS_NODE_COST, command.CROSS_GPU_COST) == (solver.CROSS_NODE_COST, solver.CROSS_GPU_COST)
+
+
 def test_link_cost_follows_transfer_time():
     nodes = np.array([0, 0, 1, 1])
     bandwidth = np.array([[np.inf, 400, 50, 25], [400, np.inf, 50, 50], [50, 50, np.inf, 400], [25, 50, 400, np.inf]])
