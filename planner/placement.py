@@ -59,7 +59,8 @@ def placement_problem(plan: Plan) -> PlacementProblem:
         block_size=job.cluster.gpus_per_node,
         start=topology.slots(placement.gpus),
         host_type=np.array([gpu_types.index(node.gpu.name) for node in job.cluster.nodes]),
-        # DeepSpeed's runner starts a host's ranks on its GPUs in ascending order.
+        # DeepSpeed's runner starts a host's ranks on its GPUs in ascending
+        # order; other orders need the gpu_order.py wrapper, so whole nodes move only.
         reorder_gpus=job.framework != "deepspeed",
     )
 
