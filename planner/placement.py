@@ -43,6 +43,11 @@ def placement_problem(plan: Plan) -> PlacementProblem:
         # Every micro batch crosses every boundary forward and backward, once per virtual stage.
         "pp": (2 * m * layout.vpp * parts.p2p_one_s, links.pp),
         "embedding": (parts.embedding_sync_s, links.embedding),
+        # MoE token all-to-alls. The solver prices every kind as a ring (k times
+        # the slowest pair across nodes); an all-to-all gets no k-fold channels,
+        # so this term is smaller than the time model's, but it falls and rises
+        # with the same links.
+        "ep": (m * max(sum(c.ep_comm_s for c in chunks) for chunks in parts.chunks), links.ep),
     }
     groups = rank_groups(layout)
     groups["pp"] = neighbour_pairs(groups["pp"])

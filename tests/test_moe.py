@@ -184,3 +184,12 @@ def test_deepspeed_moe_snippet_binds_to_deepspeeds_moe_layer(tmp_path):
     inspect.signature(moe_layer.MoE.__init__).bind(None, **arguments)
     assert arguments["ep_size"] == best.layout.ep and arguments["num_experts"] == 8 and arguments["k"] == 2
     assert arguments["drop_tokens"] is False
+
+
+def test_placement_prices_the_expert_all_to_all():
+    from loom.planner.placement import placement_problem
+
+    job = mixtral_job(nodes=2)
+    problem = placement_problem(evaluate(job, layout(dp=16, ep=8)))
+    kinds = {kind.name: kind for kind in problem.kinds}
+    assert kinds["ep"].volume_GB > 0 and kinds["ep"].groups.shape == (2, 8)
