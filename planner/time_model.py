@@ -105,6 +105,7 @@ class Links:
 def _uniform_links(node: Node, layout: Layout) -> Links:
     stage_ranks = layout.tp * layout.cp * layout.dp
     pp = pipeline_link(node, stage_ranks, layout.pp)
+    ep, ep_remote_share = all_to_all_link(node, layout.ep, layout.etp)
     return Links(
         tp=group_link(node, layout.tp, 1),
         cp=group_link(node, layout.cp, layout.tp),
@@ -112,8 +113,8 @@ def _uniform_links(node: Node, layout: Layout) -> Links:
         pp=pp,
         embedding=pipeline_link(node, stage_ranks * (layout.pp - 1), 2) if layout.pp > 1 else pp,
         # Expert ranks are ordered tp-ep-dp-pp with etp in place of tp (RankGenerator for experts).
-        ep=all_to_all_link(node, layout.ep, layout.etp)[0],
-        ep_remote_share=all_to_all_link(node, layout.ep, layout.etp)[1],
+        ep=ep,
+        ep_remote_share=ep_remote_share,
         etp=group_link(node, layout.etp, 1),
         expert_dp=group_link(node, layout.expert_dp, layout.etp * layout.ep),
     )

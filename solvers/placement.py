@@ -264,23 +264,31 @@ def _add_levels(model: cp_model.CpModel, problem: PlacementProblem, on: dict, sl
         if not pairs or kind.volume_GB == 0:
             continue
         candidates = np.concatenate([factor * bandwidth[np.ix_(slots_of_rank[i], slots_of_rank[j])].ravel() for i, j, factor in pairs])
-        levels = _levels(candidates)
-        objective.constant += kind.volume_GB / levels[0] * TICKS_PER_S
-        previous = None
-        for index in range(1, len(levels)):
-            level = levels[index] * (1 - LEVEL_TOLERANCE)
-            reached = model.NewBoolVar(f"{kind.name}>={levels[index]:.6g}")
-            if previous is not None:
-                model.AddImplication(reached, previous)
-            gain = kind.volume_GB * (1 / levels[index - 1] - 1 / levels[index]) * TICKS_PER_S
-            objective.terms.append((gain, reached))
+        for level, reached in _level_ladder(model, kind, _levels(candidates), objective):
             for i, j, factor in pairs:
                 for a in slots_of_rank[i]:
                     fast = [on[j, b] for b in slots_of_rank[j] if b != a and factor * bandwidth[a, b] >= level]
                     if len(fast) < len(slots_of_rank[j]) - (a in slots_of_rank[j]):
                         model.AddBoolOr([reached.Not(), on[i, a].Not(), *fast])
-            previous = reached
     return objective
+
+
+def _level_ladder(model, kind: GroupKind, levels: list[float], objective: _Objective) -> list[tuple[float, object]]:
+    """For ascending bandwidth ``levels``, a boolean per level above the first
+    ("every group of ``kind`` gets at least this"), each implying the one
+    below; the objective starts at the slowest level's time and each reached
+    level takes off the time it saves. Returns (level less the tolerance,
+    boolean) for the caller to constrain."""
+    objective.constant += kind.volume_GB / levels[0] * TICKS_PER_S
+    ladder, previous = [], None
+    for index in range(1, len(levels)):
+        reached = model.NewBoolVar(f"{kind.name}>={levels[index]:.6g}")
+        if previous is not None:
+            model.AddImplication(reached, previous)
+        objective.terms.append((kind.volume_GB * (1 / levels[index - 1] - 1 / levels[index]) * TICKS_PER_S, reached))
+        ladder.append((levels[index] * (1 - LEVEL_TOLERANCE), reached))
+        previous = reached
+    return ladder
 
 
 def _rank_pairs(kind: GroupKind, block_size: int) -> list[tuple[int, int, int]]:
@@ -465,15 +473,8 @@ def _add_block_levels(model, hosts: _Hosts, kind: GroupKind, groups, classes_of:
     spine = len(leaves) > 1 and hosts.spine_factor < 1
     factors = [1.0, hosts.spine_factor] if spine else [1.0]
     levels = _levels(np.array([k * q * f for _, k in groups for q in class_network for f in factors]))
-    objective.constant += kind.volume_GB / levels[0] * TICKS_PER_S
     spans = {group: _spans_leaves(model, group, leaves, classes_of, class_leaf) for group in groups} if spine else {}
-    previous = None
-    for index in range(1, len(levels)):
-        level = levels[index] * (1 - LEVEL_TOLERANCE)
-        reached = model.NewBoolVar(f"{kind.name}>={levels[index]:.6g}")
-        if previous is not None:
-            model.AddImplication(reached, previous)
-        objective.terms.append((kind.volume_GB * (1 / levels[index - 1] - 1 / levels[index]) * TICKS_PER_S, reached))
+    for level, reached in _level_ladder(model, kind, levels, objective):
         # Every block of a group at this level sits in a fast enough class
         # (one clause per block and k: blocks recur across groups).
         for block, k in sorted({(block, k) for blocks, k in groups for block in blocks}):
@@ -486,7 +487,6 @@ def _add_block_levels(model, hosts: _Hosts, kind: GroupKind, groups, classes_of:
                 fast = [var for c, var in classes_of[block] if k * class_network[c] * hosts.spine_factor >= level]
                 if len(fast) < len(classes_of[block]):
                     model.AddBoolOr([reached.Not(), spanning.Not(), *fast])
-        previous = reached
 
 
 def _spans_leaves(model, group, leaves: list[int], classes_of: dict[int, list], class_leaf: list[int]):
