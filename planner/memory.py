@@ -155,16 +155,22 @@ def layer_activation_bytes(shape: Shape, recompute: str, moe: bool = False) -> f
     # Q, K, V and the projection's input, split over TP; MLA also keeps its
     # query and key/value latents, replicated.
     split = e * (q + kv + v + m.attention_output_size) * T / t
+    if not m.learned_position_embeddings and m.mla is None:
+        # Rotary embedding writes new Q and K, but V stays a view into the
+        # fused QKV GEMM's output (torch.split in megatron-core's
+        # get_query_key_value_tensors) and keeps all of it alive: Q and K
+        # are held twice (measured by `loom profile layers`).
+        split += e * (q + kv) * T / t
     if m.mla:
         replicated += e * T * ((m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)
     split += _mlp_activation_bytes(shape, moe)
     heads_per_rank = m.num_attention_heads / t
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
-    if shape.features.flash_attention:
+    if recompute == "selective":
+        attention = 0.0  # the core attention is recomputed from Q, K, V (Korthikanti sec. 5)
+    elif shape.features.flash_attention:
         # Flash attention keeps only the fp32 log-sum-exp per query row.
         attention = 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
-    elif recompute == "selective":
-        attention = 0.0  # the s x s scores are recomputed (Korthikanti sec. 5)
     else:
         attention = (e + (1 + e if m.dropout else 0)) * scores  # softmax, dropout mask and output
     return replicated + split + attention

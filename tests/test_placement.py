@@ -19,7 +19,6 @@ from loom.planner.placement import place, placement_problem
 from loom.planner.plan import evaluate
 from loom.planner.time_model import Links
 from loom.planner.topology import neighbour_pairs, rank_groups
-from loom.solvers.links import group_bandwidth_GBps
 from loom.solvers.placement import (
     GroupKind,
     PlacementProblem,

@@ -159,7 +159,7 @@ def gpu_order_py(nodes: list[NodeRanks]) -> str:
     table = [f"    {json.dumps(','.join(map(str, node.gpus)))},  # node {node.node_rank}: {node.host}" for node in nodes]
     return "\n".join(
         [
-            f'"""Written by loom: run the training script on this node\'s GPUs in the plan\'s order.',
+            '"""Written by loom: run the training script on this node\'s GPUs in the plan\'s order.',
             "",
             "DeepSpeed's launcher gives a node's GPUs in ascending order and local rank i",
             "uses the i-th; the plan runs local rank i of node k on GPUS_OF_NODE[k][i].",
