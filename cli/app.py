@@ -49,6 +49,7 @@ FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed"
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
 GateOpt = Annotated[Optional[list[str]], typer.Option(help="Exit 1 unless the best plan meets e.g. mfu>=0.4 (repeatable).")]
+ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", help="A loom profile layers or gemm JSON: measured numbers replace estimates (repeatable).")]
 
 
 def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str]) -> None:
@@ -74,6 +75,11 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     if failures:
         err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")
         raise typer.Exit(1)
+
+
+def _paths(paths: list[Path] | None) -> list[str] | None:
+    """--profile files as job-file overrides (None: keep the file's own)."""
+    return [str(path) for path in paths] if paths else None
 
 
 def _run(action: Callable[[], None]) -> None:
@@ -108,6 +114,7 @@ def plan(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     gate: GateOpt = None,
+    profile: ProfileOpt = None,
 ) -> None:
     """Search layouts for a job and rank them by predicted step time."""
     gates = gate or []
@@ -116,7 +123,7 @@ def plan(
         for text in gates:
             parse_gate(text)  # bad gates are bad input: fail before searching
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
-                                      seq_length=seq_length, precision=precision, framework=framework, top_k=top_k))
+                                      seq_length=seq_length, precision=precision, framework=framework, top_k=top_k, profiles=_paths(profile)))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -151,6 +158,7 @@ def evaluate(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     gate: GateOpt = None,
+    profile: ProfileOpt = None,
 ) -> None:
     """Predict step time and memory of one fixed layout."""
     gates = gate or []
@@ -159,7 +167,7 @@ def evaluate(
         for text in gates:
             parse_gate(text)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
-                                      seq_length=seq_length, precision=precision, framework=framework))
+                                      seq_length=seq_length, precision=precision, framework=framework, profiles=_paths(profile)))
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
         data_parallel = dp if dp is not None else max(1, job.cluster.num_gpus // (tp * pp * cp))

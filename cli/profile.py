@@ -12,7 +12,10 @@ import typer
 
 profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure links or layers and write a profile JSON.")
 
-from loom.cli.profile_links import links, nccl_tests  # noqa: E402 (registered on the group defined above)
+from loom.cli.profile_layers import gemm, layers  # noqa: E402 (registered on the group defined above)
+from loom.cli.profile_links import links, nccl_tests  # noqa: E402
 
 profile_app.command("links")(links)
 profile_app.command("nccl-tests")(nccl_tests)
+profile_app.command("layers")(layers)
+profile_app.command("gemm")(gemm)

@@ -43,12 +43,12 @@ def links(
             profile = measure_links(launch, settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
         if profile is None:  # not rank 0
             return
-        _write(out, links_json(profile))
+        write_profile(out, links_json(profile))
         pairs = profile.bandwidth_GBps[~np.eye(len(profile.hosts), dtype=bool)]
         err.print(f"wrote {escape(str(out))}: {len(profile.hosts)} GPUs ({profile.backend}), {len(profile.rounds)} rounds; "
                   f"pair bandwidth min {pairs.min():.3g} / median {np.median(pairs):.3g} / max {pairs.max():.3g} GB/s")
 
-    _run(action)
+    run_command(action)
 
 
 def nccl_tests(
@@ -59,15 +59,15 @@ def nccl_tests(
 
     def action() -> None:
         runs = [read_nccl_tests_log(path) for path in logs]
-        _write(out, nccl_tests_json(runs))
+        write_profile(out, nccl_tests_json(runs))
         for run in runs:
             err.print(f"{escape(run.source)}: {run.op}, {len(run.gpus)} GPUs, {len(run.rows)} sizes, avg busbw {run.avg_busbw_GBps:g} GB/s")
         err.print(f"wrote {escape(str(out))}")
 
-    _run(action)
+    run_command(action)
 
 
-def _write(path: Path, text: str) -> None:
+def write_profile(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path`` (same file system), then
     rename it into place: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def _write(path: Path, text: str) -> None:
         raise
 
 
-def _run(action: Callable[[], None]) -> None:
+def run_command(action: Callable[[], None]) -> None:
     # Imported here: loom.cli.app imports this module (through cli/profile.py).
     from loom.cli.app import _run as run_mapping_errors_to_exit_codes
 

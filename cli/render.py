@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from loom.planner.compute import Shape
+from loom.planner.measured import sources
 from loom.planner.memory import GiB
 from loom.planner.plan import Plan
 from loom.planner.report import PlanReport
@@ -30,9 +32,19 @@ def plans_table(plans: list[Plan], title: str) -> Table:
             f"{peak:.1f} / {plan.capacity_bytes / GiB:.1f}",
         ]
         table.add_row(*row, *([_placement_saved(plan)] if placed else []))
-    if placed:
-        table.caption = "placement saved: step time against Megatron's default rank order on the same links"
+    captions = ["placement saved: step time against Megatron's default rank order on the same links"] if placed else []
+    if plans[0].job.profiles:
+        captions.append(_profile_caption(plans[0]))
+    table.caption = "\n".join(captions) or None
     return table
+
+
+def _profile_caption(plan: Plan) -> str:
+    """Which of the best plan's figures the --profile files replaced."""
+    found = sources(Shape.for_job(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute)
+    by_level = {level: [name.replace("_", " ") for name, got in found.items() if got == level] for level in ("measured", "interpolated", "estimated")}
+    summary = "; ".join(f"{level}: {', '.join(names)}" for level, names in by_level.items() if names)
+    return f"--profile {', '.join(plan.job.profiles)} (plan 1) {summary}"
 
 
 def _placement_saved(plan: Plan) -> str:

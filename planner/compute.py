@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING, Callable
 
 from loom.planner.efficiency import flash_attention_time_s, gemm_time_s, memory_time_s
 from loom.planner.job import Features
 from loom.planner.layout import Layout
+from loom.planner.measured import LayerProfile, calibrated
 from loom.planner.model import ModelSpec
 from loom.profiles.catalogue import GPU
+
+if TYPE_CHECKING:
+    from loom.planner.job import Job
 
 ACT_BYTES = 2  # activations are 16-bit in every supported precision
 # Megatron's vocab-parallel cross-entropy upcasts the logits to fp32 and makes
@@ -44,10 +49,15 @@ class Shape:
     features: Features
     ep: int = 1
     etp: int = 1
+    profile: LayerProfile | None = None  # measured layers (--profile), in place of estimates
 
     @classmethod
-    def of(cls, model: ModelSpec, layout: Layout, seq_length: int, precision: str, features: Features) -> Shape:
-        return cls(model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision, features, layout.ep, layout.etp)
+    def of(cls, model: ModelSpec, layout: Layout, seq_length: int, precision: str, features: Features, profile: LayerProfile | None = None) -> Shape:
+        return cls(model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision, features, layout.ep, layout.etp, profile)
+
+    @classmethod
+    def for_job(cls, job: Job, layout: Layout) -> Shape:
+        return cls.of(job.model, layout, job.seq_length, job.precision, job.features, job.layer_profile)
 
     @property
     def tokens(self) -> int:
@@ -143,7 +153,7 @@ def _fp8_cast_bytes(gemms: list[tuple[int, int, int]]) -> float:
     return sum(4 * m * k for m, _, k in gemms)
 
 
-def _backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
+def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
     """Y = X W with X (m x k): dX = dY W^T is (m, k, n); dW = X^T dY is (k, n, m)."""
     return [(m, k, n), (k, n, m)]
 
@@ -178,7 +188,7 @@ def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     hd = m.head_dim
     gemms = [(s, s, hd), (s, hd, s)]
     if backward:
-        gemms = [g for mnk in gemms for g in _backward_gemms(*mnk)]
+        gemms = [g for mnk in gemms for g in backward_gemms(*mnk)]
     gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16", batch=batch) for mnk in gemms)
     scores = batch * s * s
     softmax_bytes = (6 if backward else 4) * scores  # fwd: read+write 16-bit; bwd: y, dy in, dx out
@@ -199,8 +209,24 @@ def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     return PassTime(attention_s=flash_attention_time_s(flops, gpu, kv_length=shape.seq_length // shape.cp))
 
 
+def _measured(shape: Shape, gpu: GPU, kind: str, backward: bool, estimate: Callable[[Shape], PassTime]) -> PassTime:
+    """The estimate's split by kernel kind, scaled to the measured (or
+    interpolated) total when a layer profile covers ``kind`` (planner/measured.py)."""
+    estimated = estimate(shape)
+    if shape.profile is None or not estimated.total_s:
+        return estimated
+    total_s = calibrated(shape, kind, "backward_s" if backward else "forward_s", lambda s: estimate(s).total_s, gpu.name)
+    return estimated.scaled(total_s / estimated.total_s)
+
+
 @cache
 def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
+    """One decoder layer, one micro batch, one pass: measured, or estimated
+    by ``_decoder_layer_estimate``."""
+    return _measured(shape, gpu, "moe" if moe else "dense", backward, lambda s: _decoder_layer_estimate(s, gpu, backward, moe))
+
+
+def _decoder_layer_estimate(shape: Shape, gpu: GPU, backward: bool, moe: bool) -> PassTime:
     """Kernel time of one decoder layer, one micro batch, one pass. In an MoE
     layer the MLP is the router, the shared experts (split over TP like a
     dense MLP) and the routed experts' grouped GEMMs, which the busiest GPU
@@ -210,14 +236,14 @@ def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = Fa
     mlp_width = m.moe.shared_ffn_hidden_size if moe else m.ffn_hidden_size
     if mlp_width:
         gemms += shape.mlp_gemms(mlp_width)
-    expanded = [g for mnk in gemms for g in _backward_gemms(*mnk)] if backward else gemms
+    expanded = [g for mnk in gemms for g in backward_gemms(*mnk)] if backward else gemms
     gemm_s = sum(gemm_time_s(*mnk, gpu, shape.precision) for mnk in expanded)
     if moe:
         experts, local = shape.expert_gemms()
-        experts = [g for mnk in experts for g in _backward_gemms(*mnk)] if backward else experts
+        experts = [g for mnk in experts for g in backward_gemms(*mnk)] if backward else experts
         grouped_s = sum(gemm_time_s(*mnk, gpu, shape.precision, batch=local) for mnk in experts)
         router = (shape.moe_tokens, m.moe.num_experts, m.hidden_size)
-        router_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in (_backward_gemms(*router) if backward else [router]))
+        router_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in (backward_gemms(*router) if backward else [router]))
         gemm_s += grouped_s * shape.features.moe_load_imbalance + router_s
     # Backward elementwise kernels read the saved input and the incoming
     # gradient and write one gradient: about twice the forward's traffic.
@@ -230,19 +256,34 @@ def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = Fa
 
 @cache
 def embedding(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    return _measured(shape, gpu, "embedding", backward, lambda s: _embedding_estimate(s, gpu, backward))
+
+
+def _embedding_estimate(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     """Vocab-parallel lookup (write T x h) forward; scatter-add of the
-    gradient (read + write) backward. Position embeddings add one more."""
-    tensors = 2 if shape.model.learned_position_embeddings else 1
-    bytes_ = tensors * ACT_BYTES * shape.tokens * shape.model.hidden_size * (2 if backward else 1)
+    gradient (read + write) backward. Position embeddings add one more.
+    Backward also writes a dense gradient the size of this rank's table
+    (PyTorch's embedding_dense_backward), which Megatron's DDP hook then adds
+    into the fp32 main_grad (read 2 + 4 B, write 4 B per weight): seen by
+    `loom profile layers` as an embedding backward far above its T x h."""
+    m = shape.model
+    tensors = 2 if m.learned_position_embeddings else 1
+    bytes_ = tensors * ACT_BYTES * shape.tokens * m.hidden_size * (2 if backward else 1)
+    if backward:
+        bytes_ += (ACT_BYTES + ACT_BYTES + 4 + 4) * m.vocab_size // shape.tp * m.hidden_size
     return PassTime(elementwise_s=memory_time_s(bytes_, gpu))
 
 
 @cache
 def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    return _measured(shape, gpu, "head", backward, lambda s: _head_estimate(s, gpu, backward))
+
+
+def _head_estimate(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     """Final norm, the vocab-parallel output GEMM and the cross-entropy loss."""
     m, T = shape.model, shape.tokens
     logits = (T, m.vocab_size // shape.tp, m.hidden_size)
-    gemms = _backward_gemms(*logits) if backward else [logits]
+    gemms = backward_gemms(*logits) if backward else [logits]
     # The output layer runs in 16-bit even under fp8 (Transformer Engine keeps
     # the first and last layers out of fp8 by default).
     gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms)
@@ -258,7 +299,7 @@ def mtp(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     (MoE when the model is) and the shared output layer and loss again."""
     m = shape.model
     projection = (shape.tokens, m.hidden_size // shape.tp, 2 * m.hidden_size)
-    gemms = _backward_gemms(*projection) if backward else [projection]
+    gemms = backward_gemms(*projection) if backward else [projection]
     one = PassTime(gemm_s=sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms))
     one = one + decoder_layer(shape, gpu, backward, moe=m.moe is not None) + head(shape, gpu, backward)
     return one.scaled(m.mtp_layers)
@@ -272,7 +313,7 @@ def vision_tower(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     tower, h = shape.model.vision, shape.model.hidden_size
     patches = vision.tokens
     projector = [(patches, h // shape.tp, tower.encoder.hidden_size), (patches, h, h // shape.tp)]
-    gemms = [g for mnk in projector for g in _backward_gemms(*mnk)] if backward else projector
+    gemms = [g for mnk in projector for g in backward_gemms(*mnk)] if backward else projector
     gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms)
     return decoder_layer(vision, gpu, backward).scaled(tower.encoder.num_layers) + PassTime(gemm_s=gemm_s)
 

@@ -49,7 +49,8 @@ def tile_utilisation(m: int, n: int, sms: int, batch: int = 1) -> float:
 def gemm_time_s(m: int, n: int, k: int, gpu: GPU, precision: str, batch: int = 1) -> float:
     """Time of ``batch`` GEMMs (m x k) @ (k x n) at ``precision``."""
     flops = 2.0 * m * n * k * batch
-    k_efficiency = k / (k + GEMM_K_OVERHEAD)
+    overhead = GEMM_K_OVERHEAD if gpu.gemm_k_overhead is None else gpu.gemm_k_overhead
+    k_efficiency = k / (k + overhead)
     rate = gpu.peak_flops(precision) * gpu.gemm_efficiency[precision] * k_efficiency * tile_utilisation(m, n, gpu.sms, batch)
     in_bytes = BYTES[precision]
     bytes_moved = batch * ((m * k + k * n) * in_bytes + m * n * 2)  # output in 16-bit

@@ -22,6 +22,7 @@ import pydantic
 
 from loom.planner.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.errors import SpecError
+from loom.planner.measured import LayerProfile, with_profiles
 from loom.planner.model import ModelSpec, load_model
 from loom.planner.specfile import StrictModel, read_mapping, validate
 
@@ -78,6 +79,7 @@ class JobFile(StrictModel):
     search: SearchFile = SearchFile()
     top_k: pydantic.PositiveInt = 5
     train_iters: pydantic.PositiveInt = 1000
+    profiles: list[str] = []  # loom profile layers/gemm outputs, relative to this file
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class Job:
     top_k: int = 5
     train_iters: int = 1000
     source: str = "<job>"
+    layer_profile: LayerProfile | None = None  # measured layers in place of estimates
+    profiles: tuple[str, ...] = ()  # the profile files applied
 
     @property
     def params_dtype_bytes(self) -> int:
@@ -111,6 +115,14 @@ def _resolve_cluster(value: str | dict, job_path: Path | None, source: str) -> C
     raise SpecError(source, "cluster", "a cluster YAML path (absolute, relative to the job file, or a bundled example)", value)
 
 
+def _resolve_file(value: str, job_path: Path | None) -> Path:
+    """A path as given, or relative to the job file."""
+    path = Path(value)
+    if job_path is not None and not path.is_absolute() and not path.exists() and (job_path.parent / value).exists():
+        return job_path.parent / value
+    return path
+
+
 def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     """Read ``path`` (the bundled example when None) and apply CLI overrides."""
     job_path = path or DEFAULT_JOB
@@ -118,7 +130,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     data = read_mapping(job_path)
     data.update({key: value for key, value in (overrides or {}).items() if value is not None})
     spec = validate(JobFile, data, source)
-    model = load_model(spec.model, source="--model" if overrides and overrides.get("model") else source)
+    model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
     cluster = _resolve_cluster(spec.cluster, job_path, source)
     job = Job(
         model=model,
@@ -135,7 +147,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
         source=source,
     )
     check_job(job)
-    return job
+    return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
 
 
 def check_job(job: Job) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from loom.planner.compute import ACT_BYTES, Shape
 from loom.planner.layout import Layout
+from loom.planner.measured import calibrated
 from loom.planner.model import ModelSpec
 from loom.planner.stages import Chunk, Stage
 
@@ -141,8 +142,17 @@ def model_state_bytes(params: StageParams, layout: Layout, framework: str) -> di
 
 
 # --- activations ------------------------------------------------------------
+@functools.cache
 def layer_activation_bytes(shape: Shape, recompute: str, moe: bool = False) -> float:
-    """Bytes one decoder layer keeps for backward, per micro batch, per GPU."""
+    """Bytes one decoder layer keeps for backward, per micro batch, per GPU:
+    measured (``--profile``) or estimated."""
+    kind = "moe" if moe else "dense"
+    return calibrated(shape, kind, f"saved_bytes.{recompute}", lambda s: _layer_activation_estimate(s, recompute, moe))
+
+
+def _layer_activation_estimate(shape: Shape, recompute: str, moe: bool) -> float:
+    """Korthikanti et al.'s count, tensor by tensor (``loom profile layers``
+    measures the same tensors in a PyTorch layer; its test checks the two agree)."""
     m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
     q, kv, v = m.q_size, m.kv_size, m.v_size
     if recompute == "full":
@@ -193,11 +203,19 @@ def _mlp_activation_bytes(shape: Shape, moe: bool) -> float:
 
 
 def embedding_activation_bytes(shape: Shape) -> float:
+    return calibrated(shape, "embedding", "saved_bytes.none", _embedding_activation_estimate)
+
+
+def _embedding_activation_estimate(shape: Shape) -> float:
     """The embedding's dropout mask (its output is the first layer's input)."""
     return (shape.tokens * shape.replicated_width) if shape.model.dropout else 0.0
 
 
 def head_activation_bytes(shape: Shape) -> float:
+    return calibrated(shape, "head", "saved_bytes.none", _head_activation_estimate)
+
+
+def _head_activation_estimate(shape: Shape) -> float:
     """Final norm input and output-layer input, plus the fp32 softmax the loss keeps."""
     m, T = shape.model, shape.tokens
     return 2 * ACT_BYTES * T * shape.replicated_width + LOGIT_SOFTMAX_BYTES * T * m.vocab_size / shape.tp

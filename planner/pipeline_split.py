@@ -67,7 +67,7 @@ def _device_groups(job: Job, layout: Layout) -> list[GPU]:
 def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     """The split of ``layout`` as plain numbers for the solver."""
     model = job.model
-    shape = Shape.of(model, layout, job.seq_length, job.precision, job.features)
+    shape = Shape.for_job(job, layout)
     groups = _device_groups(job, layout)
     reference = groups[0]
     links = Links.of(job, layout)

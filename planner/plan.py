@@ -135,7 +135,7 @@ def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, plac
     stages = stages or uniform_stages(job.model, layout)
     placement = placement or default_placement(job.cluster, layout.world_size)
     gpus = stage_gpus(job.cluster, placement, stages)
-    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    shape = Shape.for_job(job, layout)
     simulated = simulated_step(step_parts(job, layout, stages, gpus, placement), stages)
     in_flight = simulated.simulation.peak_in_flight
     return Plan(

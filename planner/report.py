@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 
+from loom.planner.compute import Shape
+from loom.planner.measured import sources
 from loom.planner.plan import Plan
 from loom.planner.simulate import ChunkCost, PipelineCosts
 
@@ -128,6 +131,8 @@ class PlanReport(pydantic.BaseModel):
     predicted: Predicted
     memory: Memory
     schedule: ScheduleReport
+    sources: dict[str, Literal["measured", "interpolated", "estimated"]] = pydantic.Field(
+        default_factory=dict, description="per layer kind: time and activations measured (--profile), interpolated between measured shapes, or estimated")
 
 
 class Report(pydantic.BaseModel):
@@ -140,6 +145,7 @@ class Report(pydantic.BaseModel):
     seq_length: int
     plans: list[PlanReport]
     search: SearchInfo
+    profiles: list[str] = pydantic.Field(default_factory=list, description="the --profile files the plans used")
 
 
 def plan_report(plan: Plan) -> PlanReport:
@@ -176,6 +182,7 @@ def plan_report(plan: Plan) -> PlanReport:
             per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],
         ),
         schedule=_schedule_report(plan),
+        sources=sources(Shape.for_job(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute),
     )
 
 
@@ -216,6 +223,7 @@ def build_report(plans: list[Plan], search: SearchInfo) -> Report:
         seq_length=job.seq_length,
         plans=[plan_report(plan) for plan in plans],
         search=search,
+        profiles=list(job.profiles),
     )
 
 

@@ -28,7 +28,7 @@ def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
     """The simulator's inputs: per chunk forward, backward (with its share of
     ZeRO's per-micro-batch communication), weight gradient and activations."""
     job, layout = parts.job, parts.layout
-    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    shape = Shape.for_job(job, layout)
     return PipelineCosts(
         stages=tuple(
             tuple(

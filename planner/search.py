@@ -136,7 +136,7 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     cluster with an exactly even split the first stage holds the most
     activations (pp micro batches) and the embedding, the last the LM head:
     only they are checked. Otherwise every stage is."""
-    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    shape = Shape.for_job(job, layout)
     even = len({stage.num_layers for stage in stages}) == 1
     # Dense first layers (DeepSeek-V3) make the stages after them heavier in parameters.
     alike = even and not job.cluster.heterogeneous and not (job.model.moe and job.model.moe.first_dense_layers)

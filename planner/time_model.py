@@ -386,7 +386,7 @@ class StepParts:
 def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepParts:
     """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``,
     its groups on the links ``placement`` gives them (default: Megatron's order)."""
-    shape = Shape.of(job.model, layout, job.seq_length, job.precision, job.features)
+    shape = Shape.for_job(job, layout)
     links = Links.of(job, layout, placement)
     # Stages with the same chunk sizes (all but the first and last, usually)
     # cost the same: price each kind once.

@@ -29,6 +29,10 @@ class GPU:
     peak_tflops: dict[str, float | None]  # by precision: fp16, bf16, fp8
     gemm_efficiency: dict[str, float | None]
     attention_efficiency: float
+    # Fitted by `loom profile gemm` (--profile): the GEMM curve's K overhead
+    # (None: planner/efficiency.py's default) and the profile it came from.
+    gemm_k_overhead: float | None = None
+    gemm_profile: str | None = None
 
     def peak_flops(self, precision: str) -> float:
         """Dense tensor-core FLOP/s at ``precision``."""

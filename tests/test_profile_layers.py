@@ -1,0 +1,261 @@
+"""The layer and GEMM profilers (``loom profile layers | gemm``) and what
+``--profile`` does to a plan, on CPU with small models.
+
+The central check: for every layer kind and recompute mode, the bytes a real
+PyTorch layer keeps for backward equal the memory estimator's count plus the
+bookkeeping tensors the estimator leaves out, each listed in ``bookkeeping``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.planner.model import model_from_hf_config
+from loom.profiles import layer_profile
+from loom.profiles.catalogue import find_gpu
+from loom.profiles.gemm import fit_curve, fitted_time_s
+from loom.profiles.layer_profile import GemmPoint, Spread
+from loom.profiles.layers import Grid, estimated_saved_bytes, rank_shapes, saved_bytes
+from loom.profiles.torch_blocks import RankShape, build
+
+runner = CliRunner()
+LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 2,
+         "num_hidden_layers": 4, "vocab_size": 1024, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+GPT = {"model_type": "gpt2", "n_embd": 256, "n_head": 8, "n_layer": 2, "vocab_size": 1024, "n_positions": 1024, "n_inner": 1024}
+QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 2, "vocab_size": 1024,
+             "max_position_embeddings": 4096, "num_experts": 16, "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": []}
+MODELS = {name: model_from_hf_config(config, name, "test") for name, config in
+          [("tiny-llama", LLAMA), ("tiny-gpt", GPT), ("tiny-qwen3-moe", QWEN3_MOE)]}
+
+
+def bookkeeping(kind: str, shape: RankShape, recompute: str) -> int:
+    """What a PyTorch layer keeps that the estimator does not count (it is
+    not proportional to the hidden size):
+
+    - embedding: the token ids (int64) and the mask of ids outside this
+      rank's vocabulary slice (bool): 9 bytes per token;
+    - head: the loss's int64 targets: 8 bytes per token;
+    - MoE layer: per routed copy of a token, the router's top-k expert id, the
+      sort order and the source token (int64 each) and its fp32 routing
+      probability (28 bytes); the aux loss's expert-load constants (fp32 per
+      expert) and the loss itself (4 bytes). None under full recompute.
+    - dense layer: nothing (its fused norms keep no fp32 statistics here;
+      Transformer Engine's keep 4 bytes per token more).
+    """
+    if kind == "embedding":
+        return 9 * shape.tokens
+    if kind == "head":
+        return 8 * shape.tokens
+    if kind == "moe" and recompute != "full":
+        moe = shape.model.moe
+        return 28 * shape.local_tokens * moe.top_k + 4 * moe.num_experts + 4
+    return 0
+
+
+CASES = [
+    (name, kind, tp, recompute)
+    for name, model in MODELS.items()
+    for kind, shape in rank_shapes(model, Grid(tp=(1, 2), micro_batch_size=(2,), seq_length=(128,)))
+    for tp in [shape.tp]
+    for recompute in (("none", "selective", "full") if kind in ("dense", "moe") else ("none",))
+]
+
+
+@pytest.mark.parametrize("name, kind, tp, recompute", CASES)
+def test_saved_bytes_equal_the_memory_estimate(name, kind, tp, recompute):
+    """Measured with saved_tensors_hooks, once per storage."""
+    model = MODELS[name]
+    shape = RankShape(model, tp, 2, 128, sequence_parallel=tp > 1, ep=2 if kind == "moe" else 1)
+    measured = saved_bytes(build(kind, shape, torch.bfloat16, torch.device("cpu"), recompute))
+    assert measured == estimated_saved_bytes(kind, shape, recompute) + bookkeeping(kind, shape, recompute)
+
+
+def test_every_model_family_and_kind_is_covered():
+    kinds = {(name, kind) for name, kind, _, _ in CASES}
+    assert {("tiny-llama", "dense"), ("tiny-gpt", "dense"), ("tiny-qwen3-moe", "moe")} <= kinds
+    assert {kind for _, kind in kinds} == {"dense", "moe", "embedding", "head"}
+
+
+def test_rotary_models_keep_q_and_k_twice():
+    """The fused QKV output stays alive through V's view while RoPE writes
+    new Q and K: what the estimator learned from this profiler."""
+    llama = MODELS["tiny-llama"]
+    shape = RankShape(llama, 1, 2, 128, sequence_parallel=False)
+    measured = saved_bytes(build("dense", shape, torch.bfloat16, torch.device("cpu")))
+    tokens, q, kv = shape.tokens, llama.q_size, llama.kv_size
+    korthikanti = 2 * tokens * (4 * llama.hidden_size + q + 2 * kv + q + 3 * llama.ffn_hidden_size) + 4 * 2 * 8 * 128
+    assert measured - korthikanti == 2 * tokens * (q + kv)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tiny Llama config, a job on the bundled 64 x H100 cluster, and a
+    layers profile of it at tp 1 and 2, sequence 256 (run through the CLI)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "tiny.json").write_text(json.dumps(LLAMA))
+    (folder / "job.yaml").write_text("model: tiny.json\ncluster: h100-64.yaml\nglobal_batch_size: 128\nseq_length: 256\n")
+    profile = folder / "layers.json"
+    result = runner.invoke(app, ["profile", "layers", str(folder / "tiny.json"), "--gpu", "h100", "--tp", "1,2", "--micro-batch-size", "2",
+                                 "--seq-length", "256", "--repeats", "2", "--warmup", "1", "--out", str(profile)])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_profile_json_matches_its_schema(tiny_files):
+    document = json.loads((tiny_files / "layers.json").read_text())
+    schema = json.loads(layer_profile.SCHEMA_FILES["layers"].read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(document, schema)
+    assert document["device"] == "cpu" and document["gpu"] == "H100-SXM5-80GB" and document["torch_version"] == torch.__version__
+    entries = {(e["kind"], e["tp"]): e for e in document["entries"]}
+    assert set(entries) == {(kind, tp) for kind in ("dense", "embedding", "head") for tp in (1, 2)}
+    dense = entries["dense", 2]
+    assert dense["dims"]["heads"] == 4 and dense["dims"]["local_tokens"] == dense["dims"]["tokens"] // 2 == 256
+    assert dense["forward"]["min_s"] <= dense["forward"]["median_s"] <= dense["forward"]["max_s"]
+    assert dense["saved_bytes"]["full"] < dense["saved_bytes"]["selective"] < dense["saved_bytes"]["none"]
+
+
+def test_shipped_schemas_match_the_models():
+    for kind, path in layer_profile.SCHEMA_FILES.items():
+        assert path.read_text() == layer_profile.schema_json(kind)
+
+
+def _evaluate(folder, *extra: str) -> dict:
+    result = runner.invoke(app, ["evaluate", str(folder / "job.yaml"), "--mbs", "2", "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_profile_replaces_the_layer_times_and_bytes_with_the_measured_ones(tiny_files):
+    profile = json.loads((tiny_files / "layers.json").read_text())
+    entries = {(e["kind"], e["tp"]): e for e in profile["entries"]}
+    estimated = _evaluate(tiny_files)["plans"][0]
+    measured = _evaluate(tiny_files, "--profile", str(tiny_files / "layers.json"))
+    plan = measured["plans"][0]
+    assert measured["profiles"] == [str(tiny_files / "layers.json")]
+    assert set(plan["sources"].values()) == {"measured", "estimated"} and plan["sources"]["dense_time"] == "measured"
+    assert set(estimated["sources"].values()) == {"estimated"}
+    # One stage with every layer (tp 1, no communication inside the chunk):
+    chunk = plan["schedule"]["stages"][0][0]
+    layers = LLAMA["num_hidden_layers"]
+    for pass_, field in (("forward", "forward_s"), ("backward", "backward_s")):
+        expected = layers * entries["dense", 1][pass_]["median_s"] + entries["embedding", 1][pass_]["median_s"] + entries["head", 1][pass_]["median_s"]
+        assert chunk[field] == pytest.approx(expected, rel=1e-9)
+        assert chunk[field] != pytest.approx(estimated["schedule"]["stages"][0][0][field], rel=0.01)
+    saved = layers * entries["dense", 1]["saved_bytes"]["none"] + entries["embedding", 1]["saved_bytes"]["none"] + entries["head", 1]["saved_bytes"]["none"]
+    assert chunk["activation_bytes"] == pytest.approx(saved, rel=1e-9)
+
+
+def test_unmeasured_shapes_are_interpolated_from_the_measured_ratio(tiny_files, tmp_path):
+    """Between profiled token counts the planner scales its estimate by
+    measured / estimated, interpolated linearly in log(tokens)."""
+    from loom.planner.compute import Shape, decoder_layer
+    from loom.planner.job import load_job
+    from loom.planner.layout import Layout
+
+    document = json.loads((tiny_files / "layers.json").read_text())
+    measured_256 = next(e for e in document["entries"] if (e["kind"], e["tp"]) == ("dense", 2))
+    longer = json.loads(json.dumps(measured_256))  # a made-up measurement at sequence 1024, 3x slower
+    longer["seq_length"], longer["dims"]["tokens"], longer["dims"]["local_tokens"] = 1024, 2048, 1024
+    longer["forward"] = {key: 3 * value for key, value in measured_256["forward"].items()}
+    document["entries"].append(longer)
+    profile = tmp_path / "layers.json"
+    profile.write_text(json.dumps(document))
+
+    layout = Layout(tp=2, pp=1, dp=32, cp=1, micro_batch_size=2, global_batch_size=128, sequence_parallel=True)
+    plain = {seq: load_job(tiny_files / "job.yaml", {"seq_length": seq}) for seq in (256, 512, 1024)}
+    gpu = plain[256].cluster.slowest.gpu
+
+    def estimate(seq):
+        return decoder_layer(Shape.for_job(plain[seq], layout), gpu).total_s
+
+    ratios = [measured_256["forward"]["median_s"] / estimate(256), longer["forward"]["median_s"] / estimate(1024)]
+    profiled = load_job(tiny_files / "job.yaml", {"seq_length": 512, "profiles": [str(profile)]})
+    # 1024 tokens lie halfway between 512 and 2048 in log(tokens)
+    assert decoder_layer(Shape.for_job(profiled, layout), gpu).total_s == pytest.approx(estimate(512) * sum(ratios) / 2, rel=1e-9)
+    sources = _evaluate(tiny_files, "--tp", "2", "--seq-length", "512", "--profile", str(profile))["plans"][0]["sources"]
+    assert sources["dense_time"] == "interpolated" and sources["head_time"] == "interpolated"
+
+
+def test_profile_of_another_model_or_gpu_is_refused(tiny_files, tmp_path):
+    document = json.loads((tiny_files / "layers.json").read_text())
+    document["model"]["hidden_size"] = 512
+    other_model = tmp_path / "other.json"
+    other_model.write_text(json.dumps(document))
+    result = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--profile", str(other_model)])
+    assert result.exit_code == 2 and "model.hidden_size" in result.output and str(other_model) in result.output.replace("\n", "")
+    document = json.loads((tiny_files / "layers.json").read_text())
+    document["gpu"] = "A100"
+    other_gpu = tmp_path / "a100.json"
+    other_gpu.write_text(json.dumps(document))
+    result = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--profile", str(other_gpu)])
+    assert result.exit_code == 2 and "gpu" in result.output and "H100-SXM5-80GB" in result.output
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--tp", "3"], "tp"),  # does not divide the heads
+    (["--tp", "one"], "tp"),
+    (["--kinds", "dense,mlp"], "kinds"),
+    (["--dtype", "fp8"], "dtype"),
+])
+def test_profile_layers_bad_input_exits_2(tiny_files, tmp_path, args, field):
+    out = tmp_path / "layers.json"
+    result = runner.invoke(app, ["profile", "layers", str(tiny_files / "tiny.json"), "--gpu", "h100", "--out", str(out), *args])
+    assert result.exit_code == 2 and field in result.output
+    assert not out.exists()
+
+
+def test_profile_layers_refuses_what_it_cannot_build(tmp_path):
+    result = runner.invoke(app, ["profile", "layers", "deepseek-v3", "--gpu", "h100", "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "latent attention" in " ".join(result.output.split())
+    moe = tmp_path / "moe.json"
+    moe.write_text(json.dumps(QWEN3_MOE))
+    result = runner.invoke(app, ["profile", "layers", str(moe), "--gpu", "h100", "--tp", "2", "--no-sequence-parallel", "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "sequence_parallel" in " ".join(result.output.split())
+
+
+def test_profile_on_cpu_needs_the_gpu_it_stands_for(tiny_files, tmp_path):
+    result = runner.invoke(app, ["profile", "layers", str(tiny_files / "tiny.json"), "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "--gpu" in result.output
+
+
+def test_gemm_fit_recovers_the_curve_it_was_generated_from():
+    h100 = find_gpu("h100")
+    shapes = [(m, n, k) for m in (512, 4096) for n in (1024, 3072, 8192) for k in (256, 1024, 8192)]
+    truth = layer_profile.GemmFit(peak_tflops=989.0, gemm_efficiency=0.7, k_overhead=256, rms_log_error=0.0)
+    points = []
+    for m, n, k in shapes:
+        probe = GemmPoint(m=m, n=n, k=k, time=Spread(median_s=1.0, min_s=1.0, max_s=1.0), tflops=1.0)
+        seconds = fitted_time_s(probe, truth, h100)
+        points.append(GemmPoint(m=m, n=n, k=k, time=Spread(median_s=seconds, min_s=seconds, max_s=seconds), tflops=2 * m * n * k / seconds / 1e12))
+    fit = fit_curve(points, h100, "bf16")
+    assert fit.gemm_efficiency == pytest.approx(0.7, rel=1e-6) and fit.k_overhead == 256 and fit.rms_log_error < 1e-9
+
+
+def test_gemm_profile_recalibrates_the_gpu(tiny_files):
+    out = tiny_files / "gemm.json"
+    result = runner.invoke(app, ["profile", "gemm", str(tiny_files / "tiny.json"), "--gpu", "h100", "--tokens", "256", "--repeats", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, json.loads(layer_profile.SCHEMA_FILES["gemm"].read_text()))
+    assert all(math.isclose(p["tflops"], 2 * p["m"] * p["n"] * p["k"] / p["time"]["median_s"] / 1e12) for p in document["points"])
+    plain = _evaluate(tiny_files)["plans"][0]
+    calibrated = _evaluate(tiny_files, "--profile", str(out))["plans"][0]
+    assert calibrated["sources"]["gemm_efficiency"] == "measured"
+    # A CPU is far slower than the H100 these numbers are labelled as: the GEMMs slow down.
+    assert calibrated["predicted"]["step_time_s"] > 2 * plain["predicted"]["step_time_s"]
+
+
+def test_planner_modules_import_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import loom.planner.measured, loom.profiles.layer_profile, loom.cli.app"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
