@@ -259,3 +259,15 @@ def test_gemm_profile_recalibrates_the_gpu(tiny_files):
 def test_planner_modules_import_without_torch():
     code = "import sys; sys.modules['torch'] = None; import loom.planner.measured, loom.profiles.layer_profile, loom.cli.app"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("device_name, catalogue", [
+    ("NVIDIA H100 80GB HBM3", "H100-SXM5-80GB"),
+    ("NVIDIA A100-SXM4-40GB", "A100-SXM4-40GB"),
+    ("AMD Instinct MI300X", "MI300X"),
+])
+def test_the_gpu_is_recognised_from_its_cuda_name(monkeypatch, device_name, catalogue):
+    from loom.cli.profile_layers import _detected_gpu
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert _detected_gpu(torch.device("cuda")).name == find_gpu(catalogue).name
