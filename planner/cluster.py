@@ -21,10 +21,14 @@ Example::
     link_overrides:              # a degraded NVLink between two GPUs of a node
       - {node: 4, gpus: [1, 2], GBps: 100}
     links_profile: links.json    # measured pair bandwidths (loom profile links) replace the figures
+    nccl_tests: nccl.json        # nccl-tests bus bandwidths (loom profile nccl-tests) set the link efficiencies
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +38,14 @@ import pydantic
 from loom.planner.errors import SpecError
 from loom.planner.specfile import StrictModel, read_mapping, validate
 from loom.profiles.catalogue import GPU, find_gpu
+from loom.profiles.nccl_tests import NcclTestsDocument
+
+# Achievable fraction of the line rate (nccl-tests busbw / line rate), unless
+# the cluster file's nccl_tests profile measured it: NVLink all-reduce reaches
+# ~230 of 300 GB/s on A100 and ~360 of 450 GB/s on H100; InfiniBand ~92% of
+# line rate.
+NVLINK_EFFICIENCY = 0.78
+NIC_EFFICIENCY = 0.92
 
 
 class NodeOverride(StrictModel):
@@ -72,6 +84,7 @@ class ClusterFile(StrictModel):
     nic_overrides: list[NicOverride] = []
     link_overrides: list[LinkOverride] = []
     links_profile: str | None = None
+    nccl_tests: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,13 @@ class Fabric:
     nic_Gbps: tuple[tuple[int, int, float], ...] = ()  # (node index, NIC, Gbps) overrides
     nvlink_GBps: tuple[tuple[int, int, int, float], ...] = ()  # (node index, GPU, GPU, GB/s) overrides
     links_profile: Path | None = None  # measured pair bandwidths
+    nccl_tests: str | None = None  # the nccl-tests profile that set the link efficiencies
     source: str = ""  # the cluster file, for error messages
+
+    @property
+    def measured(self) -> bool:
+        """Link figures come from measurements (loom profile links or nccl-tests)."""
+        return self.links_profile is not None or self.nccl_tests is not None
 
     @property
     def plain(self) -> bool:
@@ -101,6 +120,8 @@ class Node:
     nics_per_node: int
     nic_Gbps: float
     gpus_per_node: int
+    nvlink_efficiency: float = NVLINK_EFFICIENCY  # of nvlink_GBps that collectives reach
+    nic_efficiency: float = NIC_EFFICIENCY  # of the NICs' line rate
 
     @property
     def nic_GBps_per_gpu(self) -> float:
@@ -131,6 +152,8 @@ class Cluster:
             nics_per_node=min(n.nics_per_node for n in self.nodes),
             nic_Gbps=min(n.nic_Gbps for n in self.nodes),
             gpus_per_node=self.gpus_per_node,
+            nvlink_efficiency=min(n.nvlink_efficiency for n in self.nodes),
+            nic_efficiency=min(n.nic_efficiency for n in self.nodes),
         )
 
     @property
@@ -164,7 +187,7 @@ class Cluster:
 
 
 def _node_figures(node: Node) -> tuple:
-    return (node.host, node.gpu.name, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps)
+    return (node.host, node.gpu.name, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps, node.nvlink_efficiency, node.nic_efficiency)
 
 
 def _gpu_pace(gpu: GPU) -> tuple[float, int]:
@@ -192,6 +215,7 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
         per_node[index].update(override.model_dump(exclude={"node"}, exclude_none=True))
         if override.gpu is not None:
             gpu_field[index] = at(f"node_overrides.{i}.gpu")
+    efficiencies = _measured_efficiencies(spec, source, at) if spec.nccl_tests else {}
     nodes = tuple(
         Node(
             host=host,
@@ -200,10 +224,45 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
             nics_per_node=fields["nics_per_node"],
             nic_Gbps=fields["nic_Gbps"],
             gpus_per_node=spec.gpus_per_node,
+            **efficiencies,
         )
         for host, fields, field in zip(hosts, per_node, gpu_field)
     )
     return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at))
+
+
+def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, float]:
+    """NVLink and NIC efficiency from an imported nccl-tests profile: each
+    run's bus bandwidth at its largest message (busbw is normalised to be
+    comparable to the links' speed, nccl-tests doc/PERFORMANCE.md) over the
+    line rate it ran on. Runs inside one node measure NVLink; runs across
+    nodes with k GPUs per node measure k GPUs' share of the NICs. The median
+    of each kind replaces the default; a kind no run measured keeps it."""
+    path = Path(spec.nccl_tests)
+    if not path.is_absolute() and Path(source).is_file():
+        path = Path(source).parent / path
+    if not path.is_file():
+        raise SpecError(source, at("nccl_tests"), "an existing profile from loom profile nccl-tests", spec.nccl_tests)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
+    document = validate(NcclTestsDocument, data, str(path))
+    nvlink, nic = [], []
+    for run in document.runs:
+        gpus_per_host = Counter(gpu.host for gpu in run.gpus)
+        if sum(gpus_per_host.values()) < 2:
+            continue
+        busbw_GBps = max(run.rows, key=lambda row: row.size_bytes).out_of_place.busbw_GBps
+        if len(gpus_per_host) == 1:
+            nvlink.append(busbw_GBps / spec.nvlink_GBps)
+        else:
+            nic_GBps_per_gpu = spec.nics_per_node * spec.nic_Gbps / 8 / spec.gpus_per_node
+            nic.append(busbw_GBps / (min(gpus_per_host.values()) * nic_GBps_per_gpu))
+    if not nvlink and not nic:
+        raise SpecError(str(path), "runs", "a run on two or more GPUs with its '#  Rank ... on HOST' lines")
+    found = {"nvlink_efficiency": nvlink, "nic_efficiency": nic}
+    return {name: statistics.median(values) for name, values in found.items() if values}
 
 
 def _fabric(spec: ClusterFile, hosts: list[str], source: str, at) -> Fabric:
@@ -239,6 +298,7 @@ def _fabric(spec: ClusterFile, hosts: list[str], source: str, at) -> Fabric:
         nic_Gbps=tuple(nics),
         nvlink_GBps=tuple(links),
         links_profile=profile,
+        nccl_tests=spec.nccl_tests,
         source=source,
     )
 

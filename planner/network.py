@@ -15,11 +15,6 @@ from __future__ import annotations
 from loom.planner.cluster import Node
 from loom.planner.collectives import LOCAL, Link
 
-# Achievable fraction of the line rate (nccl-tests busbw / line rate): NVLink
-# all-reduce reaches ~230 of 300 GB/s on A100 and ~360 of 450 GB/s on H100;
-# InfiniBand ~92% of line rate.
-NVLINK_EFFICIENCY = 0.78
-NIC_EFFICIENCY = 0.92
 # Per-step latency of a ring step or tree hop (NCCL Simple/LL128 protocols).
 NVLINK_LATENCY_S = 3e-6
 NETWORK_LATENCY_S = 8e-6
@@ -33,7 +28,7 @@ def members_per_node(size: int, stride: int, gpus_per_node: int) -> int:
 
 
 def nvlink(node: Node) -> Link:
-    return Link(node.nvlink_GBps * NVLINK_EFFICIENCY, NVLINK_LATENCY_S, "nvlink")
+    return Link(node.nvlink_GBps * node.nvlink_efficiency, NVLINK_LATENCY_S, "nvlink")
 
 
 def group_link(node: Node, size: int, stride: int) -> Link:
@@ -43,8 +38,8 @@ def group_link(node: Node, size: int, stride: int) -> Link:
     k = members_per_node(size, stride, node.gpus_per_node)
     if k >= size:
         return nvlink(node)
-    network_GBps = k * node.nic_GBps_per_gpu * NIC_EFFICIENCY
-    return Link(min(network_GBps, node.nvlink_GBps * NVLINK_EFFICIENCY), NETWORK_LATENCY_S, "network")
+    network_GBps = k * node.nic_GBps_per_gpu * node.nic_efficiency
+    return Link(min(network_GBps, node.nvlink_GBps * node.nvlink_efficiency), NETWORK_LATENCY_S, "network")
 
 
 def pipeline_link(node: Node, stride: int, pp: int) -> Link:
@@ -55,7 +50,7 @@ def pipeline_link(node: Node, stride: int, pp: int) -> Link:
         return LOCAL
     if stride * pp <= node.gpus_per_node:
         return nvlink(node)
-    return Link(node.nic_GBps_per_gpu * NIC_EFFICIENCY, NETWORK_LATENCY_S, "network")
+    return Link(node.nic_GBps_per_gpu * node.nic_efficiency, NETWORK_LATENCY_S, "network")
 
 
 def all_to_all_link(node: Node, size: int, stride: int) -> tuple[Link, float]:
@@ -67,4 +62,4 @@ def all_to_all_link(node: Node, size: int, stride: int) -> tuple[Link, float]:
     k = members_per_node(size, stride, node.gpus_per_node)
     if k >= size:
         return nvlink(node), 0.0
-    return Link(node.nic_GBps_per_gpu * NIC_EFFICIENCY, NETWORK_LATENCY_S, "network"), (size - k) / size
+    return Link(node.nic_GBps_per_gpu * node.nic_efficiency, NETWORK_LATENCY_S, "network"), (size - k) / size

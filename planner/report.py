@@ -132,7 +132,8 @@ class PlanReport(pydantic.BaseModel):
     memory: Memory
     schedule: ScheduleReport
     sources: dict[str, Literal["measured", "interpolated", "estimated"]] = pydantic.Field(
-        default_factory=dict, description="per layer kind: time and activations measured (--profile), interpolated between measured shapes, or estimated")
+        default_factory=dict, description="per layer kind: time and activations measured (--profile), interpolated between measured shapes, or estimated; "
+        "gemm_efficiency; links (a links_profile or nccl_tests profile in the cluster file)")
 
 
 class Report(pydantic.BaseModel):
@@ -182,7 +183,8 @@ def plan_report(plan: Plan) -> PlanReport:
             per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],
         ),
         schedule=_schedule_report(plan),
-        sources=sources(Shape.for_job(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute),
+        sources={**sources(Shape.for_job(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute),
+                 "links": "measured" if plan.job.cluster.fabric.measured else "estimated"},
     )
 
 

@@ -12,8 +12,8 @@ through the nearest working NIC of its node, over NVLink (NCCL's PXN), and
 shares it. From the graph follows the pair matrix the time model and the
 placement solver read:
 
-    same node:        the NVLink edge x NVLINK_EFFICIENCY
-    different nodes:  min(uplink_a, uplink_b) x NIC_EFFICIENCY,
+    same node:        the NVLink edge x the node's nvlink_efficiency
+    different nodes:  min(uplink_a x nic_efficiency_a, uplink_b x nic_efficiency_b),
                       / spine_oversubscription if their leaves differ
 
 A measured links profile (``loom profile links``) gives the matrix directly.
@@ -32,7 +32,6 @@ import numpy as np
 from loom.planner.cluster import Cluster, Node
 from loom.planner.errors import SpecError
 from loom.planner.layout import Layout
-from loom.planner.network import NIC_EFFICIENCY, NVLINK_EFFICIENCY
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -119,14 +118,14 @@ def pair_bandwidth(graph: nx.Graph, cluster: Cluster) -> np.ndarray:
     for slot in range(size):
         for _, nic, data in graph.edges(("gpu", slot), data=True):
             if data["kind"] == "pcie":
-                uplink[slot] += data["GBps"]
+                uplink[slot] += data["GBps"] * cluster.nodes[slot // per_node].nic_efficiency
                 leaf[slot] = next(v for v in graph[nic] if v[0] == "leaf")[1]
-    across = np.minimum.outer(uplink, uplink) * NIC_EFFICIENCY
+    across = np.minimum.outer(uplink, uplink)
     across /= np.where(leaf[:, None] == leaf[None, :], 1.0, graph.nodes["spine"]["oversubscription"])
     bandwidth = across
     for a, b, data in graph.edges(data=True):
         if data["kind"] == "nvlink":
-            bandwidth[a[1], b[1]] = bandwidth[b[1], a[1]] = data["GBps"] * NVLINK_EFFICIENCY
+            bandwidth[a[1], b[1]] = bandwidth[b[1], a[1]] = data["GBps"] * cluster.nodes[a[1] // per_node].nvlink_efficiency
     np.fill_diagonal(bandwidth, np.inf)
     return bandwidth
 

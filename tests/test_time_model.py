@@ -12,7 +12,8 @@ from loom.planner.collectives import Link, all_gather_s, all_reduce_s, reduce_sc
 from loom.planner.efficiency import gemm_time_s
 from loom.planner.job import Features
 from loom.planner.layout import Layout
-from loom.planner.network import NIC_EFFICIENCY, NVLINK_EFFICIENCY, group_link
+from loom.planner.cluster import NIC_EFFICIENCY, NVLINK_EFFICIENCY
+from loom.planner.network import group_link
 from loom.planner.plan import evaluate
 from loom.planner.time_model import _pipeline_s
 from loom.profiles.catalogue import find_gpu

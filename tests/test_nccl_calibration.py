@@ -1,0 +1,93 @@
+"""A cluster file's ``nccl_tests`` profile sets the NVLink and NIC efficiencies
+that every link of the time model and the placement solver is priced with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.planner.cluster import NIC_EFFICIENCY, NVLINK_EFFICIENCY, load_cluster
+from loom.planner.network import group_link
+from loom.profiles.nccl_tests import read_nccl_tests_log
+
+runner = CliRunner()
+LOGS = Path(__file__).parent / "data" / "nccl-tests"
+ALL_REDUCE, SENDRECV = LOGS / "all_reduce_perf-2x8-h100.log", LOGS / "sendrecv_perf-node000-node001.log"
+H100_NODES = {"gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+
+
+def _largest_busbw(path: Path) -> float:
+    run = read_nccl_tests_log(path)
+    return max(run.rows, key=lambda row: row.size_bytes).out_of_place.busbw_GBps
+
+
+@pytest.fixture()
+def calibrated(tmp_path) -> Path:
+    """A 2-node cluster file whose nccl_tests profile holds both logs."""
+    result = runner.invoke(app, ["profile", "nccl-tests", str(ALL_REDUCE), str(SENDRECV), "--out", str(tmp_path / "nccl.json")])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"nodes": 2, **H100_NODES, "nccl_tests": "nccl.json"}))
+    return tmp_path
+
+
+def test_cross_node_runs_set_the_nic_efficiency(calibrated):
+    cluster = load_cluster(calibrated / "cluster.yaml")
+    # 16 GPUs on 2 nodes (8 GPUs' NICs, 8 x 50 GB/s) and GPU 0 to GPU 0 (one NIC, 50 GB/s).
+    expected = sorted([_largest_busbw(ALL_REDUCE) / 400, _largest_busbw(SENDRECV) / 50])
+    assert all(node.nic_efficiency == pytest.approx(sum(expected) / 2) for node in cluster.nodes)
+    assert expected[0] != pytest.approx(NIC_EFFICIENCY, abs=1e-3)
+    assert all(node.nvlink_efficiency == NVLINK_EFFICIENCY for node in cluster.nodes)  # no run inside a node
+    across = group_link(cluster.slowest, 16, 2)  # 4 members per node: 4 GPUs' NICs
+    assert across.bandwidth_GBps == pytest.approx(4 * 50 * sum(expected) / 2)
+
+
+def test_a_run_inside_one_node_sets_the_nvlink_efficiency(calibrated):
+    document = json.loads((calibrated / "nccl.json").read_text())
+    one_node = document["runs"][0]
+    for gpu in one_node["gpus"]:
+        gpu["host"] = "node000"
+    document["runs"] = [one_node]
+    (calibrated / "nccl.json").write_text(json.dumps(document))
+    cluster = load_cluster(calibrated / "cluster.yaml")
+    assert cluster.nodes[0].nvlink_efficiency == pytest.approx(_largest_busbw(ALL_REDUCE) / 450)
+    assert cluster.nodes[0].nic_efficiency == NIC_EFFICIENCY
+    assert cluster.uniform  # the same efficiency everywhere keeps the closed forms
+
+
+def test_measured_links_change_the_plan_and_say_so(calibrated):
+    job = calibrated / "job.yaml"
+    job.write_text("model: llama-3-8b\ncluster: cluster.yaml\nglobal_batch_size: 64\nseq_length: 4096\n")
+    plain = job.parent / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"nodes": 2, **H100_NODES}))
+    reports = {}
+    for name, cluster in (("measured", "cluster.yaml"), ("plain", "plain.yaml")):
+        result = runner.invoke(app, ["evaluate", str(job), "--cluster", str(job.parent / cluster), "--tp", "8", "--json"])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(result.stdout)["plans"][0]
+    assert reports["measured"]["sources"]["links"] == "measured" and reports["plain"]["sources"]["links"] == "estimated"
+    # DP 2 over the two nodes: the gradient reduce runs at the measured NIC efficiency.
+    measured_s, plain_s = (reports[name]["schedule"]["dp_reduce_s"][0] for name in ("measured", "plain"))
+    assert measured_s < plain_s * 0.995
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.__setitem__("runs", [{**d["runs"][1], "gpus": d["runs"][1]["gpus"][:1]}]), "runs"),  # one GPU: nothing measured
+    (lambda d: d.__setitem__("kind", "links"), "kind"),
+])
+def test_unusable_nccl_tests_profiles_exit_2(calibrated, edit, field):
+    document = json.loads((calibrated / "nccl.json").read_text())
+    edit(document)
+    (calibrated / "nccl.json").write_text(json.dumps(document))
+    result = runner.invoke(app, ["evaluate", "--cluster", str(calibrated / "cluster.yaml")])
+    assert result.exit_code == 2 and field in result.output and "nccl.json" in result.output
+
+
+def test_a_missing_nccl_tests_file_names_the_cluster_field(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"nodes": 2, **H100_NODES, "nccl_tests": "absent.json"}))
+    result = runner.invoke(app, ["evaluate", "--cluster", str(tmp_path / "cluster.yaml")])
+    assert result.exit_code == 2 and "nccl_tests" in result.output
