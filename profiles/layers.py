@@ -65,6 +65,8 @@ def rank_shapes(model: ModelSpec, grid: Grid) -> Iterator[tuple[str, RankShape]]
                     raise SpecError("--ep", "ep", f"a divisor of {model.name}'s {model.moe.num_experts} experts", ep)
                 for mbs in grid.micro_batch_size:
                     for seq in grid.seq_length:
+                        if grid.sequence_parallel and seq % tp:
+                            raise SpecError("--seq-length", "seq_length", f"a multiple of tp = {tp} (sequence parallelism splits it)", seq)
                         yield kind, RankShape(model, tp, mbs, seq, grid.sequence_parallel and tp > 1, ep=ep)
 
 

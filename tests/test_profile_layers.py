@@ -207,6 +207,7 @@ def test_profile_of_another_model_or_gpu_is_refused(tiny_files, tmp_path):
     (["--tp", "one"], "tp"),
     (["--kinds", "dense,mlp"], "kinds"),
     (["--dtype", "fp8"], "dtype"),
+    (["--tp", "2", "--seq-length", "255"], "seq_length"),  # sequence parallelism splits it
 ])
 def test_profile_layers_bad_input_exits_2(tiny_files, tmp_path, args, field):
     out = tmp_path / "layers.json"
