@@ -182,7 +182,6 @@ class Layers:
     def __init__(self, shape: RankShape, dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = shape, dtype, device
         self.generator = torch.Generator(device="cpu").manual_seed(0)
-
         self.persistent: list[torch.Tensor] = []  # weights and constant tables: not activations
 
     def param(self, *size: int) -> torch.nn.Parameter:
@@ -194,9 +193,10 @@ class Layers:
         self.persistent.append(tensor)
         return tensor
 
-    def activation(self, rows: int, requires_grad: bool = True) -> torch.Tensor:
+    def hidden_states(self, rows: int) -> torch.Tensor:
+        """A layer input: ``rows`` tokens of the residual stream."""
         data = torch.randn(rows, self.shape.model.hidden_size, generator=self.generator)
-        return data.to(self.device, self.dtype).requires_grad_(requires_grad)
+        return data.to(self.device, self.dtype).requires_grad_()
 
     # -- tensor-parallel GEMMs
     def column_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -274,7 +274,7 @@ class DecoderLayer(Layers):
             self.shared_up, self.shared_down = self._mlp_weights(moe.shared_ffn_hidden_size // s.tp)
 
     def input(self) -> tuple[torch.Tensor, ...]:
-        return (self.activation(self.shape.local_tokens),)
+        return (self.hidden_states(self.shape.local_tokens),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute == "full":
@@ -387,7 +387,7 @@ class Head(Layers):
     def input(self) -> tuple[torch.Tensor, ...]:
         vocab = self.output.shape[0]
         targets = torch.randint(0, vocab, (self.shape.tokens,), generator=self.generator).to(self.device)
-        return self.activation(self.shape.local_tokens), targets
+        return self.hidden_states(self.shape.local_tokens), targets
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.column_linear(self.norm(x, self.final_norm), self.output)
