@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -272,3 +273,17 @@ def test_the_gpu_is_recognised_from_its_cuda_name(monkeypatch, device_name, cata
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
     assert _detected_gpu(torch.device("cuda")).name == find_gpu(catalogue).name
+
+
+def test_attention_keeps_what_megatron_cores_own_attention_keeps():
+    """megatron-core's SelfAttention (fused QKV, torch.split, RoPE, output
+    projection; SDPA as the core) against the profiler's: the same bytes but
+    for the cos and sin tables megatron's unfused RoPE computes per call for Q
+    and for K (Transformer Engine's fused RoPE keeps none)."""
+    seq = 128
+    probe = Path(__file__).with_name("megatron_attention_probe.py")
+    result = subprocess.run([sys.executable, str(probe), json.dumps(LLAMA), str(seq)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads(result.stdout.strip().splitlines()[-1])
+    head_dim = MODELS["tiny-llama"].head_dim
+    assert saved["megatron"] - saved["loom"] == 4 * seq * head_dim * 2
