@@ -275,15 +275,17 @@ def test_the_gpu_is_recognised_from_its_cuda_name(monkeypatch, device_name, cata
     assert _detected_gpu(torch.device("cuda")).name == find_gpu(catalogue).name
 
 
-def test_attention_keeps_what_megatron_cores_own_attention_keeps():
+def test_layers_keep_what_megatron_cores_own_layers_keep():
     """megatron-core's SelfAttention (fused QKV, torch.split, RoPE, output
-    projection; SDPA as the core) against the profiler's: the same bytes but
-    for the cos and sin tables megatron's unfused RoPE computes per call for Q
-    and for K (Transformer Engine's fused RoPE keeps none)."""
+    projection; SDPA as the core) and MLP (fused bias-SwiGLU) against the
+    profiler's: the same bytes, but for the cos and sin tables megatron's
+    unfused RoPE computes per call for Q and for K (Transformer Engine's
+    fused RoPE keeps none)."""
     seq = 128
-    probe = Path(__file__).with_name("megatron_attention_probe.py")
+    probe = Path(__file__).with_name("megatron_layer_probe.py")
     result = subprocess.run([sys.executable, str(probe), json.dumps(LLAMA), str(seq)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads(result.stdout.strip().splitlines()[-1])
     head_dim = MODELS["tiny-llama"].head_dim
-    assert saved["megatron"] - saved["loom"] == 4 * seq * head_dim * 2
+    assert saved["megatron"]["attention"] - saved["loom"]["attention"] == 4 * seq * head_dim * 2
+    assert saved["megatron"]["mlp"] == saved["loom"]["mlp"] == 2 * seq * (LLAMA["hidden_size"] + 3 * LLAMA["intermediate_size"])

@@ -1,10 +1,10 @@
-"""Bytes megatron-core's own SelfAttention keeps for backward, on CPU.
+"""Bytes megatron-core's own SelfAttention and MLP keep for backward, on CPU.
 
 Run as a script (a test starts it in its own process, since it initialises
 torch.distributed and megatron's parallel state): prints JSON with the bytes
-saved by megatron-core's attention and by loom's profiler attention
-(``profiles/torch_blocks.py``) on the same shapes, both counted once per
-storage, weights excluded.
+saved by megatron-core's attention and MLP (fused bias-SwiGLU) and by loom's
+profiler's (``profiles/torch_blocks.py``) on the same shapes, counted once
+per storage, weights excluded.
 
 megatron-core's local DotProductAttention needs CUDA buffers, so the core
 attention is PyTorch's SDPA here, as Transformer Engine's flash attention
@@ -69,6 +69,7 @@ def main(config: dict, seq_length: int) -> dict:
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=0.0, use_cpu_initialization=True, bf16=True, params_dtype=torch.bfloat16, apply_rope_fusion=False,
+        bias_activation_fusion=True,
     )
     layer = TransformerLayer(megatron_config, get_gpt_layer_local_spec(normalization="RMSNorm").submodules).to(torch.bfloat16)
     attention = layer.self_attention
@@ -78,12 +79,18 @@ def main(config: dict, seq_length: int) -> dict:
     angles = torch.outer(torch.arange(seq_length).float(), inverse)
     rotary = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # what megatron's RotaryEmbedding returns
     hidden = torch.randn(seq_length, 1, model.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    megatron_bytes = saved_bytes(lambda: attention(hidden, attention_mask=None, rotary_pos_emb=rotary)[0], list(attention.parameters()))
-
+    weights = list(layer.parameters())
+    megatron = {
+        "attention": saved_bytes(lambda: attention(hidden, attention_mask=None, rotary_pos_emb=rotary)[0], weights),
+        "mlp": saved_bytes(lambda: layer.mlp(hidden)[0], weights),
+    }
     ours = DecoderLayer(RankShape(model, 1, 1, seq_length, sequence_parallel=False), torch.bfloat16, torch.device("cpu"), moe=False, recompute="none")
     tokens = ours.hidden_states(seq_length)
-    loom_bytes = saved_bytes(lambda: ours._attention(tokens), ours.persistent)
-    return {"megatron": megatron_bytes, "loom": loom_bytes}
+    loom = {
+        "attention": saved_bytes(lambda: ours._attention(tokens), ours.persistent),
+        "mlp": saved_bytes(lambda: ours._mlp(tokens, ours.up, ours.down), ours.persistent),
+    }
+    return {"megatron": megatron, "loom": loom}
 
 
 if __name__ == "__main__":
