@@ -90,6 +90,8 @@ def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
     for name, seconds in plan.predicted.breakdown_s.items():
         if seconds > 0:
             times.add_row(name, f"{seconds:.3f}", f"{seconds / step:.1%}")
+    measured = [name.replace("_", " ") for name, level in plan.sources.items() if level != "estimated"]
+    times.caption = f"from measurements: {', '.join(measured)}" if measured else "every figure estimated (no --profile, no measured links)"
 
     stages = Table(title=f"stages under {simulation.schedule}: idle {simulation.bubble_fraction():.1%} of the pipeline on average", title_justify="left")
     for column in ("stage", "layers", "peak GiB", "capacity GiB", "in flight", "busy s", "idle s"):

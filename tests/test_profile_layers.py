@@ -289,3 +289,11 @@ def test_layers_keep_what_megatron_cores_own_layers_keep():
     head_dim = MODELS["tiny-llama"].head_dim
     assert saved["megatron"]["attention"] - saved["loom"]["attention"] == 4 * seq * head_dim * 2
     assert saved["megatron"]["mlp"] == saved["loom"]["mlp"] == 2 * seq * (LLAMA["hidden_size"] + 3 * LLAMA["intermediate_size"])
+
+
+def test_explain_says_which_figures_were_measured(tiny_files, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--mbs", "2", "--profile", str(tiny_files / "layers.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    shown = " ".join(runner.invoke(app, ["explain", str(out / "plan.json")]).output.split())
+    assert "from measurements: dense time, dense activations" in shown
