@@ -10,14 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import pydantic
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
-
-import json
-
-import pydantic
 
 from loom.cli.experts import experts
 from loom.cli.profile import profile_app
@@ -31,6 +28,7 @@ from loom.planner.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.report import Report, SearchInfo, build_report, report_json
 from loom.planner.simulate import SCHEDULES, simulate
+from loom.planner.specfile import read_json
 from loom.planner.search import search
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
@@ -186,12 +184,9 @@ def evaluate(
 
 def _read_report(path: Path) -> Report:
     """A plan.json (or ``--json`` output), validated against the report's schema."""
-    if not path.is_file():
-        raise SpecError(str(path), "<file>", "an existing plan.json")
+    data = read_json(path, "plan.json")
     try:
-        return Report.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as error:
-        raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
+        return Report.model_validate(data)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         raise SpecError(str(path), ".".join(map(str, first["loc"])), first["msg"]) from None

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 import pydantic
 
 from loom.planner.errors import SpecError
-from loom.planner.specfile import StrictModel, read_mapping, validate
+from loom.planner.specfile import StrictModel, read_json, read_mapping, validate
 from loom.profiles.catalogue import GPU, find_gpu
 from loom.profiles.nccl_tests import NcclTestsDocument
 
@@ -243,11 +242,7 @@ def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, floa
         path = Path(source).parent / path
     if not path.is_file():
         raise SpecError(source, at("nccl_tests"), "an existing profile from loom profile nccl-tests", spec.nccl_tests)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
-    document = validate(NcclTestsDocument, data, str(path))
+    document = validate(NcclTestsDocument, read_json(path, "nccl-tests profile"), str(path))
     nvlink, nic = [], []
     for run in document.runs:
         gpus_per_host = Counter(gpu.host for gpu in run.gpus)

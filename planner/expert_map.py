@@ -31,6 +31,7 @@ import pydantic
 
 from loom.planner.cluster import load_cluster
 from loom.planner.errors import SpecError
+from loom.planner.specfile import read_json
 from loom.solvers.experts import (
     CROSS_GPU_COST,
     CROSS_NODE_COST,
@@ -124,10 +125,7 @@ def _read_array(path: Path, keys: tuple[str, ...], field: str) -> np.ndarray:
         except ValueError as error:
             raise SpecError(str(path), "<file>", f"a numeric .npy array ({error})") from None
     elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
+        data = read_json(path, "JSON file")
         if isinstance(data, dict):
             found = [key for key in keys if key in data]
             if not found:

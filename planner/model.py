@@ -10,11 +10,11 @@ arguments so the emitters can write them out directly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loom.planner.errors import SpecError
+from loom.planner.specfile import read_json
 from loom.profiles.catalogue import model_config_path, model_names
 
 # Families whose MLP is gated (SwiGLU) and which use RMSNorm, RoPE, no biases.
@@ -357,10 +357,7 @@ def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
         path = Path(name_or_path)
         if not path.is_file():
             raise SpecError(source, "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path)
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SpecError(str(path), f"line {err.lineno}", "valid JSON") from err
+    config = read_json(path, "config.json")
     if not isinstance(config, dict):
         raise SpecError(str(path), "<top level>", "a JSON object")
     name = path.stem if path.parent.name == "models" else path.parent.name if path.name == "config.json" else path.stem

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import difflib
+import json
 
 import pydantic
 import yaml
@@ -35,6 +36,19 @@ def read_mapping(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SpecError(str(path), "<top level>", "a mapping of fields")
     return data
+
+
+def read_json(path: Path, what: str) -> object:
+    """The parsed JSON in ``path``; a missing file or bad JSON is a SpecError
+    naming the file (``what``: what the file should be, for the message)."""
+    if not path.is_file():
+        raise SpecError(str(path), "<file>", f"an existing {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
+    except UnicodeDecodeError:
+        raise SpecError(str(path), "<file>", "valid JSON (UTF-8 text)") from None
 
 
 def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Spec:

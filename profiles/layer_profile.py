@@ -26,7 +26,7 @@ import pydantic
 
 from loom.planner.errors import SpecError
 from loom.planner.model import ModelSpec
-from loom.planner.specfile import StrictModel, validate
+from loom.planner.specfile import StrictModel, read_json, validate
 
 SCHEMA_FILES = {"layers": Path(__file__).with_name("layers.schema.json"), "gemm": Path(__file__).with_name("gemm.schema.json")}
 
@@ -160,12 +160,7 @@ def document_json(document: Document) -> str:
 
 def read_profile(path: Path) -> Document:
     """A layers or gemm profile, validated; errors name the file and field."""
-    if not path.is_file():
-        raise SpecError(str(path), "<file>", "an existing profile JSON (loom profile layers or loom profile gemm)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
+    data = read_json(path, "profile JSON (loom profile layers or loom profile gemm)")
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in SCHEMA_FILES:
         raise SpecError(str(path), "kind", "layers or gemm (a profile from loom profile layers or loom profile gemm)", kind)

@@ -24,7 +24,7 @@ import numpy as np
 import pydantic
 
 from loom.planner.errors import SpecError
-from loom.planner.specfile import StrictModel, validate
+from loom.planner.specfile import StrictModel, read_json, validate
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("links.schema.json")
@@ -180,13 +180,7 @@ def parse_links_document(data: dict, source: str) -> LinksProfile:
 def load_links_profile(path: str | Path) -> LinksProfile:
     """Read a links profile JSON file (see ``parse_links_document``)."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(str(path), "<file>", "an existing links profile (loom profile links --out FILE)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SpecError(str(path), "<file>", f"valid JSON ({error})") from None
-    return parse_links_document(data, str(path))
+    return parse_links_document(read_json(path, "links profile (loom profile links --out FILE)"), str(path))
 
 
 def _matrix(rows: list[list[float | None]], field: str, n: int, source: str, diagonal: float) -> np.ndarray:
