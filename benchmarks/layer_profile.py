@@ -23,12 +23,11 @@ import time
 
 import torch
 
-from loom.planner import compute
 from loom.planner.efficiency import HBM_EFFICIENCY
 from loom.planner.model import model_from_hf_config
 from loom.profiles.catalogue import GPU
 from loom.profiles.gemm import fit_curve, measure_gemm, model_gemms
-from loom.profiles.layers import measure, planner_shape
+from loom.profiles.layers import measure
 from loom.profiles.torch_blocks import RankShape
 
 SMALL_LLAMA = {
@@ -81,15 +80,6 @@ def this_cpu(model, tps, seqs, repeats) -> tuple[GPU, dict]:
     return gpu, facts
 
 
-def analytical_s(kind: str, shape: RankShape, gpu: GPU, backward: bool) -> float:
-    planned, _ = planner_shape(shape, "bf16")
-    if kind == "embedding":
-        return compute.embedding(planned, gpu, backward).total_s
-    if kind == "head":
-        return compute.head(planned, gpu, backward).total_s
-    return compute.decoder_layer(planned, gpu, backward, moe=kind == "moe").total_s
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
@@ -113,8 +103,8 @@ def main() -> None:
         for tp in args.tp:
             for seq in args.seq:
                 shape = RankShape(model, tp, 1, seq, sequence_parallel=tp > 1)
-                entry = measure(kind, shape, "bf16", CPU, args.repeats, 1)
-                fwd, bwd = analytical_s(kind, shape, gpu, False), analytical_s(kind, shape, gpu, True)
+                entry = measure(kind, shape, "bf16", CPU, args.repeats, 1, gpu)
+                fwd, bwd = entry.estimated_forward_s, entry.estimated_backward_s
                 rows.append((f"{kind} tp{tp} s{seq}", entry.forward.median_s, fwd, entry.backward.median_s, bwd))
                 print(f"{kind:<10}{tp:>3}{seq:>6} | {entry.forward.median_s * 1e3:>8.2f}{fwd * 1e3:>8.2f}{entry.forward.median_s / fwd:>7.2f} | "
                       f"{entry.backward.median_s * 1e3:>8.2f}{bwd * 1e3:>8.2f}{entry.backward.median_s / bwd:>7.2f} | "

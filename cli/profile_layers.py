@@ -69,16 +69,19 @@ def layers(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task(f"profiling {spec.name} layers on {torch_device}", total=len(points))
             for kind, shape in points:
-                entries.append(layer_profiler.measure(kind, shape, dtype, torch_device, repeats, warmup))
+                entries.append(layer_profiler.measure(kind, shape, dtype, torch_device, repeats, warmup, gpu_entry))
                 bar.advance(task)
         document = LayersDocument(
             schema_version=1, kind="layers", model=ModelDims.of(spec), entries=entries, **_measured(gpu_entry, torch_device, dtype, repeats, warmup)
         )
         write_profile(out, document_json(document))
-        table = Table("kind", "tp", "mbs", "seq", "fwd ms", "bwd ms", "saved MiB", "estimated MiB", title=f"{spec.name} on {document.device}")
+        table = Table("kind", "tp", "mbs", "seq", "fwd ms", "loom", "bwd ms", "loom", "saved MiB", "loom", title=f"{spec.name} on {document.device}",
+                      caption=f"loom: the time model on {gpu_entry.name} and the memory estimator, for comparison")
         for e in entries:
-            table.add_row(e.kind, str(e.tp), str(e.micro_batch_size), str(e.seq_length), f"{e.forward.median_s * 1e3:.3g}",
-                          f"{e.backward.median_s * 1e3:.3g}", f"{e.saved_bytes['none'] / MiB:.4g}", f"{e.estimated_saved_bytes['none'] / MiB:.4g}")
+            table.add_row(e.kind, str(e.tp), str(e.micro_batch_size), str(e.seq_length),
+                          f"{e.forward.median_s * 1e3:.3g}", f"{e.estimated_forward_s * 1e3:.3g}",
+                          f"{e.backward.median_s * 1e3:.3g}", f"{e.estimated_backward_s * 1e3:.3g}",
+                          f"{e.saved_bytes['none'] / MiB:.4g}", f"{e.estimated_saved_bytes['none'] / MiB:.4g}")
         err.print(table)
         err.print(f"wrote {escape(str(out))}: {len(entries)} layer shapes")
 

@@ -68,6 +68,8 @@ class LayerEntry(StrictModel):
     dims: RankDims
     forward: Spread = pydantic.Field(description="one forward pass, no recompute")
     backward: Spread = pydantic.Field(description="one backward pass, no recompute")
+    estimated_forward_s: Seconds = pydantic.Field(description="loom's time model for the same pass on the catalogue gpu")
+    estimated_backward_s: Seconds
     saved_bytes: dict[Recompute, Annotated[int, pydantic.Field(ge=0)]] = pydantic.Field(
         description="bytes kept for backward per micro batch, once per storage, weights excluded")
     estimated_saved_bytes: dict[Recompute, float] = pydantic.Field(description="loom's memory estimator for the same layer")

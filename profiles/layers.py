@@ -21,12 +21,14 @@ from typing import Callable, Iterator
 
 import torch
 
+from loom.planner import compute
 from loom.planner.compute import Shape
 from loom.planner.errors import SpecError
 from loom.planner.job import Features
 from loom.planner.layout import Layout
 from loom.planner.memory import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.model import ModelSpec
+from loom.profiles.catalogue import GPU
 from loom.profiles.layer_profile import LayerEntry, RankDims, Spread
 from loom.profiles.torch_blocks import RankShape, build
 
@@ -78,9 +80,10 @@ def _check_tp(model: ModelSpec, tp: int) -> None:
             raise SpecError("--tp", "tp", f"a divisor of {model.name}'s {field} = {width}", tp)
 
 
-def measure(kind: str, shape: RankShape, dtype: str, device: torch.device, repeats: int, warmup: int) -> LayerEntry:
+def measure(kind: str, shape: RankShape, dtype: str, device: torch.device, repeats: int, warmup: int, gpu: GPU) -> LayerEntry:
     """Time one layer kind at ``shape`` (no recompute) and count its saved
-    bytes under each recompute mode."""
+    bytes under each recompute mode; beside them, loom's estimates for
+    ``gpu`` (the catalogue GPU the numbers stand for)."""
     layer = build(kind, shape, DTYPES[dtype], device)
     forward, backward = _time(layer, device, repeats, warmup)
     modes = RECOMPUTE_MODES if kind in ("dense", "moe") else ("none",)
@@ -89,6 +92,8 @@ def measure(kind: str, shape: RankShape, dtype: str, device: torch.device, repea
         kind=kind, tp=shape.tp, ep=shape.ep, etp=shape.etp, micro_batch_size=shape.micro_batch_size, seq_length=shape.seq_length,
         sequence_parallel=shape.sequence_parallel, dims=rank_dims(shape),
         forward=forward, backward=backward, saved_bytes=saved,
+        estimated_forward_s=estimated_time_s(kind, shape, gpu, dtype, backward=False),
+        estimated_backward_s=estimated_time_s(kind, shape, gpu, dtype, backward=True),
         estimated_saved_bytes={mode: estimated_saved_bytes(kind, shape, mode) for mode in modes},
         peak_bytes=_peak_bytes(layer, device) if device.type == "cuda" else None,
     )
@@ -164,6 +169,16 @@ def planner_shape(shape: RankShape, precision: str, recompute: str = "none") -> 
     layout = Layout(tp=shape.tp, pp=1, dp=1, cp=1, ep=shape.ep, etp=shape.etp, micro_batch_size=shape.micro_batch_size,
                     global_batch_size=shape.micro_batch_size, sequence_parallel=shape.sequence_parallel, recompute=recompute)
     return Shape.of(shape.model, layout, shape.seq_length, precision, Features()), layout
+
+
+def estimated_time_s(kind: str, shape: RankShape, gpu: GPU, precision: str, backward: bool) -> float:
+    """What loom's time model says one pass of this layer takes on ``gpu`` (planner/compute.py)."""
+    planned, _ = planner_shape(shape, precision)
+    if kind == "embedding":
+        return compute.embedding(planned, gpu, backward).total_s
+    if kind == "head":
+        return compute.head(planned, gpu, backward).total_s
+    return compute.decoder_layer(planned, gpu, backward, moe=kind == "moe").total_s
 
 
 def estimated_saved_bytes(kind: str, shape: RankShape, recompute: str) -> float:

@@ -153,6 +153,9 @@ def test_profile_replaces_the_layer_times_and_bytes_with_the_measured_ones(tiny_
         expected = layers * entries["dense", 1][pass_]["median_s"] + entries["embedding", 1][pass_]["median_s"] + entries["head", 1][pass_]["median_s"]
         assert chunk[field] == pytest.approx(expected, rel=1e-9)
         assert chunk[field] != pytest.approx(estimated["schedule"]["stages"][0][0][field], rel=0.01)
+        # The profile's own estimates are the plan's without it.
+        estimate = sum(count * entries[kind, 1][f"estimated_{field}"] for kind, count in (("dense", layers), ("embedding", 1), ("head", 1)))
+        assert estimated["schedule"]["stages"][0][0][field] == pytest.approx(estimate, rel=1e-9)
     saved = layers * entries["dense", 1]["saved_bytes"]["none"] + entries["embedding", 1]["saved_bytes"]["none"] + entries["head", 1]["saved_bytes"]["none"]
     assert chunk["activation_bytes"] == pytest.approx(saved, rel=1e-9)
 
