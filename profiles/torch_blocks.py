@@ -138,7 +138,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         softmax, targets = ctx.saved_tensors
         grad_logits = softmax.clone()
-        grad_logits[torch.arange(len(targets)), targets] -= 1
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
         return (grad_logits * grad[:, None]).to(ctx.logits_dtype), None
 
 

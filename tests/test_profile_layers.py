@@ -300,3 +300,15 @@ def test_explain_says_which_figures_were_measured(tiny_files, tmp_path):
     assert result.exit_code == 0, result.output
     shown = " ".join(runner.invoke(app, ["explain", str(out / "plan.json")]).output.split())
     assert "from measurements: dense time, dense activations" in shown
+
+
+@pytest.mark.parametrize("name, kind", sorted({(name, kind) for name, kind, _, _ in CASES}))
+def test_layers_keep_every_tensor_on_their_device(name, kind):
+    """There is no GPU here: the meta device stands in for one, and any
+    tensor left on the CPU (a table, a constant, an index) fails the pass."""
+    shape = RankShape(MODELS[name], 2, 2, 128, sequence_parallel=True, ep=2 if kind == "moe" else 1)
+    for recompute in ("none", "selective", "full"):
+        layer = build(kind, shape, torch.bfloat16, torch.device("meta"), recompute)
+        out = layer.forward(*layer.input())
+        out.backward(torch.ones_like(out))
+        assert out.device.type == "meta"
