@@ -111,7 +111,9 @@ class GatheredLinear(torch.autograd.Function):
 
 class ScatterSequence(torch.autograd.Function):
     """Row-parallel GEMM's reduce-scatter under sequence parallelism: this
-    rank keeps its 1/tp share of the tokens; backward all-gathers."""
+    rank keeps its 1/tp share of the tokens; backward all-gathers (here:
+    repeats the gradient). Like the other stand-ins it reproduces Megatron's
+    shapes and kept tensors, not the exact gradient of one process's slice."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, tp: int) -> torch.Tensor:
@@ -162,7 +164,8 @@ class Dropout(torch.autograd.Function):
 
 class AttachAuxLoss(torch.autograd.Function):
     """megatron-core's ``MoEAuxLossAutoScaler``: the router's load-balancing
-    loss rides on the layer output, so backward reaches the router scores."""
+    loss rides on the layer output, so backward reaches the router scores
+    (with gradient 1, as if added to the training loss)."""
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
