@@ -5,7 +5,7 @@ calibrates it to a GPU, and compare.
 
     python benchmarks/layer_profile.py [--seq 512 1024] [--tp 1 2] [--repeats 5] [--plot layers.png]
 
-The analytical model (planner/compute.py) prices a layer as GEMMs at a
+The analytical model (planner/cost/compute.py) prices a layer as GEMMs at a
 fitted efficiency curve, flash attention at a sustained fraction of peak and
 memory-bound kernels at the memory bandwidth. On a GPU the peak comes from
 the catalogue and ``loom profile gemm`` fits ``gemm_efficiency`` and
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from loom.planner.efficiency import HBM_EFFICIENCY
-from loom.planner.model import model_from_hf_config
+from loom.planner.cost.efficiency import HBM_EFFICIENCY
+from loom.planner.specs.model import model_from_hf_config
 from loom.profiles.catalogue import GPU
 from loom.profiles.gemm import fit_curve, measure_gemm, model_gemms
 from loom.profiles.layers import measure

@@ -14,12 +14,12 @@ current scaling and MXFP8 are both priced as loom's fp8.
 
 from __future__ import annotations
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.job import Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
 from loom.planner.plan import evaluate
-from loom.planner.search import search
+from loom.planner.search.layouts import search
 
 DGX_H100 = {"gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
 DGX_B200 = {"gpus_per_node": 8, "gpu": "B200", "nvlink_GBps": 900, "nics_per_node": 8, "nic_Gbps": 400}

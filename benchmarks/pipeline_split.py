@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.job import Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model, model_from_hf_config
-from loom.planner.pipeline_split import partition_problem, solve_split
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model, model_from_hf_config
+from loom.planner.search.split import partition_problem, solve_split
 from loom.planner.plan import build_plan
-from loom.planner.stages import split_stages
+from loom.planner.specs.stages import split_stages
 from loom.solvers.partition import proportional_partition
 
 H100 = {"gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}

@@ -23,13 +23,13 @@ import time
 
 import numpy as np
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.job import Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model
-from loom.planner.placement import placement_problem
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.search.placement import placement_problem
 from loom.planner.plan import build_plan, evaluate
-from loom.planner.stages import Placement
+from loom.planner.specs.stages import Placement
 from loom.solvers.placement import anneal, brute_force, exact, solve
 
 # size -> (model, layout, global batch, nodes per leaf): a stage of each layout

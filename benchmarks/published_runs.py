@@ -20,7 +20,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.published import VALIDATION, assumed_layout, load_validation, published_step_time_s, write_inputs
+from loom.profiles.published import VALIDATION, assumed_layout, load_validation, published_step_time_s, write_inputs
 
 
 def run_loom(row: dict, clusters: dict, runner: CliRunner, command: list[str]) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from loom.planner.simulate import COMPUTE_KINDS, ChunkCost, PipelineCosts, simulate
+from loom.planner.schedule.simulate import COMPUTE_KINDS, ChunkCost, PipelineCosts, simulate
 
 # (schedule, pp, vpp, micro batches)
 CASES = [

@@ -8,7 +8,7 @@ renders and maps errors to exit codes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import pydantic
 import typer
@@ -16,25 +16,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
+from loom.cli.common import err, run
 from loom.cli.experts import experts
 from loom.cli.profile import profile_app
 from loom.cli.render import explain_tables, show
-from loom.planner.emit import launch_files, write_atomically
-from loom.planner.errors import InfeasibleError, SpecError
-from loom.planner.gates import failed_gates, parse_gate
-from loom.planner.job import load_job
-from loom.planner.layout import Layout
-from loom.planner.placement import place
+from loom.planner.output.files import write_atomically
+from loom.planner.output.launch import launch_files
+from loom.planner.specs.errors import SpecError
+from loom.planner.output.gates import failed_gates, parse_gate
+from loom.planner.specs.job import load_job
+from loom.planner.specs.layout import Layout
+from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
-from loom.planner.report import Report, SearchInfo, build_report, report_json
-from loom.planner.simulate import SCHEDULES, simulate
-from loom.planner.specfile import read_json
-from loom.planner.search import search
+from loom.planner.output.report import Report, SearchInfo, build_report, report_json
+from loom.planner.schedule.simulate import SCHEDULES, simulate
+from loom.planner.specs.files import read_json
+from loom.planner.search.layouts import search
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
 app.add_typer(profile_app, name="profile")
 app.command("experts")(experts)
-err = Console(stderr=True, highlight=False)
 
 # Options shared by plan and evaluate: the job file and what overrides it.
 JobFile = Annotated[Optional[Path], typer.Argument(help="Job YAML (default: the bundled Llama-3 8B on 64 H100 example).", show_default=False)]
@@ -80,18 +81,6 @@ def _paths(paths: list[Path] | None) -> list[str] | None:
     return [str(path) for path in paths] if paths else None
 
 
-def _run(action: Callable[[], None]) -> None:
-    """Map loom's errors to exit codes with a one-line message."""
-    try:
-        action()
-    except SpecError as error:
-        err.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
-    except InfeasibleError as error:
-        err.print(f"[red]infeasible:[/red] {escape(str(error))}")
-        raise typer.Exit(3) from None
-
-
 @app.callback()
 def main(ctx: typer.Context) -> None:
     """With no command, ``loom`` plans the bundled example."""
@@ -129,7 +118,7 @@ def plan(
                           solver=result.solver, status=result.status, gap=result.gap)
         _finish(result.plans, info, out, as_json, gates)
 
-    _run(action)
+    run(action)
 
 
 @app.command()
@@ -179,7 +168,7 @@ def evaluate(
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
         _finish([plan_], info, out, as_json, gates)
 
-    _run(action)
+    run(action)
 
 
 def _read_report(path: Path) -> Report:
@@ -228,4 +217,4 @@ def explain(
             labels = [plan.label for plan in report.plans]
             figures.save(figures.candidates_figure(labels, [p.predicted.step_time_s for p in report.plans], f"{report.model} on {report.gpus} GPUs"), candidates)
 
-    _run(action)
+    run(action)

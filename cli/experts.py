@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
+from loom.cli.common import err, run
 
 # solvers/experts.py's CROSS_NODE_COST and CROSS_GPU_COST (and why), repeated
 # here so that loading the CLI does not load CP-SAT; tests/test_experts.py checks they agree.
@@ -37,8 +37,8 @@ def experts(
     """Place experts and their replicas on EP ranks: balance the busiest GPU, cut cross-node traffic."""
 
     def action() -> None:
-        from loom.planner.emit import write_atomically
-        from loom.planner.expert_map import expert_map, expert_problem, output_files, sglang_location
+        from loom.planner.output.files import write_atomically
+        from loom.planner.search.experts import expert_map, expert_problem, output_files, sglang_location
         from loom.solvers import experts as solver
 
         problem = expert_problem(loads, slots_per_gpu, ep_size, gpus_per_node, cluster, trace, cross_node_cost, cross_gpu_cost)
@@ -57,7 +57,7 @@ def experts(
             write_atomically(out, output_files(document, sglang_location(problem, solution.expert_of_slot, dense_layers)))
             err.print(f"wrote expert_map.json and expert_location.json (SGLang --init-expert-location) to {escape(str(out))}")
 
-    _run(action)
+    run(action)
 
 
 def _table(problem, methods: dict, traced: bool) -> Table:
@@ -80,10 +80,3 @@ def _count(value: float) -> str:
     if value >= 1e6:
         return f"{value / 1e6:.2f}M"
     return f"{value / 1e3:.1f}k" if value >= 1e4 else f"{value:,.0f}"
-
-
-def _run(action) -> None:
-    # Imported here: loom.cli.app imports this module.
-    from loom.cli.app import _run as run_mapping_errors_to_exit_codes
-
-    run_mapping_errors_to_exit_codes(action)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from loom.planner.simulate import Simulation
+from loom.planner.schedule.simulate import Simulation
 
 # One colour per kind of work; idle time is the grey row behind them.
 COLOURS = {

@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from loom.cli.profile_links import run_command, write_profile
-from loom.planner.errors import SpecError
-from loom.planner.model import load_model
+from loom.cli.common import err, run
+from loom.cli.profile_links import write_profile
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.model import load_model
 from loom.profiles.catalogue import GPU, find_gpu, gpu_names
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, document_json
 
-err = Console(stderr=True, highlight=False)
 MiB = 2**20
 
 ModelArg = Annotated[str, typer.Argument(help="Catalogue name or config.json path.", show_default=False)]
@@ -85,7 +84,7 @@ def layers(
         err.print(table)
         err.print(f"wrote {escape(str(out))}: {len(entries)} layer shapes")
 
-    run_command(action)
+    run(action)
 
 
 def gemm(
@@ -120,7 +119,7 @@ def gemm(
                   f"{fit.gemm_efficiency:.3g} of {gpu_entry.name}'s {fit.peak_tflops:g} TFLOP/s, k_overhead {fit.k_overhead:g} "
                   f"(rms log error {fit.rms_log_error:.3f})")
 
-    run_command(action)
+    run(action)
 
 
 def _torch_module(name: str):

@@ -7,19 +7,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
+from loom.cli.common import err, run
 from loom.profiles.links import LinkSettings, launch_from_env, measure_links
 from loom.profiles.links_profile import links_json
 from loom.profiles.nccl_tests import nccl_tests_json, read_nccl_tests_log
-
-err = Console(stderr=True, highlight=False)
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Profile JSON to write.")]
 
@@ -48,7 +46,7 @@ def links(
         err.print(f"wrote {escape(str(out))}: {len(profile.hosts)} GPUs ({profile.backend}), {len(profile.rounds)} rounds; "
                   f"pair bandwidth min {pairs.min():.3g} / median {np.median(pairs):.3g} / max {pairs.max():.3g} GB/s")
 
-    run_command(action)
+    run(action)
 
 
 def nccl_tests(
@@ -60,11 +58,11 @@ def nccl_tests(
     def action() -> None:
         runs = [read_nccl_tests_log(path) for path in logs]
         write_profile(out, nccl_tests_json(runs))
-        for run in runs:
-            err.print(f"{escape(run.source)}: {run.op}, {len(run.gpus)} GPUs, {len(run.rows)} sizes, avg busbw {run.avg_busbw_GBps:g} GB/s")
+        for log in runs:
+            err.print(f"{escape(log.source)}: {log.op}, {len(log.gpus)} GPUs, {len(log.rows)} sizes, avg busbw {log.avg_busbw_GBps:g} GB/s")
         err.print(f"wrote {escape(str(out))}")
 
-    run_command(action)
+    run(action)
 
 
 def write_profile(path: Path, text: str) -> None:
@@ -82,10 +80,3 @@ def write_profile(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def run_command(action: Callable[[], None]) -> None:
-    # Imported here: loom.cli.app imports this module (through cli/profile.py).
-    from loom.cli.app import _run as run_mapping_errors_to_exit_codes
-
-    run_mapping_errors_to_exit_codes(action)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from loom.planner.compute import Shape
-from loom.planner.measured import sources
-from loom.planner.memory import GiB
+from loom.planner.cost.layers import shape_of, sources
+from loom.planner.cost.memory import GiB
 from loom.planner.plan import Plan
-from loom.planner.report import PlanReport
-from loom.planner.simulate import Simulation
+from loom.planner.output.report import PlanReport
+from loom.planner.schedule.simulate import Simulation
 
 
 def plans_table(plans: list[Plan], title: str) -> Table:
@@ -41,7 +40,7 @@ def plans_table(plans: list[Plan], title: str) -> Table:
 
 def _profile_caption(plan: Plan) -> str:
     """Which of the best plan's figures the --profile files replaced."""
-    found = sources(Shape.for_job(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute)
+    found = sources(shape_of(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute)
     by_level = {level: [name.replace("_", " ") for name, got in found.items() if got == level] for level in ("measured", "interpolated", "estimated")}
     summary = "; ".join(f"{level}: {', '.join(names)}" for level, names in by_level.items() if names)
     return f"--profile {', '.join(plan.job.profiles)} (plan 1) {summary}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from loom.planner.errors import SpecError
+from loom.planner.specs.errors import SpecError
 
 CATALOGUE_DIR = Path(__file__).parent
 MODELS_DIR = CATALOGUE_DIR / "models"
@@ -30,7 +30,7 @@ class GPU:
     gemm_efficiency: dict[str, float | None]
     attention_efficiency: float
     # Fitted by `loom profile gemm` (--profile): the GEMM curve's K overhead
-    # (None: planner/efficiency.py's default) and the profile it came from.
+    # (None: planner/cost/efficiency.py's default) and the profile it came from.
     gemm_k_overhead: float | None = None
     gemm_profile: str | None = None
 

@@ -2,7 +2,7 @@
 both backward GEMMs, per TP size and token count) and fit the time model's
 GEMM efficiency curve to them. Importing this module imports torch.
 
-The curve is planner/efficiency.py's: a GEMM runs at peak x
+The curve is planner/cost/efficiency.py's: a GEMM runs at peak x
 ``gemm_efficiency`` x k / (k + ``k_overhead``) x its tile utilisation. The
 fit tries every ``k_overhead`` on a grid, takes ``gemm_efficiency`` as the
 geometric mean that k_overhead implies across the shapes, and keeps the pair
@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loom.planner.compute import Shape, backward_gemms
-from loom.planner.efficiency import tile_utilisation
-from loom.planner.job import Features
-from loom.planner.model import ModelSpec
+from loom.planner.cost.compute import backward_gemms
+from loom.planner.cost.shape import Shape
+from loom.planner.cost.efficiency import tile_utilisation
+from loom.planner.specs.job import Features
+from loom.planner.specs.model import ModelSpec
 from loom.profiles.catalogue import GPU
 from loom.profiles.layer_profile import GemmFit, GemmPoint
 from loom.profiles.layers import DTYPES, spread, timed

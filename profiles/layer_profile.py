@@ -7,7 +7,7 @@ gemm`` write and ``--profile`` reads. No torch here: the planner reads files.
   says for the same layer.
 - ``kind: gemm``: measured matmul times over a transformer's GEMM shapes, and
   the efficiency curve fitted to them (``gemm_efficiency`` and
-  ``k_overhead`` of planner/efficiency.py) for the GPU named in ``gpu``.
+  ``k_overhead`` of planner/cost/efficiency.py) for the GPU named in ``gpu``.
 
 Both carry ``schema_version`` 1, the catalogue GPU the numbers stand for, the
 device they were taken on, the dtype and the torch version. The pydantic
@@ -24,9 +24,9 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from loom.planner.errors import SpecError
-from loom.planner.model import ModelSpec
-from loom.planner.specfile import StrictModel, read_json, validate
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.files import StrictModel, read_json, validate
 
 SCHEMA_FILES = {"layers": Path(__file__).with_name("layers.schema.json"), "gemm": Path(__file__).with_name("gemm.schema.json")}
 
@@ -137,7 +137,7 @@ class GemmPoint(StrictModel):
 
 
 class GemmFit(StrictModel):
-    """planner/efficiency.py's curve, fitted: rate = peak x gemm_efficiency x
+    """planner/cost/efficiency.py's curve, fitted: rate = peak x gemm_efficiency x
     k / (k + k_overhead) x tile utilisation."""
 
     peak_tflops: Seconds = pydantic.Field(description="the catalogue GPU's dense peak at this dtype")

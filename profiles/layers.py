@@ -21,13 +21,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from loom.planner import compute
-from loom.planner.compute import Shape
-from loom.planner.errors import SpecError
-from loom.planner.job import Features
-from loom.planner.layout import Layout
-from loom.planner.memory import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
-from loom.planner.model import ModelSpec
+from loom.planner.cost import activations, compute
+from loom.planner.cost.shape import Shape
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.job import Features
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import ModelSpec
 from loom.profiles.catalogue import GPU
 from loom.profiles.layer_profile import LayerEntry, RankDims, Spread
 from loom.profiles.torch_blocks import RankShape, build
@@ -172,7 +171,7 @@ def planner_shape(shape: RankShape, precision: str, recompute: str = "none") -> 
 
 
 def estimated_time_s(kind: str, shape: RankShape, gpu: GPU, precision: str, backward: bool) -> float:
-    """What loom's time model says one pass of this layer takes on ``gpu`` (planner/compute.py)."""
+    """What loom's time model says one pass of this layer takes on ``gpu`` (planner/cost/compute.py)."""
     planned, _ = planner_shape(shape, precision)
     if kind == "embedding":
         return compute.embedding(planned, gpu, backward).total_s
@@ -182,13 +181,13 @@ def estimated_time_s(kind: str, shape: RankShape, gpu: GPU, precision: str, back
 
 
 def estimated_saved_bytes(kind: str, shape: RankShape, recompute: str) -> float:
-    """What loom's memory estimator says this layer keeps (planner/memory.py)."""
+    """What loom's memory estimator says this layer keeps (planner/cost/activations.py)."""
     planned, _ = planner_shape(shape, "bf16", recompute)
     if kind == "embedding":
-        return embedding_activation_bytes(planned)
+        return activations.embedding(planned)
     if kind == "head":
-        return head_activation_bytes(planned)
-    return layer_activation_bytes(planned, recompute, moe=kind == "moe")
+        return activations.head(planned)
+    return activations.decoder_layer(planned, recompute, moe=kind == "moe")
 
 
 def rank_dims(shape: RankShape) -> RankDims:

@@ -37,7 +37,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from loom.planner.errors import SpecError
+from loom.planner.specs.errors import SpecError
 from loom.profiles.links_profile import AllReduce, LinksProfile, load_links_profile
 
 __all__ = ["Launch", "LinkSettings", "LinksProfile", "launch_from_env", "load_links_profile", "measure_links", "round_robin_rounds", "all_reduce_group_sizes"]

@@ -23,8 +23,8 @@ from typing import Annotated, Literal
 import numpy as np
 import pydantic
 
-from loom.planner.errors import SpecError
-from loom.planner.specfile import StrictModel, read_json, validate
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.files import StrictModel, read_json, validate
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("links.schema.json")

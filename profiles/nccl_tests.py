@@ -28,8 +28,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from loom.planner.errors import SpecError
-from loom.planner.specfile import StrictModel
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.files import StrictModel
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("nccl_tests.schema.json")

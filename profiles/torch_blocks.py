@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from loom.planner.model import ModelSpec
+from loom.planner.specs.model import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.job import Features, Job
-from loom.planner.model import load_model
-from loom.planner.published import VALIDATION, load_validation
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Features, Job
+from loom.planner.specs.model import load_model
+from loom.profiles.published import VALIDATION, load_validation
 
 
 def make_cluster(nodes: int = 8, gpu: str = "H100", nvlink_GBps: float = 450, nic_Gbps: float = 400):

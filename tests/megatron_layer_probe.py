@@ -59,7 +59,7 @@ def main(config: dict, seq_length: int) -> dict:
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from loom.planner.model import model_from_hf_config
+    from loom.planner.specs.model import model_from_hf_config
     from loom.profiles.torch_blocks import DecoderLayer, RankShape
 
     parallel_state.initialize_model_parallel(1, 1)

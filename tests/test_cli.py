@@ -17,10 +17,10 @@ import yaml
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.errors import SpecError
-from loom.planner.job import DEFAULT_JOB, load_job
-from loom.planner.model import load_model
-from loom.planner.report import SCHEMA_FILE, json_schema
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.job import DEFAULT_JOB, load_job
+from loom.planner.specs.model import load_model
+from loom.planner.output.report import SCHEMA_FILE, json_schema
 from loom.profiles.catalogue import GiB, find_gpu
 
 runner = CliRunner()

@@ -17,12 +17,13 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from deepspeed.runtime.utils import partition_balanced
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.emit import launch_files, write_atomically
-from loom.planner.job import Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model
-from loom.planner.stages import Placement, default_placement, uniform_stages
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.output.files import write_atomically
+from loom.planner.output.launch import launch_files
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.specs.stages import Placement, default_placement, uniform_stages
 
 
 def make_cluster(nodes: int, hosts: list[str] | None = None):

@@ -18,13 +18,13 @@ from megatron.core.parallel_state import RankGenerator
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend, LayerType
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.emit import launch_files
-from loom.planner.emit.megatron import megatron_args, train_sh
-from loom.planner.job import Features, Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model
-from loom.planner.stages import Chunk, Placement, Stage, default_placement, split_stages, uniform_stages
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.output.launch import launch_files
+from loom.planner.output.megatron import megatron_args, train_sh
+from loom.planner.specs.job import Features, Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.specs.stages import Chunk, Placement, Stage, default_placement, split_stages, uniform_stages
 
 
 def make_cluster(nodes: int, hosts: list[str] | None = None):

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.expert_map import MAP_FILE, SGLANG_FILE, ExpertMap
+from loom.planner.search.experts import MAP_FILE, SGLANG_FILE, ExpertMap
 from loom.solvers.experts import (
     ExpertProblem,
     _replicate,

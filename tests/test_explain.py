@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from loom.cli.app import app
 from loom.cli.figures import COLOURS, timeline_figure
-from loom.planner.report import Report
-from loom.planner.simulate import simulate
+from loom.planner.output.report import Report
+from loom.planner.schedule.simulate import simulate
 
 runner = CliRunner()
 CLUSTER = {"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}

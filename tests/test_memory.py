@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 from conftest import make_job
 
-from loom.planner.compute import Shape
-from loom.planner.job import Features
-from loom.planner.layout import Layout
-from loom.planner.memory import GiB, StageParams, in_flight_chunks, layer_activation_bytes, model_state_bytes, stage_memory, stage_params
-from loom.planner.model import ModelSpec
-from loom.planner.stages import Chunk, Stage, uniform_stages
+from loom.planner.cost.layers import layer_activation_bytes
+from loom.planner.cost.shape import Shape
+from loom.planner.specs.job import Features
+from loom.planner.specs.layout import Layout
+from loom.planner.cost.memory import GiB, StageParams, in_flight_chunks, model_state_bytes, stage_memory, stage_params
+from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.stages import Chunk, Stage, uniform_stages
 
 UNFUSED = Features(flash_attention=False)
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from loom.planner.compute import Shape, model_flops_per_token
-from loom.planner.job import Features, Job, SearchFile
-from loom.planner.layout import Layout
-from loom.planner.memory import stage_memory, stage_params
-from loom.planner.model import load_model
-from loom.planner.plan import evaluate, layout_problems
-from loom.planner.search import search
-from loom.planner.stages import uniform_stages
-from loom.planner.time_model import Links, step_parts
-from loom.planner.topology import rank_groups
+from loom.planner.cost.compute import model_flops_per_token
+from loom.planner.cost.shape import Shape
+from loom.planner.specs.job import Features, Job, SearchFile
+from loom.planner.specs.layout import Layout
+from loom.planner.cost.memory import stage_memory, stage_params
+from loom.planner.specs.model import load_model
+from loom.planner.plan import evaluate
+from loom.planner.specs.rules import layout_problems
+from loom.planner.search.layouts import search
+from loom.planner.specs.stages import uniform_stages
+from loom.planner.cost.network import Links
+from loom.planner.cost.time_model import step_parts
+from loom.planner.specs.layout import rank_groups
 
 from conftest import make_cluster
 
@@ -130,7 +133,7 @@ def test_moe_flags_build_megatron_cores_config(model, degrees):
     import torch
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
-    from loom.planner.emit.megatron import megatron_args
+    from loom.planner.output.megatron import megatron_args
     from test_emit_megatron import parse_flags
 
     spec = load_model(model)
@@ -171,7 +174,7 @@ def test_deepspeed_moe_snippet_binds_to_deepspeeds_moe_layer(tmp_path):
     import inspect
 
     moe_layer = pytest.importorskip("deepspeed.moe.layer")
-    from loom.planner.emit import launch_files
+    from loom.planner.output.launch import launch_files
 
     job = Job(model=MIXTRAL, cluster=make_cluster(8), global_batch_size=256, seq_length=4096, framework="deepspeed")
     best = search(job, top_k=1).plans[0]
@@ -187,7 +190,7 @@ def test_deepspeed_moe_snippet_binds_to_deepspeeds_moe_layer(tmp_path):
 
 
 def test_placement_prices_the_expert_all_to_all():
-    from loom.planner.placement import placement_problem
+    from loom.planner.search.placement import placement_problem
 
     job = mixtral_job(nodes=2)
     problem = placement_problem(evaluate(job, layout(dp=16, ep=8)))

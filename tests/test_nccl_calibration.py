@@ -11,8 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.cluster import NIC_EFFICIENCY, NVLINK_EFFICIENCY, load_cluster
-from loom.planner.network import group_link
+from loom.planner.specs.cluster import load_cluster
+from loom.planner.specs.hardware import NIC_EFFICIENCY, NVLINK_EFFICIENCY
+from loom.planner.cost.network import group_link
 from loom.profiles.nccl_tests import read_nccl_tests_log
 
 runner = CliRunner()

@@ -8,16 +8,16 @@ from dataclasses import replace
 
 from conftest import make_job
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.emit import launch_files
-from loom.planner.emit.megatron import megatron_args
-from loom.planner.job import SearchFile
-from loom.planner.layout import Layout
-from loom.planner.pipeline_split import partition_problem, solve_split
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.output.launch import launch_files
+from loom.planner.output.megatron import megatron_args
+from loom.planner.specs.job import SearchFile
+from loom.planner.specs.layout import Layout
+from loom.planner.search.split import partition_problem, solve_split
 from loom.planner.plan import build_plan
-from loom.planner.stages import uniform_stages
-from loom.planner.time_model import closed_form_step, step_parts
-from loom.planner.search import search
+from loom.planner.specs.stages import uniform_stages
+from loom.planner.cost.time_model import closed_form_step, step_parts
+from loom.planner.search.layouts import search
 from loom.solvers.partition import evaluate_partition
 
 LLAMA_PP4 = Layout(tp=2, pp=4, dp=8, cp=1, micro_batch_size=1, global_batch_size=512, sequence_parallel=True, distributed_optimizer=True)
@@ -88,7 +88,7 @@ def test_mixed_gpus_get_layers_by_speed_and_memory():
 def test_a_vision_tower_partitions_with_the_first_stage():
     """LLaVA: the ViT and projector run with the text embedding on the first
     chunk. A heavier tower pushes decoder layers off the first stage."""
-    from loom.planner.model import load_model
+    from loom.planner.specs.model import load_model
 
     llava = load_model("llava-1.5-7b")
     assert llava.vision.image_tokens == 576 and abs(llava.total_params() / 7.06e9 - 1) < 0.01

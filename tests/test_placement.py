@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import yaml
 
-from loom.planner.cluster import load_cluster, parse_cluster
-from loom.planner.errors import SpecError
-from loom.planner.job import Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model
-from loom.planner.placement import place, placement_problem
+from loom.planner.specs.cluster import load_cluster, parse_cluster
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.search.placement import place, placement_problem
 from loom.planner.plan import evaluate
-from loom.planner.time_model import Links
-from loom.planner.topology import neighbour_pairs, rank_groups
+from loom.planner.cost.network import Links
+from loom.planner.specs.layout import neighbour_pairs, rank_groups
 from loom.solvers.placement import (
     GroupKind,
     PlacementProblem,
@@ -141,7 +141,7 @@ def test_graph_prices_faults_where_they_are():
 @pytest.mark.parametrize("nics", [8, 4])
 def test_links_from_the_graph_equal_the_closed_form_on_uniform_links(nics):
     """The same cluster priced through its graph (an override that changes
-    nothing makes it non-uniform) gets exactly planner/network.py's links."""
+    nothing makes it non-uniform) gets exactly planner/cost/network.py's links."""
     spec = {**H100, "nodes": 8, "nics_per_node": nics}
     closed = parse_cluster(spec, "uniform")
     graphed = parse_cluster({**spec, "nic_overrides": [{"node": 0, "nic": 0, "Gbps": 400}]}, "graphed")
@@ -283,7 +283,7 @@ def test_a_links_profile_missing_a_gpu_is_bad_input(tmp_path):
 def test_deepspeed_placements_keep_each_hosts_gpu_order():
     """DeepSpeed's runner cannot reorder a host's GPUs: the solver moves whole
     nodes only, and the launch files realise what it finds."""
-    from loom.planner.emit import launch_files
+    from loom.planner.output.launch import launch_files
 
     cluster = parse_cluster(
         {**H100, "nodes": 4, "leaves": [[0, 2], [1, 3]], "spine_oversubscription": 2,
@@ -307,7 +307,7 @@ def test_launch_files_realise_the_solvers_placement(tmp_path):
     says; and the groups megatron-core's RankGenerator builds from those
     ranks land on the GPUs whose links the solver priced."""
     parallel_state = pytest.importorskip("megatron.core.parallel_state")
-    from loom.planner.emit import launch_files
+    from loom.planner.output.launch import launch_files
     from test_emit_megatron import placement_from_launch
 
     job = degraded_job(link_overrides=[{"node": 1, "gpus": [1, 2], "GBps": 50}])

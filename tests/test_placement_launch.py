@@ -36,13 +36,14 @@ from pathlib import Path
 import pytest
 from megatron.core.parallel_state import RankGenerator, default_embedding_ranks
 
-from loom.planner.cluster import parse_cluster
-from loom.planner.emit import launch_files, write_atomically
-from loom.planner.job import Job
-from loom.planner.layout import Layout
-from loom.planner.model import load_model
-from loom.planner.stages import Placement, uniform_stages
-from loom.planner.topology import rank_groups
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.output.files import write_atomically
+from loom.planner.output.launch import launch_files
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.specs.stages import Placement, uniform_stages
+from loom.planner.specs.layout import rank_groups
 
 HOSTS = ["gpu-a01", "gpu-a02", "gpu-b07", "gpu-c11"]
 
@@ -135,7 +136,7 @@ def test_the_placements_are_not_trivial():
 
 
 def loom_groups(layout: Layout) -> dict[str, list[tuple[int, ...]]]:
-    """loom's own enumeration of Megatron's groups (planner/topology.py
+    """loom's own enumeration of Megatron's groups (planner/specs/topology.py
     ``rank_groups``), as tuples of global ranks: what the placement solver priced."""
     return {name: [tuple(group) for group in groups.tolist()] for name, groups in rank_groups(layout).items()}
 

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.model import model_from_hf_config
+from loom.planner.specs.model import model_from_hf_config
 from loom.profiles import layer_profile
 from loom.profiles.catalogue import find_gpu
 from loom.profiles.gemm import fit_curve, fitted_time_s
@@ -163,9 +163,9 @@ def test_profile_replaces_the_layer_times_and_bytes_with_the_measured_ones(tiny_
 def test_unmeasured_shapes_are_interpolated_from_the_measured_ratio(tiny_files, tmp_path):
     """Between profiled token counts the planner scales its estimate by
     measured / estimated, interpolated linearly in log(tokens)."""
-    from loom.planner.compute import Shape, decoder_layer
-    from loom.planner.job import load_job
-    from loom.planner.layout import Layout
+    from loom.planner.cost.layers import decoder_layer, shape_of
+    from loom.planner.specs.job import load_job
+    from loom.planner.specs.layout import Layout
 
     document = json.loads((tiny_files / "layers.json").read_text())
     measured_256 = next(e for e in document["entries"] if (e["kind"], e["tp"]) == ("dense", 2))
@@ -181,12 +181,12 @@ def test_unmeasured_shapes_are_interpolated_from_the_measured_ratio(tiny_files, 
     gpu = plain[256].cluster.slowest.gpu
 
     def estimate(seq):
-        return decoder_layer(Shape.for_job(plain[seq], layout), gpu).total_s
+        return decoder_layer(shape_of(plain[seq], layout), gpu).total_s
 
     ratios = [measured_256["forward"]["median_s"] / estimate(256), longer["forward"]["median_s"] / estimate(1024)]
     profiled = load_job(tiny_files / "job.yaml", {"seq_length": 512, "profiles": [str(profile)]})
     # 1024 tokens lie halfway between 512 and 2048 in log(tokens)
-    assert decoder_layer(Shape.for_job(profiled, layout), gpu).total_s == pytest.approx(estimate(512) * sum(ratios) / 2, rel=1e-9)
+    assert decoder_layer(shape_of(profiled, layout), gpu).total_s == pytest.approx(estimate(512) * sum(ratios) / 2, rel=1e-9)
     sources = _evaluate(tiny_files, "--tp", "2", "--seq-length", "512", "--profile", str(profile))["plans"][0]["sources"]
     assert sources["dense_time"] == "interpolated" and sources["head_time"] == "interpolated"
 
@@ -262,7 +262,7 @@ def test_gemm_profile_recalibrates_the_gpu(tiny_files):
 
 
 def test_planner_modules_import_without_torch():
-    code = "import sys; sys.modules['torch'] = None; import loom.planner.measured, loom.profiles.layer_profile, loom.cli.app"
+    code = "import sys; sys.modules['torch'] = None; import loom.planner.cost.measured, loom.profiles.layer_profile, loom.cli.app"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

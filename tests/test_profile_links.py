@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.errors import SpecError
+from loom.planner.specs.errors import SpecError
 from loom.profiles import links_profile, nccl_tests
 from loom.profiles.links import all_reduce_group_sizes, launch_from_env, physical_gpu, round_robin_rounds
 from loom.profiles.links_profile import AllReduce, LinksProfile, links_document, load_links_profile, parse_links_document

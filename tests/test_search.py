@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import make_job
 
-from loom.planner.errors import InfeasibleError
-from loom.planner.job import SearchFile, load_job
-from loom.planner.layout import Layout
-from loom.planner.plan import evaluate, layout_problems
-from loom.planner.published import assumed_layout, write_inputs
-from loom.planner.search import candidate_layouts, search
+from loom.planner.specs.errors import InfeasibleError
+from loom.planner.specs.job import SearchFile, load_job
+from loom.planner.specs.layout import Layout
+from loom.planner.plan import evaluate
+from loom.planner.specs.rules import layout_problems
+from loom.profiles.published import assumed_layout, write_inputs
+from loom.planner.search.layouts import candidate_layouts, search
 
 
 def test_plans_are_valid_fit_and_are_ranked():

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loom.planner.simulate import (
+from loom.planner.schedule.simulate import (
     COMPUTE_KINDS,
     SCHEDULES,
     ChunkCost,

@@ -15,10 +15,10 @@ import yaml
 from typer.testing import CliRunner
 
 from loom.cli.app import app
-from loom.planner.cluster import load_cluster, parse_cluster
-from loom.planner.errors import SpecError
-from loom.planner.job import load_job
-from loom.planner.model import load_model, model_from_hf_config
+from loom.planner.specs.cluster import load_cluster, parse_cluster
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.job import load_job
+from loom.planner.specs.model import load_model, model_from_hf_config
 from loom.profiles.catalogue import find_gpu, gpu_names, model_names
 
 # --- the model catalogue --------------------------------------------------------

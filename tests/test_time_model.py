@@ -8,14 +8,14 @@ from dataclasses import replace
 import pytest
 from conftest import make_cluster, make_job
 
-from loom.planner.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s
-from loom.planner.efficiency import gemm_time_s
-from loom.planner.job import Features
-from loom.planner.layout import Layout
-from loom.planner.cluster import NIC_EFFICIENCY, NVLINK_EFFICIENCY
-from loom.planner.network import group_link
+from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s
+from loom.planner.cost.efficiency import gemm_time_s
+from loom.planner.specs.job import Features
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.hardware import NIC_EFFICIENCY, NVLINK_EFFICIENCY
+from loom.planner.cost.network import group_link
 from loom.planner.plan import evaluate
-from loom.planner.time_model import _pipeline_s
+from loom.planner.cost.time_model import _pipeline_s
 from loom.profiles.catalogue import find_gpu
 
 H100 = find_gpu("H100")
@@ -95,7 +95,7 @@ def test_overlapping_the_gradient_reduce_hides_it():
 
 def test_a_slow_node_slows_the_whole_job():
     """Synchronous training runs at the pace of the slowest member."""
-    from loom.planner.cluster import parse_cluster
+    from loom.planner.specs.cluster import parse_cluster
 
     layout = Layout(tp=8, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
     base = {"nodes": 8, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}

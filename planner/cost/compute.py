@@ -1,0 +1,198 @@
+"""Estimated kernel time of what one GPU computes for one micro batch: a
+decoder layer, the embedding, the LM head + loss, the pieces of multi-token
+prediction and of a vision tower, at the shapes a TP/CP rank sees
+(``shape.py``). Communication is priced in ``time_model``; this module only
+counts kernels (see ``efficiency`` for how a kernel's time is found).
+
+These are estimates only: ``layers.py`` puts measured numbers (``--profile``)
+in their place where a profile covers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from loom.planner.cost.efficiency import flash_attention_time_s, gemm_time_s, memory_time_s
+from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.specs.model import ModelSpec
+from loom.profiles.catalogue import GPU
+
+# Megatron's vocab-parallel cross-entropy upcasts the logits to fp32 and makes
+# ~4 passes over them forward (max, subtract, exp, sum) and ~2 backward.
+CROSS_ENTROPY_FWD_BYTES_PER_LOGIT = 20
+CROSS_ENTROPY_BWD_BYTES_PER_LOGIT = 10
+
+
+@dataclass(frozen=True)
+class PassTime:
+    """One pass (forward or backward) of one piece, split by kernel kind."""
+
+    gemm_s: float = 0.0
+    attention_s: float = 0.0
+    elementwise_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.gemm_s + self.attention_s + self.elementwise_s
+
+    def __add__(self, other: PassTime) -> PassTime:
+        return PassTime(self.gemm_s + other.gemm_s, self.attention_s + other.attention_s, self.elementwise_s + other.elementwise_s)
+
+    def scaled(self, factor: float) -> PassTime:
+        return PassTime(self.gemm_s * factor, self.attention_s * factor, self.elementwise_s * factor)
+
+
+def _fp8_cast_bytes(gemms: list[tuple[int, int, int]]) -> float:
+    """Transformer Engine casts each GEMM's 16-bit activation input to fp8
+    (read 2 B, write 1 B, plus a 1 B transposed copy kept for the weight
+    gradient) forward, and the incoming gradient likewise backward
+    (TE's cast_transpose kernels; weights are cast once per step)."""
+    return sum(4 * m * k for m, _, k in gemms)
+
+
+def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
+    """Y = X W with X (m x k): dX = dY W^T is (m, k, n); dW = X^T dY is (k, n, m)."""
+    return [(m, k, n), (k, n, m)]
+
+
+def _layer_elementwise_bytes(shape: Shape, moe: bool = False) -> float:
+    """Forward bytes of the memory-bound kernels of one decoder layer: two
+    norms (read + write), two bias-dropout-adds (read x and residual, write,
+    plus a 1-byte mask with dropout), the activation (GeLU reads 1 and writes
+    1 tensor of ffn width; SwiGLU reads 2), and rotary embedding on Q and K.
+    An MoE layer's activation runs on the shared and the routed experts, and
+    the token dispatcher permutes each routed copy in and out (read + write)."""
+    m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
+    width = shape.replicated_width
+    norms = 2 * (2 * e * T * width)
+    residuals = 2 * ((3 * e + (1 if m.dropout else 0)) * T * width)
+    per_activation = (3 if m.gated_mlp else 2) * e
+    if moe:
+        routed = shape.moe_tokens * m.moe.top_k
+        activation = per_activation * (T * m.moe.shared_ffn_hidden_size // t + routed * m.moe.expert_ffn_hidden_size)
+        activation += 2 * (2 * e * routed * m.hidden_size)
+    else:
+        activation = per_activation * T * m.ffn_hidden_size // t
+    rotary = 0 if m.learned_position_embeddings else 2 * e * T * (m.q_size + m.kv_size) // t
+    return norms + residuals + activation + rotary
+
+
+def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
+    """Megatron's pre-flash attention: batched GEMMs for QK^T and PV with a
+    fused scale-mask-softmax and a dropout over the s x s scores in between."""
+    m, s = shape.model, shape.seq_length
+    batch = shape.micro_batch_size * m.num_attention_heads // shape.tp
+    hd = m.head_dim
+    gemms = [(s, s, hd), (s, hd, s)]
+    if backward:
+        gemms = [g for mnk in gemms for g in backward_gemms(*mnk)]
+    gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16", batch=batch) for mnk in gemms)
+    scores = batch * s * s
+    softmax_bytes = (6 if backward else 4) * scores  # fwd: read+write 16-bit; bwd: y, dy in, dx out
+    dropout_bytes = 5 * scores if m.dropout else 0  # read, write, 1-byte mask
+    return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(softmax_bytes + dropout_bytes, gpu))
+
+
+@cache
+def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """The attention core (scores, softmax, weighted sum): what selective
+    recompute recomputes (Korthikanti et al. 2022, sec. 5)."""
+    if not shape.features.flash_attention:
+        return _unfused_attention(shape, gpu, backward)
+    # FlashAttention's backward does 2.5x the forward's FLOPs (it recomputes
+    # QK^T): Dao 2023, FlashAttention-2, sec. 4.
+    # Under CP each step of the ring attends to one rank's chunk of keys.
+    flops = shape.attention_flops() * (2.5 if backward else 1.0)
+    return PassTime(attention_s=flash_attention_time_s(flops, gpu, kv_length=shape.seq_length // shape.cp))
+
+
+def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
+    """Kernel time of one decoder layer, one micro batch, one pass. In an MoE
+    layer the MLP is the router, the shared experts (split over TP like a
+    dense MLP) and the routed experts' grouped GEMMs, which the busiest GPU
+    runs ``moe_load_imbalance`` times longer than an evenly loaded one."""
+    m = shape.model
+    gemms = shape.attention_gemms()
+    mlp_width = m.moe.shared_ffn_hidden_size if moe else m.ffn_hidden_size
+    if mlp_width:
+        gemms += shape.mlp_gemms(mlp_width)
+    expanded = [g for mnk in gemms for g in backward_gemms(*mnk)] if backward else gemms
+    gemm_s = sum(gemm_time_s(*mnk, gpu, shape.precision) for mnk in expanded)
+    if moe:
+        experts, local = shape.expert_gemms()
+        experts = [g for mnk in experts for g in backward_gemms(*mnk)] if backward else experts
+        grouped_s = sum(gemm_time_s(*mnk, gpu, shape.precision, batch=local) for mnk in experts)
+        router = (shape.moe_tokens, m.moe.num_experts, m.hidden_size)
+        router_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in (backward_gemms(*router) if backward else [router]))
+        gemm_s += grouped_s * shape.features.moe_load_imbalance + router_s
+    # Backward elementwise kernels read the saved input and the incoming
+    # gradient and write one gradient: about twice the forward's traffic.
+    elementwise_bytes = _layer_elementwise_bytes(shape, moe) * (2 if backward else 1)
+    if shape.precision == "fp8":
+        elementwise_bytes += _fp8_cast_bytes(gemms + (shape.expert_gemms()[0] if moe else []))
+    elementwise = memory_time_s(elementwise_bytes, gpu)
+    return PassTime(gemm_s=gemm_s, elementwise_s=elementwise) + attention_core(shape, gpu, backward)
+
+
+def embedding(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """Vocab-parallel lookup (write T x h) forward; scatter-add of the
+    gradient (read + write) backward. Position embeddings add one more.
+    Backward also writes a dense gradient the size of this rank's table
+    (PyTorch's embedding_dense_backward), which Megatron's DDP hook then adds
+    into the fp32 main_grad (read 2 + 4 B, write 4 B per weight): seen by
+    `loom profile layers` as an embedding backward far above its T x h."""
+    m = shape.model
+    tensors = 2 if m.learned_position_embeddings else 1
+    bytes_ = tensors * ACT_BYTES * shape.tokens * m.hidden_size * (2 if backward else 1)
+    if backward:
+        bytes_ += (ACT_BYTES + ACT_BYTES + 4 + 4) * m.vocab_size // shape.tp * m.hidden_size
+    return PassTime(elementwise_s=memory_time_s(bytes_, gpu))
+
+
+def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """Final norm, the vocab-parallel output GEMM and the cross-entropy loss."""
+    m, T = shape.model, shape.tokens
+    logits = (T, m.vocab_size // shape.tp, m.hidden_size)
+    gemms = backward_gemms(*logits) if backward else [logits]
+    # The output layer runs in 16-bit even under fp8 (Transformer Engine keeps
+    # the first and last layers out of fp8 by default).
+    gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms)
+    loss_bytes = (CROSS_ENTROPY_BWD_BYTES_PER_LOGIT if backward else CROSS_ENTROPY_FWD_BYTES_PER_LOGIT) * T * logits[1]
+    norm_bytes = 2 * ACT_BYTES * T * shape.replicated_width * (2 if backward else 1)
+    return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(loss_bytes + norm_bytes, gpu))
+
+
+def mtp_projection(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """Each of DeepSeek-V3's multi-token prediction modules (Megatron's MTP)
+    projects [hidden; next token's embedding] 2h -> h before its layer."""
+    m = shape.model
+    projection = (shape.tokens, m.hidden_size // shape.tp, 2 * m.hidden_size)
+    gemms = backward_gemms(*projection) if backward else [projection]
+    return PassTime(gemm_s=sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms))
+
+
+def vision_projector(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """LLaVA's 2-layer MLP projector from the ViT's width into the language
+    model's, on every patch."""
+    tower, h = shape.model.vision, shape.model.hidden_size
+    patches = shape.vision().tokens
+    projector = [(patches, h // shape.tp, tower.encoder.hidden_size), (patches, h, h // shape.tp)]
+    gemms = [g for mnk in projector for g in backward_gemms(*mnk)] if backward else projector
+    return PassTime(gemm_s=sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms))
+
+
+def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
+    """Model FLOPs per token, forward + backward, no recompute: 6 x (the
+    weights a token multiplies) + attention 6 x 2s x (qk + v head dims) x
+    heads per layer (half the s x s scores are masked, counted anyway) —
+    the convention of Narayanan et al. SC'21 eq. (3) and PaLM's MFU,
+    generalised to GQA, MLA, gated MLPs, MoE (the experts a token is routed
+    to) and untied heads (the published runs' 'model_flops')."""
+    h = model.hidden_size
+    attention = model.attention_weights()
+    dense_mlp = (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size
+    moe_layers = model.num_moe_layers
+    mlp = (model.num_layers - moe_layers) * dense_mlp + (moe_layers and moe_layers * model.moe.active_params(h))
+    scores = 2 * seq_length * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim)
+    return 6.0 * (model.num_layers * attention + mlp + h * model.vocab_size) + 3.0 * model.num_layers * scores

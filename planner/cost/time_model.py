@@ -1,0 +1,356 @@
+"""Predicted time of one optimizer step, with a breakdown of where it goes.
+
+    step = pipeline (compute + exposed TP/CP/PP communication + bubble)
+         + exposed DP gradient reduce + distributed-optimizer parameter gather
+         + embedding gradient sync + optimizer step
+
+The pipeline term for stages with per-micro-batch times tau_s, m micro
+batches and v virtual stages per rank is m * max(tau) + (sum(tau) - max(tau)) / v:
+for equal stages that is Megatron's (m + (p - 1) / v) * tau (Narayanan et al.
+SC'21, sec. 2.2), and for v = 1 it is "one micro batch through every stage
+plus (m - 1) times the slowest stage".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.cost import layers
+from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
+from loom.planner.cost.compute import PassTime, attention_core
+from loom.planner.cost.efficiency import memory_time_s
+from loom.planner.cost.memory import GRAD_BYTES, WEIGHT_BYTES, stage_params
+from loom.planner.cost.network import Links
+from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.stages import Chunk, Placement, Stage
+from loom.profiles.catalogue import GPU
+
+# Megatron's DDP bucket: max(40M, 1M x dp) parameters (megatron/core/distributed/
+# distributed_data_parallel.py). The last bucket's reduce cannot overlap backward.
+DDP_BUCKET_PARAMS = 40_000_000
+# Adam's step is memory-bound: read fp32 master, m, v and grad (16 B), write
+# master, m, v (12 B) and the 16-bit weight (2 B), plus reading the grads once
+# more for the global norm used by gradient clipping (4 B).
+OPTIMIZER_STEP_BYTES_PER_PARAM = 34
+
+
+@dataclass(frozen=True)
+class StepTime:
+    step_time_s: float
+    breakdown_s: dict[str, float]
+    stage_microbatch_s: tuple[float, ...]  # tau_s: one micro batch, all chunks of stage s
+
+
+@dataclass(frozen=True)
+class ChunkTime:
+    compute_fwd_s: float
+    compute_bwd_s: float
+    recompute_s: float
+    tp_comm_s: float  # exposed, all passes
+    cp_comm_s: float
+    tp_comm_fwd_s: float  # of which in the forward pass
+    cp_comm_fwd_s: float
+    weight_grad_s: float  # the weight-gradient GEMMs within compute_bwd_s
+    tp_busy_s: float = 0.0  # TP and CP communication before overlap: what placement can speed up
+    cp_busy_s: float = 0.0
+    ep_comm_s: float = 0.0  # MoE token dispatch and combine, all passes (not overlapped)
+    ep_comm_fwd_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s
+
+    @property
+    def forward_s(self) -> float:
+        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s + self.ep_comm_fwd_s
+
+    @property
+    def backward_s(self) -> float:
+        return self.total_s - self.forward_s
+
+
+def _tp_collectives_s(bytes_: float, layout: Layout, link: Link, count: int) -> float:
+    """``count`` TP collectives on a T x h activation: all-reduces, or with
+    sequence parallelism a reduce-scatter + all-gather pair each (same bytes
+    on the wire; Korthikanti et al. 2022, sec. 4.2.2)."""
+    if layout.sequence_parallel:
+        return count * (reduce_scatter_s(bytes_, layout.tp, link) + all_gather_s(bytes_, layout.tp, link))
+    return count * all_reduce_s(bytes_, layout.tp, link)
+
+
+def _exposed(comm_s: float, overlappable_s: float, overlap: bool) -> float:
+    return max(0.0, comm_s - overlappable_s) if overlap else comm_s
+
+
+def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Links, job: Job) -> ChunkTime:
+    """One micro batch through one model chunk: forward, backward, recompute
+    and the exposed TP and CP communication (per-layer costs for the
+    pipeline partition come from one-layer chunks)."""
+    features, n = job.features, chunk.num_layers
+    n_moe = shape.model.moe_layers_in(chunk.first_layer, n)
+    fwd_layer, bwd_layer = _layers(shape, gpu, n - n_moe, n_moe, backward=False), _layers(shape, gpu, n - n_moe, n_moe, backward=True)
+    fwd, bwd = fwd_layer, bwd_layer
+    if chunk.embedding:
+        fwd, bwd = fwd + layers.embedding(shape, gpu), bwd + layers.embedding(shape, gpu, backward=True)
+    if chunk.head:
+        fwd, bwd = fwd + layers.head(shape, gpu), bwd + layers.head(shape, gpu, backward=True)
+        if shape.model.mtp_layers:
+            fwd, bwd = fwd + layers.mtp(shape, gpu), bwd + layers.mtp(shape, gpu, backward=True)
+    if chunk.vision:
+        fwd, bwd = fwd + layers.vision_tower(shape, gpu), bwd + layers.vision_tower(shape, gpu, backward=True)
+
+    recompute = PassTime()
+    if layout.recompute == "full":
+        recompute = fwd_layer
+        if chunk.vision:
+            recompute = recompute + layers.vision_tower(shape, gpu)
+    elif layout.recompute == "selective":
+        recompute = attention_core(shape, gpu).scaled(n)
+
+    # TP: two collectives per layer forward and two backward (Megatron's f/g
+    # operators), again forward under full recompute; one each for the
+    # embedding and the LM head. TE's --tp-comm-overlap hides them behind GEMMs.
+    activation_bytes = shape.tokens * shape.model.hidden_size * ACT_BYTES
+    per_layer_tp = _tp_collectives_s(activation_bytes, layout, links.tp, 2)
+    fwd_tp = per_layer_tp * n + _tp_collectives_s(activation_bytes, layout, links.tp, chunk.embedding + chunk.head)
+    if chunk.vision:
+        vision = shape.vision()
+        patch_bytes = vision.tokens * vision.model.hidden_size * ACT_BYTES
+        fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
+    tp_passes = 2 + (layout.recompute == "full")
+    tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s, features.tp_comm_overlap)
+
+    # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
+    # dK, dV backward), overlapped with the attention blocks being computed.
+    cp_fwd, cp_bwd, ring_s = 0.0, 0.0, 0.0
+    if layout.cp > 1:
+        kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * ACT_BYTES
+        ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
+        core_fwd = attention_core(shape, gpu).total_s
+        core_bwd = attention_core(shape, gpu, backward=True).total_s
+        cp_fwd, cp_bwd = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd)
+    # MoE: each MoE layer dispatches every routed copy of its tokens to the
+    # experts' ranks and combines the outputs back, one all-to-all each, in
+    # every pass (megatron-core's alltoall token dispatcher); the busiest
+    # rank's share sets the pace. Not overlapped by default.
+    ep_fwd = 0.0
+    n_moe += chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
+    if n_moe:
+        routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES
+        routed_bytes *= features.moe_load_imbalance
+        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes, layout.ep, links.ep, links.ep_remote_share)
+        # With ETP each expert's tokens are all-gathered over its ETP ranks
+        # before the expert GEMMs and reduce-scattered after.
+        ep_fwd += n_moe * (all_gather_s(routed_bytes * layout.etp, layout.etp, links.etp) + reduce_scatter_s(routed_bytes * layout.etp, layout.etp, links.etp))
+    # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
+    # dX = dY W^T): half the backward GEMM time is the weight gradient.
+    return ChunkTime(
+        compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
+        tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
+        weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
+        ep_comm_s=ep_fwd * tp_passes, ep_comm_fwd_s=ep_fwd,
+    )
+
+
+def _layers(shape: Shape, gpu: GPU, dense: int, moe: int, backward: bool) -> PassTime:
+    """``dense`` dense and ``moe`` MoE decoder layers, one pass."""
+    total = layers.decoder_layer(shape, gpu, backward).scaled(dense)
+    return total + layers.decoder_layer(shape, gpu, backward, moe=True).scaled(moe) if moe else total
+
+
+def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
+    slowest = max(stage_s)
+    return layout.num_microbatches * slowest + (sum(stage_s) - slowest) / layout.vpp
+
+
+def _p2p_s(shape: Shape, layout: Layout, links: Links, chunk_fwd_s: float) -> float:
+    """Exposed pipeline send/recv per step. The activation a stage sends is
+    split over its TP ranks (SC'21's scatter/gather optimisation, or sequence
+    parallelism). Plain 1F1B waits for every transfer: two per micro batch
+    (activation forward, gradient backward). Interleaved 1F1B sends v times
+    as often (SC'21 sec. 2.2.2) but overlaps each transfer with the next
+    chunk's forward (Megatron's overlap_p2p_comm), so only what outlasts an
+    average chunk's forward is exposed — except along the fill and drain path, 2 (p*v - 1)
+    transfers that nothing hides."""
+    if layout.pp == 1:
+        return 0.0
+    one = send_recv_s(shape.tokens * shape.model.hidden_size * ACT_BYTES / layout.tp, links.pp)
+    if layout.vpp == 1:
+        return 2 * (layout.num_microbatches + layout.pp - 1) * one
+    steady = 2 * layout.num_microbatches * layout.vpp * max(0.0, one - chunk_fwd_s)
+    return 2 * (layout.pp * layout.vpp - 1) * one + steady
+
+
+@dataclass(frozen=True)
+class DataParallelComm:
+    """One stage's gradient reduce and parameter gather over DP x CP, whole."""
+
+    reduce_s: float
+    gather_s: float
+    bucket_fraction: float  # of the stage's parameters in one DDP bucket
+
+
+def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> DataParallelComm:
+    """Dense parameters reduce over DP x CP; routed experts over expert data
+    parallel, on their own group's link (Megatron's expert DDP buffers)."""
+    params = stage_params(job.model, layout, stage)
+    dense_reduce, dense_gather = _reduce_and_gather_s(job, layout, params.total - params.expert, layout.dp * layout.cp, links.dp)
+    expert_reduce, expert_gather = _reduce_and_gather_s(job, layout, params.expert, layout.expert_dp, links.expert_dp)
+    n = layout.dp * layout.cp
+    return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total))
+
+
+def _reduce_and_gather_s(job: Job, layout: Layout, params: float, n: int, link: Link) -> tuple[float, float]:
+    if n == 1 or params == 0:
+        return 0.0, 0.0
+    grad_bytes = params * GRAD_BYTES[job.framework]
+    if layout.distributed_optimizer or layout.zero_stage >= 1:
+        # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers after
+        # the step (see _zero_microbatch_comm_s).
+        reduce = reduce_scatter_s(grad_bytes, n, link) if layout.zero_stage < 2 else 0.0
+        gather = all_gather_s(params * WEIGHT_BYTES, n, link) if layout.zero_stage < 3 else 0.0
+        return reduce, gather
+    return all_reduce_s(grad_bytes, n, link), 0.0
+
+
+def _exposed_gather_s(comm: DataParallelComm, job: Job, layout: Layout) -> float:
+    """The distributed optimizer's parameter all-gather overlaps the next
+    step's forward, all but its first bucket."""
+    overlap = job.features.overlap_param_gather and layout.distributed_optimizer
+    return comm.gather_s * comm.bucket_fraction if overlap else comm.gather_s
+
+
+def _embedding_sync_s(job: Job, layout: Layout, links: Links) -> float:
+    """Tied embeddings: the first and last stages all-reduce their copies' gradients."""
+    if layout.pp == 1 or not job.model.tied_embeddings:
+        return 0.0
+    word_embedding = job.model.vocab_size * job.model.hidden_size / layout.tp
+    return all_reduce_s(word_embedding * GRAD_BYTES[job.framework], 2, links.embedding)
+
+
+def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) -> float:
+    """Buckets reduce while backward still runs (``window_s``); the last
+    bucket (the first layers' gradients) cannot overlap."""
+    if not overlap:
+        return comm.reduce_s
+    return max(comm.reduce_s * comm.bucket_fraction, comm.reduce_s - window_s)
+
+
+def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links, microbatch_s: float) -> float:
+    """Exposed ZeRO-2/3 communication per micro batch. ZeRO-2 reduce-scatters
+    the gradients of every micro batch into their partitions; ZeRO-3 also
+    gathers every weight forward and backward (Rajbhandari et al. 2020, sec.
+    5 and 7.2.2). Both overlap compute, but the first layer's gather of each
+    pass cannot be prefetched."""
+    if layout.zero_stage < 2:
+        return 0.0
+    params = stage_params(job.model, layout, stage).total
+    n = layout.dp * layout.cp
+    comm = reduce_scatter_s(params * GRAD_BYTES[job.framework], n, links.dp)
+    unhidden = 0.0
+    if layout.zero_stage >= 3:
+        gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp)
+        comm += 2 * gather
+        unhidden = 2 * gather / max(1, stage.num_layers)
+    return max(unhidden, comm - microbatch_s)
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What a step is made of, before the schedule puts it together."""
+
+    job: Job
+    layout: Layout
+    chunks: list[list[ChunkTime]]  # per stage, in virtual-stage order
+    zero_comm_s: list[float]  # per stage, per micro batch (ZeRO-2/3)
+    p2p_one_s: float  # one activation (or gradient) transfer between stages
+    dp: list[DataParallelComm]  # per stage
+    optimizer_s: list[float]  # per stage
+    embedding_sync_s: float
+    p2p_exposed_s: float  # the closed form's estimate of exposed send/recv
+
+    @property
+    def tau_s(self) -> list[float]:
+        """One micro batch through all chunks of each stage."""
+        return [sum(c.total_s for c in chunks) + z for chunks, z in zip(self.chunks, self.zero_comm_s)]
+
+    def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float) -> dict[str, float]:
+        """Where the step goes, with the pipeline's length and the exposed
+        gradient reduce coming from the closed form or the simulator."""
+        tau = self.tau_s
+        slowest = max(range(len(tau)), key=lambda s: tau[s])
+        m, chunks = self.layout.num_microbatches, self.chunks[slowest]
+        work = {
+            "compute_forward": m * sum(c.compute_fwd_s for c in chunks),
+            "compute_backward": m * sum(c.compute_bwd_s for c in chunks),
+            "recompute": m * sum(c.recompute_s for c in chunks),
+            "tp_comm": m * sum(c.tp_comm_s for c in chunks),
+            "cp_comm": m * sum(c.cp_comm_s for c in chunks),
+            "ep_comm": m * sum(c.ep_comm_s for c in chunks),
+            "zero_comm": m * self.zero_comm_s[slowest],
+        }
+        idle_s = max(0.0, pipeline_s - sum(work.values()))
+        p2p_s = min(self.p2p_exposed_s, idle_s)
+        return {
+            **work,
+            "pp_comm": p2p_s,
+            "pipeline_bubble": idle_s - p2p_s,
+            "dp_grad_reduce": dp_grad_reduce_s,
+            "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout) for d in self.dp),
+            "embedding_sync": self.embedding_sync_s,
+            "optimizer": max(self.optimizer_s),
+        }
+
+
+def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepParts:
+    """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``,
+    its groups on the links ``placement`` gives them (default: Megatron's order)."""
+    shape = layers.shape_of(job, layout)
+    links = Links.of(job, layout, placement)
+    # Stages with the same chunk sizes (all but the first and last, usually)
+    # cost the same: price each kind once.
+    memo: dict[tuple, ChunkTime] = {}
+
+    def priced(chunk: Chunk, gpu: GPU) -> ChunkTime:
+        kind = (chunk.num_layers, chunk.embedding, chunk.head, chunk.vision, gpu.name)
+        if kind not in memo:
+            memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
+        return memo[kind]
+
+    chunks = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
+    tau = [sum(c.total_s for c in cs) for cs in chunks]
+    all_chunks = [c for cs in chunks for c in cs]
+    return StepParts(
+        job=job,
+        layout=layout,
+        chunks=chunks,
+        zero_comm_s=[_zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)],
+        p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
+        dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
+        optimizer_s=[
+            memory_time_s(stage_params(job.model, layout, stage).total / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
+            for stage, gpu in zip(stages, gpus)
+        ],
+        embedding_sync_s=_embedding_sync_s(job, layout, links),
+        p2p_exposed_s=_p2p_s(shape, layout, links, sum(c.compute_fwd_s for c in all_chunks) / len(all_chunks)),
+    )
+
+
+def closed_form_step(parts: StepParts) -> StepTime:
+    """The step by formula: pipeline m * max(tau) + (sum(tau) - max(tau)) / v
+    plus exposed send/recv, and each stage's gradient reduce hidden behind its
+    last backward and the cool-down of the stages after it. Exact for equal
+    stages; the search prunes with it and ranks its best with the simulator."""
+    layout, tau = parts.layout, parts.tau_s
+    features = parts.job.features
+    windows = [sum(c.backward_s for c in cs) * (1 + s) for s, cs in enumerate(parts.chunks)]
+    reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
+    breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce)
+    return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
+
+
+def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:
+    """Predict one optimizer step of ``layout`` by the closed form."""
+    return closed_form_step(step_parts(job, layout, stages, gpus, placement))

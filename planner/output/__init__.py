@@ -1,0 +1,7 @@
+"""What loom writes: launch files (``launch``: Megatron-LM's ``train.sh``
+(``megatron``), SLURM (``slurm``), DeepSpeed (``deepspeed``)), the JSON
+report and its schema (``report``), CI gates (``gates``), and writing a set
+of files without half-written ones (``files``).
+
+Imports: ``planner.plan`` and everything below it.
+"""

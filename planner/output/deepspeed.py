@@ -1,0 +1,323 @@
+"""DeepSpeed launch files: ``ds_config.json``, ``hostfile``, ``launch.sh``;
+with a pipeline, ``pipeline_snippet.py`` for the user's training script; and,
+when the placement orders some host's GPUs other than ascending,
+``gpu_order.py``, which the launcher starts in place of the training script.
+
+In loom, DeepSpeed runs ZeRO data parallelism, optionally under a
+``PipelineModule`` pipeline; TP and CP are Megatron's (tp = cp = 1 here).
+DeepSpeed numbers ranks pipe-major, ``rank = stage * dp + data``
+(``PipeDataParallelTopology``), which is Megatron's order with tp = cp = 1, so
+loom's stages carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from loom.planner.output.slurm import NodeRanks, nodes_of
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.stages import Placement, Stage, uniform_stages
+
+# Placeholder optimiser settings, as for Megatron: the user tunes them.
+ADAM_PARAMS = {"lr": 3.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.1}
+GRADIENT_CLIPPING = 1.0
+STEPS_PER_PRINT = 10
+MASTER_PORT = 29500
+
+
+def deepspeed_files(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> dict[str, str]:
+    """All DeepSpeed launch files for this layout; raises ValueError for a
+    layout DeepSpeed cannot run as planned."""
+    check_layout(job, layout, stages, placement)
+    nodes = nodes_of(placement, job.cluster)
+    files = {
+        "ds_config.json": json.dumps(ds_config(job, layout), indent=2) + "\n",
+        "hostfile": hostfile(nodes, job.cluster.gpus_per_node),
+        "launch.sh": launch_sh(job, layout, nodes),
+    }
+    if needs_gpu_order(nodes):
+        files[GPU_ORDER] = gpu_order_py(nodes)
+    if layout.pp > 1:
+        files["pipeline_snippet.py"] = pipeline_snippet(layout, stages)
+    if job.model.moe is not None:
+        files["moe_snippet.py"] = moe_snippet(job, layout)
+    return files
+
+
+def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> None:
+    problems = []
+    if (layout.tp, layout.cp, layout.etp, layout.vpp) != (1, 1, 1, 1):
+        problems.append("TP, CP, expert TP and virtual stages must be 1 (they are Megatron features)")
+    if layout.ep > 1 and job.model.moe is None:
+        problems.append(f"expert parallelism (EP{layout.ep}) on a dense model")
+    if layout.sequence_parallel or layout.distributed_optimizer:
+        problems.append("sequence parallelism / Megatron's distributed optimizer are not DeepSpeed features")
+    if layout.pp > 1 and layout.zero_stage > 1:
+        # PipelineModule docstring: "Pipeline parallelism is not compatible with ZeRO-2 and ZeRO-3."
+        problems.append(f"ZeRO stage {layout.zero_stage} with a pipeline (at most ZeRO-1)")
+    if layout.recompute == "selective":
+        problems.append("selective recompute is Megatron's; DeepSpeed checkpoints whole layers (full)")
+    if job.precision == "fp8":
+        problems.append("fp8 has no DeepSpeed config switch (it needs Transformer Engine in the model code)")
+    if layout.global_batch_size % (layout.micro_batch_size * layout.dp):
+        problems.append(f"global batch {layout.global_batch_size} not a multiple of mbs x dp")
+    if stages != uniform_stages(job.model, layout):
+        # PipelineModule has no explicit stage boundaries (see pipeline_snippet).
+        problems.append("only a uniform layer split can be given to PipelineModule")
+    if len(placement.gpus) != layout.world_size:
+        problems.append(f"placement has {len(placement.gpus)} ranks for world size {layout.world_size}")
+    if problems:
+        raise ValueError(f"DeepSpeed cannot run layout {layout.label()} as planned: " + "; ".join(problems))
+
+
+def ds_config(job: Job, layout: Layout) -> dict:
+    """The DeepSpeed config (https://www.deepspeed.ai/docs/config-json/).
+
+    All three batch fields are given so DeepSpeed checks
+    train_batch_size == micro batch x accumulation x data-parallel size."""
+    config: dict = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.num_microbatches,
+        "steps_per_print": STEPS_PER_PRINT,
+        "gradient_clipping": GRADIENT_CLIPPING,
+        "optimizer": {"type": "Adam", "params": ADAM_PARAMS},
+        **_precision(job),
+        "zero_optimization": _zero(job, layout),
+    }
+    if layout.recompute == "full":
+        # Configures deepspeed.checkpointing, which PipelineModule's
+        # activation_checkpoint_interval (or the user's model) calls per layer.
+        config["activation_checkpointing"] = {
+            "partition_activations": False,
+            "contiguous_memory_optimization": False,
+            "cpu_checkpointing": False,
+        }
+    return config
+
+
+def _precision(job: Job) -> dict:
+    if job.precision == "fp16":
+        # loss_scale 0 = dynamic loss scaling.
+        return {"fp16": {"enabled": True, "loss_scale": 0}}
+    return {"bf16": {"enabled": True}}
+
+
+def _zero(job: Job, layout: Layout) -> dict:
+    zero: dict = {"stage": layout.zero_stage}
+    if layout.zero_stage >= 1:
+        # Overlap the gradient reduce-scatter with the backward pass, as the time model assumes.
+        zero["overlap_comm"] = job.features.overlap_grad_reduce
+        zero["contiguous_gradients"] = True
+    return zero
+
+
+def hostfile(nodes: list[NodeRanks], gpus_per_node: int) -> str:
+    """``host slots=N`` per node in node-rank order; the DeepSpeed runner gives
+    ranks to hosts in file order. Slots are the node's GPUs (what may be
+    chosen from); ``launch.sh`` narrows them with ``--include`` when the plan
+    uses only some."""
+    return "".join(f"{node.host} slots={gpus_per_node}\n" for node in nodes)
+
+
+def include_filter(nodes: list[NodeRanks], gpus_per_node: int) -> str | None:
+    """The runner's ``--include host:gpu,gpu@...``, or None when every node runs
+    all its GPUs (the default).
+
+    It chooses which GPUs of a host run, not their order: the runner sorts each
+    host's list (``parse_node_config_list`` in deepspeed/launcher/runner.py),
+    launch.py sets CUDA_VISIBLE_DEVICES to it and local rank i runs on the i-th.
+    Any other order is set by ``gpu_order.py``."""
+    if all(sorted(node.gpus) == list(range(gpus_per_node)) for node in nodes):
+        return None
+    return "@".join(f"{node.host}:{','.join(map(str, sorted(node.gpus)))}" for node in nodes)
+
+
+def needs_gpu_order(nodes: list[NodeRanks]) -> bool:
+    """True when some host's local ranks do not run on its GPUs in ascending order."""
+    return any(list(node.gpus) != sorted(node.gpus) for node in nodes)
+
+
+GPU_ORDER = "gpu_order.py"
+
+
+def gpu_order_py(nodes: list[NodeRanks]) -> str:
+    """``gpu_order.py``: started by DeepSpeed's launcher in place of the training
+    script, it puts the node's GPUs in the plan's order, then becomes the script.
+
+    launch.py (deepspeed/launcher/launch.py) runs ``python -u SCRIPT
+    --local_rank=i ARGS`` per local rank with CUDA_VISIBLE_DEVICES set to the
+    node's GPUs in ascending order, and exports the node's index as CROSS_RANK.
+    This file, given as SCRIPT with the training script as the first of ARGS,
+    re-sets CUDA_VISIBLE_DEVICES to the plan's order for that node and
+    ``os.execv``s the same interpreter on the training script, so the script
+    sees exactly what launch.py would have given it, and nothing has touched
+    CUDA before the variable is set. It refuses to start when the launcher
+    gave the node other GPUs than planned (hostfile or --include edited)."""
+    table = [f"    {json.dumps(','.join(map(str, node.gpus)))},  # node {node.node_rank}: {node.host}" for node in nodes]
+    return "\n".join(
+        [
+            '"""Written by loom: run the training script on this node\'s GPUs in the plan\'s order.',
+            "",
+            "DeepSpeed's launcher gives a node's GPUs in ascending order and local rank i",
+            "uses the i-th; the plan runs local rank i of node k on GPUS_OF_NODE[k][i].",
+            "launch.sh starts this file in place of the training script, which comes first",
+            "among the arguments. See loom/planner/output/deepspeed.py, gpu_order_py.",
+            '"""',
+            "",
+            "import os",
+            "import sys",
+            "",
+            "GPUS_OF_NODE = [",
+            *table,
+            "]",
+            "",
+            "",
+            "def main() -> None:",
+            '    node = int(os.environ["CROSS_RANK"])  # set by deepspeed/launcher/launch.py',
+            "    planned = GPUS_OF_NODE[node]",
+            '    given = os.environ.get("CUDA_VISIBLE_DEVICES", "")',
+            '    if sorted(given.split(",")) != sorted(planned.split(",")):',
+            '        sys.exit(f"gpu_order.py: the launcher gave node {node} GPUs {given!r}, the plan {planned!r}")',
+            '    os.environ["CUDA_VISIBLE_DEVICES"] = planned',
+            "    args = sys.argv[1:]",
+            '    flags = args[:1] if args[:1] and args[0].startswith("--local_rank") else []',
+            "    script, rest = args[len(flags)], args[len(flags) + 1 :]",
+            '    os.execv(sys.executable, [sys.executable, "-u", script, *flags, *rest])',
+            "",
+            "",
+            'if __name__ == "__main__":',
+            "    main()",
+            "",
+        ]
+    )
+
+
+def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
+    """Runs the DeepSpeed runner from the first host: it starts launch.py on
+    every host of ``hostfile`` over pdsh, passing ``--node_rank=%n``, which
+    pdsh replaces by the host's position in its ``-w`` list, the hostfile's
+    order (pdsh: opt.c pushes -w hosts in order, dsh.c numbers threads in that
+    order, pipecmd.c substitutes %n)."""
+    include = include_filter(nodes, job.cluster.gpus_per_node)
+    include_arg = f" --include {shlex.quote(include)}" if include else ""
+    master = shlex.quote(nodes[0].host)
+    script = f'"$HERE/{GPU_ORDER}" "$TRAIN_SCRIPT"' if needs_gpu_order(nodes) else '"$TRAIN_SCRIPT"'
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# DeepSpeed training of {job.model.name} written by loom: {layout.label()},",
+        f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
+        "# Run it on the first host of hostfile. TRAIN_SCRIPT is your training script; it",
+        "# must accept --deepspeed_config (deepspeed.add_config_arguments) and pass it to",
+        "# deepspeed.initialize. With a pipeline, build the model as pipeline_snippet.py shows.",
+        *(
+            [f"# {GPU_ORDER} starts it with each host's GPUs in the plan's order; the files must sit",
+             "# at the same path on every host (a shared file system), like ds_config.json."]
+            if needs_gpu_order(nodes) else []
+        ),
+        "set -euo pipefail",
+        "",
+        'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+        'TRAIN_SCRIPT="${TRAIN_SCRIPT:?set TRAIN_SCRIPT to your training script}"',
+        f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
+        "",
+        f'exec deepspeed --hostfile "$HERE/hostfile" --master_addr {master} --master_port "$MASTER_PORT"{include_arg} \\',
+        f'    {script} --deepspeed --deepspeed_config "$HERE/ds_config.json" "$@"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def pipeline_snippet(layout: Layout, stages: list[Stage]) -> str:
+    """Python for the user's script: a ``PipelineModule`` with loom's split.
+
+    ``PipelineModule`` takes no explicit stage boundaries. Its
+    ``partition_method`` is "parameters" (default: balance parameter counts),
+    "uniform" (balance the number of layer specs, embedding and head included)
+    or "type:REGEX" (balance the number of layers whose class name matches
+    REGEX), see deepspeed/runtime/pipe/module.py ``_partition_layers``. Only
+    "type:" on the decoder layer class gives every stage the same number of
+    decoder layers, with the embedding on the first stage and the head on the last."""
+    split = [f"  stage {stage.index}: layers {_layer_range(stage)}" for stage in stages]
+    interval = 1 if layout.recompute == "full" else 0
+    return "\n".join(
+        [
+            f'"""Pipeline split written by loom: {stages[0].num_layers} decoder layers on each of {layout.pp} stages.',
+            "",
+            *split,
+            "",
+            'DeepSpeed\'s PipelineModule takes no explicit stage boundaries; partition_method',
+            '"type:REGEX" balances the number of layers whose class name matches REGEX',
+            "(deepspeed/runtime/pipe/module.py), which gives exactly this split when",
+            "layer_specs are [embedding, decoder layers..., final norm + LM head].",
+            "Set DECODER_LAYER_REGEX to match your decoder layer class name.",
+            '"""',
+            "",
+            "from deepspeed.pipe import PipelineModule",
+            "",
+            f"PIPELINE_STAGES = {layout.pp}",
+            'DECODER_LAYER_REGEX = "DecoderLayer"',
+            f"ACTIVATION_CHECKPOINT_INTERVAL = {interval}  # 1: recompute every layer (full recompute); 0: off",
+            "",
+            "",
+            "def build_pipeline(layer_specs, loss_fn):",
+            '    """layer_specs: LayerSpec objects (or modules) in model order."""',
+            "    return PipelineModule(",
+            "        layers=layer_specs,",
+            "        num_stages=PIPELINE_STAGES,",
+            "        loss_fn=loss_fn,",
+            '        partition_method=f"type:{DECODER_LAYER_REGEX}",',
+            "        activation_checkpoint_interval=ACTIVATION_CHECKPOINT_INTERVAL,",
+            "    )",
+            "",
+        ]
+    )
+
+
+def _layer_range(stage: Stage) -> str:
+    chunk = stage.chunks[0]
+    extras = (" + embedding" if chunk.embedding else "") + (" + head" if chunk.head else "")
+    return f"{chunk.first_layer}-{chunk.first_layer + chunk.num_layers - 1}{extras}"
+
+
+def moe_snippet(job: Job, layout: Layout) -> str:
+    """Python for the user's model: DeepSpeed's MoE layer (deepspeed/moe/layer.py)
+    with loom's expert parallel size, dropless like the time model, and the
+    optimizer's parameter groups that keep expert gradients on their own
+    (expert data parallel) reduce."""
+    moe = job.model.moe
+    return "\n".join(
+        [
+            f'"""MoE layers written by loom for {job.model.name}: {moe.num_experts} experts, top-{moe.top_k},',
+            f"expert parallel size {layout.ep} (so {moe.num_experts // layout.ep} experts per GPU and expert data parallel {layout.expert_dp}).",
+            "Replace each decoder layer's MLP with moe_layer(expert), where expert is one",
+            f"gated MLP of width {moe.expert_ffn_hidden_size}, and build the optimizer from optimizer_groups(model).",
+            '"""',
+            "",
+            "from deepspeed.moe.layer import MoE",
+            "from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer",
+            "",
+            f"HIDDEN_SIZE = {job.model.hidden_size}",
+            f"NUM_EXPERTS = {moe.num_experts}",
+            f"EXPERT_PARALLEL_SIZE = {layout.ep}",
+            f"TOP_K = {moe.top_k}",
+            "",
+            "",
+            "def moe_layer(expert):",
+            "    return MoE(",
+            "        hidden_size=HIDDEN_SIZE,",
+            "        expert=expert,",
+            "        num_experts=NUM_EXPERTS,",
+            "        ep_size=EXPERT_PARALLEL_SIZE,",
+            "        k=TOP_K,",
+            "        drop_tokens=False,  # dropless, as loom's time model assumes",
+            "    )",
+            "",
+            "",
+            "def optimizer_groups(model):",
+            '    return split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "parameters"})',
+            "",
+        ]
+    )

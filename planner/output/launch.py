@@ -1,0 +1,34 @@
+"""Launch files for a planned layout.
+
+``launch_files`` returns relative file name -> text for the job's framework:
+Megatron-LM (``train.sh``, ``slurm.sbatch``) or DeepSpeed (``ds_config.json``,
+``hostfile``, ``launch.sh`` and, with a pipeline, ``pipeline_snippet.py``).
+Output is deterministic: the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+from loom.planner.output.deepspeed import deepspeed_files
+from loom.planner.output.megatron import train_sh
+from loom.planner.output.slurm import nodes_of, slurm_sbatch
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.stages import Placement, Stage
+
+
+def launch_files(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> dict[str, str]:
+    """The launch files that realise ``layout``, ``stages`` and ``placement``.
+
+    Raises ValueError when the framework cannot run the layout as planned.
+    Vision-language models get none yet: Megatron trains them through
+    examples/multimodal with its own arguments, which loom does not write."""
+    if job.model.vision is not None:
+        return {}
+    if job.framework == "megatron":
+        return {
+            "train.sh": train_sh(job, layout, stages, placement),
+            "slurm.sbatch": slurm_sbatch(f"loom-{job.model.name}", nodes_of(placement), job.cluster.gpus_per_node),
+        }
+    if job.framework == "deepspeed":
+        return deepspeed_files(job, layout, stages, placement)
+    raise ValueError(f"unknown framework {job.framework!r}: expected megatron or deepspeed")

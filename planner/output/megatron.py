@@ -1,0 +1,402 @@
+"""Megatron-LM launch files: the ``pretrain_gpt.py`` arguments and ``train.sh``.
+
+Flag spellings follow Megatron-LM's ``megatron/training/arguments.py`` (many
+flags are generated there from megatron-core's ``TransformerConfig`` and
+``ModelParallelConfig`` fields). ``train.sh`` runs torchrun once per node; the
+node rank comes from a host table derived from the placement, so torchrun's
+global ranks (node_rank * nproc + local_rank, static rendezvous) land on the
+GPUs loom chose.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from loom.planner.output.slurm import NodeRanks, nodes_of
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.stages import Chunk, Placement, Stage
+
+# Placeholder optimiser settings: the layout does not depend on them, so the
+# user is expected to tune them. Values are the usual GPT-3/Llama pre-training ones.
+LR = "3.0e-4"
+MIN_LR = "3.0e-5"
+LR_WARMUP_FRACTION = "0.01"
+WEIGHT_DECAY = "0.1"
+CLIP_GRAD = "1.0"
+ADAM_BETAS = ("0.9", "0.95")
+LOG_INTERVAL = "10"
+MASTER_PORT = 6000
+
+
+def megatron_args(job: Job, layout: Layout, stages: list[Stage]) -> list[str]:
+    """Every model, parallel, batch and precision flag of ``pretrain_gpt.py``
+    for this layout (data flags are added by ``train.sh``).
+
+    Raises ValueError for a layout or split Megatron-LM cannot run as planned."""
+    check_layout(job, layout, stages)
+    return [
+        *_model_args(job),
+        *_parallel_args(job.model, layout, stages),
+        *_recompute_args(layout),
+        *_overlap_args(job, layout),
+        *_precision_args(job),
+        *_training_args(job, layout),
+    ]
+
+
+def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
+    """What Megatron-LM / megatron-core would reject at start-up, checked here
+    so loom never writes a launch that fails or silently runs another layout."""
+    model = job.model
+    problems = []
+    if model.moe is None and (layout.ep, layout.etp) != (1, 1):
+        problems.append(f"expert parallelism (EP{layout.ep} ETP{layout.etp}) on a dense model")
+    if model.moe is not None and layout.tp > 1 and not layout.sequence_parallel:
+        problems.append("MoE with tensor parallelism needs sequence parallelism")
+    if model.num_attention_heads % layout.tp or model.num_query_groups % layout.tp:
+        problems.append(f"{model.num_attention_heads} heads / {model.num_query_groups} query groups over TP{layout.tp}")
+    if layout.sequence_parallel and layout.tp == 1:
+        # validate_args silently turns it off; the layout would not be what runs.
+        problems.append("sequence parallelism without tensor parallelism")
+    if layout.global_batch_size % (layout.micro_batch_size * layout.dp):
+        problems.append(f"global batch {layout.global_batch_size} not a multiple of mbs x dp")
+    if layout.cp > 1 and job.seq_length % (2 * layout.cp):
+        problems.append(f"seq length {job.seq_length} not a multiple of 2 x CP{layout.cp} (load-balanced CP chunks)")
+    if layout.cp > 1 and not job.features.flash_attention:
+        # Transformer Engine implements context parallelism only in its flash and fused backends.
+        problems.append("context parallelism without flash attention")
+    if layout.vpp > 1 and layout.num_microbatches % layout.pp:
+        # megatron-core's interleaved schedule runs micro batches in groups of pp
+        # (microbatch_group_size_per_vp_stage defaults to pp) and raises unless
+        # num_microbatches is a multiple of pp (pipeline_parallel/schedules.py).
+        problems.append(f"{layout.num_microbatches} micro batches with interleaving over PP{layout.pp}")
+    if layout.zero_stage:
+        problems.append(f"ZeRO stage {layout.zero_stage} (Megatron uses --use-distributed-optimizer)")
+    problems += _stage_problems(layout, stages, model.num_layers)
+    if problems:
+        raise ValueError(f"Megatron-LM cannot run layout {layout.label()} as planned: " + "; ".join(problems))
+
+
+def _stage_problems(layout: Layout, stages: list[Stage], num_layers: int) -> list[str]:
+    """Stages must be Megatron's: pp stages of vpp chunks each, stage s on the
+    rank block [s*n, (s+1)*n), chunk v of stage s being virtual stage v*pp + s,
+    the virtual stages running all layers in order."""
+    n = layout.tp * layout.cp * layout.dp
+    if len(stages) != layout.pp:
+        return [f"{len(stages)} stages for PP{layout.pp}"]
+    problems = []
+    for s, stage in enumerate(stages):
+        if stage.ranks != tuple(range(s * n, (s + 1) * n)):
+            problems.append(f"stage {s} does not own ranks {s * n}..{(s + 1) * n - 1} (rank order tp-cp-ep-dp-pp)")
+        if len(stage.chunks) != layout.vpp:
+            problems.append(f"stage {s} has {len(stage.chunks)} chunks for VPP{layout.vpp}")
+    if problems:
+        return problems
+    chunks = _chunks_in_layer_order(stages)
+    next_layer = 0
+    for chunk in chunks:
+        if chunk.first_layer != next_layer:
+            return [f"virtual stages do not run consecutive layers (layer {next_layer} expected)"]
+        next_layer += chunk.num_layers
+    if next_layer != num_layers:
+        problems.append(f"the stages run {next_layer} of {num_layers} layers")
+    if not (chunks[0].embedding and chunks[-1].head) or any(c.embedding for c in chunks[1:]) or any(c.head for c in chunks[:-1]):
+        problems.append("the embedding must be on the first virtual stage and the head on the last")
+    return problems
+
+
+def _chunks_in_layer_order(stages: list[Stage]) -> list[Chunk]:
+    """Model chunks in virtual-stage order: v*pp + s is chunk v of stage s."""
+    return [stage.chunks[v] for v in range(len(stages[0].chunks)) for stage in stages]
+
+
+def _model_args(job: Job) -> list[str]:
+    m = job.model
+    args = [
+        "--num-layers", str(m.num_layers),
+        "--hidden-size", str(m.hidden_size),
+        "--num-attention-heads", str(m.num_attention_heads),
+        "--ffn-hidden-size", str(m.ffn_hidden_size),
+        "--seq-length", str(job.seq_length),
+        "--max-position-embeddings", str(_max_positions(m, job.seq_length)),
+        "--normalization", m.normalization,
+        "--norm-epsilon", f"{m.norm_epsilon:g}",
+        "--position-embedding-type", "learned_absolute" if m.learned_position_embeddings else "rope",
+        "--hidden-dropout", str(m.dropout),
+        "--attention-dropout", str(m.dropout),
+        # Pre-tokenised data (or mock data) only needs the vocabulary size.
+        "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", str(m.vocab_size),
+    ]
+    if not m.learned_position_embeddings:
+        args += ["--rotary-base", str(int(m.rope_theta))]
+    if m.kv_channels:
+        args += ["--kv-channels", str(m.kv_channels)]
+    if m.num_query_groups != m.num_attention_heads:
+        args += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
+    if m.gated_mlp:
+        args.append("--swiglu")
+    if not m.tied_embeddings:
+        args.append("--untie-embeddings-and-output-weights")
+    if not m.linear_bias:
+        args.append("--disable-bias-linear")
+        if m.qkv_bias:
+            args.append("--add-qkv-bias")
+    if m.qk_norm:
+        args.append("--qk-layernorm")
+    return args + _mla_args(m) + _moe_args(m)
+
+
+def _mla_args(m: ModelSpec) -> list[str]:
+    """Multi-head latent attention (megatron-core's MLATransformerConfig)."""
+    if m.mla is None:
+        return []
+    args = ["--multi-latent-attention", "--kv-lora-rank", str(m.mla.kv_lora_rank), "--qk-head-dim", str(m.mla.qk_nope_head_dim),
+            "--qk-pos-emb-head-dim", str(m.mla.qk_rope_head_dim), "--v-head-dim", str(m.mla.v_head_dim)]
+    if m.mla.q_lora_rank:
+        args += ["--q-lora-rank", str(m.mla.q_lora_rank)]
+    return args
+
+
+def _moe_args(m: ModelSpec) -> list[str]:
+    """MoE layers: experts, router, the alltoall token dispatcher with grouped
+    GEMMs (what the time model prices), and the dense-then-MoE pattern as a
+    ``--moe-layer-freq`` list expression (DeepSeek-V3: ``([0]*3+[1]*58)``)."""
+    moe = m.moe
+    if moe is None:
+        return []
+    args = [
+        "--num-experts", str(moe.num_experts),
+        "--moe-router-topk", str(moe.top_k),
+        "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
+        "--moe-token-dispatcher-type", "alltoall",
+        "--moe-grouped-gemm",
+        "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-aux-loss-coeff", "1e-2",
+    ]
+    if moe.shared_ffn_hidden_size:
+        args += ["--moe-shared-expert-intermediate-size", str(moe.shared_ffn_hidden_size)]
+    if moe.first_dense_layers:
+        args += ["--moe-layer-freq", f"([0]*{moe.first_dense_layers}+[1]*{m.num_layers - moe.first_dense_layers})"]
+    if m.mtp_layers:
+        args += ["--mtp-num-layers", str(m.mtp_layers)]
+    return args
+
+
+def _max_positions(model: ModelSpec, seq_length: int) -> int:
+    """validate_args requires max_position_embeddings >= seq_length. Learned
+    positions are a table of that size (job checks keep seq_length within it);
+    with RoPE it only sizes the rotary cache, so a longer sequence is allowed."""
+    return model.max_position_embeddings if model.learned_position_embeddings else max(model.max_position_embeddings, seq_length)
+
+
+def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> list[str]:
+    args = [
+        "--tensor-model-parallel-size", str(layout.tp),
+        "--pipeline-model-parallel-size", str(layout.pp),
+        "--context-parallel-size", str(layout.cp),
+    ]
+    if model.moe is not None:
+        args += ["--expert-model-parallel-size", str(layout.ep), "--expert-tensor-parallel-size", str(layout.etp)]
+    if layout.sequence_parallel:
+        args.append("--sequence-parallel")
+    args += _split_args(layout, stages)
+    if layout.distributed_optimizer:
+        args.append("--use-distributed-optimizer")
+    return args
+
+
+def _split_args(layout: Layout, stages: list[Stage]) -> list[str]:
+    """How many decoder layers each (virtual) stage runs, in the simplest
+    flags that say it: none for an even split; first/last stage counts when
+    only the end stages differ (without interleaving, the middle stages
+    equal); otherwise the full pipeline layout (megatron/training/arguments.py)."""
+    sizes = [chunk.num_layers for chunk in _chunks_in_layer_order(stages)]
+    if len(set(sizes)) == 1:
+        if layout.vpp > 1:
+            return ["--num-layers-per-virtual-pipeline-stage", str(sizes[0])]
+        return []
+    middle = set(sizes[1:-1])
+    if layout.vpp == 1 and len(middle) <= 1 and min(sizes[0], sizes[-1]) > 0:
+        usual = middle.pop() if middle else None
+        args = []
+        if sizes[0] != usual:
+            args += ["--decoder-first-pipeline-num-layers", str(sizes[0])]
+        if sizes[-1] != usual:
+            args += ["--decoder-last-pipeline-num-layers", str(sizes[-1])]
+        return args
+    return ["--pipeline-model-parallel-layout", pipeline_layout(stages)]
+
+
+def pipeline_layout(stages: list[Stage]) -> str:
+    """Megatron's ``--pipeline-model-parallel-layout`` for an uneven split:
+    virtual stages in order, separated by ``|``; ``E`` the embedding, ``t`` a
+    decoder layer, ``L`` the loss (head), e.g. ``Ettt|tttt|tttL``
+    (megatron/core/transformer/pipeline_parallel_layer_layout.py)."""
+    return "|".join(
+        "E" * chunk.embedding + "t" * chunk.num_layers + "L" * chunk.head for chunk in _chunks_in_layer_order(stages)
+    )
+
+
+def _recompute_args(layout: Layout) -> list[str]:
+    """Selective recomputes only the attention core (Korthikanti et al. 2022);
+    full recomputes every layer from its input (uniform method, 1 layer per
+    checkpoint), the setting the memory model assumes."""
+    if layout.recompute == "selective":
+        return ["--recompute-granularity", "selective"]
+    if layout.recompute == "full":
+        return ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    return []
+
+
+def _overlap_args(job: Job, layout: Layout) -> list[str]:
+    """Communication overlap from the job's features, where Megatron allows it:
+    param-gather overlap needs the distributed optimizer and grad-reduce overlap,
+    TP comm overlap needs sequence parallelism (validate_args asserts both)."""
+    features = job.features
+    args = []
+    if features.overlap_grad_reduce:
+        args.append("--overlap-grad-reduce")
+        if features.overlap_param_gather and layout.distributed_optimizer:
+            args.append("--overlap-param-gather")
+    if features.tp_comm_overlap and layout.sequence_parallel:
+        args.append("--tp-comm-overlap")
+    return args
+
+
+def _precision_args(job: Job) -> list[str]:
+    """fp8 keeps bf16 weights and runs Transformer Engine GEMMs in fp8 with the
+    hybrid format (e4m3 forward, e5m2 gradients)."""
+    precision = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"]}[job.precision]
+    backend = "flash" if job.features.flash_attention else "unfused"
+    return [*precision, "--attention-backend", backend]
+
+
+def _training_args(job: Job, layout: Layout) -> list[str]:
+    return [
+        "--micro-batch-size", str(layout.micro_batch_size),
+        "--global-batch-size", str(layout.global_batch_size),
+        "--train-iters", str(job.train_iters),
+        "--optimizer", "adam",
+        "--lr", LR,
+        "--min-lr", MIN_LR,
+        "--lr-decay-style", "cosine",
+        "--lr-warmup-fraction", LR_WARMUP_FRACTION,
+        "--weight-decay", WEIGHT_DECAY,
+        "--clip-grad", CLIP_GRAD,
+        "--adam-beta1", ADAM_BETAS[0],
+        "--adam-beta2", ADAM_BETAS[1],
+        "--log-interval", LOG_INTERVAL,
+    ]
+
+
+def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> str:
+    """``train.sh``: run once on every node; starts torchrun for that node.
+
+    Raises ValueError when the placement cannot be realised by one torchrun per
+    node (see ``nodes_of``: a host's ranks not contiguous, hosts with different
+    rank counts, a GPU used twice or not in the cluster)."""
+    args = megatron_args(job, layout, stages)
+    if len(placement.gpus) != layout.world_size:
+        raise ValueError(f"placement has {len(placement.gpus)} ranks, layout {layout.label()} needs {layout.world_size}")
+    nodes = nodes_of(placement, job.cluster)
+    return "\n".join(
+        [
+            *_header(job, layout, nodes),
+            *_node_table(nodes),
+            *_environment(layout),
+            *_bash_array("MEGATRON_ARGS", args),
+            *_data_args(),
+            *_torchrun(),
+        ]
+    )
+
+
+def _header(job: Job, layout: Layout, nodes: list[NodeRanks]) -> list[str]:
+    return [
+        "#!/usr/bin/env bash",
+        f"# Megatron-LM pre-training of {job.model.name} written by loom: {layout.label()},",
+        f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
+        "# Run it once on every node of the plan (slurm.sbatch does). The node rank is",
+        "# looked up from this host's name (LOOM_HOST, else SLURMD_NODENAME, else",
+        "# hostname -s) so that global ranks land where loom placed them; LOOM_NODE_RANK",
+        "# overrides it. Data: --mock-data unless DATA_PATH is set (a Megatron",
+        "# indexed-dataset prefix, or a blend 'weight prefix weight prefix').",
+        "set -euo pipefail",
+        "",
+        'MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"',
+        f"NNODES={len(nodes)}",
+        f"NPROC_PER_NODE={len(nodes[0].gpus)}",
+        f'MASTER_ADDR="${{MASTER_ADDR:-{nodes[0].host}}}"',
+        f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
+        "",
+    ]
+
+
+def _node_table(nodes: list[NodeRanks]) -> list[str]:
+    """host -> node rank, and node rank -> CUDA_VISIBLE_DEVICES, so local rank i
+    runs on GPU gpus[i] (torchrun passes the variable through to its workers,
+    which take the device of their LOCAL_RANK).
+
+    The override is LOOM_NODE_RANK, not NODE_RANK: job platforms export their
+    own NODE_RANK in their own node order, which would silently undo the
+    placement. CUDA_VISIBLE_DEVICES is exported even for the order 0..n-1:
+    an inherited one (a shell's, a scheduler's partial list) would renumber
+    the GPUs the plan names by the node's own numbers."""
+    lines = [
+        f"# Node k runs global ranks k*{len(nodes[0].gpus)} .. (k+1)*{len(nodes[0].gpus)}-1.",
+        "declare -A NODE_RANK_OF_HOST=(",
+        *(f"    [{shlex.quote(node.host)}]={node.node_rank}" for node in nodes),
+        ")",
+        'HOST="${LOOM_HOST:-${SLURMD_NODENAME:-$(hostname -s)}}"',
+        'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_HOST[$HOST]:?host $HOST is not in this plan; set LOOM_HOST}}"',
+        "# Local rank i of node k runs on the i-th GPU listed for node k.",
+        "GPUS_OF_NODE=(",
+        *(f"    {','.join(map(str, node.gpus))}  # {shlex.quote(node.host)}" for node in nodes),
+        ")",
+        'export CUDA_VISIBLE_DEVICES="${GPUS_OF_NODE[$NODE_RANK]:?node rank $NODE_RANK is not in this plan}"',
+    ]
+    return [*lines, ""]
+
+
+def _environment(layout: Layout) -> list[str]:
+    """Before Blackwell, Megatron requires one CUDA hardware queue with TP or CP
+    so communication kernels are issued ahead of the GEMMs they overlap
+    (validate_args asserts CUDA_DEVICE_MAX_CONNECTIONS=1)."""
+    if layout.tp > 1 or layout.cp > 1:
+        return ["export CUDA_DEVICE_MAX_CONNECTIONS=1", ""]
+    return []
+
+
+def _bash_array(name: str, args: list[str]) -> list[str]:
+    """A bash array, one flag and its values per line."""
+    lines: list[str] = []
+    for token in args:
+        if token.startswith("--") or not lines:
+            lines.append(f"    {shlex.quote(token)}")
+        else:
+            lines[-1] += f" {shlex.quote(token)}"
+    return [f"{name}=(", *lines, ")", ""]
+
+
+def _data_args() -> list[str]:
+    return [
+        'if [[ -n "${DATA_PATH:-}" ]]; then',
+        '    read -r -a DATA_PREFIXES <<< "$DATA_PATH"',
+        '    DATA_ARGS=(--data-path "${DATA_PREFIXES[@]}" --split 99,1,0)',
+        "else",
+        "    DATA_ARGS=(--mock-data)",
+        "fi",
+        "",
+    ]
+
+
+def _torchrun() -> list[str]:
+    return [
+        'exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \\',
+        '    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \\',
+        '    "$MEGATRON_LM_DIR/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "${DATA_ARGS[@]}" "$@"',
+        "",
+    ]

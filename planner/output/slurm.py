@@ -1,0 +1,104 @@
+"""The nodes of a placement, and the SLURM ``sbatch`` wrapper around ``train.sh``.
+
+Every launcher loom writes for (torchrun, the DeepSpeed runner) numbers global
+ranks node by node: node k runs the next block of ranks, local rank i of a node
+is global rank ``first_rank + i``. So a placement is realisable by such a
+launcher exactly when each host's ranks form one contiguous block of the same
+size on every host; the node order is then the order of those blocks, and
+local rank i must run on the host's GPU ``gpus[i]`` (set through
+``CUDA_VISIBLE_DEVICES``). Sources: torchrun gives node ``--node-rank`` k the
+ranks from the sum of the earlier nodes' ``--nproc-per-node`` on
+(``_assign_worker_ranks`` in torch/distributed/elastic/agent/server/api.py);
+DeepSpeed's launch.py numbers ranks host by host in world-info order and takes
+``local_rank = rank % (this node's processes)``, which is the position in the
+node only when every node runs as many.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from loom.planner.specs.cluster import Cluster
+from loom.planner.specs.stages import Placement
+
+
+@dataclass(frozen=True)
+class NodeRanks:
+    """One node of a launch: ``host`` runs global ranks
+    ``first_rank .. first_rank + len(gpus) - 1``, local rank i on GPU ``gpus[i]``."""
+
+    host: str
+    node_rank: int
+    first_rank: int
+    gpus: tuple[int, ...]
+
+
+def nodes_of(placement: Placement, cluster: Cluster | None = None) -> list[NodeRanks]:
+    """The placement's nodes in node-rank order (the host of rank 0 is node 0).
+
+    Raises ValueError when a per-node launcher cannot realise the placement:
+    a host's ranks not one contiguous block, a GPU used twice, or hosts running
+    different numbers of ranks. With ``cluster``, also for a host the cluster
+    does not have or a GPU number outside 0..gpus_per_node-1: CUDA stops
+    reading CUDA_VISIBLE_DEVICES at the first invalid index, so such a node
+    would quietly start on fewer GPUs than planned."""
+    blocks: list[tuple[str, int, list[int]]] = []
+    for rank, (host, gpu) in enumerate(placement.gpus):
+        if blocks and blocks[-1][0] == host:
+            blocks[-1][2].append(gpu)
+            continue
+        if any(block[0] == host for block in blocks):
+            raise ValueError(
+                f"ranks of host {host} are not contiguous (rank {rank} comes back to it): "
+                "a per-node launch cannot realise this placement"
+            )
+        blocks.append((host, rank, [gpu]))
+    for host, _, gpus in blocks:
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"placement uses a GPU of host {host} twice: {gpus}")
+    sizes = {host: len(gpus) for host, _, gpus in blocks}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"hosts run different numbers of ranks {sizes}: a per-node launcher starts as many on every node")
+    if cluster is not None:
+        _check_in_cluster(blocks, cluster)
+    return [NodeRanks(host, k, first, tuple(gpus)) for k, (host, first, gpus) in enumerate(blocks)]
+
+
+def _check_in_cluster(blocks: list[tuple[str, int, list[int]]], cluster: Cluster) -> None:
+    hosts = set(cluster.hosts)
+    for host, _, gpus in blocks:
+        if host not in hosts:
+            raise ValueError(f"placement uses host {host!r}, which cluster {cluster.name} does not have")
+        outside = [gpu for gpu in gpus if not 0 <= gpu < cluster.gpus_per_node]
+        if outside:
+            raise ValueError(f"placement uses GPU(s) {outside} of host {host}, which has GPUs 0..{cluster.gpus_per_node - 1}")
+
+
+def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int) -> str:
+    """An ``sbatch`` script that runs ``train.sh`` once per node of the plan.
+
+    It requests every GPU of each node so that the GPU indices of the plan are
+    the node's own indices under SLURM's device cgroup. The node rank is not
+    taken from ``$SLURM_NODEID``: SLURM numbers the nodes of an allocation in
+    its own node-table order, not in ``--nodelist`` order, so that would undo a
+    placement that orders nodes differently. ``train.sh`` looks its node rank up
+    from ``$SLURMD_NODENAME`` in the plan's host table instead."""
+    hosts = ",".join(node.host for node in nodes)
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={shlex.quote(job_name)}",
+        f"#SBATCH --nodes={len(nodes)}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus_per_node}",
+        f"#SBATCH --nodelist={hosts}",
+        "# Written by loom. Submit from the directory that holds train.sh. One task",
+        "# per node runs train.sh, which starts torchrun with this node's rank from",
+        "# the plan's host table (see train.sh).",
+        "set -euo pipefail",
+        "",
+        f"export MASTER_ADDR=${{MASTER_ADDR:-{shlex.quote(nodes[0].host)}}}",
+        'srun --ntasks-per-node=1 bash "${SLURM_SUBMIT_DIR}/train.sh" "$@"',
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""A step put together by simulating the pipeline schedule Megatron runs
+(``planner/schedule/simulate.py``), from the same priced parts as the closed form.
+
+The closed form is exact only for equal stages with free communication; the
+simulator follows each stage's op order, the send/recv latency on every
+dependency, and the gradient reduce overlapping the last backward. The search
+prunes with the closed form and ranks its best candidates with this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.cost.layers import shape_of
+from loom.planner.specs.layout import Layout
+from loom.planner.cost.memory import chunk_activation_bytes
+from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, simulate
+from loom.planner.specs.stages import Stage
+from loom.planner.cost.time_model import StepParts, StepTime
+
+
+def megatron_schedule(layout: Layout) -> str:
+    """1F1B, or interleaved 1F1B with virtual stages (Megatron-Core's two)."""
+    return "interleaved" if layout.vpp > 1 else "1f1b"
+
+
+def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
+    """The simulator's inputs: per chunk forward, backward (with its share of
+    ZeRO's per-micro-batch communication), weight gradient and activations."""
+    job, layout = parts.job, parts.layout
+    shape = shape_of(job, layout)
+    return PipelineCosts(
+        stages=tuple(
+            tuple(
+                ChunkCost(
+                    forward_s=cost.forward_s,
+                    backward_s=cost.backward_s + zero_s / len(stage.chunks),
+                    weight_grad_s=cost.weight_grad_s,
+                    activation_bytes=chunk_activation_bytes(shape, layout, chunk),
+                )
+                for chunk, cost in zip(stage.chunks, costs)
+            )
+            for stage, costs, zero_s in zip(stages, parts.chunks, parts.zero_comm_s)
+        ),
+        microbatches=layout.num_microbatches,
+        p2p_s=parts.p2p_one_s,
+        dp_reduce_s=tuple(d.reduce_s for d in parts.dp),
+        dp_overlap=job.features.overlap_grad_reduce,
+        optimizer_s=tuple(parts.optimizer_s),
+    )
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    step: StepTime
+    simulation: Simulation
+    costs: PipelineCosts
+
+
+def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None = None) -> SimulatedStep:
+    """The step by simulation: the pipeline, the exposed reduce and the
+    optimizer from the simulated schedule; the parameter gather and the
+    embedding sync, which follow it, added."""
+    costs = pipeline_costs(parts, stages)
+    simulation = simulate(costs, schedule or megatron_schedule(parts.layout))
+    after_pipeline = simulation.step_time_s - simulation.pipeline_time_s
+    breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)))
+    # The optimizer of the last stage to finish may overlap others' reduces:
+    # keep the breakdown summing to the simulated step.
+    breakdown["optimizer"] = min(breakdown["optimizer"], after_pipeline)
+    step = StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(parts.tau_s))
+    return SimulatedStep(step=step, simulation=simulation, costs=costs)

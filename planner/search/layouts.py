@@ -1,0 +1,250 @@
+"""The search: enumerate layouts, prune by divisibility and memory, rank by
+predicted step time, keep the best k.
+
+Every GPU of the cluster is used (dp = gpus / (tp * pp * cp)). "auto" knobs
+take these candidates:
+
+- tp: powers of two up to a node's GPUs that divide heads and key/value heads
+  (TP across nodes is never faster than PP there: Narayanan et al. SC'21 sec. 3.3);
+- cp: 1, 2, 4, 8 where 2*cp divides the sequence (Megatron's load-balanced chunks);
+- pp: divisors of gpus / (tp * cp) up to the layer count (Megatron runs an
+  uneven split through --pipeline-model-parallel-layout; DeepSpeed needs pp to
+  divide the layers);
+- vpp: the degrees that split layers / pp evenly, and 2-4 (interleaving needs
+  micro batches divisible by pp);
+- micro batch: 1, 2, 4, 8;
+- sequence parallel: on whenever tp > 1 (it moves the same bytes as TP's
+  all-reduce and saves memory and elementwise work: Korthikanti et al. 2022);
+- recompute: none, selective, full; distributed optimizer: on and off;
+- DeepSpeed: ZeRO 0-3, tp = cp = 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from loom.planner.cost.layers import shape_of
+from loom.planner.specs.errors import InfeasibleError
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.cost.memory import GiB, stage_memory
+from loom.planner.search.split import solve_split
+from loom.planner.search.placement import can_place, place
+from loom.planner.plan import Plan, build_plan
+from loom.planner.specs.rules import layout_problems
+from loom.planner.specs.stages import Stage, default_placement, stage_gpus, uniform_stages
+from loom.profiles.catalogue import GPU
+from loom.solvers.partition import Partition
+from loom.planner.cost.time_model import step_time
+
+
+# The even split ranks every layout; the best ones (and those within
+# NEAR_FIT of fitting, which an uneven split may make fit) are then split
+# optimally. Without interleaving on one GPU type the split is a bottleneck
+# problem solved exactly in milliseconds, so REFINED layouts get it; the
+# general MILP (interleaving, mixed GPUs) runs for the best MILP_REFINED only,
+# each solve capped at SPLIT_TIME_LIMIT_S.
+REFINED = 8
+MILP_REFINED = 3
+NEAR_FIT = 1.25
+SPLIT_TIME_LIMIT_S = 2.0
+# Where links differ (faults, oversubscription, a measured profile), the
+# best PLACED plans get the rank placement solver (planner/search/placement.py).
+PLACED = 2
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    plans: list[Plan]  # best first
+    candidates: int
+    feasible: int
+    wall_time_s: float
+    solver: str = "enumeration"  # and the split methods that ran
+    status: str = "optimal"  # "time_limit" when a split solve stopped at its limit
+    gap: float = 0.0  # largest relative gap of those solves
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choices(job: Job) -> dict[str, list]:
+    """The values each knob may take, "auto" resolved for this job."""
+    model, gpus, space = job.model, job.cluster.num_gpus, job.search
+    megatron = job.framework == "megatron"
+    powers = [2**i for i in range(8) if 2**i <= job.cluster.gpus_per_node]
+    auto = {
+        "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
+        "cp": [c for c in (1, 2, 4, 8) if job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
+        "ep": [e for e in _divisors(model.moe.num_experts) if e <= gpus] if model.moe else [1],
+        # Experts are small GEMMs already: splitting them (ETP) rarely pays; Megatron's MoE recipes keep etp = 1.
+        "etp": [1],
+        "pp": [p for p in _divisors(gpus) if p <= model.num_layers] if megatron else [p for p in _divisors(model.num_layers) if gpus % p == 0],
+        "vpp": None if megatron else [1],  # per pp: see _virtual_stages
+        "micro_batch_size": [1, 2, 4, 8],
+        "sequence_parallel": None,  # on exactly when tp > 1
+        "recompute": ["none", "selective", "full"] if megatron else ["none", "full"],
+        "distributed_optimizer": [True, False] if megatron else [False],
+        "zero_stage": [0] if megatron else [0, 1, 2, 3],
+    }
+    return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
+
+
+
+def _virtual_stages(num_layers: int, pp: int) -> list[int]:
+    """Interleaving degrees worth trying at ``pp``: those splitting the layers
+    evenly, and 2-4 (uneven chunks are fine with a pipeline layout)."""
+    return sorted({v for v in _divisors(num_layers // pp) if num_layers % (pp * v) == 0} | {v for v in (1, 2, 3, 4) if pp * v <= num_layers})
+
+
+def candidate_layouts(job: Job) -> Iterator[Layout]:
+    """Every combination of knob values, with dp filling the cluster."""
+    c, gpus = _choices(job), job.cluster.num_gpus
+    for tp, cp, pp, ep, etp in itertools.product(c["tp"], c["cp"], c["pp"], c["ep"], c["etp"]):
+        if gpus % (tp * cp * pp) or (gpus // pp) % (ep * etp):
+            continue  # expert ranks regroup the tp x cp x dp ranks of a stage
+        dp = gpus // (tp * cp * pp)
+        sequence_parallel = [tp > 1] if c["sequence_parallel"] is None else c["sequence_parallel"]
+        for vpp, mbs, sp, recompute, dist_opt, zero in itertools.product(
+            _virtual_stages(job.model.num_layers, pp) if c["vpp"] is None else c["vpp"], c["micro_batch_size"], sequence_parallel, c["recompute"], c["distributed_optimizer"], c["zero_stage"]
+        ):
+            if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
+                continue  # same layout as the one without the knob
+            yield Layout(
+                tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
+                sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero,
+            )
+
+
+@dataclass(frozen=True)
+class _Fullest:
+    """The fullest stage of a layout: its peak bytes and its GPU's capacity."""
+
+    peak_bytes: float
+    capacity_bytes: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.capacity_bytes
+
+
+def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> _Fullest:
+    """The stage closest to (or furthest over) its GPU's memory. On a uniform
+    cluster with an exactly even split the first stage holds the most
+    activations (pp micro batches) and the embedding, the last the LM head:
+    only they are checked. Otherwise every stage is."""
+    shape = shape_of(job, layout)
+    even = len({stage.num_layers for stage in stages}) == 1
+    # Dense first layers (DeepSeek-V3) make the stages after them heavier in parameters.
+    alike = even and not job.cluster.heterogeneous and not (job.model.moe and job.model.moe.first_dense_layers)
+    candidates = {0, len(stages) - 1} if alike else range(len(stages))
+    return max(
+        (_Fullest(stage_memory(shape, layout, stages[s], job.framework).peak_bytes, gpus[s].memory_bytes) for s in candidates),
+        key=lambda fullest: fullest.peak_bytes / fullest.capacity_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A feasible layout with what it is ranked by: fastest first, ties broken
+    by less memory, then by the layout's label, so the ranking is deterministic."""
+
+    step_time_s: float
+    peak_bytes: float
+    layout: Layout
+
+    def key(self) -> tuple:
+        return (round(self.step_time_s, 9), round(self.peak_bytes), self.layout.label())
+
+
+def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Rank the layouts of ``job``; raise InfeasibleError saying what binds."""
+    started = time.perf_counter()
+    layouts = list(candidate_layouts(job))
+    # Every layout fills the cluster, so they share Megatron's default placement,
+    # on which the enumeration prices every layout.
+    placement = default_placement(job.cluster, job.cluster.num_gpus)
+    rejected: Counter[str] = Counter()
+    smallest: tuple[_Fullest, Layout] | None = None
+    scored: list[_Scored] = []
+    near: list[_Scored] = []  # do not fit evenly, but might split unevenly
+    for i, layout in enumerate(layouts):
+        if progress and i % 256 == 0:
+            progress(i, len(layouts))
+        problems = layout_problems(job, layout)
+        if problems:
+            field, expected, _ = problems[0]
+            rejected[f"{field}: {expected}"] += 1
+            continue
+        stages = uniform_stages(job.model, layout)
+        gpus = stage_gpus(job.cluster, placement, stages)
+        fullest = fullest_stage(job, layout, stages, gpus)
+        if smallest is None or fullest.peak_bytes / fullest.capacity_bytes < smallest[0].peak_bytes / smallest[0].capacity_bytes:
+            smallest = (fullest, layout)
+        splittable = job.framework == "megatron" and layout.pp > 1
+        if fullest.fits or (splittable and fullest.peak_bytes <= NEAR_FIT * fullest.capacity_bytes):
+            candidate = _Scored(step_time(job, layout, stages, gpus).step_time_s, fullest.peak_bytes, layout)
+            (scored if fullest.fits else near).append(candidate)
+    if progress:
+        progress(len(layouts), len(layouts))
+    plans, solves = _split_best(job, sorted(scored, key=_Scored.key)[: top_k + REFINED], sorted(near, key=_Scored.key)[:REFINED])
+    if not plans:
+        raise InfeasibleError(_what_binds(job, smallest, rejected))
+    plans = _ranked(plans)
+    if any(can_place(plan) for plan in plans):
+        plans = _ranked([place(plan) if i < PLACED else plan for i, plan in enumerate(plans)])
+    methods = sorted({solve.method for solve in solves} | {plan.placement_solve.method for plan in plans if plan.placement_solve})
+    return SearchResult(
+        plans=plans[:top_k],
+        candidates=len(layouts),
+        feasible=len(scored) + sum(plan.layout in {c.layout for c in near} for plan in plans),
+        wall_time_s=time.perf_counter() - started,
+        solver="+".join(["enumeration", *methods]),
+        status="time_limit" if any(solve.status == "time_limit" for solve in solves) else "optimal",
+        gap=max((solve.gap for solve in solves), default=0.0),
+    )
+
+
+def _ranked(plans: list[Plan]) -> list[Plan]:
+    return sorted(plans, key=lambda plan: (round(plan.step_time_s, 9), round(plan.peak_memory.peak_bytes), plan.layout.label()))
+
+
+def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
+    """Plans for the best layouts, each with the better of the even split and
+    the partition MILP's (Megatron runs either), and the MILP's solutions."""
+    plans, solves, milp_runs = [], [], 0
+    for candidate in [*best, *near]:
+        layout = candidate.layout
+        options = [build_plan(job, layout)]
+        needs_milp = layout.vpp > 1 or job.cluster.heterogeneous
+        if job.framework == "megatron" and layout.pp > 1 and (not needs_milp or milp_runs < MILP_REFINED):
+            milp_runs += needs_milp
+            split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
+            if split is not None:
+                solves.append(split.solution)
+                # A time-limited incumbent depends on the machine's speed: only
+                # proven optima are used, so the same inputs give the same plan.
+                if split.solution.status == "optimal":
+                    options.append(build_plan(job, layout, split.stages, split.placement))
+        fitting = [plan for plan in options if plan.fits]
+        if fitting:
+            plans.append(min(fitting, key=lambda plan: plan.step_time_s))
+    return plans, solves
+
+
+def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
+    if smallest is not None:
+        fullest, layout = smallest
+        gpus = " + ".join(sorted({node.gpu.name for node in job.cluster.nodes}))
+        return (
+            f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpus}: the smallest "
+            f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU"
+        )
+    if not rejected:
+        return f"the search space of {job.source} leaves no layout for {job.cluster.num_gpus} GPUs (check the search: lists)"
+    reasons = "; ".join(f"{reason} ({count} layouts)" for reason, count in rejected.most_common(3))
+    return f"no layout of {job.model.name} on {job.cluster.num_gpus} GPUs passes the divisibility rules: {reasons}"

@@ -1,0 +1,278 @@
+"""The cluster spec: nodes of GPUs joined by NVLink inside a node and NICs
+between nodes, read from YAML.
+
+Example::
+
+    nodes: 16
+    gpus_per_node: 8
+    gpu: H100
+    nvlink_GBps: 450        # per GPU, per direction
+    nics_per_node: 8
+    nic_Gbps: 400           # line rate of one NIC
+    node_overrides:         # optional: nodes that differ from the rest
+      - {node: 3, nic_Gbps: 200}
+    # Optional fabric details (see planner/specs/topology.py), for placement:
+    nodes_per_leaf: 32           # nodes under one leaf switch, in node order; or
+    leaves: [[node000, node005], [node001, ...]]   # the nodes of each leaf switch
+    spine_oversubscription: 2    # leaf down- : uplink bandwidth (1 = non-blocking)
+    nic_overrides:               # a degraded or missing NIC (Gbps: 0); no node = every node
+      - {node: 5, nic: 2, Gbps: 100}
+      - {nic: 7, Gbps: 0}        # rail 7 is down
+    link_overrides:              # a degraded NVLink between two GPUs of a node
+      - {node: 4, gpus: [1, 2], GBps: 100}
+    links_profile: links.json    # measured pair bandwidths (loom profile links) replace the figures
+    nccl_tests: nccl.json        # nccl-tests bus bandwidths (loom profile nccl-tests) set the link efficiencies
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pydantic
+
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.files import StrictModel, read_json, read_mapping, validate
+from loom.planner.specs.hardware import Fabric, Node
+from loom.planner.specs.topology import Topology, build_topology
+from loom.profiles.catalogue import GPU, find_gpu
+from loom.profiles.nccl_tests import NcclTestsDocument
+
+class NodeOverride(StrictModel):
+    node: int | str  # index or host name
+    gpu: str | None = None
+    nvlink_GBps: pydantic.PositiveFloat | None = None
+    nics_per_node: pydantic.PositiveInt | None = None
+    nic_Gbps: pydantic.PositiveFloat | None = None
+
+
+class NicOverride(StrictModel):
+    node: int | str | None = None  # index or host name; None: the NIC on every node (a rail)
+    nic: pydantic.NonNegativeInt
+    Gbps: pydantic.NonNegativeFloat  # 0: missing or down
+
+
+class LinkOverride(StrictModel):
+    node: int | str
+    gpus: tuple[pydantic.NonNegativeInt, pydantic.NonNegativeInt]
+    GBps: pydantic.PositiveFloat  # per direction, like nvlink_GBps
+
+
+class ClusterFile(StrictModel):
+    name: str | None = None
+    nodes: pydantic.PositiveInt
+    gpus_per_node: pydantic.PositiveInt
+    gpu: str
+    nvlink_GBps: pydantic.PositiveFloat
+    nics_per_node: pydantic.PositiveInt
+    nic_Gbps: pydantic.PositiveFloat
+    hosts: list[str] | None = None
+    node_overrides: list[NodeOverride] = []
+    nodes_per_leaf: pydantic.PositiveInt | None = None
+    leaves: list[list[int | str]] | None = None
+    spine_oversubscription: float = pydantic.Field(default=1.0, ge=1.0)
+    nic_overrides: list[NicOverride] = []
+    link_overrides: list[LinkOverride] = []
+    links_profile: str | None = None
+    nccl_tests: str | None = None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    nodes: tuple[Node, ...]
+    gpus_per_node: int
+    fabric: Fabric = Fabric()
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.nodes) * self.gpus_per_node
+
+    @cached_property
+    def slowest(self) -> Node:
+        """A node with the least of everything: synchronous training runs at the
+        pace of its slowest member, so uniform-cluster formulas use this node."""
+        gpu = min((n.gpu for n in self.nodes), key=_gpu_pace)
+        return Node(
+            host="slowest",
+            gpu=gpu,
+            nvlink_GBps=min(n.nvlink_GBps for n in self.nodes),
+            nics_per_node=min(n.nics_per_node for n in self.nodes),
+            nic_Gbps=min(n.nic_Gbps for n in self.nodes),
+            gpus_per_node=self.gpus_per_node,
+            nvlink_efficiency=min(n.nvlink_efficiency for n in self.nodes),
+            nic_efficiency=min(n.nic_efficiency for n in self.nodes),
+        )
+
+    @property
+    def hosts(self) -> list[str]:
+        return [n.host for n in self.nodes]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len({n.gpu.name for n in self.nodes}) > 1
+
+    @cached_property
+    def node_of_host(self) -> dict[str, Node]:
+        return {node.host: node for node in self.nodes}
+
+    @cached_property
+    def uniform(self) -> bool:
+        """Every node alike and nothing in between: the closed-form link
+        formulas of planner/cost/network.py are exact, no graph is needed."""
+        return self.fabric.plain and len(set(n[1:] for n in map(_node_figures, self.nodes))) == 1
+
+    @cached_property
+    def topology(self) -> Topology:
+        """The graph of GPUs, NICs and switches with every pair's bandwidth."""
+        return build_topology(self.nodes, self.gpus_per_node, self.fabric, self.name)
+
+    def slowest_gpu(self, hosts: set[str]) -> GPU:
+        """The slowest GPU among ``hosts`` (a group runs at its slowest member's pace)."""
+        return min((self.node_of_host[host].gpu for host in sorted(hosts)), key=_gpu_pace)
+
+
+def _node_figures(node: Node) -> tuple:
+    return (node.host, node.gpu.name, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps, node.nvlink_efficiency, node.nic_efficiency)
+
+
+def _gpu_pace(gpu: GPU) -> tuple[float, int]:
+    """Orders GPUs slowest (then smallest) first."""
+    return (gpu.peak_tflops["bf16"], gpu.memory_bytes)
+
+
+def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Cluster:
+    """Expand the file's defaults and overrides into one Node per node.
+    ``prefix`` names where the cluster sits in its file (``cluster`` inline)."""
+
+    def at(field: str) -> str:
+        return f"{prefix}.{field}" if prefix else field
+
+    hosts = spec.hosts or [f"node{i:03d}" for i in range(spec.nodes)]
+    if len(hosts) != spec.nodes:
+        raise SpecError(source, at("hosts"), f"{spec.nodes} host names, one per node", len(hosts))
+    base = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
+    per_node = [dict(base) for _ in hosts]
+    gpu_field = [at("gpu")] * spec.nodes  # where each node's GPU type was given, for error messages
+    for i, override in enumerate(spec.node_overrides):
+        index = hosts.index(override.node) if override.node in hosts else override.node
+        if not isinstance(index, int) or not 0 <= index < spec.nodes:
+            raise SpecError(source, at(f"node_overrides.{i}.node"), f"a node index below {spec.nodes} or a host name", override.node)
+        per_node[index].update(override.model_dump(exclude={"node"}, exclude_none=True))
+        if override.gpu is not None:
+            gpu_field[index] = at(f"node_overrides.{i}.gpu")
+    efficiencies = _measured_efficiencies(spec, source, at) if spec.nccl_tests else {}
+    nodes = tuple(
+        Node(
+            host=host,
+            gpu=find_gpu(fields["gpu"], source, field),
+            nvlink_GBps=fields["nvlink_GBps"],
+            nics_per_node=fields["nics_per_node"],
+            nic_Gbps=fields["nic_Gbps"],
+            gpus_per_node=spec.gpus_per_node,
+            **efficiencies,
+        )
+        for host, fields, field in zip(hosts, per_node, gpu_field)
+    )
+    return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at))
+
+
+def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, float]:
+    """NVLink and NIC efficiency from an imported nccl-tests profile: each
+    run's bus bandwidth at its largest message (busbw is normalised to be
+    comparable to the links' speed, nccl-tests doc/PERFORMANCE.md) over the
+    line rate it ran on. Runs inside one node measure NVLink; runs across
+    nodes with k GPUs per node measure k GPUs' share of the NICs. The median
+    of each kind replaces the default; a kind no run measured keeps it."""
+    path = Path(spec.nccl_tests)
+    if not path.is_absolute() and Path(source).is_file():
+        path = Path(source).parent / path
+    if not path.is_file():
+        raise SpecError(source, at("nccl_tests"), "an existing profile from loom profile nccl-tests", spec.nccl_tests)
+    document = validate(NcclTestsDocument, read_json(path, "nccl-tests profile"), str(path))
+    nvlink, nic = [], []
+    for run in document.runs:
+        gpus_per_host = Counter(gpu.host for gpu in run.gpus)
+        if sum(gpus_per_host.values()) < 2:
+            continue
+        busbw_GBps = max(run.rows, key=lambda row: row.size_bytes).out_of_place.busbw_GBps
+        if len(gpus_per_host) == 1:
+            nvlink.append(busbw_GBps / spec.nvlink_GBps)
+        else:
+            nic_GBps_per_gpu = spec.nics_per_node * spec.nic_Gbps / 8 / spec.gpus_per_node
+            nic.append(busbw_GBps / (min(gpus_per_host.values()) * nic_GBps_per_gpu))
+    if not nvlink and not nic:
+        raise SpecError(str(path), "runs", "a run on two or more GPUs with its '#  Rank ... on HOST' lines")
+    found = {"nvlink_efficiency": nvlink, "nic_efficiency": nic}
+    return {name: statistics.median(values) for name, values in found.items() if values}
+
+
+def _fabric(spec: ClusterFile, hosts: list[str], source: str, at) -> Fabric:
+    """The fabric fields, with node names resolved to indices and GPU and NIC
+    numbers checked against the node's counts."""
+
+    def node_index(node: int | str, field: str) -> int:
+        index = hosts.index(node) if node in hosts else node
+        if not isinstance(index, int) or not 0 <= index < spec.nodes:
+            raise SpecError(source, at(field), f"a node index below {spec.nodes} or a host name", node)
+        return index
+
+    nics = []
+    for i, override in enumerate(spec.nic_overrides):
+        if override.nic >= spec.nics_per_node:
+            raise SpecError(source, at(f"nic_overrides.{i}.nic"), f"a NIC index below nics_per_node = {spec.nics_per_node}", override.nic)
+        targets = range(spec.nodes) if override.node is None else [node_index(override.node, f"nic_overrides.{i}.node")]
+        nics += [(node, override.nic, override.Gbps) for node in targets]
+    links = []
+    for i, override in enumerate(spec.link_overrides):
+        a, b = override.gpus
+        if max(a, b) >= spec.gpus_per_node or a == b:
+            raise SpecError(source, at(f"link_overrides.{i}.gpus"), f"two different GPU indices below gpus_per_node = {spec.gpus_per_node}", list(override.gpus))
+        links.append((node_index(override.node, f"link_overrides.{i}.node"), min(a, b), max(a, b), override.GBps))
+    profile = None
+    if spec.links_profile is not None:
+        profile = Path(spec.links_profile)
+        if not profile.is_absolute() and Path(source).is_file():
+            profile = Path(source).parent / profile
+    return Fabric(
+        leaf_of_node=_leaf_of_node(spec, node_index, source, at),
+        spine_oversubscription=spec.spine_oversubscription,
+        nic_Gbps=tuple(nics),
+        nvlink_GBps=tuple(links),
+        links_profile=profile,
+        nccl_tests=spec.nccl_tests,
+        source=source,
+    )
+
+
+def _leaf_of_node(spec: ClusterFile, node_index, source: str, at) -> tuple[int, ...] | None:
+    if spec.leaves is not None and spec.nodes_per_leaf is not None:
+        raise SpecError(source, at("leaves"), "either leaves or nodes_per_leaf, not both")
+    if spec.nodes_per_leaf is not None:
+        return tuple(n // spec.nodes_per_leaf for n in range(spec.nodes))
+    if spec.leaves is None:
+        return None
+    leaf_of_node: dict[int, int] = {}
+    for leaf, members in enumerate(spec.leaves):
+        for i, node in enumerate(members):
+            index = node_index(node, f"leaves.{leaf}.{i}")
+            if index in leaf_of_node:
+                raise SpecError(source, at(f"leaves.{leaf}.{i}"), "each node under one leaf switch", node)
+            leaf_of_node[index] = leaf
+    if len(leaf_of_node) != spec.nodes:
+        missing = sorted(set(range(spec.nodes)) - set(leaf_of_node))
+        raise SpecError(source, at("leaves"), f"every node under some leaf switch; {len(missing)} missing, e.g. node {missing[0]}")
+    return tuple(leaf_of_node[n] for n in range(spec.nodes))
+
+
+def load_cluster(path: Path) -> Cluster:
+    source = str(path)
+    return cluster_from_spec(validate(ClusterFile, read_mapping(path), source), source)
+
+
+def parse_cluster(data: dict, source: str, prefix: str = "") -> Cluster:
+    """A cluster given inline (e.g. under ``cluster:`` in a job file)."""
+    return cluster_from_spec(validate(ClusterFile, data, source, prefix), source, prefix)

@@ -1,0 +1,212 @@
+"""The job spec: what to train (model), where (cluster), on what batch, and
+which knobs the search may turn. Read from YAML; CLI flags override fields.
+
+Example (``examples/llama3-8b-h100.yaml``)::
+
+    model: llama-3-8b              # catalogue name or path to a config.json
+    cluster: h100-64.yaml          # path (relative to this file) or inline mapping
+    global_batch_size: 512
+    seq_length: 8192
+    precision: bf16                # bf16 | fp16 | fp8
+    framework: megatron            # megatron | deepspeed
+    search: {recompute: [none, selective]}   # any knob not given is "auto"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.files import StrictModel, read_mapping, validate
+from loom.planner.specs.model import ModelSpec, load_model
+from loom.profiles.catalogue import find_gpu
+from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+DEFAULT_JOB = EXAMPLES_DIR / "llama3-8b-h100.yaml"
+
+Precision = Literal["bf16", "fp16", "fp8"]
+Framework = Literal["megatron", "deepspeed"]
+
+
+class Features(StrictModel):
+    """Framework features that change the time model, not the layout.
+
+    Defaults are what current Megatron-Core with Transformer Engine runs; set
+    them off to model an older stack (e.g. the 2021 SC'21 runs had none)."""
+
+    flash_attention: bool = True
+    overlap_grad_reduce: bool = True  # --overlap-grad-reduce
+    overlap_param_gather: bool = True  # --overlap-param-gather (distributed optimizer)
+    tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers)
+    # MoE: the busiest GPU's routed tokens over the mean (1 = perfectly
+    # balanced); `loom experts` reports it for measured loads.
+    moe_load_imbalance: float = pydantic.Field(default=1.0, ge=1.0)
+
+
+Auto = Literal["auto"]
+
+
+class SearchFile(StrictModel):
+    """Which values each knob may take; "auto" lets loom choose the candidates."""
+
+    tp: list[pydantic.PositiveInt] | Auto = "auto"
+    pp: list[pydantic.PositiveInt] | Auto = "auto"
+    cp: list[pydantic.PositiveInt] | Auto = "auto"
+    ep: list[pydantic.PositiveInt] | Auto = "auto"
+    etp: list[pydantic.PositiveInt] | Auto = "auto"
+    vpp: list[pydantic.PositiveInt] | Auto = "auto"
+    micro_batch_size: list[pydantic.PositiveInt] | Auto = "auto"
+    sequence_parallel: list[bool] | Auto = "auto"
+    recompute: list[Literal["none", "selective", "full"]] | Auto = "auto"
+    distributed_optimizer: list[bool] | Auto = "auto"
+    zero_stage: list[Literal[0, 1, 2, 3]] | Auto = "auto"
+
+
+class JobFile(StrictModel):
+    model: str
+    cluster: str | dict
+    global_batch_size: pydantic.PositiveInt
+    seq_length: pydantic.PositiveInt
+    precision: Precision = "bf16"
+    optimizer: Literal["adam"] = "adam"
+    framework: Framework = "megatron"
+    features: Features = Features()
+    search: SearchFile = SearchFile()
+    top_k: pydantic.PositiveInt = 5
+    train_iters: pydantic.PositiveInt = 1000
+    profiles: list[str] = []  # loom profile layers/gemm outputs, relative to this file
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProfile:
+    """A ``kind: layers`` profile (``loom profile layers``) checked against the
+    job's model; the cost model resolves it into corrections of its
+    estimates (cost/measured.py). Identity is equality, so the resolution
+    can be cached per profile."""
+
+    path: str
+    document: LayersDocument
+
+
+@dataclass(frozen=True)
+class Job:
+    model: ModelSpec
+    cluster: Cluster
+    global_batch_size: int
+    seq_length: int
+    precision: str = "bf16"
+    optimizer: str = "adam"
+    framework: str = "megatron"
+    features: Features = field(default_factory=Features)
+    search: SearchFile = field(default_factory=SearchFile)
+    top_k: int = 5
+    train_iters: int = 1000
+    source: str = "<job>"
+    layer_profile: LayerProfile | None = None  # measured layers in place of estimates
+    profiles: tuple[str, ...] = ()  # the profile files applied
+
+    @property
+    def params_dtype_bytes(self) -> int:
+        """Model weights are 16-bit in every supported precision (fp8 keeps
+        bf16 weights and casts inside Transformer Engine's GEMMs)."""
+        return 2
+
+
+def _resolve_cluster(value: str | dict, job_path: Path | None, source: str) -> Cluster:
+    if isinstance(value, dict):
+        return parse_cluster(value, source, prefix="cluster")
+    for candidate in [Path(value), *([job_path.parent / value] if job_path else []), EXAMPLES_DIR / value]:
+        if candidate.is_file():
+            return load_cluster(candidate)
+    raise SpecError(source, "cluster", "a cluster YAML path (absolute, relative to the job file, or a bundled example)", value)
+
+
+def _resolve_file(value: str, job_path: Path | None) -> Path:
+    """A path as given, or relative to the job file."""
+    path = Path(value)
+    if job_path is not None and not path.is_absolute() and not path.exists() and (job_path.parent / value).exists():
+        return job_path.parent / value
+    return path
+
+
+def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
+    """Read ``path`` (the bundled example when None) and apply CLI overrides."""
+    job_path = path or DEFAULT_JOB
+    source = str(job_path)
+    data = read_mapping(job_path)
+    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    spec = validate(JobFile, data, source)
+    model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
+    cluster = _resolve_cluster(spec.cluster, job_path, source)
+    job = Job(
+        model=model,
+        cluster=cluster,
+        global_batch_size=spec.global_batch_size,
+        seq_length=spec.seq_length,
+        precision=spec.precision,
+        optimizer=spec.optimizer,
+        framework=spec.framework,
+        features=spec.features,
+        search=spec.search,
+        top_k=spec.top_k,
+        train_iters=spec.train_iters,
+        source=source,
+    )
+    check_job(job)
+    return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
+
+
+def check_job(job: Job) -> None:
+    """Checks that need the model and cluster together."""
+    moe = job.model.moe
+    if moe is not None and job.framework == "deepspeed" and (moe.top_k > 2 or moe.shared_ffn_hidden_size or job.model.mla):
+        # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
+        # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
+        raise SpecError(job.source, "framework", f"megatron for {job.model.name} (DeepSpeed's MoE gates top-1/top-2 only, without shared experts)", job.framework)
+    for node in job.cluster.nodes:
+        if not node.gpu.supports(job.precision):
+            raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)
+    if job.framework == "deepspeed" and job.precision == "fp8":
+        raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
+    if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
+        raise SpecError(
+            job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length
+        )
+
+
+def with_profiles(job: Job, paths: list[Path]) -> Job:
+    """``job`` with its profiles applied: a gemm profile recalibrates the GEMM
+    curve of the cluster's GPUs of its type; a layers profile (one at most,
+    of the job's model) rides on the job for the time and memory models."""
+    layer_profile, cluster = None, job.cluster
+    for path in paths:
+        document = read_profile(path)
+        gpu = find_gpu(document.gpu, str(path), "gpu")
+        types = sorted({node.gpu.name for node in cluster.nodes})
+        if gpu.name not in types:
+            raise SpecError(str(path), "gpu", f"a GPU type of cluster {cluster.name} ({', '.join(types)})", document.gpu)
+        if isinstance(document, GemmDocument):
+            fit = document.fit
+            calibrated_gpu = replace(gpu, gemm_efficiency={**gpu.gemm_efficiency, document.dtype: fit.gemm_efficiency},
+                                     gemm_k_overhead=fit.k_overhead, gemm_profile=str(path))
+            cluster = replace(cluster, nodes=tuple(replace(node, gpu=calibrated_gpu) if node.gpu.name == gpu.name else node for node in cluster.nodes))
+            continue
+        if layer_profile is not None:
+            raise SpecError(str(path), "kind", f"one layers profile per job ({layer_profile.path} is one already)", "layers")
+        _check_model(document, job.model, str(path))
+        layer_profile = LayerProfile(str(path), document)
+    return replace(job, cluster=cluster, layer_profile=layer_profile, profiles=tuple(str(path) for path in paths))
+
+
+def _check_model(document: LayersDocument, model: ModelSpec, source: str) -> None:
+    """A layers profile must be of a model with the job's layer dimensions."""
+    wanted = ModelDims.of(model).model_dump()
+    for name, got in document.model.model_dump().items():
+        if name != "name" and got != wanted[name]:
+            raise SpecError(source, f"model.{name}", f"{wanted[name]} ({model.name}'s; profile that model's layers)", got)

@@ -1,0 +1,364 @@
+"""The model spec: a decoder-only transformer, read from a Hugging Face
+style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, GPT-2, GPT-NeoX; the
+mixture-of-experts Mixtral, Qwen3-MoE and DeepSeek-V3 with its latent
+attention), and optionally a vision tower feeding it (LLaVA: a CLIP ViT and
+an MLP projector).
+
+Only what the memory and time models need is kept; names follow Megatron's
+arguments so the emitters can write them out directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.files import read_json
+from loom.profiles.catalogue import model_config_path, model_names
+
+# Families whose MLP is gated (SwiGLU) and which use RMSNorm, RoPE, no biases.
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "mixtral", "qwen3_moe", "deepseek_v3"}
+# Families with a plain GeLU MLP, LayerNorm and biases everywhere.
+GPT_LIKE = {"gpt2", "gpt_neox"}
+# Vision-language models: a vision encoder, a projector, a language model.
+VISION_LANGUAGE = {"llava"}
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Mixture-of-experts MLPs: a router sends each token to ``top_k`` of
+    ``num_experts`` gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al.
+    2024); shared experts see every token and the first layers may keep a
+    dense MLP (DeepSeekMoE, Dai et al. 2024; DeepSeek-V3)."""
+
+    num_experts: int
+    top_k: int
+    expert_ffn_hidden_size: int
+    shared_ffn_hidden_size: int = 0  # all shared experts together
+    first_dense_layers: int = 0
+
+    def expert_params(self, hidden: int) -> int:
+        """One routed expert (gate, up and down projections)."""
+        return 3 * hidden * self.expert_ffn_hidden_size
+
+    def layer_params(self, hidden: int) -> int:
+        """Router, routed and shared experts of one MoE layer."""
+        return hidden * self.num_experts + self.num_experts * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
+
+    def active_params(self, hidden: int) -> int:
+        """The MLP weights one token multiplies in an MoE layer."""
+        return hidden * self.num_experts + self.top_k * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1):
+    queries and keys/values pass through low-rank latents; each head's query
+    and key have a non-rotary and a rotary part."""
+
+    q_lora_rank: int | None  # None: a full-rank query projection
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def params(self, hidden: int, heads: int) -> int:
+        if self.q_lora_rank:
+            query = hidden * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
+        else:
+            query = hidden * heads * self.qk_head_dim
+        key_value = hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        key_value += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+        return query + key_value + heads * self.v_head_dim * hidden
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # key/value heads (GQA); == heads for MHA
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    gated_mlp: bool  # SwiGLU: gate and up projections
+    tied_embeddings: bool
+    learned_position_embeddings: bool  # GPT-2 style; otherwise rotary
+    linear_bias: bool  # biases in the linear layers (GPT) or none (Llama)
+    qkv_bias: bool  # Qwen2 has biases on Q, K, V only
+    normalization: str  # "LayerNorm" | "RMSNorm" (Megatron's spelling)
+    dropout: float  # hidden and attention dropout during pre-training
+    kv_channels: int | None = None  # head dim when not hidden / heads (Mistral-NeMo, Qwen3)
+    rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
+    norm_epsilon: float = 1e-5
+    causal: bool = True  # decoders mask the future; vision encoders attend to all patches
+    vision: VisionTower | None = None  # image encoder feeding the first layer
+    moe: MoE | None = None  # mixture-of-experts MLPs
+    mla: MLA | None = None  # multi-head latent attention
+    qk_norm: bool = False  # RMSNorm on each head's query and key (Qwen3)
+    mtp_layers: int = 0  # multi-token prediction modules after the last layer (DeepSeek-V3)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.moe.first_dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return 0 if self.moe is None else self.num_layers - self.moe.first_dense_layers
+
+    def moe_layers_in(self, first: int, count: int) -> int:
+        """How many of layers [first, first + count) are MoE layers."""
+        if self.moe is None:
+            return 0
+        return max(0, first + count - max(first, self.moe.first_dense_layers))
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per head width of Q and K (MLA: non-rotary plus rotary part)."""
+        return self.mla.qk_head_dim if self.mla else self.head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.mla.v_head_dim if self.mla else self.head_dim
+
+    @property
+    def q_size(self) -> int:
+        """Width of Q: heads x head dim."""
+        return self.num_attention_heads * self.qk_head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of K: query groups x head dim (MLA: every head has its own key)."""
+        return self.num_query_groups * self.qk_head_dim
+
+    @property
+    def v_size(self) -> int:
+        return self.num_query_groups * self.v_head_dim
+
+    @property
+    def attention_output_size(self) -> int:
+        """Width of the attention output, the projection's input."""
+        return self.num_attention_heads * self.v_head_dim
+
+    # --- parameter counts (whole model, before any parallel split) ---------
+    def attention_weights(self) -> int:
+        """The attention's GEMM weights: QKV (MLA: latents and up-projections) and output."""
+        if self.mla:
+            return self.mla.params(self.hidden_size, self.num_attention_heads)
+        return self.hidden_size * (self.q_size + self.kv_size + self.v_size) + self.attention_output_size * self.hidden_size
+
+    def attention_params(self) -> int:
+        biases = (self.q_size + self.kv_size + self.v_size) * (self.linear_bias or self.qkv_bias) + self.hidden_size * self.linear_bias
+        return self.attention_weights() + biases
+
+    def mlp_params(self) -> int:
+        h, f = self.hidden_size, self.ffn_hidden_size
+        up = (2 if self.gated_mlp else 1) * h * f
+        biases = ((2 if self.gated_mlp else 1) * f + h) * self.linear_bias
+        return up + h * f + biases
+
+    def norm_params(self) -> int:
+        """Parameters of one norm (LayerNorm has a bias, RMSNorm not)."""
+        return self.hidden_size * (2 if self.normalization == "LayerNorm" else 1)
+
+    def layer_params(self, moe: bool = False) -> int:
+        """One decoder layer: attention, its MLP (dense, or MoE when ``moe``) and two norms."""
+        mlp = self.moe.layer_params(self.hidden_size) if moe else self.mlp_params()
+        return self.attention_params() + mlp + 2 * self.norm_params() + 2 * self.head_dim * self.qk_norm
+
+    def embedding_params(self) -> int:
+        positions = self.max_position_embeddings * self.hidden_size if self.learned_position_embeddings else 0
+        return self.vocab_size * self.hidden_size + positions
+
+    def head_params(self) -> int:
+        """Final norm plus the output projection (shared when embeddings are tied)."""
+        output = 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
+        return self.norm_params() + output
+
+    def mtp_params(self) -> int:
+        """Each multi-token prediction module: two norms, a 2h -> h projection
+        and one MoE layer; it shares the embedding and the output layer."""
+        h = self.hidden_size
+        return self.mtp_layers * (2 * self.norm_params() + 2 * h * h + self.layer_params(moe=self.moe is not None))
+
+    def total_params(self) -> int:
+        vision = self.vision.params(self.hidden_size) if self.vision else 0
+        moe_layers = self.num_moe_layers
+        layers = (self.num_layers - moe_layers) * self.layer_params() + (moe_layers and moe_layers * self.layer_params(moe=True))
+        return layers + self.embedding_params() + self.head_params() + vision + self.mtp_params()
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """A ViT encoder whose patch features a 2-layer MLP projects into the
+    language model's hidden size (LLaVA, Liu et al. 2023). Megatron runs it
+    on the first pipeline stage with the text embedding (its LLaVA model
+    builds the encoder where ``add_encoder``: pipeline rank 0)."""
+
+    encoder: ModelSpec  # non-causal, learned positions, LayerNorm, GeLU MLP
+    image_tokens: int  # patches per image, the encoder's sequence length
+    channels: int = 3
+    patch_size: int = 14
+
+    def params(self, text_hidden: int) -> int:
+        enc = self.encoder
+        patch_embedding = self.channels * self.patch_size**2 * enc.hidden_size
+        positions = (self.image_tokens + 1) * enc.hidden_size  # + class token
+        projector = enc.hidden_size * text_hidden + text_hidden * text_hidden + 2 * text_hidden
+        return enc.num_layers * enc.layer_params() + patch_embedding + positions + projector
+
+
+def _pick(config: dict, source: str, *keys: str, default=None, required: bool = True):
+    """The first of ``keys`` present in an HF config (families name fields differently)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    if default is not None or not required:
+        return default
+    raise SpecError(source, keys[0], "a value in the model config")
+
+
+def _positive_int(config: dict, source: str, *keys: str, default=None) -> int:
+    value = _pick(config, source, *keys, default=default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(source, keys[0], "a positive integer", value)
+    return value
+
+
+def _vision_language(config: dict, name: str, source: str) -> ModelSpec:
+    """LLaVA-style: ``text_config`` is a Llama-family decoder and
+    ``vision_config`` a CLIP ViT (pre-LayerNorm, GeLU MLP, biases)."""
+    for key in ("text_config", "vision_config"):
+        if not isinstance(config.get(key), dict):
+            raise SpecError(source, key, "a mapping of the sub-model's fields")
+    text = model_from_hf_config(config["text_config"], name, source)
+    vision = config["vision_config"]
+    image_size = _positive_int(vision, source, "image_size")
+    patch_size = _positive_int(vision, source, "patch_size")
+    hidden = _positive_int(vision, source, "hidden_size")
+    heads = _positive_int(vision, source, "num_attention_heads")
+    patches = (image_size // patch_size) ** 2
+    encoder = ModelSpec(
+        name=f"{name}-vision",
+        num_layers=_positive_int(vision, source, "num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        ffn_hidden_size=_positive_int(vision, source, "intermediate_size"),
+        vocab_size=1,  # no vocabulary: patches are embedded by a convolution
+        max_position_embeddings=patches + 1,
+        gated_mlp=False,
+        tied_embeddings=False,
+        learned_position_embeddings=True,
+        linear_bias=True,
+        qkv_bias=False,
+        normalization="LayerNorm",
+        dropout=0.0,
+        norm_epsilon=float(vision.get("layer_norm_eps", 1e-5)),
+        causal=False,
+    )
+    tower = VisionTower(encoder=encoder, image_tokens=patches, patch_size=patch_size)
+    return replace(text, vision=tower)
+
+
+def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
+    """Build a spec from the fields of a Hugging Face ``config.json``."""
+    family = config.get("model_type")
+    if family in VISION_LANGUAGE:
+        return _vision_language(config, name, source)
+    if family not in LLAMA_LIKE | GPT_LIKE:
+        raise SpecError(source, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | VISION_LANGUAGE)}", family)
+    hidden = _positive_int(config, source, "hidden_size", "n_embd")
+    heads = _positive_int(config, source, "num_attention_heads", "n_head")
+    kv_heads = _positive_int(config, source, "num_key_value_heads", default=heads)
+    head_dim = _pick(config, source, "head_dim", required=False)
+    if head_dim is None and hidden % heads:
+        raise SpecError(source, "num_attention_heads", f"a divisor of hidden size {hidden} (or an explicit head_dim)", heads)
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0):
+        raise SpecError(source, "head_dim", "a positive integer", head_dim)
+    if heads % kv_heads:
+        raise SpecError(source, "num_key_value_heads", f"a divisor of {heads} attention heads", kv_heads)
+    llama_like = family in LLAMA_LIKE
+    mla = _mla(config, source) if family == "deepseek_v3" else None
+    return ModelSpec(
+        name=name,
+        num_layers=_positive_int(config, source, "num_hidden_layers", "n_layer"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        ffn_hidden_size=_positive_int(config, source, "intermediate_size", "n_inner", default=4 * hidden),
+        vocab_size=_positive_int(config, source, "vocab_size"),
+        max_position_embeddings=_positive_int(config, source, "max_position_embeddings", "n_positions"),
+        gated_mlp=llama_like,
+        tied_embeddings=bool(config.get("tie_word_embeddings", family == "gpt2")),
+        learned_position_embeddings=family == "gpt2",
+        linear_bias=not llama_like,
+        qkv_bias=family == "qwen2",
+        normalization="RMSNorm" if llama_like else "LayerNorm",
+        # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
+        dropout=float(config.get("resid_pdrop", config.get("hidden_dropout", 0.1 if family == "gpt2" else 0.0))),
+        kv_channels=head_dim if head_dim != hidden // heads else None,
+        rope_theta=float(_pick(config, source, "rope_theta", "rotary_emb_base", default=10000.0)),
+        norm_epsilon=float(_pick(config, source, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
+        moe=_moe(config, family, source),
+        mla=mla,
+        qk_norm=family == "qwen3_moe",
+        mtp_layers=int(config.get("num_nextn_predict_layers") or 0),
+    )
+
+
+def _moe(config: dict, family: str, source: str) -> MoE | None:
+    """Mixtral: num_local_experts, the expert width in intermediate_size.
+    Qwen3-MoE and DeepSeek-V3: num_experts / n_routed_experts and
+    moe_intermediate_size; DeepSeek's first_k_dense_replace layers are dense."""
+    experts = _pick(config, source, "num_local_experts", "num_experts", "n_routed_experts", required=False)
+    if experts is None:
+        return None
+    if family == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
+        raise SpecError(source, "mlp_only_layers", "an MoE MLP in every layer (loom prices interleaved dense layers only at the start)")
+    width_key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    top_k = _positive_int(config, source, "num_experts_per_tok")
+    if top_k > experts:
+        raise SpecError(source, "num_experts_per_tok", f"at most the {experts} experts", top_k)
+    return MoE(
+        num_experts=_positive_int(config, source, "num_local_experts", "num_experts", "n_routed_experts"),
+        top_k=top_k,
+        expert_ffn_hidden_size=_positive_int(config, source, width_key),
+        shared_ffn_hidden_size=int(config.get("n_shared_experts") or 0) * _positive_int(config, source, width_key),
+        first_dense_layers=int(config.get("first_k_dense_replace") or 0),
+    )
+
+
+def _mla(config: dict, source: str) -> MLA:
+    q_rank = config.get("q_lora_rank")
+    return MLA(
+        q_lora_rank=None if q_rank is None else _positive_int(config, source, "q_lora_rank"),
+        kv_lora_rank=_positive_int(config, source, "kv_lora_rank"),
+        qk_nope_head_dim=_positive_int(config, source, "qk_nope_head_dim"),
+        qk_rope_head_dim=_positive_int(config, source, "qk_rope_head_dim"),
+        v_head_dim=_positive_int(config, source, "v_head_dim"),
+    )
+
+
+def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
+    """A catalogue name (``llama-3-70b``) or a path to a ``config.json``;
+    ``source`` is where the name was given (a job file or the flag)."""
+    path = model_config_path(name_or_path)
+    if path is None:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise SpecError(source, "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path)
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise SpecError(str(path), "<top level>", "a JSON object")
+    name = path.stem if path.parent.name == "models" else path.parent.name if path.name == "config.json" else path.stem
+    return model_from_hf_config(config, name=name, source=str(path))

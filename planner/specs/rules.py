@@ -1,0 +1,55 @@
+"""The rules a layout must satisfy to run a job: divisibility (heads by TP,
+layers by the pipeline's chunks, the batch by micro batch x DP, the
+sequence by CP), what expert parallelism needs, and what each framework can
+run. ``loom evaluate`` reports the first broken rule as bad input; the search
+skips layouts that break any.
+"""
+
+from __future__ import annotations
+
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+
+
+def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
+    """Why ``layout`` cannot run ``job``: (field, expected, got) per problem."""
+    model, problems = job.model, []
+
+    def need(ok: bool, field: str, expected: str, got: object) -> None:
+        if not ok:
+            problems.append((field, expected, got))
+
+    need(layout.world_size <= job.cluster.num_gpus, "tp*pp*dp*cp", f"at most the cluster's {job.cluster.num_gpus} GPUs", layout.world_size)
+    if model.moe is None:
+        need(layout.ep == 1 and layout.etp == 1, "ep", "1 (expert parallelism needs an MoE model)", layout.ep)
+    else:
+        need(model.moe.num_experts % layout.ep == 0, "ep", f"a divisor of {model.moe.num_experts} experts", layout.ep)
+        need(model.moe.expert_ffn_hidden_size % layout.etp == 0, "etp", f"a divisor of the expert width {model.moe.expert_ffn_hidden_size}", layout.etp)
+        stage_ranks = layout.tp * layout.cp * layout.dp
+        need(stage_ranks % (layout.ep * layout.etp) == 0, "ep", f"ep x etp dividing a stage's tp x cp x dp = {stage_ranks} ranks", layout.ep * layout.etp)
+        need(layout.tp == 1 or layout.sequence_parallel, "sequence_parallel", "on with tp > 1 for MoE (Megatron requires it)", layout.sequence_parallel)
+    need(model.num_attention_heads % layout.tp == 0, "tp", f"a divisor of {model.num_attention_heads} attention heads", layout.tp)
+    need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
+    chunks = layout.pp * layout.vpp
+    if job.framework == "megatron":  # uneven splits via --pipeline-model-parallel-layout
+        need(chunks <= model.num_layers, "pp*vpp", f"at most {model.num_layers} layers (one per model chunk)", chunks)
+    else:  # DeepSpeed's PipelineModule balances layer counts: an even split only
+        need(model.num_layers % chunks == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", chunks)
+    per_step = layout.micro_batch_size * layout.dp
+    need(layout.global_batch_size % per_step == 0, "global_batch_size", f"a multiple of micro batch x dp = {per_step}", layout.global_batch_size)
+    need(job.seq_length % (2 * layout.cp) == 0, "cp", f"2*cp dividing the sequence length {job.seq_length}", layout.cp)
+    need(not layout.sequence_parallel or layout.tp > 1, "sequence_parallel", "only with tp > 1", layout.sequence_parallel)
+    need(layout.vpp == 1 or layout.pp > 1, "vpp", "1 unless pp > 1", layout.vpp)
+    need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's CP needs it)", layout.cp)
+    if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
+        need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
+    if job.framework == "megatron":
+        need(layout.zero_stage == 0, "zero_stage", "0 with Megatron (use distributed_optimizer)", layout.zero_stage)
+    else:
+        need(layout.tp == 1 and layout.cp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
+        need(not layout.distributed_optimizer, "distributed_optimizer", "false with DeepSpeed (use zero_stage)", True)
+        need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)
+        need(layout.pp == 1 or layout.zero_stage <= 1, "zero_stage", "0 or 1 with a DeepSpeed pipeline", layout.zero_stage)
+        need(layout.vpp == 1, "vpp", "1 with DeepSpeed (PipelineModule has no interleaved schedule)", layout.vpp)
+        need(model.moe is None or layout.zero_stage <= 2, "zero_stage", "at most 2 for DeepSpeed MoE (ZeRO-3 does not shard experts)", layout.zero_stage)
+    return problems

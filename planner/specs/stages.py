@@ -1,0 +1,121 @@
+"""Pipeline stages and the default placement of ranks on GPUs.
+
+Megatron orders global ranks ``tp-cp-ep-dp-pp`` (RankGenerator): rank =
+tp_i + tp*(cp_i + cp*(dp_i + dp*pp_i)) for dense models (ep = 1). So pipeline
+stage s owns the contiguous block of ranks [s*n, (s+1)*n), n = tp*cp*dp, and
+the default placement puts rank r on node r // gpus_per_node, GPU r % gpus_per_node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.specs.cluster import Cluster
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import ModelSpec
+from loom.profiles.catalogue import GPU
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The layers one virtual stage (model chunk) runs: decoder layers
+    [first_layer, first_layer + num_layers), plus the embedding (and a vision
+    tower, if the model has one) on the very first chunk and the final norm,
+    LM head and loss on the very last."""
+
+    first_layer: int
+    num_layers: int
+    embedding: bool = False
+    head: bool = False
+    vision: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    chunks: tuple[Chunk, ...]  # vpp chunks, in virtual-stage order
+    ranks: tuple[int, ...]  # global ranks of this stage's device group
+
+    @property
+    def num_layers(self) -> int:
+        return sum(chunk.num_layers for chunk in self.chunks)
+
+    @property
+    def embedding(self) -> bool:
+        return any(chunk.embedding for chunk in self.chunks)
+
+    @property
+    def head(self) -> bool:
+        return any(chunk.head for chunk in self.chunks)
+
+    @property
+    def vision(self) -> bool:
+        return any(chunk.vision for chunk in self.chunks)
+
+
+def even_chunk_sizes(num_layers: int, chunks: int) -> tuple[int, ...]:
+    """Decoder layers per chunk, as even as possible. A remainder goes to the
+    middle chunks: the first and last already carry the embedding and the LM
+    head. With ``chunks`` dividing ``num_layers`` this is Megatron's default split."""
+    base, extra = divmod(num_layers, chunks)
+    ends = {0, chunks - 1}
+    # Middle chunks first, the most central first; the ends last.
+    order = sorted(range(chunks), key=lambda c: (c in ends, abs(c - (chunks - 1) / 2), c))
+    bonus = set(order[:extra])
+    return tuple(base + (c in bonus) for c in range(chunks))
+
+
+def split_stages(layout: Layout, chunk_sizes: tuple[int, ...], vision: bool = False) -> list[Stage]:
+    """Stages from decoder layers per model chunk, in model order (pp * vpp
+    entries). With interleaving, pipeline rank s runs chunks s, s + pp,
+    s + 2pp, ... (Narayanan et al. SC'21, sec. 2.2). Stage s owns the block
+    of global ranks [s*n, (s+1)*n), n = tp*cp*dp, of Megatron's rank order."""
+    chunks_total = layout.pp * layout.vpp
+    assert len(chunk_sizes) == chunks_total, "one size per model chunk"
+    firsts = [sum(chunk_sizes[:c]) for c in range(chunks_total)]
+    n = layout.tp * layout.cp * layout.dp
+    stages = []
+    for s in range(layout.pp):
+        chunks = tuple(
+            Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1, vision=vision and c == 0)
+            for c in (v * layout.pp + s for v in range(layout.vpp))
+        )
+        stages.append(Stage(index=s, chunks=chunks, ranks=tuple(range(s * n, (s + 1) * n))))
+    return stages
+
+
+def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
+    """Megatron's default split (as even as possible when it does not divide)."""
+    return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp), vision=model.vision is not None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each global rank runs: ``gpus[rank] == (host, local GPU index)``."""
+
+    gpus: tuple[tuple[str, int], ...]
+
+    def host_of(self, rank: int) -> str:
+        return self.gpus[rank][0]
+
+
+def stage_gpus(cluster: Cluster, placement: Placement, stages: list[Stage]) -> list[GPU]:
+    """The GPU type each stage runs at: the slowest of its device group's."""
+    if not cluster.heterogeneous:
+        return [cluster.slowest.gpu] * len(stages)
+    return [cluster.slowest_gpu({placement.host_of(rank) for rank in stage.ranks}) for stage in stages]
+
+
+def default_placement(cluster: Cluster, world_size: int) -> Placement:
+    """Rank r on node r // gpus_per_node, GPU r % gpus_per_node: what torchrun
+    with ``--node_rank`` = node index and no CUDA_VISIBLE_DEVICES does."""
+    return stage_block_placement(cluster, world_size, (0,))
+
+
+def stage_block_placement(cluster: Cluster, world_size: int, stage_slots: tuple[int, ...]) -> Placement:
+    """Stage s's rank block on the GPU block ``stage_slots[s]`` (blocks of
+    world_size / len(stage_slots) consecutive GPUs in node order): how a
+    pipeline position is moved onto other device groups, e.g. faster GPUs."""
+    per_node, n = cluster.gpus_per_node, world_size // len(stage_slots)
+    slots = (stage_slots[r // n] * n + r % n for r in range(world_size))
+    return Placement(gpus=tuple((cluster.nodes[slot // per_node].host, slot % per_node) for slot in slots))
