@@ -4,10 +4,11 @@ above it in this list, never one below):
 - ``specs/``: what the user gives and what it means: the model, the cluster
   and its topology, the job, a layout, its pipeline stages and the rules a
   layout must satisfy; reading spec files; the errors that map to exit codes.
+- ``schedule/``: pipeline schedules as plain numbers: each stage's op order
+  (what Megatron-Core runs) and the discrete-event simulator.
 - ``cost/``: the cost model: kernel times, activation bytes, measured layers
   in their place, collectives and the links groups land on, memory per
-  stage and the step time.
-- ``schedule/``: the pipeline schedule simulator and the step it gives.
+  stage and the step time (closed form and simulated).
 - ``plan.py``: a plan (one layout priced whole) and ``evaluate``.
 - ``search/``: enumerating layouts, the pipeline split, rank placement, and
   the expert placement behind ``loom experts``.

@@ -13,7 +13,7 @@ from loom.planner.specs.layout import Layout
 from loom.planner.specs.rules import layout_problems
 from loom.planner.cost.memory import StageMemory, stage_memory
 from loom.planner.specs.stages import Placement, Stage, default_placement, stage_gpus, uniform_stages
-from loom.planner.schedule.step import simulated_step
+from loom.planner.cost.simulated_step import simulated_step
 from loom.planner.schedule.simulate import PipelineCosts, Simulation
 from loom.planner.cost.time_model import StepTime, step_parts
 from loom.solvers.placement import PlacementSolution

@@ -10,7 +10,8 @@
 - ``collectives`` and ``network``: alpha-beta collective times and the link
   each group of a layout lands on;
 - ``memory``: per-stage memory; ``time_model``: the priced parts of a step and
-  its closed form.
+  its closed form; ``simulated_step``: the step by simulating the schedule.
 
-Imports: ``planner.specs``, ``loom.profiles`` catalogues, ``loom.solvers.links``.
+Imports: ``planner.specs``, ``planner.schedule``, ``loom.profiles``
+catalogues, ``loom.solvers.links``.
 """

@@ -1,6 +1,7 @@
-"""Pipeline schedules: ``simulate`` runs 1F1B, interleaved 1F1B, GPipe and
-ZB-H1 over plain per-chunk costs; ``step`` feeds it a layout's priced parts
-and puts the step together.
+"""Pipeline schedules as plain numbers (seconds and bytes per chunk): each
+stage's op order under GPipe, 1F1B, interleaved 1F1B (Megatron-Core's two)
+and ZB-H1, and the discrete-event simulator that runs them.
 
-Imports: ``planner.cost`` and ``planner.specs``.
+Imports nothing of the planner: the cost model feeds it (cost/simulated_step.py)
+and reads its op orders for the activations a stage holds (cost/memory.py).
 """

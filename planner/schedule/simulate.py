@@ -159,6 +159,12 @@ def zb_h1_order(pp: int, m: int, stage: int) -> list[Op]:
     return order + [("W", i, 0) for i in range(weight_grads, m)]
 
 
+def megatron_schedule(vpp: int) -> str:
+    """1F1B, or interleaved 1F1B with ``vpp`` > 1 virtual stages: the two
+    schedules Megatron-Core runs."""
+    return "interleaved" if vpp > 1 else "1f1b"
+
+
 def stage_order(schedule: str, pp: int, vpp: int, m: int, stage: int) -> list[Op]:
     """The compute ops stage ``stage`` runs, in order, under ``schedule``."""
     if schedule not in SCHEDULES:

@@ -3,5 +3,5 @@ pipeline split (partition MILP), ``placement`` the rank-to-GPU placement,
 and ``experts`` reads loads for and writes the files of ``loom experts``
 (expert replicas on EP ranks).
 
-Imports: ``planner.plan`` and everything below it, and ``loom.solvers``.
+Imports: ``planner.plan`` and every room below it, and ``loom.solvers``.
 """

@@ -12,16 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loom.planner.cost.layers import shape_of
-from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import chunk_activation_bytes
-from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, simulate
+from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, megatron_schedule, simulate
 from loom.planner.specs.stages import Stage
 from loom.planner.cost.time_model import StepParts, StepTime
-
-
-def megatron_schedule(layout: Layout) -> str:
-    """1F1B, or interleaved 1F1B with virtual stages (Megatron-Core's two)."""
-    return "interleaved" if layout.vpp > 1 else "1f1b"
 
 
 def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
@@ -62,7 +56,7 @@ def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None =
     optimizer from the simulated schedule; the parameter gather and the
     embedding sync, which follow it, added."""
     costs = pipeline_costs(parts, stages)
-    simulation = simulate(costs, schedule or megatron_schedule(parts.layout))
+    simulation = simulate(costs, schedule or megatron_schedule(parts.layout.vpp))
     after_pipeline = simulation.step_time_s - simulation.pipeline_time_s
     breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)))
     # The optimizer of the last stage to finish may overlap others' reduces:
