@@ -95,14 +95,13 @@ def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, plac
     gpus = stage_gpus(job.cluster, placement, stages)
     shape = shape_of(job, layout)
     simulated = simulated_step(step_parts(job, layout, stages, gpus, placement), stages)
-    in_flight = simulated.simulation.peak_in_flight
     return Plan(
         job=job,
         layout=layout,
         stages=tuple(stages),
         placement=placement,
         step=simulated.step,
-        memory=tuple(stage_memory(shape, layout, stage, job.framework, in_flight[stage.index]) for stage in stages),
+        memory=tuple(stage_memory(shape, layout, stage, job.framework) for stage in stages),
         stage_capacity_bytes=tuple(gpu.memory_bytes for gpu in gpus),
         schedule=simulated.simulation.schedule,
         schedule_costs=simulated.costs,

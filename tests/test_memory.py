@@ -10,7 +10,8 @@ from loom.planner.cost.layers import layer_activation_bytes
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Features
 from loom.planner.specs.layout import Layout
-from loom.planner.cost.memory import GiB, StageParams, in_flight_chunks, model_state_bytes, stage_memory, stage_params
+from loom.planner.cost.memory import GiB, StageParams, held_activation_bytes, in_flight_chunks, model_state_bytes, stage_memory, stage_params
+from loom.planner.plan import evaluate
 from loom.planner.specs.model import ModelSpec
 from loom.planner.specs.stages import Chunk, Stage, uniform_stages
 
@@ -65,6 +66,55 @@ def test_in_flight_micro_batches_follow_the_schedules():
     assert in_flight_chunks(few, 0) == 2  # never more than the micro batches there are
     interleaved = Layout(tp=1, pp=4, dp=1, cp=1, vpp=2, micro_batch_size=1, global_batch_size=16)
     assert [in_flight_chunks(interleaved, s) for s in range(4)] == [11, 9, 7, 5]
+
+
+def _megatron_held_bytes(pp: int, vpp: int, m: int, stage: int, chunk_bytes: tuple[float, ...]) -> float:
+    """The peak bytes a stage holds, from megatron-core's own schedule: its
+    warm-up count (get_pp_rank_microbatches) and forward table
+    (get_schedule_table; a backward runs the chunks in reverse), one
+    forward then one backward per steady-state step."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
+
+    group = SimpleNamespace(size=lambda: pp, rank=lambda: stage)
+    communicator = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+    total, _, warmup, _ = get_pp_rank_microbatches(m, vpp, pp, p2p_communicator=communicator)
+    table = get_schedule_table(m, vpp, pp)
+    forward = [table[k][1] for k in range(total)]
+    backward = [vpp - 1 - table[k][1] for k in range(total)]
+    held, peak, done = 0.0, 0.0, 0
+    for k in range(total):
+        held += chunk_bytes[forward[k]]
+        peak = max(peak, held)
+        if k >= warmup:
+            held -= chunk_bytes[backward[done]]
+            done += 1
+    return peak
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(4, 1, 16), (4, 2, 8), (4, 3, 16), (16, 7, 64), (8, 4, 8), (2, 5, 4)])
+def test_uneven_chunks_hold_what_megatrons_schedule_holds(pp, vpp, m):
+    """With chunks of different sizes the peak is not the chunk count times
+    the largest chunk: the chunks in flight are computed from megatron-core's
+    schedule and must match, on every stage."""
+    layout = Layout(tp=1, pp=pp, dp=1, cp=1, vpp=vpp, micro_batch_size=1, global_batch_size=m)
+    for stage in range(pp):
+        chunk_bytes = tuple(float(3 + (7 * stage + 5 * v) % 4) for v in range(vpp))  # uneven, stage by stage
+        assert held_activation_bytes(layout, stage, chunk_bytes) == pytest.approx(_megatron_held_bytes(pp, vpp, m, stage, chunk_bytes))
+        if len(set(chunk_bytes)) > 1 and in_flight_chunks(layout, stage) > 1:
+            assert held_activation_bytes(layout, stage, chunk_bytes) < in_flight_chunks(layout, stage) * max(chunk_bytes)
+
+
+def test_405b_with_uneven_interleaving_holds_the_chunks_in_flight():
+    """Llama-3 405B TP8 PP16 VPP7 (126 layers: chunks of 1 and 2 layers)
+    holds about what VPP4 holds, not 7 x 16 chunks of the largest size."""
+    job = make_job("llama-3-405b", nodes=128, gbs=128, seq=8192)
+    peaks = {}
+    for vpp in (4, 7):
+        layout = Layout(tp=8, pp=16, dp=8, cp=1, vpp=vpp, micro_batch_size=1, global_batch_size=128, sequence_parallel=True)
+        peaks[vpp] = max(m.breakdown_bytes["activations"] for m in evaluate(job, layout).memory) / GiB
+    assert peaks[7] == pytest.approx(peaks[4], rel=0.05)
 
 
 def test_recompute_and_sequence_parallel_shrink_activations():

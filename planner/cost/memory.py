@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
+from loom.planner.schedule.simulate import megatron_schedule, stage_order
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 from loom.planner.specs.stages import Chunk, Stage
@@ -187,10 +188,29 @@ def _chunk_layers_activation_bytes(shape: Shape, recompute: str, chunk: Chunk) -
     return dense + (moe_layers and moe_layers * layer_activation_bytes(shape, recompute, moe=True))
 
 
-def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, in_flight: int | None = None) -> StageMemory:
-    """Peak memory of one GPU of ``stage`` under the pipeline schedule, with
-    ``in_flight`` chunk-micro-batches held at the peak (default: Megatron's
-    schedule's count; the simulator reports the same)."""
+def held_activation_bytes(layout: Layout, stage_index: int, chunk_bytes: tuple[float, ...]) -> float:
+    """The most bytes stage ``stage_index`` holds at once when its local
+    chunk v keeps ``chunk_bytes[v]`` per micro batch from its forward to its
+    backward, under the schedule Megatron-Core runs.
+
+    Equal chunks: ``in_flight_chunks`` times one chunk. Otherwise the
+    stage's op order (schedule/simulate.stage_order, Megatron's) is walked:
+    a forward adds its chunk's bytes, a backward frees them. Which chunks
+    are in flight repeats every pp * vpp steady-state steps and the cool-down
+    only frees, so 3 * pp micro batches (warm-up < (vpp + 1) * pp chunk
+    passes, plus one period) reach the peak of any longer step."""
+    if len(set(chunk_bytes)) == 1:
+        return in_flight_chunks(layout, stage_index) * chunk_bytes[0]
+    microbatches = min(layout.num_microbatches, 3 * layout.pp)
+    held = peak = 0.0
+    for kind, _, local in stage_order(megatron_schedule(layout.vpp), layout.pp, layout.vpp, microbatches, stage_index):
+        held += chunk_bytes[local] if kind == "F" else -chunk_bytes[local]
+        peak = max(peak, held)
+    return peak
+
+
+def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> StageMemory:
+    """Peak memory of one GPU of ``stage`` under Megatron's pipeline schedule."""
     model = shape.model
     params = stage_params(model, layout, stage)
     state = model_state_bytes(params, layout, framework)
@@ -199,11 +219,12 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, in_
             layout.optimizer_shards if layout.zero_stage >= 3 else 1
         )
 
-    chunks = in_flight_chunks(layout, stage.index) if in_flight is None else in_flight
+    chunks = in_flight_chunks(layout, stage.index)
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.
     microbatches = max(1, -(-chunks // layout.vpp))
-    activations = chunks * max(_chunk_layers_activation_bytes(shape, layout.recompute, chunk) for chunk in stage.chunks)
+    layers = tuple(_chunk_layers_activation_bytes(shape, layout.recompute, chunk) for chunk in stage.chunks)
+    activations = held_activation_bytes(layout, stage.index, layers)
     if stage.embedding:
         activations += microbatches * embedding_activation_bytes(shape)
     if stage.head:
