@@ -45,6 +45,7 @@ BatchOpt = Annotated[Optional[int], typer.Option(help="Global batch size (sequen
 SeqOpt = Annotated[Optional[int], typer.Option(help="Sequence length (tokens).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8")]
 FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed")]
+StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge.")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
 GateOpt = Annotated[Optional[list[str]], typer.Option(help="Exit 1 unless the best plan meets e.g. mfu>=0.4 (repeatable).")]
@@ -97,6 +98,7 @@ def plan(
     seq_length: SeqOpt = None,
     precision: PrecisionOpt = None,
     framework: FrameworkOpt = None,
+    stack: StackOpt = None,
     top_k: Annotated[Optional[int], typer.Option(help="How many plans to keep.")] = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -110,7 +112,8 @@ def plan(
         for text in gates:
             parse_gate(text)  # bad gates are bad input: fail before searching
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
-                                      seq_length=seq_length, precision=precision, framework=framework, top_k=top_k, profiles=_paths(profile)))
+                                      seq_length=seq_length, precision=precision, framework=framework, stack=stack, top_k=top_k,
+                                      profiles=_paths(profile)))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -130,6 +133,7 @@ def evaluate(
     seq_length: SeqOpt = None,
     precision: PrecisionOpt = None,
     framework: FrameworkOpt = None,
+    stack: StackOpt = None,
     tp: Annotated[int, typer.Option(min=1)] = 1,
     pp: Annotated[int, typer.Option(min=1)] = 1,
     dp: Annotated[Optional[int], typer.Option(min=1, help="Default: the rest of the cluster's GPUs.")] = None,
@@ -154,7 +158,8 @@ def evaluate(
         for text in gates:
             parse_gate(text)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
-                                      seq_length=seq_length, precision=precision, framework=framework, profiles=_paths(profile)))
+                                      seq_length=seq_length, precision=precision, framework=framework, stack=stack,
+                                      profiles=_paths(profile)))
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
         data_parallel = dp if dp is not None else max(1, job.cluster.num_gpus // (tp * pp * cp))

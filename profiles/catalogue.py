@@ -23,7 +23,7 @@ class GPU:
     catalogue name, so identity is equality (and kernel times can be cached)."""
 
     name: str
-    memory_bytes: int
+    memory_bytes: int  # torch's total_memory: what the allocator can hand out (gpus.yaml)
     hbm_GBps: float
     sms: int
     peak_tflops: dict[str, float | None]  # by precision: fp16, bf16, fp8
@@ -33,6 +33,23 @@ class GPU:
     # (None: planner/cost/efficiency.py's default) and the profile it came from.
     gemm_k_overhead: float | None = None
     gemm_profile: str | None = None
+    compute_capability: tuple[int, int] | None = None  # CUDA's; None for non-NVIDIA GPUs
+
+    @property
+    def fp8_gemm_any_layout(self) -> bool:
+        """Blackwell's fp8 GEMMs take either operand layout, so Transformer
+        Engine keeps one fp8 copy of a tensor where Hopper needs a row-wise
+        copy and a transpose (TE utils.py is_non_tn_fp8_gemm_supported:
+        10.0 <= capability < 12.0, or >= 13.0)."""
+        cc = self.compute_capability
+        return cc is not None and ((10, 0) <= cc < (12, 0) or cc >= (13, 0))
+
+    @property
+    def cublas_workspace_bytes(self) -> int:
+        """One cuBLAS workspace: 32 MiB on Hopper and later, 4 MiB before
+        (Transformer Engine's get_cublas_workspace_size_bytes; PyTorch's
+        CublasHandlePool.cpp picks 32 MiB for sm90 as well)."""
+        return 32 * 2**20 if self.compute_capability is not None and self.compute_capability >= (9, 0) else 4 * 2**20
 
     def peak_flops(self, precision: str) -> float:
         """Dense tensor-core FLOP/s at ``precision``."""
@@ -55,6 +72,7 @@ def _gpu_table() -> dict[str, GPU]:
             peak_tflops=dict(entry["peak_tflops"]),
             gemm_efficiency=dict(entry["gemm_efficiency"]),
             attention_efficiency=float(entry["attention_efficiency"]),
+            compute_capability=tuple(entry["compute_capability"]) if entry.get("compute_capability") else None,
         )
         for key in [name, *entry.get("aliases", [])]:
             table[key.lower()] = gpu

@@ -1,16 +1,26 @@
-"""Published training runs (``shared/validation/published_runs.yaml``) as
-loom inputs: a job per run, the run's layout, and its measured step time.
+"""Published training runs as loom inputs: a job per run, the run's layout,
+and its measured step time. Two sources, beside the repository:
+``shared/validation/published_runs.yaml`` (papers) and
+``shared/validation/nvidia_perf_runs.yaml`` (NVIDIA's performance tables).
 
-Used by ``benchmarks/published_runs.py`` (prediction error) and the tests
-(the search must find a layout at least as fast as the published one).
+Used by the benchmarks (prediction error, memory) and the tests (the search
+must find a layout at least as fast as the published one; every layout that
+ran must fit).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.job import Features, Job, stack_features
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
 
 # Beside the repository, as CI lays it out (shared/ next to the clone).
 VALIDATION = Path(__file__).resolve().parents[2] / "shared" / "validation" / "published_runs.yaml"
@@ -82,3 +92,72 @@ def write_inputs(row: dict, clusters: dict, folder: Path) -> Path:
 
 def load_validation(path: Path = VALIDATION) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+# --- NVIDIA's performance tables (shared/validation/nvidia_perf_runs.yaml) -----
+NVIDIA_RUNS = VALIDATION.with_name("nvidia_perf_runs.yaml")
+# DGX systems as NVIDIA builds them: 8 GPUs on NVSwitch, one 400 Gb/s NIC per GPU.
+DGX = {
+    "DGX-H100": {"gpus_per_node": 8, "gpu": "H100-SXM5-80GB", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400},
+    "DGX-B200": {"gpus_per_node": 8, "gpu": "B200", "nvlink_GBps": 900, "nics_per_node": 8, "nic_Gbps": 400},
+}
+# The tables' precision column as loom's precision and Transformer Engine's
+# fp8 recipe: FP8 and FP8-CS are current (tensorwise) scaling on H100 (the
+# file's header), FP8-MX and MXFP8 block scaling; BF16 is bf16.
+NVIDIA_PRECISION = {"FP8": ("fp8", "tensorwise"), "FP8-CS": ("fp8", "tensorwise"), "FP8-MX": ("fp8", "mxfp8"),
+                    "MXFP8": ("fp8", "mxfp8"), "BF16": ("bf16", "tensorwise")}
+# The rows ran NVIDIA's performance recipes (NeMo, then Megatron-Bridge): the
+# megatron-bridge stack's features, the row's own TP overlap and fp8 recipe.
+NVIDIA_STACK = "megatron-bridge"
+
+
+@dataclass(frozen=True)
+class NvidiaRun:
+    """One row of NVIDIA's tables as loom inputs, or why loom cannot express it."""
+
+    row: dict
+    job: Job | None
+    layout: Layout | None
+    model_used: str  # the model config loom read (the row's, or its stand-in)
+    reason: str = ""  # why job is None
+
+    @property
+    def step_time_s(self) -> float:
+        """Published step time: gbs x seq / (tokens/s/GPU x GPUs)."""
+        row = self.row
+        return row["gbs"] * row["seq"] / (row["tokens_per_s_per_gpu"] * row["gpus"])
+
+
+def nvidia_runs(path: Path = NVIDIA_RUNS) -> list[NvidiaRun]:
+    """Every row of ``path`` as a job and the layout it ran. A row whose model
+    loom cannot read uses its ``approx_model`` stand-in (same shapes, a family
+    loom reads); Megatron-FSDP rows (``fsdp > 0``) are not expressible yet."""
+    runs = []
+    for row in yaml.safe_load(path.read_text())["runs"]:
+        if row["fsdp"]:
+            runs.append(NvidiaRun(row, None, None, row["model"], "Megatron-FSDP"))
+            continue
+        model, used = None, row["model"]
+        for candidate in (row["model"], row.get("approx_model")):
+            if candidate is None:
+                continue
+            try:
+                model = load_model(str(path.parent / candidate) if candidate.startswith("models/") else candidate)
+                used = candidate
+                break
+            except SpecError:
+                continue
+        if model is None:
+            runs.append(NvidiaRun(row, None, None, used, "model family not read"))
+            continue
+        cluster = parse_cluster({**DGX[row["gpu"]], "nodes": row["gpus"] // 8}, str(path))
+        precision, fp8_recipe = NVIDIA_PRECISION[row["precision"]]
+        features = stack_features(NVIDIA_STACK, Features(tp_comm_overlap=bool(row.get("recipe_tp_comm_overlap", False)), fp8_recipe=fp8_recipe))
+        job = Job(model=model, cluster=cluster, global_batch_size=row["gbs"], seq_length=row["seq"], precision=precision,
+                  stack=NVIDIA_STACK, features=features, source=row["id"])
+        tp, pp, cp = row["tp"], row["pp"], row["cp"]
+        layout = Layout(tp=tp, pp=pp, dp=row["gpus"] // (tp * pp * cp), cp=cp, ep=row["ep"], vpp=row["vpp"],
+                        micro_batch_size=row["mbs"], global_batch_size=row["gbs"], sequence_parallel=tp > 1,
+                        recompute=row["recompute"], distributed_optimizer=True)
+        runs.append(NvidiaRun(row, job, layout, used))
+    return runs

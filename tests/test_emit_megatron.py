@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.parallel_state import RankGenerator
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend, LayerType
@@ -21,7 +22,7 @@ from megatron.core.transformer.enums import AttnBackend, LayerType
 from loom.planner.specs.cluster import parse_cluster
 from loom.planner.output.launch import launch_files
 from loom.planner.output.megatron import megatron_args, train_sh
-from loom.planner.specs.job import Features, Job
+from loom.planner.specs.job import Features, Job, stack_features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
 from loom.planner.specs.stages import Chunk, Placement, Stage, default_placement, split_stages, uniform_stages
@@ -68,6 +69,23 @@ CASES = {
         Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=64, seq_length=4096, precision="fp8",
             features=Features(flash_attention=False)),
         Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=2, global_batch_size=64),
+        None,
+    ),
+    # NVIDIA's performance recipes: bf16 gradients, fp8 weights gathered in
+    # fp8 with current scaling, TE's fused loss, TP comm overlap.
+    "llama-fp8-bridge": (
+        Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=64, seq_length=8192, precision="fp8", stack="megatron-bridge",
+            features=stack_features("megatron-bridge", Features())),
+        Layout(tp=2, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True),
+        None,
+    ),
+    # MXFP8 on Blackwell: fp8 weights reuse the gradient buffer for their all-gather.
+    "llama-mxfp8-b200": (
+        Job(model=LLAMA, cluster=parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "B200", "nvlink_GBps": 900, "nics_per_node": 8,
+                                                "nic_Gbps": 400}, "test"),
+            global_batch_size=64, seq_length=8192, precision="fp8",
+            features=stack_features("megatron-bridge", Features(fp8_recipe="mxfp8"))),
+        Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True),
         None,
     ),
     # An uneven interleaved split, written as --pipeline-model-parallel-layout.
@@ -134,7 +152,26 @@ def transformer_config(flags: dict) -> TransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         fp8=flags.get("fp8-format"),
+        fp8_recipe=flags.get("fp8-recipe", "delayed"),
+        fp8_param="fp8-param-gather" in flags,
+        cross_entropy_loss_fusion="cross-entropy-loss-fusion" in flags,
+        cross_entropy_fusion_impl=flags.get("cross-entropy-fusion-impl", "native"),
         attention_backend=AttnBackend[flags["attention-backend"]],
+    )
+
+
+def ddp_config(flags: dict) -> DistributedDataParallelConfig:
+    """The gradient buffer's settings as Megatron-LM's training.py passes
+    them to DistributedDataParallel (accumulate_allreduce_grads_in_fp32 ->
+    grad_reduce_in_fp32; validate_args turns it on for bf16 unless
+    --grad-reduce-in-bf16)."""
+    bf16 = "bf16" in flags
+    fp32 = "accumulate-allreduce-grads-in-fp32" in flags or (bf16 and "grad-reduce-in-bf16" not in flags)
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=fp32,
+        use_distributed_optimizer="use-distributed-optimizer" in flags,
+        fp8_param_gather="fp8-param-gather" in flags,
+        reuse_grad_buf_for_mxfp8_param_ag="reuse-grad-buf-for-mxfp8-param-ag" in flags,
     )
 
 
@@ -159,6 +196,13 @@ def test_args_build_a_valid_transformer_config(name):
     assert flags["attention-backend"] == ("flash" if job.features.flash_attention else "unfused")
     if job.precision == "fp8":
         assert config.fp8 == "hybrid" and config.bf16
+        assert config.fp8_recipe == job.features.fp8_recipe
+    assert config.cross_entropy_loss_fusion == (job.features.cross_entropy_fusion != "none")
+    ddp = ddp_config(flags)
+    assert ddp.grad_reduce_in_fp32 == job.features.grad_reduce_in_fp32
+    fp8_weights = job.precision == "fp8" and job.features.fp8_param_gather and layout.distributed_optimizer
+    assert config.fp8_param == ddp.fp8_param_gather == fp8_weights
+    assert ddp.reuse_grad_buf_for_mxfp8_param_ag == (fp8_weights and job.features.fp8_recipe == "mxfp8")
 
 
 def test_uneven_split_is_the_stages_layer_counts():

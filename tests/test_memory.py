@@ -10,12 +10,15 @@ from loom.planner.cost.layers import layer_activation_bytes
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Features
 from loom.planner.specs.layout import Layout
-from loom.planner.cost.memory import GiB, StageParams, held_activation_bytes, in_flight_chunks, model_state_bytes, stage_memory, stage_params
+from loom.planner.cost.memory import (GiB, StageParams, StateBytes, held_activation_bytes, in_flight_chunks, model_state_bytes,
+                                      optimizer_step_bytes, stage_memory, stage_params)
+from loom.profiles.catalogue import find_gpu
 from loom.planner.plan import evaluate
 from loom.planner.specs.model import ModelSpec
 from loom.planner.specs.stages import Chunk, Stage, uniform_stages
 
 UNFUSED = Features(flash_attention=False)
+A100, H100 = find_gpu("A100-SXM4-80GB"), find_gpu("H100")
 
 
 def gpt(run: dict) -> ModelSpec:
@@ -50,11 +53,12 @@ def test_first_stage_matches_korthikanti_figure_1(validation):
             layout = layout_of(run, sequence_parallel, recompute)
             shape = Shape.of(model, layout, run["seq"], "fp16", UNFUSED)
             first = uniform_stages(model, layout)[0]
-            memory = stage_memory(shape, layout, first, "megatron")
+            memory = stage_memory(shape, layout, first, "megatron", A100)
             activations = memory.breakdown_bytes["activations"] / GiB
             assert activations == pytest.approx(figure[key], rel=0.05), (run["id"], key)
             layers_only = Stage(index=0, chunks=(Chunk(0, first.num_layers),), ranks=first.ranks)
-            state = sum(model_state_bytes(stage_params(model, layout, layers_only), layout, "megatron").values()) / GiB
+            state_bytes = StateBytes.of("megatron", "fp16", UNFUSED, A100)
+            state = sum(model_state_bytes(stage_params(model, layout, layers_only), layout, state_bytes).values()) / GiB
             assert state == pytest.approx(figure["params_and_optimizer_GiB"], rel=0.05), run["id"]
 
 
@@ -149,17 +153,45 @@ def test_context_parallel_splits_activations():
 
 
 def test_optimizer_sharding():
-    """Megatron: 18 bytes/param, 6 + 12/d with the distributed optimizer;
-    DeepSpeed ZeRO 1/2/3 shard optimizer, then gradients, then weights."""
+    """Megatron: 18 bytes/param, 6 + 12/d with the distributed optimizer
+    (fp32 gradient buffer), 4 + 12/d with a 16-bit one (Megatron-Bridge's
+    recipes); DeepSpeed ZeRO 1/2/3 shard optimizer, then gradients, then weights."""
     d = 8
     params = StageParams(total=1e9, linear=1e9, expert=0.0)
     plain = Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8)
     distributed = Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, distributed_optimizer=True)
-    assert sum(model_state_bytes(params, plain, "megatron").values()) == 18 * params.total
-    assert sum(model_state_bytes(params, distributed, "megatron").values()) == pytest.approx((6 + 12 / d) * params.total)
+    fp32_grads = StateBytes.of("megatron", "bf16", Features(), H100)
+    bf16_grads = StateBytes.of("megatron", "bf16", Features(grad_reduce_in_fp32=False), H100)
+    assert sum(model_state_bytes(params, plain, fp32_grads).values()) == 18 * params.total
+    assert sum(model_state_bytes(params, distributed, fp32_grads).values()) == pytest.approx((6 + 12 / d) * params.total)
+    assert sum(model_state_bytes(params, distributed, bf16_grads).values()) == pytest.approx((4 + 12 / d) * params.total)
+    deepspeed = StateBytes.of("deepspeed", "bf16", Features(), H100)
     zero = [sum(model_state_bytes(params, Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=z),
-                                  "deepspeed").values()) for z in (0, 1, 2, 3)]
+                                  deepspeed).values()) for z in (0, 1, 2, 3)]
     assert zero == pytest.approx([16 * params.total, (4 + 12 / d) * params.total, (2 + 14 / d) * params.total, 16 / d * params.total])
+
+
+@pytest.mark.parametrize("recipe,param_gather,gpu,weight,copies", [
+    ("delayed", False, "H100", 2, 2),  # bf16 weight + TE's cached fp8 copy and its transpose
+    ("tensorwise", True, "H100", 1, 1),  # the fp8 weight itself + its transpose
+    ("tensorwise", True, "B200", 1, 0),  # Blackwell: one fp8 copy serves both GEMM layouts
+    ("tensorwise", False, "B200", 2, 1),
+    ("mxfp8", True, "B200", 0, 2 * 33 / 32),  # both directions with their scales; the bf16 gather reuses the grad buffer
+])
+def test_fp8_weights_cost_what_transformer_engine_keeps(recipe, param_gather, gpu, weight, copies):
+    state = StateBytes.of("megatron", "fp8", Features(fp8_recipe=recipe, fp8_param_gather=param_gather), find_gpu(gpu))
+    assert (state.gemm_weight, state.fp8_copies) == pytest.approx((weight, copies))
+    assert state.weight == 2  # norms, embeddings and the output layer stay 16-bit
+
+
+def test_the_optimizer_step_copies_a_16_bit_gradient_shard_to_fp32():
+    """With a 16-bit gradient buffer the distributed optimizer's step holds an
+    fp32 copy of its shard (4/d bytes per parameter); with an fp32 buffer it
+    is a view."""
+    params = StageParams(total=1e9, linear=1e9, expert=0.0)
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, distributed_optimizer=True)
+    assert optimizer_step_bytes(params, layout, StateBytes.of("megatron", "bf16", Features(grad_reduce_in_fp32=False), H100)) == 4e9 / 8
+    assert optimizer_step_bytes(params, layout, StateBytes.of("megatron", "bf16", Features(), H100)) == 0
 
 
 def test_embedding_and_head_land_on_the_end_stages():
@@ -169,9 +201,25 @@ def test_embedding_and_head_land_on_the_end_stages():
     layout = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=512, recompute="full")
     stages = uniform_stages(job.model, layout)
     shape = Shape.of(job.model, layout, 8192, "bf16", Features())
-    weights = [stage_memory(shape, layout, stage, "megatron").breakdown_bytes["weights"] for stage in stages]
+    weights = [stage_memory(shape, layout, stage, "megatron", H100).breakdown_bytes["weights"] for stage in stages]
     embedding_bytes = 2 * job.model.vocab_size * job.model.hidden_size
     assert weights[0] - weights[1] == pytest.approx(embedding_bytes, rel=0.01)
     assert weights[3] - weights[1] == pytest.approx(embedding_bytes, rel=0.01)
-    last = stage_memory(shape, layout, stages[3], "megatron").breakdown_bytes
-    assert last["transient"] >= 6 * 8192 * job.model.vocab_size  # 16-bit logits + their fp32 gradient
+    last = stage_memory(shape, layout, stages[3], "megatron", H100).breakdown_bytes
+    # Megatron's unfused loss saves the fp32 softmax and briefly holds the
+    # 16-bit logits beside it: 6 bytes per logit at its peak.
+    logits = 8192 * job.model.vocab_size
+    assert last["transient"] == pytest.approx(2 * logits, rel=0.01)
+
+
+def test_transformer_engines_fused_loss_keeps_the_logits_only():
+    """TE's fused cross-entropy writes the gradient into the 16-bit logits and
+    saves those: 2 bytes per logit, nothing beside it."""
+    job = make_job("llama-3-8b")
+    layout = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=512)
+    last = uniform_stages(job.model, layout)[3]
+    unfused, fused = (stage_memory(Shape.of(job.model, layout, 8192, "bf16", Features(cross_entropy_fusion=impl)), layout, last, "megatron", H100)
+                      for impl in ("none", "te"))
+    logits = 8192 * job.model.vocab_size
+    assert fused.breakdown_bytes["transient"] == 0
+    assert unfused.breakdown_bytes["activations"] - fused.breakdown_bytes["activations"] == pytest.approx(2 * logits)

@@ -7,6 +7,7 @@ import pytest
 
 from loom.planner.cost.compute import model_flops_per_token
 from loom.planner.cost.shape import Shape
+from loom.profiles.catalogue import find_gpu
 from loom.planner.specs.job import Features, Job, SearchFile
 from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import stage_memory, stage_params
@@ -54,7 +55,7 @@ def test_experts_split_over_ep_and_their_optimizer_over_expert_data_parallel():
     assert params[0].total - params[0].expert == pytest.approx(params[1].total - params[1].expert)
     job = mixtral_job(nodes=1)
     shape = Shape.of(MIXTRAL, eight, 4096, "bf16", job.features)
-    state = stage_memory(shape, eight, uniform_stages(MIXTRAL, eight)[0], "megatron").breakdown_bytes
+    state = stage_memory(shape, eight, uniform_stages(MIXTRAL, eight)[0], "megatron", find_gpu("H100")).breakdown_bytes
     dense = params[1].total - params[1].expert
     # EP8 on 8 GPUs leaves one rank per expert: its Adam state is not sharded.
     assert state["optimizer_states"] == pytest.approx(12 * dense / 8 + 12 * params[1].expert)

@@ -54,7 +54,7 @@ def test_same_inputs_same_ranking():
 
 
 def test_impossible_job_says_what_binds():
-    with pytest.raises(InfeasibleError, match=r"still needs [\d.]+ GiB of a 79.6 GiB GPU"):
+    with pytest.raises(InfeasibleError, match=r"still needs [\d.]+ GiB of a 79.1 GiB GPU"):
         search(make_job("llama-3-405b", nodes=1, gbs=8), top_k=1)
 
 

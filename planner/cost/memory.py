@@ -1,7 +1,22 @@
-"""Memory per GPU, per pipeline stage: weights, gradients and optimizer state,
-the activations of the micro batches in flight (each piece's bytes from
-``layers.py``: estimated by ``activations.py`` or measured), transient
-buffers and fixed framework overhead.
+"""Memory per GPU, per pipeline stage: what Megatron-Core, Transformer
+Engine, PyTorch, CUDA and NCCL hold at the stage's peak, term by term
+(``StageMemory.breakdown_bytes``), each term with its source:
+
+- ``weights``, ``fp8_weight_copies``, ``gradients``, ``optimizer_states``:
+  the model state (``model_state_bytes``), by the stack's features (gradient
+  dtype, fp8 weights) and the optimizer's sharding;
+- ``activations``: what the micro batches in flight keep for backward (each
+  piece's bytes from ``layers.py``: estimated by ``activations.py`` or
+  measured), walked in Megatron's op order;
+- ``transient``: the loss's buffers on the last stage, the layer a full
+  recompute re-runs, ZeRO-3's gathered weights, or the optimizer step's fp32
+  gradient copy, whichever phase holds the most;
+- ``cuda_context``, ``cublas_workspaces``, ``nccl_buffers``,
+  ``tp_comm_buffers`` and ``allocator_fragmentation``: what the runtime holds
+  beyond tensors (``runtime_bytes``).
+
+Capacity is what PyTorch's allocator sees (profiles/gpus.yaml), not the
+marketing figure.
 """
 
 from __future__ import annotations
@@ -13,28 +28,52 @@ from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
 from loom.planner.schedule.simulate import megatron_schedule, stage_order
+from loom.planner.specs.job import Features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 from loom.planner.specs.stages import Chunk, Stage
+from loom.profiles.catalogue import GPU
 
 GiB = 1024**3
-# CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's first
-# blocks: what a PyTorch process holds on a GPU before the model is built.
-CUDA_CONTEXT_BYTES = int(1.0 * GiB)
-# NCCL's per-communicator buffers (channels x peers x 4 MiB by default, NCCL_BUFFSIZE).
-NCCL_COMMUNICATOR_BYTES = int(0.25 * GiB)
-# The caching allocator cannot reuse every freed block: fragmentation costs a
-# few percent of the memory that is allocated and freed every micro batch.
+MiB = 1024**2
+# The CUDA context of a PyTorch process with lazy module loading (the
+# default since CUDA 12.2 and PyTorch 1.13): ~300-450 MiB reported
+# (pytorch/pytorch#86509: 287 MB bare; #109888: "around 400MB"), plus the
+# kernels of the libraries training loads as they run.
+CUDA_CONTEXT_BYTES = 512 * MiB
+# NCCL's buffers per communicator that runs collectives: ~12 MiB per peer
+# and channel (10 MiB receive + 2 MiB send: NCCL src/init.cc computeBuffSizes,
+# measured in NVIDIA/nccl#1685), a ring holding two peers per channel.
+# NVIDIA/nccl#964 measured 544-688 MB per communicator with every algorithm
+# connected at init (NCCL < 2.22); since 2.22 NCCL_RUNTIME_CONNECT connects
+# only what a communicator runs, a ring for the large collectives of
+# training: we take a quarter of a GiB.
+NCCL_COMMUNICATOR_BYTES = 256 * MiB
+# PyTorch's caching allocator cannot reuse every freed block: what is
+# reserved beyond what is allocated. Reported at 2.3% of allocated
+# (vllm-project/compressed-tensors#587: 1.83 of 78 GiB) up to tens of percent
+# on churny workloads without expandable segments (meta-pytorch/torchtune#1185);
+# charged on the memory allocated and freed every micro batch.
 ALLOCATOR_SLACK_FRACTION = 0.05
-# Bytes per parameter in mixed-precision Adam (Rajbhandari et al. 2020, ZeRO, sec. 3.1):
-WEIGHT_BYTES = 2  # 16-bit weights
-OPTIMIZER_BYTES = 12  # fp32 master weights + Adam m and v
-# Megatron accumulates and reduces gradients in an fp32 "main_grad" buffer
-# (Megatron-LM docs, distributed optimizer table: 18 bytes/param without, 6 + 12/d
-# with the distributed optimizer); DeepSpeed keeps 16-bit gradients (16 bytes/param).
-GRAD_BYTES = {"megatron": 4, "deepspeed": 2}
-# Transformer Engine keeps an fp8 copy (and transpose) of each GEMM weight.
-FP8_WEIGHT_CACHE_BYTES = 2
+# Transformer Engine's userbuffers for --tp-comm-overlap: 12 communicators
+# (qkv/proj/fc1/fc2 fprop, dgrad, wgrad) each with a buffer of the full
+# sequence x hidden (seq x mbs / cp rows, not split over TP): 2 bytes per
+# element each in bf16, and in fp8 the 8 all-gather buffers at 1 byte and the
+# 4 reduce-scatter buffers at 2 (TE module/base.py initialize_ub,
+# common/comm_gemm_overlap/comm_gemm_overlap.cpp; megatron/training/initialize.py
+# passes [seq * mbs / cp, hidden]).
+TP_COMM_BUFFER_BYTES_PER_ELEMENT = {"bf16": 12 * 2, "fp8": 8 * 1 + 4 * 2}
+# Extra cuBLAS workspaces Transformer Engine allocates: 3 for userbuffers'
+# streams (_NUM_MAX_UB_STREAMS) and 4 for grouped GEMMs' compute streams
+# (common/util/multi_stream.cpp num_compute_streams), besides its own and
+# PyTorch's one each (GPU.cublas_workspace_bytes).
+UB_CUBLAS_WORKSPACES = 3
+GROUPED_GEMM_CUBLAS_WORKSPACES = 4
+# Mixed-precision Adam (Rajbhandari et al. 2020, ZeRO, sec. 3.1): fp32 master
+# weights and the two moments, sharded by Megatron's distributed optimizer
+# (megatron/core/optimizer/distrib_optimizer.py) or ZeRO.
+OPTIMIZER_BYTES = 12
+WEIGHT_BYTES = 2  # 16-bit weights and gradients
 # ZeRO-3 holds up to this many gathered parameters at once (DeepSpeed's
 # stage3_max_live_parameters default), in 16-bit.
 ZERO3_LIVE_PARAMS = 1_000_000_000
@@ -46,7 +85,7 @@ class StageParams:
     """Parameters on one GPU of a stage."""
 
     total: float
-    linear: float  # of which in GEMM weights (Transformer Engine caches them in fp8)
+    linear: float  # of which Transformer Engine GEMM weights (fp8 under fp8; not the output layer)
     expert: float  # of which routed experts: sharded and reduced over expert data parallel
 
 
@@ -105,7 +144,9 @@ def _chunks_params(model: ModelSpec, t: int, ep: int, etp: int, chunks: tuple[Ch
     if stage.head:
         other += model.norm_params()
         if not model.tied_embeddings or not stage.embedding:
-            linear += word_embedding
+            # The output layer is megatron-core's own ColumnParallelLinear,
+            # in 16-bit even under fp8 (GPTModel.output_layer).
+            other += word_embedding
         linear += model.mtp_layers * 2 * model.hidden_size**2 / t
     if stage.vision:
         # The encoder is split over TP like the language model (its norms and
@@ -114,8 +155,62 @@ def _chunks_params(model: ModelSpec, t: int, ep: int, etp: int, chunks: tuple[Ch
     return StageParams(total=linear + other, linear=linear, expert=expert)
 
 
-def model_state_bytes(params: StageParams, layout: Layout, framework: str) -> dict[str, float]:
-    """Weights, gradients and optimizer state for ``params`` on one GPU.
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of each part of the model state on one GPU, before
+    the optimizer's sharding."""
+
+    weight: float  # a 16-bit parameter (norms, embeddings, router, output layer)
+    gemm_weight: float  # a Transformer Engine GEMM weight as the model keeps it
+    fp8_copies: float  # TE's fp8 copies of a GEMM weight, kept across micro batches
+    grad: float  # the gradient buffer
+    gemm_gather: float  # a GEMM weight as the distributed optimizer all-gathers it
+    optimizer: float = OPTIMIZER_BYTES
+
+    @classmethod
+    def of(cls, framework: str, precision: str, features: Features, gpu: GPU, distributed_optimizer: bool = True) -> StateBytes:
+        """Megatron keeps its gradient buffer in fp32 (grad_reduce_in_fp32)
+        or in the parameters' dtype (megatron/core/distributed/
+        distributed_data_parallel.py: ``grad_dtype = torch.float if
+        grad_reduce_in_fp32 else param.dtype``); DeepSpeed's 16-bit.
+
+        Under fp8, Transformer Engine quantizes each GEMM weight row-wise and,
+        for the backward GEMMs, column-wise: a transpose on Hopper, nothing
+        more on Blackwell (one copy serves both layouts), a second copy with
+        its own scales (1 byte per 32 values) under MXFP8 (TE tensor/
+        float8_tensor.py, mxfp8_tensor.py). Megatron keeps that workspace
+        beside the bf16 weight across micro batches (TE linear.py
+        get_weight_workspace, cached unless --disable-parameter-transpose-
+        cache). With --fp8-param-gather the weight itself is the fp8 tensor
+        (1 byte in the DDP buffer, megatron/core/distributed/
+        param_and_grad_buffer.py) and only its transpose is extra (TE
+        tensor/utils.py post_all_gather_processing); MXFP8 weights keep both
+        directions, their bf16 all-gather reusing the gradient buffer
+        (--reuse-grad-buf-for-mxfp8-param-ag). The all-gather then moves the
+        fp8 bytes, or, for MXFP8, the bf16 values. Megatron gathers fp8
+        parameters only with the distributed optimizer (validate_args), so
+        ``fp8_param_gather`` holds for layouts that have it."""
+        param_gather = features.fp8_param_gather and distributed_optimizer
+        grad = 4 if framework == "megatron" and features.grad_reduce_in_fp32 else WEIGHT_BYTES
+        if precision != "fp8":
+            return cls(weight=WEIGHT_BYTES, gemm_weight=WEIGHT_BYTES, fp8_copies=0.0, grad=grad, gemm_gather=WEIGHT_BYTES)
+        if features.fp8_recipe == "mxfp8":
+            both_directions = 2 * (1 + 1 / 32)
+            gemm_weight = 0.0 if param_gather else WEIGHT_BYTES
+            return cls(weight=WEIGHT_BYTES, gemm_weight=gemm_weight, fp8_copies=both_directions, grad=grad, gemm_gather=WEIGHT_BYTES)
+        transpose = 0.0 if gpu.fp8_gemm_any_layout else 1.0
+        if param_gather:
+            return cls(weight=WEIGHT_BYTES, gemm_weight=1.0, fp8_copies=transpose, grad=grad, gemm_gather=1.0)
+        return cls(weight=WEIGHT_BYTES, gemm_weight=WEIGHT_BYTES, fp8_copies=1.0 + transpose, grad=grad, gemm_gather=WEIGHT_BYTES)
+
+    def gathered_bytes(self, params: StageParams) -> float:
+        """What the distributed optimizer all-gathers of ``params`` after the step."""
+        return (params.total - params.linear) * self.weight + params.linear * self.gemm_gather
+
+
+def model_state_bytes(params: StageParams, layout: Layout, state: StateBytes) -> dict[str, float]:
+    """Weights, fp8 weight copies, gradients and optimizer state for
+    ``params`` on one GPU.
 
     Megatron's distributed optimizer shards the optimizer state over DP (x CP),
     the experts' over expert data parallel; ZeRO-1 does the same, ZeRO-2 also
@@ -123,17 +218,32 @@ def model_state_bytes(params: StageParams, layout: Layout, framework: str) -> di
     shards = layout.optimizer_shards
     expert_shards = layout.expert_dp if shards > 1 else 1
     dense = params.total - params.expert
-    grads = dense * GRAD_BYTES[framework]
-    weights = dense * WEIGHT_BYTES
+    dense_gemm = params.linear - params.expert
+    weights = (dense - dense_gemm) * state.weight + dense_gemm * state.gemm_weight
+    copies = dense_gemm * state.fp8_copies
+    grads = dense * state.grad
     if layout.zero_stage >= 2:
         grads /= shards
     if layout.zero_stage >= 3:
         weights /= shards
+        copies /= shards
     return {
-        "weights": weights + params.expert * WEIGHT_BYTES,
-        "gradients": grads + params.expert * GRAD_BYTES[framework],
-        "optimizer_states": dense * OPTIMIZER_BYTES / shards + params.expert * OPTIMIZER_BYTES / expert_shards,
+        "weights": weights + params.expert * state.gemm_weight,
+        "fp8_weight_copies": copies + params.expert * state.fp8_copies,
+        "gradients": grads + params.expert * state.grad,
+        "optimizer_states": (dense / shards + params.expert / expert_shards) * state.optimizer,
     }
+
+
+def optimizer_step_bytes(params: StageParams, layout: Layout, state: StateBytes) -> float:
+    """During the step Megatron's optimizer makes an fp32 copy of a 16-bit
+    gradient shard (distrib_optimizer.py _copy_model_grads_to_main_grads:
+    ``shard_model_grad.float()``; a view when the buffer is fp32 already),
+    held until the next zero_grad."""
+    if state.grad >= 4 or layout.zero_stage:
+        return 0.0
+    shards = layout.optimizer_shards
+    return 4 * ((params.total - params.expert) / shards + params.expert / (layout.expert_dp if shards > 1 else 1))
 
 
 # --- activations in flight ------------------------------------------------
@@ -162,10 +272,40 @@ class StageMemory:
         return sum(self.breakdown_bytes.values())
 
 
-def process_groups(layout: Layout) -> int:
-    """NCCL communicators a rank holds (tp, cp, dp, pp, embedding, model-parallel ...)."""
-    degrees = [layout.tp, layout.cp, layout.dp, layout.pp, layout.dp * layout.cp]
-    return sum(1 for d in degrees if d > 1) + 1
+def communicators(layout: Layout, model: ModelSpec) -> int:
+    """NCCL communicators a rank runs collectives on in a step: TP, CP, the
+    gradient reduce over DP x CP, pipeline send/recv, the tied embeddings'
+    sync, MoE's token all-to-all, expert TP and the experts' reduce, and the
+    default group Megatron's start-up runs barriers on
+    (megatron/core/parallel_state.py initialize_model_parallel)."""
+    groups = [layout.tp, layout.cp, layout.dp * layout.cp, layout.pp, layout.ep, layout.etp]
+    if model.tied_embeddings and layout.pp > 1:
+        groups.append(2)
+    if model.moe is not None:
+        groups.append(layout.expert_dp)
+    return sum(1 for size in groups if size > 1) + 1
+
+
+def runtime_bytes(shape: Shape, layout: Layout, gpu: GPU, framework: str, allocated_per_microbatch: float) -> dict[str, float]:
+    """What the runtime holds beyond the model's tensors: the CUDA context,
+    cuBLAS workspaces (PyTorch's and Transformer Engine's, more with
+    userbuffers and grouped GEMMs), NCCL's buffers, TE's userbuffers for
+    --tp-comm-overlap, and the caching allocator's fragmentation on the
+    ``allocated_per_microbatch`` bytes allocated and freed every micro batch."""
+    megatron = framework == "megatron"
+    userbuffers = megatron and shape.features.tp_comm_overlap and layout.sequence_parallel and layout.tp > 1
+    workspaces = 1 + megatron * (1 + UB_CUBLAS_WORKSPACES * userbuffers + GROUPED_GEMM_CUBLAS_WORKSPACES * (shape.model.moe is not None))
+    tp_comm = 0.0
+    if userbuffers:
+        per_element = TP_COMM_BUFFER_BYTES_PER_ELEMENT["fp8" if shape.precision == "fp8" else "bf16"]
+        tp_comm = per_element * shape.micro_batch_size * shape.seq_length / shape.cp * shape.model.hidden_size
+    return {
+        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cublas_workspaces": workspaces * gpu.cublas_workspace_bytes,
+        "nccl_buffers": NCCL_COMMUNICATOR_BYTES * communicators(layout, shape.model),
+        "tp_comm_buffers": tp_comm,
+        "allocator_fragmentation": ALLOCATOR_SLACK_FRACTION * allocated_per_microbatch,
+    }
 
 
 def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
@@ -209,15 +349,12 @@ def held_activation_bytes(layout: Layout, stage_index: int, chunk_bytes: tuple[f
     return peak
 
 
-def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> StageMemory:
-    """Peak memory of one GPU of ``stage`` under Megatron's pipeline schedule."""
-    model = shape.model
-    params = stage_params(model, layout, stage)
-    state = model_state_bytes(params, layout, framework)
-    if shape.precision == "fp8":
-        state["weights"] += params.linear * (FP8_WEIGHT_CACHE_BYTES - WEIGHT_BYTES / 2) / (
-            layout.optimizer_shards if layout.zero_stage >= 3 else 1
-        )
+def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> StageMemory:
+    """Peak memory of one GPU (of type ``gpu``) of ``stage`` under Megatron's
+    pipeline schedule, term by term (module docstring)."""
+    params = stage_params(shape.model, layout, stage)
+    state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer)
+    state = model_state_bytes(params, layout, state_bytes)
 
     chunks = in_flight_chunks(layout, stage.index)
     # Micro batches (not chunks) in flight on this stage: the embedding and
@@ -239,9 +376,8 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str) -> 
         transient = max(transient, layer_activation_bytes(shape, recompute="none", moe=shape.model.moe is not None))
     if layout.zero_stage >= 3:
         transient += min(ZERO3_LIVE_PARAMS, params.total * layout.optimizer_shards) * WEIGHT_BYTES
-    framework_bytes = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
-    framework_bytes += ALLOCATOR_SLACK_FRACTION * (activations + transient)
-    return StageMemory(
-        stage=stage.index,
-        breakdown_bytes={**state, "activations": activations, "transient": transient, "framework": framework_bytes},
-    )
+    # The optimizer step holds no activations: its gradient copy binds only
+    # when it is larger than everything the backward held.
+    transient = max(transient, optimizer_step_bytes(params, layout, state_bytes) - activations)
+    runtime = runtime_bytes(shape, layout, gpu, framework, activations + transient)
+    return StageMemory(stage=stage.index, breakdown_bytes={**state, "activations": activations, "transient": transient, **runtime})

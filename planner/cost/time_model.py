@@ -19,7 +19,7 @@ from loom.planner.cost import layers
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core
 from loom.planner.cost.efficiency import memory_time_s
-from loom.planner.cost.memory import GRAD_BYTES, WEIGHT_BYTES, stage_params
+from loom.planner.cost.memory import WEIGHT_BYTES, StageParams, StateBytes, stage_params
 from loom.planner.cost.network import Links
 from loom.planner.cost.shape import ACT_BYTES, Shape
 from loom.planner.specs.job import Job
@@ -196,21 +196,30 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> 
     """Dense parameters reduce over DP x CP; routed experts over expert data
     parallel, on their own group's link (Megatron's expert DDP buffers)."""
     params = stage_params(job.model, layout, stage)
-    dense_reduce, dense_gather = _reduce_and_gather_s(job, layout, params.total - params.expert, layout.dp * layout.cp, links.dp)
-    expert_reduce, expert_gather = _reduce_and_gather_s(job, layout, params.expert, layout.expert_dp, links.expert_dp)
+    state = _state_bytes(job, layout)
+    experts = StageParams(total=params.expert, linear=params.expert, expert=params.expert)
+    dense = StageParams(total=params.total - params.expert, linear=params.linear - params.expert, expert=0.0)
+    dense_reduce, dense_gather = _reduce_and_gather_s(layout, dense.total * state.grad, state.gathered_bytes(dense), layout.dp * layout.cp, links.dp)
+    expert_reduce, expert_gather = _reduce_and_gather_s(layout, experts.total * state.grad, state.gathered_bytes(experts), layout.expert_dp, links.expert_dp)
     n = layout.dp * layout.cp
     return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total))
 
 
-def _reduce_and_gather_s(job: Job, layout: Layout, params: float, n: int, link: Link) -> tuple[float, float]:
-    if n == 1 or params == 0:
+def _state_bytes(job: Job, layout: Layout) -> StateBytes:
+    """Bytes per parameter of gradients and gathered weights (memory.StateBytes)."""
+    return StateBytes.of(job.framework, job.precision, job.features, job.cluster.slowest.gpu, layout.distributed_optimizer)
+
+
+def _reduce_and_gather_s(layout: Layout, grad_bytes: float, gather_bytes: float, n: int, link: Link) -> tuple[float, float]:
+    """The gradient reduce of ``grad_bytes`` and the parameter all-gather of
+    ``gather_bytes`` (distributed optimizer or ZeRO) over ``n`` ranks."""
+    if n == 1 or grad_bytes == 0:
         return 0.0, 0.0
-    grad_bytes = params * GRAD_BYTES[job.framework]
     if layout.distributed_optimizer or layout.zero_stage >= 1:
         # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers after
         # the step (see _zero_microbatch_comm_s).
         reduce = reduce_scatter_s(grad_bytes, n, link) if layout.zero_stage < 2 else 0.0
-        gather = all_gather_s(params * WEIGHT_BYTES, n, link) if layout.zero_stage < 3 else 0.0
+        gather = all_gather_s(gather_bytes, n, link) if layout.zero_stage < 3 else 0.0
         return reduce, gather
     return all_reduce_s(grad_bytes, n, link), 0.0
 
@@ -227,7 +236,7 @@ def _embedding_sync_s(job: Job, layout: Layout, links: Links) -> float:
     if layout.pp == 1 or not job.model.tied_embeddings:
         return 0.0
     word_embedding = job.model.vocab_size * job.model.hidden_size / layout.tp
-    return all_reduce_s(word_embedding * GRAD_BYTES[job.framework], 2, links.embedding)
+    return all_reduce_s(word_embedding * _state_bytes(job, layout).grad, 2, links.embedding)
 
 
 def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) -> float:
@@ -248,7 +257,7 @@ def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links
         return 0.0
     params = stage_params(job.model, layout, stage).total
     n = layout.dp * layout.cp
-    comm = reduce_scatter_s(params * GRAD_BYTES[job.framework], n, links.dp)
+    comm = reduce_scatter_s(params * _state_bytes(job, layout).grad, n, links.dp)
     unhidden = 0.0
     if layout.zero_stage >= 3:
         gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp)

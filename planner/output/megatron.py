@@ -41,7 +41,7 @@ def megatron_args(job: Job, layout: Layout, stages: list[Stage]) -> list[str]:
         *_parallel_args(job.model, layout, stages),
         *_recompute_args(layout),
         *_overlap_args(job, layout),
-        *_precision_args(job),
+        *_precision_args(job, layout),
         *_training_args(job, layout),
     ]
 
@@ -266,12 +266,31 @@ def _overlap_args(job: Job, layout: Layout) -> list[str]:
     return args
 
 
-def _precision_args(job: Job) -> list[str]:
-    """fp8 keeps bf16 weights and runs Transformer Engine GEMMs in fp8 with the
-    hybrid format (e4m3 forward, e5m2 gradients)."""
-    precision = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"]}[job.precision]
-    backend = "flash" if job.features.flash_attention else "unfused"
-    return [*precision, "--attention-backend", backend]
+def _precision_args(job: Job, layout: Layout) -> list[str]:
+    """Precision and what the stack keeps in which dtype (job.Features):
+    fp8 runs Transformer Engine GEMMs with the hybrid format (e4m3 forward,
+    e5m2 gradients) and the job's scaling recipe, with fp8 primary weights
+    under --fp8-param-gather (Megatron allows it with the distributed
+    optimizer only; MXFP8 then reuses the gradient buffer for the bf16
+    all-gather, which Megatron-Bridge requires). The gradient buffer is fp32
+    by --accumulate-allreduce-grads-in-fp32 (Megatron-LM turns it on itself
+    for bf16, not for fp16), or bf16 by --grad-reduce-in-bf16."""
+    features = job.features
+    args = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"]}[job.precision]
+    if job.precision == "fp8":
+        args += ["--fp8-recipe", features.fp8_recipe]
+        if features.fp8_param_gather and layout.distributed_optimizer:
+            args.append("--fp8-param-gather")
+            if features.fp8_recipe == "mxfp8":
+                args.append("--reuse-grad-buf-for-mxfp8-param-ag")
+    if features.grad_reduce_in_fp32:
+        args.append("--accumulate-allreduce-grads-in-fp32")
+    elif job.precision != "fp16":
+        args.append("--grad-reduce-in-bf16")
+    if features.cross_entropy_fusion != "none":
+        args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", features.cross_entropy_fusion]
+    backend = "flash" if features.flash_attention else "unfused"
+    return [*args, "--attention-backend", backend]
 
 
 def _training_args(job: Job, layout: Layout) -> list[str]:

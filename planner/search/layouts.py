@@ -143,7 +143,7 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     alike = even and not job.cluster.heterogeneous and not (job.model.moe and job.model.moe.first_dense_layers)
     candidates = {0, len(stages) - 1} if alike else range(len(stages))
     return max(
-        (_Fullest(stage_memory(shape, layout, stages[s], job.framework).peak_bytes, gpus[s].memory_bytes) for s in candidates),
+        (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes) for s in candidates),
         key=lambda fullest: fullest.peak_bytes / fullest.capacity_bytes,
     )
 

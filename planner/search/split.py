@@ -22,15 +22,7 @@ from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes, shape_of
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
-from loom.planner.cost.memory import (
-    ALLOCATOR_SLACK_FRACTION,
-    CUDA_CONTEXT_BYTES,
-    NCCL_COMMUNICATOR_BYTES,
-    in_flight_chunks,
-    model_state_bytes,
-    process_groups,
-    stage_params,
-)
+from loom.planner.cost.memory import ALLOCATOR_SLACK_FRACTION, StateBytes, in_flight_chunks, model_state_bytes, runtime_bytes, stage_params
 from loom.planner.specs.stages import Chunk, Placement, Stage, default_placement, split_stages, stage_block_placement
 from loom.planner.cost.network import Links
 from loom.planner.cost.time_model import chunk_time
@@ -45,11 +37,12 @@ class Split:
     solution: Partition
 
 
-def _piece_state_bytes(job: Job, layout: Layout, chunk: Chunk) -> float:
-    """Weights, gradients and optimizer state of one piece (a one-layer,
-    embedding-only or head-only chunk) on one GPU."""
+def _piece_state_bytes(job: Job, layout: Layout, chunk: Chunk, gpu: GPU) -> float:
+    """Weights, fp8 copies, gradients and optimizer state of one piece (a
+    one-layer, embedding-only or head-only chunk) on one GPU."""
     piece = Stage(index=0, chunks=(chunk,), ranks=(0,))
-    return sum(model_state_bytes(stage_params(job.model, layout, piece), layout, job.framework).values())
+    state = StateBytes.of(job.framework, job.precision, job.features, gpu, layout.distributed_optimizer)
+    return sum(model_state_bytes(stage_params(job.model, layout, piece), layout, state).values())
 
 
 def _device_groups(job: Job, layout: Layout) -> list[GPU]:
@@ -75,7 +68,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         return Layer(
             forward_s=cost.forward_s,
             backward_s=cost.backward_s,
-            state_bytes=_piece_state_bytes(job, layout, chunk),
+            state_bytes=_piece_state_bytes(job, layout, chunk, reference),
             activation_bytes=activation_bytes * (1 + ALLOCATOR_SLACK_FRACTION),
         )
 
@@ -100,7 +93,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     head_bytes = head_activation_bytes(shape) + head_transient(shape)
     head = layer(Chunk(0, 0, head=True), head_bytes if groups_move else 0.0)
 
-    fixed = CUDA_CONTEXT_BYTES + NCCL_COMMUNICATOR_BYTES * process_groups(layout)
+    fixed = sum(runtime_bytes(shape, layout, reference, job.framework, 0.0).values())
     if layout.recompute == "full":
         fixed += layer_activation_bytes(shape, "none", moe=model.moe is not None) * (1 + ALLOCATOR_SLACK_FRACTION)
     reference_layer_s = decoders[0].work_s

@@ -24,6 +24,7 @@ from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.files import StrictModel, read_mapping, validate
 from loom.planner.specs.model import ModelSpec, load_model
+from loom.planner.specs.stacks import DEFAULT_STACK, STACKS
 from loom.profiles.catalogue import find_gpu
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
 
@@ -32,13 +33,19 @@ DEFAULT_JOB = EXAMPLES_DIR / "llama3-8b-h100.yaml"
 
 Precision = Literal["bf16", "fp16", "fp8"]
 Framework = Literal["megatron", "deepspeed"]
+Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
+CrossEntropyFusion = Literal["none", "native", "te"]
+StackName = Literal["megatron-lm", "megatron-bridge"]
 
 
 class Features(StrictModel):
-    """Framework features that change the time model, not the layout.
+    """Framework features that change the time and memory models, not the layout.
 
-    Defaults are what current Megatron-Core with Transformer Engine runs; set
-    them off to model an older stack (e.g. the 2021 SC'21 runs had none)."""
+    Defaults are what Megatron-LM's own arguments run with current
+    Megatron-Core and Transformer Engine (the ``megatron-lm`` stack); a job's
+    ``stack`` presets them as another stack does (stacks.py), and set
+    features win. Set them off to model an older stack (e.g. the 2021 SC'21
+    runs had none)."""
 
     flash_attention: bool = True
     overlap_grad_reduce: bool = True  # --overlap-grad-reduce
@@ -47,6 +54,19 @@ class Features(StrictModel):
     # MoE: the busiest GPU's routed tokens over the mean (1 = perfectly
     # balanced); `loom experts` reports it for measured loads.
     moe_load_imbalance: float = pydantic.Field(default=1.0, ge=1.0)
+    # Megatron's gradient buffer in fp32 (--accumulate-allreduce-grads-in-fp32,
+    # on by default for bf16) or in the parameters' dtype (--grad-reduce-in-bf16).
+    grad_reduce_in_fp32: bool = True
+    # Transformer Engine's fp8 scaling (--fp8-recipe): per-tensor delayed or
+    # current ("tensorwise"), MXFP8 blocks of 32, or DeepSeek-style 128-blocks.
+    fp8_recipe: Fp8Recipe = "delayed"
+    # fp8 primary weights, all-gathered in fp8 (--fp8-param-gather; needs the
+    # distributed optimizer): no bf16 copy of the GEMM weights.
+    fp8_param_gather: bool = False
+    # The loss: Megatron's unfused vocab-parallel cross-entropy, its native
+    # fused one, or Transformer Engine's (--cross-entropy-loss-fusion
+    # --cross-entropy-fusion-impl native|te).
+    cross_entropy_fusion: CrossEntropyFusion = "none"
 
 
 Auto = Literal["auto"]
@@ -76,6 +96,7 @@ class JobFile(StrictModel):
     precision: Precision = "bf16"
     optimizer: Literal["adam"] = "adam"
     framework: Framework = "megatron"
+    stack: StackName = DEFAULT_STACK  # feature presets of a training stack (stacks.py)
     features: Features = Features()
     search: SearchFile = SearchFile()
     top_k: pydantic.PositiveInt = 5
@@ -103,6 +124,7 @@ class Job:
     precision: str = "bf16"
     optimizer: str = "adam"
     framework: str = "megatron"
+    stack: str = DEFAULT_STACK
     features: Features = field(default_factory=Features)
     search: SearchFile = field(default_factory=SearchFile)
     top_k: int = 5
@@ -152,7 +174,8 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
         precision=spec.precision,
         optimizer=spec.optimizer,
         framework=spec.framework,
-        features=spec.features,
+        stack=spec.stack,
+        features=stack_features(spec.stack, spec.features),
         search=spec.search,
         top_k=spec.top_k,
         train_iters=spec.train_iters,
@@ -160,6 +183,11 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     )
     check_job(job)
     return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
+
+
+def stack_features(stack: str, features: Features) -> Features:
+    """``features`` over the presets of ``stack``: the fields the job set win."""
+    return Features(**{**STACKS[stack].features, **features.model_dump(include=features.model_fields_set)})
 
 
 def check_job(job: Job) -> None:

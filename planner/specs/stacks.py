@@ -1,0 +1,55 @@
+"""Training stacks: the feature defaults a framework release runs with, as
+named presets a job picks with ``stack:`` (or ``--stack``). A job's own
+``features:`` entries win over its stack's.
+
+The same Megatron-Core runs with different defaults depending on who drives
+it: Megatron-LM's ``pretrain_gpt.py`` arguments, or NVIDIA's performance
+recipes (NeMo / Megatron-Bridge). They differ in what changes memory and
+time most: the gradient buffer's dtype, fp8 weights and the fused loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Feature values (fields of ``job.Features``) and where each comes from."""
+
+    name: str
+    features: dict[str, object]
+    source: str
+
+
+STACKS = {
+    stack.name: stack
+    for stack in (
+        Stack(
+            name="megatron-lm",
+            # Megatron-LM core_v0.16.1, megatron/training/arguments.py:
+            # validate_args turns --accumulate-allreduce-grads-in-fp32 on for
+            # bf16 unless --grad-reduce-in-bf16; --fp8-recipe defaults to
+            # delayed; --fp8-param-gather, --tp-comm-overlap and
+            # --cross-entropy-loss-fusion are off unless given.
+            features=dict(grad_reduce_in_fp32=True, fp8_recipe="delayed", fp8_param_gather=False,
+                          cross_entropy_fusion="none", tp_comm_overlap=False),
+            source="Megatron-LM core_v0.16.1 megatron/training/arguments.py (argument defaults, validate_args)",
+        ),
+        Stack(
+            name="megatron-bridge",
+            # Megatron-Bridge v0.3.1 performance recipes
+            # (scripts/performance/configs/*/*_llm_pretrain.py set
+            # ddp.grad_reduce_in_fp32 = False; utils/precision.py picks
+            # bf16_with_fp8_current_scaling_mixed: fp8_recipe "tensorwise",
+            # fp8_param_gather True; utils/overrides.py sets
+            # cross_entropy_fusion_impl "te"; the Llama recipes'
+            # CommOverlapConfig(tp_comm_overlap=True)).
+            features=dict(grad_reduce_in_fp32=False, fp8_recipe="tensorwise", fp8_param_gather=True,
+                          cross_entropy_fusion="te", tp_comm_overlap=True),
+            source="Megatron-Bridge v0.3.1 scripts/performance (perf recipes: grad_reduce_in_fp32 False, "
+                   "fp8 current scaling with fp8_param_gather, TE fused cross-entropy, TP comm overlap)",
+        ),
+    )
+}
+DEFAULT_STACK = "megatron-lm"
