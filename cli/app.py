@@ -7,6 +7,7 @@ renders and maps errors to exit codes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,7 +23,7 @@ from loom.cli.profile import profile_app
 from loom.cli.render import explain_tables, show
 from loom.planner.output.files import write_atomically
 from loom.planner.output.launch import launch_files
-from loom.planner.specs.errors import SpecError
+from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import load_job
 from loom.planner.specs.layout import Layout
@@ -31,7 +32,9 @@ from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import Report, SearchInfo, build_report, report_json
 from loom.planner.schedule.simulate import SCHEDULES, simulate
 from loom.planner.specs.files import read_json
+from loom.planner.search.fixes import cheapest_fix
 from loom.planner.search.layouts import search
+from loom.planner.cost.memory import GiB
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
 app.add_typer(profile_app, name="profile")
@@ -46,6 +49,7 @@ SeqOpt = Annotated[Optional[int], typer.Option(help="Sequence length (tokens).")
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8")]
 FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed")]
 StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge.")]
+HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leaves free: a fraction of capacity (0.05) or a size ('4 GiB').")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
 GateOpt = Annotated[Optional[list[str]], typer.Option(help="Exit 1 unless the best plan meets e.g. mfu>=0.4 (repeatable).")]
@@ -77,6 +81,40 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
         raise typer.Exit(1)
 
 
+def _show(plan_: Plan, info: SearchInfo, as_json: bool) -> None:
+    """The report or the table of one plan, on stdout."""
+    job = plan_.job
+    if as_json:
+        typer.echo(report_json(build_report([plan_], info)), nl=False)
+    else:
+        show(Console(), [plan_], f"{job.model.name} on {job.cluster.num_gpus} x {job.cluster.slowest.gpu.name} ({job.framework})")
+
+
+def _does_not_fit(job, plan_: Plan) -> str:
+    """What binds, how much is missing and the cheapest single change that fits."""
+    stage, capacity = plan_.peak_memory, plan_.capacity_bytes
+    short = (stage.peak_bytes - capacity) / GiB
+    terms = sorted(stage.breakdown_bytes.items(), key=lambda item: -item[1])[:3]
+    largest = ", ".join(f"{name} {value / GiB:.1f}" for name, value in terms)
+    message = (f"{plan_.layout.label()} does not fit: stage {stage.stage} needs {stage.peak_bytes / GiB:.1f} GiB of a "
+               f"{capacity / GiB:.1f} GiB GPU, {short:.1f} GiB short (largest: {largest} GiB)")
+    fix = cheapest_fix(job, plan_.layout)
+    if fix is None:
+        return message + "; no single change of one knob fits: loom plan searches them all"
+    flags, fixed = fix
+    return message + f"; the cheapest single change that fits: {flags} ({fixed.layout.label()}, {fixed.step_time_s:.3f} s per step)"
+
+
+def _headroom(text: str | None) -> float | str | None:
+    """--memory-headroom as the job field takes it: a number or a size string."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _paths(paths: list[Path] | None) -> list[str] | None:
     """--profile files as job-file overrides (None: keep the file's own)."""
     return [str(path) for path in paths] if paths else None
@@ -99,6 +137,7 @@ def plan(
     precision: PrecisionOpt = None,
     framework: FrameworkOpt = None,
     stack: StackOpt = None,
+    memory_headroom: HeadroomOpt = None,
     top_k: Annotated[Optional[int], typer.Option(help="How many plans to keep.")] = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -109,11 +148,14 @@ def plan(
     gates = gate or []
 
     def action() -> None:
-        for text in gates:
-            parse_gate(text)  # bad gates are bad input: fail before searching
+        parsed = [parse_gate(text) for text in gates]  # bad gates are bad input: fail before searching
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack, top_k=top_k,
-                                      profiles=_paths(profile)))
+                                      profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))
+        # A memory-headroom gate is a constraint of the search, not a check of its winner.
+        for gate_ in parsed:
+            if gate_.metric == "memory_headroom" and gate_.op in (">=", ">"):
+                job = replace(job, memory_headroom=job.memory_headroom.at_least(gate_.threshold))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -134,6 +176,7 @@ def evaluate(
     precision: PrecisionOpt = None,
     framework: FrameworkOpt = None,
     stack: StackOpt = None,
+    memory_headroom: HeadroomOpt = None,
     tp: Annotated[int, typer.Option(min=1)] = 1,
     pp: Annotated[int, typer.Option(min=1)] = 1,
     dp: Annotated[Optional[int], typer.Option(min=1, help="Default: the rest of the cluster's GPUs.")] = None,
@@ -159,7 +202,7 @@ def evaluate(
             parse_gate(text)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack,
-                                      profiles=_paths(profile)))
+                                      profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
         data_parallel = dp if dp is not None else max(1, job.cluster.num_gpus // (tp * pp * cp))
@@ -169,9 +212,16 @@ def evaluate(
             zero_stage=zero_stage,
             distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,
         )
-        plan_ = place(evaluate_layout(job, layout, source="evaluate flags"))
+        plan_ = evaluate_layout(job, layout, source="evaluate flags")
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
-        _finish([plan_], info, out, as_json, gates)
+        if not plan_.fits:
+            _show(plan_, info, as_json)
+            raise InfeasibleError(_does_not_fit(job, plan_))
+        if not plan_.leaves_headroom:
+            stage, capacity = plan_.peak_memory, plan_.capacity_bytes
+            err.print(f"[yellow]warning:[/yellow] stage {stage.stage} leaves {(capacity - stage.peak_bytes) / GiB:.1f} GiB free, "
+                      f"less than the {job.memory_headroom} memory headroom (--memory-headroom)")
+        _finish([place(plan_)], info, out, as_json, gates)
 
     run(action)
 

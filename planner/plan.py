@@ -76,7 +76,17 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """Every stage's peak within what its GPUs' allocator can hand out."""
         return self.memory_headroom >= 0.0
+
+    @property
+    def leaves_headroom(self) -> bool:
+        """Every stage leaves the job's ``memory_headroom`` free: what the
+        search recommends."""
+        return all(
+            memory.peak_bytes <= self.job.memory_headroom.usable(capacity)
+            for memory, capacity in zip(self.memory, self.stage_capacity_bytes)
+        )
 
 
 def evaluate(job: Job, layout: Layout, source: str = "layout") -> Plan:

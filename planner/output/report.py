@@ -18,7 +18,7 @@ from loom.planner.cost.layers import shape_of, sources
 from loom.planner.plan import Plan
 from loom.planner.schedule.simulate import ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 
@@ -74,8 +74,10 @@ class Predicted(pydantic.BaseModel):
 
 class Memory(pydantic.BaseModel):
     peak_bytes_per_gpu: float
-    capacity_bytes: int
-    headroom: float
+    capacity_bytes: int = pydantic.Field(description="what PyTorch's allocator can hand out on the peak stage's GPU (torch total_memory)")
+    headroom: float = pydantic.Field(description="fraction of capacity left free on the fullest stage")
+    required_headroom_bytes: float = pydantic.Field(default=0.0, description="what the job's memory_headroom asks to leave free on that GPU")
+    fits: bool = pydantic.Field(default=True, description="every stage's peak within its GPU's capacity")
     peak_stage: int
     breakdown_bytes: dict[str, float] = pydantic.Field(description="of the peak stage")
     per_stage_peak_bytes: list[float]
@@ -177,6 +179,8 @@ def plan_report(plan: Plan) -> PlanReport:
             peak_bytes_per_gpu=peak.peak_bytes,
             capacity_bytes=plan.capacity_bytes,
             headroom=plan.memory_headroom,
+            required_headroom_bytes=plan.job.memory_headroom.of(plan.capacity_bytes),
+            fits=plan.fits,
             peak_stage=peak.stage,
             breakdown_bytes=peak.breakdown_bytes,
             per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],

@@ -122,18 +122,24 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
 
 @dataclass(frozen=True)
 class _Fullest:
-    """The fullest stage of a layout: its peak bytes and its GPU's capacity."""
+    """The fullest stage of a layout: its peak bytes, its GPU's capacity and
+    what of it a plan may use (capacity less the job's memory headroom)."""
 
     peak_bytes: float
     capacity_bytes: float
+    usable_bytes: float
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.capacity_bytes
+        return self.peak_bytes <= self.usable_bytes
+
+    @property
+    def fullness(self) -> float:
+        return self.peak_bytes / self.usable_bytes
 
 
 def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> _Fullest:
-    """The stage closest to (or furthest over) its GPU's memory. On a uniform
+    """The stage closest to (or furthest over) its GPU's usable memory. On a uniform
     cluster with an exactly even split the first stage holds the most
     activations (pp micro batches) and the embedding, the last the LM head:
     only they are checked. Otherwise every stage is."""
@@ -143,8 +149,9 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     alike = even and not job.cluster.heterogeneous and not (job.model.moe and job.model.moe.first_dense_layers)
     candidates = {0, len(stages) - 1} if alike else range(len(stages))
     return max(
-        (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes) for s in candidates),
-        key=lambda fullest: fullest.peak_bytes / fullest.capacity_bytes,
+        (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes,
+                  job.memory_headroom.usable(gpus[s].memory_bytes)) for s in candidates),
+        key=lambda fullest: fullest.fullness,
     )
 
 
@@ -183,10 +190,10 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
         stages = uniform_stages(job.model, layout)
         gpus = stage_gpus(job.cluster, placement, stages)
         fullest = fullest_stage(job, layout, stages, gpus)
-        if smallest is None or fullest.peak_bytes / fullest.capacity_bytes < smallest[0].peak_bytes / smallest[0].capacity_bytes:
+        if smallest is None or fullest.fullness < smallest[0].fullness:
             smallest = (fullest, layout)
         splittable = job.framework == "megatron" and layout.pp > 1
-        if fullest.fits or (splittable and fullest.peak_bytes <= NEAR_FIT * fullest.capacity_bytes):
+        if fullest.fits or (splittable and fullest.peak_bytes <= NEAR_FIT * fullest.usable_bytes):
             candidate = _Scored(step_time(job, layout, stages, gpus).step_time_s, fullest.peak_bytes, layout)
             (scored if fullest.fits else near).append(candidate)
     if progress:
@@ -230,7 +237,7 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
                 # proven optima are used, so the same inputs give the same plan.
                 if split.solution.status == "optimal":
                     options.append(build_plan(job, layout, split.stages, split.placement))
-        fitting = [plan for plan in options if plan.fits]
+        fitting = [plan for plan in options if plan.leaves_headroom]
         if fitting:
             plans.append(min(fitting, key=lambda plan: plan.step_time_s))
     return plans, solves
@@ -242,7 +249,8 @@ def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Co
         gpus = " + ".join(sorted({node.gpu.name for node in job.cluster.nodes}))
         return (
             f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpus}: the smallest "
-            f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU"
+            f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "
+            f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom"
         )
     if not rejected:
         return f"the search space of {job.source} leaves no layout for {job.cluster.num_gpus} GPUs (check the search: lists)"

@@ -102,7 +102,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         last = g == layout.pp - 1 and not groups_move
         devices.append(StageDevice(
             speed=chunk_time(shape, layout, Chunk(0, 1), gpu, links, job).total_s / reference_layer_s,
-            capacity_bytes=gpu.memory_bytes,
+            capacity_bytes=job.memory_headroom.usable(gpu.memory_bytes),
             fixed_bytes=fixed + (head_bytes * (1 + ALLOCATOR_SLACK_FRACTION) if last else 0.0),
         ))
     return PartitionProblem(

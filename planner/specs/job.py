@@ -23,6 +23,7 @@ import pydantic
 from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.files import StrictModel, read_mapping, validate
+from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
 from loom.planner.specs.model import ModelSpec, load_model
 from loom.planner.specs.stacks import DEFAULT_STACK, STACKS
 from loom.profiles.catalogue import find_gpu
@@ -102,6 +103,14 @@ class JobFile(StrictModel):
     top_k: pydantic.PositiveInt = 5
     train_iters: pydantic.PositiveInt = 1000
     profiles: list[str] = []  # loom profile layers/gemm outputs, relative to this file
+    # What every plan leaves free on each GPU: a fraction of capacity or a size ("4 GiB").
+    memory_headroom: float | str = DEFAULT_FRACTION
+
+    @pydantic.field_validator("memory_headroom")
+    @classmethod
+    def _headroom(cls, value: float | str) -> float | str:
+        parse_headroom(value)  # raises ValueError with what was expected
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,6 +141,7 @@ class Job:
     source: str = "<job>"
     layer_profile: LayerProfile | None = None  # measured layers in place of estimates
     profiles: tuple[str, ...] = ()  # the profile files applied
+    memory_headroom: MemoryHeadroom = DEFAULT_HEADROOM  # what every plan leaves free (headroom.py)
 
     @property
     def params_dtype_bytes(self) -> int:
@@ -180,6 +190,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
         top_k=spec.top_k,
         train_iters=spec.train_iters,
         source=source,
+        memory_headroom=parse_headroom(spec.memory_headroom),
     )
     check_job(job)
     return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])

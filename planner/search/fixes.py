@@ -1,0 +1,61 @@
+"""When a layout does not fit: the cheapest change of one knob that makes it
+fit, which ``loom evaluate`` suggests beside what binds.
+
+The candidates are the knobs a Megatron or DeepSpeed user turns first when a
+job runs out of memory, each changed alone: more recomputation, the
+distributed optimizer or the next ZeRO stage, a smaller micro batch, less
+interleaving, sequence parallelism, and twice the tensor, pipeline or
+context parallelism in place of data parallelism (the GPU count stays).
+Each is priced whole (time and memory); the fastest one that leaves the
+job's memory headroom is the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from loom.planner.plan import Plan, build_plan
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.rules import layout_problems
+
+
+def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
+    """(the flags that make the change, the changed layout) for every knob
+    that can move towards less memory, whether or not the result is valid."""
+    changes: list[tuple[str, Layout]] = []
+    for recompute in ("selective", "full")[("none", "selective", "full").index(layout.recompute):]:
+        if recompute != layout.recompute:
+            changes.append((f"--recompute {recompute}", replace(layout, recompute=recompute)))
+    if job.framework == "megatron" and not layout.distributed_optimizer:
+        changes.append(("--distributed-optimizer", replace(layout, distributed_optimizer=True)))
+    if job.framework == "deepspeed" and layout.zero_stage < 3:
+        changes.append((f"--zero-stage {layout.zero_stage + 1}", replace(layout, zero_stage=layout.zero_stage + 1)))
+    if layout.micro_batch_size > 1:
+        changes.append((f"--mbs {layout.micro_batch_size // 2}", replace(layout, micro_batch_size=layout.micro_batch_size // 2)))
+    if layout.vpp > 1:
+        changes.append(("--vpp 1", replace(layout, vpp=1)))
+    if layout.tp > 1 and not layout.sequence_parallel:
+        changes.append(("--sequence-parallel", replace(layout, sequence_parallel=True)))
+    if layout.dp % 2 == 0:
+        half = layout.dp // 2
+        changes.append((f"--tp {2 * layout.tp} --dp {half}", replace(layout, tp=2 * layout.tp, dp=half, sequence_parallel=True)))
+        changes.append((f"--pp {2 * layout.pp} --dp {half}", replace(layout, pp=2 * layout.pp, dp=half)))
+        changes.append((f"--cp {2 * layout.cp} --dp {half}", replace(layout, cp=2 * layout.cp, dp=half)))
+    return changes
+
+
+def cheapest_fix(job: Job, layout: Layout) -> tuple[str, Plan] | None:
+    """The fastest single change of ``layout`` whose plan leaves the job's
+    memory headroom, with its flags; None when no single change does."""
+    found: list[tuple[float, str, Plan]] = []
+    for flags, changed in single_changes(job, layout):
+        if layout_problems(job, changed):
+            continue
+        plan = build_plan(job, changed)
+        if plan.leaves_headroom:
+            found.append((plan.step_time_s, flags, plan))
+    if not found:
+        return None
+    _, flags, plan = min(found, key=lambda item: (item[0], item[1]))
+    return flags, plan

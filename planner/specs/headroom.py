@@ -1,0 +1,70 @@
+"""The memory a plan must leave free on every GPU (``memory_headroom`` in a
+job, ``--memory-headroom`` on the command line): a fraction of the GPU's
+capacity (``0.05``) or a size (``"4 GiB"``).
+
+Why a default of 5%: loom's memory model matches what Megatron-Core's own
+CI measures to within 1% (tests/test_memory.py), but a job's reserved
+memory exceeds its allocated memory by the caching allocator's
+fragmentation, which depends on the workload: 2.3% of 78 GiB measured in
+vllm-project/compressed-tensors#587, and a Llama-3 70B run in
+Megatron-Bridge that ran out of memory at 58.8 of 80 GB allocated until
+expandable segments were turned on (Megatron-Bridge PR #3107). NCCL also
+grows its buffers at run time (an all-to-all added 3.3 GB on 8 H100s,
+NVIDIA/nccl#1685). 5% of an H100 is 4 GiB.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+GiB = 1024**3
+DEFAULT_FRACTION = 0.05
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MemoryHeadroom:
+    """The larger of a fraction of each GPU's capacity and a fixed size."""
+
+    fraction: float = 0.0
+    bytes_: float = 0.0
+
+    def of(self, capacity_bytes: float) -> float:
+        """Bytes to leave free on a GPU of ``capacity_bytes``."""
+        return max(self.fraction * capacity_bytes, self.bytes_)
+
+    def usable(self, capacity_bytes: float) -> float:
+        """What a plan may use of a GPU of ``capacity_bytes``."""
+        return capacity_bytes - self.of(capacity_bytes)
+
+    def at_least(self, fraction: float) -> MemoryHeadroom:
+        """This headroom, or ``fraction`` of capacity where that is more: how
+        a ``--gate memory_headroom>=X`` tightens the job's own."""
+        return MemoryHeadroom(fraction=max(self.fraction, fraction), bytes_=self.bytes_)
+
+    def __str__(self) -> str:
+        parts = ([f"{self.fraction:.0%}"] if self.fraction else []) + ([f"{self.bytes_ / GiB:g} GiB"] if self.bytes_ else [])
+        return " or ".join(parts) or "0"
+
+
+def parse_headroom(value: object) -> MemoryHeadroom:
+    """``0.05`` (a fraction in [0, 1)) or ``"4 GiB"`` / ``"4GB"`` / ``"512 MiB"``.
+
+    Raises ValueError with what was expected."""
+    if isinstance(value, bool):
+        raise ValueError("a fraction of capacity in [0, 1) or a size such as '4 GiB'")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or not 0 <= value < 1:
+            raise ValueError("a fraction of capacity in [0, 1) (for a size write e.g. '4 GiB')")
+        return MemoryHeadroom(fraction=float(value))
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError("a fraction of capacity in [0, 1) or a size such as '4 GiB'")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    scale = {"gib": GiB, "gb": 1e9, "mib": 1024**2}[unit]
+    return MemoryHeadroom(bytes_=number * scale)
+
+
+DEFAULT_HEADROOM = MemoryHeadroom(fraction=DEFAULT_FRACTION)
