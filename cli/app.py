@@ -186,6 +186,8 @@ def evaluate(
     vpp: Annotated[int, typer.Option(min=1)] = 1,
     mbs: Annotated[int, typer.Option(min=1)] = 1,
     recompute: Annotated[str, typer.Option(help="none | selective | full")] = "none",
+    recompute_modules: Annotated[Optional[str], typer.Option(help="With selective: megatron-core's modules, comma-separated (core_attn,mlp,moe,shared_experts,moe_act,layernorm,mla_up_proj).", show_default=False)] = None,
+    recompute_num_layers: Annotated[int, typer.Option(min=0, help="With full: recompute the first N layers of each model chunk (0: every layer).")] = 0,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1.")] = None,
     zero_stage: Annotated[int, typer.Option(min=0, max=3)] = 0,
@@ -209,6 +211,8 @@ def evaluate(
         layout = Layout(
             tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
             sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel, recompute=recompute,
+            recompute_modules=tuple(m.strip() for m in recompute_modules.split(",")) if recompute_modules else (),
+            recompute_num_layers=recompute_num_layers,
             zero_stage=zero_stage,
             distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,
         )

@@ -446,13 +446,14 @@ def test_evaluate_reports_exactly_the_layout_given(tmp_path):
     job = make_job(tmp_path)
     report = json.loads(invoke(
         "evaluate", job, "--json", "--tp", 2, "--pp", 2, "--dp", 2, "--vpp", 2, "--mbs", 2,
-        "--recompute", "selective", "--sequence-parallel", "--distributed-optimizer",
+        "--recompute", "selective", "--recompute-modules", "core_attn,mlp", "--sequence-parallel", "--distributed-optimizer",
     ).stdout)
     assert len(report["plans"]) == 1
     parallel = report["plans"][0]["parallel"]
     assert parallel == {
         "tp": 2, "pp": 2, "dp": 2, "cp": 1, "ep": 1, "vpp": 2, "micro_batch_size": 2,
         "global_batch_size": JOB["global_batch_size"], "sequence_parallel": True, "recompute": "selective",
+        "recompute_modules": ["core_attn", "mlp"], "recompute_num_layers": 0,
         "zero_stage": 0, "distributed_optimizer": True,
     }
     stages = report["plans"][0]["stages"]

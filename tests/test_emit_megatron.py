@@ -88,6 +88,20 @@ CASES = {
         Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True),
         None,
     ),
+    # Partial recomputation: the first 2 layers of each model chunk (block).
+    "llama-block-recompute": (
+        Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=64, seq_length=8192),
+        Layout(tp=2, pp=2, dp=4, cp=1, vpp=2, micro_batch_size=1, global_batch_size=64, sequence_parallel=True,
+               recompute="full", recompute_num_layers=2, distributed_optimizer=True),
+        None,
+    ),
+    # Selective recomputation of named modules.
+    "llama-recompute-modules": (
+        Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=64, seq_length=8192),
+        Layout(tp=2, pp=2, dp=2, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True,
+               recompute="selective", recompute_modules=("core_attn", "mlp"), distributed_optimizer=True),
+        None,
+    ),
     # An uneven interleaved split, written as --pipeline-model-parallel-layout.
     "llama-uneven-vpp": (
         Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=64, seq_length=4096),
@@ -104,12 +118,17 @@ def build(name: str):
 
 
 def parse_flags(args: list[str]) -> dict[str, object]:
-    """``--flag value`` -> {"flag": "value"}; a bare ``--flag`` -> True."""
+    """``--flag value`` -> {"flag": "value"}; a bare ``--flag`` -> True;
+    ``--flag a b`` (argparse's nargs="+") -> {"flag": ["a", "b"]}."""
     flags: dict[str, object] = {}
     for i, token in enumerate(args):
         if token.startswith("--"):
-            following = args[i + 1] if i + 1 < len(args) else "--"
-            flags[token[2:]] = True if following.startswith("--") else following
+            values = []
+            for following in args[i + 1:]:
+                if following.startswith("--"):
+                    break
+                values.append(following)
+            flags[token[2:]] = True if not values else values[0] if len(values) == 1 else values
     return flags
 
 
@@ -147,6 +166,7 @@ def transformer_config(flags: dict) -> TransformerConfig:
         recompute_granularity=flags.get("recompute-granularity"),
         recompute_method=flags.get("recompute-method"),
         recompute_num_layers=int(recompute_layers) if recompute_layers else None,
+        recompute_modules=_listed(flags.get("recompute-modules")),
         bf16="bf16" in flags,
         fp16="fp16" in flags,
         params_dtype=dtype,
@@ -158,6 +178,13 @@ def transformer_config(flags: dict) -> TransformerConfig:
         cross_entropy_fusion_impl=flags.get("cross-entropy-fusion-impl", "native"),
         attention_backend=AttnBackend[flags["attention-backend"]],
     )
+
+
+def _listed(value: object) -> list[str] | None:
+    """A flag's values as a list (one value parses as a string)."""
+    if value is None:
+        return None
+    return value if isinstance(value, list) else [value]
 
 
 def ddp_config(flags: dict) -> DistributedDataParallelConfig:
@@ -190,6 +217,11 @@ def test_args_build_a_valid_transformer_config(name):
     assert (config.virtual_pipeline_model_parallel_size or 1) == layout.vpp
     expected_recompute = {"none": None, "selective": "selective", "full": "full"}[layout.recompute]
     assert config.recompute_granularity == expected_recompute
+    if layout.recompute == "selective":
+        assert tuple(config.recompute_modules) == layout.selective_modules
+    if layout.recompute == "full":
+        assert (config.recompute_method, config.recompute_num_layers) == (
+            ("block", layout.recompute_num_layers) if layout.recompute_num_layers else ("uniform", 1))
     assert int(flags["global-batch-size"]) == layout.global_batch_size
     assert int(flags["micro-batch-size"]) == layout.micro_batch_size
     assert ("use-distributed-optimizer" in flags) == layout.distributed_optimizer

@@ -3,18 +3,20 @@ own invariants."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from conftest import make_job
 
 from loom.planner.cost.layers import layer_activation_bytes
 from loom.planner.cost.shape import Shape
-from loom.planner.specs.job import Features
+from loom.planner.specs.job import Features, SearchFile
 from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import (GiB, StageParams, StateBytes, held_activation_bytes, in_flight_chunks, model_state_bytes,
                                       optimizer_step_bytes, stage_memory, stage_params)
 from loom.profiles.catalogue import find_gpu
 from loom.planner.plan import evaluate
-from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.model import ModelSpec, load_model
 from loom.planner.specs.stages import Chunk, Stage, uniform_stages
 
 UNFUSED = Features(flash_attention=False)
@@ -223,3 +225,62 @@ def test_transformer_engines_fused_loss_keeps_the_logits_only():
     logits = 8192 * job.model.vocab_size
     assert fused.breakdown_bytes["transient"] == 0
     assert unfused.breakdown_bytes["activations"] - fused.breakdown_bytes["activations"] == pytest.approx(2 * logits)
+
+
+def test_recompute_modules_drop_what_they_re_run():
+    """Each of megatron-core's recompute modules frees its own tensors: the
+    attention core its log-sum-exp, moe_act the routed experts' activations
+    (the down projections' inputs), moe the whole MoE MLP, mla_up_proj MLA's
+    Q, K, V, mlp a dense layer's MLP and its input."""
+    from loom.planner.cost.activations import decoder_layer, layer_parts
+
+    mixtral = load_model("mixtral-8x7b")
+    layout = Layout(tp=2, pp=1, dp=4, cp=1, ep=4, micro_batch_size=1, global_batch_size=8, sequence_parallel=True)
+    shape = Shape.of(mixtral, layout, 4096, "bf16", Features())
+    parts = layer_parts(shape, moe=True)
+    none = decoder_layer(shape, "none", moe=True)
+    assert none == pytest.approx(sum(parts.values()))
+    routed = shape.moe_tokens * mixtral.moe.top_k
+    assert none - decoder_layer(shape, "selective", True, ("moe_act",)) == pytest.approx(2 * routed * mixtral.moe.expert_ffn_hidden_size)
+    assert none - decoder_layer(shape, "selective", True, ("moe",)) == pytest.approx(parts["routed"] + parts["routed_activation"] + parts["router"])
+    assert decoder_layer(shape, "selective", True) == pytest.approx(none - parts["core_attention"])  # core_attn by default
+    deepseek = load_model("deepseek-v3")
+    shape = Shape.of(deepseek, layout, 4096, "bf16", Features())
+    assert decoder_layer(shape, "none") - decoder_layer(shape, "selective", False, ("mla_up_proj",)) == pytest.approx(layer_parts(shape)["qkv"])
+    dense = layer_parts(shape)
+    assert decoder_layer(shape, "none") - decoder_layer(shape, "selective", False, ("mlp",)) == pytest.approx(dense["mlp"] + dense["mlp_input"])
+
+
+def test_block_recompute_lies_between_none_and_full():
+    """Recomputing the first N layers of each chunk: activations fall and
+    recompute time grows with N; every layer is the same as full."""
+    job = make_job("llama-3-70b", nodes=8, gbs=64, seq=8192)
+    base = Layout(tp=4, pp=8, dp=2, cp=1, vpp=2, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True)
+    per_chunk = job.model.num_layers // (base.pp * base.vpp)
+    figures = []
+    for layout in [base] + [replace(base, recompute="full", recompute_num_layers=n) for n in range(1, per_chunk)] + [replace(base, recompute="full")]:
+        plan = evaluate(job, layout)
+        figures.append((plan.memory[0].breakdown_bytes["activations"], plan.step.breakdown_s["recompute"]))
+    activations, recompute = zip(*figures)
+    assert all(a > b for a, b in zip(activations, activations[1:]))
+    assert all(a < b for a, b in zip(recompute, recompute[1:]))
+    every = evaluate(job, replace(base, recompute="full", recompute_num_layers=per_chunk))
+    assert every.step_time_s == pytest.approx(evaluate(job, replace(base, recompute="full")).step_time_s)
+
+
+def test_the_search_recomputes_only_what_a_layout_needs_to_fit(tmp_path):
+    """Where a layout fits only by recomputing, the search offers the least
+    recomputation that fits (some layers per chunk, or some modules):
+    faster than recomputing every layer, and the layout without any does
+    not fit."""
+    from loom.planner.search.layouts import search
+
+    job = replace(make_job("llama-3-70b", nodes=8, gbs=128, seq=8192), top_k=10,
+                  search=SearchFile(cp=[1], vpp=[1], recompute=["none", "full"]))
+    partial = [plan for plan in search(job, 10).plans if plan.layout.recompute_num_layers or plan.layout.recompute_modules]
+    assert partial
+    for plan in partial:
+        assert plan.leaves_headroom
+        full = evaluate(job, replace(plan.layout, recompute="full", recompute_modules=(), recompute_num_layers=0))
+        none = evaluate(job, replace(plan.layout, recompute="none", recompute_modules=(), recompute_num_layers=0))
+        assert plan.step_time_s < full.step_time_s and not none.leaves_headroom

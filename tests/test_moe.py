@@ -126,7 +126,10 @@ def test_deepseek_v3_on_1024_h100_fits():
 @pytest.mark.parametrize(
     "model, degrees",
     [("mixtral-8x7b", dict(tp=2, dp=4, ep=4, sequence_parallel=True)), ("deepseek-v3", dict(tp=2, dp=4, ep=8, sequence_parallel=True)),
-     ("qwen3-235b-a22b", dict(tp=1, dp=8, ep=8))],
+     ("qwen3-235b-a22b", dict(tp=1, dp=8, ep=8)),
+     # Megatron-Bridge's DeepSeek-V3 recipe recomputes these modules (deepseek_workload_base_configs.py).
+     ("deepseek-v3", dict(tp=2, dp=4, ep=8, sequence_parallel=True, recompute="selective", recompute_modules=("mlp", "mla_up_proj"))),
+     ("qwen3-235b-a22b", dict(tp=1, dp=8, ep=8, recompute="selective", recompute_modules=("core_attn", "moe_act", "layernorm")))],
 )
 def test_moe_flags_build_megatron_cores_config(model, degrees):
     """The flags train.sh passes build megatron-core's (MLA)TransformerConfig,
@@ -135,7 +138,7 @@ def test_moe_flags_build_megatron_cores_config(model, degrees):
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     from loom.planner.output.megatron import megatron_args
-    from test_emit_megatron import parse_flags
+    from test_emit_megatron import _listed, parse_flags
 
     spec = load_model(model)
     job = Job(model=spec, cluster=make_cluster(1), global_batch_size=64, seq_length=4096)
@@ -151,6 +154,7 @@ def test_moe_flags_build_megatron_cores_config(model, degrees):
         moe_layer_freq=eval(flags.get("moe-layer-freq", "1")), moe_token_dispatcher_type=flags["moe-token-dispatcher-type"],
         moe_grouped_gemm="moe-grouped-gemm" in flags, qk_layernorm="qk-layernorm" in flags,
         mtp_num_layers=int(flags["mtp-num-layers"]) if "mtp-num-layers" in flags else None,
+        recompute_granularity=flags.get("recompute-granularity"), recompute_modules=_listed(flags.get("recompute-modules")),
         bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
     )
     if "multi-latent-attention" in flags:
@@ -162,6 +166,7 @@ def test_moe_flags_build_megatron_cores_config(model, degrees):
         config = TransformerConfig(**common, num_query_groups=int(flags["num-query-groups"]))
     assert config.num_moe_experts == spec.moe.num_experts and config.moe_router_topk == spec.moe.top_k
     assert config.expert_model_parallel_size == lay.ep
+    assert tuple(config.recompute_modules or ()) == (lay.selective_modules or ("core_attn",))
     dense = [i for i in range(spec.num_layers) if not spec.is_moe_layer(i)]
     if dense:
         assert [i for i, moe in enumerate(config.moe_layer_freq) if not moe] == dense

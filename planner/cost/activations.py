@@ -43,71 +43,111 @@ def gemm_input_bytes(shape: Shape) -> float:
     return 1 + (1 / 32 if shape.features.fp8_recipe == "mxfp8" else 0)
 
 
-def decoder_layer(shape: Shape, recompute: str, moe: bool = False) -> float:
-    """Bytes one decoder layer keeps for backward, per micro batch, per GPU:
-    Korthikanti et al.'s count, tensor by tensor (``loom profile layers``
-    measures the same tensors in a PyTorch layer; its test checks the two agree)."""
-    m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
-    q, kv, v = m.q_size, m.kv_size, m.v_size
-    if recompute == "full":
-        # Only each layer's input is checkpointed (scattered over TP with SP).
-        return e * T * shape.replicated_width
+# What each of megatron-core's --recompute-modules frees of a layer's parts
+# (layer_parts): a checkpointed module keeps its input and drops what it
+# computes; an output-discarding one drops its output (transformer_config.py
+# recompute_modules; transformer_layer.py, moe/moe_layer.py, moe/experts.py,
+# multi_latent_attention.py). "mlp" is the dense MLP (its norm is fused into
+# fc1), "layernorm" the MoE layer's own pre-MLP norm (the attention's norm is
+# fused into the QKV GEMM, which keeps its input itself).
+DROPPED_BY_MODULE = {
+    "core_attn": ("core_attention",),
+    "mlp": ("mlp_input", "mlp"),
+    "moe": ("shared_experts", "routed", "routed_activation", "router"),
+    "shared_experts": ("shared_experts",),
+    "moe_act": ("routed_activation",),
+    "layernorm": ("moe_norm_output",),
+    "mla_up_proj": ("qkv",),
+}
+
+
+def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
+    """What one decoder layer keeps for backward, per micro batch, per GPU,
+    part by part: Korthikanti et al.'s count, tensor by tensor (``loom
+    profile layers`` measures the same tensors in a PyTorch layer; its test
+    checks the two agree). Replicated parts are split over TP only with
+    sequence parallelism."""
+    m, t, T, e, w = shape.model, shape.tp, shape.tokens, ACT_BYTES, shape.replicated_width
+    q, kv, v, out = m.q_size, m.kv_size, m.v_size, m.attention_output_size
     g = gemm_input_bytes(shape)
-    masks = 2 if m.dropout else 0  # 1-byte dropout masks after attention and MLP
-    # Norm inputs (16-bit) and outputs, the QKV and MLP GEMMs' inputs (fp8
-    # under fp8; an MoE layer's norm is its own TENorm feeding the router,
-    # 16-bit), plus the masks: on every TP rank, or split t ways with
-    # sequence parallelism.
-    mlp_input = e if moe else g
-    replicated = (2 * e + g + mlp_input + masks) * T * shape.replicated_width
-    # Q, K, V and the attention output, split over TP. The output projection
-    # saves that same 16-bit tensor (megatron-core sets TE's
-    # save_original_input for it), except under delayed fp8 scaling, which
-    # cannot, so it keeps an fp8 copy too. MLA also keeps its query and
-    # key/value latents, replicated.
-    split = e * (q + kv + v + m.attention_output_size) * T / t
-    if shape.precision == "fp8" and shape.features.fp8_recipe == "delayed":
-        split += g * m.attention_output_size * T / t
-    if not m.learned_position_embeddings and m.mla is None:
-        # Rotary embedding writes new Q and K, but V stays a view into the
-        # fused QKV GEMM's output (torch.split in megatron-core's
-        # get_query_key_value_tensors) and keeps all of it alive: Q and K
-        # are held twice (measured by `loom profile layers`).
-        split += e * (q + kv) * T / t
-    if m.mla:
-        replicated += e * T * ((m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)
-    split += _mlp_activation_bytes(shape, moe)
-    heads_per_rank = m.num_attention_heads / t
+    parts = {
+        # The layer's input (the attention norm's) and the pre-MLP norm's
+        # input (the residual after attention), 16-bit.
+        "input": e * T * w,
+        "mlp_norm_input": e * T * w,
+        # The attention norm's output, the QKV GEMM's input (fp8 under fp8).
+        "qkv_input": g * T * w,
+        # The pre-MLP norm's output: the dense MLP's fc1 input (fp8 under
+        # fp8), or an MoE layer's own TENorm output feeding the router (16-bit).
+        "mlp_input": 0.0 if moe else g * T * w,
+        "moe_norm_output": e * T * w if moe else 0.0,
+        "dropout_masks": (2 if m.dropout else 0) * T * w,  # 1 byte each, after attention and MLP
+        # Q, K, V, split over TP. Rotary embedding writes new Q and K, but V
+        # stays a view into the fused QKV GEMM's output (torch.split in
+        # megatron-core's get_query_key_value_tensors) and keeps all of it
+        # alive: Q and K are held twice (measured by `loom profile layers`).
+        "qkv": e * (q + kv + v + (q + kv) * (not m.learned_position_embeddings and m.mla is None)) * T / t,
+        # The attention output. The output projection saves that same 16-bit
+        # tensor (megatron-core sets TE's save_original_input for it), except
+        # under delayed fp8 scaling, which cannot, so it keeps an fp8 copy too.
+        "attention_output": (e + g * (shape.precision == "fp8" and shape.features.fp8_recipe == "delayed")) * out * T / t,
+        "core_attention": _core_attention_bytes(shape),
+    }
+    if m.mla:  # the query and key/value latents, replicated over TP
+        parts["mla_latents"] = e * T * ((m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)
+    parts.update(_mlp_parts(shape, moe))
+    return parts
+
+
+def _core_attention_bytes(shape: Shape) -> float:
+    """Flash attention keeps only the fp32 log-sum-exp per query row; the
+    unfused kernels keep the softmax, its dropout mask and its output."""
+    m = shape.model
+    heads_per_rank = m.num_attention_heads / shape.tp
+    if shape.features.flash_attention:
+        return 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
-    if recompute == "selective":
-        attention = 0.0  # the core attention is recomputed from Q, K, V (Korthikanti sec. 5)
-    elif shape.features.flash_attention:
-        # Flash attention keeps only the fp32 log-sum-exp per query row.
-        attention = 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
-    else:
-        attention = (e + (1 + e if m.dropout else 0)) * scores  # softmax, dropout mask and output
-    return replicated + split + attention
+    return (ACT_BYTES + (1 + ACT_BYTES if m.dropout else 0)) * scores
 
 
-def _mlp_activation_bytes(shape: Shape, moe: bool) -> float:
+def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     """The MLP's up-projection outputs (16-bit, the activation function's
     input: SwiGLU keeps gate and up) and the activation's output (the down
     projection's input), split over TP. An MoE layer keeps the same for its
     shared experts (whose up projection also keeps its own copy of the input
-    under fp8), and for every routed copy of a token its permuted input and
-    its expert's outputs, plus the router's fp32 logits and probabilities
-    (megatron-core's MoE layer and alltoall dispatcher)."""
+    under fp8), and for every routed copy of a token its permuted input, its
+    expert's up-projection output and activation, plus the router's fp32
+    logits and probabilities (megatron-core's MoE layer and alltoall dispatcher)."""
     m, T, e, g = shape.model, shape.tokens, ACT_BYTES, gemm_input_bytes(shape)
-    per_width = (2 if m.gated_mlp else 1) * e + g
+    up = (2 if m.gated_mlp else 1) * e
     if not moe:
-        return per_width * m.ffn_hidden_size * T / shape.tp
+        return {"mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
     routed = shape.moe_tokens * m.moe.top_k * shape.etp
-    experts = routed * (g * m.hidden_size + per_width * m.moe.expert_ffn_hidden_size / shape.etp)
-    router = 2 * 4 * shape.moe_tokens * m.moe.num_experts
-    shared = per_width * m.moe.shared_ffn_hidden_size * T / shape.tp
+    expert_width = m.moe.expert_ffn_hidden_size / shape.etp
+    shared = (up + g) * m.moe.shared_ffn_hidden_size * T / shape.tp
     if m.moe.shared_ffn_hidden_size and g != e:
         shared += g * T * shape.replicated_width
-    return shared + experts + router
+    return {
+        "shared_experts": shared,
+        "routed": routed * (g * m.hidden_size + up * expert_width),
+        "routed_activation": routed * g * expert_width,
+        "router": 2 * 4 * shape.moe_tokens * m.moe.num_experts,
+    }
+
+
+def decoder_layer(shape: Shape, recompute: str, moe: bool = False, modules: tuple[str, ...] = ("core_attn",)) -> float:
+    """Bytes one decoder layer keeps for backward under ``recompute``: all
+    its parts; under full recompute only its input (checkpointed, scattered
+    over TP with SP); under selective recompute its parts less what
+    ``modules`` drop (Korthikanti et al. sec. 5: core_attn recomputes the
+    attention core from Q, K, V)."""
+    parts = layer_parts(shape, moe)
+    if recompute == "full":
+        return parts["input"]
+    if recompute == "selective":
+        for dropped in {part for module in modules for part in DROPPED_BY_MODULE[module]}:
+            parts.pop(dropped, None)
+    return sum(parts.values())
 
 
 def embedding(shape: Shape) -> float:

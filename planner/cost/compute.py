@@ -56,28 +56,6 @@ def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
     return [(m, k, n), (k, n, m)]
 
 
-def _layer_elementwise_bytes(shape: Shape, moe: bool = False) -> float:
-    """Forward bytes of the memory-bound kernels of one decoder layer: two
-    norms (read + write), two bias-dropout-adds (read x and residual, write,
-    plus a 1-byte mask with dropout), the activation (GeLU reads 1 and writes
-    1 tensor of ffn width; SwiGLU reads 2), and rotary embedding on Q and K.
-    An MoE layer's activation runs on the shared and the routed experts, and
-    the token dispatcher permutes each routed copy in and out (read + write)."""
-    m, t, T, e = shape.model, shape.tp, shape.tokens, ACT_BYTES
-    width = shape.replicated_width
-    norms = 2 * (2 * e * T * width)
-    residuals = 2 * ((3 * e + (1 if m.dropout else 0)) * T * width)
-    per_activation = (3 if m.gated_mlp else 2) * e
-    if moe:
-        routed = shape.moe_tokens * m.moe.top_k
-        activation = per_activation * (T * m.moe.shared_ffn_hidden_size // t + routed * m.moe.expert_ffn_hidden_size)
-        activation += 2 * (2 * e * routed * m.hidden_size)
-    else:
-        activation = per_activation * T * m.ffn_hidden_size // t
-    rotary = 0 if m.learned_position_embeddings else 2 * e * T * (m.q_size + m.kv_size) // t
-    return norms + residuals + activation + rotary
-
-
 def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     """Megatron's pre-flash attention: batched GEMMs for QK^T and PV with a
     fused scale-mask-softmax and a dropout over the s x s scores in between."""
@@ -107,32 +85,131 @@ def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     return PassTime(attention_s=flash_attention_time_s(flops, gpu, kv_length=shape.seq_length // shape.cp))
 
 
-def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
-    """Kernel time of one decoder layer, one micro batch, one pass. In an MoE
-    layer the MLP is the router, the shared experts (split over TP like a
-    dense MLP) and the routed experts' grouped GEMMs, which the busiest GPU
-    runs ``moe_load_imbalance`` times longer than an evenly loaded one."""
-    m = shape.model
-    gemms = shape.attention_gemms()
-    mlp_width = m.moe.shared_ffn_hidden_size if moe else m.ffn_hidden_size
-    if mlp_width:
-        gemms += shape.mlp_gemms(mlp_width)
+def _gemms(shape: Shape, gpu: GPU, gemms: list[tuple[int, int, int]], backward: bool, precision: str | None = None, batch: int = 1) -> float:
+    """Time of the forward GEMMs ``gemms`` (m, n, k), or of their backward ones."""
     expanded = [g for mnk in gemms for g in backward_gemms(*mnk)] if backward else gemms
-    gemm_s = sum(gemm_time_s(*mnk, gpu, shape.precision) for mnk in expanded)
-    if moe:
-        experts, local = shape.expert_gemms()
-        experts = [g for mnk in experts for g in backward_gemms(*mnk)] if backward else experts
-        grouped_s = sum(gemm_time_s(*mnk, gpu, shape.precision, batch=local) for mnk in experts)
-        router = (shape.moe_tokens, m.moe.num_experts, m.hidden_size)
-        router_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in (backward_gemms(*router) if backward else [router]))
-        gemm_s += grouped_s * shape.features.moe_load_imbalance + router_s
-    # Backward elementwise kernels read the saved input and the incoming
-    # gradient and write one gradient: about twice the forward's traffic.
-    elementwise_bytes = _layer_elementwise_bytes(shape, moe) * (2 if backward else 1)
+    return sum(gemm_time_s(*mnk, gpu, precision or shape.precision, batch=batch) for mnk in expanded)
+
+
+def _elementwise(shape: Shape, gpu: GPU, forward_bytes: float, backward: bool, gemms: list[tuple[int, int, int]] = ()) -> float:
+    """Memory-bound kernels moving ``forward_bytes`` forward: backward ones
+    read the saved input and the incoming gradient and write one gradient,
+    about twice the traffic; under fp8 each GEMM's input is cast too."""
+    bytes_ = forward_bytes * (2 if backward else 1)
     if shape.precision == "fp8":
-        elementwise_bytes += _fp8_cast_bytes(gemms + (shape.expert_gemms()[0] if moe else []))
-    elementwise = memory_time_s(elementwise_bytes, gpu)
-    return PassTime(gemm_s=gemm_s, elementwise_s=elementwise) + attention_core(shape, gpu, backward)
+        bytes_ += _fp8_cast_bytes(list(gemms))
+    return memory_time_s(bytes_, gpu)
+
+
+def norm(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """One LayerNorm or RMSNorm over the residual stream (read + write)."""
+    return PassTime(elementwise_s=_elementwise(shape, gpu, 2 * ACT_BYTES * shape.tokens * shape.replicated_width, backward))
+
+
+def residual_add(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """One bias-dropout-add: read x and the residual, write, plus a 1-byte
+    mask with dropout."""
+    bytes_ = (3 * ACT_BYTES + (1 if shape.model.dropout else 0)) * shape.tokens * shape.replicated_width
+    return PassTime(elementwise_s=_elementwise(shape, gpu, bytes_, backward))
+
+
+def _rotary_bytes(shape: Shape) -> float:
+    """Rotary embedding reads and writes Q and K."""
+    m = shape.model
+    return 0 if m.learned_position_embeddings else 2 * ACT_BYTES * shape.tokens * (m.q_size + m.kv_size) // shape.tp
+
+
+def attention_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """The attention's GEMMs (QKV, or MLA's latents and up-projections, and
+    the output projection) and rotary embedding; the core is attention_core."""
+    gemms = shape.attention_gemms()
+    return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward), elementwise_s=_elementwise(shape, gpu, _rotary_bytes(shape), backward, gemms))
+
+
+def mla_up_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """MLA's up-projections from the query and key/value latents, and rotary
+    embedding: what the mla_up_proj recompute module re-runs
+    (megatron-core multi_latent_attention.py)."""
+    m, heads, T = shape.model, shape.model.num_attention_heads // shape.tp, shape.tokens
+    mla = m.mla
+    gemms = [(T, heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank)]
+    if mla.q_lora_rank:
+        gemms.append((T, heads * mla.qk_head_dim, mla.q_lora_rank))
+    return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward), elementwise_s=_elementwise(shape, gpu, _rotary_bytes(shape), backward, gemms))
+
+
+def mlp(shape: Shape, gpu: GPU, width: int, backward: bool = False) -> PassTime:
+    """A (gated) MLP of ``width`` split over TP: up (and gate) and down
+    GEMMs, and the activation (GeLU reads 1 and writes 1 tensor of the
+    width; SwiGLU reads 2)."""
+    if not width:
+        return PassTime()
+    gemms = shape.mlp_gemms(width)
+    activation = (3 if shape.model.gated_mlp else 2) * ACT_BYTES * shape.tokens * width // shape.tp
+    return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward), elementwise_s=_elementwise(shape, gpu, activation, backward, gemms))
+
+
+def routed_activation(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """The routed experts' activation function on every routed copy: what
+    the moe_act recompute module re-runs (megatron-core moe/experts.py)."""
+    m = shape.model
+    routed = shape.moe_tokens * m.moe.top_k
+    bytes_ = (3 if m.gated_mlp else 2) * ACT_BYTES * routed * m.moe.expert_ffn_hidden_size
+    return PassTime(elementwise_s=_elementwise(shape, gpu, bytes_, backward))
+
+
+def routed_experts(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """The router GEMM (16-bit), the routed experts' grouped GEMMs, which the
+    busiest GPU runs ``moe_load_imbalance`` times longer than an evenly
+    loaded one, their activation, and the token dispatcher's permutation of
+    each routed copy in and out (read + write)."""
+    m = shape.model
+    experts, local = shape.expert_gemms()
+    grouped_s = _gemms(shape, gpu, experts, backward, batch=local) * shape.features.moe_load_imbalance
+    router_s = _gemms(shape, gpu, [(shape.moe_tokens, m.moe.num_experts, m.hidden_size)], backward, precision="bf16")
+    permute = 2 * (2 * ACT_BYTES * shape.moe_tokens * m.moe.top_k * m.hidden_size)
+    return PassTime(gemm_s=grouped_s + router_s, elementwise_s=_elementwise(shape, gpu, permute, backward, experts)) + routed_activation(shape, gpu, backward)
+
+
+def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
+    """Kernel time of one decoder layer, one micro batch, one pass: two norms
+    and residual adds, the attention's projections and core, and the MLP; in
+    an MoE layer the MLP is the shared experts (split over TP like a dense
+    MLP) and the routed experts."""
+    m = shape.model
+    total = norm(shape, gpu, backward).scaled(2) + residual_add(shape, gpu, backward).scaled(2)
+    total = total + attention_projections(shape, gpu, backward) + attention_core(shape, gpu, backward)
+    if moe:
+        return total + mlp(shape, gpu, m.moe.shared_ffn_hidden_size, backward) + routed_experts(shape, gpu, backward)
+    return total + mlp(shape, gpu, m.ffn_hidden_size, backward)
+
+
+def recomputed_forward(shape: Shape, gpu: GPU, modules: tuple[str, ...], moe: bool = False) -> PassTime:
+    """The forward time selective recompute re-runs in one layer for
+    megatron-core's ``modules`` (transformer_config.py recompute_modules):
+    core_attn the attention core (Korthikanti et al. 2022, sec. 5); mlp a
+    dense layer's MLP with the norm fused into its fc1; moe the whole MoE
+    MLP (which covers shared_experts and moe_act); shared_experts the shared
+    experts; moe_act the routed activation; layernorm an MoE layer's own
+    pre-MLP norm; mla_up_proj MLA's up-projections. A module a layer lacks
+    re-runs nothing."""
+    m, chosen = shape.model, set(modules)
+    total = PassTime()
+    if "core_attn" in chosen:
+        total = total + attention_core(shape, gpu)
+    if "mla_up_proj" in chosen and m.mla is not None:
+        total = total + mla_up_projections(shape, gpu)
+    if not moe:
+        return total + (mlp(shape, gpu, m.ffn_hidden_size) + norm(shape, gpu) if "mlp" in chosen else PassTime())
+    if "layernorm" in chosen:
+        total = total + norm(shape, gpu)
+    if "moe" in chosen:
+        return total + routed_experts(shape, gpu) + mlp(shape, gpu, m.moe.shared_ffn_hidden_size)
+    if "shared_experts" in chosen:
+        total = total + mlp(shape, gpu, m.moe.shared_ffn_hidden_size)
+    if "moe_act" in chosen:
+        total = total + routed_activation(shape, gpu)
+    return total
 
 
 def embedding(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:

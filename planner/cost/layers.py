@@ -19,7 +19,7 @@ from loom.planner.cost.compute import PassTime
 from loom.planner.cost.measured import Estimates, MeasuredLayers, Source, resolve
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Features, Job, LayerProfile
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import DEFAULT_RECOMPUTE_MODULES, Layout
 from loom.planner.specs.model import ModelSpec
 from loom.profiles.catalogue import GPU
 
@@ -113,9 +113,15 @@ def _saved(shape: Shape, kind: str, recompute: str, estimated: float) -> float:
 
 
 @cache
-def layer_activation_bytes(shape: Shape, recompute: str, moe: bool = False) -> float:
-    """Bytes one decoder layer keeps for backward, per micro batch, per GPU."""
-    return _saved(shape, "moe" if moe else "dense", recompute, activations.decoder_layer(shape, recompute, moe))
+def layer_activation_bytes(shape: Shape, recompute: str, moe: bool = False, modules: tuple[str, ...] = DEFAULT_RECOMPUTE_MODULES) -> float:
+    """Bytes one decoder layer keeps for backward, per micro batch, per GPU,
+    under ``recompute`` (and, for selective, the ``modules`` it re-runs). A
+    layers profile measured selective recompute of the attention core only:
+    other module sets keep the estimate."""
+    estimate = activations.decoder_layer(shape, recompute, moe, modules)
+    if recompute == "selective" and modules != DEFAULT_RECOMPUTE_MODULES:
+        return estimate
+    return _saved(shape, "moe" if moe else "dense", recompute, estimate)
 
 
 def embedding_activation_bytes(shape: Shape) -> float:

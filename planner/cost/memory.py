@@ -310,7 +310,7 @@ def runtime_bytes(shape: Shape, layout: Layout, gpu: GPU, framework: str, alloca
 
 def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
     """What one micro batch through ``chunk`` keeps until its backward."""
-    activations = _chunk_layers_activation_bytes(shape, layout.recompute, chunk)
+    activations = _chunk_layers_activation_bytes(shape, layout, chunk)
     if chunk.embedding:
         activations += embedding_activation_bytes(shape)
     if chunk.head:
@@ -321,11 +321,24 @@ def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
     return activations
 
 
-def _chunk_layers_activation_bytes(shape: Shape, recompute: str, chunk: Chunk) -> float:
-    """The decoder layers of ``chunk``, dense and MoE."""
-    moe_layers = shape.model.moe_layers_in(chunk.first_layer, chunk.num_layers)
-    dense = (chunk.num_layers - moe_layers) * layer_activation_bytes(shape, recompute)
-    return dense + (moe_layers and moe_layers * layer_activation_bytes(shape, recompute, moe=True))
+def _chunk_layers_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
+    """The decoder layers of ``chunk``, dense and MoE. Under full recompute
+    its first ``layout.fully_recomputed`` layers keep only their inputs
+    (megatron-core's transformer_block.py _checkpointed_forward: uniform
+    checkpoints every layer, block the first N of the chunk) and the rest
+    everything; under selective every layer keeps what its modules do not
+    re-run."""
+    full = layout.fully_recomputed(chunk.num_layers)
+    rest = "none" if layout.recompute == "full" else layout.recompute
+    modules = layout.selective_modules
+    total = 0.0
+    for first, count, recompute in ((chunk.first_layer, full, "full"), (chunk.first_layer + full, chunk.num_layers - full, rest)):
+        moe_layers = shape.model.moe_layers_in(first, count)
+        if count - moe_layers:
+            total += (count - moe_layers) * layer_activation_bytes(shape, recompute, False, modules)
+        if moe_layers:
+            total += moe_layers * layer_activation_bytes(shape, recompute, True, modules)
+    return total
 
 
 def held_activation_bytes(layout: Layout, stage_index: int, chunk_bytes: tuple[float, ...]) -> float:
@@ -360,7 +373,7 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.
     microbatches = max(1, -(-chunks // layout.vpp))
-    layers = tuple(_chunk_layers_activation_bytes(shape, layout.recompute, chunk) for chunk in stage.chunks)
+    layers = tuple(_chunk_layers_activation_bytes(shape, layout, chunk) for chunk in stage.chunks)
     activations = held_activation_bytes(layout, stage.index, layers)
     if stage.embedding:
         activations += microbatches * embedding_activation_bytes(shape)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from loom.planner.cost import layers
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
-from loom.planner.cost.compute import PassTime, attention_core
+from loom.planner.cost.compute import PassTime, attention_core, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
 from loom.planner.cost.memory import WEIGHT_BYTES, StageParams, StateBytes, stage_params
 from loom.planner.cost.network import Links
@@ -101,13 +101,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     if chunk.vision:
         fwd, bwd = fwd + layers.vision_tower(shape, gpu), bwd + layers.vision_tower(shape, gpu, backward=True)
 
-    recompute = PassTime()
-    if layout.recompute == "full":
-        recompute = fwd_layer
-        if chunk.vision:
-            recompute = recompute + layers.vision_tower(shape, gpu)
-    elif layout.recompute == "selective":
-        recompute = attention_core(shape, gpu).scaled(n)
+    recompute, tp_again, ep_again = _recompute(shape, layout, chunk, gpu)
 
     # TP: two collectives per layer forward and two backward (Megatron's f/g
     # operators), again forward under full recompute; one each for the
@@ -119,7 +113,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         vision = shape.vision()
         patch_bytes = vision.tokens * vision.model.hidden_size * ACT_BYTES
         fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
-    tp_passes = 2 + (layout.recompute == "full")
+    tp_passes = 2 + tp_again
     tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s, features.tp_comm_overlap)
 
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
@@ -150,8 +144,33 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
         tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
         weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
-        ep_comm_s=ep_fwd * tp_passes, ep_comm_fwd_s=ep_fwd,
+        ep_comm_s=ep_fwd * (2 + ep_again), ep_comm_fwd_s=ep_fwd,
     )
+
+
+def _recompute(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU) -> tuple[PassTime, float, float]:
+    """What recomputation re-runs in one micro batch through ``chunk``, and
+    the share of the chunk's forward TP collectives and of its MoE
+    all-to-alls that run again with it. Full recompute re-runs the forward
+    of its layers (every layer, or the first N of the chunk: megatron-core's
+    uniform and block methods), collectives included; selective re-runs its
+    modules' kernels (compute.recomputed_forward): the dense MLP half of a
+    layer's TP collectives with mlp, an MoE layer's dispatch and combine with moe."""
+    n = chunk.num_layers
+    n_moe = shape.model.moe_layers_in(chunk.first_layer, n)
+    full = layout.fully_recomputed(n)
+    if full:
+        full_moe = shape.model.moe_layers_in(chunk.first_layer, full)
+        recompute = _layers(shape, gpu, full - full_moe, full_moe, backward=False)
+        if chunk.vision and full == n:
+            recompute = recompute + layers.vision_tower(shape, gpu)
+        return recompute, full / n, full_moe / n_moe if n_moe else 0.0
+    modules = layout.selective_modules
+    if not modules or not n:
+        return PassTime(), 0.0, 0.0
+    dense = recomputed_forward(shape, gpu, modules).scaled(n - n_moe)
+    recompute = dense + recomputed_forward(shape, gpu, modules, moe=True).scaled(n_moe) if n_moe else dense
+    return recompute, 0.5 * (n - n_moe) / n * ("mlp" in modules), float("moe" in modules and n_moe > 0)
 
 
 def _layers(shape: Shape, gpu: GPU, dense: int, moe: int, backward: bool) -> PassTime:

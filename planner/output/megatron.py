@@ -241,13 +241,16 @@ def pipeline_layout(stages: list[Stage]) -> str:
 
 
 def _recompute_args(layout: Layout) -> list[str]:
-    """Selective recomputes only the attention core (Korthikanti et al. 2022);
-    full recomputes every layer from its input (uniform method, 1 layer per
-    checkpoint), the setting the memory model assumes."""
+    """Selective recomputes the layout's modules (Megatron's default,
+    core_attn, unless others are named); full recomputes every layer from its
+    input (uniform method, 1 layer per checkpoint) or the first N layers of
+    each model chunk (block method), as the memory model prices them."""
     if layout.recompute == "selective":
-        return ["--recompute-granularity", "selective"]
+        modules = ["--recompute-modules", *layout.recompute_modules] if layout.recompute_modules else []
+        return ["--recompute-granularity", "selective", *modules]
     if layout.recompute == "full":
-        return ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+        method, layers = ("block", layout.recompute_num_layers) if layout.recompute_num_layers else ("uniform", 1)
+        return ["--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", str(layers)]
     return []
 
 

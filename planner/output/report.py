@@ -33,6 +33,8 @@ class Parallel(pydantic.BaseModel):
     global_batch_size: int
     sequence_parallel: bool
     recompute: str
+    recompute_modules: list[str] = pydantic.Field(default_factory=list, description="selective: megatron-core's recompute_modules (empty: core_attn)")
+    recompute_num_layers: int = pydantic.Field(default=0, description="full: 0 every layer, N the first N layers of each model chunk (block)")
     zero_stage: int
     distributed_optimizer: bool
 

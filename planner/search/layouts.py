@@ -32,6 +32,7 @@ from loom.planner.specs.errors import InfeasibleError
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import GiB, stage_memory
+from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
 from loom.planner.plan import Plan, build_plan
@@ -198,6 +199,7 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
             (scored if fullest.fits else near).append(candidate)
     if progress:
         progress(len(layouts), len(layouts))
+    scored += _partial_recompute(job, scored, placement)
     plans, solves = _split_best(job, sorted(scored, key=_Scored.key)[: top_k + REFINED], sorted(near, key=_Scored.key)[:REFINED])
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
@@ -216,6 +218,26 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     )
 
 
+def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scored]:
+    """Partial-recompute variants (search/recompute.py) of the fastest
+    layouts that fit only by recomputing every layer."""
+    if job.framework != "megatron" or "full" not in _choices(job)["recompute"]:
+        return []
+    fully = sorted((c for c in scored if c.layout.recompute == "full" and not c.layout.recompute_num_layers), key=_Scored.key)
+    found = []
+    for candidate in fully[:PARTIAL_CANDIDATES]:
+        stages = uniform_stages(job.model, candidate.layout)
+        gpus = stage_gpus(job.cluster, placement, stages)
+
+        def fits(layout: Layout) -> bool:  # the same stages: only recomputation changes
+            return fullest_stage(job, layout, stages, gpus).fits
+
+        for variant in partial_variants(job, candidate.layout, fits):
+            if not layout_problems(job, variant):
+                found.append(_Scored(step_time(job, variant, stages, gpus).step_time_s, fullest_stage(job, variant, stages, gpus).peak_bytes, variant))
+    return found
+
+
 def _ranked(plans: list[Plan]) -> list[Plan]:
     return sorted(plans, key=lambda plan: (round(plan.step_time_s, 9), round(plan.peak_memory.peak_bytes), plan.layout.label()))
 
@@ -228,7 +250,10 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
         layout = candidate.layout
         options = [build_plan(job, layout)]
         needs_milp = layout.vpp > 1 or job.cluster.heterogeneous
-        if job.framework == "megatron" and layout.pp > 1 and (not needs_milp or milp_runs < MILP_REFINED):
+        # Block recompute saves per chunk, not per layer: the partition's
+        # per-layer costs do not describe it, so it keeps the even split.
+        splittable = job.framework == "megatron" and layout.pp > 1 and not layout.recompute_num_layers
+        if splittable and (not needs_milp or milp_runs < MILP_REFINED):
             milp_runs += needs_milp
             split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
             if split is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes, shape_of
 from loom.planner.specs.job import Job
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import DEFAULT_RECOMPUTE_MODULES, Layout
 from loom.planner.cost.memory import ALLOCATOR_SLACK_FRACTION, StateBytes, in_flight_chunks, model_state_bytes, runtime_bytes, stage_params
 from loom.planner.specs.stages import Chunk, Placement, Stage, default_placement, split_stages, stage_block_placement
 from loom.planner.cost.network import Links
@@ -73,7 +73,8 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
         )
 
     # Dense and MoE decoder layers (DeepSeek-V3 keeps its first layers dense).
-    kinds = {moe: layer(Chunk(first, 1), layer_activation_bytes(shape, layout.recompute, moe))
+    modules = layout.selective_modules or DEFAULT_RECOMPUTE_MODULES
+    kinds = {moe: layer(Chunk(first, 1), layer_activation_bytes(shape, layout.recompute, moe, modules))
              for first, moe in ((0, False), (model.moe.first_dense_layers if model.moe else 0, model.moe is not None))}
     decoders = [kinds[model.is_moe_layer(i)] for i in range(model.num_layers)]
     # A vision tower runs with the text embedding on the first chunk

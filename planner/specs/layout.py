@@ -13,6 +13,14 @@ from typing import Literal
 import numpy as np
 
 Recompute = Literal["none", "selective", "full"]
+# What megatron-core 0.16's TransformerConfig accepts in recompute_modules
+# (transformer_config.py __post_init__): core_attn, mlp, moe and
+# shared_experts are checkpointed (their input kept, the rest recomputed);
+# moe_act, layernorm and mla_up_proj discard their output and recompute it.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "moe_act", "layernorm", "mla_up_proj")
+DEFAULT_RECOMPUTE_MODULES = ("core_attn",)  # Megatron's default for selective
+_MODULE_LABELS = {"core_attn": "attn", "mlp": "mlp", "moe": "moe", "shared_experts": "shared", "moe_act": "act",
+                  "layernorm": "norm", "mla_up_proj": "mla"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,13 @@ class Layout:
     vpp: int = 1  # virtual (interleaved) stages per pipeline rank
     sequence_parallel: bool = False
     recompute: Recompute = "none"
+    # selective: the modules recomputed (--recompute-modules), in
+    # RECOMPUTE_MODULES order; empty means Megatron's default, core_attn.
+    recompute_modules: tuple[str, ...] = ()
+    # full: 0 recomputes every layer (--recompute-method uniform
+    # --recompute-num-layers 1); N > 0 the first N layers of each model
+    # chunk (--recompute-method block --recompute-num-layers N).
+    recompute_num_layers: int = 0
     zero_stage: int = 0  # DeepSpeed ZeRO stage; Megatron uses distributed_optimizer
     distributed_optimizer: bool = False
 
@@ -46,6 +61,19 @@ class Layout:
         return self.tp * self.cp * self.dp // (self.etp * self.ep)
 
     @property
+    def selective_modules(self) -> tuple[str, ...]:
+        """The modules selective recompute re-runs (none unless selective)."""
+        if self.recompute != "selective":
+            return ()
+        return self.recompute_modules or DEFAULT_RECOMPUTE_MODULES
+
+    def fully_recomputed(self, chunk_layers: int) -> int:
+        """Of a model chunk's ``chunk_layers`` layers, how many full recompute re-runs."""
+        if self.recompute != "full":
+            return 0
+        return chunk_layers if self.recompute_num_layers == 0 else min(self.recompute_num_layers, chunk_layers)
+
+    @property
     def optimizer_shards(self) -> int:
         """Ways the optimizer state is split: DP x CP ranks share it under
         Megatron's distributed optimizer or ZeRO (CP ranks hold the same weights)."""
@@ -56,7 +84,10 @@ class Layout:
         return asdict(self)
 
     def label(self) -> str:
-        """Short human label, e.g. ``TP8 PP4x3 DP32 mbs1 SP sel``."""
+        """Short human label, e.g. ``TP8 PP4x3 DP32 mbs1 SP sel``: ``sel`` is
+        selective recompute of the attention core, ``sel:mla+mlp`` of other
+        modules, ``full`` every layer and ``full2`` the first 2 layers of
+        each model chunk."""
         parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vpp}" if self.vpp > 1 else ""), f"DP{self.dp}"]
         if self.cp > 1:
             parts.append(f"CP{self.cp}")
@@ -67,8 +98,11 @@ class Layout:
         parts.append(f"mbs{self.micro_batch_size}")
         if self.sequence_parallel:
             parts.append("SP")
-        if self.recompute != "none":
-            parts.append({"selective": "sel", "full": "full"}[self.recompute])
+        if self.recompute == "selective":
+            modules = self.selective_modules
+            parts.append("sel" if modules == DEFAULT_RECOMPUTE_MODULES else "sel:" + "+".join(_MODULE_LABELS[m] for m in modules))
+        elif self.recompute == "full":
+            parts.append(f"full{self.recompute_num_layers}" if self.recompute_num_layers else "full")
         if self.distributed_optimizer:
             parts.append("DO")
         if self.zero_stage:

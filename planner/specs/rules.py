@@ -8,7 +8,7 @@ skips layouts that break any.
 from __future__ import annotations
 
 from loom.planner.specs.job import Job
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 
 
 def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
@@ -43,13 +43,42 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's CP needs it)", layout.cp)
     if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
         need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
+    _recompute_problems(job, layout, need)
     if job.framework == "megatron":
         need(layout.zero_stage == 0, "zero_stage", "0 with Megatron (use distributed_optimizer)", layout.zero_stage)
     else:
         need(layout.tp == 1 and layout.cp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
         need(not layout.distributed_optimizer, "distributed_optimizer", "false with DeepSpeed (use zero_stage)", True)
         need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)
+        need(layout.recompute_num_layers == 0, "recompute_num_layers", "0 with DeepSpeed (it checkpoints every layer)", layout.recompute_num_layers)
         need(layout.pp == 1 or layout.zero_stage <= 1, "zero_stage", "0 or 1 with a DeepSpeed pipeline", layout.zero_stage)
         need(layout.vpp == 1, "vpp", "1 with DeepSpeed (PipelineModule has no interleaved schedule)", layout.vpp)
         need(model.moe is None or layout.zero_stage <= 2, "zero_stage", "at most 2 for DeepSpeed MoE (ZeRO-3 does not shard experts)", layout.zero_stage)
     return problems
+
+
+def _recompute_problems(job: Job, layout: Layout, need) -> None:
+    """What megatron-core's TransformerConfig.__post_init__ checks of
+    recompute_modules and recompute_num_layers (0.16): known modules, each
+    for a model that has what it recomputes, moe_act and layernorm not under
+    delayed fp8 scaling; modules only with selective, a layer count only
+    with full."""
+    model, modules = job.model, layout.recompute_modules
+    if modules:
+        need(layout.recompute == "selective", "recompute_modules", "only with recompute selective", list(modules))
+        unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+        need(not unknown, "recompute_modules", f"modules among {', '.join(RECOMPUTE_MODULES)}", unknown)
+        need(list(modules) == sorted(set(modules), key=RECOMPUTE_MODULES.index) or bool(unknown), "recompute_modules",
+             f"each module once, in the order {', '.join(RECOMPUTE_MODULES)}", list(modules))
+        moe_only = [m for m in modules if m in ("moe", "moe_act", "shared_experts")]
+        need(model.moe is not None or not moe_only, "recompute_modules", "moe, moe_act and shared_experts only for MoE models", moe_only)
+        need("shared_experts" not in modules or (model.moe is not None and model.moe.shared_ffn_hidden_size > 0), "recompute_modules",
+             "shared_experts only for a model with shared experts", "shared_experts")
+        need("mla_up_proj" not in modules or model.mla is not None, "recompute_modules",
+             "mla_up_proj only for multi-head latent attention", "mla_up_proj")
+        delayed = job.precision == "fp8" and job.features.fp8_recipe == "delayed"
+        need(not delayed or not {"moe_act", "layernorm"} & set(modules), "recompute_modules",
+             "no moe_act or layernorm under delayed fp8 scaling (megatron-core rejects them)", list(modules))
+    if layout.recompute_num_layers:
+        need(layout.recompute == "full", "recompute_num_layers", "only with recompute full", layout.recompute_num_layers)
+        need(layout.recompute_num_layers > 0, "recompute_num_layers", "a positive number of layers", layout.recompute_num_layers)
