@@ -33,24 +33,39 @@ PARTIAL_CANDIDATES = 16
 
 
 def module_ladder(job: Job, layout: Layout) -> list[tuple[str, ...]]:
-    """Module sets of growing savings: the modules the model has (those
-    megatron-core accepts for it), ordered by the activation bytes each
-    frees per second of forward it re-runs, as cumulative prefixes."""
-    shape, gpu = shape_of(job, layout), job.cluster.slowest.gpu
-    model = job.model
-    moe_layers = model.num_moe_layers
-    counts = ((model.num_layers - moe_layers, False), (moe_layers, True))
-    scored = []
-    for module in RECOMPUTE_MODULES:
-        if layout_problems(job, replace(layout, recompute="selective", recompute_modules=(module,), recompute_num_layers=0)):
-            continue
-        saved = sum(count * (layer_activation_bytes(shape, "none", moe) - layer_activation_bytes(shape, "selective", moe, (module,)))
-                    for count, moe in counts if count)
-        cost_s = sum(count * recomputed_forward(shape, gpu, (module,), moe).total_s for count, moe in counts if count)
-        if saved > 0:
-            scored.append((-saved / max(cost_s, 1e-12), RECOMPUTE_MODULES.index(module), module))
-    ordered = [module for _, _, module in sorted(scored)]
-    return [tuple(sorted(ordered[: i + 1], key=RECOMPUTE_MODULES.index)) for i in range(len(ordered))]
+    """Module sets of growing savings, greedily: each adds, among the modules
+    the model has (those megatron-core accepts for it), the one that frees
+    the most activation bytes per second of forward it re-runs given the
+    modules already chosen (moe covers moe_act and shared_experts, so those
+    add nothing after it); a module that frees nothing more ends the ladder."""
+    shape, gpu, model = shape_of(job, layout), job.cluster.slowest.gpu, job.model
+    counts = [(count, moe) for count, moe in ((model.num_layers - model.num_moe_layers, False), (model.num_moe_layers, True)) if count]
+
+    def saved_and_cost(modules: tuple[str, ...]) -> tuple[float, float]:
+        if not modules:
+            return 0.0, 0.0
+        saved = sum(count * (layer_activation_bytes(shape, "none", moe) - layer_activation_bytes(shape, "selective", moe, modules))
+                    for count, moe in counts)
+        return saved, sum(count * recomputed_forward(shape, gpu, modules, moe).total_s for count, moe in counts)
+
+    remaining = [m for m in RECOMPUTE_MODULES
+                 if not layout_problems(job, replace(layout, recompute="selective", recompute_modules=(m,), recompute_num_layers=0))]
+    ladder: list[tuple[str, ...]] = []
+    chosen: tuple[str, ...] = ()
+    while remaining:
+        base_saved, base_cost = saved_and_cost(chosen)
+        options = []
+        for module in remaining:
+            modules = tuple(sorted((*chosen, module), key=RECOMPUTE_MODULES.index))
+            saved, cost = saved_and_cost(modules)
+            options.append(((saved - base_saved) / max(cost - base_cost, 1e-12), -RECOMPUTE_MODULES.index(module), module, modules, saved - base_saved))
+        rate, _, module, modules, gained = max(options)
+        if gained <= 0:
+            break
+        chosen = modules
+        ladder.append(chosen)
+        remaining.remove(module)
+    return ladder
 
 
 def partial_variants(job: Job, layout: Layout, fits: Callable[[Layout], bool]) -> list[Layout]:
