@@ -1,0 +1,90 @@
+"""Dev check: Megatron-LM's own ``parse_args`` and ``validate_args`` on the
+arguments loom's ``train.sh`` passes, for the stacks, fp8 recipes and
+recomputation loom emits.
+
+    python benchmarks/megatron_lm_args.py --megatron-lm DIR
+
+``DIR`` holds Megatron-LM's ``megatron/training``, ``megatron/legacy``,
+``megatron/rl`` and ``megatron/post_training`` at the tag matching the
+installed megatron-core (core_v0.16.1), e.g. extracted from a clone with
+``git archive core_v0.16.1 megatron/training megatron/legacy megatron/rl
+megatron/post_training | tar x``. Its imports need ``six``, ``regex`` and
+``pyyaml``. Not a test: CI has no Megatron-LM checkout. The check runs no
+kernels, so it answers the GPU's compute capability itself and mocks the
+one triton kernel module Megatron-LM imports at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from types import SimpleNamespace
+from unittest.mock import MagicMock
+
+import torch
+
+from loom.planner.output.megatron import megatron_args
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Features, Job, stack_features
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.specs.stages import uniform_stages
+
+
+def _cluster(nodes: int, gpu: str = "H100"):
+    return parse_cluster({"nodes": nodes, "gpus_per_node": 8, "gpu": gpu, "nvlink_GBps": 900, "nics_per_node": 8, "nic_Gbps": 400}, "dev")
+
+
+def cases() -> list[tuple[str, Job, Layout]]:
+    bridge = stack_features("megatron-bridge", Features())
+    sp = dict(sequence_parallel=True, distributed_optimizer=True)
+    return [
+        ("llama-3-8b, megatron-bridge stack, fp8 current scaling", Job(model=load_model("llama-3-8b"), cluster=_cluster(2), global_batch_size=64,
+         seq_length=8192, precision="fp8", features=bridge), Layout(tp=2, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, **sp)),
+        ("llama-3-8b, MXFP8 on B200", Job(model=load_model("llama-3-8b"), cluster=_cluster(1, "B200"), global_batch_size=64, seq_length=8192,
+         precision="fp8", features=stack_features("megatron-bridge", Features(fp8_recipe="mxfp8"))),
+         Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True)),
+        ("llama-3-70b, block recompute of 2 layers per chunk", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
+         seq_length=8192), Layout(tp=4, pp=4, dp=2, cp=1, vpp=2, micro_batch_size=1, global_batch_size=64, recompute="full", recompute_num_layers=2, **sp)),
+        ("llama-3-8b, fp16, recompute modules core_attn mlp", Job(model=load_model("llama-3-8b"), cluster=_cluster(1), global_batch_size=64,
+         seq_length=8192, precision="fp16"), Layout(tp=2, pp=2, dp=2, cp=1, micro_batch_size=1, global_batch_size=64, recompute="selective",
+                                                   recompute_modules=("core_attn", "mlp"), **sp)),
+        ("deepseek-v3, Megatron-Bridge's recompute modules", Job(model=load_model("deepseek-v3"), cluster=_cluster(32), global_batch_size=512,
+         seq_length=4096, precision="fp8", features=bridge), Layout(tp=2, pp=8, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=512,
+                                                                     recompute="selective", recompute_modules=("mlp", "mla_up_proj"), **sp)),
+        ("qwen3-235b, recompute modules moe_act layernorm", Job(model=load_model("qwen3-235b-a22b"), cluster=_cluster(8), global_batch_size=256,
+         seq_length=4096, precision="fp8", features=bridge), Layout(tp=2, pp=4, dp=8, cp=1, ep=8, micro_batch_size=1, global_batch_size=256,
+                                                                      recompute="selective", recompute_modules=("moe_act", "layernorm"), **sp)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megatron-lm", required=True, help="folder with Megatron-LM's megatron/training etc.")
+    options = parser.parse_args()
+    sys.path.insert(0, options.megatron_lm)  # megatron is a namespace package: megatron-core's part and Megatron-LM's
+    sys.modules["megatron.core.transformer.custom_layers.batch_invariant_kernels"] = MagicMock()
+    from megatron.training.arguments import parse_args, validate_args
+
+    capability = {"major": 9}
+    torch.cuda.get_device_properties = lambda *a, **k: SimpleNamespace(major=capability["major"], minor=0, name="GPU", total_memory=80 * 2**30,
+                                                                      multi_processor_count=132)
+    torch.cuda.get_device_capability = lambda *a, **k: (capability["major"], 0)
+    failures = 0
+    for name, job, layout in cases():
+        capability["major"] = 10 if job.cluster.slowest.gpu.fp8_gemm_any_layout else 9
+        argv = megatron_args(job, layout, uniform_stages(job.model, layout))
+        os.environ.update(WORLD_SIZE=str(layout.world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")  # as train.sh exports
+        sys.argv = ["pretrain_gpt.py", *argv, "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(job.model.vocab_size)]
+        try:
+            validate_args(parse_args())
+            print(f"accepted  {name}")
+        except (AssertionError, ValueError, SystemExit) as error:
+            failures += 1
+            print(f"REJECTED  {name}: {error}")
+    print(f"{len(cases()) - failures} of {len(cases())} accepted by Megatron-LM's parse_args and validate_args")
+
+
+if __name__ == "__main__":
+    main()
