@@ -21,7 +21,7 @@ from loom.cli.common import err, run
 from loom.cli.experts import experts
 from loom.cli.profile import profile_app
 from loom.cli.render import explain_tables, show
-from loom.planner.output.files import write_atomically
+from loom.planner.output.files import check_file_target, check_out_folder, write_file_set
 from loom.planner.output.launch import launch_files
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
@@ -70,7 +70,7 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
         files = launch_files(job, best.layout, list(best.stages), best.placement)
         # plan.json leaves out the wall time so that the same inputs give the same files.
         timeless = info.model_copy(update={"wall_time_s": None})
-        write_atomically(out, {**files, "plan.json": report_json(build_report(plans, timeless))})
+        write_file_set(out, {**files, "plan.json": report_json(build_report(plans, timeless))})
         if not files:
             err.print(f"[yellow]note:[/yellow] no launch files for {escape(job.model.name)} (vision-language models are planned, not launched, for now)")
         if not as_json:
@@ -149,6 +149,8 @@ def plan(
 
     def action() -> None:
         parsed = [parse_gate(text) for text in gates]  # bad gates are bad input: fail before searching
+        if out is not None:
+            check_out_folder(out)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack, top_k=top_k,
                                       profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))
@@ -202,6 +204,8 @@ def evaluate(
     def action() -> None:
         for text in gates:
             parse_gate(text)
+        if out is not None:
+            check_out_folder(out)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack,
                                       profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))
@@ -251,6 +255,14 @@ def explain(
     """Show where a plan's step time and memory go; draw its schedule."""
 
     def action() -> None:
+        from loom.cli import figures  # matplotlib is only needed for drawing
+
+        for flag, path in (("--timeline", timeline), ("--candidates", candidates)):
+            if path is not None:
+                if path.suffix.lower() not in (".png", ".svg", ".html", ".htm"):
+                    raise SpecError(flag, flag.lstrip("-"), "a .png, .svg or .html file", str(path))
+                figures.require_matplotlib(flag)
+                check_file_target(path, flag)
         report = _read_report(plan_file)
         if plan_index > len(report.plans):
             raise SpecError("--plan", "plan", f"at most {len(report.plans)} (the plans in {plan_file})", plan_index)
@@ -265,15 +277,11 @@ def explain(
         if name != chosen.schedule.name:
             base = simulate(chosen.schedule.costs(), chosen.schedule.name)
             Console().print(f"{name}: pipeline {simulation.pipeline_time_s:.3f} s against {chosen.schedule.name}'s {base.pipeline_time_s:.3f} s")
-        for path in (timeline, candidates):
-            if path is not None and path.suffix.lower() not in (".png", ".svg", ".html", ".htm"):
-                raise SpecError(str(path), "suffix", "a .png, .svg or .html file", path.suffix)
-        from loom.cli import figures  # matplotlib is only needed for drawing
-
         if timeline is not None:
-            figures.save(figures.timeline_figure(simulation, f"{report.model} {chosen.label} ({name})"), timeline)
+            figures.save(figures.timeline_figure(simulation, f"{report.model} {chosen.label} ({name})"), timeline, "--timeline")
         if candidates is not None:
             labels = [plan.label for plan in report.plans]
-            figures.save(figures.candidates_figure(labels, [p.predicted.step_time_s for p in report.plans], f"{report.model} on {report.gpus} GPUs"), candidates)
+            figures.save(figures.candidates_figure(labels, [p.predicted.step_time_s for p in report.plans], f"{report.model} on {report.gpus} GPUs"),
+                         candidates, "--candidates")
 
     run(action)

@@ -1,23 +1,28 @@
 """What every ``loom`` command shares: the stderr console and ``run``, which
-maps loom's errors to the exit codes of ARCHITECTURE.md (2 bad input, 3 no
-feasible layout) with a one-line message. The subcommands import this
-module; nothing here imports a subcommand."""
+maps loom's errors to the exit codes of ARCHITECTURE.md with a one-line
+message: 2 bad input, 3 no feasible layout, 4 an internal error (never 1,
+which means a failed gate). The subcommands import this module; nothing
+here imports a subcommand."""
 
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Callable
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from loom.planner.specs.errors import InfeasibleError, SpecError
+from loom.planner.specs.errors import INTERNAL_ERROR_EXIT_CODE, InfeasibleError, SpecError
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def run(action: Callable[[], None]) -> None:
-    """Run a command's ``action``, mapping loom's errors to exit codes."""
+    """Run a command's ``action``, mapping loom's errors to exit codes. Any
+    other exception is a bug in loom: one line asking for a report (the
+    traceback only with LOOM_DEBUG=1), exit 4."""
     try:
         action()
     except SpecError as error:
@@ -26,3 +31,16 @@ def run(action: Callable[[], None]) -> None:
     except InfeasibleError as error:
         err.print(f"[red]infeasible:[/red] {escape(str(error))}")
         raise typer.Exit(3) from None
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 (the whole point: no traceback, a distinct code)
+        if os.environ.get("LOOM_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        where = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
+        err.print(f"[red]internal error:[/red] {escape(where)}. This is a bug in loom: please report it to its maintainers "
+                  "with the command and its input files (LOOM_DEBUG=1 prints the traceback)")
+        raise typer.Exit(INTERNAL_ERROR_EXIT_CODE) from None
+

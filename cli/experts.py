@@ -37,7 +37,7 @@ def experts(
     """Place experts and their replicas on EP ranks: balance the busiest GPU, cut cross-node traffic."""
 
     def action() -> None:
-        from loom.planner.output.files import write_atomically
+        from loom.planner.output.files import write_file_set
         from loom.planner.search.experts import expert_map, expert_problem, output_files, sglang_location
         from loom.solvers import experts as solver
 
@@ -54,7 +54,7 @@ def experts(
                   f"gap {solution.gap:.1%}, {solution.wall_time_s:.1f} s")
         if out is not None:
             document = expert_map(problem, solution, methods, time_limit, dense_layers)
-            write_atomically(out, output_files(document, sglang_location(problem, solution.expert_of_slot, dense_layers)))
+            write_file_set(out, output_files(document, sglang_location(problem, solution.expert_of_slot, dense_layers)))
             err.print(f"wrote expert_map.json and expert_location.json (SGLang --init-expert-location) to {escape(str(out))}")
 
     run(action)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from loom.planner.output.files import write_file
+from loom.planner.specs.errors import SpecError
 from loom.planner.schedule.simulate import Simulation
 
 # One colour per kind of work; idle time is the grey row behind them.
@@ -23,6 +25,15 @@ IDLE_COLOUR = "#EEEEEE"
 LABELS = {"F": "forward", "B": "backward", "W": "weight grad", "send": "send/recv", "dp": "DP reduce", "optimizer": "optimizer"}
 # Communication runs beside compute: drawn as a thinner bar under the row's centre.
 COMPUTE_HEIGHT, COMM_HEIGHT = 0.7, 0.25
+
+
+def require_matplotlib(flag: str) -> None:
+    """matplotlib draws the figures; without it, bad input naming ``flag``
+    and how to install it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        raise SpecError(flag, flag.lstrip("-"), "matplotlib installed to draw it: pip install 'loom-planner[plot]'") from None
 
 
 def _pyplot():
@@ -79,15 +90,20 @@ def candidates_figure(labels: list[str], step_times_s: list[float], title: str):
     return fig
 
 
-def save(fig, path: Path) -> None:
-    """Write ``fig`` as PNG, SVG or a self-contained HTML page, by suffix."""
+def save(fig, path: Path, flag: str) -> None:
+    """Write ``fig`` as PNG, SVG or a self-contained HTML page, by suffix,
+    never half-written (output/files.py write_file)."""
     suffix = path.suffix.lower()
-    if suffix in (".png", ".svg"):
-        fig.savefig(path, format=suffix[1:], dpi=120)
-    elif suffix in (".html", ".htm"):
-        svg = io.StringIO()
-        fig.savefig(svg, format="svg")
-        path.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>loom</title></head>\n<body>\n{svg.getvalue()}\n</body></html>\n")
-    else:
-        raise ValueError(f"{path}: expected a .png, .svg or .html file")
-    _pyplot().close(fig)
+
+    def fill(temporary: Path) -> None:
+        if suffix in (".png", ".svg"):
+            fig.savefig(temporary, format=suffix[1:], dpi=120)
+        else:
+            svg = io.StringIO()
+            fig.savefig(svg, format="svg")
+            temporary.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>loom</title></head>\n<body>\n{svg.getvalue()}\n</body></html>\n")
+
+    try:
+        write_file(path, fill, flag)
+    finally:
+        _pyplot().close(fig)

@@ -15,7 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from loom.cli.common import err, run
-from loom.cli.profile_links import write_profile
+from loom.planner.output.files import write_text_file
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.model import load_model
 from loom.profiles.catalogue import GPU, find_gpu, gpu_names
@@ -73,7 +73,7 @@ def layers(
         document = LayersDocument(
             schema_version=1, kind="layers", model=ModelDims.of(spec), entries=entries, **_measured(gpu_entry, torch_device, dtype, repeats, warmup)
         )
-        write_profile(out, document_json(document))
+        write_text_file(out, document_json(document), "--out")
         table = Table("kind", "tp", "mbs", "seq", "fwd ms", "loom", "bwd ms", "loom", "saved MiB", "loom", title=f"{spec.name} on {document.device}",
                       caption=f"loom: the time model on {gpu_entry.name} and the memory estimator, for comparison")
         for e in entries:
@@ -113,7 +113,7 @@ def gemm(
                 bar.advance(task)
         fit = gemm_profiler.fit_curve(points, gpu_entry, dtype)
         document = GemmDocument(schema_version=1, kind="gemm", points=points, fit=fit, **_measured(gpu_entry, torch_device, dtype, repeats, warmup))
-        write_profile(out, document_json(document))
+        write_text_file(out, document_json(document), "--out")
         best = max(point.tflops for point in points)
         err.print(f"wrote {escape(str(out))}: {len(points)} GEMMs, best {best:.3g} TFLOP/s; fitted gemm_efficiency "
                   f"{fit.gemm_efficiency:.3g} of {gpu_entry.name}'s {fit.peak_tflops:g} TFLOP/s, k_overhead {fit.k_overhead:g} "

@@ -4,8 +4,6 @@ JSON atomically; bad input exits 2 with the file and field named."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +13,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from loom.cli.common import err, run
+from loom.planner.output.files import write_text_file
 from loom.profiles.links import LinkSettings, launch_from_env, measure_links
 from loom.profiles.links_profile import links_json
 from loom.profiles.nccl_tests import nccl_tests_json, read_nccl_tests_log
@@ -41,7 +40,7 @@ def links(
             profile = measure_links(launch, settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
         if profile is None:  # not rank 0
             return
-        write_profile(out, links_json(profile))
+        write_text_file(out, links_json(profile), "--out")
         pairs = profile.bandwidth_GBps[~np.eye(len(profile.hosts), dtype=bool)]
         err.print(f"wrote {escape(str(out))}: {len(profile.hosts)} GPUs ({profile.backend}), {len(profile.rounds)} rounds; "
                   f"pair bandwidth min {pairs.min():.3g} / median {np.median(pairs):.3g} / max {pairs.max():.3g} GB/s")
@@ -57,26 +56,9 @@ def nccl_tests(
 
     def action() -> None:
         runs = [read_nccl_tests_log(path) for path in logs]
-        write_profile(out, nccl_tests_json(runs))
+        write_text_file(out, nccl_tests_json(runs), "--out")
         for log in runs:
             err.print(f"{escape(log.source)}: {log.op}, {len(log.gpus)} GPUs, {len(log.rows)} sizes, avg busbw {log.avg_busbw_GBps:g} GB/s")
         err.print(f"wrote {escape(str(out))}")
 
     run(action)
-
-
-def write_profile(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` (same file system), then
-    rename it into place: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

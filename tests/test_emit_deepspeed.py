@@ -18,7 +18,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from deepspeed.runtime.utils import partition_balanced
 
 from loom.planner.specs.cluster import parse_cluster
-from loom.planner.output.files import write_atomically
+from loom.planner.output.files import MANIFEST, write_file_set
 from loom.planner.output.launch import launch_files
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
@@ -190,12 +190,12 @@ def test_launch_script_is_valid_bash():
 # --- writing -------------------------------------------------------------------
 
 
-def test_write_atomically_is_deterministic_and_leaves_no_temp_dir(tmp_path):
+def test_write_file_set_is_deterministic_and_leaves_no_temp_dir(tmp_path):
     for run in ("first", "second"):
         _, _, files = files_for("zero1-pipeline-full-recompute")
-        write_atomically(tmp_path / run, files)
+        write_file_set(tmp_path / run, files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]
-    names = sorted(p.name for p in (tmp_path / "first").iterdir())
+    names = sorted(p.name for p in (tmp_path / "first").iterdir() if p.name != MANIFEST)
     assert names == sorted(files)
     for name in names:
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
@@ -203,15 +203,28 @@ def test_write_atomically_is_deterministic_and_leaves_no_temp_dir(tmp_path):
     assert (tmp_path / "first" / "ds_config.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_write_atomically_replaces_existing_files(tmp_path):
+def test_write_file_set_replaces_the_whole_set(tmp_path):
+    """A new set replaces an earlier one whole: a file only the old set had
+    (a Megatron train.sh under a DeepSpeed plan) does not survive."""
     out = tmp_path / "out"
-    write_atomically(out, {"train.sh": "old\n", "keep.txt": "kept\n"})
-    write_atomically(out, {"train.sh": "new\n"})
+    write_file_set(out, {"train.sh": "old\n", "slurm.sbatch": "old\n"})
+    write_file_set(out, {"train.sh": "new\n"})
     assert (out / "train.sh").read_text() == "new\n"
-    assert (out / "keep.txt").read_text() == "kept\n"
+    assert not (out / "slurm.sbatch").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_write_atomically_refuses_paths_outside_out_dir(tmp_path):
+def test_write_file_set_refuses_a_folder_it_did_not_write(tmp_path):
+    from loom.planner.specs.errors import SpecError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    with pytest.raises(SpecError, match="notes.txt"):
+        write_file_set(out, {"train.sh": "new\n"})
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_write_file_set_refuses_paths_outside_out_dir(tmp_path):
     with pytest.raises(ValueError):
-        write_atomically(tmp_path / "out", {"../escape.sh": "x"})
+        write_file_set(tmp_path / "out", {"../escape.sh": "x"})

@@ -37,7 +37,7 @@ import pytest
 from megatron.core.parallel_state import RankGenerator, default_embedding_ranks
 
 from loom.planner.specs.cluster import parse_cluster
-from loom.planner.output.files import write_atomically
+from loom.planner.output.files import write_file_set
 from loom.planner.output.launch import launch_files
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
@@ -397,7 +397,7 @@ def deepspeed_runner_command(tmp_path: Path, files: dict[str, str]) -> list[str]
 
     install(tmp_path, "deepspeed", RECORDER.format(python=sys.executable))
     out = tmp_path / "out"
-    write_atomically(out, files)
+    write_file_set(out, files)
     (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
     subprocess.run(["bash", str(out / "launch.sh")], env=clean_env(tmp_path, TRAIN_SCRIPT=str(tmp_path / "train.py")),
                    check=True)
@@ -563,5 +563,5 @@ def test_unrealisable_placements_are_refused_and_nothing_is_written(tmp_path, ca
     assert placement != permuted_placement(job, layout, per_host, seed=1)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=REASONS[kind]):
-        write_atomically(out, launch_files(job, layout, uniform_stages(job.model, layout), placement))
+        write_file_set(out, launch_files(job, layout, uniform_stages(job.model, layout), placement))
     assert not out.exists()

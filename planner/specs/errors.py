@@ -1,22 +1,56 @@
-"""Errors that map to the CLI's exit codes (see ARCHITECTURE.md).
+"""Errors that map to the CLI's exit codes (see ARCHITECTURE.md and the
+README): 0 ok, 1 a --gate failed, 2 bad input (``SpecError``), 3 no
+feasible layout (``InfeasibleError``), 4 an internal error (anything else:
+a bug, reported with a request to file it).
 
-``SpecError`` (exit 2) always names the file, the field and what was expected,
-so a user can fix the input without reading code. ``InfeasibleError`` (exit 3)
-says what binds.
+``SpecError`` always names the file or flag, the field, what was expected
+and what was found, so a user can fix the input without reading code. It
+can carry several problems of one source at once, so that fixing one does
+not merely reveal the next.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+INTERNAL_ERROR_EXIT_CODE = 4
+
+# (field, what was expected, what was found or None)
+Problem = tuple[str, str, object]
+
+
+def _describe(source: str, field: str, expected: str, got: object) -> str:
+    got_text = "" if got is None else f" (got {_short(got)})"
+    # A flag is its own field: "--cp: expected ..." rather than "--cp: field 'cp': ...".
+    if source.startswith("--") and source.lstrip("-").replace("-", "_") == field:
+        return f"expected {expected}{got_text}"
+    return f"field '{field}': expected {expected}{got_text}"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr`` of a found value, cut so that one line stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class SpecError(ValueError):
-    """Bad input: a file or field that is missing, mistyped or inconsistent."""
+    """Bad input: a file or flag whose fields are missing, mistyped,
+    impossible or inconsistent. ``source``/``field``/``expected``/``got`` are
+    the first problem's; ``problems`` lists them all."""
 
     exit_code = 2
 
-    def __init__(self, source: str, field: str, expected: str, got: object = None):
+    def __init__(self, source: str, field: str, expected: str, got: object = None, more: Sequence[Problem] = ()):
         self.source, self.field, self.expected, self.got = source, field, expected, got
-        got_text = "" if got is None else f" (got {got!r})"
-        super().__init__(f"{source}: field '{field}': expected {expected}{got_text}")
+        self.problems: list[Problem] = [(field, expected, got), *more]
+        described = "; ".join(_describe(source, *problem) for problem in self.problems)
+        count = f"{len(self.problems)} problems: " if len(self.problems) > 1 else ""
+        super().__init__(f"{source}: {count}{described}")
+
+    @classmethod
+    def of(cls, source: str, problems: Sequence[Problem]) -> SpecError:
+        """One error for all of ``problems`` (at least one) of ``source``."""
+        return cls(source, *problems[0], more=problems[1:])
 
 
 class InfeasibleError(RuntimeError):
