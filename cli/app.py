@@ -25,7 +25,7 @@ from loom.planner.output.files import check_file_target, check_out_folder, write
 from loom.planner.output.launch import launch_files
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
-from loom.planner.specs.job import load_job
+from loom.planner.specs.job import job_warnings, load_job
 from loom.planner.specs.layout import Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
@@ -33,6 +33,7 @@ from loom.planner.output.report import Report, SearchInfo, build_report, report_
 from loom.planner.schedule.simulate import SCHEDULES, simulate
 from loom.planner.specs.files import read_json
 from loom.planner.search.fixes import cheapest_fix
+from loom.planner.specs.rules import layout_problems
 from loom.planner.search.layouts import search
 from loom.planner.cost.memory import GiB
 
@@ -61,6 +62,8 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     are written even when a gate fails, so CI can keep plan.json to see why."""
     job = plans[0].job
     parsed_gates = [parse_gate(text) for text in gates]
+    for warning in job_warnings(job):
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
         typer.echo(report_json(build_report(plans, info)), nl=False)
     else:
@@ -79,6 +82,15 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     if failures:
         err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")
         raise typer.Exit(1)
+
+
+# The flags of a layout field in evaluate's messages: blame what the user typed.
+LAYOUT_FLAGS = {
+    "tp": "--tp", "pp": "--pp", "cp": "--cp", "ep": "--ep", "etp": "--etp", "vpp": "--vpp", "pp*vpp": "--pp x --vpp",
+    "tp*pp*dp*cp": "--tp x --pp x --dp x --cp", "global_batch_size": "--global-batch-size (or the job's global_batch_size) and --mbs x --dp",
+    "sequence_parallel": "--sequence-parallel", "recompute": "--recompute", "recompute_modules": "--recompute-modules",
+    "recompute_num_layers": "--recompute-num-layers", "zero_stage": "--zero-stage", "distributed_optimizer": "--distributed-optimizer",
+}
 
 
 def _show(plan_: Plan, info: SearchInfo, as_json: bool) -> None:
@@ -220,7 +232,10 @@ def evaluate(
             zero_stage=zero_stage,
             distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,
         )
-        plan_ = evaluate_layout(job, layout, source="evaluate flags")
+        problems = layout_problems(job, layout)
+        if problems:
+            raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
+        plan_ = evaluate_layout(job, layout)
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
         if not plan_.fits:
             _show(plan_, info, as_json)

@@ -93,7 +93,7 @@ def evaluate(job: Job, layout: Layout, source: str = "layout") -> Plan:
     """Predict step time and memory of one fixed layout (``loom evaluate``)."""
     problems = layout_problems(job, layout)
     if problems:
-        raise SpecError(source, *problems[0])
+        raise SpecError.of(source, problems)
     return build_plan(job, layout)
 
 

@@ -16,6 +16,7 @@ import pydantic
 
 from loom.planner.cost.layers import shape_of, sources
 from loom.planner.plan import Plan
+from loom.planner.specs.job import job_warnings
 from loom.planner.schedule.simulate import ChunkCost, PipelineCosts
 
 SCHEMA_VERSION = "1.1"
@@ -150,6 +151,7 @@ class Report(pydantic.BaseModel):
     plans: list[PlanReport]
     search: SearchInfo
     profiles: list[str] = pydantic.Field(default_factory=list, description="the --profile files the plans used")
+    warnings: list[str] = pydantic.Field(default_factory=list, description="what is legal in the job but probably not meant")
 
 
 def plan_report(plan: Plan) -> PlanReport:
@@ -231,6 +233,7 @@ def build_report(plans: list[Plan], search: SearchInfo) -> Report:
         plans=[plan_report(plan) for plan in plans],
         search=search,
         profiles=list(job.profiles),
+        warnings=job_warnings(job),
     )
 
 

@@ -80,7 +80,7 @@ def _choices(job: Job) -> dict[str, list]:
     powers = [2**i for i in range(8) if 2**i <= job.cluster.gpus_per_node]
     auto = {
         "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
-        "cp": [c for c in (1, 2, 4, 8) if job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
+        "cp": [c for c in (1, 2, 4, 8) if c == 1 or job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
         "ep": [e for e in _divisors(model.moe.num_experts) if e <= gpus] if model.moe else [1],
         # Experts are small GEMMs already: splitting them (ETP) rarely pays; Megatron's MoE recipes keep etp = 1.
         "etp": [1],

@@ -32,48 +32,55 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import pydantic
 
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.files import StrictModel, read_json, read_mapping, validate
+from loom.planner.specs.files import StrictModel, count, rate, read_json, read_mapping, validate
 from loom.planner.specs.hardware import Fabric, Node
 from loom.planner.specs.topology import Topology, build_topology
 from loom.profiles.catalogue import GPU, find_gpu
 from loom.profiles.nccl_tests import NcclTestsDocument
 
+# What no cluster has (the error message states the limit): 131,072 nodes
+# (a million GPUs), 1,024 GPUs a node, 64 NICs a node, 10 TB/s of NVLink per
+# GPU, 10 Tb/s per NIC.
+MAX_NODES, MAX_GPUS_PER_NODE, MAX_NICS = 1 << 17, 1024, 64
+NVLINK_GBPS, NIC_GBPS = rate(10_000), rate(10_000)
+NodeIndex = count(MAX_NODES - 1, minimum=0)
+
+
 class NodeOverride(StrictModel):
-    node: int | str  # index or host name
+    node: NodeIndex | str  # index or host name
     gpu: str | None = None
-    nvlink_GBps: pydantic.PositiveFloat | None = None
-    nics_per_node: pydantic.PositiveInt | None = None
-    nic_Gbps: pydantic.PositiveFloat | None = None
+    nvlink_GBps: NVLINK_GBPS | None = None
+    nics_per_node: count(MAX_NICS) | None = None
+    nic_Gbps: NIC_GBPS | None = None
 
 
 class NicOverride(StrictModel):
-    node: int | str | None = None  # index or host name; None: the NIC on every node (a rail)
-    nic: pydantic.NonNegativeInt
-    Gbps: pydantic.NonNegativeFloat  # 0: missing or down
+    node: NodeIndex | str | None = None  # index or host name; None: the NIC on every node (a rail)
+    nic: count(MAX_NICS - 1, minimum=0)
+    Gbps: rate(10_000, inclusive_minimum=True)  # 0: missing or down
 
 
 class LinkOverride(StrictModel):
-    node: int | str
-    gpus: tuple[pydantic.NonNegativeInt, pydantic.NonNegativeInt]
-    GBps: pydantic.PositiveFloat  # per direction, like nvlink_GBps
+    node: NodeIndex | str
+    gpus: tuple[count(MAX_GPUS_PER_NODE - 1, minimum=0), count(MAX_GPUS_PER_NODE - 1, minimum=0)]
+    GBps: NVLINK_GBPS  # per direction, like nvlink_GBps
 
 
 class ClusterFile(StrictModel):
     name: str | None = None
-    nodes: pydantic.PositiveInt
-    gpus_per_node: pydantic.PositiveInt
+    nodes: count(MAX_NODES)
+    gpus_per_node: count(MAX_GPUS_PER_NODE)
     gpu: str
-    nvlink_GBps: pydantic.PositiveFloat
-    nics_per_node: pydantic.PositiveInt
-    nic_Gbps: pydantic.PositiveFloat
+    nvlink_GBps: NVLINK_GBPS
+    nics_per_node: count(MAX_NICS)
+    nic_Gbps: NIC_GBPS
     hosts: list[str] | None = None
     node_overrides: list[NodeOverride] = []
-    nodes_per_leaf: pydantic.PositiveInt | None = None
-    leaves: list[list[int | str]] | None = None
-    spine_oversubscription: float = pydantic.Field(default=1.0, ge=1.0)
+    nodes_per_leaf: count(MAX_NODES) | None = None
+    leaves: list[list[NodeIndex | str]] | None = None
+    spine_oversubscription: rate(1_000, minimum=1.0, inclusive_minimum=True) = 1.0
     nic_overrides: list[NicOverride] = []
     link_overrides: list[LinkOverride] = []
     links_profile: str | None = None
@@ -154,6 +161,9 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
     hosts = spec.hosts or [f"node{i:03d}" for i in range(spec.nodes)]
     if len(hosts) != spec.nodes:
         raise SpecError(source, at("hosts"), f"{spec.nodes} host names, one per node", len(hosts))
+    repeated = sorted({host for host in hosts if hosts.count(host) > 1}) if len(set(hosts)) != len(hosts) else []
+    if repeated:
+        raise SpecError(source, at("hosts"), "a different name for every node", repeated[0])
     base = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
     per_node = [dict(base) for _ in hosts]
     gpu_field = [at("gpu")] * spec.nodes  # where each node's GPU type was given, for error messages

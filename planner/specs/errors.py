@@ -24,6 +24,8 @@ def _describe(source: str, field: str, expected: str, got: object) -> str:
     # A flag is its own field: "--cp: expected ..." rather than "--cp: field 'cp': ...".
     if source.startswith("--") and source.lstrip("-").replace("-", "_") == field:
         return f"expected {expected}{got_text}"
+    if field.startswith("--"):
+        return f"{field}: expected {expected}{got_text}"
     return f"field '{field}': expected {expected}{got_text}"
 
 

@@ -4,7 +4,7 @@ the file and the field (exit code 2)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import difflib
 import json
@@ -17,56 +17,120 @@ from loom.planner.specs.errors import SpecError
 Spec = TypeVar("Spec", bound=pydantic.BaseModel)
 
 
+def count(maximum: int, minimum: int = 1) -> object:
+    """An integer field in [minimum, maximum]: a YAML ``true`` or ``"8"`` is
+    not a number (pydantic's strict mode), and no cluster or job has more
+    than ``maximum`` (the limit the error message states)."""
+    return Annotated[int, pydantic.Field(strict=True, ge=minimum, le=maximum)]
+
+
+def rate(maximum: float, minimum: float = 0.0, inclusive_minimum: bool = False) -> object:
+    """A finite number in (minimum, maximum] ([minimum, ...] when inclusive);
+    integers are numbers too, booleans and strings are not."""
+    low = {"ge": minimum} if inclusive_minimum else {"gt": minimum}
+    return Annotated[float, pydantic.Field(strict=True, le=maximum, allow_inf_nan=False, **low)]
+
+
 class StrictModel(pydantic.BaseModel):
     """Spec models reject unknown fields, so a typo is an error, not a default."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
-def read_mapping(path: Path) -> dict:
-    """Parse a YAML (or JSON, which is YAML) file that must hold a mapping."""
+# No spec, profile or plan loom reads is anywhere near this large or deep.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_NESTING = 64
+
+
+def _text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``, which must be a file of sane size."""
     if not path.is_file():
-        raise SpecError(str(path), "<file>", "an existing file")
+        raise SpecError(str(path), "<file>", f"an existing {what}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise SpecError(str(path), "<file>", f"a {what} of at most {MAX_FILE_BYTES // 2**20} MiB", f"{path.stat().st_size:,} bytes")
     try:
-        data = yaml.safe_load(path.read_text())
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(str(path), f"byte {error.start}", f"a {what} in UTF-8 text") from None
+    except OSError as error:
+        raise SpecError(str(path), "<file>", f"a readable {what} ({error.strerror or error})") from None
+
+
+def _depth(value: object, limit: int = MAX_NESTING) -> int:
+    """How deeply ``value`` nests lists and mappings, counted up to ``limit`` + 1."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def read_mapping(path: Path, what: str = "YAML file") -> dict:
+    """Parse a YAML (or JSON, which is YAML) file that must hold a mapping."""
+    text = _text(path, what)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"
-        raise SpecError(str(path), where, f"valid YAML ({getattr(err, 'problem', err)})") from err
+        raise SpecError(str(path), where, f"valid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:
+        raise SpecError(str(path), "<file>", f"YAML nested at most {MAX_NESTING} levels deep") from None
     if not isinstance(data, dict):
         raise SpecError(str(path), "<top level>", "a mapping of fields")
+    if _depth(data) > MAX_NESTING:
+        raise SpecError(str(path), "<file>", f"YAML nested at most {MAX_NESTING} levels deep")
     return data
 
 
 def read_json(path: Path, what: str) -> object:
     """The parsed JSON in ``path``; a missing file or bad JSON is a SpecError
     naming the file (``what``: what the file should be, for the message)."""
-    if not path.is_file():
-        raise SpecError(str(path), "<file>", f"an existing {what}")
+    text = _text(path, what)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise SpecError(str(path), f"line {error.lineno}", "valid JSON") from None
-    except UnicodeDecodeError:
-        raise SpecError(str(path), "<file>", "valid JSON (UTF-8 text)") from None
+    except RecursionError:
+        raise SpecError(str(path), "<file>", f"JSON nested at most {MAX_NESTING} levels deep") from None
+    except ValueError as error:  # e.g. an integer of more than 4,300 digits
+        raise SpecError(str(path), "<file>", "valid JSON with numbers of at most 4,300 digits" if "digits" in str(error) else f"valid JSON ({error})") from None
+    if _depth(data) > MAX_NESTING:
+        raise SpecError(str(path), "<file>", f"JSON nested at most {MAX_NESTING} levels deep")
+    return data
 
 
 def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Spec:
-    """``model.model_validate(data)``, turning the first pydantic error into a SpecError."""
+    """``model.model_validate(data)``, turning pydantic's errors into one
+    SpecError naming every field that is wrong (once each)."""
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as err:
-        # A misspelt field also makes the right one "missing": name the typo.
-        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        first = errors[0]
-        field = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
-        if first["type"] == "extra_forbidden":
-            known = _fields_at(model, first["loc"][:-1])
-            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
-            expected = f"no such field; did you mean '{close[0]}'?" if close else f"one of the fields {', '.join(known)}"
-            raise SpecError(source, field, expected) from None
-        got = None if first["type"] == "missing" else first.get("input")
-        raise SpecError(source, field or "<top level>", first["msg"], got) from None
+        problems, seen = [], set()
+        # A misspelt field also makes the right one "missing": name the typo first.
+        for error in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+            loc = tuple(part for part in error["loc"] if not _is_union_member(part))
+            field = ".".join(str(part) for part in (prefix, *loc) if part != "") or "<top level>"
+            if field in seen or (error["type"] == "missing" and any(f.startswith(field + ".") for f in seen)):
+                continue
+            seen.add(field)
+            if error["type"] == "extra_forbidden":
+                known = _fields_at(model, loc[:-1])
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                problems.append((field, f"no such field; did you mean '{close[0]}'?" if close else f"one of the fields {', '.join(known)}", None))
+            else:
+                problems.append((field, error["msg"], None if error["type"] == "missing" else error.get("input")))
+        raise SpecError.of(source, problems) from None
+
+
+def _is_union_member(part: object) -> bool:
+    """pydantic names the member of a union that failed in the location
+    ('constrained-int', 'str', 'list[...]', "literal['auto']"): not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "-" in part or "[" in part)
 
 
 def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:

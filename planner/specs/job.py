@@ -22,7 +22,7 @@ import pydantic
 
 from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.files import StrictModel, read_mapping, validate
+from loom.planner.specs.files import StrictModel, count, rate, read_mapping, validate
 from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
 from loom.planner.specs.model import ModelSpec, load_model
 from loom.planner.specs.stacks import DEFAULT_STACK, STACKS
@@ -31,6 +31,13 @@ from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims,
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 DEFAULT_JOB = EXAMPLES_DIR / "llama3-8b-h100.yaml"
+
+# What no job has (the error message states the limit): a million sequences
+# in a step (published runs use up to ~16K), sequences of 16M tokens, parallel
+# degrees beyond a million GPUs, micro batches of more than 1,024 sequences.
+MAX_GLOBAL_BATCH, MAX_SEQ_LENGTH, MAX_DEGREE, MAX_MICRO_BATCH = 1 << 20, 1 << 24, 1 << 20, 1024
+# A step of more tokens than this looks like a batch given in tokens, not sequences.
+TOKENS_PER_STEP_WARNING = 1 << 30
 
 Precision = Literal["bf16", "fp16", "fp8"]
 Framework = Literal["megatron", "deepspeed"]
@@ -54,7 +61,7 @@ class Features(StrictModel):
     tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers)
     # MoE: the busiest GPU's routed tokens over the mean (1 = perfectly
     # balanced); `loom experts` reports it for measured loads.
-    moe_load_imbalance: float = pydantic.Field(default=1.0, ge=1.0)
+    moe_load_imbalance: rate(1_000, minimum=1.0, inclusive_minimum=True) = 1.0
     # Megatron's gradient buffer in fp32 (--accumulate-allreduce-grads-in-fp32,
     # on by default for bf16) or in the parameters' dtype (--grad-reduce-in-bf16).
     grad_reduce_in_fp32: bool = True
@@ -76,32 +83,32 @@ Auto = Literal["auto"]
 class SearchFile(StrictModel):
     """Which values each knob may take; "auto" lets loom choose the candidates."""
 
-    tp: list[pydantic.PositiveInt] | Auto = "auto"
-    pp: list[pydantic.PositiveInt] | Auto = "auto"
-    cp: list[pydantic.PositiveInt] | Auto = "auto"
-    ep: list[pydantic.PositiveInt] | Auto = "auto"
-    etp: list[pydantic.PositiveInt] | Auto = "auto"
-    vpp: list[pydantic.PositiveInt] | Auto = "auto"
-    micro_batch_size: list[pydantic.PositiveInt] | Auto = "auto"
-    sequence_parallel: list[bool] | Auto = "auto"
+    tp: list[count(MAX_DEGREE)] | Auto = "auto"
+    pp: list[count(MAX_DEGREE)] | Auto = "auto"
+    cp: list[count(MAX_DEGREE)] | Auto = "auto"
+    ep: list[count(MAX_DEGREE)] | Auto = "auto"
+    etp: list[count(MAX_DEGREE)] | Auto = "auto"
+    vpp: list[count(MAX_DEGREE)] | Auto = "auto"
+    micro_batch_size: list[count(MAX_MICRO_BATCH)] | Auto = "auto"
+    sequence_parallel: list[pydantic.StrictBool] | Auto = "auto"
     recompute: list[Literal["none", "selective", "full"]] | Auto = "auto"
-    distributed_optimizer: list[bool] | Auto = "auto"
+    distributed_optimizer: list[pydantic.StrictBool] | Auto = "auto"
     zero_stage: list[Literal[0, 1, 2, 3]] | Auto = "auto"
 
 
 class JobFile(StrictModel):
     model: str
     cluster: str | dict
-    global_batch_size: pydantic.PositiveInt
-    seq_length: pydantic.PositiveInt
+    global_batch_size: count(MAX_GLOBAL_BATCH)
+    seq_length: count(MAX_SEQ_LENGTH)
     precision: Precision = "bf16"
     optimizer: Literal["adam"] = "adam"
     framework: Framework = "megatron"
     stack: StackName = DEFAULT_STACK  # feature presets of a training stack (stacks.py)
     features: Features = Features()
     search: SearchFile = SearchFile()
-    top_k: pydantic.PositiveInt = 5
-    train_iters: pydantic.PositiveInt = 1000
+    top_k: count(1_000) = 5
+    train_iters: count(1_000_000_000) = 1000
     profiles: list[str] = []  # loom profile layers/gemm outputs, relative to this file
     # What every plan leaves free on each GPU: a fraction of capacity or a size ("4 GiB").
     memory_headroom: float | str = DEFAULT_FRACTION
@@ -217,6 +224,21 @@ def check_job(job: Job) -> None:
         raise SpecError(
             job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length
         )
+
+
+def job_warnings(job: Job) -> list[str]:
+    """What is legal but probably not meant: a batch that looks like tokens,
+    a sequence longer than the model was trained on."""
+    warnings = []
+    tokens = job.global_batch_size * job.seq_length
+    if tokens > TOKENS_PER_STEP_WARNING:
+        warnings.append(f"global_batch_size counts sequences: {job.global_batch_size:,} sequences of {job.seq_length:,} tokens is "
+                        f"{tokens / 1e9:.1f}B tokens per step (published runs use up to ~0.02B); did you give it in tokens?")
+    if job.seq_length > job.model.max_position_embeddings:
+        warnings.append(f"seq_length {job.seq_length:,} is longer than {job.model.name}'s max_position_embeddings "
+                        f"{job.model.max_position_embeddings:,}: the launch files raise it to the sequence length (rotary "
+                        "positions extrapolate; quality is not loom's to judge)")
+    return warnings
 
 
 def with_profiles(job: Job, paths: list[Path]) -> Job:

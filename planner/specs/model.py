@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.files import read_json
+from loom.planner.specs.hf_config import LIMITS, MIN_VOCAB, ConfigReader
 from loom.profiles.catalogue import model_config_path, model_names
 
 # Families whose MLP is gated (SwiGLU) and which use RMSNorm, RoPE, no biases.
@@ -217,43 +218,37 @@ class VisionTower:
         return enc.num_layers * enc.layer_params() + patch_embedding + positions + projector
 
 
-def _pick(config: dict, source: str, *keys: str, default=None, required: bool = True):
-    """The first of ``keys`` present in an HF config (families name fields differently)."""
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    if default is not None or not required:
-        return default
-    raise SpecError(source, keys[0], "a value in the model config")
+# Hugging Face LlamaConfig's defaults (transformers configuration_llama.py),
+# for a nested text_config that leaves them out (LLaVA's published config).
+LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
 
 
-def _positive_int(config: dict, source: str, *keys: str, default=None) -> int:
-    value = _pick(config, source, *keys, default=default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SpecError(source, keys[0], "a positive integer", value)
-    return value
-
-
-def _vision_language(config: dict, name: str, source: str) -> ModelSpec:
-    """LLaVA-style: ``text_config`` is a Llama-family decoder and
-    ``vision_config`` a CLIP ViT (pre-LayerNorm, GeLU MLP, biases)."""
+def _vision_language(read: ConfigReader, name: str) -> ModelSpec:
+    """LLaVA-style: ``text_config`` is a Llama-family decoder (Hugging Face's
+    LlamaConfig defaults fill what it leaves out) and ``vision_config`` a
+    CLIP ViT (pre-LayerNorm, GeLU MLP, biases)."""
+    text, vision = read.nested("text_config"), read.nested("vision_config")
     for key in ("text_config", "vision_config"):
-        if not isinstance(config.get(key), dict):
-            raise SpecError(source, key, "a mapping of the sub-model's fields")
-    text = model_from_hf_config(config["text_config"], name, source)
-    vision = config["vision_config"]
-    image_size = _positive_int(vision, source, "image_size")
-    patch_size = _positive_int(vision, source, "patch_size")
-    hidden = _positive_int(vision, source, "hidden_size")
-    heads = _positive_int(vision, source, "num_attention_heads")
-    patches = (image_size // patch_size) ** 2
+        read.require(key in read.config, key, "the sub-model's fields (a vision-language config nests its language and vision models)")
+    read.check()
+    if text.str("model_type", "llama") == "llama":
+        text = ConfigReader({**LLAMA_DEFAULTS, **text.config}, text.source, text.prefix, text.problems)
+    language = _decoder(text, name)
+    image_size = vision.int("image_size", high=1 << 16)
+    patch_size = vision.int("patch_size", high=1 << 12)
+    hidden = vision.int("hidden_size", high=LIMITS["width"])
+    heads = vision.int("num_attention_heads", high=LIMITS["heads"])
+    vision.require(hidden % heads == 0, "num_attention_heads", f"a divisor of hidden size {hidden}", heads, given=("hidden_size", "num_attention_heads"))
+    vision.require(patch_size <= image_size, "patch_size", f"at most the image size {image_size}", patch_size, given=("image_size", "patch_size"))
+    patches = max(1, image_size // patch_size) ** 2
     encoder = ModelSpec(
         name=f"{name}-vision",
-        num_layers=_positive_int(vision, source, "num_hidden_layers"),
+        num_layers=vision.int("num_hidden_layers", high=LIMITS["layers"]),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=heads,
-        ffn_hidden_size=_positive_int(vision, source, "intermediate_size"),
+        ffn_hidden_size=vision.int("intermediate_size", high=LIMITS["width"]),
         vocab_size=1,  # no vocabulary: patches are embedded by a convolution
         max_position_embeddings=patches + 1,
         gated_mlp=False,
@@ -263,89 +258,110 @@ def _vision_language(config: dict, name: str, source: str) -> ModelSpec:
         qkv_bias=False,
         normalization="LayerNorm",
         dropout=0.0,
-        norm_epsilon=float(vision.get("layer_norm_eps", 1e-5)),
+        norm_epsilon=vision.number("layer_norm_eps", default=1e-5, high=1.0, above_low=True, below_high=True),
         causal=False,
     )
+    read.check()
     tower = VisionTower(encoder=encoder, image_tokens=patches, patch_size=patch_size)
-    return replace(text, vision=tower)
+    return replace(language, vision=tower)
 
 
 def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
-    """Build a spec from the fields of a Hugging Face ``config.json``."""
-    family = config.get("model_type")
+    """Build a spec from the fields of a Hugging Face ``config.json``; every
+    field is checked (hf_config.py), and a SpecError names every problem."""
+    read = ConfigReader(config, source)
+    family = read.str("model_type")
+    read.check()
     if family in VISION_LANGUAGE:
-        return _vision_language(config, name, source)
+        return _vision_language(read, name)
+    spec = _decoder(read, name)
+    read.check()
+    return spec
+
+
+def _decoder(read: ConfigReader, name: str) -> ModelSpec:
+    """A decoder-only language model of a family loom reads."""
+    family = read.str("model_type")
     if family not in LLAMA_LIKE | GPT_LIKE:
-        raise SpecError(source, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | VISION_LANGUAGE)}", family)
-    hidden = _positive_int(config, source, "hidden_size", "n_embd")
-    heads = _positive_int(config, source, "num_attention_heads", "n_head")
-    kv_heads = _positive_int(config, source, "num_key_value_heads", default=heads)
-    head_dim = _pick(config, source, "head_dim", required=False)
-    if head_dim is None and hidden % heads:
-        raise SpecError(source, "num_attention_heads", f"a divisor of hidden size {hidden} (or an explicit head_dim)", heads)
-    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0):
-        raise SpecError(source, "head_dim", "a positive integer", head_dim)
-    if heads % kv_heads:
-        raise SpecError(source, "num_key_value_heads", f"a divisor of {heads} attention heads", kv_heads)
+        where = " (its language model nested under text_config)" if read.has("text_config") else ""
+        read.require(False, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | VISION_LANGUAGE)}{where}", family)
+        read.check()
+    hidden = read.int("hidden_size", "n_embd", high=LIMITS["width"])
+    heads = read.int("num_attention_heads", "n_head", high=LIMITS["heads"])
+    kv_heads = read.int("num_key_value_heads", default=heads, high=LIMITS["heads"])
+    head_dim = read.int("head_dim", default=0, low=1, high=LIMITS["width"]) or None
+    read.require(head_dim is not None or hidden % heads == 0, "num_attention_heads", f"a divisor of hidden size {hidden} (or an explicit head_dim)",
+                 heads, given=("hidden_size", "n_embd", "num_attention_heads", "n_head"))
+    read.require(heads % kv_heads == 0, "num_key_value_heads", f"a divisor of {heads} attention heads", kv_heads,
+                 given=("num_attention_heads", "n_head", "num_key_value_heads"))
+    num_layers = read.int("num_hidden_layers", "n_layer", high=LIMITS["layers"])
     llama_like = family in LLAMA_LIKE
-    mla = _mla(config, source) if family == "deepseek_v3" else None
-    return ModelSpec(
+    # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
+    dropout = read.number("resid_pdrop", "hidden_dropout", default=0.1 if family == "gpt2" else 0.0, high=1.0, below_high=True)
+    spec = ModelSpec(
         name=name,
-        num_layers=_positive_int(config, source, "num_hidden_layers", "n_layer"),
+        num_layers=num_layers,
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=kv_heads,
-        ffn_hidden_size=_positive_int(config, source, "intermediate_size", "n_inner", default=4 * hidden),
-        vocab_size=_positive_int(config, source, "vocab_size"),
-        max_position_embeddings=_positive_int(config, source, "max_position_embeddings", "n_positions"),
+        ffn_hidden_size=read.int("intermediate_size", "n_inner", default=4 * hidden, high=LIMITS["width"]),
+        vocab_size=read.int("vocab_size", low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
+        max_position_embeddings=read.int("max_position_embeddings", "n_positions", high=LIMITS["positions"]),
         gated_mlp=llama_like,
-        tied_embeddings=bool(config.get("tie_word_embeddings", family == "gpt2")),
+        tied_embeddings=read.bool("tie_word_embeddings", family == "gpt2"),
         learned_position_embeddings=family == "gpt2",
         linear_bias=not llama_like,
         qkv_bias=family == "qwen2",
         normalization="RMSNorm" if llama_like else "LayerNorm",
-        # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
-        dropout=float(config.get("resid_pdrop", config.get("hidden_dropout", 0.1 if family == "gpt2" else 0.0))),
+        dropout=dropout,
         kv_channels=head_dim if head_dim != hidden // heads else None,
-        rope_theta=float(_pick(config, source, "rope_theta", "rotary_emb_base", default=10000.0)),
-        norm_epsilon=float(_pick(config, source, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
-        moe=_moe(config, family, source),
-        mla=mla,
+        rope_theta=read.number("rope_theta", "rotary_emb_base", default=10000.0, high=1e12, above_low=True),
+        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5, high=1.0, above_low=True, below_high=True),
+        moe=_moe(read, family, num_layers),
+        mla=_mla(read) if family == "deepseek_v3" else None,
         qk_norm=family == "qwen3_moe",
-        mtp_layers=int(config.get("num_nextn_predict_layers") or 0),
+        mtp_layers=read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]),
     )
+    return spec
 
 
-def _moe(config: dict, family: str, source: str) -> MoE | None:
+def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
     """Mixtral: num_local_experts, the expert width in intermediate_size.
     Qwen3-MoE and DeepSeek-V3: num_experts / n_routed_experts and
-    moe_intermediate_size; DeepSeek's first_k_dense_replace layers are dense."""
-    experts = _pick(config, source, "num_local_experts", "num_experts", "n_routed_experts", required=False)
-    if experts is None:
+    moe_intermediate_size; DeepSeek's first_k_dense_replace layers are dense
+    and every later one is MoE (moe_layer_freq 1)."""
+    if not read.has("num_local_experts", "num_experts", "n_routed_experts"):
         return None
-    if family == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
-        raise SpecError(source, "mlp_only_layers", "an MoE MLP in every layer (loom prices interleaved dense layers only at the start)")
+    experts = read.int("num_local_experts", "num_experts", "n_routed_experts", high=LIMITS["experts"])
+    if family == "qwen3_moe":
+        read.require(not read.config.get("mlp_only_layers") and read.config.get("decoder_sparse_step", 1) == 1, "mlp_only_layers",
+                     "an MoE MLP in every layer (loom prices interleaved dense layers only at the start)")
+    read.require(read.config.get("moe_layer_freq", 1) == 1, "moe_layer_freq", "1 (an MoE MLP in every layer after the dense ones)",
+                 read.config.get("moe_layer_freq"))
     width_key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
-    top_k = _positive_int(config, source, "num_experts_per_tok")
-    if top_k > experts:
-        raise SpecError(source, "num_experts_per_tok", f"at most the {experts} experts", top_k)
+    top_k = read.int("num_experts_per_tok", high=LIMITS["experts"])
+    read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
+                 given=("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"))
+    width = read.int(width_key, high=LIMITS["width"])
+    first_dense = read.int("first_k_dense_replace", default=0, low=0, high=LIMITS["layers"])
+    read.require(first_dense < num_layers, "first_k_dense_replace", f"fewer than the {num_layers} layers (some must be MoE)", first_dense,
+                 given=("num_hidden_layers", "n_layer"))
     return MoE(
-        num_experts=_positive_int(config, source, "num_local_experts", "num_experts", "n_routed_experts"),
+        num_experts=experts,
         top_k=top_k,
-        expert_ffn_hidden_size=_positive_int(config, source, width_key),
-        shared_ffn_hidden_size=int(config.get("n_shared_experts") or 0) * _positive_int(config, source, width_key),
-        first_dense_layers=int(config.get("first_k_dense_replace") or 0),
+        expert_ffn_hidden_size=width,
+        shared_ffn_hidden_size=read.int("n_shared_experts", default=0, low=0, high=LIMITS["experts"]) * width,
+        first_dense_layers=min(first_dense, num_layers - 1),
     )
 
 
-def _mla(config: dict, source: str) -> MLA:
-    q_rank = config.get("q_lora_rank")
+def _mla(read: ConfigReader) -> MLA:
     return MLA(
-        q_lora_rank=None if q_rank is None else _positive_int(config, source, "q_lora_rank"),
-        kv_lora_rank=_positive_int(config, source, "kv_lora_rank"),
-        qk_nope_head_dim=_positive_int(config, source, "qk_nope_head_dim"),
-        qk_rope_head_dim=_positive_int(config, source, "qk_rope_head_dim"),
-        v_head_dim=_positive_int(config, source, "v_head_dim"),
+        q_lora_rank=read.int("q_lora_rank", high=LIMITS["width"]) if read.has("q_lora_rank") else None,
+        kv_lora_rank=read.int("kv_lora_rank", high=LIMITS["width"]),
+        qk_nope_head_dim=read.int("qk_nope_head_dim", high=LIMITS["width"]),
+        qk_rope_head_dim=read.int("qk_rope_head_dim", high=LIMITS["width"]),
+        v_head_dim=read.int("v_head_dim", high=LIMITS["width"]),
     )
 
 

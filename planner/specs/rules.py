@@ -37,7 +37,14 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(model.num_layers % chunks == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", chunks)
     per_step = layout.micro_batch_size * layout.dp
     need(layout.global_batch_size % per_step == 0, "global_batch_size", f"a multiple of micro batch x dp = {per_step}", layout.global_batch_size)
-    need(job.seq_length % (2 * layout.cp) == 0, "cp", f"2*cp dividing the sequence length {job.seq_length}", layout.cp)
+    # Context parallelism cuts the sequence into 2*cp chunks (two per rank,
+    # for load balance: megatron validate_args); sequence parallelism splits
+    # each rank's seq/cp tokens over TP (megatron-core scatter_to_sequence_parallel_region).
+    if layout.cp > 1:
+        need(job.seq_length % (2 * layout.cp) == 0, "cp", f"2*cp dividing the sequence length {job.seq_length}", layout.cp)
+    if layout.sequence_parallel and layout.tp > 1:
+        need(job.seq_length % (layout.tp * layout.cp) == 0, "tp", f"tp x cp dividing the sequence length {job.seq_length} "
+             "(sequence parallelism splits each rank's tokens over TP)", layout.tp)
     need(not layout.sequence_parallel or layout.tp > 1, "sequence_parallel", "only with tp > 1", layout.sequence_parallel)
     need(layout.vpp == 1 or layout.pp > 1, "vpp", "1 unless pp > 1", layout.vpp)
     need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's CP needs it)", layout.cp)
