@@ -26,7 +26,7 @@ from loom.planner.output.launch import launch_files
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import job_warnings, load_job
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import Report, SearchInfo, build_report, report_json
@@ -117,6 +117,17 @@ def _does_not_fit(job, plan_: Plan) -> str:
     return message + f"; the cheapest single change that fits: {flags} ({fixed.layout.label()}, {fixed.step_time_s:.3f} s per step)"
 
 
+def _modules(text: str | None) -> tuple[str, ...]:
+    """--recompute-modules, comma-separated, in megatron-core's order (it
+    accepts any; loom's labels and files are the same for the same set)."""
+    if not text:
+        return ()
+    names = tuple(name.strip() for name in text.split(","))
+    known = [name for name in RECOMPUTE_MODULES if name in names]
+    unknown = [name for name in names if name not in RECOMPUTE_MODULES]
+    return (*known, *unknown) if len(set(names)) == len(names) else names
+
+
 def _headroom(text: str | None) -> float | str | None:
     """--memory-headroom as the job field takes it: a number or a size string."""
     if text is None:
@@ -169,6 +180,8 @@ def plan(
         # A memory-headroom gate is a constraint of the search, not a check of its winner.
         for gate_ in parsed:
             if gate_.metric == "memory_headroom" and gate_.op in (">=", ">"):
+                if not 0 <= gate_.threshold < 1:
+                    raise SpecError("--gate", str(gate_), "memory_headroom as a fraction of capacity in [0, 1)", gate_.threshold)
                 job = replace(job, memory_headroom=job.memory_headroom.at_least(gate_.threshold))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
@@ -227,7 +240,7 @@ def evaluate(
         layout = Layout(
             tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
             sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel, recompute=recompute,
-            recompute_modules=tuple(m.strip() for m in recompute_modules.split(",")) if recompute_modules else (),
+            recompute_modules=_modules(recompute_modules),
             recompute_num_layers=recompute_num_layers,
             zero_stage=zero_stage,
             distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,

@@ -107,3 +107,76 @@ def test_a_timeline_named_like_a_folder_is_bad_input(plan_json, tmp_path):
     folder.mkdir()
     result = invoke("explain", plan_json, "--timeline", folder)
     assert result.exit_code == 2 and "--timeline" in one_line(result)
+
+
+# --- what a new user found (review of the memory features) -------------------------------
+
+
+@pytest.mark.parametrize("modules,expected", [("foo", "module names among"), ("core_attn,", "module names among"),
+                                              ("CORE_ATTN", "module names among"), ("mlp,mlp", "each module once")])
+def test_bad_recompute_modules_are_bad_input_naming_the_flag(modules, expected):
+    result = invoke("evaluate", "--tp", 2, "--pp", 2, "--recompute", "selective", "--recompute-modules", modules)
+    assert result.exit_code == 2
+    line = one_line(result)
+    assert "--recompute-modules" in line and expected in line
+
+
+def test_recompute_modules_in_any_order_are_the_same_layout():
+    reports = [json.loads(invoke("evaluate", "--tp", 2, "--pp", 2, "--recompute", "selective", "--recompute-modules", modules, "--json").stdout)
+               for modules in ("mlp,core_attn", "core_attn,mlp")]
+    assert reports[0]["plans"][0]["parallel"] == reports[1]["plans"][0]["parallel"]
+    assert reports[0]["plans"][0]["parallel"]["recompute_modules"] == ["core_attn", "mlp"]
+
+
+@pytest.mark.parametrize("args", [["--gate", "memory_headroom>=1"], ["--gate", "memory_headroom>=1.5"], ["--memory-headroom", "80 GiB"],
+                                  ["--memory-headroom", "79.11 GiB"]])
+def test_a_headroom_of_the_whole_gpu_is_bad_input(args):
+    result = invoke("plan", *args)
+    assert result.exit_code == 2
+    assert "memory_headroom" in one_line(result) or "--memory-headroom" in one_line(result)
+
+
+def test_the_cheapest_fix_tries_every_smaller_micro_batch():
+    """TP8 PP8 at micro batch 8 does not fit; micro batch 2 does, far faster
+    than recomputing everything."""
+    result = invoke("evaluate", "examples/llama3-70b-h100-1024.yaml", "--tp", 8, "--pp", 8, "--mbs", 8)
+    assert result.exit_code == 3
+    assert "the cheapest single change that fits: --mbs" in " ".join(result.stderr.split())
+
+
+def test_the_cheapest_fix_replaces_the_recompute_flags():
+    result = invoke("evaluate", "examples/llama3-70b-h100-1024.yaml", "--tp", 8, "--pp", 8, "--mbs", 8, "--recompute", "full",
+                    "--recompute-num-layers", 2)
+    assert result.exit_code == 3
+    assert "no single change" not in " ".join(result.stderr.split())
+
+
+def test_the_cheapest_fix_keeps_sequence_parallelism_off_when_the_user_has_it_off():
+    result = invoke("evaluate", "--tp", 2, "--pp", 1, "--no-sequence-parallel", "--mbs", 4)
+    assert result.exit_code == 3
+    message = " ".join(result.stderr.split())
+    if "--tp 4" in message:
+        assert " SP " not in message.split("--tp 4")[1].split(")")[0]
+
+
+def test_mxfp8_needs_blackwell(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: llama-3-8b\ncluster: h100-64.yaml\nglobal_batch_size: 512\nseq_length: 8192\nprecision: fp8\n"
+                   "features: {fp8_recipe: mxfp8}\n")
+    (tmp_path / "h100-64.yaml").write_text(open("examples/h100-64.yaml").read())
+    result = invoke("evaluate", job, "--tp", 2, "--pp", 2)
+    assert result.exit_code == 2 and "features.fp8_recipe" in one_line(result)
+
+
+def test_a_field_given_twice_is_bad_input(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: llama-3-8b\ncluster: h100-64.yaml\nglobal_batch_size: 512\nseq_length: 8192\n"
+                   "memory_headroom: 0.1\nmemory_headroom: 0.6\n")
+    result = invoke("plan", job)
+    assert result.exit_code == 2 and "memory_headroom" in one_line(result) and "line 6" in one_line(result)
+
+
+@pytest.mark.parametrize("flag,value", [("--stack", "foo"), ("--memory-headroom", "abc"), ("--precision", "fp4")])
+def test_a_bad_flag_value_is_blamed_on_the_flag(flag, value):
+    result = invoke("plan", flag, value)
+    assert result.exit_code == 2 and f"{flag}: expected" in one_line(result)

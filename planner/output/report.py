@@ -76,7 +76,7 @@ class Predicted(pydantic.BaseModel):
 
 
 class Memory(pydantic.BaseModel):
-    peak_bytes_per_gpu: float
+    peak_bytes_per_gpu: float = pydantic.Field(description="the peak of the stage with the least headroom (relative to its GPU)")
     capacity_bytes: int = pydantic.Field(description="what PyTorch's allocator can hand out on the peak stage's GPU (torch total_memory)")
     headroom: float = pydantic.Field(description="fraction of capacity left free on the fullest stage")
     required_headroom_bytes: float = pydantic.Field(default=0.0, description="what the job's memory_headroom asks to leave free on that GPU")
@@ -152,6 +152,8 @@ class Report(pydantic.BaseModel):
     search: SearchInfo
     profiles: list[str] = pydantic.Field(default_factory=list, description="the --profile files the plans used")
     warnings: list[str] = pydantic.Field(default_factory=list, description="what is legal in the job but probably not meant")
+    stack: str = pydantic.Field(default="megatron-lm", description="the stack whose feature presets the job started from")
+    features: dict[str, object] = pydantic.Field(default_factory=dict, description="the features the plans assumed, presets resolved")
 
 
 def plan_report(plan: Plan) -> PlanReport:
@@ -234,6 +236,8 @@ def build_report(plans: list[Plan], search: SearchInfo) -> Report:
         search=search,
         profiles=list(job.profiles),
         warnings=job_warnings(job),
+        stack=job.stack,
+        features=job.features.model_dump(),
     )
 
 

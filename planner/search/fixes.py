@@ -24,22 +24,28 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
     """(the flags that make the change, the changed layout) for every knob
     that can move towards less memory, whether or not the result is valid."""
     changes: list[tuple[str, Layout]] = []
-    for recompute in ("selective", "full")[("none", "selective", "full").index(layout.recompute):]:
-        if recompute != layout.recompute:
-            changes.append((f"--recompute {recompute}", replace(layout, recompute=recompute)))
+    plain = dict(recompute_modules=(), recompute_num_layers=0)  # the recompute flags replaced, not added to
+    if layout.recompute == "none" or layout.recompute_modules:
+        changes.append(("--recompute selective", replace(layout, recompute="selective", **plain)))
+    if layout.recompute != "full" or layout.recompute_num_layers:
+        changes.append(("--recompute full", replace(layout, recompute="full", **plain)))
     if job.framework == "megatron" and not layout.distributed_optimizer:
         changes.append(("--distributed-optimizer", replace(layout, distributed_optimizer=True)))
     if job.framework == "deepspeed" and layout.zero_stage < 3:
         changes.append((f"--zero-stage {layout.zero_stage + 1}", replace(layout, zero_stage=layout.zero_stage + 1)))
-    if layout.micro_batch_size > 1:
-        changes.append((f"--mbs {layout.micro_batch_size // 2}", replace(layout, micro_batch_size=layout.micro_batch_size // 2)))
+    mbs = layout.micro_batch_size // 2
+    while mbs >= 1:
+        changes.append((f"--mbs {mbs}", replace(layout, micro_batch_size=mbs)))
+        mbs //= 2
     if layout.vpp > 1:
         changes.append(("--vpp 1", replace(layout, vpp=1)))
     if layout.tp > 1 and not layout.sequence_parallel:
         changes.append(("--sequence-parallel", replace(layout, sequence_parallel=True)))
     if layout.dp % 2 == 0:
         half = layout.dp // 2
-        changes.append((f"--tp {2 * layout.tp} --dp {half}", replace(layout, tp=2 * layout.tp, dp=half, sequence_parallel=True)))
+        # Sequence parallelism stays as the user set it, or on where TP starts.
+        sequence_parallel = layout.sequence_parallel or layout.tp == 1
+        changes.append((f"--tp {2 * layout.tp} --dp {half}", replace(layout, tp=2 * layout.tp, dp=half, sequence_parallel=sequence_parallel)))
         changes.append((f"--pp {2 * layout.pp} --dp {half}", replace(layout, pp=2 * layout.pp, dp=half)))
         changes.append((f"--cp {2 * layout.cp} --dp {half}", replace(layout, cp=2 * layout.cp, dp=half)))
     return changes

@@ -69,11 +69,33 @@ def _depth(value: object, limit: int = MAX_NESTING) -> int:
     return deepest
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is
+    an error (YAML 1.2 requires unique keys; PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_mapping(path: Path, what: str = "YAML file") -> dict:
     """Parse a YAML (or JSON, which is YAML) file that must hold a mapping."""
     text = _text(path, what)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as duplicate:
+        raise SpecError(str(path), duplicate.key, f"the field once (again at line {duplicate.line})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"
@@ -104,9 +126,10 @@ def read_json(path: Path, what: str) -> object:
     return data
 
 
-def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Spec:
+def validate(model: type[Spec], data: dict, source: str, prefix: str = "", flags: dict[str, str] | None = None) -> Spec:
     """``model.model_validate(data)``, turning pydantic's errors into one
-    SpecError naming every field that is wrong (once each)."""
+    SpecError naming every field that is wrong (once each); a top-level
+    field in ``flags`` came from that command-line flag and is named by it."""
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as err:
@@ -115,6 +138,8 @@ def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Sp
         for error in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
             loc = tuple(part for part in error["loc"] if not _is_union_member(part))
             field = ".".join(str(part) for part in (prefix, *loc) if part != "") or "<top level>"
+            if flags and loc and loc[0] in flags:
+                field = ".".join([flags[loc[0]], *map(str, loc[1:])])
             if field in seen or (error["type"] == "missing" and any(f.startswith(field + ".") for f in seen)):
                 continue
             seen.add(field)
@@ -123,8 +148,19 @@ def validate(model: type[Spec], data: dict, source: str, prefix: str = "") -> Sp
                 close = difflib.get_close_matches(str(loc[-1]), known, n=1)
                 problems.append((field, f"no such field; did you mean '{close[0]}'?" if close else f"one of the fields {', '.join(known)}", None))
             else:
-                problems.append((field, error["msg"], None if error["type"] == "missing" else error.get("input")))
+                problems.append((field, _expected(error), None if error["type"] == "missing" else error.get("input")))
         raise SpecError.of(source, problems) from None
+
+
+def _expected(error: dict) -> str:
+    """pydantic's message as what was expected: 'Input should be a valid
+    integer' -> 'a valid integer'; 'Value error, X' -> 'X'."""
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return "a mapping of fields"
+    message = error["msg"]
+    for prefix in ("Input should be ", "Value error, "):
+        message = message.removeprefix(prefix)
+    return "a value" if error["type"] == "missing" else message
 
 
 def _is_union_member(part: object) -> bool:

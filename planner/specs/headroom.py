@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 GiB = 1024**3
 DEFAULT_FRACTION = 0.05
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)\s*$", re.IGNORECASE)
+UNITS = {"gib": GiB, "gb": 1e9, "mib": 1024**2, "mb": 1e6}
+EXPECTED = "a fraction of capacity in [0, 1) or a size in GiB, GB, MiB or MB, such as '4 GiB'"
 
 
 @dataclass(frozen=True)
@@ -50,21 +52,20 @@ class MemoryHeadroom:
 
 
 def parse_headroom(value: object) -> MemoryHeadroom:
-    """``0.05`` (a fraction in [0, 1)) or ``"4 GiB"`` / ``"4GB"`` / ``"512 MiB"``.
+    """``0.05`` (a fraction in [0, 1)) or a size: ``"4 GiB"``, ``"4GB"``,
+    ``"512 MiB"``, ``"500 MB"`` (GB and MB decimal).
 
     Raises ValueError with what was expected."""
     if isinstance(value, bool):
-        raise ValueError("a fraction of capacity in [0, 1) or a size such as '4 GiB'")
+        raise ValueError(EXPECTED)
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or not 0 <= value < 1:
-            raise ValueError("a fraction of capacity in [0, 1) (for a size write e.g. '4 GiB')")
+            raise ValueError(EXPECTED)
         return MemoryHeadroom(fraction=float(value))
     match = _SIZE.match(str(value))
     if not match:
-        raise ValueError("a fraction of capacity in [0, 1) or a size such as '4 GiB'")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    scale = {"gib": GiB, "gb": 1e9, "mib": 1024**2}[unit]
-    return MemoryHeadroom(bytes_=number * scale)
+        raise ValueError(EXPECTED)
+    return MemoryHeadroom(bytes_=float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
 DEFAULT_HEADROOM = MemoryHeadroom(fraction=DEFAULT_FRACTION)

@@ -179,8 +179,11 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     job_path = path or DEFAULT_JOB
     source = str(job_path)
     data = read_mapping(job_path)
-    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    spec = validate(JobFile, data, source)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    data.update(given)
+    # A value from a flag is blamed on the flag, not on the job file.
+    flags = {key: "--" + ("profile" if key == "profiles" else key.replace("_", "-")) for key in given}
+    spec = validate(JobFile, data, source, flags=flags)
     model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
     cluster = _resolve_cluster(spec.cluster, job_path, source)
     job = Job(
@@ -199,7 +202,10 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
         source=source,
         memory_headroom=parse_headroom(spec.memory_headroom),
     )
-    check_job(job)
+    try:
+        check_job(job)
+    except SpecError as error:
+        raise SpecError.of(source, [(flags.get(field, field), expected, got) for field, expected, got in error.problems]) from None
     return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
 
 
@@ -215,9 +221,16 @@ def check_job(job: Job) -> None:
         # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
         # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
         raise SpecError(job.source, "framework", f"megatron for {job.model.name} (DeepSpeed's MoE gates top-1/top-2 only, without shared experts)", job.framework)
-    for node in job.cluster.nodes:
-        if not node.gpu.supports(job.precision):
-            raise SpecError(job.source, "precision", f"a precision {node.gpu.name} supports (bf16, fp16)", job.precision)
+    gpus = {node.gpu.name: node.gpu for node in job.cluster.nodes}.values()
+    for gpu in gpus:
+        if not gpu.supports(job.precision):
+            raise SpecError(job.source, "precision", f"a precision {gpu.name} supports (bf16, fp16)", job.precision)
+        if job.precision == "fp8" and job.features.fp8_recipe == "mxfp8" and not gpu.fp8_gemm_any_layout:
+            # MXFP8's block scales are a Blackwell tensor-core format (TE's MXFP8BlockScaling needs compute capability 10.0).
+            raise SpecError(job.source, "features.fp8_recipe", f"delayed, tensorwise or blockwise on {gpu.name} (MXFP8 needs Blackwell)", "mxfp8")
+        if job.memory_headroom.of(gpu.memory_bytes) >= gpu.memory_bytes:
+            raise SpecError(job.source, "memory_headroom", f"less than the {gpu.memory_bytes / 2**30:.2f} GiB a {gpu.name} has",
+                            str(job.memory_headroom))
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:

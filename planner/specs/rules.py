@@ -74,9 +74,10 @@ def _recompute_problems(job: Job, layout: Layout, need) -> None:
     if modules:
         need(layout.recompute == "selective", "recompute_modules", "only with recompute selective", list(modules))
         unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
-        need(not unknown, "recompute_modules", f"modules among {', '.join(RECOMPUTE_MODULES)}", unknown)
-        need(list(modules) == sorted(set(modules), key=RECOMPUTE_MODULES.index) or bool(unknown), "recompute_modules",
-             f"each module once, in the order {', '.join(RECOMPUTE_MODULES)}", list(modules))
+        need(not unknown, "recompute_modules", f"module names among {', '.join(RECOMPUTE_MODULES)}", unknown)
+        need(len(set(modules)) == len(modules), "recompute_modules", "each module once", list(modules))
+        need(model.num_layers > model.num_moe_layers or "mlp" not in modules, "recompute_modules",
+             "mlp only for a model with dense MLP layers (every layer of this one is MoE: use moe or moe_act)", "mlp")
         moe_only = [m for m in modules if m in ("moe", "moe_act", "shared_experts")]
         need(model.moe is not None or not moe_only, "recompute_modules", "moe, moe_act and shared_experts only for MoE models", moe_only)
         need("shared_experts" not in modules or (model.moe is not None and model.moe.shared_ffn_hidden_size > 0), "recompute_modules",
@@ -88,4 +89,6 @@ def _recompute_problems(job: Job, layout: Layout, need) -> None:
              "no moe_act or layernorm under delayed fp8 scaling (megatron-core rejects them)", list(modules))
     if layout.recompute_num_layers:
         need(layout.recompute == "full", "recompute_num_layers", "only with recompute full", layout.recompute_num_layers)
-        need(layout.recompute_num_layers > 0, "recompute_num_layers", "a positive number of layers", layout.recompute_num_layers)
+        most = -(-model.num_layers // (layout.pp * layout.vpp))
+        need(0 < layout.recompute_num_layers <= most, "recompute_num_layers",
+             f"from 1 to the {most} layers of a model chunk (0 recomputes every layer)", layout.recompute_num_layers)
