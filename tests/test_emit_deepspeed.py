@@ -26,9 +26,12 @@ from loom.planner.specs.model import load_model
 from loom.planner.specs.stages import Placement, default_placement, uniform_stages
 
 
-def make_cluster(nodes: int, hosts: list[str] | None = None):
+def make_cluster(nodes: int, hosts: list[str] | None = None, named: bool = True):
+    """A cluster of H100 nodes, named node000... unless ``hosts`` names them
+    otherwise or ``named`` is False (then the launch files take whichever nodes they are given)."""
     spec = {"nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
-    return parse_cluster({**spec, **({"hosts": hosts} if hosts else {})}, "test")
+    names = hosts or [f"node{i:03d}" for i in range(nodes)]
+    return parse_cluster({**spec, **({"hosts": names} if named else {})}, "test")
 
 
 LLAMA = load_model("llama-3-8b")
@@ -111,6 +114,37 @@ def test_hostfile_and_launch_realise_the_default_placement(tmp_path):
     assert files["hostfile"].splitlines() == ["node000 slots=8", "node001 slots=8"]
     assert "--include" not in files["launch.sh"]
     assert launched_placement(files, tmp_path) == list(default_placement(job.cluster, layout.world_size).gpus)
+
+
+def run_launch_sh(files: dict[str, str], tmp_path, given: list[str]) -> subprocess.CompletedProcess:
+    """Run launch.sh on the nodes ``given`` (LOOM_HOSTS) with a deepspeed that
+    prints its arguments and then the hostfile it was handed."""
+    (tmp_path / "launch.sh").write_text(files["launch.sh"])
+    fake = tmp_path / "bin" / "deepspeed"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/bash\necho "$@"\ncat "$2"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "TRAIN_SCRIPT": "train.py", "LOOM_HOSTS": " ".join(given), "TMPDIR": str(tmp_path)}
+    return subprocess.run(["bash", str(tmp_path / "launch.sh")], env=env, capture_output=True, text=True)
+
+
+def test_without_host_names_launch_sh_writes_the_hostfile_from_the_nodes_it_is_given(tmp_path):
+    """A cluster with no hosts: no static hostfile; launch.sh takes the nodes
+    from LOOM_HOSTS (or SLURM's allocation), refuses too few, and writes the
+    hostfile from them in node-rank order (the job's node i stands for the
+    cluster's node i), narrowed to the planned GPUs."""
+    job = Job(model=LLAMA, cluster=make_cluster(2, named=False), global_batch_size=128, seq_length=2048, framework="deepspeed")
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=4, global_batch_size=128, zero_stage=1)
+    placement = Placement(gpus=tuple([("node001", g) for g in (1, 3, 5, 7)] + [("node000", g) for g in (0, 2, 4, 6)]))
+    files = launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    assert "hostfile" not in files
+    result = run_launch_sh(files, tmp_path, ["gpu-7", "gpu-3"])
+    assert result.returncode == 0, result.stderr
+    command, *hostfile = result.stdout.splitlines()
+    assert hostfile == ["gpu-3 slots=8", "gpu-7 slots=8"]
+    assert "--master_addr gpu-3 " in command and "--include gpu-3:1,3,5,7@gpu-7:0,2,4,6" in command
+    too_few = run_launch_sh(files, tmp_path, ["gpu-7"])
+    assert too_few.returncode == 2 and "the plan runs on 2 nodes, got 1" in too_few.stderr
 
 
 def permuted_hosts_job() -> tuple[Job, Layout]:

@@ -28,9 +28,12 @@ from loom.planner.specs.model import load_model
 from loom.planner.specs.stages import Chunk, Placement, Stage, default_placement, split_stages, uniform_stages
 
 
-def make_cluster(nodes: int, hosts: list[str] | None = None):
+def make_cluster(nodes: int, hosts: list[str] | None = None, named: bool = True):
+    """A cluster of H100 nodes, named node000... unless ``hosts`` names them
+    otherwise or ``named`` is False (then the launch files take whichever nodes they are given)."""
     spec = {"nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
-    return parse_cluster({**spec, **({"hosts": hosts} if hosts else {})}, "test")
+    names = hosts or [f"node{i:03d}" for i in range(nodes)]
+    return parse_cluster({**spec, **({"hosts": names} if named else {})}, "test")
 
 
 def uneven_stages(layout: Layout, sizes: list[int]) -> list[Stage]:
@@ -310,12 +313,13 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def placement_from_launch(tmp_path: Path, script: str, hosts: list[str]) -> list[tuple[str, int]]:
+def placement_from_launch(tmp_path: Path, script: str, hosts: list[str], named: bool = True) -> list[tuple[str, int]]:
     """rank -> (host, GPU) as torchrun would start it: rank = node_rank * nproc + local_rank,
-    local rank i on the i-th visible GPU."""
+    local rank i on the i-th visible GPU. Without host names, ``hosts`` are the
+    job's nodes in the order the scheduler numbers them."""
     gpus: dict[int, tuple[str, int]] = {}
-    for host in hosts:
-        got = run_train_sh(tmp_path, script, host)
+    for index, host in enumerate(hosts):
+        got = run_train_sh(tmp_path, script, host, None if named else {"LOOM_NODE_INDEX": str(index), "MASTER_ADDR": "rank-0-node"})
         node_rank, nproc = int(flag(got["argv"], "--node-rank")), int(flag(got["argv"], "--nproc-per-node"))
         visible = got["env"].get("CUDA_VISIBLE_DEVICES")
         devices = [int(d) for d in visible.split(",")] if visible else list(range(nproc))
@@ -357,6 +361,29 @@ def test_train_sh_default_placement_and_overrides(tmp_path):
     argv = got["argv"]
     assert argv[argv.index("--data-path") + 1 : argv.index("--data-path") + 5] == ["0.7", "/d/a", "0.3", "/d/b"]
     assert "--mock-data" not in argv
+
+
+def test_without_host_names_train_sh_runs_on_the_nodes_the_scheduler_gives(tmp_path):
+    """No hosts in the cluster: the job's node i (SLURM_NODEID) stands for the
+    cluster's node i, here node rank 1 - i; rank 0 runs on its node of the
+    allocation; each node's GPUs in the planned order; the sbatch pins no
+    node list."""
+    job, layout, _ = build("llama-cp-full")
+    job = Job(model=job.model, cluster=make_cluster(2, named=False), global_batch_size=job.global_batch_size, seq_length=job.seq_length)
+    gpus = [("node001", g) for g in (7, 6, 5, 4, 3, 2, 1, 0)] + [("node000", g) for g in range(8)]
+    placement = Placement(gpus=tuple(gpus))
+    files = launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    assert not any(line.startswith("#SBATCH --nodelist") for line in files["slurm.sbatch"].splitlines())
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text('#!/bin/bash\nprintf "gpu-42\\ngpu-17\\n"\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_JOB_NODELIST": "gpu-[17,42]"}
+    for node, visible in ((1, "7,6,5,4,3,2,1,0"), (0, "0,1,2,3,4,5,6,7")):
+        got = run_train_sh(tmp_path, files["train.sh"], f"host{node}", {**slurm, "SLURM_NODEID": str(node)})
+        assert flag(got["argv"], "--node-rank") == str(1 - node)
+        assert flag(got["argv"], "--master-addr") == "gpu-17"
+        assert got["env"]["CUDA_VISIBLE_DEVICES"] == visible
 
 
 def test_train_sh_refuses_a_host_with_non_contiguous_ranks():

@@ -280,10 +280,11 @@ def test_a_links_profile_missing_a_gpu_is_bad_input(tmp_path):
         cluster.topology
 
 
-def test_deepspeed_placements_keep_each_hosts_gpu_order():
+def test_deepspeed_placements_keep_each_hosts_gpu_order(tmp_path):
     """DeepSpeed's runner cannot reorder a host's GPUs: the solver moves whole
     nodes only, and the launch files realise what it finds."""
     from loom.planner.output.launch import launch_files
+    from test_emit_deepspeed import run_launch_sh
 
     cluster = parse_cluster(
         {**H100, "nodes": 4, "leaves": [[0, 2], [1, 3]], "spine_oversubscription": 2,
@@ -297,7 +298,8 @@ def test_deepspeed_placements_keep_each_hosts_gpu_order():
         assert (gpus == np.arange(8)).all()
     placed = place(evaluate(job, layout), time_limit_s=5)
     assert placed.placement_solve.communication_s <= placed.placement_solve.start_s
-    hosts = [line.split()[0] for line in launch_files(job, layout, list(placed.stages), placed.placement)["hostfile"].splitlines()]
+    launched = run_launch_sh(launch_files(job, layout, list(placed.stages), placed.placement), tmp_path, job.cluster.hosts)
+    hosts = [line.split()[0] for line in launched.stdout.splitlines()[1:]]  # the cluster names no hosts: given as its own
     assert hosts == list(dict.fromkeys(host for host, _ in placed.placement.gpus))
 
 
@@ -315,7 +317,7 @@ def test_launch_files_realise_the_solvers_placement(tmp_path):
     placed = place(evaluate(job, layout), time_limit_s=5)
     assert placed.placement != evaluate(job, layout).placement
     script = launch_files(job, layout, list(placed.stages), placed.placement)["train.sh"]
-    launched = placement_from_launch(tmp_path, script, sorted(job.cluster.hosts))
+    launched = placement_from_launch(tmp_path, script, job.cluster.hosts, named=job.cluster.named_hosts)
     assert launched == list(placed.placement.gpus)
     generator = parallel_state.RankGenerator(tp=layout.tp, ep=1, dp=layout.dp, pp=layout.pp, cp=1, order="tp-cp-ep-dp-pp")
     ours = rank_groups(layout)

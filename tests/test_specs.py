@@ -376,3 +376,22 @@ def test_top8_moe_models_need_megatron(tmp_path):
     with pytest.raises(SpecError, match="top-1/top-2") as error:
         load_job(job)
     assert error.value.field == "framework"
+
+
+@pytest.mark.parametrize(
+    "gbs, seq, cluster, warned",
+    [
+        (512, 8192, {}, None),
+        (4_194_304, 4096, {}, "did you give it in tokens?"),
+        (512, 131072, {}, "longer than llama-3-8b's max_position_embeddings 8,192"),
+        (512, 8192, {"node_overrides": [{"node": 1, "nic_Gbps": 200}]}, "names no hosts"),
+        (512, 8192, {"node_overrides": [{"node": "b", "nic_Gbps": 200}], "hosts": ["a", "b"]}, None),
+    ],
+)
+def test_job_warnings_say_what_is_legal_but_probably_not_meant(gbs, seq, cluster, warned):
+    from loom.planner.specs.job import Job, job_warnings
+
+    spec = {"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400, **cluster}
+    job = Job(model=load_model("llama-3-8b"), cluster=parse_cluster(spec, "c.yaml"), global_batch_size=gbs, seq_length=seq)
+    warnings = job_warnings(job)
+    assert (warnings == []) if warned is None else (len(warnings) == 1 and warned in warnings[0])

@@ -32,11 +32,9 @@ def deepspeed_files(job: Job, layout: Layout, stages: list[Stage], placement: Pl
     layout DeepSpeed cannot run as planned."""
     check_layout(job, layout, stages, placement)
     nodes = nodes_of(placement, job.cluster)
-    files = {
-        "ds_config.json": json.dumps(ds_config(job, layout), indent=2) + "\n",
-        "hostfile": hostfile(nodes, job.cluster.gpus_per_node),
-        "launch.sh": launch_sh(job, layout, nodes),
-    }
+    files = {"ds_config.json": json.dumps(ds_config(job, layout), indent=2) + "\n", "launch.sh": launch_sh(job, layout, nodes)}
+    if job.cluster.named_hosts:  # otherwise launch.sh writes it from the nodes it is given
+        files["hostfile"] = hostfile(nodes, job.cluster.gpus_per_node)
     if needs_gpu_order(nodes):
         files[GPU_ORDER] = gpu_order_py(nodes)
     if layout.pp > 1:
@@ -201,15 +199,23 @@ def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
     pdsh replaces by the host's position in its ``-w`` list, the hostfile's
     order (pdsh: opt.c pushes -w hosts in order, dsh.c numbers threads in that
     order, pipecmd.c substitutes %n)."""
+    named = job.cluster.named_hosts
     include = include_filter(nodes, job.cluster.gpus_per_node)
-    include_arg = f" --include {shlex.quote(include)}" if include else ""
-    master = shlex.quote(nodes[0].host)
+    include_arg = f" --include {shlex.quote(include)}" if include and named else ' --include "$INCLUDE"' if include else ""
+    master = shlex.quote(nodes[0].host) if named else '"${HOSTS[0]}"'
+    hostfile_path = '"$HERE/hostfile"' if named else '"$HOSTFILE"'
     script = f'"$HERE/{GPU_ORDER}" "$TRAIN_SCRIPT"' if needs_gpu_order(nodes) else '"$TRAIN_SCRIPT"'
+    where = ("# Run it on the first host of hostfile." if named else
+             "# The cluster names no hosts: run it on the first of the nodes you were given,\n"
+             "# listed in LOOM_HOSTS (first first) or else SLURM's allocation; it writes the\n"
+             "# hostfile from them. The placement holds per node (which GPU runs which local\n"
+             "# rank), not which machine is which.")
     lines = [
         "#!/usr/bin/env bash",
         f"# DeepSpeed training of {job.model.name} written by loom: {layout.label()},",
         f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
-        "# Run it on the first host of hostfile. TRAIN_SCRIPT is your training script; it",
+        where,
+        "# TRAIN_SCRIPT is your training script; it",
         "# must accept --deepspeed_config (deepspeed.add_config_arguments) and pass it to",
         "# deepspeed.initialize. With a pipeline, build the model as pipeline_snippet.py shows.",
         *(
@@ -222,12 +228,38 @@ def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
         'TRAIN_SCRIPT="${TRAIN_SCRIPT:?set TRAIN_SCRIPT to your training script}"',
         f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
+        *([] if named else _hosts_of_allocation(nodes, job.cluster.gpus_per_node, include is not None)),
         "",
-        f'exec deepspeed --hostfile "$HERE/hostfile" --master_addr {master} --master_port "$MASTER_PORT"{include_arg} \\',
+        f'exec deepspeed --hostfile {hostfile_path} --master_addr {master} --master_port "$MASTER_PORT"{include_arg} \\',
         f'    {script} --deepspeed --deepspeed_config "$HERE/ds_config.json" "$@"',
         "",
     ]
     return "\n".join(lines)
+
+
+def _hosts_of_allocation(nodes: list[NodeRanks], gpus_per_node: int, include: bool) -> list[str]:
+    """Bash that takes the nodes the job was given (LOOM_HOSTS, else SLURM's
+    allocation), checks there are as many as planned, and writes the hostfile
+    (and the --include list) in node-rank order: the plan's node k is the
+    job's node ``given_index`` of k (see ``NodeRanks``)."""
+    lines = [
+        'if [[ -n "${LOOM_HOSTS:-}" ]]; then read -r -a GIVEN <<< "$LOOM_HOSTS"',
+        'else mapfile -t GIVEN < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?set LOOM_HOSTS to the nodes, node 0 first}"); fi',
+        f'[[ "${{#GIVEN[@]}}" -eq {len(nodes)} ]] || {{ echo "launch.sh: the plan runs on {len(nodes)} nodes, got ${{#GIVEN[@]}}: ${{GIVEN[*]}}" >&2; exit 2; }}',
+        "# Node rank k runs on the job's node GIVEN_INDEX[k].",
+        f"GIVEN_INDEX=({' '.join(str(node.given_index) for node in nodes)})",
+        'HOSTS=()',
+        'for i in "${GIVEN_INDEX[@]}"; do HOSTS+=("${GIVEN[$i]}"); done',
+        'HOSTFILE="$(mktemp "${TMPDIR:-/tmp}/loom-hostfile.XXXXXX")"  # read by the runner on this host only',
+        f'printf "%s slots={gpus_per_node}\\n" "${{HOSTS[@]}}" > "$HOSTFILE"',
+    ]
+    if include:
+        lines += [
+            f"PLANNED_GPUS=({' '.join(','.join(map(str, sorted(node.gpus))) for node in nodes)})",
+            'INCLUDE=""',
+            'for k in "${!HOSTS[@]}"; do INCLUDE="${INCLUDE:+$INCLUDE@}${HOSTS[$k]}:${PLANNED_GPUS[$k]}"; done',
+        ]
+    return lines
 
 
 def pipeline_snippet(layout: Layout, stages: list[Stage]) -> str:

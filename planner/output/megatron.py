@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shlex
 
-from loom.planner.output.slurm import NodeRanks, nodes_of
+from loom.planner.output.slurm import NodeRanks, allocated_node, nodes_of
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
@@ -324,10 +324,11 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
     if len(placement.gpus) != layout.world_size:
         raise ValueError(f"placement has {len(placement.gpus)} ranks, layout {layout.label()} needs {layout.world_size}")
     nodes = nodes_of(placement, job.cluster)
+    named = job.cluster.named_hosts
     return "\n".join(
         [
-            *_header(job, layout, nodes),
-            *_node_table(nodes),
+            *_header(job, layout, nodes, named),
+            *_node_table(nodes, named),
             *_environment(layout),
             *_bash_array("MEGATRON_ARGS", args),
             *_data_args(),
@@ -336,28 +337,44 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
     )
 
 
-def _header(job: Job, layout: Layout, nodes: list[NodeRanks]) -> list[str]:
+def _header(job: Job, layout: Layout, nodes: list[NodeRanks], named: bool) -> list[str]:
+    if named:
+        rank = ["# Run it once on every node of the plan (slurm.sbatch does). The node rank is",
+                "# looked up from this host's name (LOOM_HOST, else SLURMD_NODENAME, else",
+                "# hostname -s) so that global ranks land where loom placed them; LOOM_NODE_RANK",
+                "# overrides it."]
+        master = [f'MASTER_ADDR="${{MASTER_ADDR:-{nodes[0].host}}}"']
+    else:
+        rank = ["# Run it once on every node (slurm.sbatch does). The cluster names no hosts, so",
+                "# any nodes will do: the i-th node the job is given (LOOM_NODE_INDEX, else",
+                "# SLURM_NODEID) stands for the plan's i-th node in the cluster's node order.",
+                "# The placement holds per node (which GPU runs which local rank), not which",
+                "# machine is which. Rank 0 runs on MASTER_ADDR, else on its node of the SLURM",
+                "# allocation."]
+        first = nodes[0].given_index
+        master = ['if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then',
+                  f"    MASTER_ADDR={allocated_node(first)}",
+                  "fi",
+                  f'MASTER_ADDR="${{MASTER_ADDR:?set MASTER_ADDR to the address of node {first} of the job (0 first)}}"']
     return [
         "#!/usr/bin/env bash",
         f"# Megatron-LM pre-training of {job.model.name} written by loom: {layout.label()},",
         f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
-        "# Run it once on every node of the plan (slurm.sbatch does). The node rank is",
-        "# looked up from this host's name (LOOM_HOST, else SLURMD_NODENAME, else",
-        "# hostname -s) so that global ranks land where loom placed them; LOOM_NODE_RANK",
-        "# overrides it. Data: --mock-data unless DATA_PATH is set (a Megatron",
-        "# indexed-dataset prefix, or a blend 'weight prefix weight prefix').",
+        *rank,
+        "# Data: --mock-data unless DATA_PATH is set (a Megatron indexed-dataset prefix,",
+        "# or a blend 'weight prefix weight prefix').",
         "set -euo pipefail",
         "",
         'MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"',
         f"NNODES={len(nodes)}",
         f"NPROC_PER_NODE={len(nodes[0].gpus)}",
-        f'MASTER_ADDR="${{MASTER_ADDR:-{nodes[0].host}}}"',
+        *master,
         f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
         "",
     ]
 
 
-def _node_table(nodes: list[NodeRanks]) -> list[str]:
+def _node_table(nodes: list[NodeRanks], named: bool) -> list[str]:
     """host -> node rank, and node rank -> CUDA_VISIBLE_DEVICES, so local rank i
     runs on GPU gpus[i] (torchrun passes the variable through to its workers,
     which take the device of their LOCAL_RANK).
@@ -367,16 +384,28 @@ def _node_table(nodes: list[NodeRanks]) -> list[str]:
     placement. CUDA_VISIBLE_DEVICES is exported even for the order 0..n-1:
     an inherited one (a shell's, a scheduler's partial list) would renumber
     the GPUs the plan names by the node's own numbers."""
+    if named:
+        rank = [
+            "declare -A NODE_RANK_OF_HOST=(",
+            *(f"    [{shlex.quote(node.host)}]={node.node_rank}" for node in nodes),
+            ")",
+            'HOST="${LOOM_HOST:-${SLURMD_NODENAME:-$(hostname -s)}}"',
+            'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_HOST[$HOST]:?host $HOST is not in this plan; set LOOM_HOST}}"',
+        ]
+    else:
+        rank_of_given = [node.node_rank for node in sorted(nodes, key=lambda node: node.given_index)]
+        rank = [
+            "# Node rank of the job's i-th node.",
+            f"NODE_RANK_OF_GIVEN=({' '.join(map(str, rank_of_given))})",
+            'NODE_INDEX="${LOOM_NODE_INDEX:-${SLURM_NODEID:?set LOOM_NODE_INDEX to the index of this node, 0 first}}"',
+            'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_GIVEN[$NODE_INDEX]:?the plan runs on nodes 0..$((NNODES - 1)), not $NODE_INDEX}}"',
+        ]
     lines = [
         f"# Node k runs global ranks k*{len(nodes[0].gpus)} .. (k+1)*{len(nodes[0].gpus)}-1.",
-        "declare -A NODE_RANK_OF_HOST=(",
-        *(f"    [{shlex.quote(node.host)}]={node.node_rank}" for node in nodes),
-        ")",
-        'HOST="${LOOM_HOST:-${SLURMD_NODENAME:-$(hostname -s)}}"',
-        'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_HOST[$HOST]:?host $HOST is not in this plan; set LOOM_HOST}}"',
+        *rank,
         "# Local rank i of node k runs on the i-th GPU listed for node k.",
         "GPUS_OF_NODE=(",
-        *(f"    {','.join(map(str, node.gpus))}  # {shlex.quote(node.host)}" for node in nodes),
+        *(f"    {','.join(map(str, node.gpus))}  # {shlex.quote(node.host) if named else f'node {node.node_rank}'}" for node in nodes),
         ")",
         'export CUDA_VISIBLE_DEVICES="${GPUS_OF_NODE[$NODE_RANK]:?node rank $NODE_RANK is not in this plan}"',
     ]

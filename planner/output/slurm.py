@@ -32,6 +32,9 @@ class NodeRanks:
     node_rank: int
     first_rank: int
     gpus: tuple[int, ...]
+    # Which of the nodes a job is given stands for this one when the cluster
+    # names no hosts: the plan's nodes in the cluster's node order.
+    given_index: int = 0
 
 
 def nodes_of(placement: Placement, cluster: Cluster | None = None) -> list[NodeRanks]:
@@ -60,9 +63,11 @@ def nodes_of(placement: Placement, cluster: Cluster | None = None) -> list[NodeR
     sizes = {host: len(gpus) for host, _, gpus in blocks}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"hosts run different numbers of ranks {sizes}: a per-node launcher starts as many on every node")
+    in_cluster_order = [host for host, _, _ in blocks]
     if cluster is not None:
         _check_in_cluster(blocks, cluster)
-    return [NodeRanks(host, k, first, tuple(gpus)) for k, (host, first, gpus) in enumerate(blocks)]
+        in_cluster_order.sort(key=cluster.hosts.index)
+    return [NodeRanks(host, k, first, tuple(gpus), in_cluster_order.index(host)) for k, (host, first, gpus) in enumerate(blocks)]
 
 
 def _check_in_cluster(blocks: list[tuple[str, int, list[int]]], cluster: Cluster) -> None:
@@ -75,29 +80,43 @@ def _check_in_cluster(blocks: list[tuple[str, int, list[int]]], cluster: Cluster
             raise ValueError(f"placement uses GPU(s) {outside} of host {host}, which has GPUs 0..{cluster.gpus_per_node - 1}")
 
 
-def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int) -> str:
+def allocated_node(index: int) -> str:
+    """Bash for the host name of node ``index`` of a SLURM allocation (where
+    rank 0 runs when the cluster names no hosts). sed reads all of its input, so the
+    pipe raises no SIGPIPE under ``set -o pipefail``."""
+    return f'$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n {index + 1}p)'
+
+
+def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int, named_hosts: bool = True) -> str:
     """An ``sbatch`` script that runs ``train.sh`` once per node of the plan.
 
     It requests every GPU of each node so that the GPU indices of the plan are
-    the node's own indices under SLURM's device cgroup. The node rank is not
-    taken from ``$SLURM_NODEID``: SLURM numbers the nodes of an allocation in
-    its own node-table order, not in ``--nodelist`` order, so that would undo a
-    placement that orders nodes differently. ``train.sh`` looks its node rank up
-    from ``$SLURMD_NODENAME`` in the plan's host table instead."""
-    hosts = ",".join(node.host for node in nodes)
+    the node's own indices under SLURM's device cgroup. With named hosts it
+    pins them (``--nodelist``) and the node rank is not taken from
+    ``$SLURM_NODEID``: SLURM numbers the nodes of an allocation in its own
+    node-table order, not in ``--nodelist`` order, so that would undo a
+    placement that orders nodes differently; ``train.sh`` looks its node rank
+    up from ``$SLURMD_NODENAME`` in the plan's host table instead. Without
+    named hosts it runs on whatever nodes SLURM gives, node k being
+    ``SLURM_NODEID`` k and rank 0 on the allocation's first node."""
+    pin = [f"#SBATCH --nodelist={','.join(node.host for node in nodes)}"] if named_hosts else []
+    master = shlex.quote(nodes[0].host) if named_hosts else allocated_node(nodes[0].given_index)
+    how = (["# per node runs train.sh, which starts torchrun with this node's rank from",
+            "# the plan's host table (see train.sh)."] if named_hosts else
+           ["# per node runs train.sh, which starts torchrun with this node's rank from",
+            "# SLURM_NODEID: the cluster names no hosts, so any nodes will do (see train.sh)."])
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={shlex.quote(job_name)}",
         f"#SBATCH --nodes={len(nodes)}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
-        f"#SBATCH --nodelist={hosts}",
+        *pin,
         "# Written by loom. Submit from the directory that holds train.sh. One task",
-        "# per node runs train.sh, which starts torchrun with this node's rank from",
-        "# the plan's host table (see train.sh).",
+        *how,
         "set -euo pipefail",
         "",
-        f"export MASTER_ADDR=${{MASTER_ADDR:-{shlex.quote(nodes[0].host)}}}",
+        f'export MASTER_ADDR="${{MASTER_ADDR:-{master}}}"',
         'srun --ntasks-per-node=1 bash "${SLURM_SUBMIT_DIR}/train.sh" "$@"',
         "",
     ]

@@ -93,6 +93,9 @@ class Cluster:
     nodes: tuple[Node, ...]
     gpus_per_node: int
     fabric: Fabric = Fabric()
+    # False when the file names no hosts: the nodes are placeholders
+    # (node000, ...) for whichever the scheduler gives, in its order.
+    named_hosts: bool = True
 
     @property
     def num_gpus(self) -> int:
@@ -187,7 +190,8 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
         )
         for host, fields, field in zip(hosts, per_node, gpu_field)
     )
-    return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at))
+    return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at),
+                   named_hosts=spec.hosts is not None)
 
 
 def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, float]:

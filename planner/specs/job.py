@@ -241,7 +241,8 @@ def check_job(job: Job) -> None:
 
 def job_warnings(job: Job) -> list[str]:
     """What is legal but probably not meant: a batch that looks like tokens,
-    a sequence longer than the model was trained on."""
+    a sequence longer than the model was trained on, nodes that differ but
+    have no names to tell them apart by."""
     warnings = []
     tokens = job.global_batch_size * job.seq_length
     if tokens > TOKENS_PER_STEP_WARNING:
@@ -251,6 +252,9 @@ def job_warnings(job: Job) -> list[str]:
         warnings.append(f"seq_length {job.seq_length:,} is longer than {job.model.name}'s max_position_embeddings "
                         f"{job.model.max_position_embeddings:,}: the launch files raise it to the sequence length (rotary "
                         "positions extrapolate; quality is not loom's to judge)")
+    if not job.cluster.named_hosts and not job.cluster.uniform:
+        warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "
+                        "files take the i-th node the job is given as its node i; give hosts: to pin them")
     return warnings
 
 
