@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 from rich.markup import escape
@@ -19,9 +19,10 @@ from loom.planner.output.files import write_text_file
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.model import load_model
 from loom.profiles.catalogue import GPU, find_gpu, gpu_names
-from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, document_json
+from loom.profiles.layer_profile import Dtype, GemmDocument, LayersDocument, ModelDims, document_json
 
 MiB = 2**20
+DTYPES = get_args(Dtype)  # the precisions a profile may hold
 
 ModelArg = Annotated[str, typer.Argument(help="Catalogue name or config.json path.", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--out", help="Profile JSON to write.")]
@@ -60,10 +61,9 @@ def layers(
             seq_length=_ints(seq_length, "--seq-length"), ep=_ints(ep, "--ep"),
             kinds=_choices(kinds, "--kinds", KINDS), sequence_parallel=sequence_parallel,
         )
-        torch_device, gpu_entry = _device_and_gpu(device, gpu, _choices(dtype, "--dtype", ("bf16", "fp16"))[0])
+        torch_device, gpu_entry = _device_and_gpu(device, gpu, _dtype(dtype))
         points = list(layer_profiler.rank_shapes(spec, grid))
-        if not points:
-            raise SpecError("--kinds", "kinds", f"a layer kind {spec.name} has ({', '.join(KINDS)})", kinds)
+        layer_profiler.check_memory(points, torch_device)
         entries = []
         with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task(f"profiling {spec.name} layers on {torch_device}", total=len(points))
@@ -103,8 +103,10 @@ def gemm(
     def action() -> None:
         spec = load_model(model)
         gemm_profiler = _torch_module("gemm")
-        torch_device, gpu_entry = _device_and_gpu(device, gpu, _choices(dtype, "--dtype", ("bf16", "fp16"))[0])
-        shapes = gemm_profiler.model_gemms(spec, _ints(tp, "--tp"), _ints(tokens, "--tokens"))
+        torch_device, gpu_entry = _device_and_gpu(device, gpu, _dtype(dtype))
+        tps, token_counts = _ints(tp, "--tp"), _ints(tokens, "--tokens")
+        shapes = gemm_profiler.model_gemms(spec, tps, token_counts)
+        gemm_profiler.check_memory(spec, tps, token_counts, dtype, torch_device)
         points = []
         with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task(f"timing {len(shapes)} GEMMs on {torch_device}", total=len(shapes))
@@ -176,6 +178,13 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise SpecError(option, option.lstrip("-").replace("-", "_"), "positive integers, comma-separated (e.g. 1,2,4)", text)
     return values
+
+
+def _dtype(text: str) -> str:
+    """The one precision --dtype names."""
+    if text not in DTYPES:
+        raise SpecError("--dtype", "dtype", f"one of {', '.join(DTYPES)}", text)
+    return text
 
 
 def _choices(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -14,11 +14,19 @@ device they were taken on, the dtype and the torch version. The pydantic
 models are the single definition; ``layers.schema.json`` and
 ``gemm.schema.json`` beside this module are generated from them (``python -m
 loom.profiles.layer_profile``; a test keeps them in sync).
+
+Reading a profile back (``read_profile``) checks what the numbers mean, not
+only their types: times are finite and positive with min <= median <= max,
+bytes are finite and non-negative, a GEMM's ``tflops`` is its 2mnk over its
+median time, no GEMM ran faster than the named GPU's peak allows, the fit's
+peak is that GPU's and its ``gemm_efficiency`` lies in (0, 1]. A profile
+that breaks any of them is refused (exit 2, naming the file and the field).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -26,20 +34,42 @@ import pydantic
 
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.model import ModelSpec
-from loom.planner.specs.files import StrictModel, read_json, validate
+from loom.planner.specs.files import StrictModel, rate, read_json, validate
+from loom.profiles.catalogue import GPU, find_gpu
 
 SCHEMA_FILES = {"layers": Path(__file__).with_name("layers.schema.json"), "gemm": Path(__file__).with_name("gemm.schema.json")}
 
-Seconds = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+Positive = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+Seconds = Positive
+NonNegative = Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, pydantic.Field(gt=0)]
+Bytes = Annotated[int, pydantic.Field(ge=0)]
 Dtype = Literal["bf16", "fp16"]
 Recompute = Literal["none", "selective", "full"]
+
+# How far above the catalogue's dense peak a measured GEMM may run before the
+# profile is taken to come from another GPU than it names. Datasheet peaks
+# assume a boost clock the GPU may exceed when cool: H100 SXM's 989 TFLOP/s
+# is 132 SMs x 4,096 bf16 FLOP/clock at 1.83 GHz, and it boosts to 1.98 GHz
+# (+8%); the rest covers timer resolution on the shortest GEMMs.
+PEAK_TOLERANCE = 0.10
+# How closely a figure the profiler derives must match what it derives from
+# when read back: a point's ``tflops`` (2mnk / median time / 1e12) and the
+# fit's ``peak_tflops`` (the catalogue's). JSON keeps Python's floats
+# exactly; this allows a hand edit to 6 digits.
+DERIVED_RELATIVE_TOLERANCE = 1e-6
 
 
 class Spread(StrictModel):
     median_s: Seconds
     min_s: Seconds
     max_s: Seconds
+
+    @pydantic.model_validator(mode="after")
+    def _ordered(self) -> Spread:
+        if not self.min_s <= self.median_s <= self.max_s:
+            raise ValueError("min_s <= median_s <= max_s")
+        return self
 
 
 class RankDims(StrictModel):
@@ -70,10 +100,10 @@ class LayerEntry(StrictModel):
     backward: Spread = pydantic.Field(description="one backward pass, no recompute")
     estimated_forward_s: Seconds = pydantic.Field(description="loom's time model for the same pass on the catalogue gpu")
     estimated_backward_s: Seconds
-    saved_bytes: dict[Recompute, Annotated[int, pydantic.Field(ge=0)]] = pydantic.Field(
+    saved_bytes: dict[Recompute, Bytes] = pydantic.Field(
         description="bytes kept for backward per micro batch, once per storage, weights excluded")
-    estimated_saved_bytes: dict[Recompute, float] = pydantic.Field(description="loom's memory estimator for the same layer")
-    peak_bytes: Optional[int] = pydantic.Field(description="CUDA allocator peak over forward + backward; null on CPU")
+    estimated_saved_bytes: dict[Recompute, NonNegative] = pydantic.Field(description="loom's memory estimator for the same layer")
+    peak_bytes: Optional[Bytes] = pydantic.Field(description="CUDA allocator peak over forward + backward; null on CPU")
 
 
 class ModelDims(StrictModel):
@@ -90,12 +120,12 @@ class ModelDims(StrictModel):
     gated_mlp: bool
     normalization: str
     learned_position_embeddings: bool
-    dropout: float
+    dropout: Annotated[float, pydantic.Field(ge=0, lt=1, allow_inf_nan=False)]
     qk_norm: bool
     num_experts: Optional[Count] = None
     moe_top_k: Optional[Count] = None
     expert_ffn_hidden_size: Optional[Count] = None
-    shared_ffn_hidden_size: Optional[int] = None
+    shared_ffn_hidden_size: Optional[Annotated[int, pydantic.Field(ge=0)]] = None
 
     @classmethod
     def of(cls, model: ModelSpec) -> ModelDims:
@@ -128,22 +158,38 @@ class LayersDocument(Measured):
     entries: list[LayerEntry] = pydantic.Field(min_length=1)
 
 
+def gemm_tflops(m: int, n: int, k: int, seconds: float) -> float:
+    """TFLOP/s of an (m x k) @ (k x n) GEMM that took ``seconds``: 2mnk / seconds / 1e12."""
+    return 2.0 * m * n * k / seconds / 1e12
+
+
 class GemmPoint(StrictModel):
     m: Count
     n: Count
     k: Count
     time: Spread
-    tflops: Seconds = pydantic.Field(description="2mnk / median time / 1e12")
+    tflops: Positive = pydantic.Field(description="2mnk / median time / 1e12")
+
+    @property
+    def achieved_tflops(self) -> float:
+        """What the median time says the GEMM ran at, TFLOP/s."""
+        return gemm_tflops(self.m, self.n, self.k, self.time.median_s)
+
+    @pydantic.model_validator(mode="after")
+    def _rate_matches_time(self) -> GemmPoint:
+        if not math.isclose(self.tflops, self.achieved_tflops, rel_tol=DERIVED_RELATIVE_TOLERANCE):
+            raise ValueError(f"tflops = 2mnk / time.median_s / 1e12 = {self.achieved_tflops:.6g}")
+        return self
 
 
 class GemmFit(StrictModel):
     """planner/cost/efficiency.py's curve, fitted: rate = peak x gemm_efficiency x
     k / (k + k_overhead) x tile utilisation."""
 
-    peak_tflops: Seconds = pydantic.Field(description="the catalogue GPU's dense peak at this dtype")
-    gemm_efficiency: Seconds
-    k_overhead: Annotated[float, pydantic.Field(ge=0)]
-    rms_log_error: Annotated[float, pydantic.Field(ge=0)] = pydantic.Field(description="of the fitted times, natural log")
+    peak_tflops: Positive = pydantic.Field(description="the catalogue GPU's dense peak at this dtype")
+    gemm_efficiency: rate(1.0) = pydantic.Field(description="fraction of peak a long-K, well-tiled GEMM sustains: in (0, 1]")
+    k_overhead: NonNegative
+    rms_log_error: NonNegative = pydantic.Field(description="of the fitted times, natural log")
 
 
 class GemmDocument(Measured):
@@ -161,12 +207,44 @@ def document_json(document: Document) -> str:
 
 
 def read_profile(path: Path) -> Document:
-    """A layers or gemm profile, validated; errors name the file and field."""
+    """A layers or gemm profile, validated (the module docstring lists what
+    is checked beyond types).
+
+    Raises SpecError naming ``path`` and the first wrong field: malformed
+    JSON, an unknown kind or schema_version, a GPU not in the catalogue or
+    without the profile's dtype, impossible numbers."""
     data = read_json(path, "profile JSON (loom profile layers or loom profile gemm)")
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in SCHEMA_FILES:
         raise SpecError(str(path), "kind", "layers or gemm (a profile from loom profile layers or loom profile gemm)", kind)
-    return validate(LayersDocument if kind == "layers" else GemmDocument, data, str(path))
+    document = validate(LayersDocument if kind == "layers" else GemmDocument, data, str(path))
+    gpu = find_gpu(document.gpu, str(path), "gpu")
+    if not gpu.supports(document.dtype):
+        raise SpecError(str(path), "dtype", f"a precision {gpu.name} supports", document.dtype)
+    if isinstance(document, GemmDocument):
+        _check_gemm_rates(document, gpu, str(path))
+    return document
+
+
+def first_above_peak(points: list[GemmPoint], peak_tflops: float) -> int | None:
+    """The index of the first point that ran faster than ``peak_tflops`` (TFLOP/s)
+    x (1 + PEAK_TOLERANCE), or None: such a point was not measured on a GPU
+    with that peak."""
+    return next((i for i, point in enumerate(points) if point.achieved_tflops > peak_tflops * (1 + PEAK_TOLERANCE)), None)
+
+
+def _check_gemm_rates(document: GemmDocument, gpu: GPU, source: str) -> None:
+    """The fit's peak is ``gpu``'s at the profile's dtype, and no point beat it."""
+    peak_tflops = gpu.peak_flops(document.dtype) / 1e12
+    if not math.isclose(document.fit.peak_tflops, peak_tflops, rel_tol=DERIVED_RELATIVE_TOLERANCE):
+        raise SpecError(source, "fit.peak_tflops", f"{peak_tflops:g}, {gpu.name}'s {document.dtype} dense peak in loom's catalogue "
+                        "(gemm_efficiency is a fraction of it; re-run loom profile gemm)", document.fit.peak_tflops)
+    index = first_above_peak(document.points, peak_tflops)
+    if index is not None:
+        point = document.points[index]
+        raise SpecError(source, f"points.{index}.time.median_s", f"a time the {gpu.name} can reach: {point.m}x{point.n}x{point.k} in "
+                        f"{point.time.median_s:.3g} s is {point.achieved_tflops:.4g} TFLOP/s, above its {document.dtype} peak of "
+                        f"{peak_tflops:g} (+{PEAK_TOLERANCE:.0%}); was it measured on another GPU?", point.time.median_s)
 
 
 def schema_json(kind: str) -> str:

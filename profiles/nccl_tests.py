@@ -19,6 +19,14 @@ The profile (``kind: nccl-tests``, ``schema_version`` 1) holds one entry per
 log under ``runs``; the pydantic models below are its single definition and
 ``nccl_tests.schema.json`` is generated from them (``python -m
 loom.profiles.nccl_tests``; a test keeps it in sync).
+
+The same models check a log as it is imported and a profile as it is read
+back (a cluster file's ``nccl_tests:``): times finite and positive,
+bandwidths finite and non-negative (small messages print 0.00), no cell
+whose ``#wrong`` is above 0 (nccl-tests' check of the result failed, so the
+timing is of a broken run), and a run on two or more GPUs must show a bus
+bandwidth above 0 at its largest message, which is what calibrates the
+links. A log that reports out-of-bounds values is refused as well.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import pydantic
 
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.files import StrictModel
+from loom.planner.specs.files import StrictModel, validate
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("nccl_tests.schema.json")
@@ -44,29 +54,41 @@ OUT_OF_BOUNDS = re.compile(r"#\s*Out of bounds values\s*:\s*(\d+)")
 TIME_COLUMNS = ("time", "cputime")  # cputime with -C 1
 
 
+Microseconds = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+GBps = Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]  # printed to 2 decimals: small messages read 0.00
+Index = Annotated[int, pydantic.Field(ge=0)]
+
+
+def _nothing_wrong(wrong: int) -> int:
+    if wrong != 0:
+        raise ValueError("0: nccl-tests found wrong values in the result, so the timing is of a broken run")
+    return wrong
+
+
 class Cell(StrictModel):
     """One placement (out-of-place or in-place) of one row."""
 
-    time_us: float
-    algbw_GBps: float
-    busbw_GBps: float
-    wrong: int | None  # None: printed N/A, not checked
+    time_us: Microseconds
+    algbw_GBps: GBps
+    busbw_GBps: GBps
+    wrong: Annotated[int, pydantic.AfterValidator(_nothing_wrong)] | None = pydantic.Field(
+        description="values the result check found wrong: 0 (a row with any is refused), or null where nccl-tests printed N/A (not checked)")
 
 
 class Row(StrictModel):
-    size_bytes: int
-    count: int
+    size_bytes: Index
+    count: Index
     type: str
     redop: str
-    root: int
+    root: Annotated[int, pydantic.Field(ge=-1)]  # -1: the operation has no root
     out_of_place: Cell
     in_place: Cell
 
 
 class Gpu(StrictModel):
-    rank: int
+    rank: Index
     host: str
-    local_gpu: int
+    local_gpu: Index
     device: str
 
 
@@ -77,17 +99,29 @@ class NcclTestsRun(StrictModel):
     op: str  # the binary without _perf: all_reduce, sendrecv, ...
     nccl_tests_version: str | None  # printed since v2.18; None before
     gpus: list[Gpu]
-    rows: list[Row]
-    avg_busbw_GBps: float
+    rows: list[Row] = pydantic.Field(min_length=1)
+    avg_busbw_GBps: GBps
+
+    @pydantic.field_validator("rows")
+    @classmethod
+    def _data_moved(cls, rows: list[Row], info: pydantic.ValidationInfo) -> list[Row]:
+        largest = max(rows, key=lambda row: row.size_bytes)
+        if len(info.data.get("gpus", ())) >= 2 and largest.out_of_place.busbw_GBps <= 0:
+            raise ValueError(f"a bus bandwidth above 0 at the largest message ({largest.size_bytes:,} B), as two or more GPUs "
+                             "move data (was maxBytes too small?)")
+        return rows
 
 
 class NcclTestsDocument(StrictModel):
     schema_version: Literal[1]
     kind: Literal["nccl-tests"]
-    runs: list[NcclTestsRun]
+    runs: list[NcclTestsRun] = pydantic.Field(min_length=1)
 
 
 def read_nccl_tests_log(path: str | Path) -> NcclTestsRun:
+    """The run one nccl-tests log file reports (``parse_nccl_tests_log``).
+    Raises SpecError naming the file (and the line) when it is missing or
+    its numbers are malformed or impossible."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), "<file>", "an existing nccl-tests log")
@@ -99,7 +133,10 @@ def parse_nccl_tests_log(text: str, source: str) -> NcclTestsRun:
 
     The operation comes from the ``# Collective test starting`` line (v2.17
     on), or else from the file name (``sendrecv_perf.log``).
-    Lines that are neither headers nor rows (NCCL_DEBUG output) are skipped."""
+    Lines that are neither headers nor rows (NCCL_DEBUG output) are skipped.
+    Raises SpecError naming ``source``, and the line of a bad row: no rows,
+    no average, out-of-bounds values, a number that is not one, NaN,
+    infinite or negative, a non-zero ``#wrong`` (module docstring)."""
     columns, rows, gpus = None, [], []
     program = version = average = None
     for number, line in enumerate(text.splitlines(), 1):
@@ -125,7 +162,8 @@ def parse_nccl_tests_log(text: str, source: str) -> NcclTestsRun:
         raise SpecError(source, "rows", "at least one result row under the '#  size  count  type  redop  root  time  algbw  busbw ...' header")
     if average is None:
         raise SpecError(source, "Avg bus bandwidth", "a '# Avg bus bandwidth : X' line (is the log complete?)")
-    return NcclTestsRun(source=Path(source).name, op=_op(program, source), nccl_tests_version=version, gpus=gpus, rows=rows, avg_busbw_GBps=average)
+    run = dict(source=Path(source).name, op=_op(program, source), nccl_tests_version=version, gpus=gpus, rows=rows, avg_busbw_GBps=average)
+    return validate(NcclTestsRun, run, source)
 
 
 def nccl_tests_document(runs: list[NcclTestsRun]) -> dict:
@@ -154,14 +192,15 @@ class _Columns:
         if len(tokens) < self.starts[1] + 4:
             raise SpecError(self.source, field, f"a result row of at least {self.starts[1] + 4} columns", " ".join(tokens))
         out_of_place, in_place = (self._cell(tokens[start : start + 4], field) for start in self.starts)
-        return Row(size_bytes=_number(tokens[0], int, self.source, field), count=_number(tokens[1], int, self.source, field),
+        row = dict(size_bytes=_number(tokens[0], int, self.source, field), count=_number(tokens[1], int, self.source, field),
                    type=tokens[2], redop=tokens[3], root=_number(tokens[4], int, self.source, field),
                    out_of_place=out_of_place, in_place=in_place)
+        return validate(Row, row, self.source, prefix=f"{field} (size {tokens[0]} B)")
 
-    def _cell(self, values: list[str], field: str) -> Cell:
+    def _cell(self, values: list[str], field: str) -> dict:
         time_us, algbw, busbw = (_number(value, float, self.source, field) for value in values[:3])
-        wrong = None if values[3] == "N/A" else int(_number(values[3], float, self.source, field))  # printed with %g
-        return Cell(time_us=time_us, algbw_GBps=algbw, busbw_GBps=busbw, wrong=wrong)
+        wrong = None if values[3] == "N/A" else _number(values[3], float, self.source, field)  # printed with %g
+        return dict(time_us=time_us, algbw_GBps=algbw, busbw_GBps=busbw, wrong=wrong)
 
 
 def _number(text: str, kind: type, source: str, field: str):

@@ -76,9 +76,23 @@ def test_measured_links_change_the_plan_and_say_so(calibrated):
     assert measured_s < plain_s * 0.995
 
 
+def _cell(document: dict, run: int, row: int, placement: str = "out_of_place") -> dict:
+    return document["runs"][run]["rows"][row][placement]
+
+
 @pytest.mark.parametrize("edit, field", [
     (lambda d: d.__setitem__("runs", [{**d["runs"][1], "gpus": d["runs"][1]["gpus"][:1]}]), "runs"),  # one GPU: nothing measured
     (lambda d: d.__setitem__("kind", "links"), "kind"),
+    (lambda d: d.__setitem__("schema_version", 2), "schema_version"),
+    (lambda d: d.__setitem__("runs", []), "runs"),
+    # impossible numbers, which would otherwise become the links' efficiency (JSON's NaN, Infinity)
+    (lambda d: _cell(d, 0, -1).__setitem__("busbw_GBps", float("nan")), "runs.0.rows.30.out_of_place.busbw_GBps"),
+    (lambda d: _cell(d, 1, -1).__setitem__("busbw_GBps", float("inf")), "runs.1.rows.30.out_of_place.busbw_GBps"),
+    (lambda d: _cell(d, 0, 4, "in_place").__setitem__("algbw_GBps", -1.0), "runs.0.rows.4.in_place.algbw_GBps"),
+    (lambda d: _cell(d, 0, 4).__setitem__("time_us", 0.0), "runs.0.rows.4.out_of_place.time_us"),
+    (lambda d: _cell(d, 1, 2).__setitem__("wrong", 7), "runs.1.rows.2.out_of_place.wrong"),  # a failed result check
+    (lambda d: _cell(d, 0, -1).__setitem__("busbw_GBps", 0.0), "runs.0.rows"),  # 16 GPUs that moved nothing: efficiency 0
+    (lambda d: d["runs"][0].__setitem__("avg_busbw_GBps", -5.0), "runs.0.avg_busbw_GBps"),
 ])
 def test_unusable_nccl_tests_profiles_exit_2(calibrated, edit, field):
     document = json.loads((calibrated / "nccl.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,13 @@ import torch
 from typer.testing import CliRunner
 
 from loom.cli.app import app
+from loom.planner.specs.errors import SpecError
 from loom.planner.specs.model import model_from_hf_config
 from loom.profiles import layer_profile
 from loom.profiles.catalogue import find_gpu
 from loom.profiles.gemm import fit_curve, fitted_time_s
 from loom.profiles.layer_profile import GemmPoint, Spread
+from loom.profiles import gemm, layers
 from loom.profiles.layers import Grid, estimated_saved_bytes, rank_shapes, saved_bytes
 from loom.profiles.torch_blocks import RankShape, build
 
@@ -206,6 +209,66 @@ def test_profile_of_another_model_or_gpu_is_refused(tiny_files, tmp_path):
     assert result.exit_code == 2 and "gpu" in result.output and "H100-SXM5-80GB" in result.output
 
 
+def _set(document: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    document[int(last) if isinstance(document, list) else last] = value
+
+
+@pytest.mark.parametrize("path, value, field", [
+    ("entries.0.forward.median_s", math.nan, "entries.0.forward.median_s"),
+    ("entries.0.backward.max_s", math.inf, "entries.0.backward.max_s"),
+    ("entries.0.forward.min_s", 10.0, "entries.0.forward"),  # min above the median
+    ("entries.0.saved_bytes.selective", -1, "entries.0.saved_bytes.selective"),
+    ("entries.0.estimated_saved_bytes.full", math.inf, "entries.0.estimated_saved_bytes.full"),
+    ("entries.0.estimated_forward_s", 0.0, "entries.0.estimated_forward_s"),
+    ("model.dropout", 1.5, "model.dropout"),
+    ("schema_version", 2, "schema_version"),
+    ("gpu", "H1000", "gpu"),
+])
+def test_layers_profile_with_impossible_numbers_is_refused(tiny_files, tmp_path, path, value, field):
+    document = json.loads((tiny_files / "layers.json").read_text())
+    _set(document, path, value)
+    bad = tmp_path / "layers.json"
+    bad.write_text(json.dumps(document))
+    with pytest.raises(SpecError) as error:
+        layer_profile.read_profile(bad)
+    assert (error.value.source, error.value.field) == (str(bad), field)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: _set(d, "fit.gemm_efficiency", 50.0), "fit.gemm_efficiency"),  # gave MFU 170%
+    (lambda d: _set(d, "fit.gemm_efficiency", 0.0), "fit.gemm_efficiency"),
+    (lambda d: _set(d, "fit.k_overhead", math.inf), "fit.k_overhead"),
+    (lambda d: _set(d, "fit.peak_tflops", 500.0), "fit.peak_tflops"),  # not the H100's
+    (lambda d: _set(d, "points.0.tflops", 2 * d["points"][0]["tflops"]), "points.0"),  # not what its time says
+    (lambda d: _set(d, "points.1.time.max_s", -1.0), "points.1.time.max_s"),
+    # 2,000 TFLOP/s: consistent with itself, but no H100
+    (lambda d: _set(d, "points.2", {**d["points"][2], "time": dict.fromkeys(("median_s", "min_s", "max_s"), 2 * math.prod(
+        d["points"][2][x] for x in "mnk") / 2000e12), "tflops": 2000.0}), "points.2.time.median_s"),
+    (lambda d: _set(d, "dtype", "fp8"), "dtype"),
+])
+def test_gemm_profile_with_impossible_numbers_is_refused(gemm_file, tmp_path, edit, field):
+    document = json.loads(gemm_file.read_text())
+    edit(document)
+    bad = tmp_path / "gemm.json"
+    bad.write_text(json.dumps(document))
+    with pytest.raises(SpecError) as error:
+        layer_profile.read_profile(bad)
+    assert (error.value.source, error.value.field) == (str(bad), field)
+
+
+def test_planning_with_an_impossible_gemm_profile_exits_2(tiny_files, gemm_file, tmp_path):
+    document = json.loads(gemm_file.read_text())
+    document["fit"]["gemm_efficiency"] = 50.0
+    bad = tmp_path / "gemm.json"
+    bad.write_text(json.dumps(document))
+    result = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--mbs", "2", "--profile", str(bad)])
+    shown = " ".join(result.output.split()).replace(" ", "")
+    assert result.exit_code == 2 and str(bad).replace(" ", "") in shown and "fit.gemm_efficiency" in shown and "lessthanorequalto1" in shown
+
+
 @pytest.mark.parametrize("args, field", [
     (["--tp", "3"], "tp"),  # does not divide the heads
     (["--tp", "one"], "tp"),
@@ -229,28 +292,152 @@ def test_profile_layers_refuses_what_it_cannot_build(tmp_path):
     assert result.exit_code == 2 and "sequence_parallel" in " ".join(result.output.split())
 
 
+def test_profile_layers_refuses_expert_parallelism_it_cannot_apply(tiny_files, tmp_path):
+    """EP on a dense model, EP that does not divide the experts, EP with no
+    MoE layer among --kinds; and a kind the model does not have."""
+    moe = tmp_path / "moe.json"
+    moe.write_text(json.dumps(QWEN3_MOE))
+    dense = str(tiny_files / "tiny.json")
+    cases = [
+        ([dense, "--ep", "3"], "--ep: expected 1: tiny is dense"),
+        ([dense, "--ep", "1,2"], "--ep: expected 1: tiny is dense"),
+        ([str(moe), "--ep", "3"], "--ep: expected a divisor of moe's 16 experts (got 3)"),
+        ([str(moe), "--ep", "2", "--kinds", "embedding,head"], "--ep: expected 1 unless --kinds includes moe"),
+        ([dense, "--kinds", "moe"], "--kinds: expected a layer kind tiny has (dense, embedding, head) (got 'moe')"),
+        ([str(moe), "--kinds", "dense"], "--kinds: expected a layer kind moe has (moe, embedding, head) (got 'dense')"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["profile", "layers", *args, "--gpu", "h100", "--seq-length", "64", "--repeats", "1", "--warmup", "0",
+                                     "--out", str(tmp_path / "x.json")])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_profile_gemm_refuses_a_tp_that_does_not_divide_the_model(tiny_files, tmp_path):
+    result = runner.invoke(app, ["profile", "gemm", str(tiny_files / "tiny.json"), "--gpu", "h100", "--tp", "1,3", "--tokens", "64",
+                                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "g.json")])
+    assert result.exit_code == 2 and "--tp: expected a divisor of tiny's num_attention_heads = 8 (got 3)" in " ".join(result.output.split())
+    assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.parametrize("command, args, flag", [
+    ("layers", ["--seq-length", str(10**12)], "--seq-length"),  # one sequence is already too long
+    ("layers", ["--seq-length", "64", "--micro-batch-size", str(10**11)], "--micro-batch-size"),
+    ("layers", ["--kinds", "embedding", "--seq-length", str(10**13)], "--seq-length"),  # an embedding keeps nothing, but holds its output
+    ("gemm", ["--tokens", str(10**12)], "--tokens"),
+])
+def test_profiles_too_large_for_memory_exit_2_before_allocating(tiny_files, tmp_path, command, args, flag):
+    """Far beyond any machine's memory: refused with the flag, the largest
+    value that fits and the value given, not an allocator failure."""
+    result = runner.invoke(app, ["profile", command, str(tiny_files / "tiny.json"), "--gpu", "h100", *args, "--repeats", "1", "--warmup", "0",
+                                 "--out", str(tmp_path / "x.json")])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{flag}: expected at most " in shown and "GiB of cpu memory" in shown, shown
+    assert f"(got {args[args.index(flag) + 1]})" in shown
+    assert not (tmp_path / "x.json").exists()
+
+
+def _limit(error: SpecError) -> int:
+    return int(re.match(r"at most ([\d,]+):", error.expected).group(1).replace(",", ""))
+
+
+def test_the_memory_bound_is_the_largest_value_that_fits(monkeypatch):
+    """With 64 MiB of memory: the limit each message states fits, one more does not."""
+    monkeypatch.setattr(layers, "memory_bytes", lambda device: 64 * 2**20)
+    cpu, model = torch.device("cpu"), MODELS["tiny-llama"]
+    shape = RankShape(model, 2, 1, 10**6, sequence_parallel=True)
+    with pytest.raises(SpecError) as error:
+        layers.check_memory([("dense", shape)], cpu)
+    seq = _limit(error.value)
+    assert error.value.source == "--seq-length" and error.value.got == 10**6
+    assert layers.least_bytes("dense", RankShape(model, 2, 1, seq, True)) <= 64 * 2**20 < layers.least_bytes("dense", RankShape(model, 2, 1, seq + 1, True))
+    layers.check_memory([("dense", RankShape(model, 2, 1, seq - seq % 2, True))], cpu)  # the limit itself passes
+
+    with pytest.raises(SpecError) as error:
+        layers.check_memory([("head", RankShape(model, 1, 10**4, 256, False))], cpu)
+    mbs = _limit(error.value)
+    assert error.value.source == "--micro-batch-size" and 1 <= mbs < 10**4
+    layers.check_memory([("head", RankShape(model, 1, mbs, 256, False))], cpu)
+
+    with pytest.raises(SpecError) as error:
+        gemm.check_memory(model, (1,), (10**7,), "bf16", cpu)
+    tokens = _limit(error.value)
+    largest = max(gemm.operand_bytes(*mnk, "bf16") for mnk in gemm.model_gemms(model, (1,), (tokens,)))
+    assert error.value.source == "--tokens" and largest <= 64 * 2**20
+    with pytest.raises(SpecError):
+        gemm.check_memory(model, (1,), (tokens + 1,), "bf16", cpu)
+
+
+@pytest.mark.parametrize("failure", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                 "2147483648 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_device_memory_is_bad_input(tiny_files, tmp_path, monkeypatch, failure):
+    """Under the bound but still out of memory (the bound is a lower one, or
+    another process holds memory): exit 2 naming the flag, not a crash."""
+    def out_of_memory(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(layers, "build", out_of_memory)
+    result = runner.invoke(app, ["profile", "layers", str(tiny_files / "tiny.json"), "--gpu", "h100", "--seq-length", "64", "--micro-batch-size", "4",
+                                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "x.json")])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--micro-batch-size: expected a smaller value: the dense layer at tp 1, micro batch 4" in shown, shown
+
+
 def test_profile_on_cpu_needs_the_gpu_it_stands_for(tiny_files, tmp_path):
     result = runner.invoke(app, ["profile", "layers", str(tiny_files / "tiny.json"), "--out", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and "--gpu" in result.output
 
 
-def test_gemm_fit_recovers_the_curve_it_was_generated_from():
+GEMM_SHAPES = [(m, n, k) for m in (512, 4096) for n in (1024, 3072, 8192) for k in (256, 1024, 8192)]
+
+
+def gemm_point(m: int, n: int, k: int, seconds: float) -> GemmPoint:
+    return GemmPoint(m=m, n=n, k=k, time=Spread(median_s=seconds, min_s=seconds, max_s=seconds), tflops=layer_profile.gemm_tflops(m, n, k, seconds))
+
+
+def curve_points(truth: layer_profile.GemmFit) -> list[GemmPoint]:
+    """GEMM_SHAPES timed exactly as the curve ``truth`` says, on an H100."""
     h100 = find_gpu("h100")
-    shapes = [(m, n, k) for m in (512, 4096) for n in (1024, 3072, 8192) for k in (256, 1024, 8192)]
+    return [gemm_point(m, n, k, fitted_time_s(gemm_point(m, n, k, 1.0), truth, h100)) for m, n, k in GEMM_SHAPES]
+
+
+def test_gemm_fit_recovers_the_curve_it_was_generated_from():
     truth = layer_profile.GemmFit(peak_tflops=989.0, gemm_efficiency=0.7, k_overhead=256, rms_log_error=0.0)
-    points = []
-    for m, n, k in shapes:
-        probe = GemmPoint(m=m, n=n, k=k, time=Spread(median_s=1.0, min_s=1.0, max_s=1.0), tflops=1.0)
-        seconds = fitted_time_s(probe, truth, h100)
-        points.append(GemmPoint(m=m, n=n, k=k, time=Spread(median_s=seconds, min_s=seconds, max_s=seconds), tflops=2 * m * n * k / seconds / 1e12))
-    fit = fit_curve(points, h100, "bf16")
+    fit = fit_curve(curve_points(truth), find_gpu("h100"), "bf16")
     assert fit.gemm_efficiency == pytest.approx(0.7, rel=1e-6) and fit.k_overhead == 256 and fit.rms_log_error < 1e-9
 
 
-def test_gemm_profile_recalibrates_the_gpu(tiny_files):
+def test_gemm_fit_caps_the_efficiency_at_one():
+    """Times 5% faster than gemm_efficiency 1 allows (under the 10% peak
+    tolerance): the best fit within (0, 1] is 1, not 1.05."""
+    truth = layer_profile.GemmFit.model_construct(peak_tflops=989.0, gemm_efficiency=1.05, k_overhead=256, rms_log_error=0.0)
+    fit = fit_curve(curve_points(truth), find_gpu("h100"), "bf16")
+    assert fit.gemm_efficiency == 1.0 and fit.rms_log_error > 0
+
+
+def test_gemm_fit_refuses_gemms_faster_than_the_named_gpu():
+    """2,000 TFLOP/s in bf16 is no H100 (989): the --gpu is wrong."""
+    seconds = 2 * 8192**3 / 2000e12
+    points = [gemm_point(8192, 8192, 8192, seconds), gemm_point(4096, 8192, 8192, seconds)]
+    with pytest.raises(SpecError) as error:
+        fit_curve(points, find_gpu("h100"), "bf16")
+    assert (error.value.source, error.value.field) == ("--gpu", "gpu") and "2000 TFLOP/s" in error.value.expected
+
+
+@pytest.fixture(scope="module")
+def gemm_file(tiny_files) -> Path:
+    """A gemm profile of the tiny Llama, labelled H100 (run through the CLI)."""
     out = tiny_files / "gemm.json"
     result = runner.invoke(app, ["profile", "gemm", str(tiny_files / "tiny.json"), "--gpu", "h100", "--tokens", "256", "--repeats", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_gemm_profile_recalibrates_the_gpu(tiny_files, gemm_file):
+    out = gemm_file
     document = json.loads(out.read_text())
     jsonschema.validate(document, json.loads(layer_profile.SCHEMA_FILES["gemm"].read_text()))
     assert all(math.isclose(p["tflops"], 2 * p["m"] * p["n"] * p["k"] / p["time"]["median_s"] / 1e12) for p in document["points"])

@@ -165,6 +165,12 @@ def small_document() -> dict:
         (lambda d: d["all_reduce"][0].__setitem__("ranks", [0, 7]), "all_reduce.0.ranks"),
         (lambda d: d.__setitem__("kind", "nccl-tests"), "kind"),
         (lambda d: d.__setitem__("schema_version", 2), "schema_version"),
+        # impossible numbers (JSON's NaN and Infinity, which Python writes and reads)
+        (lambda d: d["bandwidth_GBps"][0].__setitem__(2, math.nan), "bandwidth_GBps.0.2"),
+        (lambda d: d["bandwidth_GBps"][2].__setitem__(1, 0.0), "bandwidth_GBps.2.1"),
+        (lambda d: d["latency_s"][1].__setitem__(2, math.inf), "latency_s.1.2"),
+        (lambda d: d["all_reduce"][0].__setitem__("busbw_GBps", math.nan), "all_reduce.0.busbw_GBps"),
+        (lambda d: d["all_reduce"][0].__setitem__("time_s", -4e-4), "all_reduce.0.time_s"),
     ],
 )
 def test_loader_rejects_malformed_profiles(tmp_path, break_it, field):
@@ -176,6 +182,18 @@ def test_loader_rejects_malformed_profiles(tmp_path, break_it, field):
     with pytest.raises(SpecError) as error:
         load_links_profile(path)
     assert (error.value.source, error.value.field) == (str(path), field)
+
+
+def test_a_cluster_on_an_impossible_links_profile_exits_2(tmp_path):
+    """The planner prices links from the profile: an infinite bandwidth is bad input, not a plan."""
+    document = small_document()
+    document["bandwidth_GBps"][0][2] = document["bandwidth_GBps"][2][0] = math.inf
+    (tmp_path / "links.json").write_text(json.dumps(document))
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 2, "gpus_per_node": 1, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 1,
+                                                       "nic_Gbps": 400, "hosts": ["node000", "node001"], "links_profile": "links.json"}))
+    result = runner.invoke(app, ["evaluate", "--cluster", str(tmp_path / "cluster.yaml"), "--model", "llama-3-8b"])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 2 and "links.json" in shown and "bandwidth_GBps.0.2" in shown and "finite" in shown, shown
 
 
 def printed_busbw(path: Path) -> tuple[list[float], list[float], float]:
@@ -238,6 +256,57 @@ def test_nccl_tests_import_names_the_line_of_a_bad_number():
     with pytest.raises(SpecError) as error:
         parse_nccl_tests_log("\n".join(lines), "run.log")
     assert error.value.field == f"line {number}" and error.value.got == tokens[5]
+
+
+def _edit_cell(column: int, value: str, size: int = 1048576) -> tuple[str, int]:
+    """The all-reduce log with column ``column`` of the row of ``size`` bytes
+    set to ``value``, and that row's line number."""
+    lines = ALL_REDUCE_LOG.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if line.split()[:1] == [str(size)])
+    tokens = lines[number - 1].split()
+    tokens[column] = value
+    lines[number - 1] = "  ".join(tokens)
+    return "\n".join(lines) + "\n", number
+
+
+# Columns of a row: size count type redop root | time algbw busbw #wrong | time algbw busbw #wrong
+@pytest.mark.parametrize("column, value, cell", [
+    (5, "nan", "out_of_place.time_us"),
+    (5, "0.00", "out_of_place.time_us"),
+    (9, "-12.5", "in_place.time_us"),
+    (6, "inf", "out_of_place.algbw_GBps"),
+    (7, "-nan", "out_of_place.busbw_GBps"),
+    (11, "-3.2", "in_place.busbw_GBps"),
+    (8, "5", "out_of_place.wrong"),  # the result check failed: the timing is of a broken run
+    (12, "1e+06", "in_place.wrong"),  # printed with %g
+    (8, "nan", "out_of_place.wrong"),
+])
+def test_nccl_tests_rows_with_impossible_numbers_are_refused(column, value, cell):
+    text, number = _edit_cell(column, value)
+    with pytest.raises(SpecError) as error:
+        parse_nccl_tests_log(text, "run.log")
+    assert (error.value.source, error.value.field) == ("run.log", f"line {number} (size 1048576 B).{cell}")
+
+
+def test_nccl_tests_run_that_moved_nothing_is_refused():
+    """16 GPUs whose largest message shows 0 GB/s (maxBytes far too small
+    to measure): nothing to calibrate the links with."""
+    lines = [line for line in ALL_REDUCE_LOG.read_text().splitlines() if not line.split()[:1] or not line.split()[0].isdigit() or int(line.split()[0]) <= 64]
+    with pytest.raises(SpecError) as error:
+        parse_nccl_tests_log("\n".join(lines), "run.log")
+    assert error.value.field == "rows" and "largest message (64 B)" in error.value.expected
+
+
+def test_profile_nccl_tests_with_a_failed_check_exits_2(tmp_path):
+    text, number = _edit_cell(8, "3")
+    log = tmp_path / "all_reduce_perf.log"
+    log.write_text(text)
+    out = tmp_path / "nccl.json"
+    result = runner.invoke(app, ["profile", "nccl-tests", str(SENDRECV_LOG), str(log), "--out", str(out)])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 2 and str(log) in shown and f"line {number} (size 1048576 B).out_of_place.wrong" in shown, shown
+    assert "nccl-tests found wrong values" in shown and "(got 3.0)" in shown
+    assert not out.exists()
 
 
 def test_profile_nccl_tests_command_writes_a_valid_profile(tmp_path):
