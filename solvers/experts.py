@@ -58,7 +58,10 @@ gap and the status):
 
 Every CP-SAT solve uses one worker and a deterministic time budget, and the
 searches break ties by index, so the same problem gives the same placement
-on any machine.
+on any machine, unless the time limit cuts it short. That limit is wall
+clock: each method computes its deadline once and every step checks it,
+returning the best placement so far (EPLB's greedy one at worst) with
+``cut_short`` saying what was stopped.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -86,6 +90,12 @@ CROSS_GPU_COST = 0.1
 SWAP_ROUNDS = 200
 IMPROVE_ROUNDS = 10
 LAYER_EXACT_MAX_VARIABLES = 1024
+# ``decomposed``: the share of the time limit its per-layer CP-SAT models get
+# in all, as deterministic budgets (which took up to three times as long in
+# wall seconds on the tests' 32 experts x 8 GPUs). The rest is for balancing,
+# the neighbourhoods and the evaluation, so that the deadline seldom binds
+# where CP-SAT runs and the placement stays the same on any machine.
+LAYER_MODELS_SHARE = 0.25
 # ``decomposed``: target loads per replica tried for the replica counts.
 COUNT_TARGETS = 24
 # Forward sweep, then sweeps with both neighbouring layers fixed.
@@ -111,20 +121,20 @@ class ExpertProblem:
         node = np.asarray(self.node_of_gpu, dtype=np.int64)
         object.__setattr__(self, "load_tokens", load)
         object.__setattr__(self, "node_of_gpu", node)
-        if load.ndim != 2 or load.size == 0 or (load < 0).any():
-            raise ValueError("load_tokens must be a non-empty, non-negative (layers, experts) array")
+        if load.ndim != 2 or load.size == 0 or not _finite_non_negative(load):
+            raise ValueError("load_tokens must be a non-empty, finite, non-negative (layers, experts) array")
         if node.ndim != 1 or node.size == 0:
             raise ValueError("node_of_gpu needs one node index per GPU")
         if self.slots_per_gpu < 1 or self.slots_per_gpu * self.gpus < self.experts:
             raise ValueError(f"{self.slots_per_gpu} slots on each of {self.gpus} GPUs cannot hold {self.experts} experts")
         if self.affinity_tokens is not None:
             affinity = np.asarray(self.affinity_tokens, dtype=float)
-            if affinity.shape != (self.layers - 1, self.experts, self.experts) or (affinity < 0).any():
-                raise ValueError(f"affinity_tokens must be non-negative, shaped ({self.layers - 1}, {self.experts}, {self.experts})")
+            if affinity.shape != (self.layers - 1, self.experts, self.experts) or not _finite_non_negative(affinity):
+                raise ValueError(f"affinity_tokens must be finite, non-negative, shaped ({self.layers - 1}, {self.experts}, {self.experts})")
             object.__setattr__(self, "affinity_tokens", affinity)
         cost = link_cost_matrix(node) if self.link_cost is None else np.asarray(self.link_cost, dtype=float)
-        if cost.shape != (self.gpus, self.gpus) or (cost < 0).any() or np.diag(cost).any():
-            raise ValueError("link_cost must be non-negative, (gpus, gpus), zero on the diagonal")
+        if cost.shape != (self.gpus, self.gpus) or not _finite_non_negative(cost) or np.diag(cost).any():
+            raise ValueError("link_cost must be finite, non-negative, (gpus, gpus), zero on the diagonal")
         object.__setattr__(self, "link_cost", cost)
 
     @property
@@ -151,10 +161,22 @@ class ExpertProblem:
         return np.stack([_replicate(self.load_tokens[layer], np.ones(self.experts, dtype=np.int64), self.slots) for layer in range(self.layers)])
 
     @cached_property
+    def greedy_rows(self) -> np.ndarray:
+        """EPLB's placement (``greedy_slots``), computed once: the cap, the
+        fallback of every method and a baseline. Read-only; copy to change."""
+        rows = greedy_slots(self)
+        rows.flags.writeable = False
+        return rows
+
+    @cached_property
     def balance_cap_tokens(self) -> np.ndarray:
         """Per layer, the busiest GPU's tokens under EPLB's greedy placement:
         no method may put more on any GPU."""
-        return layer_loads(self, greedy_slots(self)).max(axis=1)
+        return layer_loads(self, self.greedy_rows).max(axis=1)
+
+
+def _finite_non_negative(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all() and (values >= 0).all())
 
 
 @dataclass(frozen=True)
@@ -181,6 +203,8 @@ class ExpertPlacement:
     status: str  # "optimal" (proven) or "feasible" (a gap to the bound remains)
     method: str
     wall_time_s: float
+    figures: Figures  # evaluate(problem, expert_of_slot)
+    cut_short: str = ""  # what the time limit stopped, and what stands in for it; "" if nothing
 
     @property
     def gap(self) -> float:
@@ -233,10 +257,11 @@ def loads_from_trace(topk_ids: np.ndarray, experts: int) -> np.ndarray:
 
 def shares(problem: ExpertProblem, expert_of_slot: np.ndarray) -> np.ndarray:
     """share[l, j, g]: the fraction of expert j's tokens that GPU g processes."""
-    on_gpu = np.zeros((len(expert_of_slot), problem.experts, problem.gpus))
+    rows = np.asarray(expert_of_slot, dtype=np.int64)
+    cells = len(rows) * problem.experts * problem.gpus
     gpu_of_slot = np.arange(problem.slots) // problem.slots_per_gpu
-    for layer, row in enumerate(expert_of_slot):
-        np.add.at(on_gpu[layer], (row, gpu_of_slot), 1.0)
+    index = (np.arange(len(rows))[:, None] * problem.experts + rows) * problem.gpus + gpu_of_slot
+    on_gpu = np.bincount(index.ravel(), minlength=cells).reshape(len(rows), problem.experts, problem.gpus)
     return on_gpu / on_gpu.sum(axis=2, keepdims=True)
 
 
@@ -245,29 +270,40 @@ def layer_loads(problem: ExpertProblem, expert_of_slot: np.ndarray) -> np.ndarra
     return np.einsum("lj,ljg->lg", problem.load_tokens, shares(problem, expert_of_slot))
 
 
-def _flow(problem: ExpertProblem, share: np.ndarray) -> np.ndarray:
-    """flow[l, g, h]: routed tokens going from GPU g (layer l) to GPU h (layer l + 1)."""
-    if problem.affinity_tokens is None:
-        return np.zeros((max(problem.layers - 1, 0), problem.gpus, problem.gpus))
-    return share[:-1].transpose(0, 2, 1) @ problem.affinity_tokens @ share[1:]
+def _flow(problem: ExpertProblem, expert_of_slot: np.ndarray, share: np.ndarray, layer: int) -> np.ndarray:
+    """flow[g, h]: routed tokens going from GPU g (``layer``) to GPU h (``layer`` + 1).
+    Each slot of ``layer`` sends its expert's onward tokens over its
+    replicas: slots x GPUs of work, where share^T @ affinity @ share would
+    take experts x GPUs^2."""
+    row = expert_of_slot[layer]
+    # [i, h]: the tokens of one replica of expert i that reach GPU h
+    onward = problem.affinity_tokens[layer] @ share[layer + 1] / np.bincount(row, minlength=problem.experts)[:, None]
+    return onward[row].reshape(problem.gpus, problem.slots_per_gpu, problem.gpus).sum(axis=1)
 
 
 def evaluate(problem: ExpertProblem, expert_of_slot: np.ndarray) -> Figures:
+    """What a placement costs (``Figures``, in tokens summed over layers).
+    Raises ValueError if ``expert_of_slot`` is not a placement (``check_placement``)."""
     check_placement(problem, expert_of_slot)
+    expert_of_slot = np.asarray(expert_of_slot)
     share = shares(problem, expert_of_slot)
     loads = np.einsum("lj,ljg->lg", problem.load_tokens, share)
-    flow = _flow(problem, share)
-    same_node = problem.node_of_gpu[:, None] == problem.node_of_gpu[None, :]
-    off_gpu = ~np.eye(problem.gpus, dtype=bool)
-    traffic_cost = float((flow * problem.link_cost).sum()) / problem.gpus
+    same_node = (problem.node_of_gpu[:, None] == problem.node_of_gpu[None, :]).astype(float)
+    cross_gpu = cross_node = traffic = 0.0
+    for layer in range(problem.layers - 1 if problem.affinity_tokens is not None else 0):
+        flow = _flow(problem, expert_of_slot, share, layer)
+        total = float(flow.sum())
+        cross_gpu += total - float(np.trace(flow))
+        cross_node += total - float(np.vdot(flow, same_node))
+        traffic += float(np.vdot(flow, problem.link_cost))
     max_load = float(loads.max(axis=1).sum())
     return Figures(
         max_load_tokens=max_load,
         mean_load_tokens=float(loads.mean(axis=1).sum()),
-        cross_gpu_tokens=float(flow[:, off_gpu].sum()),
-        cross_node_tokens=float(flow[:, ~same_node].sum()),
-        traffic_cost=traffic_cost,
-        objective=max_load + traffic_cost,
+        cross_gpu_tokens=cross_gpu,
+        cross_node_tokens=cross_node,
+        traffic_cost=traffic / problem.gpus,
+        objective=max_load + traffic / problem.gpus,
     )
 
 
@@ -287,7 +323,12 @@ def check_placement(problem: ExpertProblem, expert_of_slot: np.ndarray) -> None:
 def replica_ranks(problem: ExpertProblem, expert_of_slot: np.ndarray) -> list[list[list[int]]]:
     """Per layer, per expert: the EP rank of each of its replicas, ascending."""
     gpu_of_slot = np.arange(problem.slots) // problem.slots_per_gpu
-    return [[gpu_of_slot[row == e].tolist() for e in range(problem.experts)] for row in np.asarray(expert_of_slot)]
+    placement = []
+    for row in np.asarray(expert_of_slot):
+        by_expert = gpu_of_slot[np.lexsort((gpu_of_slot, row))]
+        ends = np.cumsum(np.bincount(row, minlength=problem.experts))[:-1]
+        placement.append([ranks.tolist() for ranks in np.split(by_expert, ends)])
+    return placement
 
 
 def _canonical(problem: ExpertProblem, expert_of_slot: np.ndarray) -> np.ndarray:
@@ -341,12 +382,13 @@ def _crossing_floor(affinity: np.ndarray, held: int) -> float:
     return total
 
 
-def _finish(problem: ExpertProblem, expert_of_slot: np.ndarray, bound: float, proven: bool, method: str, started: float) -> ExpertPlacement:
+def _finish(problem: ExpertProblem, expert_of_slot: np.ndarray, bound: float, proven: bool, method: str, started: float,
+            cut_short: str = "") -> ExpertPlacement:
     expert_of_slot = _canonical(problem, expert_of_slot)
-    objective = evaluate(problem, expert_of_slot).objective
-    bound = min(max(bound, 0.0), objective)
-    status = "optimal" if proven or objective <= bound * (1 + TOLERANCE) else "feasible"
-    return ExpertPlacement(expert_of_slot, objective, bound, status, method, time.perf_counter() - started)
+    figures = evaluate(problem, expert_of_slot)
+    bound = min(max(bound, 0.0), figures.objective)
+    status = "optimal" if proven or figures.objective <= bound * (1 + TOLERANCE) else "feasible"
+    return ExpertPlacement(expert_of_slot, figures.objective, bound, status, method, time.perf_counter() - started, figures, cut_short)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -408,7 +450,7 @@ def contiguous(problem: ExpertProblem) -> ExpertPlacement:
 
 def greedy(problem: ExpertProblem) -> ExpertPlacement:
     started = time.perf_counter()
-    return _finish(problem, greedy_slots(problem), lower_bound(problem), False, "greedy", started)
+    return _finish(problem, problem.greedy_rows, lower_bound(problem), False, "greedy", started)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -420,11 +462,21 @@ def exact_variables(problem: ExpertProblem) -> int:
 
 
 def solve(problem: ExpertProblem, time_limit_s: float = 30.0) -> ExpertPlacement:
-    """The best placement found within about ``time_limit_s``: the exact joint
-    model on small instances, the layer-by-layer decomposition on large ones."""
+    """The best placement found within ``time_limit_s`` seconds of wall
+    clock (plus one evaluation of the result): the exact joint model on small
+    instances, the layer-by-layer decomposition on large ones. Where the
+    limit cuts a method short, ``cut_short`` says so. Raises ValueError for a
+    negative or non-finite ``time_limit_s``."""
     if exact_variables(problem) <= EXACT_MAX_VARIABLES:
         return exact(problem, time_limit_s)
     return decomposed(problem, time_limit_s)
+
+
+def _deadline_s(time_limit_s: float) -> float:
+    """The ``time.monotonic()`` reading by which a method stops searching."""
+    if not (math.isfinite(time_limit_s) and time_limit_s >= 0):
+        raise ValueError(f"time_limit_s must be a finite number of seconds >= 0, not {time_limit_s!r}")
+    return time.monotonic() + time_limit_s
 
 
 def _max_replicas(problem: ExpertProblem) -> int:
@@ -432,15 +484,16 @@ def _max_replicas(problem: ExpertProblem) -> int:
     return problem.slots - problem.experts + 1
 
 
-def _solver(budget_s: float):
+def _solver(budget_s: float, deadline_s: float):
     """One worker and a deterministic time budget: the same model gives the
     same answer on any machine. CP-SAT's deterministic seconds run slower
-    than wall seconds on these models, hence half the budget; the wall-clock
-    cap is a safety net."""
+    than wall seconds on these models, hence half the budget. The wall clock
+    stops it at ``deadline_s`` (``time.monotonic()``) at the latest; only then
+    may the answer depend on the machine."""
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.max_deterministic_time = max(budget_s / 2, 0.01)
-    solver.parameters.max_time_in_seconds = max(4 * budget_s, 0.05)
+    solver.parameters.max_time_in_seconds = max(min(4 * budget_s, deadline_s - time.monotonic()), 0.001)
     solver.parameters.random_seed = 0
     return solver
 
@@ -449,7 +502,10 @@ def _solver(budget_s: float):
 
 
 def exact(problem: ExpertProblem, time_limit_s: float = 30.0) -> ExpertPlacement:
-    """One CP-SAT model over every layer, replica counts and all.
+    """One CP-SAT model over every layer, replica counts and all, solved
+    within ``time_limit_s`` seconds of wall clock (the model is small: see
+    EXACT_MAX_VARIABLES); EPLB's greedy placement if CP-SAT finds none in
+    time. Raises ValueError for a negative or non-finite ``time_limit_s``.
 
     Shares are integers scaled by D = lcm(1..K), K the most replicas one
     expert can get: ``y[l, j, k]`` picks expert j's count k, ``n[l, j, k, g]``
@@ -460,6 +516,7 @@ def exact(problem: ExpertProblem, time_limit_s: float = 30.0) -> ExpertPlacement
     dyadic costs. The traffic term is sum F[l, i, g] * T[l, i, g] with
     T[l, i, g] = sum_jh affinity x cost x F[l + 1, j, h], a CP-SAT product."""
     started = time.perf_counter()
+    deadline_s = _deadline_s(time_limit_s)
     L, E, G, S = problem.layers, problem.experts, problem.gpus, problem.slots_per_gpu
     K = _max_replicas(problem)
     D = math.lcm(*range(1, K + 1))
@@ -484,7 +541,7 @@ def exact(problem: ExpertProblem, time_limit_s: float = 30.0) -> ExpertPlacement
         model.Add(sum(n[l, j, k, g] for j in range(E) for k in range(1, K + 1)) == S)
 
     # The busiest GPU of each layer, capped at greedy's (in the same integer units, so greedy stays feasible).
-    greedy_share = np.rint(shares(problem, greedy_slots(problem)) * D).astype(np.int64)
+    greedy_share = np.rint(shares(problem, problem.greedy_rows) * D).astype(np.int64)
     cap = np.einsum("lj,ljg->lg", load, greedy_share).max(axis=1)
     busiest = []
     for l in range(L):
@@ -513,12 +570,13 @@ def exact(problem: ExpertProblem, time_limit_s: float = 30.0) -> ExpertPlacement
     for (l, j, k, g), var in n.items():
         model.AddHint(var, int(greedy_share[l, j, g] * k // D) if k == problem.eplb_counts[l, j] else 0)
 
-    solver = _solver(time_limit_s)
+    solver = _solver(time_limit_s, deadline_s)
     status = solver.Solve(model)
     scale = G * ticks * D * D
     bound = max(lower_bound(problem), solver.BestObjectiveBound() / scale)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return _finish(problem, greedy_slots(problem), bound, False, "exact", started)
+        timed_out = "CP-SAT found no placement within the time limit: EPLB's greedy placement stands in"
+        return _finish(problem, problem.greedy_rows, bound, False, "exact", started, timed_out if status == cp_model.UNKNOWN else "")
     on_gpu = np.zeros((L, E, G), dtype=np.int64)
     for (l, j, k, g), var in n.items():
         on_gpu[l, j, g] += solver.Value(var)
@@ -549,59 +607,89 @@ def decomposed(problem: ExpertProblem, time_limit_s: float = 30.0) -> ExpertPlac
     plus the busiest GPU, every GPU within the cap. ``_improve_layer``
     alternates two neighbourhoods until neither helps; where the layer model
     is small (LAYER_EXACT_MAX_VARIABLES), CP-SAT then solves it from there
-    within an even share of the time limit (``_layer_model``; on 256
-    experts x 64 GPUs it found next to nothing in 0.1 s per pair of nodes,
-    so large layers stop at the neighbourhoods, in seconds). The first
-    sweep fixes only the layer before, later ones both neighbours. A layer
-    takes a new placement only if it costs strictly less."""
+    within an even share of LAYER_MODELS_SHARE of the time limit
+    (``_layer_model``; on 256 experts x 64 GPUs it found next to nothing in
+    0.1 s per pair of nodes, so large layers stop at the neighbourhoods, in
+    seconds). The first sweep fixes only the layer before, later ones both
+    neighbours. A layer takes a new placement only if it costs strictly less.
+
+    ``time_limit_s`` (seconds of wall clock; ValueError if negative or not
+    finite) bounds the whole: every step checks the deadline, and once it
+    has passed the placement so far is returned, layers not yet balanced
+    keeping EPLB's greedy rows, with ``cut_short`` saying where it stopped."""
     started = time.perf_counter()
-    placed = np.array([_balanced_row(problem, layer) for layer in range(problem.layers)])
-    layer_budget_s = time_limit_s / (SWEEPS * problem.layers)
+    deadline_s = _deadline_s(time_limit_s)
+    bound = lower_bound(problem)
+    placed = problem.greedy_rows.copy()
+    for layer in range(problem.layers):
+        if time.monotonic() >= deadline_s:
+            return _finish(problem, placed, bound, False, "decomposed", started,
+                           f"time limit reached after balancing {layer} of {problem.layers} layers: the rest keep EPLB's greedy placement")
+        placed[layer] = _balanced_row(problem, layer, deadline_s)
+    layer_budget_s = LAYER_MODELS_SHARE * time_limit_s / (SWEEPS * problem.layers)
     small = problem.experts * problem.gpus <= LAYER_EXACT_MAX_VARIABLES
-    for sweep in range(SWEEPS):
-        for layer in range(problem.layers):
-            toward = _toward(problem, shares(problem, placed), layer, both_sides=sweep > 0)
-            option = _improve_layer(problem, layer, toward, placed[layer])
-            if small:
-                option = _layer_model(problem, layer, toward, option, layer_budget_s)
-            if _layer_cost(problem, layer, option, toward) < _layer_cost(problem, layer, placed[layer], toward) * (1 - TOLERANCE):
-                placed[layer] = option
-    return _finish(problem, placed, lower_bound(problem), False, "decomposed", started)
+    for sweep, layer in itertools.product(range(SWEEPS), range(problem.layers)):
+        if time.monotonic() >= deadline_s:
+            kept = "their balanced placement" if sweep == 0 else "the previous sweep's placement"
+            return _finish(problem, placed, bound, False, "decomposed", started,
+                           f"time limit reached in traffic sweep {sweep + 1} of {SWEEPS} at layer {layer} of {problem.layers}: "
+                           f"layers {layer} to {problem.layers - 1} keep {kept}")
+        toward = _toward(problem, placed, layer, both_sides=sweep > 0)
+        option = _improve_layer(problem, layer, toward, placed[layer], deadline_s)
+        if small and time.monotonic() < deadline_s:
+            option = _layer_model(problem, layer, toward, option, layer_budget_s, deadline_s)
+        if _layer_cost(problem, layer, option, toward) < _layer_cost(problem, layer, placed[layer], toward) * (1 - TOLERANCE):
+            placed[layer] = option
+    return _finish(problem, placed, bound, False, "decomposed", started)
 
 
-def _balanced_row(problem: ExpertProblem, layer: int) -> np.ndarray:
+def _balanced_row(problem: ExpertProblem, layer: int, deadline_s: float) -> np.ndarray:
     """The layer's row with the least busiest GPU among ``_lpt`` packings of
-    candidate replica counts: EPLB's (so never worse than greedy), and for
-    targets T from EPLB's largest tokens-per-replica up to the largest
-    expert, ceil(tokens / T) replicas each, the slots left going to the
-    most or the least loaded experts per replica. EPLB's counts minimise
-    the largest replica, but when every slot must be filled they can leave
-    more large replicas than GPUs (Zipf 1.5 on 256 experts x 64 GPUs x 5
-    slots: 66 replicas of 295-381 tokens in one layer; over 58 layers the
-    busiest GPU averages 650 tokens with EPLB's counts, 528 with targets,
-    against a mean of 512)."""
+    the replica counts of ``_count_candidates``, EPLB's first (so never
+    worse than greedy); candidates after the first are skipped once
+    ``deadline_s`` (``time.monotonic()``) has passed."""
     load = problem.load_tokens[layer]
-    candidates = [problem.eplb_counts[layer]]
+    best_row, best_busiest = None, math.inf
+    for counts in _count_candidates(problem, layer):
+        if best_row is not None and time.monotonic() >= deadline_s:
+            break
+        row = _packed_row(problem, layer, counts)
+        busiest = (load @ shares(problem, row[None])[0]).max()
+        if busiest < best_busiest:
+            best_row, best_busiest = row, busiest
+    return _canonical(problem, best_row[None])[0]
+
+
+def _count_candidates(problem: ExpertProblem, layer: int) -> Iterator[np.ndarray]:
+    """Replica counts to pack, per expert: EPLB's, and for targets T from
+    EPLB's largest tokens-per-replica up to the largest expert, ceil(tokens
+    / T) replicas each, the slots left going to the most or the least loaded
+    experts per replica. EPLB's counts minimise the largest replica, but
+    when every slot must be filled they can leave more large replicas than
+    GPUs (Zipf 1.5 on 256 experts x 64 GPUs x 5 slots: 66 replicas of
+    295-381 tokens in one layer; over 58 layers the busiest GPU averages 650
+    tokens with EPLB's counts, 528 with targets, against a mean of 512)."""
+    load = problem.load_tokens[layer]
+    yield problem.eplb_counts[layer]
     smallest = (load / problem.eplb_counts[layer]).max()
     for target in smallest * np.geomspace(1.0, max(load.max() / max(smallest, 1e-30), 1.0), COUNT_TARGETS):
         base = np.maximum(1, np.ceil(load / max(target, 1e-30) - TOLERANCE)).astype(np.int64)
         if base.sum() <= problem.slots:
-            candidates += [_replicate(load, base, problem.slots, most_loaded) for most_loaded in (True, False)]
-    rows = [_packed_row(problem, layer, counts) for counts in candidates]
-    busiest = [(load @ shares(problem, row[None])[0]).max() for row in rows]
-    return _canonical(problem, rows[int(np.argmin(busiest))][None])[0]
+            for most_loaded in (True, False):
+                yield _replicate(load, base, problem.slots, most_loaded)
 
 
-def _toward(problem: ExpertProblem, share: np.ndarray, layer: int, both_sides: bool) -> np.ndarray:
+def _toward(problem: ExpertProblem, placed: np.ndarray, layer: int, both_sides: bool) -> np.ndarray:
     """toward[j, g]: the traffic cost of all of expert j's tokens of ``layer``
-    being on GPU g, the previous layer (and, if ``both_sides``, the next) fixed."""
+    being on GPU g, the previous layer (and, if ``both_sides``, the next)
+    fixed as in ``placed``."""
     toward = np.zeros((problem.experts, problem.gpus))
     if problem.affinity_tokens is None:
         return toward
     if layer > 0:  # tokens arriving from layer - 1
-        toward += problem.affinity_tokens[layer - 1].T @ share[layer - 1] @ problem.link_cost
+        toward += problem.affinity_tokens[layer - 1].T @ shares(problem, placed[layer - 1:layer])[0] @ problem.link_cost
     if both_sides and layer < problem.layers - 1:  # tokens leaving for layer + 1
-        toward += problem.affinity_tokens[layer] @ share[layer + 1] @ problem.link_cost.T
+        toward += problem.affinity_tokens[layer] @ shares(problem, placed[layer + 1:layer + 2])[0] @ problem.link_cost.T
     return toward / problem.gpus
 
 
@@ -612,11 +700,14 @@ def _layer_cost(problem: ExpertProblem, layer: int, row: np.ndarray, toward: np.
     return float((problem.load_tokens[layer] @ share).max() + (toward * share).sum())
 
 
-def _improve_layer(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np.ndarray) -> np.ndarray:
+def _improve_layer(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np.ndarray, deadline_s: float) -> np.ndarray:
     """Exchanges of replicas, then a best move of whole GPUs' sets, until a
-    round changes nothing (at most IMPROVE_ROUNDS rounds)."""
+    round changes nothing (at most IMPROVE_ROUNDS rounds) or ``deadline_s``
+    (``time.monotonic()``) passes."""
     for _ in range(IMPROVE_ROUNDS):
-        improved = _move_gpu_sets(problem, layer, toward, _swap_search(problem, layer, toward, row))
+        if time.monotonic() >= deadline_s:
+            break
+        improved = _move_gpu_sets(problem, layer, toward, _swap_search(problem, layer, toward, row, deadline_s))
         if np.array_equal(improved, row):
             break
         row = improved
@@ -645,12 +736,13 @@ def _move_gpu_sets(problem: ExpertProblem, layer: int, toward: np.ndarray, row: 
     return _canonical(problem, moved.reshape(1, -1))[0]
 
 
-def _swap_search(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np.ndarray) -> np.ndarray:
+def _swap_search(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np.ndarray, deadline_s: float) -> np.ndarray:
     """Exchange replicas between GPUs while that lowers the layer's cost and
     keeps both GPUs within the cap (the classic exchange neighbourhood of
     generalised assignment). Each round prices every pair of slots at once,
     then applies the best improving exchanges on disjoint GPUs, each priced
-    again against the loads the earlier ones left; at most SWAP_ROUNDS rounds."""
+    again against the loads the earlier ones left; at most SWAP_ROUNDS rounds,
+    none begun after ``deadline_s`` (``time.monotonic()``)."""
     counts = np.bincount(row, minlength=problem.experts)
     cap = problem.balance_cap_tokens[layer] * (1 + TOLERANCE)
     gpu = np.arange(problem.slots) // problem.slots_per_gpu
@@ -660,6 +752,8 @@ def _swap_search(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np
     scale = replica_tokens.sum() + replica_cost.max(axis=1) @ counts
     upper = np.triu(np.ones((problem.slots, problem.slots), dtype=bool), k=1)
     for _ in range(SWAP_ROUNDS):
+        if time.monotonic() >= deadline_s:
+            break
         tokens = replica_tokens[expert]
         loads = np.bincount(gpu, tokens, minlength=problem.gpus)
         here = replica_cost[expert, gpu]
@@ -698,7 +792,7 @@ def _busiest_elsewhere(loads: np.ndarray) -> np.ndarray:
     return result
 
 
-def _layer_model(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np.ndarray, budget_s: float) -> np.ndarray:
+def _layer_model(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np.ndarray, budget_s: float, deadline_s: float) -> np.ndarray:
     """One layer, neighbours fixed, in CP-SAT, hinted with ``row``::
 
         minimise    M + sum_jg toward[j, g] / count_j x n[j, g]
@@ -732,7 +826,7 @@ def _layer_model(problem: ExpertProblem, layer: int, toward: np.ndarray, row: np
     for (j, g), var in n.items():
         model.AddHint(var, int(hint[j, g]))
     model.AddHint(busiest, int((tokens @ hint).max()))
-    solver = _solver(budget_s)
+    solver = _solver(budget_s, deadline_s)
     if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return row
     on_gpu = np.array([[solver.Value(n[j, g]) for g in gpus] for j in experts])

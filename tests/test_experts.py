@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import jsonschema
@@ -33,6 +34,7 @@ from loom.solvers.experts import (
     link_cost_matrix,
     loads_from_trace,
     lower_bound,
+    shares,
     solve,
 )
 from loom.solvers.synthetic_routing import correlated_trace, zipf_loads
@@ -237,3 +239,150 @@ def test_cli_bad_loads_file_exits_2(tmp_path):
     np.save(tmp_path / "loads.npy", np.array([1.0, -2.0]))
     result = run_experts(str(tmp_path / "loads.npy"), "--ep-size", "2", "--slots-per-gpu", "1")
     assert result.exit_code == 2 and "'load_tokens'" in result.output
+
+
+# --------------------------------------------------------------------------- bounds and the time limit
+
+
+def one_line_error(result, source: str, *fragments: str) -> None:
+    """Exit 2 with one line that names ``source`` (a flag or file) and shows
+    each fragment (the bound, what was given)."""
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert result.output.startswith(f"error: {source}:"), result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+
+
+@pytest.mark.parametrize(
+    "arguments, flag, fragments",
+    [
+        (["--ep-size", "100000", "--slots-per-gpu", "1"], "--ep-size", ["2,048 EP ranks", "got 100000"]),
+        (["--ep-size", "0", "--slots-per-gpu", "4"], "--ep-size", ["1 to 2,048", "got 0"]),
+        (["--ep-size", "4", "--slots-per-gpu", "100000"], "--slots-per-gpu", ["1 to 512 slots", "got 100000"]),
+        (["--ep-size", "4", "--slots-per-gpu", "0"], "--slots-per-gpu", ["1 to 512", "got 0"]),
+        (["--ep-size", "2048", "--slots-per-gpu", "4"], "--slots-per-gpu", ["at most 1 on 2,048 EP ranks", "2,048", "got 4"]),
+        (["--ep-size", "4", "--gpus-per-node", "-2", "--slots-per-gpu", "4"], "--gpus-per-node", ["1 to 2,048", "got -2"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--time-limit", "0"], "--time-limit", ["0.1 to 86,400 seconds", "got 0.0"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--time-limit", "-1"], "--time-limit", ["0.1 to 86,400", "got -1.0"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--time-limit", "nan"], "--time-limit", ["0.1 to 86,400", "got nan"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--time-limit", "inf"], "--time-limit", ["0.1 to 86,400", "got inf"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--cross-gpu-cost", "inf"], "--cross-gpu-cost", ["0 to 1,000,000", "got inf"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--cross-gpu-cost", "nan"], "--cross-gpu-cost", ["0 to 1,000,000", "got nan"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--cross-gpu-cost", "-0.5"], "--cross-gpu-cost", ["0 to 1,000,000", "got -0.5"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--cross-node-cost", "inf"], "--cross-node-cost", ["0 to 1,000,000", "got inf"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--cross-node-cost", "nan"], "--cross-node-cost", ["0 to 1,000,000", "got nan"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--dense-layers", "100000"], "--dense-layers", ["0 to 1,024 layers", "got 100000"]),
+        (["--ep-size", "4", "--slots-per-gpu", "4", "--dense-layers", "-1"], "--dense-layers", ["0 to 1,024", "got -1"]),
+    ],
+)
+def test_cli_flag_out_of_bounds_exits_2_naming_flag_bound_and_value(inputs, arguments, flag, fragments):
+    result = run_experts(str(inputs["loads"]), "--trace", str(inputs["trace"]), *arguments)
+    one_line_error(result, flag, *fragments)
+
+
+@pytest.mark.parametrize(
+    "shape, arguments, flag, fragments",
+    [
+        # layers x ranks x experts: 64 x 1024 x 512 cells is past 2^24
+        ((64, 512), ["--ep-size", "1024", "--slots-per-gpu", "1"], "--ep-size", ["at most 512 EP ranks for 64 layers x 512 experts", "got 1024"]),
+        # layers x slots: 128 layers of 2048 slots is past 2^17
+        ((128, 16), ["--ep-size", "2048", "--slots-per-gpu", "1"], "--ep-size", ["at most 1,024 EP ranks for 128 layers", "got 2048"]),
+        ((128, 16), ["--ep-size", "512", "--slots-per-gpu", "4"], "--slots-per-gpu", ["at most 2 on 512 EP ranks for 128 layers", "got 4"]),
+    ],
+)
+def test_cli_problem_beyond_the_solvers_size_exits_2(tmp_path, shape, arguments, flag, fragments):
+    np.save(tmp_path / "loads.npy", np.ones(shape))
+    one_line_error(run_experts(str(tmp_path / "loads.npy"), *arguments), flag, *fragments)
+
+
+def test_cli_cluster_beyond_the_ep_bound_needs_an_ep_size(tmp_path, inputs):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"nodes": 300, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}))
+    result = run_experts(str(inputs["loads"]), "--cluster", str(cluster), "--slots-per-gpu", "1")
+    one_line_error(result, "--ep-size", "at most 2,048 EP ranks: give --ep-size", "2,400 GPUs", "got 2400")
+
+
+@pytest.mark.parametrize(
+    "name, array, fragments",
+    [
+        ("nan.npy", [[1.0, np.nan], [2.0, 3.0]], ["finite, non-negative", "nan at index [0, 1]"]),
+        ("inf.npy", [[1.0, 2.0], [np.inf, 3.0]], ["finite, non-negative", "inf at index [1, 0]"]),
+        ("negative.npy", [[1.0, 2.0], [3.0, -4.0]], ["finite, non-negative", "-4.0 at index [1, 1]"]),
+        ("nan.json", [[1.0, np.nan], [2.0, 3.0]], ["finite, non-negative", "nan at index [0, 1]"]),
+        ("recordings.npy", [[[1.0, 5.0]], [[1.0, -2.0]]], ["finite, non-negative", "-2.0 at index [1, 0, 1]"]),  # not hidden by the sum
+        ("deep.npy", np.zeros((2000, 16)), ["at most 1,024 layers x 2,048 experts", "shape (2000, 16)"]),
+        ("deep.json", np.zeros((2000, 16)), ["at most 1,024 layers x 2,048 experts", "shape (2000, 16)"]),
+        ("huge.npy", np.zeros((4097, 4097), dtype=np.int8), ["at most 16,777,216 numbers", "shape (4097, 4097)"]),
+        ("overflow.npy", [[1e300, 1e300]], ["at most 2^53 routed tokens per layer", "in layer 0"]),
+    ],
+)
+def test_cli_bad_or_oversized_loads_exit_2_naming_the_file(tmp_path, name, array, fragments):
+    path = tmp_path / name
+    if path.suffix == ".npy":
+        np.save(path, np.asarray(array))
+    else:
+        path.write_text(json.dumps(np.asarray(array).tolist()))
+    result = run_experts(str(path), "--ep-size", "2", "--slots-per-gpu", "1")
+    one_line_error(result, str(path), "'load_tokens'", *fragments)
+
+
+def test_cli_oversized_trace_exits_2_naming_the_file(tmp_path, inputs):
+    # 4 layers x top-16 allow 2^26 / (4 x 16^2) = 65,536 tokens
+    np.save(tmp_path / "long.npy", np.zeros((65_537, 4, 16), dtype=np.int8))
+    result = run_experts(str(inputs["loads"]), "--ep-size", "4", "--slots-per-gpu", "4", "--trace", str(tmp_path / "long.npy"))
+    one_line_error(result, str(tmp_path / "long.npy"), "'topk_ids'", "at most 65,536 tokens for 4 layers x top-16", "65,537 tokens")
+    # 66 layers x 512 experts: the affinity, 65 x 512^2 cells, is past 2^24 (the trace is not even read)
+    np.save(tmp_path / "wide.npy", np.ones((66, 512)))
+    result = run_experts(str(tmp_path / "wide.npy"), "--ep-size", "64", "--slots-per-gpu", "8", "--trace", str(tmp_path / "absent.npy"))
+    one_line_error(result, str(tmp_path / "absent.npy"), "(layers - 1) x experts^2 <= 16,777,216", "66 layers x 512 experts")
+
+
+def test_cli_time_limit_bounds_the_whole_command(tmp_path):
+    """A problem the solver needs over ten seconds for (256 experts x 58
+    layers with affinity on 64 GPUs); with a 2 s limit the command, reading
+    included, ends within the limit and the margin, says what it cut short,
+    and still keeps greedy's balance."""
+    from loom.cli.experts import TIME_LIMIT_MARGIN_S
+
+    trace = correlated_trace(1024, 58, 256, 8, 1.0, seed=0, successors=4, affinity=3.0)
+    np.save(tmp_path / "trace.npy", trace)
+    np.save(tmp_path / "loads.npy", loads_from_trace(trace, 256))
+    started = time.monotonic()
+    result = run_experts(str(tmp_path / "loads.npy"), "--trace", str(tmp_path / "trace.npy"), "--ep-size", "64", "--gpus-per-node", "8",
+                         "--slots-per-gpu", "5", "--time-limit", "2", "--out", str(tmp_path / "out"))
+    elapsed_s = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert elapsed_s < 2 + TIME_LIMIT_MARGIN_S
+    assert "time limit reached" in result.output
+    document = ExpertMap.model_validate_json((tmp_path / "out" / MAP_FILE).read_text())
+    assert document.methods["loom"].max_load_tokens <= document.methods["greedy"].max_load_tokens * (1 + 1e-9)
+    assert "Wall-clock bound on the whole command" in run_experts("--help").output
+
+
+def test_solver_stops_at_the_deadline_with_greedy_and_says_so():
+    problem = medium_problem("trace")
+    for method in (decomposed, exact):
+        stopped = method(problem, time_limit_s=0.0)
+        assert np.array_equal(stopped.expert_of_slot, greedy_slots(problem))
+        assert "time limit" in stopped.cut_short
+    assert solve(problem, time_limit_s=1.0).cut_short == ""
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="time_limit_s"):
+            solve(problem, time_limit_s=bad)
+    with pytest.raises(ValueError, match="finite"):
+        ExpertProblem(np.array([[1.0, np.nan]]), np.zeros(2), 1)
+
+
+def test_evaluate_matches_the_dense_flow():
+    """``evaluate`` sums the flow slot by slot; the model's formula is share^T @ affinity @ share."""
+    problem = medium_problem("trace")
+    placement = solve(problem, time_limit_s=1.0).expert_of_slot
+    share = shares(problem, placement)
+    flow = share[:-1].transpose(0, 2, 1) @ problem.affinity_tokens @ share[1:]
+    off_node = problem.node_of_gpu[:, None] != problem.node_of_gpu[None, :]
+    figures = evaluate(problem, placement)
+    assert figures.traffic_cost == pytest.approx((flow * problem.link_cost).sum() / problem.gpus, rel=1e-12)
+    assert figures.cross_node_tokens == pytest.approx(flow[:, off_node].sum(), rel=1e-12)
+    assert figures.cross_gpu_tokens == pytest.approx(flow[:, ~np.eye(problem.gpus, dtype=bool)].sum(), rel=1e-12)
+    assert figures.cross_node_tokens > 0
