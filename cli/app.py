@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
-import pydantic
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -19,27 +18,27 @@ from rich.progress import Progress
 
 from loom.cli.common import err, run
 from loom.cli.experts import experts
+from loom.cli.explain import explain
 from loom.cli.profile import profile_app
-from loom.cli.render import explain_tables, show
-from loom.planner.output.files import check_file_target, check_out_folder, write_file_set
-from loom.planner.output.launch import launch_files
+from loom.cli.render import show
+from loom.planner.output.files import check_out_folder, write_file_set
+from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import job_warnings, load_job
 from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
-from loom.planner.output.report import Report, SearchInfo, build_report, report_json
-from loom.planner.schedule.simulate import SCHEDULES, simulate
-from loom.planner.specs.files import read_json
+from loom.planner.output.report import SearchInfo, build_report, report_json
 from loom.planner.search.fixes import cheapest_fix
 from loom.planner.specs.rules import layout_problems
 from loom.planner.search.layouts import search
 from loom.planner.cost.memory import GiB
 
-app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True)
+app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(profile_app, name="profile")
 app.command("experts")(experts)
+app.command("explain")(explain)
 
 # Options shared by plan and evaluate: the job file and what overrides it.
 JobFile = Annotated[Optional[Path], typer.Argument(help="Job YAML (default: the bundled Llama-3 8B on 64 H100 example).", show_default=False)]
@@ -53,8 +52,8 @@ StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a trai
 HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leaves free: a fraction of capacity (0.05) or a size ('4 GiB').")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
-GateOpt = Annotated[Optional[list[str]], typer.Option(help="Exit 1 unless the best plan meets e.g. mfu>=0.4 (repeatable).")]
-ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", help="A loom profile layers or gemm JSON: measured numbers replace estimates (repeatable).")]
+GateOpt = Annotated[Optional[list[str]], typer.Option(metavar="CONDITION", help="Exit 1 unless the best plan meets a quoted condition, e.g. --gate 'mfu>=0.4' (repeatable).")]
+ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", metavar="FILE", help="A loom profile layers or gemm JSON: measured numbers replace estimates (repeatable).")]
 
 
 def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str]) -> None:
@@ -78,6 +77,8 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
             err.print(f"[yellow]note:[/yellow] no launch files for {escape(job.model.name)} (vision-language models are planned, not launched, for now)")
         if not as_json:
             err.print(f"wrote {', '.join(sorted([*files, 'plan.json']))} to {escape(str(out))}")
+        for step in training_script_steps(job, best.layout):
+            err.print(f"[yellow]note:[/yellow] your training script must {escape(step)}")
     failures = failed_gates(parsed_gates, plans[0])
     if failures:
         err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")
@@ -181,7 +182,7 @@ def plan(
         for gate_ in parsed:
             if gate_.metric == "memory_headroom" and gate_.op in (">=", ">"):
                 if not 0 <= gate_.threshold < 1:
-                    raise SpecError("--gate", str(gate_), "memory_headroom as a fraction of capacity in [0, 1)", gate_.threshold)
+                    raise SpecError("--gate", "gate", "memory_headroom as a fraction of capacity in [0, 1)", str(gate_))
                 job = replace(job, memory_headroom=job.memory_headroom.at_least(gate_.threshold))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
@@ -213,7 +214,7 @@ def evaluate(
     vpp: Annotated[int, typer.Option(min=1)] = 1,
     mbs: Annotated[int, typer.Option(min=1)] = 1,
     recompute: Annotated[str, typer.Option(help="none | selective | full")] = "none",
-    recompute_modules: Annotated[Optional[str], typer.Option(help="With selective: megatron-core's modules, comma-separated (core_attn,mlp,moe,shared_experts,moe_act,layernorm,mla_up_proj).", show_default=False)] = None,
+    recompute_modules: Annotated[Optional[str], typer.Option(help="With selective: megatron-core's modules, comma-separated, from: core_attn, mlp, moe, shared_experts, moe_act, layernorm, mla_up_proj.", show_default=False)] = None,
     recompute_num_layers: Annotated[int, typer.Option(min=0, help="With full: recompute the first N layers of each model chunk (0: every layer).")] = 0,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1.")] = None,
@@ -258,58 +259,5 @@ def evaluate(
             err.print(f"[yellow]warning:[/yellow] stage {stage.stage} leaves {(capacity - stage.peak_bytes) / GiB:.1f} GiB free, "
                       f"less than the {job.memory_headroom} memory headroom (--memory-headroom)")
         _finish([place(plan_)], info, out, as_json, gates)
-
-    run(action)
-
-
-def _read_report(path: Path) -> Report:
-    """A plan.json (or ``--json`` output), validated against the report's schema."""
-    data = read_json(path, "plan.json")
-    try:
-        return Report.model_validate(data)
-    except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        raise SpecError(str(path), ".".join(map(str, first["loc"])), first["msg"]) from None
-
-
-@app.command()
-def explain(
-    plan_file: Annotated[Path, typer.Argument(help="A plan.json written by loom plan --out (or its --json output).")],
-    plan_index: Annotated[int, typer.Option("--plan", min=1, help="Which plan of the file, 1 = best.")] = 1,
-    schedule: Annotated[Optional[str], typer.Option(help=f"Simulate another schedule instead: {', '.join(SCHEDULES)}.")] = None,
-    timeline: Annotated[Optional[Path], typer.Option(help="Draw the simulated schedule to this .png, .svg or .html file.")] = None,
-    candidates: Annotated[Optional[Path], typer.Option(help="Plot predicted step time of every plan in the file.")] = None,
-) -> None:
-    """Show where a plan's step time and memory go; draw its schedule."""
-
-    def action() -> None:
-        from loom.cli import figures  # matplotlib is only needed for drawing
-
-        for flag, path in (("--timeline", timeline), ("--candidates", candidates)):
-            if path is not None:
-                if path.suffix.lower() not in (".png", ".svg", ".html", ".htm"):
-                    raise SpecError(flag, flag.lstrip("-"), "a .png, .svg or .html file", str(path))
-                figures.require_matplotlib(flag)
-                check_file_target(path, flag)
-        report = _read_report(plan_file)
-        if plan_index > len(report.plans):
-            raise SpecError("--plan", "plan", f"at most {len(report.plans)} (the plans in {plan_file})", plan_index)
-        chosen = report.plans[plan_index - 1]
-        name = schedule or chosen.schedule.name
-        try:
-            simulation = simulate(chosen.schedule.costs(), name)
-        except ValueError as error:
-            raise SpecError("--schedule", "schedule", str(error), name) from None
-        for table in explain_tables(chosen, simulation):
-            Console().print(table)
-        if name != chosen.schedule.name:
-            base = simulate(chosen.schedule.costs(), chosen.schedule.name)
-            Console().print(f"{name}: pipeline {simulation.pipeline_time_s:.3f} s against {chosen.schedule.name}'s {base.pipeline_time_s:.3f} s")
-        if timeline is not None:
-            figures.save(figures.timeline_figure(simulation, f"{report.model} {chosen.label} ({name})"), timeline, "--timeline")
-        if candidates is not None:
-            labels = [plan.label for plan in report.plans]
-            figures.save(figures.candidates_figure(labels, [p.predicted.step_time_s for p in report.plans], f"{report.model} on {report.gpus} GPUs"),
-                         candidates, "--candidates")
 
     run(action)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import typer
 
-profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure links or layers and write a profile JSON.")
+profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure links or layers and write a profile JSON.",
+                          rich_markup_mode=None)
 
 from loom.cli.profile_layers import gemm, layers  # noqa: E402 (registered on the group defined above)
 from loom.cli.profile_links import links, nccl_tests  # noqa: E402

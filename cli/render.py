@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -9,33 +10,46 @@ from loom.planner.cost.layers import shape_of, sources
 from loom.planner.cost.memory import GiB
 from loom.planner.plan import Plan
 from loom.planner.output.report import PlanReport
+from loom.planner.specs.layout import label_legend
 from loom.planner.schedule.simulate import Simulation
 
 
 def plans_table(plans: list[Plan], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    """The ranked plans, one line each, 80 columns wide for labels up to ~40
+    characters: the layout never wraps; a legend of its words below."""
+    capacity_GiB = plans[0].capacity_bytes / GiB
+    table = Table(title=f"{title}, {capacity_GiB:.1f} GiB per GPU", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
     placed = any(plan.placement_solve for plan in plans)
-    columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tokens/s", "right"),
-               ("TFLOP/s/GPU", "right"), ("MFU", "right"), ("peak / capacity GiB", "right")]
-    for column, justify in columns + ([("placement saved", "right")] if placed else []):
-        table.add_column(column, justify=justify)
+    columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"), ("GiB", "right")]
+    for column, justify in columns + ([("placed", "right")] if placed else []):
+        table.add_column(column, justify=justify, no_wrap=True)
     for rank, plan in enumerate(plans, start=1):
-        peak = plan.peak_memory.peak_bytes / GiB
         row = [
             str(rank),
             plan.layout.label(),
             f"{plan.step_time_s:.3f}",
-            f"{plan.tokens_per_s:,.0f}",
-            f"{plan.tflops_per_gpu:.0f}",
+            _count(plan.tokens_per_s),
             f"{plan.mfu:.1%}",
-            f"{peak:.1f} / {plan.capacity_bytes / GiB:.1f}",
+            f"{plan.peak_memory.peak_bytes / GiB:.1f}",
         ]
         table.add_row(*row, *([_placement_saved(plan)] if placed else []))
-    captions = ["placement saved: step time against Megatron's default rank order on the same links"] if placed else []
+    captions = [label_legend([plan.layout.label() for plan in plans]) + "; GiB: peak memory of the fullest GPU"]
+    if placed:
+        captions.append("placed: step time the solver's rank placement saves against Megatron's default order on the same links "
+                        "(* not proven optimal; -: not re-placed)")
     if plans[0].job.profiles:
         captions.append(_profile_caption(plans[0]))
-    table.caption = "\n".join(captions) or None
+    table.caption = "\n".join(captions)
+    table.caption_justify = "left"
     return table
+
+
+def _count(value: float) -> str:
+    """Six characters at most: 987,654 as 987.7k, 12,345,678 as 12.35M."""
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
 
 
 def _profile_caption(plan: Plan) -> str:
@@ -47,17 +61,19 @@ def _profile_caption(plan: Plan) -> str:
 
 
 def _placement_saved(plan: Plan) -> str:
-    """How much faster the step is on the solver's placement, with the solver's gap."""
+    """How much faster the step is on the solver's placement; * where the
+    solver did not prove it optimal."""
     solve = plan.placement_solve
     if solve is None:
-        return "not placed"
+        return "-"
     saved = 1 - plan.step_time_s / plan.start_step_time_s
-    return f"{saved:.1%} ({solve.status}, gap {solve.gap:.0%})"
+    return f"{saved:.1%}" + ("" if solve.status == "optimal" else "*")
 
 
 def breakdown_table(plan: Plan) -> Table:
     """Where the best plan's step time and memory go."""
-    table = Table(title=f"{plan.layout.label()}: where the time and memory go", title_justify="left")
+    table = Table(title=f"plan 1, {plan.layout.label()}: {plan.tflops_per_gpu:.0f} TFLOP/s per GPU", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("time", justify="left")
     table.add_column("s", justify="right")
     table.add_column("memory (peak stage)", justify="left")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -207,10 +209,21 @@ def test_missing_job_file(tmp_path):
     assert_bad_input(invoke("plan", tmp_path / "nope.yaml"), "nope.yaml")
 
 
-@pytest.mark.parametrize("gate", ["mfu=>0.4", "speed>=1", "mfu>=", "mfu>=fast"])
+@pytest.mark.parametrize("gate", ["mfu=>0.4", "speed>=1", "mfu>=", "mfu>=fast", "mfu>=1e999", "step_time_s<=nan"])
 def test_bad_gate_expression(tmp_path, gate):
     job = make_job(tmp_path)
     assert_bad_input(invoke("plan", job, "--gate", gate), "--gate", gate)
+
+
+def test_an_unquoted_gate_is_told_to_quote_it(tmp_path):
+    """bash leaves 'mfu' of an unquoted --gate mfu>=0.4 and redirects stdout
+    to a file '=0.4': the message says so."""
+    job = make_job(tmp_path)
+    result = subprocess.run(f"{sys.executable} -m loom.cli plan {job} --gate mfu>=0.4", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, executable="/bin/bash")
+    assert result.returncode == 2 and (tmp_path / "=0.4").exists()
+    assert "--gate: " in result.stderr and "redirect" in result.stderr and "--gate 'mfu>=0.4'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_bad_gate_fails_before_searching_or_writing(tmp_path):
@@ -350,6 +363,20 @@ def test_out_writes_deepspeed_files(tmp_path):
     report = json.loads(files["plan.json"])
     assert report["framework"] == "deepspeed"
     assert all(plan["parallel"]["tp"] == 1 for plan in report["plans"])
+
+
+def test_a_deepspeed_plan_without_a_pipeline_says_to_checkpoint_layers(tmp_path):
+    """DeepSpeed cannot switch full recompute on for a plain model from its
+    config: the user's script must checkpoint each layer, and loom says so
+    on stderr and in launch.sh."""
+    job = make_job(tmp_path)
+    out = tmp_path / "out"
+    result = invoke("evaluate", job, "--framework", "deepspeed", "--zero-stage", "3", "--recompute", "full", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "note: your training script must wrap each layer's forward in deepspeed.checkpointing.checkpoint" in result.output
+    assert "# It must also wrap each layer's forward in" in (out / "launch.sh").read_text()
+    plain = invoke("evaluate", job, "--framework", "deepspeed", "--zero-stage", "3", "--out", tmp_path / "plain")
+    assert plain.exit_code == 0 and "checkpoint" not in plain.output
 
 
 def test_launch_files_are_byte_identical_across_runs(tmp_path):

@@ -193,6 +193,8 @@ def test_deepspeed_moe_snippet_binds_to_deepspeeds_moe_layer(tmp_path):
     inspect.signature(moe_layer.MoE.__init__).bind(None, **arguments)
     assert arguments["ep_size"] == best.layout.ep and arguments["num_experts"] == 8 and arguments["k"] == 2
     assert arguments["drop_tokens"] is False
+    per_gpu = 8 // best.layout.ep
+    assert f"so {per_gpu} expert{'s' if per_gpu > 1 else ''} per GPU" in files["moe_snippet.py"]
 
 
 def test_placement_prices_the_expert_all_to_all():

@@ -151,7 +151,7 @@ def test_schedules_reject_layouts_they_do_not_run():
 def test_an_order_waiting_on_itself_is_reported_not_looped():
     costs = uniform(2, 1)
     with pytest.raises(RuntimeError, match="deadlocks"):
-        _execute(costs, "1f1b", [[("F", 0, 0), ("B", 0, 0)], [("B", 0, 0), ("F", 0, 0)]])
+        _execute(costs, "1f1b", [[("F", 0, 0), ("B", 0, 0)], [("B", 0, 0), ("F", 0, 0)]], record_events=True)
 
 
 # --- uneven stages, communication, data parallelism ---------------------------
@@ -287,3 +287,14 @@ def test_events_are_consistent(schedule):
 def test_simulation_is_deterministic(schedule):
     costs = case(schedule, seed=3, p2p_s=0.1, dp_reduce_s=(1.0, 2.0, 3.0, 4.0), optimizer_s=(0.2,) * 4)
     assert simulate(costs, schedule) == simulate(costs, schedule)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_simulation_without_events_has_the_same_times(schedule):
+    """The search skips recording events; every figure is the same."""
+    from dataclasses import replace
+
+    costs = case(schedule, seed=5, p2p_s=0.1, dp_reduce_s=(1.0, 2.0, 3.0, 4.0), optimizer_s=(0.2,) * 4)
+    full, bare = simulate(costs, schedule), simulate(costs, schedule, record_events=False)
+    assert full.events and bare.events == ()
+    assert replace(full, events=()) == bare

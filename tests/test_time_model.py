@@ -74,6 +74,28 @@ def test_breakdown_adds_up_and_more_micro_batches_shrink_the_bubble():
     assert bubble_fraction[1] < bubble_fraction[0] / 3
 
 
+def test_the_bubble_is_named_as_the_bubble_and_pp_comm_is_what_transfers_add():
+    """pp_comm is what send/recv add to the simulated pipeline (the same
+    schedule with free transfers is that much shorter); the rest of the
+    slowest stage's idle time is the pipeline bubble, here 1F1B's (p-1)
+    micro batches of fill and drain."""
+    from loom.planner.cost.simulated_step import pipeline_costs
+    from loom.planner.cost.time_model import step_parts
+    from loom.planner.schedule.simulate import simulate
+
+    job = make_job("llama-3-70b", nodes=16, gbs=64)
+    layout = Layout(tp=8, pp=4, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    plan = evaluate(job, layout)
+    parts = step_parts(job, layout, list(plan.stages), [job.cluster.slowest.gpu] * layout.pp)
+    costs = pipeline_costs(parts, list(plan.stages))
+    free = simulate(replace(costs, p2p_s=0.0), plan.simulation.schedule).pipeline_time_s
+    breakdown = plan.step.breakdown_s
+    assert breakdown["pp_comm"] == pytest.approx(plan.simulation.pipeline_time_s - free)
+    assert breakdown["pp_comm"] == pytest.approx(2 * (layout.pp - 1) * parts.p2p_one_s)  # the fill and drain path's hops
+    tau = max(parts.tau_s)
+    assert breakdown["pipeline_bubble"] == pytest.approx((layout.pp - 1) * tau, rel=0.05)
+
+
 def test_recompute_costs_time_in_order():
     job = make_job("gpt3-175b", nodes=8, gbs=64, seq=2048, features=Features(flash_attention=False))
     times = {

@@ -9,7 +9,7 @@ prunes with the closed form and ranks its best candidates with this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loom.planner.cost.layers import shape_of
 from loom.planner.cost.memory import chunk_activation_bytes
@@ -54,11 +54,17 @@ class SimulatedStep:
 def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None = None) -> SimulatedStep:
     """The step by simulation: the pipeline, the exposed reduce and the
     optimizer from the simulated schedule; the parameter gather and the
-    embedding sync, which follow it, added."""
+    embedding sync, which follow it, added. The send/recv time the pipeline
+    exposes is what it adds to the simulated pipeline: the schedule
+    simulated again with free transfers is that much shorter."""
     costs = pipeline_costs(parts, stages)
-    simulation = simulate(costs, schedule or megatron_schedule(parts.layout.vpp))
+    name = schedule or megatron_schedule(parts.layout.vpp)
+    simulation = simulate(costs, name, record_events=False)  # explain simulates the plan's costs again to draw it
+    free_p2p_s = (simulate(replace(costs, p2p_s=0.0), name, record_events=False).pipeline_time_s
+                  if costs.p2p_s > 0 and parts.layout.pp > 1 else simulation.pipeline_time_s)
     after_pipeline = simulation.step_time_s - simulation.pipeline_time_s
-    breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)))
+    breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)),
+                                  max(0.0, simulation.pipeline_time_s - free_p2p_s))
     # The optimizer of the last stage to finish may overlap others' reduces:
     # keep the breakdown summing to the simulated step.
     breakdown["optimizer"] = min(breakdown["optimizer"], after_pipeline)

@@ -304,9 +304,12 @@ class StepParts:
         """One micro batch through all chunks of each stage."""
         return [sum(c.total_s for c in chunks) + z for chunks, z in zip(self.chunks, self.zero_comm_s)]
 
-    def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float) -> dict[str, float]:
-        """Where the step goes, with the pipeline's length and the exposed
-        gradient reduce coming from the closed form or the simulator."""
+    def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float, pp_comm_s: float) -> dict[str, float]:
+        """Where the step goes, with the pipeline's length, the send/recv time
+        it exposes and the exposed gradient reduce coming from the closed form
+        or the simulator. The pipeline's time is the slowest stage's work,
+        the exposed send/recv, and the rest of that stage's idle time: the
+        pipeline bubble (warm-up, cool-down and waiting for other stages)."""
         tau = self.tau_s
         slowest = max(range(len(tau)), key=lambda s: tau[s])
         m, chunks = self.layout.num_microbatches, self.chunks[slowest]
@@ -320,7 +323,7 @@ class StepParts:
             "zero_comm": m * self.zero_comm_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))
-        p2p_s = min(self.p2p_exposed_s, idle_s)
+        p2p_s = min(pp_comm_s, idle_s)
         return {
             **work,
             "pp_comm": p2p_s,
@@ -375,7 +378,7 @@ def closed_form_step(parts: StepParts) -> StepTime:
     features = parts.job.features
     windows = [sum(c.backward_s for c in cs) * (1 + s) for s, cs in enumerate(parts.chunks)]
     reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
-    breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce)
+    breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
 
 

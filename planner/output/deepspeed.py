@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import textwrap
 
 from loom.planner.output.slurm import NodeRanks, nodes_of
 from loom.planner.specs.job import Job
@@ -42,6 +43,24 @@ def deepspeed_files(job: Job, layout: Layout, stages: list[Stage], placement: Pl
     if job.model.moe is not None:
         files["moe_snippet.py"] = moe_snippet(job, layout)
     return files
+
+
+def script_steps(job: Job, layout: Layout) -> list[str]:
+    """What the user's training script must do for the plan to hold, which
+    no DeepSpeed config can switch on: build the pipeline and MoE layers as
+    the snippets show, and, without a pipeline, checkpoint every layer
+    itself when the plan recomputes (DeepSpeed's activation_checkpointing
+    section only configures deepspeed.checkpointing.checkpoint; PipelineModule
+    calls it for a pipeline, a plain model must call it per layer)."""
+    steps = []
+    if layout.pp > 1:
+        steps.append("build the model as a PipelineModule as pipeline_snippet.py shows (it checkpoints layers when the plan recomputes)")
+    elif layout.recompute == "full":
+        steps.append("wrap each layer's forward in deepspeed.checkpointing.checkpoint(layer, hidden): the plan recomputes every "
+                     "layer's activations (full recompute), and its memory assumes it")
+    if job.model.moe is not None:
+        steps.append("replace each MoE layer's MLP with moe_snippet.py's moe_layer(expert), and build the optimizer from its optimizer_groups(model)")
+    return steps
 
 
 def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> None:
@@ -215,9 +234,9 @@ def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
         f"# DeepSpeed training of {job.model.name} written by loom: {layout.label()},",
         f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
         where,
-        "# TRAIN_SCRIPT is your training script; it",
-        "# must accept --deepspeed_config (deepspeed.add_config_arguments) and pass it to",
-        "# deepspeed.initialize. With a pipeline, build the model as pipeline_snippet.py shows.",
+        "# TRAIN_SCRIPT is your training script; it must accept --deepspeed_config",
+        "# (deepspeed.add_config_arguments) and pass it to deepspeed.initialize.",
+        *(f"# {line}" for step in script_steps(job, layout) for line in textwrap.wrap(f"It must also {step}.", 78)),
         *(
             [f"# {GPU_ORDER} starts it with each host's GPUs in the plan's order; the files must sit",
              "# at the same path on every host (a shared file system), like ds_config.json."]
@@ -314,6 +333,10 @@ def _layer_range(stage: Stage) -> str:
     return f"{chunk.first_layer}-{chunk.first_layer + chunk.num_layers - 1}{extras}"
 
 
+def _experts(count: int) -> str:
+    return f"{count} expert" + ("" if count == 1 else "s")
+
+
 def moe_snippet(job: Job, layout: Layout) -> str:
     """Python for the user's model: DeepSpeed's MoE layer (deepspeed/moe/layer.py)
     with loom's expert parallel size, dropless like the time model, and the
@@ -322,8 +345,8 @@ def moe_snippet(job: Job, layout: Layout) -> str:
     moe = job.model.moe
     return "\n".join(
         [
-            f'"""MoE layers written by loom for {job.model.name}: {moe.num_experts} experts, top-{moe.top_k},',
-            f"expert parallel size {layout.ep} (so {moe.num_experts // layout.ep} experts per GPU and expert data parallel {layout.expert_dp}).",
+            f'"""MoE layers written by loom for {job.model.name}: {_experts(moe.num_experts)}, top-{moe.top_k},',
+            f"expert parallel size {layout.ep} (so {_experts(moe.num_experts // layout.ep)} per GPU and expert data parallel {layout.expert_dp}).",
             "Replace each decoder layer's MLP with moe_layer(expert), where expert is one",
             f"gated MLP of width {moe.expert_ffn_hidden_size}, and build the optimizer from optimizer_groups(model).",
             '"""',

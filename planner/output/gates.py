@@ -1,9 +1,11 @@
-"""CI gates: ``--gate mfu>=0.4 --gate memory_headroom>=0.1``. Each gate is a
+"""CI gates: ``--gate 'mfu>=0.4' --gate 'memory_headroom>=0.1'`` (quoted:
+unquoted, ``>`` is a shell redirect). Each gate is a
 metric of the best plan, a comparison and a number; ``loom`` exits 1 naming
 every gate that fails."""
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -38,13 +40,25 @@ class Gate:
 
 
 def parse_gate(text: str) -> Gate:
+    """``METRIC OP NUMBER`` as a Gate.
+
+    Raises SpecError (flag ``--gate``) for anything else; a bare metric name
+    is what the shell leaves of an unquoted ``--gate mfu>=0.4`` (it takes
+    ``>=0.4`` as a redirect to the file ``=0.4``), so that message says to
+    quote it."""
+    expected = f"METRIC OP NUMBER, quoted (--gate 'mfu>=0.4'), with METRIC one of {', '.join(METRICS)} and OP one of {', '.join(OPERATORS)}"
+    if text.strip() in METRICS:
+        raise SpecError("--gate", "gate", f"a comparison after {text.strip()}: unquoted, the shell took '>...' or '<...' as a "
+                        f"redirect (and may have written a file named like '=0.4'); quote the gate: --gate '{text.strip()}>=0.4'", text)
     match = GATE.match(text)
     if not match or match.group(1) not in METRICS:
-        raise SpecError("--gate", text, f"METRIC OP NUMBER with METRIC one of {', '.join(METRICS)} and OP one of {', '.join(OPERATORS)}")
+        raise SpecError("--gate", "gate", expected, text)
     try:
         threshold = float(match.group(3))
     except ValueError:
-        raise SpecError("--gate", text, "a number after the comparison") from None
+        raise SpecError("--gate", "gate", "a number after the comparison", text) from None
+    if not math.isfinite(threshold):
+        raise SpecError("--gate", "gate", "a finite number after the comparison", text)
     return Gate(match.group(1), match.group(2), threshold)
 
 

@@ -8,7 +8,7 @@ Output is deterministic: the same inputs give byte-identical files.
 
 from __future__ import annotations
 
-from loom.planner.output.deepspeed import deepspeed_files
+from loom.planner.output.deepspeed import deepspeed_files, script_steps
 from loom.planner.output.megatron import train_sh
 from loom.planner.output.slurm import nodes_of, slurm_sbatch
 from loom.planner.specs.job import Job
@@ -32,3 +32,9 @@ def launch_files(job: Job, layout: Layout, stages: list[Stage], placement: Place
     if job.framework == "deepspeed":
         return deepspeed_files(job, layout, stages, placement)
     raise ValueError(f"unknown framework {job.framework!r}: expected megatron or deepspeed")
+
+
+def training_script_steps(job: Job, layout: Layout) -> list[str]:
+    """What the user's own training script must do for the plan to hold
+    (DeepSpeed runs the user's script; Megatron-LM's train.sh needs nothing)."""
+    return script_steps(job, layout) if job.framework == "deepspeed" else []

@@ -3,6 +3,14 @@
 Its shape is the contract in ARCHITECTURE.md; these pydantic models are its
 single definition, and ``plan.schema.json`` beside this file is generated from
 them (``python -m loom.planner.output.report`` rewrites it; a test keeps it in sync).
+
+The models also state what the planner guarantees of every report it writes,
+so that a report read back (``read_report``, for ``loom explain``) is checked
+against the same rules: field constraints (degrees >= 1, every time and byte
+finite and >= 0, a capacity > 0), which the JSON Schema carries, and the
+relations between fields (world size, stages, layer ranges, placement and
+the schedule's shape), which ``plan_problems`` and ``report_problems`` check.
+A report that breaks them when written is a bug in loom.
 """
 
 from __future__ import annotations
@@ -10,49 +18,71 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from loom.planner.cost.layers import shape_of, sources
 from loom.planner.plan import Plan
+from loom.planner.specs.files import read_json, validate
 from loom.planner.specs.job import job_warnings
-from loom.planner.schedule.simulate import ChunkCost, PipelineCosts
+from loom.planner.specs.layout import Recompute
+from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
 SCHEMA_VERSION = "1.1"
+# What read_report accepts: 1.1 only added fields with defaults
+# (memory.required_headroom_bytes and fits, parallel.recompute_modules and
+# recompute_num_layers), so a 1.0 report reads as it did.
+READ_SCHEMA_VERSIONS = ("1.0", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
+
+# Field types: what the planner writes, and so what a report read back must hold.
+# JSON (Python's json module) carries NaN and Infinity; the planner writes neither.
+Count = Annotated[int, pydantic.Field(ge=1)]  # a parallel degree, a batch size, a number of micro batches
+Index = Annotated[int, pydantic.Field(ge=0)]  # a rank, a GPU, a layer or stage index
+Amount = Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]  # seconds, bytes, a rate: finite, >= 0
+Finite = Annotated[float, pydantic.Field(allow_inf_nan=False)]  # a fraction that may be < 0 (headroom of a plan that does not fit)
+
+# (location in the report, what was expected, what was found): one broken relation between fields.
+Invariant = tuple[tuple[str | int, ...], str, object]
 
 
 class Parallel(pydantic.BaseModel):
-    tp: int
-    pp: int
-    dp: int
-    cp: int
-    ep: int
-    vpp: int
-    micro_batch_size: int
-    global_batch_size: int
+    tp: Count
+    pp: Count
+    dp: Count
+    cp: Count
+    ep: Count
+    vpp: Count
+    micro_batch_size: Count
+    global_batch_size: Count
     sequence_parallel: bool
-    recompute: str
+    recompute: Recompute
     recompute_modules: list[str] = pydantic.Field(default_factory=list, description="selective: megatron-core's recompute_modules (empty: core_attn)")
-    recompute_num_layers: int = pydantic.Field(default=0, description="full: 0 every layer, N the first N layers of each model chunk (block)")
-    zero_stage: int
+    recompute_num_layers: Index = pydantic.Field(default=0, description="full: 0 every layer, N the first N layers of each model chunk (block)")
+    zero_stage: Annotated[int, pydantic.Field(ge=0, le=3)]
     distributed_optimizer: bool
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the layout: tp x pp x dp x cp (EP regroups the same ranks)."""
+        return self.tp * self.pp * self.dp * self.cp
 
 
 class StageReport(pydantic.BaseModel):
-    index: int
-    layers: int
-    layer_ranges: list[tuple[int, int]] = pydantic.Field(description="[first, last) decoder layers of each model chunk")
+    index: Index
+    layers: Index = pydantic.Field(description="decoder layers (0: a stage of only the embedding or the LM head)")
+    layer_ranges: list[tuple[Index, Index]] = pydantic.Field(description="[first, last) decoder layers of each model chunk")
     embedding: bool
     head: bool
-    device_group: list[int] = pydantic.Field(description="global ranks of the stage")
+    device_group: list[Index] = pydantic.Field(description="global ranks of the stage")
 
 
 class GPUSlot(pydantic.BaseModel):
-    rank: int
-    host: str
-    gpu: int
+    rank: Index
+    host: str = pydantic.Field(min_length=1)
+    gpu: Index
 
 
 class PlacementReport(pydantic.BaseModel):
@@ -60,62 +90,64 @@ class PlacementReport(pydantic.BaseModel):
 
     method: str = pydantic.Field(description="exact (one CP-SAT model) or decomposed (nodes, then GPUs)")
     status: str = pydantic.Field(description="optimal (proven), feasible (gap to the bound) or start kept (the time model found the solver's placement slower)")
-    communication_s: float = pydantic.Field(description="the solver's objective on this placement")
-    start_communication_s: float = pydantic.Field(description="on Megatron's default order")
-    bound_s: float = pydantic.Field(description="no placement communicates less")
+    communication_s: Amount = pydantic.Field(description="the solver's objective on this placement")
+    start_communication_s: Amount = pydantic.Field(description="on Megatron's default order")
+    bound_s: Amount = pydantic.Field(description="no placement communicates less")
     gap: float
-    start_step_time_s: float = pydantic.Field(description="predicted step time on the default order")
+    start_step_time_s: Amount = pydantic.Field(description="predicted step time on the default order")
 
 
 class Predicted(pydantic.BaseModel):
-    step_time_s: float
-    tokens_per_s: float
-    tflops_per_gpu: float
-    mfu: float
-    breakdown_s: dict[str, float]
+    step_time_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+    tokens_per_s: Amount
+    tflops_per_gpu: Amount
+    mfu: Amount
+    breakdown_s: dict[str, Amount]
 
 
 class Memory(pydantic.BaseModel):
-    peak_bytes_per_gpu: float = pydantic.Field(description="the peak of the stage with the least headroom (relative to its GPU)")
-    capacity_bytes: int = pydantic.Field(description="what PyTorch's allocator can hand out on the peak stage's GPU (torch total_memory)")
-    headroom: float = pydantic.Field(description="fraction of capacity left free on the fullest stage")
-    required_headroom_bytes: float = pydantic.Field(default=0.0, description="what the job's memory_headroom asks to leave free on that GPU")
+    peak_bytes_per_gpu: Amount = pydantic.Field(description="the peak of the stage with the least headroom (relative to its GPU)")
+    capacity_bytes: Annotated[int, pydantic.Field(gt=0)] = pydantic.Field(
+        description="what PyTorch's allocator can hand out on the peak stage's GPU (torch total_memory)")
+    headroom: Finite = pydantic.Field(description="fraction of capacity left free on the fullest stage")
+    required_headroom_bytes: Amount = pydantic.Field(default=0.0, description="what the job's memory_headroom asks to leave free on that GPU")
     fits: bool = pydantic.Field(default=True, description="every stage's peak within its GPU's capacity")
-    peak_stage: int
-    breakdown_bytes: dict[str, float] = pydantic.Field(description="of the peak stage")
-    per_stage_peak_bytes: list[float]
+    peak_stage: Index
+    breakdown_bytes: dict[str, Amount] = pydantic.Field(description="of the peak stage")
+    per_stage_peak_bytes: list[Amount]
 
 
 class SearchInfo(pydantic.BaseModel):
-    candidates: int = pydantic.Field(description="layouts enumerated")
-    feasible: int = pydantic.Field(description="layouts that fit in memory")
-    wall_time_s: float | None = pydantic.Field(description="null in plan.json, so the same inputs give the same files")
+    candidates: Index = pydantic.Field(description="layouts enumerated")
+    feasible: Index = pydantic.Field(description="layouts that fit in memory")
+    wall_time_s: Amount | None = pydantic.Field(description="null in plan.json, so the same inputs give the same files")
     solver: str
     status: str
     gap: float
 
 
 class ChunkCostReport(pydantic.BaseModel):
-    forward_s: float
-    backward_s: float
-    weight_grad_s: float
-    activation_bytes: float
+    forward_s: Amount
+    backward_s: Amount
+    weight_grad_s: Amount
+    activation_bytes: Amount
 
 
 class ScheduleReport(pydantic.BaseModel):
     """The simulated pipeline schedule and its inputs (``loom explain`` re-simulates them)."""
 
-    name: str
-    microbatches: int
-    p2p_s: float
+    name: Literal[SCHEDULES]
+    microbatches: Count
+    p2p_s: Amount
     dp_overlap: bool
-    dp_reduce_s: list[float]
-    optimizer_s: list[float]
+    dp_reduce_s: list[Amount]
+    optimizer_s: list[Amount]
     stages: list[list[ChunkCostReport]] = pydantic.Field(description="per stage, its chunks in virtual-stage order")
-    peak_in_flight: list[int]
-    bubble_fraction: float
+    peak_in_flight: list[Index]
+    bubble_fraction: Finite
 
     def costs(self) -> PipelineCosts:
+        """The simulator's inputs (seconds, bytes), as the plan was simulated."""
         return PipelineCosts(
             stages=tuple(tuple(ChunkCost(**chunk.model_dump()) for chunk in stage) for stage in self.stages),
             microbatches=self.microbatches,
@@ -139,21 +171,152 @@ class PlanReport(pydantic.BaseModel):
         default_factory=dict, description="per layer kind: time and activations measured (--profile), interpolated between measured shapes, or estimated; "
         "gemm_efficiency; links (a links_profile or nccl_tests profile in the cluster file)")
 
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> PlanReport:
+        _raise_broken("PlanReport", plan_problems(self))
+        return self
+
 
 class Report(pydantic.BaseModel):
-    schema_version: str
+    schema_version: Literal[READ_SCHEMA_VERSIONS] = pydantic.Field(description=f"loom writes {SCHEMA_VERSION}")
     model: str
     cluster: str
-    gpus: int
+    gpus: Count
     framework: str
     precision: str
-    seq_length: int
-    plans: list[PlanReport]
+    seq_length: Count
+    plans: list[PlanReport] = pydantic.Field(json_schema_extra={"minItems": 1}, description="best first; at least one")
     search: SearchInfo
     profiles: list[str] = pydantic.Field(default_factory=list, description="the --profile files the plans used")
     warnings: list[str] = pydantic.Field(default_factory=list, description="what is legal in the job but probably not meant")
     stack: str = pydantic.Field(default="megatron-lm", description="the stack whose feature presets the job started from")
     features: dict[str, object] = pydantic.Field(default_factory=dict, description="the features the plans assumed, presets resolved")
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Report:
+        _raise_broken("Report", report_problems(self))
+        return self
+
+
+def plan_problems(plan: PlanReport) -> list[Invariant]:
+    """The relations between one plan's fields that the planner guarantees
+    (specs/rules.py, specs/stages.py, Megatron's rank order), broken:
+    ``(location, expected, found)`` each, locations relative to the plan.
+    Later checks that need an earlier one to hold are skipped when it does not."""
+    p, problems = plan.parallel, []
+    stage_ranks = p.tp * p.cp * p.dp
+
+    def need(ok: bool, loc: tuple, expected: str, got: object) -> bool:
+        if not ok:
+            problems.append((loc, expected, got))
+        return ok
+
+    need(stage_ranks % p.ep == 0, ("parallel", "ep"), f"a divisor of a stage's tp x cp x dp = {stage_ranks} ranks", p.ep)
+    need(p.vpp == 1 or p.pp > 1, ("parallel", "vpp"), "1 unless pp > 1", p.vpp)
+    per_step = p.micro_batch_size * p.dp
+    if need(p.global_batch_size % per_step == 0, ("parallel", "global_batch_size"), f"a multiple of micro_batch_size x dp = {per_step}",
+            p.global_batch_size):
+        microbatches = p.global_batch_size // per_step
+        need(plan.schedule.microbatches == microbatches, ("schedule", "microbatches"),
+             f"global_batch_size / (micro_batch_size x dp) = {microbatches}", plan.schedule.microbatches)
+    if need(len(plan.stages) == p.pp, ("stages",), f"{p.pp} stages (parallel.pp)", len(plan.stages)):
+        _stage_problems(plan.stages, p, need)
+    _placement_problems(plan.placement, p.world_size, need)
+    schedule = plan.schedule
+    if need(len(schedule.stages) == p.pp, ("schedule", "stages"), f"{p.pp} stages (parallel.pp)", len(schedule.stages)):
+        for s, chunks in enumerate(schedule.stages):
+            if need(len(chunks) == p.vpp, ("schedule", "stages", s), f"{p.vpp} chunks (parallel.vpp)", len(chunks)):
+                for v, chunk in enumerate(chunks):
+                    need(chunk.weight_grad_s <= chunk.backward_s, ("schedule", "stages", s, v, "weight_grad_s"),
+                         f"at most backward_s = {chunk.backward_s} (it is a part of it)", chunk.weight_grad_s)
+    for name in ("dp_reduce_s", "optimizer_s"):
+        found = len(getattr(schedule, name))
+        need(found in (0, p.pp), ("schedule", name), f"one entry per stage ({p.pp}) or none", found)
+    need(len(schedule.peak_in_flight) == p.pp, ("schedule", "peak_in_flight"), f"one entry per stage ({p.pp})", len(schedule.peak_in_flight))
+    need(any(c.forward_s + c.backward_s > 0 for chunks in schedule.stages for c in chunks), ("schedule", "stages"),
+         "some chunk with compute time > 0", 0.0)
+    need(len(plan.memory.per_stage_peak_bytes) == p.pp, ("memory", "per_stage_peak_bytes"), f"one entry per stage ({p.pp})",
+         len(plan.memory.per_stage_peak_bytes))
+    need(plan.memory.peak_stage < p.pp, ("memory", "peak_stage"), f"a stage index below pp = {p.pp}", plan.memory.peak_stage)
+    return problems
+
+
+def _stage_problems(stages: list[StageReport], p: Parallel, need) -> None:
+    """Stage s is stage s, owns global ranks [s*n, (s+1)*n) (n = tp*cp*dp,
+    Megatron's rank order), runs vpp model chunks whose layer ranges, taken
+    in model-chunk order (chunk v*pp + s), tile the decoder layers from 0,
+    and counts their layers."""
+    n = p.tp * p.cp * p.dp
+    shaped = True
+    for s, stage in enumerate(stages):
+        need(stage.index == s, ("stages", s, "index"), f"{s} (stages in pipeline order)", stage.index)
+        need(stage.device_group == list(range(s * n, (s + 1) * n)), ("stages", s, "device_group"),
+             f"global ranks {s * n} to {(s + 1) * n - 1} (stage s of tp x cp x dp = {n} ranks)", stage.device_group)
+        shaped &= need(len(stage.layer_ranges) == p.vpp, ("stages", s, "layer_ranges"), f"{p.vpp} model chunks (parallel.vpp)",
+                       len(stage.layer_ranges))
+        counted = sum(last - first for first, last in stage.layer_ranges)
+        need(stage.layers == counted, ("stages", s, "layers"), f"the {counted} layers of its layer_ranges", stage.layers)
+    if not shaped:
+        return
+    next_layer = 0
+    for c in range(p.pp * p.vpp):
+        s, v = c % p.pp, c // p.pp
+        first, last = stages[s].layer_ranges[v]
+        where = f"where model chunk {c - 1} ends" if c else "at layer 0"
+        if not need(first == next_layer and last >= first, ("stages", s, "layer_ranges", v),
+                    f"[{next_layer}, last) with last >= {next_layer}: model chunk {c} starts {where}", [first, last]):
+            return
+        next_layer = last
+    need(next_layer >= 1, ("stages",), "at least one decoder layer", next_layer)
+
+
+def _placement_problems(placement: list[GPUSlot], world_size: int, need) -> None:
+    """One slot per rank, in rank order, each on a GPU of its own."""
+    if not need(len(placement) == world_size, ("placement",), f"{world_size} slots, one per rank (tp x pp x dp x cp)", len(placement)):
+        return
+    owner: dict[tuple[str, int], int] = {}
+    for i, slot in enumerate(placement):
+        if not need(slot.rank == i, ("placement", i, "rank"), f"{i} (slots in rank order)", slot.rank):
+            return
+        other = owner.setdefault((slot.host, slot.gpu), i)
+        if not need(other == i, ("placement", i), f"a GPU of its own (rank {other} runs on {slot.host} GPU {slot.gpu})", slot.gpu):
+            return
+
+
+def report_problems(report: Report) -> list[Invariant]:
+    """What relates the plans to the report: there is one at least, each
+    fits the cluster's GPUs, and all split the same model (the same number of
+    decoder layers)."""
+    problems, layers = [], [sum(stage.layers for stage in plan.stages) for plan in report.plans]
+    if not report.plans:
+        problems.append((("plans",), "at least one plan", []))
+    for i, plan in enumerate(report.plans):
+        if plan.parallel.world_size > report.gpus:
+            problems.append((("plans", i, "parallel"), f"tp x pp x dp x cp at most the cluster's {report.gpus} GPUs", plan.parallel.world_size))
+        if layers[i] != layers[0]:
+            problems.append((("plans", i, "stages"), f"{layers[0]} decoder layers in all, as plans.0 has (one model)", layers[i]))
+    return problems
+
+
+def _raise_broken(title: str, problems: list[Invariant]) -> None:
+    """Broken invariants as one pydantic ValidationError: pydantic prefixes
+    each location with where the model sits in the report, and reports them
+    beside the field errors of other models."""
+    if problems:
+        raise pydantic.ValidationError.from_exception_data(title, [
+            InitErrorDetails(type=PydanticCustomError("invariant", "{expected}", {"expected": expected}), loc=loc, input=got)
+            for loc, expected, got in problems
+        ])
+
+
+def read_report(path: Path) -> Report:
+    """The report in ``path`` (a plan.json, or ``--json`` output), checked
+    against the schema and the planner's invariants. Raises SpecError naming
+    ``path`` and every wrong field (its dotted location, e.g.
+    ``plans.0.parallel.tp``) with what was expected: a missing or unreadable
+    file, bad JSON, an unknown schema_version, a field out of range
+    (NaN, infinity, negative), fields that contradict each other."""
+    return validate(Report, read_json(path, "plan.json"), str(path))
 
 
 def plan_report(plan: Plan) -> PlanReport:

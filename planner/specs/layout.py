@@ -7,6 +7,7 @@ so TP groups are the innermost, contiguous ranks and PP stages the outermost.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -108,6 +109,32 @@ class Layout:
         if self.zero_stage:
             parts.append(f"Z{self.zero_stage}")
         return " ".join(parts)
+
+
+# What each word of ``Layout.label`` stands for, by its leading letters;
+# the parallel degrees first, read together ("TP, DP: tensor, data parallel").
+_PARALLEL_DEGREES = {"TP": "tensor", "PP": "pipeline", "DP": "data", "CP": "context", "EP": "expert", "ETP": "expert tensor"}
+_LABEL_TERMS = {
+    "mbs": "micro batch size", "SP": "sequence parallel", "sel": "selective recompute (of core_attn; sel:a+b of modules a, b)",
+    "full": "full recompute (fullN: of N layers per chunk)", "DO": "distributed optimizer", "Z": "ZeRO stage",
+}
+
+
+def label_legend(labels: list[str]) -> str:
+    """What the words of these ``Layout.label`` strings stand for, only the
+    ones used, e.g. ``TP, DP: tensor, data parallel; mbs: micro batch size``."""
+    words = [word for label in labels for word in label.split()]
+    used = {re.match(r"[A-Za-z]+", word).group() for word in words}
+    degrees = [term for term in _PARALLEL_DEGREES if term in used]
+    parts = [f"{', '.join(degrees)}: {', '.join(_PARALLEL_DEGREES[term] for term in degrees)} parallel"] if degrees else []
+    if any(re.fullmatch(r"PP\d+x\d+", word) for word in words):
+        parts.append("PPaxb: a stages of b virtual stages each")
+    parts += [f"{term}: {meaning}" for term, meaning in _LABEL_TERMS.items() if term in used]
+    short = {word for label in words if label.startswith("sel:") for word in label[4:].split("+")}
+    renamed = [f"{label} {module}" for module, label in _MODULE_LABELS.items() if label in short and label != module]
+    if renamed:
+        parts.append(f"modules: {', '.join(renamed)}")
+    return "; ".join(parts)
 
 
 def rank_groups(layout: Layout) -> dict[str, np.ndarray]:
