@@ -193,7 +193,7 @@ def test_pipeline_snippet_partitions_like_loom_stages():
     assert per_stage == [stage.num_layers for stage in stages]
     # DeepSpeed's pipe-major rank order gives each stage loom's ranks.
     topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
-    assert [tuple(topology.get_axis_list("pipe", s)) for s in range(layout.pp)] == [stage.ranks for stage in stages]
+    assert [tuple(topology.get_axis_list("pipe", s)) for s in range(layout.pp)] == [tuple(stage.ranks) for stage in stages]
 
 
 def test_no_pipeline_snippet_without_a_pipeline():

@@ -44,7 +44,7 @@ def uneven_stages(layout: Layout, sizes: list[int]) -> list[Stage]:
         chunks.append(Chunk(first, size, embedding=i == 0, head=i == len(sizes) - 1))
         first += size
     return [
-        Stage(s, tuple(chunks[v * layout.pp + s] for v in range(layout.vpp)), tuple(range(s * n, (s + 1) * n)))
+        Stage(s, tuple(chunks[v * layout.pp + s] for v in range(layout.vpp)), range(s * n, (s + 1) * n))
         for s in range(layout.pp)
     ]
 

@@ -112,6 +112,43 @@ def test_uneven_chunks_hold_what_megatrons_schedule_holds(pp, vpp, m):
             assert held_activation_bytes(layout, stage, chunk_bytes) < in_flight_chunks(layout, stage) * max(chunk_bytes)
 
 
+@pytest.mark.parametrize("pp,vpp,m", [(4, 1, 3), (4, 1, 16), (4, 2, 8), (4, 3, 16), (16, 7, 64), (8, 4, 8), (2, 5, 4), (6, 3, 12)])
+def test_an_earlier_stage_holds_at_least_what_a_later_one_does(pp, vpp, m):
+    """What the search's fullest_stage relies on: on stages with the same
+    chunks, Megatron's schedule never holds more on a later stage, whatever
+    the chunk sizes (megatron-core's own schedule table, walked)."""
+    sizes = [tuple(float(1 + (3 * k + 5 * v) % 7) for v in range(vpp)) for k in range(6)]
+    for chunk_bytes in sizes:
+        held = [_megatron_held_bytes(pp, vpp, m, stage, chunk_bytes) for stage in range(pp)]
+        assert held == sorted(held, reverse=True)
+
+
+def test_the_fullest_stage_is_found_without_pricing_every_stage():
+    """Uneven splits, dense first layers and mixed GPUs: the fullest stage
+    found from the first stage of each kind is the fullest of all."""
+    from loom.planner.cost.layers import shape_of
+    from loom.planner.cost.memory import stage_memory
+    from loom.planner.search.layouts import fullest_stage
+    from loom.planner.specs.stages import default_placement, stage_gpus
+
+    mixed = replace(make_job("llama-3-70b", nodes=4, gbs=64).cluster, nodes=tuple(
+        replace(node, gpu=find_gpu("A100-80GB" if i % 2 else "H100")) for i, node in enumerate(make_job("llama-3-70b", nodes=4).cluster.nodes)))
+    cases = [
+        (make_job("llama-3-70b", nodes=4, gbs=64), Layout(tp=4, pp=8, dp=1, cp=1, vpp=3, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)),
+        (make_job("deepseek-v3", nodes=32, gbs=256, seq=4096), Layout(tp=2, pp=16, dp=8, cp=1, ep=8, micro_batch_size=1, global_batch_size=256,
+                                                                      sequence_parallel=True, distributed_optimizer=True)),
+        (replace(make_job("llama-3-70b", nodes=4, gbs=64), cluster=mixed), Layout(tp=4, pp=8, dp=1, cp=1, micro_batch_size=1, global_batch_size=64,
+                                                                                   sequence_parallel=True)),
+    ]
+    for job, layout in cases:
+        stages = uniform_stages(job.model, layout)
+        gpus = stage_gpus(job.cluster, default_placement(job.cluster, layout.world_size), stages)
+        shape = shape_of(job, layout)
+        every = max(stage_memory(shape, layout, stage, job.framework, gpu).peak_bytes / gpu.memory_bytes for stage, gpu in zip(stages, gpus))
+        fullest = fullest_stage(job, layout, stages, gpus)
+        assert fullest.peak_bytes / fullest.capacity_bytes == pytest.approx(every)
+
+
 def test_405b_with_uneven_interleaving_holds_the_chunks_in_flight():
     """Llama-3 405B TP8 PP16 VPP7 (126 layers: chunks of 1 and 2 layers)
     holds about what VPP4 holds, not 7 x 16 chunks of the largest size."""

@@ -129,7 +129,7 @@ def _chunks_params(model: ModelSpec, t: int, ep: int, etp: int, chunks: tuple[Ch
     keeps its own copy of the word embeddings for the output layer (Megatron),
     and runs the multi-token prediction modules (each a 2h -> h projection and
     one more layer)."""
-    stage = Stage(index=0, chunks=chunks, ranks=())
+    stage = Stage(index=0, chunks=chunks, ranks=range(0))
     moe_layers = sum(model.moe_layers_in(chunk.first_layer, chunk.num_layers) for chunk in chunks)
     layers = [(stage.num_layers - moe_layers, False), (moe_layers, True)]
     if stage.head and model.mtp_layers:
@@ -346,20 +346,32 @@ def held_activation_bytes(layout: Layout, stage_index: int, chunk_bytes: tuple[f
     chunk v keeps ``chunk_bytes[v]`` per micro batch from its forward to its
     backward, under the schedule Megatron-Core runs.
 
-    Equal chunks: ``in_flight_chunks`` times one chunk. Otherwise the
-    stage's op order (schedule/simulate.stage_order, Megatron's) is walked:
-    a forward adds its chunk's bytes, a backward frees them. Which chunks
-    are in flight repeats every pp * vpp steady-state steps and the cool-down
-    only frees, so 3 * pp micro batches (warm-up < (vpp + 1) * pp chunk
-    passes, plus one period) reach the peak of any longer step."""
+    Equal chunks: ``in_flight_chunks`` times one chunk. Otherwise the most
+    of what the stage's op order can hold (``_held_counts``) under these
+    chunk sizes."""
     if len(set(chunk_bytes)) == 1:
         return in_flight_chunks(layout, stage_index) * chunk_bytes[0]
     microbatches = min(layout.num_microbatches, 3 * layout.pp)
-    held = peak = 0.0
-    for kind, _, local in stage_order(megatron_schedule(layout.vpp), layout.pp, layout.vpp, microbatches, stage_index):
-        held += chunk_bytes[local] if kind == "F" else -chunk_bytes[local]
-        peak = max(peak, held)
-    return peak
+    counts = _held_counts(megatron_schedule(layout.vpp), layout.pp, layout.vpp, microbatches, stage_index)
+    return max(sum(count * size for count, size in zip(held, chunk_bytes)) for held in counts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _held_counts(schedule: str, pp: int, vpp: int, microbatches: int, stage_index: int) -> tuple[tuple[int, ...], ...]:
+    """Micro batches in flight per local chunk after each forward of the
+    stage's op order (schedule/simulate.stage_order, Megatron's), those no
+    other one covers: the held bytes peak at one of them for any
+    non-negative chunk sizes. Which chunks are in flight repeats every
+    pp * vpp steady-state steps and the cool-down only frees, so 3 * pp
+    micro batches (warm-up < (vpp + 1) * pp chunk passes, plus one period)
+    reach the peak of any longer step. Cached: the search prices many
+    layouts with the same schedule shape."""
+    held, seen = [0] * vpp, set()
+    for kind, _, local in stage_order(schedule, pp, vpp, microbatches, stage_index):
+        held[local] += 1 if kind == "F" else -1
+        if kind == "F":
+            seen.add(tuple(held))
+    return tuple(sorted(v for v in seen if not any(w != v and all(a >= b for a, b in zip(w, v)) for w in seen)))
 
 
 def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> StageMemory:

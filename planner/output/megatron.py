@@ -88,7 +88,7 @@ def _stage_problems(layout: Layout, stages: list[Stage], num_layers: int) -> lis
         return [f"{len(stages)} stages for PP{layout.pp}"]
     problems = []
     for s, stage in enumerate(stages):
-        if stage.ranks != tuple(range(s * n, (s + 1) * n)):
+        if stage.ranks != range(s * n, (s + 1) * n):
             problems.append(f"stage {s} does not own ranks {s * n}..{(s + 1) * n - 1} (rank order tp-cp-ep-dp-pp)")
         if len(stage.chunks) != layout.vpp:
             problems.append(f"stage {s} has {len(stage.chunks)} chunks for VPP{layout.vpp}")

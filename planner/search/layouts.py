@@ -140,18 +140,22 @@ class _Fullest:
 
 
 def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> _Fullest:
-    """The stage closest to (or furthest over) its GPU's usable memory. On a uniform
-    cluster with an exactly even split the first stage holds the most
-    activations (pp micro batches) and the embedding, the last the LM head:
-    only they are checked. Otherwise every stage is."""
+    """The stage closest to (or furthest over) its GPU's usable memory.
+
+    Stages alike in what they hold (the same layers, dense and MoE, per
+    chunk, the same embedding, head and GPU type) differ only in how many
+    micro batches are in flight, and Megatron's schedules hold no fewer on
+    an earlier stage (``in_flight_chunks``; for unequal chunks every count
+    a later stage reaches is covered by an earlier one's, which
+    tests/test_memory.py checks): only the first of each kind is priced."""
     shape = shape_of(job, layout)
-    even = len({stage.num_layers for stage in stages}) == 1
-    # Dense first layers (DeepSeek-V3) make the stages after them heavier in parameters.
-    alike = even and not job.cluster.heterogeneous and not (job.model.moe and job.model.moe.first_dense_layers)
-    candidates = {0, len(stages) - 1} if alike else range(len(stages))
+    first_of_kind: dict[tuple, int] = {}
+    for s, stage in enumerate(stages):
+        chunks = tuple((c.num_layers, job.model.moe_layers_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision) for c in stage.chunks)
+        first_of_kind.setdefault((chunks, gpus[s].name), s)
     return max(
         (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes,
-                  job.memory_headroom.usable(gpus[s].memory_bytes)) for s in candidates),
+                  job.memory_headroom.usable(gpus[s].memory_bytes)) for s in first_of_kind.values()),
         key=lambda fullest: fullest.fullness,
     )
 

@@ -121,7 +121,7 @@ class Cluster:
     def hosts(self) -> list[str]:
         return [n.host for n in self.nodes]
 
-    @property
+    @cached_property
     def heterogeneous(self) -> bool:
         return len({n.gpu.name for n in self.nodes}) > 1
 

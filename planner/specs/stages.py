@@ -8,6 +8,8 @@ the default placement puts rank r on node r // gpus_per_node, GPU r % gpus_per_n
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 from loom.planner.specs.cluster import Cluster
@@ -34,7 +36,7 @@ class Chunk:
 class Stage:
     index: int
     chunks: tuple[Chunk, ...]  # vpp chunks, in virtual-stage order
-    ranks: tuple[int, ...]  # global ranks of this stage's device group
+    ranks: range  # global ranks of this stage's device group (a range: cheap to hash in the search's memos)
 
     @property
     def num_layers(self) -> int:
@@ -72,7 +74,7 @@ def split_stages(layout: Layout, chunk_sizes: tuple[int, ...], vision: bool = Fa
     of global ranks [s*n, (s+1)*n), n = tp*cp*dp, of Megatron's rank order."""
     chunks_total = layout.pp * layout.vpp
     assert len(chunk_sizes) == chunks_total, "one size per model chunk"
-    firsts = [sum(chunk_sizes[:c]) for c in range(chunks_total)]
+    firsts = [0, *itertools.accumulate(chunk_sizes)]
     n = layout.tp * layout.cp * layout.dp
     stages = []
     for s in range(layout.pp):
@@ -80,7 +82,7 @@ def split_stages(layout: Layout, chunk_sizes: tuple[int, ...], vision: bool = Fa
             Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1, vision=vision and c == 0)
             for c in (v * layout.pp + s for v in range(layout.vpp))
         )
-        stages.append(Stage(index=s, chunks=chunks, ranks=tuple(range(s * n, (s + 1) * n))))
+        stages.append(Stage(index=s, chunks=chunks, ranks=range(s * n, (s + 1) * n)))
     return stages
 
 
