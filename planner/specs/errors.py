@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 INTERNAL_ERROR_EXIT_CODE = 4
+WHOLE_FILE = "<file>"  # the field of a problem with the file itself
 
 # (field, what was expected, what was found or None)
 Problem = tuple[str, str, object]
@@ -26,6 +27,8 @@ def _describe(source: str, field: str, expected: str, got: object) -> str:
         return f"expected {expected}{got_text}"
     if field.startswith("--"):
         return f"{field}: expected {expected}{got_text}"
+    if field == WHOLE_FILE:  # the file itself: missing, unreadable, not the format
+        return f"expected {expected}{got_text}"
     return f"field '{field}': expected {expected}{got_text}"
 
 
