@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from loom.cli.common import err, run
+from loom.cli.common import OneLineErrors, err, run
 from loom.cli.experts import experts
 from loom.cli.explain import explain
 from loom.cli.profile import profile_app
@@ -35,7 +35,8 @@ from loom.planner.specs.rules import layout_problems
 from loom.planner.search.layouts import search
 from loom.planner.cost.memory import GiB
 
-app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True, rich_markup_mode=None)
+app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True, rich_markup_mode=None,
+                  cls=OneLineErrors)
 app.add_typer(profile_app, name="profile")
 app.command("experts")(experts)
 app.command("explain")(explain)

@@ -12,6 +12,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape
 
 from loom.planner.specs.errors import INTERNAL_ERROR_EXIT_CODE, InfeasibleError, SpecError
@@ -44,3 +45,28 @@ def run(action: Callable[[], None]) -> None:
                   "with the command and its input files (LOOM_DEBUG=1 prints the traceback)")
         raise typer.Exit(INTERNAL_ERROR_EXIT_CODE) from None
 
+
+
+class OneLineErrors(TyperGroup):
+    """The ``loom`` group, whose command-line errors (an unknown flag, a value
+    that does not parse) are one line naming the flag, exit 2, like loom's
+    own bad-input errors, instead of click's usage block; a group called
+    without a command still prints its help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as error:  # click's ClickException: usage and parameter errors
+            message = error.format_message()
+            if "\n" in message:  # the help of a group called without a command
+                err.print(escape(message))
+            else:
+                where = getattr(getattr(error, "ctx", None), "command_path", "loom")
+                err.print(f"[red]error:[/red] {escape(message)} (see {escape(where)} --help)")
+            code = getattr(error, "exit_code", 2)
+        except typer.Abort:
+            err.print("aborted")
+            code = 130
+        if not standalone_mode:
+            return code
+        raise SystemExit(code or 0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from loom.planner.cost.layers import shape_of
 from loom.planner.cost.memory import chunk_activation_bytes
-from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, megatron_schedule, simulate
+from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, megatron_schedule, simulate_long
 from loom.planner.specs.stages import Stage
 from loom.planner.cost.time_model import StepParts, StepTime
 
@@ -59,8 +59,8 @@ def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None =
     simulated again with free transfers is that much shorter."""
     costs = pipeline_costs(parts, stages)
     name = schedule or megatron_schedule(parts.layout.vpp)
-    simulation = simulate(costs, name, record_events=False)  # explain simulates the plan's costs again to draw it
-    free_p2p_s = (simulate(replace(costs, p2p_s=0.0), name, record_events=False).pipeline_time_s
+    simulation = simulate_long(costs, name)  # explain simulates the plan's costs again to draw it
+    free_p2p_s = (simulate_long(replace(costs, p2p_s=0.0), name).pipeline_time_s
                   if costs.p2p_s > 0 and parts.layout.pp > 1 else simulation.pipeline_time_s)
     after_pipeline = simulation.step_time_s - simulation.pipeline_time_s
     breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)),
