@@ -62,7 +62,7 @@ class OneLineErrors(TyperGroup):
                 err.print(escape(message))
             else:
                 where = getattr(getattr(error, "ctx", None), "command_path", "loom")
-                err.print(f"[red]error:[/red] {escape(message)} (see {escape(where)} --help)")
+                err.print(f"[red]error:[/red] {escape(_flag_first(error, message))} (see {escape(where)} --help)")
             code = getattr(error, "exit_code", 2)
         except typer.Abort:
             err.print("aborted")
@@ -70,3 +70,14 @@ class OneLineErrors(TyperGroup):
         if not standalone_mode:
             return code
         raise SystemExit(code or 0)
+
+
+def _flag_first(error: typer.TyperException, message: str) -> str:
+    """A value the flag's type refused, said the way loom's own errors are:
+    ``--tp: expected a valid integer`` rather than ``Invalid value for
+    '--tp': Input should be a valid integer``."""
+    param = getattr(error, "param", None)
+    if not isinstance(error, typer.BadParameter) or param is None or not param.opts:
+        return message
+    said = error.message
+    return f"{param.opts[0]}: " + ("expected " + said.removeprefix("Input should be ") if said.startswith("Input should be ") else said)

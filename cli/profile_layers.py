@@ -30,8 +30,11 @@ TpOpt = Annotated[str, typer.Option("--tp", help="Tensor-parallel sizes, comma-s
 DtypeOpt = Annotated[str, typer.Option(help="bf16 | fp16")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available) | cuda | cpu")]
 GpuOpt = Annotated[Optional[str], typer.Option(help="Catalogue GPU the numbers stand for (detected on CUDA; required on CPU).", show_default=False)]
-RepeatsOpt = Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median and spread are kept).")]
-WarmupOpt = Annotated[int, typer.Option(min=0, help="Untimed runs first.")]
+# More timed runs than this move no median a profile records; the bound keeps
+# a typo (--repeats 100000) from running for hours.
+MAX_REPEATS = 1000
+RepeatsOpt = Annotated[int, typer.Option(min=1, max=MAX_REPEATS, help="Timed runs per measurement (median and spread are kept).")]
+WarmupOpt = Annotated[int, typer.Option(min=0, max=MAX_REPEATS, help="Untimed runs first.")]
 
 
 def layers(

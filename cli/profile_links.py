@@ -13,19 +13,22 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from loom.cli.common import err, run
+from loom.cli.profile_layers import RepeatsOpt, WarmupOpt
 from loom.planner.output.files import write_text_file
 from loom.profiles.links import LinkSettings, launch_from_env, measure_links
 from loom.profiles.links_profile import links_json
 from loom.profiles.nccl_tests import nccl_tests_json, read_nccl_tests_log
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Profile JSON to write.")]
+# nccl-tests sweeps up to 8 GiB on 80 GB GPUs; past a few GiB bandwidth is flat.
+MAX_MESSAGE_BYTES = 1 << 32
 
 
 def links(
     out: OutOpt,
-    message_bytes: Annotated[Optional[int], typer.Option(min=4, help="Bandwidth message size (default: 64 MiB on GPUs, 8 MiB on CPU).", show_default=False)] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per measurement (the median is kept).")] = 10,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed repeats first.")] = 2,
+    message_bytes: Annotated[Optional[int], typer.Option(min=4, max=MAX_MESSAGE_BYTES, help="Bandwidth message size (default: 64 MiB on GPUs, 8 MiB on CPU).", show_default=False)] = None,
+    repeats: RepeatsOpt = 10,
+    warmup: WarmupOpt = 2,
     max_group_size: Annotated[Optional[int], typer.Option(min=2, help="Largest all-reduce group (default: the world).", show_default=False)] = None,
 ) -> None:
     """Measure every GPU pair's send/recv bandwidth and latency, and all-reduce bus bandwidth per group size.

@@ -11,6 +11,7 @@ not merely reveal the next.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 
 INTERNAL_ERROR_EXIT_CODE = 4
@@ -33,9 +34,20 @@ def _describe(source: str, field: str, expected: str, got: object) -> str:
 
 
 def _short(value: object, limit: int = 80) -> str:
-    """``repr`` of a found value, cut so that one line stays one line."""
-    text = repr(value)
+    """``repr`` of a found value, cut so that one line stays one line (and
+    a huge value costs no more than its first items: reprlib's limits)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a field name or
+    a path) as their escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
 
 
 class SpecError(ValueError):
@@ -50,7 +62,7 @@ class SpecError(ValueError):
         self.problems: list[Problem] = [(field, expected, got), *more]
         described = "; ".join(_describe(source, *problem) for problem in self.problems)
         count = f"{len(self.problems)} problems: " if len(self.problems) > 1 else ""
-        super().__init__(f"{source}: {count}{described}")
+        super().__init__(_printable(f"{source}: {count}{described}"))
 
     @classmethod
     def of(cls, source: str, problems: Sequence[Problem]) -> SpecError:

@@ -12,7 +12,7 @@ import json
 import pydantic
 import yaml
 
-from loom.planner.specs.errors import SpecError
+from loom.planner.specs.errors import WHOLE_FILE, SpecError
 
 Spec = TypeVar("Spec", bound=pydantic.BaseModel)
 
@@ -44,8 +44,10 @@ MAX_NESTING = 64
 
 def _text(path: Path, what: str) -> str:
     """The UTF-8 text of ``path``, which must be a file of sane size."""
+    if path.is_dir():
+        raise SpecError(str(path), WHOLE_FILE, f"a {what}, not a folder")
     if not path.is_file():
-        raise SpecError(str(path), "<file>", f"an existing {what}")
+        raise SpecError(str(path), WHOLE_FILE, f"an existing {what}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise SpecError(str(path), "<file>", f"a {what} of at most {MAX_FILE_BYTES // 2**20} MiB", f"{path.stat().st_size:,} bytes")
     try:
@@ -56,17 +58,44 @@ def _text(path: Path, what: str) -> str:
         raise SpecError(str(path), "<file>", f"a readable {what} ({error.strerror or error})") from None
 
 
-def _depth(value: object, limit: int = MAX_NESTING) -> int:
-    """How deeply ``value`` nests lists and mappings, counted up to ``limit`` + 1."""
-    stack, deepest = [(value, 1)], 0
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if depth > limit:
-            break
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+# The most values a file may expand to, YAML aliases counted each time they
+# appear: a measured links profile of 4,096 GPUs holds two 4,096^2 matrices
+# (2^25 numbers); a "billion laughs" of nested aliases expands past any limit.
+MAX_VALUES = 2**26
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _check_shape(value: object, path: Path, what: str) -> None:
+    """Raise SpecError if ``value`` nests deeper than MAX_NESTING or expands
+    (aliases counted each time they appear) to more than MAX_VALUES values.
+    Shared lists and mappings are measured once, so a YAML bomb costs no
+    more to refuse than its own lines."""
+    measured: dict[int, tuple[int, int]] = {}
+
+    def shape(item: object, level: int) -> tuple[int, int]:  # (depth, values)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            return 1, 1
+        if id(item) in measured:
+            return measured[id(item)]
+        if level >= MAX_NESTING and len(children):  # its values would lie deeper than allowed
+            raise _TooLarge(f"{what} nested at most {MAX_NESTING} levels deep")
+        depth, values = 1, 1
+        for child in children:
+            child_depth, child_values = shape(child, level + 1)
+            depth, values = max(depth, child_depth + 1), values + child_values
+            if values > MAX_VALUES:
+                raise _TooLarge(f"a {what} of at most {MAX_VALUES:,} values (YAML aliases counted each time they appear)")
+        measured[id(item)] = depth, values
+        return depth, values
+
+    try:
+        shape(value, 1)
+    except _TooLarge as error:
+        raise SpecError(str(path), WHOLE_FILE, str(error)) from None
 
 
 class _DuplicateKey(Exception):
@@ -104,8 +133,7 @@ def read_mapping(path: Path, what: str = "YAML file") -> dict:
         raise SpecError(str(path), "<file>", f"YAML nested at most {MAX_NESTING} levels deep") from None
     if not isinstance(data, dict):
         raise SpecError(str(path), "<top level>", "a mapping of fields")
-    if _depth(data) > MAX_NESTING:
-        raise SpecError(str(path), "<file>", f"YAML nested at most {MAX_NESTING} levels deep")
+    _check_shape(data, path, "YAML")
     return data
 
 
@@ -121,8 +149,7 @@ def read_json(path: Path, what: str) -> object:
         raise SpecError(str(path), "<file>", f"JSON nested at most {MAX_NESTING} levels deep") from None
     except ValueError as error:  # e.g. an integer of more than 4,300 digits
         raise SpecError(str(path), "<file>", "valid JSON with numbers of at most 4,300 digits" if "digits" in str(error) else f"valid JSON ({error})") from None
-    if _depth(data) > MAX_NESTING:
-        raise SpecError(str(path), "<file>", f"JSON nested at most {MAX_NESTING} levels deep")
+    _check_shape(data, path, "JSON")
     return data
 
 
@@ -136,7 +163,7 @@ def validate(model: type[Spec], data: dict, source: str, prefix: str = "", flags
         problems, seen = [], set()
         # A misspelt field also makes the right one "missing": name the typo first.
         for error in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
-            loc = tuple(part for part in error["loc"] if not _is_union_member(part))
+            loc = _field_path(data, error["loc"])
             field = ".".join(str(part) for part in (prefix, *loc) if part != "") or "<top level>"
             if flags and loc and loc[0] in flags:
                 field = ".".join([flags[loc[0]], *map(str, loc[1:])])
@@ -163,10 +190,21 @@ def _expected(error: dict) -> str:
     return "a value" if error["type"] == "missing" else message
 
 
-def _is_union_member(part: object) -> bool:
-    """pydantic names the member of a union that failed in the location
-    ('constrained-int', 'str', 'list[...]', "literal['auto']"): not a field."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "-" in part or "[" in part)
+def _field_path(data: object, loc: tuple) -> tuple:
+    """pydantic's error location without the union members it names
+    ('constrained-int', 'str', 'list[...]', "literal['auto']", a model's
+    name): a part is a field where the input has it; one the input lacks is
+    the missing field when last, else a union member."""
+    path, node = [], data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif i < len(loc) - 1 or not isinstance(node, dict):
+            continue  # a union member: the value is still ``node``
+        path.append(part)
+    return tuple(path)
 
 
 def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:

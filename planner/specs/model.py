@@ -376,5 +376,7 @@ def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
     config = read_json(path, "config.json")
     if not isinstance(config, dict):
         raise SpecError(str(path), "<top level>", "a JSON object")
-    name = path.stem if path.parent.name == "models" else path.parent.name if path.name == "config.json" else path.stem
+    # A Hugging Face checkout's config.json is named after its folder.
+    folder = path.resolve().parent.name
+    name = path.stem if folder == "models" or path.name != "config.json" or not folder else folder
     return model_from_hf_config(config, name=name, source=str(path))

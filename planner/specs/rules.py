@@ -21,7 +21,8 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
 
     need(layout.world_size <= job.cluster.num_gpus, "tp*pp*dp*cp", f"at most the cluster's {job.cluster.num_gpus} GPUs", layout.world_size)
     if model.moe is None:
-        need(layout.ep == 1 and layout.etp == 1, "ep", "1 (expert parallelism needs an MoE model)", layout.ep)
+        need(layout.ep == 1, "ep", "1 (expert parallelism needs an MoE model)", layout.ep)
+        need(layout.etp == 1, "etp", "1 (expert tensor parallelism needs an MoE model)", layout.etp)
     else:
         need(model.moe.num_experts % layout.ep == 0, "ep", f"a divisor of {model.moe.num_experts} experts", layout.ep)
         need(model.moe.expert_ffn_hidden_size % layout.etp == 0, "etp", f"a divisor of the expert width {model.moe.expert_ffn_hidden_size}", layout.etp)
