@@ -12,9 +12,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from loom.cli.common import err, run
+from loom.cli.render import short_count, titled_table
 
 # solvers/experts.py's CROSS_NODE_COST and CROSS_GPU_COST (and why), repeated
 # here so that loading the CLI does not load CP-SAT; tests/test_experts.py checks they agree.
@@ -72,23 +72,16 @@ def experts(
     run(action)
 
 
-def _table(problem, methods: dict, traced: bool) -> Table:
+def _table(problem, methods: dict, traced: bool):
     """Per-GPU load (routed tokens, per layer on average) and traffic of each method."""
-    table = Table(title=f"{problem.experts} experts x {problem.layers} layers on {problem.gpus} GPUs, "
-                        f"{problem.slots_per_gpu} slots each ({problem.slots - problem.experts} redundant)", title_justify="left")
+    table = titled_table(f"{problem.experts} experts x {problem.layers} layers on {problem.gpus} GPUs, "
+                         f"{problem.slots_per_gpu} slots each ({problem.slots - problem.experts} redundant)")
     table.add_column("method", no_wrap=True)
     for column in ("max\nload", "mean\nload", "max/\nmean", "cross-\nnode", "cross-\nGPU", "objective"):
         table.add_column(column, justify="right")
     for name, figures in methods.items():
-        crossing = (_count(figures.cross_node_tokens), _count(figures.cross_gpu_tokens)) if traced else ("-", "-")
+        crossing = (short_count(figures.cross_node_tokens), short_count(figures.cross_gpu_tokens)) if traced else ("-", "-")
         table.add_row(name, f"{figures.max_load_tokens / problem.layers:,.1f}", f"{figures.mean_load_tokens / problem.layers:,.1f}",
-                      f"{figures.imbalance:.3f}", *crossing, _count(figures.objective))
+                      f"{figures.imbalance:.3f}", *crossing, short_count(figures.objective))
     table.caption = "load: routed tokens on a GPU per layer (busiest, mean); cross-node/-GPU: routed tokens over all layer pairs (needs --trace)"
     return table
-
-
-def _count(value: float) -> str:
-    """Short enough for an 80-column table: 1,234 / 12.3k / 1.23M."""
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    return f"{value / 1e3:.1f}k" if value >= 1e4 else f"{value:,.0f}"

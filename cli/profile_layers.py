@@ -12,9 +12,9 @@ from typing import Annotated, Optional, get_args
 import typer
 from rich.markup import escape
 from rich.progress import Progress
-from rich.table import Table
 
 from loom.cli.common import err, run
+from loom.cli.render import figure, titled_table
 from loom.planner.output.files import write_text_file
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.model import load_model
@@ -77,13 +77,13 @@ def layers(
             schema_version=1, kind="layers", model=ModelDims.of(spec), entries=entries, **_measured(gpu_entry, torch_device, dtype, repeats, warmup)
         )
         write_text_file(out, document_json(document), "--out")
-        table = Table("kind", "tp", "mbs", "seq", "fwd ms", "loom", "bwd ms", "loom", "saved MiB", "loom", title=f"{spec.name} on {document.device}",
-                      caption=f"loom: the time model on {gpu_entry.name} and the memory estimator, for comparison")
+        table = titled_table(f"{spec.name} on {document.device}", f"loom: the time model on {gpu_entry.name} and the memory estimator, for comparison")
+        for column in ("kind", "tp", "mbs", "seq", "fwd ms", "loom", "bwd ms", "loom", "saved MiB", "loom"):
+            table.add_column(column, justify="left" if column == "kind" else "right", no_wrap=True)
         for e in entries:
             table.add_row(e.kind, str(e.tp), str(e.micro_batch_size), str(e.seq_length),
-                          f"{e.forward.median_s * 1e3:.3g}", f"{e.estimated_forward_s * 1e3:.3g}",
-                          f"{e.backward.median_s * 1e3:.3g}", f"{e.estimated_backward_s * 1e3:.3g}",
-                          f"{e.saved_bytes['none'] / MiB:.4g}", f"{e.estimated_saved_bytes['none'] / MiB:.4g}")
+                          *map(figure, (e.forward.median_s * 1e3, e.estimated_forward_s * 1e3, e.backward.median_s * 1e3, e.estimated_backward_s * 1e3,
+                                        e.saved_bytes["none"] / MiB, e.estimated_saved_bytes["none"] / MiB)))
         err.print(table)
         err.print(f"wrote {escape(str(out))}: {len(entries)} layer shapes")
 

@@ -14,12 +14,19 @@ from loom.planner.specs.layout import label_legend
 from loom.planner.schedule.simulate import Simulation
 
 
+def titled_table(title: str, caption: str | None = None) -> Table:
+    """loom's table style: no outer box, one space between columns, the
+    title and caption left-aligned and the table at least as wide as the
+    title, so that a title wraps only at the terminal's edge."""
+    return Table(title=title, caption=caption, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                 collapse_padding=True, min_width=len(title))
+
+
 def plans_table(plans: list[Plan], title: str) -> Table:
     """The ranked plans, one line each, 80 columns wide for labels up to ~40
     characters: the layout never wraps; a legend of its words below."""
     capacity_GiB = plans[0].capacity_bytes / GiB
-    table = Table(title=f"{title}, {capacity_GiB:.1f} GiB per GPU", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  collapse_padding=True)
+    table = titled_table(f"{title}, {capacity_GiB:.1f} GiB per GPU")
     placed = any(plan.placement_solve for plan in plans)
     columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"), ("GiB", "right")]
     for column, justify in columns + ([("placed", "right")] if placed else []):
@@ -29,7 +36,7 @@ def plans_table(plans: list[Plan], title: str) -> Table:
             str(rank),
             plan.layout.label(),
             f"{plan.step_time_s:.3f}",
-            _count(plan.tokens_per_s),
+            short_count(plan.tokens_per_s),
             f"{plan.mfu:.1%}",
             f"{plan.peak_memory.peak_bytes / GiB:.1f}",
         ]
@@ -41,11 +48,20 @@ def plans_table(plans: list[Plan], title: str) -> Table:
     if plans[0].job.profiles:
         captions.append(_profile_caption(plans[0]))
     table.caption = "\n".join(captions)
-    table.caption_justify = "left"
     return table
 
 
-def _count(value: float) -> str:
+def figure(value: float) -> str:
+    """A measured or estimated figure in at most 6 characters, never in
+    exponent form: 0.0166, 343, 12,345, <0.001."""
+    if value == 0:
+        return "0"
+    if abs(value) < 0.001:
+        return "<0.001"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def short_count(value: float) -> str:
     """Six characters at most: 987,654 as 987.7k, 12,345,678 as 12.35M."""
     if value >= 1e6:
         return f"{value / 1e6:.2f}M"
@@ -72,8 +88,7 @@ def _placement_saved(plan: Plan) -> str:
 
 def breakdown_table(plan: Plan) -> Table:
     """Where the best plan's step time and memory go."""
-    table = Table(title=f"plan 1, {plan.layout.label()}: {plan.tflops_per_gpu:.0f} TFLOP/s per GPU", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table = titled_table(f"plan 1, {plan.layout.label()}: {plan.tflops_per_gpu:.0f} TFLOP/s per GPU")
     table.add_column("time", justify="left")
     table.add_column("s", justify="right")
     table.add_column("memory (peak stage)", justify="left")
@@ -98,7 +113,7 @@ def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
     """A saved plan's step-time breakdown and, per stage, its layers, memory,
     in-flight micro batches and busy time in the simulated schedule."""
     step = plan.predicted.step_time_s
-    times = Table(title=f"{plan.label}: {step:.3f} s per step, MFU {plan.predicted.mfu:.1%}", title_justify="left")
+    times = titled_table(f"{plan.label}: {step:.3f} s per step, MFU {plan.predicted.mfu:.1%}")
     times.add_column("where the step goes")
     times.add_column("s", justify="right")
     times.add_column("share", justify="right")
@@ -108,7 +123,7 @@ def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
     measured = [name.replace("_", " ") for name, level in plan.sources.items() if level != "estimated"]
     times.caption = f"from measurements: {', '.join(measured)}" if measured else "every figure estimated (no --profile, no measured links)"
 
-    stages = Table(title=f"stages under {simulation.schedule}: idle {simulation.bubble_fraction():.1%} of the pipeline on average", title_justify="left")
+    stages = titled_table(f"stages under {simulation.schedule}: idle {simulation.bubble_fraction():.1%} of the pipeline on average")
     for column in ("stage", "layers", "peak GiB", "capacity GiB", "in flight", "busy s", "idle s"):
         stages.add_column(column, justify="right")
     for report, peak, in_flight, busy in zip(plan.stages, plan.memory.per_stage_peak_bytes, simulation.peak_in_flight, simulation.busy_s):

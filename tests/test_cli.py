@@ -513,3 +513,39 @@ def test_evaluate_of_the_best_plan_predicts_the_same_step_time(tmp_path):
     again = json.loads(result.stdout)["plans"][0]
     assert again["parallel"] == p
     assert again["predicted"]["step_time_s"] == pytest.approx(best["predicted"]["step_time_s"], rel=1e-9)
+
+
+# --- output a person reads ----------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _widest(text: str) -> int:
+    return max(len(line.rstrip()) for line in text.splitlines())
+
+
+def test_the_plan_table_fits_80_columns_with_a_legend():
+    """A 42-character MoE label stays on one line of an 80-column table, and
+    the legend says what each of its words means."""
+    label = "TP2 PP2x2 DP16 EP8 mbs1 SP sel:act+norm DO"
+    result = invoke("evaluate", EXAMPLES / "llama3-8b-h100.yaml", "--model", "mixtral-8x7b", "--tp", "2", "--pp", "2", "--vpp", "2",
+                    "--ep", "8", "--recompute", "selective", "--recompute-modules", "moe_act,layernorm")
+    assert result.exit_code == 0, result.output
+    assert _widest(result.stdout) <= 80 and any(label in line for line in result.stdout.splitlines())
+    legend = " ".join(result.stdout.split())
+    for words in ("TP, PP, DP, EP: tensor, pipeline, data, expert parallel", "PPaxb: a stages of b virtual stages each",
+                  "mbs: micro batch size", "SP: sequence parallel", "sel: selective recompute", "DO: distributed optimizer",
+                  "act moe_act, norm layernorm"):
+        assert words in legend, words
+    placed = invoke("plan", EXAMPLES / "llama3-8b-h100-degraded.yaml", "--top-k", "3")
+    assert placed.exit_code == 0 and _widest(placed.stdout) <= 80 and " placed" in placed.stdout
+
+
+@pytest.mark.parametrize("command", [["plan"], ["evaluate"], ["explain"], ["experts"], ["profile", "layers"], ["profile", "gemm"],
+                                     ["profile", "links"], ["profile", "nccl-tests"]])
+def test_help_fits_80_columns_and_names_every_option_whole(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and _widest(result.stdout) <= 80
+    options = re.findall(r"^\s+(--[a-z0-9-]+)", result.stdout, flags=re.M)
+    assert options and not any(option.endswith("…") for option in options)
+    assert "…" not in result.stdout
