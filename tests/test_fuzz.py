@@ -9,7 +9,8 @@ out-of-range or non-finite number, an unknown field added) and as bytes
 the others left valid. Flags get wrong values the same way. Every run must:
 
 - exit 0 (the mutation happened to be valid), 2 (bad input) or 3 (valid but
-  infeasible), never 1 (no gate is given) or 4 (a bug), with no traceback;
+  infeasible, saying what binds), never 1 (no gate is given) or 4 (a bug),
+  with no traceback;
 - on exit 2, print one ``error:`` line naming the file or flag and what was
   expected;
 - on exit 0 with ``--json``, print a report that passes plan.schema.json and
@@ -229,6 +230,8 @@ def _run_and_check(seeds: dict[str, bytes], changed: dict[str, bytes], args: lis
             assert len(lines) == 1 and lines[0].startswith("error: "), context
             assert any(name in lines[0] for name in blamed), context
             assert "expected" in lines[0] or "No such option" in lines[0] or "Missing" in lines[0], context
+        if code == 3:
+            assert any(line.startswith("infeasible: ") for line in stderr.splitlines()), context
         if code == 0 and "--json" in args:
             report = json.loads(result.stdout, parse_constant=lambda constant: pytest.fail(f"{constant} in the report\n{context}"))
             jsonschema.validate(report, PLAN_SCHEMA)

@@ -1,0 +1,131 @@
+"""Each kind of impossible input a careless user or a broken tool gave loom,
+with its right outcome: exit 2 naming the file or flag and the field (never a
+plan with a negative layer count or a traceback), or, where the input is
+legal, a plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+DEEPSEEK_V3 = json.loads((ROOT / "profiles" / "models" / "deepseek-v3.json").read_text())
+LLAMA = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+         "intermediate_size": 688, "vocab_size": 1000, "max_position_embeddings": 4096}
+CLUSTER = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+JOB = {"model": "config.json", "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 1024}
+
+
+def run(folder: Path, *args: str, config: dict | None = None, cluster: dict | None = None, job: dict | None = None,
+        raw_job: bytes | None = None):
+    """``loom evaluate job.yaml ARGS`` in ``folder`` on the given files."""
+    (folder / "config.json").write_text(json.dumps(LLAMA if config is None else config))
+    (folder / "cluster.yaml").write_text(yaml.safe_dump(CLUSTER if cluster is None else cluster))
+    (folder / "job.yaml").write_bytes(raw_job if raw_job is not None else yaml.safe_dump(JOB if job is None else job).encode())
+    return runner.invoke(app, ["evaluate", str(folder / "job.yaml"), "--json", *args])
+
+
+def assert_bad(result, *names: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(name in result.stderr for name in names), result.stderr
+
+
+# --- model configs -------------------------------------------------------------------
+@pytest.mark.parametrize("change, field", [
+    ({"first_k_dense_replace": 70}, "first_k_dense_replace"),  # DeepSeek-V3 has 61 layers: -9 MoE layers
+    ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
+    ({"n_routed_experts": "16"}, "n_routed_experts"),  # a string is not a count
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),  # a non-empty string is not False
+    ({"rope_theta": "5e5x"}, "rope_theta"),
+    ({"model_type": ["deepseek_v3"]}, "model_type"),
+    ({"num_experts_per_tok": 300}, "num_experts_per_tok"),  # more than the 256 experts
+])
+def test_a_deepseek_v3_config_that_cannot_be(tmp_path, change, field):
+    assert_bad(run(tmp_path, "--tp", "8", config={**DEEPSEEK_V3, **change}), "config.json", field)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"hidden_dropout": 5.0}, "hidden_dropout"),
+    ({"vocab_size": 4}, "vocab_size"),
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers"),
+    ({"hidden_size": True}, "hidden_size"),
+])
+def test_a_llama_config_that_cannot_be(tmp_path, change, field):
+    assert_bad(run(tmp_path, config={**LLAMA, **change}), "config.json", field)
+
+
+def test_moe_layer_freq_other_than_1_is_refused(tmp_path):
+    """DeepSeek's moe_layer_freq 2 (every other layer MoE) is not what
+    loom's layer split models: refused, not planned as if it were 1."""
+    assert_bad(run(tmp_path, "--tp", "8", config={**DEEPSEEK_V3, "moe_layer_freq": 2}), "config.json", "moe_layer_freq")
+
+
+def test_an_integer_of_5000_digits_is_bad_input(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}")
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(CLUSTER))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(JOB))
+    assert_bad(runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml")]), "config.json", "4,300 digits")
+
+
+def test_an_ffn_narrower_than_tp_is_refused_not_divided_by_zero(tmp_path):
+    assert_bad(run(tmp_path, "--tp", "8", config={**LLAMA, "intermediate_size": 4}), "--tp")
+
+
+def test_a_llava_config_nests_its_text_model(tmp_path):
+    """LLaVA's published config keeps the language model under text_config,
+    leaving out what LlamaConfig defaults: it plans."""
+    llava = json.loads((ROOT / "profiles" / "models" / "llava-1.5-7b.json").read_text())
+    assert "text_config" in llava and "hidden_size" not in llava
+    result = run(tmp_path, "--tp", "4", config=llava)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["plans"][0]["parallel"]["tp"] == 4
+
+
+# --- clusters and jobs --------------------------------------------------------------
+@pytest.mark.parametrize("change, field", [
+    ({"nodes": 2, "hosts": ["a", "a"]}, "hosts"),  # 16 ranks on 8 GPUs, then a crash at --out
+    ({"nvlink_GBps": float("inf")}, "nvlink_GBps"),
+    ({"nic_Gbps": float("nan")}, "nic_Gbps"),
+    ({"nodes": 10**9}, "nodes"),
+    ({"gpus_per_node": True}, "gpus_per_node"),
+])
+def test_a_cluster_that_cannot_be(tmp_path, change, field):
+    assert_bad(run(tmp_path, cluster={**CLUSTER, **change}), "cluster.yaml", field)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"global_batch_size": True}, "global_batch_size"),  # a YAML true is not 1
+    ({"global_batch_size": 10**12}, "global_batch_size"),
+    ({"global_batch_size": 4194304}, "global_batch_size"),  # tokens typed as sequences, past the limit
+    ({"search": {"tp": [True]}}, "search.tp"),
+    ({"seq_length": 0}, "seq_length"),
+])
+def test_a_job_that_cannot_be(tmp_path, change, field):
+    assert_bad(run(tmp_path, job={**JOB, **change}), "job.yaml", field)
+
+
+def test_a_job_that_is_not_utf_8_is_bad_input(tmp_path):
+    assert_bad(run(tmp_path, raw_job=yaml.safe_dump(JOB).encode() + "# noté\n".encode("latin-1")), "job.yaml", "UTF-8")
+
+
+def test_an_odd_sequence_plans_without_context_parallelism(tmp_path):
+    """Megatron runs seq 2047 with CP 1; only CP (2*cp chunks) and SP with TP
+    need it to divide."""
+    result = run(tmp_path, job={**JOB, "seq_length": 2047})
+    assert result.exit_code == 0, result.output
+    assert_bad(run(tmp_path, "--cp", "2", job={**JOB, "seq_length": 2047}), "--cp")
+    assert_bad(run(tmp_path, "--tp", "4", "--sequence-parallel", job={**JOB, "seq_length": 2047}), "--tp")
+
+
+def test_several_wrong_layout_flags_are_all_named(tmp_path):
+    result = run(tmp_path, "--tp", "2", "--cp", "3", job={**JOB, "seq_length": 4100})  # 4100 % 6: neither CP nor SP splits it
+    assert_bad(result, "--tp: expected tp x cp dividing", "--cp: expected 2*cp dividing", "2 problems")
