@@ -1,54 +1,92 @@
-"""MoE runs NVIDIA published, predicted with `loom evaluate`, and the plans
-`loom plan` makes for Mixtral 8x7B on 64 H100 and DeepSeek-V3 on 1,024 H100.
+"""MoE step time against runs that happened, and the plans `loom plan`
+makes for Mixtral 8x7B on 64 H100 and DeepSeek-V3 on 1,024 H100.
 
     python benchmarks/moe_runs.py
 
-Rows: Megatron-Bridge's performance summary, 25.11 NeMo container
-(github.com/NVIDIA-NeMo/Megatron-Bridge, docs/performance-summary.md), the
-DGX-H100 and DGX-B200 MoE pre-training rows whose model is in loom's
-catalogue. They force-balance tokens over experts (imbalance 1.0 here) and
-drop no tokens. The H100 Qwen3 row prints no global batch size (its row is
-missing a column); 2,048 is assumed, which only sets the bubble's share. FP8
-current scaling and MXFP8 are both priced as loom's fp8.
+1. Every ``family: moe`` row of ``shared/validation/nvidia_perf_runs.yaml``
+   (NVIDIA's tables, 25.09 and 26.02), with the MoE settings its recipe ran
+   (profiles/published.py NVIDIA_MOE_RECIPES; "token-drop" rows pad every
+   expert to capacity 1.0). NVIDIA force-balances the routing (imbalance 1.0).
+2. Megatron-Bridge's 25.11 summary rows (docs/performance-summary.md): the
+   H100 Qwen3 row prints no global batch size; 2,048 is assumed.
+3. Two field reports: Mixtral 8x7B on 16 H100 (measured 5.58 s per step) and
+   Qwen3-30B-A3B on 32 H100 (about 120 TFLOP/s per GPU). Unknowns assumed:
+   bf16, Megatron-LM's defaults otherwise (expert TP = TP, dropless, no
+   fused kernels; loom's alltoall dispatcher), sequence 4,096 and global
+   batch 256 for Qwen3.
+
+Each row prints loom's error and the largest parts of its step; the summary
+gives the median and largest |error| over all rows.
 """
 
 from __future__ import annotations
 
-from loom.planner.specs.cluster import parse_cluster
-from loom.planner.specs.job import Job
-from loom.planner.specs.layout import Layout
-from loom.planner.specs.model import load_model
+import statistics
+
 from loom.planner.plan import evaluate
 from loom.planner.search.layouts import search
-
-DGX_H100 = {"gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
-DGX_B200 = {"gpus_per_node": 8, "gpu": "B200", "nvlink_GBps": 900, "nics_per_node": 8, "nic_Gbps": 400}
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Features, Job, stack_features
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.profiles.published import DGX, NVIDIA_RUNS, nvidia_runs
 
 # (model, system, GPUs, global batch, seq, tp, pp, vp, ep, published tokens/s/GPU)
-RUNS = [
-    ("qwen3-235b-a22b", DGX_H100, 256, 2048, 4096, 2, 8, 4, 32, 1575),
-    ("qwen3-235b-a22b", DGX_B200, 64, 1024, 4096, 1, 8, 2, 8, 3269),
-    ("deepseek-v3", DGX_B200, 256, 2048, 4096, 1, 16, 1, 8, 2139),
+SUMMARY_2511 = [
+    ("qwen3-235b-a22b", "DGX-H100", 256, 2048, 4096, 2, 8, 4, 32, 1575),
+    ("qwen3-235b-a22b", "DGX-B200", 64, 1024, 4096, 1, 8, 2, 8, 3269),
+    ("deepseek-v3", "DGX-B200", 256, 2048, 4096, 1, 16, 1, 8, 2139),
 ]
+QWEN3_30B = str(NVIDIA_RUNS.parent / "models/qwen3-30b-a3b/config.json")
 
 
-def published_runs() -> None:
-    print(f"{'model':<17} {'system':<5} {'GPUs':>5} {'layout':<28} {'published':>9} {'loom':>7} {'error':>7}  largest parts of the step")
-    for model, system, gpus, batch, seq, tp, pp, vp, ep, published in RUNS:
-        cluster = parse_cluster({**system, "nodes": gpus // 8}, "published")
-        job = Job(model=load_model(model), cluster=cluster, global_batch_size=batch, seq_length=seq, precision="fp8")
+def _cluster(system: str, gpus: int, name: str):
+    return parse_cluster({**DGX[system], "nodes": gpus // 8}, name)
+
+
+def _row(name: str, layout: Layout, published_s: float, plan) -> float:
+    error = plan.step_time_s / published_s - 1
+    parts = sorted(plan.step.breakdown_s.items(), key=lambda item: -item[1])[:3]
+    shares = ", ".join(f"{part} {seconds / plan.step_time_s:.0%}" for part, seconds in parts)
+    print(f"{name:<34} {layout.label():<32} {published_s:>7.2f} {plan.step_time_s:>7.2f} {error:>+7.1%}  {shares}")
+    return error
+
+
+def published_runs() -> list[float]:
+    errors = []
+    print(f"{'run':<34} {'layout':<32} {'ran s':>7} {'loom s':>7} {'error':>7}  largest parts of loom's step")
+    for run in nvidia_runs():
+        if run.job is None or run.row["family"] != "moe":
+            continue
+        errors.append(_row(run.row["id"], run.layout, run.step_time_s, evaluate(run.job, run.layout)))
+    for model, system, gpus, batch, seq, tp, pp, vp, ep, published in SUMMARY_2511:
+        job = Job(model=load_model(model), cluster=_cluster(system, gpus, "published"), global_batch_size=batch, seq_length=seq,
+                  precision="fp8", stack="megatron-bridge", features=stack_features("megatron-bridge", Features(fp8_recipe="tensorwise")))
         layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), cp=1, ep=ep, vpp=vp, micro_batch_size=1, global_batch_size=batch,
                         sequence_parallel=tp > 1, distributed_optimizer=True)
-        plan = evaluate(job, layout)
-        predicted = plan.tokens_per_s / gpus
-        parts = sorted(plan.step.breakdown_s.items(), key=lambda item: -item[1])[:3]
-        shares = ", ".join(f"{name} {seconds / plan.step_time_s:.0%}" for name, seconds in parts)
-        print(f"{model:<17} {system['gpu']:<5} {gpus:>5} {layout.label():<28} {published:>9} {predicted:>7.0f} {predicted / published - 1:>+7.1%}  {shares}")
+        errors.append(_row(f"mb2511-{system[4:].lower()}-{model}-{gpus}", layout, batch * seq / (published * gpus), evaluate(job, layout)))
+    return errors
+
+
+def field_reports() -> list[float]:
+    errors = []
+    mixtral = Job(model=load_model("mixtral-8x7b"), cluster=_cluster("DGX-H100", 16, "field"), global_batch_size=128, seq_length=2048)
+    # Megatron-LM sets the expert TP size to TP when not given (arguments.py):
+    # EP8 x ETP2 spans both nodes.
+    layout = Layout(tp=2, pp=1, dp=8, cp=1, ep=8, etp=2, micro_batch_size=1, global_batch_size=128, sequence_parallel=True,
+                    distributed_optimizer=True)
+    errors.append(_row("field: mixtral-8x7b 16 H100", layout, 5.58, evaluate(mixtral, layout)))
+    qwen = Job(model=load_model(QWEN3_30B), cluster=_cluster("DGX-H100", 32, "field"), global_batch_size=256, seq_length=4096)
+    layout = Layout(tp=1, pp=1, dp=32, cp=1, ep=8, micro_batch_size=1, global_batch_size=256, distributed_optimizer=True)
+    plan = evaluate(qwen, layout)
+    measured_s = plan.step_time_s * plan.tflops_per_gpu / 120  # the same FLOPs at 120 TFLOP/s per GPU
+    errors.append(_row("field: qwen3-30b-a3b 32 H100", layout, measured_s, plan))
+    return errors
 
 
 def plans() -> None:
     for model, nodes, batch in [("mixtral-8x7b", 8, 256), ("deepseek-v3", 128, 4096)]:
-        job = Job(model=load_model(model), cluster=parse_cluster({**DGX_H100, "nodes": nodes}, "plan"), global_batch_size=batch, seq_length=4096)
+        job = Job(model=load_model(model), cluster=_cluster("DGX-H100", nodes * 8, "plan"), global_batch_size=batch, seq_length=4096)
         result = search(job, top_k=3)
         for plan in result.plans:
             print(f"{model:<13} {nodes * 8:>5} H100: {plan.layout.label():<34} {plan.step_time_s:7.3f} s  MFU {plan.mfu:.1%}"
@@ -56,7 +94,17 @@ def plans() -> None:
         print(f"{'':<13} searched {result.candidates} layouts in {result.wall_time_s:.1f} s")
 
 
+def _summary(label: str, errors: list[float]) -> None:
+    sizes = [abs(e) for e in errors]
+    print(f"{label}: median |error| {statistics.median(sizes):.1%}, largest {max(sizes):.1%}, "
+          f"{sum(s <= 0.35 for s in sizes)} of {len(sizes)} within 35%")
+
+
 if __name__ == "__main__":
-    published_runs()
+    published = published_runs()
+    _summary("published MoE runs", published)
+    print()
+    field = field_reports()
+    _summary("field reports", field)
     print()
     plans()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loom.planner.cost.compute import backward_gemms
+from loom.planner.cost.efficiency import backward_gemms
 from loom.planner.cost.shape import Shape
 from loom.planner.cost.efficiency import tile_utilisation
 from loom.planner.specs.errors import SpecError

@@ -106,6 +106,36 @@ DGX = {
 # file's header), FP8-MX and MXFP8 block scaling; BF16 is bf16.
 NVIDIA_PRECISION = {"FP8": ("fp8", "tensorwise"), "FP8-CS": ("fp8", "tensorwise"), "FP8-MX": ("fp8", "mxfp8"),
                     "MXFP8": ("fp8", "mxfp8"), "BF16": ("bf16", "tensorwise")}
+# What NVIDIA's MoE recipes ran beyond the stack's defaults, per release,
+# model and system (Megatron-Bridge scripts/performance at the release's
+# tag: v0.1.0rc4 run_script.py + configs/ for 25.09, v0.3.0
+# configs/*_workload_base_configs.py for 26.02). Rows whose note says
+# "token-drop" ran apply_moe_token_drop: capacity factor 1.0, padded to
+# capacity, alltoall dispatcher. Releases not listed run the stack defaults.
+NVIDIA_MOE_RECIPES = {
+    # 25.09 DeepSeek-V3 H100: enable_deepep and A2A_1F1B (overlap_moe_expert_parallel_comm, delay_wgrad_compute).
+    ("25.09", "deepseek-v3", "DGX-H100"): dict(moe_token_dispatcher="deepep", overlap_moe_expert_parallel_comm=True),
+    # 25.09 DeepSeek-V3 B200: token drop with the shared experts beside the all-to-all.
+    ("25.09", "deepseek-v3", "DGX-B200"): dict(moe_shared_expert_overlap=True),
+    # 26.02 Qwen3-30B-A3B H100 FP8_CS: moe_flex_dispatcher_backend="deepep", moe_a2a_overlap=True.
+    ("26.02", "qwen3-30b-a3b", "DGX-H100"): dict(moe_token_dispatcher="deepep", overlap_moe_expert_parallel_comm=True),
+    # 26.02 Qwen3-235B-A22B H100: alltoall with moe_a2a_overlap=True.
+    ("26.02", "qwen3-235b-a22b", "DGX-H100"): dict(overlap_moe_expert_parallel_comm=True),
+    # 26.02 DeepSeek-V3 B200: moe_flex_dispatcher_backend="hybridep".
+    ("26.02", "deepseek-v3", "DGX-B200"): dict(moe_token_dispatcher="hybridep"),
+}
+TOKEN_DROP = dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True, moe_token_dispatcher="alltoall")
+
+
+def _moe_recipe(row: dict) -> dict:
+    """The MoE features NVIDIA's recipe set for ``row`` (NVIDIA_MOE_RECIPES)."""
+    model = Path(row["model"]).parent.name if row["model"].startswith("models/") else row["model"]
+    recipe = dict(NVIDIA_MOE_RECIPES.get((row["release"], model, row["gpu"]), {}))
+    if "token-drop" in row.get("note", ""):
+        recipe.update(TOKEN_DROP)
+    return recipe
+
+
 # The rows ran NVIDIA's performance recipes (NeMo, then Megatron-Bridge): the
 # megatron-bridge stack's features, the row's own TP overlap and fp8 recipe.
 NVIDIA_STACK = "megatron-bridge"
@@ -152,7 +182,8 @@ def nvidia_runs(path: Path = NVIDIA_RUNS) -> list[NvidiaRun]:
             continue
         cluster = parse_cluster({**DGX[row["gpu"]], "nodes": row["gpus"] // 8}, str(path))
         precision, fp8_recipe = NVIDIA_PRECISION[row["precision"]]
-        features = stack_features(NVIDIA_STACK, Features(tp_comm_overlap=bool(row.get("recipe_tp_comm_overlap", False)), fp8_recipe=fp8_recipe))
+        recipe = _moe_recipe(row) if model.moe is not None else {}
+        features = stack_features(NVIDIA_STACK, Features(tp_comm_overlap=bool(row.get("recipe_tp_comm_overlap", False)), fp8_recipe=fp8_recipe, **recipe))
         job = Job(model=model, cluster=cluster, global_batch_size=row["gbs"], seq_length=row["seq"], precision=precision,
                   stack=NVIDIA_STACK, features=features, source=row["id"])
         tp, pp, cp = row["tp"], row["pp"], row["cp"]

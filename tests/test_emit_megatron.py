@@ -429,3 +429,84 @@ def test_first_and_last_stage_flags_build_the_planned_split(model, pp, sizes):
     assert "pipeline-model-parallel-layout" not in flags
     config = transformer_config(flags)
     assert [get_num_layers_to_build(config, pp_rank=s) for s in range(pp)] == sizes
+
+
+MOE_CASES = {
+    # Mixtral: token dropping padded to capacity, fused router, shared nothing.
+    "mixtral-token-drop": (
+        "mixtral-8x7b", Features(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True, moe_router_fusion=True),
+        Layout(tp=2, pp=1, dp=8, cp=1, ep=8, micro_batch_size=1, global_batch_size=128, sequence_parallel=True, distributed_optimizer=True),
+    ),
+    # Qwen3-235B: DeepEP with the all-to-all overlapped across micro batches (needs vpp with pp > 1).
+    "qwen3-deepep-a2a-overlap": (
+        "qwen3-235b-a22b", Features(moe_token_dispatcher="deepep", overlap_moe_expert_parallel_comm=True),
+        Layout(tp=2, pp=4, dp=8, cp=1, ep=16, vpp=2, micro_batch_size=1, global_batch_size=256, sequence_parallel=True, distributed_optimizer=True),
+    ),
+    # Qwen3-235B with HybridEP.
+    "qwen3-hybridep": (
+        "qwen3-235b-a22b", Features(moe_token_dispatcher="hybridep"),
+        Layout(tp=1, pp=4, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=256, distributed_optimizer=True),
+    ),
+    # Mixtral with the all-gather dispatcher.
+    "mixtral-allgather": (
+        "mixtral-8x7b", Features(moe_token_dispatcher="allgather"),
+        Layout(tp=1, pp=2, dp=32, cp=1, ep=4, micro_batch_size=1, global_batch_size=128, distributed_optimizer=True),
+    ),
+}
+
+
+def moe_transformer_config(flags: dict) -> TransformerConfig:
+    """The MoE flags onto TransformerConfig as core_transformer_config_from_args
+    maps them (one argument per dataclass field). --moe-permute-fusion is left
+    out: its check imports Transformer Engine's fused kernels, not installed here."""
+    tp, pp = int(flags["tensor-model-parallel-size"]), int(flags["pipeline-model-parallel-size"])
+    num_layers = int(flags["num-layers"])
+    vpp = num_layers // pp // int(flags["num-layers-per-virtual-pipeline-stage"]) if "num-layers-per-virtual-pipeline-stage" in flags else None
+    if "pipeline-model-parallel-layout" in flags:  # an uneven split: pp x vpp chunks
+        vpp = (flags["pipeline-model-parallel-layout"].count("|") + 1) // pp or None
+    capacity = flags.get("moe-expert-capacity-factor")
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=int(flags["hidden-size"]), num_attention_heads=int(flags["num-attention-heads"]),
+        num_query_groups=int(flags["num-query-groups"]) if "group-query-attention" in flags else None,
+        ffn_hidden_size=int(flags["ffn-hidden-size"]), gated_linear_unit="swiglu" in flags, activation_func=F.silu,
+        add_bias_linear="disable-bias-linear" not in flags, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel="sequence-parallel" in flags,
+        expert_model_parallel_size=int(flags["expert-model-parallel-size"]),
+        expert_tensor_parallel_size=int(flags["expert-tensor-parallel-size"]),
+        num_moe_experts=int(flags["num-experts"]), moe_router_topk=int(flags["moe-router-topk"]),
+        moe_ffn_hidden_size=int(flags["moe-ffn-hidden-size"]), moe_grouped_gemm="moe-grouped-gemm" in flags,
+        moe_router_load_balancing_type=flags["moe-router-load-balancing-type"],
+        moe_token_dispatcher_type=flags["moe-token-dispatcher-type"],
+        moe_flex_dispatcher_backend=flags.get("moe-flex-dispatcher-backend", "deepep"),
+        moe_expert_capacity_factor=float(capacity) if capacity else None,
+        moe_pad_expert_input_to_capacity="moe-pad-expert-input-to-capacity" in flags,
+        moe_router_fusion="moe-router-fusion" in flags,
+        overlap_moe_expert_parallel_comm="overlap-moe-expert-parallel-comm" in flags,
+        delay_wgrad_compute="delay-wgrad-compute" in flags,
+        moe_shared_expert_overlap="moe-shared-expert-overlap" in flags,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MOE_CASES))
+def test_moe_flags_build_a_valid_transformer_config(name):
+    model, features, layout = MOE_CASES[name]
+    job = Job(model=load_model(model), cluster=make_cluster(layout.world_size // 8), global_batch_size=layout.global_batch_size,
+              seq_length=4096, features=features)
+    flags = parse_flags(megatron_args(job, layout, uniform_stages(job.model, layout)))
+    config = moe_transformer_config(flags)
+    dispatcher = features.moe_token_dispatcher
+    assert config.moe_token_dispatcher_type == ("flex" if dispatcher in ("deepep", "hybridep") else dispatcher)
+    if dispatcher in ("deepep", "hybridep"):
+        assert config.moe_flex_dispatcher_backend == dispatcher
+    assert config.moe_expert_capacity_factor == features.moe_expert_capacity_factor
+    assert config.moe_pad_expert_input_to_capacity == features.moe_pad_expert_input_to_capacity
+    assert config.overlap_moe_expert_parallel_comm == config.delay_wgrad_compute == features.overlap_moe_expert_parallel_comm
+
+
+def test_megatron_bridge_stack_emits_the_fused_moe_kernels():
+    job = Job(model=load_model("mixtral-8x7b"), cluster=make_cluster(2), global_batch_size=64, seq_length=4096, stack="megatron-bridge",
+              features=stack_features("megatron-bridge", Features()))
+    layout = Layout(tp=1, pp=1, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True)
+    flags = parse_flags(megatron_args(job, layout, uniform_stages(job.model, layout)))
+    assert flags.get("moe-router-fusion") is True and flags.get("moe-permute-fusion") is True

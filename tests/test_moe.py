@@ -204,3 +204,151 @@ def test_placement_prices_the_expert_all_to_all():
     problem = placement_problem(evaluate(job, layout(dp=16, ep=8)))
     kinds = {kind.name: kind for kind in problem.kinds}
     assert kinds["ep"].volume_GB > 0 and kinds["ep"].groups.shape == (2, 8)
+
+
+# --- What an MoE layer spends beyond its GEMMs (cost/moe.py, cost/host.py) ----
+
+import itertools  # noqa: E402
+
+import pydantic  # noqa: E402
+
+from loom.planner.cost import host, moe  # noqa: E402
+
+
+def _shape(model, features: Features, ep: int, precision: str = "bf16", mbs: int = 1) -> Shape:
+    return Shape(model, tp=1, cp=1, micro_batch_size=mbs, sequence_parallel=False, seq_length=4096, precision=precision,
+                 features=features, ep=ep)
+
+
+def test_expected_destinations_match_enumeration():
+    # 12 experts on 4 ranks (3 each), top-3: average distinct ranks over every choice.
+    choices = list(itertools.combinations(range(12), 3))
+    mean = sum(len({e // 3 for e in choice}) for choice in choices) / len(choices)
+    assert moe.expected_destinations(12, 3, 3) == pytest.approx(mean)
+    assert moe.expected_destinations(8, 1, 2) == pytest.approx(2.0)  # Mixtral at EP8: each copy to its own rank
+
+
+def test_deepep_sends_each_token_once_per_rank():
+    qwen = load_model("qwen3-235b-a22b")  # 128 experts, top-8: copies often share a rank at EP8
+    alltoall, _ = moe.dispatch_bytes(_shape(qwen, Features(), ep=8), ranks_per_node=8)
+    deepep, _ = moe.dispatch_bytes(_shape(qwen, Features(moe_token_dispatcher="deepep"), ep=8), ranks_per_node=8)
+    assert deepep < 0.8 * alltoall
+    # Across nodes DeepEP sends one copy per destination node over the network.
+    _, remote_alltoall = moe.dispatch_bytes(_shape(qwen, Features(), ep=32), ranks_per_node=8)
+    _, remote_deepep = moe.dispatch_bytes(_shape(qwen, Features(moe_token_dispatcher="deepep"), ep=32), ranks_per_node=8)
+    assert remote_deepep < 0.5 * remote_alltoall
+    # Mixtral top-2 of 8 at EP8: no two copies share a rank, nothing to save.
+    mixtral_alltoall, _ = moe.dispatch_bytes(_shape(MIXTRAL, Features(), ep=8), ranks_per_node=8)
+    mixtral_deepep, _ = moe.dispatch_bytes(_shape(MIXTRAL, Features(moe_token_dispatcher="deepep"), ep=8), ranks_per_node=8)
+    assert mixtral_deepep == pytest.approx(mixtral_alltoall)
+
+
+def test_capacity_padding_fixes_the_rows_and_removes_the_host_sync():
+    dropless = Features(moe_load_imbalance=1.5)
+    padded = Features(moe_load_imbalance=1.5, moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)
+    dropped = Features(moe_load_imbalance=1.5, moe_expert_capacity_factor=1.25)
+    assert moe.busiest_rows_factor(dropless) == 1.5
+    assert moe.busiest_rows_factor(padded) == 1.0
+    assert moe.busiest_rows_factor(dropped) == 1.25
+    assert host.syncs_every_moe_layer(_shape(MIXTRAL, dropless, ep=8))
+    assert not host.syncs_every_moe_layer(_shape(MIXTRAL, padded, ep=8))
+
+
+def test_te_runs_expert_gemms_four_at_a_time():
+    gpu = find_gpu("H100")
+    one = moe.expert_gemms_s(gpu, [(2048, 1536, 2048)], 4, "bf16", backward=False)
+    assert moe.expert_gemms_s(gpu, [(2048, 1536, 2048)], 16, "bf16", backward=False) == pytest.approx(4 * one)
+    assert moe.expert_gemms_s(gpu, [(2048, 1536, 2048)], 16, "bf16", backward=True) == pytest.approx(2 * 4 * one, rel=0.25)
+
+
+def test_fine_grained_experts_at_one_sequence_wait_for_the_host():
+    qwen30b = load_model("qwen3-30b-a3b")  # 128 experts of 768, top-8: 16 per GPU at EP8
+    from loom.planner.specs.cluster import parse_cluster
+
+    b200 = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "B200", "nvlink_GBps": 900, "nics_per_node": 8, "nic_Gbps": 400}, "test")
+    job = Job(model=qwen30b, cluster=b200, global_batch_size=64, seq_length=4096, precision="fp8")
+    plan = evaluate(job, layout(dp=8, ep=8, global_batch_size=64))
+    assert plan.step.breakdown_s["host_overhead"] > 0.2 * plan.step_time_s
+    # A dense 70B layer's kernels outlast the Python that issues them.
+    llama = Job(model=load_model("llama-3-70b"), cluster=make_cluster(2), global_batch_size=64, seq_length=4096)
+    dense = evaluate(llama, layout(tp=4, pp=4, dp=1, sequence_parallel=True, global_batch_size=64))
+    assert dense.step.breakdown_s["host_overhead"] == 0.0
+    # More local experts, more to issue.
+    assert host.layer_host_s(_shape(qwen30b, Features(), ep=4), moe=True) > host.layer_host_s(_shape(qwen30b, Features(), ep=16), moe=True)
+    assert host.layer_host_s(_shape(qwen30b, Features(moe_router_fusion=True), ep=8), moe=True) < host.layer_host_s(_shape(qwen30b, Features(), ep=8), moe=True)
+
+
+def test_all_to_all_overlap_hides_dispatch_behind_the_other_micro_batch():
+    job = lambda **features: Job(model=load_model("qwen3-235b-a22b"), cluster=make_cluster(32), global_batch_size=512, seq_length=4096,  # noqa: E731
+                                 features=Features(**features))
+    chosen = layout(tp=2, pp=8, vpp=2, dp=16, ep=32, sequence_parallel=True, global_batch_size=512)
+    plain, overlapped = evaluate(job(), chosen), evaluate(job(overlap_moe_expert_parallel_comm=True), chosen)
+    assert overlapped.step.breakdown_s["ep_comm"] < 0.5 * plain.step.breakdown_s["ep_comm"]
+    assert overlapped.step_time_s < plain.step_time_s
+    # Megatron needs interleaving for it when pp > 1.
+    problems = layout_problems(job(overlap_moe_expert_parallel_comm=True), layout(tp=2, pp=8, dp=16, ep=32, sequence_parallel=True, global_batch_size=512))
+    assert any(field == "vpp" for field, _, _ in problems)
+
+
+def test_shared_expert_overlap_hides_dispatch_behind_the_shared_experts():
+    job = lambda **features: Job(model=DEEPSEEK, cluster=make_cluster(32), global_batch_size=512, seq_length=4096,  # noqa: E731
+                                 features=Features(**features))
+    chosen = layout(tp=1, pp=16, dp=16, ep=16, global_batch_size=512, recompute="full")
+    plain, overlapped = evaluate(job(), chosen), evaluate(job(moe_shared_expert_overlap=True), chosen)
+    assert overlapped.step.breakdown_s["ep_comm"] < plain.step.breakdown_s["ep_comm"]
+
+
+@pytest.mark.parametrize("features, words", [
+    (dict(moe_pad_expert_input_to_capacity=True), "needs moe_expert_capacity_factor"),
+    (dict(moe_token_dispatcher="deepep", moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True), "DeepEP cannot pad"),
+    (dict(moe_token_dispatcher="deepep", moe_shared_expert_overlap=True), "alltoall"),
+    (dict(moe_shared_expert_overlap=True, overlap_moe_expert_parallel_comm=True), "not both"),
+    (dict(moe_token_dispatcher="allgather", overlap_moe_expert_parallel_comm=True), "alltoall, deepep or hybridep"),
+])
+def test_moe_feature_combinations_megatron_refuses_are_refused(features, words):
+    with pytest.raises(pydantic.ValidationError, match=words):
+        Features(**features)
+
+
+def test_a_job_file_with_such_a_combination_exits_2_naming_features(tmp_path):
+    from typer.testing import CliRunner
+
+    from loom.cli.app import app
+
+    (tmp_path / "job.yaml").write_text("model: mixtral-8x7b\ncluster: {nodes: 2, gpus_per_node: 8, gpu: H100, nvlink_GBps: 450, "
+                                       "nics_per_node: 8, nic_Gbps: 400}\nglobal_batch_size: 64\nseq_length: 4096\n"
+                                       "features: {moe_pad_expert_input_to_capacity: true}\n")
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2 and "features" in result.output and "moe_expert_capacity_factor" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_dispatcher_buffers_are_deepeps_and_hybrideps_own_sizes():
+    # DeepEP v1.2.1's size hints at 20 SMs, bf16 (NVLink + RDMA queues, MiB), plus its 32 MiB workspace.
+    for model, ep, mib in [("qwen3-30b-a3b", 8, 120), ("qwen3-30b-a3b", 16, 135 + 33), ("deepseek-v3", 64, 360 + 351)]:
+        shape = _shape(load_model(model), Features(moe_token_dispatcher="deepep"), ep=ep)
+        assert (moe.dispatcher_buffer_bytes(shape) - moe.DEEPEP_WORKSPACE_BYTES) / 2**20 == pytest.approx(mib, abs=1)
+    # HybridEP keeps room for every rank's tokens: DeepSeek-V3 at EP64 holds 3.5 GiB of them alone.
+    hybrid = moe.dispatcher_buffer_bytes(_shape(DEEPSEEK, Features(moe_token_dispatcher="hybridep"), ep=64))
+    assert hybrid > 3.5 * 2**30
+    assert moe.dispatcher_buffer_bytes(_shape(DEEPSEEK, Features(), ep=64)) == 0.0
+    job = Job(model=MIXTRAL, cluster=make_cluster(2), global_batch_size=64, seq_length=4096, features=Features(moe_token_dispatcher="allgather"))
+    memory = evaluate(job, layout(dp=16, ep=8, global_batch_size=64)).peak_memory.breakdown_bytes
+    assert memory["moe_dispatcher_buffers"] == 4096 * 8 * MIXTRAL.hidden_size * 2  # the gathered tokens, kept
+
+
+def test_the_search_tries_each_dispatcher_listed_and_each_plan_names_its_own():
+    from loom.planner.output.megatron import megatron_args
+
+    def job(dispatchers: list[str]) -> Job:
+        return Job(model=load_model("qwen3-30b-a3b"), cluster=make_cluster(2), global_batch_size=256, seq_length=4096,
+                   search=SearchFile(moe_token_dispatcher=dispatchers, tp=[1], cp=[1], recompute=["none"]))
+
+    both, alltoall = search(job(["alltoall", "deepep"]), top_k=3), search(job(["alltoall"]), top_k=3)
+    assert both.candidates == 2 * alltoall.candidates
+    # Qwen3-30B-A3B's top-8 of 128 experts: DeepEP's one copy per rank beats alltoall's eight.
+    assert both.plans[0].job.features.moe_token_dispatcher == "deepep"
+    assert both.plans[0].step_time_s < alltoall.plans[0].step_time_s
+    for plan in [*both.plans, *alltoall.plans]:
+        args = megatron_args(plan.job, plan.layout, list(plan.stages))
+        assert ("--moe-flex-dispatcher-backend" in args) == (plan.job.features.moe_token_dispatcher == "deepep")

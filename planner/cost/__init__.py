@@ -4,7 +4,9 @@
 - ``efficiency``: how fast one kernel runs (GEMM by shape, flash attention,
   memory-bound kernels);
 - ``compute`` and ``activations``: estimated kernel time and bytes kept for
-  backward of each piece of the model;
+  backward of each piece of the model; ``moe``: what an MoE layer spends
+  beyond a dense layer (TE's per-expert GEMMs, the dispatcher's traffic and
+  permutations, token dropping); ``host``: the CPU time to issue a layer;
 - ``measured``: a layers profile resolved once per job into corrections of
   those estimates; ``layers``: where the two meet (what the models below read);
 - ``collectives`` and ``network``: alpha-beta collective times and the link

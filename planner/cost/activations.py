@@ -17,6 +17,7 @@ in their place where a profile covers them.
 
 from __future__ import annotations
 
+from loom.planner.cost.moe import busiest_rows_factor
 from loom.planner.cost.shape import ACT_BYTES, Shape
 
 # The loss per logit, by implementation (--cross-entropy-fusion-impl):
@@ -117,12 +118,13 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     shared experts (whose up projection also keeps its own copy of the input
     under fp8), and for every routed copy of a token its permuted input, its
     expert's up-projection output and activation, plus the router's fp32
-    logits and probabilities (megatron-core's MoE layer and alltoall dispatcher)."""
+    logits and probabilities (megatron-core's MoE layer and alltoall
+    dispatcher); the busiest rank's routed rows (moe.busiest_rows_factor)."""
     m, T, e, g = shape.model, shape.tokens, ACT_BYTES, gemm_input_bytes(shape)
     up = (2 if m.gated_mlp else 1) * e
     if not moe:
         return {"mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
-    routed = shape.moe_tokens * m.moe.top_k * shape.etp
+    routed = shape.moe_tokens * m.moe.top_k * shape.etp * busiest_rows_factor(shape.features)
     expert_width = m.moe.expert_ffn_hidden_size / shape.etp
     shared = (up + g) * m.moe.shared_ffn_hidden_size * T / shape.tp
     if m.moe.shared_ffn_hidden_size and g != e:

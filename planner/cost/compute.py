@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from loom.planner.cost.efficiency import flash_attention_time_s, gemm_time_s, memory_time_s
+from loom.planner.cost import moe
+from loom.planner.cost.efficiency import backward_gemms, flash_attention_time_s, gemm_time_s, memory_time_s
 from loom.planner.cost.shape import ACT_BYTES, Shape
 from loom.planner.specs.model import ModelSpec
 from loom.profiles.catalogue import GPU
@@ -51,11 +52,6 @@ def _fp8_cast_bytes(gemms: list[tuple[int, int, int]]) -> float:
     return sum(4 * m * k for m, _, k in gemms)
 
 
-def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
-    """Y = X W with X (m x k): dX = dY W^T is (m, k, n); dW = X^T dY is (k, n, m)."""
-    return [(m, k, n), (k, n, m)]
-
-
 def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     """Megatron's pre-flash attention: batched GEMMs for QK^T and PV with a
     fused scale-mask-softmax and a dropout over the s x s scores in between."""
@@ -81,8 +77,17 @@ def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     # FlashAttention's backward does 2.5x the forward's FLOPs (it recomputes
     # QK^T): Dao 2023, FlashAttention-2, sec. 4.
     # Under CP each step of the ring attends to one rank's chunk of keys.
-    flops = shape.attention_flops() * (2.5 if backward else 1.0)
-    return PassTime(attention_s=flash_attention_time_s(flops, gpu, kv_length=shape.seq_length // shape.cp))
+    factor, kv_length = (2.5 if backward else 1.0), shape.seq_length // shape.cp
+    full_s = flash_attention_time_s(shape.attention_flops() * factor, gpu, kv_length=kv_length)
+    m = shape.model
+    if not m.windowed_layers:
+        return PassTime(attention_s=full_s)
+    # Sliding-window layers (gpt-oss): each query block streams at most W
+    # keys. Every layer is priced at the mean over the model's layers, so the
+    # model's total is exact and a stage's is within one layer's difference.
+    window_s = flash_attention_time_s(shape.attention_flops(windowed=True) * factor, gpu, kv_length=min(m.sliding_window, kv_length))
+    share = m.windowed_layers / m.num_layers
+    return PassTime(attention_s=(1 - share) * full_s + share * window_s)
 
 
 def _gemms(shape: Shape, gpu: GPU, gemms: list[tuple[int, int, int]], backward: bool, precision: str | None = None, batch: int = 1) -> float:
@@ -159,16 +164,19 @@ def routed_activation(shape: Shape, gpu: GPU, backward: bool = False) -> PassTim
 
 
 def routed_experts(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
-    """The router GEMM (16-bit), the routed experts' grouped GEMMs, which the
-    busiest GPU runs ``moe_load_imbalance`` times longer than an evenly
-    loaded one, their activation, and the token dispatcher's permutation of
-    each routed copy in and out (read + write)."""
+    """The router GEMM (16-bit), the routed experts' GEMMs as Transformer
+    Engine runs them (moe.expert_gemms_s) on the busiest rank's rows
+    (moe.busiest_rows_factor), their activation, and the dispatcher's local
+    permutations (moe.permute_bytes)."""
     m = shape.model
     experts, local = shape.expert_gemms()
-    grouped_s = _gemms(shape, gpu, experts, backward, batch=local) * shape.features.moe_load_imbalance
+    rows = moe.busiest_rows_factor(shape.features)
+    experts = [(max(1, round(balanced * rows)), n, k) for balanced, n, k in experts]
+    grouped_s = moe.expert_gemms_s(gpu, experts, local, shape.precision, backward)
     router_s = _gemms(shape, gpu, [(shape.moe_tokens, m.moe.num_experts, m.hidden_size)], backward, precision="bf16")
-    permute = 2 * (2 * ACT_BYTES * shape.moe_tokens * m.moe.top_k * m.hidden_size)
-    return PassTime(gemm_s=grouped_s + router_s, elementwise_s=_elementwise(shape, gpu, permute, backward, experts)) + routed_activation(shape, gpu, backward)
+    gemms = [g for g in experts for _ in range(local)]
+    elementwise_s = _elementwise(shape, gpu, moe.permute_bytes(shape), backward, gemms)
+    return PassTime(gemm_s=grouped_s + router_s, elementwise_s=elementwise_s) + routed_activation(shape, gpu, backward).scaled(rows)
 
 
 def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:

@@ -35,6 +35,11 @@ KERNEL_MIN_S = 4e-6
 BYTES = {"fp8": 1, "bf16": 2, "fp16": 2}
 
 
+def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
+    """Y = X W with X (m x k): dX = dY W^T is (m, k, n); dW = X^T dY is (k, n, m)."""
+    return [(m, k, n), (k, n, m)]
+
+
 def tile_utilisation(m: int, n: int, sms: int, batch: int = 1) -> float:
     """The best fraction of the SMs' tile slots a GEMM's output fills."""
     best = 0.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from loom.planner.cost import activations, compute
+from loom.planner.cost import activations, compute, host
 from loom.planner.cost.compute import PassTime
 from loom.planner.cost.measured import Estimates, MeasuredLayers, Source, resolve
 from loom.planner.cost.shape import Shape
@@ -75,6 +75,16 @@ def _timed(shape: Shape, gpu: GPU, kind: str, backward: bool, estimated: PassTim
 def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
     """One decoder layer, one micro batch, one pass."""
     return _timed(shape, gpu, "moe" if moe else "dense", backward, compute.decoder_layer(shape, gpu, backward, moe))
+
+
+def layer_host_s(shape: Shape, gpu: GPU, moe: bool = False, backward: bool = False) -> float:
+    """Host time to issue one decoder layer's kernels (host.py), or none
+    where the layer's time is measured: a measured time already includes any
+    wait for the host."""
+    kind, quantity = ("moe" if moe else "dense"), ("backward_s" if backward else "forward_s")
+    if shape.measured is not None and shape.measured.source(kind, quantity, shape, gpu.name) != "estimated":
+        return 0.0
+    return host.layer_host_s(shape, moe, backward)
 
 
 @cache

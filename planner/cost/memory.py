@@ -12,7 +12,8 @@ Engine, PyTorch, CUDA and NCCL hold at the stage's peak, term by term
   recompute re-runs, ZeRO-3's gathered weights, or the optimizer step's fp32
   gradient copy, whichever phase holds the most;
 - ``cuda_context``, ``cublas_workspaces``, ``nccl_buffers``,
-  ``tp_comm_buffers`` and ``allocator_fragmentation``: what the runtime holds
+  ``tp_comm_buffers``, ``moe_dispatcher_buffers`` (moe.py) and
+  ``allocator_fragmentation``: what the runtime holds
   beyond tensors (``runtime_bytes``).
 
 Capacity is what PyTorch's allocator sees (profiles/gpus.yaml), not the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from loom.planner.cost import moe
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
@@ -304,6 +306,7 @@ def runtime_bytes(shape: Shape, layout: Layout, gpu: GPU, framework: str, alloca
         "cublas_workspaces": workspaces * gpu.cublas_workspace_bytes,
         "nccl_buffers": NCCL_COMMUNICATOR_BYTES * communicators(layout, shape.model),
         "tp_comm_buffers": tp_comm,
+        "moe_dispatcher_buffers": moe.dispatcher_buffer_bytes(shape),
         "allocator_fragmentation": ALLOCATOR_SLACK_FRACTION * allocated_per_microbatch,
     }
 

@@ -98,13 +98,23 @@ class Shape:
         width = moe.expert_ffn_hidden_size // self.etp
         return [(rows, 2 * width, h), (rows, h, width)], local_experts
 
-    def attention_flops(self) -> float:
+    def attention_flops(self, windowed: bool = False) -> float:
         """Forward FLOPs of QK^T and attention x V on one rank. Causal flash
-        attention skips the masked half; the unfused kernels compute it all."""
-        m = self.model
-        heads = m.num_attention_heads / self.tp
-        flops = 2.0 * self.micro_batch_size * (self.seq_length / self.cp) * self.seq_length * heads * (m.qk_head_dim + m.v_head_dim)
-        return flops / 2 if self.features.flash_attention and self.model.causal else flops
+        attention skips the masked half; the unfused kernels compute it all.
+        In a sliding-window layer (``windowed``) flash attention skips the
+        blocks outside the window too: query i (1-based) sees min(W, i) keys,
+        sum s*W - W(W-1)/2 (Beltagy et al. 2020, Longformer, sec. 3.1: cost
+        linear in s), counted s*W - W^2/2 beside the s^2/2 of full causal
+        attention (equal at W = s). Unfused kernels still score and mask all
+        s x s, and the activations kept do not depend on the window (flash:
+        one log-sum-exp per query; unfused: the full masked s x s)."""
+        m, s = self.model, self.seq_length
+        per_pair = 2.0 * self.micro_batch_size * m.num_attention_heads / self.tp * (m.qk_head_dim + m.v_head_dim)
+        if not (self.features.flash_attention and m.causal):
+            return per_pair * s * s / self.cp
+        window = m.sliding_window if windowed and m.sliding_window and m.sliding_window < s else None
+        pairs = s * window - window**2 / 2 if window else s * s / 2
+        return per_pair * pairs / self.cp
 
     def vision(self) -> Shape:
         """The vision encoder's shapes: one sequence of patches per sample, TP

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.planner.cost import layers
-from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
-from loom.planner.cost.compute import PassTime, attention_core, recomputed_forward
+from loom.planner.cost import host, layers, moe
+from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
 from loom.planner.cost.memory import WEIGHT_BYTES, StageParams, StateBytes, stage_params
 from loom.planner.cost.network import Links
@@ -57,14 +57,16 @@ class ChunkTime:
     cp_busy_s: float = 0.0
     ep_comm_s: float = 0.0  # MoE token dispatch and combine, all passes (not overlapped)
     ep_comm_fwd_s: float = 0.0
+    host_s: float = 0.0  # host time the GPU waits for (host.py), all passes
+    host_fwd_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s
+        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s + self.host_s
 
     @property
     def forward_s(self) -> float:
-        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s + self.ep_comm_fwd_s
+        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s + self.ep_comm_fwd_s + self.host_fwd_s
 
     @property
     def backward_s(self) -> float:
@@ -125,27 +127,65 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         core_fwd = attention_core(shape, gpu).total_s
         core_bwd = attention_core(shape, gpu, backward=True).total_s
         cp_fwd, cp_bwd = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd)
-    # MoE: each MoE layer dispatches every routed copy of its tokens to the
-    # experts' ranks and combines the outputs back, one all-to-all each, in
-    # every pass (megatron-core's alltoall token dispatcher); the busiest
-    # rank's share sets the pace. Not overlapped by default.
-    ep_fwd = 0.0
+    # MoE: each MoE layer dispatches its tokens to the experts' ranks and
+    # combines the outputs back in every pass (moe.dispatch_s); with ETP the
+    # alltoall and allgather dispatchers all-gather each expert's rows over
+    # its ETP ranks before the expert GEMMs and reduce-scatter them after.
     n_moe += chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
+    ep_fwd = ep_bwd = 0.0
     if n_moe:
-        routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES
-        routed_bytes *= features.moe_load_imbalance
-        ep_fwd = n_moe * 2 * all_to_all_s(routed_bytes, layout.ep, links.ep, links.ep_remote_share)
-        # With ETP each expert's tokens are all-gathered over its ETP ranks
-        # before the expert GEMMs and reduce-scattered after.
-        ep_fwd += n_moe * (all_gather_s(routed_bytes * layout.etp, layout.etp, links.etp) + reduce_scatter_s(routed_bytes * layout.etp, layout.etp, links.etp))
+        ep_fwd = n_moe * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
+        if features.moe_token_dispatcher in ("alltoall", "allgather") and layout.etp > 1:
+            routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES * layout.etp
+            ep_fwd += n_moe * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
+        ep_bwd = ep_fwd * (1 + ep_again)
+        ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, n_moe, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
+    host_fwd, host_bwd = _exposed_host(shape, gpu, n, n_moe, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd, bwd_layer.total_s + tp_fwd * (1 + tp_again) + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.
     return ChunkTime(
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
         tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
         weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
-        ep_comm_s=ep_fwd * (2 + ep_again), ep_comm_fwd_s=ep_fwd,
+        ep_comm_s=ep_fwd + ep_bwd, ep_comm_fwd_s=ep_fwd, host_s=host_fwd + host_bwd, host_fwd_s=host_fwd,
     )
+
+
+def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: PassTime, ep_fwd: float, ep_bwd: float) -> tuple[float, float]:
+    """The dispatch and combine time nothing hides, forward and backward.
+    --overlap-moe-expert-parallel-comm runs one micro batch's forward beside
+    another's backward, layer by layer, so each pass's all-to-alls hide
+    behind the other pass's compute (megatron-core combined_1f1b.py,
+    fine_grained_callables.py). --moe-shared-expert-overlap runs the shared
+    experts on a side stream during the dispatch and combine
+    (shared_experts.py)."""
+    features = shape.features
+    if features.overlap_moe_expert_parallel_comm:
+        return max(0.0, ep_fwd - bwd.total_s), max(0.0, ep_bwd - fwd.total_s)
+    if features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
+        shared = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size)
+        shared_bwd = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size, backward=True)
+        return max(0.0, ep_fwd - n_moe * shared.total_s), max(0.0, ep_bwd - n_moe * shared_bwd.total_s)
+    return ep_fwd, ep_bwd
+
+
+def _exposed_host(shape: Shape, gpu: GPU, n: int, n_moe: int, comm_per_layer_s: float, gpu_fwd_s: float, gpu_bwd_s: float) -> tuple[float, float]:
+    """Host time the GPU waits for, forward and backward (host.py). The host
+    runs ahead of the GPU through a pass, so the pass takes the longer of
+    the two — except that a dropless MoE layer's forward waits for the GPU
+    (host.syncs_every_moe_layer), so each MoE layer's forward takes the
+    longer of its own host and GPU (kernels and exposed communication) times."""
+    dense_fwd = layers.layer_host_s(shape, gpu)
+    moe_fwd = layers.layer_host_s(shape, gpu, moe=True) if n_moe else 0.0
+    host_fwd = (n - n_moe) * dense_fwd + n_moe * moe_fwd
+    host_bwd = (n - n_moe) * layers.layer_host_s(shape, gpu, backward=True)
+    host_bwd += n_moe * layers.layer_host_s(shape, gpu, moe=True, backward=True) if n_moe else 0.0
+    exposed_bwd = max(0.0, host_bwd - gpu_bwd_s)
+    if not (n_moe and host.syncs_every_moe_layer(shape)):
+        return max(0.0, host_fwd - gpu_fwd_s), exposed_bwd
+    moe_gpu = layers.decoder_layer(shape, gpu, moe=True).total_s + comm_per_layer_s
+    dense_gpu = layers.decoder_layer(shape, gpu).total_s + comm_per_layer_s if n > n_moe else 0.0
+    return (n - n_moe) * max(0.0, dense_fwd - dense_gpu) + n_moe * max(0.0, moe_fwd - moe_gpu), exposed_bwd
 
 
 def _recompute(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU) -> tuple[PassTime, float, float]:
@@ -320,6 +360,7 @@ class StepParts:
             "tp_comm": m * sum(c.tp_comm_s for c in chunks),
             "cp_comm": m * sum(c.cp_comm_s for c in chunks),
             "ep_comm": m * sum(c.ep_comm_s for c in chunks),
+            "host_overhead": m * sum(c.host_s for c in chunks),
             "zero_comm": m * self.zero_comm_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))

@@ -64,6 +64,9 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
         problems.append(f"global batch {layout.global_batch_size} not a multiple of mbs x dp")
     if layout.cp > 1 and job.seq_length % (2 * layout.cp):
         problems.append(f"seq length {job.seq_length} not a multiple of 2 x CP{layout.cp} (load-balanced CP chunks)")
+    if layout.cp > 1 and (model.sliding_window or model.attention_sinks):
+        problems.append("context parallelism with sliding-window attention or attention sinks (Transformer Engine runs them "
+                        "under CP only with a2a or all-gather communication, not the ring loom prices)")
     if layout.cp > 1 and not job.features.flash_attention:
         # Transformer Engine implements context parallelism only in its flash and fused backends.
         problems.append("context parallelism without flash attention")
@@ -136,7 +139,12 @@ def _model_args(job: Job) -> list[str]:
         args += ["--kv-channels", str(m.kv_channels)]
     if m.num_query_groups != m.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
-    if m.gated_mlp:
+    if m.glu_clamp is not None:
+        # gpt-oss's MLP, (up + 1) * gate * sigmoid(1.702 gate) with gate <= limit
+        # and |up| <= limit: megatron-core's quick_gelu GLU with a linear
+        # offset and a clamp (moe/experts.py, mlp.py; Megatron-Bridge's GPTOSSProvider).
+        args += ["--quick-geglu", "--glu-linear-offset", "1.0", "--activation-func-clamp-value", f"{m.glu_clamp:g}"]
+    elif m.gated_mlp:
         args.append("--swiglu")
     if not m.tied_embeddings:
         args.append("--untie-embeddings-and-output-weights")
@@ -146,7 +154,32 @@ def _model_args(job: Job) -> list[str]:
             args.append("--add-qkv-bias")
     if m.qk_norm:
         args.append("--qk-layernorm")
-    return args + _mla_args(m) + _moe_args(m)
+    return args + _window_args(m) + _mla_args(m) + _moe_args(m) + _moe_feature_args(job)
+
+
+def _window_args(m: ModelSpec) -> list[str]:
+    """Sliding-window layers and attention sinks (gpt-oss). Transformer
+    Engine's window (left, 0) lets query i see keys i - left .. i, so a
+    window of W keys, the query's own included (Hugging Face's and the gpt-oss
+    reference's), is left = W - 1. --window-attn-skip-freq lists the layers,
+    1 windowed, 0 full (megatron-core transformer/utils.py
+    is_layer_window_attention). Sinks are megatron-core's learnable softmax
+    offset, one logit per head (softmax_type 'learnable')."""
+    args = []
+    if m.sliding_window:
+        args += ["--window-size", f"{m.sliding_window - 1},0", "--window-attn-skip-freq", _layer_pattern(m.window_layers)]
+    if m.attention_sinks:
+        args += ["--softmax-type", "learnable"]
+    return args
+
+
+def _layer_pattern(flags: tuple[bool, ...]) -> str:
+    """A per-layer 0/1 list as Megatron's list expression, its shortest
+    repeating unit times the repeats: ``([1,0]*18)``."""
+    bits = [int(flag) for flag in flags]
+    n = len(bits)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and bits == bits[:p] * (n // p))
+    return f"([{','.join(map(str, bits[:period]))}]*{n // period})"
 
 
 def _mla_args(m: ModelSpec) -> list[str]:
@@ -161,8 +194,8 @@ def _mla_args(m: ModelSpec) -> list[str]:
 
 
 def _moe_args(m: ModelSpec) -> list[str]:
-    """MoE layers: experts, router, the alltoall token dispatcher with grouped
-    GEMMs (what the time model prices), and the dense-then-MoE pattern as a
+    """MoE layers: experts, router, grouped GEMMs (what the time model
+    prices), and the dense-then-MoE pattern as a
     ``--moe-layer-freq`` list expression (DeepSeek-V3: ``([0]*3+[1]*58)``)."""
     moe = m.moe
     if moe is None:
@@ -171,7 +204,6 @@ def _moe_args(m: ModelSpec) -> list[str]:
         "--num-experts", str(moe.num_experts),
         "--moe-router-topk", str(moe.top_k),
         "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
-        "--moe-token-dispatcher-type", "alltoall",
         "--moe-grouped-gemm",
         "--moe-router-load-balancing-type", "aux_loss",
         "--moe-aux-loss-coeff", "1e-2",
@@ -182,6 +214,34 @@ def _moe_args(m: ModelSpec) -> list[str]:
         args += ["--moe-layer-freq", f"([0]*{moe.first_dense_layers}+[1]*{m.num_layers - moe.first_dense_layers})"]
     if m.mtp_layers:
         args += ["--mtp-num-layers", str(m.mtp_layers)]
+    return args
+
+
+def _moe_feature_args(job: Job) -> list[str]:
+    """The job's MoE features as megatron-core 0.16.1 names them
+    (megatron/training/arguments.py): the dispatcher (DeepEP and HybridEP are
+    the flex dispatcher's backends), token dropping, the fused kernels and
+    the two overlaps (the all-to-all overlap defers the weight gradients
+    with --delay-wgrad-compute, as Megatron-Bridge's moe_a2a_overlap does)."""
+    if job.model.moe is None:
+        return []
+    features = job.features
+    dispatcher = features.moe_token_dispatcher
+    args = ["--moe-token-dispatcher-type", "flex" if dispatcher in ("deepep", "hybridep") else dispatcher]
+    if dispatcher in ("deepep", "hybridep"):
+        args += ["--moe-flex-dispatcher-backend", dispatcher]
+    if features.moe_expert_capacity_factor is not None:
+        args += ["--moe-expert-capacity-factor", f"{features.moe_expert_capacity_factor:g}"]
+        if features.moe_pad_expert_input_to_capacity:
+            args.append("--moe-pad-expert-input-to-capacity")
+    if features.moe_router_fusion:
+        args.append("--moe-router-fusion")
+    if features.moe_permute_fusion:
+        args.append("--moe-permute-fusion")
+    if features.overlap_moe_expert_parallel_comm:
+        args += ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute"]
+    if features.moe_shared_expert_overlap:
+        args.append("--moe-shared-expert-overlap")
     return args
 
 
@@ -293,6 +353,12 @@ def _precision_args(job: Job, layout: Layout) -> list[str]:
     if features.cross_entropy_fusion != "none":
         args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", features.cross_entropy_fusion]
     backend = "flash" if features.flash_attention else "unfused"
+    if job.model.attention_sinks and features.flash_attention:
+        # Transformer Engine runs a learnable softmax offset in its cuDNN fused
+        # attention (and unfused), never in flash-attn (TE 2.9
+        # dot_product_attention/utils.py get_attention_backend: "Disabling
+        # FlashAttention for softmax_type").
+        backend = "fused"
     return [*args, "--attention-backend", backend]
 
 

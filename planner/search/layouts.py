@@ -24,12 +24,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
+
+import pydantic
 
 from loom.planner.cost.layers import shape_of
 from loom.planner.specs.errors import InfeasibleError
-from loom.planner.specs.job import Job
+from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import GiB, stage_memory
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
@@ -174,7 +176,51 @@ class _Scored:
 
 
 def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Rank the layouts of ``job``; raise InfeasibleError saying what binds."""
+    """Rank the layouts of ``job`` — for an MoE job, under each token
+    dispatcher its ``search.moe_token_dispatcher`` lists (each plan carries
+    its job, so its launch files name its dispatcher); raise
+    InfeasibleError saying what binds."""
+    variants = dispatcher_variants(job)
+    if len(variants) == 1:
+        return _search_layouts(variants[0], top_k, progress)
+    results, infeasible = [], []
+    for variant in variants:
+        try:
+            results.append(_search_layouts(variant, top_k, progress))
+        except InfeasibleError as error:
+            infeasible.append(error)
+    if not results:
+        raise infeasible[0]
+    return SearchResult(
+        plans=_ranked([plan for result in results for plan in result.plans])[:top_k],
+        candidates=sum(result.candidates for result in results),
+        feasible=sum(result.feasible for result in results),
+        wall_time_s=sum(result.wall_time_s for result in results),
+        solver="+".join(sorted({part for result in results for part in result.solver.split("+")}, key=lambda part: part != "enumeration")),
+        status="time_limit" if any(result.status == "time_limit" for result in results) else "optimal",
+        gap=max(result.gap for result in results),
+    )
+
+
+def dispatcher_variants(job: Job) -> list[Job]:
+    """``job`` once per token dispatcher its search lists ("auto": the job's
+    own); a dispatcher the job's other MoE features rule out is skipped
+    (Features' checks), so at least the job's own remains."""
+    wanted = job.search.moe_token_dispatcher
+    if job.model.moe is None or wanted == "auto":
+        return [job]
+    variants = []
+    for dispatcher in dict.fromkeys(wanted):
+        try:
+            features = Features(**{**job.features.model_dump(), "moe_token_dispatcher": dispatcher})
+        except pydantic.ValidationError:
+            continue
+        variants.append(replace(job, features=features))
+    return variants or [job]
+
+
+def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Rank the layouts of ``job`` as its features stand."""
     started = time.perf_counter()
     layouts = list(candidate_layouts(job))
     # Every layout fills the cluster, so they share Megatron's default placement,

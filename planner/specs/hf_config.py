@@ -123,6 +123,16 @@ class ConfigReader:
             return None
         return value
 
+    def str_list(self, key: str, choices: tuple[str, ...]) -> list[str] | None:
+        """A list of strings, each one of ``choices`` (e.g. ``layer_types``)."""
+        value = self.config.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or any(not isinstance(v, str) or v not in choices for v in value):
+            self.problems.append((self.field(key), f"a list of {' or '.join(repr(c) for c in choices)}", value))
+            return None
+        return value
+
     def valid(self, *keys: str) -> bool:
         """No problem recorded for any of ``keys`` (their values are real, not placeholders)."""
         fields = {self.field(key) for key in keys}

@@ -44,6 +44,10 @@ Framework = Literal["megatron", "deepspeed"]
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
 CrossEntropyFusion = Literal["none", "native", "te"]
 StackName = Literal["megatron-lm", "megatron-bridge"]
+# Megatron-Core's MoE token dispatchers (--moe-token-dispatcher-type, with
+# flex's --moe-flex-dispatcher-backend): NCCL all-to-all, all-gather +
+# reduce-scatter, or DeepEP's / HybridEP's fused kernels.
+Dispatcher = Literal["alltoall", "allgather", "deepep", "hybridep"]
 
 
 class Features(StrictModel):
@@ -75,6 +79,37 @@ class Features(StrictModel):
     # fused one, or Transformer Engine's (--cross-entropy-loss-fusion
     # --cross-entropy-fusion-impl native|te).
     cross_entropy_fusion: CrossEntropyFusion = "none"
+    # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
+    # capacity factor drops each expert's tokens beyond capacity_factor x its
+    # even share (None: dropless), and padding every expert to capacity gives
+    # static shapes (no per-layer device-to-host sync); the fused router and
+    # permutation kernels (--moe-router-fusion, --moe-permute-fusion); the
+    # all-to-all hidden behind another micro batch's compute
+    # (--overlap-moe-expert-parallel-comm with --delay-wgrad-compute) and the
+    # shared experts run beside the all-to-all (--moe-shared-expert-overlap).
+    moe_token_dispatcher: Dispatcher = "alltoall"
+    moe_expert_capacity_factor: rate(1_000, minimum=0.0) | None = None
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_router_fusion: bool = False
+    moe_permute_fusion: bool = False
+    overlap_moe_expert_parallel_comm: bool = False
+    moe_shared_expert_overlap: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _moe_combinations(self) -> Features:
+        """The combinations megatron-core 0.16.1's TransformerConfig refuses
+        (transformer_config.py __post_init__)."""
+        if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
+            raise ValueError("moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor")
+        if self.moe_pad_expert_input_to_capacity and self.moe_token_dispatcher == "deepep":
+            raise ValueError("moe_pad_expert_input_to_capacity with a dispatcher other than deepep (DeepEP cannot pad)")
+        if self.moe_shared_expert_overlap and self.moe_token_dispatcher != "alltoall":
+            raise ValueError("moe_shared_expert_overlap with moe_token_dispatcher alltoall (the only one that runs it)")
+        if self.overlap_moe_expert_parallel_comm and self.moe_token_dispatcher == "allgather":
+            raise ValueError("overlap_moe_expert_parallel_comm with moe_token_dispatcher alltoall, deepep or hybridep")
+        if self.moe_shared_expert_overlap and self.overlap_moe_expert_parallel_comm:
+            raise ValueError("one of moe_shared_expert_overlap and overlap_moe_expert_parallel_comm, not both")
+        return self
 
 
 Auto = Literal["auto"]
@@ -94,6 +129,9 @@ class SearchFile(StrictModel):
     recompute: list[Literal["none", "selective", "full"]] | Auto = "auto"
     distributed_optimizer: list[pydantic.StrictBool] | Auto = "auto"
     zero_stage: list[Literal[0, 1, 2, 3]] | Auto = "auto"
+    # MoE: the token dispatchers to try ("auto": features.moe_token_dispatcher
+    # only; DeepEP and HybridEP need their library installed).
+    moe_token_dispatcher: list[Dispatcher] | Auto = "auto"
 
 
 class JobFile(StrictModel):

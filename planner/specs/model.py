@@ -1,7 +1,8 @@
 """The model spec: a decoder-only transformer, read from a Hugging Face
 style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, GPT-2, GPT-NeoX; the
-mixture-of-experts Mixtral, Qwen3-MoE and DeepSeek-V3 with its latent
-attention), and optionally a vision tower feeding it (LLaVA: a CLIP ViT and
+mixture-of-experts Mixtral, Qwen3-MoE, DeepSeek-V2/V3 with their latent
+attention and gpt-oss with its sliding-window layers and attention sinks),
+and optionally a vision tower feeding it (LLaVA: a CLIP ViT and
 an MLP projector).
 
 Only what the memory and time models need is kept; names follow Megatron's
@@ -19,7 +20,21 @@ from loom.planner.specs.hf_config import LIMITS, MIN_VOCAB, ConfigReader
 from loom.profiles.catalogue import model_config_path, model_names
 
 # Families whose MLP is gated (SwiGLU) and which use RMSNorm, RoPE, no biases.
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "mixtral", "qwen3_moe", "deepseek_v3"}
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
+# gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
+# attention, router and experts, a clamped gated MLP, attention sinks, and
+# sliding-window attention on the layers ``layer_types`` names.
+GPT_OSS = {"gpt_oss"}
+# Families with latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1).
+MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
+# Families Megatron-LM's pretrain_gpt.py cannot build as published, and why:
+# loom would price one model and launch another.
+UNBUILDABLE = {
+    "olmoe": "a family Megatron-LM can build: OLMoE's QK norm normalises all heads' queries (and keys) together "
+             "(q_norm over hidden_size), megatron-core's --qk-layernorm each head on its own",
+    "phimoe": "a family Megatron-LM can build: Phi-3.5-MoE has biases on Q, K, V and the attention output and on the "
+              "LM head but none in its experts; Megatron has --add-qkv-bias or biases on every linear layer, and no LM-head bias",
+}
 # Families with a plain GeLU MLP, LayerNorm and biases everywhere.
 GPT_LIKE = {"gpt2", "gpt_neox"}
 # Vision-language models: a vision encoder, a projector, a language model.
@@ -38,18 +53,23 @@ class MoE:
     expert_ffn_hidden_size: int
     shared_ffn_hidden_size: int = 0  # all shared experts together
     first_dense_layers: int = 0
+    bias: bool = False  # biases on the router and in every expert (gpt-oss)
 
     def expert_params(self, hidden: int) -> int:
-        """One routed expert (gate, up and down projections)."""
-        return 3 * hidden * self.expert_ffn_hidden_size
+        """One routed expert (gate, up and down projections, and their biases)."""
+        f = self.expert_ffn_hidden_size
+        return 3 * hidden * f + (2 * f + hidden) * self.bias
+
+    def router_params(self, hidden: int) -> int:
+        return (hidden + self.bias) * self.num_experts
 
     def layer_params(self, hidden: int) -> int:
         """Router, routed and shared experts of one MoE layer."""
-        return hidden * self.num_experts + self.num_experts * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
+        return self.router_params(hidden) + self.num_experts * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
 
     def active_params(self, hidden: int) -> int:
         """The MLP weights one token multiplies in an MoE layer."""
-        return hidden * self.num_experts + self.top_k * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
+        return self.router_params(hidden) + self.top_k * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,18 @@ class ModelSpec:
     mla: MLA | None = None  # multi-head latent attention
     qk_norm: bool = False  # RMSNorm on each head's query and key (Qwen3)
     mtp_layers: int = 0  # multi-token prediction modules after the last layer (DeepSeek-V3)
+    # Sliding-window attention (gpt-oss): in the layers ``window_layers``
+    # marks, a query attends to itself and the sliding_window - 1 keys before
+    # it (Hugging Face's sliding_window; Beltagy et al. 2020, Longformer).
+    sliding_window: int | None = None
+    window_layers: tuple[bool, ...] = ()  # per layer, from layer_types; () with no window
+    attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+    glu_clamp: float | None = None  # gpt-oss's gated MLP: (up + 1) * gate * sigmoid(1.702 gate), both clamped at this
+
+    @property
+    def windowed_layers(self) -> int:
+        """How many layers attend within the sliding window."""
+        return sum(self.window_layers) if self.sliding_window else 0
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.first_dense_layers
@@ -174,7 +206,8 @@ class ModelSpec:
     def layer_params(self, moe: bool = False) -> int:
         """One decoder layer: attention, its MLP (dense, or MoE when ``moe``) and two norms."""
         mlp = self.moe.layer_params(self.hidden_size) if moe else self.mlp_params()
-        return self.attention_params() + mlp + 2 * self.norm_params() + 2 * self.head_dim * self.qk_norm
+        sinks = self.num_attention_heads * self.attention_sinks
+        return self.attention_params() + mlp + 2 * self.norm_params() + 2 * self.head_dim * self.qk_norm + sinks
 
     def embedding_params(self) -> int:
         positions = self.max_position_embeddings * self.hidden_size if self.learned_position_embeddings else 0
@@ -196,6 +229,19 @@ class ModelSpec:
         moe_layers = self.num_moe_layers
         layers = (self.num_layers - moe_layers) * self.layer_params() + (moe_layers and moe_layers * self.layer_params(moe=True))
         return layers + self.embedding_params() + self.head_params() + vision + self.mtp_params()
+
+    def active_params(self, input_embedding: bool = True) -> int:
+        """The weights one token multiplies: total_params less the routed
+        experts it is not sent to (in every MoE layer and MTP module).
+        Model cards differ on the input embedding (a lookup, not a GEMM):
+        Qwen, OLMoE and Phi count it, DeepSeek and OpenAI (gpt-oss) do not;
+        an output layer tied to it is counted either way."""
+        idle = 0
+        if self.moe is not None:
+            h, moe = self.hidden_size, self.moe
+            idle = (self.num_moe_layers + self.mtp_layers) * (moe.layer_params(h) - moe.active_params(h))
+        embedding = 0 if input_embedding or self.tied_embeddings else self.embedding_params()
+        return self.total_params() - idle - embedding
 
 
 @dataclass(frozen=True)
@@ -282,9 +328,12 @@ def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
 def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     """A decoder-only language model of a family loom reads."""
     family = read.str("model_type")
-    if family not in LLAMA_LIKE | GPT_LIKE:
+    if family in UNBUILDABLE:
+        read.require(False, "model_type", UNBUILDABLE[family], family)
+        read.check()
+    if family not in LLAMA_LIKE | GPT_LIKE | GPT_OSS:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
-        read.require(False, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | VISION_LANGUAGE)}{where}", family)
+        read.require(False, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | GPT_OSS | VISION_LANGUAGE)}{where}", family)
         read.check()
     hidden = read.int("hidden_size", "n_embd", high=LIMITS["width"])
     heads = read.int("num_attention_heads", "n_head", high=LIMITS["heads"])
@@ -295,7 +344,13 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     read.require(heads % kv_heads == 0, "num_key_value_heads", f"a divisor of {heads} attention heads", kv_heads,
                  given=("num_attention_heads", "n_head", "num_key_value_heads"))
     num_layers = read.int("num_hidden_layers", "n_layer", high=LIMITS["layers"])
-    llama_like = family in LLAMA_LIKE
+    gpt_oss = family in GPT_OSS
+    llama_like = family in LLAMA_LIKE or gpt_oss
+    if gpt_oss:
+        # Megatron's add_bias_linear puts biases on every linear layer at once:
+        # gpt-oss's experts and router always have them, so its attention must too.
+        read.require(read.bool("attention_bias", True), "attention_bias", "true for gpt_oss (its experts and router have biases; "
+                     "Megatron biases all linear layers or none)", False)
     # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
     dropout = read.number("resid_pdrop", "hidden_dropout", default=0.1 if family == "gpt2" else 0.0, high=1.0, below_high=True)
     spec = ModelSpec(
@@ -310,7 +365,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         gated_mlp=llama_like,
         tied_embeddings=read.bool("tie_word_embeddings", family == "gpt2"),
         learned_position_embeddings=family == "gpt2",
-        linear_bias=not llama_like,
+        linear_bias=not llama_like or gpt_oss,
         qkv_bias=family == "qwen2",
         normalization="RMSNorm" if llama_like else "LayerNorm",
         dropout=dropout,
@@ -318,16 +373,35 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         rope_theta=read.number("rope_theta", "rotary_emb_base", default=10000.0, high=1e12, above_low=True),
         norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5, high=1.0, above_low=True, below_high=True),
         moe=_moe(read, family, num_layers),
-        mla=_mla(read) if family == "deepseek_v3" else None,
+        mla=_mla(read) if family in MLA_FAMILIES else None,
         qk_norm=family == "qwen3_moe",
         mtp_layers=read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]),
     )
+    if gpt_oss:
+        window, layers = _sliding_window(read, num_layers)
+        spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
+                       glu_clamp=read.number("swiglu_limit", default=7.0, high=1e6, above_low=True))
     return spec
 
 
+def _sliding_window(read: ConfigReader, num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    """gpt-oss: ``sliding_window`` keys (the query's own included) on the
+    layers ``layer_types`` marks "sliding_attention", full causal attention
+    on the "full_attention" ones (transformers' GptOssConfig; without
+    layer_types, every other layer from the first is windowed)."""
+    window = read.int("sliding_window", default=0, low=1, high=LIMITS["positions"]) or None
+    types = read.str_list("layer_types", ("sliding_attention", "full_attention"))
+    if types is None:
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    read.require(len(types) == num_layers, "layer_types", f"one entry per layer ({num_layers})", len(types), given=("num_hidden_layers",))
+    layers = tuple(kind == "sliding_attention" for kind in types[:num_layers])
+    read.require(window is not None or not any(layers), "sliding_window", "the window of the layers layer_types marks sliding_attention")
+    return (window, layers) if window and any(layers) else (None, ())
+
+
 def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
-    """Mixtral: num_local_experts, the expert width in intermediate_size.
-    Qwen3-MoE and DeepSeek-V3: num_experts / n_routed_experts and
+    """Mixtral and gpt-oss: num_local_experts, the expert width in
+    intermediate_size (gpt-oss: with biases). Qwen3-MoE and DeepSeek-V2/V3: num_experts / n_routed_experts and
     moe_intermediate_size; DeepSeek's first_k_dense_replace layers are dense
     and every later one is MoE (moe_layer_freq 1)."""
     if not read.has("num_local_experts", "num_experts", "n_routed_experts"):
@@ -338,7 +412,7 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
                      "an MoE MLP in every layer (loom prices interleaved dense layers only at the start)")
     read.require(read.config.get("moe_layer_freq", 1) == 1, "moe_layer_freq", "1 (an MoE MLP in every layer after the dense ones)",
                  read.config.get("moe_layer_freq"))
-    width_key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    width_key = "intermediate_size" if family in ("mixtral", "gpt_oss") else "moe_intermediate_size"
     top_k = read.int("num_experts_per_tok", high=LIMITS["experts"])
     read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
                  given=("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"))
@@ -352,6 +426,7 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
         expert_ffn_hidden_size=width,
         shared_ffn_hidden_size=read.int("n_shared_experts", default=0, low=0, high=LIMITS["experts"]) * width,
         first_dense_layers=min(first_dense, num_layers - 1),
+        bias=family in GPT_OSS,
     )
 
 

@@ -29,6 +29,8 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         stage_ranks = layout.tp * layout.cp * layout.dp
         need(stage_ranks % (layout.ep * layout.etp) == 0, "ep", f"ep x etp dividing a stage's tp x cp x dp = {stage_ranks} ranks", layout.ep * layout.etp)
         need(layout.tp == 1 or layout.sequence_parallel, "sequence_parallel", "on with tp > 1 for MoE (Megatron requires it)", layout.sequence_parallel)
+        problems += _moe_feature_problems(job, layout)
+        need(layout.etp == 1 or not model.moe.bias, "etp", "1 for experts with biases (megatron-core: 'Bias in Moe is only supported when ETP==1')", layout.etp)
     need(model.num_attention_heads % layout.tp == 0, "tp", f"a divisor of {model.num_attention_heads} attention heads", layout.tp)
     need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
     chunks = layout.pp * layout.vpp
@@ -49,6 +51,11 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     need(not layout.sequence_parallel or layout.tp > 1, "sequence_parallel", "only with tp > 1", layout.sequence_parallel)
     need(layout.vpp == 1 or layout.pp > 1, "vpp", "1 unless pp > 1", layout.vpp)
     need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's CP needs it)", layout.cp)
+    # Transformer Engine runs attention sinks under CP only with a2a
+    # communication and sliding windows only with a2a or all-gather (TE 2.9
+    # get_attention_backend, attn_forward_func_with_cp), not the ring loom prices.
+    need(layout.cp == 1 or not (model.sliding_window or model.attention_sinks), "cp",
+         f"1 for {model.name} (Transformer Engine runs its sliding window and attention sinks under CP only with a2a, which loom does not price)", layout.cp)
     if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
         need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
     _recompute_problems(job, layout, need)
@@ -93,3 +100,21 @@ def _recompute_problems(job: Job, layout: Layout, need) -> None:
         most = -(-model.num_layers // (layout.pp * layout.vpp))
         need(0 < layout.recompute_num_layers <= most, "recompute_num_layers",
              f"from 1 to the {most} layers of a model chunk (0 recomputes every layer)", layout.recompute_num_layers)
+
+
+def _moe_feature_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
+    """What the job's MoE features need of the layout (megatron-core 0.16.1
+    transformer_config.py __post_init__ and moe/token_dispatcher.py)."""
+    features, problems = job.features, []
+    if features.moe_token_dispatcher in ("deepep", "hybridep") and layout.ep * layout.etp == 1:
+        problems.append(("ep", "more than 1 with the flex dispatcher ('Flex token dispatcher requires TPxEP > 1')", layout.ep))
+    if features.overlap_moe_expert_parallel_comm:
+        if layout.ep == 1:
+            problems.append(("ep", "more than 1 with overlap_moe_expert_parallel_comm", layout.ep))
+        if layout.pp > 1 and layout.vpp == 1:
+            problems.append(("vpp", "more than 1 with overlap_moe_expert_parallel_comm and pp > 1", layout.vpp))
+        if layout.recompute == "full":
+            problems.append(("recompute", "not full with overlap_moe_expert_parallel_comm", layout.recompute))
+        if job.model.mtp_layers and layout.pp == 1:
+            problems.append(("pp", "more than 1 with overlap_moe_expert_parallel_comm and multi-token prediction", layout.pp))
+    return problems

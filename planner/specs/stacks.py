@@ -45,10 +45,13 @@ STACKS = {
             # fp8_param_gather True; utils/overrides.py sets
             # cross_entropy_fusion_impl "te"; the Llama recipes'
             # CommOverlapConfig(tp_comm_overlap=True)).
+            # Its MoE providers turn on the fused router and permutation
+            # (Qwen3 provider moe_permute_fusion=True; set_qwen3_common_configs
+            # moe_router_fusion=True; scripts/performance, v0.3.0).
             features=dict(grad_reduce_in_fp32=False, fp8_recipe="tensorwise", fp8_param_gather=True,
-                          cross_entropy_fusion="te", tp_comm_overlap=True),
+                          cross_entropy_fusion="te", tp_comm_overlap=True, moe_router_fusion=True, moe_permute_fusion=True),
             source="Megatron-Bridge v0.3.1 scripts/performance (perf recipes: grad_reduce_in_fp32 False, "
-                   "fp8 current scaling with fp8_param_gather, TE fused cross-entropy, TP comm overlap)",
+                   "fp8 current scaling with fp8_param_gather, TE fused cross-entropy, TP comm overlap, fused MoE router and permutation)",
         ),
     )
 }
