@@ -16,12 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from loom.cli.common import OneLineErrors, err, run
+from loom.cli.common import OneLineErrors, check_output, err, run
 from loom.cli.experts import experts
 from loom.cli.explain import explain
 from loom.cli.profile import profile_app
 from loom.cli.render import show
-from loom.planner.output.files import check_out_folder, write_file_set
+from loom.planner.output.files import write_file_set
 from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
@@ -64,16 +64,17 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     parsed_gates = [parse_gate(text) for text in gates]
     for warning in job_warnings(job):
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    # The report leaves out the wall time (plan prints it on stderr) so that the
+    # same inputs print the same bytes; plan.json is the very same text.
+    report = report_json(build_report(plans, _timeless(info)))
     if as_json:
-        typer.echo(report_json(build_report(plans, info)), nl=False)
+        typer.echo(report, nl=False)
     else:
         show(Console(), plans, f"{job.model.name} on {job.cluster.num_gpus} x {job.cluster.slowest.gpu.name} ({job.framework})")
     if out is not None:
         best = plans[0]
         files = launch_files(job, best.layout, list(best.stages), best.placement)
-        # plan.json leaves out the wall time so that the same inputs give the same files.
-        timeless = info.model_copy(update={"wall_time_s": None})
-        write_file_set(out, {**files, "plan.json": report_json(build_report(plans, timeless))})
+        write_file_set(out, {**files, "plan.json": report})
         if not files:
             err.print(f"[yellow]note:[/yellow] no launch files for {escape(job.model.name)} (vision-language models are planned, not launched, for now)")
         if not as_json:
@@ -95,11 +96,16 @@ LAYOUT_FLAGS = {
 }
 
 
+def _timeless(info: SearchInfo) -> SearchInfo:
+    """``info`` without its wall time, which differs run to run."""
+    return info.model_copy(update={"wall_time_s": None})
+
+
 def _show(plan_: Plan, info: SearchInfo, as_json: bool) -> None:
     """The report or the table of one plan, on stdout."""
     job = plan_.job
     if as_json:
-        typer.echo(report_json(build_report([plan_], info)), nl=False)
+        typer.echo(report_json(build_report([plan_], _timeless(info))), nl=False)
     else:
         show(Console(), [plan_], f"{job.model.name} on {job.cluster.num_gpus} x {job.cluster.slowest.gpu.name} ({job.framework})")
 
@@ -174,8 +180,7 @@ def plan(
 
     def action() -> None:
         parsed = [parse_gate(text) for text in gates]  # bad gates are bad input: fail before searching
-        if out is not None:
-            check_out_folder(out)
+        check_output(out)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack, top_k=top_k,
                                       profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))
@@ -190,6 +195,7 @@ def plan(
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
                           solver=result.solver, status=result.status, gap=result.gap)
+        err.print(f"searched {result.candidates:,} layouts ({result.feasible:,} fit) in {result.wall_time_s:.2f} s")
         _finish(result.plans, info, out, as_json, gates)
 
     run(action)
@@ -231,8 +237,7 @@ def evaluate(
     def action() -> None:
         for text in gates:
             parse_gate(text)
-        if out is not None:
-            check_out_folder(out)
+        check_output(out)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack,
                                       profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))

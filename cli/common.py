@@ -7,14 +7,18 @@ here imports a subcommand."""
 from __future__ import annotations
 
 import os
+import sys
 import traceback
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import MissingParameter  # typer vendors click (0.29: not re-exported)
 from typer.core import TyperGroup
 from rich.markup import escape
 
+from loom.planner.output.files import check_out_folder, check_writable
 from loom.planner.specs.errors import INTERNAL_ERROR_EXIT_CODE, InfeasibleError, SpecError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -46,6 +50,24 @@ def run(action: Callable[[], None]) -> None:
         raise typer.Exit(INTERNAL_ERROR_EXIT_CODE) from None
 
 
+def check_output(path: Optional[Path], flag: str = "--out", *, folder: bool = True) -> None:
+    """Before any work: an output ``folder`` (a set of files loom may
+    replace, see check_out_folder) or file at ``path`` can be written, or bad
+    input naming ``flag``; any OSError on the way (/proc/x, /sys/x, a name too
+    long, no permission) too. Nothing is created. None: no output asked for."""
+    if path is None:
+        return
+    path = Path(path)
+    try:
+        if folder:
+            check_out_folder(path, flag)
+        elif path.is_dir():
+            raise SpecError(flag, flag.lstrip("-"), "a file name (it is a folder)", str(path))
+        check_writable(path, flag)
+    except OSError as error:
+        what = "a folder" if folder else "a file"
+        raise SpecError(flag, flag.lstrip("-"), f"{what} loom can write ({error.strerror or error})", str(path)) from None
+
 
 class OneLineErrors(TyperGroup):
     """The ``loom`` group, whose command-line errors (an unknown flag, a value
@@ -61,7 +83,7 @@ class OneLineErrors(TyperGroup):
             if "\n" in message:  # the help of a group called without a command
                 err.print(escape(message))
             else:
-                where = getattr(getattr(error, "ctx", None), "command_path", "loom")
+                where = getattr(getattr(error, "ctx", None), "command_path", None) or self._command_path(args)
                 err.print(f"[red]error:[/red] {escape(_flag_first(error, message))} (see {escape(where)} --help)")
             code = getattr(error, "exit_code", 2)
         except typer.Abort:
@@ -71,13 +93,31 @@ class OneLineErrors(TyperGroup):
             return code
         raise SystemExit(code or 0)
 
+    def _command_path(self, args: list[str] | None) -> str:
+        """The (sub)command the words of ``args`` name, for errors click
+        raises before it has entered that command (``loom plan --top-k``)."""
+        words, group = ["loom"], self
+        for arg in sys.argv[1:] if args is None else args:
+            command = group.commands.get(arg) if hasattr(group, "commands") else None
+            if command is None:
+                break
+            words.append(arg)
+            group = command
+        return " ".join(words)
+
 
 def _flag_first(error: typer.TyperException, message: str) -> str:
     """A value the flag's type refused, said the way loom's own errors are:
     ``--tp: expected a valid integer`` rather than ``Invalid value for
-    '--tp': Input should be a valid integer``."""
+    '--tp': Input should be a valid integer``; a missing one as
+    ``--out: expected a value (it is required)``."""
     param = getattr(error, "param", None)
     if not isinstance(error, typer.BadParameter) or param is None or not param.opts:
         return message
+    name = param.opts[0] if param.param_type_name == "option" else param.name.upper()  # an argument as --help shows it
+    if isinstance(error, MissingParameter):  # its message is empty: click words it in format_message
+        return f"{name}: expected {'a value' if param.param_type_name == 'option' else 'an argument'} (it is required)"
     said = error.message
-    return f"{param.opts[0]}: " + ("expected " + said.removeprefix("Input should be ") if said.startswith("Input should be ") else said)
+    if not said:
+        return message
+    return f"{name}: " + ("expected " + said.removeprefix("Input should be ") if said.startswith("Input should be ") else said)

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from loom.cli.common import err, run
-from loom.cli.render import short_count, titled_table
+from loom.cli.common import check_output, err, run
+from loom.cli.render import short_count, titled_table, whole_figures
 
 # solvers/experts.py's CROSS_NODE_COST and CROSS_GPU_COST (and why), repeated
 # here so that loading the CLI does not load CP-SAT; tests/test_experts.py checks they agree.
@@ -50,6 +50,7 @@ def experts(
         from loom.solvers import experts as solver
 
         check_run_flags(time_limit, dense_layers)
+        check_output(out)
         problem = expert_problem(loads, slots_per_gpu, ep_size, gpus_per_node, cluster, trace, cross_node_cost, cross_gpu_cost)
         methods = {"contiguous": solver.evaluate(problem, solver.contiguous_slots(problem))}
         greedy_rows = problem.greedy_rows
@@ -84,4 +85,4 @@ def _table(problem, methods: dict, traced: bool):
         table.add_row(name, f"{figures.max_load_tokens / problem.layers:,.1f}", f"{figures.mean_load_tokens / problem.layers:,.1f}",
                       f"{figures.imbalance:.3f}", *crossing, short_count(figures.objective))
     table.caption = "load: routed tokens on a GPU per layer (busiest, mean); cross-node/-GPU: routed tokens over all layer pairs (needs --trace)"
-    return table
+    return whole_figures(table)

@@ -12,9 +12,8 @@ import typer
 from rich.console import Console
 
 from loom.cli import figures
-from loom.cli.common import err, run
+from loom.cli.common import check_output, err, run
 from loom.cli.render import explain_tables
-from loom.planner.output.files import check_file_target
 from loom.planner.output.report import PlanReport, read_report
 from loom.planner.schedule.simulate import MAX_OPS, SCHEDULES, PipelineCosts, Simulation, simulate
 from loom.planner.specs.errors import SpecError
@@ -37,7 +36,7 @@ def explain(
                 if path.suffix.lower() not in FIGURE_SUFFIXES:
                     raise SpecError(flag, flag.lstrip("-"), "a .png, .svg or .html file", str(path))
                 figures.require_matplotlib(flag)
-                check_file_target(path, flag)
+                check_output(path, flag, folder=False)
         report = read_report(plan_file)
         if plan_index > len(report.plans):
             raise SpecError("--plan", "plan", f"at most {len(report.plans)} (the plans in {plan_file})", plan_index)

@@ -13,6 +13,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from rich.markup import escape
+
+from loom.cli.common import err
 from loom.planner.output.files import write_file
 from loom.planner.specs.errors import SpecError
 from loom.planner.schedule.simulate import COMPUTE_KINDS, Event, Simulation
@@ -227,3 +230,4 @@ def save(fig, path: Path, flag: str) -> None:
         write_file(path, fill, flag)
     finally:
         _pyplot().close(fig)
+    err.print(f"wrote {escape(str(path))}")

@@ -13,8 +13,8 @@ import typer
 from rich.markup import escape
 from rich.progress import Progress
 
-from loom.cli.common import err, run
-from loom.cli.render import figure, titled_table
+from loom.cli.common import check_output, err, run
+from loom.cli.render import figure, titled_table, whole_figures
 from loom.planner.output.files import write_text_file
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.model import load_model
@@ -55,6 +55,7 @@ def layers(
     """Time each layer kind forward and backward and count the bytes it keeps for backward."""
 
     def action() -> None:
+        check_output(out, folder=False)
         spec = load_model(model)
         layer_profiler = _torch_module("layers")
         from loom.profiles.torch_blocks import KINDS
@@ -84,7 +85,7 @@ def layers(
             table.add_row(e.kind, str(e.tp), str(e.micro_batch_size), str(e.seq_length),
                           *map(figure, (e.forward.median_s * 1e3, e.estimated_forward_s * 1e3, e.backward.median_s * 1e3, e.estimated_backward_s * 1e3,
                                         e.saved_bytes["none"] / MiB, e.estimated_saved_bytes["none"] / MiB)))
-        err.print(table)
+        err.print(whole_figures(table))
         err.print(f"wrote {escape(str(out))}: {len(entries)} layer shapes")
 
     run(action)
@@ -104,6 +105,7 @@ def gemm(
     """Time the GEMMs of a model's layers and fit the time model's GEMM efficiency curve to them."""
 
     def action() -> None:
+        check_output(out, folder=False)
         spec = load_model(model)
         gemm_profiler = _torch_module("gemm")
         torch_device, gpu_entry = _device_and_gpu(device, gpu, _dtype(dtype))

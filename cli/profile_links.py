@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.progress import Progress
 
-from loom.cli.common import err, run
+from loom.cli.common import check_output, err, run
 from loom.cli.profile_layers import RepeatsOpt, WarmupOpt
 from loom.planner.output.files import write_text_file
 from loom.profiles.links import LinkSettings, launch_from_env, measure_links
@@ -36,6 +36,7 @@ def links(
     Run it under torchrun or srun, one process per GPU."""
 
     def action() -> None:
+        check_output(out, folder=False)  # on every rank: all stop alike, none waits for the others
         launch = launch_from_env()
         settings = LinkSettings(message_bytes=message_bytes, repeats=repeats, warmup=warmup, max_group_size=max_group_size)
         with Progress(console=err, transient=True, disable=launch.rank != 0 or not err.is_terminal) as bar:
@@ -58,6 +59,7 @@ def nccl_tests(
     """Import nccl-tests logs (any *_perf binary) into one profile JSON."""
 
     def action() -> None:
+        check_output(out, folder=False)
         runs = [read_nccl_tests_log(path) for path in logs]
         write_text_file(out, nccl_tests_json(runs), "--out")
         for log in runs:

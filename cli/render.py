@@ -22,15 +22,29 @@ def titled_table(title: str, caption: str | None = None) -> Table:
                  collapse_padding=True, min_width=len(title))
 
 
+def whole_figures(table: Table) -> Table:
+    """Figures are never cut: each right-aligned (numeric) column keeps the
+    width of its widest cell; when a row is too wide for the terminal the
+    text columns wrap instead (a long layout label onto a second line)."""
+    for column in table.columns:
+        if column.justify == "right":
+            column.no_wrap = True
+            column.min_width = max(len(str(cell)) for cell in [column.header, *column.cells])
+        else:
+            column.no_wrap, column.overflow = False, "fold"
+    return table
+
+
 def plans_table(plans: list[Plan], title: str) -> Table:
     """The ranked plans, one line each, 80 columns wide for labels up to ~40
-    characters: the layout never wraps; a legend of its words below."""
+    characters (a longer label wraps; the figures are never cut); a legend
+    of its words below."""
     capacity_GiB = plans[0].capacity_bytes / GiB
     table = titled_table(f"{title}, {capacity_GiB:.1f} GiB per GPU")
     placed = any(plan.placement_solve for plan in plans)
     columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"), ("GiB", "right")]
     for column, justify in columns + ([("placed", "right")] if placed else []):
-        table.add_column(column, justify=justify, no_wrap=True)
+        table.add_column(column, justify=justify)
     for rank, plan in enumerate(plans, start=1):
         row = [
             str(rank),
@@ -48,7 +62,7 @@ def plans_table(plans: list[Plan], title: str) -> Table:
     if plans[0].job.profiles:
         captions.append(_profile_caption(plans[0]))
     table.caption = "\n".join(captions)
-    return table
+    return whole_figures(table)
 
 
 def figure(value: float) -> str:
@@ -101,7 +115,7 @@ def breakdown_table(plan: Plan) -> Table:
         table.add_row(t[0], "" if t[1] is None else f"{t[1]:.3f}", m[0], "" if m[1] is None else f"{m[1] / GiB:.2f}")
     stages = ", ".join(str(stage.num_layers) for stage in plan.stages)
     table.caption = f"layers per stage: {stages}"
-    return table
+    return whole_figures(table)
 
 
 def show(console: Console, plans: list[Plan], title: str) -> None:
@@ -131,4 +145,4 @@ def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
             str(report.index), str(report.layers), f"{peak / GiB:.1f}", f"{plan.memory.capacity_bytes / GiB:.1f}",
             str(in_flight), f"{busy:.3f}", f"{simulation.pipeline_time_s - busy:.3f}",
         )
-    return [times, stages]
+    return [whole_figures(times), whole_figures(stages)]

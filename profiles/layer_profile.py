@@ -157,6 +157,27 @@ class LayersDocument(Measured):
     model: ModelDims
     entries: list[LayerEntry] = pydantic.Field(min_length=1)
 
+    @pydantic.model_validator(mode="after")
+    def _entries_are_this_models(self) -> LayersDocument:
+        """Each entry's per-rank sizes are the model's split as its own tp,
+        ep, etp, micro batch and sequence say (profiles/layers.py rank_dims):
+        a profile cannot claim one model and time another."""
+        m = self.model
+        for i, entry in enumerate(self.entries):
+            t, tokens = entry.tp, entry.micro_batch_size * entry.seq_length
+            expected = {
+                "tokens": tokens, "local_tokens": tokens // t if entry.sequence_parallel else tokens, "hidden_size": m.hidden_size,
+                "heads": m.num_attention_heads // t, "query_groups": m.num_query_groups // t, "head_dim": m.head_dim,
+                "ffn_hidden_size": m.ffn_hidden_size // t, "vocab_size": m.vocab_size // t,
+                "local_experts": m.num_experts // entry.ep if m.num_experts else None,
+                "expert_ffn_hidden_size": m.expert_ffn_hidden_size // entry.etp if m.expert_ffn_hidden_size else None,
+            }
+            for field, value in expected.items():
+                if getattr(entry.dims, field) != value:
+                    raise ValueError(f"entries.{i}.dims.{field} = {value} (model.{field if field in ModelDims.model_fields else 'dims'} "
+                                     f"split by the entry's own parallel sizes), not {getattr(entry.dims, field)}")
+        return self
+
 
 def gemm_tflops(m: int, n: int, k: int, seconds: float) -> float:
     """TFLOP/s of an (m x k) @ (k x n) GEMM that took ``seconds``: 2mnk / seconds / 1e12."""

@@ -180,3 +180,87 @@ def test_a_field_given_twice_is_bad_input(tmp_path):
 def test_a_bad_flag_value_is_blamed_on_the_flag(flag, value):
     result = invoke("plan", flag, value)
     assert result.exit_code == 2 and f"{flag}: expected" in one_line(result)
+
+
+# --- outputs that cannot be written, reproducible --json, missing arguments ---------------
+
+UNWRITABLE = [pytest.param("/proc/nope", id="proc"), pytest.param("/sys/x", id="sys"), pytest.param("x" * 300, id="name-too-long"),
+              pytest.param("runs/" + "y" * 300 + "/out", id="folder-name-too-long")]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """The search (and the expert solver) fail the test if reached: --out is checked first."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the work started before --out was checked")
+
+    monkeypatch.setattr("loom.cli.app.search", reached)
+    monkeypatch.setattr("loom.planner.search.experts.expert_problem", reached)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and /sys are Linux's")
+@pytest.mark.parametrize("out", UNWRITABLE)
+@pytest.mark.parametrize("command", ["plan", "evaluate", "experts"])
+def test_an_out_loom_cannot_write_is_bad_input_before_any_work(tmp_path, monkeypatch, nothing_runs, out, command):
+    """/proc, /sys or a name too long: once FileNotFoundError, PermissionError
+    or OSError after the search (exit 4); now exit 2 naming --out, first."""
+    monkeypatch.chdir(tmp_path)
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps([[5, 1, 1, 1]]))
+    args = {"plan": ["plan"], "evaluate": ["evaluate"], "experts": ["experts", loads, "--slots-per-gpu", "2", "--ep-size", "2"]}[command]
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert one_line(result).startswith("error: --out:")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["loads.json"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and /sys are Linux's")
+@pytest.mark.parametrize("out", UNWRITABLE)
+def test_a_profile_or_figure_loom_cannot_write_is_bad_input_naming_its_flag(plan_json, tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "missing.log"  # never read: --out is checked first
+    result = invoke("profile", "nccl-tests", log, "--out", f"{out}.json")
+    assert result.exit_code == 2 and one_line(result).startswith("error: --out:")
+    result = invoke("explain", plan_json, "--timeline", f"{out}.png")
+    assert result.exit_code == 2 and one_line(result).startswith("error: --timeline:")
+
+
+def test_writing_a_file_set_where_nothing_can_be_created_is_bad_input(tmp_path):
+    """The write itself (the folder may change after the check): SpecError, not OSError."""
+    from loom.planner.output.files import write_file_set, write_text_file
+    from loom.planner.specs.errors import SpecError
+
+    with pytest.raises(SpecError, match="--out"):
+        write_file_set(tmp_path / ("z" * 300), {"a.txt": "a\n"})
+    with pytest.raises(SpecError, match="--out"):
+        write_text_file(tmp_path / ("z" * 300), "a\n", "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_is_byte_identical_across_runs_and_is_plan_json(tmp_path):
+    """--json once carried the search's wall time (plan.json a null there):
+    two runs differed and the README's 'plan.json is the report --json
+    prints' was not true. The wall time is on stderr."""
+    first = invoke("plan", "--json", "--out", tmp_path / "a")
+    second = invoke("plan", "--json")
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert first.stdout_bytes == second.stdout_bytes
+    assert (tmp_path / "a" / "plan.json").read_bytes() == first.stdout_bytes
+    assert json.loads(first.stdout)["search"]["wall_time_s"] is None
+    assert "searched" in first.stderr and " s" in first.stderr
+
+
+@pytest.mark.parametrize("args, missing", [
+    (["profile", "gemm", "llama-3-8b", "--gpu", "H100-SXM5-80GB"], "--out"),
+    (["experts", "loads.json"], "--slots-per-gpu"),
+    (["experts", "--slots-per-gpu", "2"], "LOADS"),
+    (["explain"], "PLAN_FILE"),
+    (["profile", "nccl-tests", "--out", "n.json"], "LOGS"),
+])
+def test_a_missing_required_argument_says_it_is_required(args, missing):
+    """Once ``error: --out:  (see ...)``: the flag, then nothing."""
+    result = invoke(*args)
+    assert result.exit_code == 2
+    line = one_line(result)
+    assert line.startswith(f"error: {missing}: expected ") and "required" in line, line

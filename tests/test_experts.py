@@ -214,6 +214,10 @@ def test_cli_reads_a_cluster_file(tmp_path, inputs):
     assert result.exit_code == 0, result.output
     document = ExpertMap.model_validate_json((tmp_path / "out" / MAP_FILE).read_text())
     assert document.ep_size == 4 and document.node_of_rank == [0, 0, 1, 1]
+    # The cluster says how many GPUs a node has: --gpus-per-node beside it contradicts or repeats it.
+    result = run_experts(str(inputs["loads"]), "--cluster", str(cluster), "--gpus-per-node", "4", "--slots-per-gpu", "4",
+                         "--out", str(tmp_path / "other"))
+    assert result.exit_code == 2 and "--gpus-per-node" in result.output and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(
@@ -386,3 +390,10 @@ def test_evaluate_matches_the_dense_flow():
     assert figures.cross_node_tokens == pytest.approx(flow[:, off_node].sum(), rel=1e-12)
     assert figures.cross_gpu_tokens == pytest.approx(flow[:, ~np.eye(problem.gpus, dtype=bool)].sum(), rel=1e-12)
     assert figures.cross_node_tokens > 0
+
+
+@pytest.mark.parametrize("values", [np.array([[1 + 2j, 3]]), np.array([[True, False]]), np.array([["1", "2"]])])
+def test_loads_that_are_not_real_numbers_are_refused(tmp_path, values):
+    np.save(tmp_path / "loads.npy", values)
+    result = run_experts(str(tmp_path / "loads.npy"), "--ep-size", "2", "--slots-per-gpu", "1")
+    assert result.exit_code == 2 and "real numbers" in result.output and "Warning" not in result.output

@@ -189,6 +189,7 @@ def test_a_long_timeline_file_is_written(plan_json, tmp_path):
     for name in ("t.png", "t.html"):
         result = explain(path, "--timeline", tmp_path / name)
         assert result.exit_code == 0, result.output
+        assert f"wrote {tmp_path / name}" in " ".join(result.output.split())  # says where the figure went
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "compute ops in between not drawn" in (tmp_path / "t.html").read_text()
 

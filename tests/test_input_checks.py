@@ -6,6 +6,7 @@ legal, a plan."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,27 @@ def test_an_ffn_narrower_than_tp_is_refused_not_divided_by_zero(tmp_path):
     assert_bad(run(tmp_path, "--tp", "8", config={**LLAMA, "intermediate_size": 4}), "--tp")
 
 
+MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+           "intermediate_size": 688, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 1000, "max_position_embeddings": 4096}
+
+
+def test_an_ffn_width_tp_does_not_divide_is_refused_naming_tp(tmp_path):
+    """Megatron splits the FFN evenly over TP (divide() asserts it); 7 // 2
+    would have been priced and 7 // 8 divided by zero (exit 4)."""
+    config = {**LLAMA, "num_key_value_heads": 8, "intermediate_size": 7}
+    assert_bad(run(tmp_path, "--tp", "8", "--dp", "1", config=config), "--tp", "FFN width 7")
+    assert_bad(run(tmp_path, "--tp", "2", "--dp", "1", config=config), "--tp", "FFN width 7")
+
+
+@pytest.mark.parametrize("config", [{**LLAMA, "num_key_value_heads": 8, "intermediate_size": 7},
+                                    {**MIXTRAL, "intermediate_size": 7}], ids=["dense", "moe"])
+def test_a_tiny_ffn_plans_only_layouts_whose_tp_divides_it(tmp_path, config):
+    run(tmp_path, config=config)  # writes the files
+    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {plan["parallel"]["tp"] for plan in json.loads(result.stdout)["plans"]} == {1}
+
+
 def test_a_llava_config_nests_its_text_model(tmp_path):
     """LLaVA's published config keeps the language model under text_config,
     leaving out what LlamaConfig defaults: it plans."""
@@ -100,6 +122,31 @@ def test_a_llava_config_nests_its_text_model(tmp_path):
 ])
 def test_a_cluster_that_cannot_be(tmp_path, change, field):
     assert_bad(run(tmp_path, cluster={**CLUSTER, **change}), "cluster.yaml", field)
+
+
+@pytest.mark.parametrize("host", ["", "a; rm -rf ~", "b c", "$(touch /tmp/pwned)", "`id`", "a'b", "-gpu", "gpu-", "a..b", ".a", "a_b",
+                                  "node\nx", "g" * 64, ".".join(["g" * 63] * 4)])
+def test_a_host_that_is_not_a_host_name_is_refused_naming_its_index(tmp_path, host):
+    """Hosts go into #SBATCH --nodelist, train.sh and hostfile: RFC 1123
+    names only (an empty one crashed building the report, exit 4; a ``;`` or
+    ``$(...)`` went into the scripts)."""
+    out = tmp_path / "out"
+    result = run(tmp_path, "--out", str(out), cluster={**CLUSTER, "nodes": 2, "hosts": ["gpu-01.example.com", host]})
+    assert_bad(result, "cluster.yaml", "hosts.1")
+    assert not out.exists()
+
+
+def test_valid_host_names_reach_the_launch_files_with_one_master_addr(tmp_path):
+    hosts = ["gpu-01.Example.com", "9" * 63]
+    out = tmp_path / "out"
+    result = run(tmp_path, "--out", str(out), cluster={**CLUSTER, "nodes": 2, "hosts": hosts})
+    assert result.exit_code == 0, result.output
+    sbatch, train = (out / "slurm.sbatch").read_text(), (out / "train.sh").read_text()
+    assert sorted(re.search(r"#SBATCH --nodelist=(\S+)", sbatch).group(1).split(",")) == sorted(hosts)
+    # slurm.sbatch exports the address train.sh defaults to, quoted the same way.
+    master = re.search(r'MASTER_ADDR="\$\{MASTER_ADDR:-([^}]*)\}"', train).group(1)
+    assert master in hosts
+    assert f'export MASTER_ADDR="${{MASTER_ADDR:-{master}}}"' in sbatch
 
 
 @pytest.mark.parametrize("change, field", [
@@ -129,3 +176,36 @@ def test_an_odd_sequence_plans_without_context_parallelism(tmp_path):
 def test_several_wrong_layout_flags_are_all_named(tmp_path):
     result = run(tmp_path, "--tp", "2", "--cp", "3", job={**JOB, "seq_length": 4100})  # 4100 % 6: neither CP nor SP splits it
     assert_bad(result, "--tp: expected tp x cp dividing", "--cp: expected 2*cp dividing", "2 problems")
+
+
+def test_search_knobs_name_only_the_real_problem(tmp_path):
+    """An empty knob is bad input (nothing to search), and a bad value in a
+    list is named alone, without the union's other branch ("auto")."""
+    job = tmp_path / "job.yaml"
+    job.write_text("model: llama-3-8b\ncluster: h100-64.yaml\nglobal_batch_size: 64\nseq_length: 4096\n"
+                   "search: {recompute: [bogus], tp: []}\n")
+    result = CliRunner().invoke(app, ["plan", str(job)])
+    assert result.exit_code == 2
+    assert "'search.tp': expected at least 1 item" in result.output and "'search.recompute.0'" in result.output
+    assert "'auto'" not in result.output
+
+
+def test_a_cluster_flag_that_names_no_file_is_blamed_on_the_flag(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: llama-3-8b\ncluster: h100-64.yaml\nglobal_batch_size: 64\nseq_length: 4096\n")
+    result = CliRunner().invoke(app, ["plan", str(job), "--cluster", str(tmp_path)])
+    assert result.exit_code == 2 and "--cluster:" in result.output and "job.yaml" not in result.output
+
+
+@pytest.mark.parametrize("args, where", [(["plan", "job.yaml", "--top-k"], "loom plan --help"),
+                                         (["profile", "gemm", "--tokens"], "loom profile gemm --help")])
+def test_a_flag_missing_its_value_points_at_its_own_commands_help(args, where):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "requires an argument" in result.output and f"(see {where})" in result.output
+
+
+def test_a_job_file_too_large_to_be_hand_written_is_refused_before_parsing(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: llama-3-8b\n# " + "x" * (5 * 2**20) + "\n")
+    result = CliRunner().invoke(app, ["plan", str(job)])
+    assert result.exit_code == 2 and "at most 4 MiB" in result.output

@@ -352,3 +352,12 @@ def test_the_search_tries_each_dispatcher_listed_and_each_plan_names_its_own():
     for plan in [*both.plans, *alltoall.plans]:
         args = megatron_args(plan.job, plan.layout, list(plan.stages))
         assert ("--moe-flex-dispatcher-backend" in args) == (plan.job.features.moe_token_dispatcher == "deepep")
+
+
+def test_every_part_of_a_deepseek_step_is_a_duration():
+    # The last stage holds the multi-token prediction module's MoE layer besides its decoder layers.
+    job = Job(model=DEEPSEEK, cluster=make_cluster(128), global_batch_size=4096, seq_length=4096)
+    for chosen in (layout(tp=2, pp=16, dp=16, cp=2, ep=8, sequence_parallel=True, global_batch_size=4096),
+                   layout(tp=1, pp=16, dp=64, ep=8, global_batch_size=4096, recompute="full")):
+        plan = evaluate(job, chosen)
+        assert all(seconds >= 0 for seconds in plan.step.breakdown_s.values()), plan.step.breakdown_s

@@ -530,3 +530,11 @@ def test_custom_autograd_functions_give_pytorchs_gradients():
             grads.append([out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)])
         for a, b in zip(*grads):
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_profile_whose_entries_time_another_model_is_refused(tiny_files, tmp_path):
+    document = json.loads((tiny_files / "layers.json").read_text())
+    document["entries"][0]["dims"]["hidden_size"] *= 2  # the entry claims the model's name but another width
+    (tmp_path / "other.json").write_text(json.dumps(document))
+    with pytest.raises(SpecError, match=r"entries\.0\.dims\.hidden_size"):
+        layer_profile.read_profile(tmp_path / "other.json")

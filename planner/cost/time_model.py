@@ -131,15 +131,16 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     # combines the outputs back in every pass (moe.dispatch_s); with ETP the
     # alltoall and allgather dispatchers all-gather each expert's rows over
     # its ETP ranks before the expert GEMMs and reduce-scatter them after.
-    n_moe += chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
+    # (the multi-token prediction modules on the last stage have MoE layers too)
+    dispatching = n_moe + chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
     ep_fwd = ep_bwd = 0.0
-    if n_moe:
-        ep_fwd = n_moe * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
+    if dispatching:
+        ep_fwd = dispatching * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
         if features.moe_token_dispatcher in ("alltoall", "allgather") and layout.etp > 1:
             routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES * layout.etp
-            ep_fwd += n_moe * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
+            ep_fwd += dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
         ep_bwd = ep_fwd * (1 + ep_again)
-        ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, n_moe, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
+        ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
     host_fwd, host_bwd = _exposed_host(shape, gpu, n, n_moe, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd, bwd_layer.total_s + tp_fwd * (1 + tp_again) + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.

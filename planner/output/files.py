@@ -37,9 +37,12 @@ def write_file_set(out_dir: Path, files: dict[str, str], flag: str = "--out") ->
         relative = PurePosixPath(name)
         if relative.is_absolute() or ".." in relative.parts or name == MANIFEST:
             raise ValueError(f"output file name {name!r} must be relative and stay inside the output directory")
-    check_out_folder(out_dir, flag)
-    parent = _writable_folder(out_dir.parent, flag)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    try:
+        check_out_folder(out_dir, flag)
+        parent = _writable_folder(out_dir.parent, flag)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:  # /proc/x, a name too long, a folder gone read-only since the check
+        raise SpecError(flag, flag.lstrip("-"), f"a folder loom can write ({error.strerror or error})", str(out_dir)) from None
     try:
         for name, text in files.items():
             _write_synced(staging / name, text, 0o755 if name.endswith(EXECUTABLE_SUFFIXES) else 0o644)
@@ -57,9 +60,9 @@ def write_file(path: Path, write: Callable[[Path], None], flag: str) -> None:
     ``path``, which is then renamed onto it (readers see the old file or the
     whole new one)."""
     path = Path(path)
-    folder = check_file_target(path, flag)
     temporary = None
     try:
+        folder = check_file_target(path, flag)
         descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
         os.close(descriptor)
         write(Path(temporary))
@@ -111,6 +114,24 @@ def check_out_folder(out_dir: Path, flag: str = "--out") -> None:
         listed = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise SpecError(flag, flag.lstrip("-"), f"an empty folder or one loom wrote (it holds {listed or 'files'} that loom did not write)",
                         str(out_dir))
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Before any work, without creating anything: ``path`` (an output
+    folder or file) can be created where it is. Its nearest existing
+    ancestor must be a folder in which loom can create the temporary entry
+    that writing starts with (a real try, removed at once: permissions alone
+    do not tell that /proc or /sys refuse new entries, or that a name is too
+    long). OSError is the caller's to turn into bad input."""
+    path = Path(path)
+    names, ancestor = [path.name], path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        names.insert(0, ancestor.name)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SpecError(flag, flag.lstrip("-"), f"a path under a folder ({ancestor} is a file)", str(path))
+    for name in names:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=ancestor))
 
 
 def _writable_folder(folder: Path, flag: str) -> Path:

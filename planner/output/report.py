@@ -120,7 +120,8 @@ class Memory(pydantic.BaseModel):
 class SearchInfo(pydantic.BaseModel):
     candidates: Index = pydantic.Field(description="layouts enumerated")
     feasible: Index = pydantic.Field(description="layouts that fit in memory")
-    wall_time_s: Amount | None = pydantic.Field(description="null in plan.json, so the same inputs give the same files")
+    wall_time_s: Amount | None = pydantic.Field(
+        description="null, so the same inputs give the same report (loom plan prints the search's wall time on stderr)")
     solver: str
     status: str
     gap: float

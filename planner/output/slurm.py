@@ -100,7 +100,10 @@ def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int, name
     named hosts it runs on whatever nodes SLURM gives, node k being
     ``SLURM_NODEID`` k and rank 0 on the allocation's first node."""
     pin = [f"#SBATCH --nodelist={','.join(node.host for node in nodes)}"] if named_hosts else []
-    master = shlex.quote(nodes[0].host) if named_hosts else allocated_node(nodes[0].given_index)
+    # As train.sh sets it: inside double quotes, where shlex.quote's single
+    # quotes would be kept literally. Host names are RFC 1123 names
+    # (planner/specs/cluster.py), which need no quoting.
+    master = nodes[0].host if named_hosts else allocated_node(nodes[0].given_index)
     how = (["# per node runs train.sh, which starts torchrun with this node's rank from",
             "# the plan's host table (see train.sh)."] if named_hosts else
            ["# per node runs train.sh, which starts torchrun with this node's rank from",

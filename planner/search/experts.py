@@ -220,9 +220,12 @@ def _read_array(path: Path, keys: tuple[str, ...], field: str, max_numbers: int)
     if math.prod(shape) > max_numbers:
         raise SpecError(str(path), field, f"at most {max_numbers:,} numbers", f"shape {shape}")
     try:
-        return np.array(data, dtype=float)  # a copy: no .npy stays mapped
+        kind = np.asarray(data).dtype.kind
     except (TypeError, ValueError):
         raise SpecError(str(path), field, "a rectangular array of numbers") from None
+    if kind not in "iuf":  # booleans, complex numbers, strings, objects
+        raise SpecError(str(path), field, "a rectangular array of real numbers", f"an array of {np.asarray(data).dtype}")
+    return np.array(data, dtype=float)  # a copy: no .npy stays mapped
 
 
 def _nested_shape(data: object) -> tuple[int, ...]:
@@ -281,6 +284,9 @@ def _ep_ranks(ep_size: int | None, gpus_per_node: int | None, cluster_file: Path
     """Node of each EP rank, and the pair bandwidth matrix when a cluster file gives one."""
     if cluster_file is not None:
         cluster = load_cluster(cluster_file)
+        if gpus_per_node is not None:
+            raise SpecError("--gpus-per-node", "gpus_per_node", f"not given with --cluster ({cluster_file} says how many GPUs each node has)",
+                            gpus_per_node)
         size = ep_size or cluster.num_gpus
         if size > cluster.num_gpus:
             raise SpecError("--ep-size", "ep_size", f"at most the {cluster.num_gpus} GPUs of {cluster_file}", size)

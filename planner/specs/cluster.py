@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ from loom.profiles.nccl_tests import NcclTestsDocument
 MAX_NODES, MAX_GPUS_PER_NODE, MAX_NICS = 1 << 17, 1024, 64
 NVLINK_GBPS, NIC_GBPS = rate(10_000), rate(10_000)
 NodeIndex = count(MAX_NODES - 1, minimum=0)
+# A host name as RFC 1123 allows it (labels of letters, digits and hyphens,
+# not starting or ending with a hyphen, joined by dots; 253 characters at
+# most): launch files write hosts into shell scripts and #SBATCH
+# --nodelist, so anything else (spaces, quotes, ``;``, ``$(...)``) is refused.
+HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_NAME = re.compile(rf"{HOST_LABEL}(?:\.{HOST_LABEL})*")
+MAX_HOST_NAME = 253
 
 
 class NodeOverride(StrictModel):
@@ -145,6 +153,11 @@ class Cluster:
         return min((self.node_of_host[host].gpu for host in sorted(hosts)), key=_gpu_pace)
 
 
+def is_host_name(host: str) -> bool:
+    """``host`` is a valid RFC 1123 host name (see HOST_NAME)."""
+    return 0 < len(host) <= MAX_HOST_NAME and HOST_NAME.fullmatch(host) is not None
+
+
 def _node_figures(node: Node) -> tuple:
     return (node.host, node.gpu.name, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps, node.nvlink_efficiency, node.nic_efficiency)
 
@@ -161,7 +174,11 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
     def at(field: str) -> str:
         return f"{prefix}.{field}" if prefix else field
 
-    hosts = spec.hosts or [f"node{i:03d}" for i in range(spec.nodes)]
+    hosts = spec.hosts if spec.hosts is not None else [f"node{i:03d}" for i in range(spec.nodes)]
+    for i, host in enumerate(hosts):
+        if not is_host_name(host):
+            raise SpecError(source, at(f"hosts.{i}"), f"a host name: letters, digits, hyphens and dots, 1 to {MAX_HOST_NAME} characters, "
+                            "no label starting or ending with a hyphen (RFC 1123)", host)
     if len(hosts) != spec.nodes:
         raise SpecError(source, at("hosts"), f"{spec.nodes} host names, one per node", len(hosts))
     repeated = sorted({host for host in hosts if hosts.count(host) > 1}) if len(set(hosts)) != len(hosts) else []

@@ -39,17 +39,20 @@ class StrictModel(pydantic.BaseModel):
 
 # No spec, profile or plan loom reads is anywhere near this large or deep.
 MAX_FILE_BYTES = 256 * 2**20
+# YAML specs (jobs, clusters) are hand-written: a cluster naming 10,000 hosts
+# is ~200 KB. PyYAML parses ~3 MB/s, so this bounds a read to about a second.
+MAX_YAML_BYTES = 4 * 2**20
 MAX_NESTING = 64
 
 
-def _text(path: Path, what: str) -> str:
-    """The UTF-8 text of ``path``, which must be a file of sane size."""
+def _text(path: Path, what: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of ``path``, which must be a file of at most ``max_bytes``."""
     if path.is_dir():
         raise SpecError(str(path), WHOLE_FILE, f"a {what}, not a folder")
     if not path.is_file():
         raise SpecError(str(path), WHOLE_FILE, f"an existing {what}")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise SpecError(str(path), "<file>", f"a {what} of at most {MAX_FILE_BYTES // 2**20} MiB", f"{path.stat().st_size:,} bytes")
+    if path.stat().st_size > max_bytes:
+        raise SpecError(str(path), "<file>", f"a {what} of at most {max_bytes // 2**20} MiB", f"{path.stat().st_size:,} bytes")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -120,7 +123,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_mapping(path: Path, what: str = "YAML file") -> dict:
     """Parse a YAML (or JSON, which is YAML) file that must hold a mapping."""
-    text = _text(path, what)
+    text = _text(path, what, MAX_YAML_BYTES)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as duplicate:
@@ -161,10 +164,14 @@ def validate(model: type[Spec], data: dict, source: str, prefix: str = "", flags
         return model.model_validate(data)
     except pydantic.ValidationError as err:
         problems, seen = [], set()
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        located = [".".join(str(part) for part in (prefix, *_field_path(data, e["loc"])) if part != "") for e in errors]
         # A misspelt field also makes the right one "missing": name the typo first.
-        for error in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        for error, field in zip(errors, located):
             loc = _field_path(data, error["loc"])
-            field = ".".join(str(part) for part in (prefix, *loc) if part != "") or "<top level>"
+            field = field or "<top level>"
+            if error["type"] == "literal_error" and any(other.startswith(field + ".") for other in located):
+                continue  # a union's other branch ("auto") when the list itself has the problem
             if flags and loc and loc[0] in flags:
                 field = ".".join([flags[loc[0]], *map(str, loc[1:])])
             if field in seen or (error["type"] == "missing" and any(f.startswith(field + ".") for f in seen)):
@@ -184,6 +191,8 @@ def _expected(error: dict) -> str:
     integer' -> 'a valid integer'; 'Value error, X' -> 'X'."""
     if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
         return "a mapping of fields"
+    if error["type"] == "too_short":
+        return f"at least {error['ctx']['min_length']} item(s)"
     message = error["msg"]
     for prefix in ("Input should be ", "Value error, "):
         message = message.removeprefix(prefix)

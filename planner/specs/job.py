@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -115,23 +115,28 @@ class Features(StrictModel):
 Auto = Literal["auto"]
 
 
+def choices(item: object) -> object:
+    """A knob's candidate values: a non-empty list (an empty one leaves nothing to search)."""
+    return Annotated[list[item], pydantic.Field(min_length=1)]
+
+
 class SearchFile(StrictModel):
     """Which values each knob may take; "auto" lets loom choose the candidates."""
 
-    tp: list[count(MAX_DEGREE)] | Auto = "auto"
-    pp: list[count(MAX_DEGREE)] | Auto = "auto"
-    cp: list[count(MAX_DEGREE)] | Auto = "auto"
-    ep: list[count(MAX_DEGREE)] | Auto = "auto"
-    etp: list[count(MAX_DEGREE)] | Auto = "auto"
-    vpp: list[count(MAX_DEGREE)] | Auto = "auto"
-    micro_batch_size: list[count(MAX_MICRO_BATCH)] | Auto = "auto"
-    sequence_parallel: list[pydantic.StrictBool] | Auto = "auto"
-    recompute: list[Literal["none", "selective", "full"]] | Auto = "auto"
-    distributed_optimizer: list[pydantic.StrictBool] | Auto = "auto"
-    zero_stage: list[Literal[0, 1, 2, 3]] | Auto = "auto"
+    tp: choices(count(MAX_DEGREE)) | Auto = "auto"
+    pp: choices(count(MAX_DEGREE)) | Auto = "auto"
+    cp: choices(count(MAX_DEGREE)) | Auto = "auto"
+    ep: choices(count(MAX_DEGREE)) | Auto = "auto"
+    etp: choices(count(MAX_DEGREE)) | Auto = "auto"
+    vpp: choices(count(MAX_DEGREE)) | Auto = "auto"
+    micro_batch_size: choices(count(MAX_MICRO_BATCH)) | Auto = "auto"
+    sequence_parallel: choices(pydantic.StrictBool) | Auto = "auto"
+    recompute: choices(Literal["none", "selective", "full"]) | Auto = "auto"
+    distributed_optimizer: choices(pydantic.StrictBool) | Auto = "auto"
+    zero_stage: choices(Literal[0, 1, 2, 3]) | Auto = "auto"
     # MoE: the token dispatchers to try ("auto": features.moe_token_dispatcher
     # only; DeepEP and HybridEP need their library installed).
-    moe_token_dispatcher: list[Dispatcher] | Auto = "auto"
+    moe_token_dispatcher: choices(Dispatcher) | Auto = "auto"
 
 
 class JobFile(StrictModel):
@@ -223,7 +228,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     flags = {key: "--" + ("profile" if key == "profiles" else key.replace("_", "-")) for key in given}
     spec = validate(JobFile, data, source, flags=flags)
     model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
-    cluster = _resolve_cluster(spec.cluster, job_path, source)
+    cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
     job = Job(
         model=model,
         cluster=cluster,

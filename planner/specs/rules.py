@@ -33,6 +33,7 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(layout.etp == 1 or not model.moe.bias, "etp", "1 for experts with biases (megatron-core: 'Bias in Moe is only supported when ETP==1')", layout.etp)
     need(model.num_attention_heads % layout.tp == 0, "tp", f"a divisor of {model.num_attention_heads} attention heads", layout.tp)
     need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
+    _tp_width_problems(model, layout.tp, need)
     chunks = layout.pp * layout.vpp
     if job.framework == "megatron":  # uneven splits via --pipeline-model-parallel-layout
         need(chunks <= model.num_layers, "pp*vpp", f"at most {model.num_layers} layers (one per model chunk)", chunks)
@@ -99,7 +100,7 @@ def _recompute_problems(job: Job, layout: Layout, need) -> None:
         need(layout.recompute == "full", "recompute_num_layers", "only with recompute full", layout.recompute_num_layers)
         most = -(-model.num_layers // (layout.pp * layout.vpp))
         need(0 < layout.recompute_num_layers <= most, "recompute_num_layers",
-             f"from 1 to the {most} layers of a model chunk (0 recomputes every layer)", layout.recompute_num_layers)
+             f"0 (every layer) or 1 to the {most} layers of a model chunk", layout.recompute_num_layers)
 
 
 def _moe_feature_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
@@ -118,3 +119,19 @@ def _moe_feature_problems(job: Job, layout: Layout) -> list[tuple[str, str, obje
         if job.model.mtp_layers and layout.pp == 1:
             problems.append(("pp", "more than 1 with overlap_moe_expert_parallel_comm and multi-token prediction", layout.pp))
     return problems
+
+
+def _tp_width_problems(model, tp: int, need) -> None:
+    """Every width TP splits must split evenly: megatron-core's column and
+    row parallel linears take ``divide(width, tp)``, which asserts it
+    (tensor_parallel/layers.py), and a width narrower than TP would leave a
+    rank a GEMM of width 0. The dense FFN (MoE models' dense layers too),
+    the shared experts and a vision encoder (TP as in the language model)."""
+    need(model.ffn_hidden_size % tp == 0, "tp", f"a divisor of the FFN width {model.ffn_hidden_size} (intermediate_size)", tp)
+    if model.moe is not None and model.moe.shared_ffn_hidden_size:
+        shared = model.moe.shared_ffn_hidden_size
+        need(shared % tp == 0, "tp", f"a divisor of the shared experts' width {shared}", tp)
+    if model.vision is not None:
+        encoder = model.vision.encoder
+        need(encoder.num_attention_heads % tp == 0, "tp", f"a divisor of the vision encoder's {encoder.num_attention_heads} attention heads", tp)
+        need(encoder.ffn_hidden_size % tp == 0, "tp", f"a divisor of the vision encoder's FFN width {encoder.ffn_hidden_size}", tp)
