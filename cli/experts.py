@@ -46,7 +46,7 @@ def experts(
     def action() -> None:
         deadline_s = time.monotonic() + time_limit  # check_run_flags rejects a bad limit; imports and inputs count against it
         from loom.planner.output.files import write_file_set
-        from loom.planner.search.experts import check_run_flags, expert_map, expert_problem, output_files, sglang_location
+        from loom.planner.search.experts import check_run_flags, expert_map, expert_problem, imbalance_by_ep_size, output_files, sglang_location
         from loom.solvers import experts as solver
 
         check_run_flags(time_limit, dense_layers)
@@ -62,6 +62,9 @@ def experts(
             solution = solver.solve(problem, max(deadline_s - time.monotonic() - evaluation_s, 0.0))
         methods["loom"] = solution.figures
         Console().print(_table(problem, methods, trace is not None))
+        by_ep = ", ".join(f"{ep}: {ratio:.4g}" for ep, ratio in imbalance_by_ep_size(problem.load_tokens).items())
+        Console().print(f"for loom plan (busiest/mean rank load per EP size, Megatron's contiguous experts, no replicas):\n"
+                        f"features: {{moe_load_imbalance: {{{by_ep}}}}}", markup=False, soft_wrap=True)
         cut_short = f"; {solution.cut_short}" if solution.cut_short else ""
         err.print(f"loom: {solution.method}, {solution.status}, objective {solution.objective:,.1f}, bound {solution.bound:,.1f}, "
                   f"gap {solution.gap:.1%}, {solution.wall_time_s:.1f} s{cut_short}")

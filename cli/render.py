@@ -42,20 +42,22 @@ def plans_table(plans: list[Plan], title: str) -> Table:
     capacity_GiB = plans[0].capacity_bytes / GiB
     table = titled_table(f"{title}, {capacity_GiB:.1f} GiB per GPU")
     placed = any(plan.placement_solve for plan in plans)
+    dispatchers = len({plan.job.features.moe_token_dispatcher for plan in plans})  # a search that tried several names each
     columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"), ("GiB", "right")]
     for column, justify in columns + ([("placed", "right")] if placed else []):
         table.add_column(column, justify=justify)
     for rank, plan in enumerate(plans, start=1):
         row = [
             str(rank),
-            plan.layout.label(),
+            plan.layout.label() + (f" {plan.job.features.moe_token_dispatcher}" if dispatchers > 1 else ""),
             f"{plan.step_time_s:.3f}",
             short_count(plan.tokens_per_s),
             f"{plan.mfu:.1%}",
             f"{plan.peak_memory.peak_bytes / GiB:.1f}",
         ]
         table.add_row(*row, *([_placement_saved(plan)] if placed else []))
-    captions = [label_legend([plan.layout.label() for plan in plans]) + "; GiB: peak memory of the fullest GPU"]
+    captions = [label_legend([plan.layout.label() for plan in plans]) + "; GiB: peak memory of the fullest GPU"
+                + ("; then the MoE token dispatcher" if dispatchers > 1 else "")]
     if placed:
         captions.append("placed: step time the solver's rank placement saves against Megatron's default order on the same links "
                         "(* not proven optimal; -: not re-placed)")

@@ -157,26 +157,30 @@ class LayersDocument(Measured):
     model: ModelDims
     entries: list[LayerEntry] = pydantic.Field(min_length=1)
 
-    @pydantic.model_validator(mode="after")
-    def _entries_are_this_models(self) -> LayersDocument:
-        """Each entry's per-rank sizes are the model's split as its own tp,
-        ep, etp, micro batch and sequence say (profiles/layers.py rank_dims):
-        a profile cannot claim one model and time another."""
-        m = self.model
-        for i, entry in enumerate(self.entries):
-            t, tokens = entry.tp, entry.micro_batch_size * entry.seq_length
-            expected = {
-                "tokens": tokens, "local_tokens": tokens // t if entry.sequence_parallel else tokens, "hidden_size": m.hidden_size,
-                "heads": m.num_attention_heads // t, "query_groups": m.num_query_groups // t, "head_dim": m.head_dim,
-                "ffn_hidden_size": m.ffn_hidden_size // t, "vocab_size": m.vocab_size // t,
-                "local_experts": m.num_experts // entry.ep if m.num_experts else None,
-                "expert_ffn_hidden_size": m.expert_ffn_hidden_size // entry.etp if m.expert_ffn_hidden_size else None,
-            }
-            for field, value in expected.items():
-                if getattr(entry.dims, field) != value:
-                    raise ValueError(f"entries.{i}.dims.{field} = {value} (model.{field if field in ModelDims.model_fields else 'dims'} "
-                                     f"split by the entry's own parallel sizes), not {getattr(entry.dims, field)}")
-        return self
+
+def _check_entries(document: LayersDocument, source: str) -> None:
+    """Each entry's per-rank sizes are the model's split as its own tp, ep,
+    etp, micro batch and sequence say (profiles/layers.py rank_dims), and no
+    shape is measured twice: a profile cannot claim one model and time
+    another. Raises SpecError naming the first entry's field that is off."""
+    m, seen = document.model, {}
+    for i, entry in enumerate(document.entries):
+        t, tokens = entry.tp, entry.micro_batch_size * entry.seq_length
+        expected = {
+            "tokens": tokens, "local_tokens": tokens // t if entry.sequence_parallel else tokens, "hidden_size": m.hidden_size,
+            "heads": m.num_attention_heads // t, "query_groups": m.num_query_groups // t, "head_dim": m.head_dim,
+            "ffn_hidden_size": m.ffn_hidden_size // t, "vocab_size": m.vocab_size // t,
+            "local_experts": m.num_experts // entry.ep if m.num_experts else None,
+            "expert_ffn_hidden_size": m.expert_ffn_hidden_size // entry.etp if m.expert_ffn_hidden_size else None,
+        }
+        for field, value in expected.items():
+            if getattr(entry.dims, field) != value:
+                raise SpecError(source, f"entries.{i}.dims.{field}", f"{value}, the model's size split by the entry's own parallel sizes",
+                                getattr(entry.dims, field))
+        key = (entry.kind, entry.tp, entry.ep, entry.etp, entry.micro_batch_size, entry.seq_length, entry.sequence_parallel)
+        if key in seen:
+            raise SpecError(source, f"entries.{i}", f"each shape measured once (entries.{seen[key]} has the same kind and shape)")
+        seen[key] = i
 
 
 def gemm_tflops(m: int, n: int, k: int, seconds: float) -> float:
@@ -244,6 +248,8 @@ def read_profile(path: Path) -> Document:
         raise SpecError(str(path), "dtype", f"a precision {gpu.name} supports", document.dtype)
     if isinstance(document, GemmDocument):
         _check_gemm_rates(document, gpu, str(path))
+    else:
+        _check_entries(document, str(path))
     return document
 
 

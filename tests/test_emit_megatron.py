@@ -510,3 +510,51 @@ def test_megatron_bridge_stack_emits_the_fused_moe_kernels():
     layout = Layout(tp=1, pp=1, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True)
     flags = parse_flags(megatron_args(job, layout, uniform_stages(job.model, layout)))
     assert flags.get("moe-router-fusion") is True and flags.get("moe-permute-fusion") is True
+
+
+def test_an_uneven_deepseek_layout_places_its_mtp_layer_as_megatron_checks():
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    model = load_model("deepseek-v3")
+    job = Job(model=model, cluster=make_cluster(128), global_batch_size=512, seq_length=4096)
+    layout = Layout(tp=2, pp=4, dp=64, cp=2, ep=64, vpp=4, micro_batch_size=1, global_batch_size=512, sequence_parallel=True,
+                    distributed_optimizer=True)
+    flags = parse_flags(megatron_args(job, layout, uniform_stages(model, layout)))
+    text = flags["pipeline-model-parallel-layout"]
+    assert text.count("m") == int(flags["mtp-num-layers"]) == model.mtp_layers and text.endswith("mL")
+    PipelineParallelLayerLayout(text, layout.pp).validate_layer_layout(model.num_layers, model.mtp_layers)
+
+
+FAKE_HOSTNAME = """#!/bin/bash
+case "${{1:-}}" in -s) echo {short} ;; -I) echo 192.168.7.9 {address} ;; *) echo {full} ;; esac
+"""
+
+
+@pytest.mark.parametrize("hosts, short, full, address", [
+    (["gpu-a.example.org", "gpu-b.example.org"], "gpu-b", "GPU-B.example.org", "10.0.0.2"),  # full names, any case
+    (["10.0.0.1", "10.0.0.2"], "gpu-b", "gpu-b", "10.0.0.2"),  # addresses
+    (["Gpu-A", "Gpu-B"], "gpu-b", "gpu-b.example.org", "10.0.0.2"),  # the file's case, not the host's
+])
+def test_train_sh_finds_its_node_by_any_of_its_names(tmp_path, hosts, short, full, address):
+    job = Job(model=LLAMA, cluster=make_cluster(2, hosts=hosts), global_batch_size=64, seq_length=4096)
+    layout = Layout(tp=8, pp=1, dp=2, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True)
+    files = launch_files(job, layout, uniform_stages(LLAMA, layout), default_placement(job.cluster, 16))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("torchrun", FAKE_TORCHRUN.format(python=sys.executable)), ("hostname", FAKE_HOSTNAME.format(short=short, full=full, address=address))):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "train.sh").write_text(files["train.sh"])
+    inherited = {"NODE_RANK", "LOOM_NODE_RANK", "LOOM_HOST", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "SLURMD_NODENAME"}
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", CAPTURE=str(tmp_path / "run.json"))
+    subprocess.run(["bash", str(tmp_path / "train.sh")], env=env, check=True)
+    argv = json.loads((tmp_path / "run.json").read_text())["argv"]
+    assert flag(argv, "--node-rank") == "1"
+
+
+def test_host_names_differing_only_in_case_are_one_host():
+    from loom.planner.specs.errors import SpecError
+
+    with pytest.raises(SpecError, match="ignore case"):
+        make_cluster(2, hosts=["gpu-a", "GPU-A"])

@@ -397,3 +397,28 @@ def test_loads_that_are_not_real_numbers_are_refused(tmp_path, values):
     np.save(tmp_path / "loads.npy", values)
     result = run_experts(str(tmp_path / "loads.npy"), "--ep-size", "2", "--slots-per-gpu", "1")
     assert result.exit_code == 2 and "real numbers" in result.output and "Warning" not in result.output
+
+
+def test_the_imbalance_per_ep_size_is_what_a_job_takes(tmp_path, inputs):
+    from loom.planner.specs.job import Features
+
+    result = run_experts(str(inputs["loads"]), "--ep-size", "4", "--slots-per-gpu", "4", "--time-limit", "1", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    document = ExpertMap.model_validate_json((tmp_path / "out" / MAP_FILE).read_text())
+    assert sorted(document.imbalance_by_ep_size) == [2, 4, 8, 16]
+    # No replicas: the contiguous placement at EP 4 is the one the per-EP figures assume.
+    assert document.imbalance_by_ep_size[4] == pytest.approx(document.methods["contiguous"].imbalance, abs=1e-4)
+    assert document.imbalance_by_ep_size[16] >= document.imbalance_by_ep_size[2] >= 1.0  # fewer experts per rank: less averaging
+    # The printed line is a job's features entry.
+    line = next(line for line in result.stdout.splitlines() if line.startswith("features:"))
+    features = Features(**yaml.safe_load(line)["features"])
+    assert dict(features.moe_load_imbalance) == pytest.approx(document.imbalance_by_ep_size, abs=1e-3)
+
+
+def test_loads_as_json_booleans_or_beyond_floats_are_refused_in_one_line(tmp_path):
+    (tmp_path / "bools.json").write_text(json.dumps([[True, False, 1, 1, 1, 1, 1, 1]]))
+    result = run_experts(str(tmp_path / "bools.json"), "--ep-size", "8", "--slots-per-gpu", "1")
+    assert result.exit_code == 2 and "true/false" in result.output
+    np.save(tmp_path / "big.npy", np.full((4, 64), 1e308))
+    result = run_experts(str(tmp_path / "big.npy"), "--ep-size", "8", "--slots-per-gpu", "8")
+    assert result.exit_code == 2 and "Warning" not in result.output and len(result.output.strip().splitlines()) == 1

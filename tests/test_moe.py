@@ -247,9 +247,9 @@ def test_capacity_padding_fixes_the_rows_and_removes_the_host_sync():
     dropless = Features(moe_load_imbalance=1.5)
     padded = Features(moe_load_imbalance=1.5, moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)
     dropped = Features(moe_load_imbalance=1.5, moe_expert_capacity_factor=1.25)
-    assert moe.busiest_rows_factor(dropless) == 1.5
-    assert moe.busiest_rows_factor(padded) == 1.0
-    assert moe.busiest_rows_factor(dropped) == 1.25
+    assert moe.busiest_rows_factor(_shape(MIXTRAL, dropless, ep=8)) == 1.5
+    assert moe.busiest_rows_factor(_shape(MIXTRAL, padded, ep=8)) == 1.0
+    assert moe.busiest_rows_factor(_shape(MIXTRAL, dropped, ep=8)) == 1.25
     assert host.syncs_every_moe_layer(_shape(MIXTRAL, dropless, ep=8))
     assert not host.syncs_every_moe_layer(_shape(MIXTRAL, padded, ep=8))
 
@@ -339,6 +339,7 @@ def test_dispatcher_buffers_are_deepeps_and_hybrideps_own_sizes():
 
 def test_the_search_tries_each_dispatcher_listed_and_each_plan_names_its_own():
     from loom.planner.output.megatron import megatron_args
+    from loom.planner.output.report import plan_report
 
     def job(dispatchers: list[str]) -> Job:
         return Job(model=load_model("qwen3-30b-a3b"), cluster=make_cluster(2), global_batch_size=256, seq_length=4096,
@@ -352,6 +353,17 @@ def test_the_search_tries_each_dispatcher_listed_and_each_plan_names_its_own():
     for plan in [*both.plans, *alltoall.plans]:
         args = megatron_args(plan.job, plan.layout, list(plan.stages))
         assert ("--moe-flex-dispatcher-backend" in args) == (plan.job.features.moe_token_dispatcher == "deepep")
+        assert plan_report(plan).moe_token_dispatcher == plan.job.features.moe_token_dispatcher  # plan.json says which
+    # The table names each plan's dispatcher when the search tried several.
+    import io
+
+    from rich.console import Console
+
+    from loom.cli.render import plans_table
+
+    out = io.StringIO()
+    Console(file=out, width=100).print(plans_table([both.plans[0], alltoall.plans[0]], "qwen3"))
+    assert "deepep" in out.getvalue() and "alltoall" in out.getvalue()
 
 
 def test_every_part_of_a_deepseek_step_is_a_duration():
@@ -361,3 +373,30 @@ def test_every_part_of_a_deepseek_step_is_a_duration():
                    layout(tp=1, pp=16, dp=64, ep=8, global_batch_size=4096, recompute="full")):
         plan = evaluate(job, chosen)
         assert all(seconds >= 0 for seconds in plan.step.breakdown_s.values()), plan.step.breakdown_s
+
+
+def test_load_imbalance_by_ep_size_is_read_at_the_layouts_ep():
+    features = Features(moe_load_imbalance={8: 1.2, 32: 1.6})
+    assert moe.load_imbalance(features, 8) == 1.2 and moe.load_imbalance(features, 32) == 1.6
+    assert moe.load_imbalance(features, 16) == pytest.approx(1.4)  # halfway in log2(ep)
+    assert moe.load_imbalance(features, 2) == pytest.approx(1 + 0.2 / 3)  # from 1.0 at EP 1
+    assert moe.load_imbalance(features, 64) == 1.6
+    # The busiest rank computes and receives more: slower experts and dispatch.
+    job = lambda imbalance: mixtral_job(features=Features(moe_load_imbalance=imbalance))  # noqa: E731
+    even, uneven = evaluate(job(1.0), layout(dp=64, ep=8)), evaluate(job({8: 1.5}), layout(dp=64, ep=8))
+    assert 1.4 * even.step.breakdown_s["ep_comm"] < uneven.step.breakdown_s["ep_comm"] <= 1.5 * even.step.breakdown_s["ep_comm"]
+    assert uneven.step.breakdown_s["compute_backward"] > 1.2 * even.step.breakdown_s["compute_backward"]
+
+
+@pytest.mark.parametrize("value", [0.5, {8: 0.5}, {"x": 2}, {}, {True: 1.2}, "1.2"])
+def test_a_load_imbalance_that_is_no_ratio_is_refused(value):
+    with pytest.raises(pydantic.ValidationError, match="moe_load_imbalance"):
+        Features(moe_load_imbalance=value)
+
+
+def test_shared_expert_overlap_forbids_recomputing_the_shared_experts():
+    job = Job(model=DEEPSEEK, cluster=make_cluster(32), global_batch_size=512, seq_length=4096, features=Features(moe_shared_expert_overlap=True))
+    chosen = layout(tp=1, pp=16, dp=16, ep=16, global_batch_size=512, recompute="selective", recompute_modules=("shared_experts",))
+    assert any(field == "recompute_modules" for field, _, _ in layout_problems(job, chosen))
+    assert not layout_problems(job, layout(tp=1, pp=16, dp=16, ep=16, global_batch_size=512, recompute="selective",
+                                           recompute_modules=("moe_act",)))

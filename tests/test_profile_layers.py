@@ -204,7 +204,9 @@ def test_unmeasured_shapes_are_interpolated_from_the_measured_ratio(tiny_files, 
 
 def test_profile_of_another_model_or_gpu_is_refused(tiny_files, tmp_path):
     document = json.loads((tiny_files / "layers.json").read_text())
-    document["model"]["hidden_size"] = 512
+    document["model"]["hidden_size"] = 512  # a consistent profile of another model
+    for entry in document["entries"]:
+        entry["dims"]["hidden_size"] = 512
     other_model = tmp_path / "other.json"
     other_model.write_text(json.dumps(document))
     result = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--profile", str(other_model)])
@@ -536,5 +538,11 @@ def test_a_profile_whose_entries_time_another_model_is_refused(tiny_files, tmp_p
     document = json.loads((tiny_files / "layers.json").read_text())
     document["entries"][0]["dims"]["hidden_size"] *= 2  # the entry claims the model's name but another width
     (tmp_path / "other.json").write_text(json.dumps(document))
-    with pytest.raises(SpecError, match=r"entries\.0\.dims\.hidden_size"):
+    with pytest.raises(SpecError, match=r"field 'entries\.0\.dims\.hidden_size'") as raised:
         layer_profile.read_profile(tmp_path / "other.json")
+    assert len(str(raised.value)) < 300  # names the field, not the whole document
+    document["entries"][0]["dims"]["hidden_size"] //= 2
+    document["entries"].append(document["entries"][0])  # one shape measured twice
+    (tmp_path / "twice.json").write_text(json.dumps(document))
+    with pytest.raises(SpecError, match=r"each shape measured once"):
+        layer_profile.read_profile(tmp_path / "twice.json")

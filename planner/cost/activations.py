@@ -124,7 +124,7 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     up = (2 if m.gated_mlp else 1) * e
     if not moe:
         return {"mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
-    routed = shape.moe_tokens * m.moe.top_k * shape.etp * busiest_rows_factor(shape.features)
+    routed = shape.moe_tokens * m.moe.top_k * shape.etp * busiest_rows_factor(shape)
     expert_width = m.moe.expert_ffn_hidden_size / shape.etp
     shared = (up + g) * m.moe.shared_ffn_hidden_size * T / shape.tp
     if m.moe.shared_ffn_hidden_size and g != e:

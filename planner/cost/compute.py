@@ -170,7 +170,7 @@ def routed_experts(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     permutations (moe.permute_bytes)."""
     m = shape.model
     experts, local = shape.expert_gemms()
-    rows = moe.busiest_rows_factor(shape.features)
+    rows = moe.busiest_rows_factor(shape)
     experts = [(max(1, round(balanced * rows)), n, k) for balanced, n, k in experts]
     grouped_s = moe.expert_gemms_s(gpu, experts, local, shape.precision, backward)
     router_s = _gemms(shape, gpu, [(shape.moe_tokens, m.moe.num_experts, m.hidden_size)], backward, precision="bf16")

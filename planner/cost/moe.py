@@ -26,18 +26,41 @@ from loom.profiles.catalogue import GPU
 TE_GEMM_STREAMS = 4
 
 
-def busiest_rows_factor(features: Features) -> float:
-    """Rows the busiest expert rank computes over an evenly loaded rank's.
-    Dropless, it takes ``moe_load_imbalance`` times its share; a capacity
-    factor drops what exceeds capacity_factor x the even share, and padding to
-    capacity makes every expert compute exactly that many rows
-    (moe_utils.get_capacity and apply_router_token_dropping)."""
+def load_imbalance(features: Features, ep: int) -> float:
+    """``features.moe_load_imbalance`` at expert parallel size ``ep``: the
+    number, or from a mapping by EP size (``loom experts`` prints one), the
+    listed value, else linear in log2(ep) between the listed sizes around
+    it (from 1.0 at EP 1: one rank holds every expert), the largest listed
+    size's value beyond them."""
+    if not isinstance(features.moe_load_imbalance, tuple):
+        return features.moe_load_imbalance
+    given = dict(features.moe_load_imbalance)
+    if ep in given:
+        return given[ep]
+    points = sorted({1: 1.0, **given}.items())
+    below = max((point for point in points if point[0] < ep), default=points[0])
+    above = min((point for point in points if point[0] > ep), default=None)
+    if above is None:
+        return below[1]
+    share = (math.log2(ep) - math.log2(below[0])) / (math.log2(above[0]) - math.log2(below[0]))
+    return below[1] + share * (above[1] - below[1])
+
+
+def busiest_rows_factor(shape: Shape) -> float:
+    """Rows the busiest expert rank computes (and receives) over an evenly
+    loaded rank's. Dropless, it takes the load imbalance at the shape's EP
+    size times its share; a capacity factor drops what exceeds
+    capacity_factor x the even share, and padding to capacity makes every
+    expert compute exactly that many rows (moe_utils.get_capacity and
+    apply_router_token_dropping)."""
+    features = shape.features
+    imbalance = load_imbalance(features, shape.ep)
     capacity = features.moe_expert_capacity_factor
     if capacity is None:
-        return features.moe_load_imbalance
+        return imbalance
     if features.moe_pad_expert_input_to_capacity:
         return capacity
-    return min(features.moe_load_imbalance, capacity)
+    return min(imbalance, capacity)
 
 
 def expert_gemms_s(gpu: GPU, gemms: list[tuple[int, int, int]], local_experts: int, precision: str, backward: bool) -> float:
@@ -105,7 +128,7 @@ def permute_bytes(shape: Shape) -> float:
     moe = shape.model.moe
     if shape.features.moe_token_dispatcher == "hybridep":
         return 0.0
-    rows = shape.moe_tokens * moe.top_k * busiest_rows_factor(shape.features)
+    rows = shape.moe_tokens * moe.top_k * busiest_rows_factor(shape)
     row_bytes = shape.model.hidden_size * ACT_BYTES
     passes = 2 + (2 if moe.num_experts // shape.ep > 1 and shape.features.moe_token_dispatcher == "alltoall" else 0)
     return passes * 2 * rows * row_bytes
@@ -116,8 +139,9 @@ def dispatch_s(shape: Shape, link: Link, remote_share: float) -> float:
     of which ``remote_share`` of an all-to-all's buffer leaves the node
     (network.all_to_all_link). Inside a node all bytes cross NVLink; across
     nodes the network carries the remote bytes while NVLink carries the rest
-    at the same time, and the network sets the pace. Each of the ep - 1
-    peers costs one message latency. The all-gather dispatcher all-gathers
+    at the same time, and the network sets the pace; the busiest rank's
+    share is the load imbalance's. Each of the ep - 1 peers costs one
+    message latency. The all-gather dispatcher all-gathers
     every token over the ep x etp ranks (its combine reduce-scatters them)."""
     ep = shape.ep
     if ep * shape.etp == 1:
@@ -127,7 +151,8 @@ def dispatch_s(shape: Shape, link: Link, remote_share: float) -> float:
         return all_gather_s(tokens_bytes * ep * shape.etp, ep * shape.etp, link)
     ranks_per_node = max(1, round(ep * (1 - remote_share)))
     sent, remote = dispatch_bytes(shape, ranks_per_node)
-    return (ep - 1) * link.latency_s + link.seconds(remote if remote_share else sent)
+    # The busiest rank receives (and in the combine sends) its extra rows.
+    return (ep - 1) * link.latency_s + link.seconds(remote if remote_share else sent) * busiest_rows_factor(shape)
 
 
 # DeepEP's buffer (deep_ep Buffer, sized by megatron-core fused_a2a.get_buffer

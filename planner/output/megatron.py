@@ -262,13 +262,13 @@ def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> lis
         args += ["--expert-model-parallel-size", str(layout.ep), "--expert-tensor-parallel-size", str(layout.etp)]
     if layout.sequence_parallel:
         args.append("--sequence-parallel")
-    args += _split_args(layout, stages)
+    args += _split_args(layout, stages, model.mtp_layers)
     if layout.distributed_optimizer:
         args.append("--use-distributed-optimizer")
     return args
 
 
-def _split_args(layout: Layout, stages: list[Stage]) -> list[str]:
+def _split_args(layout: Layout, stages: list[Stage], mtp_layers: int = 0) -> list[str]:
     """How many decoder layers each (virtual) stage runs, in the simplest
     flags that say it: none for an even split; first/last stage counts when
     only the end stages differ (without interleaving, the middle stages
@@ -287,16 +287,19 @@ def _split_args(layout: Layout, stages: list[Stage]) -> list[str]:
         if sizes[-1] != usual:
             args += ["--decoder-last-pipeline-num-layers", str(sizes[-1])]
         return args
-    return ["--pipeline-model-parallel-layout", pipeline_layout(stages)]
+    return ["--pipeline-model-parallel-layout", pipeline_layout(stages, mtp_layers)]
 
 
-def pipeline_layout(stages: list[Stage]) -> str:
+def pipeline_layout(stages: list[Stage], mtp_layers: int = 0) -> str:
     """Megatron's ``--pipeline-model-parallel-layout`` for an uneven split:
     virtual stages in order, separated by ``|``; ``E`` the embedding, ``t`` a
-    decoder layer, ``L`` the loss (head), e.g. ``Ettt|tttt|tttL``
-    (megatron/core/transformer/pipeline_parallel_layer_layout.py)."""
+    decoder layer, ``m`` a multi-token prediction layer (with the head, as
+    loom prices it), ``L`` the loss (head), e.g. ``Ettt|tttt|tttmL``
+    (megatron/core/transformer/pipeline_parallel_layer_layout.py, whose
+    validate_layer_layout requires the mtp count to match --mtp-num-layers)."""
     return "|".join(
-        "E" * chunk.embedding + "t" * chunk.num_layers + "L" * chunk.head for chunk in _chunks_in_layer_order(stages)
+        "E" * chunk.embedding + "t" * chunk.num_layers + "m" * (mtp_layers * chunk.head) + "L" * chunk.head
+        for chunk in _chunks_in_layer_order(stages)
     )
 
 
@@ -406,9 +409,9 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
 def _header(job: Job, layout: Layout, nodes: list[NodeRanks], named: bool) -> list[str]:
     if named:
         rank = ["# Run it once on every node of the plan (slurm.sbatch does). The node rank is",
-                "# looked up from this host's name (LOOM_HOST, else SLURMD_NODENAME, else",
-                "# hostname -s) so that global ranks land where loom placed them; LOOM_NODE_RANK",
-                "# overrides it."]
+                "# looked up from this host's names (LOOM_HOST, SLURMD_NODENAME, the short and",
+                "# full host name, its addresses) so that global ranks land where loom placed",
+                "# them; LOOM_NODE_RANK overrides it."]
         master = [f'MASTER_ADDR="${{MASTER_ADDR:-{nodes[0].host}}}"']
     else:
         rank = ["# Run it once on every node (slurm.sbatch does). The cluster names no hosts, so",
@@ -452,11 +455,15 @@ def _node_table(nodes: list[NodeRanks], named: bool) -> list[str]:
     the GPUs the plan names by the node's own numbers."""
     if named:
         rank = [
-            "declare -A NODE_RANK_OF_HOST=(",
-            *(f"    [{shlex.quote(node.host)}]={node.node_rank}" for node in nodes),
+            "declare -A NODE_RANK_OF_HOST=(  # names in lower case: host names ignore case",
+            *(f"    [{shlex.quote(node.host.lower())}]={node.node_rank}" for node in nodes),
             ")",
-            'HOST="${LOOM_HOST:-${SLURMD_NODENAME:-$(hostname -s)}}"',
-            'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_HOST[$HOST]:?host $HOST is not in this plan; set LOOM_HOST}}"',
+            "# This node by any of its names: the scheduler's, the short and full host names, its addresses.",
+            'NODE_RANK="${LOOM_NODE_RANK:-}"',
+            'for NAME in ${LOOM_HOST:-} ${SLURMD_NODENAME:-} $(hostname -s) $(hostname) $(hostname -f 2>/dev/null) $(hostname -I 2>/dev/null); do',
+            '    [[ -z "$NODE_RANK" && -n "${NODE_RANK_OF_HOST[${NAME,,}]+x}" ]] && NODE_RANK="${NODE_RANK_OF_HOST[${NAME,,}]}"',
+            "done",
+            '[[ -n "$NODE_RANK" ]] || { echo "this node ($(hostname)) is not in this plan; set LOOM_HOST or LOOM_NODE_RANK" >&2; exit 1; }',
         ]
     else:
         rank_of_given = [node.node_rank for node in sorted(nodes, key=lambda node: node.given_index)]

@@ -162,6 +162,8 @@ class ScheduleReport(pydantic.BaseModel):
 class PlanReport(pydantic.BaseModel):
     label: str
     parallel: Parallel
+    moe_token_dispatcher: Literal["alltoall", "allgather", "deepep", "hybridep"] | None = pydantic.Field(
+        default=None, description="MoE: the token dispatcher this plan runs (a search may try several); null for a dense model")
     stages: list[StageReport]
     placement: list[GPUSlot]
     placement_solver: PlacementReport | None = None
@@ -325,6 +327,7 @@ def plan_report(plan: Plan) -> PlanReport:
     return PlanReport(
         label=plan.layout.label(),
         parallel=Parallel(**plan.layout.as_dict()),
+        moe_token_dispatcher=plan.job.features.moe_token_dispatcher if plan.job.model.moe is not None else None,
         stages=[
             StageReport(
                 index=stage.index,

@@ -132,6 +132,9 @@ class ExpertMap(pydantic.BaseModel):
     methods: dict[str, MethodFigures]
     placement: list[list[list[int]]]
     sglang_file: str
+    # busiest/mean rank load per EP size without replicas (imbalance_by_ep_size):
+    # what a job's features.moe_load_imbalance takes.
+    imbalance_by_ep_size: dict[int, float] = {}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -165,13 +168,16 @@ def read_loads(path: Path) -> np.ndarray:
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise SpecError(str(path), "load_tokens", "finite, non-negative token counts", f"{float(loads[where])} at index {list(where)}")
     if loads.ndim == 3:  # SGLang stacks one [layers, experts] count per recording
-        loads = loads.sum(axis=0)
+        with np.errstate(over="ignore"):  # a sum past float's range is inf, refused below
+            loads = loads.sum(axis=0)
     if loads.shape[0] > MAX_LAYERS or loads.shape[1] > MAX_SLOTS or loads.size > MAX_LAYER_SLOTS:
         raise SpecError(str(path), "load_tokens", f"at most {MAX_LAYERS:,} layers x {MAX_SLOTS:,} experts, "
                         f"{MAX_LAYER_SLOTS:,} in all (each expert needs a slot)", f"shape {loads.shape}")
-    heaviest = int(loads.sum(axis=1).argmax())
-    if loads[heaviest].sum() > MAX_LAYER_TOKENS:
-        raise SpecError(str(path), "load_tokens", "at most 2^53 routed tokens per layer", f"{loads[heaviest].sum():.3g} in layer {heaviest}")
+    with np.errstate(over="ignore"):
+        per_layer = loads.sum(axis=1)
+    heaviest = int(per_layer.argmax())
+    if not per_layer[heaviest] <= MAX_LAYER_TOKENS:
+        raise SpecError(str(path), "load_tokens", "at most 2^53 routed tokens per layer", f"{per_layer[heaviest]:.3g} in layer {heaviest}")
     return loads
 
 
@@ -215,6 +221,8 @@ def _read_array(path: Path, keys: tuple[str, ...], field: str, max_numbers: int)
                 raise SpecError(str(path), field, f"a key {' or '.join(keys)} (or a bare array)", sorted(data))
             data = data[found[0]]
         shape = _nested_shape(data)
+        if _holds_a_bool(data):
+            raise SpecError(str(path), field, "a rectangular array of real numbers (true/false are not counts)")
     else:
         raise SpecError(str(path), "<suffix>", "a .json or .npy file", path.suffix)
     if math.prod(shape) > max_numbers:
@@ -226,6 +234,13 @@ def _read_array(path: Path, keys: tuple[str, ...], field: str, max_numbers: int)
     if kind not in "iuf":  # booleans, complex numbers, strings, objects
         raise SpecError(str(path), field, "a rectangular array of real numbers", f"an array of {np.asarray(data).dtype}")
     return np.array(data, dtype=float)  # a copy: no .npy stays mapped
+
+
+def _holds_a_bool(data: object) -> bool:
+    """Whether a (nested) JSON list holds true or false anywhere."""
+    if isinstance(data, list):
+        return any(_holds_a_bool(item) for item in data)
+    return isinstance(data, bool)
 
 
 def _nested_shape(data: object) -> tuple[int, ...]:
@@ -326,7 +341,26 @@ def expert_map(problem: ExpertProblem, solution: ExpertPlacement, methods: dict[
         methods={name: figures_model(figures) for name, figures in methods.items()},
         placement=replica_ranks(problem, solution.expert_of_slot),
         sglang_file=SGLANG_FILE,
+        imbalance_by_ep_size=imbalance_by_ep_size(problem.load_tokens),
     )
+
+
+def imbalance_by_ep_size(loads: np.ndarray) -> dict[int, float]:
+    """For each EP size from 2 that divides the expert count, the busiest
+    rank's routed tokens over the mean when each rank holds a contiguous
+    block of experts and no replicas (Megatron's expert placement: rank r
+    holds experts [r E/ep, (r+1) E/ep)), over all layers: sum_l max_r /
+    sum_l mean_r, since each layer waits for its busiest rank. ``loads``:
+    (layers, experts) routed tokens. Rounded to 4 digits."""
+    layers, experts = loads.shape
+    found = {}
+    for ep in range(2, experts + 1):
+        if experts % ep:
+            continue
+        per_rank = loads.reshape(layers, ep, experts // ep).sum(axis=2)
+        mean = per_rank.mean(axis=1).sum()
+        found[ep] = round(float(per_rank.max(axis=1).sum() / mean), 4) if mean > 0 else 1.0
+    return found
 
 
 def sglang_location(problem: ExpertProblem, expert_of_slot: np.ndarray, dense_layers: int = 0) -> dict:

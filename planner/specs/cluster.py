@@ -181,9 +181,10 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
                             "no label starting or ending with a hyphen (RFC 1123)", host)
     if len(hosts) != spec.nodes:
         raise SpecError(source, at("hosts"), f"{spec.nodes} host names, one per node", len(hosts))
-    repeated = sorted({host for host in hosts if hosts.count(host) > 1}) if len(set(hosts)) != len(hosts) else []
+    lowered = [host.lower() for host in hosts]  # host names ignore case (RFC 4343)
+    repeated = sorted({host for host, low in zip(hosts, lowered) if lowered.count(low) > 1})
     if repeated:
-        raise SpecError(source, at("hosts"), "a different name for every node", repeated[0])
+        raise SpecError(source, at("hosts"), "a different name for every node (names ignore case)", repeated[0])
     base = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
     per_node = [dict(base) for _ in hosts]
     gpu_field = [at("gpu")] * spec.nodes  # where each node's GPU type was given, for error messages

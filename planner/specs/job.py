@@ -14,6 +14,7 @@ Example (``examples/llama3-8b-h100.yaml``)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -50,6 +51,35 @@ StackName = Literal["megatron-lm", "megatron-bridge"]
 Dispatcher = Literal["alltoall", "allgather", "deepep", "hybridep"]
 
 
+MAX_IMBALANCE = 1_000
+
+
+def _ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 1 <= value <= MAX_IMBALANCE:
+        raise ValueError(f"busiest/mean ratios from 1 to {MAX_IMBALANCE:,}: one, or a mapping of EP sizes to them")
+    return float(value)
+
+
+def _imbalance(value: object) -> float | tuple[tuple[int, float], ...]:
+    """``moe_load_imbalance``: one ratio, or {ep size: ratio} kept as sorted
+    (ep, ratio) pairs so that features stay hashable (costs are cached by them)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in value):
+        value = dict(value)  # the pairs, read back from a report
+    if not isinstance(value, dict):
+        return _ratio(value)
+    if not value:
+        raise ValueError("a ratio, or a mapping of at least one EP size to a ratio")
+    pairs = []
+    for ep, ratio in value.items():
+        if isinstance(ep, bool) or not isinstance(ep, int) or not 1 <= ep <= MAX_DEGREE:
+            raise ValueError(f"EP sizes from 1 to {MAX_DEGREE:,} as the mapping's keys, not {ep!r}")
+        pairs.append((ep, _ratio(ratio)))
+    return tuple(sorted(pairs))
+
+
+LoadImbalance = Annotated[float | tuple[tuple[int, float], ...], pydantic.PlainValidator(_imbalance)]
+
+
 class Features(StrictModel):
     """Framework features that change the time and memory models, not the layout.
 
@@ -64,8 +94,9 @@ class Features(StrictModel):
     overlap_param_gather: bool = True  # --overlap-param-gather (distributed optimizer)
     tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers)
     # MoE: the busiest GPU's routed tokens over the mean (1 = perfectly
-    # balanced); `loom experts` reports it for measured loads.
-    moe_load_imbalance: rate(1_000, minimum=1.0, inclusive_minimum=True) = 1.0
+    # balanced), one number or one per EP size ({8: 1.1, 16: 1.3}: what
+    # `loom experts` prints for a loads file).
+    moe_load_imbalance: LoadImbalance = 1.0
     # Megatron's gradient buffer in fp32 (--accumulate-allreduce-grads-in-fp32,
     # on by default for bf16) or in the parameters' dtype (--grad-reduce-in-bf16).
     grad_reduce_in_fp32: bool = True

@@ -109,6 +109,9 @@ def _moe_feature_problems(job: Job, layout: Layout) -> list[tuple[str, str, obje
     features, problems = job.features, []
     if features.moe_token_dispatcher in ("deepep", "hybridep") and layout.ep * layout.etp == 1:
         problems.append(("ep", "more than 1 with the flex dispatcher ('Flex token dispatcher requires TPxEP > 1')", layout.ep))
+    if features.moe_shared_expert_overlap and layout.recompute == "selective" and "shared_experts" in layout.selective_modules:
+        problems.append(("recompute_modules", "no shared_experts with moe_shared_expert_overlap (megatron-core: 'shared_experts "
+                         "recompute cannot work with --moe-shared-expert-overlap')", ",".join(layout.selective_modules)))
     if features.overlap_moe_expert_parallel_comm:
         if layout.ep == 1:
             problems.append(("ep", "more than 1 with overlap_moe_expert_parallel_comm", layout.ep))
