@@ -26,6 +26,7 @@ import torch
 
 from loom.planner.output.megatron import megatron_args
 from loom.planner.specs.cluster import parse_cluster
+from loom.planner.search.layouts import search
 from loom.planner.specs.job import Features, Job, stack_features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
@@ -74,6 +75,19 @@ def cases() -> list[tuple[str, Job, Layout]]:
     ]
 
 
+def planned() -> list[tuple[str, Job, Layout, list]]:
+    """The plans loom makes (best layout and its stage split) for Mixtral 8x7B
+    on 64 H100 and DeepSeek-V3 on 1,024 H100, as benchmarks/moe_runs.py does."""
+    found = []
+    for model, nodes, batch in [("mixtral-8x7b", 8, 256), ("deepseek-v3", 128, 4096)]:
+        job = Job(model=load_model(model), cluster=parse_cluster({"nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                                   "nics_per_node": 8, "nic_Gbps": 400}, "dev"),
+                  global_batch_size=batch, seq_length=4096)
+        plan = search(job, top_k=1).plans[0]
+        found.append((f"{model}, loom plan's best on {nodes * 8} H100: {plan.layout.label()}", plan.job, plan.layout, list(plan.stages)))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megatron-lm", required=True, help="folder with Megatron-LM's megatron/training etc.")
@@ -93,9 +107,10 @@ def main() -> None:
 
     megatron.core.utils.get_te_version = lambda: Version(TE_VERSION)
     failures = 0
-    for name, job, layout in cases():
+    checked = [(name, job, layout, uniform_stages(job.model, layout)) for name, job, layout in cases()] + planned()
+    for name, job, layout, stages in checked:
         capability["major"] = 10 if job.cluster.slowest.gpu.fp8_gemm_any_layout else 9
-        argv = megatron_args(job, layout, uniform_stages(job.model, layout))
+        argv = megatron_args(job, layout, stages)
         os.environ.update(WORLD_SIZE=str(layout.world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")  # as train.sh exports
         sys.argv = ["pretrain_gpt.py", *argv, "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(job.model.vocab_size)]
         try:
@@ -104,7 +119,7 @@ def main() -> None:
         except (AssertionError, ValueError, SystemExit) as error:
             failures += 1
             print(f"REJECTED  {name}: {error}")
-    print(f"{len(cases()) - failures} of {len(cases())} accepted by Megatron-LM's parse_args and validate_args")
+    print(f"{len(checked) - failures} of {len(checked)} accepted by Megatron-LM's parse_args and validate_args")
 
 
 if __name__ == "__main__":
