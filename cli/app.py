@@ -32,7 +32,7 @@ from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import SearchInfo, build_report, report_json
 from loom.planner.search.fixes import cheapest_fix
 from loom.planner.specs.rules import layout_problems
-from loom.planner.search.layouts import search
+from loom.planner.search.layouts import search, split_plan
 from loom.planner.cost.memory import GiB
 
 app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-model training.", invoke_without_command=True, rich_markup_mode=None,
@@ -226,6 +226,8 @@ def evaluate(
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1.")] = None,
     zero_stage: Annotated[int, typer.Option(min=0, max=3)] = 0,
+    split: Annotated[str, typer.Option(help="even: the same layers on every stage (Megatron's default); best: also the "
+                                            "partition MILP's split, as loom plan chooses (written as --pipeline-model-parallel-layout)")] = "even",
     out: OutOpt = None,
     as_json: JsonOpt = False,
     gate: GateOpt = None,
@@ -237,6 +239,8 @@ def evaluate(
     def action() -> None:
         for text in gates:
             parse_gate(text)
+        if split not in ("even", "best"):
+            raise SpecError("--split", "split", "even or best", split)
         check_output(out)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack,
@@ -255,7 +259,7 @@ def evaluate(
         problems = layout_problems(job, layout)
         if problems:
             raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
-        plan_ = evaluate_layout(job, layout)
+        plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)[0]
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver="none", status="evaluated", gap=0.0)
         if not plan_.fits:
             _show(plan_, info, as_json)

@@ -3,6 +3,7 @@ experts ran."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -83,3 +84,24 @@ def test_the_search_never_misses_what_experts_ran(validation):
                           vpp=sorted({1, layout.vpp}), cp=[1])
         best = search(replace(job, search=near), top_k=1).plans[0]
         assert best.step_time_s <= published.step_time_s * (1 + 1e-9), (row["id"], best.layout.label(), published.layout.label())
+
+
+def test_evaluate_with_the_best_split_reproduces_the_plans_figures(tmp_path):
+    """loom evaluate --split best prices a layout on the split loom plan would write."""
+    from typer.testing import CliRunner
+
+    from loom.cli.app import app
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("model: llama-3-70b\ncluster: {nodes: 3, gpus_per_node: 8, gpu: H100, nvlink_GBps: 450, nics_per_node: 8, nic_Gbps: 400}\n"
+                        "global_batch_size: 48\nseq_length: 4096\nsearch: {pp: [3], cp: [1], recompute: [none, selective]}\n")
+    planned = json.loads(CliRunner().invoke(app, ["plan", str(job_file), "--top-k", "1", "--json"]).stdout)["plans"][0]
+    parallel = planned["parallel"]
+    flags = [f"--{name}={parallel[key]}" for name, key in (("tp", "tp"), ("pp", "pp"), ("dp", "dp"), ("cp", "cp"), ("vpp", "vpp"),
+                                                             ("mbs", "micro_batch_size"), ("recompute", "recompute"))]
+    flags += ["--sequence-parallel" if parallel["sequence_parallel"] else "--no-sequence-parallel"]
+    if parallel.get("recompute_modules"):
+        flags.append("--recompute-modules=" + ",".join(parallel["recompute_modules"]))
+    best = json.loads(CliRunner().invoke(app, ["evaluate", str(job_file), *flags, "--split", "best", "--json"]).stdout)["plans"][0]
+    assert [s["layers"] for s in best["stages"]] == [s["layers"] for s in planned["stages"]]
+    assert best["predicted"]["step_time_s"] == pytest.approx(planned["predicted"]["step_time_s"], rel=1e-9)

@@ -292,29 +292,45 @@ def _ranked(plans: list[Plan]) -> list[Plan]:
     return sorted(plans, key=lambda plan: (round(plan.step_time_s, 9), round(plan.peak_memory.peak_bytes), plan.layout.label()))
 
 
+def splittable(job: Job, layout: Layout) -> bool:
+    """Whether the partition MILP may split ``layout`` unevenly: Megatron
+    pipelines only; block recompute saves per chunk, not per layer, so the
+    partition's per-layer costs do not describe it and it keeps the even split."""
+    return job.framework == "megatron" and layout.pp > 1 and not layout.recompute_num_layers
+
+
+def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Partition | None]:
+    """The plan of ``layout`` on the better of the even split and the
+    partition MILP's (Megatron runs either), one that leaves the memory
+    headroom first, and the MILP's solution when it found one (``milp``:
+    whether it may run). Only a proven optimum is used: a time-limited
+    incumbent depends on the machine's speed, and the same inputs must give
+    the same plan."""
+    options, solve = [build_plan(job, layout)], None
+    if milp and splittable(job, layout):
+        split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
+        if split is not None:
+            solve = split.solution
+            if solve.status == "optimal":
+                options.append(build_plan(job, layout, split.stages, split.placement))
+    fitting = [plan for plan in options if plan.leaves_headroom]
+    return min(fitting or options, key=lambda plan: plan.step_time_s), solve
+
+
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
-    """Plans for the best layouts, each with the better of the even split and
-    the partition MILP's (Megatron runs either), and the MILP's solutions."""
+    """Plans for the best layouts (split_plan), the MILP run for at most
+    MILP_REFINED of those that need it most (interleaved or mixed GPUs), and
+    the MILP's solutions."""
     plans, solves, milp_runs = [], [], 0
     for candidate in [*best, *near]:
-        layout = candidate.layout
-        options = [build_plan(job, layout)]
-        needs_milp = layout.vpp > 1 or job.cluster.heterogeneous
-        # Block recompute saves per chunk, not per layer: the partition's
-        # per-layer costs do not describe it, so it keeps the even split.
-        splittable = job.framework == "megatron" and layout.pp > 1 and not layout.recompute_num_layers
-        if splittable and (not needs_milp or milp_runs < MILP_REFINED):
-            milp_runs += needs_milp
-            split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
-            if split is not None:
-                solves.append(split.solution)
-                # A time-limited incumbent depends on the machine's speed: only
-                # proven optima are used, so the same inputs give the same plan.
-                if split.solution.status == "optimal":
-                    options.append(build_plan(job, layout, split.stages, split.placement))
-        fitting = [plan for plan in options if plan.leaves_headroom]
-        if fitting:
-            plans.append(min(fitting, key=lambda plan: plan.step_time_s))
+        needs_milp = candidate.layout.vpp > 1 or job.cluster.heterogeneous
+        milp = not needs_milp or milp_runs < MILP_REFINED
+        milp_runs += needs_milp and milp and splittable(job, candidate.layout)
+        plan, solve = split_plan(job, candidate.layout, milp)
+        if solve is not None:
+            solves.append(solve)
+        if plan.leaves_headroom:
+            plans.append(plan)
     return plans, solves
 
 
