@@ -159,6 +159,14 @@ def test_the_cheapest_fix_keeps_sequence_parallelism_off_when_the_user_has_it_of
         assert " SP " not in message.split("--tp 4")[1].split(")")[0]
 
 
+def test_the_cheapest_fix_may_use_the_gpus_a_small_layout_leaves_idle():
+    """Llama-3-8B on 2 of the 64 GPUs does not fit at micro batch 2, and no
+    change at 2 GPUs fits: twice the tensor parallelism on 4 GPUs does."""
+    result = invoke("evaluate", "--dp", 2, "--mbs", 2, "--global-batch-size", 64, "--seq-length", 4096)
+    assert result.exit_code == 3
+    assert "the cheapest single change that fits: --tp 2 --dp 2" in " ".join(result.stderr.split())
+
+
 def test_mxfp8_needs_blackwell(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("model: llama-3-8b\ncluster: h100-64.yaml\nglobal_batch_size: 512\nseq_length: 8192\nprecision: fp8\n"

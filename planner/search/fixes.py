@@ -5,7 +5,8 @@ The candidates are the knobs a Megatron or DeepSpeed user turns first when a
 job runs out of memory, each changed alone: more recomputation, the
 distributed optimizer or the next ZeRO stage, a smaller micro batch, less
 interleaving, sequence parallelism, and twice the tensor, pipeline or
-context parallelism in place of data parallelism (the GPU count stays).
+context parallelism in place of data parallelism (the GPU count stays) or,
+when the layout leaves half the cluster idle, beside it.
 Each is priced whole (time and memory); the fastest one that leaves the
 job's memory headroom is the answer.
 """
@@ -48,6 +49,11 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
         changes.append((f"--tp {2 * layout.tp} --dp {half}", replace(layout, tp=2 * layout.tp, dp=half, sequence_parallel=sequence_parallel)))
         changes.append((f"--pp {2 * layout.pp} --dp {half}", replace(layout, pp=2 * layout.pp, dp=half)))
         changes.append((f"--cp {2 * layout.cp} --dp {half}", replace(layout, cp=2 * layout.cp, dp=half)))
+    if 2 * layout.world_size <= job.cluster.num_gpus:  # GPUs the layout leaves idle: more model parallelism, same dp
+        dp = f" --dp {layout.dp}"
+        changes.append((f"--tp {2 * layout.tp}{dp}", replace(layout, tp=2 * layout.tp, sequence_parallel=layout.sequence_parallel or layout.tp == 1)))
+        changes.append((f"--pp {2 * layout.pp}{dp}", replace(layout, pp=2 * layout.pp)))
+        changes.append((f"--cp {2 * layout.cp}{dp}", replace(layout, cp=2 * layout.cp)))
     return changes
 
 
