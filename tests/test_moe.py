@@ -400,3 +400,13 @@ def test_shared_expert_overlap_forbids_recomputing_the_shared_experts():
     assert any(field == "recompute_modules" for field, _, _ in layout_problems(job, chosen))
     assert not layout_problems(job, layout(tp=1, pp=16, dp=16, ep=16, global_batch_size=512, recompute="selective",
                                            recompute_modules=("moe_act",)))
+
+
+def test_an_moe_stage_holds_its_routed_token_buffers_for_a_moment():
+    job = lambda dispatcher: Job(model=load_model("qwen3-30b-a3b"), cluster=make_cluster(1), global_batch_size=64, seq_length=4096,  # noqa: E731
+                                 features=Features(moe_token_dispatcher=dispatcher))
+    chosen = layout(pp=2, dp=4, ep=4, global_batch_size=64)
+    routed_rows_bytes = 4096 * 8 * 2048 * 2  # tokens x top_k x hidden, 16-bit
+    for dispatcher, buffers in (("alltoall", 2), ("hybridep", 1)):
+        first_stage = evaluate(job(dispatcher), chosen).memory[0].breakdown_bytes  # no loss buffers there
+        assert first_stage["transient"] == pytest.approx(buffers * routed_rows_bytes)

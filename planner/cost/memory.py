@@ -8,9 +8,10 @@ Engine, PyTorch, CUDA and NCCL hold at the stage's peak, term by term
 - ``activations``: what the micro batches in flight keep for backward (each
   piece's bytes from ``layers.py``: estimated by ``activations.py`` or
   measured), walked in Megatron's op order;
-- ``transient``: the loss's buffers on the last stage, the layer a full
-  recompute re-runs, ZeRO-3's gathered weights, or the optimizer step's fp32
-  gradient copy, whichever phase holds the most;
+- ``transient``: the loss's buffers on the last stage, an MoE layer's
+  routed-token buffers (moe.py), the layer a full recompute re-runs, ZeRO-3's
+  gathered weights, or the optimizer step's fp32 gradient copy, whichever
+  phase holds the most;
 - ``cuda_context``, ``cublas_workspaces``, ``nccl_buffers``,
   ``tp_comm_buffers``, ``moe_dispatcher_buffers`` (moe.py) and
   ``allocator_fragmentation``: what the runtime holds
@@ -399,6 +400,8 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
         activations += microbatches * vision.model.num_layers * layer_activation_bytes(vision, layout.recompute)
 
     transient = head_transient(shape) if stage.head else 0.0
+    if any(shape.model.moe_layers_in(chunk.first_layer, chunk.num_layers) for chunk in stage.chunks):
+        transient = max(transient, moe.forward_transient_bytes(shape))
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
         transient = max(transient, layer_activation_bytes(shape, recompute="none", moe=shape.model.moe is not None))

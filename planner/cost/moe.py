@@ -203,3 +203,21 @@ def dispatcher_buffer_bytes(shape: Shape) -> float:
         rdma_bytes = DEEPEP_CHANNELS * rdma * (8 * 2 + 2) * 2 * 4
         rdma_bytes += DEEPEP_CHANNELS * rdma * _at_most(DEEPEP_RDMA_RECV_TOKENS, n) * 2 * (hidden_bytes + DEEPEP_TOKEN_META_BYTES + 16)
     return nvl_bytes + rdma_bytes + DEEPEP_WORKSPACE_BYTES
+
+
+def forward_transient_bytes(shape: Shape) -> float:
+    """What an MoE layer holds for a moment beyond what it saves, on the
+    busiest rank: each permutation and all-to-all reads one buffer of routed
+    rows and writes another, so two are alive at once (the permuted tokens
+    and the all-to-all's output, then that and its expert-sorted copy:
+    token_dispatcher.py); HybridEP writes the sorted rows straight into its
+    own buffer (one); the all-gather dispatcher unpermutes into a full
+    [tokens x ep x etp, hidden] tensor before its reduce-scatter."""
+    moe = shape.model.moe
+    if moe is None:
+        return 0.0
+    row_bytes = shape.model.hidden_size * ACT_BYTES
+    if shape.features.moe_token_dispatcher == "allgather":
+        return shape.moe_tokens * shape.ep * shape.etp * row_bytes
+    rows = shape.moe_tokens * moe.top_k * shape.etp * busiest_rows_factor(shape)
+    return (1 if shape.features.moe_token_dispatcher == "hybridep" else 2) * rows * row_bytes
