@@ -410,3 +410,16 @@ def test_an_moe_stage_holds_its_routed_token_buffers_for_a_moment():
     for dispatcher, buffers in (("alltoall", 2), ("hybridep", 1)):
         first_stage = evaluate(job(dispatcher), chosen).memory[0].breakdown_bytes  # no loss buffers there
         assert first_stage["transient"] == pytest.approx(buffers * routed_rows_bytes)
+
+
+def test_small_messages_per_remote_peer_run_below_the_nic():
+    assert moe.message_efficiency(moe.A2A_HALF_BANDWIDTH_PEER_BYTES) == pytest.approx(0.5)
+    assert moe.message_efficiency(64 * 2**20) > 0.99
+    from loom.planner.cost.collectives import Link
+
+    nic = Link(bandwidth_GBps=45.0, latency_s=0.0, kind="network")
+    # Mixtral at 64 tokens per rank sends 128 KiB to each remote peer: half the NIC's rate.
+    few = Shape(MIXTRAL, tp=1, cp=1, micro_batch_size=1, sequence_parallel=False, seq_length=64, precision="bf16", features=Features(), ep=8)
+    many = Shape(MIXTRAL, tp=1, cp=1, micro_batch_size=1, sequence_parallel=False, seq_length=8192, precision="bf16", features=Features(), ep=8)
+    ratio = moe.dispatch_s(many, nic, remote_share=0.5) / moe.dispatch_s(few, nic, remote_share=0.5)
+    assert ratio == pytest.approx(0.5 * 8192 / 64, rel=0.02)  # 128x the bytes in about 64x the time

@@ -140,7 +140,8 @@ def dispatch_s(shape: Shape, link: Link, remote_share: float) -> float:
     (network.all_to_all_link). Inside a node all bytes cross NVLink; across
     nodes the network carries the remote bytes while NVLink carries the rest
     at the same time, and the network sets the pace; the busiest rank's
-    share is the load imbalance's. Each of the ep - 1 peers costs one
+    share is the load imbalance's, and small messages to each remote peer
+    reach only message_efficiency of it. Each of the ep - 1 peers costs one
     message latency. The all-gather dispatcher all-gathers
     every token over the ep x etp ranks (its combine reduce-scatters them)."""
     ep = shape.ep
@@ -151,8 +152,26 @@ def dispatch_s(shape: Shape, link: Link, remote_share: float) -> float:
         return all_gather_s(tokens_bytes * ep * shape.etp, ep * shape.etp, link)
     ranks_per_node = max(1, round(ep * (1 - remote_share)))
     sent, remote = dispatch_bytes(shape, ranks_per_node)
-    # The busiest rank receives (and in the combine sends) its extra rows.
-    return (ep - 1) * link.latency_s + link.seconds(remote if remote_share else sent) * busiest_rows_factor(shape)
+    if not remote_share:
+        return (ep - 1) * link.latency_s + link.seconds(sent) * busiest_rows_factor(shape)
+    # The busiest rank receives (and in the combine sends) its extra rows;
+    # small messages to each remote peer run below the NIC's bandwidth.
+    remote_peers = max(1, ep - ranks_per_node)
+    return (ep - 1) * link.latency_s + link.seconds(remote) * busiest_rows_factor(shape) / message_efficiency(remote / remote_peers)
+
+
+# NCCL's all-to-all across nodes at 128 KiB per peer (64 H800, 8 MiB per rank)
+# reached 24-28 GB/s bus bandwidth against 45-49 at large messages: about half
+# (NVIDIA/nccl issue #1531).
+A2A_HALF_BANDWIDTH_PEER_BYTES = 128 * 2**10
+
+
+def message_efficiency(bytes_per_peer: float) -> float:
+    """Share of the network bandwidth an all-to-all reaches with
+    ``bytes_per_peer`` to each remote peer: m / (m + m_half), half at
+    A2A_HALF_BANDWIDTH_PEER_BYTES (a per-message cost the bandwidth must
+    amortise, as in Hockney's model)."""
+    return bytes_per_peer / (bytes_per_peer + A2A_HALF_BANDWIDTH_PEER_BYTES)
 
 
 # DeepEP's buffer (deep_ep Buffer, sized by megatron-core fused_a2a.get_buffer
