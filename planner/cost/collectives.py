@@ -55,14 +55,3 @@ def all_gather_s(bytes_: float, n: int, link: Link) -> float:
 def send_recv_s(bytes_: float, link: Link) -> float:
     """One point-to-point transfer."""
     return link.latency_s + link.seconds(bytes_)
-
-
-def all_to_all_s(bytes_: float, n: int, link: Link, remote_share: float = 0.0) -> float:
-    """Pairwise all-to-all of a buffer of ``bytes_`` per GPU in n-1 exchange
-    steps (Thakur et al. 2005, sec. 4.4). Inside a node (n-1)/n of it crosses
-    ``link``; across nodes the ``remote_share`` for other nodes crosses the
-    network ``link`` (the in-node part runs on NVLink at the same time)."""
-    if n == 1:
-        return 0.0
-    share = remote_share if remote_share else (n - 1) / n
-    return (n - 1) * link.latency_s + share * link.seconds(bytes_)
