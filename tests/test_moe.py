@@ -423,3 +423,14 @@ def test_small_messages_per_remote_peer_run_below_the_nic():
     many = Shape(MIXTRAL, tp=1, cp=1, micro_batch_size=1, sequence_parallel=False, seq_length=8192, precision="bf16", features=Features(), ep=8)
     ratio = moe.dispatch_s(many, nic, remote_share=0.5) / moe.dispatch_s(few, nic, remote_share=0.5)
     assert ratio == pytest.approx(0.5 * 8192 / 64, rel=0.02)  # 128x the bytes in about 64x the time
+
+
+def test_overlapped_dispatch_costs_the_sms_deepep_holds():
+    job = lambda dispatcher: Job(model=load_model("qwen3-235b-a22b"), cluster=make_cluster(32), global_batch_size=512,  # noqa: E731
+                                 seq_length=4096, features=Features(moe_token_dispatcher=dispatcher, overlap_moe_expert_parallel_comm=True))
+    chosen = layout(tp=2, pp=8, vpp=2, dp=16, ep=32, sequence_parallel=True, global_batch_size=512)
+    deepep = evaluate(job("deepep"), chosen).step.breakdown_s["ep_comm"]
+    assert deepep > 0  # fully hidden, yet 20 of 132 SMs were busy moving tokens
+    plain = Job(model=load_model("qwen3-235b-a22b"), cluster=make_cluster(32), global_batch_size=512, seq_length=4096,
+                features=Features(moe_token_dispatcher="deepep"))
+    assert deepep < evaluate(plain, chosen).step.breakdown_s["ep_comm"]

@@ -157,12 +157,18 @@ def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: Pa
     --overlap-moe-expert-parallel-comm runs one micro batch's forward beside
     another's backward, layer by layer, so each pass's all-to-alls hide
     behind the other pass's compute (megatron-core combined_1f1b.py,
-    fine_grained_callables.py). --moe-shared-expert-overlap runs the shared
+    fine_grained_callables.py), at the cost of the SMs DeepEP's or HybridEP's
+    kernels hold meanwhile. --moe-shared-expert-overlap runs the shared
     experts on a side stream during the dispatch and combine
     (shared_experts.py)."""
     features = shape.features
     if features.overlap_moe_expert_parallel_comm:
-        return max(0.0, ep_fwd - bwd.total_s), max(0.0, ep_bwd - fwd.total_s)
+        # What the dispatcher's kernels hide, they hide on SMs taken from the
+        # compute beside them, which runs that much slower (moe.DISPATCHER_SMS).
+        share = moe.DISPATCHER_SMS.get(features.moe_token_dispatcher, 0) / gpu.sms
+        hidden_fwd, hidden_bwd = min(ep_fwd, bwd.total_s), min(ep_bwd, fwd.total_s)
+        slowed = (hidden_fwd + hidden_bwd) * share / (1 - share)
+        return ep_fwd - hidden_fwd + slowed / 2, ep_bwd - hidden_bwd + slowed / 2
     if features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
         shared = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size)
         shared_bwd = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size, backward=True)
