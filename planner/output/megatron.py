@@ -135,6 +135,8 @@ def _model_args(job: Job) -> list[str]:
     ]
     if not m.learned_position_embeddings:
         args += ["--rotary-base", str(int(m.rope_theta))]
+        if m.rotary_percent < 1.0:
+            args += ["--rotary-percent", f"{m.rotary_percent:g}"]
     if m.kv_channels:
         args += ["--kv-channels", str(m.kv_channels)]
     if m.num_query_groups != m.num_attention_heads:
@@ -158,7 +160,8 @@ def _model_args(job: Job) -> list[str]:
 
 
 def _window_args(m: ModelSpec) -> list[str]:
-    """Sliding-window layers and attention sinks (gpt-oss). Transformer
+    """Sliding-window layers (gpt-oss; every layer of StarCoder2 and Phi-3)
+    and attention sinks (gpt-oss). Transformer
     Engine's window (left, 0) lets query i see keys i - left .. i, so a
     window of W keys, the query's own included (Hugging Face's and the gpt-oss
     reference's), is left = W - 1. --window-attn-skip-freq lists the layers,
@@ -210,6 +213,10 @@ def _moe_args(m: ModelSpec) -> list[str]:
     ]
     if moe.shared_ffn_hidden_size:
         args += ["--moe-shared-expert-intermediate-size", str(moe.shared_ffn_hidden_size)]
+        if moe.shared_gate:
+            args.append("--moe-shared-expert-gate")
+    if moe.pre_softmax:
+        args.append("--moe-router-pre-softmax")
     if moe.first_dense_layers:
         args += ["--moe-layer-freq", f"([0]*{moe.first_dense_layers}+[1]*{m.num_layers - moe.first_dense_layers})"]
     if m.mtp_layers:

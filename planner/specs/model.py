@@ -1,7 +1,8 @@
 """The model spec: a decoder-only transformer, read from a Hugging Face
-style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, GPT-2, GPT-NeoX; the
-mixture-of-experts Mixtral, Qwen3-MoE, DeepSeek-V2/V3 with their latent
-attention and gpt-oss with its sliding-window layers and attention sinks),
+style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3,
+InternLM2, StarCoder2, GPT-2, GPT-NeoX; the mixture-of-experts Mixtral,
+Qwen1.5/2-MoE, Qwen3-MoE, DeepSeek-V2/V3 with their latent attention and
+gpt-oss with its sliding-window layers and attention sinks),
 and optionally a vision tower feeding it (LLaVA: a CLIP ViT and
 an MLP projector).
 
@@ -19,8 +20,25 @@ from loom.planner.specs.files import read_json
 from loom.planner.specs.hf_config import LIMITS, MIN_VOCAB, ConfigReader
 from loom.profiles.catalogue import model_config_path, model_names
 
-# Families whose MLP is gated (SwiGLU) and which use RMSNorm, RoPE, no biases.
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
+# Families whose MLP is gated (SwiGLU) and which use RMSNorm, RoPE, no biases
+# (Qwen2 and Qwen2-MoE: biases on Q, K and V). Phi-3 and InternLM2 fuse Q, K,
+# V (qkv_proj, wqkv) and gate/up (gate_up_proj, w1/w3) in their checkpoints;
+# the shapes are Llama's.
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "internlm2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2",
+              "deepseek_v3"}
+# RMSNorm on each head's query and key (Qwen3 q_norm/k_norm over head_dim: megatron-core's --qk-layernorm).
+QK_NORM_FAMILIES = {"qwen3", "qwen3_moe"}
+QKV_BIAS_FAMILIES = {"qwen2", "qwen2_moe"}
+# StarCoder2 (Lozhkov et al. 2024): LayerNorm, biases on every linear layer
+# (use_bias), a plain GeLU MLP (c_fc, c_proj), RoPE, GQA.
+STARCODER2 = {"starcoder2"}
+# Families whose ``sliding_window`` (when set) windows every layer
+# (transformers' Starcoder2Attention and Phi3Attention pass it to each layer).
+WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
+# Families added with issue #16 whose rope_scaling loom checks: none, or
+# "dynamic" NTK scaling, which changes nothing within max_position_embeddings
+# (transformers' dynamic rope update) and so nothing in pre-training.
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe"}
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
@@ -34,6 +52,10 @@ UNBUILDABLE = {
              "(q_norm over hidden_size), megatron-core's --qk-layernorm each head on its own",
     "phimoe": "a family Megatron-LM can build: Phi-3.5-MoE has biases on Q, K, V and the attention output and on the "
               "LM head but none in its experts; Megatron has --add-qkv-bias or biases on every linear layer, and no LM-head bias",
+    "olmo2": "a family Megatron-LM can build: OLMo-2 normalises each sublayer's output before the residual add "
+             "(post_attention_layernorm, post_feedforward_layernorm; no input norm), which megatron-core's transformer layer "
+             "(input_layernorm, pre_mlp_layernorm) cannot place, and its QK norm spans all heads (q_norm over "
+             "heads x head_dim), megatron-core's --qk-layernorm each head on its own",
 }
 # Families with a plain GeLU MLP, LayerNorm and biases everywhere.
 GPT_LIKE = {"gpt2", "gpt_neox"}
@@ -54,6 +76,12 @@ class MoE:
     shared_ffn_hidden_size: int = 0  # all shared experts together
     first_dense_layers: int = 0
     bias: bool = False  # biases on the router and in every expert (gpt-oss)
+    # Qwen2-MoE: sigmoid(x . w) scales the shared expert's output, one weight
+    # vector of hidden size (megatron-core's moe_shared_expert_gate).
+    shared_gate: bool = False
+    # Softmax over all experts before the top-k, the k weights not renormalised
+    # (Hugging Face's norm_topk_prob false; megatron-core's moe_router_pre_softmax).
+    pre_softmax: bool = False
 
     def expert_params(self, hidden: int) -> int:
         """One routed expert (gate, up and down projections, and their biases)."""
@@ -65,11 +93,15 @@ class MoE:
 
     def layer_params(self, hidden: int) -> int:
         """Router, routed and shared experts of one MoE layer."""
-        return self.router_params(hidden) + self.num_experts * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
+        return self.router_params(hidden) + self.num_experts * self.expert_params(hidden) + self.shared_params(hidden)
+
+    def shared_params(self, hidden: int) -> int:
+        """The shared experts (gate, up, down) and their output gate."""
+        return 3 * hidden * self.shared_ffn_hidden_size + hidden * self.shared_gate
 
     def active_params(self, hidden: int) -> int:
         """The MLP weights one token multiplies in an MoE layer."""
-        return self.router_params(hidden) + self.top_k * self.expert_params(hidden) + 3 * hidden * self.shared_ffn_hidden_size
+        return self.router_params(hidden) + self.top_k * self.expert_params(hidden) + self.shared_params(hidden)
 
 
 @dataclass(frozen=True)
@@ -117,6 +149,7 @@ class ModelSpec:
     dropout: float  # hidden and attention dropout during pre-training
     kv_channels: int | None = None  # head dim when not hidden / heads (Mistral-NeMo, Qwen3)
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
+    rotary_percent: float = 1.0  # the share of each head's dims RoPE rotates (Phi-3's partial_rotary_factor)
     norm_epsilon: float = 1e-5
     causal: bool = True  # decoders mask the future; vision encoders attend to all patches
     vision: VisionTower | None = None  # image encoder feeding the first layer
@@ -331,9 +364,10 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     if family in UNBUILDABLE:
         read.require(False, "model_type", UNBUILDABLE[family], family)
         read.check()
-    if family not in LLAMA_LIKE | GPT_LIKE | GPT_OSS:
+    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2
+    if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
-        read.require(False, "model_type", f"one of {sorted(LLAMA_LIKE | GPT_LIKE | GPT_OSS | VISION_LANGUAGE)}{where}", family)
+        read.require(False, "model_type", f"one of {sorted(known | VISION_LANGUAGE)}{where}", family)
         read.check()
     hidden = read.int("hidden_size", "n_embd", high=LIMITS["width"])
     heads = read.int("num_attention_heads", "n_head", high=LIMITS["heads"])
@@ -351,8 +385,11 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         # gpt-oss's experts and router always have them, so its attention must too.
         read.require(read.bool("attention_bias", True), "attention_bias", "true for gpt_oss (its experts and router have biases; "
                      "Megatron biases all linear layers or none)", False)
+    _check_family(read, family)
+    starcoder2 = family in STARCODER2
     # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
-    dropout = read.number("resid_pdrop", "hidden_dropout", default=0.1 if family == "gpt2" else 0.0, high=1.0, below_high=True)
+    dropout = read.number("resid_pdrop", "hidden_dropout", "residual_dropout", default=0.1 if family == "gpt2" else 0.0, high=1.0,
+                          below_high=True)
     spec = ModelSpec(
         name=name,
         num_layers=num_layers,
@@ -363,25 +400,57 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         vocab_size=read.int("vocab_size", low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
         max_position_embeddings=read.int("max_position_embeddings", "n_positions", high=LIMITS["positions"]),
         gated_mlp=llama_like,
-        tied_embeddings=read.bool("tie_word_embeddings", family == "gpt2"),
+        # transformers' defaults: GPT-2 and StarCoder2 tie, the others do not.
+        tied_embeddings=read.bool("tie_word_embeddings", family in ("gpt2", "starcoder2")),
         learned_position_embeddings=family == "gpt2",
-        linear_bias=not llama_like or gpt_oss,
-        qkv_bias=family == "qwen2",
+        linear_bias=read.bool("use_bias", True) if starcoder2 else not llama_like or gpt_oss,
+        qkv_bias=family in QKV_BIAS_FAMILIES,
         normalization="RMSNorm" if llama_like else "LayerNorm",
         dropout=dropout,
         kv_channels=head_dim if head_dim != hidden // heads else None,
         rope_theta=read.number("rope_theta", "rotary_emb_base", default=10000.0, high=1e12, above_low=True),
-        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5, high=1.0, above_low=True, below_high=True),
+        rotary_percent=read.number("partial_rotary_factor", default=1.0, high=1.0, above_low=True) if family == "phi3" else 1.0,
+        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", default=1e-5, high=1.0,
+                                 above_low=True, below_high=True),
         moe=_moe(read, family, num_layers),
         mla=_mla(read) if family in MLA_FAMILIES else None,
-        qk_norm=family == "qwen3_moe",
+        qk_norm=family in QK_NORM_FAMILIES,
         mtp_layers=read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]),
     )
     if gpt_oss:
         window, layers = _sliding_window(read, num_layers)
         spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
                        glu_clamp=read.number("swiglu_limit", default=7.0, high=1e6, above_low=True))
+    elif family in WINDOW_EVERY_LAYER:
+        window = read.int("sliding_window", default=0, low=1, high=LIMITS["positions"]) or None
+        if window:
+            spec = replace(spec, sliding_window=window, window_layers=(True,) * num_layers)
     return spec
+
+
+def _check_family(read: ConfigReader, family: str) -> None:
+    """What a family's config may switch on that Megatron-LM cannot build
+    (or loom does not plan): each refused, naming the field."""
+    if family in ("qwen3", "qwen3_moe"):
+        # Qwen3's attention_bias puts biases on Q, K, V and the output projection:
+        # Megatron has --add-qkv-bias (Q, K, V only) or biases on every linear layer.
+        read.require(not read.bool("attention_bias", False), "attention_bias", f"false for {family} (biases on Q, K, V and the "
+                     "attention output, but not the MLP: Megatron has --add-qkv-bias or biases on every linear layer)", True)
+    if family == "internlm2":
+        # InternLM2's bias: on wqkv and wo, never on w1/w2/w3 (modeling_internlm2.py).
+        read.require(not read.bool("bias", False), "bias", "false for internlm2 (biases on wqkv and wo but not the MLP: Megatron has "
+                     "--add-qkv-bias or biases on every linear layer)", True)
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        read.require(not read.bool("use_sliding_window", False), "use_sliding_window",
+                     "false (loom does not plan Qwen's windowed layers past max_window_layers)", True)
+    if family in ROPE_CHECKED:
+        scaling = read.nested("rope_scaling")
+        kind = scaling.str("rope_type", scaling.str("type")) if scaling else None
+        # Phi-3-128k / Phi-3.5-mini: LongRoPE ("longrope", formerly "su"), a
+        # rescaling factor per rotary dimension, which megatron-core's rotary
+        # embeddings (rope, yarn, llama3-style --use-rope-scaling) do not have.
+        read.require(kind in (None, "default", "dynamic"), "rope_scaling", f"none or dynamic for {family} (megatron-core's rotary "
+                     "embedding has no per-dimension LongRoPE factors nor this family's scaling)", kind)
 
 
 def _sliding_window(read: ConfigReader, num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
@@ -407,9 +476,9 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
     if not read.has("num_local_experts", "num_experts", "n_routed_experts"):
         return None
     experts = read.int("num_local_experts", "num_experts", "n_routed_experts", high=LIMITS["experts"])
-    if family == "qwen3_moe":
-        read.require(not read.config.get("mlp_only_layers") and read.config.get("decoder_sparse_step", 1) == 1, "mlp_only_layers",
-                     "an MoE MLP in every layer (loom prices interleaved dense layers only at the start)")
+    first_dense = read.int("first_k_dense_replace", default=0, low=0, high=LIMITS["layers"])
+    if family in ("qwen2_moe", "qwen3_moe"):
+        first_dense = _qwen_dense_layers(read, num_layers)
     read.require(read.config.get("moe_layer_freq", 1) == 1, "moe_layer_freq", "1 (an MoE MLP in every layer after the dense ones)",
                  read.config.get("moe_layer_freq"))
     width_key = "intermediate_size" if family in ("mixtral", "gpt_oss") else "moe_intermediate_size"
@@ -417,17 +486,39 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
     read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
                  given=("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"))
     width = read.int(width_key, high=LIMITS["width"])
-    first_dense = read.int("first_k_dense_replace", default=0, low=0, high=LIMITS["layers"])
     read.require(first_dense < num_layers, "first_k_dense_replace", f"fewer than the {num_layers} layers (some must be MoE)", first_dense,
                  given=("num_hidden_layers", "n_layer"))
+    qwen2_moe = family == "qwen2_moe"
+    if qwen2_moe:  # one gated shared expert of its own width
+        shared = read.int("shared_expert_intermediate_size", default=0, low=0, high=LIMITS["width"])
+    else:
+        shared = read.int("n_shared_experts", default=0, low=0, high=LIMITS["experts"]) * width
     return MoE(
         num_experts=experts,
         top_k=top_k,
         expert_ffn_hidden_size=width,
-        shared_ffn_hidden_size=read.int("n_shared_experts", default=0, low=0, high=LIMITS["experts"]) * width,
+        shared_ffn_hidden_size=shared,
         first_dense_layers=min(first_dense, num_layers - 1),
         bias=family in GPT_OSS,
+        shared_gate=qwen2_moe and shared > 0,
+        # transformers' Qwen2MoeConfig and Qwen3MoeConfig default norm_topk_prob to false.
+        pre_softmax=family in ("qwen2_moe", "qwen3_moe") and not read.bool("norm_topk_prob", False),
     )
+
+
+def _qwen_dense_layers(read: ConfigReader, num_layers: int) -> int:
+    """Qwen-MoE: layer i has an MoE MLP unless listed in mlp_only_layers, and
+    only when (i + 1) is a multiple of decoder_sparse_step (transformers'
+    Qwen2MoeDecoderLayer). loom (and this emitter's --moe-layer-freq) prices
+    dense layers before the MoE ones: the dense layers must be the first k."""
+    step = read.int("decoder_sparse_step", default=1, high=LIMITS["layers"])
+    dense_only = set(read.int_list("mlp_only_layers") or [])
+    moe = [i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)]
+    first = moe.index(True) if any(moe) else num_layers
+    read.require(all(moe[first:]) and first < num_layers, "mlp_only_layers", "dense layers (mlp_only_layers, decoder_sparse_step) "
+                 "only before the MoE ones, and some MoE layers (loom prices interleaved dense layers only at the start)",
+                 sorted(dense_only), given=("decoder_sparse_step", "mlp_only_layers"))
+    return first if first < num_layers else 0
 
 
 def _mla(read: ConfigReader) -> MLA:

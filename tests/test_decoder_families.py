@@ -1,0 +1,223 @@
+"""Decoder families as data (issue #16): Qwen3, StarCoder2, Phi-3, InternLM2
+and Qwen1.5/2-MoE read from their public configs, their parameter counts
+against the published ones, a plan through the CLI, and their Megatron flags
+through megatron-core's TransformerConfig; OLMo-2, which Megatron-LM cannot
+build, refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+import yaml
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.planner.output.megatron import megatron_args
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.errors import SpecError
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
+from loom.planner.specs.stages import uniform_stages
+
+DATA = Path(__file__).parent / "data"
+FAMILIES = DATA / "decoder_families"
+runner = CliRunner()
+
+# model -> (config: a catalogue name or a file, published total parameters in
+# billions). loom counts the input embedding and, when untied, the output
+# layer as well (StarCoder2-7B ties them: one vocab x hidden matrix), as the
+# Hugging Face checkpoints hold them.
+PUBLISHED = {
+    # Qwen3-8B model card: "Number of Parameters: 8.2B" (6.95B non-embedding).
+    "qwen3-8b": ("qwen3-8b", 8.2),
+    # StarCoder2-7B: the card's "7B" model; the Hub's safetensors count is 7.17B.
+    "starcoder2-7b": (str(FAMILIES / "starcoder2-7b.json"), 7.17),
+    # Phi-3-mini-4k-instruct card: "3.8B parameters", rounded; the Hub's
+    # safetensors count is 3.82B (3,821,079,552, as keras-hub's preset records).
+    "phi-3-mini-4k-instruct": (str(FAMILIES / "phi-3-mini-4k-instruct.json"), 3.82),
+    # InternLM2-7B: the card's "7B" model; the Hub's safetensors count is 7.74B.
+    "internlm2-7b": (str(FAMILIES / "internlm2-7b.json"), 7.74),
+    # Qwen1.5-MoE-A2.7B card: "14.3B parameters in total and 2.7B activated".
+    "qwen1.5-moe-a2.7b": (str(FAMILIES / "qwen1.5-moe-a2.7b.json"), 14.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_match_the_model_cards(name):
+    source, billions = PUBLISHED[name]
+    model = load_model(source)
+    assert model.name == name
+    assert model.total_params() / 1e9 == pytest.approx(billions, rel=0.005)
+
+
+def test_qwen1_5_moe_activates_its_published_share():
+    # Qwen counts the input embedding among the active parameters.
+    model = load_model(PUBLISHED["qwen1.5-moe-a2.7b"][0])
+    assert model.active_params(input_embedding=True) / 1e9 == pytest.approx(2.7, rel=0.005)
+
+
+def test_qwen3_8b_is_in_the_catalogue():
+    # Non-embedding parameters, the card's 6.95B: every decoder layer and the final norm.
+    model = load_model("qwen3-8b")
+    assert (model.total_params() - 2 * model.embedding_params()) / 1e9 == pytest.approx(6.95, rel=0.005)
+
+
+# name -> (head dim, qk norm, linear biases, qkv biases, gated MLP, normalization, tied, window)
+READS = {
+    "qwen3-8b": (128, True, False, False, True, "RMSNorm", False, None),
+    "starcoder2-7b": (128, False, True, False, False, "LayerNorm", True, 4096),
+    "phi-3-mini-4k-instruct": (96, False, False, False, True, "RMSNorm", False, 2047),
+    "internlm2-7b": (128, False, False, False, True, "RMSNorm", False, None),
+    "qwen1.5-moe-a2.7b": (128, False, False, True, True, "RMSNorm", False, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READS))
+def test_what_each_family_reads(name):
+    m = load_model(PUBLISHED[name][0])
+    got = (m.head_dim, m.qk_norm, m.linear_bias, m.qkv_bias, m.gated_mlp, m.normalization, m.tied_embeddings, m.sliding_window)
+    assert got == READS[name]
+    assert m.window_layers == ((True,) * m.num_layers if m.sliding_window else ())
+    assert not m.learned_position_embeddings
+
+
+def test_qwen2_moe_reads_its_gated_shared_expert():
+    m = load_model(PUBLISHED["qwen1.5-moe-a2.7b"][0])
+    moe = m.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_ffn_hidden_size, moe.shared_ffn_hidden_size) == (60, 4, 1408, 5632)
+    assert moe.shared_gate and moe.pre_softmax and moe.first_dense_layers == 0 and m.num_moe_layers == 24
+    assert m.kv_channels is None and m.dropout == 0.0
+
+
+def test_qwen2_moe_dense_layers(tmp_path):
+    config = json.loads(Path(PUBLISHED["qwen1.5-moe-a2.7b"][0]).read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**config, "mlp_only_layers": [0, 1]}))
+    m = load_model(str(path))
+    assert m.moe.first_dense_layers == 2 and m.ffn_hidden_size == 5632
+    # Interleaved dense layers (decoder_sparse_step 2) are refused, not priced as another model.
+    path.write_text(json.dumps({**config, "decoder_sparse_step": 2}))
+    with pytest.raises(SpecError) as error:
+        load_model(str(path))
+    assert error.value.field == "mlp_only_layers"
+
+
+@pytest.mark.parametrize("family, change, field", [
+    ("phi-3-mini-4k-instruct", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "rope_scaling"),
+    ("internlm2-7b", {"bias": True}, "bias"),
+    ("qwen3-8b", {"attention_bias": True}, "attention_bias"),
+    ("qwen1.5-moe-a2.7b", {"use_sliding_window": True}, "use_sliding_window"),
+])
+def test_what_megatron_cannot_build_is_refused(tmp_path, family, change, field):
+    source = PUBLISHED[family][0]
+    base = Path(source) if source.endswith(".json") else Path(__file__).parents[1] / "profiles" / "models" / f"{source}.json"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(base.read_text()), **change}))
+    with pytest.raises(SpecError) as error:
+        load_model(str(path))
+    assert error.value.field == field
+
+
+def test_olmo2_is_refused():
+    path = DATA / "unbuildable" / "olmo-2-7b.json"
+    with pytest.raises(SpecError) as error:
+        load_model(str(path))
+    assert error.value.field == "model_type" and "post_attention_layernorm" in str(error.value) and "olmo2" in str(error.value)
+    result = runner.invoke(app, ["plan", "--model", str(path)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "olmo-2-7b" in result.output
+
+
+# The flags each family's launch must carry (beside the common ones).
+FLAGS = {
+    "qwen3-8b": ["--qk-layernorm", "--swiglu", "--disable-bias-linear", "--num-query-groups 8"],
+    "starcoder2-7b": ["--normalization LayerNorm", "--window-size 4095,0", "--window-attn-skip-freq '([1]*32)'", "--num-query-groups 4"],
+    "phi-3-mini-4k-instruct": ["--swiglu", "--disable-bias-linear", "--window-size 2046,0", "--untie-embeddings-and-output-weights"],
+    "internlm2-7b": ["--swiglu", "--disable-bias-linear", "--num-query-groups 8", "--rotary-base 1000000"],
+    "qwen1.5-moe-a2.7b": ["--add-qkv-bias", "--num-experts 60", "--moe-router-topk 4", "--moe-ffn-hidden-size 1408",
+                          "--moe-shared-expert-intermediate-size 5632", "--moe-shared-expert-gate", "--moe-router-pre-softmax"],
+}
+ABSENT = {
+    "qwen3-8b": ["--add-qkv-bias", "--window-size"],
+    "starcoder2-7b": ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--qk-layernorm"],
+    "phi-3-mini-4k-instruct": ["--group-query-attention", "--kv-channels"],
+    "internlm2-7b": ["--add-qkv-bias", "--window-size", "--kv-channels"],
+    "qwen1.5-moe-a2.7b": ["--moe-layer-freq", "--group-query-attention"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_loom_plan_writes_each_familys_launch(tmp_path, name):
+    cluster = {"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    job = {"model": PUBLISHED[name][0], "cluster": "cluster.yaml", "global_batch_size": 64, "seq_length": 4096,
+           "search": {"tp": [1, 2], "pp": [1, 2], "micro_batch_size": [1]}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--json", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["plans"]
+    train = (tmp_path / "out" / "train.sh").read_text()
+    for flag in FLAGS[name]:
+        assert flag in train, flag
+    for flag in ABSENT[name]:
+        assert flag not in train, flag
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_flags_build_megatron_cores_config(name):
+    """The flags, mapped as Megatron-LM's arguments.py (core_v0.16.1) maps
+    them, build megatron-core's TransformerConfig with loom's head dim, QK
+    norm, biases, gating and window."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    from test_emit_megatron import parse_flags
+
+    spec = load_model(PUBLISHED[name][0])
+    cluster = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "t")
+    job = Job(model=spec, cluster=cluster, global_batch_size=64, seq_length=4096)
+    ep = 4 if spec.moe else 1
+    layout = Layout(tp=2, pp=1, dp=4, cp=1, ep=ep, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True)
+    flags = parse_flags(megatron_args(job, layout, uniform_stages(spec, layout)))
+    window = flags.get("window-size")
+    moe = {}
+    if "num-experts" in flags:
+        moe = dict(num_moe_experts=int(flags["num-experts"]), moe_router_topk=int(flags["moe-router-topk"]),
+                   moe_ffn_hidden_size=int(flags["moe-ffn-hidden-size"]), moe_grouped_gemm="moe-grouped-gemm" in flags,
+                   moe_shared_expert_intermediate_size=int(flags["moe-shared-expert-intermediate-size"]),
+                   moe_shared_expert_gate="moe-shared-expert-gate" in flags, moe_router_pre_softmax="moe-router-pre-softmax" in flags,
+                   moe_token_dispatcher_type=flags["moe-token-dispatcher-type"],
+                   expert_model_parallel_size=int(flags["expert-model-parallel-size"]),
+                   expert_tensor_parallel_size=int(flags["expert-tensor-parallel-size"]))
+    config = TransformerConfig(
+        num_layers=int(flags["num-layers"]), hidden_size=int(flags["hidden-size"]), num_attention_heads=int(flags["num-attention-heads"]),
+        num_query_groups=int(flags["num-query-groups"]) if "group-query-attention" in flags else None,
+        kv_channels=int(flags["kv-channels"]) if "kv-channels" in flags else None, ffn_hidden_size=int(flags["ffn-hidden-size"]),
+        normalization=flags["normalization"], layernorm_epsilon=float(flags["norm-epsilon"]), qk_layernorm="qk-layernorm" in flags,
+        add_bias_linear="disable-bias-linear" not in flags, add_qkv_bias="add-qkv-bias" in flags,
+        gated_linear_unit="swiglu" in flags, activation_func=F.silu if "swiglu" in flags else F.gelu,
+        window_size=tuple(int(i) for i in window.split(",")) if window else None,
+        window_attn_skip_freq=eval(flags["window-attn-skip-freq"]) if window else None,
+        hidden_dropout=float(flags["hidden-dropout"]), attention_dropout=float(flags["attention-dropout"]),
+        tensor_model_parallel_size=layout.tp, sequence_parallel=True,
+        bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, **moe,
+    )
+    assert config.kv_channels == spec.head_dim and config.num_query_groups == spec.num_query_groups
+    assert config.qk_layernorm == spec.qk_norm and config.normalization == spec.normalization
+    # megatron-core biases linear_qkv when add_bias_linear or add_qkv_bias (attention.py).
+    assert config.add_bias_linear == spec.linear_bias and (config.add_bias_linear or config.add_qkv_bias) == (spec.qkv_bias or spec.linear_bias)
+    assert config.gated_linear_unit == spec.gated_mlp
+    assert ("untie-embeddings-and-output-weights" in flags) == (not spec.tied_embeddings)
+    windowed = tuple(is_layer_window_attention(config.window_size, config.window_attn_skip_freq, n + 1) for n in range(config.num_layers))
+    assert windowed == (spec.window_layers or (False,) * spec.num_layers)
+    if spec.sliding_window:
+        assert config.window_size == (spec.sliding_window - 1, 0)
+    if spec.moe:
+        assert config.num_moe_experts == spec.moe.num_experts and config.moe_ffn_hidden_size == spec.moe.expert_ffn_hidden_size
+        assert config.moe_shared_expert_gate and config.moe_router_pre_softmax
+        assert config.moe_shared_expert_intermediate_size == spec.moe.shared_ffn_hidden_size
