@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import MagicMock
 
@@ -38,6 +39,7 @@ def _cluster(nodes: int, gpu: str = "H100"):
 
 
 TE_VERSION = "2.11.0"
+FAMILIES = Path(__file__).resolve().parents[1] / "tests" / "data" / "decoder_families"
 
 
 def cases() -> list[tuple[str, Job, Layout]]:
@@ -69,6 +71,11 @@ def cases() -> list[tuple[str, Job, Layout]]:
         ("mixtral-8x7b, token drop padded to capacity", Job(model=load_model("mixtral-8x7b"), cluster=_cluster(2), global_batch_size=128,
          seq_length=4096, features=Features(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True, moe_router_fusion=True)),
          Layout(tp=1, pp=1, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=128, distributed_optimizer=True)),
+        ("qwen1.5-moe-a2.7b, gated shared expert, softmax before top-k", Job(model=load_model(str(FAMILIES / "qwen1.5-moe-a2.7b.json")),
+         cluster=_cluster(1), global_batch_size=64, seq_length=4096), Layout(tp=1, pp=1, dp=8, cp=1, ep=4, micro_batch_size=1,
+                                                                             global_batch_size=64, distributed_optimizer=True)),
+        ("phi-3-mini, sliding window on every layer", Job(model=load_model(str(FAMILIES / "phi-3-mini-4k-instruct.json")), cluster=_cluster(1),
+         global_batch_size=64, seq_length=4096), Layout(tp=2, pp=1, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, **sp)),
         ("deepseek-v3, shared experts beside the all-to-all", Job(model=load_model("deepseek-v3"), cluster=_cluster(32), global_batch_size=512,
          seq_length=4096, features=Features(moe_shared_expert_overlap=True)), Layout(tp=2, pp=8, dp=16, cp=1, ep=8, micro_batch_size=1,
                                                                                      global_batch_size=512, recompute="full", **sp)),
