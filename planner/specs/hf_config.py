@@ -12,7 +12,7 @@ returns the value, or a harmless placeholder after recording a problem;
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from loom.planner.specs.errors import Problem, SpecError
 
@@ -96,42 +96,31 @@ class ConfigReader:
             return default
         return float(value)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def _checked(self, key: str, default: Any, ok: Callable[[Any], bool], expected: str) -> Any:
+        """The value of ``key`` when ``ok`` says it is one; ``default`` when
+        absent or (after recording the problem) when it is not."""
         value = self.config.get(key)
         if value is None:
             return default
-        if not isinstance(value, bool):
-            self.problems.append((self.field(key), "true or false", value))
+        if not ok(value):
+            self.problems.append((self.field(key), expected, value))
             return default
         return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._checked(key, default, lambda v: isinstance(v, bool), "true or false")
 
     def str(self, key: str, default: str | None = None) -> str | None:
-        value = self.config.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            self.problems.append((self.field(key), "a string", value))
-            return default
-        return value
+        return self._checked(key, default, lambda v: isinstance(v, str), "a string")
 
     def int_list(self, key: str) -> list[int] | None:
-        value = self.config.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            self.problems.append((self.field(key), "a list of integers", value))
-            return None
-        return value
+        return self._checked(key, None, lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+                             "a list of integers")
 
     def str_list(self, key: str, choices: tuple[str, ...]) -> list[str] | None:
         """A list of strings, each one of ``choices`` (e.g. ``layer_types``)."""
-        value = self.config.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or any(not isinstance(v, str) or v not in choices for v in value):
-            self.problems.append((self.field(key), f"a list of {' or '.join(repr(c) for c in choices)}", value))
-            return None
-        return value
+        return self._checked(key, None, lambda v: isinstance(v, list) and all(isinstance(i, str) and i in choices for i in v),
+                             f"a list of {' or '.join(repr(c) for c in choices)}")
 
     def valid(self, *keys: str) -> bool:
         """No problem recorded for any of ``keys`` (their values are real, not placeholders)."""
