@@ -306,6 +306,7 @@ INVALID = {
     "plans of different models": (_shorter_model, "plans.1.stages", "32 decoder layers in all"),
     "negative layers": (_set("plans", 0, "stages", 0, "layers", -1), "plans.0.stages.0.layers", "greater than or equal to 0"),
     "capacity 0": (_set("plans", 0, "memory", "capacity_bytes", 0), "plans.0.memory.capacity_bytes", "greater than 0"),
+    "a number as text": (_set("plans", 0, "parallel", "dp", "4"), "plans.0.parallel.dp", "a valid integer"),
     "NaN step time": (_set("plans", 0, "predicted", "step_time_s", math.nan), "plans.0.predicted.step_time_s", "finite number"),
     "infinite bytes": (_set("plans", 0, "memory", "peak_bytes_per_gpu", math.inf), "plans.0.memory.peak_bytes_per_gpu", "finite number"),
     "NaN in a breakdown": (_set("plans", 0, "memory", "breakdown_bytes", "weights", math.nan), "plans.0.memory.breakdown_bytes.weights",

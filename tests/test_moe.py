@@ -434,3 +434,12 @@ def test_overlapped_dispatch_costs_the_sms_deepep_holds():
     plain = Job(model=load_model("qwen3-235b-a22b"), cluster=make_cluster(32), global_batch_size=512, seq_length=4096,
                 features=Features(moe_token_dispatcher="deepep"))
     assert deepep < evaluate(plain, chosen).step.breakdown_s["ep_comm"]
+
+
+def test_a_listed_dispatcher_the_features_rule_out_is_refused_not_dropped():
+    from loom.planner.specs.errors import SpecError
+
+    job = Job(model=MIXTRAL, cluster=make_cluster(8), global_batch_size=256, seq_length=4096,
+              features=Features(overlap_moe_expert_parallel_comm=True), search=SearchFile(moe_token_dispatcher=["allgather"]))
+    with pytest.raises(SpecError, match="search.moe_token_dispatcher"):
+        search(job, top_k=1)

@@ -317,9 +317,10 @@ def read_report(path: Path) -> Report:
     against the schema and the planner's invariants. Raises SpecError naming
     ``path`` and every wrong field (its dotted location, e.g.
     ``plans.0.parallel.tp``) with what was expected: a missing or unreadable
-    file, bad JSON, an unknown schema_version, a field out of range
-    (NaN, infinity, negative), fields that contradict each other."""
-    return validate(Report, read_json(path, "plan.json"), str(path))
+    file, bad JSON, an unknown schema_version, a value of the wrong type
+    (no coercion: "32" is not 32), a field out of range (NaN, infinity,
+    negative), fields that contradict each other."""
+    return validate(Report, read_json(path, "plan.json"), str(path), strict=True)
 
 
 def plan_report(plan: Plan) -> PlanReport:

@@ -6,7 +6,8 @@ job runs out of memory, each changed alone: more recomputation, the
 distributed optimizer or the next ZeRO stage, a smaller micro batch, less
 interleaving, sequence parallelism, and twice the tensor, pipeline or
 context parallelism in place of data parallelism (the GPU count stays) or,
-when the layout leaves half the cluster idle, beside it.
+when the layout leaves GPUs idle, one of data, tensor, pipeline or context
+parallelism multiplied by 2, 4, ... onto them.
 Each is priced whole (time and memory); the fastest one that leaves the
 job's memory headroom is the answer.
 """
@@ -49,11 +50,17 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
         changes.append((f"--tp {2 * layout.tp} --dp {half}", replace(layout, tp=2 * layout.tp, dp=half, sequence_parallel=sequence_parallel)))
         changes.append((f"--pp {2 * layout.pp} --dp {half}", replace(layout, pp=2 * layout.pp, dp=half)))
         changes.append((f"--cp {2 * layout.cp} --dp {half}", replace(layout, cp=2 * layout.cp, dp=half)))
-    if 2 * layout.world_size <= job.cluster.num_gpus:  # GPUs the layout leaves idle: more model parallelism, same dp
+    # GPUs the layout leaves idle: one degree multiplied by 2, 4, ... while the cluster has the GPUs.
+    factor = 2
+    while factor * layout.world_size <= job.cluster.num_gpus:
         dp = f" --dp {layout.dp}"
-        changes.append((f"--tp {2 * layout.tp}{dp}", replace(layout, tp=2 * layout.tp, sequence_parallel=layout.sequence_parallel or layout.tp == 1)))
-        changes.append((f"--pp {2 * layout.pp}{dp}", replace(layout, pp=2 * layout.pp)))
-        changes.append((f"--cp {2 * layout.cp}{dp}", replace(layout, cp=2 * layout.cp)))
+        # As loom evaluate --dp sets it: Megatron's distributed optimizer on once dp > 1.
+        sharded = layout.distributed_optimizer or job.framework == "megatron"
+        changes.append((f"--dp {factor * layout.dp}", replace(layout, dp=factor * layout.dp, distributed_optimizer=sharded)))
+        changes.append((f"--tp {factor * layout.tp}{dp}", replace(layout, tp=factor * layout.tp, sequence_parallel=layout.sequence_parallel or layout.tp == 1)))
+        changes.append((f"--pp {factor * layout.pp}{dp}", replace(layout, pp=factor * layout.pp)))
+        changes.append((f"--cp {factor * layout.cp}{dp}", replace(layout, cp=factor * layout.cp)))
+        factor *= 2
     return changes
 
 

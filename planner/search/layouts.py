@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import pydantic
 
 from loom.planner.cost.layers import shape_of
-from loom.planner.specs.errors import InfeasibleError
+from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import GiB, stage_memory
@@ -204,8 +204,9 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
 
 def dispatcher_variants(job: Job) -> list[Job]:
     """``job`` once per token dispatcher its search lists ("auto": the job's
-    own); a dispatcher the job's other MoE features rule out is skipped
-    (Features' checks), so at least the job's own remains."""
+    own). Raises SpecError naming ``search.moe_token_dispatcher`` when a
+    listed dispatcher contradicts the job's other MoE features (Features'
+    checks, as megatron-core refuses them)."""
     wanted = job.search.moe_token_dispatcher
     if job.model.moe is None or wanted == "auto":
         return [job]
@@ -213,10 +214,11 @@ def dispatcher_variants(job: Job) -> list[Job]:
     for dispatcher in dict.fromkeys(wanted):
         try:
             features = Features(**{**job.features.model_dump(), "moe_token_dispatcher": dispatcher})
-        except pydantic.ValidationError:
-            continue
+        except pydantic.ValidationError as error:
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise SpecError(job.source, "search.moe_token_dispatcher", f"dispatchers the job's features allow ({reason})", dispatcher) from None
         variants.append(replace(job, features=features))
-    return variants or [job]
+    return variants
 
 
 def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:

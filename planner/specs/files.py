@@ -156,11 +156,15 @@ def read_json(path: Path, what: str) -> object:
     return data
 
 
-def validate(model: type[Spec], data: dict, source: str, prefix: str = "", flags: dict[str, str] | None = None) -> Spec:
+def validate(model: type[Spec], data: dict, source: str, prefix: str = "", flags: dict[str, str] | None = None, strict: bool = False) -> Spec:
     """``model.model_validate(data)``, turning pydantic's errors into one
     SpecError naming every field that is wrong (once each); a top-level
-    field in ``flags`` came from that command-line flag and is named by it."""
+    field in ``flags`` came from that command-line flag and is named by it.
+    ``strict``: ``data`` is parsed JSON that loom wrote, so no value is
+    coerced ("32" is not 32); validated as JSON, where arrays stand for tuples."""
     try:
+        if strict:
+            return model.model_validate_json(json.dumps(data), strict=True)
         return model.model_validate(data)
     except pydantic.ValidationError as err:
         problems, seen = [], set()
