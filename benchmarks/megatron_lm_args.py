@@ -79,6 +79,11 @@ def cases() -> list[tuple[str, Job, Layout]]:
         ("deepseek-v3, shared experts beside the all-to-all", Job(model=load_model("deepseek-v3"), cluster=_cluster(32), global_batch_size=512,
          seq_length=4096, features=Features(moe_shared_expert_overlap=True)), Layout(tp=2, pp=8, dp=16, cp=1, ep=8, micro_batch_size=1,
                                                                                      global_batch_size=512, recompute="full", **sp)),
+        ("llama-3-8b, Megatron-FSDP (NVIDIA's 25.09 H100 row)", Job(model=load_model("llama-3-8b"), cluster=_cluster(1), global_batch_size=128,
+         seq_length=8192, precision="fp8", features=bridge), Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=128,
+                                                                   distributed_optimizer=True, fsdp=8)),
+        ("llama-3-70b, Megatron-FSDP with TP and a pipeline", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
+         seq_length=8192), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=4, **sp)),
     ]
 
 
@@ -118,7 +123,9 @@ def main() -> None:
     for name, job, layout, stages in checked:
         capability["major"] = 10 if job.cluster.slowest.gpu.fp8_gemm_any_layout else 9
         argv = megatron_args(job, layout, stages)
-        os.environ.update(WORLD_SIZE=str(layout.world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")  # as train.sh exports
+        os.environ.update(WORLD_SIZE=str(layout.world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")  # as train.sh exports it,
+        if layout.fsdp:
+            del os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]  # or unsets it for Megatron-FSDP
         sys.argv = ["pretrain_gpt.py", *argv, "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(job.model.vocab_size)]
         try:
             validate_args(parse_args())

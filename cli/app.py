@@ -48,8 +48,8 @@ ClusterOpt = Annotated[Optional[str], typer.Option(help="Cluster YAML path.")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Global batch size (sequences).")]
 SeqOpt = Annotated[Optional[int], typer.Option(help="Sequence length (tokens).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8")]
-FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed")]
-StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge.")]
+FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed | torchtitan")]
+StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge | torchtitan (default: the framework's).")]
 HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leaves free: a fraction of capacity (0.05) or a size ('4 GiB').")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
@@ -93,6 +93,7 @@ LAYOUT_FLAGS = {
     "tp*pp*dp*cp": "--tp x --pp x --dp x --cp", "global_batch_size": "--global-batch-size (or the job's global_batch_size) and --mbs x --dp",
     "sequence_parallel": "--sequence-parallel", "recompute": "--recompute", "recompute_modules": "--recompute-modules",
     "recompute_num_layers": "--recompute-num-layers", "zero_stage": "--zero-stage", "distributed_optimizer": "--distributed-optimizer",
+    "fsdp": "--fsdp", "reshard_after_forward": "--reshard-after-forward",
 }
 
 
@@ -226,6 +227,12 @@ def evaluate(
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1.")] = None,
     zero_stage: Annotated[int, typer.Option(min=0, max=3)] = 0,
+    fsdp: Annotated[Optional[int], typer.Option(min=0, help="Shard the weights, gradients and optimizer state over N data-parallel ranks "
+                                                "(x CP): Megatron-FSDP and ZeRO-3 (over all of dp), torchtitan's FSDP2; 0 off; the replicas "
+                                                "(HSDP) are dp / N. Default: dp with torchtitan (or with --zero-stage 3), else 0.")] = None,
+    reshard_after_forward: Annotated[Optional[bool], typer.Option("--reshard-after-forward/--no-reshard-after-forward",
+                                                                  help="Gather each layer's weights again for backward. Default: on, "
+                                                                       "off with a torchtitan pipeline (its default).")] = None,
     split: Annotated[str, typer.Option(help="even: the same layers on every stage (Megatron's default); best: also the "
                                             "partition MILP's split, as loom plan chooses (written as --pipeline-model-parallel-layout)")] = "even",
     out: OutOpt = None,
@@ -248,13 +255,18 @@ def evaluate(
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
         data_parallel = dp if dp is not None else max(1, job.cluster.num_gpus // (tp * pp * cp))
+        sharded = fsdp if fsdp is not None else data_parallel if job.framework == "torchtitan" or zero_stage == 3 else 0
+        zero = 3 if job.framework == "deepspeed" and sharded and not zero_stage else zero_stage
         layout = Layout(
             tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
             sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel, recompute=recompute,
             recompute_modules=_modules(recompute_modules),
             recompute_num_layers=recompute_num_layers,
-            zero_stage=zero_stage,
-            distributed_optimizer=(job.framework == "megatron" and data_parallel * cp > 1) if distributed_optimizer is None else distributed_optimizer,
+            zero_stage=zero,
+            distributed_optimizer=(job.framework == "megatron" and (data_parallel * cp > 1 or sharded > 0)) if distributed_optimizer is None
+            else distributed_optimizer,
+            fsdp=sharded,
+            reshard_after_forward=not (job.framework == "torchtitan" and pp > 1) if reshard_after_forward is None else reshard_after_forward,
         )
         problems = layout_problems(job, layout)
         if problems:

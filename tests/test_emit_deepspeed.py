@@ -44,7 +44,7 @@ CASES = {
     "zero3-fp16": (
         Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=128, seq_length=2048, precision="fp16",
             framework="deepspeed"),
-        Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=4, global_batch_size=128, zero_stage=3),
+        Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=4, global_batch_size=128, zero_stage=3, fsdp=16),
     ),
     "zero0-one-node": (
         Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=32, seq_length=2048, framework="deepspeed"),

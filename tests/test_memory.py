@@ -205,8 +205,8 @@ def test_optimizer_sharding():
     assert sum(model_state_bytes(params, distributed, fp32_grads).values()) == pytest.approx((6 + 12 / d) * params.total)
     assert sum(model_state_bytes(params, distributed, bf16_grads).values()) == pytest.approx((4 + 12 / d) * params.total)
     deepspeed = StateBytes.of("deepspeed", "bf16", Features(), H100)
-    zero = [sum(model_state_bytes(params, Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=z),
-                                  deepspeed).values()) for z in (0, 1, 2, 3)]
+    zero = [sum(model_state_bytes(params, Layout(tp=1, pp=1, dp=d, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=z,
+                                                 fsdp=d if z == 3 else 0), deepspeed).values()) for z in (0, 1, 2, 3)]
     assert zero == pytest.approx([16 * params.total, (4 + 12 / d) * params.total, (2 + 14 / d) * params.total, 16 / d * params.total])
 
 

@@ -79,7 +79,7 @@ DEEPSPEED = {
     "zero1-pp2-dp8": (job("llama-3-8b", 2, 64, framework="deepspeed"),
                       Layout(tp=1, pp=2, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, zero_stage=1), 8),
     "zero3-dp16": (job("llama-3-8b", 2, 64, framework="deepspeed"),
-                   Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, zero_stage=3), 8),
+                   Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, zero_stage=3, fsdp=16), 8),
     "moe-ep8-dp16": (job("mixtral-8x7b", 2, 64, framework="deepspeed"),
                      Layout(tp=1, pp=1, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=64, zero_stage=1), 8),
     "one-node-dp8": (job("llama-3-8b", 1, 32, framework="deepspeed"),

@@ -9,9 +9,10 @@ Engine, PyTorch, CUDA and NCCL hold at the stage's peak, term by term
   piece's bytes from ``layers.py``: estimated by ``activations.py`` or
   measured), walked in Megatron's op order;
 - ``transient``: the loss's buffers on the last stage, an MoE layer's
-  routed-token buffers (moe.py), the layer a full recompute re-runs, ZeRO-3's
-  gathered weights, or the optimizer step's fp32 gradient copy, whichever
-  phase holds the most;
+  routed-token buffers (moe.py), the layer a full recompute re-runs, or the
+  optimizer step's fp32 gradient copy, whichever phase holds the most;
+- ``sharding_buffers``: under ZeRO-3 / FSDP, the unsharded layers in
+  flight and the gradient reduce buffers (sharding.py);
 - ``cuda_context``, ``cublas_workspaces``, ``nccl_buffers``,
   ``tp_comm_buffers``, ``moe_dispatcher_buffers`` (moe.py) and
   ``allocator_fragmentation``: what the runtime holds
@@ -26,7 +27,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from loom.planner.cost import moe
+from loom.planner.cost import moe, sharding
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
@@ -77,9 +78,14 @@ GROUPED_GEMM_CUBLAS_WORKSPACES = 4
 # (megatron/core/optimizer/distrib_optimizer.py) or ZeRO.
 OPTIMIZER_BYTES = 12
 WEIGHT_BYTES = 2  # 16-bit weights and gradients
-# ZeRO-3 holds up to this many gathered parameters at once (DeepSpeed's
-# stage3_max_live_parameters default), in 16-bit.
-ZERO3_LIVE_PARAMS = 1_000_000_000
+# torchtitan trains fp32 parameters (training.dtype "float32") that FSDP2
+# all-gathers in bf16 (mixed_precision_param) and whose gradients it
+# reduces and keeps in fp32 (mixed_precision_reduce): the sharded fp32
+# parameter is the optimizer's master, so Adam adds only its two moments
+# (torchtitan config/job_config.py Training; FSDP2 _fsdp_api.py
+# MixedPrecisionPolicy: "FSDP does not require any extra memory to keep a
+# high-precision copy").
+TORCHTITAN_STATE = dict(weight=4.0, gemm_weight=4.0, fp8_copies=0.0, grad=4.0, optimizer=8.0)
 
 
 # --- parameters and optimizer state ----------------------------------------
@@ -194,6 +200,11 @@ class StateBytes:
         parameters only with the distributed optimizer (validate_args), so
         ``fp8_param_gather`` holds for layouts that have it."""
         param_gather = features.fp8_param_gather and distributed_optimizer
+        if framework == "torchtitan":
+            # torchao's float8 training casts the bf16 weights on the fly; with
+            # enable_fsdp_float8_all_gather (fp8_param_gather) FSDP2 gathers fp8.
+            gather = 1.0 if precision == "fp8" and features.fp8_param_gather else WEIGHT_BYTES
+            return cls(**TORCHTITAN_STATE, gemm_gather=gather)
         grad = 4 if framework == "megatron" and features.grad_reduce_in_fp32 else WEIGHT_BYTES
         if precision != "fp8":
             return cls(weight=WEIGHT_BYTES, gemm_weight=WEIGHT_BYTES, fp8_copies=0.0, grad=grad, gemm_gather=WEIGHT_BYTES)
@@ -217,24 +228,23 @@ def model_state_bytes(params: StageParams, layout: Layout, state: StateBytes) ->
 
     Megatron's distributed optimizer shards the optimizer state over DP (x CP),
     the experts' over expert data parallel; ZeRO-1 does the same, ZeRO-2 also
-    shards gradients, ZeRO-3 also weights."""
+    shards gradients, ZeRO-3 / FSDP also weights, over the shard group
+    (layout.param_shards; the experts over expert data parallel)."""
     shards = layout.optimizer_shards
-    expert_shards = layout.expert_dp if shards > 1 else 1
+
+    def expert_split(split: int) -> int:
+        return layout.expert_dp if split > 1 else 1
+
     dense = params.total - params.expert
     dense_gemm = params.linear - params.expert
-    weights = (dense - dense_gemm) * state.weight + dense_gemm * state.gemm_weight
-    copies = dense_gemm * state.fp8_copies
-    grads = dense * state.grad
-    if layout.zero_stage >= 2:
-        grads /= shards
-    if layout.zero_stage >= 3:
-        weights /= shards
-        copies /= shards
+    weights = ((dense - dense_gemm) * state.weight + dense_gemm * state.gemm_weight) / layout.param_shards
+    copies = dense_gemm * state.fp8_copies / layout.param_shards
+    expert_weights = params.expert / expert_split(layout.param_shards)
     return {
-        "weights": weights + params.expert * state.gemm_weight,
-        "fp8_weight_copies": copies + params.expert * state.fp8_copies,
-        "gradients": grads + params.expert * state.grad,
-        "optimizer_states": (dense / shards + params.expert / expert_shards) * state.optimizer,
+        "weights": weights + expert_weights * state.gemm_weight,
+        "fp8_weight_copies": copies + expert_weights * state.fp8_copies,
+        "gradients": (dense / layout.grad_shards + params.expert / expert_split(layout.grad_shards)) * state.grad,
+        "optimizer_states": (dense / shards + params.expert / expert_split(shards)) * state.optimizer,
     }
 
 
@@ -243,7 +253,7 @@ def optimizer_step_bytes(params: StageParams, layout: Layout, state: StateBytes)
     gradient shard (distrib_optimizer.py _copy_model_grads_to_main_grads:
     ``shard_model_grad.float()``; a view when the buffer is fp32 already),
     held until the next zero_grad."""
-    if state.grad >= 4 or layout.zero_stage:
+    if state.grad >= 4 or layout.zero_stage or layout.fsdp:
         return 0.0
     shards = layout.optimizer_shards
     return 4 * ((params.total - params.expert) / shards + params.expert / (layout.expert_dp if shards > 1 else 1))
@@ -405,10 +415,20 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
         transient = max(transient, layer_activation_bytes(shape, recompute="none", moe=shape.model.moe is not None))
-    if layout.zero_stage >= 3:
-        transient += min(ZERO3_LIVE_PARAMS, params.total * layout.optimizer_shards) * WEIGHT_BYTES
     # The optimizer step holds no activations: its gradient copy binds only
     # when it is larger than everything the backward held.
     transient = max(transient, optimizer_step_bytes(params, layout, state_bytes) - activations)
+    buffers = sharding.buffer_bytes(framework, layout, sharding_units(params, stage, state_bytes), WEIGHT_BYTES) if layout.fsdp else 0.0
     runtime = runtime_bytes(shape, layout, gpu, framework, activations + transient)
-    return StageMemory(stage=stage.index, breakdown_bytes={**state, "activations": activations, "transient": transient, **runtime})
+    return StageMemory(stage=stage.index, breakdown_bytes={**state, "sharding_buffers": buffers, "activations": activations,
+                                                           "transient": transient, **runtime})
+
+
+def sharding_units(params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:
+    """The stage's FSDP units (sharding.py) for this GPU's ``params``."""
+    count = sharding.units_of(stage.num_layers, stage.embedding, stage.head)
+    # Every weight is gathered in 16-bit (FSDP2's param_dtype, Megatron's
+    # compute weights), GEMM weights in fp8 under fp8 parameter gathers.
+    gather = ((params.total - params.linear) * WEIGHT_BYTES + params.linear * state.gemm_gather) / params.total if params.total else WEIGHT_BYTES
+    return sharding.Units(count=count, params=params.total / count, expert_params=params.expert / count,
+                          gather_bytes=gather, reduce_bytes=state.grad)

@@ -94,6 +94,8 @@ class Links:
     ep_remote_share: float = 0.0  # of each GPU's all-to-all buffer that leaves its node
     etp: Link = LOCAL  # expert tensor parallel: gathers each expert's tokens
     expert_dp: Link = LOCAL  # the experts' gradient reduce
+    shard: Link = LOCAL  # sharded data parallelism: the fsdp x CP ranks that gather weights
+    replicate: Link = LOCAL  # ... and the HSDP replicas that all-reduce the shards' gradients
 
     @classmethod
     def of(cls, job: Job, layout: Layout, placement: Placement | None = None) -> Links:
@@ -102,7 +104,7 @@ class Links:
         if job.cluster.uniform:
             return _uniform_links(job.cluster.slowest, layout)
         placement = placement or default_placement(job.cluster, layout.world_size)
-        degrees = (layout.tp, layout.cp, layout.dp, layout.pp, layout.ep, layout.etp)
+        degrees = (layout.tp, layout.cp, layout.dp, layout.pp, layout.ep, layout.etp, layout.fsdp)
         return _placed_links(job.cluster.topology, degrees, placement)
 
 
@@ -121,6 +123,9 @@ def _uniform_links(node: Node, layout: Layout) -> Links:
         ep_remote_share=ep_remote_share,
         etp=group_link(node, layout.etp, 1),
         expert_dp=group_link(node, layout.expert_dp, layout.etp * layout.ep),
+        # Shard index inside the replica index (layout.rank_groups).
+        shard=group_link(node, layout.param_shards, layout.tp) if layout.fsdp else LOCAL,
+        replicate=group_link(node, layout.dp_replicate, layout.tp * layout.param_shards) if layout.fsdp else LOCAL,
     )
 
 
@@ -134,8 +139,8 @@ def _all_to_all(topology: Topology, placed: np.ndarray) -> dict:
 
 @functools.lru_cache(maxsize=256)
 def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Placement) -> Links:
-    tp, cp, dp, pp, ep, etp = degrees
-    groups = rank_groups(Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, micro_batch_size=1, global_batch_size=dp))
+    tp, cp, dp, pp, ep, etp, fsdp = degrees
+    groups = rank_groups(Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, fsdp=fsdp, micro_batch_size=1, global_batch_size=dp))
     slots = topology.slots(placement.gpus)
 
     def link(ranks: np.ndarray) -> Link:
@@ -151,4 +156,5 @@ def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Place
         tp=link(groups["tp"]), cp=link(groups["cp"]), dp=link(groups["dp-cp"]),
         pp=link(neighbour_pairs(groups["pp"])), embedding=link(groups["embedding"]),
         **_all_to_all(topology, slots[groups["ep"]]), etp=link(groups["etp"]), expert_dp=link(groups["expert-dp"]),
+        shard=link(groups["shard"]) if fsdp else LOCAL, replicate=link(groups["replicate"]) if fsdp else LOCAL,
     )

@@ -20,7 +20,7 @@ from loom.planner.cost.time_model import StepParts, StepTime
 
 def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
     """The simulator's inputs: per chunk forward, backward (with its share of
-    ZeRO's per-micro-batch communication), weight gradient and activations."""
+    sharded data parallelism's per-micro-batch communication), weight gradient and activations."""
     job, layout = parts.job, parts.layout
     shape = shape_of(job, layout)
     return PipelineCosts(
@@ -34,7 +34,7 @@ def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
                 )
                 for chunk, cost in zip(stage.chunks, costs)
             )
-            for stage, costs, zero_s in zip(stages, parts.chunks, parts.zero_comm_s)
+            for stage, costs, zero_s in zip(stages, parts.chunks, parts.sharding_s)
         ),
         microbatches=layout.num_microbatches,
         p2p_s=parts.p2p_one_s,

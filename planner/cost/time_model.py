@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.planner.cost import host, layers, moe
+from loom.planner.cost import host, layers, moe, sharding
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
-from loom.planner.cost.memory import WEIGHT_BYTES, StageParams, StateBytes, stage_params
+from loom.planner.cost.memory import StageParams, StateBytes, sharding_units, stage_params
 from loom.planner.cost.network import Links
 from loom.planner.cost.shape import ACT_BYTES, Shape
 from loom.planner.specs.job import Job
@@ -281,12 +281,12 @@ def _reduce_and_gather_s(layout: Layout, grad_bytes: float, gather_bytes: float,
     ``gather_bytes`` (distributed optimizer or ZeRO) over ``n`` ranks."""
     if n == 1 or grad_bytes == 0:
         return 0.0, 0.0
+    if layout.grad_shards > 1 or layout.fsdp:
+        # ZeRO-2 and sharded data parallelism reduce every micro batch and
+        # gather before each layer (sharding.py), not after the step.
+        return 0.0, 0.0
     if layout.distributed_optimizer or layout.zero_stage >= 1:
-        # ZeRO-2/3 reduce every micro batch and ZeRO-3 never gathers after
-        # the step (see _zero_microbatch_comm_s).
-        reduce = reduce_scatter_s(grad_bytes, n, link) if layout.zero_stage < 2 else 0.0
-        gather = all_gather_s(gather_bytes, n, link) if layout.zero_stage < 3 else 0.0
-        return reduce, gather
+        return reduce_scatter_s(grad_bytes, n, link), all_gather_s(gather_bytes, n, link)
     return all_reduce_s(grad_bytes, n, link), 0.0
 
 
@@ -313,23 +313,17 @@ def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) ->
     return max(comm.reduce_s * comm.bucket_fraction, comm.reduce_s - window_s)
 
 
-def _zero_microbatch_comm_s(job: Job, layout: Layout, stage: Stage, links: Links, microbatch_s: float) -> float:
-    """Exposed ZeRO-2/3 communication per micro batch. ZeRO-2 reduce-scatters
-    the gradients of every micro batch into their partitions; ZeRO-3 also
-    gathers every weight forward and backward (Rajbhandari et al. 2020, sec.
-    5 and 7.2.2). Both overlap compute, but the first layer's gather of each
-    pass cannot be prefetched."""
-    if layout.zero_stage < 2:
-        return 0.0
-    params = stage_params(job.model, layout, stage).total
-    n = layout.dp * layout.cp
-    comm = reduce_scatter_s(params * _state_bytes(job, layout).grad, n, links.dp)
-    unhidden = 0.0
-    if layout.zero_stage >= 3:
-        gather = all_gather_s(params * WEIGHT_BYTES, n, links.dp)
-        comm += 2 * gather
-        unhidden = 2 * gather / max(1, stage.num_layers)
-    return max(unhidden, comm - microbatch_s)
+def _sharding_s(job: Job, layout: Layout, stage: Stage, links: Links, chunks: list[ChunkTime]) -> tuple[float, float]:
+    """Exposed ZeRO-2 / ZeRO-3 / FSDP communication of ``stage``, per micro
+    batch and once per step (sharding.py), behind its chunks' compute."""
+    if layout.grad_shards == 1:
+        return 0.0, 0.0
+    params = stage_params(job.model, layout, stage)
+    units = sharding_units(params, stage, _state_bytes(job, layout))
+    shard = links.shard if layout.fsdp else links.dp
+    sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp)
+    forward_s = sum(c.forward_s for c in chunks)
+    return sharding.exposed_s(job.framework, layout, units, sharding_links, forward_s, sum(c.total_s for c in chunks) - forward_s)
 
 
 @dataclass(frozen=True)
@@ -339,7 +333,8 @@ class StepParts:
     job: Job
     layout: Layout
     chunks: list[list[ChunkTime]]  # per stage, in virtual-stage order
-    zero_comm_s: list[float]  # per stage, per micro batch (ZeRO-2/3)
+    sharding_s: list[float]  # per stage, per micro batch (ZeRO-2/3, FSDP)
+    sharding_step_s: list[float]  # per stage, once per step (FSDP weights kept across micro batches)
     p2p_one_s: float  # one activation (or gradient) transfer between stages
     dp: list[DataParallelComm]  # per stage
     optimizer_s: list[float]  # per stage
@@ -349,7 +344,7 @@ class StepParts:
     @property
     def tau_s(self) -> list[float]:
         """One micro batch through all chunks of each stage."""
-        return [sum(c.total_s for c in chunks) + z for chunks, z in zip(self.chunks, self.zero_comm_s)]
+        return [sum(c.total_s for c in chunks) + z for chunks, z in zip(self.chunks, self.sharding_s)]
 
     def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float, pp_comm_s: float) -> dict[str, float]:
         """Where the step goes, with the pipeline's length, the send/recv time
@@ -368,7 +363,7 @@ class StepParts:
             "cp_comm": m * sum(c.cp_comm_s for c in chunks),
             "ep_comm": m * sum(c.ep_comm_s for c in chunks),
             "host_overhead": m * sum(c.host_s for c in chunks),
-            "zero_comm": m * self.zero_comm_s[slowest],
+            "sharding_comm": m * self.sharding_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))
         p2p_s = min(pp_comm_s, idle_s)
@@ -377,6 +372,7 @@ class StepParts:
             "pp_comm": p2p_s,
             "pipeline_bubble": idle_s - p2p_s,
             "dp_grad_reduce": dp_grad_reduce_s,
+            "sharding_comm_once": max(self.sharding_step_s),
             "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout) for d in self.dp),
             "embedding_sync": self.embedding_sync_s,
             "optimizer": max(self.optimizer_s),
@@ -399,13 +395,14 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         return memo[kind]
 
     chunks = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
-    tau = [sum(c.total_s for c in cs) for cs in chunks]
+    sharded = [_sharding_s(job, layout, stage, links, cs) for stage, cs in zip(stages, chunks)]
     all_chunks = [c for cs in chunks for c in cs]
     return StepParts(
         job=job,
         layout=layout,
         chunks=chunks,
-        zero_comm_s=[_zero_microbatch_comm_s(job, layout, stage, links, t) for t, stage in zip(tau, stages)],
+        sharding_s=[microbatch_s for microbatch_s, _ in sharded],
+        sharding_step_s=[step_s for _, step_s in sharded],
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
         optimizer_s=[

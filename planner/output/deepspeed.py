@@ -76,6 +76,8 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Place
         problems.append(f"ZeRO stage {layout.zero_stage} with a pipeline (at most ZeRO-1)")
     if layout.recompute == "selective":
         problems.append("selective recompute is Megatron's; DeepSpeed checkpoints whole layers (full)")
+    if layout.fsdp != (layout.dp if layout.zero_stage == 3 else 0) or not layout.reshard_after_forward:
+        problems.append("ZeRO-3 shards weights over all of DP, resharding after forward; other stages do not shard weights")
     if job.precision == "fp8":
         problems.append("fp8 has no DeepSpeed config switch (it needs Transformer Engine in the model code)")
     if layout.global_batch_size % (layout.micro_batch_size * layout.dp):

@@ -1,8 +1,9 @@
 """Launch files for a planned layout.
 
 ``launch_files`` returns relative file name -> text for the job's framework:
-Megatron-LM (``train.sh``, ``slurm.sbatch``) or DeepSpeed (``ds_config.json``,
-``hostfile``, ``launch.sh`` and, with a pipeline, ``pipeline_snippet.py``).
+Megatron-LM (``train.sh``, ``slurm.sbatch``), DeepSpeed (``ds_config.json``,
+``hostfile``, ``launch.sh`` and, with a pipeline, ``pipeline_snippet.py``) or
+torchtitan (``job.toml``, ``train.sh``, ``slurm.sbatch``).
 Output is deterministic: the same inputs give byte-identical files.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from loom.planner.output.deepspeed import deepspeed_files, script_steps
 from loom.planner.output.megatron import train_sh
 from loom.planner.output.slurm import nodes_of, slurm_sbatch
+from loom.planner.output.torchtitan import torchtitan_files
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import Placement, Stage
@@ -31,7 +33,9 @@ def launch_files(job: Job, layout: Layout, stages: list[Stage], placement: Place
         }
     if job.framework == "deepspeed":
         return deepspeed_files(job, layout, stages, placement)
-    raise ValueError(f"unknown framework {job.framework!r}: expected megatron or deepspeed")
+    if job.framework == "torchtitan":
+        return torchtitan_files(job, layout, stages, placement)
+    raise ValueError(f"unknown framework {job.framework!r}: expected megatron, deepspeed or torchtitan")
 
 
 def training_script_steps(job: Job, layout: Layout) -> list[str]:

@@ -2,17 +2,15 @@
 
 Flag spellings follow Megatron-LM's ``megatron/training/arguments.py`` (many
 flags are generated there from megatron-core's ``TransformerConfig`` and
-``ModelParallelConfig`` fields). ``train.sh`` runs torchrun once per node; the
-node rank comes from a host table derived from the placement, so torchrun's
-global ranks (node_rank * nproc + local_rank, static rendezvous) land on the
-GPUs loom chose.
+``ModelParallelConfig`` fields). ``train.sh`` runs torchrun once per node
+(output/torchrun.py).
 """
 
 from __future__ import annotations
 
-import shlex
-
-from loom.planner.output.slurm import NodeRanks, allocated_node, nodes_of
+from loom.planner.output import torchrun
+from loom.planner.output.slurm import nodes_of
+from loom.planner.output.torchrun import Program, bash_array
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
@@ -27,7 +25,6 @@ WEIGHT_DECAY = "0.1"
 CLIP_GRAD = "1.0"
 ADAM_BETAS = ("0.9", "0.95")
 LOG_INTERVAL = "10"
-MASTER_PORT = 6000
 
 
 def megatron_args(job: Job, layout: Layout, stages: list[Stage]) -> list[str]:
@@ -77,6 +74,8 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
         problems.append(f"{layout.num_microbatches} micro batches with interleaving over PP{layout.pp}")
     if layout.zero_stage:
         problems.append(f"ZeRO stage {layout.zero_stage} (Megatron uses --use-distributed-optimizer)")
+    if layout.fsdp and (layout.fsdp != layout.dp or not layout.distributed_optimizer or not layout.reshard_after_forward):
+        problems.append("Megatron-FSDP shards over all of DP with the distributed optimizer and reshards after forward")
     problems += _stage_problems(layout, stages, model.num_layers)
     if problems:
         raise ValueError(f"Megatron-LM cannot run layout {layout.label()} as planned: " + "; ".join(problems))
@@ -272,7 +271,20 @@ def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> lis
     args += _split_args(layout, stages, model.mtp_layers)
     if layout.distributed_optimizer:
         args.append("--use-distributed-optimizer")
-    return args
+    return args + _megatron_fsdp_args(layout)
+
+
+def _megatron_fsdp_args(layout: Layout) -> list[str]:
+    """Megatron-FSDP sharding weights, gradients and optimizer state over DP
+    (ZeRO-3), with the flags its user guide requires (megatron-core
+    docs/discussions/megatron-fsdp-user-guide: the fsdp_dtensor checkpoint
+    format, which validate_args asserts, and no gradient-accumulation
+    fusion) and the double buffer of two layers' gathers that loom's memory
+    prices (cost/sharding.py)."""
+    if not layout.fsdp:
+        return []
+    return ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params", "--fsdp-double-buffer",
+            "--no-gradient-accumulation-fusion", "--ckpt-format", "fsdp_dtensor"]
 
 
 def _split_args(layout: Layout, stages: list[Stage], mtp_layers: int = 0) -> list[str]:
@@ -391,7 +403,8 @@ def _training_args(job: Job, layout: Layout) -> list[str]:
 
 
 def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> str:
-    """``train.sh``: run once on every node; starts torchrun for that node.
+    """``train.sh``: run once on every node; starts torchrun for that node
+    (output/torchrun.py) with ``pretrain_gpt.py`` and this layout's flags.
 
     Raises ValueError when the placement cannot be realised by one torchrun per
     node (see ``nodes_of``: a host's ranks not contiguous, hosts with different
@@ -399,117 +412,27 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
     args = megatron_args(job, layout, stages)
     if len(placement.gpus) != layout.world_size:
         raise ValueError(f"placement has {len(placement.gpus)} ranks, layout {layout.label()} needs {layout.world_size}")
-    nodes = nodes_of(placement, job.cluster)
-    named = job.cluster.named_hosts
-    return "\n".join(
-        [
-            *_header(job, layout, nodes, named),
-            *_node_table(nodes, named),
-            *_environment(layout),
-            *_bash_array("MEGATRON_ARGS", args),
-            *_data_args(),
-            *_torchrun(),
-        ]
+    program = Program(
+        title=f"Megatron-LM pre-training of {job.model.name}",
+        notes=["# Data: --mock-data unless DATA_PATH is set (a Megatron indexed-dataset prefix,",
+               "# or a blend 'weight prefix weight prefix')."],
+        setup=['MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"', "", *_environment(layout),
+               *bash_array("MEGATRON_ARGS", args), *_data_args()],
+        target='"$MEGATRON_LM_DIR/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "${DATA_ARGS[@]}"',
     )
-
-
-def _header(job: Job, layout: Layout, nodes: list[NodeRanks], named: bool) -> list[str]:
-    if named:
-        rank = ["# Run it once on every node of the plan (slurm.sbatch does). The node rank is",
-                "# looked up from this host's names (LOOM_HOST, SLURMD_NODENAME, the short and",
-                "# full host name, its addresses) so that global ranks land where loom placed",
-                "# them; LOOM_NODE_RANK overrides it."]
-        master = [f'MASTER_ADDR="${{MASTER_ADDR:-{nodes[0].host}}}"']
-    else:
-        rank = ["# Run it once on every node (slurm.sbatch does). The cluster names no hosts, so",
-                "# any nodes will do: the i-th node the job is given (LOOM_NODE_INDEX, else",
-                "# SLURM_NODEID) stands for the plan's i-th node in the cluster's node order.",
-                "# The placement holds per node (which GPU runs which local rank), not which",
-                "# machine is which. Rank 0 runs on MASTER_ADDR, else on its node of the SLURM",
-                "# allocation."]
-        first = nodes[0].given_index
-        master = ['if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then',
-                  f"    MASTER_ADDR={allocated_node(first)}",
-                  "fi",
-                  f'MASTER_ADDR="${{MASTER_ADDR:?set MASTER_ADDR to the address of node {first} of the job (0 first)}}"']
-    return [
-        "#!/usr/bin/env bash",
-        f"# Megatron-LM pre-training of {job.model.name} written by loom: {layout.label()},",
-        f"# {layout.world_size} GPUs on {len(nodes)} node(s) of cluster {job.cluster.name}.",
-        *rank,
-        "# Data: --mock-data unless DATA_PATH is set (a Megatron indexed-dataset prefix,",
-        "# or a blend 'weight prefix weight prefix').",
-        "set -euo pipefail",
-        "",
-        'MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"',
-        f"NNODES={len(nodes)}",
-        f"NPROC_PER_NODE={len(nodes[0].gpus)}",
-        *master,
-        f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
-        "",
-    ]
-
-
-def _node_table(nodes: list[NodeRanks], named: bool) -> list[str]:
-    """host -> node rank, and node rank -> CUDA_VISIBLE_DEVICES, so local rank i
-    runs on GPU gpus[i] (torchrun passes the variable through to its workers,
-    which take the device of their LOCAL_RANK).
-
-    The override is LOOM_NODE_RANK, not NODE_RANK: job platforms export their
-    own NODE_RANK in their own node order, which would silently undo the
-    placement. CUDA_VISIBLE_DEVICES is exported even for the order 0..n-1:
-    an inherited one (a shell's, a scheduler's partial list) would renumber
-    the GPUs the plan names by the node's own numbers."""
-    if named:
-        rank = [
-            "declare -A NODE_RANK_OF_HOST=(  # names in lower case: host names ignore case",
-            *(f"    [{shlex.quote(node.host.lower())}]={node.node_rank}" for node in nodes),
-            ")",
-            "# This node by any of its names: the scheduler's, the short and full host names, its addresses.",
-            'NODE_RANK="${LOOM_NODE_RANK:-}"',
-            'for NAME in ${LOOM_HOST:-} ${SLURMD_NODENAME:-} $(hostname -s) $(hostname) $(hostname -f 2>/dev/null) $(hostname -I 2>/dev/null); do',
-            '    [[ -z "$NODE_RANK" && -n "${NODE_RANK_OF_HOST[${NAME,,}]+x}" ]] && NODE_RANK="${NODE_RANK_OF_HOST[${NAME,,}]}"',
-            "done",
-            '[[ -n "$NODE_RANK" ]] || { echo "this node ($(hostname)) is not in this plan; set LOOM_HOST or LOOM_NODE_RANK" >&2; exit 1; }',
-        ]
-    else:
-        rank_of_given = [node.node_rank for node in sorted(nodes, key=lambda node: node.given_index)]
-        rank = [
-            "# Node rank of the job's i-th node.",
-            f"NODE_RANK_OF_GIVEN=({' '.join(map(str, rank_of_given))})",
-            'NODE_INDEX="${LOOM_NODE_INDEX:-${SLURM_NODEID:?set LOOM_NODE_INDEX to the index of this node, 0 first}}"',
-            'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_GIVEN[$NODE_INDEX]:?the plan runs on nodes 0..$((NNODES - 1)), not $NODE_INDEX}}"',
-        ]
-    lines = [
-        f"# Node k runs global ranks k*{len(nodes[0].gpus)} .. (k+1)*{len(nodes[0].gpus)}-1.",
-        *rank,
-        "# Local rank i of node k runs on the i-th GPU listed for node k.",
-        "GPUS_OF_NODE=(",
-        *(f"    {','.join(map(str, node.gpus))}  # {shlex.quote(node.host) if named else f'node {node.node_rank}'}" for node in nodes),
-        ")",
-        'export CUDA_VISIBLE_DEVICES="${GPUS_OF_NODE[$NODE_RANK]:?node rank $NODE_RANK is not in this plan}"',
-    ]
-    return [*lines, ""]
+    return torchrun.train_sh(program, job.cluster.name, layout.label(), layout.world_size, nodes_of(placement, job.cluster), job.cluster.named_hosts)
 
 
 def _environment(layout: Layout) -> list[str]:
     """Before Blackwell, Megatron requires one CUDA hardware queue with TP or CP
     so communication kernels are issued ahead of the GEMMs they overlap
-    (validate_args asserts CUDA_DEVICE_MAX_CONNECTIONS=1)."""
+    (validate_args asserts CUDA_DEVICE_MAX_CONNECTIONS=1) — except under
+    Megatron-FSDP, which asserts the opposite (and only warns about TP/CP)."""
+    if layout.fsdp:
+        return ["unset CUDA_DEVICE_MAX_CONNECTIONS  # Megatron-FSDP requires more than one", ""]
     if layout.tp > 1 or layout.cp > 1:
         return ["export CUDA_DEVICE_MAX_CONNECTIONS=1", ""]
     return []
-
-
-def _bash_array(name: str, args: list[str]) -> list[str]:
-    """A bash array, one flag and its values per line."""
-    lines: list[str] = []
-    for token in args:
-        if token.startswith("--") or not lines:
-            lines.append(f"    {shlex.quote(token)}")
-        else:
-            lines[-1] += f" {shlex.quote(token)}"
-    return [f"{name}=(", *lines, ")", ""]
 
 
 def _data_args() -> list[str]:
@@ -520,14 +443,5 @@ def _data_args() -> list[str]:
         "else",
         "    DATA_ARGS=(--mock-data)",
         "fi",
-        "",
-    ]
-
-
-def _torchrun() -> list[str]:
-    return [
-        'exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \\',
-        '    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \\',
-        '    "$MEGATRON_LM_DIR/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "${DATA_ARGS[@]}" "$@"',
         "",
     ]

@@ -30,11 +30,12 @@ from loom.planner.specs.job import job_warnings
 from loom.planner.specs.layout import Recompute
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
-# recompute_num_layers), so a 1.0 report reads as it did.
-READ_SCHEMA_VERSIONS = ("1.0", SCHEMA_VERSION)
+# recompute_num_layers), and 1.2 too (parallel.fsdp and
+# reshard_after_forward), so 1.0 and 1.1 reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -63,6 +64,9 @@ class Parallel(pydantic.BaseModel):
     recompute_num_layers: Index = pydantic.Field(default=0, description="full: 0 every layer, N the first N layers of each model chunk (block)")
     zero_stage: Annotated[int, pydantic.Field(ge=0, le=3)]
     distributed_optimizer: bool
+    fsdp: Index = pydantic.Field(default=0, description="sharded data parallelism: weights split over fsdp x cp ranks, replicated "
+                                                        "over dp / fsdp (HSDP); 0 off")
+    reshard_after_forward: bool = pydantic.Field(default=True, description="sharded weights gathered again for backward")
 
     @property
     def world_size(self) -> int:
@@ -216,6 +220,7 @@ def plan_problems(plan: PlanReport) -> list[Invariant]:
 
     need(stage_ranks % p.ep == 0, ("parallel", "ep"), f"a divisor of a stage's tp x cp x dp = {stage_ranks} ranks", p.ep)
     need(p.vpp == 1 or p.pp > 1, ("parallel", "vpp"), "1 unless pp > 1", p.vpp)
+    need(p.fsdp == 0 or p.dp % p.fsdp == 0, ("parallel", "fsdp"), f"0 or a divisor of dp = {p.dp}", p.fsdp)
     per_step = p.micro_batch_size * p.dp
     if need(p.global_batch_size % per_step == 0, ("parallel", "global_batch_size"), f"a multiple of micro_batch_size x dp = {per_step}",
             p.global_batch_size):

@@ -16,6 +16,8 @@ take these candidates:
 - sequence parallel: on whenever tp > 1 (it moves the same bytes as TP's
   all-reduce and saves memory and elementwise work: Korthikanti et al. 2022);
 - recompute: none, selective, full; distributed optimizer: on and off;
+- sharded data parallelism (fsdp): see _shard_degrees; torchtitan also
+  keeps the gathered weights from forward to backward (reshard off);
 - DeepSpeed: ZeRO 0-3, tp = cp = 1.
 """
 
@@ -30,6 +32,7 @@ from typing import Callable, Iterator
 import pydantic
 
 from loom.planner.cost.layers import shape_of
+from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
@@ -42,7 +45,7 @@ from loom.planner.specs.rules import layout_problems
 from loom.planner.specs.stages import Stage, default_placement, stage_gpus, uniform_stages
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
-from loom.planner.cost.time_model import step_time
+from loom.planner.cost.time_model import StepTime, step_time
 
 
 # The even split ranks every layout; the best ones (and those within
@@ -78,21 +81,25 @@ def _divisors(n: int) -> list[int]:
 def _choices(job: Job) -> dict[str, list]:
     """The values each knob may take, "auto" resolved for this job."""
     model, gpus, space = job.model, job.cluster.num_gpus, job.search
-    megatron = job.framework == "megatron"
+    megatron, deepspeed = job.framework == "megatron", job.framework == "deepspeed"
+    flavor = torchtitan.flavor_of(model) if job.framework == "torchtitan" else None
     powers = [2**i for i in range(8) if 2**i <= job.cluster.gpus_per_node]
+    stages = [p for p in _divisors(gpus) if p <= model.num_layers]
     auto = {
-        "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if megatron else [1],
-        "cp": [c for c in (1, 2, 4, 8) if c == 1 or job.seq_length % (2 * c) == 0] if megatron and job.features.flash_attention else [1],
+        "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if not deepspeed else [1],
+        "cp": [c for c in (1, 2, 4, 8) if c == 1 or job.seq_length % (2 * c) == 0] if not deepspeed and job.features.flash_attention else [1],
         "ep": [e for e in _divisors(model.moe.num_experts) if e <= gpus] if model.moe else [1],
         # Experts are small GEMMs already: splitting them (ETP) rarely pays; Megatron's MoE recipes keep etp = 1.
         "etp": [1],
-        "pp": [p for p in _divisors(gpus) if p <= model.num_layers] if megatron else [p for p in _divisors(model.num_layers) if gpus % p == 0],
-        "vpp": None if megatron else [1],  # per pp: see _virtual_stages
+        "pp": [p for p in _divisors(model.num_layers) if gpus % p == 0] if deepspeed else stages if megatron or flavor.pipeline else [1],
+        "vpp": [1] if deepspeed else None,  # per pp: see _virtual_stages
         "micro_batch_size": [1, 2, 4, 8],
         "sequence_parallel": None,  # on exactly when tp > 1
         "recompute": ["none", "selective", "full"] if megatron else ["none", "full"],
         "distributed_optimizer": [True, False] if megatron else [False],
-        "zero_stage": [0] if megatron else [0, 1, 2, 3],
+        "zero_stage": [0, 1, 2, 3] if deepspeed else [0],
+        "fsdp": None,  # per layout: see _shard_degrees
+        "reshard_after_forward": [True, False] if flavor else [True],
     }
     return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
 
@@ -104,6 +111,21 @@ def _virtual_stages(num_layers: int, pp: int) -> list[int]:
     return sorted({v for v in _divisors(num_layers // pp) if num_layers % (pp * v) == 0} | {v for v in (1, 2, 3, 4) if pp * v <= num_layers})
 
 
+def _shard_degrees(job: Job, tp: int, cp: int, dp: int, zero: int) -> list[int]:
+    """Sharded data parallelism worth trying: over all of DP (Megatron-FSDP,
+    ZeRO-3, FSDP), and for torchtitan also over the DP ranks of one node,
+    replicated across nodes (HSDP: the gathers stay on NVLink). Megatron
+    also runs without; torchtitan without only as 1-D DDP; DeepSpeed shards
+    weights exactly under ZeRO-3, over all of DP."""
+    if job.framework == "deepspeed":
+        return [dp if zero == 3 else 0]
+    in_node = job.cluster.gpus_per_node // (tp * cp)
+    degrees = {dp} | ({in_node} if job.framework == "torchtitan" and 1 < in_node < dp and dp % in_node == 0 else set())
+    if job.framework == "megatron" or (job.framework == "torchtitan" and tp * cp == 1):
+        degrees.add(0)
+    return sorted(degrees)
+
+
 def candidate_layouts(job: Job) -> Iterator[Layout]:
     """Every combination of knob values, with dp filling the cluster."""
     c, gpus = _choices(job), job.cluster.num_gpus
@@ -112,15 +134,20 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
             continue  # expert ranks regroup the tp x cp x dp ranks of a stage
         dp = gpus // (tp * cp * pp)
         sequence_parallel = [tp > 1] if c["sequence_parallel"] is None else c["sequence_parallel"]
-        for vpp, mbs, sp, recompute, dist_opt, zero in itertools.product(
-            _virtual_stages(job.model.num_layers, pp) if c["vpp"] is None else c["vpp"], c["micro_batch_size"], sequence_parallel, c["recompute"], c["distributed_optimizer"], c["zero_stage"]
+        for vpp, mbs, sp, recompute, dist_opt, zero, reshard in itertools.product(
+            _virtual_stages(job.model.num_layers, pp) if c["vpp"] is None else c["vpp"], c["micro_batch_size"], sequence_parallel,
+            c["recompute"], c["distributed_optimizer"], c["zero_stage"], c["reshard_after_forward"]
         ):
             if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
                 continue  # same layout as the one without the knob
-            yield Layout(
-                tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
-                sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero,
-            )
+            for fsdp in _shard_degrees(job, tp, cp, dp, zero) if c["fsdp"] is None else c["fsdp"]:
+                if (not fsdp and not reshard) or (fsdp and job.framework == "megatron" and not dist_opt):
+                    continue  # nothing to reshard; Megatron-FSDP runs with the distributed optimizer
+                yield Layout(
+                    tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
+                    sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero, fsdp=fsdp,
+                    reshard_after_forward=reshard,
+                )
 
 
 @dataclass(frozen=True)
@@ -170,6 +197,8 @@ class _Scored:
     step_time_s: float
     peak_bytes: float
     layout: Layout
+    # No split of the layers can make the step shorter than this (split_bound_s).
+    bound_s: float = 0.0
 
     def key(self) -> tuple:
         return (round(self.step_time_s, 9), round(self.peak_bytes), self.layout.label())
@@ -245,14 +274,19 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
         fullest = fullest_stage(job, layout, stages, gpus)
         if smallest is None or fullest.fullness < smallest[0].fullness:
             smallest = (fullest, layout)
-        splittable = job.framework == "megatron" and layout.pp > 1
-        if fullest.fits or (splittable and fullest.peak_bytes <= NEAR_FIT * fullest.usable_bytes):
-            candidate = _Scored(step_time(job, layout, stages, gpus).step_time_s, fullest.peak_bytes, layout)
+        if fullest.fits or (splittable(job, layout) and fullest.peak_bytes <= NEAR_FIT * fullest.usable_bytes):
+            timing = step_time(job, layout, stages, gpus)
+            candidate = _Scored(timing.step_time_s, fullest.peak_bytes, layout, split_bound_s(job, layout, stages, timing))
             (scored if fullest.fits else near).append(candidate)
     if progress:
         progress(len(layouts), len(layouts))
     scored += _partial_recompute(job, scored, placement)
-    plans, solves = _split_best(job, sorted(scored, key=_Scored.key)[: top_k + REFINED], sorted(near, key=_Scored.key)[:REFINED])
+    # The top k as they stand, and of the layouts an uneven split may speed
+    # up (the others cannot overtake the top k) the REFINED fastest and the
+    # REFINED with the lowest bound.
+    ranked = sorted(scored, key=_Scored.key)
+    plans, solves = _split_best(job, ranked[:top_k] + _promising([c for c in ranked[top_k:] if splittable(job, c.layout)]),
+                                _promising(sorted(near, key=_Scored.key)))
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -268,6 +302,36 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
         status="time_limit" if any(solve.status == "time_limit" for solve in solves) else "optimal",
         gap=max((solve.gap for solve in solves), default=0.0),
     )
+
+
+def _promising(ranked: list[_Scored]) -> list[_Scored]:
+    """Of ``ranked`` (fastest first), the REFINED fastest and the REFINED
+    whose split bound is lowest: the even split misjudges deep pipelines
+    whose end stages carry the embedding and the head, and the bound
+    (which ignores that a layer cannot be cut) overrates them."""
+    lowest = sorted(ranked, key=lambda c: (round(c.bound_s, 9), c.key()))[:REFINED]
+    return list({id(c): c for c in [*ranked[:REFINED], *lowest]}.values())
+
+
+def split_bound_s(job: Job, layout: Layout, stages: list[Stage], timing: StepTime) -> float:
+    """A lower bound on the step time of ``layout`` under any split of its
+    layers, from its even split ``stages`` and their ``timing``. The
+    pipeline term m * T + (W - T) / v (time_model, T the slowest stage's
+    work, W all stages') grows with T, and no split makes T smaller than the
+    mean W / p nor than the work a stage has beyond its layers (the
+    embedding, the head and multi-token prediction, which cannot be cut:
+    its even-split time less its layers at the slowest per-layer time of the
+    stages that have nothing else). The rest of the step does not depend on
+    the split. The step itself when the layout keeps its split."""
+    if not splittable(job, layout):
+        return timing.step_time_s
+    tau = timing.stage_microbatch_s
+    m, v, p, work = layout.num_microbatches, layout.vpp, layout.pp, sum(timing.stage_microbatch_s)
+    plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
+    fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
+    slowest = max(work / p, *fixed)
+    even = m * max(tau) + (work - max(tau)) / v
+    return timing.step_time_s - max(0.0, even - (m * slowest + (work - slowest) / v))
 
 
 def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scored]:
@@ -286,7 +350,9 @@ def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scor
 
         for variant in partial_variants(job, candidate.layout, fits):
             if not layout_problems(job, variant):
-                found.append(_Scored(step_time(job, variant, stages, gpus).step_time_s, fullest_stage(job, variant, stages, gpus).peak_bytes, variant))
+                timing = step_time(job, variant, stages, gpus)
+                found.append(_Scored(timing.step_time_s, fullest_stage(job, variant, stages, gpus).peak_bytes, variant,
+                                     split_bound_s(job, variant, stages, timing)))
     return found
 
 
@@ -295,10 +361,12 @@ def _ranked(plans: list[Plan]) -> list[Plan]:
 
 
 def splittable(job: Job, layout: Layout) -> bool:
-    """Whether the partition MILP may split ``layout`` unevenly: Megatron
-    pipelines only; block recompute saves per chunk, not per layer, so the
-    partition's per-layer costs do not describe it and it keeps the even split."""
-    return job.framework == "megatron" and layout.pp > 1 and not layout.recompute_num_layers
+    """Whether the partition MILP may split ``layout`` unevenly: pipelines
+    of Megatron (--pipeline-model-parallel-layout) and torchtitan
+    (module_fqns_per_model_part), not DeepSpeed's; block recompute saves per
+    chunk, not per layer, so the partition's per-layer costs do not describe
+    it and it keeps the even split."""
+    return job.framework != "deepspeed" and layout.pp > 1 and not layout.recompute_num_layers
 
 
 def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Partition | None]:

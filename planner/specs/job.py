@@ -8,7 +8,7 @@ Example (``examples/llama3-8b-h100.yaml``)::
     global_batch_size: 512
     seq_length: 8192
     precision: bf16                # bf16 | fp16 | fp8
-    framework: megatron            # megatron | deepspeed
+    framework: megatron            # megatron | deepspeed | torchtitan
     search: {recompute: [none, selective]}   # any knob not given is "auto"
 """
 
@@ -24,9 +24,10 @@ import pydantic
 from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.files import StrictModel, count, rate, read_mapping, validate
+from loom.planner.specs import torchtitan
 from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
 from loom.planner.specs.model import ModelSpec, load_model
-from loom.planner.specs.stacks import DEFAULT_STACK, STACKS
+from loom.planner.specs.stacks import DEFAULT_STACK, FRAMEWORK_STACK, STACKS
 from loom.profiles.catalogue import find_gpu
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
 
@@ -41,10 +42,10 @@ MAX_GLOBAL_BATCH, MAX_SEQ_LENGTH, MAX_DEGREE, MAX_MICRO_BATCH = 1 << 20, 1 << 24
 TOKENS_PER_STEP_WARNING = 1 << 30
 
 Precision = Literal["bf16", "fp16", "fp8"]
-Framework = Literal["megatron", "deepspeed"]
+Framework = Literal["megatron", "deepspeed", "torchtitan"]
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
 CrossEntropyFusion = Literal["none", "native", "te"]
-StackName = Literal["megatron-lm", "megatron-bridge"]
+StackName = Literal["megatron-lm", "megatron-bridge", "torchtitan"]
 # Megatron-Core's MoE token dispatchers (--moe-token-dispatcher-type, with
 # flex's --moe-flex-dispatcher-backend): NCCL all-to-all, all-gather +
 # reduce-scatter, or DeepEP's / HybridEP's fused kernels.
@@ -165,6 +166,9 @@ class SearchFile(StrictModel):
     recompute: choices(Literal["none", "selective", "full"]) | Auto = "auto"
     distributed_optimizer: choices(pydantic.StrictBool) | Auto = "auto"
     zero_stage: choices(Literal[0, 1, 2, 3]) | Auto = "auto"
+    # Shard degrees of sharded data parallelism (0: off); "auto": see search/layouts.py.
+    fsdp: choices(pydantic.conint(ge=0, le=MAX_DEGREE, strict=True)) | Auto = "auto"
+    reshard_after_forward: choices(pydantic.StrictBool) | Auto = "auto"
     # MoE: the token dispatchers to try ("auto": features.moe_token_dispatcher
     # only; DeepEP and HybridEP need their library installed).
     moe_token_dispatcher: choices(Dispatcher) | Auto = "auto"
@@ -178,7 +182,7 @@ class JobFile(StrictModel):
     precision: Precision = "bf16"
     optimizer: Literal["adam"] = "adam"
     framework: Framework = "megatron"
-    stack: StackName = DEFAULT_STACK  # feature presets of a training stack (stacks.py)
+    stack: StackName | None = None  # feature presets of a training stack (stacks.py); default: the framework's
     features: Features = Features()
     search: SearchFile = SearchFile()
     top_k: count(1_000) = 5
@@ -260,6 +264,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     spec = validate(JobFile, data, source, flags=flags)
     model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
     cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
+    stack = spec.stack or FRAMEWORK_STACK[spec.framework]
     job = Job(
         model=model,
         cluster=cluster,
@@ -268,8 +273,8 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
         precision=spec.precision,
         optimizer=spec.optimizer,
         framework=spec.framework,
-        stack=spec.stack,
-        features=stack_features(spec.stack, spec.features),
+        stack=stack,
+        features=stack_features(stack, spec.features),
         search=spec.search,
         top_k=spec.top_k,
         train_iters=spec.train_iters,
@@ -305,12 +310,29 @@ def check_job(job: Job) -> None:
         if job.memory_headroom.of(gpu.memory_bytes) >= gpu.memory_bytes:
             raise SpecError(job.source, "memory_headroom", f"less than the {gpu.memory_bytes / 2**30:.2f} GiB a {gpu.name} has",
                             str(job.memory_headroom))
+    if job.framework == "torchtitan":
+        _check_torchtitan(job)
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
         raise SpecError(
             job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length
         )
+
+
+def _check_torchtitan(job: Job) -> None:
+    """What torchtitan 0.2.2 can train: its registered models
+    (specs/torchtitan.py), in bf16 or float8 through torchao (tensorwise
+    scaling, or MXFP8 on Blackwell: its quantize.linear.float8 and
+    quantize.linear.mx converters; no fp16 in Training.mixed_precision_param)."""
+    why = torchtitan.trainable(job.model)
+    if why:
+        raise SpecError(job.source, "framework", f"megatron or deepspeed for this model; torchtitan needs {why}", job.framework)
+    if job.precision == "fp16":
+        raise SpecError(job.source, "precision", "bf16 or fp8 with torchtitan (its mixed precision is bfloat16)", job.precision)
+    if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
+        raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
+                        job.features.fp8_recipe)
 
 
 def job_warnings(job: Job) -> list[str]:

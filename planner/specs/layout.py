@@ -46,6 +46,15 @@ class Layout:
     recompute_num_layers: int = 0
     zero_stage: int = 0  # DeepSpeed ZeRO stage; Megatron uses distributed_optimizer
     distributed_optimizer: bool = False
+    # Sharded data parallelism: the weights, gradients and optimizer state
+    # split over ``fsdp`` of the DP ranks (times CP, whose ranks hold the same
+    # weights) and replicated over the other dp / fsdp (HSDP); 0 leaves the
+    # weights whole on every rank. Megatron-FSDP's optim_grads_params,
+    # DeepSpeed's ZeRO-3 (over all of dp), torchtitan's FSDP2 (cost/sharding.py).
+    fsdp: int = 0
+    # Free a layer's gathered weights after its forward and gather them again
+    # for its backward (FSDP2 reshard_after_forward); False keeps them.
+    reshard_after_forward: bool = True
 
     @property
     def world_size(self) -> int:
@@ -77,9 +86,31 @@ class Layout:
     @property
     def optimizer_shards(self) -> int:
         """Ways the optimizer state is split: DP x CP ranks share it under
-        Megatron's distributed optimizer or ZeRO (CP ranks hold the same weights)."""
+        Megatron's distributed optimizer or ZeRO (CP ranks hold the same
+        weights); under sharded data parallelism the shard group's fsdp x CP
+        (each HSDP replica keeps a whole copy)."""
+        if self.fsdp:
+            return self.param_shards
         sharded = self.distributed_optimizer or self.zero_stage >= 1
         return self.dp * self.cp if sharded else 1
+
+    @property
+    def param_shards(self) -> int:
+        """Ways the weights are split: fsdp x CP under sharded data parallelism, else 1."""
+        return self.fsdp * self.cp if self.fsdp else 1
+
+    @property
+    def grad_shards(self) -> int:
+        """Ways the gradients are split: as the weights under sharded data
+        parallelism, over DP x CP under ZeRO-2, else 1."""
+        if self.fsdp:
+            return self.param_shards
+        return self.dp * self.cp if self.zero_stage >= 2 else 1
+
+    @property
+    def dp_replicate(self) -> int:
+        """Replicas of the sharded state (HSDP): dp / fsdp; dp without sharding."""
+        return self.dp // self.fsdp if self.fsdp else self.dp
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +139,8 @@ class Layout:
             parts.append("DO")
         if self.zero_stage:
             parts.append(f"Z{self.zero_stage}")
+        if self.fsdp:
+            parts.append(f"FSDP{self.fsdp}" + ("" if self.reshard_after_forward else "k"))
         return " ".join(parts)
 
 
@@ -117,6 +150,7 @@ _PARALLEL_DEGREES = {"TP": "tensor", "PP": "pipeline", "DP": "data", "CP": "cont
 _LABEL_TERMS = {
     "mbs": "micro batch size", "SP": "sequence parallel", "sel": "selective recompute (of core_attn; sel:a+b of modules a, b)",
     "full": "full recompute (fullN: of N layers per chunk)", "DO": "distributed optimizer", "Z": "ZeRO stage",
+    "FSDP": "weights sharded over N data-parallel ranks (FSDPNk: kept whole from forward to backward)",
 }
 
 
@@ -144,8 +178,13 @@ def rank_groups(layout: Layout) -> dict[str, np.ndarray]:
     rank = tp_i + tp (cp_i + cp (dp_i + dp pp_i)). The gradient reduce runs
     over the ``dp-cp`` group (CP ranks hold the same weights); ``pp`` rows are
     whole pipelines, ``embedding`` the first and last stage's ranks that share
-    the tied word embedding; ``ep``, ``etp`` and ``expert-dp`` are the MoE layers' groups."""
+    the tied word embedding; ``ep``, ``etp`` and ``expert-dp`` are the MoE layers' groups.
+    Sharded data parallelism splits DP into replicas of fsdp ranks each, the
+    shard index innermost (torchtitan's mesh ``pp, dp_replicate, dp_shard,
+    cp, tp``): ``shard`` is fsdp x CP ranks, ``replicate`` the dp / fsdp copies."""
     grid = np.arange(layout.world_size).reshape(layout.pp, layout.dp, layout.cp, layout.tp)
+    fsdp = layout.fsdp or layout.dp
+    sharded = grid.reshape(layout.pp, layout.dp // fsdp, fsdp, layout.cp, layout.tp)
     pipelines = grid.transpose(1, 2, 3, 0).reshape(-1, layout.pp)
     # MoE layers regroup the same ranks as tp-ep-dp-pp with etp in place of tp.
     experts = np.arange(layout.world_size).reshape(layout.pp, layout.expert_dp, layout.ep, layout.etp)
@@ -158,6 +197,8 @@ def rank_groups(layout: Layout) -> dict[str, np.ndarray]:
         "ep": experts.transpose(0, 1, 3, 2).reshape(-1, layout.ep),
         "etp": experts.reshape(-1, layout.etp),
         "expert-dp": experts.transpose(0, 2, 3, 1).reshape(-1, layout.expert_dp),
+        "shard": sharded.transpose(0, 1, 4, 2, 3).reshape(-1, fsdp * layout.cp),
+        "replicate": sharded.transpose(0, 2, 3, 4, 1).reshape(-1, layout.dp // fsdp),
     }
 
 

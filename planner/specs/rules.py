@@ -7,6 +7,7 @@ skips layouts that break any.
 
 from __future__ import annotations
 
+from loom.planner.specs import torchtitan
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 
@@ -35,7 +36,7 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
     _tp_width_problems(model, layout.tp, need)
     chunks = layout.pp * layout.vpp
-    if job.framework == "megatron":  # uneven splits via --pipeline-model-parallel-layout
+    if job.framework != "deepspeed":  # uneven splits: Megatron's --pipeline-model-parallel-layout, torchtitan's module_fqns_per_model_part
         need(chunks <= model.num_layers, "pp*vpp", f"at most {model.num_layers} layers (one per model chunk)", chunks)
     else:  # DeepSpeed's PipelineModule balances layer counts: an even split only
         need(model.num_layers % chunks == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", chunks)
@@ -60,9 +61,25 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
         need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
     _recompute_problems(job, layout, need)
+    need(layout.fsdp == 0 or layout.dp % layout.fsdp == 0, "fsdp", f"0 (off) or a divisor of dp = {layout.dp}", layout.fsdp)
+    if job.framework == "torchtitan":
+        _torchtitan_problems(job, layout, need)
+        return problems
+    need(layout.reshard_after_forward, "reshard_after_forward", f"true with {job.framework} (it frees each layer's gathered weights after forward)",
+         layout.reshard_after_forward)
     if job.framework == "megatron":
-        need(layout.zero_stage == 0, "zero_stage", "0 with Megatron (use distributed_optimizer)", layout.zero_stage)
+        need(layout.zero_stage == 0, "zero_stage", "0 with Megatron (use distributed_optimizer, or fsdp for Megatron-FSDP)", layout.zero_stage)
+        # Megatron-FSDP: --use-megatron-fsdp --data-parallel-sharding-strategy
+        # optim_grads_params requires --use-distributed-optimizer (its user
+        # guide); its HSDP (--num-distributed-optimizer-instances) loom does not write.
+        need(layout.fsdp in (0, layout.dp), "fsdp", f"0 or dp = {layout.dp} with Megatron-FSDP (loom does not write its HSDP flags)", layout.fsdp)
+        need(not layout.fsdp or layout.distributed_optimizer, "distributed_optimizer", "on with Megatron-FSDP (it requires --use-distributed-optimizer)",
+             layout.distributed_optimizer)
     else:
+        # DeepSpeed 0.19 removed MiCS (runtime/config.py _REMOVED_ZERO_CONFIG_KEYS):
+        # ZeRO-3 shards over the whole data-parallel group.
+        need(layout.fsdp == (layout.dp if layout.zero_stage == 3 else 0), "fsdp",
+             f"dp = {layout.dp} with DeepSpeed's ZeRO-3 and 0 below it (it shards weights over all of DP only)", layout.fsdp)
         need(layout.tp == 1 and layout.cp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
         need(not layout.distributed_optimizer, "distributed_optimizer", "false with DeepSpeed (use zero_stage)", True)
         need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)
@@ -71,6 +88,34 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(layout.vpp == 1, "vpp", "1 with DeepSpeed (PipelineModule has no interleaved schedule)", layout.vpp)
         need(model.moe is None or layout.zero_stage <= 2, "zero_stage", "at most 2 for DeepSpeed MoE (ZeRO-3 does not shard experts)", layout.zero_stage)
     return problems
+
+
+def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
+    """What torchtitan 0.2.2 runs (torchtitan/distributed/parallel_dims.py,
+    models/llama3/infra/parallelize.py): FSDP2 over dp_shard x CP composed
+    with TP, PP, CP and EP, or 1-D DDP ("DDP has not supported > 1D
+    parallelism"); TP always shards the norms' sequence; full activation
+    checkpointing per block (its selective modes, per op or every N-th
+    block, are not Megatron's modules); EP borrowing ranks from FSDP and TP."""
+    model = job.model
+    need(layout.zero_stage == 0 and not layout.distributed_optimizer, "zero_stage", "0 with torchtitan (use fsdp)", layout.zero_stage)
+    need(layout.fsdp > 0 or layout.tp * layout.pp * layout.cp * layout.ep == 1, "fsdp",
+         "at least 1 with TP, PP, CP or EP (torchtitan's DDP is 1-D only)", layout.fsdp)
+    need(layout.sequence_parallel == (layout.tp > 1), "sequence_parallel", "on exactly when tp > 1 (torchtitan's TP shards the norms by sequence)",
+         layout.sequence_parallel)
+    need(layout.recompute in ("none", "full") and not layout.recompute_num_layers, "recompute",
+         "none or full (every block) with torchtitan", layout.recompute)
+    need(layout.etp == 1, "etp", "1 with torchtitan", layout.etp)
+    flavor = torchtitan.flavor_of(model)
+    need(layout.pp == 1 or flavor is None or flavor.pipeline, "pp", f"1 for torchtitan's {flavor and flavor.name} (it has no pipelining_fn)", layout.pp)
+    if model.moe is not None:
+        shard_ranks = max(1, layout.fsdp) * layout.cp * layout.tp
+        need(shard_ranks % layout.ep == 0, "ep", f"a divisor of fsdp x cp x tp = {shard_ranks} (torchtitan's EP borrows FSDP and TP ranks)", layout.ep)
+        features = job.features
+        need(features.moe_token_dispatcher in ("alltoall", "deepep"), "moe_token_dispatcher",
+             "alltoall or deepep with torchtitan (expert_parallel_comm_backend standard | deepep)", features.moe_token_dispatcher)
+        overlapped = features.overlap_moe_expert_parallel_comm or features.moe_shared_expert_overlap
+        need(not overlapped, "features", "no Megatron MoE overlap with torchtitan", "overlap_moe_expert_parallel_comm/moe_shared_expert_overlap")
 
 
 def _recompute_problems(job: Job, layout: Layout, need) -> None:

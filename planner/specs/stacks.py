@@ -53,6 +53,20 @@ STACKS = {
             source="Megatron-Bridge v0.3.1 scripts/performance (perf recipes: grad_reduce_in_fp32 False, "
                    "fp8 current scaling with fp8_param_gather, TE fused cross-entropy, TP comm overlap, fused MoE router and permutation)",
         ),
+        Stack(
+            name="torchtitan",
+            # torchtitan 0.2.2 torchtitan/config/job_config.py: FSDP2 reduces
+            # gradients in fp32 (Training.mixed_precision_reduce, the only
+            # choice); float8 through torchao with tensorwise scaling
+            # (Float8Linear.recipe_name None), weights gathered in bf16
+            # unless enable_fsdp_float8_all_gather; async TP off
+            # (Parallelism.enable_async_tensor_parallel).
+            features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
+                          cross_entropy_fusion="none", tp_comm_overlap=False),
+            source="torchtitan 0.2.2 torchtitan/config/job_config.py (Training, Parallelism, Float8Linear defaults)",
+        ),
     )
 }
 DEFAULT_STACK = "megatron-lm"
+# The stack a framework's job runs when it names none.
+FRAMEWORK_STACK = {"megatron": "megatron-lm", "deepspeed": "megatron-lm", "torchtitan": "torchtitan"}

@@ -1,0 +1,68 @@
+"""What torchtitan can train: it builds only the models it registers, by
+name and flavor (``[model] name``, ``flavor`` of its job TOML), so a model is
+trainable there when its shape is one of them.
+
+Flavors of torchtitan 0.2.2 (the last release whose config manager reads
+TOML: torchtitan/config/manager.py ``_maybe_load_toml``), each from
+``torchtitan/models/<name>/__init__.py`` (``llama3_args``, ``qwen3_args``,
+``deepseekv3_args``). ``pipeline`` is whether the model's TrainSpec has a
+``pipelining_fn`` (qwen3's is None in 0.2.2). ``tests/test_torchtitan.py``
+checks this table against the installed torchtitan's registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.specs.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """A registered torchtitan model and the shape that identifies it
+    (llama3's FFN width as its FeedForward computes it from
+    ffn_dim_multiplier and multiple_of; MLA models' key/value heads are
+    their attention heads)."""
+
+    name: str  # [model] name
+    flavor: str  # [model] flavor
+    shape: tuple[int, ...]  # hidden, layers, heads, key/value heads, FFN width, vocabulary, routed experts
+    pipeline: bool  # torchtitan can split it into pipeline stages
+
+
+def _flavors(name: str, pipeline: bool, rows: dict[str, tuple[int, ...]]) -> tuple[Flavor, ...]:
+    return tuple(Flavor(name, flavor, shape, pipeline) for flavor, shape in rows.items())
+
+
+FLAVORS = (
+    *_flavors("llama3", True, {"8B": (4096, 32, 32, 8, 14336, 128256, 0), "70B": (8192, 80, 64, 8, 28672, 128256, 0),
+                               "405B": (16384, 126, 128, 8, 53248, 128256, 0)}),
+    *_flavors("qwen3", False, {
+        "0.6B": (1024, 28, 16, 8, 3072, 151936, 0), "1.7B": (2048, 28, 16, 8, 6144, 151936, 0),
+        "4B": (2560, 36, 32, 8, 9728, 151936, 0), "8B": (4096, 36, 32, 8, 12288, 151936, 0),
+        "14B": (5120, 40, 40, 8, 17408, 151936, 0), "32B": (5120, 64, 64, 8, 25600, 151936, 0),
+        "30B-A3B": (2048, 48, 32, 4, 6144, 151936, 128), "235B-A22B": (4096, 94, 64, 4, 12288, 151936, 128)}),
+    *_flavors("deepseek_v3", True, {"16B": (2048, 27, 16, 16, 10944, 102400, 64), "236B": (5120, 60, 128, 128, 12288, 102400, 160),
+                                    "671B": (7168, 61, 128, 128, 18432, 129280, 256)}),
+)
+
+
+def shape_of(model: ModelSpec) -> tuple[int, ...]:
+    """``model``'s entries of ``Flavor.shape``."""
+    experts = model.moe.num_experts if model.moe is not None else 0
+    return (model.hidden_size, model.num_layers, model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size,
+            model.vocab_size, experts)
+
+
+def flavor_of(model: ModelSpec) -> Flavor | None:
+    """The torchtitan flavor with ``model``'s shape, or None."""
+    shape = shape_of(model)
+    return next((flavor for flavor in FLAVORS if flavor.shape == shape), None)
+
+
+def trainable(model: ModelSpec) -> str:
+    """Why torchtitan cannot build ``model`` ('' when it can)."""
+    if flavor_of(model) is not None:
+        return ""
+    names = ", ".join(f"{flavor.name} {flavor.flavor}" for flavor in FLAVORS)
+    return f"a model torchtitan 0.2 registers ({names}); {model.name} is none of them"

@@ -1,0 +1,102 @@
+"""Sharded data parallelism's time and memory (planner/cost/sharding.py),
+mechanism by mechanism."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_job
+from loom.planner.cost import sharding
+from loom.planner.cost.collectives import Link
+from loom.planner.cost.memory import StageParams, StateBytes, model_state_bytes
+from loom.planner.plan import evaluate
+from loom.planner.specs.layout import Layout
+from loom.profiles.catalogue import find_gpu
+
+NVLINK = Link(bandwidth_GBps=360, latency_s=3e-6, kind="nvlink")
+NETWORK = Link(bandwidth_GBps=45, latency_s=8e-6, kind="network")
+H100 = find_gpu("H100")
+
+
+def units(count: int = 32, params: float = 2e8) -> sharding.Units:
+    return sharding.Units(count=count, params=params, expert_params=0.0, gather_bytes=2.0, reduce_bytes=4.0)
+
+
+def layout(dp: int, fsdp: int, **kwargs) -> Layout:
+    return Layout(tp=1, pp=1, dp=dp, cp=1, micro_batch_size=1, global_batch_size=dp, fsdp=fsdp, **kwargs)
+
+
+def test_compute_hides_all_but_the_first_gather_and_the_last_reduce():
+    links = sharding.ShardingLinks(shard=NVLINK, replicate=NVLINK, expert_dp=NVLINK)
+    gather, reduce, _ = sharding.unit_collectives_s(layout(8, 8), units(), links)
+    slow = sharding.exposed_microbatch_s(layout(8, 8), units(), links, forward_s=32 * 10 * gather, backward_s=32 * 10 * (gather + reduce))
+    assert slow == pytest.approx(2 * gather + reduce)
+    # Compute shorter than a unit's collectives exposes the difference, unit by unit.
+    tight = sharding.exposed_microbatch_s(layout(8, 8), units(), links, forward_s=32 * gather / 2, backward_s=32 * gather)
+    assert tight == pytest.approx(2 * gather + reduce + 31 * (gather / 2 + reduce))
+
+
+def test_larger_shard_groups_pay_a_latency_per_rank():
+    """The ring's n - 1 steps: at hundreds of ranks the latency is what a
+    small unit's gather costs (what makes ZeRO-3 slow at large DP)."""
+    links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
+    small = units(params=1e6)
+    at_64, _, _ = sharding.unit_collectives_s(layout(64, 64), small, links)
+    at_1024, _, _ = sharding.unit_collectives_s(layout(1024, 1024), small, links)
+    assert at_1024 - at_64 == pytest.approx(960 * NETWORK.latency_s, rel=0.01)
+
+
+def test_keeping_weights_after_forward_drops_the_backward_gather_and_holds_the_stage():
+    links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
+    resharded, kept = layout(64, 64), layout(64, 64, reshard_after_forward=False)
+    gather, _, _ = sharding.unit_collectives_s(resharded, units(), links)
+    assert sharding.exposed_microbatch_s(resharded, units(), links, 0.0, 0.0) - sharding.exposed_microbatch_s(kept, units(), links, 0.0, 0.0) \
+        == pytest.approx(32 * gather)
+    assert sharding.buffer_bytes("torchtitan", kept, units(), 2.0) == pytest.approx(32 * 2e8 * 2 + 2e8 * (2 + 4))
+    assert sharding.buffer_bytes("torchtitan", resharded, units(), 2.0) == pytest.approx(2 * 2e8 * 2 + 2e8 * (2 + 4))
+
+
+def test_torchtitans_pipeline_gathers_once_per_step_and_holds_fp32_gradients():
+    """torch.distributed.pipelining keeps an FSDP stage unsharded and its
+    gradients unreduced until the last micro batch's backward."""
+    links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
+    piped = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=16, reshard_after_forward=False)
+    per_microbatch, once = sharding.exposed_s("torchtitan", piped, units(8), links, 1.0, 2.0)
+    assert per_microbatch == 0.0 and once > 0.0
+    assert sharding.buffer_bytes("torchtitan", piped, units(8), 2.0) == pytest.approx(8 * 2e8 * (2 + 4))
+
+
+def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():
+    """Shards in a node, replicas across nodes: the replicas' all-reduce of
+    the gradient shard runs on the network beside the NVLink collectives."""
+    hsdp = layout(64, 8)
+    links = sharding.ShardingLinks(shard=NVLINK, replicate=NETWORK, expert_dp=NVLINK)
+    gather, reduce, replicas = sharding.unit_collectives_s(hsdp, units(), links)
+    assert replicas > 0.0 and sharding.unit_collectives_s(layout(64, 64), units(), links)[2] == 0.0
+    exposed = sharding.exposed_microbatch_s(hsdp, units(), links, 0.0, 0.0)
+    assert exposed == pytest.approx(gather + 31 * gather + gather + reduce + 31 * max(gather + reduce, replicas))
+
+
+def test_sharded_state_bytes():
+    """FSDP2 keeps fp32 parameters, gradients and Adam's two moments, all
+    sharded: 16 bytes per parameter over the shard group; Megatron-FSDP its
+    bf16 weight, fp32 gradient and 12 bytes of optimizer state."""
+    params = StageParams(total=1e9, linear=1e9, expert=0.0)
+    titan = StateBytes.of("torchtitan", "bf16", make_job().features, H100)
+    assert sum(model_state_bytes(params, layout(8, 8), titan).values()) == pytest.approx(16e9 / 8)
+    hsdp = Layout(tp=1, pp=1, dp=16, cp=2, micro_batch_size=1, global_batch_size=16, fsdp=4)
+    assert sum(model_state_bytes(params, hsdp, titan).values()) == pytest.approx(16e9 / 8)  # fsdp x cp shards
+    megatron = StateBytes.of("megatron", "bf16", make_job().features, H100)
+    assert sum(model_state_bytes(params, layout(8, 8, distributed_optimizer=True), megatron).values()) == pytest.approx(18e9 / 8)
+
+
+def test_fsdp_fits_what_the_distributed_optimizer_cannot():
+    """Llama-3 70B on 32 H100 without model parallelism: Megatron's distributed
+    optimizer keeps whole bf16 weights and fp32 gradients (6 bytes per
+    parameter, 420 GB), Megatron-FSDP shards them (18 / 32 per parameter)."""
+    job = make_job("llama-3-70b", nodes=4, gbs=32, seq=4096)
+    plain = evaluate(job, Layout(tp=1, pp=1, dp=32, cp=1, micro_batch_size=1, global_batch_size=32, recompute="full", distributed_optimizer=True))
+    sharded = evaluate(job, Layout(tp=1, pp=1, dp=32, cp=1, micro_batch_size=1, global_batch_size=32, recompute="full",
+                                   distributed_optimizer=True, fsdp=32))
+    assert not plain.fits and sharded.fits
+    assert sharded.step.breakdown_s["sharding_comm"] > 0.0 and sharded.step.breakdown_s["dp_grad_reduce"] == pytest.approx(0.0, abs=1e-9)

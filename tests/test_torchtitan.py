@@ -1,0 +1,181 @@
+"""torchtitan plans checked by torchtitan itself (0.2.2, the test extra):
+loom's table of its models against its registry, the job TOML through its
+config manager (which rejects unknown keys), the stage split against the
+model's own module names, and the launcher's ranks against the process
+groups torchtitan's ParallelDims builds from them (on torch's fake process
+group: no GPU, no network)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torchtitan.config import ConfigManager
+from torchtitan.distributed.parallel_dims import ParallelDims
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.planner.output.launch import launch_files
+from loom.planner.specs import torchtitan
+from loom.planner.specs.job import Job
+from loom.planner.specs.layout import Layout, rank_groups
+from loom.planner.specs.model import load_model
+from loom.planner.specs.stages import uniform_stages
+from test_placement_launch import clean_env, captures, cluster, install, permuted_placement, RECORDER, torchrun_placement
+
+logging.getLogger("torchtitan").setLevel(logging.WARNING)
+REGISTRIES = {"llama3": "llama3_args", "qwen3": "qwen3_args", "deepseek_v3": "deepseekv3_args"}
+
+
+def _shape(name: str, args) -> tuple[int, ...]:
+    """A registered flavor's entries of loom's Flavor.shape, as its model builds them."""
+    if name == "llama3":  # FeedForward: 2/3 of 4 dim, times ffn_dim_multiplier, rounded up to multiple_of
+        ffn = int(args.ffn_dim_multiplier * int(2 * 4 * args.dim / 3))
+        ffn = args.multiple_of * -(-ffn // args.multiple_of)
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, ffn, args.vocab_size, 0)
+    if name == "qwen3":
+        experts = args.moe_args.num_experts if args.moe_enabled else 0
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size, experts)
+    return (args.dim, args.n_layers, args.n_heads, args.n_heads, args.inter_dim, args.vocab_size, args.moe_args.num_experts)
+
+
+def test_loom_flavors_are_torchtitans():
+    """Every flavor loom names exists in torchtitan with that shape, and
+    whether it pipelines is its TrainSpec's."""
+    for flavor in torchtitan.FLAVORS:
+        module = importlib.import_module(f"torchtitan.models.{flavor.name}")
+        registered = getattr(module, REGISTRIES[flavor.name])
+        assert _shape(flavor.name, registered[flavor.flavor]) == flavor.shape, flavor
+        assert (module.get_train_spec().pipelining_fn is not None) == flavor.pipeline, flavor
+
+
+def test_catalogue_models_map_to_their_flavors():
+    assert torchtitan.flavor_of(load_model("llama-3-70b")).flavor == "70B"
+    assert torchtitan.flavor_of(load_model("deepseek-v2-lite")).flavor == "16B"
+    assert torchtitan.flavor_of(load_model("mistral-7b")) is None  # Llama 3 8B's width and depth, another vocabulary
+
+
+@pytest.fixture(scope="module")
+def llama70b_plan(tmp_path_factory):
+    """``loom plan --framework torchtitan`` for Llama-3 70B on 64 H100."""
+    folder = tmp_path_factory.mktemp("tt")
+    (folder / "cluster.yaml").write_text(json.dumps({"nodes": 8, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                     "nics_per_node": 8, "nic_Gbps": 400}))
+    (folder / "job.yaml").write_text(json.dumps({"model": "llama-3-70b", "cluster": "cluster.yaml", "global_batch_size": 128,
+                                                 "seq_length": 8192, "framework": "torchtitan"}))
+    out = folder / "out"
+    result = CliRunner().invoke(app, ["plan", str(folder / "job.yaml"), "--top-k", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "plan.json").read_text())["plans"][0]
+
+
+def test_the_plan_loads_in_torchtitans_config_manager(llama70b_plan):
+    out, plan = llama70b_plan
+    p, stages = plan["parallel"], plan["stages"]
+    config = ConfigManager().parse_args(["--job.config_file", str(out / "job.toml")])
+    tt = config.parallelism
+    assert (config.model.name, config.model.flavor) == ("llama3", "70B")
+    degrees = (tt.data_parallel_replicate_degree, tt.data_parallel_shard_degree, tt.context_parallel_degree,
+               tt.tensor_parallel_degree, tt.pipeline_parallel_degree)
+    assert degrees == (p["dp"] // max(1, p["fsdp"]), max(1, p["fsdp"]), p["cp"], p["tp"], p["pp"])
+    assert tt.fsdp_reshard_after_forward == ("always" if p["reshard_after_forward"] else "never")
+    assert config.compile.enable and config.activation_checkpoint.mode == p["recompute"]
+    # torchtitan's train.py: accumulation steps = global / (local x dp), each
+    # local batch split into micro batches of pipeline_parallel_microbatch_size.
+    training = config.training
+    accumulation = training.global_batch_size // (training.local_batch_size * p["dp"])
+    assert accumulation * training.local_batch_size * p["dp"] == p["global_batch_size"]
+    per_pipeline = training.local_batch_size // tt.pipeline_parallel_microbatch_size if p["pp"] > 1 else 1
+    assert accumulation * per_pipeline == p["global_batch_size"] // (p["micro_batch_size"] * p["dp"])
+    if p["pp"] > 1:
+        assert tt.pipeline_parallel_microbatch_size == p["micro_batch_size"]
+        parts = tt.module_fqns_per_model_part
+        assert len(parts) == p["pp"] * p["vpp"]
+        layers = [[int(name.split(".")[1]) for name in part if name.startswith("layers.")] for part in parts]
+        # Part v * pp + s is chunk v of stage s: its layers are loom's.
+        for s, stage in enumerate(stages):
+            for v, (first, last) in enumerate(stage["layer_ranges"]):
+                assert layers[v * p["pp"] + s] == list(range(first, last))
+        module = importlib.import_module("torchtitan.models.llama3")
+        with torch.device("meta"):
+            model = module.Transformer(module.llama3_args["70B"])
+        names = {name for name, _ in model.named_modules()}
+        assert {name for part in parts for name in part} <= names
+
+
+def test_train_sh_runs_torchtitan_with_the_toml(llama70b_plan, tmp_path):
+    out, plan = llama70b_plan
+    install(tmp_path, "torchrun", RECORDER.format(python=__import__("sys").executable))
+    (tmp_path / "train.sh").write_text((out / "train.sh").read_text())
+    subprocess.run(["bash", str(tmp_path / "train.sh")], env=clean_env(tmp_path, LOOM_NODE_INDEX="0", MASTER_ADDR="node0"), check=True)
+    [got] = captures(tmp_path)
+    argv = got["argv"]
+    assert argv[argv.index("-m") + 1] == "torchtitan.train"
+    assert argv[argv.index("--job.config_file") + 1].endswith("/job.toml")
+
+
+def _torchtitan_groups(layout: Layout) -> dict[str, list[tuple[int, ...]]]:
+    """The groups torchtitan's ParallelDims.build_mesh gives each rank, by
+    loom's names: every rank's tp, fsdp (loom's shard), dp_replicate, cp and pp mesh."""
+    names = {"tp": "tp", "shard": "fsdp", "replicate": "dp_replicate", "cp": "cp", "pp": "pp"}
+    degrees = dict(dp_replicate=layout.dp // layout.fsdp, dp_shard=layout.fsdp, cp=layout.cp, tp=layout.tp, pp=layout.pp, ep=1, etp=1)
+    groups: dict[str, set[tuple[int, ...]]] = {name: set() for name in names}
+    for rank in range(layout.world_size):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
+        try:
+            dims = ParallelDims(**degrees, world_size=layout.world_size)
+            dims.build_mesh()
+            for ours, theirs in names.items():
+                groups[ours].add(tuple(dims.get_mesh(theirs).mesh.flatten().tolist()) if dims.get_mesh(theirs) is not None else (rank,))
+        finally:
+            dist.destroy_process_group()
+    return {name: sorted(found) for name, found in groups.items()}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_launched_ranks_form_the_groups_loom_priced(tmp_path, seed):
+    """HSDP (2 replicas of 2 shards) x CP2 x TP2 x PP2 on 4 hosts in a
+    permuted order: each rank starts on its planned GPU, and the groups
+    torchtitan forms from those ranks are, GPU for GPU, the ones loom priced."""
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster(4), global_batch_size=16, seq_length=8192, framework="torchtitan")
+    layout = Layout(tp=2, pp=2, dp=4, cp=2, micro_batch_size=1, global_batch_size=16, sequence_parallel=True, fsdp=2,
+                    reshard_after_forward=False)
+    placement = permuted_placement(job, layout, 8, seed)
+    files = launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    install(tmp_path, "torchrun", RECORDER.format(python=__import__("sys").executable))
+    (tmp_path / "train.sh").write_text(files["train.sh"])
+    hosts = sorted(dict.fromkeys(host for host, _ in placement.gpus))
+    runs = []
+    for host in hosts:
+        subprocess.run(["bash", str(tmp_path / "train.sh")], env=clean_env(tmp_path, LOOM_HOST=host), check=True)
+        [got] = captures(tmp_path)
+        runs.append((host, got))
+    launched = torchrun_placement(runs, layout.world_size)
+    assert launched == list(placement.gpus)
+    ours = rank_groups(layout)
+    for name, theirs in _torchtitan_groups(layout).items():
+        priced = {tuple(placement.gpus[r] for r in group) for group in ours[name].tolist()}
+        assert {tuple(launched[r] for r in group) for group in theirs} == priced, name
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--recompute", "selective"], "--recompute"),  # torchtitan's selective AC is per op or every N-th block
+    (["--tp", "2", "--fsdp", "0"], "--fsdp"),  # its DDP is 1-D only
+    (["--model", "qwen3-8b", "--pp", "2"], "--pp"),  # qwen3 has no pipelining_fn
+    (["--model", "mistral-7b"], "framework"),  # not a registered model
+    (["--zero-stage", "1"], "--zero-stage"),
+])
+def test_what_torchtitan_cannot_run_is_bad_input(tmp_path, flags, field):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "framework": "torchtitan"}))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml"), *flags])
+    assert result.exit_code == 2, result.output
+    assert field in result.output.replace("\n", "")
