@@ -12,12 +12,17 @@ largest reserved over GPUs (the file's footnote 1). Memory in torchtitan's
 log is the allocator's reserved bytes, which loom's peak models
 (fragmentation included).
 
-What each row ran, as loom's inputs: FSDP degree = ``fsdp`` (weights
-sharded over it x CP), TP, PP (1F1B or Interleaved1F1B with torchtitan's
-then default 2 stages per rank), CP, local batch = the micro batches of a
-DP rank per step (``pipeline_parallel_microbatch_size`` 1), float8 =
-torchao tensorwise (fp8 with the torchtitan stack), async TP =
-``tp_comm_overlap``. loom prices fused kernels, what torch.compile gives:
+What each row ran, as loom's inputs, with the ``torchtitan-2412`` stack
+(torchtitan 9dec370 on the PyTorch of then: FlashAttention-2 through SDPA,
+PyTorch's cross-entropy on fp32 logits): FSDP degree = ``fsdp`` (weights
+sharded over it x CP), TP, CP; PP with 1F1B or Interleaved1F1B at 2 stages
+per rank, each DP rank's local batch split into as many micro batches as
+pipeline ranks (9dec370 parallelisms/pipelining_utils.py: ``n_microbatches``
+defaults to the PP degree; generate_split_points: 2 stages per rank for
+multi-stage schedules); float8 = torchao tensorwise, its weights gathered in
+float8 where the run's config says so (train_configs/llama3_405b.toml at
+9dec370: enable_fsdp_float8_all_gather); async TP = ``tp_comm_overlap``.
+loom prices fused kernels, what torch.compile gives:
 rows run without compile are shown but left out of the summary, as are
 rows of torchtitan's per-op selective checkpointing, which loom does not
 price (it recomputes every second matmul of a block). Nothing is fitted
@@ -58,6 +63,7 @@ class Row:
     tokens_per_s_per_gpu: float
     memory_GiB: float
     vpp: int = 1
+    float8_gather: bool = False
 
 
 def _rows() -> list[Row]:
@@ -73,9 +79,9 @@ def _rows() -> list[Row]:
     for label, async_tp, tps, memory in [("2D", False, 829, 71.9), ("2D + AsyncTP", True, 876, 67.6)]:
         rows.append(Row("4", label, "llama-3-70b", 256, 32, 8, 1, 1, 8192, 16, "full", True, True, async_tp, tps, memory))
     for label, vpp, tps, memory in [("1F1B", 1, 100, 82.5), ("Interleaved 1F1B", 2, 128, 72.7)]:
-        rows.append(Row("5", label, "llama-3-405b", 512, 8, 8, 8, 1, 8192, 32, "full", True, True, True, tps, memory, vpp))
+        rows.append(Row("5", label, "llama-3-405b", 512, 8, 8, 8, 1, 8192, 32, "full", True, True, True, tps, memory, vpp, True))
     for fsdp, cp, seq, tps, memory in [(8, 1, 32768, 76, 75.3), (4, 2, 65536, 47, 75.9), (2, 4, 131072, 31, 77.1), (1, 8, 262144, 16, 84.9)]:
-        rows.append(Row("6", f"FSDP {fsdp} CP {cp}", "llama-3-405b", 512, fsdp, 8, 8, cp, seq, 8, "full", True, True, True, tps, memory))
+        rows.append(Row("6", f"FSDP {fsdp} CP {cp}", "llama-3-405b", 512, fsdp, 8, 8, cp, seq, 8, "full", True, True, True, tps, memory, 1, True))
     return rows
 
 
@@ -84,10 +90,10 @@ def predict(row: Row) -> tuple[float, float, bool, str]:
     cluster = parse_cluster({**GRAND_TETON, "nodes": row.gpus // 8}, "grand-teton")
     dp = row.gpus // (row.tp * row.pp * row.cp)
     global_batch = row.local_batch * dp
-    features = stack_features("torchtitan", Features(tp_comm_overlap=row.async_tp))
+    features = stack_features("torchtitan-2412", Features(tp_comm_overlap=row.async_tp, fp8_param_gather=row.float8_gather))
     job = Job(model=load_model(row.model), cluster=cluster, global_batch_size=global_batch, seq_length=row.seq,
-              precision="fp8" if row.float8 else "bf16", framework="torchtitan", stack="torchtitan", features=features)
-    micro_batch = 1 if row.pp > 1 else row.local_batch
+              precision="fp8" if row.float8 else "bf16", framework="torchtitan", stack="torchtitan-2412", features=features)
+    micro_batch = row.local_batch // row.pp
     layout = Layout(tp=row.tp, pp=row.pp, dp=dp, cp=row.cp, vpp=row.vpp, micro_batch_size=micro_batch, global_batch_size=global_batch,
                     sequence_parallel=row.tp > 1, recompute="full" if row.recompute == "full" else "none", fsdp=row.fsdp,
                     reshard_after_forward=row.pp == 1)

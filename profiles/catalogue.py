@@ -29,6 +29,9 @@ class GPU:
     peak_tflops: dict[str, float | None]  # by precision: fp16, bf16, fp8
     gemm_efficiency: dict[str, float | None]
     attention_efficiency: float
+    # FlashAttention-2's sustained fraction of 16-bit peak, where it differs
+    # from attention_efficiency's kernel (None: the same; gpus.yaml).
+    flash2_attention_efficiency: float | None = None
     # Fitted by `loom profile gemm` (--profile): the GEMM curve's K overhead
     # (None: planner/cost/efficiency.py's default) and the profile it came from.
     gemm_k_overhead: float | None = None
@@ -72,6 +75,7 @@ def _gpu_table() -> dict[str, GPU]:
             peak_tflops=dict(entry["peak_tflops"]),
             gemm_efficiency=dict(entry["gemm_efficiency"]),
             attention_efficiency=float(entry["attention_efficiency"]),
+            flash2_attention_efficiency=float(entry["flash2_attention_efficiency"]) if entry.get("flash2_attention_efficiency") else None,
             compute_capability=tuple(entry["compute_capability"]) if entry.get("compute_capability") else None,
         )
         for key in [name, *entry.get("aliases", [])]:

@@ -11,6 +11,7 @@ from loom.planner.cost.collectives import Link
 from loom.planner.cost.memory import StageParams, StateBytes, model_state_bytes
 from loom.planner.plan import evaluate
 from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import load_model
 from loom.profiles.catalogue import find_gpu
 
 NVLINK = Link(bandwidth_GBps=360, latency_s=3e-6, kind="nvlink")
@@ -74,7 +75,7 @@ def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():
     gather, reduce, replicas = sharding.unit_collectives_s(hsdp, units(), links)
     assert replicas > 0.0 and sharding.unit_collectives_s(layout(64, 64), units(), links)[2] == 0.0
     exposed = sharding.exposed_microbatch_s(hsdp, units(), links, 0.0, 0.0)
-    assert exposed == pytest.approx(gather + 31 * gather + gather + reduce + 31 * max(gather + reduce, replicas))
+    assert exposed == pytest.approx(32 * gather + 32 * max(gather + reduce, replicas))
 
 
 def test_sharded_state_bytes():
@@ -100,3 +101,21 @@ def test_fsdp_fits_what_the_distributed_optimizer_cannot():
                                    distributed_optimizer=True, fsdp=32))
     assert not plain.fits and sharded.fits
     assert sharded.step.breakdown_s["sharding_comm"] > 0.0 and sharded.step.breakdown_s["dp_grad_reduce"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_deepspeed_fetches_a_layers_matrices_one_behind_another():
+    """ZeRO-3's prefetch (5e7 elements) is smaller than one matrix of a large
+    layer, so each matrix's gather hides behind the one before only: the up
+    projection (4h^2) behind the output projection (h^2). FSDP gathers the
+    whole next layer behind the current one and hides what DeepSpeed cannot."""
+    gpt3 = load_model("gpt3-175b")
+    pieces = sharding.deepspeed_pieces(gpt3)
+    assert pieces == pytest.approx([1 / 12, 1 / 12, 1 / 12, 1 / 12, 4 / 12, 4 / 12])
+    links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
+    fsdp, deepspeed = units(96, 1.8e9), sharding.Units(count=96, params=1.8e9, expert_params=0.0, gather_bytes=2.0, reduce_bytes=2.0,
+                                                       pieces=pieces)
+    gather, _, _ = sharding.unit_collectives_s(layout(512, 512), fsdp, links)
+    forward_s = 96 * 1.25 * gather  # each layer's forward outlasts its gather
+    assert sharding.exposed_microbatch_s(layout(512, 512), fsdp, links, forward_s, 3 * forward_s) == pytest.approx(
+        sharding.unit_collectives_s(layout(512, 512), fsdp, links)[0] + sum(sharding.unit_collectives_s(layout(512, 512), fsdp, links)[:2]))
+    assert sharding.exposed_microbatch_s(layout(512, 512), deepspeed, links, forward_s, 3 * forward_s) > 10 * gather

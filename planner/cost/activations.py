@@ -27,9 +27,14 @@ from loom.planner.cost.shape import ACT_BYTES, Shape
 # cross_entropy.py, fusions/fused_cross_entropy.py); Transformer Engine's
 # fused loss writes the gradient in place into the 16-bit logits and saves
 # those (TE 2.9-2.11 pytorch/triton/cross_entropy.py, the versions
-# megatron-core 0.16 pins).
-LOSS_SAVED_BYTES_PER_LOGIT = {"none": 4, "native": 4, "te": 2}
-LOSS_TRANSIENT_BYTES_PER_LOGIT = {"none": 2, "native": 2, "te": 0}
+# megatron-core 0.16 pins). PyTorch's cross_entropy on fp32 logits, as
+# torchtitan calls it (components/loss.py: ``cross_entropy(pred.flatten(0,
+# 1).float(), ...)``), is log_softmax, which saves its fp32 output (4 B), and
+# nll_loss, whose backward writes a dense fp32 gradient of that output while
+# log_softmax's backward writes another for its input (4 + 4 B; aten
+# nll_loss_backward, _log_softmax_backward_data).
+LOSS_SAVED_BYTES_PER_LOGIT = {"none": 4, "native": 4, "te": 2, "torch": 4}
+LOSS_TRANSIENT_BYTES_PER_LOGIT = {"none": 2, "native": 2, "te": 0, "torch": 8}
 
 
 def gemm_input_bytes(shape: Shape) -> float:

@@ -78,14 +78,15 @@ def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     # QK^T): Dao 2023, FlashAttention-2, sec. 4.
     # Under CP each step of the ring attends to one rank's chunk of keys.
     factor, kv_length = (2.5 if backward else 1.0), shape.seq_length // shape.cp
-    full_s = flash_attention_time_s(shape.attention_flops() * factor, gpu, kv_length=kv_length)
+    full_s = flash_attention_time_s(shape.attention_flops() * factor, gpu, kv_length=kv_length, kernel=shape.features.attention_kernel)
     m = shape.model
     if not m.windowed_layers:
         return PassTime(attention_s=full_s)
     # Sliding-window layers (gpt-oss): each query block streams at most W
     # keys. Every layer is priced at the mean over the model's layers, so the
     # model's total is exact and a stage's is within one layer's difference.
-    window_s = flash_attention_time_s(shape.attention_flops(windowed=True) * factor, gpu, kv_length=min(m.sliding_window, kv_length))
+    window_s = flash_attention_time_s(shape.attention_flops(windowed=True) * factor, gpu, kv_length=min(m.sliding_window, kv_length),
+                                      kernel=shape.features.attention_kernel)
     share = m.windowed_layers / m.num_layers
     return PassTime(attention_s=(1 - share) * full_s + share * window_s)
 

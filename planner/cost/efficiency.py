@@ -67,13 +67,16 @@ def memory_time_s(bytes_moved: float, gpu: GPU) -> float:
     return bytes_moved / (gpu.hbm_GBps * 1e9 * HBM_EFFICIENCY)
 
 
-def flash_attention_time_s(flops: float, gpu: GPU, kv_length: int) -> float:
+def flash_attention_time_s(flops: float, gpu: GPU, kv_length: int, kernel: str = "cudnn") -> float:
     """Flash attention runs at its own sustained fraction of 16-bit peak (the
     softmax between its two GEMMs keeps it below GEMM efficiency), reached on
     long sequences: each query block streams ``kv_length`` keys, and short
     streams don't amortise loading the block and writing its output.
     kv / (kv + FLASH_KV_OVERHEAD) follows FlashAttention-2's own benchmark
     (Dao 2023, fig. 4: causal, head dim 128 on A100, 110 TFLOP/s at 512 keys,
-    ~165 at 2K, ~185 at 16K)."""
+    ~165 at 2K, ~185 at 16K). ``kernel`` flash2 runs at the GPU's
+    FlashAttention-2 efficiency where the catalogue has one (job.Features
+    attention_kernel)."""
     ramp = kv_length / (kv_length + FLASH_KV_OVERHEAD)
-    return flops / (gpu.peak_flops("bf16") * gpu.attention_efficiency * ramp)
+    efficiency = gpu.flash2_attention_efficiency if kernel == "flash2" and gpu.flash2_attention_efficiency else gpu.attention_efficiency
+    return flops / (gpu.peak_flops("bf16") * efficiency * ramp)

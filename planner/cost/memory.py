@@ -418,17 +418,20 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     # The optimizer step holds no activations: its gradient copy binds only
     # when it is larger than everything the backward held.
     transient = max(transient, optimizer_step_bytes(params, layout, state_bytes) - activations)
-    buffers = sharding.buffer_bytes(framework, layout, sharding_units(params, stage, state_bytes), WEIGHT_BYTES) if layout.fsdp else 0.0
+    units = sharding_units(shape.model, framework, params, stage, state_bytes)
+    buffers = sharding.buffer_bytes(framework, layout, units, WEIGHT_BYTES) if layout.fsdp else 0.0
     runtime = runtime_bytes(shape, layout, gpu, framework, activations + transient)
     return StageMemory(stage=stage.index, breakdown_bytes={**state, "sharding_buffers": buffers, "activations": activations,
                                                            "transient": transient, **runtime})
 
 
-def sharding_units(params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:
-    """The stage's FSDP units (sharding.py) for this GPU's ``params``."""
+def sharding_units(model: ModelSpec, framework: str, params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:
+    """The stage's FSDP units (sharding.py) for this GPU's ``params``: whole
+    layers, or under DeepSpeed each layer's weight matrices one by one."""
     count = sharding.units_of(stage.num_layers, stage.embedding, stage.head)
     # Every weight is gathered in 16-bit (FSDP2's param_dtype, Megatron's
     # compute weights), GEMM weights in fp8 under fp8 parameter gathers.
     gather = ((params.total - params.linear) * WEIGHT_BYTES + params.linear * state.gemm_gather) / params.total if params.total else WEIGHT_BYTES
     return sharding.Units(count=count, params=params.total / count, expert_params=params.expert / count,
-                          gather_bytes=gather, reduce_bytes=state.grad)
+                          gather_bytes=gather, reduce_bytes=state.grad,
+                          pieces=sharding.deepspeed_pieces(model) if framework == "deepspeed" else (1.0,))

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s
 from loom.planner.specs.layout import Layout
+from loom.planner.specs.model import ModelSpec
 
 # DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py, 0.19):
 # stage3_max_live_parameters bounds the gathered parameters resident at once,
@@ -76,6 +77,9 @@ class Units:
     expert_params: float
     gather_bytes: float
     reduce_bytes: float
+    # The shares of a unit's weights fetched one after another, each hiding
+    # behind the compute of the one before (deepspeed_pieces); one for FSDP.
+    pieces: tuple[float, ...] = (1.0,)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,22 @@ class ShardingLinks:
     shard: Link
     replicate: Link
     expert_dp: Link
+
+
+def deepspeed_pieces(model: ModelSpec) -> tuple[float, ...]:
+    """DeepSpeed ZeRO-3 fetches each submodule's parameters as the module
+    runs and prefetches at most ``stage3_prefetch_bucket_size`` (5e7)
+    elements ahead, at least the next parameter (runtime/zero/
+    partitioned_param_coordinator.py fetch_sub_module): a layer's weight
+    matrices come one by one, each behind the previous one's compute (GEMM
+    time in proportion to its weights; norms stay whole under
+    stage3_param_persistence_threshold). A Hugging Face decoder layer:
+    q, k, v and o projections, then gate and up (or one up) and down."""
+    h = model.hidden_size
+    attention = [model.q_size * h, model.kv_size * h, model.kv_size * h, model.q_size * h]
+    mlp = [model.ffn_hidden_size * h] * (3 if model.gated_mlp else 2)
+    total = sum(attention) + sum(mlp)
+    return tuple(size / total for size in attention + mlp)
 
 
 def units_of(stage_layers: int, embedding: bool, head: bool) -> int:
@@ -99,9 +119,10 @@ def held_across_microbatches(framework: str, layout: Layout) -> bool:
     return framework == "torchtitan" and layout.pp > 1 and not layout.reshard_after_forward
 
 
-def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks) -> tuple[float, float, float]:
-    """One unit's all-gather, reduce-scatter and HSDP all-reduce, in seconds."""
-    dense, experts = units.params - units.expert_params, units.expert_params
+def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks, share: float = 1.0) -> tuple[float, float, float]:
+    """The all-gather, reduce-scatter and HSDP all-reduce of ``share`` of
+    one unit's weights, in seconds."""
+    dense, experts = share * (units.params - units.expert_params), share * units.expert_params
     expert_dp, shards = max(1, layout.expert_dp), layout.grad_shards
     gather = all_gather_s(dense * units.gather_bytes, layout.param_shards, links.shard)
     reduce = reduce_scatter_s(dense * units.reduce_bytes, shards, links.shard)
@@ -115,18 +136,31 @@ def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks) -> tu
 def exposed_microbatch_s(layout: Layout, units: Units, links: ShardingLinks, forward_s: float, backward_s: float) -> float:
     """Sharding communication one micro batch exposes on a stage whose units
     compute ``forward_s`` and ``backward_s`` (recompute included) in all:
-    each pass's first collective plus, per later unit, what its collectives
-    take beyond the neighbouring unit's compute (module docstring)."""
-    gather, reduce, replicas = unit_collectives_s(layout, units, links)
-    backward_gather = gather if layout.reshard_after_forward else 0.0
-    if links.replicate.kind == links.shard.kind:
-        backward_comm = backward_gather + reduce + replicas
-    else:  # different fabrics: the replicas' all-reduce runs beside the shard group's
-        backward_comm = max(backward_gather + reduce, replicas)
-    later = units.count - 1
-    forward = gather + later * max(0.0, gather - forward_s / units.count)
-    backward = backward_gather + reduce + later * max(0.0, backward_comm - backward_s / units.count)
+    each pass's first collective plus, per later piece of a unit, what its
+    collectives take beyond the compute of the piece before (module
+    docstring; the backward runs the pieces in reverse)."""
+    forward_comm, backward_comm = [], []
+    for share in units.pieces:
+        gather, reduce, replicas = unit_collectives_s(layout, units, links, share)
+        backward_gather = gather if layout.reshard_after_forward else 0.0
+        forward_comm.append(gather)
+        if links.replicate.kind == links.shard.kind:
+            backward_comm.append(backward_gather + reduce + replicas)
+        else:  # different fabrics: the replicas' all-reduce runs beside the shard group's
+            backward_comm.append(max(backward_gather + reduce, replicas))
+    forward = _pass_exposed_s(forward_comm, [forward_s / units.count * share for share in units.pieces], units.count)
+    backward = _pass_exposed_s(backward_comm[::-1], [backward_s / units.count * share for share in units.pieces[::-1]], units.count)
     return forward + backward
+
+
+def _pass_exposed_s(comm: list[float], compute: list[float], count: int) -> float:
+    """One pass over ``count`` units of pieces with collectives ``comm`` and
+    compute ``compute`` (in running order): the first collective has
+    nothing to hide behind; each later one hides behind the piece before
+    (the previous unit's last piece for a unit's first)."""
+    within = sum(max(0.0, comm[j] - compute[j - 1]) for j in range(1, len(comm)))
+    across = max(0.0, comm[0] - compute[-1])
+    return comm[0] + within + (count - 1) * (across + within)
 
 
 def exposed_s(framework: str, layout: Layout, units: Units, links: ShardingLinks, forward_s: float, backward_s: float) -> tuple[float, float]:

@@ -319,7 +319,7 @@ def _sharding_s(job: Job, layout: Layout, stage: Stage, links: Links, chunks: li
     if layout.grad_shards == 1:
         return 0.0, 0.0
     params = stage_params(job.model, layout, stage)
-    units = sharding_units(params, stage, _state_bytes(job, layout))
+    units = sharding_units(job.model, job.framework, params, stage, _state_bytes(job, layout))
     shard = links.shard if layout.fsdp else links.dp
     sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp)
     forward_s = sum(c.forward_s for c in chunks)

@@ -44,8 +44,9 @@ TOKENS_PER_STEP_WARNING = 1 << 30
 Precision = Literal["bf16", "fp16", "fp8"]
 Framework = Literal["megatron", "deepspeed", "torchtitan"]
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
-CrossEntropyFusion = Literal["none", "native", "te"]
-StackName = Literal["megatron-lm", "megatron-bridge", "torchtitan"]
+CrossEntropyFusion = Literal["none", "native", "te", "torch"]
+AttentionKernel = Literal["cudnn", "flash2"]
+StackName = Literal["megatron-lm", "megatron-bridge", "torchtitan", "torchtitan-2412"]
 # Megatron-Core's MoE token dispatchers (--moe-token-dispatcher-type, with
 # flex's --moe-flex-dispatcher-backend): NCCL all-to-all, all-gather +
 # reduce-scatter, or DeepEP's / HybridEP's fused kernels.
@@ -111,6 +112,11 @@ class Features(StrictModel):
     # fused one, or Transformer Engine's (--cross-entropy-loss-fusion
     # --cross-entropy-fusion-impl native|te).
     cross_entropy_fusion: CrossEntropyFusion = "none"
+    # The flash-attention kernel: cuDNN's fused attention (Transformer
+    # Engine's on Hopper and later, and torchtitan's first SDPA choice), or
+    # FlashAttention-2, what PyTorch's scaled_dot_product_attention picked
+    # before torch 2.9 made cuDNN its default on H100 (pytorch/pytorch#162073).
+    attention_kernel: AttentionKernel = "cudnn"
     # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
     # capacity factor drops each expert's tokens beyond capacity_factor x its
     # even share (None: dropless), and padding every expert to capacity gives
@@ -312,6 +318,8 @@ def check_job(job: Job) -> None:
                             str(job.memory_headroom))
     if job.framework == "torchtitan":
         _check_torchtitan(job)
+    elif job.features.cross_entropy_fusion == "torch":
+        raise SpecError(job.source, "features.cross_entropy_fusion", f"none, native or te with {job.framework} (torch is torchtitan's loss)", "torch")
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
@@ -330,6 +338,9 @@ def _check_torchtitan(job: Job) -> None:
         raise SpecError(job.source, "framework", f"megatron or deepspeed for this model; torchtitan needs {why}", job.framework)
     if job.precision == "fp16":
         raise SpecError(job.source, "precision", "bf16 or fp8 with torchtitan (its mixed precision is bfloat16)", job.precision)
+    if job.features.cross_entropy_fusion != "torch":
+        raise SpecError(job.source, "features.cross_entropy_fusion", "torch with torchtitan (PyTorch's cross_entropy on fp32 logits)",
+                        job.features.cross_entropy_fusion)
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
         raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)

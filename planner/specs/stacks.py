@@ -61,9 +61,24 @@ STACKS = {
             # (Float8Linear.recipe_name None), weights gathered in bf16
             # unless enable_fsdp_float8_all_gather; async TP off
             # (Parallelism.enable_async_tensor_parallel).
+            # Its loss is PyTorch's cross_entropy on fp32 logits
+            # (components/loss.py) and SDPA tries cuDNN's attention first
+            # (models/attention.py ScaledDotProductAttentionWrapper).
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
-                          cross_entropy_fusion="none", tp_comm_overlap=False),
-            source="torchtitan 0.2.2 torchtitan/config/job_config.py (Training, Parallelism, Float8Linear defaults)",
+                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="cudnn"),
+            source="torchtitan 0.2.2 torchtitan/config/job_config.py (Training, Parallelism, Float8Linear defaults), "
+                   "components/loss.py, models/attention.py",
+        ),
+        Stack(
+            name="torchtitan-2412",
+            # torchtitan 9dec370 (2024-12-26) on torch of 2024-12-23, as its
+            # published Llama 3.1 benchmark ran: the same defaults, with
+            # SDPA's default priority then (flash, efficient, math, cuDNN:
+            # cuDNN made opt-in by pytorch/pytorch#138522, discussed in
+            # #138649 and #142132) running FlashAttention-2.
+            features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
+                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2"),
+            source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132)",
         ),
     )
 }
