@@ -161,12 +161,10 @@ class NvidiaRun:
 def nvidia_runs(path: Path = NVIDIA_RUNS) -> list[NvidiaRun]:
     """Every row of ``path`` as a job and the layout it ran. A row whose model
     loom cannot read uses its ``approx_model`` stand-in (same shapes, a family
-    loom reads); Megatron-FSDP rows (``fsdp > 0``) are not expressible yet."""
+    loom reads). ``fsdp > 0`` rows ran Megatron-FSDP sharded over that many
+    ranks (the file's header)."""
     runs = []
     for row in yaml.safe_load(path.read_text())["runs"]:
-        if row["fsdp"]:
-            runs.append(NvidiaRun(row, None, None, row["model"], "Megatron-FSDP"))
-            continue
         model, used = None, row["model"]
         for candidate in (row["model"], row.get("approx_model")):
             if candidate is None:
@@ -189,6 +187,6 @@ def nvidia_runs(path: Path = NVIDIA_RUNS) -> list[NvidiaRun]:
         tp, pp, cp = row["tp"], row["pp"], row["cp"]
         layout = Layout(tp=tp, pp=pp, dp=row["gpus"] // (tp * pp * cp), cp=cp, ep=row["ep"], vpp=row["vpp"],
                         micro_batch_size=row["mbs"], global_batch_size=row["gbs"], sequence_parallel=tp > 1,
-                        recompute=row["recompute"], distributed_optimizer=True)
+                        recompute=row["recompute"], distributed_optimizer=True, fsdp=row["fsdp"])
         runs.append(NvidiaRun(row, job, layout, used))
     return runs
