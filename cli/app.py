@@ -49,7 +49,7 @@ BatchOpt = Annotated[Optional[int], typer.Option(help="Global batch size (sequen
 SeqOpt = Annotated[Optional[int], typer.Option(help="Sequence length (tokens).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8")]
 FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed | torchtitan")]
-StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge | torchtitan (default: the framework's).")]
+StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge | torchtitan | torchtitan-2412 (default: the framework's).")]
 HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leaves free: a fraction of capacity (0.05) or a size ('4 GiB').")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
@@ -255,7 +255,8 @@ def evaluate(
         if recompute not in ("none", "selective", "full"):
             raise SpecError("--recompute", "recompute", "none, selective or full", recompute)
         data_parallel = dp if dp is not None else max(1, job.cluster.num_gpus // (tp * pp * cp))
-        sharded = fsdp if fsdp is not None else data_parallel if job.framework == "torchtitan" or zero_stage == 3 else 0
+        titan = job.framework == "torchtitan" and (data_parallel > 1 or cp > 1)
+        sharded = fsdp if fsdp is not None else data_parallel if titan or zero_stage == 3 else 0
         zero = 3 if job.framework == "deepspeed" and sharded and not zero_stage else zero_stage
         layout = Layout(
             tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,

@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from loom.cli.app import app
 from loom.planner.output.launch import launch_files
+from loom.planner.plan import evaluate
 from loom.planner.specs import torchtitan
-from loom.planner.specs.job import Job
+from loom.planner.specs.job import Features, Job, stack_features
 from loom.planner.specs.layout import Layout, rank_groups
 from loom.planner.specs.model import load_model
 from loom.planner.specs.stages import uniform_stages
@@ -170,6 +171,12 @@ def test_launched_ranks_form_the_groups_loom_priced(tmp_path, seed):
     (["--model", "qwen3-8b", "--pp", "2"], "--pp"),  # qwen3 has no pipelining_fn
     (["--model", "mistral-7b"], "framework"),  # not a registered model
     (["--zero-stage", "1"], "--zero-stage"),
+    (["--distributed-optimizer"], "--distributed-optimizer"),
+    (["--tp", "2", "--dp", "4", "--fsdp", "1"], "--fsdp"),  # one shard per replica is DDP, which is 1-D only
+    (["--cp", "2", "--fsdp", "0"], "--fsdp"),  # torchtitan shards over CP ranks
+    (["--pp", "2", "--reshard-after-forward"], "--reshard-after-forward"),  # its pipeline keeps the stage gathered
+    (["--model", "deepseek-v2-lite", "--cp", "2", "--ep", "8"], "--cp"),  # FlexAttention: no CP
+    (["--framework", "megatron", "--stack", "torchtitan"], "--stack"),  # a torchtitan stack's loss on Megatron
 ])
 def test_what_torchtitan_cannot_run_is_bad_input(tmp_path, flags, field):
     (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
@@ -179,3 +186,40 @@ def test_what_torchtitan_cannot_run_is_bad_input(tmp_path, flags, field):
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml"), *flags])
     assert result.exit_code == 2, result.output
     assert field in result.output.replace("\n", "")
+
+
+def test_files_of_a_past_stack_are_refused(tmp_path):
+    """torchtitan-2412 prices FlashAttention-2; 0.2.2 would run cuDNN's: no files for it."""
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "framework": "torchtitan", "stack": "torchtitan-2412"}))
+    runner = CliRunner()
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--recompute", "full"]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--recompute", "full", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "stack" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_hsdp_shards_experts_within_a_replica_only():
+    """torchtitan's experts are sharded over efsdp = fsdp x cp x tp / ep of
+    one replica (parallel_dims.py) and replicated across replicas."""
+    job = Job(model=load_model("qwen3-30b-a3b"), cluster=cluster(4), global_batch_size=32, seq_length=4096, framework="torchtitan",
+              stack="torchtitan", features=stack_features("torchtitan", Features()))
+    hsdp = Layout(tp=1, pp=1, dp=32, cp=1, ep=4, micro_batch_size=1, global_batch_size=32, recompute="full", fsdp=8)
+    full = Layout(tp=1, pp=1, dp=32, cp=1, ep=4, micro_batch_size=1, global_batch_size=32, recompute="full", fsdp=32)
+    assert (hsdp.expert_shards, full.expert_shards) == (2, 8)
+    experts = {layout.fsdp: evaluate(job, layout).memory[0].breakdown_bytes["optimizer_states"] for layout in (hsdp, full)}
+    assert experts[8] > 3 * experts[32]  # mostly expert state: 4x the share per rank
+
+
+def test_torchtitans_ddp_reduces_every_micro_batch():
+    """torchtitan's train loop runs no no_sync: DDP all-reduces per micro batch."""
+    times = {}
+    for batch in (8, 32):
+        job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=batch, seq_length=4096, framework="torchtitan",
+                  stack="torchtitan", features=stack_features("torchtitan", Features()))
+        step = evaluate(job, Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=batch, recompute="full")).step
+        assert step.breakdown_s["dp_grad_reduce"] == pytest.approx(0.0, abs=1e-9)
+        times[batch] = step.breakdown_s["sharding_comm"]
+    assert times[32] == pytest.approx(4 * times[8])

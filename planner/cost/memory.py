@@ -233,7 +233,7 @@ def model_state_bytes(params: StageParams, layout: Layout, state: StateBytes) ->
     shards = layout.optimizer_shards
 
     def expert_split(split: int) -> int:
-        return layout.expert_dp if split > 1 else 1
+        return layout.expert_shards if split > 1 else 1
 
     dense = params.total - params.expert
     dense_gemm = params.linear - params.expert

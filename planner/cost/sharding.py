@@ -113,6 +113,13 @@ def units_of(stage_layers: int, embedding: bool, head: bool) -> int:
     return max(1, stage_layers + embedding + head)
 
 
+def reduces_every_microbatch(framework: str, layout: Layout) -> bool:
+    """Gradients are reduced in every micro batch's backward, not once per
+    step: sharded gradients (ZeRO-2, FSDP) and torchtitan's DDP, which runs
+    no no_sync across its micro batches (train.py)."""
+    return bool(layout.fsdp) or layout.grad_shards > 1 or (framework == "torchtitan" and layout.dp * layout.cp > 1)
+
+
 def held_across_microbatches(framework: str, layout: Layout) -> bool:
     """Weights stay gathered for the whole step: torchtitan's pipeline
     without resharding after forward (module docstring)."""
@@ -123,13 +130,16 @@ def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks, share
     """The all-gather, reduce-scatter and HSDP all-reduce of ``share`` of
     one unit's weights, in seconds."""
     dense, experts = share * (units.params - units.expert_params), share * units.expert_params
-    expert_dp, shards = max(1, layout.expert_dp), layout.grad_shards
+    expert_shards, shards = max(1, layout.expert_shards), layout.grad_shards
     gather = all_gather_s(dense * units.gather_bytes, layout.param_shards, links.shard)
     reduce = reduce_scatter_s(dense * units.reduce_bytes, shards, links.shard)
     if experts:
-        gather += all_gather_s(experts * units.gather_bytes, expert_dp, links.expert_dp)
-        reduce += reduce_scatter_s(experts * units.reduce_bytes, expert_dp, links.expert_dp)
-    replicas = all_reduce_s(dense * units.reduce_bytes / shards, layout.dp_replicate, links.replicate) if layout.fsdp else 0.0
+        gather += all_gather_s(experts * units.gather_bytes, expert_shards, links.expert_dp)
+        reduce += reduce_scatter_s(experts * units.reduce_bytes, expert_shards, links.expert_dp)
+    replicas = 0.0
+    if layout.fsdp:  # each replica's shards, dense and expert, all-reduced across the replicas
+        gradient_shard = dense * units.reduce_bytes / shards + experts * units.reduce_bytes / expert_shards
+        replicas = all_reduce_s(gradient_shard, layout.dp_replicate, links.replicate)
     return gather, reduce, replicas
 
 
@@ -167,11 +177,14 @@ def exposed_s(framework: str, layout: Layout, units: Units, links: ShardingLinks
     """(per micro batch, once per step) exposed seconds of sharded data
     parallelism on one stage; both 0 without it. ZeRO-2 reduce-scatters
     every micro batch's gradients and gathers nothing (Rajbhandari et al.
-    2020, sec. 5.2)."""
+    2020, sec. 5.2); torchtitan's DDP all-reduces them every micro batch."""
     if not layout.fsdp:
-        if layout.grad_shards == 1:
+        if layout.grad_shards > 1:
+            _, reduce, _ = unit_collectives_s(layout, units, links)
+        elif reduces_every_microbatch(framework, layout):  # torchtitan's DDP: bucketed all-reduces behind backward
+            reduce = all_reduce_s(units.params * units.reduce_bytes, layout.dp * layout.cp, links.shard)
+        else:
             return 0.0, 0.0
-        _, reduce, _ = unit_collectives_s(layout, units, links)
         return reduce + (units.count - 1) * max(0.0, reduce - backward_s / units.count), 0.0
     once = exposed_microbatch_s(layout, units, links, forward_s, backward_s)
     if held_across_microbatches(framework, layout):

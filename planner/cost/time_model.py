@@ -265,8 +265,8 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> 
     state = _state_bytes(job, layout)
     experts = StageParams(total=params.expert, linear=params.expert, expert=params.expert)
     dense = StageParams(total=params.total - params.expert, linear=params.linear - params.expert, expert=0.0)
-    dense_reduce, dense_gather = _reduce_and_gather_s(layout, dense.total * state.grad, state.gathered_bytes(dense), layout.dp * layout.cp, links.dp)
-    expert_reduce, expert_gather = _reduce_and_gather_s(layout, experts.total * state.grad, state.gathered_bytes(experts), layout.expert_dp, links.expert_dp)
+    dense_reduce, dense_gather = _reduce_and_gather_s(job, layout, dense.total * state.grad, state.gathered_bytes(dense), layout.dp * layout.cp, links.dp)
+    expert_reduce, expert_gather = _reduce_and_gather_s(job, layout, experts.total * state.grad, state.gathered_bytes(experts), layout.expert_dp, links.expert_dp)
     n = layout.dp * layout.cp
     return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total))
 
@@ -276,14 +276,14 @@ def _state_bytes(job: Job, layout: Layout) -> StateBytes:
     return StateBytes.of(job.framework, job.precision, job.features, job.cluster.slowest.gpu, layout.distributed_optimizer)
 
 
-def _reduce_and_gather_s(layout: Layout, grad_bytes: float, gather_bytes: float, n: int, link: Link) -> tuple[float, float]:
+def _reduce_and_gather_s(job: Job, layout: Layout, grad_bytes: float, gather_bytes: float, n: int, link: Link) -> tuple[float, float]:
     """The gradient reduce of ``grad_bytes`` and the parameter all-gather of
     ``gather_bytes`` (distributed optimizer or ZeRO) over ``n`` ranks."""
     if n == 1 or grad_bytes == 0:
         return 0.0, 0.0
-    if layout.grad_shards > 1 or layout.fsdp:
-        # ZeRO-2 and sharded data parallelism reduce every micro batch and
-        # gather before each layer (sharding.py), not after the step.
+    if sharding.reduces_every_microbatch(job.framework, layout):
+        # ZeRO-2, sharded data parallelism and torchtitan's DDP reduce every
+        # micro batch, and FSDP gathers before each layer (sharding.py).
         return 0.0, 0.0
     if layout.distributed_optimizer or layout.zero_stage >= 1:
         return reduce_scatter_s(grad_bytes, n, link), all_gather_s(gather_bytes, n, link)
@@ -316,7 +316,7 @@ def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) ->
 def _sharding_s(job: Job, layout: Layout, stage: Stage, links: Links, chunks: list[ChunkTime]) -> tuple[float, float]:
     """Exposed ZeRO-2 / ZeRO-3 / FSDP communication of ``stage``, per micro
     batch and once per step (sharding.py), behind its chunks' compute."""
-    if layout.grad_shards == 1:
+    if not sharding.reduces_every_microbatch(job.framework, layout):
         return 0.0, 0.0
     params = stage_params(job.model, layout, stage)
     units = sharding_units(job.model, job.framework, params, stage, _state_bytes(job, layout))

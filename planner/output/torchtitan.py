@@ -28,6 +28,7 @@ from loom.planner.output import torchrun
 from loom.planner.output.slurm import nodes_of, slurm_sbatch
 from loom.planner.output.torchrun import Program
 from loom.planner.specs import torchtitan
+from loom.planner.specs.errors import SpecError
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
@@ -64,6 +65,11 @@ def torchtitan_files(job: Job, layout: Layout, stages: list[Stage], placement: P
 
 def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> None:
     """What torchtitan would reject, or run differently, checked before writing."""
+    if job.features.attention_kernel != "cudnn":
+        # 0.2.2 puts cuDNN attention first (models/attention.py): a job priced
+        # with another kernel (the torchtitan-2412 stack) would run differently.
+        raise SpecError(job.source, "stack", "one whose attention kernel torchtitan 0.2.2 runs (cudnn: the torchtitan stack) to write "
+                        "its files", job.stack)
     problems = []
     if torchtitan.flavor_of(job.model) is None:
         problems.append(f"{job.model.name} is not a model torchtitan registers")

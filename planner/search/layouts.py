@@ -119,6 +119,8 @@ def _shard_degrees(job: Job, tp: int, cp: int, dp: int, zero: int) -> list[int]:
     weights exactly under ZeRO-3, over all of DP."""
     if job.framework == "deepspeed":
         return [dp if zero == 3 else 0]
+    if dp * cp == 1:
+        return [0]
     in_node = job.cluster.gpus_per_node // (tp * cp)
     degrees = {dp} | ({in_node} if job.framework == "torchtitan" and 1 < in_node < dp and dp % in_node == 0 else set())
     if job.framework == "megatron" or (job.framework == "torchtitan" and tp * cp == 1):

@@ -319,13 +319,22 @@ def check_job(job: Job) -> None:
     if job.framework == "torchtitan":
         _check_torchtitan(job)
     elif job.features.cross_entropy_fusion == "torch":
-        raise SpecError(job.source, "features.cross_entropy_fusion", f"none, native or te with {job.framework} (torch is torchtitan's loss)", "torch")
+        raise SpecError(job.source, *_from_stack(job, "cross_entropy_fusion", f"none, native or te with {job.framework} (torch is torchtitan's loss)"))
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
         raise SpecError(
             job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length
         )
+
+
+def _from_stack(job: Job, feature: str, expected: str) -> tuple[str, str, object]:
+    """(field, expected, got) for a feature the framework cannot run: blamed
+    on the stack when the stack set it (a stack of another framework)."""
+    value = getattr(job.features, feature)
+    if STACKS[job.stack].features.get(feature) == value:
+        return "stack", f"a stack of {job.framework}'s ({expected.split(' with ')[0]} for {feature})", job.stack
+    return f"features.{feature}", expected, value
 
 
 def _check_torchtitan(job: Job) -> None:
@@ -339,8 +348,7 @@ def _check_torchtitan(job: Job) -> None:
     if job.precision == "fp16":
         raise SpecError(job.source, "precision", "bf16 or fp8 with torchtitan (its mixed precision is bfloat16)", job.precision)
     if job.features.cross_entropy_fusion != "torch":
-        raise SpecError(job.source, "features.cross_entropy_fusion", "torch with torchtitan (PyTorch's cross_entropy on fp32 logits)",
-                        job.features.cross_entropy_fusion)
+        raise SpecError(job.source, *_from_stack(job, "cross_entropy_fusion", "torch with torchtitan (PyTorch's cross_entropy on fp32 logits)"))
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
         raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)

@@ -108,6 +108,14 @@ class Layout:
         return self.dp * self.cp if self.zero_stage >= 2 else 1
 
     @property
+    def expert_shards(self) -> int:
+        """Ways the routed experts' state is split: expert data parallel
+        (world / (etp x ep x pp)), within one HSDP replica under sharded data
+        parallelism (torchtitan's efsdp = fsdp x cp x tp / (etp x ep),
+        parallel_dims.py)."""
+        return self.expert_dp // self.dp_replicate if self.fsdp else self.expert_dp
+
+    @property
     def dp_replicate(self) -> int:
         """Replicas of the sharded state (HSDP): dp / fsdp; dp without sharding."""
         return self.dp // self.fsdp if self.fsdp else self.dp

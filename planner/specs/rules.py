@@ -98,9 +98,19 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
     checkpointing per block (its selective modes, per op or every N-th
     block, are not Megatron's modules); EP borrowing ranks from FSDP and TP."""
     model = job.model
-    need(layout.zero_stage == 0 and not layout.distributed_optimizer, "zero_stage", "0 with torchtitan (use fsdp)", layout.zero_stage)
-    need(layout.fsdp > 0 or layout.tp * layout.pp * layout.cp * layout.ep == 1, "fsdp",
-         "at least 1 with TP, PP, CP or EP (torchtitan's DDP is 1-D only)", layout.fsdp)
+    need(layout.zero_stage == 0, "zero_stage", "0 with torchtitan (use fsdp)", layout.zero_stage)
+    need(not layout.distributed_optimizer, "distributed_optimizer", "false with torchtitan (use fsdp)", layout.distributed_optimizer)
+    # FSDP applies when its mesh (dp_shard x cp) has more than one rank, over
+    # CP ranks too; otherwise DDP across the replicas, which is 1-D only.
+    need(layout.cp == 1 or layout.fsdp > 0, "fsdp", "at least 1 with CP (torchtitan shards the weights over CP ranks)", layout.fsdp)
+    need(layout.param_shards > 1 or layout.dp == 1 or layout.tp * layout.pp * layout.ep == 1, "fsdp",
+         "fsdp x cp of at least 2 with TP, PP or EP (torchtitan otherwise runs DDP, which is 1-D only)", layout.fsdp)
+    need(layout.fsdp != 1 or layout.cp > 1 or layout.dp == 1, "fsdp", "0 rather than 1 (one shard per replica is torchtitan's DDP)", layout.fsdp)
+    # torch.distributed.pipelining keeps every FSDP stage's gradients unreduced
+    # until the last micro batch whatever the forward policy (stage.py);
+    # loom prices torchtitan's pipeline with its default, weights kept gathered.
+    need(layout.pp == 1 or not layout.reshard_after_forward, "reshard_after_forward",
+         "false with a torchtitan pipeline (its default; loom prices no other)", layout.reshard_after_forward)
     need(layout.sequence_parallel == (layout.tp > 1), "sequence_parallel", "on exactly when tp > 1 (torchtitan's TP shards the norms by sequence)",
          layout.sequence_parallel)
     need(layout.recompute in ("none", "full") and not layout.recompute_num_layers, "recompute",
@@ -108,6 +118,12 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
     need(layout.etp == 1, "etp", "1 with torchtitan", layout.etp)
     flavor = torchtitan.flavor_of(model)
     need(layout.pp == 1 or flavor is None or flavor.pipeline, "pp", f"1 for torchtitan's {flavor and flavor.name} (it has no pipelining_fn)", layout.pp)
+    if flavor is not None and flavor.name == "deepseek_v3":
+        # Its flavors run FlexAttention; deepseek_v3/infra/parallelize.py raises
+        # for CP ("Context Parallel only supports SDPA attention") and for TP
+        # under float8 tensorwise ("not tested for deepseekv3").
+        need(layout.cp == 1, "cp", "1 for torchtitan's deepseek_v3 (its FlexAttention has no context parallelism)", layout.cp)
+        need(layout.tp == 1 or job.precision != "fp8", "tp", "1 under fp8 for torchtitan's deepseek_v3 (float8 TP is refused there)", layout.tp)
     if model.moe is not None:
         shard_ranks = max(1, layout.fsdp) * layout.cp * layout.tp
         need(shard_ranks % layout.ep == 0, "ep", f"a divisor of fsdp x cp x tp = {shard_ranks} (torchtitan's EP borrows FSDP and TP ranks)", layout.ep)

@@ -65,4 +65,4 @@ def trainable(model: ModelSpec) -> str:
     if flavor_of(model) is not None:
         return ""
     names = ", ".join(f"{flavor.name} {flavor.flavor}" for flavor in FLAVORS)
-    return f"a model torchtitan 0.2 registers ({names}); {model.name} is none of them"
+    return f"one of the torchtitan 0.2 models loom writes files for ({names}); {model.name} is none of them"
