@@ -93,7 +93,7 @@ LAYOUT_FLAGS = {
     "tp*pp*dp*cp": "--tp x --pp x --dp x --cp", "global_batch_size": "--global-batch-size (or the job's global_batch_size) and --mbs x --dp",
     "sequence_parallel": "--sequence-parallel", "recompute": "--recompute", "recompute_modules": "--recompute-modules",
     "recompute_num_layers": "--recompute-num-layers", "zero_stage": "--zero-stage", "distributed_optimizer": "--distributed-optimizer",
-    "fsdp": "--fsdp", "reshard_after_forward": "--reshard-after-forward",
+    "fsdp": "--fsdp", "reshard_after_forward": "--reshard-after-forward", "optimizer_offload": "--offload-optimizer",
 }
 
 
@@ -233,6 +233,9 @@ def evaluate(
     reshard_after_forward: Annotated[Optional[bool], typer.Option("--reshard-after-forward/--no-reshard-after-forward",
                                                                   help="Gather each layer's weights again for backward. Default: on, "
                                                                        "off with a torchtitan pipeline (its default).")] = None,
+    offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer/--no-offload-optimizer",
+                                                    help="Optimizer state and step on the host CPU (torchtitan: also the "
+                                                         "sharded weights and gradients).")] = False,
     split: Annotated[str, typer.Option(help="even: the same layers on every stage (Megatron's default); best: also the "
                                             "partition MILP's split, as loom plan chooses (written as --pipeline-model-parallel-layout)")] = "even",
     out: OutOpt = None,
@@ -268,6 +271,7 @@ def evaluate(
             else distributed_optimizer,
             fsdp=sharded,
             reshard_after_forward=not (job.framework == "torchtitan" and pp > 1) if reshard_after_forward is None else reshard_after_forward,
+            optimizer_offload=offload_optimizer,
         )
         problems = layout_problems(job, layout)
         if problems:

@@ -32,6 +32,8 @@ class GPU:
     # FlashAttention-2's sustained fraction of 16-bit peak, where it differs
     # from attention_efficiency's kernel (None: the same; gpus.yaml).
     flash2_attention_efficiency: float | None = None
+    pcie_GBps: float = 0.0  # the host link, per direction
+    host_memory_GBps: float = 0.0  # the host's DRAM bandwidth per GPU (gpus.yaml)
     # Fitted by `loom profile gemm` (--profile): the GEMM curve's K overhead
     # (None: planner/cost/efficiency.py's default) and the profile it came from.
     gemm_k_overhead: float | None = None
@@ -76,6 +78,8 @@ def _gpu_table() -> dict[str, GPU]:
             gemm_efficiency=dict(entry["gemm_efficiency"]),
             attention_efficiency=float(entry["attention_efficiency"]),
             flash2_attention_efficiency=float(entry["flash2_attention_efficiency"]) if entry.get("flash2_attention_efficiency") else None,
+            pcie_GBps=float(entry["pcie_GBps"]),
+            host_memory_GBps=float(entry["host_memory_GBps"]),
             compute_capability=tuple(entry["compute_capability"]) if entry.get("compute_capability") else None,
         )
         for key in [name, *entry.get("aliases", [])]:

@@ -481,7 +481,7 @@ def test_evaluate_reports_exactly_the_layout_given(tmp_path):
         "tp": 2, "pp": 2, "dp": 2, "cp": 1, "ep": 1, "vpp": 2, "micro_batch_size": 2,
         "global_batch_size": JOB["global_batch_size"], "sequence_parallel": True, "recompute": "selective",
         "recompute_modules": ["core_attn", "mlp"], "recompute_num_layers": 0,
-        "zero_stage": 0, "distributed_optimizer": True, "fsdp": 0, "reshard_after_forward": True,
+        "zero_stage": 0, "distributed_optimizer": True, "fsdp": 0, "reshard_after_forward": True, "optimizer_offload": False,
     }
     stages = report["plans"][0]["stages"]
     assert len(stages) == 2 and all(len(stage["layer_ranges"]) == 2 for stage in stages)
@@ -507,7 +507,8 @@ def test_evaluate_of_the_best_plan_predicts_the_same_step_time(tmp_path):
             "--mbs", p["micro_batch_size"], "--recompute", p["recompute"],
             "--sequence-parallel" if p["sequence_parallel"] else "--no-sequence-parallel",
             "--distributed-optimizer" if p["distributed_optimizer"] else "--no-distributed-optimizer", "--fsdp", p["fsdp"],
-            "--reshard-after-forward" if p["reshard_after_forward"] else "--no-reshard-after-forward"]
+            "--reshard-after-forward" if p["reshard_after_forward"] else "--no-reshard-after-forward",
+            "--offload-optimizer" if p["optimizer_offload"] else "--no-offload-optimizer"]
     result = invoke("evaluate", job, "--json", *args)
     assert result.exit_code == 0, result.output
     again = json.loads(result.stdout)["plans"][0]

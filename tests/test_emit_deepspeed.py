@@ -46,6 +46,10 @@ CASES = {
             framework="deepspeed"),
         Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=4, global_batch_size=128, zero_stage=3, fsdp=16),
     ),
+    "zero2-offload": (
+        Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=32, seq_length=2048, framework="deepspeed"),
+        Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=32, zero_stage=2, optimizer_offload=True),
+    ),
     "zero0-one-node": (
         Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=32, seq_length=2048, framework="deepspeed"),
         Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=32),
@@ -85,6 +89,9 @@ def test_ds_config_loads_in_deepspeed(name, monkeypatch):
     assert config.float16_config.enabled == (job.precision == "fp16")
     assert config.optimizer_name == "adam"
     assert ("activation_checkpointing" in json.loads(files["ds_config.json"])) == (layout.recompute == "full")
+    # DeepSpeed's own reading of the offload section (DeepSpeedZeroOffloadOptimizerConfig).
+    offloaded = config.zero_config.offload_optimizer is not None and config.zero_config.offload_optimizer.device == "cpu"
+    assert offloaded == layout.optimizer_offload
 
 
 def test_ds_config_with_the_wrong_dp_is_rejected(monkeypatch):

@@ -226,11 +226,19 @@ def test_fp8_weights_cost_what_transformer_engine_keeps(recipe, param_gather, gp
 def test_the_optimizer_step_copies_a_16_bit_gradient_shard_to_fp32():
     """With a 16-bit gradient buffer the distributed optimizer's step holds an
     fp32 copy of its shard (4/d bytes per parameter); with an fp32 buffer it
-    is a view."""
+    is a view. DeepSpeed's ZeRO converts its partition too, ZeRO-3 a sub
+    group of at most 1e9 elements at a time; none when the host steps."""
     params = StageParams(total=1e9, linear=1e9, expert=0.0)
     layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, distributed_optimizer=True)
-    assert optimizer_step_bytes(params, layout, StateBytes.of("megatron", "bf16", Features(grad_reduce_in_fp32=False), H100)) == 4e9 / 8
-    assert optimizer_step_bytes(params, layout, StateBytes.of("megatron", "bf16", Features(), H100)) == 0
+    assert optimizer_step_bytes(params, layout, StateBytes.of("megatron", "bf16", Features(grad_reduce_in_fp32=False), H100), "megatron") == 4e9 / 8
+    assert optimizer_step_bytes(params, layout, StateBytes.of("megatron", "bf16", Features(), H100), "megatron") == 0
+    deepspeed = StateBytes.of("deepspeed", "bf16", Features(), H100)
+    zero2 = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=2)
+    assert optimizer_step_bytes(params, zero2, deepspeed, "deepspeed") == 4e9 / 8
+    big = StageParams(total=64e9, linear=64e9, expert=0.0)
+    zero3 = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, zero_stage=3, fsdp=8)
+    assert optimizer_step_bytes(big, zero3, deepspeed, "deepspeed") == 4e9
+    assert optimizer_step_bytes(params, Layout(**{**zero2.as_dict(), "optimizer_offload": True}), deepspeed, "deepspeed") == 0
 
 
 def test_embedding_and_head_land_on_the_end_stages():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from loom.planner.cost import moe, sharding
+from loom.planner.cost import moe, offload, sharding
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
@@ -248,15 +248,23 @@ def model_state_bytes(params: StageParams, layout: Layout, state: StateBytes) ->
     }
 
 
-def optimizer_step_bytes(params: StageParams, layout: Layout, state: StateBytes) -> float:
-    """During the step Megatron's optimizer makes an fp32 copy of a 16-bit
-    gradient shard (distrib_optimizer.py _copy_model_grads_to_main_grads:
-    ``shard_model_grad.float()``; a view when the buffer is fp32 already),
-    held until the next zero_grad."""
-    if state.grad >= 4 or layout.zero_stage or layout.fsdp:
+def optimizer_step_bytes(params: StageParams, layout: Layout, state: StateBytes, framework: str) -> float:
+    """During the step the optimizer makes an fp32 copy of a 16-bit gradient
+    shard: Megatron's distributed optimizer (distrib_optimizer.py
+    _copy_model_grads_to_main_grads: ``shard_model_grad.float()``; a view
+    when the buffer is fp32 already), held until the next zero_grad; and
+    DeepSpeed's ZeRO, per parameter group (stage_1_and_2.py step:
+    ``single_grad_partition ... .to(fp32)``) or per sub group of at most
+    ``sub_group_size`` elements under ZeRO-3 (stage3.py
+    _prepare_fp32_grad_for_sub_group). None when the gradients are fp32 or
+    the optimizer runs on the host."""
+    if state.grad >= 4 or layout.optimizer_offload or (framework != "deepspeed" and (layout.zero_stage or layout.fsdp)):
         return 0.0
     shards = layout.optimizer_shards
-    return 4 * ((params.total - params.expert) / shards + params.expert / (layout.expert_dp if shards > 1 else 1))
+    partition = (params.total - params.expert) / shards + params.expert / (layout.expert_shards if shards > 1 else 1)
+    if framework == "deepspeed" and layout.zero_stage >= 3:
+        partition = min(partition, sharding.ZERO3_SUB_GROUP_PARAMS)
+    return 4 * partition
 
 
 # --- activations in flight ------------------------------------------------
@@ -394,6 +402,11 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     params = stage_params(shape.model, layout, stage)
     state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer)
     state = model_state_bytes(params, layout, state_bytes)
+    if layout.optimizer_offload:
+        # On the host (offload.py): the optimizer state, and under
+        # torchtitan's CPUOffloadPolicy the sharded weights and gradients too.
+        host = ("optimizer_states", "weights", "gradients") if framework == "torchtitan" else ("optimizer_states",)
+        state = {term: 0.0 if term in host else value for term, value in state.items()}
 
     chunks = in_flight_chunks(layout, stage.index)
     # Micro batches (not chunks) in flight on this stage: the embedding and
@@ -417,21 +430,23 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
         transient = max(transient, layer_activation_bytes(shape, recompute="none", moe=shape.model.moe is not None))
     # The optimizer step holds no activations: its gradient copy binds only
     # when it is larger than everything the backward held.
-    transient = max(transient, optimizer_step_bytes(params, layout, state_bytes) - activations)
-    units = sharding_units(shape.model, framework, params, stage, state_bytes)
+    transient = max(transient, optimizer_step_bytes(params, layout, state_bytes, framework) - activations)
+    units = sharding_units(shape.model, framework, layout, params, stage, state_bytes)
     buffers = sharding.buffer_bytes(framework, layout, units, WEIGHT_BYTES) if layout.fsdp else 0.0
     runtime = runtime_bytes(shape, layout, gpu, framework, activations + transient)
     return StageMemory(stage=stage.index, breakdown_bytes={**state, "sharding_buffers": buffers, "activations": activations,
                                                            "transient": transient, **runtime})
 
 
-def sharding_units(model: ModelSpec, framework: str, params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:
+def sharding_units(model: ModelSpec, framework: str, layout: Layout, params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:
     """The stage's FSDP units (sharding.py) for this GPU's ``params``: whole
     layers, or under DeepSpeed each layer's weight matrices one by one."""
     count = sharding.units_of(stage.num_layers, stage.embedding, stage.head)
     # Every weight is gathered in 16-bit (FSDP2's param_dtype, Megatron's
     # compute weights), GEMM weights in fp8 under fp8 parameter gathers.
     gather = ((params.total - params.linear) * WEIGHT_BYTES + params.linear * state.gemm_gather) / params.total if params.total else WEIGHT_BYTES
+    host_copy = offload.SHARD_COPY_BYTES_PER_PARAM * params.total / count / layout.param_shards \
+        if layout.optimizer_offload and framework == "torchtitan" else 0.0
     return sharding.Units(count=count, params=params.total / count, expert_params=params.expert / count,
                           gather_bytes=gather, reduce_bytes=state.grad,
-                          pieces=sharding.deepspeed_pieces(model) if framework == "deepspeed" else (1.0,))
+                          pieces=sharding.deepspeed_pieces(model) if framework == "deepspeed" else (1.0,), host_copy_bytes=host_copy)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s
+from loom.planner.cost.collectives import LOCAL, Link, all_gather_s, all_reduce_s, reduce_scatter_s
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 
@@ -59,6 +59,8 @@ from loom.planner.specs.model import ModelSpec
 # per gradient dtype (IPGBucketZ3.buffer).
 ZERO3_MAX_LIVE_PARAMS = 1_000_000_000
 ZERO3_REDUCE_BUCKET_PARAMS = 500_000_000
+# ... and the optimizer steps over sub groups of at most sub_group_size elements.
+ZERO3_SUB_GROUP_PARAMS = 1_000_000_000
 # The FSDP units a unit's collectives overlap with: the one running while the
 # next is gathered (FSDP2's implicit prefetch holds the current and the next
 # unit's all-gather outputs; _fsdp_param_group.py wait_for_unshard).
@@ -80,6 +82,10 @@ class Units:
     # The shares of a unit's weights fetched one after another, each hiding
     # behind the compute of the one before (deepspeed_pieces); one for FSDP.
     pieces: tuple[float, ...] = (1.0,)
+    # Bytes of one unit's shard copied from the host before its gather and
+    # of its gradient shard copied back after its reduce (torchtitan's CPU
+    # offload; offload.py), 0 without.
+    host_copy_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class ShardingLinks:
     shard: Link
     replicate: Link
     expert_dp: Link
+    host: Link = LOCAL  # the GPU's PCIe link (offload.pcie_link)
 
 
 def deepspeed_pieces(model: ModelSpec) -> tuple[float, ...]:
@@ -136,6 +143,9 @@ def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks, share
     if experts:
         gather += all_gather_s(experts * units.gather_bytes, expert_shards, links.expert_dp)
         reduce += reduce_scatter_s(experts * units.reduce_bytes, expert_shards, links.expert_dp)
+    if units.host_copy_bytes:  # the shard comes from the host first, its gradient goes back after
+        gather += links.host.seconds(share * units.host_copy_bytes)
+        reduce += links.host.seconds(share * units.host_copy_bytes)
     replicas = 0.0
     if layout.fsdp:  # each replica's shards, dense and expert, all-reduced across the replicas
         gradient_shard = dense * units.reduce_bytes / shards + experts * units.reduce_bytes / expert_shards

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.planner.cost import host, layers, moe, sharding
+from loom.planner.cost import host, layers, moe, offload, sharding
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
@@ -313,15 +313,24 @@ def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) ->
     return max(comm.reduce_s * comm.bucket_fraction, comm.reduce_s - window_s)
 
 
-def _sharding_s(job: Job, layout: Layout, stage: Stage, links: Links, chunks: list[ChunkTime]) -> tuple[float, float]:
+def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
+    """The optimizer step over this rank's shard: memory-bound on the GPU,
+    or on the host with offload (offload.py)."""
+    params = stage_params(job.model, layout, stage).total / layout.optimizer_shards
+    if layout.optimizer_offload:
+        return offload.step_s(params, gpu, job.framework)
+    return memory_time_s(params * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
+
+
+def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> tuple[float, float]:
     """Exposed ZeRO-2 / ZeRO-3 / FSDP communication of ``stage``, per micro
     batch and once per step (sharding.py), behind its chunks' compute."""
     if not sharding.reduces_every_microbatch(job.framework, layout):
         return 0.0, 0.0
     params = stage_params(job.model, layout, stage)
-    units = sharding_units(job.model, job.framework, params, stage, _state_bytes(job, layout))
+    units = sharding_units(job.model, job.framework, layout, params, stage, _state_bytes(job, layout))
     shard = links.shard if layout.fsdp else links.dp
-    sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp)
+    sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp, host=offload.pcie_link(gpu))
     forward_s = sum(c.forward_s for c in chunks)
     return sharding.exposed_s(job.framework, layout, units, sharding_links, forward_s, sum(c.total_s for c in chunks) - forward_s)
 
@@ -395,7 +404,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         return memo[kind]
 
     chunks = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
-    sharded = [_sharding_s(job, layout, stage, links, cs) for stage, cs in zip(stages, chunks)]
+    sharded = [_sharding_s(job, layout, stage, gpu, links, cs) for stage, gpu, cs in zip(stages, gpus, chunks)]
     all_chunks = [c for cs in chunks for c in cs]
     return StepParts(
         job=job,
@@ -405,10 +414,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         sharding_step_s=[step_s for _, step_s in sharded],
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
-        optimizer_s=[
-            memory_time_s(stage_params(job.model, layout, stage).total / layout.optimizer_shards * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
-            for stage, gpu in zip(stages, gpus)
-        ],
+        optimizer_s=[_optimizer_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
         embedding_sync_s=_embedding_sync_s(job, layout, links),
         p2p_exposed_s=_p2p_s(shape, layout, links, sum(c.compute_fwd_s for c in all_chunks) / len(all_chunks)),
     )

@@ -76,6 +76,8 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Place
         problems.append(f"ZeRO stage {layout.zero_stage} with a pipeline (at most ZeRO-1)")
     if layout.recompute == "selective":
         problems.append("selective recompute is Megatron's; DeepSpeed checkpoints whole layers (full)")
+    if layout.optimizer_offload and not layout.zero_stage:
+        problems.append("optimizer offload needs a ZeRO stage")
     if layout.fsdp != (layout.dp if layout.zero_stage == 3 else 0) or not layout.reshard_after_forward:
         problems.append("ZeRO-3 shards weights over all of DP, resharding after forward; other stages do not shard weights")
     if job.precision == "fp8":
@@ -130,6 +132,10 @@ def _zero(job: Job, layout: Layout) -> dict:
         # Overlap the gradient reduce-scatter with the backward pass, as the time model assumes.
         zero["overlap_comm"] = job.features.overlap_grad_reduce
         zero["contiguous_gradients"] = True
+    if layout.optimizer_offload:
+        # ZeRO-Offload: fp32 master and Adam on the host, pinned for async copies
+        # (runtime/zero/offload_config.py; DeepSpeedCPUAdam is chosen for it).
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return zero
 
 

@@ -74,6 +74,8 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
         problems.append(f"{layout.num_microbatches} micro batches with interleaving over PP{layout.pp}")
     if layout.zero_stage:
         problems.append(f"ZeRO stage {layout.zero_stage} (Megatron uses --use-distributed-optimizer)")
+    if layout.optimizer_offload and (not layout.distributed_optimizer or layout.fsdp):
+        problems.append("optimizer offload needs the distributed optimizer and no Megatron-FSDP")
     if layout.fsdp and (layout.fsdp != layout.dp or not layout.distributed_optimizer or not layout.reshard_after_forward):
         problems.append("Megatron-FSDP shards over all of DP with the distributed optimizer and reshards after forward")
     problems += _stage_problems(layout, stages, model.num_layers)
@@ -271,6 +273,12 @@ def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> lis
     args += _split_args(layout, stages, model.mtp_layers)
     if layout.distributed_optimizer:
         args.append("--use-distributed-optimizer")
+    if layout.optimizer_offload:
+        # The whole optimizer on the host (the argparse default fraction is
+        # 1.0; given so the file says it), through the precision-aware path
+        # validate_args requires, copies overlapped with the host's step.
+        args += ["--optimizer-cpu-offload", "--optimizer-offload-fraction", "1.0", "--use-precision-aware-optimizer",
+                 "--overlap-cpu-optimizer-d2h-h2d"]
     return args + _megatron_fsdp_args(layout)
 
 

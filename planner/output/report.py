@@ -33,8 +33,8 @@ from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 SCHEMA_VERSION = "1.2"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
-# recompute_num_layers), and 1.2 too (parallel.fsdp and
-# reshard_after_forward), so 1.0 and 1.1 reports read as they did.
+# recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
+# and optimizer_offload), so 1.0 and 1.1 reports read as they did.
 READ_SCHEMA_VERSIONS = ("1.0", "1.1", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
@@ -67,6 +67,7 @@ class Parallel(pydantic.BaseModel):
     fsdp: Index = pydantic.Field(default=0, description="sharded data parallelism: weights split over fsdp x cp ranks, replicated "
                                                         "over dp / fsdp (HSDP); 0 off")
     reshard_after_forward: bool = pydantic.Field(default=True, description="sharded weights gathered again for backward")
+    optimizer_offload: bool = pydantic.Field(default=False, description="optimizer state and step on the host CPU")
 
     @property
     def world_size(self) -> int:

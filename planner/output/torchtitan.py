@@ -121,6 +121,7 @@ def _training(job: Job, layout: Layout) -> dict:
         "steps": job.train_iters,
         "mixed_precision_param": "bfloat16",
         "mixed_precision_reduce": "float32",
+        "enable_cpu_offload": layout.optimizer_offload,
     }
 
 

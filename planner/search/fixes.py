@@ -34,7 +34,12 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
     if job.framework == "megatron" and not layout.distributed_optimizer:
         changes.append(("--distributed-optimizer", replace(layout, distributed_optimizer=True)))
     if job.framework == "deepspeed" and layout.zero_stage < 3:
-        changes.append((f"--zero-stage {layout.zero_stage + 1}", replace(layout, zero_stage=layout.zero_stage + 1)))
+        stage = layout.zero_stage + 1
+        changes.append((f"--zero-stage {stage}", replace(layout, zero_stage=stage, fsdp=layout.dp if stage == 3 else 0)))
+    if job.framework == "megatron" and not layout.fsdp:
+        changes.append((f"--fsdp {layout.dp}", replace(layout, fsdp=layout.dp, distributed_optimizer=True, optimizer_offload=False)))
+    if not layout.optimizer_offload:
+        changes.append(("--offload-optimizer", replace(layout, optimizer_offload=True)))
     mbs = layout.micro_batch_size // 2
     while mbs >= 1:
         changes.append((f"--mbs {mbs}", replace(layout, micro_batch_size=mbs)))

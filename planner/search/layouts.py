@@ -100,6 +100,7 @@ def _choices(job: Job) -> dict[str, list]:
         "zero_stage": [0, 1, 2, 3] if deepspeed else [0],
         "fsdp": None,  # per layout: see _shard_degrees
         "reshard_after_forward": [True, False] if flavor else [True],
+        "optimizer_offload": [False],
     }
     return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
 
@@ -136,9 +137,9 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
             continue  # expert ranks regroup the tp x cp x dp ranks of a stage
         dp = gpus // (tp * cp * pp)
         sequence_parallel = [tp > 1] if c["sequence_parallel"] is None else c["sequence_parallel"]
-        for vpp, mbs, sp, recompute, dist_opt, zero, reshard in itertools.product(
+        for vpp, mbs, sp, recompute, dist_opt, zero, reshard, offload in itertools.product(
             _virtual_stages(job.model.num_layers, pp) if c["vpp"] is None else c["vpp"], c["micro_batch_size"], sequence_parallel,
-            c["recompute"], c["distributed_optimizer"], c["zero_stage"], c["reshard_after_forward"]
+            c["recompute"], c["distributed_optimizer"], c["zero_stage"], c["reshard_after_forward"], c["optimizer_offload"]
         ):
             if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
                 continue  # same layout as the one without the knob
@@ -148,7 +149,7 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
                 yield Layout(
                     tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
                     sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero, fsdp=fsdp,
-                    reshard_after_forward=reshard,
+                    reshard_after_forward=reshard, optimizer_offload=offload,
                 )
 
 

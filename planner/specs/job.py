@@ -175,6 +175,9 @@ class SearchFile(StrictModel):
     # Shard degrees of sharded data parallelism (0: off); "auto": see search/layouts.py.
     fsdp: choices(pydantic.conint(ge=0, le=MAX_DEGREE, strict=True)) | Auto = "auto"
     reshard_after_forward: choices(pydantic.StrictBool) | Auto = "auto"
+    # Optimizer on the host ("auto": off; the cheapest fix of a layout that
+    # does not fit considers it).
+    optimizer_offload: choices(pydantic.StrictBool) | Auto = "auto"
     # MoE: the token dispatchers to try ("auto": features.moe_token_dispatcher
     # only; DeepEP and HybridEP need their library installed).
     moe_token_dispatcher: choices(Dispatcher) | Auto = "auto"

@@ -55,6 +55,9 @@ class Layout:
     # Free a layer's gathered weights after its forward and gather them again
     # for its backward (FSDP2 reshard_after_forward); False keeps them.
     reshard_after_forward: bool = True
+    # The optimizer's state and step on the host CPU (ZeRO-Offload,
+    # Megatron's --optimizer-cpu-offload, FSDP2's CPUOffloadPolicy; cost/offload.py).
+    optimizer_offload: bool = False
 
     @property
     def world_size(self) -> int:
@@ -149,6 +152,8 @@ class Layout:
             parts.append(f"Z{self.zero_stage}")
         if self.fsdp:
             parts.append(f"FSDP{self.fsdp}" + ("" if self.reshard_after_forward else "k"))
+        if self.optimizer_offload:
+            parts.append("offload")
         return " ".join(parts)
 
 
@@ -159,6 +164,7 @@ _LABEL_TERMS = {
     "mbs": "micro batch size", "SP": "sequence parallel", "sel": "selective recompute (of core_attn; sel:a+b of modules a, b)",
     "full": "full recompute (fullN: of N layers per chunk)", "DO": "distributed optimizer", "Z": "ZeRO stage",
     "FSDP": "weights sharded over N data-parallel ranks (FSDPNk: kept whole from forward to backward)",
+    "offload": "optimizer state and step on the host CPU",
 }
 
 

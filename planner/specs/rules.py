@@ -62,6 +62,7 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
     _recompute_problems(job, layout, need)
     need(layout.fsdp == 0 or layout.dp % layout.fsdp == 0, "fsdp", f"0 (off) or a divisor of dp = {layout.dp}", layout.fsdp)
+    _offload_problems(job, layout, need)
     if job.framework == "torchtitan":
         _torchtitan_problems(job, layout, need)
         return problems
@@ -88,6 +89,28 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(layout.vpp == 1, "vpp", "1 with DeepSpeed (PipelineModule has no interleaved schedule)", layout.vpp)
         need(model.moe is None or layout.zero_stage <= 2, "zero_stage", "at most 2 for DeepSpeed MoE (ZeRO-3 does not shard experts)", layout.zero_stage)
     return problems
+
+
+def _offload_problems(job: Job, layout: Layout, need) -> None:
+    """Where each framework offloads the optimizer: Megatron's
+    HybridDeviceOptimizer wraps the distributed optimizer through the
+    precision-aware path (validate_args: --use-precision-aware-optimizer, and
+    fp8 parameter gathers only with delayed scaling; optimizer_config.py:
+    distributed optimizer only), not Megatron-FSDP's; DeepSpeed's
+    offload_optimizer needs a ZeRO stage; torchtitan's CPUOffloadPolicy is
+    FSDP2's."""
+    if not layout.optimizer_offload:
+        return
+    if job.framework == "megatron":
+        need(layout.distributed_optimizer and not layout.fsdp, "optimizer_offload",
+             "with the distributed optimizer and without Megatron-FSDP (Megatron's HybridDeviceOptimizer)", True)
+        fp8_gather = job.precision == "fp8" and job.features.fp8_param_gather
+        need(not fp8_gather or job.features.fp8_recipe == "delayed", "optimizer_offload",
+             "fp8 parameter gathers only with delayed scaling (Megatron-LM validate_args)", True)
+    elif job.framework == "deepspeed":
+        need(layout.zero_stage >= 1, "optimizer_offload", "a ZeRO stage of 1 or more (DeepSpeed's offload_optimizer)", True)
+    else:
+        need(layout.param_shards > 1, "optimizer_offload", "FSDP over 2 or more ranks (torchtitan's CPUOffloadPolicy is FSDP2's)", True)
 
 
 def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
