@@ -84,6 +84,9 @@ def cases() -> list[tuple[str, Job, Layout]]:
                                                                    distributed_optimizer=True, fsdp=8)),
         ("llama-3-70b, Megatron-FSDP with TP and a pipeline", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
          seq_length=8192), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=4, **sp)),
+        ("llama-3-70b, bf16 optimizer states", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
+         seq_length=8192, features=Features(optimizer_states="bf16")), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1,
+                                                                              global_batch_size=64, **sp)),
         ("llama-3-70b, optimizer offloaded to the host", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
          seq_length=8192), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, optimizer_offload=True, **sp)),
     ]

@@ -107,3 +107,43 @@ def test_llamafactory_5977_zero3_on_rtx_3090_needs_offload():
     plain, offloaded = evaluate(job, zero3), evaluate(job, Layout(**{**zero3.as_dict(), "optimizer_offload": True}))
     assert not plain.leaves_headroom
     assert offloaded.leaves_headroom and offloaded.peak_memory.peak_bytes < 13 * 10**9
+
+
+def test_bf16_optimizer_states():
+    """Megatron's precision-aware optimizer with bf16 moments keeps 6 bytes
+    per parameter (two bf16 moments and the fp32 master's 16-bit remainder)
+    where Adam in fp32 keeps 12; torchtitan's training.dtype bfloat16 keeps
+    every weight, gradient and moment in bf16 (8 bytes per parameter)."""
+    bf16 = Features(optimizer_states="bf16")
+    job = make_job("llama-3-8b", nodes=1, gbs=64, seq=4096)
+    layout = _layout(distributed_optimizer=True)
+    fp32_states = evaluate(job, layout).memory[0].breakdown_bytes["optimizer_states"]
+    bf16_states = evaluate(Job(**{**job.__dict__, "features": bf16}), layout).memory[0].breakdown_bytes["optimizer_states"]
+    assert bf16_states == pytest.approx(fp32_states / 2)
+    args = megatron_args(Job(**{**job.__dict__, "features": bf16}), layout, uniform_stages(job.model, layout))
+    assert args[args.index("--exp-avg-dtype") + 1] == args[args.index("--exp-avg-sq-dtype") + 1] == "bf16"
+    assert "--use-precision-aware-optimizer" in args
+    titan = Job(model=load_model("llama-3-8b"), cluster=job.cluster, global_batch_size=64, seq_length=4096, framework="torchtitan",
+                stack="torchtitan", features=stack_features("torchtitan", bf16))
+    sharded = _layout(fsdp=8)
+    state = evaluate(titan, sharded).memory[0].breakdown_bytes
+    params = state["weights"] / 2  # bf16
+    assert state["gradients"] == pytest.approx(2 * params) and state["optimizer_states"] == pytest.approx(4 * params)
+    files = launch_files(titan, sharded, uniform_stages(titan.model, sharded), default_placement(titan.cluster, 8))
+    path = __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "job.toml"
+    path.write_text(files["job.toml"])
+    assert ConfigManager().parse_args(["--job.config_file", str(path)]).training.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("framework, flags, field", [
+    ("deepspeed", [], "features.optimizer_states"),  # no bf16 optimizer written for DeepSpeed
+    ("megatron", ["--no-distributed-optimizer"], "--distributed-optimizer"),  # the precision-aware optimizer is the distributed one
+])
+def test_bf16_states_where_the_framework_cannot_are_bad_input(tmp_path, framework, flags, field):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "framework": framework, "features": {"optimizer_states": "bf16"}}))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml"), *flags])
+    assert result.exit_code == 2, result.output
+    assert field in result.output.replace("\n", "")

@@ -24,6 +24,7 @@ marketing figure.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -86,6 +87,14 @@ WEIGHT_BYTES = 2  # 16-bit weights and gradients
 # MixedPrecisionPolicy: "FSDP does not require any extra memory to keep a
 # high-precision copy").
 TORCHTITAN_STATE = dict(weight=4.0, gemm_weight=4.0, fp8_copies=0.0, grad=4.0, optimizer=8.0)
+# With training.dtype "bfloat16" every parameter, gradient and Adam moment is
+# bf16, with no fp32 copy anywhere (job_config.py Training.dtype).
+TORCHTITAN_BF16_STATE = dict(weight=2.0, gemm_weight=2.0, fp8_copies=0.0, grad=2.0, optimizer=4.0)
+# Megatron's precision-aware optimizer with bf16 moments: 2 + 2 bytes of
+# moments and the fp32 master kept as the 16 bits the bf16 weight lacks
+# (megatron-core optimizer_config.py store_param_remainders, on by default
+# with Transformer Engine >= 2.1).
+PRECISION_AWARE_BF16_OPTIMIZER_BYTES = 2 + 2 + 2
 
 
 # --- parameters and optimizer state ----------------------------------------
@@ -204,7 +213,16 @@ class StateBytes:
             # torchao's float8 training casts the bf16 weights on the fly; with
             # enable_fsdp_float8_all_gather (fp8_param_gather) FSDP2 gathers fp8.
             gather = 1.0 if precision == "fp8" and features.fp8_param_gather else WEIGHT_BYTES
-            return cls(**TORCHTITAN_STATE, gemm_gather=gather)
+            state = TORCHTITAN_BF16_STATE if features.optimizer_states == "bf16" else TORCHTITAN_STATE
+            return cls(**state, gemm_gather=gather)
+        state = cls._mixed_precision(framework, precision, features, gpu, param_gather)
+        if features.optimizer_states == "bf16":
+            return dataclasses.replace(state, optimizer=PRECISION_AWARE_BF16_OPTIMIZER_BYTES)
+        return state
+
+    @classmethod
+    def _mixed_precision(cls, framework: str, precision: str, features: Features, gpu: GPU, param_gather: bool) -> StateBytes:
+        """Megatron's and DeepSpeed's 16-bit weights beside fp32 optimizer state (of)."""
         grad = 4 if framework == "megatron" and features.grad_reduce_in_fp32 else WEIGHT_BYTES
         if precision != "fp8":
             return cls(weight=WEIGHT_BYTES, gemm_weight=WEIGHT_BYTES, fp8_copies=0.0, grad=grad, gemm_gather=WEIGHT_BYTES)

@@ -36,6 +36,7 @@ def megatron_args(job: Job, layout: Layout, stages: list[Stage]) -> list[str]:
     return [
         *_model_args(job),
         *_parallel_args(job.model, layout, stages),
+        *_optimizer_args(job, layout),
         *_recompute_args(layout),
         *_overlap_args(job, layout),
         *_precision_args(job, layout),
@@ -74,6 +75,8 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
         problems.append(f"{layout.num_microbatches} micro batches with interleaving over PP{layout.pp}")
     if layout.zero_stage:
         problems.append(f"ZeRO stage {layout.zero_stage} (Megatron uses --use-distributed-optimizer)")
+    if job.features.optimizer_states == "bf16" and (not layout.distributed_optimizer or layout.fsdp):
+        problems.append("bf16 optimizer states need the distributed optimizer and no Megatron-FSDP")
     if layout.optimizer_offload and (not layout.distributed_optimizer or layout.fsdp):
         problems.append("optimizer offload needs the distributed optimizer and no Megatron-FSDP")
     if layout.fsdp and (layout.fsdp != layout.dp or not layout.distributed_optimizer or not layout.reshard_after_forward):
@@ -273,13 +276,23 @@ def _parallel_args(model: ModelSpec, layout: Layout, stages: list[Stage]) -> lis
     args += _split_args(layout, stages, model.mtp_layers)
     if layout.distributed_optimizer:
         args.append("--use-distributed-optimizer")
-    if layout.optimizer_offload:
-        # The whole optimizer on the host (the argparse default fraction is
-        # 1.0; given so the file says it), through the precision-aware path
-        # validate_args requires, copies overlapped with the host's step.
-        args += ["--optimizer-cpu-offload", "--optimizer-offload-fraction", "1.0", "--use-precision-aware-optimizer",
-                 "--overlap-cpu-optimizer-d2h-h2d"]
     return args + _megatron_fsdp_args(layout)
+
+
+def _optimizer_args(job: Job, layout: Layout) -> list[str]:
+    """Offload puts the whole optimizer on the host (the argparse default
+    fraction is 1.0; given so the file says it), copies overlapped with the
+    host's step; bf16 moments. Both go through the precision-aware
+    optimizer, which validate_args requires for offload."""
+    args = []
+    bf16_states = job.features.optimizer_states == "bf16"
+    if layout.optimizer_offload or bf16_states:
+        args.append("--use-precision-aware-optimizer")
+    if layout.optimizer_offload:
+        args += ["--optimizer-cpu-offload", "--optimizer-offload-fraction", "1.0", "--overlap-cpu-optimizer-d2h-h2d"]
+    if bf16_states:
+        args += ["--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
+    return args
 
 
 def _megatron_fsdp_args(layout: Layout) -> list[str]:

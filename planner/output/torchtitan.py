@@ -119,6 +119,7 @@ def _training(job: Job, layout: Layout) -> dict:
         "global_batch_size": layout.global_batch_size,
         "seq_len": job.seq_length,
         "steps": job.train_iters,
+        "dtype": "bfloat16" if job.features.optimizer_states == "bf16" else "float32",
         "mixed_precision_param": "bfloat16",
         "mixed_precision_reduce": "float32",
         "enable_cpu_offload": layout.optimizer_offload,

@@ -117,6 +117,11 @@ class Features(StrictModel):
     # FlashAttention-2, what PyTorch's scaled_dot_product_attention picked
     # before torch 2.9 made cuDNN its default on H100 (pytorch/pytorch#162073).
     attention_kernel: AttentionKernel = "cudnn"
+    # Adam's moments in fp32, or in bf16 (Megatron's precision-aware
+    # optimizer: --exp-avg-dtype/--exp-avg-sq-dtype bf16, its fp32 master kept
+    # as 16-bit remainders beside the bf16 weights; torchtitan's
+    # training.dtype bfloat16: every weight, gradient and moment in bf16).
+    optimizer_states: Literal["fp32", "bf16"] = "fp32"
     # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
     # capacity factor drops each expert's tokens beyond capacity_factor x its
     # even share (None: dropless), and padding every expert to capacity gives
@@ -323,6 +328,8 @@ def check_job(job: Job) -> None:
         _check_torchtitan(job)
     elif job.features.cross_entropy_fusion == "torch":
         raise SpecError(job.source, *_from_stack(job, "cross_entropy_fusion", f"none, native or te with {job.framework} (torch is torchtitan's loss)"))
+    if job.features.optimizer_states == "bf16" and job.framework == "deepspeed":
+        raise SpecError(job.source, "features.optimizer_states", "fp32 with DeepSpeed (loom writes no bf16 optimizer for it)", "bf16")
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:

@@ -63,6 +63,11 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     _recompute_problems(job, layout, need)
     need(layout.fsdp == 0 or layout.dp % layout.fsdp == 0, "fsdp", f"0 (off) or a divisor of dp = {layout.dp}", layout.fsdp)
     _offload_problems(job, layout, need)
+    if job.framework == "megatron" and job.features.optimizer_states == "bf16":
+        # --use-precision-aware-optimizer: "only supported with distributed
+        # optimizer" (megatron-core optimizer_config.py __post_init__).
+        need(layout.distributed_optimizer and not layout.fsdp, "distributed_optimizer",
+             "on, without Megatron-FSDP, for bf16 optimizer states (Megatron's precision-aware optimizer)", layout.distributed_optimizer)
     if job.framework == "torchtitan":
         _torchtitan_problems(job, layout, need)
         return problems
