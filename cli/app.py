@@ -31,7 +31,7 @@ from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import SearchInfo, build_report, report_json
 from loom.planner.search.fixes import cheapest_fix
-from loom.planner.specs.rules import layout_problems
+from loom.planner.specs.rules import default_distributed_optimizer, layout_problems
 from loom.planner.search.layouts import search, split_plan
 from loom.planner.cost.memory import GiB
 
@@ -225,7 +225,7 @@ def evaluate(
     recompute_modules: Annotated[Optional[str], typer.Option(help="With selective: megatron-core's modules, comma-separated, from: core_attn, mlp, moe, shared_experts, moe_act, layernorm, mla_up_proj.", show_default=False)] = None,
     recompute_num_layers: Annotated[int, typer.Option(min=0, help="With full: recompute the first N layers of each model chunk (0: every layer).")] = 0,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
-    distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1.")] = None,
+    distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1, with --fsdp, offload or bf16 optimizer states.")] = None,
     zero_stage: Annotated[int, typer.Option(min=0, max=3)] = 0,
     fsdp: Annotated[Optional[int], typer.Option(min=0, help="Shard the weights, gradients and optimizer state over N data-parallel ranks "
                                                 "(x CP): Megatron-FSDP and ZeRO-3 (over all of dp), torchtitan's FSDP2; 0 off; the replicas "
@@ -267,8 +267,8 @@ def evaluate(
             recompute_modules=_modules(recompute_modules),
             recompute_num_layers=recompute_num_layers,
             zero_stage=zero,
-            distributed_optimizer=(job.framework == "megatron" and (data_parallel * cp > 1 or sharded > 0)) if distributed_optimizer is None
-            else distributed_optimizer,
+            distributed_optimizer=default_distributed_optimizer(job, data_parallel * cp, sharded, offload_optimizer)
+            if distributed_optimizer is None else distributed_optimizer,
             fsdp=sharded,
             reshard_after_forward=not (job.framework == "torchtitan" and pp > 1) if reshard_after_forward is None else reshard_after_forward,
             optimizer_offload=offload_optimizer,

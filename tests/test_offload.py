@@ -147,3 +147,53 @@ def test_bf16_states_where_the_framework_cannot_are_bad_input(tmp_path, framewor
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml"), *flags])
     assert result.exit_code == 2, result.output
     assert field in result.output.replace("\n", "")
+
+
+def _job_file(tmp_path, **fields):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    job = {"model": "llama-3-70b", "cluster": "cluster.yaml", "global_batch_size": 64, "seq_length": 4096, **fields}
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    return tmp_path / "job.yaml"
+
+
+def test_offload_on_one_data_parallel_rank_is_planned_and_its_fix_reproduces(tmp_path):
+    """Llama-3 70B on 8 H100 at TP8 needs the optimizer off the GPU: the
+    search finds it (the distributed optimizer over one rank is what Megatron
+    offloads), evaluate turns the distributed optimizer on by itself, and the
+    cheapest fix it prints, typed back, is accepted and fits."""
+    runner = CliRunner()
+    job = _job_file(tmp_path, search={"tp": [8], "pp": [1], "cp": [1], "optimizer_offload": [True], "recompute": ["full"]})
+    assert runner.invoke(app, ["plan", str(job)]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", str(job), "--tp", "8", "--dp", "1", "--recompute", "full", "--offload-optimizer"]).exit_code == 0
+    base = ["evaluate", str(job), "--tp", "8", "--dp", "1", "--recompute", "full"]
+    refused = runner.invoke(app, base)
+    assert refused.exit_code == 3
+    fix = " ".join(refused.output.split()).split("the cheapest single change that fits: ")[1].split(" (")[0]
+    assert runner.invoke(app, [*base, *fix.split()]).exit_code == 0
+
+
+def test_the_host_step_covers_the_experts_shard():
+    """The offloaded step runs over the same partition the memory holds:
+    routed experts over expert data parallel, not over DP."""
+    from loom.planner.cost.memory import optimizer_partition, stage_params
+
+    job = make_job("mixtral-8x7b", nodes=8, gbs=64, seq=4096)
+    layout = Layout(tp=1, pp=1, dp=64, cp=1, ep=8, micro_batch_size=1, global_batch_size=64, recompute="full",
+                    distributed_optimizer=True, optimizer_offload=True)
+    plan = evaluate(job, layout)
+    params = optimizer_partition(stage_params(job.model, layout, plan.stages[0]), layout)
+    assert params > 5 * stage_params(job.model, layout, plan.stages[0]).total / 64
+    assert plan.step.breakdown_s["optimizer"] == pytest.approx(offload.step_s(params, job.cluster.slowest.gpu, "megatron"), rel=1e-6)
+
+
+def test_bf16_moments_keep_the_whole_master_off_bf16():
+    """Megatron keeps the master as 16-bit remainders only for bf16 models
+    (without fp8, or with delayed scaling): fp16 keeps 8 bytes, not 6."""
+    job = make_job("llama-3-8b", nodes=1, gbs=64, seq=4096)
+    layout = _layout(distributed_optimizer=True)
+    states = {}
+    for precision in ("bf16", "fp16"):
+        priced = Job(**{**job.__dict__, "precision": precision, "features": Features(optimizer_states="bf16")})
+        states[precision] = evaluate(priced, layout).memory[0].breakdown_bytes["optimizer_states"]
+    assert states["fp16"] == pytest.approx(states["bf16"] * 8 / 6)

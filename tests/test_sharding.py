@@ -119,3 +119,14 @@ def test_deepspeed_fetches_a_layers_matrices_one_behind_another():
     assert sharding.exposed_microbatch_s(layout(512, 512), fsdp, links, forward_s, 3 * forward_s) == pytest.approx(
         sharding.unit_collectives_s(layout(512, 512), fsdp, links)[0] + sum(sharding.unit_collectives_s(layout(512, 512), fsdp, links)[:2]))
     assert sharding.exposed_microbatch_s(layout(512, 512), deepspeed, links, forward_s, 3 * forward_s) > 10 * gather
+
+
+def test_the_largest_unit_bounds_the_buffers():
+    """torchtitan shards the embedding and [norm, output] as units of their
+    own: at a 128K vocabulary they outweigh a layer, and the buffers hold
+    the largest gathered beside a layer, and its gradients."""
+    even = units(34, 2.4e8)
+    skewed = sharding.Units(count=34, params=2.4e8, expert_params=0.0, gather_bytes=2.0, reduce_bytes=4.0, largest=5.25e8)
+    resharded = layout(8, 8)
+    assert sharding.buffer_bytes("torchtitan", resharded, even, 2.0) == pytest.approx(2 * 2.4e8 * 2 + 2.4e8 * 6)
+    assert sharding.buffer_bytes("torchtitan", resharded, skewed, 2.0) == pytest.approx((5.25e8 + 2.4e8) * 2 + 5.25e8 * 6)

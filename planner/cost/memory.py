@@ -28,7 +28,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from loom.planner.cost import moe, offload, sharding
+from loom.planner.cost import moe, sharding
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
@@ -92,9 +92,12 @@ TORCHTITAN_STATE = dict(weight=4.0, gemm_weight=4.0, fp8_copies=0.0, grad=4.0, o
 TORCHTITAN_BF16_STATE = dict(weight=2.0, gemm_weight=2.0, fp8_copies=0.0, grad=2.0, optimizer=4.0)
 # Megatron's precision-aware optimizer with bf16 moments: 2 + 2 bytes of
 # moments and the fp32 master kept as the 16 bits the bf16 weight lacks
-# (megatron-core optimizer_config.py store_param_remainders, on by default
-# with Transformer Engine >= 2.1).
+# (optimizer_config.py store_param_remainders, on with Transformer Engine >=
+# 2.1) when the model is bf16 without fp8 or with delayed scaling
+# (distrib_optimizer.py: ``store_param_remainders and config.bf16``;
+# use_precision_aware_optimizer_no_fp8_or_ds_fp8), else the whole fp32 master.
 PRECISION_AWARE_BF16_OPTIMIZER_BYTES = 2 + 2 + 2
+PRECISION_AWARE_BF16_FP32_MASTER_BYTES = 2 + 2 + 4
 
 
 # --- parameters and optimizer state ----------------------------------------
@@ -217,7 +220,8 @@ class StateBytes:
             return cls(**state, gemm_gather=gather)
         state = cls._mixed_precision(framework, precision, features, gpu, param_gather)
         if features.optimizer_states == "bf16":
-            return dataclasses.replace(state, optimizer=PRECISION_AWARE_BF16_OPTIMIZER_BYTES)
+            remainders = precision == "bf16" or (precision == "fp8" and features.fp8_recipe == "delayed")
+            return dataclasses.replace(state, optimizer=PRECISION_AWARE_BF16_OPTIMIZER_BYTES if remainders else PRECISION_AWARE_BF16_FP32_MASTER_BYTES)
         return state
 
     @classmethod
@@ -266,6 +270,13 @@ def model_state_bytes(params: StageParams, layout: Layout, state: StateBytes) ->
     }
 
 
+def optimizer_partition(params: StageParams, layout: Layout) -> float:
+    """Parameters of this rank's optimizer shard: the dense ones over the
+    optimizer's shards, the experts over expert data parallel."""
+    shards = layout.optimizer_shards
+    return (params.total - params.expert) / shards + params.expert / (layout.expert_shards if shards > 1 else 1)
+
+
 def optimizer_step_bytes(params: StageParams, layout: Layout, state: StateBytes, framework: str) -> float:
     """During the step the optimizer makes an fp32 copy of a 16-bit gradient
     shard: Megatron's distributed optimizer (distrib_optimizer.py
@@ -278,8 +289,7 @@ def optimizer_step_bytes(params: StageParams, layout: Layout, state: StateBytes,
     the optimizer runs on the host."""
     if state.grad >= 4 or layout.optimizer_offload or (framework != "deepspeed" and (layout.zero_stage or layout.fsdp)):
         return 0.0
-    shards = layout.optimizer_shards
-    partition = (params.total - params.expert) / shards + params.expert / (layout.expert_shards if shards > 1 else 1)
+    partition = optimizer_partition(params, layout)
     if framework == "deepspeed" and layout.zero_stage >= 3:
         partition = min(partition, sharding.ZERO3_SUB_GROUP_PARAMS)
     return 4 * partition
@@ -463,8 +473,17 @@ def sharding_units(model: ModelSpec, framework: str, layout: Layout, params: Sta
     # Every weight is gathered in 16-bit (FSDP2's param_dtype, Megatron's
     # compute weights), GEMM weights in fp8 under fp8 parameter gathers.
     gather = ((params.total - params.linear) * WEIGHT_BYTES + params.linear * state.gemm_gather) / params.total if params.total else WEIGHT_BYTES
-    host_copy = offload.SHARD_COPY_BYTES_PER_PARAM * params.total / count / layout.param_shards \
-        if layout.optimizer_offload and framework == "torchtitan" else 0.0
+    # torchtitan reduces in fp32 (mixed_precision_reduce) whatever its
+    # weights' dtype, and its host copies move the shards as stored.
+    reduce = 4.0 if framework == "torchtitan" else state.grad
+    host_copy = state.weight * params.total / count / layout.param_shards if layout.optimizer_offload and framework == "torchtitan" else 0.0
+    # The embedding's and the output layer's vocabulary-parallel weights are
+    # units of their own (torchtitan's fully_shard on tok_embeddings and on
+    # [norm, output]); the largest a stage has bounds its buffers.
+    vocabulary = model.vocab_size * model.hidden_size / layout.tp if stage.embedding or stage.head else 0.0
+    layer = max((_layer_params_per_gpu(model, layout.tp, layout.ep, layout.etp, moe).total
+                 for moe in {False, model.moe is not None} if stage.num_layers), default=0.0)
     return sharding.Units(count=count, params=params.total / count, expert_params=params.expert / count,
-                          gather_bytes=gather, reduce_bytes=state.grad,
-                          pieces=sharding.deepspeed_pieces(model) if framework == "deepspeed" else (1.0,), host_copy_bytes=host_copy)
+                          gather_bytes=gather, reduce_bytes=reduce,
+                          pieces=sharding.deepspeed_pieces(model) if framework == "deepspeed" else (1.0,), host_copy_bytes=host_copy,
+                          largest=max(vocabulary, layer))

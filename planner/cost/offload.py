@@ -12,7 +12,8 @@ DeepSpeed's copies during backward), so the step takes the longer of the two.
 torchtitan's CPUOffloadPolicy (torch FSDP2 _fsdp_api.py) keeps the sharded
 parameters, gradients and optimizer state on the host: each unit's shard
 crosses PCIe before its all-gather and its gradient shard after the
-reduce-scatter (sharding.py, ``host_copy_bytes``), and Adam steps on the host.
+reduce-scatter, in the dtype it is stored in (sharding.py,
+``host_copy_bytes``), and Adam steps on the host.
 
 The host figures are the catalogue's (profiles/gpus.yaml pcie_GBps,
 host_memory_GBps): link and DRAM peaks, so these times err short.
@@ -34,9 +35,6 @@ CPU_ADAM_BYTES_PER_PARAM = 4 * 4 + 3 * 4 + 2
 # What crosses PCIe per parameter in a Megatron or DeepSpeed step: the fp32
 # gradient down, the 16-bit weight up.
 STEP_COPY_BYTES_PER_PARAM = 4 + 2
-# torchtitan's shards cross in fp32 both ways (FSDP2 keeps the sharded
-# parameter and gradient in their original dtype).
-SHARD_COPY_BYTES_PER_PARAM = 4
 
 
 def pcie_link(gpu: GPU) -> Link:

@@ -82,6 +82,9 @@ class Units:
     # The shares of a unit's weights fetched one after another, each hiding
     # behind the compute of the one before (deepspeed_pieces); one for FSDP.
     pieces: tuple[float, ...] = (1.0,)
+    # The largest unit's weights (the embedding or the output layer at a
+    # large vocabulary): what bounds the buffers; 0 means ``params``.
+    largest: float = 0.0
     # Bytes of one unit's shard copied from the host before its gather and
     # of its gradient shard copied back after its reduce (torchtitan's CPU
     # offload; offload.py), 0 without.
@@ -215,11 +218,14 @@ def buffer_bytes(framework: str, layout: Layout, units: Units, compute_grad_byte
       foreach_reduce copies them in before freeing the gradients); without
       resharding after forward every unit stays gathered until its backward.
     - DeepSpeed ZeRO-3: up to stage3_max_live_parameters gathered and one
-      reduce bucket of reduce_bucket_size elements."""
+      reduce bucket of reduce_bucket_size elements.
+    Two units in flight are the largest and one of mean size."""
     stage_params = units.count * units.params
+    largest = max(units.largest, units.params)
     if framework == "deepspeed":
         return min(ZERO3_MAX_LIVE_PARAMS, stage_params) * units.gather_bytes + ZERO3_REDUCE_BUCKET_PARAMS * compute_grad_bytes
     if held_across_microbatches(framework, layout):
         return stage_params * (units.gather_bytes + units.reduce_bytes)
-    gathered = stage_params if not layout.reshard_after_forward else min(stage_params, UNITS_IN_FLIGHT * units.params)
-    return gathered * units.gather_bytes + units.params * (compute_grad_bytes + units.reduce_bytes)
+    in_flight = largest + (UNITS_IN_FLIGHT - 1) * units.params
+    gathered = stage_params if not layout.reshard_after_forward else min(stage_params, in_flight)
+    return gathered * units.gather_bytes + largest * (compute_grad_bytes + units.reduce_bytes)

@@ -19,7 +19,7 @@ from loom.planner.cost import host, layers, moe, offload, sharding
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
-from loom.planner.cost.memory import StageParams, StateBytes, sharding_units, stage_params
+from loom.planner.cost.memory import StageParams, StateBytes, optimizer_partition, sharding_units, stage_params
 from loom.planner.cost.network import Links
 from loom.planner.cost.shape import ACT_BYTES, Shape
 from loom.planner.specs.job import Job
@@ -316,7 +316,7 @@ def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) ->
 def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
     """The optimizer step over this rank's shard: memory-bound on the GPU,
     or on the host with offload (offload.py)."""
-    params = stage_params(job.model, layout, stage).total / layout.optimizer_shards
+    params = optimizer_partition(stage_params(job.model, layout, stage), layout)
     if layout.optimizer_offload:
         return offload.step_s(params, gpu, job.framework)
     return memory_time_s(params * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from loom.planner.plan import Plan, build_plan
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
-from loom.planner.specs.rules import layout_problems
+from loom.planner.specs.rules import default_distributed_optimizer, layout_problems
 
 
 def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
@@ -37,9 +37,12 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
         stage = layout.zero_stage + 1
         changes.append((f"--zero-stage {stage}", replace(layout, zero_stage=stage, fsdp=layout.dp if stage == 3 else 0)))
     if job.framework == "megatron" and not layout.fsdp:
-        changes.append((f"--fsdp {layout.dp}", replace(layout, fsdp=layout.dp, distributed_optimizer=True, optimizer_offload=False)))
+        dropped = " --no-offload-optimizer" if layout.optimizer_offload else ""
+        changes.append((f"--fsdp {layout.dp}{dropped}", replace(layout, fsdp=layout.dp, distributed_optimizer=True, optimizer_offload=False)))
     if not layout.optimizer_offload:
-        changes.append(("--offload-optimizer", replace(layout, optimizer_offload=True)))
+        # Megatron offloads the distributed optimizer only.
+        changes.append(("--offload-optimizer", replace(layout, optimizer_offload=True,
+                                                       distributed_optimizer=layout.distributed_optimizer or job.framework == "megatron")))
     mbs = layout.micro_batch_size // 2
     while mbs >= 1:
         changes.append((f"--mbs {mbs}", replace(layout, micro_batch_size=mbs)))
@@ -69,6 +72,15 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
     return changes
 
 
+def _with_optimizer_flag(job: Job, flags: str, changed: Layout) -> str:
+    """``flags`` plus the distributed-optimizer flag where loom evaluate's
+    default for the changed layout would not give what it prices."""
+    default = default_distributed_optimizer(job, changed.dp * changed.cp, changed.fsdp, changed.optimizer_offload)
+    if "distributed-optimizer" in flags or default == changed.distributed_optimizer:
+        return flags
+    return flags + (" --distributed-optimizer" if changed.distributed_optimizer else " --no-distributed-optimizer")
+
+
 def cheapest_fix(job: Job, layout: Layout) -> tuple[str, Plan] | None:
     """The fastest single change of ``layout`` whose plan leaves the job's
     memory headroom, with its flags; None when no single change does."""
@@ -76,6 +88,7 @@ def cheapest_fix(job: Job, layout: Layout) -> tuple[str, Plan] | None:
     for flags, changed in single_changes(job, layout):
         if layout_problems(job, changed):
             continue
+        flags = _with_optimizer_flag(job, flags, changed)
         plan = build_plan(job, changed)
         if plan.leaves_headroom:
             found.append((plan.step_time_s, flags, plan))

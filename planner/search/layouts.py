@@ -102,7 +102,8 @@ def _choices(job: Job) -> dict[str, list]:
         "reshard_after_forward": [True, False] if flavor else [True],
         "optimizer_offload": [False],
     }
-    return {knob: auto[knob] if getattr(space, knob) == "auto" else list(getattr(space, knob)) for knob in auto}
+    # A value listed twice is tried once.
+    return {knob: auto[knob] if getattr(space, knob) == "auto" else list(dict.fromkeys(getattr(space, knob))) for knob in auto}
 
 
 
@@ -141,7 +142,10 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
             _virtual_stages(job.model.num_layers, pp) if c["vpp"] is None else c["vpp"], c["micro_batch_size"], sequence_parallel,
             c["recompute"], c["distributed_optimizer"], c["zero_stage"], c["reshard_after_forward"], c["optimizer_offload"]
         ):
-            if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1) or (zero and dp * cp == 1):
+            # The distributed optimizer over one rank is the plain one, unless
+            # offload or bf16 states need it (Megatron runs those only with it).
+            needs_distributed = offload or job.features.optimizer_states == "bf16"
+            if (sp and tp == 1) or (vpp > 1 and pp == 1) or (dist_opt and dp * cp == 1 and not needs_distributed) or (zero and dp * cp == 1):
                 continue  # same layout as the one without the knob
             for fsdp in _shard_degrees(job, tp, cp, dp, zero) if c["fsdp"] is None else c["fsdp"]:
                 if (not fsdp and not reshard) or (fsdp and job.framework == "megatron" and not dist_opt):

@@ -96,6 +96,15 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     return problems
 
 
+def default_distributed_optimizer(job: Job, data_parallel: int, fsdp: int, offload: bool) -> bool:
+    """Whether ``loom evaluate`` turns Megatron's distributed optimizer on
+    when not told: over more than one data-parallel rank, and wherever
+    Megatron-FSDP, offload or bf16 optimizer states need it."""
+    if job.framework != "megatron":
+        return False
+    return data_parallel > 1 or fsdp > 0 or offload or job.features.optimizer_states == "bf16"
+
+
 def _offload_problems(job: Job, layout: Layout, need) -> None:
     """Where each framework offloads the optimizer: Megatron's
     HybridDeviceOptimizer wraps the distributed optimizer through the
