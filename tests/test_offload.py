@@ -197,3 +197,20 @@ def test_bf16_moments_keep_the_whole_master_off_bf16():
         priced = Job(**{**job.__dict__, "precision": precision, "features": Features(optimizer_states="bf16")})
         states[precision] = evaluate(priced, layout).memory[0].breakdown_bytes["optimizer_states"]
     assert states["fp16"] == pytest.approx(states["bf16"] * 8 / 6)
+
+
+def test_deepspeed_offload_copies_accumulating_gradients_every_micro_batch():
+    """ZeRO-2 with offload copies each gradient to the host after every
+    backward and back before the next (2m - 1 copies of 16-bit gradients a
+    step, stage_1_and_2.py async_accumulate_grad_in_cpu_via_gpu); one
+    micro batch copies nothing of the kind."""
+    job = Job(model=load_model("llama-3-8b"), cluster=make_job().cluster, global_batch_size=256, seq_length=4096, framework="deepspeed")
+    copies = {}
+    for batch in (64, 256):
+        layout = Layout(tp=1, pp=1, dp=64, cp=1, micro_batch_size=1, global_batch_size=batch, recompute="full", zero_stage=2,
+                        optimizer_offload=True)
+        copies[batch] = evaluate(Job(**{**job.__dict__, "global_batch_size": batch}), layout).step.breakdown_s["offload_copies"]
+    params = evaluate(job, Layout(tp=1, pp=1, dp=64, cp=1, micro_batch_size=1, global_batch_size=256, recompute="full",
+                                  zero_stage=2)).memory[0].breakdown_bytes["weights"] / 2
+    assert copies[64] == 0.0
+    assert copies[256] == pytest.approx(7 * offload.pcie_link(job.cluster.slowest.gpu).seconds(2 * params), rel=1e-6)

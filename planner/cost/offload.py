@@ -48,6 +48,16 @@ def host_adam_s(params: float, gpu: GPU) -> float:
     return params * CPU_ADAM_BYTES_PER_PARAM / (gpu.host_memory_GBps * 1e9)
 
 
+def accumulation_copies_s(params: float, gpu: GPU, microbatches: int) -> float:
+    """Per micro batch (the step's mean), what DeepSpeed's ZeRO-1/2 offload
+    copies while gradients accumulate: each parameter's 16-bit gradient goes
+    to a pinned host buffer after its backward and, from the second micro
+    batch on, comes back to be added first (stage_1_and_2.py
+    async_accumulate_grad_in_cpu_via_gpu: ``param.numel()`` elements each
+    way, on the compute stream): 2m - 1 copies a step."""
+    return (2 * microbatches - 1) / microbatches * pcie_link(gpu).seconds(params * 2)
+
+
 def step_s(params: float, gpu: GPU, framework: str) -> float:
     """The optimizer step of a rank whose optimizer holds ``params``
     parameters on the host: the copies and the host's Adam overlapped

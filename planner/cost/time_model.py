@@ -313,6 +313,14 @@ def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) ->
     return max(comm.reduce_s * comm.bucket_fraction, comm.reduce_s - window_s)
 
 
+def _accumulation_copies_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
+    """DeepSpeed ZeRO-1/2 with offload and gradient accumulation copies the
+    stage's gradients to the host and back every micro batch (offload.py)."""
+    if not (job.framework == "deepspeed" and layout.optimizer_offload and layout.zero_stage <= 2 and layout.num_microbatches > 1):
+        return 0.0
+    return offload.accumulation_copies_s(stage_params(job.model, layout, stage).total, gpu, layout.num_microbatches)
+
+
 def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
     """The optimizer step over this rank's shard: memory-bound on the GPU,
     or on the host with offload (offload.py)."""
@@ -344,6 +352,7 @@ class StepParts:
     chunks: list[list[ChunkTime]]  # per stage, in virtual-stage order
     sharding_s: list[float]  # per stage, per micro batch (ZeRO-2/3, FSDP)
     sharding_step_s: list[float]  # per stage, once per step (FSDP weights kept across micro batches)
+    offload_s: list[float]  # per stage, per micro batch (DeepSpeed's offloaded gradient accumulation)
     p2p_one_s: float  # one activation (or gradient) transfer between stages
     dp: list[DataParallelComm]  # per stage
     optimizer_s: list[float]  # per stage
@@ -353,7 +362,7 @@ class StepParts:
     @property
     def tau_s(self) -> list[float]:
         """One micro batch through all chunks of each stage."""
-        return [sum(c.total_s for c in chunks) + z for chunks, z in zip(self.chunks, self.sharding_s)]
+        return [sum(c.total_s for c in chunks) + z + o for chunks, z, o in zip(self.chunks, self.sharding_s, self.offload_s)]
 
     def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float, pp_comm_s: float) -> dict[str, float]:
         """Where the step goes, with the pipeline's length, the send/recv time
@@ -373,6 +382,7 @@ class StepParts:
             "ep_comm": m * sum(c.ep_comm_s for c in chunks),
             "host_overhead": m * sum(c.host_s for c in chunks),
             "sharding_comm": m * self.sharding_s[slowest],
+            "offload_copies": m * self.offload_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))
         p2p_s = min(pp_comm_s, idle_s)
@@ -412,6 +422,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         chunks=chunks,
         sharding_s=[microbatch_s for microbatch_s, _ in sharded],
         sharding_step_s=[step_s for _, step_s in sharded],
+        offload_s=[_accumulation_copies_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
         optimizer_s=[_optimizer_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
