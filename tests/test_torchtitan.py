@@ -31,7 +31,7 @@ from loom.planner.specs.stages import uniform_stages
 from test_placement_launch import clean_env, captures, cluster, install, permuted_placement, RECORDER, torchrun_placement
 
 logging.getLogger("torchtitan").setLevel(logging.WARNING)
-REGISTRIES = {"llama3": "llama3_args", "qwen3": "qwen3_args", "deepseek_v3": "deepseekv3_args"}
+REGISTRIES = {"llama3": "llama3_args", "qwen3": "qwen3_args", "deepseek_v3": "deepseekv3_args", "gpt_oss": "gptoss_configs"}
 
 
 def _shape(name: str, args) -> tuple[int, ...]:
@@ -43,6 +43,8 @@ def _shape(name: str, args) -> tuple[int, ...]:
     if name == "qwen3":
         experts = args.moe_args.num_experts if args.moe_enabled else 0
         return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size, experts)
+    if name == "gpt_oss":
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.moe_inter_dim, args.vocab_size, args.moe_args.num_experts)
     return (args.dim, args.n_layers, args.n_heads, args.n_heads, args.inter_dim, args.vocab_size, args.moe_args.num_experts)
 
 
@@ -59,6 +61,7 @@ def test_loom_flavors_are_torchtitans():
 def test_catalogue_models_map_to_their_flavors():
     assert torchtitan.flavor_of(load_model("llama-3-70b")).flavor == "70B"
     assert torchtitan.flavor_of(load_model("deepseek-v2-lite")).flavor == "16B"
+    assert torchtitan.flavor_of(load_model("gpt-oss-120b")).flavor == "120b"
     assert torchtitan.flavor_of(load_model("mistral-7b")) is None  # Llama 3 8B's width and depth, another vocabulary
 
 

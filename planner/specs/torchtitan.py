@@ -5,8 +5,9 @@ trainable there when its shape is one of them.
 Flavors of torchtitan 0.2.2 (the last release whose config manager reads
 TOML: torchtitan/config/manager.py ``_maybe_load_toml``), each from
 ``torchtitan/models/<name>/__init__.py`` (``llama3_args``, ``qwen3_args``,
-``deepseekv3_args``). ``pipeline`` is whether the model's TrainSpec has a
-``pipelining_fn`` (qwen3's is None in 0.2.2). ``tests/test_torchtitan.py``
+``deepseekv3_args``, ``gptoss_configs``). ``pipeline`` is whether the
+model's TrainSpec has a ``pipelining_fn`` (qwen3's and gpt_oss's are None
+in 0.2.2). ``tests/test_torchtitan.py``
 checks this table against the installed torchtitan's registry.
 """
 
@@ -44,6 +45,10 @@ FLAVORS = (
         "30B-A3B": (2048, 48, 32, 4, 6144, 151936, 128), "235B-A22B": (4096, 94, 64, 4, 12288, 151936, 128)}),
     *_flavors("deepseek_v3", True, {"16B": (2048, 27, 16, 16, 10944, 102400, 64), "236B": (5120, 60, 128, 128, 12288, 102400, 160),
                                     "671B": (7168, 61, 128, 128, 18432, 129280, 256)}),
+    # gpt_oss (gptoss_configs; GptOssModelArgs' defaults give the widths): its
+    # FlexAttention with sinks and windows has no CP, as loom's rules say for
+    # such models already.
+    *_flavors("gpt_oss", False, {"20b": (2880, 24, 64, 8, 2880, 201088, 32), "120b": (2880, 36, 64, 8, 2880, 201088, 128)}),
 )
 
 
