@@ -459,8 +459,9 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     # The optimizer step holds no activations: its gradient copy binds only
     # when it is larger than everything the backward held.
     transient = max(transient, optimizer_step_bytes(params, layout, state_bytes, framework) - activations)
-    units = sharding_units(shape.model, framework, layout, params, stage, state_bytes)
-    buffers = sharding.buffer_bytes(framework, layout, units, WEIGHT_BYTES) if layout.fsdp else 0.0
+    buffers = 0.0
+    if layout.fsdp:  # most layouts of a search have none: build the units only for those that do
+        buffers = sharding.buffer_bytes(framework, layout, sharding_units(shape.model, framework, layout, params, stage, state_bytes), WEIGHT_BYTES)
     runtime = runtime_bytes(shape, layout, gpu, framework, activations + transient)
     return StageMemory(stage=stage.index, breakdown_bytes={**state, "sharding_buffers": buffers, "activations": activations,
                                                            "transient": transient, **runtime})
