@@ -160,6 +160,34 @@ def test_405b_with_uneven_interleaving_holds_the_chunks_in_flight():
     assert peaks[7] == pytest.approx(peaks[4], rel=0.05)
 
 
+
+def test_metas_405b_layout_on_megatron_holds_what_megatrons_own_formula_holds():
+    """Meta's Llama-3 405B layout (TP8 PP16 DP64, 8K, no recompute) on
+    Megatron-LM: the first stage holds 16 micro batches of its 7 layers, as
+    Megatron-LM's own estimate says (megatron/training/
+    theoretical_memory_usage.py compute_activation_memory: s b h (18 + 4
+    ffn/h) / t per layer with SP, times pp micro batches in flight): 54 GiB
+    by that formula, 64 GiB by loom's, which also counts the SwiGLU's second
+    half (that formula's 4 ffn/h is a GeLU MLP's; a gated one saves 6 ffn/h).
+    Either way it does not fit beside Megatron-LM's unsharded fp32 gradient
+    buffer; sharded as Meta did (FSDP over the 64 data-parallel ranks,
+    Megatron-FSDP) it fits. Interleaving holds more on the first stage
+    (that file's penalty 1 + (pp-1)/(pp vpp)), not less."""
+    job = make_job("llama-3-405b", nodes=1024, gbs=2048, seq=8192)
+    layout = Layout(tp=8, pp=16, dp=64, cp=1, micro_batch_size=1, global_batch_size=2048, sequence_parallel=True,
+                    distributed_optimizer=True)
+    plan = evaluate(job, layout)
+    model = job.model
+    first = plan.memory[0]
+    layers_first = plan.stages[0].num_layers
+    megatron_per_layer = 8192 * model.hidden_size * (18 + 4 * model.ffn_hidden_size / model.hidden_size) / 8
+    megatron_first_stage = megatron_per_layer * layers_first * 16
+    assert first.breakdown_bytes["activations"] == pytest.approx(megatron_first_stage, rel=0.20)
+    assert not plan.fits
+    assert evaluate(job, replace(layout, fsdp=64)).fits
+    interleaved = evaluate(job, replace(layout, vpp=2)).memory[0].breakdown_bytes["activations"]
+    assert interleaved == pytest.approx(first.breakdown_bytes["activations"] * (1 + 15 / 32), rel=0.05)
+
 def test_recompute_and_sequence_parallel_shrink_activations():
     job = make_job("llama-3-8b")
     sizes = {}
