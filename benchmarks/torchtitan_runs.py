@@ -41,7 +41,7 @@ from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
 
 GiB = 2**30
-GRAND_TETON = {"gpus_per_node": 8, "gpu": "H100-SXM5-96GB", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+GRAND_TETON = {"gpus_per_node": 8, "gpu": "H100-SXM5-96GB", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400, "power_limit_W": 500}
 
 
 @dataclass(frozen=True)

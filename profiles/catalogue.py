@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +39,30 @@ class GPU:
     gemm_k_overhead: float | None = None
     gemm_profile: str | None = None
     compute_capability: tuple[int, int] | None = None  # CUDA's; None for non-NVIDIA GPUs
+    tdp_W: float | None = None  # the board power its peak figures are sustained at (gpus.yaml)
+    power_limit_W: float | None = None  # the cluster's power cap (None: the TDP; power_limited)
+
+    @property
+    def kind(self) -> str:
+        """The GPU type as the cluster runs it: its name, and its power cap
+        where one is set (GPUs of one kind are interchangeable)."""
+        return self.name if self.power_limit_W is None else f"{self.name}@{self.power_limit_W:g}W"
+
+    @property
+    def clock_fraction(self) -> float:
+        """The fraction of its TDP clock a power-capped GPU keeps on
+        compute-bound kernels: dynamic power is C V^2 f and, inside the DVFS
+        range, the voltage follows the clock, so power goes as f^3 and the
+        clock as (limit / TDP)^(1/3) (Hennessy & Patterson, Computer
+        Architecture, 6th ed., sec. 1.5) [assumed: static power and the
+        voltage floor ignored]. At 500 of 700 W that is 0.894, inside the
+        bracket torchtitan's authors give for their 500 W H100s ("between SXM
+        and NVL", 835-989 TFLOP/s: pytorch/torchtitan
+        benchmarks/llama3_h100_202412_torchtitan.md). HBM keeps its clock, so
+        memory-bound kernels are not slowed."""
+        if self.power_limit_W is None or self.tdp_W is None:
+            return 1.0
+        return min(1.0, (self.power_limit_W / self.tdp_W) ** (1 / 3))
 
     @property
     def fp8_gemm_any_layout(self) -> bool:
@@ -81,6 +105,7 @@ def _gpu_table() -> dict[str, GPU]:
             pcie_GBps=float(entry["pcie_GBps"]),
             host_memory_GBps=float(entry["host_memory_GBps"]),
             compute_capability=tuple(entry["compute_capability"]) if entry.get("compute_capability") else None,
+            tdp_W=float(entry["tdp_W"]) if entry.get("tdp_W") else None,
         )
         for key in [name, *entry.get("aliases", [])]:
             table[key.lower()] = gpu
@@ -97,6 +122,20 @@ def find_gpu(name: str, source: str = "cluster", field: str = "gpu") -> GPU:
     if gpu is None:
         raise SpecError(source, field, f"a GPU from the catalogue ({', '.join(gpu_names())})", name)
     return gpu
+
+
+@cache
+def power_limited(gpu: GPU, power_limit_W: float | None) -> GPU:
+    """``gpu`` run under a power cap of ``power_limit_W`` watts (None: its
+    TDP): one object per pair, so identity stays equality. Raises ValueError
+    when the catalogue has no TDP for it or the cap exceeds the TDP."""
+    if power_limit_W is None:
+        return gpu
+    if gpu.tdp_W is None:
+        raise ValueError(f"no power limit: loom's catalogue has no TDP for {gpu.name}")
+    if power_limit_W > gpu.tdp_W:
+        raise ValueError(f"at most {gpu.tdp_W:g} W, the TDP of {gpu.name}")
+    return replace(gpu, power_limit_W=float(power_limit_W))
 
 
 def model_names() -> list[str]:

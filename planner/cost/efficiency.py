@@ -56,7 +56,10 @@ def gemm_time_s(m: int, n: int, k: int, gpu: GPU, precision: str, batch: int = 1
     flops = 2.0 * m * n * k * batch
     overhead = GEMM_K_OVERHEAD if gpu.gemm_k_overhead is None else gpu.gemm_k_overhead
     k_efficiency = k / (k + overhead)
-    rate = gpu.peak_flops(precision) * gpu.gemm_efficiency[precision] * k_efficiency * tile_utilisation(m, n, gpu.sms, batch)
+    # A measured GEMM curve (loom profile gemm) was measured under whatever
+    # power cap the GPU ran at; only the catalogue's figures are the TDP's.
+    clock = 1.0 if gpu.gemm_profile else gpu.clock_fraction
+    rate = gpu.peak_flops(precision) * gpu.gemm_efficiency[precision] * clock * k_efficiency * tile_utilisation(m, n, gpu.sms, batch)
     in_bytes = BYTES[precision]
     bytes_moved = batch * ((m * k + k * n) * in_bytes + m * n * 2)  # output in 16-bit
     return max(flops / rate, memory_time_s(bytes_moved, gpu), KERNEL_MIN_S)
@@ -76,7 +79,7 @@ def flash_attention_time_s(flops: float, gpu: GPU, kv_length: int, kernel: str =
     (Dao 2023, fig. 4: causal, head dim 128 on A100, 110 TFLOP/s at 512 keys,
     ~165 at 2K, ~185 at 16K). ``kernel`` flash2 runs at the GPU's
     FlashAttention-2 efficiency where the catalogue has one (job.Features
-    attention_kernel)."""
+    attention_kernel). A power-capped GPU runs it at its clock_fraction."""
     ramp = kv_length / (kv_length + FLASH_KV_OVERHEAD)
     efficiency = gpu.flash2_attention_efficiency if kernel == "flash2" and gpu.flash2_attention_efficiency else gpu.attention_efficiency
-    return flops / (gpu.peak_flops("bf16") * efficiency * ramp)
+    return flops / (gpu.peak_flops("bf16") * efficiency * gpu.clock_fraction * ramp)

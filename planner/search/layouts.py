@@ -414,7 +414,7 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
 def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
     if smallest is not None:
         fullest, layout = smallest
-        gpus = " + ".join(sorted({node.gpu.name for node in job.cluster.nodes}))
+        gpus = " + ".join(sorted({node.gpu.kind for node in job.cluster.nodes}))
         return (
             f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpus}: the smallest "
             f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "

@@ -57,14 +57,14 @@ def placement_problem(plan: Plan) -> PlacementProblem:
         for name, (seconds, link) in busy_s.items()
         if seconds > 0 and math.isfinite(link.bandwidth_GBps)
     )
-    gpu_types = sorted({node.gpu.name for node in job.cluster.nodes})
+    gpu_types = sorted({node.gpu.kind for node in job.cluster.nodes})
     return PlacementProblem(
         bandwidth_GBps=topology.bandwidth_GBps,
         host_of_slot=topology.host_of_slot,
         kinds=kinds,
         block_size=job.cluster.gpus_per_node,
         start=topology.slots(placement.gpus),
-        host_type=np.array([gpu_types.index(node.gpu.name) for node in job.cluster.nodes]),
+        host_type=np.array([gpu_types.index(node.gpu.kind) for node in job.cluster.nodes]),
         # DeepSpeed's runner starts a host's ranks on its GPUs in ascending
         # order; other orders need the gpu_order.py wrapper, so whole nodes move only.
         reorder_gpus=job.framework != "deepspeed",

@@ -90,7 +90,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     # the last stage, not one per micro batch in flight. When the solver also
     # moves stages between device groups the last stage's device is not known
     # in advance; then it is counted per micro batch in flight (conservative).
-    groups_move = len({gpu.name for gpu in groups}) > 1 and (layout.tp * layout.cp * layout.dp) % job.cluster.gpus_per_node == 0
+    groups_move = len({gpu.kind for gpu in groups}) > 1 and (layout.tp * layout.cp * layout.dp) % job.cluster.gpus_per_node == 0
     head_bytes = head_activation_bytes(shape) + head_transient(shape)
     head = layer(Chunk(0, 0, head=True), head_bytes if groups_move else 0.0)
 

@@ -9,6 +9,7 @@ Example::
     nvlink_GBps: 450        # per GPU, per direction
     nics_per_node: 8
     nic_Gbps: 400           # line rate of one NIC
+    power_limit_W: 500      # optional: the GPUs' power cap, below their TDP
     node_overrides:         # optional: nodes that differ from the rest
       - {node: 3, nic_Gbps: 200}
     # Optional fabric details (see planner/specs/topology.py), for placement:
@@ -38,7 +39,7 @@ from loom.planner.specs.errors import SpecError
 from loom.planner.specs.files import StrictModel, count, rate, read_json, read_mapping, validate
 from loom.planner.specs.hardware import Fabric, Node
 from loom.planner.specs.topology import Topology, build_topology
-from loom.profiles.catalogue import GPU, find_gpu
+from loom.profiles.catalogue import GPU, find_gpu, power_limited
 from loom.profiles.nccl_tests import NcclTestsDocument
 
 # What no cluster has (the error message states the limit): 131,072 nodes
@@ -46,6 +47,7 @@ from loom.profiles.nccl_tests import NcclTestsDocument
 # GPU, 10 Tb/s per NIC.
 MAX_NODES, MAX_GPUS_PER_NODE, MAX_NICS = 1 << 17, 1024, 64
 NVLINK_GBPS, NIC_GBPS = rate(10_000), rate(10_000)
+POWER_W = rate(10_000)  # a GPU's power cap; the GPU's own TDP bounds it (catalogue.power_limited)
 NodeIndex = count(MAX_NODES - 1, minimum=0)
 # A host name as RFC 1123 allows it (labels of letters, digits and hyphens,
 # not starting or ending with a hyphen, joined by dots; 253 characters at
@@ -62,6 +64,7 @@ class NodeOverride(StrictModel):
     nvlink_GBps: NVLINK_GBPS | None = None
     nics_per_node: count(MAX_NICS) | None = None
     nic_Gbps: NIC_GBPS | None = None
+    power_limit_W: POWER_W | None = None
 
 
 class NicOverride(StrictModel):
@@ -84,6 +87,7 @@ class ClusterFile(StrictModel):
     nvlink_GBps: NVLINK_GBPS
     nics_per_node: count(MAX_NICS)
     nic_Gbps: NIC_GBPS
+    power_limit_W: POWER_W | None = None
     hosts: list[str] | None = None
     node_overrides: list[NodeOverride] = []
     nodes_per_leaf: count(MAX_NODES) | None = None
@@ -131,7 +135,7 @@ class Cluster:
 
     @cached_property
     def heterogeneous(self) -> bool:
-        return len({n.gpu.name for n in self.nodes}) > 1
+        return len({n.gpu.kind for n in self.nodes}) > 1
 
     @cached_property
     def node_of_host(self) -> dict[str, Node]:
@@ -159,12 +163,12 @@ def is_host_name(host: str) -> bool:
 
 
 def _node_figures(node: Node) -> tuple:
-    return (node.host, node.gpu.name, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps, node.nvlink_efficiency, node.nic_efficiency)
+    return (node.host, node.gpu.kind, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps, node.nvlink_efficiency, node.nic_efficiency)
 
 
 def _gpu_pace(gpu: GPU) -> tuple[float, int]:
     """Orders GPUs slowest (then smallest) first."""
-    return (gpu.peak_tflops["bf16"], gpu.memory_bytes)
+    return (gpu.peak_tflops["bf16"] * gpu.clock_fraction, gpu.memory_bytes)
 
 
 def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Cluster:
@@ -185,9 +189,11 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
     repeated = sorted({host for host, low in zip(hosts, lowered) if lowered.count(low) > 1})
     if repeated:
         raise SpecError(source, at("hosts"), "a different name for every node (names ignore case)", repeated[0])
-    base = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
+    base = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps,
+                power_limit_W=spec.power_limit_W)
     per_node = [dict(base) for _ in hosts]
     gpu_field = [at("gpu")] * spec.nodes  # where each node's GPU type was given, for error messages
+    power_field = [at("power_limit_W")] * spec.nodes
     for i, override in enumerate(spec.node_overrides):
         index = hosts.index(override.node) if override.node in hosts else override.node
         if not isinstance(index, int) or not 0 <= index < spec.nodes:
@@ -195,21 +201,31 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
         per_node[index].update(override.model_dump(exclude={"node"}, exclude_none=True))
         if override.gpu is not None:
             gpu_field[index] = at(f"node_overrides.{i}.gpu")
+        if override.power_limit_W is not None:
+            power_field[index] = at(f"node_overrides.{i}.power_limit_W")
     efficiencies = _measured_efficiencies(spec, source, at) if spec.nccl_tests else {}
     nodes = tuple(
         Node(
             host=host,
-            gpu=find_gpu(fields["gpu"], source, field),
+            gpu=_capped_gpu(find_gpu(fields["gpu"], source, field), fields["power_limit_W"], source, limit_field),
             nvlink_GBps=fields["nvlink_GBps"],
             nics_per_node=fields["nics_per_node"],
             nic_Gbps=fields["nic_Gbps"],
             gpus_per_node=spec.gpus_per_node,
             **efficiencies,
         )
-        for host, fields, field in zip(hosts, per_node, gpu_field)
+        for host, fields, field, limit_field in zip(hosts, per_node, gpu_field, power_field)
     )
     return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at),
                    named_hosts=spec.hosts is not None)
+
+
+def _capped_gpu(gpu: GPU, power_limit_W: float | None, source: str, field: str) -> GPU:
+    """``gpu`` under the node's power cap (profiles/catalogue.py power_limited)."""
+    try:
+        return power_limited(gpu, power_limit_W)
+    except ValueError as problem:
+        raise SpecError(source, field, str(problem), power_limit_W) from None
 
 
 def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, float]:

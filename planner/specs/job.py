@@ -28,7 +28,7 @@ from loom.planner.specs import torchtitan
 from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
 from loom.planner.specs.model import ModelSpec, load_model
 from loom.planner.specs.stacks import DEFAULT_STACK, FRAMEWORK_STACK, STACKS
-from loom.profiles.catalogue import find_gpu
+from loom.profiles.catalogue import GPU, find_gpu
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -396,9 +396,12 @@ def with_profiles(job: Job, paths: list[Path]) -> Job:
             raise SpecError(str(path), "gpu", f"a GPU type of cluster {cluster.name} ({', '.join(types)})", document.gpu)
         if isinstance(document, GemmDocument):
             fit = document.fit
-            calibrated_gpu = replace(gpu, gemm_efficiency={**gpu.gemm_efficiency, document.dtype: fit.gemm_efficiency},
-                                     gemm_k_overhead=fit.k_overhead, gemm_profile=str(path))
-            cluster = replace(cluster, nodes=tuple(replace(node, gpu=calibrated_gpu) if node.gpu.name == gpu.name else node for node in cluster.nodes))
+            calibrated: dict[int, GPU] = {}  # one object per GPU kind (a power cap is kept), so identity stays equality
+            for node in cluster.nodes:
+                if node.gpu.name == gpu.name and id(node.gpu) not in calibrated:
+                    calibrated[id(node.gpu)] = replace(node.gpu, gemm_efficiency={**gpu.gemm_efficiency, document.dtype: fit.gemm_efficiency},
+                                                       gemm_k_overhead=fit.k_overhead, gemm_profile=str(path))
+            cluster = replace(cluster, nodes=tuple(replace(node, gpu=calibrated.get(id(node.gpu), node.gpu)) for node in cluster.nodes))
             continue
         if layer_profile is not None:
             raise SpecError(str(path), "kind", f"one layers profile per job ({layer_profile.path} is one already)", "layers")
