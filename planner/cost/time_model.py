@@ -117,6 +117,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
     tp_passes = 2 + tp_again
     tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s, features.tp_comm_overlap)
+    tp_bwd = _micro_pipeline_backward_s(activation_bytes, layout, links.tp, n) if _micro_pipelined(job, layout) else tp_fwd
 
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
     # dK, dV backward), overlapped with the attention blocks being computed.
@@ -141,15 +142,37 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
             ep_fwd += dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
         ep_bwd = ep_fwd * (1 + ep_again)
         ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
-    host_fwd, host_bwd = _exposed_host(shape, gpu, n, n_moe, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd, bwd_layer.total_s + tp_fwd * (1 + tp_again) + ep_bwd)
+    host_fwd, host_bwd = _exposed_host(shape, gpu, n, n_moe, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd,
+                                       bwd_layer.total_s + tp_fwd * tp_again + tp_bwd + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.
     return ChunkTime(
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
-        tp_comm_s=tp_fwd * tp_passes, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
+        tp_comm_s=tp_fwd * (1 + tp_again) + tp_bwd, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
         weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
         ep_comm_s=ep_fwd + ep_bwd, ep_comm_fwd_s=ep_fwd, host_s=host_fwd + host_bwd, host_fwd_s=host_fwd,
     )
+
+
+def _micro_pipelined(job: Job, layout: Layout) -> bool:
+    """torchtitan's async TP: torch.compile's micro-pipeline pass fuses each
+    sequence-parallel collective with the matmul beside it (torch 2.6
+    torch/_inductor/fx_passes/micro_pipeline_tp.py)."""
+    return job.framework == "torchtitan" and job.features.tp_comm_overlap and layout.sequence_parallel and layout.tp > 1
+
+
+def _micro_pipeline_backward_s(activation_bytes: float, layout: Layout, link: Link, n: int) -> float:
+    """The backward TP time async TP leaves exposed in ``n`` layers. The
+    pass fuses an all-gather with the matmuls that consume it and a
+    reduce-scatter only with the single matmul that produces it
+    (micro_pipeline_tp.py fuse_all_gather_matmul, fuse_matmul_reduce_scatter
+    / _find_producer_matmul). Backward, the all-gathers of the output
+    gradients of wo and w2 feed their input-gradient matmuls and are hidden,
+    but autograd first sums the input gradients of wq, wk, wv (and of w1,
+    w3), so the reduce-scatters of those sums run on their own: two per
+    layer, exposed. (The forward and the recomputed forward are fused
+    throughout: chunk_time's overlap.)"""
+    return n * 2 * reduce_scatter_s(activation_bytes, layout.tp, link)
 
 
 def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: PassTime, ep_fwd: float, ep_bwd: float) -> tuple[float, float]:
