@@ -243,3 +243,23 @@ def test_async_tp_leaves_the_backward_reduce_scatters_of_summed_gradients_expose
         tp_s[framework, overlap] = evaluate(job, layout).step.breakdown_s.get("tp_comm", 0.0)
     assert tp_s["torchtitan", True] == pytest.approx(tp_s["torchtitan", False] / 4, rel=0.05)
     assert tp_s["megatron", True] < tp_s["torchtitan", True] / 4
+
+
+def _cp_s(framework: str, stack: str, cp: int, local_seq: int = 16384) -> float:
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=8 // cp, seq_length=local_seq * cp,
+              framework=framework, stack=stack, features=stack_features(stack, Features()))
+    layout = Layout(tp=1, pp=1, dp=8 // cp, cp=cp, micro_batch_size=1, global_batch_size=8 // cp, recompute="full",
+                    fsdp=8 // cp if framework == "torchtitan" else 0, distributed_optimizer=framework == "megatron")
+    return evaluate(job, layout).step.breakdown_s.get("cp_comm", 0.0)
+
+
+def test_torchs_ring_attention_costs_grow_with_the_ring():
+    """PyTorch's CP gathers K and V once per call behind the first block
+    only, passes fp32 dK/dV around the ring and merges each step in fp32:
+    at a fixed local sequence its cost grows with cp; torchtitan of 2024-12
+    repeated K and V to every head first (4x the bytes for Llama-3 8B);
+    Megatron's TE ring overlaps each step's transfer with a block."""
+    titan = {cp: _cp_s("torchtitan", "torchtitan", cp) for cp in (2, 4, 8)}
+    assert 0 < titan[2] < titan[4] < titan[8]
+    assert _cp_s("torchtitan", "torchtitan-2412", 8) > titan[8]
+    assert _cp_s("megatron", "megatron-lm", 8) < titan[8] / 4

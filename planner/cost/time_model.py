@@ -121,13 +121,15 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
 
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
     # dK, dV backward), overlapped with the attention blocks being computed.
-    cp_fwd, cp_bwd, ring_s = 0.0, 0.0, 0.0
-    if layout.cp > 1:
+    cp_fwd, cp_bwd, cp_busy = 0.0, 0.0, 0.0
+    if layout.cp > 1 and job.framework == "torchtitan":
+        cp_fwd, cp_bwd, cp_busy = _torch_ring_attention_s(shape, gpu, links.cp, n, tp_again)
+    elif layout.cp > 1:
         kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * ACT_BYTES
         ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
         core_fwd = attention_core(shape, gpu).total_s
         core_bwd = attention_core(shape, gpu, backward=True).total_s
-        cp_fwd, cp_bwd = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd)
+        cp_fwd, cp_bwd, cp_busy = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd), 3 * n * ring_s
     # MoE: each MoE layer dispatches its tokens to the experts' ranks and
     # combines the outputs back in every pass (moe.dispatch_s); with ETP the
     # alltoall and allgather dispatchers all-gather each expert's rows over
@@ -149,9 +151,59 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     return ChunkTime(
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
         tp_comm_s=tp_fwd * (1 + tp_again) + tp_bwd, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
-        weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=3 * n * ring_s,
+        weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=cp_busy,
         ep_comm_s=ep_fwd + ep_bwd, ep_comm_fwd_s=ep_fwd, host_s=host_fwd + host_bwd, host_fwd_s=host_fwd,
     )
+
+
+# Bytes PyTorch's ring attention moves through HBM per element of a rank's
+# attention output (heads x head_dim per token) each time it merges one
+# step's partial result, with convert_to_f32 (the default): the block's
+# output cast to fp32 (2 + 4), then out - sigmoid(lse_b - lse) * (out -
+# out_b) as three unfused fp32 kernels (12 + 8 + 12); a step that updates
+# only the second half of the queries (round-robin load balance) does that
+# on half and copies the whole output through torch.cat (8). Mean over the
+# two kinds of steps: (38 + 27) / 2 [derived from torch 2.6-2.13
+# torch/distributed/tensor/experimental/_attention.py _SDPAMerger, run
+# eager; under torch.compile inductor may fuse the three into one pass].
+RING_MERGE_BYTES_PER_ELEMENT = 32.5
+# Backward, per step: the fp32 query gradient accumulates the step's bf16
+# one (read 4 + 2, write 4) and each of dK, dV likewise (10) before both are
+# copied into one buffer for the next rank (torch.cat, 4 + 4)
+# (_templated_ring_attention_backward) [derived, same source].
+RING_DQ_BYTES_PER_ELEMENT, RING_DKV_BYTES_PER_ELEMENT = 10, 18
+
+
+def _torch_ring_attention_s(shape: Shape, gpu: GPU, link: Link, n: int, again: float) -> tuple[float, float, float]:
+    """PyTorch's context parallelism (torch.distributed.tensor.experimental
+    context_parallel, what torchtitan runs), for ``n`` layers of which a
+    share ``again`` runs its forward again in backward (recompute): the
+    forward and backward time it adds to the attention blocks, and the
+    link's busy time. With the default rotate method K and V are all-gathered once per
+    attention call, awaited after the first (local) block, so only that
+    block hides the gather; backward gathers K and V again and passes the
+    fp32 dK, dV partial sums around the ring (a permute per step, each
+    hidden by one block's backward but the last); every step merges its
+    partial output in fp32 (RING_MERGE_BYTES_PER_ELEMENT). The blocks are
+    load balanced (round robin, 2 chunks per rank), so each of the cp steps
+    does 1/cp of a rank's attention. Features.repeat_kv: K and V were
+    repeated to every query head before attention, so that is what moves.
+    (_templated_ring_attention, _AllGatherRotater, _SDPAMerger and
+    _templated_ring_attention_backward in torch 2.6-2.13.)"""
+    m, cp, tp = shape.model, shape.cp, shape.tp
+    kv_width = m.q_size if shape.features.repeat_kv else m.kv_size
+    kv_elements = 2 * shape.tokens * kv_width / tp
+    out_elements = shape.tokens * m.num_attention_heads * m.v_head_dim / tp
+    q_elements = shape.tokens * m.q_size / tp
+    gather_s = all_gather_s(cp * kv_elements * ACT_BYTES, cp, link)
+    dkv_send_s = send_recv_s(kv_elements * 4, link)
+    block_fwd = attention_core(shape, gpu).total_s / cp
+    block_bwd = attention_core(shape, gpu, backward=True).total_s / cp
+    merge_fwd = memory_time_s((cp - 1) * RING_MERGE_BYTES_PER_ELEMENT * out_elements + 6 * out_elements, gpu)
+    merge_bwd = memory_time_s((cp - 1) * (RING_DQ_BYTES_PER_ELEMENT * q_elements + RING_DKV_BYTES_PER_ELEMENT * kv_elements), gpu)
+    fwd = max(0.0, gather_s - block_fwd) + merge_fwd
+    bwd = max(0.0, gather_s - block_bwd) + (cp - 1) * max(0.0, dkv_send_s - block_bwd) + dkv_send_s + merge_bwd
+    return n * fwd, n * (bwd + again * fwd), n * ((2 + again) * gather_s + cp * dkv_send_s)
 
 
 def _micro_pipelined(job: Job, layout: Layout) -> bool:

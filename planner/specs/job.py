@@ -122,6 +122,10 @@ class Features(StrictModel):
     # as 16-bit remainders beside the bf16 weights; torchtitan's
     # training.dtype bfloat16: every weight, gradient and moment in bf16).
     optimizer_states: Literal["fp32", "bf16"] = "fp32"
+    # Attention called on K and V repeated to every query head (torchtitan
+    # 9dec370 models/llama/model.py repeat_kv before SDPA); False: the kernel
+    # reads the grouped heads itself (TE; torchtitan 0.2.2's enable_gqa).
+    repeat_kv: bool = False
     # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
     # capacity factor drops each expert's tokens beyond capacity_factor x its
     # even share (None: dropless), and padding every expert to capacity gives

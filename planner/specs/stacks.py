@@ -76,9 +76,12 @@ STACKS = {
             # SDPA's default priority then (flash, efficient, math, cuDNN:
             # cuDNN made opt-in by pytorch/pytorch#138522, discussed in
             # #138649 and #142132) running FlashAttention-2.
+            # Its Llama repeats K and V to every query head before SDPA
+            # (models/llama/model.py repeat_kv).
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
-                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2"),
-            source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132)",
+                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2", repeat_kv=True),
+            source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132), "
+                   "models/llama/model.py",
         ),
     )
 }
