@@ -263,3 +263,12 @@ def test_torchs_ring_attention_costs_grow_with_the_ring():
     assert 0 < titan[2] < titan[4] < titan[8]
     assert _cp_s("torchtitan", "torchtitan-2412", 8) > titan[8]
     assert _cp_s("megatron", "megatron-lm", 8) < titan[8] / 4
+
+
+def test_repeated_kv_heads_are_torchtitans_only(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "features": {"repeat_kv": True}}))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2 and "features.repeat_kv" in result.output, result.output

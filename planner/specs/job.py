@@ -332,6 +332,9 @@ def check_job(job: Job) -> None:
         _check_torchtitan(job)
     elif job.features.cross_entropy_fusion == "torch":
         raise SpecError(job.source, *_from_stack(job, "cross_entropy_fusion", f"none, native or te with {job.framework} (torch is torchtitan's loss)"))
+    if job.features.repeat_kv and job.framework != "torchtitan":
+        raise SpecError(job.source, *_from_stack(job, "repeat_kv", f"false with {job.framework} (its attention reads grouped K and V; "
+                                                                  "repeating them is torchtitan 2024-12's)"))
     if job.features.optimizer_states == "bf16" and job.framework == "deepspeed":
         raise SpecError(job.source, "features.optimizer_states", "fp32 with DeepSpeed (loom writes no bf16 optimizer for it)", "bf16")
     if job.framework == "deepspeed" and job.precision == "fp8":
