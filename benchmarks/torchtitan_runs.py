@@ -22,11 +22,10 @@ defaults to the PP degree; generate_split_points: 2 stages per rank for
 multi-stage schedules); float8 = torchao tensorwise, its weights gathered in
 float8 where the run's config says so (train_configs/llama3_405b.toml at
 9dec370: enable_fsdp_float8_all_gather); async TP = ``tp_comm_overlap``.
-loom prices fused kernels, what torch.compile gives:
-rows run without compile are shown but left out of the summary, as are
-rows of torchtitan's per-op selective checkpointing, which loom does not
-price (it recomputes every second matmul of a block). Nothing is fitted
-to a row.
+Tables 1 and 3 checkpoint per op (torchtitan's
+selective_ac_option "op", loom's ``--recompute selective``). loom prices
+fused kernels, what torch.compile gives: rows run without compile are
+shown but left out of the summary. Nothing is fitted to a row.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from loom.planner.plan import evaluate
 from loom.planner.specs.cluster import parse_cluster
 from loom.planner.specs.job import Features, Job, stack_features
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.model import load_model
 
 GiB = 2**30
@@ -95,7 +94,8 @@ def predict(row: Row) -> tuple[float, float, bool, str]:
               precision="fp8" if row.float8 else "bf16", framework="torchtitan", stack="torchtitan-2412", features=features)
     micro_batch = row.local_batch // row.pp
     layout = Layout(tp=row.tp, pp=row.pp, dp=dp, cp=row.cp, vpp=row.vpp, micro_batch_size=micro_batch, global_batch_size=global_batch,
-                    sequence_parallel=row.tp > 1, recompute="full" if row.recompute == "full" else "none", fsdp=row.fsdp,
+                    sequence_parallel=row.tp > 1, recompute="full" if row.recompute == "full" else "selective",
+                    recompute_modules=() if row.recompute == "full" else (OP_SAC,), fsdp=row.fsdp,
                     reshard_after_forward=row.pp == 1)
     plan = evaluate(job, layout)
     tokens = global_batch * row.seq / (plan.step_time_s * row.gpus)
@@ -109,7 +109,7 @@ def main() -> None:
         tokens, memory, fits, label = predict(row)
         time_error = tokens / row.tokens_per_s_per_gpu - 1
         memory_error = memory / row.memory_GiB - 1
-        note = "eager (loom prices compiled)" if not row.compiled else "per-op SAC priced as none" if row.recompute == "op" else ""
+        note = "eager (loom prices compiled)" if not row.compiled else ""
         if not note:
             time_errors.append(time_error)
             memory_errors.append(memory_error)

@@ -26,7 +26,7 @@ from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import job_warnings, load_job
-from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
+from loom.planner.specs.layout import OP_SAC, RECOMPUTE_MODULES, Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import SearchInfo, build_report, report_json
@@ -222,7 +222,7 @@ def evaluate(
     vpp: Annotated[int, typer.Option(min=1)] = 1,
     mbs: Annotated[int, typer.Option(min=1)] = 1,
     recompute: Annotated[str, typer.Option(help="none | selective | full")] = "none",
-    recompute_modules: Annotated[Optional[str], typer.Option(help="With selective: megatron-core's modules, comma-separated, from: core_attn, mlp, moe, shared_experts, moe_act, layernorm, mla_up_proj.", show_default=False)] = None,
+    recompute_modules: Annotated[Optional[str], typer.Option(help="With selective: megatron-core's modules, comma-separated, from: core_attn, mlp, moe, shared_experts, moe_act, layernorm, mla_up_proj; with torchtitan: op (its per-op checkpointing, the default).", show_default=False)] = None,
     recompute_num_layers: Annotated[int, typer.Option(min=0, help="With full: recompute the first N layers of each model chunk (0: every layer).")] = 0,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel/--no-sequence-parallel", help="Default: on when tp > 1.")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Default: on with Megatron when dp x cp > 1, with --fsdp, offload or bf16 optimizer states.")] = None,
@@ -264,7 +264,7 @@ def evaluate(
         layout = Layout(
             tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
             sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel, recompute=recompute,
-            recompute_modules=_modules(recompute_modules),
+            recompute_modules=_modules(recompute_modules) or ((OP_SAC,) if job.framework == "torchtitan" and recompute == "selective" else ()),
             recompute_num_layers=recompute_num_layers,
             zero_stage=zero,
             distributed_optimizer=default_distributed_optimizer(job, data_parallel * cp, sharded, offload_optimizer)

@@ -169,7 +169,7 @@ def test_launched_ranks_form_the_groups_loom_priced(tmp_path, seed):
 
 
 @pytest.mark.parametrize("flags, field", [
-    (["--recompute", "selective"], "--recompute"),  # torchtitan's selective AC is per op or every N-th block
+    (["--recompute", "selective", "--recompute-modules", "core_attn"], "--recompute-modules"),  # its selective AC is per op
     (["--tp", "2", "--fsdp", "0"], "--fsdp"),  # its DDP is 1-D only
     (["--model", "qwen3-8b", "--pp", "2"], "--pp"),  # qwen3 has no pipelining_fn
     (["--model", "mistral-7b"], "framework"),  # not a registered model
@@ -272,3 +272,71 @@ def test_repeated_kv_heads_are_torchtitans_only(tmp_path):
                                                    "seq_length": 4096, "features": {"repeat_kv": True}}))
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
     assert result.exit_code == 2 and "features.repeat_kv" in result.output, result.output
+
+
+def test_per_op_checkpointing_keeps_what_torchtitans_policy_saves():
+    """torchtitan's own Llama block under its own per-op policy
+    (_apply_op_sac with _op_sac_save_list, plus the CPU flavour of the
+    flash-attention op it lists): the tensors alive after forward, bar the
+    block's input and output and the weights, are what loom's op_sac_layer
+    counts beside the block's input (wq, wv, w1, w2 outputs; the attention
+    output and its log-sum-exp)."""
+    import gc
+    from torchtitan.config.job_config import ActivationCheckpoint
+    from torchtitan.distributed.activation_checkpoint import _apply_op_sac
+    from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
+    from torchtitan.models.llama3.model.args import TransformerModelArgs
+    from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
+
+    from loom.planner.cost.activations import op_sac_layer
+    from loom.planner.cost.shape import Shape
+    from loom.planner.specs.model import ModelSpec
+
+    seq, batch = 256, 2
+    args = TransformerModelArgs(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=1024, multiple_of=64, max_seq_len=seq)
+    block = TransformerBlock(0, args)
+    with torch.no_grad():
+        block.init_weights()
+    block = block.to(torch.bfloat16)
+    save_list = set(_op_sac_save_list) | {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+    checkpointed = _apply_op_sac(block, ActivationCheckpoint(mode="selective", selective_ac_option="op"), base_fqn="layers.0",
+                                 op_sac_save_list=save_list)
+    x = torch.randn(batch, seq, args.dim, dtype=torch.bfloat16, requires_grad=True)
+    freqs = precompute_freqs_cis(args.dim // args.n_heads, seq, args.rope_theta)
+    out = checkpointed(x, freqs, None)
+    gc.collect()
+    known = {t.untyped_storage().data_ptr() for t in (*block.parameters(), x, out, freqs)}
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known}
+    ffn = block.feed_forward.w1.weight.shape[0]
+    model = ModelSpec(name="tiny", num_layers=1, hidden_size=args.dim, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=ffn,
+                      vocab_size=1024, max_position_embeddings=seq, gated_mlp=True, tied_embeddings=False,
+                      learned_position_embeddings=False, linear_bias=False, qkv_bias=False, normalization="RMSNorm", dropout=0.0)
+    layout = Layout(tp=1, pp=1, dp=1, cp=1, micro_batch_size=batch, global_batch_size=batch, recompute="selective", recompute_modules=("op",))
+    shape = Shape.of(model, layout, seq, "bf16", Features())
+    block_input = 2 * batch * seq * args.dim
+    assert sum(held.values()) == pytest.approx(op_sac_layer(shape) - block_input, rel=0.01)
+    out.float().sum().backward()  # the policy's block still runs backward
+
+
+def test_selective_recompute_is_per_op_checkpointing(tmp_path):
+    """--recompute selective on torchtitan writes its per-op policy, which its
+    config manager loads, and costs between no and full recomputation."""
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 16,
+                                                   "seq_length": 4096, "framework": "torchtitan"}))
+    figures = {}
+    for recompute in ("none", "selective", "full"):
+        out = tmp_path / recompute
+        result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--mbs", "2", "--recompute", recompute,
+                                          "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.output)["plans"][0]
+        figures[recompute] = (plan["predicted"]["step_time_s"], plan["memory"]["peak_bytes_per_gpu"])
+        if recompute == "selective":
+            assert "sel:op" in plan["label"]
+            config = ConfigManager().parse_args(["--job.config_file", str(out / "job.toml")])
+            assert (config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option) == ("selective", "op")
+    assert figures["none"][0] < figures["selective"][0] < figures["full"][0]
+    assert figures["none"][1] > figures["selective"][1] > figures["full"][1]

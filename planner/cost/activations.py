@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from loom.planner.cost.moe import busiest_rows_factor
 from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.specs.layout import OP_SAC
 
 # The loss per logit, by implementation (--cross-entropy-fusion-impl):
 # Megatron's unfused vocab_parallel_cross_entropy and its native fused one
@@ -142,12 +143,38 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     }
 
 
+def op_sac_layer(shape: Shape, moe: bool = False) -> float:
+    """Bytes one decoder layer keeps under torchtitan's per-op selective
+    checkpointing (selective_ac_option "op"; torchtitan 0.2.2
+    distributed/activation_checkpoint.py _apply_op_sac with
+    models/llama3/infra/parallelize.py _op_sac_save_list, as at 9dec370):
+    the block's input; the attention kernel's output and log-sum-exp; and the
+    output of every odd aten.mm of the block in forward order — wq (1st), wv
+    (3rd), w1 (5th) and w2 (7th, the partial sum before TP's reduce-scatter,
+    whose output is kept too). wk, wo and w3 are recomputed with the norms,
+    rotary embedding and activation. torchao's float8 linears call aten.mm
+    on its Float8Tensor subclass, and the policy's dispatch mode sees that
+    call before the subclass turns it into _scaled_mm (modes dispatch ahead
+    of subclasses: torch/utils/_python_dispatch.py), so float8 keeps the
+    same (16-bit) outputs. An MoE layer's experts run grouped GEMMs, which
+    the list lacks: recomputed."""
+    m, t, T, e, w = shape.model, shape.tp, shape.tokens, ACT_BYTES, shape.replicated_width
+    kept = e * T * w + _core_attention_bytes(shape) + e * m.attention_output_size * T / t
+    kept += e * (m.q_size + m.v_size) * T / t
+    if not moe:
+        kept += e * m.ffn_hidden_size * T / t + e * m.hidden_size * T * (1 + (1 / t if t > 1 else 0))
+    return kept
+
+
 def decoder_layer(shape: Shape, recompute: str, moe: bool = False, modules: tuple[str, ...] = ("core_attn",)) -> float:
     """Bytes one decoder layer keeps for backward under ``recompute``: all
     its parts; under full recompute only its input (checkpointed, scattered
     over TP with SP); under selective recompute its parts less what
     ``modules`` drop (Korthikanti et al. sec. 5: core_attn recomputes the
-    attention core from Q, K, V)."""
+    attention core from Q, K, V), or with torchtitan's "op" what its per-op
+    policy keeps (op_sac_layer)."""
+    if recompute == "selective" and modules == (OP_SAC,):
+        return op_sac_layer(shape, moe)
     parts = layer_parts(shape, moe)
     if recompute == "full":
         return parts["input"]

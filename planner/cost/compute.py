@@ -16,6 +16,7 @@ from functools import cache
 from loom.planner.cost import moe
 from loom.planner.cost.efficiency import backward_gemms, flash_attention_time_s, gemm_time_s, memory_time_s
 from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.specs.layout import OP_SAC
 from loom.planner.specs.model import ModelSpec
 from loom.profiles.catalogue import GPU
 
@@ -203,6 +204,8 @@ def recomputed_forward(shape: Shape, gpu: GPU, modules: tuple[str, ...], moe: bo
     pre-MLP norm; mla_up_proj MLA's up-projections. A module a layer lacks
     re-runs nothing."""
     m, chosen = shape.model, set(modules)
+    if OP_SAC in chosen:
+        return _op_sac_recompute(shape, gpu, moe)
     total = PassTime()
     if "core_attn" in chosen:
         total = total + attention_core(shape, gpu)
@@ -219,6 +222,19 @@ def recomputed_forward(shape: Shape, gpu: GPU, modules: tuple[str, ...], moe: bo
     if "moe_act" in chosen:
         total = total + routed_activation(shape, gpu)
     return total
+
+
+def _op_sac_recompute(shape: Shape, gpu: GPU, moe: bool) -> PassTime:
+    """What torchtitan's per-op checkpointing re-runs of one layer: its
+    forward but the attention kernel and the projections whose outputs it
+    keeps (activations.op_sac_layer: wq, wv, w1, w2; none of an MoE layer's
+    experts)."""
+    m, T, t, h = shape.model, shape.tokens, shape.tp, shape.model.hidden_size
+    forward = decoder_layer(shape, gpu, moe=moe)
+    kept = [(T, m.q_size // t, h), (T, m.v_size // t, h)]
+    if not moe:
+        kept += [(T, m.ffn_hidden_size // t, h), (T, h, m.ffn_hidden_size // t)]
+    return PassTime(gemm_s=max(0.0, forward.gemm_s - _gemms(shape, gpu, kept, backward=False)), elementwise_s=forward.elementwise_s)
 
 
 def embedding(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:

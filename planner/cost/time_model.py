@@ -23,7 +23,7 @@ from loom.planner.cost.memory import StageParams, StateBytes, optimizer_partitio
 from loom.planner.cost.network import Links
 from loom.planner.cost.shape import ACT_BYTES, Shape
 from loom.planner.specs.job import Job
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
 from loom.profiles.catalogue import GPU
 
@@ -292,6 +292,11 @@ def _recompute(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU) -> tuple[Pa
         return PassTime(), 0.0, 0.0
     dense = recomputed_forward(shape, gpu, modules).scaled(n - n_moe)
     recompute = dense + recomputed_forward(shape, gpu, modules, moe=True).scaled(n_moe) if n_moe else dense
+    if modules == (OP_SAC,):
+        # Every all-gather runs again; the reduce-scatters' outputs are kept
+        # (torchtitan's _op_sac_save_list): half of each layer's collectives,
+        # and the MoE dispatch and combine (not in the list) in full.
+        return recompute, 0.5, float(n_moe > 0)
     return recompute, 0.5 * (n - n_moe) / n * ("mlp" in modules), float("moe" in modules and n_moe > 0)
 
 

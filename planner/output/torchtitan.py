@@ -30,7 +30,7 @@ from loom.planner.output.torchrun import Program
 from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.job import Job
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
 
 # Placeholder optimiser settings (the layout does not depend on them), as
@@ -75,8 +75,8 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Place
         problems.append(f"{job.model.name} is not a model torchtitan registers")
     if layout.tp * layout.pp * layout.cp * layout.ep > 1 and not layout.fsdp:
         problems.append("DDP with TP, PP, CP or EP (torchtitan's DDP is 1-D only)")
-    if layout.recompute == "selective" or layout.recompute_num_layers:
-        problems.append("partial recompute (torchtitan checkpoints every block, or none)")
+    if layout.selective_modules not in ((), (OP_SAC,)) or layout.recompute_num_layers:
+        problems.append("partial recompute other than per-op checkpointing (torchtitan checkpoints every block, per op, or none)")
     if layout.zero_stage or layout.distributed_optimizer or layout.etp > 1:
         problems.append("ZeRO stages, Megatron's distributed optimizer and expert TP are not torchtitan's")
     if len(stages) != layout.pp or any(len(stage.chunks) != layout.vpp for stage in stages):
@@ -104,7 +104,7 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
         "lr_scheduler": {"warmup_steps": WARMUP_STEPS},
         "training": _training(job, layout),
         "parallelism": _parallelism(job, layout, stages),
-        "activation_checkpoint": {"mode": layout.recompute},
+        "activation_checkpoint": {"mode": layout.recompute, **({"selective_ac_option": OP_SAC} if layout.recompute == "selective" else {})},
         "compile": {"enable": True, "components": ["model", "loss"]},
     }
     if job.precision == "fp8":

@@ -25,7 +25,7 @@ from typing import Callable
 from loom.planner.cost.compute import recomputed_forward
 from loom.planner.cost.layers import layer_activation_bytes, shape_of
 from loom.planner.specs.job import Job
-from loom.planner.specs.layout import DEFAULT_RECOMPUTE_MODULES, RECOMPUTE_MODULES, Layout
+from loom.planner.specs.layout import DEFAULT_RECOMPUTE_MODULES, OP_SAC, RECOMPUTE_MODULES, Layout
 from loom.planner.specs.rules import layout_problems
 
 # Fully recomputed layouts, fastest first, whose partial variants the search tries.
@@ -48,7 +48,8 @@ def module_ladder(job: Job, layout: Layout) -> list[tuple[str, ...]]:
                     for count, moe in counts)
         return saved, sum(count * recomputed_forward(shape, gpu, modules, moe).total_s for count, moe in counts)
 
-    remaining = [m for m in RECOMPUTE_MODULES
+    known = (OP_SAC,) if job.framework == "torchtitan" else RECOMPUTE_MODULES
+    remaining = [m for m in known
                  if not layout_problems(job, replace(layout, recompute="selective", recompute_modules=(m,), recompute_num_layers=0))]
     ladder: list[tuple[str, ...]] = []
     chosen: tuple[str, ...] = ()
@@ -56,9 +57,9 @@ def module_ladder(job: Job, layout: Layout) -> list[tuple[str, ...]]:
         base_saved, base_cost = saved_and_cost(chosen)
         options = []
         for module in remaining:
-            modules = tuple(sorted((*chosen, module), key=RECOMPUTE_MODULES.index))
+            modules = tuple(sorted((*chosen, module), key=known.index))
             saved, cost = saved_and_cost(modules)
-            options.append(((saved - base_saved) / max(cost - base_cost, 1e-12), -RECOMPUTE_MODULES.index(module), module, modules, saved - base_saved))
+            options.append(((saved - base_saved) / max(cost - base_cost, 1e-12), -known.index(module), module, modules, saved - base_saved))
         rate, _, module, modules, gained = max(options)
         if gained <= 0:
             break

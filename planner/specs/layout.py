@@ -20,8 +20,11 @@ Recompute = Literal["none", "selective", "full"]
 # moe_act, layernorm and mla_up_proj discard their output and recompute it.
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "moe_act", "layernorm", "mla_up_proj")
 DEFAULT_RECOMPUTE_MODULES = ("core_attn",)  # Megatron's default for selective
+# torchtitan's per-op selective checkpointing (activation_checkpoint.mode
+# selective, selective_ac_option "op"): its one recompute "module".
+OP_SAC = "op"
 _MODULE_LABELS = {"core_attn": "attn", "mlp": "mlp", "moe": "moe", "shared_experts": "shared", "moe_act": "act",
-                  "layernorm": "norm", "mla_up_proj": "mla"}
+                  "layernorm": "norm", "mla_up_proj": "mla", OP_SAC: "op"}
 
 
 @dataclass(frozen=True)

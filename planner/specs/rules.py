@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from loom.planner.specs import torchtitan
 from loom.planner.specs.job import Job
-from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
+from loom.planner.specs.layout import OP_SAC, RECOMPUTE_MODULES, Layout
 
 
 def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
@@ -150,8 +150,9 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
          "false with a torchtitan pipeline (its default; loom prices no other)", layout.reshard_after_forward)
     need(layout.sequence_parallel == (layout.tp > 1), "sequence_parallel", "on exactly when tp > 1 (torchtitan's TP shards the norms by sequence)",
          layout.sequence_parallel)
-    need(layout.recompute in ("none", "full") and not layout.recompute_num_layers, "recompute",
-         "none or full (every block) with torchtitan", layout.recompute)
+    need(layout.recompute in ("none", "full") or layout.selective_modules == (OP_SAC,), "recompute_modules",
+         "op with selective recompute on torchtitan (its per-op checkpointing)", list(layout.selective_modules))
+    need(not layout.recompute_num_layers, "recompute_num_layers", "0 with torchtitan (it checkpoints every block)", layout.recompute_num_layers)
     need(layout.etp == 1, "etp", "1 with torchtitan", layout.etp)
     flavor = torchtitan.flavor_of(model)
     need(layout.pp == 1 or flavor is None or flavor.pipeline, "pp", f"1 for torchtitan's {flavor and flavor.name} (it has no pipelining_fn)", layout.pp)
@@ -180,8 +181,9 @@ def _recompute_problems(job: Job, layout: Layout, need) -> None:
     model, modules = job.model, layout.recompute_modules
     if modules:
         need(layout.recompute == "selective", "recompute_modules", "only with recompute selective", list(modules))
-        unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
-        need(not unknown, "recompute_modules", f"module names among {', '.join(RECOMPUTE_MODULES)}", unknown)
+        known = (OP_SAC,) if job.framework == "torchtitan" else RECOMPUTE_MODULES
+        unknown = [m for m in modules if m not in known]
+        need(not unknown, "recompute_modules", f"module names among {', '.join(known)} with {job.framework}", unknown)
         need(len(set(modules)) == len(modules), "recompute_modules", "each module once", list(modules))
         need(model.num_layers > model.num_moe_layers or "mlp" not in modules, "recompute_modules",
              "mlp only for a model with dense MLP layers (every layer of this one is MoE: use moe or moe_act)", "mlp")
