@@ -228,7 +228,8 @@ def test_args_build_a_valid_transformer_config(name):
     assert int(flags["global-batch-size"]) == layout.global_batch_size
     assert int(flags["micro-batch-size"]) == layout.micro_batch_size
     assert ("use-distributed-optimizer" in flags) == layout.distributed_optimizer
-    assert flags["attention-backend"] == ("flash" if job.features.flash_attention else "unfused")
+    kernel = {"cudnn": "fused", "flash2": "flash"}[job.features.attention_kernel]
+    assert flags["attention-backend"] == (kernel if job.features.flash_attention else "unfused")
     if job.precision == "fp8":
         assert config.fp8 == "hybrid" and config.bf16
         assert config.fp8_recipe == job.features.fp8_recipe

@@ -26,6 +26,9 @@ CLIP_GRAD = "1.0"
 ADAM_BETAS = ("0.9", "0.95")
 LOG_INTERVAL = "10"
 
+# --attention-backend for each attention kernel of job.Features.
+ATTENTION_BACKEND = {"cudnn": "fused", "flash2": "flash"}
+
 
 def megatron_args(job: Job, layout: Layout, stages: list[Stage]) -> list[str]:
     """Every model, parallel, batch and precision flag of ``pretrain_gpt.py``
@@ -395,7 +398,10 @@ def _precision_args(job: Job, layout: Layout) -> list[str]:
         args.append("--grad-reduce-in-bf16")
     if features.cross_entropy_fusion != "none":
         args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", features.cross_entropy_fusion]
-    backend = "flash" if features.flash_attention else "unfused"
+    # The kernel loom priced: cuDNN's fused attention is Transformer Engine's
+    # FusedAttention backend, FlashAttention-2 its FlashAttention one
+    # (megatron-core AttnBackend; TE dot_product_attention/utils.py).
+    backend = ATTENTION_BACKEND[features.attention_kernel] if features.flash_attention else "unfused"
     if job.model.attention_sinks and features.flash_attention:
         # Transformer Engine runs a learnable softmax offset in its cuDNN fused
         # attention (and unfused), never in flash-attn (TE 2.9
