@@ -87,6 +87,9 @@ def cases() -> list[tuple[str, Job, Layout]]:
         ("llama-3-70b, bf16 optimizer states", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
          seq_length=8192, features=Features(optimizer_states="bf16")), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1,
                                                                               global_batch_size=64, **sp)),
+        ("llama-3-8b, tf32 (fp32 weights, unfused attention)", Job(model=load_model("llama-3-8b"), cluster=_cluster(1), global_batch_size=64,
+         seq_length=2048, precision="tf32", features=Features(flash_attention=False)),
+         Layout(tp=2, pp=1, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, **sp)),
         ("llama-3-70b, optimizer offloaded to the host", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
          seq_length=8192), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, optimizer_offload=True, **sp)),
     ]

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from loom.planner.cost import activations, compute
-from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.cost.shape import Shape
 from loom.planner.specs.errors import SpecError
 from loom.planner.specs.job import Features
 from loom.planner.specs.layout import Layout
@@ -150,7 +150,7 @@ def least_bytes(kind: str, shape: RankShape) -> float:
     materialises (the embedding's output, the gathered input of the first
     GEMM, the head's input). Weights are left out: they do not grow with the
     flags this bounds."""
-    hidden_states_bytes = ACT_BYTES * shape.tokens * shape.model.hidden_size
+    hidden_states_bytes = 2 * shape.tokens * shape.model.hidden_size  # layers are profiled in bf16 or fp16
     return max(estimated_saved_bytes(kind, shape, "none"), hidden_states_bytes)
 
 

@@ -67,6 +67,13 @@ CASES = {
                sequence_parallel=True, recompute="full", distributed_optimizer=True),
         None,
     ),
+    # fp32 weights with TF32 GEMMs: no --bf16, unfused attention (no flash kernel takes fp32).
+    "llama-tf32": (
+        Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=64, seq_length=2048, precision="tf32",
+            features=Features(flash_attention=False)),
+        Layout(tp=2, pp=1, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True),
+        None,
+    ),
     # fp8 with plain data parallelism and unfused attention.
     "llama-fp8-dp": (
         Job(model=LLAMA, cluster=make_cluster(1), global_batch_size=64, seq_length=4096, precision="fp8",
@@ -143,7 +150,7 @@ def transformer_config(flags: dict) -> TransformerConfig:
     vpp = None
     if "num-layers-per-virtual-pipeline-stage" in flags:
         vpp = num_layers // pp // int(flags["num-layers-per-virtual-pipeline-stage"])
-    dtype = torch.float16 if "fp16" in flags else torch.bfloat16
+    dtype = torch.float16 if "fp16" in flags else torch.bfloat16 if "bf16" in flags else torch.float32
     recompute_layers = flags.get("recompute-num-layers")
     return TransformerConfig(
         num_layers=num_layers,
@@ -235,7 +242,9 @@ def test_args_build_a_valid_transformer_config(name):
         assert config.fp8_recipe == job.features.fp8_recipe
     assert config.cross_entropy_loss_fusion == (job.features.cross_entropy_fusion != "none")
     ddp = ddp_config(flags)
-    assert ddp.grad_reduce_in_fp32 == job.features.grad_reduce_in_fp32
+    # tf32: fp32 parameters, so the gradient buffer is fp32 without the flag (param.dtype).
+    assert ddp.grad_reduce_in_fp32 == (job.features.grad_reduce_in_fp32 and job.precision != "tf32")
+    assert (config.params_dtype == torch.float32) == (job.precision == "tf32")
     fp8_weights = job.precision == "fp8" and job.features.fp8_param_gather and layout.distributed_optimizer
     assert config.fp8_param == ddp.fp8_param_gather == fp8_weights
     assert ddp.reuse_grad_buf_for_mxfp8_param_ag == (fp8_weights and job.features.fp8_recipe == "mxfp8")

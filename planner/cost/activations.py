@@ -18,7 +18,7 @@ in their place where a profile covers them.
 from __future__ import annotations
 
 from loom.planner.cost.moe import busiest_rows_factor
-from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.cost.shape import Shape
 from loom.planner.specs.layout import OP_SAC
 
 # The loss per logit, by implementation (--cross-entropy-fusion-impl):
@@ -46,7 +46,7 @@ def gemm_input_bytes(shape: Shape) -> float:
     parallelism the row-wise local shard they gather again
     (transformer_engine/pytorch/module/linear.py ``inputmat.update_usage``)."""
     if shape.precision != "fp8":
-        return ACT_BYTES
+        return shape.act_bytes
     return 1 + (1 / 32 if shape.features.fp8_recipe == "mxfp8" else 0)
 
 
@@ -74,7 +74,7 @@ def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
     profile layers`` measures the same tensors in a PyTorch layer; its test
     checks the two agree). Replicated parts are split over TP only with
     sequence parallelism."""
-    m, t, T, e, w = shape.model, shape.tp, shape.tokens, ACT_BYTES, shape.replicated_width
+    m, t, T, e, w = shape.model, shape.tp, shape.tokens, shape.act_bytes, shape.replicated_width
     q, kv, v, out = m.q_size, m.kv_size, m.v_size, m.attention_output_size
     g = gemm_input_bytes(shape)
     parts = {
@@ -114,7 +114,7 @@ def _core_attention_bytes(shape: Shape) -> float:
     if shape.features.flash_attention:
         return 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
-    return (ACT_BYTES + (1 + ACT_BYTES if m.dropout else 0)) * scores
+    return (shape.act_bytes + (1 + shape.act_bytes if m.dropout else 0)) * scores
 
 
 def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
@@ -126,7 +126,7 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     expert's up-projection output and activation, plus the router's fp32
     logits and probabilities (megatron-core's MoE layer and alltoall
     dispatcher); the busiest rank's routed rows (moe.busiest_rows_factor)."""
-    m, T, e, g = shape.model, shape.tokens, ACT_BYTES, gemm_input_bytes(shape)
+    m, T, e, g = shape.model, shape.tokens, shape.act_bytes, gemm_input_bytes(shape)
     up = (2 if m.gated_mlp else 1) * e
     if not moe:
         return {"mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
@@ -158,7 +158,7 @@ def op_sac_layer(shape: Shape, moe: bool = False) -> float:
     of subclasses: torch/utils/_python_dispatch.py), so float8 keeps the
     same (16-bit) outputs. An MoE layer's experts run grouped GEMMs, which
     the list lacks: recomputed."""
-    m, t, T, e, w = shape.model, shape.tp, shape.tokens, ACT_BYTES, shape.replicated_width
+    m, t, T, e, w = shape.model, shape.tp, shape.tokens, shape.act_bytes, shape.replicated_width
     kept = e * T * w + _core_attention_bytes(shape) + e * m.attention_output_size * T / t
     kept += e * (m.q_size + m.v_size) * T / t
     if not moe:
@@ -194,7 +194,7 @@ def head(shape: Shape) -> float:
     even under fp8), plus what the loss saves per logit."""
     m, T = shape.model, shape.tokens
     saved = LOSS_SAVED_BYTES_PER_LOGIT[shape.features.cross_entropy_fusion]
-    return 2 * ACT_BYTES * T * shape.replicated_width + saved * T * m.vocab_size / shape.tp
+    return 2 * shape.act_bytes * T * shape.replicated_width + saved * T * m.vocab_size / shape.tp
 
 
 def head_transient(shape: Shape) -> float:

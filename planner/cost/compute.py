@@ -15,7 +15,7 @@ from functools import cache
 
 from loom.planner.cost import moe
 from loom.planner.cost.efficiency import backward_gemms, flash_attention_time_s, gemm_time_s, memory_time_s
-from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.cost.shape import Shape
 from loom.planner.specs.layout import OP_SAC
 from loom.planner.specs.model import ModelSpec
 from loom.profiles.catalogue import GPU
@@ -110,20 +110,20 @@ def _elementwise(shape: Shape, gpu: GPU, forward_bytes: float, backward: bool, g
 
 def norm(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     """One LayerNorm or RMSNorm over the residual stream (read + write)."""
-    return PassTime(elementwise_s=_elementwise(shape, gpu, 2 * ACT_BYTES * shape.tokens * shape.replicated_width, backward))
+    return PassTime(elementwise_s=_elementwise(shape, gpu, 2 * shape.act_bytes * shape.tokens * shape.replicated_width, backward))
 
 
 def residual_add(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     """One bias-dropout-add: read x and the residual, write, plus a 1-byte
     mask with dropout."""
-    bytes_ = (3 * ACT_BYTES + (1 if shape.model.dropout else 0)) * shape.tokens * shape.replicated_width
+    bytes_ = (3 * shape.act_bytes + (1 if shape.model.dropout else 0)) * shape.tokens * shape.replicated_width
     return PassTime(elementwise_s=_elementwise(shape, gpu, bytes_, backward))
 
 
 def _rotary_bytes(shape: Shape) -> float:
     """Rotary embedding reads and writes Q and K."""
     m = shape.model
-    return 0 if m.learned_position_embeddings else 2 * ACT_BYTES * shape.tokens * (m.q_size + m.kv_size) // shape.tp
+    return 0 if m.learned_position_embeddings else 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp
 
 
 def attention_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
@@ -152,7 +152,7 @@ def mlp(shape: Shape, gpu: GPU, width: int, backward: bool = False) -> PassTime:
     if not width:
         return PassTime()
     gemms = shape.mlp_gemms(width)
-    activation = (3 if shape.model.gated_mlp else 2) * ACT_BYTES * shape.tokens * width // shape.tp
+    activation = (3 if shape.model.gated_mlp else 2) * shape.act_bytes * shape.tokens * width // shape.tp
     return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward), elementwise_s=_elementwise(shape, gpu, activation, backward, gemms))
 
 
@@ -161,7 +161,7 @@ def routed_activation(shape: Shape, gpu: GPU, backward: bool = False) -> PassTim
     the moe_act recompute module re-runs (megatron-core moe/experts.py)."""
     m = shape.model
     routed = shape.moe_tokens * m.moe.top_k
-    bytes_ = (3 if m.gated_mlp else 2) * ACT_BYTES * routed * m.moe.expert_ffn_hidden_size
+    bytes_ = (3 if m.gated_mlp else 2) * shape.act_bytes * routed * m.moe.expert_ffn_hidden_size
     return PassTime(elementwise_s=_elementwise(shape, gpu, bytes_, backward))
 
 
@@ -246,9 +246,9 @@ def embedding(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     `loom profile layers` as an embedding backward far above its T x h."""
     m = shape.model
     tensors = 2 if m.learned_position_embeddings else 1
-    bytes_ = tensors * ACT_BYTES * shape.tokens * m.hidden_size * (2 if backward else 1)
+    bytes_ = tensors * shape.act_bytes * shape.tokens * m.hidden_size * (2 if backward else 1)
     if backward:
-        bytes_ += (ACT_BYTES + ACT_BYTES + 4 + 4) * m.vocab_size // shape.tp * m.hidden_size
+        bytes_ += (shape.act_bytes + shape.act_bytes + 4 + 4) * m.vocab_size // shape.tp * m.hidden_size
     return PassTime(elementwise_s=memory_time_s(bytes_, gpu))
 
 
@@ -261,7 +261,7 @@ def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     # the first and last layers out of fp8 by default).
     gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms)
     loss_bytes = (CROSS_ENTROPY_BWD_BYTES_PER_LOGIT if backward else CROSS_ENTROPY_FWD_BYTES_PER_LOGIT) * T * logits[1]
-    norm_bytes = 2 * ACT_BYTES * T * shape.replicated_width * (2 if backward else 1)
+    norm_bytes = 2 * shape.act_bytes * T * shape.replicated_width * (2 if backward else 1)
     return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(loss_bytes + norm_bytes, gpu))
 
 

@@ -32,7 +32,9 @@ FLASH_KV_OVERHEAD = 384
 HBM_EFFICIENCY = 0.8
 # A kernel never takes less than its launch and tail latency.
 KERNEL_MIN_S = 4e-6
-BYTES = {"fp8": 1, "bf16": 2, "fp16": 2}
+# Bytes per GEMM input element by precision; outputs are 16-bit, or fp32
+# when the inputs are (TF32 and FP32 GEMMs read and write fp32).
+BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 
 
 def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
@@ -61,7 +63,7 @@ def gemm_time_s(m: int, n: int, k: int, gpu: GPU, precision: str, batch: int = 1
     clock = 1.0 if gpu.gemm_profile else gpu.clock_fraction
     rate = gpu.peak_flops(precision) * gpu.gemm_efficiency[precision] * clock * k_efficiency * tile_utilisation(m, n, gpu.sms, batch)
     in_bytes = BYTES[precision]
-    bytes_moved = batch * ((m * k + k * n) * in_bytes + m * n * 2)  # output in 16-bit
+    bytes_moved = batch * ((m * k + k * n) * in_bytes + m * n * max(2, in_bytes))
     return max(flops / rate, memory_time_s(bytes_moved, gpu), KERNEL_MIN_S)
 
 

@@ -33,7 +33,7 @@ from loom.planner.cost.activations import head_transient
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
 from loom.planner.schedule.simulate import megatron_schedule, stage_order
-from loom.planner.specs.job import Features
+from loom.planner.specs.job import FP32_PRECISIONS, Features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 from loom.planner.specs.stages import Chunk, Stage
@@ -98,6 +98,15 @@ TORCHTITAN_BF16_STATE = dict(weight=2.0, gemm_weight=2.0, fp8_copies=0.0, grad=2
 # use_precision_aware_optimizer_no_fp8_or_ds_fp8), else the whole fp32 master.
 PRECISION_AWARE_BF16_OPTIMIZER_BYTES = 2 + 2 + 2
 PRECISION_AWARE_BF16_FP32_MASTER_BYTES = 2 + 2 + 4
+# fp32 training: fp32 weights and gradients, and Adam's two fp32 moments with
+# no master copy (megatron-core keeps a main parameter only for 16-bit ones:
+# optimizer/__init__.py FP32Optimizer, distrib_optimizer.py shards fp32
+# parameters as views; FSDP2 skips the cast when param_dtype is the stored
+# one) — except DeepSpeed's ZeRO-1 and -2, which clone an fp32 master of each
+# rank's partition whatever the dtype (stage_1_and_2.py
+# single_partition_of_fp32_groups).
+FP32_STATE = dict(weight=4.0, gemm_weight=4.0, fp8_copies=0.0, grad=4.0, gemm_gather=4.0, optimizer=8.0)
+DEEPSPEED_ZERO12_FP32_MASTER_BYTES = 4
 
 
 # --- parameters and optimizer state ----------------------------------------
@@ -189,7 +198,7 @@ class StateBytes:
     optimizer: float = OPTIMIZER_BYTES
 
     @classmethod
-    def of(cls, framework: str, precision: str, features: Features, gpu: GPU, distributed_optimizer: bool = True) -> StateBytes:
+    def of(cls, framework: str, precision: str, features: Features, gpu: GPU, distributed_optimizer: bool = True, zero_stage: int = 0) -> StateBytes:
         """Megatron keeps its gradient buffer in fp32 (grad_reduce_in_fp32)
         or in the parameters' dtype (megatron/core/distributed/
         distributed_data_parallel.py: ``grad_dtype = torch.float if
@@ -210,7 +219,11 @@ class StateBytes:
         (--reuse-grad-buf-for-mxfp8-param-ag). The all-gather then moves the
         fp8 bytes, or, for MXFP8, the bf16 values. Megatron gathers fp8
         parameters only with the distributed optimizer (validate_args), so
-        ``fp8_param_gather`` holds for layouts that have it."""
+        ``fp8_param_gather`` holds for layouts that have it. fp32 and tf32
+        training keep FP32_STATE."""
+        if precision in FP32_PRECISIONS:
+            master = DEEPSPEED_ZERO12_FP32_MASTER_BYTES if framework == "deepspeed" and zero_stage in (1, 2) else 0
+            return cls(**{**FP32_STATE, "optimizer": FP32_STATE["optimizer"] + master})
         param_gather = features.fp8_param_gather and distributed_optimizer
         if framework == "torchtitan":
             # torchao's float8 training casts the bf16 weights on the fly; with
@@ -428,7 +441,7 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     """Peak memory of one GPU (of type ``gpu``) of ``stage`` under Megatron's
     pipeline schedule, term by term (module docstring)."""
     params = stage_params(shape.model, layout, stage)
-    state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer)
+    state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer, layout.zero_stage)
     state = model_state_bytes(params, layout, state_bytes)
     if layout.optimizer_offload:
         # On the host (offload.py): the optimizer state, and under

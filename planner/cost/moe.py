@@ -14,7 +14,7 @@ import math
 
 from loom.planner.cost.collectives import Link, all_gather_s
 from loom.planner.cost.efficiency import backward_gemms, gemm_time_s
-from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Features
 from loom.profiles.catalogue import GPU
 
@@ -104,7 +104,7 @@ def dispatch_bytes(shape: Shape, ranks_per_node: int) -> tuple[float, float]:
     - ``allgather``: every token to all ep x etp ranks (MoEAllGatherTokenDispatcher).
     """
     moe, ep = shape.model.moe, shape.ep
-    tokens_bytes = shape.moe_tokens * shape.model.hidden_size * ACT_BYTES
+    tokens_bytes = shape.moe_tokens * shape.model.hidden_size * shape.act_bytes
     local = moe.num_experts // ep
     nodes = max(1, ep // ranks_per_node)
     remote = (nodes - 1) / nodes
@@ -133,7 +133,7 @@ def permute_bytes(shape: Shape) -> float:
     if shape.features.moe_token_dispatcher == "hybridep":
         return 0.0
     rows = shape.moe_tokens * moe.top_k * busiest_rows_factor(shape)
-    row_bytes = shape.model.hidden_size * ACT_BYTES
+    row_bytes = shape.model.hidden_size * shape.act_bytes
     passes = 2 + (2 if moe.num_experts // shape.ep > 1 and shape.features.moe_token_dispatcher == "alltoall" else 0)
     return passes * 2 * rows * row_bytes
 
@@ -152,7 +152,7 @@ def dispatch_s(shape: Shape, link: Link, remote_share: float) -> float:
     if ep * shape.etp == 1:
         return 0.0
     if shape.features.moe_token_dispatcher == "allgather":
-        tokens_bytes = shape.moe_tokens * shape.model.hidden_size * ACT_BYTES
+        tokens_bytes = shape.moe_tokens * shape.model.hidden_size * shape.act_bytes
         return all_gather_s(tokens_bytes * ep * shape.etp, ep * shape.etp, link)
     ranks_per_node = max(1, round(ep * (1 - remote_share)))
     sent, remote = dispatch_bytes(shape, ranks_per_node)
@@ -209,7 +209,7 @@ def dispatcher_buffer_bytes(shape: Shape) -> float:
     n = shape.ep * shape.etp
     if moe is None or n == 1 or dispatcher == "alltoall":
         return 0.0
-    hidden_bytes = shape.model.hidden_size * ACT_BYTES
+    hidden_bytes = shape.model.hidden_size * shape.act_bytes
     if dispatcher == "allgather":
         return shape.moe_tokens * n * hidden_bytes
     if dispatcher == "hybridep":
@@ -239,7 +239,7 @@ def forward_transient_bytes(shape: Shape) -> float:
     moe = shape.model.moe
     if moe is None:
         return 0.0
-    row_bytes = shape.model.hidden_size * ACT_BYTES
+    row_bytes = shape.model.hidden_size * shape.act_bytes
     if shape.features.moe_token_dispatcher == "allgather":
         return shape.moe_tokens * shape.ep * shape.etp * row_bytes
     rows = shape.moe_tokens * moe.top_k * shape.etp * busiest_rows_factor(shape)

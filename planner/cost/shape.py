@@ -14,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loom.planner.specs.job import Features
+from loom.planner.specs.job import FP32_PRECISIONS, Features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 
 if TYPE_CHECKING:
     from loom.planner.cost.measured import MeasuredLayers
 
-ACT_BYTES = 2  # activations are 16-bit in every supported precision
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,12 @@ class Shape:
     @classmethod
     def of(cls, model: ModelSpec, layout: Layout, seq_length: int, precision: str, features: Features, measured: MeasuredLayers | None = None) -> Shape:
         return cls(model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision, features, layout.ep, layout.etp, measured)
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of one activation element: 16-bit under bf16, fp16 and fp8
+        (whose GEMMs take fp8 copies of 16-bit tensors), 4 in fp32 training."""
+        return 4 if self.precision in FP32_PRECISIONS else 2
 
     @property
     def tokens(self) -> int:

@@ -21,7 +21,7 @@ from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_
 from loom.planner.cost.efficiency import memory_time_s
 from loom.planner.cost.memory import StageParams, StateBytes, optimizer_partition, sharding_units, stage_params
 from loom.planner.cost.network import Links
-from loom.planner.cost.shape import ACT_BYTES, Shape
+from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
@@ -108,12 +108,12 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     # TP: two collectives per layer forward and two backward (Megatron's f/g
     # operators), again forward under full recompute; one each for the
     # embedding and the LM head. TE's --tp-comm-overlap hides them behind GEMMs.
-    activation_bytes = shape.tokens * shape.model.hidden_size * ACT_BYTES
+    activation_bytes = shape.tokens * shape.model.hidden_size * shape.act_bytes
     per_layer_tp = _tp_collectives_s(activation_bytes, layout, links.tp, 2)
     fwd_tp = per_layer_tp * n + _tp_collectives_s(activation_bytes, layout, links.tp, chunk.embedding + chunk.head)
     if chunk.vision:
         vision = shape.vision()
-        patch_bytes = vision.tokens * vision.model.hidden_size * ACT_BYTES
+        patch_bytes = vision.tokens * vision.model.hidden_size * shape.act_bytes
         fwd_tp += _tp_collectives_s(patch_bytes, layout, links.tp, 2) * vision.model.num_layers
     tp_passes = 2 + tp_again
     tp_fwd = _exposed(fwd_tp, fwd_layer.gemm_s, features.tp_comm_overlap)
@@ -125,7 +125,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     if layout.cp > 1 and job.framework == "torchtitan":
         cp_fwd, cp_bwd, cp_busy = _torch_ring_attention_s(shape, gpu, links.cp, n, tp_again)
     elif layout.cp > 1:
-        kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * ACT_BYTES
+        kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * shape.act_bytes
         ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
         core_fwd = attention_core(shape, gpu).total_s
         core_bwd = attention_core(shape, gpu, backward=True).total_s
@@ -140,7 +140,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     if dispatching:
         ep_fwd = dispatching * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
         if features.moe_token_dispatcher in ("alltoall", "allgather") and layout.etp > 1:
-            routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * ACT_BYTES * layout.etp
+            routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * shape.act_bytes * layout.etp
             ep_fwd += dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
         ep_bwd = ep_fwd * (1 + ep_again)
         ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
@@ -195,7 +195,7 @@ def _torch_ring_attention_s(shape: Shape, gpu: GPU, link: Link, n: int, again: f
     kv_elements = 2 * shape.tokens * kv_width / tp
     out_elements = shape.tokens * m.num_attention_heads * m.v_head_dim / tp
     q_elements = shape.tokens * m.q_size / tp
-    gather_s = all_gather_s(cp * kv_elements * ACT_BYTES, cp, link)
+    gather_s = all_gather_s(cp * kv_elements * shape.act_bytes, cp, link)
     dkv_send_s = send_recv_s(kv_elements * 4, link)
     block_fwd = attention_core(shape, gpu).total_s / cp
     block_bwd = attention_core(shape, gpu, backward=True).total_s / cp
@@ -322,7 +322,7 @@ def _p2p_s(shape: Shape, layout: Layout, links: Links, chunk_fwd_s: float) -> fl
     transfers that nothing hides."""
     if layout.pp == 1:
         return 0.0
-    one = send_recv_s(shape.tokens * shape.model.hidden_size * ACT_BYTES / layout.tp, links.pp)
+    one = send_recv_s(shape.tokens * shape.model.hidden_size * shape.act_bytes / layout.tp, links.pp)
     if layout.vpp == 1:
         return 2 * (layout.num_microbatches + layout.pp - 1) * one
     steady = 2 * layout.num_microbatches * layout.vpp * max(0.0, one - chunk_fwd_s)
@@ -353,7 +353,8 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> 
 
 def _state_bytes(job: Job, layout: Layout) -> StateBytes:
     """Bytes per parameter of gradients and gathered weights (memory.StateBytes)."""
-    return StateBytes.of(job.framework, job.precision, job.features, job.cluster.slowest.gpu, layout.distributed_optimizer)
+    return StateBytes.of(job.framework, job.precision, job.features, job.cluster.slowest.gpu, layout.distributed_optimizer,
+                         layout.zero_stage)
 
 
 def _reduce_and_gather_s(job: Job, layout: Layout, grad_bytes: float, gather_bytes: float, n: int, link: Link) -> tuple[float, float]:
@@ -503,7 +504,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         sharding_s=[microbatch_s for microbatch_s, _ in sharded],
         sharding_step_s=[step_s for _, step_s in sharded],
         offload_s=[_accumulation_copies_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
-        p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * ACT_BYTES / layout.tp, links.pp) if layout.pp > 1 else 0.0,
+        p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * shape.act_bytes / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
         optimizer_s=[_optimizer_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
         embedding_sync_s=_embedding_sync_s(job, layout, links),

@@ -17,7 +17,7 @@ import shlex
 import textwrap
 
 from loom.planner.output.slurm import NodeRanks, nodes_of
-from loom.planner.specs.job import Job
+from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import Placement, Stage, uniform_stages
 
@@ -58,6 +58,8 @@ def script_steps(job: Job, layout: Layout) -> list[str]:
     elif layout.recompute == "full":
         steps.append("wrap each layer's forward in deepspeed.checkpointing.checkpoint(layer, hidden): the plan recomputes every "
                      "layer's activations (full recompute), and its memory assumes it")
+    if job.precision == "tf32":
+        steps.append("set torch.backends.cuda.matmul.allow_tf32 = True before training (precision tf32: fp32 matmuls on TF32 tensor cores)")
     if job.model.moe is not None:
         steps.append("replace each MoE layer's MLP with moe_snippet.py's moe_layer(expert), and build the optimizer from its optimizer_groups(model)")
     return steps
@@ -120,6 +122,9 @@ def ds_config(job: Job, layout: Layout) -> dict:
 
 
 def _precision(job: Job) -> dict:
+    """fp32 and tf32: neither section (DeepSpeed then trains in fp32)."""
+    if job.precision in FP32_PRECISIONS:
+        return {}
     if job.precision == "fp16":
         # loss_scale 0 = dynamic loss scaling.
         return {"fp16": {"enabled": True, "loss_scale": 0}}

@@ -385,14 +385,17 @@ def _precision_args(job: Job, layout: Layout) -> list[str]:
     by --accumulate-allreduce-grads-in-fp32 (Megatron-LM turns it on itself
     for bf16, not for fp16), or bf16 by --grad-reduce-in-bf16."""
     features = job.features
-    args = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"]}[job.precision]
+    # tf32: fp32 parameters (no --bf16/--fp16), their GEMMs on TF32 tensor cores.
+    args = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"], "tf32": []}[job.precision]
     if job.precision == "fp8":
         args += ["--fp8-recipe", features.fp8_recipe]
         if features.fp8_param_gather and layout.distributed_optimizer:
             args.append("--fp8-param-gather")
             if features.fp8_recipe == "mxfp8":
                 args.append("--reuse-grad-buf-for-mxfp8-param-ag")
-    if features.grad_reduce_in_fp32:
+    if job.precision == "tf32":
+        pass  # fp32 gradients reduce in fp32
+    elif features.grad_reduce_in_fp32:
         args.append("--accumulate-allreduce-grads-in-fp32")
     elif job.precision != "fp16":
         args.append("--grad-reduce-in-bf16")
@@ -443,7 +446,7 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
         title=f"Megatron-LM pre-training of {job.model.name}",
         notes=["# Data: --mock-data unless DATA_PATH is set (a Megatron indexed-dataset prefix,",
                "# or a blend 'weight prefix weight prefix')."],
-        setup=['MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"', "", *_environment(layout),
+        setup=['MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"', "", *_environment(layout), *torchrun.tf32_environment(job.precision),
                *bash_array("MEGATRON_ARGS", args), *_data_args()],
         target='"$MEGATRON_LM_DIR/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "${DATA_ARGS[@]}"',
     )

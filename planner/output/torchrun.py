@@ -31,6 +31,15 @@ class Program:
     target: str
 
 
+def tf32_environment(precision: str) -> list[str]:
+    """PyTorch runs fp32 matmuls in full FP32 unless allowed TF32
+    (torch.backends.cuda.matmul.allow_tf32, off by default since 1.12); the
+    override variable allows it for every cuBLAS matmul of the process
+    (aten/src/ATen/Context.h allowTF32CuBLAS: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE),
+    which is what precision tf32 prices."""
+    return ["export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1  # precision tf32: fp32 matmuls on TF32 tensor cores", ""] if precision == "tf32" else []
+
+
 def train_sh(program: Program, cluster_name: str, label: str, world_size: int, nodes: list[NodeRanks], named: bool) -> str:
     """The script, run once on every node of the plan."""
     header = _header(program.title, program.notes, cluster_name, label, world_size, nodes, named)

@@ -29,7 +29,7 @@ from loom.planner.output.slurm import nodes_of, slurm_sbatch
 from loom.planner.output.torchrun import Program
 from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.job import Job
+from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
 
@@ -53,7 +53,7 @@ def torchtitan_files(job: Job, layout: Layout, stages: list[Stage], placement: P
                "# and [training] dataset, or pass --model.hf_assets_path ... after the script."],
         setup=['TORCHTITAN_CONFIG="${TORCHTITAN_CONFIG:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/job.toml}"',
                "# As torchtitan's run_train.sh runs it.",
-               'export PYTORCH_ALLOC_CONF="expandable_segments:True"', ""],
+               'export PYTORCH_ALLOC_CONF="expandable_segments:True"', "", *torchrun.tf32_environment(job.precision)],
         target='-m torchtitan.train --job.config_file "$TORCHTITAN_CONFIG"',
     )
     return {
@@ -120,7 +120,7 @@ def _training(job: Job, layout: Layout) -> dict:
         "seq_len": job.seq_length,
         "steps": job.train_iters,
         "dtype": "bfloat16" if job.features.optimizer_states == "bf16" else "float32",
-        "mixed_precision_param": "bfloat16",
+        "mixed_precision_param": "float32" if job.precision in FP32_PRECISIONS else "bfloat16",
         "mixed_precision_reduce": "float32",
         "enable_cpu_offload": layout.optimizer_offload,
     }

@@ -7,7 +7,7 @@ Example (``examples/llama3-8b-h100.yaml``)::
     cluster: h100-64.yaml          # path (relative to this file) or inline mapping
     global_batch_size: 512
     seq_length: 8192
-    precision: bf16                # bf16 | fp16 | fp8
+    precision: bf16                # bf16 | fp16 | fp8 | tf32 | fp32
     framework: megatron            # megatron | deepspeed | torchtitan
     search: {recompute: [none, selective]}   # any knob not given is "auto"
 """
@@ -41,7 +41,11 @@ MAX_GLOBAL_BATCH, MAX_SEQ_LENGTH, MAX_DEGREE, MAX_MICRO_BATCH = 1 << 20, 1 << 24
 # A step of more tokens than this looks like a batch given in tokens, not sequences.
 TOKENS_PER_STEP_WARNING = 1 << 30
 
-Precision = Literal["bf16", "fp16", "fp8"]
+# fp32 keeps weights and activations in fp32; tf32 too, with its GEMMs on
+# TF32 tensor cores (PyTorch's allow_tf32; Transformer Engine's fp32 GEMMs
+# always run so).
+Precision = Literal["bf16", "fp16", "fp8", "tf32", "fp32"]
+FP32_PRECISIONS = ("tf32", "fp32")
 Framework = Literal["megatron", "deepspeed", "torchtitan"]
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
 CrossEntropyFusion = Literal["none", "native", "te", "torch"]
@@ -292,7 +296,7 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
         optimizer=spec.optimizer,
         framework=spec.framework,
         stack=stack,
-        features=stack_features(stack, spec.features),
+        features=_precision_features(stack_features(stack, spec.features), spec.precision, spec.features, source),
         search=spec.search,
         top_k=spec.top_k,
         train_iters=spec.train_iters,
@@ -304,6 +308,18 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     except SpecError as error:
         raise SpecError.of(source, [(flags.get(field, field), expected, got) for field, expected, got in error.problems]) from None
     return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
+
+
+def _precision_features(features: Features, precision: str, given: Features, source: str) -> Features:
+    """No flash-attention kernel takes fp32 (FlashAttention and cuDNN's
+    fused attention need fp16/bf16: Transformer Engine falls back to its
+    unfused attention, torchtitan's SDPA to the math kernel), so fp32 and
+    tf32 jobs attend unfused; asking for flash there is bad input."""
+    if precision not in FP32_PRECISIONS:
+        return features
+    if "flash_attention" in given.model_fields_set and given.flash_attention:
+        raise SpecError(source, "features.flash_attention", f"false with precision {precision} (flash kernels take fp16/bf16 only)", True)
+    return features.model_copy(update={"flash_attention": False})
 
 
 def stack_features(stack: str, features: Features) -> Features:
@@ -321,7 +337,8 @@ def check_job(job: Job) -> None:
     gpus = {node.gpu.name: node.gpu for node in job.cluster.nodes}.values()
     for gpu in gpus:
         if not gpu.supports(job.precision):
-            raise SpecError(job.source, "precision", f"a precision {gpu.name} supports (bf16, fp16)", job.precision)
+            supported = ", ".join(p for p in ("bf16", "fp16", "fp8", "tf32", "fp32") if gpu.supports(p))
+            raise SpecError(job.source, "precision", f"a precision {gpu.name} supports ({supported})", job.precision)
         if job.precision == "fp8" and job.features.fp8_recipe == "mxfp8" and not gpu.fp8_gemm_any_layout:
             # MXFP8's block scales are a Blackwell tensor-core format (TE's MXFP8BlockScaling needs compute capability 10.0).
             raise SpecError(job.source, "features.fp8_recipe", f"delayed, tensorwise or blockwise on {gpu.name} (MXFP8 needs Blackwell)", "mxfp8")
@@ -337,6 +354,11 @@ def check_job(job: Job) -> None:
                                                                   "repeating them is torchtitan 2024-12's)"))
     if job.features.optimizer_states == "bf16" and job.framework == "deepspeed":
         raise SpecError(job.source, "features.optimizer_states", "fp32 with DeepSpeed (loom writes no bf16 optimizer for it)", "bf16")
+    if job.framework == "megatron" and job.precision == "fp32":
+        raise SpecError(job.source, "precision", "tf32 with megatron (Transformer Engine runs fp32 GEMMs on TF32 tensor cores: "
+                        "transformer_engine/common/gemm/cublaslt_gemm.cu)", "fp32")
+    if job.precision in FP32_PRECISIONS and job.features.optimizer_states == "bf16":
+        raise SpecError(job.source, "features.optimizer_states", f"fp32 with precision {job.precision}", "bf16")
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
@@ -363,7 +385,8 @@ def _check_torchtitan(job: Job) -> None:
     if why:
         raise SpecError(job.source, "framework", f"megatron or deepspeed for this model; torchtitan needs {why}", job.framework)
     if job.precision == "fp16":
-        raise SpecError(job.source, "precision", "bf16 or fp8 with torchtitan (its mixed precision is bfloat16)", job.precision)
+        raise SpecError(job.source, "precision", "bf16, fp8, tf32 or fp32 with torchtitan (its mixed precision is bfloat16 or float32)",
+                        job.precision)
     if job.features.cross_entropy_fusion != "torch":
         raise SpecError(job.source, *_from_stack(job, "cross_entropy_fusion", "torch with torchtitan (PyTorch's cross_entropy on fp32 logits)"))
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):

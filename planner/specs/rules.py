@@ -52,7 +52,8 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
              "(sequence parallelism splits each rank's tokens over TP)", layout.tp)
     need(not layout.sequence_parallel or layout.tp > 1, "sequence_parallel", "only with tp > 1", layout.sequence_parallel)
     need(layout.vpp == 1 or layout.pp > 1, "vpp", "1 unless pp > 1", layout.vpp)
-    need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's CP needs it)", layout.cp)
+    need(layout.cp == 1 or job.features.flash_attention, "cp", "1 without flash attention (Megatron's and PyTorch's ring attention run "
+         "flash kernels only)", layout.cp)
     # Transformer Engine runs attention sinks under CP only with a2a
     # communication and sliding windows only with a2a or all-gather (TE 2.9
     # get_attention_backend, attn_forward_func_with_cp), not the ring loom prices.
