@@ -15,12 +15,15 @@ backward time of its layers and v = vpp::
 
     fixed + sum of its layers' state_bytes + in_flight[s] * (largest activation of one of its chunks)
 
-Two exact methods return the same optimum:
+Three exact methods return the same optimum:
 
 * ``"bottleneck"`` (vpp = 1 and every stage as fast as every other): sum tau is
   then a constant, so the step time is minimised by minimising T alone.  Binary
   search over the O(n^2) candidate values of T with an O(n * pp) reachability
   check per candidate; runs in milliseconds for 128 layers on 64 stages.
+* ``"typed"`` (vpp = 1, stages of a few GPU types, in a given order or
+  placed by the solver): a dynamic program over boundaries and groups used
+  (``solvers/typed_split.py``), in milliseconds where the MILP needs seconds.
 * ``"milp"``: the general model (interleaving, unequal speeds, choosing which
   device group runs which pipeline position) as a MILP in PuLP, solved by HiGHS
   or, when HiGHS cannot load, by CBC.
@@ -43,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import pulp
+
+from loom.solvers.typed_split import MAX_COUNT_STATES, DeviceType, solve_typed_split
 
 GIB = 2.0**30
 
@@ -598,11 +603,38 @@ def _bottleneck_applies(problem: PartitionProblem) -> bool:
     return not problem.assign_devices or len(set(problem.devices)) == 1
 
 
+def _typed_applies(problem: PartitionProblem) -> bool:
+    """One chunk per stage, and few enough GPU types for the typed program."""
+    if problem.vpp != 1:
+        return False
+    _, members = _device_types(problem.devices)
+    return not problem.assign_devices or math.prod(len(group) + 1 for group in members[:-1]) <= MAX_COUNT_STATES
+
+
+def _solve_typed(problem: PartitionProblem) -> tuple[tuple[int, ...], tuple[int, ...], float] | None:
+    """solvers/typed_split.py on ``problem``: sizes, device group of each
+    stage (each type's groups handed to its stages in order, as the MILP's
+    answers are) and the proven bound; None when nothing fits."""
+    kinds, members = _device_types(problem.devices)
+    types = [DeviceType(d.speed, d.capacity_bytes, d.fixed_bytes, len(group)) for d, group in zip(kinds, members)]
+    position_type = None if problem.assign_devices else tuple(kinds.index(d) for d in problem.devices)
+    layers = problem.layers
+    found = solve_typed_split(np.array([l.work_s for l in layers]), np.array([l.state_bytes for l in layers]),
+                              np.array([l.activation_bytes for l in layers]), problem.in_flight, problem.microbatches, types, position_type)
+    if found is None:
+        return None
+    if not problem.assign_devices:
+        return found.sizes, tuple(range(problem.pp)), found.bound_s
+    unused = [list(group) for group in members]
+    return found.sizes, tuple(unused[t].pop(0) for t in found.stage_type), found.bound_s
+
+
 def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, method: str = "auto") -> Partition:
-    """Optimal split of ``problem`` (``method``: "auto", "bottleneck" or "milp")."""
+    """Optimal split of ``problem`` (``method``: "auto", "bottleneck",
+    "typed" or "milp")."""
     started = time.perf_counter()
     if method == "auto":
-        method = "bottleneck" if _bottleneck_applies(problem) else "milp"
+        method = "bottleneck" if _bottleneck_applies(problem) else "typed" if _typed_applies(problem) else "milp"
     if method == "bottleneck" and not _bottleneck_applies(problem):
         raise ValueError("the bottleneck method needs vpp = 1 and equally fast stages")
 
@@ -619,6 +651,15 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, metho
         )
 
     identity = tuple(range(problem.pp))
+    if method == "typed":
+        if not _typed_applies(problem):
+            raise ValueError("the typed method needs vpp = 1 and few enough GPU types")
+        typed = _solve_typed(problem)
+        if typed is None:
+            return result("infeasible", (), identity, None, "typed", _explain_infeasible(problem))
+        sizes, stage_device, bound = typed
+        objective = step_time_s(problem, sizes, stage_device)
+        return result("optimal" if bound >= objective * (1 - 1e-12) else "time_limit", sizes, stage_device, bound, "typed")
     if method == "bottleneck":
         sizes = _Bottleneck(problem).solve()
         if sizes is None:

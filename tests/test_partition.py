@@ -136,6 +136,37 @@ def test_bottleneck_and_milp_agree(instances):
             assert milp.objective_s == pytest.approx(fast.objective_s, rel=1e-6)
 
 
+def test_typed_program_and_milp_agree(instances):
+    """With one chunk per stage on GPUs of different speeds or memory, in a
+    given order or placed by the solver, the dynamic program reaches the
+    MILP's optimum (both checked against enumeration)."""
+    applicable = [p for p in instances if p.vpp == 1 and p.pp > 1 and (len(set(p.devices)) > 1 or p.assign_devices)]
+    assert len(applicable) >= 30 and any(p.assign_devices for p in applicable)
+    for problem in applicable:
+        typed = check_against_brute_force(problem, method="typed")
+        milp = check_against_brute_force(problem, method="milp")
+        assert typed.method == "typed" and typed.status == milp.status
+        if typed.status == "optimal":
+            assert typed.objective_s == pytest.approx(milp.objective_s, rel=1e-6)
+
+
+def test_mixed_cluster_with_placement_is_solved_exactly():
+    """#15's case: 128 layers (plus embedding and head) on 64 stages, half
+    the device groups twice as slow with half the memory, the solver choosing
+    which group runs each stage: the program proves its optimum (gap 0),
+    no worse than the even split or the one proportional to speed in node
+    order wherever those fit."""
+    pp = 64
+    layers = (Layer(1.3, 2.6, 3 * GIB, 0.6 * GIB),) + (Layer(1.0, 2.0, 1 * GIB, 0.5 * GIB),) * 128 + (Layer(3.0, 6.0, 3 * GIB, 2 * GIB),)
+    devices = (StageDevice(2.0, 40 * GIB, 3 * GIB),) * (pp // 2) + (StageDevice(1.0, 80 * GIB, 4 * GIB),) * (pp // 2)
+    problem = PartitionProblem(layers, pp, 1, 256, in_flight(pp, 1, 256), devices, assign_devices=True)
+    result = solve_partition(problem, time_limit_s=10)
+    assert (result.method, result.status, result.gap) == ("typed", "optimal", 0.0)
+    assert evaluate_partition(problem, result.chunk_sizes, result.stage_device) == pytest.approx(result.objective_s)
+    baselines = [evaluate_partition(problem, split(problem)) for split in (uniform_partition, proportional_partition)]
+    assert all(result.objective_s <= baseline * (1 + 1e-9) for baseline in baselines if baseline is not None)
+
+
 def test_cbc_fallback(monkeypatch, instances):
     monkeypatch.setattr(pulp.HiGHS, "available", lambda self: False)
     for problem in [p for p in instances if p.vpp == 2 or p.assign_devices][:8]:
