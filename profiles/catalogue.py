@@ -124,17 +124,26 @@ def find_gpu(name: str, source: str = "cluster", field: str = "gpu") -> GPU:
     return gpu
 
 
+# The lowest power limit a data-centre GPU accepts, as a share of its TDP
+# (nvidia-smi -q's "Min Power Limit": 100 of 400 W on A100 SXM4, 200 of
+# 700 W on H100 SXM5) [assumed for the others].
+MIN_POWER_SHARE = 0.25
+
+
 @cache
 def power_limited(gpu: GPU, power_limit_W: float | None) -> GPU:
     """``gpu`` run under a power cap of ``power_limit_W`` watts (None: its
     TDP): one object per pair, so identity stays equality. Raises ValueError
-    when the catalogue has no TDP for it or the cap exceeds the TDP."""
+    when the catalogue has no TDP for it or the cap lies outside
+    [MIN_POWER_SHARE x TDP, TDP]."""
     if power_limit_W is None:
         return gpu
     if gpu.tdp_W is None:
         raise ValueError(f"no power limit: loom's catalogue has no TDP for {gpu.name}")
     if power_limit_W > gpu.tdp_W:
         raise ValueError(f"at most {gpu.tdp_W:g} W, the TDP of {gpu.name}")
+    if power_limit_W < MIN_POWER_SHARE * gpu.tdp_W:
+        raise ValueError(f"at least {MIN_POWER_SHARE * gpu.tdp_W:g} W on {gpu.name}: a quarter of its TDP, below what the driver lets a limit go")
     return replace(gpu, power_limit_W=float(power_limit_W))
 
 

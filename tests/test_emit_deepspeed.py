@@ -23,6 +23,7 @@ from loom.planner.output.launch import launch_files
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
+from loom.planner.specs.rules import layout_problems
 from loom.planner.specs.stages import Placement, default_placement, uniform_stages
 
 
@@ -269,3 +270,10 @@ def test_write_file_set_refuses_a_folder_it_did_not_write(tmp_path):
 def test_write_file_set_refuses_paths_outside_out_dir(tmp_path):
     with pytest.raises(ValueError):
         write_file_set(tmp_path / "out", {"../escape.sh": "x"})
+
+
+@pytest.mark.parametrize("change, flag", [({"tp": 2, "dp": 2}, "tp"), ({"cp": 2, "dp": 2}, "cp")])
+def test_the_rules_name_the_dimension_deepspeed_lacks(change, flag):
+    job, layout = CASES["zero1-pipeline-full-recompute"]
+    problems = layout_problems(job, Layout(**{**layout.as_dict(), **change}))
+    assert [field for field, _, _ in problems if field in ("tp", "cp")] == [flag]

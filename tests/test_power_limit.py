@@ -48,6 +48,7 @@ def test_a_capped_cluster_steps_slower_and_mfu_keeps_the_datasheet_peak():
 @pytest.mark.parametrize("cap, field, expected", [
     ({"power_limit_W": 800}, "power_limit_W", "at most 700 W, the TDP of H100-SXM5-80GB"),
     ({"power_limit_W": 0}, "power_limit_W", "greater than 0"),
+    ({"power_limit_W": 1}, "power_limit_W", "at least 175 W on H100-SXM5-80GB"),
     ({"node_overrides": [{"node": 1, "power_limit_W": 900}]}, "node_overrides.0.power_limit_W", "at most 700 W"),
 ])
 def test_a_cap_the_gpu_cannot_take_names_the_field(cap, field, expected):

@@ -118,3 +118,17 @@ def test_launch_files_train_in_fp32(tmp_path, framework, precision):
         config = json.loads((out / "ds_config.json").read_text())
         assert "bf16" not in config and "fp16" not in config
         assert "allow_tf32" in (out / "launch.sh").read_text()
+
+
+def test_mfu_never_exceeds_the_gemm_ceiling_in_fp32():
+    """Attention included: fp32 runs its unfused attention's GEMMs at the
+    FP32 peak too, so MFU stays below the catalogue's FP32 GEMM efficiency."""
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, recompute="full")
+    plan = evaluate(make_job(nodes=1, gbs=8, seq=4096, precision="fp32", framework="deepspeed", features=FP32), layout)
+    assert plan.mfu < H100.gemm_efficiency["fp32"]
+
+
+def test_torchtitans_moe_cannot_train_in_fp32(tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", _job_file(tmp_path, model="qwen3-30b-a3b", framework="torchtitan", precision="tf32"),
+                                      "--ep", "8"])
+    assert result.exit_code == 2 and "grouped expert GEMMs" in result.output.replace("\n", "")

@@ -105,3 +105,24 @@ def test_evaluate_with_the_best_split_reproduces_the_plans_figures(tmp_path):
     best = json.loads(CliRunner().invoke(app, ["evaluate", str(job_file), *flags, "--split", "best", "--json"]).stdout)["plans"][0]
     assert [s["layers"] for s in best["stages"]] == [s["layers"] for s in planned["stages"]]
     assert best["predicted"]["step_time_s"] == pytest.approx(planned["predicted"]["step_time_s"], rel=1e-9)
+
+
+def test_search_status_covers_the_placement_solves(monkeypatch):
+    """A plan whose rank placement is only feasible (a gap to its bound)
+    makes the search's status time_limit and its gap that placement's."""
+    from dataclasses import replace as swap
+
+    from loom.planner.search import layouts
+    from test_placement import degraded_job
+
+    real_place = layouts.place
+
+    def unproven(plan, *args, **kwargs):
+        placed = real_place(plan, *args, **kwargs)
+        solve = placed.placement_solve
+        return swap(placed, placement_solve=swap(solve, status="feasible", communication_s=1.0, bound_s=0.9)) if solve else placed
+
+    monkeypatch.setattr(layouts, "place", unproven)
+    result = search(degraded_job(), top_k=1)
+    assert result.plans[0].placement_solve is not None
+    assert result.status == "time_limit" and result.gap >= 0.1 - 1e-9

@@ -340,3 +340,27 @@ def test_selective_recompute_is_per_op_checkpointing(tmp_path):
             assert (config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option) == ("selective", "op")
     assert figures["none"][0] < figures["selective"][0] < figures["full"][0]
     assert figures["none"][1] > figures["selective"][1] > figures["full"][1]
+
+
+def test_the_search_tries_per_op_checkpointing():
+    """Llama-3 70B on 32 H100 at 8K: fully recomputing every block is not
+    the best torchtitan can do; per-op checkpointing with CP or TP is."""
+    from loom.planner.search.layouts import search
+
+    job = Job(model=load_model("llama-3-70b"), cluster=cluster(4), global_batch_size=64, seq_length=8192, framework="torchtitan",
+              stack="torchtitan", features=stack_features("torchtitan", Features()))
+    plans = search(job, top_k=5).plans
+    selective = [plan for plan in plans if plan.layout.recompute == "selective"]
+    assert selective and all(plan.layout.recompute_modules == ("op",) for plan in selective)
+    assert plans[0].step_time_s <= min(plan.step_time_s for plan in plans if plan.layout.recompute == "full")
+
+
+def test_repeated_kv_heads_are_saved_for_backward():
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, fsdp=8)
+    memory = {}
+    for repeat in (False, True):
+        job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=8, seq_length=4096, framework="torchtitan",
+                  stack="torchtitan", features=stack_features("torchtitan", Features(repeat_kv=repeat)))
+        memory[repeat] = evaluate(job, layout).memory[0].breakdown_bytes["activations"]
+    # K and V of 8 heads become 32 heads' worth: 2 x (4096 - 1024) x 2 bytes per token per layer.
+    assert memory[True] - memory[False] == pytest.approx(32 * 4096 * 2 * 3072 * 2, rel=0.01)

@@ -99,6 +99,9 @@ def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
         # under delayed fp8 scaling, which cannot, so it keeps an fp8 copy too.
         "attention_output": (e + g * (shape.precision == "fp8" and shape.features.fp8_recipe == "delayed")) * out * T / t,
         "core_attention": _core_attention_bytes(shape),
+        # torchtitan of 2024-12 repeated K and V to every query head before
+        # attention, which saves the repeated copies (Features.repeat_kv).
+        "repeated_kv": e * (q - kv + m.num_attention_heads * m.v_head_dim - v) * T / t if shape.features.repeat_kv else 0.0,
     }
     if m.mla:  # the query and key/value latents, replicated over TP
         parts["mla_latents"] = e * T * ((m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)

@@ -54,17 +54,21 @@ def _fp8_cast_bytes(gemms: list[tuple[int, int, int]]) -> float:
 
 
 def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
-    """Megatron's pre-flash attention: batched GEMMs for QK^T and PV with a
-    fused scale-mask-softmax and a dropout over the s x s scores in between."""
+    """Megatron's pre-flash attention (and PyTorch's math SDPA): batched
+    GEMMs for QK^T and PV with a fused scale-mask-softmax and a dropout over
+    the s x s scores in between, 16-bit (fp8 runs its attention in bf16) or
+    fp32 in fp32 training."""
     m, s = shape.model, shape.seq_length
     batch = shape.micro_batch_size * m.num_attention_heads // shape.tp
     hd = m.head_dim
     gemms = [(s, s, hd), (s, hd, s)]
     if backward:
         gemms = [g for mnk in gemms for g in backward_gemms(*mnk)]
-    gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16", batch=batch) for mnk in gemms)
+    precision = shape.precision if shape.act_bytes == 4 else "bf16"
+    gemm_s = sum(gemm_time_s(*mnk, gpu, precision, batch=batch) for mnk in gemms)
     scores = batch * s * s
-    softmax_bytes = (6 if backward else 4) * scores  # fwd: read+write 16-bit; bwd: y, dy in, dx out
+    # fwd: read and write the scores; bwd: y and dy in, dx out
+    softmax_bytes = (3 if backward else 2) * shape.act_bytes * scores
     dropout_bytes = 5 * scores if m.dropout else 0  # read, write, 1-byte mask
     return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(softmax_bytes + dropout_bytes, gpu))
 

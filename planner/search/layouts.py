@@ -35,7 +35,7 @@ from loom.planner.cost.layers import shape_of
 from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
-from loom.planner.specs.layout import Layout
+from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.cost.memory import GiB, stage_memory
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
@@ -51,9 +51,9 @@ from loom.planner.cost.time_model import StepTime, step_time
 # The even split ranks every layout; the best ones (and those within
 # NEAR_FIT of fitting, which an uneven split may make fit) are then split
 # optimally. Without interleaving on one GPU type the split is a bottleneck
-# problem solved exactly in milliseconds, so REFINED layouts get it; the
-# general MILP (interleaving, mixed GPUs) runs for the best MILP_REFINED only,
-# each solve capped at SPLIT_TIME_LIMIT_S.
+# problem solved exactly in milliseconds (mixed GPUs too: the typed program),
+# so REFINED layouts get it; the general MILP (interleaving) runs for the best
+# MILP_REFINED only, each solve capped at SPLIT_TIME_LIMIT_S.
 REFINED = 8
 MILP_REFINED = 3
 NEAR_FIT = 1.25
@@ -70,7 +70,9 @@ class SearchResult:
     feasible: int
     wall_time_s: float
     solver: str = "enumeration"  # and the split methods that ran
-    status: str = "optimal"  # "time_limit" when a split solve stopped at its limit
+    # "time_limit" when a split or placement solve behind the returned plans
+    # stopped short of proving its answer optimal
+    status: str = "optimal"
     gap: float = 0.0  # largest relative gap of those solves
 
 
@@ -95,7 +97,7 @@ def _choices(job: Job) -> dict[str, list]:
         "vpp": [1] if deepspeed else None,  # per pp: see _virtual_stages
         "micro_batch_size": [1, 2, 4, 8],
         "sequence_parallel": None,  # on exactly when tp > 1
-        "recompute": ["none", "selective", "full"] if megatron else ["none", "full"],
+        "recompute": ["none", "full"] if deepspeed else ["none", "selective", "full"],
         "distributed_optimizer": [True, False] if megatron else [False],
         "zero_stage": [0, 1, 2, 3] if deepspeed else [0],
         "fsdp": None,  # per layout: see _shard_degrees
@@ -154,6 +156,8 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
                     tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
                     sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero, fsdp=fsdp,
                     reshard_after_forward=reshard, optimizer_offload=offload,
+                    # torchtitan's selective checkpointing is per op
+                    recompute_modules=(OP_SAC,) if recompute == "selective" and job.framework == "torchtitan" else (),
                 )
 
 
@@ -300,14 +304,15 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     if any(can_place(plan) for plan in plans):
         plans = _ranked([place(plan) if i < PLACED else plan for i, plan in enumerate(plans)])
     methods = sorted({solve.method for solve in solves} | {plan.placement_solve.method for plan in plans if plan.placement_solve})
+    placements = [plan.placement_solve for plan in plans[:top_k] if plan.placement_solve]
     return SearchResult(
         plans=plans[:top_k],
         candidates=len(layouts),
         feasible=len(scored) + sum(plan.layout in {c.layout for c in near} for plan in plans),
         wall_time_s=time.perf_counter() - started,
         solver="+".join(["enumeration", *methods]),
-        status="time_limit" if any(solve.status == "time_limit" for solve in solves) else "optimal",
-        gap=max((solve.gap for solve in solves), default=0.0),
+        status="time_limit" if any(solve.status == "time_limit" for solve in solves) or any(p.status != "optimal" for p in placements) else "optimal",
+        gap=max([solve.gap for solve in solves] + [p.gap for p in placements], default=0.0),
     )
 
 
@@ -396,11 +401,12 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
 
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
     """Plans for the best layouts (split_plan), the MILP run for at most
-    MILP_REFINED of those that need it most (interleaved or mixed GPUs), and
-    the MILP's solutions."""
+    MILP_REFINED of those that need it (interleaved: one chunk per stage,
+    mixed GPUs included, takes the exact methods, in milliseconds), and the
+    split solutions."""
     plans, solves, milp_runs = [], [], 0
     for candidate in [*best, *near]:
-        needs_milp = candidate.layout.vpp > 1 or job.cluster.heterogeneous
+        needs_milp = candidate.layout.vpp > 1
         milp = not needs_milp or milp_runs < MILP_REFINED
         milp_runs += needs_milp and milp and splittable(job, candidate.layout)
         plan, solve = split_plan(job, candidate.layout, milp)

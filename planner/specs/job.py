@@ -389,6 +389,9 @@ def _check_torchtitan(job: Job) -> None:
                         job.precision)
     if job.features.cross_entropy_fusion != "torch":
         raise SpecError(job.source, *_from_stack(job, "cross_entropy_fusion", "torch with torchtitan (PyTorch's cross_entropy on fp32 logits)"))
+    if job.model.moe is not None and job.precision in FP32_PRECISIONS:
+        raise SpecError(job.source, "precision", "bf16 or fp8 for torchtitan's MoE models (its grouped expert GEMMs cast to bf16 "
+                        "whatever the training dtype: models/moe/moe.py _run_experts_grouped_mm)", job.precision)
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
         raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)

@@ -87,7 +87,8 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         # ZeRO-3 shards over the whole data-parallel group.
         need(layout.fsdp == (layout.dp if layout.zero_stage == 3 else 0), "fsdp",
              f"dp = {layout.dp} with DeepSpeed's ZeRO-3 and 0 below it (it shards weights over all of DP only)", layout.fsdp)
-        need(layout.tp == 1 and layout.cp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
+        need(layout.tp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
+        need(layout.cp == 1, "cp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.cp)
         need(not layout.distributed_optimizer, "distributed_optimizer", "false with DeepSpeed (use zero_stage)", True)
         need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)
         need(layout.recompute_num_layers == 0, "recompute_num_layers", "0 with DeepSpeed (it checkpoints every layer)", layout.recompute_num_layers)
