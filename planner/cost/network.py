@@ -10,6 +10,10 @@ the group's bus bandwidth is ``k x nic_GBps_per_gpu`` capped by NVLink (the
 in-node part of the ring). This reproduces nccl-tests' multi-node busbw on DGX
 systems (e.g. ~190 GB/s on 8x HDR A100 nodes).
 
+A rack-scale NVLink domain (GB200/GB300 NVL72: 18 nodes of 4 GPUs) puts a
+group inside it on NVLink too (NCCL's multi-node NVLink); only what leaves
+the domain takes the NICs.
+
 Those closed forms hold on a uniform cluster. On any other (mixed nodes,
 degraded links, a fabric, measured links) each group is priced on the pairs
 of GPUs the placement gives it, in the cluster's topology.
@@ -36,10 +40,21 @@ NETWORK_LATENCY_S = 8e-6
 
 
 def members_per_node(size: int, stride: int, gpus_per_node: int) -> int:
-    """How many of the group's ranks share one node under the default placement."""
+    """How many of the group's ranks share one node (or NVLink domain, given
+    its GPUs) under the default placement."""
     if stride >= gpus_per_node:
         return 1
     return max(1, min(size, gpus_per_node // stride))
+
+
+def nvlink_gpus(node: Node, size: int, stride: int) -> int:
+    """The GPUs within which a group of ``size`` ranks ``stride`` apart is
+    sure to find NVLink: its NVLink domain where groups tile it (the group's
+    span divides the domain or the domain divides the span), else its node:
+    a 72-GPU domain cut into groups of 16 leaves one group straddling two
+    racks, and the slowest group sets the pace."""
+    span, domain = size * stride, node.domain_gpus
+    return domain if domain % span == 0 or span % domain == 0 else node.gpus_per_node
 
 
 def nvlink(node: Node) -> Link:
@@ -50,31 +65,31 @@ def group_link(node: Node, size: int, stride: int) -> Link:
     """The link a collective over this group runs on (``node``: the slowest node)."""
     if size == 1:
         return LOCAL
-    k = members_per_node(size, stride, node.gpus_per_node)
-    if k >= size:
+    if members_per_node(size, stride, nvlink_gpus(node, size, stride)) >= size:
         return nvlink(node)
+    k = members_per_node(size, stride, node.gpus_per_node)
     network_GBps = k * node.nic_GBps_per_gpu * node.nic_efficiency
     return Link(min(network_GBps, node.nvlink_GBps * node.nvlink_efficiency), NETWORK_LATENCY_S, "network")
 
 
 def pipeline_link(node: Node, stride: int, pp: int) -> Link:
     """Point-to-point between pipeline neighbours r and r + stride: NVLink when
-    the whole pipeline fits in a node, otherwise some boundary crosses nodes
-    and, the slowest boundary setting the pace, the NIC prices every one."""
+    the whole pipeline fits in an NVLink domain, otherwise some boundary
+    leaves it and, the slowest boundary setting the pace, the NIC prices every one."""
     if pp == 1:
         return LOCAL
-    if stride * pp <= node.gpus_per_node:
+    if stride * pp <= nvlink_gpus(node, pp, stride):
         return nvlink(node)
     return Link(node.nic_GBps_per_gpu * node.nic_efficiency, NETWORK_LATENCY_S, "network")
 
 
 def all_to_all_link(node: Node, size: int, stride: int) -> tuple[Link, float]:
     """The link an all-to-all over the group runs on, and the share of each
-    GPU's buffer that leaves its node: NVLink inside a node; across nodes,
+    GPU's buffer that leaves its NVLink domain: NVLink inside one; beyond it,
     each GPU's own NIC share (an all-to-all gets no k-fold ring channels)."""
     if size == 1:
         return LOCAL, 0.0
-    k = members_per_node(size, stride, node.gpus_per_node)
+    k = members_per_node(size, stride, nvlink_gpus(node, size, stride))
     if k >= size:
         return nvlink(node), 0.0
     return Link(node.nic_GBps_per_gpu * node.nic_efficiency, NETWORK_LATENCY_S, "network"), (size - k) / size

@@ -85,7 +85,10 @@ def _choices(job: Job) -> dict[str, list]:
     model, gpus, space = job.model, job.cluster.num_gpus, job.search
     megatron, deepspeed = job.framework == "megatron", job.framework == "deepspeed"
     flavor = torchtitan.flavor_of(model) if job.framework == "torchtitan" else None
-    powers = [2**i for i in range(8) if 2**i <= job.cluster.gpus_per_node]
+    # TP inside a node, or up to 8 across the nodes of an NVLink domain
+    # (NVL72: TP8 over two 4-GPU trays), as Megatron's recipes go no wider.
+    nvlink_gpus = max(job.cluster.gpus_per_node, min(job.cluster.slowest.domain_gpus, 8))
+    powers = [2**i for i in range(8) if 2**i <= nvlink_gpus]
     stages = [p for p in _divisors(gpus) if p <= model.num_layers]
     auto = {
         "tp": [t for t in powers if model.num_attention_heads % t == 0 and model.num_query_groups % t == 0] if not deepspeed else [1],
@@ -117,15 +120,15 @@ def _virtual_stages(num_layers: int, pp: int) -> list[int]:
 
 def _shard_degrees(job: Job, tp: int, cp: int, dp: int, zero: int) -> list[int]:
     """Sharded data parallelism worth trying: over all of DP (Megatron-FSDP,
-    ZeRO-3, FSDP), and for torchtitan also over the DP ranks of one node,
-    replicated across nodes (HSDP: the gathers stay on NVLink). Megatron
+    ZeRO-3, FSDP), and for torchtitan also over the DP ranks of one NVLink
+    domain, replicated across domains (HSDP: the gathers stay on NVLink). Megatron
     also runs without; torchtitan without only as 1-D DDP; DeepSpeed shards
     weights exactly under ZeRO-3, over all of DP."""
     if job.framework == "deepspeed":
         return [dp if zero == 3 else 0]
     if dp * cp == 1:
         return [0]
-    in_node = job.cluster.gpus_per_node // (tp * cp)
+    in_node = job.cluster.slowest.domain_gpus // (tp * cp)
     degrees = {dp} | ({in_node} if job.framework == "torchtitan" and 1 < in_node < dp and dp % in_node == 0 else set())
     if job.framework == "megatron" or (job.framework == "torchtitan" and tp * cp == 1):
         degrees.add(0)

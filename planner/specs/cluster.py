@@ -10,6 +10,7 @@ Example::
     nics_per_node: 8
     nic_Gbps: 400           # line rate of one NIC
     power_limit_W: 500      # optional: the GPUs' power cap, below their TDP
+    nvlink_domain_nodes: 18 # optional: consecutive nodes one NVLink domain joins (GB200 NVL72: 18 of 4 GPUs)
     node_overrides:         # optional: nodes that differ from the rest
       - {node: 3, nic_Gbps: 200}
     # Optional fabric details (see planner/specs/topology.py), for placement:
@@ -88,6 +89,7 @@ class ClusterFile(StrictModel):
     nics_per_node: count(MAX_NICS)
     nic_Gbps: NIC_GBPS
     power_limit_W: POWER_W | None = None
+    nvlink_domain_nodes: count(MAX_NODES) = 1
     hosts: list[str] | None = None
     node_overrides: list[NodeOverride] = []
     nodes_per_leaf: count(MAX_NODES) | None = None
@@ -127,6 +129,7 @@ class Cluster:
             gpus_per_node=self.gpus_per_node,
             nvlink_efficiency=min(n.nvlink_efficiency for n in self.nodes),
             nic_efficiency=min(n.nic_efficiency for n in self.nodes),
+            nvlink_domain_gpus=min(n.domain_gpus for n in self.nodes),
         )
 
     @property
@@ -212,12 +215,31 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
             nics_per_node=fields["nics_per_node"],
             nic_Gbps=fields["nic_Gbps"],
             gpus_per_node=spec.gpus_per_node,
+            nvlink_domain_gpus=spec.gpus_per_node * spec.nvlink_domain_nodes,
             **efficiencies,
         )
         for host, fields, field, limit_field in zip(hosts, per_node, gpu_field, power_field)
     )
+    _check_domains(spec, source, at)
     return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at),
                    named_hosts=spec.hosts is not None)
+
+
+def _check_domains(spec: ClusterFile, source: str, at) -> None:
+    """NVLink domains larger than a node tile the cluster in whole domains, on
+    a uniform cluster: loom prices them by the closed forms of
+    planner/cost/network.py (its topology graph and placement solver know
+    NVLink inside a node only)."""
+    domain = spec.nvlink_domain_nodes
+    if domain == 1:
+        return
+    if spec.nodes % domain:
+        raise SpecError(source, at("nvlink_domain_nodes"), f"a divisor of nodes = {spec.nodes} (whole NVLink domains)", domain)
+    fabric = [name for name in ("node_overrides", "nic_overrides", "link_overrides", "leaves", "nodes_per_leaf", "links_profile")
+              if getattr(spec, name)]
+    if fabric:
+        raise SpecError(source, at("nvlink_domain_nodes"), f"1 with {fabric[0]} (NVLink domains beyond a node are priced on uniform "
+                        "clusters only)", domain)
 
 
 def _capped_gpu(gpu: GPU, power_limit_W: float | None, source: str, field: str) -> GPU:

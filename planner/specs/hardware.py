@@ -55,6 +55,14 @@ class Node:
     gpus_per_node: int
     nvlink_efficiency: float = NVLINK_EFFICIENCY  # of nvlink_GBps that collectives reach
     nic_efficiency: float = NIC_EFFICIENCY  # of the NICs' line rate
+    # GPUs one NVLink domain joins (0: the node's; GB200/GB300 NVL72: 72 over 18 nodes of 4)
+    nvlink_domain_gpus: int = 0
+
+    @property
+    def domain_gpus(self) -> int:
+        """GPUs that reach each other over NVLink: the node, or a rack-scale
+        NVLink domain (multi-node NVLink) of consecutive nodes."""
+        return self.nvlink_domain_gpus or self.gpus_per_node
 
     @property
     def nic_GBps_per_gpu(self) -> float:
