@@ -30,11 +30,15 @@ from itertools import product
 
 import numpy as np
 
-# How many caps above the least feasible one are tried; more (a few micro
-# batches on long runs of cheap layers) and the answer keeps its proven gap.
+# How many caps above the least feasible one are tried at most. The window
+# is wide only when (m - 1) is small against the spread of run times (few
+# micro batches); past this many the answer reports its remaining gap.
 MAX_CAPS_TRIED = 48
-# Count states (groups used of each type but the last) the program may hold.
-MAX_COUNT_STATES = 4096
+# Count states (groups used of each type but the last) the program may hold:
+# two types of up to 511 groups, or three of up to 21 each; beyond, the
+# program's time (a range minimum per state, stage and type) passes the
+# MILP's limit, so the MILP takes it.
+MAX_COUNT_STATES = 512
 
 
 @dataclass(frozen=True)
@@ -57,21 +61,23 @@ def solve_typed_split(work_s: np.ndarray, state_bytes: np.ndarray, activation_by
                       microbatches: int, types: list[DeviceType], position_type: tuple[int, ...] | None) -> TypedSplit | None:
     """The split minimising the step time, or None when no split fits.
 
-    ``work_s``, ``state_bytes``, ``activation_bytes``: per layer (n); ``in_flight``
-    and ``position_type`` (None: the solver picks): per stage. Raises
-    ValueError when the count states would exceed MAX_COUNT_STATES."""
+    ``work_s``, ``state_bytes``, ``activation_bytes``: per layer (n), non-negative;
+    ``in_flight`` and ``position_type`` (None: the solver picks): per stage.
+    Raises ValueError when the count states would exceed MAX_COUNT_STATES."""
     program = _Program(work_s, state_bytes, activation_bytes, in_flight, microbatches, types, position_type)
+    # Every time a stage can take: a run of layers [i, j) on a type.
     runs = np.unique(np.concatenate([t.speed * (program.work[None, :] - program.work[:, None]).ravel() for t in types]))
-    runs = runs[runs > 0]
+    runs = runs[runs >= 0]
     unbounded = program.least_sum(math.inf)
     if unbounded is None:
         return None
-    lo, hi = 0, len(runs) - 1
+    lo, hi = 0, len(runs) - 1  # runs[hi], a stage of every layer, is feasible where anything is
     while lo < hi:  # the least cap with a feasible split
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if program.feasible(runs[mid]) else (mid + 1, hi)
-    floor_sum = unbounded[0]
-    best: TypedSplit | None = None
+    floor_sum, sizes, stage_type = unbounded
+    # The split of least total time is a candidate too (with m = 1 it is the answer).
+    best = TypedSplit(sizes, stage_type, program.step_s(sizes, stage_type), 0.0)
     window = runs[lo:][: MAX_CAPS_TRIED]
     for cap in window:
         found = program.least_sum(cap)
@@ -79,7 +85,7 @@ def solve_typed_split(work_s: np.ndarray, state_bytes: np.ndarray, activation_by
             continue
         total, sizes, stage_type = found
         step = program.step_s(sizes, stage_type)
-        if best is None or step < best.step_s * (1 - 1e-12):
+        if step < best.step_s * (1 - 1e-12):
             best = TypedSplit(sizes, stage_type, step, 0.0)
         if (microbatches - 1) * cap + floor_sum >= best.step_s * (1 - 1e-12):
             return TypedSplit(best.sizes, best.stage_type, best.step_s, best.step_s)  # no higher cap can do better
@@ -196,7 +202,7 @@ class _Program:
     def step_s(self, sizes: tuple[int, ...], stage_type: tuple[int, ...]) -> float:
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         tau = [self.types[t].speed * (self.work[bounds[s + 1]] - self.work[bounds[s]]) for s, t in enumerate(stage_type)]
-        return (self.m - 1) * max(tau) + sum(tau)
+        return float((self.m - 1) * max(tau) + sum(tau))
 
 
 def _range_min(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,8 @@ def test_groups_inside_the_domain_stay_on_nvlink():
     # Groups of 16 do not tile 72 GPUs: one straddles two racks, so they are
     # priced by their nodes (the slowest group sets the pace).
     assert all_to_all_link(rack, 16, 1) == all_to_all_link(trays, 16, 1)
-    # Beyond the domain the NICs a node holds set the ring's pace, as before.
-    assert group_link(rack, 144, 1) == group_link(trays, 144, 1)
+    # Beyond the domain the ring leaves through the NICs of a whole domain's members.
+    assert group_link(rack, 144, 1).bandwidth_GBps > group_link(trays, 144, 1).bandwidth_GBps
 
 
 def test_expert_parallelism_across_trays_is_faster_in_one_domain():
@@ -56,3 +56,27 @@ def test_what_a_domain_cannot_be_is_bad_input(change, expected):
     with pytest.raises(SpecError) as error:
         parse_cluster({**NVL72, **change}, "cluster.yaml")
     assert error.value.field == "nvlink_domain_nodes" and expected in str(error.value)
+
+
+def test_a_ring_across_domains_runs_one_channel_per_member_of_a_domain():
+    """Beyond a domain the ring leaves it through k members' own NICs, k the
+    members a domain holds (a node's, without domains): 64 per rack of 64."""
+    rack = parse_cluster({**NVL72, "nodes": 32, "nvlink_domain_nodes": 16}, "nvl64").slowest
+    trays = parse_cluster({**NVL72, "nodes": 32, "nvlink_domain_nodes": 1}, "trays").slowest
+    across, per_node = group_link(rack, 128, 1), group_link(trays, 128, 1)
+    assert across.kind == "network" and across.bandwidth_GBps == pytest.approx(min(16 * per_node.bandwidth_GBps, 900 * rack.nvlink_efficiency))
+
+
+def test_slurm_asks_for_whole_domains(tmp_path):
+    from typer.testing import CliRunner
+
+    from loom.cli.app import app
+
+    for domain, expected in ((16, "#SBATCH --segment=16"), (1, None)):
+        (tmp_path / "cluster.yaml").write_text(str({**NVL72, "nodes": 32, "nvlink_domain_nodes": domain}).replace("'", '"'))
+        out = tmp_path / f"out{domain}"
+        result = CliRunner().invoke(app, ["evaluate", "--cluster", str(tmp_path / "cluster.yaml"), "--model", "llama-3-8b",
+                                          "--global-batch-size", "256", "--seq-length", "4096", "--tp", "4", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        lines = (out / "slurm.sbatch").read_text().splitlines()
+        assert [line for line in lines if "--segment" in line and line.startswith("#SBATCH")] == ([expected] if expected else [])

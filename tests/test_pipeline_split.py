@@ -106,3 +106,22 @@ def test_a_vision_tower_partitions_with_the_first_stage():
         problem = partition_problem(job, layout)
         assert split.solution.objective_s <= evaluate_partition(problem, (even[0] + 1, *even[1:-1], even[-1] + 1)) * (1 + 1e-9)
     assert splits[120][0] < splits[24][0] and splits[120][0] < max(splits[120][1:])
+
+
+def test_a_group_over_mixed_gpus_fits_the_smallest_memory():
+    """H20s (slow, 96 GB) beside H100s (fast, 80 GB): a stage spanning both
+    runs at the H20's pace in the H100's memory, so a layout that needs 87
+    GiB does not fit, as on H100s alone."""
+    from loom.planner.plan import evaluate
+    from loom.planner.specs.job import Job
+    from loom.planner.specs.model import load_model
+
+    base = {"nodes": 8, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    mixed = parse_cluster({**base, "node_overrides": [{"node": n, "gpu": "H20"} for n in range(4, 8)]}, "mixed")
+    layout = Layout(tp=8, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=512, sequence_parallel=True, recompute="selective",
+                    distributed_optimizer=True)
+    plans = {name: evaluate(Job(model=load_model("llama-3-70b"), cluster=cluster, global_batch_size=512, seq_length=8192), layout)
+             for name, cluster in (("h100", parse_cluster(base, "h100")), ("mixed", mixed))}
+    assert plans["mixed"].capacity_bytes == plans["h100"].capacity_bytes
+    assert not plans["mixed"].fits and not plans["h100"].fits
+    assert plans["mixed"].step_time_s > plans["h100"].step_time_s  # at the H20's pace

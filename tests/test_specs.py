@@ -250,7 +250,9 @@ def test_node_override_by_host_name(tmp_path):
     assert cluster.hosts == ["gpu-a", "gpu-b", "gpu-c"]
     assert cluster.nodes[2].gpu is find_gpu("A100-SXM4-80GB") and cluster.nodes[2].nics_per_node == 4
     assert cluster.nodes[0].gpu is find_gpu("H100") and cluster.nodes[1].nics_per_node == 8
-    assert cluster.slowest.gpu is find_gpu("A100")  # the job runs at the pace of the slowest node
+    # The job runs at the pace of the slowest node, in the smallest memory (H100's 79.11 GiB against A100's 79.15).
+    slowest = cluster.slowest.gpu
+    assert slowest.peak_tflops == find_gpu("A100").peak_tflops and slowest.memory_bytes == find_gpu("H100").memory_bytes
 
 
 @pytest.mark.parametrize("node", [3, -1, "gpu-z"])

@@ -65,9 +65,11 @@ def group_link(node: Node, size: int, stride: int) -> Link:
     """The link a collective over this group runs on (``node``: the slowest node)."""
     if size == 1:
         return LOCAL
-    if members_per_node(size, stride, nvlink_gpus(node, size, stride)) >= size:
+    k = members_per_node(size, stride, nvlink_gpus(node, size, stride))
+    if k >= size:
         return nvlink(node)
-    k = members_per_node(size, stride, node.gpus_per_node)
+    # One ring channel per member an NVLink domain (a node, or a rack) holds,
+    # each leaving it through its own GPU's NIC.
     network_GBps = k * node.nic_GBps_per_gpu * node.nic_efficiency
     return Link(min(network_GBps, node.nvlink_GBps * node.nvlink_efficiency), NETWORK_LATENCY_S, "network")
 

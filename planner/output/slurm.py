@@ -87,7 +87,7 @@ def allocated_node(index: int) -> str:
     return f'$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n {index + 1}p)'
 
 
-def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int, named_hosts: bool = True) -> str:
+def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int, named_hosts: bool = True, domain_nodes: int = 1) -> str:
     """An ``sbatch`` script that runs ``train.sh`` once per node of the plan.
 
     It requests every GPU of each node so that the GPU indices of the plan are
@@ -98,7 +98,10 @@ def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int, name
     placement that orders nodes differently; ``train.sh`` looks its node rank
     up from ``$SLURMD_NODENAME`` in the plan's host table instead. Without
     named hosts it runs on whatever nodes SLURM gives, node k being
-    ``SLURM_NODEID`` k and rank 0 on the allocation's first node."""
+    ``SLURM_NODEID`` k and rank 0 on the allocation's first node. With NVLink
+    domains of ``domain_nodes`` nodes the plan needs each run of that many
+    nodes to share a domain: SLURM's topology/block plugin allocates whole
+    segments (``--segment``), which the script asks for."""
     pin = [f"#SBATCH --nodelist={','.join(node.host for node in nodes)}"] if named_hosts else []
     # As train.sh sets it: inside double quotes, where shlex.quote's single
     # quotes would be kept literally. Host names are RFC 1123 names
@@ -115,6 +118,9 @@ def slurm_sbatch(job_name: str, nodes: list[NodeRanks], gpus_per_node: int, name
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
         *pin,
+        *([f"# Every {domain_nodes} consecutive nodes of the plan share one NVLink domain: SLURM's",
+           "# topology/block plugin (Slurm 24.05+) allocates them as whole segments.",
+           f"#SBATCH --segment={domain_nodes}"] if domain_nodes > 1 else []),
         "# Written by loom. Submit from the directory that holds train.sh. One task",
         *how,
         "set -euo pipefail",

@@ -59,7 +59,8 @@ def torchtitan_files(job: Job, layout: Layout, stages: list[Stage], placement: P
     return {
         "job.toml": job_toml(job, layout, stages),
         "train.sh": torchrun.train_sh(program, job.cluster.name, layout.label(), layout.world_size, nodes, job.cluster.named_hosts),
-        "slurm.sbatch": slurm_sbatch(f"loom-{job.model.name}", nodes, job.cluster.gpus_per_node, job.cluster.named_hosts),
+        "slurm.sbatch": slurm_sbatch(f"loom-{job.model.name}", nodes, job.cluster.gpus_per_node, job.cluster.named_hosts,
+                                      job.cluster.slowest.domain_gpus // job.cluster.gpus_per_node),
     }
 
 

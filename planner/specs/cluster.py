@@ -28,6 +28,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import statistics
 from collections import Counter
@@ -119,7 +121,7 @@ class Cluster:
     def slowest(self) -> Node:
         """A node with the least of everything: synchronous training runs at the
         pace of its slowest member, so uniform-cluster formulas use this node."""
-        gpu = min((n.gpu for n in self.nodes), key=_gpu_pace)
+        gpu = group_gpu(tuple(dict.fromkeys(n.gpu for n in self.nodes)))
         return Node(
             host="slowest",
             gpu=gpu,
@@ -156,8 +158,8 @@ class Cluster:
         return build_topology(self.nodes, self.gpus_per_node, self.fabric, self.name)
 
     def slowest_gpu(self, hosts: set[str]) -> GPU:
-        """The slowest GPU among ``hosts`` (a group runs at its slowest member's pace)."""
-        return min((self.node_of_host[host].gpu for host in sorted(hosts)), key=_gpu_pace)
+        """The GPU a group over ``hosts`` runs as (group_gpu)."""
+        return group_gpu(tuple(dict.fromkeys(self.node_of_host[host].gpu for host in sorted(hosts))))
 
 
 def is_host_name(host: str) -> bool:
@@ -167,6 +169,19 @@ def is_host_name(host: str) -> bool:
 
 def _node_figures(node: Node) -> tuple:
     return (node.host, node.gpu.kind, node.nvlink_GBps, node.nics_per_node, node.nic_Gbps, node.nvlink_efficiency, node.nic_efficiency)
+
+
+@functools.cache
+def group_gpu(gpus: tuple[GPU, ...]) -> GPU:
+    """What a group spanning ``gpus`` (distinct types) runs as: at its
+    slowest member's pace, and in its smallest member's memory (every rank
+    holds the same share) — a type of its own when those are two GPUs (one
+    object per set, so identity stays equality)."""
+    slowest = min(gpus, key=_gpu_pace)
+    smallest = min(gpus, key=lambda gpu: gpu.memory_bytes)
+    if smallest.memory_bytes >= slowest.memory_bytes:
+        return slowest
+    return dataclasses.replace(slowest, name=f"{slowest.name}/{smallest.name}", memory_bytes=smallest.memory_bytes)
 
 
 def _gpu_pace(gpu: GPU) -> tuple[float, int]:
