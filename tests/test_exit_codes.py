@@ -275,3 +275,11 @@ def test_a_missing_required_argument_says_it_is_required(args, missing):
     assert result.exit_code == 2
     line = one_line(result)
     assert line.startswith(f"error: {missing}: expected ") and "required" in line, line
+
+
+def test_a_bad_flag_is_blamed_on_the_command_line_not_the_bundled_job():
+    """With no job file the bundled example is read; a flag's bad value is
+    the command line's fault, not that file's (the user never gave it)."""
+    result = invoke("plan", "--precision", "fp9")
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: command line: --precision:") and "llama3-8b-h100" not in result.output

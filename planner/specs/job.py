@@ -275,7 +275,18 @@ def _resolve_file(value: str, job_path: Path | None) -> Path:
 
 
 def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
-    """Read ``path`` (the bundled example when None) and apply CLI overrides."""
+    """Read ``path`` (the bundled example when None) and apply CLI overrides.
+    Raises SpecError; one whose problems all lie in flags names the command
+    line, not the job file the user may never have seen."""
+    try:
+        return _load_job(path, overrides)
+    except SpecError as error:
+        if all(str(field).startswith("--") for field, _, _ in error.problems) and error.source == str(path or DEFAULT_JOB):
+            raise SpecError.of("command line", error.problems) from None
+        raise
+
+
+def _load_job(path: Path | None, overrides: dict | None) -> Job:
     job_path = path or DEFAULT_JOB
     source = str(job_path)
     data = read_mapping(job_path)
