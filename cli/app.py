@@ -26,12 +26,12 @@ from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import job_warnings, load_job
-from loom.planner.specs.layout import OP_SAC, RECOMPUTE_MODULES, Layout
+from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import SearchInfo, build_report, report_json
 from loom.planner.search.fixes import cheapest_fix
-from loom.planner.specs.rules import default_distributed_optimizer, layout_problems
+from loom.planner.specs.rules import default_distributed_optimizer, default_recompute_modules, layout_problems
 from loom.planner.search.layouts import search, split_plan
 from loom.planner.cost.memory import GiB
 
@@ -264,7 +264,7 @@ def evaluate(
         layout = Layout(
             tp=tp, pp=pp, dp=data_parallel, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
             sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel, recompute=recompute,
-            recompute_modules=_modules(recompute_modules) or ((OP_SAC,) if job.framework == "torchtitan" and recompute == "selective" else ()),
+            recompute_modules=_modules(recompute_modules) or default_recompute_modules(job, recompute),
             recompute_num_layers=recompute_num_layers,
             zero_stage=zero,
             distributed_optimizer=default_distributed_optimizer(job, data_parallel * cp, sharded, offload_optimizer)

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pulp
 
-from loom.solvers.typed_split import MAX_COUNT_STATES, DeviceType, solve_typed_split
+from loom.solvers.typed_split import MAX_COUNT_STATES, DeviceType, last_ends, solve_typed_split
 
 GIB = 2.0**30
 
@@ -292,14 +292,14 @@ class _Bottleneck:
             # Memory of [j, e) is M[e] - M[j] + fixed, M non-decreasing: the last fitting end by bisection.
             held = state + problem.in_flight[s] * act
             budget = device.capacity_bytes * (1 + 1e-9) - device.fixed_bytes
-            end = np.searchsorted(held, held + budget, side="right") - 1
+            end = last_ends(held, budget)
             # Leave at least one layer for each later chunk.
             self.memory_end.append(np.minimum(end, self.n - (problem.pp - 1 - s)))
         self.starts = starts
 
     def _ends(self, s: int, t: float) -> np.ndarray:
         """Last feasible end of stage s's chunk from every start, at bottleneck t."""
-        work_end = np.searchsorted(self.work, self.work + t / self.speed * (1 + 1e-12), side="right") - 1
+        work_end = last_ends(self.work, t / self.speed * (1 + 1e-12))
         return np.minimum(work_end, self.memory_end[s])
 
     def feasible(self, t: float) -> bool:

@@ -41,6 +41,13 @@ MAX_CAPS_TRIED = 48
 MAX_COUNT_STATES = 512
 
 
+def last_ends(prefix: np.ndarray, budget: float | np.ndarray) -> np.ndarray:
+    """For each start i, the last end e with prefix[e] - prefix[i] <= budget
+    (``prefix``: non-decreasing cumulative sums over the layers, 0 first):
+    how far a stage that starts at i may reach."""
+    return np.searchsorted(prefix, prefix + budget, side="right") - 1
+
+
 @dataclass(frozen=True)
 class DeviceType:
     speed: float  # time multiplier (2.0: twice as slow)
@@ -115,12 +122,11 @@ class _Program:
         self.moves = [self._moves(s) for s in range(self.pp)]
 
     def _fits_until(self, held: np.ndarray, device: DeviceType) -> np.ndarray:
-        budget = device.capacity_bytes * (1 + 1e-9) - device.fixed_bytes
-        return np.searchsorted(held, held + budget, side="right") - 1
+        return last_ends(held, device.capacity_bytes * (1 + 1e-9) - device.fixed_bytes)
 
     def _ends(self, t: int, s: int, cap: float) -> np.ndarray:
         device = self.types[t]
-        work_end = np.searchsorted(self.work, self.work + cap / device.speed * (1 + 1e-12), side="right") - 1
+        work_end = last_ends(self.work, cap / device.speed * (1 + 1e-12))
         leave = self.n - (self.pp - 1 - s)  # one layer at least for every later stage
         return np.minimum(np.minimum(work_end, self.memory_end[t][s]), leave)
 

@@ -35,13 +35,13 @@ from loom.planner.cost.layers import shape_of
 from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
-from loom.planner.specs.layout import OP_SAC, Layout
+from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import GiB, stage_memory
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
 from loom.planner.plan import Plan, build_plan
-from loom.planner.specs.rules import layout_problems
+from loom.planner.specs.rules import default_recompute_modules, layout_problems
 from loom.planner.specs.stages import Stage, default_placement, stage_gpus, uniform_stages
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
@@ -159,8 +159,7 @@ def candidate_layouts(job: Job) -> Iterator[Layout]:
                     tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, vpp=vpp, micro_batch_size=mbs, global_batch_size=job.global_batch_size,
                     sequence_parallel=sp, recompute=recompute, distributed_optimizer=dist_opt, zero_stage=zero, fsdp=fsdp,
                     reshard_after_forward=reshard, optimizer_offload=offload,
-                    # torchtitan's selective checkpointing is per op
-                    recompute_modules=(OP_SAC,) if recompute == "selective" and job.framework == "torchtitan" else (),
+                    recompute_modules=default_recompute_modules(job, recompute),
                 )
 
 
@@ -403,10 +402,10 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
 
 
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
-    """Plans for the best layouts (split_plan), the MILP run for at most
-    MILP_REFINED of those that need it (interleaved: one chunk per stage,
-    mixed GPUs included, takes the exact methods, in milliseconds), and the
-    split solutions."""
+    """Plans for the best layouts (split_plan), and the split solutions. The
+    MILP, which only interleaved layouts need (one chunk per stage, on one
+    GPU type or several, has exact methods that take milliseconds), runs for
+    at most MILP_REFINED of them."""
     plans, solves, milp_runs = [], [], 0
     for candidate in [*best, *near]:
         needs_milp = candidate.layout.vpp > 1

@@ -98,6 +98,13 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     return problems
 
 
+def default_recompute_modules(job: Job, recompute: str) -> tuple[str, ...]:
+    """The modules a selective layout names when the user names none:
+    torchtitan's per-op checkpointing (its one selective policy loom prices);
+    () elsewhere (Megatron's default, core_attn, is implied)."""
+    return (OP_SAC,) if job.framework == "torchtitan" and recompute == "selective" else ()
+
+
 def default_distributed_optimizer(job: Job, data_parallel: int, fsdp: int, offload: bool) -> bool:
     """Whether ``loom evaluate`` turns Megatron's distributed optimizer on
     when not told: over more than one data-parallel rank, and wherever
