@@ -70,7 +70,7 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     if as_json:
         typer.echo(report, nl=False)
     else:
-        show(Console(), plans, f"{job.model.name} on {job.cluster.num_gpus} x {job.cluster.slowest.gpu.kind} ({job.framework})")
+        show(Console(), plans, f"{job.model.name} on {job.cluster.gpu_summary} ({job.framework})")
     if out is not None:
         best = plans[0]
         files = launch_files(job, best.layout, list(best.stages), best.placement)
@@ -108,7 +108,7 @@ def _show(plan_: Plan, info: SearchInfo, as_json: bool) -> None:
     if as_json:
         typer.echo(report_json(build_report([plan_], _timeless(info))), nl=False)
     else:
-        show(Console(), [plan_], f"{job.model.name} on {job.cluster.num_gpus} x {job.cluster.slowest.gpu.kind} ({job.framework})")
+        show(Console(), [plan_], f"{job.model.name} on {job.cluster.gpu_summary} ({job.framework})")
 
 
 def _does_not_fit(job, plan_: Plan) -> str:
@@ -121,7 +121,7 @@ def _does_not_fit(job, plan_: Plan) -> str:
                f"{capacity / GiB:.1f} GiB GPU, {short:.1f} GiB short (largest: {largest} GiB)")
     fix = cheapest_fix(job, plan_.layout)
     if fix is None:
-        return message + "; no single change of one knob fits: loom plan searches them all"
+        return message + "; none of the single changes loom tries fits: loom plan searches every layout"
     flags, fixed = fix
     return message + f"; the cheapest single change that fits: {flags} ({fixed.layout.label()}, {fixed.step_time_s:.3f} s per step)"
 

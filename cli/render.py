@@ -39,8 +39,8 @@ def plans_table(plans: list[Plan], title: str) -> Table:
     """The ranked plans, one line each, 80 columns wide for labels up to ~40
     characters (a longer label wraps; the figures are never cut); a legend
     of its words below."""
-    capacity_GiB = plans[0].capacity_bytes / GiB
-    table = titled_table(f"{title}, {capacity_GiB:.1f} GiB per GPU")
+    capacities = sorted({capacity / GiB for plan in plans for capacity in plan.stage_capacity_bytes})  # mixed clusters: several
+    table = titled_table(f"{title}, {' or '.join(f'{c:.1f}' for c in capacities)} GiB per GPU")
     placed = any(plan.placement_solve for plan in plans)
     dispatchers = len({plan.job.features.moe_token_dispatcher for plan in plans})  # a search that tried several names each
     columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"), ("GiB", "right")]

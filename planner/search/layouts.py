@@ -422,9 +422,8 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
 def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
     if smallest is not None:
         fullest, layout = smallest
-        gpus = " + ".join(sorted({node.gpu.kind for node in job.cluster.nodes}))
         return (
-            f"no layout of {job.model.name} fits on {job.cluster.num_gpus} x {gpus}: the smallest "
+            f"no layout of {job.model.name} fits on {job.cluster.gpu_summary}: the smallest "
             f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "
             f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom"
         )

@@ -117,6 +117,13 @@ class Cluster:
     def num_gpus(self) -> int:
         return len(self.nodes) * self.gpus_per_node
 
+    @property
+    def gpu_summary(self) -> str:
+        """How many GPUs of each kind: "64 x H100-SXM5-80GB", or "8 x
+        A100-SXM4-40GB + 8 x H100-SXM5-80GB" on a mixed cluster."""
+        counts = Counter(node.gpu.kind for node in self.nodes)
+        return " + ".join(f"{count * self.gpus_per_node} x {kind}" for kind, count in sorted(counts.items()))
+
     @cached_property
     def slowest(self) -> Node:
         """A node with the least of everything: synchronous training runs at the
