@@ -1,0 +1,74 @@
+"""DeepSpeed training logs (the engine's stdout, rank 0).
+
+Lines read (any prefix, such as ``log_dist``'s ``[Rank 0]``, is fine):
+
+- ``ThroughputTimer.stop`` (deepspeed/utils/timer.py), every
+  ``steps_per_print`` optimizer steps: ``epoch=E/micro_step=M/global_step=G,
+  RunningAvgSamplesPerSec=R, CurrSamplesPerSec=C, MemAllocated=A GB,
+  MaxMemAllocated=B GB``. ``C`` is ``train_batch_size`` (the global batch,
+  engine.py passes ``self.train_batch_size()``) over the seconds of step G;
+  the memory figures are torch.cuda.memory_allocated / max_memory_allocated
+  in GiB (divided by 1024**3), rounded to 0.01;
+- with ``wall_clock_breakdown``, ``Timers.log`` (deepspeed/utils/timer.py):
+  ``time (ms) | fwd: X | bwd: Y | bwd_inner: Z | bwd_allreduce: W | step: V``
+  once per optimizer step (the engine's global timers; the ``*_microstep``
+  lines are per micro batch and are skipped).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+from loom.planner.specs.errors import SpecError
+from loom.profiles.run_logs.record import GiB, Interval, RankMemory, RunLog, number
+
+THROUGHPUT = re.compile(r"epoch=(\d+)/micro_step=(\d+)/global_step=(\d+),(.*)$")
+KEY_VALUE = re.compile(r"(\w+)=([^,\s]+)")
+TIMERS = re.compile(r"\btime \(ms\)((?:\s*\|\s*\w+:\s*\S+)+)")
+
+
+def looks_like(lines: list[str]) -> bool:
+    """Whether ``lines`` are a DeepSpeed log (a ThroughputTimer line)."""
+    return any(THROUGHPUT.search(line) for line in lines)
+
+
+def read(lines: list[str], source: str) -> RunLog:
+    """The run a DeepSpeed log describes (module docstring: what is read).
+
+    Raises SpecError naming ``source`` and the line of an unreadable figure."""
+    intervals: list[Interval] = []
+    peaks: list[tuple[float, int]] = []
+    blocks: list[dict[str, float]] = []
+    previous = 0
+    for index, line in enumerate(lines):
+        number_ = index + 1
+        if match := THROUGHPUT.search(line):
+            step = int(match.group(3))
+            if step <= previous:
+                raise SpecError(source, f"line {number_}", f"a global step after {previous}", step)
+            fields = dict(KEY_VALUE.findall(match.group(4)))
+            if "CurrSamplesPerSec" not in fields:
+                raise SpecError(source, f"line {number_}", "a 'CurrSamplesPerSec=X' field", line.strip())
+            rate = number(fields["CurrSamplesPerSec"], source, number_, "CurrSamplesPerSec")
+            if rate <= 0:
+                raise SpecError(source, f"line {number_}", "CurrSamplesPerSec above 0", fields["CurrSamplesPerSec"])
+            if "MaxMemAllocated" in fields:
+                peaks.append((number(fields["MaxMemAllocated"].removesuffix("GB"), source, number_, "MaxMemAllocated") * GiB, number_))
+            intervals.append(Interval(first=step, last=step, line=number_, samples_per_s=rate))
+            previous = step
+            continue
+        if (match := TIMERS.search(line)) and "_microstep" not in line:
+            block = {}
+            for part in match.group(1).split("|"):
+                name, sep, value = part.partition(":")
+                if sep:
+                    block[name.strip()] = number(value.strip(), source, number_, f"timer {name.strip()}") / 1000.0
+            blocks.append(block)
+    steady = blocks[1:] or blocks
+    timers = {name: statistics.median(block[name] for block in steady if name in block) for name in sorted({n for b in steady for n in b})}
+    memory = ()
+    if peaks:
+        peak, line = max(peaks)
+        memory = (RankMemory(rank=0, line=line, max_allocated_bytes=peak),)
+    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), memory=memory, timers_s=timers)

@@ -1,0 +1,150 @@
+"""What one training run reported, whatever printed it: ``RunLog``.
+
+Every reader (megatron.py, torchtitan.py, deepspeed.py, chrome_trace.py)
+returns one. Times are per optimizer step (iteration), memory is bytes per
+GPU, and each figure keeps the line it came from so a comparison can cite it.
+
+Steady state: the first logged interval of a run holds its first iteration,
+which pays for CUDA context and NCCL communicator set-up, the caching
+allocator's first cudaMallocs and any compilation (torch.compile, Triton
+autotuning), so the logged intervals that hold it (``RunLog.warmup_logs``,
+``WARMUP_LOGS`` unless a reader knows better) are skipped before taking the
+median. A run that logged nothing after them has no steady state.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loom.planner.specs.errors import SpecError
+
+# Logged intervals skipped as warm-up (see the module docstring).
+WARMUP_LOGS = 1
+# The largest log or trace read (bytes): a month of Megatron iteration lines is ~100 MB.
+MAX_LOG_BYTES = 512 * 2**20
+MiB = 2**20
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One logged interval: iterations ``first``..``last`` (inclusive), and
+    what the log printed for them (None: not printed). ``line`` is the
+    1-based line number of the log line."""
+
+    first: int
+    last: int
+    line: int
+    step_time_s: float | None = None  # seconds per iteration, averaged over the interval
+    tokens_per_s_per_gpu: float | None = None
+    samples_per_s: float | None = None  # global samples (sequences) per second
+    tflops_per_gpu: float | None = None
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's memory report in bytes (None: not printed): PyTorch's
+    caching-allocator statistics (torch.cuda.memory_allocated, max_memory_allocated,
+    memory_reserved, max_memory_reserved)."""
+
+    rank: int
+    line: int
+    allocated_bytes: float | None = None
+    max_allocated_bytes: float | None = None
+    reserved_bytes: float | None = None
+    max_reserved_bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """A run as its log or trace reported it.
+
+    ``timers_s``: named phases of a steady-state step in seconds (Megatron's
+    timers, DeepSpeed's wall-clock breakdown, or a trace's kernel classes:
+    see each reader); ``arguments``: the configuration the run printed
+    (Megatron's argument dump), for checking it against a plan;
+    ``parameters``: the model's parameter count where the log printed it."""
+
+    path: str
+    format: str  # megatron | torchtitan | deepspeed | chrome-trace
+    intervals: tuple[Interval, ...] = ()
+    memory: tuple[RankMemory, ...] = ()
+    timers_s: dict[str, float] = field(default_factory=dict)
+    exposed_s: dict[str, float] = field(default_factory=dict)  # a trace's collectives not hidden behind compute kernels
+    arguments: dict[str, str] = field(default_factory=dict)
+    parameters: int | None = None
+    rank: int | None = None  # the rank a trace was taken on
+    warmup_logs: int = WARMUP_LOGS  # leading intervals that hold the warm-up
+
+    @property
+    def steady(self) -> tuple[Interval, ...]:
+        """The intervals after the warm-up ones."""
+        return self.intervals[self.warmup_logs:]
+
+    @property
+    def warmup_iterations(self) -> int:
+        """Iterations left out as warm-up."""
+        skipped = self.intervals[:self.warmup_logs]
+        return skipped[-1].last if skipped else 0
+
+    def step_time_s(self, tokens_per_step_per_gpu: float | None = None, samples_per_step: float | None = None) -> float:
+        """Median seconds per steady-state iteration. A log that printed only
+        a rate needs the step's size to turn it into a time: tokens per GPU
+        (torchtitan's tps) or global samples (DeepSpeed's samples/s).
+
+        Raises SpecError naming the log when no steady-state interval has a time."""
+        times = []
+        for interval in self.steady:
+            if interval.step_time_s is not None:
+                times.append(interval.step_time_s)
+            elif interval.tokens_per_s_per_gpu and tokens_per_step_per_gpu:
+                times.append(tokens_per_step_per_gpu / interval.tokens_per_s_per_gpu)
+            elif interval.samples_per_s and samples_per_step:
+                times.append(samples_per_step / interval.samples_per_s)
+        if not times:
+            logged = len(self.intervals)
+            raise SpecError(self.path, "iterations", f"at least {self.warmup_logs + 1} logged intervals with a step time or rate (the "
+                            f"first {self.warmup_logs} hold the warm-up); run more iterations", f"{logged} logged")
+        return statistics.median(times)
+
+    @property
+    def peak_memory(self) -> RankMemory | None:
+        """The rank whose peak (max reserved, else max allocated) is largest."""
+        reports = [m for m in self.memory if (m.max_reserved_bytes or m.max_allocated_bytes) is not None]
+        return max(reports, key=lambda m: (m.max_reserved_bytes or 0.0, m.max_allocated_bytes or 0.0)) if reports else None
+
+
+def log_text(path: Path, what: str) -> list[str]:
+    """The lines of a log file; undecodable bytes become U+FFFD (a log is
+    read line by line, and one mangled byte spoils only its line).
+
+    Raises SpecError naming ``path``: missing, a folder, unreadable, too large or empty."""
+    if path.is_dir():
+        raise SpecError(str(path), "<file>", f"a {what}, not a folder")
+    if not path.is_file():
+        raise SpecError(str(path), "<file>", f"an existing {what}")
+    size = path.stat().st_size
+    if size > MAX_LOG_BYTES:
+        raise SpecError(str(path), "<file>", f"a {what} of at most {MAX_LOG_BYTES // MiB} MiB", f"{size:,} bytes")
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as error:
+        raise SpecError(str(path), "<file>", f"a readable {what} ({error.strerror or error})") from None
+    if not text.strip():
+        raise SpecError(str(path), "<file>", f"a {what}", "an empty file")
+    return text.splitlines()
+
+
+def number(text: str, source: str, line: int, what: str) -> float:
+    """A finite, non-negative number printed in a log (thousands separators allowed).
+
+    Raises SpecError naming the line."""
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        raise SpecError(source, f"line {line}", f"a number for {what}", text) from None
+    if not (value >= 0 and value != float("inf")):
+        raise SpecError(source, f"line {line}", f"a finite number >= 0 for {what}", text)
+    return value

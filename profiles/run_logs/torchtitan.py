@@ -1,0 +1,74 @@
+"""torchtitan training logs (``torchtitan/train.py``'s stdout).
+
+Lines read (colour escapes stripped first; any logger prefix is fine):
+
+- the step line of ``MetricsProcessor.log`` (torchtitan/components/metrics.py,
+  0.1-0.2; torchtitan/metrics.py + train.py in 2024), printed at step 1 and
+  every ``metrics.log_freq`` steps: ``step: N  loss: L  grad_norm: G  memory:
+  X GiB(P%)  tps: T  tflops: F  mfu: M%`` (2024 releases: no grad_norm or
+  tflops, ``wps`` for tps). ``tps`` is tokens per second per GPU over the
+  steps since the previous line (local tokens / (seconds x the non-data-parallel
+  degree)); ``memory`` is ``torch.cuda.max_memory_reserved`` in GiB since the
+  previous line (the monitor's peak is reset after each line), on rank 0;
+- the model size of ``train.py``: ``Model <name> size: N total parameters``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from loom.planner.specs.errors import SpecError
+from loom.profiles.run_logs.record import GiB, Interval, RankMemory, RunLog, number
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STEP = re.compile(r"\bstep:\s*(\d+)\s+loss:")
+FIELD = re.compile(r"\b(loss|grad_norm|memory|tps|wps|tflops|mfu):\s*([^\s(]+)(?:\(([^)]*)%\))?")
+SIZE = re.compile(r"\bsize:\s*([\d,]+) total parameters")
+
+
+def looks_like(lines: list[str]) -> bool:
+    """Whether ``lines`` are a torchtitan log (a step line)."""
+    return any(STEP.search(ANSI.sub("", line)) and ("tps:" in line or "wps:" in line) for line in lines)
+
+
+def read(lines: list[str], source: str) -> RunLog:
+    """The run a torchtitan log describes (module docstring: what is read).
+
+    Raises SpecError naming ``source`` and the line of an unreadable figure."""
+    intervals: list[Interval] = []
+    peaks: list[tuple[float, int]] = []
+    parameters = None
+    previous = 0
+    for index, raw in enumerate(lines):
+        line, number_ = ANSI.sub("", raw), index + 1
+        if match := SIZE.search(line):
+            parameters = int(number(match.group(1), source, number_, "the model size"))
+            continue
+        match = STEP.search(line)
+        if not match or not ("tps:" in line or "wps:" in line):
+            continue
+        step = int(match.group(1))
+        if step <= previous:
+            raise SpecError(source, f"line {number_}", f"a step after {previous}", step)
+        fields = {m.group(1): m.group(2) for m in FIELD.finditer(line[match.start():])}
+        rate = fields.get("tps", fields.get("wps"))
+        if rate is None:
+            raise SpecError(source, f"line {number_}", "a 'tps: N' field in the step line", line.strip())
+        tps = number(rate, source, number_, "tps")
+        if tps <= 0:
+            raise SpecError(source, f"line {number_}", "tps above 0", rate)
+        memory = fields.get("memory")
+        if memory is not None:
+            if not memory.endswith("GiB"):
+                raise SpecError(source, f"line {number_}", "memory as 'X GiB(P%)'", memory)
+            peaks.append((number(memory.removesuffix("GiB"), source, number_, "memory") * GiB, number_))
+        tflops = fields.get("tflops")
+        intervals.append(Interval(first=previous + 1, last=step, line=number_, tokens_per_s_per_gpu=tps,
+                                  tflops_per_gpu=None if tflops is None else number(tflops, source, number_, "tflops")))
+        previous = step
+    # The peak over every line: warm-up allocations are memory the job needs too.
+    memory = ()
+    if peaks:
+        peak, line = max(peaks)
+        memory = (RankMemory(rank=0, line=line, max_reserved_bytes=peak),)
+    return RunLog(path=source, format="torchtitan", intervals=tuple(intervals), memory=memory, parameters=parameters)
