@@ -68,5 +68,6 @@ def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None =
     # The optimizer of the last stage to finish may overlap others' reduces:
     # keep the breakdown summing to the simulated step.
     breakdown["optimizer"] = min(breakdown["optimizer"], after_pipeline)
-    step = StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(parts.tau_s))
+    step = StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(parts.tau_s),
+                    stage_kernels=parts.stage_kernels, stage_tp_busy_s=parts.stage_tp_busy_s)
     return SimulatedStep(step=step, simulation=simulation, costs=costs)

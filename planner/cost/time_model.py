@@ -41,6 +41,8 @@ class StepTime:
     step_time_s: float
     breakdown_s: dict[str, float]
     stage_microbatch_s: tuple[float, ...]  # tau_s: one micro batch, all chunks of stage s
+    stage_kernels: tuple[PassTime, ...] = ()  # per stage, one GPU's compute kernels of the whole step, by kind
+    stage_tp_busy_s: tuple[float, ...] = ()  # per stage, its TP collectives of the whole step before overlap
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class ChunkTime:
     ep_comm_fwd_s: float = 0.0
     host_s: float = 0.0  # host time the GPU waits for (host.py), all passes
     host_fwd_s: float = 0.0
+    kernels: PassTime = PassTime()  # compute_fwd + compute_bwd + recompute, by kernel kind
 
     @property
     def total_s(self) -> float:
@@ -152,7 +155,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         compute_fwd_s=fwd.total_s, compute_bwd_s=bwd.total_s, recompute_s=recompute.total_s,
         tp_comm_s=tp_fwd * (1 + tp_again) + tp_bwd, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
         weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=cp_busy,
-        ep_comm_s=ep_fwd + ep_bwd, ep_comm_fwd_s=ep_fwd, host_s=host_fwd + host_bwd, host_fwd_s=host_fwd,
+        ep_comm_s=ep_fwd + ep_bwd, ep_comm_fwd_s=ep_fwd, host_s=host_fwd + host_bwd, host_fwd_s=host_fwd, kernels=fwd + bwd + recompute,
     )
 
 
@@ -441,6 +444,17 @@ class StepParts:
     p2p_exposed_s: float  # the closed form's estimate of exposed send/recv
 
     @property
+    def stage_kernels(self) -> tuple[PassTime, ...]:
+        """Each stage's compute kernels over the whole step (all micro batches), by kind."""
+        m = self.layout.num_microbatches
+        return tuple(sum((c.kernels for c in chunks), PassTime()).scaled(m) for chunks in self.chunks)
+
+    @property
+    def stage_tp_busy_s(self) -> tuple[float, ...]:
+        """Each stage's TP collectives over the whole step, before any overlap."""
+        return tuple(self.layout.num_microbatches * sum(c.tp_busy_s for c in chunks) for chunks in self.chunks)
+
+    @property
     def tau_s(self) -> list[float]:
         """One micro batch through all chunks of each stage."""
         return [sum(c.total_s for c in chunks) + z + o for chunks, z, o in zip(self.chunks, self.sharding_s, self.offload_s)]
@@ -522,7 +536,8 @@ def closed_form_step(parts: StepParts) -> StepTime:
     windows = [sum(c.backward_s for c in cs) * (1 + s) for s, cs in enumerate(parts.chunks)]
     reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
     breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
-    return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
+    return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau),
+                    stage_kernels=parts.stage_kernels, stage_tp_busy_s=parts.stage_tp_busy_s)
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

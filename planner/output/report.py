@@ -30,12 +30,13 @@ from loom.planner.specs.job import job_warnings
 from loom.planner.specs.layout import Recompute
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
-# and optimizer_offload), so 1.0 and 1.1 reports read as they did.
-READ_SCHEMA_VERSIONS = ("1.0", "1.1", SCHEMA_VERSION)
+# and optimizer_offload), and 1.3 too (stages[].kernels_s), so 1.0-1.2
+# reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -82,6 +83,9 @@ class StageReport(pydantic.BaseModel):
     embedding: bool
     head: bool
     device_group: list[Index] = pydantic.Field(description="global ranks of the stage")
+    kernels_s: dict[Literal["gemm", "attention", "elementwise"], Amount] = pydantic.Field(
+        default_factory=dict, description="one GPU of the stage, the whole step: its compute kernels' seconds by kind "
+        "(forward, backward and recompute; what a profiler trace measures, loom compare)")
 
 
 class GPUSlot(pydantic.BaseModel):
@@ -343,8 +347,9 @@ def plan_report(plan: Plan) -> PlanReport:
                 embedding=stage.embedding,
                 head=stage.head,
                 device_group=list(stage.ranks),
+                kernels_s={"gemm": kernels.gemm_s, "attention": kernels.attention_s, "elementwise": kernels.elementwise_s},
             )
-            for stage in plan.stages
+            for stage, kernels in zip(plan.stages, plan.step.stage_kernels)
         ],
         placement=[GPUSlot(rank=r, host=host, gpu=gpu) for r, (host, gpu) in enumerate(plan.placement.gpus)],
         placement_solver=_placement_report(plan),
