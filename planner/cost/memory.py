@@ -353,7 +353,9 @@ def runtime_bytes(shape: Shape, layout: Layout, gpu: GPU, framework: str, alloca
     cuBLAS workspaces (PyTorch's and Transformer Engine's, more with
     userbuffers and grouped GEMMs), NCCL's buffers, TE's userbuffers for
     --tp-comm-overlap, and the caching allocator's fragmentation on the
-    ``allocated_per_microbatch`` bytes allocated and freed every micro batch."""
+    ``allocated_per_microbatch`` bytes allocated and freed every micro batch;
+    and what a calibration measured beyond all that on real runs
+    (``GPU.memory_overhead_bytes``, loom calibrate), where the GPU has one."""
     megatron = framework == "megatron"
     userbuffers = megatron and shape.features.tp_comm_overlap and layout.sequence_parallel and layout.tp > 1
     workspaces = 1 + megatron * (1 + UB_CUBLAS_WORKSPACES * userbuffers + GROUPED_GEMM_CUBLAS_WORKSPACES * (shape.model.moe is not None))
@@ -361,6 +363,7 @@ def runtime_bytes(shape: Shape, layout: Layout, gpu: GPU, framework: str, alloca
     if userbuffers:
         per_element = TP_COMM_BUFFER_BYTES_PER_ELEMENT["fp8" if shape.precision == "fp8" else "bf16"]
         tp_comm = per_element * shape.micro_batch_size * shape.seq_length / shape.cp * shape.model.hidden_size
+    measured = {"measured_overhead": gpu.memory_overhead_bytes} if gpu.memory_overhead_bytes else {}
     return {
         "cuda_context": CUDA_CONTEXT_BYTES,
         "cublas_workspaces": workspaces * gpu.cublas_workspace_bytes,
@@ -368,6 +371,7 @@ def runtime_bytes(shape: Shape, layout: Layout, gpu: GPU, framework: str, alloca
         "tp_comm_buffers": tp_comm,
         "moe_dispatcher_buffers": moe.dispatcher_buffer_bytes(shape),
         "allocator_fragmentation": ALLOCATOR_SLACK_FRACTION * allocated_per_microbatch,
+        **measured,
     }
 
 

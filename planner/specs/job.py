@@ -23,11 +23,12 @@ import pydantic
 
 from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.files import StrictModel, count, rate, read_mapping, validate
+from loom.planner.specs.files import StrictModel, count, rate, read_json, read_mapping, validate
 from loom.planner.specs import torchtitan
 from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
 from loom.planner.specs.model import ModelSpec, load_model
 from loom.planner.specs.stacks import DEFAULT_STACK, FRAMEWORK_STACK, STACKS
+from loom.profiles.calibration import CalibrationDocument, read_calibration
 from loom.profiles.catalogue import GPU, find_gpu
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
 
@@ -245,6 +246,7 @@ class Job:
     search: SearchFile = field(default_factory=SearchFile)
     top_k: int = 5
     train_iters: int = 1000
+    trial: bool = False  # a short trial run with every report on (planner/output/trial.py)
     source: str = "<job>"
     layer_profile: LayerProfile | None = None  # measured layers in place of estimates
     profiles: tuple[str, ...] = ()  # the profile files applied
@@ -429,10 +431,16 @@ def job_warnings(job: Job) -> list[str]:
 
 def with_profiles(job: Job, paths: list[Path]) -> Job:
     """``job`` with its profiles applied: a gemm profile recalibrates the GEMM
-    curve of the cluster's GPUs of its type; a layers profile (one at most,
-    of the job's model) rides on the job for the time and memory models."""
+    curve of the cluster's GPUs of its type; a calibration (loom calibrate)
+    its kernel rates, links and memory overhead (``calibrated_cluster``); a
+    layers profile (one at most, of the job's model) rides on the job for the
+    time and memory models."""
     layer_profile, cluster = None, job.cluster
     for path in paths:
+        data = read_json(path, "profile JSON (loom profile layers or gemm, or loom calibrate)")
+        if isinstance(data, dict) and data.get("kind") == "calibration":
+            cluster = calibrated_cluster(job, cluster, read_calibration(path), str(path))
+            continue
         document = read_profile(path)
         gpu = find_gpu(document.gpu, str(path), "gpu")
         types = sorted({node.gpu.name for node in cluster.nodes})
@@ -452,6 +460,53 @@ def with_profiles(job: Job, paths: list[Path]) -> Job:
         _check_model(document, job.model, str(path))
         layer_profile = LayerProfile(str(path), document)
     return replace(job, cluster=cluster, layer_profile=layer_profile, profiles=tuple(str(path) for path in paths))
+
+
+def calibrated_cluster(job: Job, cluster: Cluster, document: CalibrationDocument, source: str) -> Cluster:
+    """``cluster`` with a calibration applied (profiles/calibration.py says
+    what each factor multiplies and where it holds): its GPUs of the
+    calibration's type run their kernels at the learnt rates and, for a job
+    of the same framework, hold the learnt memory overhead; on the cluster
+    the runs ran on, its links reach the learnt collective efficiency.
+
+    Raises SpecError naming ``source`` when the cluster has no GPU of the calibration's type."""
+    gpu = find_gpu(document.gpu, source, "gpu")
+    types = sorted({node.gpu.name for node in cluster.nodes})
+    if gpu.name not in types:
+        raise SpecError(source, "gpu", f"a GPU type of cluster {cluster.name} ({', '.join(types)})", document.gpu)
+
+    def rate(factor, value: float | None) -> float | None:
+        return value if factor is None or value is None else min(1.0, value * factor.value)
+
+    calibrated: dict[int, GPU] = {}  # one object per GPU kind, so identity stays equality
+    same_cluster = document.cluster == cluster.name
+    same_framework = document.framework == job.framework
+    learnt = [f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise") if (factor := getattr(document, kind))]
+    learnt += [f"{kind} links x{factor.value:.3f}" for kind in ("nvlink", "network") if (factor := getattr(document, kind)) and same_cluster]
+    if same_framework and document.memory_overhead_bytes:
+        learnt.append(f"memory +{document.memory_overhead_bytes / 2**30:.2f} GiB")
+    summary = f"{source}: {', '.join(learnt) or 'nothing that applies'} (from {len(document.runs)} run{'s' * (len(document.runs) > 1)})"
+    nodes = []
+    for node in cluster.nodes:
+        if node.gpu.name != gpu.name:
+            nodes.append(node)
+            continue
+        if id(node.gpu) not in calibrated:
+            old = node.gpu
+            efficiency = dict(old.gemm_efficiency)
+            efficiency[document.precision] = rate(document.gemm, efficiency.get(document.precision))
+            calibrated[id(old)] = replace(
+                old, gemm_efficiency=efficiency, attention_efficiency=rate(document.attention, old.attention_efficiency),
+                flash2_attention_efficiency=rate(document.attention, old.flash2_attention_efficiency),
+                hbm_GBps=old.hbm_GBps * (document.elementwise.value if document.elementwise else 1.0),
+                memory_overhead_bytes=document.memory_overhead_bytes if same_framework else 0.0, calibration=summary)
+        links = {}
+        if same_cluster and document.nvlink:
+            links["nvlink_efficiency"] = rate(document.nvlink, node.nvlink_efficiency)
+        if same_cluster and document.network:
+            links["nic_efficiency"] = rate(document.network, node.nic_efficiency)
+        nodes.append(replace(node, gpu=calibrated[id(node.gpu)], **links))
+    return replace(cluster, nodes=tuple(nodes))
 
 
 def _check_model(document: LayersDocument, model: ModelSpec, source: str) -> None:
