@@ -19,10 +19,12 @@ from rich.progress import Progress
 from loom.cli.common import OneLineErrors, check_output, err, run
 from loom.cli.experts import experts
 from loom.cli.explain import explain
+from loom.cli.learn import calibrate, compare
 from loom.cli.profile import profile_app
 from loom.cli.render import show
 from loom.planner.output.files import write_file_set
 from loom.planner.output.launch import launch_files, training_script_steps
+from loom.planner.output.trial import TRIAL_ITERATIONS, trial_job
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import job_warnings, load_job
@@ -40,6 +42,8 @@ app = typer.Typer(add_completion=False, help="Plan the parallel layout of large-
 app.add_typer(profile_app, name="profile")
 app.command("experts")(experts)
 app.command("explain")(explain)
+app.command("compare")(compare)
+app.command("calibrate")(calibrate)
 
 # Options shared by plan and evaluate: the job file and what overrides it.
 JobFile = Annotated[Optional[Path], typer.Argument(help="Job YAML (default: the bundled Llama-3 8B on 64 H100 example).", show_default=False)]
@@ -57,13 +61,27 @@ GateOpt = Annotated[Optional[list[str]], typer.Option(metavar="CONDITION", help=
 ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", metavar="FILE", help="A loom profile layers or gemm JSON: measured numbers replace estimates (repeatable).")]
 
 
-def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str]) -> None:
+def _write_trials(out: Path, plans: list[Plan], info: SearchInfo) -> None:
+    """``out/trial-K``: each plan's launch files for a short run with every
+    report on (planner/output/trial.py) and its own plan.json, for loom
+    compare and loom calibrate to read with the run's logs."""
+    for number, plan_ in enumerate(plans, start=1):
+        trial = trial_job(plan_.job)
+        files = launch_files(trial, plan_.layout, list(plan_.stages), plan_.placement)
+        write_file_set(out / f"trial-{number}", {**files, "plan.json": report_json(build_report([plan_], _timeless(info)))})
+    err.print(f"wrote trial-1 ... trial-{len(plans)} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's "
+              f"output as trial-K/train.log, then: loom calibrate JOB {escape(str(out))}/trial-*")
+
+
+def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str], trials: int = 0) -> None:
     """Render, write files, check gates: what plan and evaluate share. Files
     are written even when a gate fails, so CI can keep plan.json to see why."""
     job = plans[0].job
     parsed_gates = [parse_gate(text) for text in gates]
     for warning in job_warnings(job):
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    for summary in sorted({node.gpu.calibration for node in job.cluster.nodes if node.gpu.calibration}):
+        err.print(f"[yellow]note:[/yellow] measured, not estimated: {escape(summary)}")
     # The report leaves out the wall time (plan prints it on stderr) so that the
     # same inputs print the same bytes; plan.json is the very same text.
     report = report_json(build_report(plans, _timeless(info)))
@@ -81,6 +99,8 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
             err.print(f"wrote {', '.join(sorted([*files, 'plan.json']))} to {escape(str(out))}")
         for step in training_script_steps(job, best.layout):
             err.print(f"[yellow]note:[/yellow] your training script must {escape(step)}")
+        if trials:
+            _write_trials(out, plans[:trials], info)
     failures = failed_gates(parsed_gates, plans[0])
     if failures:
         err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")
@@ -175,12 +195,16 @@ def plan(
     as_json: JsonOpt = False,
     gate: GateOpt = None,
     profile: ProfileOpt = None,
+    trials: Annotated[int, typer.Option(min=0, help="Also write the top N plans' launch files for a short trial run with every "
+                                                   "report on, under --out/trial-1 ... (then loom compare / loom calibrate).")] = 0,
 ) -> None:
     """Search layouts for a job and rank them by predicted step time."""
     gates = gate or []
 
     def action() -> None:
         parsed = [parse_gate(text) for text in gates]  # bad gates are bad input: fail before searching
+        if trials and out is None:
+            raise SpecError("--trials", "trials", "--out DIR as well (the trial launch files are written under it)", trials)
         check_output(out)
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack, top_k=top_k,
@@ -197,7 +221,7 @@ def plan(
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
                           solver=result.solver, status=result.status, gap=result.gap)
         err.print(f"searched {result.candidates:,} layouts ({result.feasible:,} fit) in {result.wall_time_s:.2f} s")
-        _finish(result.plans, info, out, as_json, gates)
+        _finish(result.plans, info, out, as_json, gates, trials)
 
     run(action)
 

@@ -14,6 +14,9 @@ above it in this list, never one below):
   the expert placement behind ``loom experts``.
 - ``output/``: what loom writes: launch files (Megatron-LM, SLURM,
   DeepSpeed), the JSON report and its schema, CI gates.
+- ``calibrate/``: learning from runs: a saved plan against its runs' logs
+  and traces (``loom compare``), and the calibration fitted to them
+  (``loom calibrate``).
 
 ``loom.profiles`` (catalogues, profilers, profile files) sits beside
 ``specs/``: specs read its catalogues and profile files, and the profilers

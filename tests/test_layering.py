@@ -22,6 +22,7 @@ ALLOWED = {
     "planner.plan": {"planner.specs", "planner.cost", "planner.schedule", "solvers"},
     "planner.search": {"planner.specs", "planner.cost", "planner.schedule", "planner.plan", "profiles", "solvers"},
     "planner.output": {"planner.specs", "planner.cost", "planner.schedule", "planner.plan", "profiles", "solvers"},
+    "planner.calibrate": {"planner.specs", "planner.cost", "planner.plan", "planner.output", "profiles"},
     "solvers": set(),
     "profiles": {"planner.specs", "planner.cost"},
 }

@@ -17,6 +17,7 @@ import shlex
 import textwrap
 
 from loom.planner.output.slurm import NodeRanks, nodes_of
+from loom.planner.output.trial import TRIAL_LOG_INTERVAL
 from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import Placement, Stage, uniform_stages
@@ -104,7 +105,8 @@ def ds_config(job: Job, layout: Layout) -> dict:
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.num_microbatches,
-        "steps_per_print": STEPS_PER_PRINT,
+        "steps_per_print": TRIAL_LOG_INTERVAL if job.trial else STEPS_PER_PRINT,
+        **({"wall_clock_breakdown": True, "log_level": "info"} if job.trial else {}),
         "gradient_clipping": GRADIENT_CLIPPING,
         "optimizer": {"type": "Adam", "params": ADAM_PARAMS},
         **_precision(job),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from loom.planner.output import torchrun
 from loom.planner.output.slurm import nodes_of
 from loom.planner.output.torchrun import Program, bash_array
+from loom.planner.output.trial import TRIAL_LOG_INTERVAL
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
@@ -428,7 +429,7 @@ def _training_args(job: Job, layout: Layout) -> list[str]:
         "--clip-grad", CLIP_GRAD,
         "--adam-beta1", ADAM_BETAS[0],
         "--adam-beta2", ADAM_BETAS[1],
-        "--log-interval", LOG_INTERVAL,
+        *(("--log-interval", str(TRIAL_LOG_INTERVAL), "--log-throughput", "--timing-log-level", "1") if job.trial else ("--log-interval", LOG_INTERVAL)),
     ]
 
 

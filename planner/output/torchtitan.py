@@ -29,6 +29,7 @@ from loom.planner.output.slurm import nodes_of, slurm_sbatch
 from loom.planner.output.torchrun import Program
 from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import SpecError
+from loom.planner.output.trial import TRIAL_LOG_INTERVAL, TRIAL_PROFILE_STEP
 from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
@@ -99,7 +100,7 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
     flavor = torchtitan.flavor_of(job.model)
     config = {
         "job": {"description": f"loom plan {layout.label()}"},
-        "metrics": {"log_freq": LOG_FREQ},
+        "metrics": {"log_freq": TRIAL_LOG_INTERVAL if job.trial else LOG_FREQ},
         "model": {"name": flavor.name, "flavor": flavor.flavor, **_converters(job)},
         "optimizer": {"name": "AdamW", "lr": LR},
         "lr_scheduler": {"warmup_steps": WARMUP_STEPS},
@@ -110,6 +111,8 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
     }
     if job.precision == "fp8":
         config["quantize"] = _quantize(job)
+    if job.trial:
+        config["profiling"] = {"enable_profiling": True, "profile_freq": TRIAL_PROFILE_STEP}
     return config
 
 

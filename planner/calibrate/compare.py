@@ -1,0 +1,274 @@
+"""Measured against predicted: one plan (a plan.json's report) and what the
+runs of it reported (``RunLog``s), figure by figure (``loom compare``).
+
+What is compared, when the run reported it:
+
+- the step time: the median steady-state iteration (record.py says which
+  iterations are warm-up); a rate (torchtitan's tps, DeepSpeed's samples/s)
+  is turned into a time with the plan's batch and sequence;
+- the peak memory of the fullest GPU, like for like: PyTorch's allocator
+  statistics (max reserved, else max allocated) never include the CUDA
+  context or NCCL's buffers, which the driver and NCCL allocate outside the
+  caching allocator (PyTorch "CUDA semantics: memory management"), nor, for
+  max allocated, the allocator's fragmentation; those terms of loom's peak
+  are left out of the prediction compared;
+- terms: Megatron's timers (``--timing-log-level 1``, megatron/core/timers.py;
+  what each times is in ``MEGATRON_TIMERS``), DeepSpeed's wall-clock
+  breakdown, or a profiler trace's kernels (per kind, and each collective's
+  time not hidden behind compute), each against the loom terms it covers.
+
+Rows come largest discrepancy (in seconds, or bytes) first, each with what
+in loom's model it points to (``POINTS_TO``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.output.report import PlanReport, Report
+from loom.planner.specs.errors import SpecError
+from loom.profiles.run_logs.record import RunLog
+
+# loom's predicted terms (breakdown_s keys) grouped as each framework times them.
+ALL_BUT_OPTIMIZER = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead",
+                     "sharding_comm", "offload_copies", "pp_comm", "pipeline_bubble", "dp_grad_reduce", "sharding_comm_once",
+                     "embedding_sync")
+WORK = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead")
+# Megatron's timers (megatron/core/timers.py), by the code each wraps:
+# forward-backward the whole schedule incl. finalize_model_grads
+# (core/pipeline_parallel/schedules.py), all-grads-sync finish_grad_sync
+# (core/distributed/finalize_model_grads.py), params-all-gather the
+# distributed optimizer's gather (core/optimizer/distrib_optimizer.py),
+# optimizer the whole optimizer.step() (training.py train_step). Times are per
+# iteration (training_log normalises by the log interval). "forward-compute"
+# and "backward-compute" wrap each micro batch's forward_step/backward_step,
+# TP/CP/EP communication inside them included; the p2p timers (recv, send)
+# include waiting for the neighbour stage, i.e. the bubble.
+MEGATRON_TIMERS = {
+    "forward-backward": ALL_BUT_OPTIMIZER,
+    "forward-compute + backward-compute": WORK,
+    "pipeline send/recv (p2p timers)": ("pp_comm", "pipeline_bubble"),
+    "all-grads-sync": ("dp_grad_reduce", "sharding_comm_once"),
+    "embedding-grads-all-reduce": ("embedding_sync",),
+    "params-all-gather": ("dp_param_gather",),
+    "optimizer": ("optimizer", "dp_param_gather"),
+}
+MEGATRON_P2P = ("forward-recv", "forward-send", "backward-recv", "backward-send", "forward-send-forward-recv",
+                "forward-send-backward-recv", "backward-send-forward-recv", "backward-send-backward-recv",
+                "forward-backward-send-forward-backward-recv")
+# DeepSpeed's global timers (deepspeed/runtime/engine.py): fwd and bwd summed
+# over the step's micro batches; bwd_allreduce the gradient reduction; step
+# the optimizer step (ZeRO's parameter gather after it included).
+DEEPSPEED_TIMERS = {
+    "fwd": ("compute_forward",),
+    "bwd_inner": ("compute_backward", "recompute"),
+    "bwd_allreduce": ("dp_grad_reduce", "sharding_comm", "sharding_comm_once"),
+    "step": ("optimizer", "dp_param_gather", "offload_copies"),
+}
+# A trace's exposed collectives and idle time against loom's exposed terms.
+TRACE_EXPOSED = {
+    "tp_comm": ("tp_comm",),
+    "cp_comm": ("cp_comm",),
+    "ep_comm": ("ep_comm",),
+    "pp_comm": ("pp_comm",),
+    "dp_comm": ("dp_grad_reduce", "dp_param_gather", "sharding_comm", "sharding_comm_once", "embedding_sync"),
+    "idle": ("pipeline_bubble", "host_overhead"),
+}
+# Terms outside PyTorch's caching allocator (see the module docstring).
+OUTSIDE_ALLOCATOR = ("cuda_context", "nccl_buffers")
+
+# What a discrepancy in each measured term points to in loom's model.
+POINTS_TO = {
+    "step time": "the terms below; with none measured, rerun with loom plan --trials' logging flags or a torch.profiler trace",
+    "peak memory": "memory.py's terms (loom explain lists them); loom calibrate learns the framework overhead",
+    "forward-backward": "the pipeline: compute rates, TP/CP/EP communication and the schedule's bubble",
+    "forward-compute + backward-compute": "compute rates (gemm_efficiency, attention_efficiency in gpus.yaml) and TP/CP/EP links",
+    "pipeline send/recv (p2p timers)": "the pipeline bubble (stage balance, schedule) and the PP link",
+    "all-grads-sync": "the data-parallel reduce-scatter/all-reduce left after backward (NIC efficiency, overlap_grad_reduce)",
+    "embedding-grads-all-reduce": "the tied-embedding sync between the first and last stage",
+    "params-all-gather": "the distributed optimizer's parameter all-gather (overlap_param_gather)",
+    "optimizer": "the optimizer step (HBM streaming of its states) and the parameter gather",
+    "fwd": "forward compute rates",
+    "bwd_inner": "backward compute rates and recomputation",
+    "bwd_allreduce": "the gradient reduction (NIC efficiency, ZeRO's bucket overlap)",
+    "step": "the optimizer step and ZeRO's parameter gather",
+    "gemm": "GEMM efficiency (gpus.yaml gemm_efficiency; loom profile gemm measures it)",
+    "attention": "attention efficiency (gpus.yaml attention_efficiency)",
+    "elementwise": "memory-bound kernels (HBM bandwidth x HBM_EFFICIENCY in efficiency.py)",
+    "optimizer kernels": "the optimizer step's HBM streaming",
+    "tp_comm": "tensor-parallel collectives not hidden behind GEMMs (NVLink efficiency, tp_comm_overlap)",
+    "cp_comm": "context-parallel ring exchange not hidden behind attention",
+    "ep_comm": "MoE token dispatch and combine (all-to-all link, dispatcher)",
+    "pp_comm": "pipeline send/recv not hidden",
+    "dp_comm": "data-parallel gradient reduce and parameter gather not hidden behind compute",
+    "idle": "pipeline bubble and host overhead (kernel launches, data loading)",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure: ``measured`` against ``predicted`` (seconds, or bytes for
+    memory), where the measurement came from and what it points to."""
+
+    quantity: str
+    measured: float
+    predicted: float
+    unit: str  # "s" | "bytes"
+    source: str
+    points_to: str
+
+    @property
+    def error(self) -> float:
+        """predicted / measured - 1: below 0, loom is too optimistic."""
+        return self.predicted / self.measured - 1 if self.measured else float("inf") if self.predicted else 0.0
+
+    @property
+    def difference(self) -> float:
+        return self.predicted - self.measured
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A plan against its runs: the step time, the memory (when the logs
+    reported it) and the terms, largest discrepancy first."""
+
+    label: str
+    step: Row
+    memory: Row | None
+    terms: tuple[Row, ...]
+    warmup_iterations: int
+    steady_intervals: int
+    notes: tuple[str, ...]
+
+
+def stage_of_rank(plan: PlanReport, rank: int | None) -> int:
+    """The pipeline stage a global rank belongs to (its stage's device group);
+    stage 0 when the rank is unknown."""
+    if rank is not None:
+        for stage in plan.stages:
+            if rank in stage.device_group:
+                return stage.index
+    return 0
+
+
+def step_time_s(report: Report, plan: PlanReport, log: RunLog) -> float:
+    """The run's median steady-state step, in seconds (rates turned into time
+    with the plan's batch). Raises SpecError when the log has none."""
+    parallel = plan.parallel
+    tokens_per_gpu = parallel.global_batch_size * report.seq_length / parallel.world_size
+    return log.step_time_s(tokens_per_step_per_gpu=tokens_per_gpu, samples_per_step=parallel.global_batch_size)
+
+
+def predicted_memory_bytes(peak_bytes: float, breakdown: dict[str, float], reserved: bool) -> float:
+    """loom's peak (``peak_bytes``, made of ``breakdown``) as PyTorch's
+    allocator reports it: max reserved, or max allocated."""
+    left_out = OUTSIDE_ALLOCATOR + (() if reserved else ("allocator_fragmentation",))
+    return peak_bytes - sum(breakdown.get(term, 0.0) for term in left_out)
+
+
+def _sum(breakdown: dict[str, float], terms: tuple[str, ...]) -> float:
+    return sum(breakdown.get(term, 0.0) for term in terms)
+
+
+def _timer_rows(plan: PlanReport, log: RunLog) -> list[Row]:
+    breakdown, timers = plan.predicted.breakdown_s, dict(log.timers_s)
+    rows = []
+    if log.format == "megatron":
+        if "forward-compute" in timers and "backward-compute" in timers:
+            timers["forward-compute + backward-compute"] = timers["forward-compute"] + timers["backward-compute"]
+        p2p = [timers[name] for name in MEGATRON_P2P if name in timers]
+        if p2p:
+            timers["pipeline send/recv (p2p timers)"] = sum(p2p)
+        table = MEGATRON_TIMERS
+    elif log.format == "deepspeed":
+        table = DEEPSPEED_TIMERS
+    else:
+        return rows
+    for name, terms in table.items():
+        if name in timers:
+            rows.append(Row(name, timers[name], _sum(breakdown, terms), "s", f"{log.path}: timer {name}", POINTS_TO[name]))
+    return rows
+
+
+def _trace_rows(plan: PlanReport, log: RunLog) -> list[Row]:
+    stage = plan.stages[stage_of_rank(plan, log.rank)]
+    breakdown, rows = plan.predicted.breakdown_s, []
+    for kind in ("gemm", "attention", "elementwise"):
+        if kind in log.timers_s and kind in stage.kernels_s:
+            rows.append(Row(kind, log.timers_s[kind], stage.kernels_s[kind], "s", f"{log.path}: {kind} kernels, stage {stage.index}",
+                            POINTS_TO[kind]))
+    if "optimizer" in log.timers_s:
+        rows.append(Row("optimizer kernels", log.timers_s["optimizer"], breakdown.get("optimizer", 0.0), "s",
+                        f"{log.path}: optimizer kernels", POINTS_TO["optimizer kernels"]))
+    for term, terms in TRACE_EXPOSED.items():
+        measured, predicted = log.exposed_s.get(term, 0.0), _sum(breakdown, terms)
+        if measured or predicted:
+            rows.append(Row(term, measured, predicted, "s", f"{log.path}: {term} exposed", POINTS_TO[term]))
+    return rows
+
+
+def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparison:
+    """The plan ``report.plans[plan_index]`` against ``logs`` (one run: its
+    log, and optionally its trace). The step time is the first log's that
+    has one (a training log before a trace: its iterations are more).
+
+    Raises SpecError naming a log with no steady-state step, or whose
+    arguments contradict the plan's layout (``check_layout``)."""
+    plan = report.plans[plan_index]
+    for log in logs:
+        check_layout(report, plan, log)
+    ordered = sorted(logs, key=lambda log: log.format == "chrome-trace")
+    timed = next((log for log in ordered if log.steady), ordered[0])
+    measured_s = step_time_s(report, plan, timed)
+    notes = []
+    step = Row("step time", measured_s, plan.predicted.step_time_s, "s",
+               f"{timed.path}: median of {len(timed.steady)} logged intervals after {timed.warmup_iterations} warm-up iterations",
+               POINTS_TO["step time"])
+    memory_row = None
+    peaks = [(log, log.peak_memory) for log in logs if log.peak_memory is not None]
+    if peaks:
+        log, peak = max(peaks, key=lambda item: item[1].max_reserved_bytes or item[1].max_allocated_bytes or 0.0)
+        reserved = peak.max_reserved_bytes is not None
+        measured = peak.max_reserved_bytes if reserved else peak.max_allocated_bytes
+        what = "max reserved" if reserved else "max allocated"
+        predicted = predicted_memory_bytes(plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes, reserved)
+        memory_row = Row("peak memory", measured, predicted, "bytes",
+                         f"{log.path}:{peak.line}: rank {peak.rank} {what}", POINTS_TO["peak memory"])
+        if plan.parallel.pp > 1 and log.format == "torchtitan":
+            notes.append("torchtitan logs rank 0's memory only: the first pipeline stage, not necessarily the fullest")
+    terms = [row for log in logs for row in (_trace_rows(plan, log) if log.format == "chrome-trace" else _timer_rows(plan, log))]
+    if not terms:
+        notes.append("no per-term figures: Megatron prints its timers with --timing-log-level 1, DeepSpeed with "
+                     "wall_clock_breakdown (loom plan --trials writes both); a torch.profiler trace gives every kernel")
+    traced = [log for log in logs if log.format == "chrome-trace"]
+    if traced and plan.parallel.pp > 1:
+        notes.append(f"the trace is of rank {traced[0].rank if traced[0].rank is not None else '(unknown: taken as 0)'}, stage "
+                     f"{stage_of_rank(plan, traced[0].rank)}; loom's breakdown is of its slowest stage")
+    terms.sort(key=lambda row: -abs(row.difference))
+    return Comparison(label=plan.label, step=step, memory=memory_row, terms=tuple(terms), warmup_iterations=timed.warmup_iterations,
+                      steady_intervals=len(timed.steady), notes=tuple(notes))
+
+
+FRAMEWORK_LOGS = ("megatron", "torchtitan", "deepspeed")  # log formats of one framework (a trace is of any)
+# Megatron's argument names for the layout fields a plan fixes.
+MEGATRON_ARGUMENTS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp", "context_parallel_size": "cp",
+                      "expert_model_parallel_size": "ep", "data_parallel_size": "dp", "micro_batch_size": "micro_batch_size",
+                      "global_batch_size": "global_batch_size"}
+
+
+def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
+    """A log must be of the plan: what it printed of its configuration
+    (Megatron's argument dump) must match the plan's layout and sequence.
+
+    Raises SpecError naming the log, the field, the plan's value and the log's."""
+    if log.format in FRAMEWORK_LOGS and log.format != report.framework:
+        raise SpecError(log.path, "<file>", f"a {report.framework} log (the plan is for {report.framework})", f"a {log.format} log")
+    parallel = plan.parallel.model_dump()
+    for argument, field in MEGATRON_ARGUMENTS.items():
+        text = log.arguments.get(argument)
+        if text is not None and text.strip().isdigit() and int(text) != parallel[field]:
+            raise SpecError(log.path, argument, f"{parallel[field]}, the plan's {field} ({plan.label}): this log is of another "
+                            "layout", int(text))
+    text = log.arguments.get("seq_length")
+    if text is not None and text.strip().isdigit() and int(text) != report.seq_length:
+        raise SpecError(log.path, "seq_length", f"{report.seq_length}, the plan's sequence length", int(text))

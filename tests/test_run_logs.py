@@ -1,0 +1,255 @@
+"""Learning from runs (issue #17): the log and trace readers on fixtures
+written from the frameworks' own format strings (tests/data/run_logs, each
+reader's docstring cites them), ``loom compare`` naming the terms that
+disagree, ``loom calibrate`` and ``--profile calib.json``, the trial files,
+and 200 mutated logs that must give exit 2 or parse, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loom.cli.app import app
+from loom.profiles import calibration
+from loom.profiles.run_logs import read_run_log
+from loom.profiles.run_logs.record import GiB, MiB
+
+LOGS = Path(__file__).parent / "data" / "run_logs"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama3-8b-h100.yaml"
+LAYOUT = ["--tp", "2", "--pp", "2", "--mbs", "1"]  # the layout the Megatron fixtures' argument dump states
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def plan_json(tmp_path_factory) -> Path:
+    """``loom evaluate`` of the bundled example at TP2 PP2 (DP16), saved."""
+    out = tmp_path_factory.mktemp("plan")
+    result = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out / "plan.json"
+
+
+def test_megatron_core_0_15_log():
+    log = read_run_log(LOGS / "megatron-v0.15.log")
+    assert log.format == "megatron" and log.warmup_logs == 1 and log.warmup_iterations == 10
+    assert log.step_time_s() == pytest.approx(statistics.median([7.4015, 7.3982, 7.4209]))
+    assert log.intervals[1].tflops_per_gpu == pytest.approx(400.0)
+    peak = log.peak_memory
+    assert (peak.rank, peak.max_reserved_bytes, peak.max_allocated_bytes) == (0, 33024.0 * MiB, 31002.25 * MiB)
+    assert {m.rank for m in log.memory} == {0, 33}
+    # the first timer block is of the warm-up interval
+    assert log.timers_s["forward-backward"] == pytest.approx(7.3)
+    assert log.timers_s["optimizer"] == pytest.approx(0.0213)
+    assert log.arguments["tensor_model_parallel_size"] == "2"
+    assert log.arguments["a_very_long_argument_name_that_is_fifty_chars_long"] == "yes"
+
+
+def test_megatron_core_0_16_first_iteration_line_is_warm_up_too():
+    log = read_run_log(LOGS / "megatron-v0.16.log")
+    # iteration 1 is printed without resetting the timer: the line after it averages from iteration 1
+    assert log.warmup_logs == 2 and log.warmup_iterations == 5
+    assert log.step_time_s() == pytest.approx(7.0)
+    assert log.peak_memory.max_reserved_bytes == 36000.0 * MiB  # the later report, with the optimizer state
+    assert log.timers_s["forward-backward"] == pytest.approx(6.9)  # INFO:megatron.core.timers: header
+
+
+def test_megatron_2023_log_under_launcher_prefixes():
+    log = read_run_log(LOGS / "megatron-23.04.log")
+    assert log.step_time_s() == pytest.approx(statistics.median([1.2346, 1.2404]))
+    assert log.peak_memory is None and log.timers_s == {}
+
+
+def test_torchtitan_logs():
+    log = read_run_log(LOGS / "torchtitan-0.2.log")
+    assert log.format == "torchtitan" and log.parameters == 8_030_261_248
+    assert [i.tokens_per_s_per_gpu for i in log.steady] == [6543, 6602, 6580]
+    assert log.step_time_s(tokens_per_step_per_gpu=8192.0) == pytest.approx(8192.0 / 6580)
+    assert log.peak_memory.max_reserved_bytes == pytest.approx(45.91 * GiB)
+    old = read_run_log(LOGS / "torchtitan-2024.log")
+    assert [i.tokens_per_s_per_gpu for i in old.steady] == [7245, 7300]
+
+
+def test_deepspeed_log():
+    log = read_run_log(LOGS / "deepspeed.log")
+    assert log.format == "deepspeed"
+    assert log.step_time_s(samples_per_step=512) == pytest.approx(512 / 71.0)
+    assert log.peak_memory.max_allocated_bytes == pytest.approx(38.75 * GiB)
+    assert log.timers_s["fwd"] == pytest.approx(2.03)  # global timers only, the first (warm-up) step's left out
+    assert log.timers_s["bwd_allreduce"] == pytest.approx(0.2)
+
+
+def test_profiler_trace_classifies_kernels_and_exposure():
+    log = read_run_log(LOGS / "trace-rank0.json")
+    assert log.format == "chrome-trace" and log.rank == 0 and log.warmup_logs == 1 and len(log.steady) == 2
+    assert log.step_time_s() == pytest.approx(0.1)
+    busy = log.timers_s
+    assert (busy["gemm"], busy["attention"], busy["elementwise"], busy["optimizer"]) == pytest.approx((0.04, 0.01, 0.005, 0.003))
+    # TP by the args Kineto copies onto the kernel, DP by its launching CPU op, PP a bare SendRecv
+    assert (busy["tp_comm"], busy["dp_comm"], busy["pp_comm"]) == pytest.approx((0.004, 0.01, 0.002))
+    assert "tp_comm" not in log.exposed_s  # under the GEMM and the attention kernel
+    assert (log.exposed_s["dp_comm"], log.exposed_s["idle"]) == pytest.approx((0.01, 0.03))
+
+
+def test_a_profiler_schedule_that_starts_late_has_no_warm_up_step(tmp_path):
+    trace = json.loads((LOGS / "trace-rank0.json").read_text())
+    trace["traceEvents"] = [e for e in trace["traceEvents"] if not e["name"].endswith("#0")
+                            and not (e.get("cat") == "kernel" and e["ts"] < 1_100_000)]
+    path = tmp_path / "late.json"
+    path.write_text(json.dumps(trace))
+    log = read_run_log(path)
+    assert log.warmup_logs == 0 and len(log.steady) == 2
+
+
+def _megatron_log(step_ms: list[float], timers: dict[str, float], args: dict[str, int]) -> str:
+    """A Megatron-LM log written with training_log's and Timers.log's format strings."""
+    lines = ["------------------------ arguments ------------------------"]
+    lines += ["  {} {} {}".format(k, "." * (48 - len(k)), v) for k, v in sorted(args.items())]
+    lines.append("-------------------- end of arguments ---------------------")
+    for i, ms in enumerate(step_ms):
+        lines.append(" iteration {:8d}/{:8d} |".format(10 * (i + 1), 10 * len(step_ms)) + " consumed samples: {:12d} |".format(5120 * (i + 1))
+                     + " elapsed time per iteration (ms): {:.1f} |".format(ms) + " global batch size: {:5d} |".format(512))
+        lines.append("(min, max) time across ranks (ms):")
+        lines += ["    {}: ({:.2f}, {:.2f})".format((name + " ").ljust(48, "."), value * 0.99, value) for name, value in timers.items()]
+    return "\n".join(lines) + "\n"
+
+
+ARGS = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "data_parallel_size": 16, "micro_batch_size": 1,
+        "global_batch_size": 512, "seq_length": 8192}
+
+
+def test_compare_names_the_term_that_is_30_percent_off(plan_json, tmp_path):
+    plan = json.loads(plan_json.read_text())["plans"][0]
+    predicted, breakdown = plan["predicted"]["step_time_s"], plan["predicted"]["breakdown_s"]
+    optimizer = breakdown["optimizer"] + breakdown["dp_param_gather"]
+    measured = 1.3 * predicted  # all of the extra time in the pipeline, none in the optimizer
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([measured * 1e3 * 1.5] + [measured * 1e3] * 3,
+                                 {"forward-backward": (measured - optimizer) * 1e3, "optimizer": optimizer * 1e3}, ARGS))
+    result = runner.invoke(app, ["compare", str(plan_json), str(log), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["measured"]["step_time_s"] == pytest.approx(measured, rel=1e-3)
+    assert report["predicted"]["step_time_s"] == pytest.approx(predicted)
+    assert report["warmup_iterations"] == 10 and report["steady_intervals"] == 3
+    terms = [row for row in report["rows"] if row["quantity"] not in ("step time", "peak memory")]
+    assert terms[0]["quantity"] == "forward-backward" and terms[0]["error"] == pytest.approx(1 / 1.3 - 1, abs=0.02)
+    assert abs(terms[-1]["error"]) < 0.02  # the optimizer: where loom was right
+    table = runner.invoke(app, ["compare", str(plan_json), str(log)])
+    assert "forward-backward" in table.output and "the pipeline" in table.output
+
+
+def test_compare_refuses_a_log_of_another_layout(plan_json, tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, "tensor_model_parallel_size": 4}))
+    result = runner.invoke(app, ["compare", str(plan_json), str(log)])
+    assert result.exit_code == 2
+    assert "tensor_model_parallel_size" in result.output and "expected 2" in result.output
+
+
+def test_calibrate_then_plan_with_it(plan_json, tmp_path):
+    predicted = json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"]
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([predicted * 1.1e3] * 4, {}, ARGS))  # the run is 10% slower than loom says
+    out = tmp_path / "calib.json"
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = calibration.read_calibration(out)
+    assert document.gemm.value < 1 and document.gemm.value == document.attention.value == document.elementwise.value
+    run = document.runs[0]
+    assert run.calibrated_step_time_s == pytest.approx(run.measured_step_time_s, rel=1e-3)
+    before = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--json"])
+    after = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--json", "--profile", str(out)])
+    assert after.exit_code == 0 and "measured, not estimated" in after.output
+    step = lambda r: json.loads(r.stdout)["plans"][0]["predicted"]["step_time_s"]  # noqa: E731
+    assert step(after) == pytest.approx(1.1 * step(before), rel=1e-3)
+
+
+def test_calibrate_refuses_a_run_loom_cannot_be_describing(plan_json, tmp_path):
+    predicted = json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"]
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([predicted * 5e3] * 4, {}, ARGS))
+    out = tmp_path / "calib.json"
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(out)])
+    assert result.exit_code == 2 and "step time" in result.output and not out.exists()
+
+
+def test_a_calibration_of_another_gpu_is_refused(plan_json, tmp_path):
+    predicted = json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"]
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([predicted * 1e3] * 3, {}, ARGS))
+    out = tmp_path / "calib.json"
+    assert runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(out)]).exit_code == 0
+    document = json.loads(out.read_text())
+    document["gpu"] = "A100-SXM4-80GB"
+    out.write_text(json.dumps(document))
+    result = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--profile", str(out)])
+    assert result.exit_code == 2 and "field 'gpu'" in result.output
+
+
+def test_calibration_schema_is_in_sync():
+    assert calibration.SCHEMA_FILE.read_text() == calibration.schema_json()
+
+
+def test_trials_write_each_plan_with_its_reports_on(tmp_path):
+    out = tmp_path / "plans"
+    result = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "3", "--trials", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    best = json.loads((out / "plan.json").read_text())["plans"]
+    for number in (1, 2):
+        folder = out / f"trial-{number}"
+        assert json.loads((folder / "plan.json").read_text())["plans"][0]["label"] == best[number - 1]["label"]
+        script = (folder / "train.sh").read_text()
+        assert "--train-iters 30" in script and "--log-throughput" in script and "--timing-log-level 1" in script
+    assert "--log-throughput" not in (out / "train.sh").read_text()
+    # the trial folder feeds loom calibrate directly
+    predicted = best[0]["predicted"]["step_time_s"]
+    (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}))
+    calib = tmp_path / "calib.json"
+    fitted = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), "--out", str(calib)])
+    assert fitted.exit_code == 0, fitted.output
+    assert calibration.read_calibration(calib).gemm.value == pytest.approx(1.0, abs=1e-3)
+
+
+def test_trials_need_an_out_folder():
+    result = runner.invoke(app, ["plan", str(EXAMPLE), "--trials", "2"])
+    assert result.exit_code == 2 and "--trials" in result.output
+
+
+def _mutated(text: str, rng: random.Random) -> str:
+    """One of: truncated, a number turned to junk, a line dropped or repeated, bytes spliced in."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return text[: rng.randrange(len(text))]
+    if kind == 1:
+        digits = [i for i, c in enumerate(text) if c.isdigit()]
+        at = rng.choice(digits)
+        return text[:at] + rng.choice(["nan", "-1", "1e999", "x", "", ",", "9" * 400, "inf"]) + text[at + 1:]
+    lines = text.splitlines()
+    at = rng.randrange(len(lines))
+    if kind == 2:
+        return "\n".join(lines[:at] + lines[at + 1:])
+    if kind == 3:
+        return "\n".join(lines[: at + 1] + lines[at:])
+    return text[:at] + "".join(chr(rng.randrange(0, 0x3000)) for _ in range(rng.randrange(1, 40))) + text[at:]
+
+
+def test_200_mutated_logs_exit_2_or_parse_never_a_traceback(plan_json, tmp_path):
+    rng = random.Random(17)
+    sources = sorted(LOGS.iterdir())
+    codes = []
+    for index in range(200):
+        source = rng.choice(sources)
+        path = tmp_path / f"{index}{source.suffix}"
+        path.write_bytes(_mutated(source.read_text(), rng).encode("utf-8", errors="surrogatepass"))
+        result = runner.invoke(app, ["compare", str(plan_json), str(path), "--json"])
+        assert result.exit_code in (0, 2), f"{source.name} mutation {index}: exit {result.exit_code}: {result.output[-400:]}"
+        assert "Traceback" not in result.output
+        if result.exit_code == 2:
+            assert result.output.count("\n") == 1 and str(path) in result.output  # one line naming the file
+        codes.append(result.exit_code)
+    assert codes.count(2) >= 50  # the mutations do break most logs
