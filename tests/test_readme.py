@@ -23,8 +23,10 @@ EXCUSED = {
     "torchrun": "measures links between GPUs of several processes",
     "loom profile layers": "an 8B model's layers at four TP sizes: minutes on a CPU (tests/test_profile_layers.py runs small ones)",
     "loom profile gemm": "an 8B model's GEMMs: minutes on a CPU (tests/test_profile_layers.py runs small ones)",
-    "loom plan examples/llama3-8b-h100.yaml --profile": "needs the two profiles above",
+    "loom plan examples/llama3-8b-h100.yaml --profile": "needs the profiles above (measured layers and GEMMs, or a calibration)",
     "python -m sglang": "SGLang's server, not loom",
+    "loom compare plans/": "needs a trial's training log (tests/test_run_logs.py compares logs written from Megatron's format strings)",
+    "loom calibrate examples/": "needs the trials' training logs (tests/test_run_logs.py calibrates from written logs)",
 }
 
 
