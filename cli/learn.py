@@ -15,6 +15,7 @@ from rich.table import Table
 from loom.cli.common import check_output, err, run
 from loom.planner.calibrate.compare import Comparison, Row, compare as compare_plan
 from loom.planner.calibrate.fit import Run, calibrate as fit_calibration
+from loom.planner.calibrate.megatron_layout import report_of_run
 from loom.planner.output.files import write_text_file
 from loom.planner.output.report import Report, read_report
 from loom.planner.specs.errors import SpecError
@@ -98,7 +99,8 @@ def _comparison_json(comparison: Comparison) -> str:
 
 
 def compare(
-    plan_file: Annotated[Path, typer.Argument(help="The plan.json the run ran (loom plan or loom evaluate --out writes one).", show_default=False)],
+    plan_file: Annotated[Path, typer.Argument(help="The plan.json the run ran (loom plan or loom evaluate --out writes one), or the job "
+                                                   "YAML of a Megatron-LM run whose log prints its arguments.", show_default=False)],
     logs: Annotated[list[Path], typer.Argument(help="Its training log (Megatron-LM, torchtitan, DeepSpeed) and/or a torch.profiler trace (.json).",
                                                show_default=False)],
     plan_index: Annotated[int, typer.Option("--plan", min=1, help="Which plan of the file, 1 = best.")] = 1,
@@ -107,10 +109,11 @@ def compare(
     """Set a plan against what its run reported: step time, memory and terms, largest discrepancy first."""
 
     def action() -> None:
-        report = read_report(plan_file)
+        runs = [read_run_log(path) for path in logs]
+        report = report_of_run(load_job(plan_file), runs) if plan_file.suffix in (".yaml", ".yml") else read_report(plan_file)
         if plan_index > len(report.plans):
             raise SpecError("--plan", "plan", f"at most {len(report.plans)} ({plan_file} has {len(report.plans)})", plan_index)
-        comparison = compare_plan(report, [read_run_log(path) for path in logs], plan_index - 1)
+        comparison = compare_plan(report, runs, plan_index - 1)
         if as_json:
             typer.echo(_comparison_json(comparison), nl=False)
             return

@@ -253,3 +253,29 @@ def test_200_mutated_logs_exit_2_or_parse_never_a_traceback(plan_json, tmp_path)
             assert result.output.count("\n") == 1 and str(path) in result.output  # one line naming the file
         codes.append(result.exit_code)
     assert codes.count(2) >= 50  # the mutations do break most logs
+
+
+def test_compare_a_job_with_the_layout_its_megatron_log_prints(plan_json):
+    result = runner.invoke(app, ["compare", str(EXAMPLE), str(LOGS / "megatron-v0.15.log"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["plan"] == json.loads(plan_json.read_text())["plans"][0]["label"] == "TP2 PP2 DP16 mbs1 SP DO"
+    assert report["predicted"]["step_time_s"] == pytest.approx(json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"])
+    refused = runner.invoke(app, ["compare", str(EXAMPLE), str(LOGS / "torchtitan-0.2.log")])
+    assert refused.exit_code == 2 and "argument dump" in refused.output
+
+
+def test_megatron_arguments_give_interleaving_and_block_recompute():
+    from loom.planner.calibrate.megatron_layout import layout_from_arguments
+    from loom.planner.specs.errors import SpecError
+    from loom.planner.specs.job import load_job
+
+    job = load_job(EXAMPLE)
+    arguments = {"tensor_model_parallel_size": "2", "pipeline_model_parallel_size": "4", "data_parallel_size": "8", "micro_batch_size": "1",
+                 "global_batch_size": "512", "num_layers_per_virtual_pipeline_stage": "2", "recompute_granularity": "full",
+                 "recompute_method": "block", "recompute_num_layers": "3", "sequence_parallel": "True", "num_layers": "32"}
+    layout = layout_from_arguments(job, arguments, "train.log")
+    assert (layout.vpp, layout.recompute, layout.recompute_num_layers, layout.sequence_parallel) == (4, "full", 3, True)
+    assert layout_from_arguments(job, {**arguments, "recompute_method": "uniform"}, "train.log").recompute_num_layers == 0
+    with pytest.raises(SpecError, match="num_layers"):
+        layout_from_arguments(job, {**arguments, "num_layers": "80"}, "train.log")
