@@ -20,6 +20,9 @@ from loom.cli.common import OneLineErrors, check_output, err, run
 from loom.cli.experts import experts
 from loom.cli.explain import explain
 from loom.cli.learn import calibrate, compare
+from loom.planner.calibrate.fit import expected_gain
+from loom.planner.specs.files import read_json
+from loom.profiles.calibration import read_calibration
 from loom.cli.profile import profile_app
 from loom.cli.render import show
 from loom.planner.output.files import write_file_set
@@ -69,8 +72,28 @@ def _write_trials(out: Path, plans: list[Plan], info: SearchInfo) -> None:
         trial = trial_job(plan_.job)
         files = launch_files(trial, plan_.layout, list(plan_.stages), plan_.placement)
         write_file_set(out / f"trial-{number}", {**files, "plan.json": report_json(build_report([plan_], _timeless(info)))})
-    err.print(f"wrote trial-1 ... trial-{len(plans)} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's "
-              f"output as trial-K/train.log, then: loom calibrate JOB {escape(str(out))}/trial-*")
+    folders = "trial-1" if len(plans) == 1 else f"trial-1 ... trial-{len(plans)}"
+    err.print(f"wrote {folders} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's output as trial-K/train.log, "
+              f"then: loom calibrate JOB {escape(str(out))}/trial-*")
+
+
+def _print_expected_gain(best: Plan) -> None:
+    """Under a calibration learnt from runs of this model: how the best plan
+    compares with the fastest of those runs, as measured."""
+    for path in best.job.profiles:
+        data = read_json(Path(path), "profile JSON")
+        if not (isinstance(data, dict) and data.get("kind") == "calibration"):
+            continue
+        found = expected_gain(read_calibration(Path(path)), best.job, best.tokens_per_s)
+        if found is not None:
+            run_, gain = found
+            measured = f"{escape(run_.layout)}, {run_.tokens_per_step / run_.measured_step_time_s:,.0f} tokens/s measured"
+            predicted = f"{best.layout.label()} is predicted {best.tokens_per_s:,.0f} calibrated"
+            if gain > 0:
+                err.print(f"[yellow]note:[/yellow] expected gain {gain:+.1%} over the fastest run {escape(path)} learnt from ({measured}; {predicted})")
+            else:
+                err.print(f"[yellow]note:[/yellow] no plan is predicted faster than the fastest run {escape(path)} learnt from: keep it "
+                          f"({measured}; {predicted}, {gain:+.1%})")
 
 
 def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str], trials: int = 0) -> None:
@@ -89,6 +112,7 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
         typer.echo(report, nl=False)
     else:
         show(Console(), plans, f"{job.model.name} on {job.cluster.gpu_summary} ({job.framework})")
+    _print_expected_gain(plans[0])
     if out is not None:
         best = plans[0]
         files = launch_files(job, best.layout, list(best.stages), best.placement)

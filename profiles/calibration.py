@@ -66,7 +66,9 @@ class CalibratedRun(StrictModel):
 
     plan: str = pydantic.Field(description="the plan.json the run ran")
     logs: list[str] = pydantic.Field(min_length=1)
+    model: str
     layout: str
+    tokens_per_step: Amount = pydantic.Field(description="global batch x sequence length")
     measured_step_time_s: Amount
     predicted_step_time_s: Amount = pydantic.Field(description="loom's prediction before calibrating")
     calibrated_step_time_s: Amount = pydantic.Field(description="with the calibration applied")

@@ -45,6 +45,7 @@ def test_megatron_core_0_15_log():
     # the first timer block is of the warm-up interval
     assert log.timers_s["forward-backward"] == pytest.approx(7.3)
     assert log.timers_s["optimizer"] == pytest.approx(0.0213)
+    assert log.framework_estimate_bytes == 30000.75 * MiB
     assert log.arguments["tensor_model_parallel_size"] == "2"
     assert log.arguments["a_very_long_argument_name_that_is_fifty_chars_long"] == "yes"
 
@@ -206,13 +207,19 @@ def test_trials_write_each_plan_with_its_reports_on(tmp_path):
         script = (folder / "train.sh").read_text()
         assert "--train-iters 30" in script and "--log-throughput" in script and "--timing-log-level 1" in script
     assert "--log-throughput" not in (out / "train.sh").read_text()
-    # the trial folder feeds loom calibrate directly
-    predicted = best[0]["predicted"]["step_time_s"]
-    (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}))
+    # the trial folders feed loom calibrate directly: trial 1 ran as predicted, trial 2 20% slower
+    for number, slower in ((1, 1.0), (2, 1.2)):
+        predicted = best[number - 1]["predicted"]["step_time_s"]
+        (out / f"trial-{number}" / "train.log").write_text(_megatron_log([predicted * 1e3 * slower] * 3, {}, {}))
     calib = tmp_path / "calib.json"
-    fitted = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), "--out", str(calib)])
+    fitted = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), str(out / "trial-2"), "--out", str(calib)])
     assert fitted.exit_code == 0, fitted.output
-    assert calibration.read_calibration(calib).gemm.value == pytest.approx(1.0, abs=1e-3)
+    document = calibration.read_calibration(calib)
+    assert 1 / 1.2 < document.gemm.value < 1.0 and [run.layout for run in document.runs] == [plan["label"] for plan in best[:2]]
+    # the re-ranked plan, set against the fastest run measured
+    replanned = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "1", "--profile", str(calib)])
+    assert replanned.exit_code == 0, replanned.output
+    assert "measured, not estimated" in replanned.output and best[0]["label"] in replanned.output.split("fastest run")[1]
 
 
 def test_trials_need_an_out_folder():
@@ -279,3 +286,27 @@ def test_megatron_arguments_give_interleaving_and_block_recompute():
     assert layout_from_arguments(job, {**arguments, "recompute_method": "uniform"}, "train.log").recompute_num_layers == 0
     with pytest.raises(SpecError, match="num_layers"):
         layout_from_arguments(job, {**arguments, "num_layers": "80"}, "train.log")
+
+
+@pytest.mark.parametrize("framework", ["torchtitan", "deepspeed"])
+def test_trial_files_load_in_their_frameworks(framework, tmp_path, monkeypatch):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "framework": framework}))
+    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--top-k", "1", "--trials", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    trial = tmp_path / "out" / "trial-1"
+    if framework == "torchtitan":
+        from torchtitan.config import ConfigManager
+
+        config = ConfigManager().parse_args(["--job.config_file", str(trial / "job.toml")])
+        assert (config.training.steps, config.metrics.log_freq, config.profiling.enable_profiling) == (30, 5, True)
+    else:
+        from deepspeed.runtime import config as ds_config_module
+
+        monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda: 0)
+        dp = json.loads((trial / "plan.json").read_text())["plans"][0]["parallel"]["dp"]
+        mpu = type("Mpu", (), {"get_data_parallel_world_size": lambda self: dp})()
+        config = ds_config_module.DeepSpeedConfig(json.loads((trial / "ds_config.json").read_text()), mpu=mpu)
+        assert (config.steps_per_print, config.wall_clock_breakdown) == (5, True)

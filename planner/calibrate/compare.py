@@ -234,6 +234,10 @@ def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparis
         predicted = predicted_memory_bytes(plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes, reserved)
         memory_row = Row("peak memory", measured, predicted, "bytes",
                          f"{log.path}:{peak.line}: rank {peak.rank} {what}", POINTS_TO["peak memory"])
+        estimate = next((log.framework_estimate_bytes for log in logs if log.framework_estimate_bytes), None)
+        if estimate:
+            notes.append(f"Megatron's own estimate (theoretical_memory_usage.py, weights, optimizer and activations only): "
+                         f"{estimate / 2**30:.2f} GiB")
         if plan.parallel.pp > 1 and log.format == "torchtitan":
             notes.append("torchtitan logs rank 0's memory only: the first pipeline stage, not necessarily the fullest")
     terms = [row for log in logs for row in (_trace_rows(plan, log) if log.format == "chrome-trace" else _timer_rows(plan, log))]

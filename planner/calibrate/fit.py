@@ -44,6 +44,10 @@ from loom.profiles.run_logs.record import RunLog
 SECANT_TOLERANCE = 1e-4
 SECANT_STEPS = 8
 BOUND_SLACK = 0.01
+# How far a log's own parameter count (torchtitan prints it) may be from the
+# job model's before the log is taken to be of another model: loom's counts
+# are within 0.5% of the model cards (tests/test_decoder_families.py).
+PARAMETER_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ def _document(job: Job, runs: list[CalibratedRun], **factors) -> CalibrationDocu
 
 
 def _placeholder_run() -> CalibratedRun:
-    return CalibratedRun(plan="-", logs=["-"], layout="-", measured_step_time_s=0, predicted_step_time_s=0, calibrated_step_time_s=0)
+    return CalibratedRun(plan="-", logs=["-"], model="-", layout="-", tokens_per_step=0, measured_step_time_s=0, predicted_step_time_s=0,
+                         calibrated_step_time_s=0)
 
 
 def _bounded(value: float, source: str, what: str) -> float:
@@ -199,6 +204,9 @@ def calibrate(job: Job, runs: list[Run]) -> CalibrationDocument:
     for run in runs:
         for log in run.logs:
             check_layout(run.report, run.plan, log)
+            if log.parameters and abs(log.parameters / job.model.total_params() - 1) > PARAMETER_TOLERANCE:
+                raise SpecError(log.path, "total parameters", f"{job.model.total_params():,} ({job.model.name}, within "
+                                f"{PARAMETER_TOLERANCE:.1%}): this log is of another model", f"{log.parameters:,}")
         plans.append(plan_of(job, run.report, run.plan, run.plan_path))
     factors: dict[str, Factor] = _kernel_factors(job, runs, plans)
     if not factors:
@@ -226,10 +234,22 @@ def calibrate(job: Job, runs: list[Run]) -> CalibrationDocument:
         peak = max(peaks, key=lambda p: p.max_reserved_bytes or p.max_allocated_bytes or 0.0) if peaks else None
         reserved = peak is not None and peak.max_reserved_bytes is not None
         records.append(CalibratedRun(
-            plan=run.plan_path, logs=[log.path for log in run.logs], layout=plan.layout.label(),
+            plan=run.plan_path, logs=[log.path for log in run.logs], model=job.model.name, layout=plan.layout.label(),
+            tokens_per_step=plan.layout.global_batch_size * job.seq_length,
             measured_step_time_s=step_time_s(run.report, run.plan, run.timed), predicted_step_time_s=plan.step_time_s,
             calibrated_step_time_s=after.step_time_s,
             measured_peak_bytes=None if peak is None else (peak.max_reserved_bytes if reserved else peak.max_allocated_bytes),
             predicted_peak_bytes=None if peak is None else predicted_memory_bytes(
                 peak_bytes=plan.peak_memory.peak_bytes, breakdown=plan.peak_memory.breakdown_bytes, reserved=reserved)))
     return provisional.model_copy(update={"runs": records})
+
+
+def expected_gain(document: CalibrationDocument, job: Job, tokens_per_s: float) -> tuple[CalibratedRun, float] | None:
+    """The fastest run of ``job``'s model the calibration learnt from, and how
+    much faster (+) or slower (-) a plan predicted at ``tokens_per_s`` under
+    it would be; None when it learnt from no run of this model."""
+    runs = [run for run in document.runs if run.model == job.model.name and run.measured_step_time_s > 0]
+    if not runs:
+        return None
+    best = max(runs, key=lambda run: run.tokens_per_step / run.measured_step_time_s)
+    return best, tokens_per_s / (best.tokens_per_step / best.measured_step_time_s) - 1

@@ -26,6 +26,9 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   the default), or ``max time across ranks (ms):`` then ``    name ....: max``
   (core_v0.16+ logs the header through ``logging``: ``INFO:megatron.core.timers:``),
   printed after each iteration line and attached to it;
+- rank 0's ``Theoretical memory footprints: weight and optimizer=A MB,
+  activation=B MB, total=C MB`` (megatron/training/theoretical_memory_usage.py,
+  core_v0.5+; MB there is 1024 x 1024 bytes): Megatron's own estimate;
 - the argument dump of ``_print_args`` (megatron/training/arguments.py):
   ``  name ....... value`` lines between ``--- arguments ---`` and
   ``--- end of arguments ---``, which say the layout the run used.
@@ -47,6 +50,7 @@ MEMORY = re.compile(r"\[Rank (\d+)\] \(after (\d+) iterations\) memory \(MB\)((?
 TIMERS_MINMAX = re.compile(r"\(min, max\) time across ranks \(ms\):")
 TIMERS_MAX = re.compile(r"\bmax time across ranks \(ms\):")
 TIMER = re.compile(r"^(?:.*?\]:)?\s{2,}([\w-]+) \.*: (?:\(([\d.]+), ([\d.]+)\)|([\d.]+))\s*$")
+THEORETICAL = re.compile(r"Theoretical memory footprints: weight and optimizer=([\d.]+) MB(?:, activation=([\d.]+) MB, total=([\d.]+) MB)?")
 ARGS_START = re.compile(r"-+ arguments -+")
 ARGS_END = re.compile(r"-+ end of arguments -+")
 ARGUMENT = re.compile(r"^(?:.*?\]:)?\s{2}(\w+) \.* ?(.*?)\s*$")  # 48-character names or longer print no dots
@@ -77,6 +81,7 @@ def read(lines: list[str], source: str) -> RunLog:
     memory: dict[int, RankMemory] = {}
     timer_blocks: list[tuple[int, dict[str, float]]] = []  # (the iteration line it follows, its timers)
     arguments: dict[str, str] = {}
+    estimate = None
     in_timers = in_args = False
     previous = 0
     for index, line in enumerate(lines):
@@ -116,6 +121,10 @@ def read(lines: list[str], source: str) -> RunLog:
                                       tflops_per_gpu=None if throughput is None else number(throughput, source, number_, "throughput per GPU")))
             previous = iteration
             continue
+        if match := THEORETICAL.search(line):
+            if match.group(3):  # v0.7-v0.14 print only the weights without SP and selective recompute: no total
+                estimate = number(match.group(3), source, number_, "the theoretical memory footprint") * MiB
+            continue
         if match := MEMORY.search(line):
             fields = _fields(match.group(3))
             values = {name: number(fields[key], source, number_, key) * MiB for key, name in MEMORY_FIELDS.items() if key in fields}
@@ -129,4 +138,4 @@ def read(lines: list[str], source: str) -> RunLog:
     for name in {name for block in steady_timers for name in block}:
         timers[name] = statistics.median(block[name] for block in steady_timers if name in block)
     return RunLog(path=source, format="megatron", intervals=tuple(intervals), memory=tuple(sorted(memory.values(), key=lambda m: m.rank)),
-                  timers_s=dict(sorted(timers.items())), arguments=arguments, warmup_logs=warmup)
+                  timers_s=dict(sorted(timers.items())), arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate)

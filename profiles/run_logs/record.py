@@ -76,6 +76,7 @@ class RunLog:
     arguments: dict[str, str] = field(default_factory=dict)
     parameters: int | None = None
     rank: int | None = None  # the rank a trace was taken on
+    framework_estimate_bytes: float | None = None  # the framework's own memory estimate (Megatron's theoretical footprint)
     warmup_logs: int = WARMUP_LOGS  # leading intervals that hold the warm-up
 
     @property
