@@ -310,3 +310,34 @@ def test_trial_files_load_in_their_frameworks(framework, tmp_path, monkeypatch):
         mpu = type("Mpu", (), {"get_data_parallel_world_size": lambda self: dp})()
         config = ds_config_module.DeepSpeedConfig(json.loads((trial / "ds_config.json").read_text()), mpu=mpu)
         assert (config.steps_per_print, config.wall_clock_breakdown) == (5, True)
+
+
+def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_json, tmp_path):
+    from loom.planner.calibrate.fit import plan_of
+    from loom.planner.output.report import read_report
+    from loom.planner.specs.job import load_job
+
+    report = read_report(plan_json)
+    plan = plan_of(load_job(EXAMPLE), report, report.plans[0], str(plan_json))
+    kernels, tp_busy = plan.step.stage_kernels[0], plan.step.stage_tp_busy_s[0]
+    # GEMMs 10% slower than loom's rate, attention and elementwise as predicted, TP collectives 25% slower
+    durations = [("sm90_xmma_gemm_bf16bf16_bf16f32", kernels.gemm_s / 0.9, {}), ("flash_fwd_kernel", kernels.attention_s, {}),
+                 ("vectorized_elementwise_kernel", kernels.elementwise_s, {}),
+                 ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", tp_busy * 1.25, {"Process Group Description": "TENSOR_MODEL_PARALLEL_GROUP"})]
+    window_us = 2e6 * sum(seconds for _, seconds, _ in durations)
+    events = []
+    for step in (1, 2):  # a profiler schedule that starts after warm-up
+        start = step * window_us
+        events.append({"ph": "X", "cat": "gpu_user_annotation", "name": f"ProfilerStep#{step}", "ts": start, "dur": window_us, "pid": 0, "tid": 1})
+        for name, seconds, args in durations:
+            events.append({"ph": "X", "cat": "kernel", "name": name, "ts": start, "dur": seconds * 1e6, "pid": 0, "tid": 7, "args": {"device": 0, **args}})
+            start += seconds * 1e6
+    trace = tmp_path / "rank0.json"
+    trace.write_text(json.dumps({"distributedInfo": {"rank": 0}, "traceEvents": events}))
+    out = tmp_path / "calib.json"
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(trace), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = calibration.read_calibration(out)
+    assert document.gemm.value == pytest.approx(0.9) and "trace" in document.gemm.source
+    assert (document.attention.value, document.elementwise.value) == pytest.approx((1.0, 1.0))
+    assert document.nvlink.value == pytest.approx(0.8) and document.network is None  # TP2 within a node
