@@ -14,7 +14,7 @@ from loom.planner.specs.errors import SpecError
 from loom.profiles.run_logs import chrome_trace, deepspeed, megatron, torchtitan
 from loom.profiles.run_logs.record import RunLog, log_text
 
-TEXT_READERS = (("megatron", megatron), ("torchtitan", torchtitan), ("deepspeed", deepspeed))
+TEXT_READERS = (megatron, torchtitan, deepspeed)  # tried in order: the first whose lines it recognises reads the log
 
 
 def read_run_log(path: Path) -> RunLog:
@@ -26,7 +26,7 @@ def read_run_log(path: Path) -> RunLog:
     if chrome_trace.looks_like(path):
         return chrome_trace.read(path)
     lines = log_text(path, "training log")
-    for _, reader in TEXT_READERS:
+    for reader in TEXT_READERS:
         if reader.looks_like(lines):
             return reader.read(lines, str(path))
     raise SpecError(str(path), "<file>", "a Megatron-LM log (' iteration N/ M | ... elapsed time per iteration (ms): ...'), a torchtitan "

@@ -4,8 +4,9 @@ A Kineto Chrome trace is a JSON object whose ``traceEvents`` hold complete
 events (``ph: "X"``, ``ts`` and ``dur`` in microseconds). Read here:
 
 - steps: the ``ProfilerStep#N`` ranges that ``profiler.step()`` records, on the
-  GPU timeline (``cat: gpu_user_annotation``) where the trace has them, else
-  on the CPU (``user_annotation`` / ``cpu_op``);
+  GPU timeline (``cat: gpu_user_annotation``, one per stream the step used:
+  their union) where the trace has them, else on the CPU (``user_annotation``
+  / ``cpu_op``);
 - GPU kernels (``cat: kernel``; ``Kernel`` in torch < 1.13) and copies
   (``gpu_memcpy``, ``gpu_memset``), each classified by its name into loom's
   breakdown terms (``classify``): gemm, attention, elementwise, optimizer, and
@@ -37,7 +38,7 @@ import re
 from pathlib import Path
 
 from loom.planner.specs.errors import SpecError
-from loom.profiles.run_logs.record import WARMUP_LOGS, Interval, RunLog, log_text
+from loom.profiles.run_logs.record import WARMUP_LOGS, Interval, RunLog, read_text
 
 STEP = re.compile(r"^ProfilerStep#(\d+)$")
 GPU_CATEGORIES = {"kernel", "Kernel", "gpu_memcpy", "gpu_memset"}
@@ -55,17 +56,19 @@ KERNEL_CLASSES = (
     ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma|s16816|s1688|h16816|matmul", re.IGNORECASE)),
 )
 # Process-group descriptions to terms, tried in order ("EXPERT_DATA_PARALLEL"
-# reduces gradients: data before expert).
+# reduces gradients: data before expert; expert-tensor-parallel collectives
+# are part of the MoE dispatch, which loom prices in ep_comm).
 GROUP_CLASSES = (("dp_comm", ("data", "dp", "shard", "replicate", "fsdp", "efsdp", "embedding", "default")), ("ep_comm", ("expert", "ep")),
                  ("cp_comm", ("context", "cp")), ("pp_comm", ("pipeline", "pp")), ("tp_comm", ("tensor", "tp", "etp")))
 
 
 def looks_like(path: Path) -> bool:
-    """Whether ``path`` names a JSON file (a trace is JSON; logs are text)."""
-    return path.suffix == ".json" or path.name.endswith(".pt.trace.json")
+    """Whether ``path`` names a JSON file, maybe gzipped (a trace is JSON; logs are text)."""
+    return path.name.endswith((".json", ".json.gz"))
 
 
 def _group_class(description: str) -> str | None:
+    """The collective term of a process-group description (GROUP_CLASSES), or None."""
     words = re.split(r"[^a-z]+", description.lower())
     for term, keys in GROUP_CLASSES:
         if any(key in words or (len(key) > 3 and key in description.lower()) for key in keys):
@@ -97,6 +100,7 @@ def classify(name: str, collective: dict | None = None) -> str:
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The sorted, disjoint union of ``(start, end)`` intervals."""
     merged: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -113,6 +117,7 @@ def _uncovered(start: float, end: float, cover: list[tuple[float, float]]) -> fl
 
 
 def _event_time(event: dict, source: str, index: int) -> tuple[float, float]:
+    """A complete event's (start, end) in microseconds; SpecError naming it when they are not numbers."""
     ts, dur = event.get("ts"), event.get("dur")
     if not isinstance(ts, (int, float)) or not isinstance(dur, (int, float)) or isinstance(ts, bool) or isinstance(dur, bool) \
             or not (dur >= 0 and ts == ts and abs(ts) < 1e18 and dur < 1e15):
@@ -129,12 +134,14 @@ def read(path: Path) -> RunLog:
     one GPU, an event without times."""
     source = str(path)
     try:
-        data = json.loads("\n".join(log_text(path, "PyTorch profiler trace (JSON)")))
+        data = json.loads(read_text(path, "PyTorch profiler trace (JSON)"))
     except json.JSONDecodeError as error:
         raise SpecError(source, f"line {error.lineno}", "valid JSON (a torch.profiler Chrome trace)") from None
     except RecursionError:
         raise SpecError(source, "<file>", "a Chrome trace, not JSON nested hundreds of levels deep") from None
     events = data.get("traceEvents") if isinstance(data, dict) else None
+    if isinstance(data, dict) and "plans" in data and events is None:
+        raise SpecError(source, "<file>", "a training log or profiler trace here, not a loom plan.json (a plan.json starts each run)")
     if not isinstance(events, list):
         raise SpecError(source, "traceEvents", "a list of trace events (torch.profiler's export_chrome_trace)")
     steps: dict[str, dict[int, tuple[float, float]]] = {"gpu": {}, "cpu": {}}
@@ -149,8 +156,11 @@ def read(path: Path) -> RunLog:
         if not isinstance(name, str):
             continue
         if match := STEP.match(name):
-            timeline = "gpu" if category == "gpu_user_annotation" else "cpu"
-            steps[timeline][int(match.group(1))] = _event_time(event, source, index)
+            # Kineto writes a step's GPU range once per stream it ran on: the step spans them all.
+            timeline = steps["gpu" if category == "gpu_user_annotation" else "cpu"]
+            start, end = _event_time(event, source, index)
+            step = int(match.group(1))
+            timeline[step] = (min(start, timeline[step][0]), max(end, timeline[step][1])) if step in timeline else (start, end)
         elif category in GPU_CATEGORIES:
             start, end = _event_time(event, source, index)
             devices.add(str(args.get("device", event.get("pid"))))

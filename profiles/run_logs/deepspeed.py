@@ -8,11 +8,16 @@ Lines read (any prefix, such as ``log_dist``'s ``[Rank 0]``, is fine):
   MaxMemAllocated=B GB``. ``C`` is ``train_batch_size`` (the global batch,
   engine.py passes ``self.train_batch_size()``) over the seconds of step G;
   the memory figures are torch.cuda.memory_allocated / max_memory_allocated
-  in GiB (divided by 1024**3), rounded to 0.01;
+  in GiB (divided by 1024**3), rounded to 0.01. Steps up to the timer's own
+  ``start_step`` (2: it leaves them out of its running average) are warm-up;
+  a step whose rate printed as inf or nan (a step shorter than the timer's
+  epsilon) is skipped;
 - with ``wall_clock_breakdown``, ``Timers.log`` (deepspeed/utils/timer.py):
   ``time (ms) | fwd: X | bwd: Y | bwd_inner: Z | bwd_allreduce: W | step: V``
-  once per optimizer step (the engine's global timers; the ``*_microstep``
-  lines are per micro batch and are skipped).
+  after every optimizer step (``DeepSpeedEngine.step``: the global timers,
+  each summed over the step's micro batches and reset; the ``*_microstep``
+  lines are per micro batch and are skipped); the first
+  ``THROUGHPUT_START_STEP`` steps' are warm-up.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import re
 import statistics
 
 from loom.planner.specs.errors import SpecError
-from loom.profiles.run_logs.record import GiB, Interval, RankMemory, RunLog, number
+from loom.profiles.run_logs.record import GiB, Interval, RunLog, number, peak_report
 
 THROUGHPUT = re.compile(r"epoch=(\d+)/micro_step=(\d+)/global_step=(\d+),(.*)$")
 KEY_VALUE = re.compile(r"(\w+)=([^,\s]+)")
+THROUGHPUT_START_STEP = 2  # ThroughputTimer(start_step=2): steps it leaves out as warm-up
 TIMERS = re.compile(r"\btime \(ms\)((?:\s*\|\s*\w+:\s*\S+)+)")
 
 
@@ -50,13 +56,15 @@ def read(lines: list[str], source: str) -> RunLog:
             fields = dict(KEY_VALUE.findall(match.group(4)))
             if "CurrSamplesPerSec" not in fields:
                 raise SpecError(source, f"line {number_}", "a 'CurrSamplesPerSec=X' field", line.strip())
+            if "MaxMemAllocated" in fields:
+                peaks.append((number(fields["MaxMemAllocated"].removesuffix("GB"), source, number_, "MaxMemAllocated") * GiB, number_))
+            previous = step
+            if fields["CurrSamplesPerSec"].lower().lstrip("+-") in ("inf", "nan"):
+                continue
             rate = number(fields["CurrSamplesPerSec"], source, number_, "CurrSamplesPerSec")
             if rate <= 0:
                 raise SpecError(source, f"line {number_}", "CurrSamplesPerSec above 0", fields["CurrSamplesPerSec"])
-            if "MaxMemAllocated" in fields:
-                peaks.append((number(fields["MaxMemAllocated"].removesuffix("GB"), source, number_, "MaxMemAllocated") * GiB, number_))
             intervals.append(Interval(first=step, last=step, line=number_, samples_per_s=rate))
-            previous = step
             continue
         if (match := TIMERS.search(line)) and "_microstep" not in line:
             block = {}
@@ -65,10 +73,8 @@ def read(lines: list[str], source: str) -> RunLog:
                 if sep:
                     block[name.strip()] = number(value.strip(), source, number_, f"timer {name.strip()}") / 1000.0
             blocks.append(block)
-    steady = blocks[1:] or blocks
+    steady = blocks[THROUGHPUT_START_STEP:] or blocks
     timers = {name: statistics.median(block[name] for block in steady if name in block) for name in sorted({n for b in steady for n in b})}
-    memory = ()
-    if peaks:
-        peak, line = max(peaks)
-        memory = (RankMemory(rank=0, line=line, max_allocated_bytes=peak),)
-    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), memory=memory, timers_s=timers)
+    warmup = sum(interval.last <= THROUGHPUT_START_STEP for interval in intervals)
+    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), memory=peak_report(peaks, 0, reserved=False), timers_s=timers,
+                  warmup_logs=warmup)

@@ -10,9 +10,12 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   ``throughput per GPU (TFLOP/s/GPU)`` (with ``--log-throughput``) and
   ``global batch size``. Until core_v0.15 the first line comes at the first
   multiple of the interval and averages in the start-up; from core_v0.16 a
-  line is also printed after iteration 1 *without* resetting the interval
-  timer, so the next line averages from iteration 1 too: when the first line
-  is of iteration 1, two lines hold the warm-up (``warmup_logs``);
+  line is also printed after the run's first iteration (resumed runs
+  included) *without* resetting the interval timer, so the next line
+  averages from that iteration too. So when the first line is not at a
+  multiple of the interval (or the interval is 1), two lines hold the
+  warm-up, else one (``warmup_logs``). The interval is the argument dump's
+  ``log_interval``, else the commonest gap between lines;
 - the per-rank memory report of ``report_memory`` (megatron/training/utils.py):
   ``[Rank R] (after N iterations) memory (MB) | allocated: A | max allocated: B
   | reserved: C | max reserved: D``, in MiB (1024 x 1024 bytes), printed once,
@@ -25,7 +28,10 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   ``    name ........: (min, max)`` lines (``--timing-log-option minmax``,
   the default), or ``max time across ranks (ms):`` then ``    name ....: max``
   (core_v0.16+ logs the header through ``logging``: ``INFO:megatron.core.timers:``),
-  printed after each iteration line and attached to it;
+  or ``times across ranks (ms):`` then ``  name:`` and ``     rank  R: t``
+  lines (``all``; the slowest rank is taken), printed after each iteration
+  line and attached to it (a block ends at the next header or iteration
+  line: other ranks' lines may interleave);
 - rank 0's ``Theoretical memory footprints: weight and optimizer=A MB,
   activation=B MB, total=C MB`` (megatron/training/theoretical_memory_usage.py,
   core_v0.5+; MB there is 1024 x 1024 bytes): Megatron's own estimate;
@@ -33,29 +39,32 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   ``  name ....... value`` lines between ``--- arguments ---`` and
   ``--- end of arguments ---``, which say the layout the run used.
 
-Every other line is skipped. An iteration line whose fields do not parse is
-bad input naming the line.
+A launcher's prefix (torchrun's ``[default0]:``, ``srun -l``'s ``63:``) may
+precede any line. Every other line is skipped. An iteration line whose
+fields do not parse is bad input naming the line.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
+from collections import Counter
 
 from loom.planner.specs.errors import SpecError
 from loom.profiles.run_logs.record import MiB, Interval, RankMemory, RunLog, number
 
+PREFIX = r"^(?:\S*:)?"  # a launcher's, e.g. "[default0]:" or "63:"
 ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)$")
 MEMORY = re.compile(r"\[Rank (\d+)\] \(after (\d+) iterations\) memory \(MB\)((?:\s*\|\s*[a-z ]+:\s*\S+)+)")
-TIMERS_MINMAX = re.compile(r"\(min, max\) time across ranks \(ms\):")
-TIMERS_MAX = re.compile(r"\bmax time across ranks \(ms\):")
-TIMER = re.compile(r"^(?:.*?\]:)?\s{2,}([\w-]+) \.*: (?:\(([\d.]+), ([\d.]+)\)|([\d.]+))\s*$")
+TIMERS = re.compile(r"(?:\(min, max\) time|\bmax time|\btimes) across ranks \(ms\):")
+TIMER = re.compile(PREFIX + r"\s{2,}([\w-]+) \.*: (?:\(([\d.]+), ([\d.]+)\)|([\d.]+))\s*$")
+TIMER_NAME = re.compile(PREFIX + r"\s{1,3}([\w-]+):\s*$")  # --timing-log-option all: the name, then one line per rank
+TIMER_RANK = re.compile(PREFIX + r"\s+rank\s+\d+: ([\d.]+)\s*$")
 THEORETICAL = re.compile(r"Theoretical memory footprints: weight and optimizer=([\d.]+) MB(?:, activation=([\d.]+) MB, total=([\d.]+) MB)?")
 ARGS_START = re.compile(r"-+ arguments -+")
 ARGS_END = re.compile(r"-+ end of arguments -+")
-ARGUMENT = re.compile(r"^(?:.*?\]:)?\s{2}(\w+) \.* ?(.*?)\s*$")  # 48-character names or longer print no dots
-MEMORY_FIELDS = {"allocated": "allocated_bytes", "max allocated": "max_allocated_bytes", "reserved": "reserved_bytes",
-                 "max reserved": "max_reserved_bytes"}
+ARGUMENT = re.compile(PREFIX + r"\s{1,3}(\w+) \.* ?(.*?)\s*$")  # 48-character names or longer print no dots
+MEMORY_FIELDS = {"max allocated": "max_allocated_bytes", "max reserved": "max_reserved_bytes"}
 
 
 def looks_like(lines: list[str]) -> bool:
@@ -73,17 +82,37 @@ def _fields(text: str) -> dict[str, str]:
     return fields
 
 
+def _intervals(lines: list[tuple[int, int, float]], log_interval: int | None) -> tuple[list[Interval], int]:
+    """The logged intervals of ``(iteration, line, seconds per iteration)``
+    lines, and how many of them hold the warm-up (module docstring)."""
+    gaps = Counter(b[0] - a[0] for a, b in zip(lines, lines[1:]))
+    interval = log_interval or (gaps.most_common(1)[0][0] if gaps else lines[0][0] if lines else 1)
+    first_iteration_line = bool(lines) and (interval == 1 or lines[0][0] % interval != 0)
+    intervals, previous = [], None
+    for index, (iteration, line, step_s) in enumerate(lines):
+        if previous is None:
+            first = iteration if first_iteration_line else max(1, iteration - interval + 1)
+        elif index == 1 and first_iteration_line:
+            first = intervals[0].first  # core_v0.16: the first-iteration line did not reset the timer
+        else:
+            first = previous + 1
+        intervals.append(Interval(first=first, last=iteration, line=line, step_time_s=step_s))
+        previous = iteration
+    return intervals, 2 if first_iteration_line else 1
+
+
 def read(lines: list[str], source: str) -> RunLog:
     """The run a Megatron-LM log describes (module docstring: what is read).
 
-    Raises SpecError naming ``source`` and the line of an unreadable figure."""
-    intervals: list[Interval] = []
+    Raises SpecError naming ``source`` and the line of an unreadable figure,
+    or of an iteration that goes back (two runs in one log)."""
+    iterations: list[tuple[int, int, float]] = []
     memory: dict[int, RankMemory] = {}
     timer_blocks: list[tuple[int, dict[str, float]]] = []  # (the iteration line it follows, its timers)
     arguments: dict[str, str] = {}
     estimate = None
     in_timers = in_args = False
-    previous = 0
+    timer_name = None
     for index, line in enumerate(lines):
         number_ = index + 1
         if in_args:
@@ -95,31 +124,36 @@ def read(lines: list[str], source: str) -> RunLog:
         if ARGS_START.search(line):
             in_args = True
             continue
-        if in_timers:
+        if TIMERS.search(line):
+            in_timers, timer_name = True, None
+            timer_blocks.append((len(iterations) - 1, {}))
+            continue
+        if in_timers and not ITERATION.search(line):
+            block = timer_blocks[-1][1]
             if match := TIMER.match(line):
                 value = match.group(3) or match.group(4)  # the slowest rank's time
-                timer_blocks[-1][1][match.group(1)] = number(value, source, number_, f"timer {match.group(1)}") / 1000.0
+                block[match.group(1)] = number(value, source, number_, f"timer {match.group(1)}") / 1000.0
+            elif match := TIMER_NAME.match(line):
+                timer_name = match.group(1)
+            elif timer_name and (match := TIMER_RANK.match(line)):
+                block[timer_name] = max(block.get(timer_name, 0.0), number(match.group(1), source, number_, f"timer {timer_name}") / 1000.0)
+            if match:
                 continue
-            in_timers = False
-        if TIMERS_MINMAX.search(line) or TIMERS_MAX.search(line):
-            in_timers = True
-            timer_blocks.append((len(intervals) - 1, {}))
-            continue
         if match := ITERATION.search(line):
+            in_timers = False
             iteration, total = int(match.group(1)), int(match.group(2))
+            previous = iterations[-1][0] if iterations else 0
             if iteration < 1 or iteration <= previous or iteration > total:
-                raise SpecError(source, f"line {number_}", f"an iteration after {previous} and at most the run's {total}", iteration)
+                raise SpecError(source, f"line {number_}", f"an iteration after {previous} and at most the run's {total} (one run per log)",
+                                iteration)
             fields = _fields(match.group(3))
             elapsed = fields.get("elapsed time per iteration (ms)")
             if elapsed is None:
                 raise SpecError(source, f"line {number_}", "an 'elapsed time per iteration (ms): X' field in the iteration line", line.strip())
-            throughput = fields.get("throughput per GPU (TFLOP/s/GPU)")
             step_s = number(elapsed, source, number_, "elapsed time per iteration (ms)") / 1000.0
             if step_s <= 0:
                 raise SpecError(source, f"line {number_}", "an elapsed time per iteration above 0 ms", elapsed)
-            intervals.append(Interval(first=previous + 1, last=iteration, line=number_, step_time_s=step_s,
-                                      tflops_per_gpu=None if throughput is None else number(throughput, source, number_, "throughput per GPU")))
-            previous = iteration
+            iterations.append((iteration, number_, step_s))
             continue
         if match := THEORETICAL.search(line):
             if match.group(3):  # v0.7-v0.14 print only the weights without SP and selective recompute: no total
@@ -132,10 +166,10 @@ def read(lines: list[str], source: str) -> RunLog:
                 raise SpecError(source, f"line {number_}", "a memory report with 'max allocated: X' (MB)", line.strip())
             rank = int(match.group(1))
             memory[rank] = RankMemory(rank=rank, line=number_, **values)  # a later report of a rank includes the optimizer state
-    warmup = 2 if intervals and intervals[0].last == 1 else 1
+    log_interval = arguments.get("log_interval", "").strip()
+    intervals, warmup = _intervals(iterations, int(log_interval) if log_interval.isdigit() and int(log_interval) > 0 else None)
     steady_timers = [block for index, block in timer_blocks if index >= warmup]
-    timers: dict[str, float] = {}
-    for name in {name for block in steady_timers for name in block}:
-        timers[name] = statistics.median(block[name] for block in steady_timers if name in block)
+    timers = {name: statistics.median(block[name] for block in steady_timers if name in block)
+              for name in sorted({name for block in steady_timers for name in block})}
     return RunLog(path=source, format="megatron", intervals=tuple(intervals), memory=tuple(sorted(memory.values(), key=lambda m: m.rank)),
-                  timers_s=dict(sorted(timers.items())), arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate)
+                  timers_s=timers, arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate)

@@ -14,7 +14,9 @@ median. A run that logged nothing after them has no steady state.
 
 from __future__ import annotations
 
+import gzip
 import statistics
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,21 +42,33 @@ class Interval:
     step_time_s: float | None = None  # seconds per iteration, averaged over the interval
     tokens_per_s_per_gpu: float | None = None
     samples_per_s: float | None = None  # global samples (sequences) per second
-    tflops_per_gpu: float | None = None
 
 
 @dataclass(frozen=True)
 class RankMemory:
-    """One rank's memory report in bytes (None: not printed): PyTorch's
-    caching-allocator statistics (torch.cuda.memory_allocated, max_memory_allocated,
-    memory_reserved, max_memory_reserved)."""
+    """One rank's peak memory in bytes (None: not printed): PyTorch's
+    caching-allocator statistics torch.cuda.max_memory_allocated and
+    max_memory_reserved."""
 
     rank: int
     line: int
-    allocated_bytes: float | None = None
     max_allocated_bytes: float | None = None
-    reserved_bytes: float | None = None
     max_reserved_bytes: float | None = None
+
+    @property
+    def peak(self) -> tuple[float, bool]:
+        """The peak to compare, and whether it is max reserved (what runs out
+        first: the caching allocator holds freed blocks for reuse), else max allocated."""
+        reserved = self.max_reserved_bytes is not None
+        return (self.max_reserved_bytes if reserved else self.max_allocated_bytes or 0.0), reserved
+
+
+def peak_report(peaks: list[tuple[float, int]], rank: int, reserved: bool) -> tuple[RankMemory, ...]:
+    """The largest of a log's ``(bytes, line)`` peaks as rank ``rank``'s report."""
+    if not peaks:
+        return ()
+    peak, line = max(peaks)
+    return (RankMemory(rank=rank, line=line, **{"max_reserved_bytes" if reserved else "max_allocated_bytes": peak}),)
 
 
 @dataclass(frozen=True)
@@ -86,9 +100,9 @@ class RunLog:
 
     @property
     def warmup_iterations(self) -> int:
-        """Iterations left out as warm-up."""
+        """Iterations left out as warm-up, counted from the first the log covers."""
         skipped = self.intervals[:self.warmup_logs]
-        return skipped[-1].last if skipped else 0
+        return skipped[-1].last - self.intervals[0].first + 1 if skipped else 0
 
     def step_time_s(self, tokens_per_step_per_gpu: float | None = None, samples_per_step: float | None = None) -> float:
         """Median seconds per steady-state iteration. A log that printed only
@@ -112,16 +126,16 @@ class RunLog:
 
     @property
     def peak_memory(self) -> RankMemory | None:
-        """The rank whose peak (max reserved, else max allocated) is largest."""
-        reports = [m for m in self.memory if (m.max_reserved_bytes or m.max_allocated_bytes) is not None]
-        return max(reports, key=lambda m: (m.max_reserved_bytes or 0.0, m.max_allocated_bytes or 0.0)) if reports else None
+        """The rank whose peak (``RankMemory.peak``) is largest."""
+        return max(self.memory, key=lambda m: m.peak) if self.memory else None
 
 
-def log_text(path: Path, what: str) -> list[str]:
-    """The lines of a log file; undecodable bytes become U+FFFD (a log is
-    read line by line, and one mangled byte spoils only its line).
+def read_text(path: Path, what: str) -> str:
+    """A log or trace file's text (gunzipped when it ends in .gz);
+    undecodable bytes become U+FFFD (a log is read line by line, and one
+    mangled byte spoils only its line).
 
-    Raises SpecError naming ``path``: missing, a folder, unreadable, too large or empty."""
+    Raises SpecError naming ``path``: missing, a folder, unreadable, too large, not gzip or empty."""
     if path.is_dir():
         raise SpecError(str(path), "<file>", f"a {what}, not a folder")
     if not path.is_file():
@@ -130,12 +144,26 @@ def log_text(path: Path, what: str) -> list[str]:
     if size > MAX_LOG_BYTES:
         raise SpecError(str(path), "<file>", f"a {what} of at most {MAX_LOG_BYTES // MiB} MiB", f"{size:,} bytes")
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as file:
+                data = file.read(MAX_LOG_BYTES + 1)
+            if len(data) > MAX_LOG_BYTES:
+                raise SpecError(str(path), "<file>", f"a {what} of at most {MAX_LOG_BYTES // MiB} MiB unzipped")
+        else:
+            data = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise SpecError(str(path), "<file>", f"a gzip-compressed {what} (the name ends in .gz)") from None
     except OSError as error:
         raise SpecError(str(path), "<file>", f"a readable {what} ({error.strerror or error})") from None
+    text = data.decode("utf-8", errors="replace")
     if not text.strip():
         raise SpecError(str(path), "<file>", f"a {what}", "an empty file")
-    return text.splitlines()
+    return text
+
+
+def log_text(path: Path, what: str) -> list[str]:
+    """The lines of a log file (``read_text``)."""
+    return read_text(path, what).splitlines()
 
 
 def number(text: str, source: str, line: int, what: str) -> float:

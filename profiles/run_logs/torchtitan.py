@@ -11,6 +11,12 @@ Lines read (colour escapes stripped first; any logger prefix is fine):
   degree)); ``memory`` is ``torch.cuda.max_memory_reserved`` in GiB since the
   previous line (the monitor's peak is reset after each line), on rank 0;
 - the model size of ``train.py``: ``Model <name> size: N total parameters``.
+
+Validation lines (``validate step: ...``) are skipped. torchtitan logs from
+the ranks in ``LOG_RANK`` (rank 0 by default; torchrun's ``--tee`` prefixes
+each line with ``[rankN]:``); with several, the steps come from the rank
+that logged most of them (under pipeline parallelism the last rank, which
+has the loss) and each rank's memory is kept.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ from __future__ import annotations
 import re
 
 from loom.planner.specs.errors import SpecError
-from loom.profiles.run_logs.record import GiB, Interval, RankMemory, RunLog, number
+from loom.profiles.run_logs.record import GiB, Interval, RunLog, number, peak_report
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP = re.compile(r"\bstep:\s*(\d+)\s+loss:")
+STEP = re.compile(r"(?<!validate )\bstep:\s*(\d+)\s+loss:")
 FIELD = re.compile(r"\b(loss|grad_norm|memory|tps|wps|tflops|mfu):\s*([^\s(]+)(?:\(([^)]*)%\))?")
 SIZE = re.compile(r"\bsize:\s*([\d,]+) total parameters")
+RANK = re.compile(r"\[rank(\d+)\]:")
 
 
 def looks_like(lines: list[str]) -> bool:
@@ -34,11 +41,11 @@ def looks_like(lines: list[str]) -> bool:
 def read(lines: list[str], source: str) -> RunLog:
     """The run a torchtitan log describes (module docstring: what is read).
 
-    Raises SpecError naming ``source`` and the line of an unreadable figure."""
-    intervals: list[Interval] = []
-    peaks: list[tuple[float, int]] = []
+    Raises SpecError naming ``source`` and the line of an unreadable figure,
+    or of a step that goes back on its rank (two runs in one log)."""
+    steps: dict[int, list[Interval]] = {}
+    peaks: dict[int, list[tuple[float, int]]] = {}
     parameters = None
-    previous = 0
     for index, raw in enumerate(lines):
         line, number_ = ANSI.sub("", raw), index + 1
         if match := SIZE.search(line):
@@ -47,9 +54,12 @@ def read(lines: list[str], source: str) -> RunLog:
         match = STEP.search(line)
         if not match or not ("tps:" in line or "wps:" in line):
             continue
-        step = int(match.group(1))
+        rank_match = RANK.search(line[:match.start()])
+        rank = int(rank_match.group(1)) if rank_match else 0
+        logged = steps.setdefault(rank, [])
+        step, previous = int(match.group(1)), logged[-1].last if logged else 0
         if step <= previous:
-            raise SpecError(source, f"line {number_}", f"a step after {previous}", step)
+            raise SpecError(source, f"line {number_}", f"a step after {previous} on rank {rank} (one run per log)", step)
         fields = {m.group(1): m.group(2) for m in FIELD.finditer(line[match.start():])}
         rate = fields.get("tps", fields.get("wps"))
         if rate is None:
@@ -61,14 +71,10 @@ def read(lines: list[str], source: str) -> RunLog:
         if memory is not None:
             if not memory.endswith("GiB"):
                 raise SpecError(source, f"line {number_}", "memory as 'X GiB(P%)'", memory)
-            peaks.append((number(memory.removesuffix("GiB"), source, number_, "memory") * GiB, number_))
-        tflops = fields.get("tflops")
-        intervals.append(Interval(first=previous + 1, last=step, line=number_, tokens_per_s_per_gpu=tps,
-                                  tflops_per_gpu=None if tflops is None else number(tflops, source, number_, "tflops")))
-        previous = step
+            peaks.setdefault(rank, []).append((number(memory.removesuffix("GiB"), source, number_, "memory") * GiB, number_))
+        # the first line covers its own step only (time_last_log starts at the first step); later ones the steps since
+        logged.append(Interval(first=previous + 1 if logged else step, last=step, line=number_, tokens_per_s_per_gpu=tps))
+    rank = max(steps, key=lambda r: (len(steps[r]), r)) if steps else 0
     # The peak over every line: warm-up allocations are memory the job needs too.
-    memory = ()
-    if peaks:
-        peak, line = max(peaks)
-        memory = (RankMemory(rank=0, line=line, max_reserved_bytes=peak),)
-    return RunLog(path=source, format="torchtitan", intervals=tuple(intervals), memory=memory, parameters=parameters)
+    memory = tuple(report for r in sorted(peaks) for report in peak_report(peaks[r], r, reserved=True))
+    return RunLog(path=source, format="torchtitan", intervals=tuple(steps.get(rank, ())), memory=memory, parameters=parameters)
