@@ -27,7 +27,7 @@ from loom.cli.profile import profile_app
 from loom.cli.render import show
 from loom.planner.output.files import write_file_set
 from loom.planner.output.launch import launch_files, training_script_steps
-from loom.planner.output.trial import TRIAL_ITERATIONS, trial_job
+from loom.planner.output.trial import TRIAL_ITERATIONS, TRIAL_PROFILE_STEP, trial_job
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import job_warnings, load_job
@@ -61,20 +61,19 @@ HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leav
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
 GateOpt = Annotated[Optional[list[str]], typer.Option(metavar="CONDITION", help="Exit 1 unless the best plan meets a quoted condition, e.g. --gate 'mfu>=0.4' (repeatable).")]
-ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", metavar="FILE", help="A loom profile layers or gemm JSON: measured numbers replace estimates (repeatable).")]
+ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", metavar="FILE", help="A loom profile layers or gemm JSON, or a loom calibrate profile: measured numbers replace estimates (repeatable).")]
 
 
-def _write_trials(out: Path, plans: list[Plan], info: SearchInfo) -> None:
-    """``out/trial-K``: each plan's launch files for a short run with every
+def _trial_files(plans: list[Plan], info: SearchInfo) -> dict[str, str]:
+    """``trial-K/...``: each plan's launch files for a short run with every
     report on (planner/output/trial.py) and its own plan.json, for loom
     compare and loom calibrate to read with the run's logs."""
+    files = {}
     for number, plan_ in enumerate(plans, start=1):
-        trial = trial_job(plan_.job)
-        files = launch_files(trial, plan_.layout, list(plan_.stages), plan_.placement)
-        write_file_set(out / f"trial-{number}", {**files, "plan.json": report_json(build_report([plan_], _timeless(info)))})
-    folders = "trial-1" if len(plans) == 1 else f"trial-1 ... trial-{len(plans)}"
-    err.print(f"wrote {folders} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's output as trial-K/train.log, "
-              f"then: loom calibrate JOB {escape(str(out))}/trial-*")
+        trial = launch_files(trial_job(plan_.job), plan_.layout, list(plan_.stages), plan_.placement)
+        report = report_json(build_report([plan_], _timeless(info)))
+        files.update({f"trial-{number}/{name}": text for name, text in {**trial, "plan.json": report}.items()})
+    return files
 
 
 def _print_expected_gain(best: Plan) -> None:
@@ -116,7 +115,7 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     if out is not None:
         best = plans[0]
         files = launch_files(job, best.layout, list(best.stages), best.placement)
-        write_file_set(out, {**files, "plan.json": report})
+        write_file_set(out, {**files, "plan.json": report, **_trial_files(plans[:trials], info)})
         if not files:
             err.print(f"[yellow]note:[/yellow] no launch files for {escape(job.model.name)} (vision-language models are planned, not launched, for now)")
         if not as_json:
@@ -124,7 +123,10 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
         for step in training_script_steps(job, best.layout):
             err.print(f"[yellow]note:[/yellow] your training script must {escape(step)}")
         if trials:
-            _write_trials(out, plans[:trials], info)
+            folders = "trial-1" if trials == 1 or len(plans) == 1 else f"trial-1 ... trial-{min(trials, len(plans))}"
+            err.print(f"wrote {folders} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's output as "
+                      f"trial-K/train.log (torchtitan: and its profile_traces/iteration_{TRIAL_PROFILE_STEP}/rank0_trace.json), then: "
+                      f"loom calibrate JOB {escape(str(out))}/trial-*")
     failures = failed_gates(parsed_gates, plans[0])
     if failures:
         err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")

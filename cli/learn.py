@@ -14,7 +14,7 @@ from rich.table import Table
 
 from loom.cli.common import check_output, err, run
 from loom.planner.calibrate.compare import Comparison, Row, compare as compare_plan
-from loom.planner.calibrate.fit import Run, calibrate as fit_calibration
+from loom.planner.calibrate.fit import Run, calibrate as fit_calibration, job_overrides
 from loom.planner.calibrate.megatron_layout import report_of_run
 from loom.planner.output.files import write_text_file
 from loom.planner.output.report import Report, read_report
@@ -25,6 +25,7 @@ from loom.profiles.run_logs import read_run_log
 
 GiB = 2**30
 LOG_SUFFIXES = (".log", ".out", ".txt")  # the logs a trial folder's run left beside its plan.json
+TRACE_SUFFIXES = (".json", ".json.gz")  # and its profiler traces (any JSON but plan.json)
 TOP_TERMS = 3  # the largest discrepancies whose pointers into the model are printed
 
 
@@ -41,6 +42,19 @@ def _is_report(path: Path) -> bool:
     return '"schema_version"' in head and '"traceEvents"' not in head
 
 
+def _read_plan(path: Path) -> Report:
+    """A plan.json; a profiler trace in its place is named as such (SpecError)."""
+    if path.name.endswith(TRACE_SUFFIXES) and path.is_file() and not _is_report(path):
+        raise SpecError(str(path), "<file>", "a loom plan.json here (loom plan or loom evaluate --out writes one), not a profiler trace")
+    return read_report(path)
+
+
+def _trial_logs(folder: Path) -> list[Path]:
+    """What a trial folder's run left beside its plan.json: logs, then traces."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "plan.json")
+    return [p for p in files if p.suffix in LOG_SUFFIXES] + [p for p in files if p.name.endswith(TRACE_SUFFIXES)]
+
+
 def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
     """PLAN LOG... [PLAN LOG...]: each plan.json followed by the logs of its run.
 
@@ -48,8 +62,7 @@ def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
     runs: list[tuple[Path, Report, list[Path]]] = []
     for path in files:
         if path.is_dir():  # a trial folder: its plan.json and the logs beside it
-            logs = sorted(p for p in path.iterdir() if p.suffix in LOG_SUFFIXES and p.is_file())
-            runs.append((path / "plan.json", read_report(path / "plan.json"), logs))
+            runs.append((path / "plan.json", read_report(path / "plan.json"), _trial_logs(path)))
         elif _is_report(path):
             runs.append((path, read_report(path), []))
         elif not runs:
@@ -63,26 +76,40 @@ def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
 
 
 def _value(row: Row, which: float) -> str:
-    return f"{which / GiB:+.2f} GiB".lstrip("+") if row.unit == "bytes" else f"{which:.4g} s"
+    """A measured, predicted or difference figure of ``row`` in its unit (below 1 ns: 0)."""
+    if row.unit == "bytes":
+        return f"{which / GiB:.2f} GiB"
+    return f"{which:.4g} s" if abs(which) >= 1e-9 else "0 s"
+
+
+def _error(row: Row) -> str:
+    """loom's error as a percentage, or as a ratio when it is past 100x."""
+    if not row.measured:
+        return "-"
+    return f"{row.error:+.1%}" if abs(row.error) < 100 else f"{row.predicted / row.measured:.3g}x"
 
 
 def _table(comparison: Comparison) -> Table:
+    """The comparison as a rich table, step time and memory first."""
     table = Table(title=f"{comparison.label}: measured vs predicted", title_justify="left")
     for column in ("", "measured", "predicted", "loom's error", "difference"):
         table.add_column(column, justify="left" if not column else "right")
     rows = [comparison.step, *([comparison.memory] if comparison.memory else []), *comparison.terms]
     for row in rows:
-        table.add_row(escape(row.quantity), _value(row, row.measured), _value(row, row.predicted), f"{row.error:+.1%}" if row.measured else "-",
+        table.add_row(escape(row.quantity), _value(row, row.measured), _value(row, row.predicted), _error(row),
                       _value(row, row.difference))
     return table
 
 
 def _row_json(row: Row) -> dict:
+    """One row of ``--json``'s ``rows``."""
     return {"quantity": row.quantity, "measured": row.measured, "predicted": row.predicted, "unit": row.unit,
             "error": row.error if row.measured else None, "source": row.source, "points_to": row.points_to}
 
 
 def _comparison_json(comparison: Comparison) -> str:
+    """``loom compare --json``: ``measured`` and ``predicted`` (step_time_s,
+    peak_bytes_per_gpu, terms), the warm-up left out, every row, the notes."""
     def side(which: str) -> dict:
         side_ = {"step_time_s": getattr(comparison.step, which)}
         if comparison.memory:
@@ -110,7 +137,7 @@ def compare(
 
     def action() -> None:
         runs = [read_run_log(path) for path in logs]
-        report = report_of_run(load_job(plan_file), runs) if plan_file.suffix in (".yaml", ".yml") else read_report(plan_file)
+        report = report_of_run(load_job(plan_file), runs) if plan_file.suffix in (".yaml", ".yml") else _read_plan(plan_file)
         if plan_index > len(report.plans):
             raise SpecError("--plan", "plan", f"at most {len(report.plans)} ({plan_file} has {len(report.plans)})", plan_index)
         comparison = compare_plan(report, runs, plan_index - 1)
@@ -120,8 +147,9 @@ def compare(
         console = Console()
         console.print(_table(comparison))
         step = comparison.step
-        err.print(f"step time: loom {step.predicted:.4g} s, the run {step.measured:.4g} s ({step.error:+.1%}; median of "
-                  f"{comparison.steady_intervals} logged intervals after {comparison.warmup_iterations} warm-up iterations)")
+        intervals = f"{comparison.steady_intervals} logged interval{'s' * (comparison.steady_intervals != 1)}"
+        warmup = f"{comparison.warmup_iterations} warm-up iteration{'s' * (comparison.warmup_iterations != 1)}"
+        err.print(f"step time: loom {step.predicted:.4g} s, the run {step.measured:.4g} s ({_error(step)}; median of {intervals} after {warmup})")
         for row in comparison.terms[:TOP_TERMS]:
             err.print(f"{escape(row.quantity)} ({_value(row, row.difference)}): {escape(row.points_to)}")
         for note in comparison.notes:
@@ -130,10 +158,20 @@ def compare(
     run(action)
 
 
+def _is_calibration(path: str) -> bool:
+    """Whether a profile a plan was made with is a calibration (kind: calibration)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False  # load_job names the file when it reads it
+    return isinstance(data, dict) and data.get("kind") == "calibration"
+
+
 def calibrate(
     job_file: Annotated[Path, typer.Argument(help="The job YAML the plans were made for.", show_default=False)],
     files: Annotated[list[Path], typer.Argument(help="PLAN LOG... [PLAN LOG...]: each plan.json, then the logs and traces of its run; "
-                                                     "or trial folders (loom plan --trials), each with its plan.json and *.log files.",
+                                                     "or trial folders (loom plan --trials), each with its plan.json, logs "
+                                                     "(*.log, *.out, *.txt) and traces (*.json).",
                                                 show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="The calibration profile to write (use it with --profile).")],
     model: Annotated[Optional[str], typer.Option(help="Catalogue name or config.json path (overrides the job's).")] = None,
@@ -143,9 +181,16 @@ def calibrate(
 
     def action() -> None:
         check_output(out, folder=False)
-        job = load_job(job_file, dict(model=model, cluster=cluster))
-        runs = [Run(plan_path=str(path), report=report, logs=tuple(read_run_log(log) for log in logs)) for path, report, logs in _runs(files)]
-        document = fit_calibration(job, runs)
+        grouped = _runs(files)
+        inputs = {path.resolve() for plan_path, _, logs in grouped for path in (plan_path, *logs)} | {job_file.resolve()}
+        if out.resolve() in inputs:
+            raise SpecError("--out", "out", "a new file, not one of the inputs", str(out))
+        runs = []
+        for path, report, logs in grouped:
+            # the job as this plan was made for (its framework, precision, stack, batch, profiles: job_overrides)
+            job = load_job(job_file, dict(model=model, cluster=cluster, **job_overrides(report, _is_calibration)))
+            runs.append(Run(job=job, plan_path=str(path), report=report, logs=tuple(read_run_log(log) for log in logs)))
+        document = fit_calibration(runs)
         write_text_file(out, calibration_json(document), "--out")
         factors = ", ".join(f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise", "nvlink", "network")
                             if (factor := getattr(document, kind)) is not None)
@@ -153,5 +198,8 @@ def calibrate(
         for record in document.runs:
             err.print(f"  {escape(record.layout)}: measured {record.measured_step_time_s:.4g} s, loom {record.predicted_step_time_s:.4g} s "
                       f"-> {record.calibrated_step_time_s:.4g} s calibrated")
+        if document.gemm and "trace" in document.gemm.source:
+            err.print("[yellow]note:[/yellow] kernel rates from the traces; the step times were not fitted: what remains between "
+                      "calibrated and measured is outside the kernels (communication, the bubble, the host)")
 
     run(action)

@@ -6,10 +6,13 @@ never a correction of one layout's answer:
 
 - ``gemm``, ``attention``, ``elementwise``: multipliers on the rates loom
   assumes for the GPU (``gemm_efficiency`` at ``precision``,
-  ``attention_efficiency``, the HBM bandwidth that memory-bound kernels
-  stream at). 1.10 means the runs' kernels ran 10% faster than loom assumed.
-  From a profiler trace each is measured on its own (kernel time by kind);
-  from logs alone one factor, fitted to the step times, stands for all three;
+  ``attention_efficiency``, the HBM streaming efficiency of memory-bound
+  kernels), each capped at the hardware's peak when applied. 1.10 means the
+  runs' kernels ran 10% faster than loom assumed. From profiler traces each
+  is measured on its own (kernel time by kind), and the runs' step times are
+  then not fitted (what remains between calibrated and measured is not in
+  the kernels: communication, the bubble, the host); from logs alone one
+  factor, fitted to the step times, stands for all three;
 - ``nvlink``, ``network``: multipliers on the collective efficiency of the
   cluster's links (``Node.nvlink_efficiency``, ``nic_efficiency``), measured
   from a trace's tensor-parallel collectives on the link their group spans;
@@ -78,6 +81,9 @@ class CalibratedRun(StrictModel):
 
 
 class CalibrationDocument(StrictModel):
+    """A calibration profile (module docstring): what it holds for, the
+    factors learnt (None: not learnt, loom's estimate stands) and the runs."""
+
     schema_version: Literal[1]
     kind: Literal["calibration"]
     gpu: str = pydantic.Field(description="the catalogue GPU the runs ran on")
@@ -90,7 +96,7 @@ class CalibrationDocument(StrictModel):
     nvlink: Factor | None = None
     network: Factor | None = None
     memory_overhead_bytes: Amount = 0.0
-    runs: list[CalibratedRun] = pydantic.Field(min_length=1)
+    runs: list[CalibratedRun] = pydantic.Field(description="what it was learnt from (at least one run in a file loom reads)")
 
 
 def read_calibration(path: Path) -> CalibrationDocument:
@@ -99,6 +105,8 @@ def read_calibration(path: Path) -> CalibrationDocument:
 
     Raises SpecError naming ``path`` and the field."""
     document = validate(CalibrationDocument, read_json(path, "calibration profile (loom calibrate)"), str(path))
+    if not document.runs:
+        raise SpecError(str(path), "runs", "the runs the calibration was learnt from (at least one)", [])
     gpu = find_gpu(document.gpu, str(path), "gpu")
     limit = MEMORY_OVERHEAD_MAX_FRACTION * gpu.memory_bytes
     if document.memory_overhead_bytes > limit:

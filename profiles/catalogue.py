@@ -41,8 +41,11 @@ class GPU:
     compute_capability: tuple[int, int] | None = None  # CUDA's; None for non-NVIDIA GPUs
     tdp_W: float | None = None  # the board power its peak figures are sustained at (gpus.yaml)
     power_limit_W: float | None = None  # the cluster's power cap (None: the TDP; power_limited)
-    # From a calibration profile (loom calibrate, --profile): the framework
-    # memory the runs held beyond loom's model, and what was applied from where.
+    # From a calibration profile (loom calibrate, --profile): the multiplier on
+    # the HBM streaming efficiency (planner/cost/efficiency.py caps the result
+    # at the bandwidth), the framework memory the runs held beyond loom's
+    # model, and what was applied from where.
+    hbm_efficiency_factor: float = 1.0
     memory_overhead_bytes: float = 0.0
     calibration: str | None = None
 

@@ -38,7 +38,6 @@ def test_megatron_core_0_15_log():
     log = read_run_log(LOGS / "megatron-v0.15.log")
     assert log.format == "megatron" and log.warmup_logs == 1 and log.warmup_iterations == 10
     assert log.step_time_s() == pytest.approx(statistics.median([7.4015, 7.3982, 7.4209]))
-    assert log.intervals[1].tflops_per_gpu == pytest.approx(400.0)
     peak = log.peak_memory
     assert (peak.rank, peak.max_reserved_bytes, peak.max_allocated_bytes) == (0, 33024.0 * MiB, 31002.25 * MiB)
     assert {m.rank for m in log.memory} == {0, 33}
@@ -78,9 +77,11 @@ def test_torchtitan_logs():
 def test_deepspeed_log():
     log = read_run_log(LOGS / "deepspeed.log")
     assert log.format == "deepspeed"
-    assert log.step_time_s(samples_per_step=512) == pytest.approx(512 / 71.0)
+    # every printed step is past the timer's two warm-up steps
+    assert log.warmup_logs == 0
+    assert log.step_time_s(samples_per_step=512) == pytest.approx(statistics.median(512 / rate for rate in (60.5, 71.2, 70.8, 71.0)))
     assert log.peak_memory.max_allocated_bytes == pytest.approx(38.75 * GiB)
-    assert log.timers_s["fwd"] == pytest.approx(2.03)  # global timers only, the first (warm-up) step's left out
+    assert log.timers_s["fwd"] == pytest.approx(2.0215)  # global timers only, steps 1 and 2 left out
     assert log.timers_s["bwd_allreduce"] == pytest.approx(0.2)
 
 
@@ -341,3 +342,109 @@ def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_jso
     assert document.gemm.value == pytest.approx(0.9) and "trace" in document.gemm.source
     assert (document.attention.value, document.elementwise.value) == pytest.approx((1.0, 1.0))
     assert document.nvlink.value == pytest.approx(0.8) and document.network is None  # TP2 within a node
+
+
+def test_torchtitan_skips_validation_lines_and_keeps_one_ranks_steps(tmp_path):
+    line = "[rank{r}]:[titan] 2025-07-21 15:57:42,774 - root - INFO - {kind}step: {step:2}  loss: 7.00000  memory: {gib:5.2f}GiB(50.00%)  tps: {tps:,}"
+    lines = []
+    for step, tps in ((1, 500), (5, 6000), (10, 6100), (15, 6050)):
+        for rank, gib in ((0, 40.0), (7, 45.5)):  # under PP, LOG_RANK=0,7: the last rank has the loss
+            lines.append(line.format(r=rank, kind="", step=step, gib=gib, tps=tps + rank))
+        if step == 10:
+            lines.append(line.format(r=7, kind="validate ", step=step, gib=45.5, tps=9999))
+    path = tmp_path / "titan.log"
+    path.write_text("\n".join(lines) + "\n")
+    log = read_run_log(path)
+    assert [i.tokens_per_s_per_gpu for i in log.steady] == [6007, 6107, 6057]  # rank 7's, validation left out
+    assert {m.rank: m.max_reserved_bytes for m in log.memory} == {0: 40.0 * GiB, 7: 45.5 * GiB}
+    assert log.peak_memory.rank == 7
+
+
+def _v016_line(iteration: int, total: int, ms: float) -> str:
+    return (f" [2026-03-01 12:00:00.123456] iteration {iteration:8d}/{total:8d} |" + " consumed samples: {:12d} |".format(iteration * 8)
+            + " elapsed time per iteration (ms): {:.1f} |".format(ms) + " global batch size: {:5d} |".format(8))
+
+
+def test_a_resumed_megatron_0_16_run_skips_its_own_first_iterations(tmp_path):
+    # resumed at 5000, log interval 5: 5001 is the unreset first-iteration line, 5005 averages from it
+    lines = [_v016_line(5001, 5020, 30000.0), _v016_line(5005, 5020, 10040.0)]
+    lines += [_v016_line(it, 5020, 6250.0) for it in (5010, 5015, 5020)]
+    path = tmp_path / "resumed.log"
+    path.write_text("\n".join(lines) + "\n")
+    log = read_run_log(path)
+    assert log.warmup_logs == 2 and log.warmup_iterations == 5
+    assert log.step_time_s() == pytest.approx(6.25)
+
+
+def test_megatron_timers_every_option_and_prefix(tmp_path):
+    body = [_v016_line(it, 30, ms) for it, ms in ((10, 9000.0), (20, 7000.0), (30, 7000.0))]
+    lines = []
+    for index, line in enumerate(body):
+        lines.append("63: " + line)
+        lines += ["63: times across ranks (ms):", "63:   forward-backward:", "63:      rank  0: 6800.00", "63:      rank  1: 6900.00",
+                  "[Rank 32] (after 10 iterations) memory (MB) | allocated: 1.0 | max allocated: 2.0 | reserved: 3.0 | max reserved: 4.0",
+                  "63:   optimizer:", "63:      rank  0: 20.00", "63:      rank  1: 25.00"]
+    path = tmp_path / "srun.log"
+    path.write_text("\n".join(["63: ------------------------ arguments ------------------------", "63:   log_interval .... 10",
+                               "63: -------------------- end of arguments ---------------------", *lines]) + "\n")
+    log = read_run_log(path)
+    assert log.arguments == {"log_interval": "10"} and log.warmup_logs == 1
+    assert log.timers_s == pytest.approx({"forward-backward": 6.9, "optimizer": 0.025})  # the slowest rank, foreign lines between
+
+
+def test_a_step_spans_every_streams_annotation(tmp_path):
+    trace = json.loads((LOGS / "trace-rank0.json").read_text())
+    extra = [dict(e, tid=99, ts=e["ts"] - 10_000, dur=20_000) for e in trace["traceEvents"] if e.get("cat") == "gpu_user_annotation"]
+    for order in ("first", "last"):
+        events = extra + trace["traceEvents"] if order == "first" else trace["traceEvents"] + extra
+        path = tmp_path / f"{order}.json"
+        path.write_text(json.dumps({**trace, "traceEvents": events}))
+        assert read_run_log(path).step_time_s() == pytest.approx(0.11)  # from 10 ms before the kernels' stream to its end
+
+
+def test_deepspeed_skips_a_step_too_short_to_time(tmp_path):
+    text = (LOGS / "deepspeed.log").read_text().replace("CurrSamplesPerSec=71.2", "CurrSamplesPerSec=inf")
+    path = tmp_path / "ds.log"
+    path.write_text(text)
+    assert [i.samples_per_s for i in read_run_log(path).steady] == [60.5, 70.8, 71.0]
+
+
+def test_calibrate_prices_the_plan_as_it_was_made(tmp_path):
+    out = tmp_path / "plans"
+    made = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "1", "--stack", "megatron-bridge", "--trials", "1", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    predicted = json.loads((out / "trial-1" / "plan.json").read_text())["plans"][0]["predicted"]["step_time_s"]
+    (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}))
+    calib = tmp_path / "calib.json"
+    fitted = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), "--out", str(calib)])
+    assert fitted.exit_code == 0, fitted.output
+    run = calibration.read_calibration(calib).runs[0]
+    assert run.predicted_step_time_s == pytest.approx(predicted)  # the bridge stack's features, not the YAML's
+    assert calibration.read_calibration(calib).gemm.value == pytest.approx(1.0, abs=1e-3)
+    # a second run into the folder keeps the user's log: refused, naming it
+    again = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "1", "--trials", "1", "--out", str(out)])
+    assert again.exit_code == 2 and "trial-1/train.log" in again.output
+    # and the calibration cannot overwrite an input, nor be applied twice
+    clobber = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), "--out", str(out / "trial-1" / "train.log")])
+    assert clobber.exit_code == 2 and "--out" in clobber.output
+    twice = runner.invoke(app, ["plan", str(EXAMPLE), "--profile", str(calib), "--profile", str(calib)])
+    assert twice.exit_code == 2 and "one calibration per GPU type" in twice.output
+
+
+def test_trials_rewrite_their_own_folder(tmp_path):
+    out = tmp_path / "plans"
+    for _ in range(2):
+        result = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "2", "--trials", "2", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+
+
+def test_calibrate_refuses_memory_and_speed_no_plan_explains(plan_json, tmp_path):
+    predicted = json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"]
+    log = tmp_path / "train.log"
+    memory = "[Rank 0] (after 10 iterations) memory (MB) | allocated: 1.0 | max allocated: 79000.0 | reserved: 79000.0 | max reserved: 79000.0"
+    log.write_text(_megatron_log([predicted * 1e3] * 3, {}, ARGS) + memory + "\n")
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2 and str(log) in result.output and "GiB" in result.output
+    log.write_text(_megatron_log([predicted * 1e3 / 5] * 3, {}, ARGS))  # 5x faster than loom: past the GPU's peak rates
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2 and "faster than the GPU's peak" in result.output

@@ -23,11 +23,12 @@ in loom's model it points to (``POINTS_TO``).
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from loom.planner.output.report import PlanReport, Report
 from loom.planner.specs.errors import SpecError
-from loom.profiles.run_logs.record import RunLog
+from loom.profiles.run_logs.record import RankMemory, RunLog
 
 # loom's predicted terms (breakdown_s keys) grouped as each framework times them.
 ALL_BUT_OPTIMIZER = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead",
@@ -73,6 +74,15 @@ TRACE_EXPOSED = {
     "pp_comm": ("pp_comm",),
     "dp_comm": ("dp_grad_reduce", "dp_param_gather", "sharding_comm", "sharding_comm_once", "embedding_sync"),
     "idle": ("pipeline_bubble", "host_overhead"),
+}
+# What to do when a run reported no per-term figure, by log format.
+NO_TERMS = {
+    "megatron": "no per-term figures: Megatron prints its timers with --timing-log-level 1 (loom plan --trials sets it); a "
+                "torch.profiler trace gives every kernel",
+    "deepspeed": "no per-term figures: DeepSpeed prints them with wall_clock_breakdown (loom plan --trials sets it); a "
+                 "torch.profiler trace gives every kernel",
+    "torchtitan": "torchtitan prints no per-term figures: give its profiler trace after the log (loom plan --trials switches the "
+                  "profiler on: profile_traces/iteration_N/rank0_trace.json under its dump folder)",
 }
 # Terms outside PyTorch's caching allocator (see the module docstring).
 OUTSIDE_ALLOCATOR = ("cuda_context", "nccl_buffers")
@@ -124,6 +134,7 @@ class Row:
 
     @property
     def difference(self) -> float:
+        """predicted - measured (seconds or bytes)."""
         return self.predicted - self.measured
 
 
@@ -141,14 +152,16 @@ class Comparison:
     notes: tuple[str, ...]
 
 
-def stage_of_rank(plan: PlanReport, rank: int | None) -> int:
-    """The pipeline stage a global rank belongs to (its stage's device group);
-    stage 0 when the rank is unknown."""
-    if rank is not None:
-        for stage in plan.stages:
-            if rank in stage.device_group:
-                return stage.index
-    return 0
+def stage_of_rank(stages: Iterable[tuple[int, Container[int]]], rank: int | None) -> int:
+    """The pipeline stage (of ``(index, its ranks)`` pairs) a global rank
+    belongs to; stage 0 when the rank is unknown."""
+    return next((index for index, ranks in stages if rank is not None and rank in ranks), 0)
+
+
+def timed_log(logs: list[RunLog]) -> RunLog:
+    """The log whose step time counts: a training log (more iterations)
+    before a trace, one with steady-state intervals before one without."""
+    return sorted(logs, key=lambda log: (not log.steady, log.format == "chrome-trace"))[0]
 
 
 def step_time_s(report: Report, plan: PlanReport, log: RunLog) -> float:
@@ -166,11 +179,25 @@ def predicted_memory_bytes(peak_bytes: float, breakdown: dict[str, float], reser
     return peak_bytes - sum(breakdown.get(term, 0.0) for term in left_out)
 
 
+def measured_memory(logs: list[RunLog], peak_bytes: float, breakdown: dict[str, float]) -> tuple[RunLog, RankMemory, float, float] | None:
+    """The fullest rank any log reported, its peak and loom's like for like
+    (``predicted_memory_bytes``): (log, report, measured, predicted) bytes; None when no log has memory."""
+    reports = [(log, log.peak_memory) for log in logs if log.peak_memory is not None]
+    if not reports:
+        return None
+    log, peak = max(reports, key=lambda item: item[1].peak)
+    measured, reserved = peak.peak
+    return log, peak, measured, predicted_memory_bytes(peak_bytes, breakdown, reserved)
+
+
 def _sum(breakdown: dict[str, float], terms: tuple[str, ...]) -> float:
+    """Seconds of ``terms`` in loom's ``breakdown``."""
     return sum(breakdown.get(term, 0.0) for term in terms)
 
 
 def _timer_rows(plan: PlanReport, log: RunLog) -> list[Row]:
+    """Megatron's or DeepSpeed's timers against the loom terms each covers.
+    The p2p timers are summed, each the slowest rank's: an upper bound."""
     breakdown, timers = plan.predicted.breakdown_s, dict(log.timers_s)
     rows = []
     if log.format == "megatron":
@@ -191,7 +218,9 @@ def _timer_rows(plan: PlanReport, log: RunLog) -> list[Row]:
 
 
 def _trace_rows(plan: PlanReport, log: RunLog) -> list[Row]:
-    stage = plan.stages[stage_of_rank(plan, log.rank)]
+    """A trace's kernels by kind (on the traced rank's stage), optimizer
+    kernels, exposed collectives and idle time against loom's terms."""
+    stage = plan.stages[stage_of_rank(((s.index, s.device_group) for s in plan.stages), log.rank)]
     breakdown, rows = plan.predicted.breakdown_s, []
     for kind in ("gemm", "attention", "elementwise"):
         if kind in log.timers_s and kind in stage.kernels_s:
@@ -217,37 +246,33 @@ def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparis
     plan = report.plans[plan_index]
     for log in logs:
         check_layout(report, plan, log)
-    ordered = sorted(logs, key=lambda log: log.format == "chrome-trace")
-    timed = next((log for log in ordered if log.steady), ordered[0])
+    timed = timed_log(logs)
     measured_s = step_time_s(report, plan, timed)
     notes = []
     step = Row("step time", measured_s, plan.predicted.step_time_s, "s",
                f"{timed.path}: median of {len(timed.steady)} logged intervals after {timed.warmup_iterations} warm-up iterations",
                POINTS_TO["step time"])
     memory_row = None
-    peaks = [(log, log.peak_memory) for log in logs if log.peak_memory is not None]
-    if peaks:
-        log, peak = max(peaks, key=lambda item: item[1].max_reserved_bytes or item[1].max_allocated_bytes or 0.0)
-        reserved = peak.max_reserved_bytes is not None
-        measured = peak.max_reserved_bytes if reserved else peak.max_allocated_bytes
-        what = "max reserved" if reserved else "max allocated"
-        predicted = predicted_memory_bytes(plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes, reserved)
-        memory_row = Row("peak memory", measured, predicted, "bytes",
-                         f"{log.path}:{peak.line}: rank {peak.rank} {what}", POINTS_TO["peak memory"])
-        estimate = next((log.framework_estimate_bytes for log in logs if log.framework_estimate_bytes), None)
-        if estimate:
-            notes.append(f"Megatron's own estimate (theoretical_memory_usage.py, weights, optimizer and activations only): "
-                         f"{estimate / 2**30:.2f} GiB")
-        if plan.parallel.pp > 1 and log.format == "torchtitan":
-            notes.append("torchtitan logs rank 0's memory only: the first pipeline stage, not necessarily the fullest")
+    found = measured_memory(logs, plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes)
+    if found:
+        log, peak, measured, predicted = found
+        statistic = "max reserved" if peak.peak[1] else "max allocated"
+        memory_row = Row("peak memory", measured, predicted, "bytes", f"{log.path}:{peak.line}: rank {peak.rank} {statistic}",
+                         POINTS_TO["peak memory"])
+        if plan.parallel.pp > 1 and log.format == "torchtitan" and len(log.memory) == 1:
+            notes.append("torchtitan logs rank 0's memory only (LOG_RANK): the first pipeline stage, not necessarily the fullest")
+    estimate = next((log.framework_estimate_bytes for log in logs if log.framework_estimate_bytes), None)
+    if estimate:
+        notes.append(f"Megatron's own estimate (theoretical_memory_usage.py, weights, optimizer and activations only): "
+                     f"{estimate / 2**30:.2f} GiB")
     terms = [row for log in logs for row in (_trace_rows(plan, log) if log.format == "chrome-trace" else _timer_rows(plan, log))]
     if not terms:
-        notes.append("no per-term figures: Megatron prints its timers with --timing-log-level 1, DeepSpeed with "
-                     "wall_clock_breakdown (loom plan --trials writes both); a torch.profiler trace gives every kernel")
+        notes.append(NO_TERMS.get(timed.format, NO_TERMS["megatron"]))
     traced = [log for log in logs if log.format == "chrome-trace"]
     if traced and plan.parallel.pp > 1:
+        stage = stage_of_rank(((s.index, s.device_group) for s in plan.stages), traced[0].rank)
         notes.append(f"the trace is of rank {traced[0].rank if traced[0].rank is not None else '(unknown: taken as 0)'}, stage "
-                     f"{stage_of_rank(plan, traced[0].rank)}; loom's breakdown is of its slowest stage")
+                     f"{stage}; loom's breakdown is of its slowest stage")
     terms.sort(key=lambda row: -abs(row.difference))
     return Comparison(label=plan.label, step=step, memory=memory_row, terms=tuple(terms), warmup_iterations=timed.warmup_iterations,
                       steady_intervals=len(timed.steady), notes=tuple(notes))

@@ -1,33 +1,41 @@
 """Fit a calibration (profiles/calibration.py) to runs of plans: ``loom calibrate``.
 
-Each run is a plan (a plan.json's best plan, rebuilt for the job: its layout
-and its stages' layers, ``plan_of``) and what the run reported. What is
-learnt, and from what:
+Each run is a plan (a plan.json's best plan) and what the run reported. The
+plan is priced again for the job as the plan.json says it was made
+(``job_overrides``: its framework, precision, sequence, stack, batch and
+profiles, calibrations left out so that the new one replaces them; its
+features must be the job's), with its layout and its stages' layers
+(``plan_of``). What is learnt, and from what:
 
 - kernel rates. From profiler traces, each kind on its own: loom's GEMM
   (attention, elementwise) seconds on the traced rank's stage over the
-  trace's, summed over the traced runs. From logs alone, one factor on all
-  three, found per run by the secant method on log(step time) (the step
-  falls as the rates rise, not in proportion: communication and the bubble
-  stay) and combined over runs as the geometric mean;
+  trace's, summed over the traced runs; the step times are then not fitted.
+  From logs alone, one factor on all three, found per run by the secant
+  method on log(step time) (the step falls as the rates rise, not in
+  proportion: communication and the bubble stay) and combined over runs as
+  the geometric mean;
 - link efficiency, from traces: loom's tensor-parallel collective time
   (before overlap) over the trace's TP kernels, on the link kind (NVLink or
-  network) that the plan's TP group spans;
+  network) that the plan's TP group spans. A collective kernel's time
+  includes waiting for the slowest peer, so this factor errs low;
 - the memory overhead: the median over runs of the measured peak (like for
   like, compare.py) minus loom's, never below 0.
 
-A factor outside [FACTOR_MIN, FACTOR_MAX] means the run is not what the
-plan describes, and is refused (SpecError naming the log).
+Runs must share the GPU type, precision, framework and cluster (one
+calibration holds for one of each). A factor outside [FACTOR_MIN,
+FACTOR_MAX], or an overhead above the profile's bound, means the run is not
+what the plan describes, and is refused (SpecError naming the log).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from loom.planner.calibrate.compare import check_layout, predicted_memory_bytes, step_time_s
+from loom.planner.calibrate.compare import check_layout, measured_memory, stage_of_rank, step_time_s, timed_log
 from loom.planner.cost.network import Links
 from loom.planner.output.report import PlanReport, Report
 from loom.planner.plan import Plan, build_plan
@@ -35,8 +43,9 @@ from loom.planner.specs.errors import SpecError
 from loom.planner.specs.job import Job, calibrated_cluster
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import split_stages
-from loom.profiles.calibration import FACTOR_MAX, FACTOR_MIN, CalibratedRun, CalibrationDocument, Factor
-from loom.profiles.run_logs.record import RunLog
+from loom.profiles.calibration import (FACTOR_MAX, FACTOR_MIN, MEMORY_OVERHEAD_MAX_FRACTION, CalibratedRun, CalibrationDocument,
+                                       Factor)
+from loom.profiles.run_logs.record import GiB, RunLog
 
 # The secant method stops when the predicted step is within this fraction of
 # the measured one, or after SECANT_STEPS steps; a factor at its bound that
@@ -48,12 +57,15 @@ BOUND_SLACK = 0.01
 # job model's before the log is taken to be of another model: loom's counts
 # are within 0.5% of the model cards (tests/test_decoder_families.py).
 PARAMETER_TOLERANCE = 0.005
+KERNEL_KINDS = ("gemm", "attention", "elementwise")
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run: the plan.json it ran (its best plan) and what it reported."""
+    """One run: the job its plan was made for, the plan.json it ran (its best
+    plan) and what it reported."""
 
+    job: Job
     plan_path: str
     report: Report
     logs: tuple[RunLog, ...]
@@ -64,8 +76,31 @@ class Run:
 
     @property
     def timed(self) -> RunLog:
-        """The log whose step time counts: a training log before a trace."""
-        return sorted(self.logs, key=lambda log: log.format == "chrome-trace")[0]
+        return timed_log(list(self.logs))
+
+    @property
+    def measured_step_s(self) -> float:
+        return step_time_s(self.report, self.plan, self.timed)
+
+
+def job_overrides(report: Report, is_calibration: Callable[[str], bool]) -> dict:
+    """``load_job`` overrides that make a job the one ``report``'s plans were
+    made for: its framework, precision, sequence, stack and global batch, and
+    its profiles but the calibrations (``is_calibration`` tells them by path)."""
+    return dict(framework=report.framework, precision=report.precision, seq_length=report.seq_length, stack=report.stack,
+                global_batch_size=report.plans[0].parallel.global_batch_size,
+                profiles=[path for path in report.profiles if not is_calibration(path)] or None)
+
+
+def check_features(job: Job, report: Report, source: str) -> None:
+    """The job's features must be those the report's plans were made with.
+
+    Raises SpecError naming ``source`` and the first feature that differs."""
+    ours = json.loads(json.dumps(job.features.model_dump(mode="json")))
+    for name, theirs in sorted(report.features.items()):
+        if ours.get(name) != theirs:
+            raise SpecError(source, f"features.{name}", f"{ours.get(name)!r}, the job's (calibrate with the job and features the "
+                            "plans were made with)", theirs)
 
 
 def plan_of(job: Job, report: Report, plan: PlanReport, source: str) -> Plan:
@@ -86,26 +121,21 @@ def plan_of(job: Job, report: Report, plan: PlanReport, source: str) -> Plan:
     return build_plan(job, layout, stages)
 
 
-def _with(job: Job, document: CalibrationDocument) -> Job:
+def _document(job: Job, runs: list[CalibratedRun], **learnt) -> CalibrationDocument:
+    """A calibration of ``job``'s GPU, precision, framework and cluster."""
+    return CalibrationDocument(schema_version=1, kind="calibration", gpu=job.cluster.slowest.gpu.name, precision=job.precision,
+                               framework=job.framework, cluster=job.cluster.name, runs=runs, **learnt)
+
+
+def rate_calibration(job: Job, factor: float, source: str) -> CalibrationDocument:
+    """A calibration of ``job``'s GPU with one ``factor`` on its kernel rates
+    (GEMM, attention, elementwise), learnt from ``source``, and no runs."""
+    return _document(job, [], **{kind: Factor(value=factor, source=source) for kind in KERNEL_KINDS})
+
+
+def calibrated(job: Job, document: CalibrationDocument) -> Job:
+    """``job`` with ``document`` applied to its cluster."""
     return replace(job, cluster=calibrated_cluster(job, job.cluster, document, "calibration"))
-
-
-def _document(job: Job, runs: list[CalibratedRun], **factors) -> CalibrationDocument:
-    gpu = job.cluster.slowest.gpu
-    return CalibrationDocument(schema_version=1, kind="calibration", gpu=gpu.name, precision=job.precision, framework=job.framework,
-                               cluster=job.cluster.name, runs=runs, **factors)
-
-
-def _placeholder_run() -> CalibratedRun:
-    return CalibratedRun(plan="-", logs=["-"], model="-", layout="-", tokens_per_step=0, measured_step_time_s=0, predicted_step_time_s=0,
-                         calibrated_step_time_s=0)
-
-
-def _bounded(value: float, source: str, what: str) -> float:
-    if not FACTOR_MIN <= value <= FACTOR_MAX:
-        raise SpecError(source, what, f"a run within {FACTOR_MIN:g}x-{FACTOR_MAX:g}x of loom's rates for its plan (is the log of the "
-                        "plan given? a straggler or a broken link?)", f"{value:.3g}x")
-    return value
 
 
 def rate_factor(job: Job, price: Callable[[Job], float], measured_s: float, source: str) -> float:
@@ -119,7 +149,7 @@ def rate_factor(job: Job, price: Callable[[Job], float], measured_s: float, sour
     low, high = math.log(FACTOR_MIN), math.log(FACTOR_MAX)
 
     def error(x: float) -> float:
-        return math.log(price(rates_applied(job, math.exp(x)) if x else job) / measured_s)
+        return math.log(price(calibrated(job, rate_calibration(job, math.exp(x), "fit")) if x else job) / measured_s)
 
     x0, y0 = 0.0, error(0.0)
     x1, y1 = 0.0, y0
@@ -132,116 +162,119 @@ def rate_factor(job: Job, price: Callable[[Job], float], measured_s: float, sour
         x0, y0, x1 = x1, y1, min(max(x1 - y1 * (x1 - x0) / (y1 - y0), low), high)
         y1 = error(x1)
     if abs(y1) > BOUND_SLACK:
-        raise SpecError(source, "step time", f"a run within {FACTOR_MIN:g}x-{FACTOR_MAX:g}x of loom's kernel rates for its plan "
-                        "(is the log of the plan given? a straggler or a broken link?)",
-                        f"{math.exp(y1):.3g}x loom's step even at a factor of {math.exp(x1):.3g}")
+        taken = f"{1 / math.exp(y1):.3g}x loom's step at its {'highest' if y1 > 0 else 'lowest'} kernel rates ({math.exp(x1):.3g}x)"
+        why = ("faster than the GPU's peak rates allow: is the log of the plan given (its layout, batch, sequence)?" if y1 > 0 else
+               "is the log of the plan given? a straggler or a broken link?")
+        raise SpecError(source, "step time", f"a run within {FACTOR_MIN:g}x-{FACTOR_MAX:g}x of loom's kernel rates ({why})", taken)
     return math.exp(x1)
 
 
-def rate_calibration(job: Job, factor: float, source: str) -> CalibrationDocument:
-    """A calibration of ``job``'s GPU, precision and framework with one
-    ``factor`` on its kernel rates (GEMM, attention, elementwise), learnt from ``source``."""
-    kinds = {kind: Factor(value=factor, source=source) for kind in ("gemm", "attention", "elementwise")}
-    return _document(job, [_placeholder_run()], **kinds)
+def _bounded(value: float, source: str, what: str) -> float:
+    """``value``, a factor measured from ``source``, within the bounds; else SpecError."""
+    if not FACTOR_MIN <= value <= FACTOR_MAX:
+        raise SpecError(source, what, f"a run within {FACTOR_MIN:g}x-{FACTOR_MAX:g}x of loom's rates for its plan (is the trace of "
+                        "the plan given?)", f"{value:.3g}x")
+    return value
 
 
-def rates_applied(job: Job, factor: float) -> Job:
-    """``job`` with its GPUs' kernel rates multiplied by ``factor``."""
-    return _with(job, rate_calibration(job, factor, "fit"))
+def _traces(runs: list[Run], plans: list[Plan]) -> list[tuple[RunLog, Plan, int]]:
+    """Each trace with its run's plan and the stage of the rank it was taken on."""
+    return [(log, plan, stage_of_rank(((s.index, s.ranks) for s in plan.stages), log.rank))
+            for run, plan in zip(runs, plans) for log in run.logs if log.format == "chrome-trace"]
 
 
-def compute_factor(job: Job, run: Run) -> float:
-    """``rate_factor`` for one run of a saved plan."""
-    return rate_factor(job, lambda priced: plan_of(priced, run.report, run.plan, run.plan_path).step_time_s,
-                       step_time_s(run.report, run.plan, run.timed), run.timed.path)
+def _kernel_factors(traces: list[tuple[RunLog, Plan, int]]) -> dict[str, Factor]:
+    """GEMM, attention and elementwise factors from the traces (module docstring)."""
+    predicted, measured = dict.fromkeys(KERNEL_KINDS, 0.0), dict.fromkeys(KERNEL_KINDS, 0.0)
+    for log, plan, stage in traces:
+        kernels = plan.step.stage_kernels[stage]
+        for kind, seconds in zip(KERNEL_KINDS, (kernels.gemm_s, kernels.attention_s, kernels.elementwise_s)):
+            if log.timers_s.get(kind):
+                predicted[kind] += seconds
+                measured[kind] += log.timers_s[kind]
+    source = f"kernel time of {len(traces)} profiler trace{'s' * (len(traces) > 1)}"
+    return {kind: Factor(value=_bounded(predicted[kind] / measured[kind], traces[0][0].path, f"{kind} kernels"), source=source)
+            for kind in KERNEL_KINDS if measured[kind] and predicted[kind]}
 
 
-def _kernel_factors(job: Job, runs: list[Run], plans: list[Plan]) -> dict[str, Factor]:
-    """GEMM, attention and elementwise factors from the runs' traces."""
-    predicted = {"gemm": 0.0, "attention": 0.0, "elementwise": 0.0}
-    measured = dict.fromkeys(predicted, 0.0)
-    traces = 0
-    for run, plan in zip(runs, plans):
-        for log in run.logs:
-            if log.format != "chrome-trace":
-                continue
-            traces += 1
-            stage = next((s.index for s in plan.stages if log.rank is not None and log.rank in s.ranks), 0)
-            kernels = plan.step.stage_kernels[stage]
-            for kind, seconds in (("gemm", kernels.gemm_s), ("attention", kernels.attention_s), ("elementwise", kernels.elementwise_s)):
-                if log.timers_s.get(kind):
-                    predicted[kind] += seconds
-                    measured[kind] += log.timers_s[kind]
-    source = f"kernel time of {traces} profiler trace{'s' * (traces > 1)}"
-    return {kind: Factor(value=_bounded(predicted[kind] / measured[kind], source, f"{kind} kernels"), source=source)
-            for kind in predicted if measured[kind] and predicted[kind]}
-
-
-def _tp_link_factors(job: Job, runs: list[Run], plans: list[Plan]) -> dict[str, Factor]:
+def _tp_link_factors(job: Job, traces: list[tuple[RunLog, Plan, int]]) -> dict[str, Factor]:
     """nvlink / network factors from the traces' TP collectives (module docstring)."""
-    sums: dict[str, list[float]] = {}
+    sums: dict[str, list] = {}
+    for log, plan, stage in traces:
+        if plan.layout.tp > 1 and log.timers_s.get("tp_comm"):
+            total = sums.setdefault(Links.of(job, plan.layout).tp.kind, [0.0, 0.0, log.path])
+            total[0] += plan.step.stage_tp_busy_s[stage]
+            total[1] += log.timers_s["tp_comm"]
+    return {kind: Factor(value=_bounded(predicted / measured, path, f"{kind} TP collectives"),
+                         source="tensor-parallel collective kernels of the traces") for kind, (predicted, measured, path) in sums.items()}
+
+
+def _memory_overhead(runs: list[Run], plans: list[Plan]) -> float:
+    """The median over runs of measured minus predicted peak memory, at least 0.
+
+    Raises SpecError naming a log whose overhead is beyond the profile's bound."""
+    overheads = []
     for run, plan in zip(runs, plans):
-        if plan.layout.tp == 1:
+        found = measured_memory(list(run.logs), plan.peak_memory.peak_bytes, plan.peak_memory.breakdown_bytes)
+        if found is None:
             continue
-        kind = Links.of(job, plan.layout).tp.kind
+        log, peak, measured, predicted = found
+        limit = MEMORY_OVERHEAD_MAX_FRACTION * plan.capacity_bytes
+        if measured - predicted > limit:
+            raise SpecError(log.path, f"line {peak.line}", f"a peak within {limit / GiB:.1f} GiB of loom's {predicted / GiB:.1f} GiB for its "
+                            "plan (is the log of the plan given?)", f"{measured / GiB:.1f} GiB")
+        overheads.append(measured - predicted)
+    return max(0.0, statistics.median(overheads)) if overheads else 0.0
+
+
+def _check(runs: list[Run]) -> None:
+    """Runs of one GPU type, precision, framework and cluster, each log of its plan and model."""
+    first = runs[0].job
+    for run in runs:
+        for field, ours, theirs in (("gpu", first.cluster.slowest.gpu.name, run.job.cluster.slowest.gpu.name),
+                                    ("precision", first.precision, run.job.precision), ("framework", first.framework, run.job.framework),
+                                    ("cluster", first.cluster.name, run.job.cluster.name)):
+            if ours != theirs:
+                raise SpecError(run.plan_path, field, f"{ours!r} like the first run's (one calibration per GPU type, precision, framework "
+                                "and cluster)", theirs)
+        check_features(run.job, run.report, run.plan_path)
         for log in run.logs:
-            if log.format == "chrome-trace" and log.timers_s.get("tp_comm") and plan.step.stage_tp_busy_s:
-                stage = next((s.index for s in plan.stages if log.rank is not None and log.rank in s.ranks), 0)
-                total = sums.setdefault(kind, [0.0, 0.0])
-                total[0] += plan.step.stage_tp_busy_s[stage]
-                total[1] += log.timers_s["tp_comm"]
-    return {kind: Factor(value=_bounded(predicted / measured, "traces", f"{kind} TP collectives"),
-                         source="tensor-parallel collective kernels of the traces") for kind, (predicted, measured) in sums.items()}
+            check_layout(run.report, run.plan, log)
+            total = run.job.model.total_params()
+            if log.parameters and abs(log.parameters / total - 1) > PARAMETER_TOLERANCE:
+                raise SpecError(log.path, "total parameters", f"{total:,} ({run.job.model.name}, within {PARAMETER_TOLERANCE:.1%}): "
+                                "this log is of another model", f"{log.parameters:,}")
 
 
-def calibrate(job: Job, runs: list[Run]) -> CalibrationDocument:
+def calibrate(runs: list[Run]) -> CalibrationDocument:
     """The calibration the runs support (module docstring), with each run's
     step time before and after.
 
-    Raises SpecError naming a plan that is not of the job, a log that is not
+    Raises SpecError naming a plan that is not of its job, a log that is not
     of its plan or has no steady state, or a factor out of bounds."""
-    plans = []
-    for run in runs:
-        for log in run.logs:
-            check_layout(run.report, run.plan, log)
-            if log.parameters and abs(log.parameters / job.model.total_params() - 1) > PARAMETER_TOLERANCE:
-                raise SpecError(log.path, "total parameters", f"{job.model.total_params():,} ({job.model.name}, within "
-                                f"{PARAMETER_TOLERANCE:.1%}): this log is of another model", f"{log.parameters:,}")
-        plans.append(plan_of(job, run.report, run.plan, run.plan_path))
-    factors: dict[str, Factor] = _kernel_factors(job, runs, plans)
+    _check(runs)
+    job = runs[0].job
+    plans = [plan_of(run.job, run.report, run.plan, run.plan_path) for run in runs]
+    traces = _traces(runs, plans)
+    factors: dict[str, Factor] = _kernel_factors(traces) if traces else {}
     if not factors:
-        per_run = [compute_factor(job, run) for run in runs]
+        per_run = [rate_factor(run.job, lambda priced, run=run: plan_of(priced, run.report, run.plan, run.plan_path).step_time_s,
+                               run.measured_step_s, run.timed.path) for run in runs]
         mean = math.exp(statistics.fmean(math.log(value) for value in per_run))
         source = f"step time of {len(runs)} run{'s' * (len(runs) > 1)} (one factor for every kernel kind)"
-        factors = {kind: Factor(value=mean, source=source) for kind in ("gemm", "attention", "elementwise")}
-    factors.update(_tp_link_factors(job, runs, plans))
-    overheads = []
-    for run, plan in zip(runs, plans):
-        peaks = [log.peak_memory for log in run.logs if log.peak_memory is not None]
-        if peaks:
-            peak = max(peaks, key=lambda p: p.max_reserved_bytes or p.max_allocated_bytes or 0.0)
-            reserved = peak.max_reserved_bytes is not None
-            measured = peak.max_reserved_bytes if reserved else peak.max_allocated_bytes
-            overheads.append(measured - predicted_memory_bytes(peak_bytes=plan.peak_memory.peak_bytes,
-                                                               breakdown=plan.peak_memory.breakdown_bytes, reserved=reserved))
-    overhead = max(0.0, statistics.median(overheads)) if overheads else 0.0
-    provisional = _document(job, [_placeholder_run()], memory_overhead_bytes=overhead, **factors)
-    calibrated_job = _with(job, provisional)
+        factors = {kind: Factor(value=mean, source=source) for kind in KERNEL_KINDS}
+    factors.update(_tp_link_factors(job, traces))
+    learnt = _document(job, [], memory_overhead_bytes=_memory_overhead(runs, plans), **factors)
     records = []
     for run, plan in zip(runs, plans):
-        after = plan_of(calibrated_job, run.report, run.plan, run.plan_path)
-        peaks = [log.peak_memory for log in run.logs if log.peak_memory is not None]
-        peak = max(peaks, key=lambda p: p.max_reserved_bytes or p.max_allocated_bytes or 0.0) if peaks else None
-        reserved = peak is not None and peak.max_reserved_bytes is not None
+        after = plan_of(calibrated(run.job, learnt), run.report, run.plan, run.plan_path)
+        memory = measured_memory(list(run.logs), plan.peak_memory.peak_bytes, plan.peak_memory.breakdown_bytes)
         records.append(CalibratedRun(
-            plan=run.plan_path, logs=[log.path for log in run.logs], model=job.model.name, layout=plan.layout.label(),
-            tokens_per_step=plan.layout.global_batch_size * job.seq_length,
-            measured_step_time_s=step_time_s(run.report, run.plan, run.timed), predicted_step_time_s=plan.step_time_s,
-            calibrated_step_time_s=after.step_time_s,
-            measured_peak_bytes=None if peak is None else (peak.max_reserved_bytes if reserved else peak.max_allocated_bytes),
-            predicted_peak_bytes=None if peak is None else predicted_memory_bytes(
-                peak_bytes=plan.peak_memory.peak_bytes, breakdown=plan.peak_memory.breakdown_bytes, reserved=reserved)))
-    return provisional.model_copy(update={"runs": records})
+            plan=run.plan_path, logs=[log.path for log in run.logs], model=run.job.model.name, layout=plan.layout.label(),
+            tokens_per_step=plan.layout.global_batch_size * run.job.seq_length, measured_step_time_s=run.measured_step_s,
+            predicted_step_time_s=plan.step_time_s, calibrated_step_time_s=after.step_time_s,
+            measured_peak_bytes=memory[2] if memory else None, predicted_peak_bytes=memory[3] if memory else None))
+    return learnt.model_copy(update={"runs": records})
 
 
 def expected_gain(document: CalibrationDocument, job: Job, tokens_per_s: float) -> tuple[CalibratedRun, float] | None:

@@ -68,8 +68,10 @@ def gemm_time_s(m: int, n: int, k: int, gpu: GPU, precision: str, batch: int = 1
 
 
 def memory_time_s(bytes_moved: float, gpu: GPU) -> float:
-    """Time of a memory-bound kernel that reads and writes ``bytes_moved``."""
-    return bytes_moved / (gpu.hbm_GBps * 1e9 * HBM_EFFICIENCY)
+    """Time of a memory-bound kernel that reads and writes ``bytes_moved``,
+    streaming at HBM_EFFICIENCY of the GPU's bandwidth (times a calibration's
+    ``hbm_efficiency_factor``, never past the bandwidth itself)."""
+    return bytes_moved / (gpu.hbm_GBps * 1e9 * min(1.0, HBM_EFFICIENCY * gpu.hbm_efficiency_factor))
 
 
 def flash_attention_time_s(flops: float, gpu: GPU, kv_length: int, kernel: str = "cudnn") -> float:

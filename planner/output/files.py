@@ -109,11 +109,23 @@ def check_out_folder(out_dir: Path, flag: str = "--out") -> None:
         written = set(json.loads((out_dir / MANIFEST).read_text())) if (out_dir / MANIFEST).is_file() else set()
     except (OSError, ValueError, TypeError):
         written = set()
-    foreign = sorted(name for name, entry in present.items() if name != MANIFEST and (name not in written or not entry.is_file()))
+    foreign = sorted(path for name, entry in present.items() if name != MANIFEST for path in _foreign(entry, name, written))
     if MANIFEST not in present or foreign:
         listed = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise SpecError(flag, flag.lstrip("-"), f"an empty folder or one loom wrote (it holds {listed or 'files'} that loom did not write)",
                         str(out_dir))
+
+
+def _foreign(entry: Path, name: str, written: set[str]) -> list[str]:
+    """What in ``entry`` (named ``name`` in the output folder) loom did not
+    write: nothing for a listed file or for a folder (loom plan --trials'
+    trial-K) holding only listed files; else the names of the others."""
+    if entry.is_file():
+        return [] if name in written else [name]
+    if not entry.is_dir() or not any(listed.startswith(name + "/") for listed in written):
+        return [name]
+    return sorted(relative for path in entry.rglob("*") if not path.is_dir()
+                  if (relative := path.relative_to(entry.parent).as_posix()) not in written)
 
 
 def check_writable(path: Path, flag: str) -> None:

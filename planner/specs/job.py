@@ -474,6 +474,9 @@ def calibrated_cluster(job: Job, cluster: Cluster, document: CalibrationDocument
     types = sorted({node.gpu.name for node in cluster.nodes})
     if gpu.name not in types:
         raise SpecError(source, "gpu", f"a GPU type of cluster {cluster.name} ({', '.join(types)})", document.gpu)
+    earlier = next((node.gpu.calibration for node in cluster.nodes if node.gpu.name == gpu.name and node.gpu.calibration), None)
+    if earlier:
+        raise SpecError(source, "gpu", f"one calibration per GPU type ({earlier.split(':')[0]} calibrates {gpu.name} already)", document.gpu)
 
     def rate(factor, value: float | None) -> float | None:
         return value if factor is None or value is None else min(1.0, value * factor.value)
@@ -498,7 +501,7 @@ def calibrated_cluster(job: Job, cluster: Cluster, document: CalibrationDocument
             calibrated[id(old)] = replace(
                 old, gemm_efficiency=efficiency, attention_efficiency=rate(document.attention, old.attention_efficiency),
                 flash2_attention_efficiency=rate(document.attention, old.flash2_attention_efficiency),
-                hbm_GBps=old.hbm_GBps * (document.elementwise.value if document.elementwise else 1.0),
+                hbm_efficiency_factor=document.elementwise.value if document.elementwise else 1.0,
                 memory_overhead_bytes=document.memory_overhead_bytes if same_framework else 0.0, calibration=summary)
         links = {}
         if same_cluster and document.nvlink:
