@@ -29,6 +29,7 @@ class Program:
     notes: list[str]
     setup: list[str]
     target: str
+    torchrun_flags: tuple[str, ...] = ()  # torchrun's own options beyond the rendezvous (e.g. which ranks' output to keep)
 
 
 def tf32_environment(precision: str) -> list[str]:
@@ -43,7 +44,7 @@ def tf32_environment(precision: str) -> list[str]:
 def train_sh(program: Program, cluster_name: str, label: str, world_size: int, nodes: list[NodeRanks], named: bool) -> str:
     """The script, run once on every node of the plan."""
     header = _header(program.title, program.notes, cluster_name, label, world_size, nodes, named)
-    return "\n".join([*header, *_node_table(nodes, named), *program.setup, *_torchrun(program.target)])
+    return "\n".join([*header, *_node_table(nodes, named), *program.setup, *_torchrun(program.target, program.torchrun_flags)])
 
 
 def _header(title: str, notes: list[str], cluster_name: str, label: str, world_size: int, nodes: list[NodeRanks], named: bool) -> list[str]:
@@ -134,10 +135,11 @@ def bash_array(name: str, args: list[str]) -> list[str]:
     return [f"{name}=(", *lines, ")", ""]
 
 
-def _torchrun(target: str) -> list[str]:
+def _torchrun(target: str, flags: tuple[str, ...] = ()) -> list[str]:
     return [
         'exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \\',
         '    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \\',
+        *([f"    {' '.join(shlex.quote(flag) for flag in flags)} \\"] if flags else []),
         f'    {target} "$@"',
         "",
     ]

@@ -39,6 +39,10 @@ from loom.planner.specs.stages import Chunk, Placement, Stage
 LR = 8e-4
 WARMUP_STEPS = 200
 LOG_FREQ = 10
+# As torchtitan's run_train.sh launches it (LOG_RANK=0): only each node's local
+# rank 0 writes to the console, its lines prefixed [rank0]: (torchrun's
+# --local-ranks-filter, --role, --tee), one step line per logged step and node.
+LOG_RANK_FLAGS = ("--local-ranks-filter", "0", "--role", "rank", "--tee", "3")
 
 
 def torchtitan_files(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> dict[str, str]:
@@ -56,6 +60,7 @@ def torchtitan_files(job: Job, layout: Layout, stages: list[Stage], placement: P
                "# As torchtitan's run_train.sh runs it.",
                'export PYTORCH_ALLOC_CONF="expandable_segments:True"', "", *torchrun.tf32_environment(job.precision)],
         target='-m torchtitan.train --job.config_file "$TORCHTITAN_CONFIG"',
+        torchrun_flags=LOG_RANK_FLAGS,
     )
     return {
         "job.toml": job_toml(job, layout, stages),

@@ -33,6 +33,7 @@ while no compute kernel does, the part a step waits for) and the idle time
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from pathlib import Path
@@ -58,8 +59,9 @@ KERNEL_CLASSES = (
 # Process-group descriptions to terms, tried in order ("EXPERT_DATA_PARALLEL"
 # reduces gradients: data before expert; expert-tensor-parallel collectives
 # are part of the MoE dispatch, which loom prices in ep_comm).
-GROUP_CLASSES = (("dp_comm", ("data", "dp", "shard", "replicate", "fsdp", "efsdp", "embedding", "default")), ("ep_comm", ("expert", "ep")),
-                 ("cp_comm", ("context", "cp")), ("pp_comm", ("pipeline", "pp")), ("tp_comm", ("tensor", "tp", "etp")))
+GROUP_CLASSES = (("dp_comm", ("data", "dp", "shard", "replicate", "fsdp", "efsdp", "embedding", "default")),
+                 ("ep_comm", ("expert", "ep", "etp")), ("cp_comm", ("context", "cp")), ("pp_comm", ("pipeline", "pp")),
+                 ("tp_comm", ("tensor", "tp")))
 
 
 def looks_like(path: Path) -> bool:
@@ -110,9 +112,13 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
-def _uncovered(start: float, end: float, cover: list[tuple[float, float]]) -> float:
-    """Length of [start, end] outside the sorted disjoint intervals ``cover``."""
-    covered = sum(max(0.0, min(end, b) - max(start, a)) for a, b in cover if a < end and b > start)
+def _uncovered(start: float, end: float, cover: list[tuple[float, float]], ends: list[float]) -> float:
+    """Length of [start, end] outside the sorted disjoint intervals ``cover``
+    (``ends``: their ends, for the binary search to the first that reaches ``start``)."""
+    covered, index = 0.0, bisect.bisect_right(ends, start)
+    while index < len(cover) and cover[index][0] < end:
+        covered += max(0.0, min(end, cover[index][1]) - max(start, cover[index][0]))
+        index += 1
     return max(0.0, end - start - covered)
 
 
@@ -153,7 +159,7 @@ def read(path: Path) -> RunLog:
             continue
         name, category, args = event.get("name"), event.get("cat"), event.get("args")
         args = args if isinstance(args, dict) else {}
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not isinstance(category, str):
             continue
         if match := STEP.match(name):
             # Kineto writes a step's GPU range once per stream it ran on: the step spans them all.
@@ -175,25 +181,30 @@ def read(path: Path) -> RunLog:
                         "iteration; ProfilerStep#0 is warm-up)", f"{len(windows)} steps")
     if len(devices) > 1:
         raise SpecError(source, "traceEvents", "the kernels of one GPU (one rank's trace)", f"kernels of {len(devices)} devices")
+    if not kernels:
+        raise SpecError(source, "traceEvents", "GPU kernels (cat 'kernel': profile with ProfilerActivity.CUDA)", "none")
     ordered = sorted(windows.items())
     steady = ordered[warmup:]
     busy = {term: 0.0 for term in (*COMPUTE, *COLLECTIVES)}
     exposed = {term: 0.0 for term in (*COLLECTIVES, "idle")}
     by_step: dict[int, list[tuple[float, float, str]]] = {step: [] for step, _ in steady}
+    starts = [begin for _, (begin, _) in steady]
     for start, end, name, collective, _ in kernels:
-        for step, (begin, finish) in steady:
-            if begin <= start < finish:
-                args = collective if isinstance(collective, dict) else launches.get(str(collective))
-                by_step[step].append((start, min(end, finish), classify(name, args)))
-                break
+        at = bisect.bisect_right(starts, start) - 1
+        if at >= 0 and start < steady[at][1][1]:
+            step, (_, finish) = steady[at]
+            args = collective if isinstance(collective, dict) else launches.get(str(collective))
+            by_step[step].append((start, min(end, finish), classify(name, args)))
     for step, (begin, finish) in steady:
         placed = by_step[step]
         compute = _union([(a, b) for a, b, term in placed if term in COMPUTE])
+        compute_ends = [b for _, b in compute]
         for a, b, term in placed:
             busy[term] += b - a
             if term in COLLECTIVES:
-                exposed[term] += _uncovered(a, b, compute)
-        exposed["idle"] += _uncovered(begin, finish, _union([(a, b) for a, b, _ in placed]))
+                exposed[term] += _uncovered(a, b, compute, compute_ends)
+        every = _union([(a, b) for a, b, _ in placed])
+        exposed["idle"] += _uncovered(begin, finish, every, [b for _, b in every])
     count = len(steady)
     intervals = tuple(Interval(first=step, last=step, line=0, step_time_s=(finish - begin) / 1e6) for step, (begin, finish) in ordered)
     rank = (data.get("distributedInfo") or {}).get("rank") if isinstance(data.get("distributedInfo"), dict) else None

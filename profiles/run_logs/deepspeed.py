@@ -11,7 +11,9 @@ Lines read (any prefix, such as ``log_dist``'s ``[Rank 0]``, is fine):
   in GiB (divided by 1024**3), rounded to 0.01. Steps up to the timer's own
   ``start_step`` (2: it leaves them out of its running average) are warm-up;
   a step whose rate printed as inf or nan (a step shorter than the timer's
-  epsilon) is skipped;
+  epsilon) is skipped; a line without its last field (``MaxMemAllocated=
+  X GB``) is cut short: left out when it is the log's last line (a run
+  killed mid-write), else bad input;
 - with ``wall_clock_breakdown``, ``Timers.log`` (deepspeed/utils/timer.py):
   ``time (ms) | fwd: X | bwd: Y | bwd_inner: Z | bwd_allreduce: W | step: V``
   after every optimizer step (``DeepSpeedEngine.step``: the global timers,
@@ -48,30 +50,34 @@ def read(lines: list[str], source: str) -> RunLog:
     blocks: list[dict[str, float]] = []
     previous = 0
     for index, line in enumerate(lines):
-        number_ = index + 1
+        line_number = index + 1
         if match := THROUGHPUT.search(line):
             step = int(match.group(3))
             if step <= previous:
-                raise SpecError(source, f"line {number_}", f"a global step after {previous}", step)
+                raise SpecError(source, f"line {line_number}", f"a global step after {previous}", step)
             fields = dict(KEY_VALUE.findall(match.group(4)))
+            if not fields.get("MaxMemAllocated", "").endswith("GB"):
+                if index == len(lines) - 1:
+                    break  # cut short as the run was killed
+                raise SpecError(source, f"line {line_number}", "a throughput line ending in 'MaxMemAllocated=X GB' (is it cut short?)",
+                                line.strip())
             if "CurrSamplesPerSec" not in fields:
-                raise SpecError(source, f"line {number_}", "a 'CurrSamplesPerSec=X' field", line.strip())
-            if "MaxMemAllocated" in fields:
-                peaks.append((number(fields["MaxMemAllocated"].removesuffix("GB"), source, number_, "MaxMemAllocated") * GiB, number_))
+                raise SpecError(source, f"line {line_number}", "a 'CurrSamplesPerSec=X' field", line.strip())
+            peaks.append((number(fields["MaxMemAllocated"].removesuffix("GB"), source, line_number, "MaxMemAllocated") * GiB, line_number))
             previous = step
             if fields["CurrSamplesPerSec"].lower().lstrip("+-") in ("inf", "nan"):
                 continue
-            rate = number(fields["CurrSamplesPerSec"], source, number_, "CurrSamplesPerSec")
+            rate = number(fields["CurrSamplesPerSec"], source, line_number, "CurrSamplesPerSec")
             if rate <= 0:
-                raise SpecError(source, f"line {number_}", "CurrSamplesPerSec above 0", fields["CurrSamplesPerSec"])
-            intervals.append(Interval(first=step, last=step, line=number_, samples_per_s=rate))
+                raise SpecError(source, f"line {line_number}", "CurrSamplesPerSec above 0", fields["CurrSamplesPerSec"])
+            intervals.append(Interval(first=step, last=step, line=line_number, samples_per_s=rate))
             continue
         if (match := TIMERS.search(line)) and "_microstep" not in line:
             block = {}
             for part in match.group(1).split("|"):
                 name, sep, value = part.partition(":")
                 if sep:
-                    block[name.strip()] = number(value.strip(), source, number_, f"timer {name.strip()}") / 1000.0
+                    block[name.strip()] = number(value.strip(), source, line_number, f"timer {name.strip()}") / 1000.0
             blocks.append(block)
     steady = blocks[THROUGHPUT_START_STEP:] or blocks
     timers = {name: statistics.median(block[name] for block in steady if name in block) for name in sorted({n for b in steady for n in b})}

@@ -13,9 +13,12 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   line is also printed after the run's first iteration (resumed runs
   included) *without* resetting the interval timer, so the next line
   averages from that iteration too. So when the first line is not at a
-  multiple of the interval (or the interval is 1), two lines hold the
-  warm-up, else one (``warmup_logs``). The interval is the argument dump's
-  ``log_interval``, else the commonest gap between lines;
+  multiple of the interval (or the interval is 1), or the timestamps carry
+  microseconds (core_v0.16's), two lines hold the warm-up, else one
+  (``warmup_logs``). The interval is the argument dump's ``log_interval``,
+  else the commonest gap between lines. Every field ends in ``|``: an
+  iteration line without it is cut short, left out when it is the log's
+  last line (a run killed mid-write), else bad input;
 - the per-rank memory report of ``report_memory`` (megatron/training/utils.py):
   ``[Rank R] (after N iterations) memory (MB) | allocated: A | max allocated: B
   | reserved: C | max reserved: D``, in MiB (1024 x 1024 bytes), printed once,
@@ -55,6 +58,7 @@ from loom.profiles.run_logs.record import MiB, Interval, RankMemory, RunLog, num
 
 PREFIX = r"^(?:\S*:)?"  # a launcher's, e.g. "[default0]:" or "63:"
 ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)$")
+CORE_0_16_TIMESTAMP = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\] iteration")  # strftime('%Y-%m-%d %H:%M:%S.%f')
 MEMORY = re.compile(r"\[Rank (\d+)\] \(after (\d+) iterations\) memory \(MB\)((?:\s*\|\s*[a-z ]+:\s*\S+)+)")
 TIMERS = re.compile(r"(?:\(min, max\) time|\bmax time|\btimes) across ranks \(ms\):")
 TIMER = re.compile(PREFIX + r"\s{2,}([\w-]+) \.*: (?:\(([\d.]+), ([\d.]+)\)|([\d.]+))\s*$")
@@ -82,12 +86,12 @@ def _fields(text: str) -> dict[str, str]:
     return fields
 
 
-def _intervals(lines: list[tuple[int, int, float]], log_interval: int | None) -> tuple[list[Interval], int]:
+def _intervals(lines: list[tuple[int, int, float]], log_interval: int | None, core_0_16: bool) -> tuple[list[Interval], int]:
     """The logged intervals of ``(iteration, line, seconds per iteration)``
     lines, and how many of them hold the warm-up (module docstring)."""
     gaps = Counter(b[0] - a[0] for a, b in zip(lines, lines[1:]))
     interval = log_interval or (gaps.most_common(1)[0][0] if gaps else lines[0][0] if lines else 1)
-    first_iteration_line = bool(lines) and (interval == 1 or lines[0][0] % interval != 0)
+    first_iteration_line = bool(lines) and (core_0_16 or interval == 1 or lines[0][0] % interval != 0)
     intervals, previous = [], None
     for index, (iteration, line, step_s) in enumerate(lines):
         if previous is None:
@@ -111,10 +115,11 @@ def read(lines: list[str], source: str) -> RunLog:
     timer_blocks: list[tuple[int, dict[str, float]]] = []  # (the iteration line it follows, its timers)
     arguments: dict[str, str] = {}
     estimate = None
+    core_0_16 = False
     in_timers = in_args = False
     timer_name = None
     for index, line in enumerate(lines):
-        number_ = index + 1
+        line_number = index + 1
         if in_args:
             if ARGS_END.search(line):
                 in_args = False
@@ -132,11 +137,11 @@ def read(lines: list[str], source: str) -> RunLog:
             block = timer_blocks[-1][1]
             if match := TIMER.match(line):
                 value = match.group(3) or match.group(4)  # the slowest rank's time
-                block[match.group(1)] = number(value, source, number_, f"timer {match.group(1)}") / 1000.0
+                block[match.group(1)] = number(value, source, line_number, f"timer {match.group(1)}") / 1000.0
             elif match := TIMER_NAME.match(line):
                 timer_name = match.group(1)
             elif timer_name and (match := TIMER_RANK.match(line)):
-                block[timer_name] = max(block.get(timer_name, 0.0), number(match.group(1), source, number_, f"timer {timer_name}") / 1000.0)
+                block[timer_name] = max(block.get(timer_name, 0.0), number(match.group(1), source, line_number, f"timer {timer_name}") / 1000.0)
             if match:
                 continue
         if match := ITERATION.search(line):
@@ -144,30 +149,35 @@ def read(lines: list[str], source: str) -> RunLog:
             iteration, total = int(match.group(1)), int(match.group(2))
             previous = iterations[-1][0] if iterations else 0
             if iteration < 1 or iteration <= previous or iteration > total:
-                raise SpecError(source, f"line {number_}", f"an iteration after {previous} and at most the run's {total} (one run per log)",
+                raise SpecError(source, f"line {line_number}", f"an iteration after {previous} and at most the run's {total} (one run per log)",
                                 iteration)
+            if not line.rstrip().endswith("|"):
+                if index == len(lines) - 1:
+                    break  # cut short as the run was killed
+                raise SpecError(source, f"line {line_number}", "an iteration line whose fields end in '|' (is it cut short?)", line.strip())
+            core_0_16 = core_0_16 or bool(CORE_0_16_TIMESTAMP.search(line))
             fields = _fields(match.group(3))
             elapsed = fields.get("elapsed time per iteration (ms)")
             if elapsed is None:
-                raise SpecError(source, f"line {number_}", "an 'elapsed time per iteration (ms): X' field in the iteration line", line.strip())
-            step_s = number(elapsed, source, number_, "elapsed time per iteration (ms)") / 1000.0
+                raise SpecError(source, f"line {line_number}", "an 'elapsed time per iteration (ms): X' field in the iteration line", line.strip())
+            step_s = number(elapsed, source, line_number, "elapsed time per iteration (ms)") / 1000.0
             if step_s <= 0:
-                raise SpecError(source, f"line {number_}", "an elapsed time per iteration above 0 ms", elapsed)
-            iterations.append((iteration, number_, step_s))
+                raise SpecError(source, f"line {line_number}", "an elapsed time per iteration above 0 ms", elapsed)
+            iterations.append((iteration, line_number, step_s))
             continue
         if match := THEORETICAL.search(line):
             if match.group(3):  # v0.7-v0.14 print only the weights without SP and selective recompute: no total
-                estimate = number(match.group(3), source, number_, "the theoretical memory footprint") * MiB
+                estimate = number(match.group(3), source, line_number, "the theoretical memory footprint") * MiB
             continue
         if match := MEMORY.search(line):
             fields = _fields(match.group(3))
-            values = {name: number(fields[key], source, number_, key) * MiB for key, name in MEMORY_FIELDS.items() if key in fields}
+            values = {name: number(fields[key], source, line_number, key) * MiB for key, name in MEMORY_FIELDS.items() if key in fields}
             if "max_allocated_bytes" not in values:
-                raise SpecError(source, f"line {number_}", "a memory report with 'max allocated: X' (MB)", line.strip())
+                raise SpecError(source, f"line {line_number}", "a memory report with 'max allocated: X' (MB)", line.strip())
             rank = int(match.group(1))
-            memory[rank] = RankMemory(rank=rank, line=number_, **values)  # a later report of a rank includes the optimizer state
+            memory[rank] = RankMemory(rank=rank, line=line_number, **values)  # a later report of a rank includes the optimizer state
     log_interval = arguments.get("log_interval", "").strip()
-    intervals, warmup = _intervals(iterations, int(log_interval) if log_interval.isdigit() and int(log_interval) > 0 else None)
+    intervals, warmup = _intervals(iterations, int(log_interval) if log_interval.isdigit() and int(log_interval) > 0 else None, core_0_16)
     steady_timers = [block for index, block in timer_blocks if index >= warmup]
     timers = {name: statistics.median(block[name] for block in steady_timers if name in block)
               for name in sorted({name for block in steady_timers for name in block})}

@@ -56,11 +56,15 @@ class RankMemory:
     max_reserved_bytes: float | None = None
 
     @property
-    def peak(self) -> tuple[float, bool]:
-        """The peak to compare, and whether it is max reserved (what runs out
-        first: the caching allocator holds freed blocks for reuse), else max allocated."""
-        reserved = self.max_reserved_bytes is not None
-        return (self.max_reserved_bytes if reserved else self.max_allocated_bytes or 0.0), reserved
+    def peak_bytes(self) -> float:
+        """The peak to compare: max reserved (what runs out first: the caching
+        allocator holds freed blocks for reuse), else max allocated."""
+        return self.max_reserved_bytes if self.reserved else self.max_allocated_bytes or 0.0
+
+    @property
+    def reserved(self) -> bool:
+        """Whether ``peak_bytes`` is max reserved."""
+        return self.max_reserved_bytes is not None
 
 
 def peak_report(peaks: list[tuple[float, int]], rank: int, reserved: bool) -> tuple[RankMemory, ...]:
@@ -119,15 +123,15 @@ class RunLog:
             elif interval.samples_per_s and samples_per_step:
                 times.append(samples_per_step / interval.samples_per_s)
         if not times:
-            logged = len(self.intervals)
-            raise SpecError(self.path, "iterations", f"at least {self.warmup_logs + 1} logged intervals with a step time or rate (the "
-                            f"first {self.warmup_logs} hold the warm-up); run more iterations", f"{logged} logged")
+            warmup = f" after the {self.warmup_logs} that hold the warm-up" if self.warmup_logs else ""
+            raise SpecError(self.path, "iterations", f"a logged interval with a step time or rate{warmup}; run more iterations",
+                            f"{len(self.intervals)} logged")
         return statistics.median(times)
 
     @property
     def peak_memory(self) -> RankMemory | None:
-        """The rank whose peak (``RankMemory.peak``) is largest."""
-        return max(self.memory, key=lambda m: m.peak) if self.memory else None
+        """The rank whose peak (``RankMemory.peak_bytes``) is largest."""
+        return max(self.memory, key=lambda m: m.peak_bytes) if self.memory else None
 
 
 def read_text(path: Path, what: str) -> str:

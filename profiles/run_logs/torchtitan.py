@@ -14,9 +14,13 @@ Lines read (colour escapes stripped first; any logger prefix is fine):
 
 Validation lines (``validate step: ...``) are skipped. torchtitan logs from
 the ranks in ``LOG_RANK`` (rank 0 by default; torchrun's ``--tee`` prefixes
-each line with ``[rankN]:``); with several, the steps come from the rank
-that logged most of them (under pipeline parallelism the last rank, which
-has the loss) and each rank's memory is kept.
+each line with its node-local ``[rankN]:``); with several, the steps come
+from the rank that logged most of them (under pipeline parallelism the
+last rank, which has the loss) and each rank's memory is kept. A step a
+rank logged already is another node's (or, without torchrun's output
+filter, another rank's) copy: its figures count for memory only. A step
+line without its last field (``mfu``) is cut short: left out when it is the
+log's last line (a run killed mid-write), else bad input.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ def read(lines: list[str], source: str) -> RunLog:
     peaks: dict[int, list[tuple[float, int]]] = {}
     parameters = None
     for index, raw in enumerate(lines):
-        line, number_ = ANSI.sub("", raw), index + 1
+        line, line_number = ANSI.sub("", raw), index + 1
         if match := SIZE.search(line):
-            parameters = int(number(match.group(1), source, number_, "the model size"))
+            parameters = int(number(match.group(1), source, line_number, "the model size"))
             continue
         match = STEP.search(line)
         if not match or not ("tps:" in line or "wps:" in line):
@@ -58,22 +62,28 @@ def read(lines: list[str], source: str) -> RunLog:
         rank = int(rank_match.group(1)) if rank_match else 0
         logged = steps.setdefault(rank, [])
         step, previous = int(match.group(1)), logged[-1].last if logged else 0
-        if step <= previous:
-            raise SpecError(source, f"line {number_}", f"a step after {previous} on rank {rank} (one run per log)", step)
+        if step < previous:
+            raise SpecError(source, f"line {line_number}", f"a step after {previous} on rank {rank} (one run per log)", step)
         fields = {m.group(1): m.group(2) for m in FIELD.finditer(line[match.start():])}
+        if "mfu" not in fields:
+            if index == len(lines) - 1:
+                break  # cut short as the run was killed
+            raise SpecError(source, f"line {line_number}", "a step line ending in its 'mfu: M%' field (is it cut short?)", line.strip())
         rate = fields.get("tps", fields.get("wps"))
         if rate is None:
-            raise SpecError(source, f"line {number_}", "a 'tps: N' field in the step line", line.strip())
-        tps = number(rate, source, number_, "tps")
+            raise SpecError(source, f"line {line_number}", "a 'tps: N' field in the step line", line.strip())
+        tps = number(rate, source, line_number, "tps")
         if tps <= 0:
-            raise SpecError(source, f"line {number_}", "tps above 0", rate)
+            raise SpecError(source, f"line {line_number}", "tps above 0", rate)
         memory = fields.get("memory")
         if memory is not None:
             if not memory.endswith("GiB"):
-                raise SpecError(source, f"line {number_}", "memory as 'X GiB(P%)'", memory)
-            peaks.setdefault(rank, []).append((number(memory.removesuffix("GiB"), source, number_, "memory") * GiB, number_))
+                raise SpecError(source, f"line {line_number}", "memory as 'X GiB(P%)'", memory)
+            peaks.setdefault(rank, []).append((number(memory.removesuffix("GiB"), source, line_number, "memory") * GiB, line_number))
+        if step == previous:
+            continue  # another node's copy of a step this rank logged
         # the first line covers its own step only (time_last_log starts at the first step); later ones the steps since
-        logged.append(Interval(first=previous + 1 if logged else step, last=step, line=number_, tokens_per_s_per_gpu=tps))
+        logged.append(Interval(first=previous + 1 if logged else step, last=step, line=line_number, tokens_per_s_per_gpu=tps))
     rank = max(steps, key=lambda r: (len(steps[r]), r)) if steps else 0
     # The peak over every line: warm-up allocations are memory the job needs too.
     memory = tuple(report for r in sorted(peaks) for report in peak_report(peaks[r], r, reserved=True))
