@@ -77,22 +77,25 @@ def _trial_files(plans: list[Plan], info: SearchInfo) -> dict[str, str]:
 
 
 def _print_expected_gain(best: Plan) -> None:
-    """Under a calibration learnt from runs of this model: how the best plan
-    compares with the fastest of those runs, as measured."""
+    """Under a calibration learnt from runs of this job: how the best plan
+    compares with the fastest of those runs (both as calibrated predictions)."""
     for path in best.job.profiles:
         data = read_json(Path(path), "profile JSON")
         if not (isinstance(data, dict) and data.get("kind") == "calibration"):
             continue
         found = expected_gain(read_calibration(Path(path)), best.job, best.tokens_per_s)
-        if found is not None:
-            run_, gain = found
-            measured = f"{escape(run_.layout)}, {run_.tokens_per_step / run_.measured_step_time_s:,.0f} tokens/s measured"
-            predicted = f"{best.layout.label()} is predicted {best.tokens_per_s:,.0f} calibrated"
-            if gain > 0:
-                err.print(f"[yellow]note:[/yellow] expected gain {gain:+.1%} over the fastest run {escape(path)} learnt from ({measured}; {predicted})")
-            else:
-                err.print(f"[yellow]note:[/yellow] no plan is predicted faster than the fastest run {escape(path)} learnt from: keep it "
-                          f"({measured}; {predicted}, {gain:+.1%})")
+        if found is None:
+            continue
+        run_, gain = found
+        fastest = f"{escape(run_.layout)}, {run_.tokens_per_step / run_.measured_step_time_s:,.0f} tokens/s measured"
+        if run_.layout == best.layout.label():
+            err.print(f"[yellow]note:[/yellow] the best plan is the fastest run {escape(path)} learnt from ({fastest})")
+        elif gain > 0:
+            err.print(f"[yellow]note:[/yellow] expected gain {gain:+.1%} over the fastest run {escape(path)} learnt from ({fastest}), "
+                      "calibrated predictions of both")
+        else:
+            err.print(f"[yellow]note:[/yellow] no plan is predicted faster than the fastest run {escape(path)} learnt from: keep it "
+                      f"({fastest}; {best.layout.label()} {gain:+.1%}, calibrated predictions of both)")
 
 
 def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: bool, gates: list[str], trials: int = 0) -> None:
@@ -124,9 +127,9 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
             err.print(f"[yellow]note:[/yellow] your training script must {escape(step)}")
         if trials:
             folders = "trial-1" if trials == 1 or len(plans) == 1 else f"trial-1 ... trial-{min(trials, len(plans))}"
+            trace = (f" and its profile_traces/iteration_{TRIAL_PROFILE_STEP}/rank0_trace.json" if job.framework == "torchtitan" else "")
             err.print(f"wrote {folders} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's output as "
-                      f"trial-K/train.log (torchtitan: and its profile_traces/iteration_{TRIAL_PROFILE_STEP}/rank0_trace.json), then: "
-                      f"loom calibrate JOB {escape(str(out))}/trial-*")
+                      f"trial-K/train.log{trace}, then: loom calibrate <this job> {escape(str(out))}/trial-*")
     failures = failed_gates(parsed_gates, plans[0])
     if failures:
         err.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")

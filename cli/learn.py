@@ -16,14 +16,14 @@ from loom.cli.common import check_output, err, run
 from loom.planner.calibrate.compare import Comparison, Row, compare as compare_plan
 from loom.planner.calibrate.fit import Run, calibrate as fit_calibration, job_overrides
 from loom.planner.calibrate.megatron_layout import report_of_run
-from loom.planner.output.files import write_text_file
+from loom.planner.output.files import MANIFEST, write_text_file
 from loom.planner.output.report import Report, read_report
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.job import load_job
+from loom.planner.specs.job import Job, load_job
 from loom.profiles.calibration import calibration_json
 from loom.profiles.run_logs import read_run_log
+from loom.profiles.run_logs.record import GiB
 
-GiB = 2**30
 LOG_SUFFIXES = (".log", ".out", ".txt")  # the logs a trial folder's run left beside its plan.json
 TRACE_SUFFIXES = (".json", ".json.gz")  # and its profiler traces (any JSON but plan.json)
 TOP_TERMS = 3  # the largest discrepancies whose pointers into the model are printed
@@ -50,9 +50,26 @@ def _read_plan(path: Path) -> Report:
 
 
 def _trial_logs(folder: Path) -> list[Path]:
-    """What a trial folder's run left beside its plan.json: logs, then traces."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "plan.json")
-    return [p for p in files if p.suffix in LOG_SUFFIXES] + [p for p in files if p.name.endswith(TRACE_SUFFIXES)]
+    """What a trial folder's run left beside the files loom wrote there (its
+    plan.json, launch files, listed in the output folder's manifest): one
+    log, and at most one trace.
+
+    Raises SpecError naming the folder when it holds none, or several of either."""
+    try:
+        written = set(json.loads((folder.parent / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        written = set()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "plan.json"
+                   and f"{folder.name}/{p.name}" not in written and not _is_calibration(str(p)))
+    logs = [p for p in files if p.suffix in LOG_SUFFIXES]
+    traces = [p for p in files if p.name.endswith(TRACE_SUFFIXES)]
+    for kind, found in (("training log (*.log, *.out, *.txt)", logs), ("profiler trace (*.json)", traces)):
+        if len(found) > 1:
+            raise SpecError(str(folder), "<file>", f"one {kind} of the trial's run (or name the files after its plan.json)",
+                            ", ".join(p.name for p in found))
+    if not logs and not traces:
+        raise SpecError(str(folder), "<file>", "the trial's training log (train.log) beside its plan.json")
+    return logs + traces
 
 
 def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
@@ -61,6 +78,8 @@ def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
     Raises SpecError when a log comes before any plan or a plan has no log."""
     runs: list[tuple[Path, Report, list[Path]]] = []
     for path in files:
+        if not path.exists():
+            raise SpecError(str(path), "<file>", "an existing plan.json, log, trace or trial folder")
         if path.is_dir():  # a trial folder: its plan.json and the logs beside it
             runs.append((path / "plan.json", read_report(path / "plan.json"), _trial_logs(path)))
         elif _is_report(path):
@@ -158,6 +177,22 @@ def compare(
     run(action)
 
 
+def _job_of(job_file: Path, report: Report, plan_path: Path, model: str | None, cluster: str | None) -> Job:
+    """The job as ``report``'s plans were made for (``job_overrides``); what
+    in the plan.json the job cannot take is blamed on the plan.json."""
+    overrides = job_overrides(report, _is_calibration)
+    missing = [path for path in overrides["profiles"] if not Path(path).is_file()]
+    if missing:
+        raise SpecError(str(plan_path), "profiles", "profiles that exist from this folder (plan.json keeps their paths as loom plan "
+                        "was given them: run loom calibrate where loom plan ran)", missing[0])
+    try:
+        return load_job(job_file, dict(model=model, cluster=cluster, **overrides))
+    except SpecError as error:
+        if error.source != "command line":
+            raise
+        raise SpecError(str(plan_path), error.field.lstrip("-").replace("-", "_"), error.expected, error.got) from None
+
+
 def _is_calibration(path: str) -> bool:
     """Whether a profile a plan was made with is a calibration (kind: calibration)."""
     try:
@@ -181,15 +216,15 @@ def calibrate(
 
     def action() -> None:
         check_output(out, folder=False)
-        grouped = _runs(files)
-        inputs = {path.resolve() for plan_path, _, logs in grouped for path in (plan_path, *logs)} | {job_file.resolve()}
-        if out.resolve() in inputs:
-            raise SpecError("--out", "out", "a new file, not one of the inputs", str(out))
+        if out.exists() and not _is_calibration(str(out)):
+            raise SpecError("--out", "out", "a new file or a calibration profile to replace (it holds something else)", str(out))
         runs = []
-        for path, report, logs in grouped:
-            # the job as this plan was made for (its framework, precision, stack, batch, profiles: job_overrides)
-            job = load_job(job_file, dict(model=model, cluster=cluster, **job_overrides(report, _is_calibration)))
-            runs.append(Run(job=job, plan_path=str(path), report=report, logs=tuple(read_run_log(log) for log in logs)))
+        for path, report, logs in _runs(files):
+            if len(report.plans) != 1:
+                raise SpecError(str(path), "plans", "the one plan the run ran (a trial's plan.json, or loom evaluate --out's)",
+                                f"{len(report.plans)} plans")
+            runs.append(Run(job=_job_of(job_file, report, path, model, cluster), plan_path=str(path), report=report,
+                            logs=tuple(read_run_log(log) for log in logs)))
         document = fit_calibration(runs)
         write_text_file(out, calibration_json(document), "--out")
         factors = ", ".join(f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise", "nvlink", "network")

@@ -116,10 +116,12 @@ def read_calibration(path: Path) -> CalibrationDocument:
 
 
 def calibration_json(document: CalibrationDocument) -> str:
+    """The profile file's text."""
     return json.dumps(document.model_dump(mode="json"), indent=1) + "\n"
 
 
 def schema_json() -> str:
+    """calibration.schema.json's text, generated from the models."""
     return json.dumps(CalibrationDocument.model_json_schema(), indent=1) + "\n"
 
 

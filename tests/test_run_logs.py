@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from loom.cli.app import app
 from loom.profiles import calibration
 from loom.profiles.run_logs import read_run_log
+from loom.planner.specs.errors import SpecError
 from loom.profiles.run_logs.record import GiB, MiB
 
 LOGS = Path(__file__).parent / "data" / "run_logs"
@@ -199,8 +200,9 @@ def test_calibration_schema_is_in_sync():
 
 def test_trials_write_each_plan_with_its_reports_on(tmp_path):
     out = tmp_path / "plans"
-    result = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "3", "--trials", "2", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    for _ in range(2):  # the second rewrites the folder it wrote
+        result = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "3", "--trials", "2", "--out", str(out)])
+        assert result.exit_code == 0, result.output
     best = json.loads((out / "plan.json").read_text())["plans"]
     for number in (1, 2):
         folder = out / f"trial-{number}"
@@ -311,9 +313,19 @@ def test_trial_files_load_in_their_frameworks(framework, tmp_path, monkeypatch):
         mpu = type("Mpu", (), {"get_data_parallel_world_size": lambda self: dp})()
         config = ds_config_module.DeepSpeedConfig(json.loads((trial / "ds_config.json").read_text()), mpu=mpu)
         assert (config.steps_per_print, config.wall_clock_breakdown) == (5, True)
+        # the trial folder's own ds_config.json is not taken for a trace; a run at loom's pace calibrates to 1
+        plan = json.loads((trial / "plan.json").read_text())["plans"][0]
+        rate = plan["parallel"]["global_batch_size"] / plan["predicted"]["step_time_s"]
+        (trial / "train.log").write_text("".join(
+            f"[Rank 0] epoch=0/micro_step={step}/global_step={step}, RunningAvgSamplesPerSec={rate}, CurrSamplesPerSec={rate}, "
+            "MemAllocated=20.0GB, MaxMemAllocated=30.0GB\n" for step in (5, 10, 15)))
+        fitted = runner.invoke(app, ["calibrate", str(tmp_path / "job.yaml"), str(trial), "--out", str(tmp_path / "calib.json")])
+        assert fitted.exit_code == 0, fitted.output
+        assert calibration.read_calibration(tmp_path / "calib.json").gemm.value == pytest.approx(1.0, abs=1e-3)
 
 
-def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_json, tmp_path):
+def _trace_of(plan_json: Path, path: Path, gemm_speed: float) -> None:
+    """A two-step trace of the plan's stage 0 whose GEMMs run ``gemm_speed`` x loom's rate, TP collectives 25% slower."""
     from loom.planner.calibrate.fit import plan_of
     from loom.planner.output.report import read_report
     from loom.planner.specs.job import load_job
@@ -321,8 +333,8 @@ def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_jso
     report = read_report(plan_json)
     plan = plan_of(load_job(EXAMPLE), report, report.plans[0], str(plan_json))
     kernels, tp_busy = plan.step.stage_kernels[0], plan.step.stage_tp_busy_s[0]
-    # GEMMs 10% slower than loom's rate, attention and elementwise as predicted, TP collectives 25% slower
-    durations = [("sm90_xmma_gemm_bf16bf16_bf16f32", kernels.gemm_s / 0.9, {}), ("flash_fwd_kernel", kernels.attention_s, {}),
+    # attention and elementwise as predicted
+    durations = [("sm90_xmma_gemm_bf16bf16_bf16f32", kernels.gemm_s / gemm_speed, {}), ("flash_fwd_kernel", kernels.attention_s, {}),
                  ("vectorized_elementwise_kernel", kernels.elementwise_s, {}),
                  ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", tp_busy * 1.25, {"Process Group Description": "TENSOR_MODEL_PARALLEL_GROUP"})]
     window_us = 2e6 * sum(seconds for _, seconds, _ in durations)
@@ -333,8 +345,12 @@ def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_jso
         for name, seconds, args in durations:
             events.append({"ph": "X", "cat": "kernel", "name": name, "ts": start, "dur": seconds * 1e6, "pid": 0, "tid": 7, "args": {"device": 0, **args}})
             start += seconds * 1e6
+    path.write_text(json.dumps({"distributedInfo": {"rank": 0}, "traceEvents": events}))
+
+
+def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_json, tmp_path):
     trace = tmp_path / "rank0.json"
-    trace.write_text(json.dumps({"distributedInfo": {"rank": 0}, "traceEvents": events}))
+    _trace_of(plan_json, trace, 0.9)
     out = tmp_path / "calib.json"
     result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(trace), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -342,10 +358,13 @@ def test_calibrate_from_a_trace_learns_each_kernel_kind_and_the_tp_link(plan_jso
     assert document.gemm.value == pytest.approx(0.9) and "trace" in document.gemm.source
     assert (document.attention.value, document.elementwise.value) == pytest.approx((1.0, 1.0))
     assert document.nvlink.value == pytest.approx(0.8) and document.network is None  # TP2 within a node
+    _trace_of(plan_json, trace, 1.6)  # GEMMs past the H100's bf16 peak
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(trace), "--out", str(tmp_path / "fast.json")])
+    assert result.exit_code == 2 and "peak" in result.output and str(trace) in result.output
 
 
 def test_torchtitan_skips_validation_lines_and_keeps_one_ranks_steps(tmp_path):
-    line = "[rank{r}]:[titan] 2025-07-21 15:57:42,774 - root - INFO - {kind}step: {step:2}  loss: 7.00000  memory: {gib:5.2f}GiB(50.00%)  tps: {tps:,}"
+    line = "[rank{r}]:[titan] 2025-07-21 15:57:42,774 - root - INFO - {kind}step: {step:2}  loss: 7.00000  memory: {gib:5.2f}GiB(50.00%)  tps: {tps:,}  tflops: 300.00  mfu: 30.00%"
     lines = []
     for step, tps in ((1, 500), (5, 6000), (10, 6100), (15, 6050)):
         for rank, gib in ((0, 40.0), (7, 45.5)):  # under PP, LOG_RANK=0,7: the last rank has the loss
@@ -388,7 +407,7 @@ def test_megatron_timers_every_option_and_prefix(tmp_path):
     path.write_text("\n".join(["63: ------------------------ arguments ------------------------", "63:   log_interval .... 10",
                                "63: -------------------- end of arguments ---------------------", *lines]) + "\n")
     log = read_run_log(path)
-    assert log.arguments == {"log_interval": "10"} and log.warmup_logs == 1
+    assert log.arguments == {"log_interval": "10"} and log.warmup_logs == 2  # core 0.16's timestamps: its first line is the first iteration's
     assert log.timers_s == pytest.approx({"forward-backward": 6.9, "optimizer": 0.025})  # the slowest rank, foreign lines between
 
 
@@ -431,13 +450,6 @@ def test_calibrate_prices_the_plan_as_it_was_made(tmp_path):
     assert twice.exit_code == 2 and "one calibration per GPU type" in twice.output
 
 
-def test_trials_rewrite_their_own_folder(tmp_path):
-    out = tmp_path / "plans"
-    for _ in range(2):
-        result = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "2", "--trials", "2", "--out", str(out)])
-        assert result.exit_code == 0, result.output
-
-
 def test_calibrate_refuses_memory_and_speed_no_plan_explains(plan_json, tmp_path):
     predicted = json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"]
     log = tmp_path / "train.log"
@@ -448,3 +460,48 @@ def test_calibrate_refuses_memory_and_speed_no_plan_explains(plan_json, tmp_path
     log.write_text(_megatron_log([predicted * 1e3 / 5] * 3, {}, ARGS))  # 5x faster than loom: past the GPU's peak rates
     result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2 and "faster than the GPU's peak" in result.output
+
+
+def test_torchtitan_without_an_output_filter_repeats_each_step(tmp_path):
+    line = "step: {step:2}  loss: 7.00000  memory: {gib:5.2f}GiB(50.00%)  tps: {tps:,}  tflops: 300.00  mfu: 30.00%"
+    lines = [line.format(step=step, gib=40.0 + copy, tps=tps + copy) for step, tps in ((1, 500), (5, 6000), (10, 6100)) for copy in range(4)]
+    path = tmp_path / "titan.log"
+    path.write_text("\n".join(lines) + "\n")
+    log = read_run_log(path)
+    assert [i.tokens_per_s_per_gpu for i in log.steady] == [6000, 6100]  # the first copy of each step
+    assert log.peak_memory.max_reserved_bytes == 43.0 * GiB
+
+
+@pytest.mark.parametrize("name", ["megatron-v0.15.log", "torchtitan-0.2.log", "deepspeed.log"])
+def test_a_line_cut_short_is_left_out_at_the_end_and_refused_before_it(name, tmp_path):
+    lines = (LOGS / name).read_text().splitlines()
+    last = max(i for i, line in enumerate(lines) if "iteration" in line or "tps:" in line or "CurrSamplesPerSec" in line)
+    cut = lines[last][: lines[last].index("elapsed" if "iteration" in lines[last] else "tps:" if "tps:" in lines[last] else "CurrSamples") + 20]
+    whole = read_run_log(LOGS / name)
+    (tmp_path / "end.log").write_text("\n".join(lines[:last] + [cut]) + "\n")
+    assert len(read_run_log(tmp_path / "end.log").intervals) == len(whole.intervals) - 1
+    (tmp_path / "middle.log").write_text("\n".join(lines[:last] + [cut] + lines[last:]) + "\n")
+    with pytest.raises(SpecError, match="cut short"):
+        read_run_log(tmp_path / "middle.log")
+
+
+def test_compare_checks_a_traces_rank_and_counts_collectives_of_no_group(plan_json, tmp_path):
+    trace = json.loads((LOGS / "trace-rank0.json").read_text())
+    for event in trace["traceEvents"]:
+        event.get("args", {}).pop("Process Group Description", None)
+    path = tmp_path / "old-torch.json"
+    path.write_text(json.dumps(trace))
+    report = json.loads(runner.invoke(app, ["compare", str(plan_json), str(path), "--json"]).stdout)
+    assert report["measured"]["terms"]["comm"] > 0  # the TP and DP kernels, named by no group
+    path.write_text(json.dumps({**trace, "distributedInfo": {"rank": 1000}}))
+    result = runner.invoke(app, ["compare", str(plan_json), str(path)])
+    assert result.exit_code == 2 and "distributedInfo.rank" in result.output
+
+
+def test_calibrate_never_replaces_what_is_not_a_calibration(plan_json, tmp_path):
+    other = tmp_path / "cluster.yaml"
+    other.write_text("nodes: 8\n")
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([7000.0] * 3, {}, ARGS))
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(other)])
+    assert result.exit_code == 2 and other.read_text() == "nodes: 8\n"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from loom.planner.output.report import PlanReport, Report
 from loom.planner.specs.errors import SpecError
-from loom.profiles.run_logs.record import RankMemory, RunLog
+from loom.profiles.run_logs.record import GiB, RankMemory, RunLog
 
 # loom's predicted terms (breakdown_s keys) grouped as each framework times them.
 ALL_BUT_OPTIMIZER = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead",
@@ -74,6 +74,9 @@ TRACE_EXPOSED = {
     "pp_comm": ("pp_comm",),
     "dp_comm": ("dp_grad_reduce", "dp_param_gather", "sharding_comm", "sharding_comm_once", "embedding_sync"),
     "idle": ("pipeline_bubble", "host_overhead"),
+    # collectives whose group the trace does not say (torch < 2.4 copies no process group onto kernels): all of loom's
+    "comm": ("tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_grad_reduce", "dp_param_gather", "sharding_comm", "sharding_comm_once",
+             "embedding_sync"),
 }
 # What to do when a run reported no per-term figure, by log format.
 NO_TERMS = {
@@ -84,6 +87,11 @@ NO_TERMS = {
     "torchtitan": "torchtitan prints no per-term figures: give its profiler trace after the log (loom plan --trials switches the "
                   "profiler on: profile_traces/iteration_N/rank0_trace.json under its dump folder)",
 }
+FRAMEWORK_LOGS = ("megatron", "torchtitan", "deepspeed")  # log formats of one framework (a trace is of any)
+# Megatron's argument names for the layout fields a plan fixes.
+MEGATRON_ARGUMENTS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp", "context_parallel_size": "cp",
+                      "expert_model_parallel_size": "ep", "data_parallel_size": "dp", "micro_batch_size": "micro_batch_size",
+                      "global_batch_size": "global_batch_size"}
 # Terms outside PyTorch's caching allocator (see the module docstring).
 OUTSIDE_ALLOCATOR = ("cuda_context", "nccl_buffers")
 
@@ -112,6 +120,7 @@ POINTS_TO = {
     "pp_comm": "pipeline send/recv not hidden",
     "dp_comm": "data-parallel gradient reduce and parameter gather not hidden behind compute",
     "idle": "pipeline bubble and host overhead (kernel launches, data loading)",
+    "comm": "collectives of groups the trace does not name (torch < 2.4), against all of loom's exposed communication",
 }
 
 
@@ -179,15 +188,28 @@ def predicted_memory_bytes(peak_bytes: float, breakdown: dict[str, float], reser
     return peak_bytes - sum(breakdown.get(term, 0.0) for term in left_out)
 
 
-def measured_memory(logs: list[RunLog], peak_bytes: float, breakdown: dict[str, float]) -> tuple[RunLog, RankMemory, float, float] | None:
-    """The fullest rank any log reported, its peak and loom's like for like
-    (``predicted_memory_bytes``): (log, report, measured, predicted) bytes; None when no log has memory."""
+@dataclass(frozen=True)
+class MemoryComparison:
+    """The fullest rank any log reported against loom's peak, like for like."""
+
+    log: RunLog
+    report: RankMemory
+    predicted_bytes: float
+
+    @property
+    def measured_bytes(self) -> float:
+        return self.report.peak_bytes
+
+
+def measured_memory(logs: list[RunLog], peak_bytes: float, breakdown: dict[str, float]) -> MemoryComparison | None:
+    """The fullest rank any log reported and loom's peak (``peak_bytes``, made
+    of ``breakdown``) as that report counts (``predicted_memory_bytes``); None
+    when no log reported memory."""
     reports = [(log, log.peak_memory) for log in logs if log.peak_memory is not None]
     if not reports:
         return None
-    log, peak = max(reports, key=lambda item: item[1].peak)
-    measured, reserved = peak.peak
-    return log, peak, measured, predicted_memory_bytes(peak_bytes, breakdown, reserved)
+    log, peak = max(reports, key=lambda item: item[1].peak_bytes)
+    return MemoryComparison(log, peak, predicted_memory_bytes(peak_bytes, breakdown, peak.reserved))
 
 
 def _sum(breakdown: dict[str, float], terms: tuple[str, ...]) -> float:
@@ -217,10 +239,19 @@ def _timer_rows(plan: PlanReport, log: RunLog) -> list[Row]:
     return rows
 
 
+def traced_stage(plan: PlanReport, log: RunLog) -> int:
+    """The stage of the rank a trace was taken on (0 when it does not say).
+
+    Raises SpecError naming the trace when its rank is not one of the plan's."""
+    if log.rank is not None and log.rank >= plan.parallel.world_size:
+        raise SpecError(log.path, "distributedInfo.rank", f"a rank of the plan's {plan.parallel.world_size} ({plan.label})", log.rank)
+    return stage_of_rank(((s.index, s.device_group) for s in plan.stages), log.rank)
+
+
 def _trace_rows(plan: PlanReport, log: RunLog) -> list[Row]:
     """A trace's kernels by kind (on the traced rank's stage), optimizer
     kernels, exposed collectives and idle time against loom's terms."""
-    stage = plan.stages[stage_of_rank(((s.index, s.device_group) for s in plan.stages), log.rank)]
+    stage = plan.stages[traced_stage(plan, log)]
     breakdown, rows = plan.predicted.breakdown_s, []
     for kind in ("gemm", "attention", "elementwise"):
         if kind in log.timers_s and kind in stage.kernels_s:
@@ -255,34 +286,27 @@ def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparis
     memory_row = None
     found = measured_memory(logs, plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes)
     if found:
-        log, peak, measured, predicted = found
-        statistic = "max reserved" if peak.peak[1] else "max allocated"
-        memory_row = Row("peak memory", measured, predicted, "bytes", f"{log.path}:{peak.line}: rank {peak.rank} {statistic}",
-                         POINTS_TO["peak memory"])
+        log, peak = found.log, found.report
+        statistic = "max reserved" if peak.reserved else "max allocated"
+        memory_row = Row("peak memory", found.measured_bytes, found.predicted_bytes, "bytes",
+                         f"{log.path}:{peak.line}: rank {peak.rank} {statistic}", POINTS_TO["peak memory"])
         if plan.parallel.pp > 1 and log.format == "torchtitan" and len(log.memory) == 1:
             notes.append("torchtitan logs rank 0's memory only (LOG_RANK): the first pipeline stage, not necessarily the fullest")
     estimate = next((log.framework_estimate_bytes for log in logs if log.framework_estimate_bytes), None)
     if estimate:
         notes.append(f"Megatron's own estimate (theoretical_memory_usage.py, weights, optimizer and activations only): "
-                     f"{estimate / 2**30:.2f} GiB")
+                     f"{estimate / GiB:.2f} GiB")
     terms = [row for log in logs for row in (_trace_rows(plan, log) if log.format == "chrome-trace" else _timer_rows(plan, log))]
     if not terms:
         notes.append(NO_TERMS.get(timed.format, NO_TERMS["megatron"]))
     traced = [log for log in logs if log.format == "chrome-trace"]
     if traced and plan.parallel.pp > 1:
-        stage = stage_of_rank(((s.index, s.device_group) for s in plan.stages), traced[0].rank)
+        stage = traced_stage(plan, traced[0])
         notes.append(f"the trace is of rank {traced[0].rank if traced[0].rank is not None else '(unknown: taken as 0)'}, stage "
                      f"{stage}; loom's breakdown is of its slowest stage")
     terms.sort(key=lambda row: -abs(row.difference))
     return Comparison(label=plan.label, step=step, memory=memory_row, terms=tuple(terms), warmup_iterations=timed.warmup_iterations,
                       steady_intervals=len(timed.steady), notes=tuple(notes))
-
-
-FRAMEWORK_LOGS = ("megatron", "torchtitan", "deepspeed")  # log formats of one framework (a trace is of any)
-# Megatron's argument names for the layout fields a plan fixes.
-MEGATRON_ARGUMENTS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp", "context_parallel_size": "cp",
-                      "expert_model_parallel_size": "ep", "data_parallel_size": "dp", "micro_batch_size": "micro_batch_size",
-                      "global_batch_size": "global_batch_size"}
 
 
 def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:

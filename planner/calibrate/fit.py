@@ -35,7 +35,8 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from loom.planner.calibrate.compare import check_layout, measured_memory, stage_of_rank, step_time_s, timed_log
+from loom.planner.calibrate.compare import check_layout, measured_memory, step_time_s, timed_log, traced_stage
+from loom.planner.cost.efficiency import HBM_EFFICIENCY
 from loom.planner.cost.network import Links
 from loom.planner.output.report import PlanReport, Report
 from loom.planner.plan import Plan, build_plan
@@ -45,6 +46,7 @@ from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import split_stages
 from loom.profiles.calibration import (FACTOR_MAX, FACTOR_MIN, MEMORY_OVERHEAD_MAX_FRACTION, CalibratedRun, CalibrationDocument,
                                        Factor)
+from loom.profiles.layer_profile import PEAK_TOLERANCE
 from loom.profiles.run_logs.record import GiB, RunLog
 
 # The secant method stops when the predicted step is within this fraction of
@@ -89,7 +91,7 @@ def job_overrides(report: Report, is_calibration: Callable[[str], bool]) -> dict
     its profiles but the calibrations (``is_calibration`` tells them by path)."""
     return dict(framework=report.framework, precision=report.precision, seq_length=report.seq_length, stack=report.stack,
                 global_batch_size=report.plans[0].parallel.global_batch_size,
-                profiles=[path for path in report.profiles if not is_calibration(path)] or None)
+                profiles=[path for path in report.profiles if not is_calibration(path)])
 
 
 def check_features(job: Job, report: Report, source: str) -> None:
@@ -133,9 +135,9 @@ def rate_calibration(job: Job, factor: float, source: str) -> CalibrationDocumen
     return _document(job, [], **{kind: Factor(value=factor, source=source) for kind in KERNEL_KINDS})
 
 
-def calibrated(job: Job, document: CalibrationDocument) -> Job:
-    """``job`` with ``document`` applied to its cluster."""
-    return replace(job, cluster=calibrated_cluster(job, job.cluster, document, "calibration"))
+def calibrated(job: Job, document: CalibrationDocument, source: str = "the calibration being fitted") -> Job:
+    """``job`` with ``document`` (read from ``source``) applied to its cluster."""
+    return replace(job, cluster=calibrated_cluster(job, job.cluster, document, source))
 
 
 def rate_factor(job: Job, price: Callable[[Job], float], measured_s: float, source: str) -> float:
@@ -179,12 +181,23 @@ def _bounded(value: float, source: str, what: str) -> float:
 
 def _traces(runs: list[Run], plans: list[Plan]) -> list[tuple[RunLog, Plan, int]]:
     """Each trace with its run's plan and the stage of the rank it was taken on."""
-    return [(log, plan, stage_of_rank(((s.index, s.ranks) for s in plan.stages), log.rank))
-            for run, plan in zip(runs, plans) for log in run.logs if log.format == "chrome-trace"]
+    return [(log, plan, traced_stage(run.plan, log)) for run, plan in zip(runs, plans) for log in run.logs if log.format == "chrome-trace"]
 
 
-def _kernel_factors(traces: list[tuple[RunLog, Plan, int]]) -> dict[str, Factor]:
-    """GEMM, attention and elementwise factors from the traces (module docstring)."""
+def _peak_factor(job: Job, kind: str) -> float:
+    """The largest rate factor of ``kind`` that keeps the GPU within its
+    peak: its GEMM efficiency (at the job's precision), attention
+    efficiency, or HBM streaming efficiency at 1."""
+    gpu = job.cluster.slowest.gpu
+    efficiency = {"gemm": gpu.gemm_efficiency.get(job.precision) or 1.0, "attention": gpu.attention_efficiency,
+                  "elementwise": HBM_EFFICIENCY}[kind]
+    return 1.0 / efficiency
+
+
+def _kernel_factors(job: Job, traces: list[tuple[RunLog, Plan, int]]) -> dict[str, Factor]:
+    """GEMM, attention and elementwise factors from the traces (module
+    docstring); a factor that would take a kernel past the GPU's peak is
+    refused, naming the trace."""
     predicted, measured = dict.fromkeys(KERNEL_KINDS, 0.0), dict.fromkeys(KERNEL_KINDS, 0.0)
     for log, plan, stage in traces:
         kernels = plan.step.stage_kernels[stage]
@@ -193,8 +206,14 @@ def _kernel_factors(traces: list[tuple[RunLog, Plan, int]]) -> dict[str, Factor]
                 predicted[kind] += seconds
                 measured[kind] += log.timers_s[kind]
     source = f"kernel time of {len(traces)} profiler trace{'s' * (len(traces) > 1)}"
-    return {kind: Factor(value=_bounded(predicted[kind] / measured[kind], traces[0][0].path, f"{kind} kernels"), source=source)
-            for kind in KERNEL_KINDS if measured[kind] and predicted[kind]}
+    factors = {kind: Factor(value=_bounded(predicted[kind] / measured[kind], traces[0][0].path, f"{kind} kernels"), source=source)
+               for kind in KERNEL_KINDS if measured[kind] and predicted[kind]}
+    for kind, factor in factors.items():
+        if factor.value > _peak_factor(job, kind) * (1 + PEAK_TOLERANCE):
+            raise SpecError(traces[0][0].path, f"{kind} kernels", f"kernels no faster than the {job.cluster.slowest.gpu.name}'s peak "
+                            f"allows (at most {_peak_factor(job, kind):.3g}x loom's rate; is the trace of the plan given?)",
+                            f"{factor.value:.3g}x")
+    return factors
 
 
 def _tp_link_factors(job: Job, traces: list[tuple[RunLog, Plan, int]]) -> dict[str, Factor]:
@@ -218,12 +237,12 @@ def _memory_overhead(runs: list[Run], plans: list[Plan]) -> float:
         found = measured_memory(list(run.logs), plan.peak_memory.peak_bytes, plan.peak_memory.breakdown_bytes)
         if found is None:
             continue
-        log, peak, measured, predicted = found
         limit = MEMORY_OVERHEAD_MAX_FRACTION * plan.capacity_bytes
-        if measured - predicted > limit:
-            raise SpecError(log.path, f"line {peak.line}", f"a peak within {limit / GiB:.1f} GiB of loom's {predicted / GiB:.1f} GiB for its "
-                            "plan (is the log of the plan given?)", f"{measured / GiB:.1f} GiB")
-        overheads.append(measured - predicted)
+        if found.measured_bytes - found.predicted_bytes > limit:
+            raise SpecError(found.log.path, f"line {found.report.line}", f"a peak within {limit / GiB:.1f} GiB of loom's "
+                            f"{found.predicted_bytes / GiB:.1f} GiB for its plan (is the log of the plan given?)",
+                            f"{found.measured_bytes / GiB:.1f} GiB")
+        overheads.append(found.measured_bytes - found.predicted_bytes)
     return max(0.0, statistics.median(overheads)) if overheads else 0.0
 
 
@@ -256,7 +275,7 @@ def calibrate(runs: list[Run]) -> CalibrationDocument:
     job = runs[0].job
     plans = [plan_of(run.job, run.report, run.plan, run.plan_path) for run in runs]
     traces = _traces(runs, plans)
-    factors: dict[str, Factor] = _kernel_factors(traces) if traces else {}
+    factors: dict[str, Factor] = _kernel_factors(job, traces) if traces else {}
     if not factors:
         per_run = [rate_factor(run.job, lambda priced, run=run: plan_of(priced, run.report, run.plan, run.plan_path).step_time_s,
                                run.measured_step_s, run.timed.path) for run in runs]
@@ -273,16 +292,22 @@ def calibrate(runs: list[Run]) -> CalibrationDocument:
             plan=run.plan_path, logs=[log.path for log in run.logs], model=run.job.model.name, layout=plan.layout.label(),
             tokens_per_step=plan.layout.global_batch_size * run.job.seq_length, measured_step_time_s=run.measured_step_s,
             predicted_step_time_s=plan.step_time_s, calibrated_step_time_s=after.step_time_s,
-            measured_peak_bytes=memory[2] if memory else None, predicted_peak_bytes=memory[3] if memory else None))
+            measured_peak_bytes=memory.measured_bytes if memory else None, predicted_peak_bytes=memory.predicted_bytes if memory else None))
     return learnt.model_copy(update={"runs": records})
 
 
 def expected_gain(document: CalibrationDocument, job: Job, tokens_per_s: float) -> tuple[CalibratedRun, float] | None:
-    """The fastest run of ``job``'s model the calibration learnt from, and how
+    """Of the runs the calibration learnt from that ran this job (its model,
+    cluster, framework and tokens per step), the fastest measured, and how
     much faster (+) or slower (-) a plan predicted at ``tokens_per_s`` under
-    it would be; None when it learnt from no run of this model."""
-    runs = [run for run in document.runs if run.model == job.model.name and run.measured_step_time_s > 0]
+    the calibration is than that run's own calibrated prediction: predicted
+    against predicted, so what the calibration leaves unexplained is no
+    gain. None when it learnt from no run of this job."""
+    if (document.cluster, document.framework) != (job.cluster.name, job.framework):
+        return None
+    runs = [run for run in document.runs if run.model == job.model.name and run.measured_step_time_s > 0
+            and run.tokens_per_step == job.global_batch_size * job.seq_length]
     if not runs:
         return None
     best = max(runs, key=lambda run: run.tokens_per_step / run.measured_step_time_s)
-    return best, tokens_per_s / (best.tokens_per_step / best.measured_step_time_s) - 1
+    return best, tokens_per_s / (best.tokens_per_step / best.calibrated_step_time_s) - 1

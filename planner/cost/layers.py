@@ -155,5 +155,7 @@ def sources(shape: Shape, gpu: GPU, recompute: str) -> dict[str, Source]:
         passes = {measured.source(kind, quantity, shape, gpu.name) for quantity in ("forward_s", "backward_s")}
         found[f"{kind}_time"] = next(level for level in ("estimated", "interpolated", "measured") if level in passes)
         found[f"{kind}_activations"] = measured.source(kind, f"saved_bytes.{recompute}" if kind in ("dense", "moe") else "saved_bytes.none", shape)
-    found["gemm_efficiency"] = "measured" if gpu.gemm_profile or gpu.calibration else "estimated"  # profiled, or scaled to runs
+    found["gemm_efficiency"] = "measured" if gpu.gemm_profile else "estimated"
+    if gpu.calibration:  # every kernel rate scaled to what real runs measured (loom calibrate)
+        found["kernel_rates"] = "measured"
     return found

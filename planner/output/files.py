@@ -175,6 +175,7 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 
 def _write_synced(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` to ``path`` (making its folders), on disk before returning, with ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         handle.write(text.encode("utf-8"))  # bytes: no platform newline translation

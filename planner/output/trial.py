@@ -3,8 +3,8 @@ plans whose logs ``loom compare`` and ``loom calibrate`` read.
 
 A trial runs ``TRIAL_ITERATIONS`` iterations and logs every
 ``TRIAL_LOG_INTERVAL``: the first logged interval (two from Megatron core
-0.16, profiles/run_logs/megatron.py) is warm-up, the other four to six
-(torchtitan also logs step 1) the steady state whose median is compared. Each framework's files switch on
+0.16, profiles/run_logs/megatron.py) is warm-up, the other five or
+six (torchtitan also logs step 1) the steady state whose median is compared. Each framework's files switch on
 what it can report per term (see the emitters): Megatron's
 ``--log-throughput`` and ``--timing-log-level 1`` (its per-iteration timers;
 level 1 adds a barrier around the once-per-step phases only), DeepSpeed's
