@@ -41,8 +41,11 @@ class StepTime:
     step_time_s: float
     breakdown_s: dict[str, float]
     stage_microbatch_s: tuple[float, ...]  # tau_s: one micro batch, all chunks of stage s
-    stage_kernels: tuple[PassTime, ...] = ()  # per stage, one GPU's compute kernels of the whole step, by kind
-    stage_tp_busy_s: tuple[float, ...] = ()  # per stage, its TP collectives of the whole step before overlap
+    # Per stage, one GPU's whole step: its compute kernels by kind and its TP
+    # collectives before overlap (what a profiler trace measures; the
+    # simulated step fills them, the search's closed form leaves them empty).
+    stage_kernels: tuple[PassTime, ...] = ()
+    stage_tp_busy_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -536,8 +539,7 @@ def closed_form_step(parts: StepParts) -> StepTime:
     windows = [sum(c.backward_s for c in cs) * (1 + s) for s, cs in enumerate(parts.chunks)]
     reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
     breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
-    return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau),
-                    stage_kernels=parts.stage_kernels, stage_tp_busy_s=parts.stage_tp_busy_s)
+    return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

@@ -333,6 +333,14 @@ def read_report(path: Path) -> Report:
     return validate(Report, read_json(path, "plan.json"), str(path), strict=True)
 
 
+def _kernels_s(plan: Plan, stage: int) -> dict[str, float]:
+    """A stage's compute kernels by kind over the step (empty where the step was not simulated)."""
+    if stage >= len(plan.step.stage_kernels):
+        return {}
+    kernels = plan.step.stage_kernels[stage]
+    return {"gemm": kernels.gemm_s, "attention": kernels.attention_s, "elementwise": kernels.elementwise_s}
+
+
 def plan_report(plan: Plan) -> PlanReport:
     peak = plan.peak_memory
     return PlanReport(
@@ -347,9 +355,9 @@ def plan_report(plan: Plan) -> PlanReport:
                 embedding=stage.embedding,
                 head=stage.head,
                 device_group=list(stage.ranks),
-                kernels_s={"gemm": kernels.gemm_s, "attention": kernels.attention_s, "elementwise": kernels.elementwise_s},
+                kernels_s=_kernels_s(plan, stage.index),
             )
-            for stage, kernels in zip(plan.stages, plan.step.stage_kernels)
+            for stage in plan.stages
         ],
         placement=[GPUSlot(rank=r, host=host, gpu=gpu) for r, (host, gpu) in enumerate(plan.placement.gpus)],
         placement_solver=_placement_report(plan),
