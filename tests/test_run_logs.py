@@ -121,6 +121,15 @@ def _megatron_log(step_ms: list[float], timers: dict[str, float], args: dict[str
     return "\n".join(lines) + "\n"
 
 
+def small_job(folder: Path, framework: str = "megatron") -> Path:
+    """Llama-3 8B on one node of 8 H100: a job whose search takes a fraction of a second."""
+    (folder / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                     "nics_per_node": 8, "nic_Gbps": 400}))
+    (folder / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 32,
+                                                 "seq_length": 4096, "framework": framework}))
+    return folder / "job.yaml"
+
+
 ARGS = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "data_parallel_size": 16, "micro_batch_size": 1,
         "global_batch_size": 512, "seq_length": 8192}
 
@@ -199,9 +208,9 @@ def test_calibration_schema_is_in_sync():
 
 
 def test_trials_write_each_plan_with_its_reports_on(tmp_path):
-    out = tmp_path / "plans"
+    job, out = small_job(tmp_path), tmp_path / "plans"
     for _ in range(2):  # the second rewrites the folder it wrote
-        result = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "3", "--trials", "2", "--out", str(out)])
+        result = runner.invoke(app, ["plan", str(job), "--top-k", "3", "--trials", "2", "--out", str(out)])
         assert result.exit_code == 0, result.output
     best = json.loads((out / "plan.json").read_text())["plans"]
     for number in (1, 2):
@@ -215,12 +224,12 @@ def test_trials_write_each_plan_with_its_reports_on(tmp_path):
         predicted = best[number - 1]["predicted"]["step_time_s"]
         (out / f"trial-{number}" / "train.log").write_text(_megatron_log([predicted * 1e3 * slower] * 3, {}, {}))
     calib = tmp_path / "calib.json"
-    fitted = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), str(out / "trial-2"), "--out", str(calib)])
+    fitted = runner.invoke(app, ["calibrate", str(job), str(out / "trial-1"), str(out / "trial-2"), "--out", str(calib)])
     assert fitted.exit_code == 0, fitted.output
     document = calibration.read_calibration(calib)
     assert 1 / 1.2 < document.gemm.value < 1.0 and [run.layout for run in document.runs] == [plan["label"] for plan in best[:2]]
     # the re-ranked plan, set against the fastest run measured
-    replanned = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "1", "--profile", str(calib)])
+    replanned = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--profile", str(calib)])
     assert replanned.exit_code == 0, replanned.output
     assert "measured, not estimated" in replanned.output and best[0]["label"] in replanned.output.split("fastest run")[1]
 
@@ -293,11 +302,7 @@ def test_megatron_arguments_give_interleaving_and_block_recompute():
 
 @pytest.mark.parametrize("framework", ["torchtitan", "deepspeed"])
 def test_trial_files_load_in_their_frameworks(framework, tmp_path, monkeypatch):
-    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
-                                                       "nics_per_node": 8, "nic_Gbps": 400}))
-    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
-                                                   "seq_length": 4096, "framework": framework}))
-    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--top-k", "1", "--trials", "1", "--out", str(tmp_path / "out")])
+    result = runner.invoke(app, ["plan", str(small_job(tmp_path, framework)), "--top-k", "1", "--trials", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     trial = tmp_path / "out" / "trial-1"
     if framework == "torchtitan":
@@ -429,24 +434,24 @@ def test_deepspeed_skips_a_step_too_short_to_time(tmp_path):
 
 
 def test_calibrate_prices_the_plan_as_it_was_made(tmp_path):
-    out = tmp_path / "plans"
-    made = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "1", "--stack", "megatron-bridge", "--trials", "1", "--out", str(out)])
+    job, out = small_job(tmp_path), tmp_path / "plans"
+    made = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--stack", "megatron-bridge", "--trials", "1", "--out", str(out)])
     assert made.exit_code == 0, made.output
     predicted = json.loads((out / "trial-1" / "plan.json").read_text())["plans"][0]["predicted"]["step_time_s"]
     (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}))
     calib = tmp_path / "calib.json"
-    fitted = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), "--out", str(calib)])
+    fitted = runner.invoke(app, ["calibrate", str(job), str(out / "trial-1"), "--out", str(calib)])
     assert fitted.exit_code == 0, fitted.output
     run = calibration.read_calibration(calib).runs[0]
     assert run.predicted_step_time_s == pytest.approx(predicted)  # the bridge stack's features, not the YAML's
     assert calibration.read_calibration(calib).gemm.value == pytest.approx(1.0, abs=1e-3)
     # a second run into the folder keeps the user's log: refused, naming it
-    again = runner.invoke(app, ["plan", str(EXAMPLE), "--top-k", "1", "--trials", "1", "--out", str(out)])
+    again = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--trials", "1", "--out", str(out)])
     assert again.exit_code == 2 and "trial-1/train.log" in again.output
     # and the calibration cannot overwrite an input, nor be applied twice
-    clobber = runner.invoke(app, ["calibrate", str(EXAMPLE), str(out / "trial-1"), "--out", str(out / "trial-1" / "train.log")])
+    clobber = runner.invoke(app, ["calibrate", str(job), str(out / "trial-1"), "--out", str(out / "trial-1" / "train.log")])
     assert clobber.exit_code == 2 and "--out" in clobber.output
-    twice = runner.invoke(app, ["plan", str(EXAMPLE), "--profile", str(calib), "--profile", str(calib)])
+    twice = runner.invoke(app, ["plan", str(job), "--profile", str(calib), "--profile", str(calib)])
     assert twice.exit_code == 2 and "one calibration per GPU type" in twice.output
 
 
