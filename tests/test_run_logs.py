@@ -510,3 +510,10 @@ def test_calibrate_never_replaces_what_is_not_a_calibration(plan_json, tmp_path)
     log.write_text(_megatron_log([7000.0] * 3, {}, ARGS))
     result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(other)])
     assert result.exit_code == 2 and other.read_text() == "nodes: 8\n"
+
+
+def test_a_megatron_run_that_stopped_before_logging_says_so(plan_json, tmp_path):
+    log = tmp_path / "crash.log"
+    log.write_text(_megatron_log([], {}, ARGS) + "RuntimeError: CUDA out of memory\n")
+    result = runner.invoke(app, ["compare", str(plan_json), str(log)])
+    assert result.exit_code == 2 and "logged none" in result.output

@@ -72,8 +72,9 @@ MEMORY_FIELDS = {"max allocated": "max_allocated_bytes", "max reserved": "max_re
 
 
 def looks_like(lines: list[str]) -> bool:
-    """Whether ``lines`` are a Megatron-LM log (an iteration line or a memory report)."""
-    return any(ITERATION.search(line) or MEMORY.search(line) for line in lines)
+    """Whether ``lines`` are a Megatron-LM log (an iteration line, a memory
+    report, or the argument dump of a run that stopped before logging)."""
+    return any(ITERATION.search(line) or MEMORY.search(line) or ARGS_START.search(line) for line in lines)
 
 
 def _fields(text: str) -> dict[str, str]:

@@ -122,6 +122,9 @@ class RunLog:
                 times.append(tokens_per_step_per_gpu / interval.tokens_per_s_per_gpu)
             elif interval.samples_per_s and samples_per_step:
                 times.append(samples_per_step / interval.samples_per_s)
+        if not self.intervals:
+            raise SpecError(self.path, "iterations", "logged iterations (this run logged none: did it stop before its first logged "
+                            "interval?)")
         if not times:
             warmup = f" after the {self.warmup_logs} that hold the warm-up" if self.warmup_logs else ""
             raise SpecError(self.path, "iterations", f"a logged interval with a step time or rate{warmup}; run more iterations",
