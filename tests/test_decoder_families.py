@@ -1,5 +1,5 @@
-"""Decoder families as data (issue #16): Qwen3, StarCoder2, Phi-3, InternLM2
-and Qwen1.5/2-MoE read from their public configs, their parameter counts
+"""Decoder families as data (issue #16): Qwen3, StarCoder2, Phi-3, InternLM2,
+Qwen1.5/2-MoE and Nemotron-4 read from their public configs, their parameter counts
 against the published ones, a plan through the CLI, and their Megatron flags
 through megatron-core's TransformerConfig; OLMo-2, which Megatron-LM cannot
 build, refused."""
@@ -43,6 +43,8 @@ PUBLISHED = {
     "internlm2-7b": (str(FAMILIES / "internlm2-7b.json"), 7.74),
     # Qwen1.5-MoE-A2.7B card: "14.3B parameters in total and 2.7B activated".
     "qwen1.5-moe-a2.7b": (str(FAMILIES / "qwen1.5-moe-a2.7b.json"), 14.3),
+    # Nemotron-4 15B (arXiv 2402.16819, Table 1): 12.5B non-embedding + 3.2B embedding parameters.
+    "nemotron-4-15b": (str(FAMILIES / "nemotron-4-15b.json"), 12.5 + 3.2),
 }
 
 
@@ -73,6 +75,7 @@ READS = {
     "phi-3-mini-4k-instruct": (96, False, False, False, True, "RMSNorm", False, 2047),
     "internlm2-7b": (128, False, False, False, True, "RMSNorm", False, None),
     "qwen1.5-moe-a2.7b": (128, False, False, True, True, "RMSNorm", False, None),
+    "nemotron-4-15b": (128, False, False, False, False, "LayerNorm", False, None),
 }
 
 
@@ -140,6 +143,8 @@ FLAGS = {
     "internlm2-7b": ["--swiglu", "--disable-bias-linear", "--num-query-groups 8", "--rotary-base 1000000"],
     "qwen1.5-moe-a2.7b": ["--add-qkv-bias", "--num-experts 60", "--moe-router-topk 4", "--moe-ffn-hidden-size 1408",
                           "--moe-shared-expert-intermediate-size 5632", "--moe-shared-expert-gate", "--moe-router-pre-softmax"],
+    "nemotron-4-15b": ["--squared-relu", "--apply-layernorm-1p", "--rotary-percent 0.5", "--disable-bias-linear",
+                       "--untie-embeddings-and-output-weights", "--normalization LayerNorm", "--num-query-groups 8"],
 }
 ABSENT = {
     "qwen3-8b": ["--add-qkv-bias", "--window-size"],
@@ -147,6 +152,7 @@ ABSENT = {
     "phi-3-mini-4k-instruct": ["--group-query-attention", "--kv-channels"],
     "internlm2-7b": ["--add-qkv-bias", "--window-size", "--kv-channels"],
     "qwen1.5-moe-a2.7b": ["--moe-layer-freq", "--group-query-attention"],
+    "nemotron-4-15b": ["--swiglu", "--add-qkv-bias", "--qk-layernorm"],
 }
 
 
@@ -159,7 +165,12 @@ def test_loom_plan_writes_each_familys_launch(tmp_path, name):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--json", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["plans"]
+    report = json.loads(result.stdout)
+    assert report["plans"]
+    # the plan states the model's total and per-token parameters (issue #16)
+    model = load_model(PUBLISHED[name][0])
+    assert (report["model_parameters"], report["model_active_parameters"]) == (model.total_params(), model.active_params())
+    assert report["model_active_parameters"] < report["model_parameters"] if model.moe else report["model_active_parameters"] == report["model_parameters"]
     train = (tmp_path / "out" / "train.sh").read_text()
     for flag in FLAGS[name]:
         assert flag in train, flag
@@ -173,6 +184,7 @@ def test_flags_build_megatron_cores_config(name):
     them, build megatron-core's TransformerConfig with loom's head dim, QK
     norm, biases, gating and window."""
     import torch
+    from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.utils import is_layer_window_attention
 
@@ -200,7 +212,9 @@ def test_flags_build_megatron_cores_config(name):
         kv_channels=int(flags["kv-channels"]) if "kv-channels" in flags else None, ffn_hidden_size=int(flags["ffn-hidden-size"]),
         normalization=flags["normalization"], layernorm_epsilon=float(flags["norm-epsilon"]), qk_layernorm="qk-layernorm" in flags,
         add_bias_linear="disable-bias-linear" not in flags, add_qkv_bias="add-qkv-bias" in flags,
-        gated_linear_unit="swiglu" in flags, activation_func=F.silu if "swiglu" in flags else F.gelu,
+        gated_linear_unit="swiglu" in flags,
+        activation_func=F.silu if "swiglu" in flags else squared_relu if "squared-relu" in flags else F.gelu,
+        layernorm_zero_centered_gamma="apply-layernorm-1p" in flags,
         window_size=tuple(int(i) for i in window.split(",")) if window else None,
         window_attn_skip_freq=eval(flags["window-attn-skip-freq"]) if window else None,
         hidden_dropout=float(flags["hidden-dropout"]), attention_dropout=float(flags["attention-dropout"]),
@@ -212,6 +226,7 @@ def test_flags_build_megatron_cores_config(name):
     # megatron-core biases linear_qkv when add_bias_linear or add_qkv_bias (attention.py).
     assert config.add_bias_linear == spec.linear_bias and (config.add_bias_linear or config.add_qkv_bias) == (spec.qkv_bias or spec.linear_bias)
     assert config.gated_linear_unit == spec.gated_mlp
+    assert (config.activation_func is squared_relu) == spec.squared_relu and config.layernorm_zero_centered_gamma == spec.layernorm_1p
     assert ("untie-embeddings-and-output-weights" in flags) == (not spec.tied_embeddings)
     windowed = tuple(is_layer_window_attention(config.window_size, config.window_attn_skip_freq, n + 1) for n in range(config.num_layers))
     assert windowed == (spec.window_layers or (False,) * spec.num_layers)
@@ -221,3 +236,16 @@ def test_flags_build_megatron_cores_config(name):
         assert config.num_moe_experts == spec.moe.num_experts and config.moe_ffn_hidden_size == spec.moe.expert_ffn_hidden_size
         assert config.moe_shared_expert_gate and config.moe_router_pre_softmax
         assert config.moe_shared_expert_intermediate_size == spec.moe.shared_ffn_hidden_size
+
+
+def test_nemotron_reads_squared_relu_layernorm_1p_and_partial_rope(tmp_path):
+    m = load_model(PUBLISHED["nemotron-4-15b"][0])
+    assert (m.squared_relu, m.layernorm_1p, m.rotary_percent, m.norm_epsilon) == (True, True, 0.5, 1e-5)
+    # the report's 12.5B non-embedding parameters (its 3.2B embedding figure is rounded: 2 x 256,000 x 6,144 = 3.15B)
+    assert (m.total_params() - 2 * m.embedding_params()) / 1e9 == pytest.approx(12.5, rel=0.005)
+    config = json.loads(Path(PUBLISHED["nemotron-4-15b"][0]).read_text())
+    for change, field in (({"hidden_act": "gelu"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias")):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**config, **change}))
+        with pytest.raises(SpecError, match=field):
+            load_model(str(path))

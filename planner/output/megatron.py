@@ -156,6 +156,10 @@ def _model_args(job: Job) -> list[str]:
         args += ["--quick-geglu", "--glu-linear-offset", "1.0", "--activation-func-clamp-value", f"{m.glu_clamp:g}"]
     elif m.gated_mlp:
         args.append("--swiglu")
+    elif m.squared_relu:
+        args.append("--squared-relu")
+    if m.layernorm_1p:
+        args.append("--apply-layernorm-1p")  # TransformerConfig.layernorm_zero_centered_gamma
     if not m.tied_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     if not m.linear_bias:

@@ -30,13 +30,13 @@ from loom.planner.specs.job import job_warnings
 from loom.planner.specs.layout import Recompute
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
-# and optimizer_offload), and 1.3 too (stages[].kernels_s), so 1.0-1.2
-# reports read as they did.
-READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", SCHEMA_VERSION)
+# and optimizer_offload), 1.3 too (stages[].kernels_s) and 1.4
+# (model_parameters, model_active_parameters), so 1.0-1.3 reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -192,6 +192,11 @@ class PlanReport(pydantic.BaseModel):
 class Report(pydantic.BaseModel):
     schema_version: Literal[READ_SCHEMA_VERSIONS] = pydantic.Field(description=f"loom writes {SCHEMA_VERSION}")
     model: str
+    model_parameters: Count | None = pydantic.Field(default=None, description="the model's weights, every expert and both embeddings "
+                                                   "(an untied output layer counted once more)")
+    model_active_parameters: Count | None = pydantic.Field(
+        default=None, description="the weights one token multiplies: model_parameters less the routed experts it is not sent to "
+                                  "(the input embedding counted, as Qwen's and Phi's cards do)")
     cluster: str
     gpus: Count
     framework: str
@@ -414,6 +419,8 @@ def build_report(plans: list[Plan], search: SearchInfo) -> Report:
     return Report(
         schema_version=SCHEMA_VERSION,
         model=job.model.name,
+        model_parameters=job.model.total_params(),
+        model_active_parameters=job.model.active_params(input_embedding=True),
         cluster=job.cluster.name,
         gpus=job.cluster.num_gpus,
         framework=job.framework,

@@ -38,11 +38,16 @@ WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
 # Families added with issue #16 whose rope_scaling loom checks: none, or
 # "dynamic" NTK scaling, which changes nothing within max_position_embeddings
 # (transformers' dynamic rope update) and so nothing in pre-training.
-ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe"}
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron"}
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
 GPT_OSS = {"gpt_oss"}
+# Nemotron-4 (Parmar et al. 2024, "Nemotron-4 15B Technical Report", sec. 2;
+# transformers' NemotronConfig): LayerNorm with zero-centred gamma
+# (NemotronLayerNorm1P: weight + 1), a plain MLP with squared ReLU ("relu2"),
+# no biases, partial RoPE (partial_rotary_factor), untied embeddings.
+NEMOTRON = {"nemotron"}
 # Families with latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1).
 MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
 # Families Megatron-LM's pretrain_gpt.py cannot build as published, and why:
@@ -164,6 +169,8 @@ class ModelSpec:
     window_layers: tuple[bool, ...] = ()  # per layer, from layer_types; () with no window
     attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
     glu_clamp: float | None = None  # gpt-oss's gated MLP: (up + 1) * gate * sigmoid(1.702 gate), both clamped at this
+    squared_relu: bool = False  # a plain MLP's activation is relu(x)^2 (Nemotron-4), not GeLU: same GEMMs, one elementwise pass
+    layernorm_1p: bool = False  # LayerNorm scaled by (1 + gamma), gamma initialised at 0 (Nemotron-4): the same parameters
 
     @property
     def windowed_layers(self) -> int:
@@ -364,7 +371,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     if family in UNBUILDABLE:
         read.require(False, "model_type", UNBUILDABLE[family], family)
         read.check()
-    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2
+    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON
     if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
         read.require(False, "model_type", f"one of {sorted(known | VISION_LANGUAGE)}{where}", family)
@@ -409,14 +416,17 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         dropout=dropout,
         kv_channels=head_dim if head_dim != hidden // heads else None,
         rope_theta=read.number("rope_theta", "rotary_emb_base", default=10000.0, high=1e12, above_low=True),
-        rotary_percent=read.number("partial_rotary_factor", default=1.0, high=1.0, above_low=True) if family == "phi3" else 1.0,
-        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", default=1e-5, high=1.0,
+        rotary_percent=read.number("partial_rotary_factor", default=1.0 if family == "phi3" else 0.5, high=1.0, above_low=True)
+        if family in ("phi3", "nemotron") else 1.0,
+        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps", default=1e-5, high=1.0,
                                  above_low=True, below_high=True),
         moe=_moe(read, family, num_layers),
         mla=_mla(read) if family in MLA_FAMILIES else None,
         qk_norm=family in QK_NORM_FAMILIES,
         mtp_layers=read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]),
     )
+    if family in NEMOTRON:  # transformers' NemotronConfig defaults: no attention or MLP biases, untied
+        spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
     if gpt_oss:
         window, layers = _sliding_window(read, num_layers)
         spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
@@ -440,6 +450,12 @@ def _check_family(read: ConfigReader, family: str) -> None:
         # InternLM2's bias: on wqkv and wo, never on w1/w2/w3 (modeling_internlm2.py).
         read.require(not read.bool("bias", False), "bias", "false for internlm2 (biases on wqkv and wo but not the MLP: Megatron has "
                      "--add-qkv-bias or biases on every linear layer)", True)
+    if family in NEMOTRON:
+        read.require(read.str("hidden_act", "relu2") == "relu2", "hidden_act", "relu2 for nemotron (Megatron's --squared-relu)",
+                     read.config.get("hidden_act"))
+        for key in ("attention_bias", "mlp_bias"):
+            read.require(not read.bool(key, False), key, "false for nemotron (Nemotron-4 has no biases; Megatron biases all linear "
+                         "layers or none)", True)
     if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         read.require(not read.bool("use_sliding_window", False), "use_sliding_window",
                      "false (loom does not plan Qwen's windowed layers past max_window_layers)", True)
