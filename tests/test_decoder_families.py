@@ -249,3 +249,39 @@ def test_nemotron_reads_squared_relu_layernorm_1p_and_partial_rope(tmp_path):
         path.write_text(json.dumps({**config, **change}))
         with pytest.raises(SpecError, match=field):
             load_model(str(path))
+
+
+# Families loom prices but Megatron-LM's pretrain_gpt.py cannot build: name -> (config, published total parameters in billions).
+# The Hugging Face safetensors counts: google/gemma-7b 8.54B, google/gemma-2-9b 9.24B, google/gemma-3-1b-pt 1.00B.
+NOT_BUILT_BY_MEGATRON = {
+    "gemma-7b": (str(FAMILIES / "gemma-7b.json"), 8.54),
+    "gemma-2-9b": (str(FAMILIES / "gemma-2-9b.json"), 9.24),
+    "gemma-3-1b-pt": (str(FAMILIES / "gemma-3-1b-pt.json"), 1.00),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_BUILT_BY_MEGATRON))
+def test_gemma_parameter_counts_and_layers(name):
+    source, billions = NOT_BUILT_BY_MEGATRON[name]
+    m = load_model(source)
+    assert m.total_params() / 1e9 == pytest.approx(billions, rel=0.005)
+    assert m.head_dim == 256 and m.tied_embeddings and m.gated_mlp and m.normalization == "RMSNorm" and not m.linear_bias
+    # Gemma 1: two norms a layer, full attention; Gemma 2: four, every other layer windowed; Gemma 3: five windowed to one global, QK norm
+    expected = {"gemma-7b": (2, False, ()), "gemma-2-9b": (4, False, tuple(i % 2 == 0 for i in range(42))),
+                "gemma-3-1b-pt": (4, True, tuple((i + 1) % 6 != 0 for i in range(26)))}[name]
+    assert (m.norms_per_layer, m.qk_norm, m.window_layers) == expected
+
+
+@pytest.mark.parametrize("name", sorted(NOT_BUILT_BY_MEGATRON))
+def test_gemma_plans_under_deepspeed_and_megatron_refuses_it(tmp_path, name):
+    cluster = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    job = {"model": NOT_BUILT_BY_MEGATRON[name][0], "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 4096,
+           "search": {"tp": [1, 2], "pp": [1], "micro_batch_size": [1]}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    refused = runner.invoke(app, ["plan", str(tmp_path / "job.yaml")])
+    assert refused.exit_code == 2 and "field 'framework': expected deepspeed" in refused.output and "Megatron-LM cannot build" in refused.output
+    planned = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--framework", "deepspeed", "--json", "--out", str(tmp_path / "out")])
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.stdout)["model_parameters"] == load_model(NOT_BUILT_BY_MEGATRON[name][0]).total_params()
+    assert (tmp_path / "out" / "ds_config.json").is_file()

@@ -89,6 +89,8 @@ def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
         "mlp_input": 0.0 if moe else g * T * w,
         "moe_norm_output": e * T * w if moe else 0.0,
         "dropout_masks": (2 if m.dropout else 0) * T * w,  # 1 byte each, after attention and MLP
+        # Gemma 2/3's norms after the attention and the MLP keep their inputs (the sublayers' outputs), 16-bit.
+        "post_norm_inputs": (m.norms_per_layer - 2) * e * T * w,
         # Q, K, V, split over TP. Rotary embedding writes new Q and K, but V
         # stays a view into the fused QKV GEMM's output (torch.split in
         # megatron-core's get_query_key_value_tensors) and keeps all of it

@@ -186,12 +186,13 @@ def routed_experts(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 
 
 def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
-    """Kernel time of one decoder layer, one micro batch, one pass: two norms
-    and residual adds, the attention's projections and core, and the MLP; in
+    """Kernel time of one decoder layer, one micro batch, one pass: its norms
+    (two, or four with Gemma 2/3's post-norms) and two residual adds, the
+    attention's projections and core, and the MLP; in
     an MoE layer the MLP is the shared experts (split over TP like a dense
     MLP) and the routed experts."""
     m = shape.model
-    total = norm(shape, gpu, backward).scaled(2) + residual_add(shape, gpu, backward).scaled(2)
+    total = norm(shape, gpu, backward).scaled(m.norms_per_layer) + residual_add(shape, gpu, backward).scaled(2)
     total = total + attention_projections(shape, gpu, backward) + attention_core(shape, gpu, backward)
     if moe:
         return total + mlp(shape, gpu, m.moe.shared_ffn_hidden_size, backward) + routed_experts(shape, gpu, backward)

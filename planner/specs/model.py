@@ -38,7 +38,7 @@ WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
 # Families added with issue #16 whose rope_scaling loom checks: none, or
 # "dynamic" NTK scaling, which changes nothing within max_position_embeddings
 # (transformers' dynamic rope update) and so nothing in pre-training.
-ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron"}
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "gemma", "gemma2"}
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
@@ -48,6 +48,24 @@ GPT_OSS = {"gpt_oss"}
 # (NemotronLayerNorm1P: weight + 1), a plain MLP with squared ReLU ("relu2"),
 # no biases, partial RoPE (partial_rotary_factor), untied embeddings.
 NEMOTRON = {"nemotron"}
+# Gemma (Gemma Team 2024, arXiv 2403.08295, sec. 2; transformers' GemmaConfig,
+# Gemma2Config, Gemma3TextConfig): RMSNorm scaled by (1 + gamma), GeGLU
+# (a gated MLP with tanh-approximated GeLU), head_dim 256, tied embeddings
+# scaled by sqrt(hidden) on input, MQA/GQA. Gemma 2 (arXiv 2408.00118) adds a
+# norm after each sublayer (four per layer), logit soft-capping and a
+# sliding window on every other layer; Gemma 3 (arXiv 2503.19786) QK norm and
+# five sliding layers to one global.
+GEMMA = {"gemma", "gemma2", "gemma3_text"}
+# Why Megatron-LM's pretrain_gpt.py cannot build a family loom prices (so a
+# Megatron plan of it is refused; DeepSpeed runs the user's own model code).
+MEGATRON_CANNOT_BUILD = {
+    "gemma": "Gemma's input embedding scaled by sqrt(hidden) and its GeGLU MLP (Megatron-LM's arguments have --swiglu, "
+             "--squared-relu and --quick-geglu, no tanh-GeLU GLU; GPTModel does not scale its embedding)",
+    "gemma2": "Gemma 2's scaled embedding, GeGLU, logit soft-capping and the norm after each sublayer (megatron-core's "
+              "TransformerLayer has input and pre-MLP norms only)",
+    "gemma3_text": "Gemma 3's scaled embedding, GeGLU and the norm after each sublayer (megatron-core's TransformerLayer has "
+                   "input and pre-MLP norms only)",
+}
 # Families with latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1).
 MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
 # Families Megatron-LM's pretrain_gpt.py cannot build as published, and why:
@@ -171,6 +189,8 @@ class ModelSpec:
     glu_clamp: float | None = None  # gpt-oss's gated MLP: (up + 1) * gate * sigmoid(1.702 gate), both clamped at this
     squared_relu: bool = False  # a plain MLP's activation is relu(x)^2 (Nemotron-4), not GeLU: same GEMMs, one elementwise pass
     layernorm_1p: bool = False  # LayerNorm scaled by (1 + gamma), gamma initialised at 0 (Nemotron-4): the same parameters
+    norms_per_layer: int = 2  # before attention and MLP; Gemma 2/3 add one after each (post-norms): 4
+    megatron_unbuildable: str | None = None  # why Megatron-LM's pretrain_gpt.py cannot build it (None: it can)
 
     @property
     def windowed_layers(self) -> int:
@@ -244,10 +264,10 @@ class ModelSpec:
         return self.hidden_size * (2 if self.normalization == "LayerNorm" else 1)
 
     def layer_params(self, moe: bool = False) -> int:
-        """One decoder layer: attention, its MLP (dense, or MoE when ``moe``) and two norms."""
+        """One decoder layer: attention, its MLP (dense, or MoE when ``moe``) and its norms."""
         mlp = self.moe.layer_params(self.hidden_size) if moe else self.mlp_params()
         sinks = self.num_attention_heads * self.attention_sinks
-        return self.attention_params() + mlp + 2 * self.norm_params() + 2 * self.head_dim * self.qk_norm + sinks
+        return self.attention_params() + mlp + self.norms_per_layer * self.norm_params() + 2 * self.head_dim * self.qk_norm + sinks
 
     def embedding_params(self) -> int:
         positions = self.max_position_embeddings * self.hidden_size if self.learned_position_embeddings else 0
@@ -371,7 +391,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     if family in UNBUILDABLE:
         read.require(False, "model_type", UNBUILDABLE[family], family)
         read.check()
-    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON
+    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA
     if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
         read.require(False, "model_type", f"one of {sorted(known | VISION_LANGUAGE)}{where}", family)
@@ -386,7 +406,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
                  given=("num_attention_heads", "n_head", "num_key_value_heads"))
     num_layers = read.int("num_hidden_layers", "n_layer", high=LIMITS["layers"])
     gpt_oss = family in GPT_OSS
-    llama_like = family in LLAMA_LIKE or gpt_oss
+    llama_like = family in LLAMA_LIKE or gpt_oss or family in GEMMA
     if gpt_oss:
         # Megatron's add_bias_linear puts biases on every linear layer at once:
         # gpt-oss's experts and router always have them, so its attention must too.
@@ -427,8 +447,14 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     )
     if family in NEMOTRON:  # transformers' NemotronConfig defaults: no attention or MLP biases, untied
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
+    if family in GEMMA:  # transformers' Gemma configs tie the embeddings by default
+        spec = replace(spec, tied_embeddings=read.bool("tie_word_embeddings", True), norms_per_layer=2 if family == "gemma" else 4,
+                       qk_norm=family == "gemma3_text", megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
+        if family != "gemma":
+            window, layers = _sliding_window(read, num_layers, 2 if family == "gemma2" else read.int("sliding_window_pattern", default=6))
+            spec = replace(spec, sliding_window=window, window_layers=layers)
     if gpt_oss:
-        window, layers = _sliding_window(read, num_layers)
+        window, layers = _sliding_window(read, num_layers, 2)
         spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
                        glu_clamp=read.number("swiglu_limit", default=7.0, high=1e6, above_low=True))
     elif family in WINDOW_EVERY_LAYER:
@@ -450,6 +476,9 @@ def _check_family(read: ConfigReader, family: str) -> None:
         # InternLM2's bias: on wqkv and wo, never on w1/w2/w3 (modeling_internlm2.py).
         read.require(not read.bool("bias", False), "bias", "false for internlm2 (biases on wqkv and wo but not the MLP: Megatron has "
                      "--add-qkv-bias or biases on every linear layer)", True)
+    if family in GEMMA:
+        for key in ("attention_bias",):
+            read.require(not read.bool(key, False), key, f"false for {family} (Gemma has no biases)", True)
     if family in NEMOTRON:
         read.require(read.str("hidden_act", "relu2") == "relu2", "hidden_act", "relu2 for nemotron (Megatron's --squared-relu)",
                      read.config.get("hidden_act"))
@@ -469,15 +498,17 @@ def _check_family(read: ConfigReader, family: str) -> None:
                      "embedding has no per-dimension LongRoPE factors nor this family's scaling)", kind)
 
 
-def _sliding_window(read: ConfigReader, num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
-    """gpt-oss: ``sliding_window`` keys (the query's own included) on the
-    layers ``layer_types`` marks "sliding_attention", full causal attention
-    on the "full_attention" ones (transformers' GptOssConfig; without
-    layer_types, every other layer from the first is windowed)."""
+def _sliding_window(read: ConfigReader, num_layers: int, period: int) -> tuple[int | None, tuple[bool, ...]]:
+    """gpt-oss, Gemma 2 and 3: ``sliding_window`` keys (the query's own
+    included) on the layers ``layer_types`` marks "sliding_attention", full
+    causal attention on the "full_attention" ones (transformers'
+    GptOssConfig, Gemma2Config, Gemma3TextConfig; without layer_types, every
+    ``period``-th layer is global, the others windowed: layer i slides when
+    (i + 1) % period != 0)."""
     window = read.int("sliding_window", default=0, low=1, high=LIMITS["positions"]) or None
     types = read.str_list("layer_types", ("sliding_attention", "full_attention"))
     if types is None:
-        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
     read.require(len(types) == num_layers, "layer_types", f"one entry per layer ({num_layers})", len(types), given=("num_hidden_layers",))
     layers = tuple(kind == "sliding_attention" for kind in types[:num_layers])
     read.require(window is not None or not any(layers), "sliding_window", "the window of the layers layer_types marks sliding_attention")
