@@ -54,7 +54,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(help="Catalogue name or config.
 ClusterOpt = Annotated[Optional[str], typer.Option(help="Cluster YAML path.")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Global batch size (sequences).")]
 SeqOpt = Annotated[Optional[int], typer.Option(help="Sequence length (tokens).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8 | tf32 | fp32")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp8 | mxfp8 (fp8, MXFP8 scaling) | nvfp4 | tf32 | fp32")]
 FrameworkOpt = Annotated[Optional[str], typer.Option(help="megatron | deepspeed | torchtitan")]
 StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a training stack: megatron-lm | megatron-bridge | torchtitan | torchtitan-2412 (default: the framework's).")]
 HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leaves free: a fraction of capacity (0.05) or a size ('4 GiB').")]

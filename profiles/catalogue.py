@@ -17,6 +17,16 @@ GPUS_FILE = CATALOGUE_DIR / "gpus.yaml"
 GiB = 1024**3
 
 
+# Training precisions that run on another precision's tensor-core peak:
+# NVFP4 (E2M1 values, an E4M3 scale per 16, Transformer Engine's
+# NVFP4BlockScaling) on the fp4 tensor cores.
+PEAK_OF = {"nvfp4": "fp4"}
+# The large-GEMM efficiency an NVFP4 GEMM is priced at where gpus.yaml gives
+# none: fp8's [assumed: NVIDIA publishes no sustained NVFP4 training GEMM
+# efficiency; cuBLASLt's block-scaled fp8 and fp4 kernels share one design].
+NVFP4_EFFICIENCY_FROM = "fp8"
+
+
 @dataclass(frozen=True, eq=False)
 class GPU:
     """One GPU type: what it can compute and hold. Entries are unique per
@@ -88,11 +98,19 @@ class GPU:
         return 32 * 2**20 if self.compute_capability is not None and self.compute_capability >= (9, 0) else 4 * 2**20
 
     def peak_flops(self, precision: str) -> float:
-        """Dense tensor-core FLOP/s at ``precision``."""
-        return self.peak_tflops[precision] * 1e12
+        """Dense tensor-core FLOP/s at ``precision`` (nvfp4 on the fp4 tensor cores)."""
+        return self.peak_tflops[PEAK_OF.get(precision, precision)] * 1e12
 
     def supports(self, precision: str) -> bool:
-        return self.peak_tflops.get(precision) is not None
+        return self.peak_tflops.get(PEAK_OF.get(precision, precision)) is not None
+
+
+def _with_nvfp4(entry: dict) -> dict[str, float | None]:
+    """A gpus.yaml entry's GEMM efficiencies, with nvfp4's where the GPU has fp4 tensor cores."""
+    efficiency = dict(entry["gemm_efficiency"])
+    if entry["peak_tflops"].get("fp4") and "nvfp4" not in efficiency:
+        efficiency["nvfp4"] = efficiency.get(NVFP4_EFFICIENCY_FROM)
+    return efficiency
 
 
 @cache
@@ -106,7 +124,7 @@ def _gpu_table() -> dict[str, GPU]:
             hbm_GBps=float(entry["hbm_GBps"]),
             sms=int(entry["sms"]),
             peak_tflops=dict(entry["peak_tflops"]),
-            gemm_efficiency=dict(entry["gemm_efficiency"]),
+            gemm_efficiency=_with_nvfp4(entry),
             attention_efficiency=float(entry["attention_efficiency"]),
             flash2_attention_efficiency=float(entry["flash2_attention_efficiency"]) if entry.get("flash2_attention_efficiency") else None,
             pcie_GBps=float(entry["pcie_GBps"]),

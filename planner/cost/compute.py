@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from loom.planner.cost import moe
-from loom.planner.cost.efficiency import backward_gemms, flash_attention_time_s, gemm_time_s, memory_time_s
+from loom.planner.cost.efficiency import BYTES, QUANTISED, backward_gemms, flash_attention_time_s, gemm_time_s, memory_time_s
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.layout import OP_SAC
 from loom.planner.specs.model import ModelSpec
@@ -45,12 +45,13 @@ class PassTime:
         return PassTime(self.gemm_s * factor, self.attention_s * factor, self.elementwise_s * factor)
 
 
-def _fp8_cast_bytes(gemms: list[tuple[int, int, int]]) -> float:
-    """Transformer Engine casts each GEMM's 16-bit activation input to fp8
-    (read 2 B, write 1 B, plus a 1 B transposed copy kept for the weight
-    gradient) forward, and the incoming gradient likewise backward
-    (TE's cast_transpose kernels; weights are cast once per step)."""
-    return sum(4 * m * k for m, _, k in gemms)
+def _cast_bytes(gemms: list[tuple[int, int, int]], precision: str) -> float:
+    """Transformer Engine casts each GEMM's 16-bit activation input to the
+    GEMM's precision (read 2 B, write the row-wise copy plus a column-wise
+    one kept for the weight gradient: 1 B each in fp8, NVFP4_BYTES each in
+    nvfp4) forward, and the incoming gradient likewise backward (TE's
+    cast_transpose kernels, one fused pass; weights are cast once per step)."""
+    return sum((2 + 2 * BYTES[precision]) * m * k for m, _, k in gemms)
 
 
 def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
@@ -105,10 +106,10 @@ def _gemms(shape: Shape, gpu: GPU, gemms: list[tuple[int, int, int]], backward: 
 def _elementwise(shape: Shape, gpu: GPU, forward_bytes: float, backward: bool, gemms: list[tuple[int, int, int]] = ()) -> float:
     """Memory-bound kernels moving ``forward_bytes`` forward: backward ones
     read the saved input and the incoming gradient and write one gradient,
-    about twice the traffic; under fp8 each GEMM's input is cast too."""
+    about twice the traffic; under fp8 or nvfp4 each GEMM's input is cast too."""
     bytes_ = forward_bytes * (2 if backward else 1)
-    if shape.precision == "fp8":
-        bytes_ += _fp8_cast_bytes(list(gemms))
+    if shape.precision in QUANTISED:
+        bytes_ += _cast_bytes(list(gemms), shape.precision)
     return memory_time_s(bytes_, gpu)
 
 

@@ -32,9 +32,14 @@ FLASH_KV_OVERHEAD = 384
 HBM_EFFICIENCY = 0.8
 # A kernel never takes less than its launch and tail latency.
 KERNEL_MIN_S = 4e-6
+# NVFP4: a 4-bit E2M1 value and one E4M3 scale per 16 (NVIDIA's NVFP4
+# format; Transformer Engine's NVFP4BlockScaling).
+NVFP4_BYTES = 0.5 + 1 / 16
 # Bytes per GEMM input element by precision; outputs are 16-bit, or fp32
 # when the inputs are (TF32 and FP32 GEMMs read and write fp32).
-BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
+BYTES = {"fp8": 1, "nvfp4": NVFP4_BYTES, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
+# Precisions whose GEMMs take quantised inputs Transformer Engine casts (and keeps for backward).
+QUANTISED = ("fp8", "nvfp4")
 
 
 def backward_gemms(m: int, n: int, k: int) -> list[tuple[int, int, int]]:

@@ -14,6 +14,7 @@ follow megatron-core 0.16.1's code path for each piece (cited per count).
 
 from __future__ import annotations
 
+from loom.planner.cost.efficiency import QUANTISED
 from loom.planner.cost.shape import Shape
 
 # CPU time to issue one PyTorch op from Python: torch.nn.Linear's forward
@@ -80,7 +81,7 @@ def _layer_ops(shape: Shape, moe: bool, backward: bool) -> tuple[int, int]:
     if moe:
         local = m.moe.num_experts // shape.ep
         gemms += 2 * local
-        ops += MOE_MLP_OPS + ROUTER_OPS[features.moe_router_fusion] + 2 * local * GEMM_OPS_PER_EXPERT[shape.precision == "fp8"]
+        ops += MOE_MLP_OPS + ROUTER_OPS[features.moe_router_fusion] + 2 * local * GEMM_OPS_PER_EXPERT[shape.precision in QUANTISED]
         ops += DISPATCH_OPS[(features.moe_token_dispatcher, features.moe_permute_fusion)]
         modules += MOE_MLP_MODULES
         shared = m.moe.shared_ffn_hidden_size > 0
@@ -94,7 +95,7 @@ def _layer_ops(shape: Shape, moe: bool, backward: bool) -> tuple[int, int]:
 def layer_host_s(shape: Shape, moe: bool, backward: bool = False) -> float:
     """Host time to issue one (dense or MoE) decoder layer's kernels, one pass."""
     modules, ops = _layer_ops(shape, moe, backward)
-    module_s = TE_MODULE_HOST_S * (TE_FP8_MODULE_FACTOR if shape.precision == "fp8" else 1.0)
+    module_s = TE_MODULE_HOST_S * (TE_FP8_MODULE_FACTOR if shape.precision in QUANTISED else 1.0)
     return modules * module_s + ops * TORCH_OP_HOST_S
 
 

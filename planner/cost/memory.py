@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from loom.planner.cost import moe, sharding
 from loom.planner.cost.activations import head_transient
+from loom.planner.cost.efficiency import NVFP4_BYTES
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
 from loom.planner.schedule.simulate import megatron_schedule, stage_order
@@ -192,7 +193,7 @@ class StateBytes:
 
     weight: float  # a 16-bit parameter (norms, embeddings, router, output layer)
     gemm_weight: float  # a Transformer Engine GEMM weight as the model keeps it
-    fp8_copies: float  # TE's fp8 copies of a GEMM weight, kept across micro batches
+    fp8_copies: float  # TE's fp8 (or nvfp4) copies of a GEMM weight, kept across micro batches
     grad: float  # the gradient buffer
     gemm_gather: float  # a GEMM weight as the distributed optimizer all-gathers it
     optimizer: float = OPTIMIZER_BYTES
@@ -217,7 +218,8 @@ class StateBytes:
         tensor/utils.py post_all_gather_processing); MXFP8 weights keep both
         directions, their bf16 all-gather reusing the gradient buffer
         (--reuse-grad-buf-for-mxfp8-param-ag). The all-gather then moves the
-        fp8 bytes, or, for MXFP8, the bf16 values. Megatron gathers fp8
+        fp8 bytes, or, for MXFP8, the bf16 values. NVFP4 keeps both directions
+        like MXFP8 (TE tensor/nvfp4_tensor.py), beside the bf16 weight. Megatron gathers fp8
         parameters only with the distributed optimizer (validate_args), so
         ``fp8_param_gather`` holds for layouts that have it. fp32 and tf32
         training keep FP32_STATE."""
@@ -241,6 +243,9 @@ class StateBytes:
     def _mixed_precision(cls, framework: str, precision: str, features: Features, gpu: GPU, param_gather: bool) -> StateBytes:
         """Megatron's and DeepSpeed's 16-bit weights beside fp32 optimizer state (of)."""
         grad = 4 if framework == "megatron" and features.grad_reduce_in_fp32 else WEIGHT_BYTES
+        if precision == "nvfp4":
+            # TE's NVFP4Tensor keeps a row-wise and a column-wise copy, each with its scales (NVFP4_BYTES an element).
+            return cls(weight=WEIGHT_BYTES, gemm_weight=WEIGHT_BYTES, fp8_copies=2 * NVFP4_BYTES, grad=grad, gemm_gather=WEIGHT_BYTES)
         if precision != "fp8":
             return cls(weight=WEIGHT_BYTES, gemm_weight=WEIGHT_BYTES, fp8_copies=0.0, grad=grad, gemm_gather=WEIGHT_BYTES)
         if features.fp8_recipe == "mxfp8":

@@ -391,7 +391,9 @@ def _precision_args(job: Job, layout: Layout) -> list[str]:
     for bf16, not for fp16), or bf16 by --grad-reduce-in-bf16."""
     features = job.features
     # tf32: fp32 parameters (no --bf16/--fp16), their GEMMs on TF32 tensor cores.
-    args = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"], "tf32": []}[job.precision]
+    args = {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp8": ["--bf16", "--fp8-format", "hybrid"], "tf32": [],
+            # NVFP4 (megatron-core TransformerConfig.fp4 / fp4_recipe): TE's NVFP4BlockScaling, bf16 elsewhere.
+            "nvfp4": ["--bf16", "--fp4-format", "e2m1", "--fp4-recipe", "nvfp4"]}[job.precision]
     if job.precision == "fp8":
         args += ["--fp8-recipe", features.fp8_recipe]
         if features.fp8_param_gather and layout.distributed_optimizer:

@@ -45,7 +45,8 @@ TOKENS_PER_STEP_WARNING = 1 << 30
 # fp32 keeps weights and activations in fp32; tf32 too, with its GEMMs on
 # TF32 tensor cores (PyTorch's allow_tf32; Transformer Engine's fp32 GEMMs
 # always run so).
-Precision = Literal["bf16", "fp16", "fp8", "tf32", "fp32"]
+# mxfp8 is fp8 with features.fp8_recipe mxfp8 (read as such: _load_job).
+Precision = Literal["bf16", "fp16", "fp8", "mxfp8", "nvfp4", "tf32", "fp32"]
 FP32_PRECISIONS = ("tf32", "fp32")
 Framework = Literal["megatron", "deepspeed", "torchtitan"]
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
@@ -297,6 +298,10 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     # A value from a flag is blamed on the flag, not on the job file.
     flags = {key: "--" + ("profile" if key == "profiles" else key.replace("_", "-")) for key in given}
     spec = validate(JobFile, data, source, flags=flags)
+    if spec.precision == "mxfp8":  # fp8 with MXFP8 block scaling
+        if spec.features.fp8_recipe not in ("mxfp8",) and "fp8_recipe" in spec.features.model_fields_set:
+            raise SpecError(source, "features.fp8_recipe", "mxfp8 (or unset) with precision mxfp8", spec.features.fp8_recipe)
+        spec = spec.model_copy(update={"precision": "fp8", "features": spec.features.model_copy(update={"fp8_recipe": "mxfp8"})})
     model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
     cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
     stack = spec.stack or FRAMEWORK_STACK[spec.framework]
@@ -353,7 +358,7 @@ def check_job(job: Job) -> None:
     gpus = {node.gpu.name: node.gpu for node in job.cluster.nodes}.values()
     for gpu in gpus:
         if not gpu.supports(job.precision):
-            supported = ", ".join(p for p in ("bf16", "fp16", "fp8", "tf32", "fp32") if gpu.supports(p))
+            supported = ", ".join(p for p in ("bf16", "fp16", "fp8", "nvfp4", "tf32", "fp32") if gpu.supports(p))
             raise SpecError(job.source, "precision", f"a precision {gpu.name} supports ({supported})", job.precision)
         if job.precision == "fp8" and job.features.fp8_recipe == "mxfp8" and not gpu.fp8_gemm_any_layout:
             # MXFP8's block scales are a Blackwell tensor-core format (TE's MXFP8BlockScaling needs compute capability 10.0).
@@ -375,6 +380,12 @@ def check_job(job: Job) -> None:
                         "transformer_engine/common/gemm/cublaslt_gemm.cu)", "fp32")
     if job.precision in FP32_PRECISIONS and job.features.optimizer_states == "bf16":
         raise SpecError(job.source, "features.optimizer_states", f"fp32 with precision {job.precision}", "bf16")
+    if job.precision == "nvfp4" and job.framework != "megatron":
+        raise SpecError(job.source, "precision", f"bf16 or fp8 with {job.framework} (nvfp4 is Transformer Engine's NVFP4BlockScaling, "
+                        "through Megatron's --fp4-format)", "nvfp4")
+    if job.precision == "nvfp4" and job.features.tp_comm_overlap:
+        raise SpecError(job.source, *_from_stack(job, "tp_comm_overlap", "false with precision nvfp4 (loom prices Transformer "
+                                                                          "Engine's userbuffers for bf16 and fp8 only)"))
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
