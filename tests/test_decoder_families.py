@@ -252,15 +252,32 @@ def test_nemotron_reads_squared_relu_layernorm_1p_and_partial_rope(tmp_path):
 
 
 # Families loom prices but Megatron-LM's pretrain_gpt.py cannot build: name -> (config, published total parameters in billions).
-# The Hugging Face safetensors counts: google/gemma-7b 8.54B, google/gemma-2-9b 9.24B, google/gemma-3-1b-pt 1.00B.
+# The Hugging Face safetensors counts: google/gemma-7b 8.54B, google/gemma-2-9b 9.24B, google/gemma-3-1b-pt 1.00B; the BLOOM
+# model cards: bigscience/bloom-560m "559,214,592 parameters", bigscience/bloom "176,247,271,424 parameters".
 NOT_BUILT_BY_MEGATRON = {
     "gemma-7b": (str(FAMILIES / "gemma-7b.json"), 8.54),
     "gemma-2-9b": (str(FAMILIES / "gemma-2-9b.json"), 9.24),
     "gemma-3-1b-pt": (str(FAMILIES / "gemma-3-1b-pt.json"), 1.00),
+    "bloom-560m": (str(FAMILIES / "bloom-560m.json"), 0.559214592),
+    "bloom-176b": (str(FAMILIES / "bloom-176b.json"), 176.247271424),
 }
+GEMMAS = sorted(name for name in NOT_BUILT_BY_MEGATRON if name.startswith("gemma"))
 
 
 @pytest.mark.parametrize("name", sorted(NOT_BUILT_BY_MEGATRON))
+def test_parameter_counts_of_what_megatron_cannot_build(name):
+    source, billions = NOT_BUILT_BY_MEGATRON[name]
+    assert load_model(source).total_params() / 1e9 == pytest.approx(billions, rel=0.005 if name.startswith("gemma") else 1e-12)
+
+
+def test_bloom_reads_alibi_and_its_embedding_norm():
+    m = load_model(NOT_BUILT_BY_MEGATRON["bloom-560m"][0])
+    assert (m.alibi, m.embedding_norm, m.learned_position_embeddings, m.linear_bias, m.gated_mlp, m.tied_embeddings) == (
+        True, True, False, True, False, True)
+    assert m.ffn_hidden_size == 4 * m.hidden_size and m.normalization == "LayerNorm"
+
+
+@pytest.mark.parametrize("name", GEMMAS)
 def test_gemma_parameter_counts_and_layers(name):
     source, billions = NOT_BUILT_BY_MEGATRON[name]
     m = load_model(source)
@@ -272,8 +289,8 @@ def test_gemma_parameter_counts_and_layers(name):
     assert (m.norms_per_layer, m.qk_norm, m.window_layers) == expected
 
 
-@pytest.mark.parametrize("name", sorted(NOT_BUILT_BY_MEGATRON))
-def test_gemma_plans_under_deepspeed_and_megatron_refuses_it(tmp_path, name):
+@pytest.mark.parametrize("name", [*GEMMAS, "bloom-560m"])
+def test_plans_under_deepspeed_what_megatron_cannot_build(tmp_path, name):
     cluster = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     job = {"model": NOT_BUILT_BY_MEGATRON[name][0], "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 4096,

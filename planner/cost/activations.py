@@ -193,8 +193,10 @@ def decoder_layer(shape: Shape, recompute: str, moe: bool = False, modules: tupl
 
 
 def embedding(shape: Shape) -> float:
-    """The embedding's dropout mask (its output is the first layer's input)."""
-    return (shape.tokens * shape.replicated_width) if shape.model.dropout else 0.0
+    """The embedding's dropout mask (its output is the first layer's input),
+    and the input BLOOM's norm after the embedding keeps (16-bit)."""
+    mask = (shape.tokens * shape.replicated_width) if shape.model.dropout else 0.0
+    return mask + shape.act_bytes * shape.tokens * shape.replicated_width * shape.model.embedding_norm
 
 
 def head(shape: Shape) -> float:

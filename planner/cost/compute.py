@@ -77,7 +77,9 @@ def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
 @cache
 def attention_core(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     """The attention core (scores, softmax, weighted sum): what selective
-    recompute recomputes (Korthikanti et al. 2022, sec. 5)."""
+    recompute recomputes (Korthikanti et al. 2022, sec. 5). ALiBi (BLOOM) is
+    priced as attention without it: FlashAttention-2 adds its per-head slopes
+    inside the kernel (flash_attn_func's alibi_slopes)."""
     if not shape.features.flash_attention:
         return _unfused_attention(shape, gpu, backward)
     # FlashAttention's backward does 2.5x the forward's FLOPs (it recomputes
@@ -249,13 +251,15 @@ def embedding(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     Backward also writes a dense gradient the size of this rank's table
     (PyTorch's embedding_dense_backward), which Megatron's DDP hook then adds
     into the fp32 main_grad (read 2 + 4 B, write 4 B per weight): seen by
-    `loom profile layers` as an embedding backward far above its T x h."""
+    `loom profile layers` as an embedding backward far above its T x h.
+    BLOOM's norm after the embedding runs one more norm."""
     m = shape.model
     tensors = 2 if m.learned_position_embeddings else 1
     bytes_ = tensors * shape.act_bytes * shape.tokens * m.hidden_size * (2 if backward else 1)
     if backward:
         bytes_ += (shape.act_bytes + shape.act_bytes + 4 + 4) * m.vocab_size // shape.tp * m.hidden_size
-    return PassTime(elementwise_s=memory_time_s(bytes_, gpu))
+    lookup = PassTime(elementwise_s=memory_time_s(bytes_, gpu))
+    return lookup + norm(shape, gpu, backward) if m.embedding_norm else lookup
 
 
 def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:

@@ -56,6 +56,10 @@ NEMOTRON = {"nemotron"}
 # sliding window on every other layer; Gemma 3 (arXiv 2503.19786) QK norm and
 # five sliding layers to one global.
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
+# BLOOM (BigScience 2022, arXiv 2211.05100, sec. 3.2; transformers' BloomConfig):
+# ALiBi instead of position embeddings, a LayerNorm right after the word
+# embedding, a 4h GeLU MLP, LayerNorm and biases everywhere, tied embeddings.
+BLOOM = {"bloom"}
 # Why Megatron-LM's pretrain_gpt.py cannot build a family loom prices (so a
 # Megatron plan of it is refused; DeepSpeed runs the user's own model code).
 MEGATRON_CANNOT_BUILD = {
@@ -65,6 +69,8 @@ MEGATRON_CANNOT_BUILD = {
               "TransformerLayer has input and pre-MLP norms only)",
     "gemma3_text": "Gemma 3's scaled embedding, GeGLU and the norm after each sublayer (megatron-core's TransformerLayer has "
                    "input and pre-MLP norms only)",
+    "bloom": "BLOOM's ALiBi attention biases and its LayerNorm after the word embedding (megatron-core's --position-embedding-type "
+             "has learned_absolute, rope, mrope, relative and none; GPTModel has no embedding norm)",
 }
 # Families with latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1).
 MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
@@ -80,6 +86,8 @@ UNBUILDABLE = {
              "(input_layernorm, pre_mlp_layernorm) cannot place, and its QK norm spans all heads (q_norm over "
              "heads x head_dim), megatron-core's --qk-layernorm each head on its own",
 }
+# BLOOM's pre-training sequence, standing in for the position limit its config lacks (ALiBi has none).
+BLOOM_POSITIONS = 2048
 # Families with a plain GeLU MLP, LayerNorm and biases everywhere.
 GPT_LIKE = {"gpt2", "gpt_neox"}
 # Vision-language models: a vision encoder, a projector, a language model.
@@ -191,6 +199,8 @@ class ModelSpec:
     layernorm_1p: bool = False  # LayerNorm scaled by (1 + gamma), gamma initialised at 0 (Nemotron-4): the same parameters
     norms_per_layer: int = 2  # before attention and MLP; Gemma 2/3 add one after each (post-norms): 4
     megatron_unbuildable: str | None = None  # why Megatron-LM's pretrain_gpt.py cannot build it (None: it can)
+    alibi: bool = False  # ALiBi's per-head linear biases on the attention scores instead of position embeddings (BLOOM)
+    embedding_norm: bool = False  # a norm right after the word embedding (BLOOM's word_embeddings_layernorm)
 
     @property
     def windowed_layers(self) -> int:
@@ -270,8 +280,9 @@ class ModelSpec:
         return self.attention_params() + mlp + self.norms_per_layer * self.norm_params() + 2 * self.head_dim * self.qk_norm + sinks
 
     def embedding_params(self) -> int:
+        """The word (and learned position) embedding, and BLOOM's norm after it."""
         positions = self.max_position_embeddings * self.hidden_size if self.learned_position_embeddings else 0
-        return self.vocab_size * self.hidden_size + positions
+        return self.vocab_size * self.hidden_size + positions + self.norm_params() * self.embedding_norm
 
     def head_params(self) -> int:
         """Final norm plus the output projection (shared when embeddings are tied)."""
@@ -391,12 +402,12 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     if family in UNBUILDABLE:
         read.require(False, "model_type", UNBUILDABLE[family], family)
         read.check()
-    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA
+    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA | BLOOM
     if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
         read.require(False, "model_type", f"one of {sorted(known | VISION_LANGUAGE)}{where}", family)
         read.check()
-    hidden = read.int("hidden_size", "n_embd", high=LIMITS["width"])
+    hidden = read.int("hidden_size", "n_embd", "n_embed", high=LIMITS["width"])
     heads = read.int("num_attention_heads", "n_head", high=LIMITS["heads"])
     kv_heads = read.int("num_key_value_heads", default=heads, high=LIMITS["heads"])
     head_dim = read.int("head_dim", default=0, low=1, high=LIMITS["width"]) or None
@@ -425,7 +436,9 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         num_query_groups=kv_heads,
         ffn_hidden_size=read.int("intermediate_size", "n_inner", default=4 * hidden, high=LIMITS["width"]),
         vocab_size=read.int("vocab_size", low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
-        max_position_embeddings=read.int("max_position_embeddings", "n_positions", high=LIMITS["positions"]),
+        # ALiBi has no position table: BLOOM's config names no limit (its 2,048-token pre-training length stands in)
+        max_position_embeddings=read.int("max_position_embeddings", "n_positions", default=BLOOM_POSITIONS if family in BLOOM else None,
+                                         high=LIMITS["positions"]),
         gated_mlp=llama_like,
         # transformers' defaults: GPT-2 and StarCoder2 tie, the others do not.
         tied_embeddings=read.bool("tie_word_embeddings", family in ("gpt2", "starcoder2")),
@@ -447,6 +460,9 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     )
     if family in NEMOTRON:  # transformers' NemotronConfig defaults: no attention or MLP biases, untied
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
+    if family in BLOOM:  # transformers' BloomConfig: tied by default, biases everywhere
+        spec = replace(spec, tied_embeddings=read.bool("tie_word_embeddings", True), alibi=True, embedding_norm=True,
+                       megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
     if family in GEMMA:  # transformers' Gemma configs tie the embeddings by default
         spec = replace(spec, tied_embeddings=read.bool("tie_word_embeddings", True), norms_per_layer=2 if family == "gemma" else 4,
                        qk_norm=family == "gemma3_text", megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
@@ -476,6 +492,9 @@ def _check_family(read: ConfigReader, family: str) -> None:
         # InternLM2's bias: on wqkv and wo, never on w1/w2/w3 (modeling_internlm2.py).
         read.require(not read.bool("bias", False), "bias", "false for internlm2 (biases on wqkv and wo but not the MLP: Megatron has "
                      "--add-qkv-bias or biases on every linear layer)", True)
+    if family in BLOOM:
+        read.require(not read.bool("apply_residual_connection_post_layernorm", False), "apply_residual_connection_post_layernorm",
+                     "false for bloom (loom prices the residual taken before each norm, as BLOOM trained)", True)
     if family in GEMMA:
         for key in ("attention_bias",):
             read.require(not read.bool(key, False), key, f"false for {family} (Gemma has no biases)", True)
