@@ -102,13 +102,17 @@ class GPU:
         return self.peak_tflops[PEAK_OF.get(precision, precision)] * 1e12
 
     def supports(self, precision: str) -> bool:
+        """Whether the GPU has tensor cores for ``precision``; NVFP4 block
+        scaling is NVIDIA Blackwell's (compute capability 10.0 and up)."""
+        if precision == "nvfp4" and (self.compute_capability is None or self.compute_capability < (10, 0)):
+            return False
         return self.peak_tflops.get(PEAK_OF.get(precision, precision)) is not None
 
 
 def _with_nvfp4(entry: dict) -> dict[str, float | None]:
     """A gpus.yaml entry's GEMM efficiencies, with nvfp4's where the GPU has fp4 tensor cores."""
     efficiency = dict(entry["gemm_efficiency"])
-    if entry["peak_tflops"].get("fp4") and "nvfp4" not in efficiency:
+    if entry["peak_tflops"].get("fp4") and entry.get("compute_capability") and "nvfp4" not in efficiency:
         efficiency["nvfp4"] = efficiency.get(NVFP4_EFFICIENCY_FROM)
     return efficiency
 

@@ -268,6 +268,9 @@ GEMMAS = sorted(name for name in NOT_BUILT_BY_MEGATRON if name.startswith("gemma
 def test_parameter_counts_of_what_megatron_cannot_build(name):
     source, billions = NOT_BUILT_BY_MEGATRON[name]
     assert load_model(source).total_params() / 1e9 == pytest.approx(billions, rel=0.005 if name.startswith("gemma") else 1e-12)
+    # the Hub's exact safetensors counts for the Gemmas
+    exact = {"gemma-7b": 8_537_680_896, "gemma-2-9b": 9_241_705_984, "gemma-3-1b-pt": 999_885_952}
+    assert name not in exact or load_model(source).total_params() == exact[name]
 
 
 def test_bloom_reads_alibi_and_its_embedding_norm():
@@ -302,3 +305,54 @@ def test_plans_under_deepspeed_what_megatron_cannot_build(tmp_path, name):
     assert planned.exit_code == 0, planned.output
     assert json.loads(planned.stdout)["model_parameters"] == load_model(NOT_BUILT_BY_MEGATRON[name][0]).total_params()
     assert (tmp_path / "out" / "ds_config.json").is_file()
+
+
+def test_bloom_attends_without_rope_and_unfused_unless_flash_attention_2(tmp_path):
+    from loom.planner.cost.activations import layer_parts as saved_parts
+    from loom.planner.cost.layers import shape_of
+    from loom.planner.specs.job import Features, load_job
+
+    bloom = load_model(NOT_BUILT_BY_MEGATRON["bloom-560m"][0])
+    job = Job(model=bloom, cluster=parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8,
+                                                  "nic_Gbps": 400}, "t"), global_batch_size=8, seq_length=2048, framework="deepspeed")
+    shape = shape_of(job, Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8))
+    # Q, K and V saved once (no rotary copies of Q and K)
+    assert saved_parts(shape)["qkv"] == 2 * 3 * bloom.hidden_size * 2048
+    cluster = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    for features, flash in (({}, False), ({"attention_kernel": "flash2", "flash_attention": True}, True)):
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({"model": NOT_BUILT_BY_MEGATRON["bloom-560m"][0], "cluster": "cluster.yaml",
+                                                           "global_batch_size": 8, "seq_length": 2048, "framework": "deepspeed",
+                                                           "features": features}))
+        assert load_job(tmp_path / "job.yaml").features.flash_attention is flash
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"model": NOT_BUILT_BY_MEGATRON["bloom-560m"][0], "cluster": "cluster.yaml",
+                                                       "global_batch_size": 8, "seq_length": 2048, "framework": "deepspeed",
+                                                       "features": {"flash_attention": True}}))
+    with pytest.raises(SpecError, match="attention_kernel"):
+        load_job(tmp_path / "job.yaml")
+    assert Features().attention_kernel == "cudnn"
+
+
+def test_what_the_new_families_cannot_be(tmp_path):
+    gemma2 = json.loads(Path(NOT_BUILT_BY_MEGATRON["gemma-2-9b"][0]).read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**gemma2, "hidden_activation": "silu"}))
+    with pytest.raises(SpecError, match="hidden_activation"):
+        load_model(str(path))
+    path.write_text(json.dumps({key: value for key, value in gemma2.items() if key != "sliding_window"}))
+    assert load_model(str(path)).sliding_window == 4096  # Gemma2Config's default
+    assert load_model(NOT_BUILT_BY_MEGATRON["gemma-2-9b"][0]).attention_softcap == 50.0
+    # a Nemotron config with Llama-3 8B's shape is still not torchtitan's llama3
+    from loom.planner.specs import torchtitan
+
+    llama = json.loads(json.dumps({"model_type": "nemotron", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                                   "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "max_position_embeddings": 8192}))
+    path.write_text(json.dumps(llama))
+    assert "blocks" in torchtitan.trainable(load_model(str(path)))
+
+
+def test_per_gpu_layer_weights_count_every_norm():
+    from loom.planner.cost.memory import _layer_params_per_gpu
+
+    m = load_model(NOT_BUILT_BY_MEGATRON["gemma-2-9b"][0])
+    assert _layer_params_per_gpu(m, 1, 1, 1, False).total == m.layer_params()

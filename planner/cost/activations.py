@@ -98,7 +98,7 @@ def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
         # stays a view into the fused QKV GEMM's output (torch.split in
         # megatron-core's get_query_key_value_tensors) and keeps all of it
         # alive: Q and K are held twice (measured by `loom profile layers`).
-        "qkv": e * (q + kv + v + (q + kv) * (not m.learned_position_embeddings and m.mla is None)) * T / t,
+        "qkv": e * (q + kv + v + (q + kv) * (not m.learned_position_embeddings and not m.alibi and m.mla is None)) * T / t,
         # The attention output. The output projection saves that same 16-bit
         # tensor (megatron-core sets TE's save_original_input for it), except
         # under delayed fp8 scaling, which cannot, so it keeps an fp8 copy too.

@@ -45,13 +45,22 @@ class PassTime:
         return PassTime(self.gemm_s * factor, self.attention_s * factor, self.elementwise_s * factor)
 
 
+# NVFP4BlockScaling applies a 16-point random Hadamard transform to the
+# weight-gradient GEMM's inputs before quantising them (Transformer Engine's
+# recipe; NVIDIA, "Pretraining LLMs with NVFP4", arXiv 2509.25149, sec. 4):
+# one more read and write of the 16-bit tensor [assumed: not fused into the cast].
+NVFP4_HADAMARD_BYTES = 2 + 2
+
+
 def _cast_bytes(gemms: list[tuple[int, int, int]], precision: str) -> float:
     """Transformer Engine casts each GEMM's 16-bit activation input to the
     GEMM's precision (read 2 B, write the row-wise copy plus a column-wise
     one kept for the weight gradient: 1 B each in fp8, NVFP4_BYTES each in
-    nvfp4) forward, and the incoming gradient likewise backward (TE's
-    cast_transpose kernels, one fused pass; weights are cast once per step)."""
-    return sum((2 + 2 * BYTES[precision]) * m * k for m, _, k in gemms)
+    nvfp4, whose column-wise copy is Hadamard-transformed first) forward, and
+    the incoming gradient likewise backward (TE's cast_transpose kernels, one
+    fused pass; weights are cast once per step)."""
+    per_element = 2 + 2 * BYTES[precision] + (NVFP4_HADAMARD_BYTES if precision == "nvfp4" else 0)
+    return sum(per_element * m * k for m, _, k in gemms)
 
 
 def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
@@ -128,9 +137,9 @@ def residual_add(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 
 
 def _rotary_bytes(shape: Shape) -> float:
-    """Rotary embedding reads and writes Q and K."""
+    """Rotary embedding reads and writes Q and K (none with learned positions or ALiBi)."""
     m = shape.model
-    return 0 if m.learned_position_embeddings else 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp
+    return 0 if m.learned_position_embeddings or m.alibi else 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp
 
 
 def attention_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:

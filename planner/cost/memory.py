@@ -137,7 +137,7 @@ def _layer_params_per_gpu(model: ModelSpec, t: int, ep: int, etp: int, moe: bool
     num_experts / ep routed experts, each split etp ways."""
     h = model.hidden_size
     linear = _attention_params_per_gpu(model, t)
-    other = 2 * model.norm_params() + 2 * model.head_dim * model.qk_norm
+    other = model.norms_per_layer * model.norm_params() + 2 * model.head_dim * model.qk_norm
     if not moe:
         return StageParams(total=linear + model.mlp_params() / t + other, linear=linear + model.mlp_params() / t, expert=0.0)
     experts = model.moe.num_experts // ep * model.moe.expert_params(h) / etp
@@ -235,7 +235,7 @@ class StateBytes:
             return cls(**state, gemm_gather=gather)
         state = cls._mixed_precision(framework, precision, features, gpu, param_gather)
         if features.optimizer_states == "bf16":
-            remainders = precision == "bf16" or (precision == "fp8" and features.fp8_recipe == "delayed")
+            remainders = precision in ("bf16", "nvfp4") or (precision == "fp8" and features.fp8_recipe == "delayed")
             return dataclasses.replace(state, optimizer=PRECISION_AWARE_BF16_OPTIMIZER_BYTES if remainders else PRECISION_AWARE_BF16_FP32_MASTER_BYTES)
         return state
 

@@ -7,7 +7,7 @@ Example (``examples/llama3-8b-h100.yaml``)::
     cluster: h100-64.yaml          # path (relative to this file) or inline mapping
     global_batch_size: 512
     seq_length: 8192
-    precision: bf16                # bf16 | fp16 | fp8 | tf32 | fp32
+    precision: bf16                # bf16 | fp16 | fp8 | mxfp8 | nvfp4 | tf32 | fp32
     framework: megatron            # megatron | deepspeed | torchtitan
     search: {recompute: [none, selective]}   # any knob not given is "auto"
 """
@@ -298,12 +298,10 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     # A value from a flag is blamed on the flag, not on the job file.
     flags = {key: "--" + ("profile" if key == "profiles" else key.replace("_", "-")) for key in given}
     spec = validate(JobFile, data, source, flags=flags)
-    if spec.precision == "mxfp8":  # fp8 with MXFP8 block scaling
-        if spec.features.fp8_recipe not in ("mxfp8",) and "fp8_recipe" in spec.features.model_fields_set:
-            raise SpecError(source, "features.fp8_recipe", "mxfp8 (or unset) with precision mxfp8", spec.features.fp8_recipe)
-        spec = spec.model_copy(update={"precision": "fp8", "features": spec.features.model_copy(update={"fp8_recipe": "mxfp8"})})
     model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
     cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
+    if spec.precision == "mxfp8":  # fp8 with MXFP8 block scaling
+        spec = _as_mxfp8(spec, cluster, source if "precision" not in flags else "command line", flags.get("precision", "precision"))
     stack = spec.stack or FRAMEWORK_STACK[spec.framework]
     job = Job(
         model=model,
@@ -314,7 +312,8 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
         optimizer=spec.optimizer,
         framework=spec.framework,
         stack=stack,
-        features=_precision_features(stack_features(stack, spec.features), spec.precision, spec.features, source),
+        features=_attention_features(_precision_features(stack_features(stack, spec.features), spec.precision, spec.features, source),
+                                     model, spec.features, source),
         search=spec.search,
         top_k=spec.top_k,
         train_iters=spec.train_iters,
@@ -326,6 +325,39 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     except SpecError as error:
         raise SpecError.of(source, [(flags.get(field, field), expected, got) for field, expected, got in error.problems]) from None
     return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
+
+
+def _attention_features(features: Features, model: ModelSpec, given: Features, source: str) -> Features:
+    """ALiBi (BLOOM) and attention soft-capping (Gemma 2) run in FlashAttention-2
+    (flash_attn_func's alibi_slopes and softcap) but in neither cuDNN's fused
+    attention nor PyTorch's SDPA; transformers runs both eagerly. So such a
+    model attends unfused unless the job asks for FlashAttention-2
+    (``attention_kernel: flash2``); flash with cuDNN's kernel is bad input."""
+    if not (model.alibi or model.attention_softcap):
+        return features
+    why = "ALiBi" if model.alibi else "attention soft-capping"
+    if features.flash_attention and features.attention_kernel == "flash2":
+        return features
+    if "flash_attention" in given.model_fields_set and given.flash_attention:
+        raise SpecError(source, "features.attention_kernel", f"flash2 with flash_attention for {model.name} (its {why} runs in "
+                        "FlashAttention-2, not cuDNN's fused attention)", features.attention_kernel)
+    return features.model_copy(update={"flash_attention": False})
+
+
+def _as_mxfp8(spec: JobFile, cluster: Cluster, source: str, field: str) -> JobFile:
+    """``precision: mxfp8`` as fp8 with ``fp8_recipe: mxfp8``; what cannot run
+    it is blamed on the precision the user gave.
+
+    Raises SpecError: another fp8_recipe given, a GPU without Blackwell's
+    block-scaled tensor cores, or a framework with no MXFP8 (DeepSpeed)."""
+    if spec.features.fp8_recipe != "mxfp8" and "fp8_recipe" in spec.features.model_fields_set:
+        raise SpecError(source, "features.fp8_recipe", "mxfp8 (or unset) with precision mxfp8", spec.features.fp8_recipe)
+    old = next((node.gpu.name for node in cluster.nodes if not node.gpu.fp8_gemm_any_layout), None)
+    if old:
+        raise SpecError(source, field, f"a precision {old} runs (MXFP8 needs Blackwell's block-scaled fp8)", "mxfp8")
+    if spec.framework == "deepspeed":
+        raise SpecError(source, field, "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "mxfp8")
+    return spec.model_copy(update={"precision": "fp8", "features": spec.features.model_copy(update={"fp8_recipe": "mxfp8"})})
 
 
 def _precision_features(features: Features, precision: str, given: Features, source: str) -> Features:
@@ -381,11 +413,12 @@ def check_job(job: Job) -> None:
     if job.precision in FP32_PRECISIONS and job.features.optimizer_states == "bf16":
         raise SpecError(job.source, "features.optimizer_states", f"fp32 with precision {job.precision}", "bf16")
     if job.precision == "nvfp4" and job.framework != "megatron":
-        raise SpecError(job.source, "precision", f"bf16 or fp8 with {job.framework} (nvfp4 is Transformer Engine's NVFP4BlockScaling, "
+        other = "bf16 or fp16" if job.framework == "deepspeed" else "bf16 or fp8"
+        raise SpecError(job.source, "precision", f"{other} with {job.framework} (nvfp4 is Transformer Engine's NVFP4BlockScaling, "
                         "through Megatron's --fp4-format)", "nvfp4")
     if job.precision == "nvfp4" and job.features.tp_comm_overlap:
-        raise SpecError(job.source, *_from_stack(job, "tp_comm_overlap", "false with precision nvfp4 (loom prices Transformer "
-                                                                          "Engine's userbuffers for bf16 and fp8 only)"))
+        raise SpecError(job.source, "features.tp_comm_overlap", "false with precision nvfp4 (set it in the job's features: loom "
+                        "prices Transformer Engine's userbuffers for bf16 and fp8 only)", True)
     if job.framework == "deepspeed" and job.precision == "fp8":
         raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
@@ -410,7 +443,8 @@ def _check_torchtitan(job: Job) -> None:
     quantize.linear.mx converters; no fp16 in Training.mixed_precision_param)."""
     why = torchtitan.trainable(job.model)
     if why:
-        raise SpecError(job.source, "framework", f"megatron or deepspeed for this model; torchtitan needs {why}", job.framework)
+        others = "deepspeed" if job.model.megatron_unbuildable else "megatron or deepspeed"
+        raise SpecError(job.source, "framework", f"{others} for this model; torchtitan needs {why}", job.framework)
     if job.precision == "fp16":
         raise SpecError(job.source, "precision", "bf16, fp8, tf32 or fp32 with torchtitan (its mixed precision is bfloat16 or float32)",
                         job.precision)
@@ -433,10 +467,14 @@ def job_warnings(job: Job) -> list[str]:
     if tokens > TOKENS_PER_STEP_WARNING:
         warnings.append(f"global_batch_size counts sequences: {job.global_batch_size:,} sequences of {job.seq_length:,} tokens is "
                         f"{tokens / 1e9:.1f}B tokens per step (published runs use up to ~0.02B); did you give it in tokens?")
-    if job.seq_length > job.model.max_position_embeddings:
+    if job.seq_length > job.model.max_position_embeddings and not job.model.alibi:
         warnings.append(f"seq_length {job.seq_length:,} is longer than {job.model.name}'s max_position_embeddings "
                         f"{job.model.max_position_embeddings:,}: the launch files raise it to the sequence length (rotary "
                         "positions extrapolate; quality is not loom's to judge)")
+    if job.precision == "nvfp4":
+        ignored = " (fp8_param_gather is fp8's: ignored)" if job.features.fp8_param_gather else ""
+        warnings.append("nvfp4 GEMMs are priced at fp8's large-GEMM efficiency on the fp4 peak, an assumption no published figure "
+                        f"checks yet: expect nvfp4 step times to be optimistic{ignored}")
     if not job.cluster.named_hosts and not job.cluster.uniform:
         warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "
                         "files take the i-th node the job is given as its node i; give hosts: to pin them")

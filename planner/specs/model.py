@@ -1,6 +1,7 @@
 """The model spec: a decoder-only transformer, read from a Hugging Face
 style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3,
-InternLM2, StarCoder2, GPT-2, GPT-NeoX; the mixture-of-experts Mixtral,
+InternLM2, StarCoder2, Nemotron-4, GPT-2, GPT-NeoX; Gemma 1/2/3 and BLOOM,
+which Megatron-LM's pretrain_gpt.py cannot build; the mixture-of-experts Mixtral,
 Qwen1.5/2-MoE, Qwen3-MoE, DeepSeek-V2/V3 with their latent attention and
 gpt-oss with its sliding-window layers and attention sinks),
 and optionally a vision tower feeding it (LLaVA: a CLIP ViT and
@@ -38,7 +39,7 @@ WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
 # Families added with issue #16 whose rope_scaling loom checks: none, or
 # "dynamic" NTK scaling, which changes nothing within max_position_embeddings
 # (transformers' dynamic rope update) and so nothing in pre-training.
-ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "gemma", "gemma2"}
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron"}
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
@@ -56,19 +57,23 @@ NEMOTRON = {"nemotron"}
 # sliding window on every other layer; Gemma 3 (arXiv 2503.19786) QK norm and
 # five sliding layers to one global.
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
+GEMMA_WINDOW = 4096  # Gemma2Config's and Gemma3TextConfig's default sliding_window
+GEMMA_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # the GeLU variants of Gemma's GeGLU
 # BLOOM (BigScience 2022, arXiv 2211.05100, sec. 3.2; transformers' BloomConfig):
 # ALiBi instead of position embeddings, a LayerNorm right after the word
 # embedding, a 4h GeLU MLP, LayerNorm and biases everywhere, tied embeddings.
 BLOOM = {"bloom"}
 # Why Megatron-LM's pretrain_gpt.py cannot build a family loom prices (so a
 # Megatron plan of it is refused; DeepSpeed runs the user's own model code).
+# (Megatron-Bridge builds Gemma on megatron-core with its own layer specs and
+# embedding; loom writes pretrain_gpt.py launch files only.)
 MEGATRON_CANNOT_BUILD = {
-    "gemma": "Gemma's input embedding scaled by sqrt(hidden) and its GeGLU MLP (Megatron-LM's arguments have --swiglu, "
-             "--squared-relu and --quick-geglu, no tanh-GeLU GLU; GPTModel does not scale its embedding)",
-    "gemma2": "Gemma 2's scaled embedding, GeGLU, logit soft-capping and the norm after each sublayer (megatron-core's "
-              "TransformerLayer has input and pre-MLP norms only)",
-    "gemma3_text": "Gemma 3's scaled embedding, GeGLU and the norm after each sublayer (megatron-core's TransformerLayer has "
-                   "input and pre-MLP norms only)",
+    "gemma": "Gemma from its arguments: its input embedding scaled by sqrt(hidden) (GPTModel does not scale it) and its "
+             "tanh-GeLU GLU (the arguments have --swiglu, --squared-relu and --quick-geglu only)",
+    "gemma2": "Gemma 2 from its arguments: the scaled embedding, the tanh-GeLU GLU, logit soft-capping and the norm after "
+              "each sublayer (the standard layer spec has input and pre-MLP norms only)",
+    "gemma3_text": "Gemma 3 from its arguments: the scaled embedding, the tanh-GeLU GLU and the norm after each sublayer "
+                   "(the standard layer spec has input and pre-MLP norms only)",
     "bloom": "BLOOM's ALiBi attention biases and its LayerNorm after the word embedding (megatron-core's --position-embedding-type "
              "has learned_absolute, rope, mrope, relative and none; GPTModel has no embedding norm)",
 }
@@ -199,6 +204,7 @@ class ModelSpec:
     layernorm_1p: bool = False  # LayerNorm scaled by (1 + gamma), gamma initialised at 0 (Nemotron-4): the same parameters
     norms_per_layer: int = 2  # before attention and MLP; Gemma 2/3 add one after each (post-norms): 4
     megatron_unbuildable: str | None = None  # why Megatron-LM's pretrain_gpt.py cannot build it (None: it can)
+    attention_softcap: float | None = None  # Gemma 2's tanh cap on the attention scores (attn_logit_softcapping)
     alibi: bool = False  # ALiBi's per-head linear biases on the attention scores instead of position embeddings (BLOOM)
     embedding_norm: bool = False  # a norm right after the word embedding (BLOOM's word_embeddings_layernorm)
 
@@ -407,7 +413,8 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
         read.require(False, "model_type", f"one of {sorted(known | VISION_LANGUAGE)}{where}", family)
         read.check()
-    hidden = read.int("hidden_size", "n_embd", "n_embed", high=LIMITS["width"])
+    # BloomConfig lets n_embed win over hidden_size
+    hidden = read.int(*(("n_embed", "hidden_size") if family in BLOOM else ("hidden_size", "n_embd")), high=LIMITS["width"])
     heads = read.int("num_attention_heads", "n_head", high=LIMITS["heads"])
     kv_heads = read.int("num_key_value_heads", default=heads, high=LIMITS["heads"])
     head_dim = read.int("head_dim", default=0, low=1, high=LIMITS["width"]) or None
@@ -434,13 +441,13 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=kv_heads,
-        ffn_hidden_size=read.int("intermediate_size", "n_inner", default=4 * hidden, high=LIMITS["width"]),
+        ffn_hidden_size=4 * hidden if family in BLOOM else read.int("intermediate_size", "n_inner", default=4 * hidden, high=LIMITS["width"]),
         vocab_size=read.int("vocab_size", low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
         # ALiBi has no position table: BLOOM's config names no limit (its 2,048-token pre-training length stands in)
         max_position_embeddings=read.int("max_position_embeddings", "n_positions", default=BLOOM_POSITIONS if family in BLOOM else None,
                                          high=LIMITS["positions"]),
         gated_mlp=llama_like,
-        # transformers' defaults: GPT-2 and StarCoder2 tie, the others do not.
+        # transformers' defaults: GPT-2 and StarCoder2 tie, the others here do not (Nemotron, Gemma and BLOOM: below).
         tied_embeddings=read.bool("tie_word_embeddings", family in ("gpt2", "starcoder2")),
         learned_position_embeddings=family == "gpt2",
         linear_bias=read.bool("use_bias", True) if starcoder2 else not llama_like or gpt_oss,
@@ -467,8 +474,10 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         spec = replace(spec, tied_embeddings=read.bool("tie_word_embeddings", True), norms_per_layer=2 if family == "gemma" else 4,
                        qk_norm=family == "gemma3_text", megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
         if family != "gemma":
-            window, layers = _sliding_window(read, num_layers, 2 if family == "gemma2" else read.int("sliding_window_pattern", default=6))
-            spec = replace(spec, sliding_window=window, window_layers=layers)
+            period = 2 if family == "gemma2" else read.int("sliding_window_pattern", default=6)
+            window, layers = _sliding_window(read, num_layers, period, default=GEMMA_WINDOW)
+            cap = read.number("attn_logit_softcapping", default=0.0, high=1e6) if read.config.get("attn_logit_softcapping") is not None else 0.0
+            spec = replace(spec, sliding_window=window, window_layers=layers, attention_softcap=cap or None)
     if gpt_oss:
         window, layers = _sliding_window(read, num_layers, 2)
         spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
@@ -496,8 +505,10 @@ def _check_family(read: ConfigReader, family: str) -> None:
         read.require(not read.bool("apply_residual_connection_post_layernorm", False), "apply_residual_connection_post_layernorm",
                      "false for bloom (loom prices the residual taken before each norm, as BLOOM trained)", True)
     if family in GEMMA:
-        for key in ("attention_bias",):
-            read.require(not read.bool(key, False), key, f"false for {family} (Gemma has no biases)", True)
+        read.require(not read.bool("attention_bias", False), "attention_bias", f"false for {family} (Gemma has no biases)", True)
+        activation = read.str("hidden_activation", read.str("hidden_act", "gelu_pytorch_tanh"))
+        read.require(activation in GEMMA_ACTIVATIONS, "hidden_activation", f"a GeLU ({', '.join(GEMMA_ACTIVATIONS)}) for {family}'s "
+                     "GeGLU", activation)
     if family in NEMOTRON:
         read.require(read.str("hidden_act", "relu2") == "relu2", "hidden_act", "relu2 for nemotron (Megatron's --squared-relu)",
                      read.config.get("hidden_act"))
@@ -517,14 +528,14 @@ def _check_family(read: ConfigReader, family: str) -> None:
                      "embedding has no per-dimension LongRoPE factors nor this family's scaling)", kind)
 
 
-def _sliding_window(read: ConfigReader, num_layers: int, period: int) -> tuple[int | None, tuple[bool, ...]]:
+def _sliding_window(read: ConfigReader, num_layers: int, period: int, default: int = 0) -> tuple[int | None, tuple[bool, ...]]:
     """gpt-oss, Gemma 2 and 3: ``sliding_window`` keys (the query's own
     included) on the layers ``layer_types`` marks "sliding_attention", full
     causal attention on the "full_attention" ones (transformers'
     GptOssConfig, Gemma2Config, Gemma3TextConfig; without layer_types, every
     ``period``-th layer is global, the others windowed: layer i slides when
-    (i + 1) % period != 0)."""
-    window = read.int("sliding_window", default=0, low=1, high=LIMITS["positions"]) or None
+    (i + 1) % period != 0). ``default``: the window a config may leave out."""
+    window = read.int("sliding_window", default=default, low=1, high=LIMITS["positions"]) or None
     types = read.str_list("layer_types", ("sliding_attention", "full_attention"))
     if types is None:
         types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
