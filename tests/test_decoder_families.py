@@ -18,7 +18,7 @@ from loom.cli.app import app
 from loom.planner.output.megatron import megatron_args
 from loom.planner.specs.cluster import parse_cluster
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.job import Job
+from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
 from loom.planner.specs.stages import uniform_stages
@@ -310,7 +310,7 @@ def test_plans_under_deepspeed_what_megatron_cannot_build(tmp_path, name):
 def test_bloom_attends_without_rope_and_unfused_unless_flash_attention_2(tmp_path):
     from loom.planner.cost.activations import layer_parts as saved_parts
     from loom.planner.cost.layers import shape_of
-    from loom.planner.specs.job import Features, load_job
+    from loom.planner.specs.job import load_job
 
     bloom = load_model(NOT_BUILT_BY_MEGATRON["bloom-560m"][0])
     job = Job(model=bloom, cluster=parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8,
@@ -356,3 +356,26 @@ def test_per_gpu_layer_weights_count_every_norm():
 
     m = load_model(NOT_BUILT_BY_MEGATRON["gemma-2-9b"][0])
     assert _layer_params_per_gpu(m, 1, 1, 1, False).total == m.layer_params()
+
+
+def test_gemma2s_soft_caps_cost_a_pass_over_the_scores_and_the_logits(tmp_path):
+    from dataclasses import replace
+
+    from loom.planner.cost import activations, compute
+    from loom.planner.cost.layers import shape_of
+
+    capped = load_model(NOT_BUILT_BY_MEGATRON["gemma-2-9b"][0])
+    plain = replace(capped, attention_softcap=None, logit_softcap=None)
+    cluster = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "t")
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8)
+    shapes = [shape_of(Job(model=m, cluster=cluster, global_batch_size=8, seq_length=4096, framework="deepspeed",
+                           features=Features(flash_attention=False)), layout) for m in (capped, plain)]
+    gpu = cluster.nodes[0].gpu
+    for backward in (False, True):
+        with_cap, without = (compute.attention_core(s, gpu, backward).elementwise_s for s in shapes)
+        assert with_cap > without
+        with_cap, without = (compute.head(s, gpu, backward).elementwise_s for s in shapes)
+        assert with_cap > without
+    scores = 2 * capped.num_attention_heads * 4096 * 4096  # one 16-bit tanh of the s x s scores per head
+    assert activations.layer_parts(shapes[0])["core_attention"] - activations.layer_parts(shapes[1])["core_attention"] == scores
+    assert activations.head(shapes[0]) - activations.head(shapes[1]) == 2 * 4096 * capped.vocab_size

@@ -116,13 +116,15 @@ def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
 
 def _core_attention_bytes(shape: Shape) -> float:
     """Flash attention keeps only the fp32 log-sum-exp per query row; the
-    unfused kernels keep the softmax, its dropout mask and its output."""
+    unfused kernels keep the softmax, its dropout mask and its output (and
+    a soft-capped score's tanh)."""
     m = shape.model
     heads_per_rank = m.num_attention_heads / shape.tp
     if shape.features.flash_attention:
         return 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
-    return (shape.act_bytes + (1 + shape.act_bytes if m.dropout else 0)) * scores
+    capped = shape.act_bytes if m.attention_softcap else 0  # Gemma 2's soft-cap keeps its tanh for backward
+    return (shape.act_bytes + capped + (1 + shape.act_bytes if m.dropout else 0)) * scores
 
 
 def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
@@ -201,9 +203,10 @@ def embedding(shape: Shape) -> float:
 
 def head(shape: Shape) -> float:
     """Final norm input and output-layer input (the output layer is 16-bit
-    even under fp8), plus what the loss saves per logit."""
+    even under fp8), plus what the loss saves per logit (and a logit
+    soft-cap's tanh, Gemma 2)."""
     m, T = shape.model, shape.tokens
-    saved = LOSS_SAVED_BYTES_PER_LOGIT[shape.features.cross_entropy_fusion]
+    saved = LOSS_SAVED_BYTES_PER_LOGIT[shape.features.cross_entropy_fusion] + shape.act_bytes * (m.logit_softcap is not None)
     return 2 * shape.act_bytes * T * shape.replicated_width + saved * T * m.vocab_size / shape.tp
 
 

@@ -77,10 +77,14 @@ def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     precision = shape.precision if shape.act_bytes == 4 else "bf16"
     gemm_s = sum(gemm_time_s(*mnk, gpu, precision, batch=batch) for mnk in gemms)
     scores = batch * s * s
-    # fwd: read and write the scores; bwd: y and dy in, dx out
-    softmax_bytes = (3 if backward else 2) * shape.act_bytes * scores
+    # fwd: read and write the scores; bwd: y and dy in, dx out. Gemma 2's
+    # soft-capping (cap * tanh(x / cap)) is one more such pass each way, and
+    # BLOOM's ALiBi adds its biases to the scores forward (read and write).
+    passes = 1 + (m.attention_softcap is not None)
+    softmax_bytes = passes * (3 if backward else 2) * shape.act_bytes * scores
+    alibi_bytes = 2 * shape.act_bytes * scores if m.alibi and not backward else 0
     dropout_bytes = 5 * scores if m.dropout else 0  # read, write, 1-byte mask
-    return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(softmax_bytes + dropout_bytes, gpu))
+    return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(softmax_bytes + alibi_bytes + dropout_bytes, gpu))
 
 
 @cache
@@ -281,7 +285,9 @@ def head(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     gemm_s = sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms)
     loss_bytes = (CROSS_ENTROPY_BWD_BYTES_PER_LOGIT if backward else CROSS_ENTROPY_FWD_BYTES_PER_LOGIT) * T * logits[1]
     norm_bytes = 2 * shape.act_bytes * T * shape.replicated_width * (2 if backward else 1)
-    return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(loss_bytes + norm_bytes, gpu))
+    # Gemma 2 caps the logits (cap * tanh(x / cap)) before the loss: one more pass over them each way.
+    cap_bytes = (3 if backward else 2) * shape.act_bytes * T * logits[1] if m.logit_softcap else 0
+    return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(loss_bytes + norm_bytes + cap_bytes, gpu))
 
 
 def mtp_projection(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:

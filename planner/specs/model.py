@@ -205,6 +205,7 @@ class ModelSpec:
     norms_per_layer: int = 2  # before attention and MLP; Gemma 2/3 add one after each (post-norms): 4
     megatron_unbuildable: str | None = None  # why Megatron-LM's pretrain_gpt.py cannot build it (None: it can)
     attention_softcap: float | None = None  # Gemma 2's tanh cap on the attention scores (attn_logit_softcapping)
+    logit_softcap: float | None = None  # Gemma 2's tanh cap on the output logits (final_logit_softcapping)
     alibi: bool = False  # ALiBi's per-head linear biases on the attention scores instead of position embeddings (BLOOM)
     embedding_norm: bool = False  # a norm right after the word embedding (BLOOM's word_embeddings_layernorm)
 
@@ -476,8 +477,9 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         if family != "gemma":
             period = 2 if family == "gemma2" else read.int("sliding_window_pattern", default=6)
             window, layers = _sliding_window(read, num_layers, period, default=GEMMA_WINDOW)
-            cap = read.number("attn_logit_softcapping", default=0.0, high=1e6) if read.config.get("attn_logit_softcapping") is not None else 0.0
-            spec = replace(spec, sliding_window=window, window_layers=layers, attention_softcap=cap or None)
+            caps = [read.number(key, default=0.0, high=1e6) if read.config.get(key) is not None else 0.0
+                    for key in ("attn_logit_softcapping", "final_logit_softcapping")]
+            spec = replace(spec, sliding_window=window, window_layers=layers, attention_softcap=caps[0] or None, logit_softcap=caps[1] or None)
     if gpt_oss:
         window, layers = _sliding_window(read, num_layers, 2)
         spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
