@@ -60,7 +60,7 @@ def _trial_logs(folder: Path) -> list[Path]:
     except (OSError, ValueError):
         written = set()
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "plan.json"
-                   and f"{folder.name}/{p.name}" not in written and not _is_calibration(str(p)))
+                   and f"{folder.name}/{p.name}" not in written and not (p.name.endswith(".json") and _is_calibration(str(p))))
     logs = [p for p in files if p.suffix in LOG_SUFFIXES]
     traces = [p for p in files if p.name.endswith(TRACE_SUFFIXES)]
     for kind, found in (("training log (*.log, *.out, *.txt)", logs), ("profiler trace (*.json)", traces)):

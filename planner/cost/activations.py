@@ -42,9 +42,10 @@ LOSS_TRANSIENT_BYTES_PER_LOGIT = {"none": 2, "native": 2, "te": 0, "torch": 8}
 def gemm_input_bytes(shape: Shape) -> float:
     """Bytes per element of a GEMM input Transformer Engine keeps for
     backward: 16-bit, or under fp8 one fp8 copy (1 B), plus MXFP8's scale per
-    32 values, or under nvfp4 one NVFP4 copy (NVFP4_BYTES). After the forward GEMM, TE's Linear and LayerNormLinear keep
-    only the column-wise copy the weight gradient needs, or with sequence
-    parallelism the row-wise local shard they gather again
+    32 values, or under nvfp4 one NVFP4 copy (NVFP4_BYTES). After the forward
+    GEMM, TE's Linear and LayerNormLinear keep only the column-wise copy the
+    weight gradient needs, or with sequence parallelism the row-wise local
+    shard they gather again
     (transformer_engine/pytorch/module/linear.py ``inputmat.update_usage``)."""
     if shape.precision == "nvfp4":
         return NVFP4_BYTES

@@ -29,7 +29,7 @@ from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, Memo
 from loom.planner.specs.model import ModelSpec, load_model
 from loom.planner.specs.stacks import DEFAULT_STACK, FRAMEWORK_STACK, STACKS
 from loom.profiles.calibration import CalibrationDocument, read_calibration
-from loom.profiles.catalogue import GPU, find_gpu
+from loom.profiles.catalogue import GPU, GiB, find_gpu
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -539,7 +539,7 @@ def calibrated_cluster(job: Job, cluster: Cluster, document: CalibrationDocument
     learnt = [f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise") if (factor := getattr(document, kind))]
     learnt += [f"{kind} links x{factor.value:.3f}" for kind in ("nvlink", "network") if (factor := getattr(document, kind)) and same_cluster]
     if same_framework and document.memory_overhead_bytes:
-        learnt.append(f"memory +{document.memory_overhead_bytes / 2**30:.2f} GiB")
+        learnt.append(f"memory +{document.memory_overhead_bytes / GiB:.2f} GiB")
     summary = f"{source}: {', '.join(learnt) or 'nothing that applies'} (from {len(document.runs)} run{'s' * (len(document.runs) > 1)})"
     nodes = []
     for node in cluster.nodes:
