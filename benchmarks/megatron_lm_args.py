@@ -98,14 +98,21 @@ def cases() -> list[tuple[str, Job, Layout]]:
          Layout(tp=2, pp=1, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, **sp)),
         ("llama-3-70b, optimizer offloaded to the host", Job(model=load_model("llama-3-70b"), cluster=_cluster(4), global_batch_size=64,
          seq_length=8192), Layout(tp=4, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, optimizer_offload=True, **sp)),
+        ("nemotron-h-8b, hybrid Mamba with TP, CP and a pipeline, fp8", Job(model=load_model("nemotron-h-8b"), cluster=_cluster(2),
+         global_batch_size=64, seq_length=8192, precision="fp8"),
+         Layout(tp=2, pp=2, dp=2, cp=2, micro_batch_size=1, global_batch_size=64, **sp)),
+        ("nemotron-3-nano, hybrid Mamba with MoE layers", Job(model=load_model("nemotron-3-nano-30b-a3b"), cluster=_cluster(2),
+         global_batch_size=64, seq_length=8192), Layout(tp=1, pp=1, dp=16, cp=1, ep=8, micro_batch_size=1, global_batch_size=64,
+                                                         distributed_optimizer=True)),
     ]
 
 
 def planned() -> list[tuple[str, Job, Layout, list]]:
     """The plans loom makes (best layout and its stage split) for Mixtral 8x7B
-    on 64 H100 and DeepSeek-V3 on 1,024 H100, as benchmarks/moe_runs.py does."""
+    on 64 H100 and DeepSeek-V3 on 1,024 H100, as benchmarks/moe_runs.py does,
+    and Nemotron-H 56B on 64 H100."""
     found = []
-    for model, nodes, batch in [("mixtral-8x7b", 8, 256), ("deepseek-v3", 128, 4096)]:
+    for model, nodes, batch in [("mixtral-8x7b", 8, 256), ("deepseek-v3", 128, 4096), ("nemotron-h-56b", 8, 192)]:
         job = Job(model=load_model(model), cluster=parse_cluster({"nodes": nodes, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
                                                                    "nics_per_node": 8, "nic_Gbps": 400}, "dev"),
                   global_batch_size=batch, seq_length=4096)

@@ -296,7 +296,7 @@ def estimated_time_s(kind: str, shape: RankShape, gpu: GPU, precision: str, back
         return compute.embedding(planned, gpu, backward).total_s
     if kind == "head":
         return compute.head(planned, gpu, backward).total_s
-    return compute.decoder_layer(planned, gpu, backward, moe=kind == "moe").total_s
+    return compute.decoder_layer(planned, gpu, backward, kind).total_s
 
 
 def estimated_saved_bytes(kind: str, shape: RankShape, recompute: str) -> float:
@@ -306,7 +306,7 @@ def estimated_saved_bytes(kind: str, shape: RankShape, recompute: str) -> float:
         return activations.embedding(planned)
     if kind == "head":
         return activations.head(planned)
-    return activations.decoder_layer(planned, recompute, moe=kind == "moe")
+    return activations.decoder_layer(planned, recompute, kind)
 
 
 def rank_dims(shape: RankShape) -> RankDims:

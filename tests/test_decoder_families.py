@@ -355,7 +355,7 @@ def test_per_gpu_layer_weights_count_every_norm():
     from loom.planner.cost.memory import _layer_params_per_gpu
 
     m = load_model(NOT_BUILT_BY_MEGATRON["gemma-2-9b"][0])
-    assert _layer_params_per_gpu(m, 1, 1, 1, False).total == m.layer_params()
+    assert _layer_params_per_gpu(m, 1, 1, 1, "dense").total == m.layer_params()
 
 
 def test_gemma2s_soft_caps_cost_a_pass_over_the_scores_and_the_logits(tmp_path):

@@ -310,18 +310,18 @@ def test_recompute_modules_drop_what_they_re_run():
     mixtral = load_model("mixtral-8x7b")
     layout = Layout(tp=2, pp=1, dp=4, cp=1, ep=4, micro_batch_size=1, global_batch_size=8, sequence_parallel=True)
     shape = Shape.of(mixtral, layout, 4096, "bf16", Features())
-    parts = layer_parts(shape, moe=True)
-    none = decoder_layer(shape, "none", moe=True)
+    parts = layer_parts(shape, "moe")
+    none = decoder_layer(shape, "none", "moe")
     assert none == pytest.approx(sum(parts.values()))
     routed = shape.moe_tokens * mixtral.moe.top_k
-    assert none - decoder_layer(shape, "selective", True, ("moe_act",)) == pytest.approx(2 * routed * mixtral.moe.expert_ffn_hidden_size)
-    assert none - decoder_layer(shape, "selective", True, ("moe",)) == pytest.approx(parts["routed"] + parts["routed_activation"] + parts["router"])
-    assert decoder_layer(shape, "selective", True) == pytest.approx(none - parts["core_attention"])  # core_attn by default
+    assert none - decoder_layer(shape, "selective", "moe", ("moe_act",)) == pytest.approx(2 * routed * mixtral.moe.expert_ffn_hidden_size)
+    assert none - decoder_layer(shape, "selective", "moe", ("moe",)) == pytest.approx(parts["routed"] + parts["routed_activation"] + parts["router"])
+    assert decoder_layer(shape, "selective", "moe") == pytest.approx(none - parts["core_attention"])  # core_attn by default
     deepseek = load_model("deepseek-v3")
     shape = Shape.of(deepseek, layout, 4096, "bf16", Features())
-    assert decoder_layer(shape, "none") - decoder_layer(shape, "selective", False, ("mla_up_proj",)) == pytest.approx(layer_parts(shape)["qkv"])
+    assert decoder_layer(shape, "none") - decoder_layer(shape, "selective", "dense", ("mla_up_proj",)) == pytest.approx(layer_parts(shape)["qkv"])
     dense = layer_parts(shape)
-    assert decoder_layer(shape, "none") - decoder_layer(shape, "selective", False, ("mlp",)) == pytest.approx(dense["mlp"] + dense["mlp_input"])
+    assert decoder_layer(shape, "none") - decoder_layer(shape, "selective", "dense", ("mlp",)) == pytest.approx(dense["mlp"] + dense["mlp_input"])
 
 
 def test_block_recompute_lies_between_none_and_full():

@@ -274,8 +274,8 @@ def test_fine_grained_experts_at_one_sequence_wait_for_the_host():
     dense = evaluate(llama, layout(tp=4, pp=4, dp=1, sequence_parallel=True, global_batch_size=64))
     assert dense.step.breakdown_s["host_overhead"] == 0.0
     # More local experts, more to issue.
-    assert host.layer_host_s(_shape(qwen30b, Features(), ep=4), moe=True) > host.layer_host_s(_shape(qwen30b, Features(), ep=16), moe=True)
-    assert host.layer_host_s(_shape(qwen30b, Features(moe_router_fusion=True), ep=8), moe=True) < host.layer_host_s(_shape(qwen30b, Features(), ep=8), moe=True)
+    assert host.layer_host_s(_shape(qwen30b, Features(), ep=4), "moe") > host.layer_host_s(_shape(qwen30b, Features(), ep=16), "moe")
+    assert host.layer_host_s(_shape(qwen30b, Features(moe_router_fusion=True), ep=8), "moe") < host.layer_host_s(_shape(qwen30b, Features(), ep=8), "moe")
 
 
 def test_all_to_all_overlap_hides_dispatch_behind_the_other_micro_batch():

@@ -21,6 +21,7 @@ from loom.planner.cost.efficiency import NVFP4_BYTES
 from loom.planner.cost.moe import busiest_rows_factor
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.layout import OP_SAC
+from loom.planner.specs.model import SUBLAYERS
 
 # The loss per logit, by implementation (--cross-entropy-fusion-impl):
 # Megatron's unfused vocab_parallel_cross_entropy and its native fused one
@@ -72,34 +73,43 @@ DROPPED_BY_MODULE = {
 }
 
 
-def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
-    """What one decoder layer keeps for backward, per micro batch, per GPU,
-    part by part: Korthikanti et al.'s count, tensor by tensor (``loom
-    profile layers`` measures the same tensors in a PyTorch layer; its test
-    checks the two agree). Replicated parts are split over TP only with
-    sequence parallelism."""
+def layer_parts(shape: Shape, kind: str = "dense") -> dict[str, float]:
+    """What one decoder layer of ``kind`` (a SUBLAYERS key) keeps for
+    backward, per micro batch, per GPU, part by part: Korthikanti et al.'s
+    count, tensor by tensor (``loom profile layers`` measures the same
+    tensors in a PyTorch layer; its test checks the two agree). Replicated
+    parts are split over TP only with sequence parallelism."""
+    m, T, w = shape.model, shape.tokens, shape.replicated_width
+    sublayers = SUBLAYERS[kind]
+    parts: dict[str, float] = {
+        "dropout_masks": (len(sublayers) if m.dropout else 0) * T * w,  # 1 byte each, after each sublayer
+        # Gemma 2/3's norms after the attention and the MLP keep their inputs (the sublayers' outputs), 16-bit.
+        "post_norm_inputs": (m.norms_per_layer // 2 - 1) * len(sublayers) * shape.act_bytes * T * w,
+    }
+    if "attention" in sublayers:
+        parts.update(_attention_parts(shape))
+    if "mlp" in sublayers or "moe" in sublayers:
+        parts.update(_mlp_parts(shape, moe="moe" in sublayers))
+    if "mamba" in sublayers:
+        parts.update(_mamba_parts(shape))
+    return parts
+
+
+def _attention_parts(shape: Shape) -> dict[str, float]:
+    """The attention sublayer's saved tensors."""
     m, t, T, e, w = shape.model, shape.tp, shape.tokens, shape.act_bytes, shape.replicated_width
     q, kv, v, out = m.q_size, m.kv_size, m.v_size, m.attention_output_size
     g = gemm_input_bytes(shape)
     parts = {
-        # The layer's input (the attention norm's) and the pre-MLP norm's
-        # input (the residual after attention), 16-bit.
+        # The layer's input (the attention norm's), 16-bit.
         "input": e * T * w,
-        "mlp_norm_input": e * T * w,
         # The attention norm's output, the QKV GEMM's input (fp8 under fp8).
         "qkv_input": g * T * w,
-        # The pre-MLP norm's output: the dense MLP's fc1 input (fp8 under
-        # fp8), or an MoE layer's own TENorm output feeding the router (16-bit).
-        "mlp_input": 0.0 if moe else g * T * w,
-        "moe_norm_output": e * T * w if moe else 0.0,
-        "dropout_masks": (2 if m.dropout else 0) * T * w,  # 1 byte each, after attention and MLP
-        # Gemma 2/3's norms after the attention and the MLP keep their inputs (the sublayers' outputs), 16-bit.
-        "post_norm_inputs": (m.norms_per_layer - 2) * e * T * w,
         # Q, K, V, split over TP. Rotary embedding writes new Q and K, but V
         # stays a view into the fused QKV GEMM's output (torch.split in
         # megatron-core's get_query_key_value_tensors) and keeps all of it
         # alive: Q and K are held twice (measured by `loom profile layers`).
-        "qkv": e * (q + kv + v + (q + kv) * (not m.learned_position_embeddings and not m.alibi and m.mla is None)) * T / t,
+        "qkv": e * (q + kv + v + (q + kv) * (m.rotary and m.mla is None)) * T / t,
         # The attention output. The output projection saves that same 16-bit
         # tensor (megatron-core sets TE's save_original_input for it), except
         # under delayed fp8 scaling, which cannot, so it keeps an fp8 copy too.
@@ -111,8 +121,28 @@ def layer_parts(shape: Shape, moe: bool = False) -> dict[str, float]:
     }
     if m.mla:  # the query and key/value latents, replicated over TP
         parts["mla_latents"] = e * T * ((m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)
-    parts.update(_mlp_parts(shape, moe))
     return parts
+
+
+def _mamba_parts(shape: Shape) -> dict[str, float]:
+    """A Mamba-2 sublayer's saved tensors on the memory-efficient path
+    megatron-core trains with (use_mamba_mem_eff_path): the in-projection's
+    input (its norm's input, 16-bit) and its norm-fused GEMM input (fp8
+    under fp8, as TE's LayerNormColumnParallelLinear keeps it); the whole
+    in-projection output z, x, B, C, dt and the gated scan output y, which
+    mamba_split_conv1d_scan_combined saves (it recomputes the conv1d and the
+    chunk states in backward: mamba_ssm ops/triton/ssd_combined.py); the
+    [s, b] copy of y the group-wise RMSNorm saves with its fp32 rstd per
+    group; and the norm's output, the out-projection's input (fp8 under fp8)."""
+    mamba, t, T, e, w = shape.model.mamba, shape.tp, shape.tokens, shape.act_bytes, shape.replicated_width
+    g = gemm_input_bytes(shape)
+    return {
+        "input": e * T * w,
+        "in_proj_input": g * T * w,
+        "mamba_projections": e * T * mamba.in_proj_size / t,
+        "mamba_scan_output": 2 * e * T * mamba.inner_size / t + 4 * T * mamba.num_groups / t,
+        "out_proj_input": g * T * mamba.inner_size / t,
+    }
 
 
 def _core_attention_bytes(shape: Shape) -> float:
@@ -129,7 +159,10 @@ def _core_attention_bytes(shape: Shape) -> float:
 
 
 def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
-    """The MLP's up-projection outputs (16-bit, the activation function's
+    """The MLP sublayer's input (its norm's, the residual after attention,
+    16-bit) and that norm's output: the dense MLP's fc1 input (fp8 under
+    fp8), or an MoE layer's own TENorm output feeding the router (16-bit).
+    The MLP's up-projection outputs (16-bit, the activation function's
     input: SwiGLU keeps gate and up) and the activation's output (the down
     projection's input), split over TP. An MoE layer keeps the same for its
     shared experts (whose up projection also keeps its own copy of the input
@@ -139,14 +172,17 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     dispatcher); the busiest rank's routed rows (moe.busiest_rows_factor)."""
     m, T, e, g = shape.model, shape.tokens, shape.act_bytes, gemm_input_bytes(shape)
     up = (2 if m.gated_mlp else 1) * e
+    norm = {"mlp_norm_input": e * T * shape.replicated_width}
     if not moe:
-        return {"mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
+        return {**norm, "mlp_input": g * T * shape.replicated_width, "mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
     routed = shape.moe_tokens * m.moe.top_k * shape.etp * busiest_rows_factor(shape)
     expert_width = m.moe.expert_ffn_hidden_size / shape.etp
     shared = (up + g) * m.moe.shared_ffn_hidden_size * T / shape.tp
     if m.moe.shared_ffn_hidden_size and g != e:
         shared += g * T * shape.replicated_width
     return {
+        **norm,
+        "moe_norm_output": e * T * shape.replicated_width,
         "shared_experts": shared,
         "routed": routed * (g * m.hidden_size + up * expert_width),
         "routed_activation": routed * g * expert_width,
@@ -177,18 +213,18 @@ def op_sac_layer(shape: Shape, moe: bool = False) -> float:
     return kept
 
 
-def decoder_layer(shape: Shape, recompute: str, moe: bool = False, modules: tuple[str, ...] = ("core_attn",)) -> float:
-    """Bytes one decoder layer keeps for backward under ``recompute``: all
-    its parts; under full recompute only its input (checkpointed, scattered
-    over TP with SP); under selective recompute its parts less what
+def decoder_layer(shape: Shape, recompute: str, kind: str = "dense", modules: tuple[str, ...] = ("core_attn",)) -> float:
+    """Bytes one decoder layer of ``kind`` keeps for backward under
+    ``recompute``: all its parts; under full recompute only its input
+    (checkpointed, 16-bit, scattered over TP with SP); under selective recompute its parts less what
     ``modules`` drop (Korthikanti et al. sec. 5: core_attn recomputes the
     attention core from Q, K, V), or with torchtitan's "op" what its per-op
     policy keeps (op_sac_layer)."""
     if recompute == "selective" and modules == (OP_SAC,):
-        return op_sac_layer(shape, moe)
-    parts = layer_parts(shape, moe)
+        return op_sac_layer(shape, kind == "moe")
     if recompute == "full":
-        return parts["input"]
+        return shape.act_bytes * shape.tokens * shape.replicated_width
+    parts = layer_parts(shape, kind)
     if recompute == "selective":
         for dropped in {part for module in modules for part in DROPPED_BY_MODULE[module]}:
             parts.pop(dropped, None)

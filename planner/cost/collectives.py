@@ -52,6 +52,12 @@ def all_gather_s(bytes_: float, n: int, link: Link) -> float:
     return reduce_scatter_s(bytes_, n, link)
 
 
+def all_to_all_s(bytes_: float, n: int, link: Link) -> float:
+    """Pairwise all-to-all (NCCL's send/recv pairs): each GPU keeps 1/n of
+    its buffer and exchanges the rest with the n-1 others, one per step."""
+    return reduce_scatter_s(bytes_, n, link)
+
+
 def send_recv_s(bytes_: float, link: Link) -> float:
     """One point-to-point transfer."""
     return link.latency_s + link.seconds(bytes_)

@@ -17,7 +17,7 @@ from loom.planner.cost import moe
 from loom.planner.cost.efficiency import BYTES, QUANTISED, backward_gemms, flash_attention_time_s, gemm_time_s, memory_time_s
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.layout import OP_SAC
-from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.model import SUBLAYERS, ModelSpec
 from loom.profiles.catalogue import GPU
 
 # Megatron's vocab-parallel cross-entropy upcasts the logits to fp32 and makes
@@ -143,7 +143,7 @@ def residual_add(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 def _rotary_bytes(shape: Shape) -> float:
     """Rotary embedding reads and writes Q and K (none with learned positions or ALiBi)."""
     m = shape.model
-    return 0 if m.learned_position_embeddings or m.alibi else 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp
+    return 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp if m.rotary else 0
 
 
 def attention_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
@@ -201,21 +201,85 @@ def routed_experts(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     return PassTime(gemm_s=grouped_s + router_s, elementwise_s=elementwise_s) + routed_activation(shape, gpu, backward).scaled(rows)
 
 
-def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
-    """Kernel time of one decoder layer, one micro batch, one pass: its norms
-    (two, or four with Gemma 2/3's post-norms) and two residual adds, the
-    attention's projections and core, and the MLP; in
-    an MoE layer the MLP is the shared experts (split over TP like a dense
-    MLP) and the routed experts."""
+def ssd_gemms(shape: Shape, backward: bool) -> list[tuple[int, int, int, int]]:
+    """The batched matrix products (m, n, k, batch) of the Mamba-2 SSD scan
+    on one GPU, one pass, as the chunked kernels compute them (mamba_ssm
+    ops/triton/ssd_combined.py, which megatron-core's memory-efficient path
+    calls through mamba_split_conv1d_scan_combined). Per chunk of Q tokens
+    and per head (H, head dim P) or group (G, state N): forward the chunk's
+    state B^T x (P, N, Q), C B^T (Q, Q, N) per group, and the output from
+    both, (C B^T o L) x (Q, P, Q) and C h (Q, P, N). Backward recomputes C B^T
+    and the states, then dstates (N, P, Q), dx (Q, P, Q) + (Q, P, N), dB and
+    dC (Q, N, P) each, d(C B^T) and ddA (Q, Q, P) each, and two products back
+    through C B^T (Q, N, Q) per group (_mamba_chunk_scan_combined_bwd).
+    Megatron-core's context parallelism gives each rank all tokens of
+    H / (tp cp) heads (ssm/mamba_context_parallel.py), so a rank's product
+    count is the same either way."""
+    mamba, Q = shape.model.mamba, shape.model.mamba.chunk_size
+    P, N = mamba.head_dim, mamba.state_size
+    split = shape.tp * shape.cp
+    chunks = shape.micro_batch_size * -(-shape.seq_length // Q)
+    heads, groups = chunks * mamba.num_heads // split, chunks * max(1, mamba.num_groups // split)
+    if not backward:
+        return [(P, N, Q, heads), (Q, Q, N, groups), (Q, P, Q, heads), (Q, P, N, heads)]
+    return [(Q, Q, N, groups), (P, N, Q, heads), (N, P, Q, heads), (Q, P, Q, heads), (Q, P, N, heads), (Q, N, P, heads),
+            (Q, N, P, heads), (Q, Q, P, heads), (Q, Q, P, heads), (Q, N, Q, groups), (Q, N, Q, groups)]
+
+
+# The SSD's chunk states per head: chunk_state writes them in fp32, the
+# state passing reads them and writes bf16, chunk_scan reads those
+# (_mamba_chunk_scan_combined_fwd: states_in_fp32=True, out_dtype C.dtype).
+SSD_STATE_BYTES = 4 + 4 + 2 + 2
+
+
+def mamba_mixer(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
+    """One Mamba-2 mixer (megatron-core MambaMixer._ssm_training): the input
+    projection to z, x, B, C, dt and the output projection (split by heads
+    over TP like the attention's), the SSD's chunked products (ssd_gemms,
+    16-bit: Transformer Engine's fp8 covers the two projections only), and
+    its memory-bound passes, forward: the causal conv1d over x, B, C (read,
+    write), the chunk kernels reading its output twice and z once and writing
+    y and y * silu(z), the chunk states (SSD_STATE_BYTES per state element,
+    one state per head per chunk), the [b, s] to [s, b] copy of y and the
+    group-wise RMSNorm (read, write)."""
+    m, mamba, T = shape.model, shape.model.mamba, shape.tokens
+    gemms = [(T, mamba.in_proj_size // shape.tp, m.hidden_size), (T, m.hidden_size, mamba.inner_size // shape.tp)]
+    precision = shape.precision if shape.act_bytes == 4 else "bf16"
+    scan_s = sum(gemm_time_s(mm, n, k, gpu, precision, batch=batch) for mm, n, k, batch in ssd_gemms(shape, backward))
+    conv, inner = mamba.conv_channels / shape.tp, mamba.inner_size / shape.tp
+    streamed = shape.act_bytes * T * (2 * conv + 2 * conv + inner + 2 * inner + 2 * inner + 2 * inner)
+    states = SSD_STATE_BYTES * T / mamba.chunk_size * mamba.num_heads / shape.tp * mamba.head_dim * mamba.state_size
+    return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward) + scan_s, elementwise_s=_elementwise(shape, gpu, streamed + states, backward, gemms))
+
+
+def sublayer(shape: Shape, gpu: GPU, name: str, backward: bool = False) -> PassTime:
+    """One sublayer's kernels (SUBLAYERS), its norm and residual add
+    excluded: the attention's projections and core, a dense MLP, an MoE MLP
+    (the shared experts, split over TP like a dense MLP, and the routed
+    experts) or a Mamba-2 mixer."""
     m = shape.model
-    total = norm(shape, gpu, backward).scaled(m.norms_per_layer) + residual_add(shape, gpu, backward).scaled(2)
-    total = total + attention_projections(shape, gpu, backward) + attention_core(shape, gpu, backward)
-    if moe:
-        return total + mlp(shape, gpu, m.moe.shared_ffn_hidden_size, backward) + routed_experts(shape, gpu, backward)
-    return total + mlp(shape, gpu, m.ffn_hidden_size, backward)
+    if name == "attention":
+        return attention_projections(shape, gpu, backward) + attention_core(shape, gpu, backward)
+    if name == "mlp":
+        return mlp(shape, gpu, m.ffn_hidden_size, backward)
+    if name == "moe":
+        return mlp(shape, gpu, m.moe.shared_ffn_hidden_size, backward) + routed_experts(shape, gpu, backward)
+    return mamba_mixer(shape, gpu, backward)
 
 
-def recomputed_forward(shape: Shape, gpu: GPU, modules: tuple[str, ...], moe: bool = False) -> PassTime:
+def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, kind: str = "dense") -> PassTime:
+    """Kernel time of one decoder layer of ``kind`` (a SUBLAYERS key), one
+    micro batch, one pass: each sublayer with its norm (and Gemma 2/3's
+    post-norm) and residual add."""
+    sublayers = SUBLAYERS[kind]
+    per_sublayer = norm(shape, gpu, backward).scaled(shape.model.norms_per_layer // 2) + residual_add(shape, gpu, backward)
+    total = per_sublayer.scaled(len(sublayers))
+    for name in sublayers:
+        total = total + sublayer(shape, gpu, name, backward)
+    return total
+
+
+def recomputed_forward(shape: Shape, gpu: GPU, modules: tuple[str, ...], kind: str = "dense") -> PassTime:
     """The forward time selective recompute re-runs in one layer for
     megatron-core's ``modules`` (transformer_config.py recompute_modules):
     core_attn the attention core (Korthikanti et al. 2022, sec. 5); mlp a
@@ -223,17 +287,17 @@ def recomputed_forward(shape: Shape, gpu: GPU, modules: tuple[str, ...], moe: bo
     MLP (which covers shared_experts and moe_act); shared_experts the shared
     experts; moe_act the routed activation; layernorm an MoE layer's own
     pre-MLP norm; mla_up_proj MLA's up-projections. A module a layer lacks
-    re-runs nothing."""
-    m, chosen = shape.model, set(modules)
+    re-runs nothing (a Mamba mixer has none)."""
+    m, chosen, sublayers = shape.model, set(modules), SUBLAYERS[kind]
     if OP_SAC in chosen:
-        return _op_sac_recompute(shape, gpu, moe)
+        return _op_sac_recompute(shape, gpu, kind == "moe")
     total = PassTime()
-    if "core_attn" in chosen:
+    if "attention" in sublayers and "core_attn" in chosen:
         total = total + attention_core(shape, gpu)
-    if "mla_up_proj" in chosen and m.mla is not None:
+    if "attention" in sublayers and "mla_up_proj" in chosen and m.mla is not None:
         total = total + mla_up_projections(shape, gpu)
-    if not moe:
-        return total + (mlp(shape, gpu, m.ffn_hidden_size) + norm(shape, gpu) if "mlp" in chosen else PassTime())
+    if "moe" not in sublayers:
+        return total + (mlp(shape, gpu, m.ffn_hidden_size) + norm(shape, gpu) if "mlp" in chosen and "mlp" in sublayers else PassTime())
     if "layernorm" in chosen:
         total = total + norm(shape, gpu)
     if "moe" in chosen:
@@ -251,7 +315,7 @@ def _op_sac_recompute(shape: Shape, gpu: GPU, moe: bool) -> PassTime:
     keeps (activations.op_sac_layer: wq, wv, w1, w2; none of an MoE layer's
     experts)."""
     m, T, t, h = shape.model, shape.tokens, shape.tp, shape.model.hidden_size
-    forward = decoder_layer(shape, gpu, moe=moe)
+    forward = decoder_layer(shape, gpu, kind="moe" if moe else "dense")
     kept = [(T, m.q_size // t, h), (T, m.v_size // t, h)]
     if not moe:
         kept += [(T, m.ffn_hidden_size // t, h), (T, h, m.ffn_hidden_size // t)]
@@ -312,14 +376,21 @@ def vision_projector(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime
 def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
     """Model FLOPs per token, forward + backward, no recompute: 6 x (the
     weights a token multiplies) + attention 6 x 2s x (qk + v head dims) x
-    heads per layer (half the s x s scores are masked, counted anyway) —
-    the convention of Narayanan et al. SC'21 eq. (3) and PaLM's MFU,
-    generalised to GQA, MLA, gated MLPs, MoE (the experts a token is routed
-    to) and untied heads (the published runs' 'model_flops')."""
+    heads per attention layer (half the s x s scores are masked, counted
+    anyway) — the convention of Narayanan et al. SC'21 eq. (3) and PaLM's
+    MFU, generalised to GQA, MLA, gated MLPs, MoE (the experts a token is
+    routed to) and untied heads (the published runs' 'model_flops'). A Mamba
+    layer's scan counts 3 x 7 x d_inner x state size, as Megatron-LM's
+    num_floating_point_operations does for hybrid models (training.py
+    mamba_layer_flops)."""
     h = model.hidden_size
-    attention = model.attention_weights()
-    dense_mlp = (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size
-    moe_layers = model.num_moe_layers
-    mlp = (model.num_layers - moe_layers) * dense_mlp + (moe_layers and moe_layers * model.moe.active_params(h))
-    scores = 2 * seq_length * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim)
-    return 6.0 * (model.num_layers * attention + mlp + h * model.vocab_size) + 3.0 * model.num_layers * scores
+    per_sublayer = {
+        "attention": 6.0 * model.attention_weights() + 6.0 * seq_length * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim),
+        "mlp": 6.0 * (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size,
+        "moe": 6.0 * model.moe.active_params(h) if model.moe else 0.0,
+    }
+    if model.mamba:
+        mamba = model.mamba
+        per_sublayer["mamba"] = 6.0 * h * (mamba.in_proj_size + mamba.inner_size) + 3.0 * 7 * mamba.inner_size * mamba.state_size
+    layers = sum(count * per_sublayer[name] for kind, count in model.layer_kinds_in(0, model.num_layers) for name in SUBLAYERS[kind])
+    return layers + 6.0 * h * model.vocab_size

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from loom.planner.cost.efficiency import QUANTISED
 from loom.planner.cost.shape import Shape
+from loom.planner.specs.model import SUBLAYERS
 
 # CPU time to issue one PyTorch op from Python: torch.nn.Linear's forward
 # took 13.48 us of CPU per call on a DGX H100 (Xeon 8480C)
@@ -39,6 +40,13 @@ TE_FP8_MODULE_FACTOR = 2.0
 # fused bias-activation and the bias-dropout-add (2 ops).
 ATTENTION_MODULES, ATTENTION_OPS = 3, 3
 DENSE_MLP_MODULES, DENSE_MLP_OPS = 2, 2
+# A Mamba-2 mixer: the norm-fused in-projection and the out-projection (2
+# modules); A = -exp(A_log.float()) (3 ops), the [s, b] / [b, s] copies (2),
+# the combined conv1d + scan's Triton kernels (conv1d, dt cumsum, chunk
+# state, state passing, C B^T, chunk scan: 6), the gated norm (1) and the
+# bias-dropout-add (1) (megatron-core ssm/mamba_mixer.py _ssm_training,
+# mamba_layer.py; mamba_ssm ops/triton/ssd_combined.py).
+MAMBA_MODULES, MAMBA_OPS = 2, 13
 # An MoE MLP: its own pre-MLP norm (1 module), the two GroupedLinear modules
 # and the fused weighted activation (1 op), the bias-dropout-add (1 op).
 MOE_MLP_MODULES, MOE_MLP_OPS = 3, 2
@@ -70,31 +78,32 @@ DISPATCH_OPS = {
 GEMM_OPS_PER_EXPERT = {False: 1, True: 3}
 
 
-def _layer_ops(shape: Shape, moe: bool, backward: bool) -> tuple[int, int]:
-    """(TE module calls, other ops) to issue one layer, one pass. Backward
-    runs each op's backward (autograd) and one more GEMM per GEMM (the data
-    and the weight gradient)."""
-    m, features = shape.model, shape.features
-    modules = ATTENTION_MODULES + (2 if m.qk_norm else 0)
-    ops = ATTENTION_OPS
-    gemms = 2  # QKV and the projection
-    if moe:
+def _layer_ops(shape: Shape, kind: str, backward: bool) -> tuple[int, int]:
+    """(TE module calls, other ops) to issue one layer of ``kind`` (a
+    SUBLAYERS key), one pass. Backward runs each op's backward (autograd) and
+    one more GEMM per GEMM (the data and the weight gradient)."""
+    m, features, sublayers = shape.model, shape.features, SUBLAYERS[kind]
+    modules, ops, gemms = 0, 0, 0
+    if "attention" in sublayers:  # QKV and the projection
+        modules, ops, gemms = ATTENTION_MODULES + (2 if m.qk_norm else 0), ATTENTION_OPS, 2
+    if "mamba" in sublayers:  # the in- and out-projections
+        modules, ops, gemms = modules + MAMBA_MODULES, ops + MAMBA_OPS, gemms + 2
+    shared = "mlp" in sublayers
+    if "moe" in sublayers:
         local = m.moe.num_experts // shape.ep
         gemms += 2 * local
         ops += MOE_MLP_OPS + ROUTER_OPS[features.moe_router_fusion] + 2 * local * GEMM_OPS_PER_EXPERT[shape.precision in QUANTISED]
         ops += DISPATCH_OPS[(features.moe_token_dispatcher, features.moe_permute_fusion)]
         modules += MOE_MLP_MODULES
         shared = m.moe.shared_ffn_hidden_size > 0
-    else:
-        shared = True
     if shared:
         modules, ops, gemms = modules + DENSE_MLP_MODULES, ops + DENSE_MLP_OPS, gemms + 2
     return modules, ops + (gemms if backward else 0)
 
 
-def layer_host_s(shape: Shape, moe: bool, backward: bool = False) -> float:
-    """Host time to issue one (dense or MoE) decoder layer's kernels, one pass."""
-    modules, ops = _layer_ops(shape, moe, backward)
+def layer_host_s(shape: Shape, kind: str, backward: bool = False) -> float:
+    """Host time to issue one decoder layer's kernels, one pass."""
+    modules, ops = _layer_ops(shape, kind, backward)
     module_s = TE_MODULE_HOST_S * (TE_FP8_MODULE_FACTOR if shape.precision in QUANTISED else 1.0)
     return modules * module_s + ops * TORCH_OP_HOST_S
 

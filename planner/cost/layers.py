@@ -45,7 +45,7 @@ def _estimates(gpu: GPU) -> Estimates:
     """Every quantity a layers profile measures, as loom estimates it."""
     times = {
         "dense": lambda s, backward: compute.decoder_layer(s, gpu, backward),
-        "moe": lambda s, backward: compute.decoder_layer(s, gpu, backward, moe=True),
+        "moe": lambda s, backward: compute.decoder_layer(s, gpu, backward, kind="moe"),
         "embedding": lambda s, backward: compute.embedding(s, gpu, backward),
         "head": lambda s, backward: compute.head(s, gpu, backward),
     }
@@ -55,36 +55,41 @@ def _estimates(gpu: GPU) -> Estimates:
         found[(kind, "backward_s")] = lambda s, time=time: time(s, True).total_s
     for recompute in RECOMPUTE:
         found[("dense", f"saved_bytes.{recompute}")] = lambda s, r=recompute: activations.decoder_layer(s, r)
-        found[("moe", f"saved_bytes.{recompute}")] = lambda s, r=recompute: activations.decoder_layer(s, r, moe=True)
+        found[("moe", f"saved_bytes.{recompute}")] = lambda s, r=recompute: activations.decoder_layer(s, r, kind="moe")
     found[("embedding", "saved_bytes.none")] = activations.embedding
     found[("head", "saved_bytes.none")] = activations.head
     return found
 
 
 # --- time ---------------------------------------------------------------------
+# The pieces a layers profile measures (profiles/layers.py KINDS): transformer
+# layers, not a hybrid model's one-sublayer layers, which stay estimated.
+MEASURABLE = ("dense", "moe", "embedding", "head")
+
+
 def _timed(shape: Shape, gpu: GPU, kind: str, backward: bool, estimated: PassTime) -> PassTime:
     """The estimate's split by kernel kind, scaled to the measured (or
     interpolated) total when the profile covers ``kind``."""
-    if shape.measured is None or not estimated.total_s:
+    if shape.measured is None or not estimated.total_s or kind not in MEASURABLE:
         return estimated
     total_s = shape.measured.value(kind, "backward_s" if backward else "forward_s", shape, estimated.total_s, gpu.name)
     return estimated.scaled(total_s / estimated.total_s)
 
 
 @cache
-def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, moe: bool = False) -> PassTime:
-    """One decoder layer, one micro batch, one pass."""
-    return _timed(shape, gpu, "moe" if moe else "dense", backward, compute.decoder_layer(shape, gpu, backward, moe))
+def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, kind: str = "dense") -> PassTime:
+    """One decoder layer of ``kind`` (a SUBLAYERS key), one micro batch, one pass."""
+    return _timed(shape, gpu, kind, backward, compute.decoder_layer(shape, gpu, backward, kind))
 
 
-def layer_host_s(shape: Shape, gpu: GPU, moe: bool = False, backward: bool = False) -> float:
+def layer_host_s(shape: Shape, gpu: GPU, kind: str = "dense", backward: bool = False) -> float:
     """Host time to issue one decoder layer's kernels (host.py), or none
     where the layer's time is measured: a measured time already includes any
     wait for the host."""
-    kind, quantity = ("moe" if moe else "dense"), ("backward_s" if backward else "forward_s")
-    if shape.measured is not None and shape.measured.source(kind, quantity, shape, gpu.name) != "estimated":
+    quantity = "backward_s" if backward else "forward_s"
+    if shape.measured is not None and kind in MEASURABLE and shape.measured.source(kind, quantity, shape, gpu.name) != "estimated":
         return 0.0
-    return host.layer_host_s(shape, moe, backward)
+    return host.layer_host_s(shape, kind, backward)
 
 
 @cache
@@ -103,7 +108,7 @@ def mtp(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     projection, one more layer (MoE when the model is) and the shared output
     layer and loss again."""
     one = compute.mtp_projection(shape, gpu, backward)
-    one = one + decoder_layer(shape, gpu, backward, moe=shape.model.moe is not None) + head(shape, gpu, backward)
+    one = one + decoder_layer(shape, gpu, backward, "moe" if shape.model.moe is not None else "dense") + head(shape, gpu, backward)
     return one.scaled(shape.model.mtp_layers)
 
 
@@ -117,21 +122,21 @@ def vision_tower(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
 
 # --- bytes kept for backward ----------------------------------------------------
 def _saved(shape: Shape, kind: str, recompute: str, estimated: float) -> float:
-    if shape.measured is None:
+    if shape.measured is None or kind not in MEASURABLE:
         return estimated
     return shape.measured.value(kind, f"saved_bytes.{recompute}", shape, estimated)
 
 
 @cache
-def layer_activation_bytes(shape: Shape, recompute: str, moe: bool = False, modules: tuple[str, ...] = DEFAULT_RECOMPUTE_MODULES) -> float:
-    """Bytes one decoder layer keeps for backward, per micro batch, per GPU,
-    under ``recompute`` (and, for selective, the ``modules`` it re-runs). A
-    layers profile measured selective recompute of the attention core only:
-    other module sets keep the estimate."""
-    estimate = activations.decoder_layer(shape, recompute, moe, modules)
+def layer_activation_bytes(shape: Shape, recompute: str, kind: str = "dense", modules: tuple[str, ...] = DEFAULT_RECOMPUTE_MODULES) -> float:
+    """Bytes one decoder layer of ``kind`` keeps for backward, per micro
+    batch, per GPU, under ``recompute`` (and, for selective, the ``modules``
+    it re-runs). A layers profile measured selective recompute of the
+    attention core only: other module sets keep the estimate."""
+    estimate = activations.decoder_layer(shape, recompute, kind, modules)
     if recompute == "selective" and modules != DEFAULT_RECOMPUTE_MODULES:
         return estimate
-    return _saved(shape, "moe" if moe else "dense", recompute, estimate)
+    return _saved(shape, kind, recompute, estimate)
 
 
 def embedding_activation_bytes(shape: Shape) -> float:
@@ -146,10 +151,10 @@ def sources(shape: Shape, gpu: GPU, recompute: str) -> dict[str, Source]:
     """Which of a plan's per-layer figures are measured, interpolated or
     estimated (plan.json's ``sources``)."""
     model, measured = shape.model, shape.measured
-    kinds = (["dense"] if model.num_layers > model.num_moe_layers else []) + (["moe"] if model.moe else []) + ["embedding", "head"]
+    kinds = [*model.layer_kinds, "embedding", "head"]
     found: dict[str, Source] = {}
     for kind in kinds:
-        if measured is None:
+        if measured is None or kind not in MEASURABLE:
             found[f"{kind}_time"] = found[f"{kind}_activations"] = "estimated"
             continue
         passes = {measured.source(kind, quantity, shape, gpu.name) for quantity in ("forward_s", "backward_s")}

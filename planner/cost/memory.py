@@ -36,7 +36,7 @@ from loom.planner.cost.shape import Shape
 from loom.planner.schedule.simulate import megatron_schedule, stage_order
 from loom.planner.specs.job import FP32_PRECISIONS, Features
 from loom.planner.specs.layout import Layout
-from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.model import SUBLAYERS, ModelSpec
 from loom.planner.specs.stages import Chunk, Stage
 from loom.profiles.catalogue import GPU
 
@@ -131,18 +131,31 @@ def _attention_params_per_gpu(model: ModelSpec, tp: int) -> float:
 
 
 @functools.cache
-def _layer_params_per_gpu(model: ModelSpec, t: int, ep: int, etp: int, moe: bool) -> StageParams:
-    """One decoder layer on one GPU under TP ``t``. An MoE layer holds the
-    router (replicated), the shared experts (split over TP) and
-    num_experts / ep routed experts, each split etp ways."""
-    h = model.hidden_size
-    linear = _attention_params_per_gpu(model, t)
-    other = model.norms_per_layer * model.norm_params() + 2 * model.head_dim * model.qk_norm
-    if not moe:
-        return StageParams(total=linear + model.mlp_params() / t + other, linear=linear + model.mlp_params() / t, expert=0.0)
-    experts = model.moe.num_experts // ep * model.moe.expert_params(h) / etp
-    linear += 3 * h * model.moe.shared_ffn_hidden_size / t + experts
-    return StageParams(total=linear + other + h * model.moe.num_experts, linear=linear, expert=experts)
+def _layer_params_per_gpu(model: ModelSpec, t: int, ep: int, etp: int, kind: str) -> StageParams:
+    """One decoder layer of ``kind`` (a SUBLAYERS key) on one GPU under TP
+    ``t``; its norms replicated. An MoE MLP holds the router (replicated),
+    the shared experts (split over TP) and num_experts / ep routed experts,
+    each split etp ways. A Mamba mixer is split by heads: its projections,
+    conv1d, per-head parameters and gated norm (megatron-core marks them all
+    tensor_model_parallel: ssm/mamba_mixer.py)."""
+    h, sublayers = model.hidden_size, SUBLAYERS[kind]
+    linear, expert = 0.0, 0.0
+    other = model.norms_per_layer // 2 * len(sublayers) * model.norm_params()
+    if "attention" in sublayers:
+        linear += _attention_params_per_gpu(model, t)
+        other += 2 * model.head_dim * model.qk_norm
+    if "mlp" in sublayers:
+        linear += model.mlp_params() / t
+    if "moe" in sublayers:
+        expert = model.moe.num_experts // ep * model.moe.expert_params(h) / etp
+        linear += (model.moe.up_projections + 1) * h * model.moe.shared_ffn_hidden_size / t + expert
+        other += h * model.moe.num_experts
+    if "mamba" in sublayers:
+        mamba = model.mamba
+        projections = h * (mamba.in_proj_size + mamba.inner_size)
+        linear += projections / t
+        other += (mamba.params(h) - projections) / t
+    return StageParams(total=linear + other, linear=linear, expert=expert)
 
 
 def stage_params(model: ModelSpec, layout: Layout, stage: Stage) -> StageParams:
@@ -161,11 +174,10 @@ def _chunks_params(model: ModelSpec, t: int, ep: int, etp: int, chunks: tuple[Ch
     and runs the multi-token prediction modules (each a 2h -> h projection and
     one more layer)."""
     stage = Stage(index=0, chunks=chunks, ranks=range(0))
-    moe_layers = sum(model.moe_layers_in(chunk.first_layer, chunk.num_layers) for chunk in chunks)
-    layers = [(stage.num_layers - moe_layers, False), (moe_layers, True)]
+    layers = [pair for chunk in chunks for pair in model.layer_kinds_in(chunk.first_layer, chunk.num_layers)]
     if stage.head and model.mtp_layers:
-        layers.append((model.mtp_layers, model.moe is not None))
-    pieces = [(count, _layer_params_per_gpu(model, t, ep, etp, moe)) for count, moe in layers if count]
+        layers.append(("moe" if model.moe is not None else "dense", model.mtp_layers))
+    pieces = [(count, _layer_params_per_gpu(model, t, ep, etp, kind)) for kind, count in layers]
     linear = sum(count * piece.linear for count, piece in pieces)
     expert = sum(count * piece.expert for count, piece in pieces)
     other = sum(count * (piece.total - piece.linear) for count, piece in pieces)
@@ -394,7 +406,7 @@ def chunk_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
 
 
 def _chunk_layers_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -> float:
-    """The decoder layers of ``chunk``, dense and MoE. Under full recompute
+    """The decoder layers of ``chunk``, of every kind. Under full recompute
     its first ``layout.fully_recomputed`` layers keep only their inputs
     (megatron-core's transformer_block.py _checkpointed_forward: uniform
     checkpoints every layer, block the first N of the chunk) and the rest
@@ -405,11 +417,8 @@ def _chunk_layers_activation_bytes(shape: Shape, layout: Layout, chunk: Chunk) -
     modules = layout.selective_modules
     total = 0.0
     for first, count, recompute in ((chunk.first_layer, full, "full"), (chunk.first_layer + full, chunk.num_layers - full, rest)):
-        moe_layers = shape.model.moe_layers_in(first, count)
-        if count - moe_layers:
-            total += (count - moe_layers) * layer_activation_bytes(shape, recompute, False, modules)
-        if moe_layers:
-            total += moe_layers * layer_activation_bytes(shape, recompute, True, modules)
+        for kind, layers in shape.model.layer_kinds_in(first, count):
+            total += layers * layer_activation_bytes(shape, recompute, kind, modules)
     return total
 
 
@@ -477,7 +486,7 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
         transient = max(transient, moe.forward_transient_bytes(shape))
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
-        transient = max(transient, layer_activation_bytes(shape, recompute="none", moe=shape.model.moe is not None))
+        transient = max(transient, max(layer_activation_bytes(shape, "none", kind) for kind in shape.model.layer_kinds))
     # The optimizer step holds no activations: its gradient copy binds only
     # when it is larger than everything the backward held.
     transient = max(transient, optimizer_step_bytes(params, layout, state_bytes, framework) - activations)
@@ -504,8 +513,8 @@ def sharding_units(model: ModelSpec, framework: str, layout: Layout, params: Sta
     # units of their own (torchtitan's fully_shard on tok_embeddings and on
     # [norm, output]); the largest a stage has bounds its buffers.
     vocabulary = model.vocab_size * model.hidden_size / layout.tp if stage.embedding or stage.head else 0.0
-    layer = max((_layer_params_per_gpu(model, layout.tp, layout.ep, layout.etp, moe).total
-                 for moe in {False, model.moe is not None} if stage.num_layers), default=0.0)
+    layer = max((_layer_params_per_gpu(model, layout.tp, layout.ep, layout.etp, kind).total
+                 for kind in model.layer_kinds if stage.num_layers), default=0.0)
     return sharding.Units(count=count, params=params.total / count, expert_params=params.expert / count,
                           gather_bytes=gather, reduce_bytes=reduce,
                           pieces=sharding.deepspeed_pieces(model) if framework == "deepspeed" else (1.0,), host_copy_bytes=host_copy,

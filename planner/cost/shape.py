@@ -101,7 +101,7 @@ class Shape:
         local_experts = moe.num_experts // self.ep
         rows = max(1, self.moe_tokens * moe.top_k * self.etp // local_experts)
         width = moe.expert_ffn_hidden_size // self.etp
-        return [(rows, 2 * width, h), (rows, h, width)], local_experts
+        return [(rows, moe.up_projections * width, h), (rows, h, width)], local_experts
 
     def attention_flops(self, windowed: bool = False) -> float:
         """Forward FLOPs of QK^T and attention x V on one rank. Causal flash

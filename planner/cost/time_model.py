@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loom.planner.cost import host, layers, moe, offload, sharding
-from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
 from loom.planner.cost.memory import StageParams, StateBytes, optimizer_partition, sharding_units, stage_params
@@ -24,6 +24,7 @@ from loom.planner.cost.network import Links
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import OP_SAC, Layout
+from loom.planner.specs.model import SUBLAYERS
 from loom.planner.specs.stages import Chunk, Placement, Stage
 from loom.profiles.catalogue import GPU
 
@@ -96,9 +97,10 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     """One micro batch through one model chunk: forward, backward, recompute
     and the exposed TP and CP communication (per-layer costs for the
     pipeline partition come from one-layer chunks)."""
-    features, n = job.features, chunk.num_layers
-    n_moe = shape.model.moe_layers_in(chunk.first_layer, n)
-    fwd_layer, bwd_layer = _layers(shape, gpu, n - n_moe, n_moe, backward=False), _layers(shape, gpu, n - n_moe, n_moe, backward=True)
+    features, n, model = job.features, chunk.num_layers, shape.model
+    kinds = model.layer_kinds_in(chunk.first_layer, n)
+    n_moe = model.moe_layers_in(chunk.first_layer, n)
+    fwd_layer, bwd_layer = _layers(shape, gpu, kinds, backward=False), _layers(shape, gpu, kinds, backward=True)
     fwd, bwd = fwd_layer, bwd_layer
     if chunk.embedding:
         fwd, bwd = fwd + layers.embedding(shape, gpu), bwd + layers.embedding(shape, gpu, backward=True)
@@ -111,12 +113,13 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
 
     recompute, tp_again, ep_again = _recompute(shape, layout, chunk, gpu)
 
-    # TP: two collectives per layer forward and two backward (Megatron's f/g
-    # operators), again forward under full recompute; one each for the
-    # embedding and the LM head. TE's --tp-comm-overlap hides them behind GEMMs.
-    activation_bytes = shape.tokens * shape.model.hidden_size * shape.act_bytes
-    per_layer_tp = _tp_collectives_s(activation_bytes, layout, links.tp, 2)
-    fwd_tp = per_layer_tp * n + _tp_collectives_s(activation_bytes, layout, links.tp, chunk.embedding + chunk.head)
+    # TP: one collective per sublayer forward and one backward (Megatron's f/g
+    # operators: two per transformer layer), again forward under full
+    # recompute; one each for the embedding and the LM head. TE's
+    # --tp-comm-overlap hides them behind GEMMs.
+    activation_bytes = shape.tokens * model.hidden_size * shape.act_bytes
+    sublayers = sum(count * len(SUBLAYERS[kind]) for kind, count in kinds)
+    fwd_tp = _tp_collectives_s(activation_bytes, layout, links.tp, sublayers + chunk.embedding + chunk.head)
     if chunk.vision:
         vision = shape.vision()
         patch_bytes = vision.tokens * vision.model.hidden_size * shape.act_bytes
@@ -128,29 +131,35 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     # CP: ring attention passes K and V chunks cp - 1 times forward (and K, V,
     # dK, dV backward), overlapped with the attention blocks being computed.
     cp_fwd, cp_bwd, cp_busy = 0.0, 0.0, 0.0
+    n_attention = model.sublayers_in(chunk.first_layer, n, "attention")
     if layout.cp > 1 and job.framework == "torchtitan":
-        cp_fwd, cp_bwd, cp_busy = _torch_ring_attention_s(shape, gpu, links.cp, n, tp_again)
+        cp_fwd, cp_bwd, cp_busy = _torch_ring_attention_s(shape, gpu, links.cp, n_attention, tp_again)
     elif layout.cp > 1:
-        kv_bytes = 2 * shape.tokens * shape.model.kv_size / layout.tp * shape.act_bytes
+        kv_bytes = 2 * shape.tokens * model.kv_size / layout.tp * shape.act_bytes
         ring_s = (layout.cp - 1) * send_recv_s(kv_bytes, links.cp)
         core_fwd = attention_core(shape, gpu).total_s
         core_bwd = attention_core(shape, gpu, backward=True).total_s
-        cp_fwd, cp_bwd, cp_busy = n * max(0.0, ring_s - core_fwd), n * max(0.0, 2 * ring_s - core_bwd), 3 * n * ring_s
+        cp_fwd, cp_bwd = n_attention * max(0.0, ring_s - core_fwd), n_attention * max(0.0, 2 * ring_s - core_bwd)
+        cp_busy = 3 * n_attention * ring_s
+        n_mamba = model.sublayers_in(chunk.first_layer, n, "mamba")
+        if n_mamba:
+            mamba_fwd = n_mamba * _mamba_context_parallel_s(shape, links.cp)
+            cp_fwd, cp_bwd, cp_busy = cp_fwd + mamba_fwd, cp_bwd + mamba_fwd * (1 + tp_again), cp_busy + mamba_fwd * (2 + tp_again)
     # MoE: each MoE layer dispatches its tokens to the experts' ranks and
     # combines the outputs back in every pass (moe.dispatch_s); with ETP the
     # alltoall and allgather dispatchers all-gather each expert's rows over
     # its ETP ranks before the expert GEMMs and reduce-scatter them after.
     # (the multi-token prediction modules on the last stage have MoE layers too)
-    dispatching = n_moe + chunk.head * shape.model.mtp_layers * (shape.model.moe is not None)
+    dispatching = n_moe + chunk.head * model.mtp_layers * (model.moe is not None)
     ep_fwd = ep_bwd = 0.0
     if dispatching:
         ep_fwd = dispatching * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
         if features.moe_token_dispatcher in ("alltoall", "allgather") and layout.etp > 1:
-            routed_bytes = shape.moe_tokens * shape.model.moe.top_k * shape.model.hidden_size * shape.act_bytes * layout.etp
+            routed_bytes = shape.moe_tokens * model.moe.top_k * model.hidden_size * shape.act_bytes * layout.etp
             ep_fwd += dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
         ep_bwd = ep_fwd * (1 + ep_again)
         ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
-    host_fwd, host_bwd = _exposed_host(shape, gpu, n, n_moe, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd,
+    host_fwd, host_bwd = _exposed_host(shape, gpu, kinds, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd,
                                        bwd_layer.total_s + tp_fwd * tp_again + tp_bwd + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
     # dX = dY W^T): half the backward GEMM time is the weight gradient.
@@ -257,23 +266,21 @@ def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: Pa
     return ep_fwd, ep_bwd
 
 
-def _exposed_host(shape: Shape, gpu: GPU, n: int, n_moe: int, comm_per_layer_s: float, gpu_fwd_s: float, gpu_bwd_s: float) -> tuple[float, float]:
-    """Host time the GPU waits for, forward and backward (host.py). The host
-    runs ahead of the GPU through a pass, so the pass takes the longer of
-    the two — except that a dropless MoE layer's forward waits for the GPU
-    (host.syncs_every_moe_layer), so each MoE layer's forward takes the
-    longer of its own host and GPU (kernels and exposed communication) times."""
-    dense_fwd = layers.layer_host_s(shape, gpu)
-    moe_fwd = layers.layer_host_s(shape, gpu, moe=True) if n_moe else 0.0
-    host_fwd = (n - n_moe) * dense_fwd + n_moe * moe_fwd
-    host_bwd = (n - n_moe) * layers.layer_host_s(shape, gpu, backward=True)
-    host_bwd += n_moe * layers.layer_host_s(shape, gpu, moe=True, backward=True) if n_moe else 0.0
+def _exposed_host(shape: Shape, gpu: GPU, kinds: tuple[tuple[str, int], ...], comm_per_layer_s: float, gpu_fwd_s: float,
+                  gpu_bwd_s: float) -> tuple[float, float]:
+    """Host time the GPU waits for, forward and backward (host.py), for
+    ``kinds`` (kind, count) of layers. The host runs ahead of the GPU through
+    a pass, so the pass takes the longer of the two — except that a dropless
+    MoE layer's forward waits for the GPU (host.syncs_every_moe_layer), so
+    then each layer's forward takes the longer of its own host and GPU
+    (kernels and exposed communication) times."""
+    host_fwd = {kind: layers.layer_host_s(shape, gpu, kind) for kind, _ in kinds}
+    host_bwd = sum(count * layers.layer_host_s(shape, gpu, kind, backward=True) for kind, count in kinds)
     exposed_bwd = max(0.0, host_bwd - gpu_bwd_s)
-    if not (n_moe and host.syncs_every_moe_layer(shape)):
-        return max(0.0, host_fwd - gpu_fwd_s), exposed_bwd
-    moe_gpu = layers.decoder_layer(shape, gpu, moe=True).total_s + comm_per_layer_s
-    dense_gpu = layers.decoder_layer(shape, gpu).total_s + comm_per_layer_s if n > n_moe else 0.0
-    return (n - n_moe) * max(0.0, dense_fwd - dense_gpu) + n_moe * max(0.0, moe_fwd - moe_gpu), exposed_bwd
+    if not (any("moe" in SUBLAYERS[kind] for kind, _ in kinds) and host.syncs_every_moe_layer(shape)):
+        return max(0.0, sum(count * host_fwd[kind] for kind, count in kinds) - gpu_fwd_s), exposed_bwd
+    return sum(count * max(0.0, host_fwd[kind] - layers.decoder_layer(shape, gpu, kind=kind).total_s - comm_per_layer_s)
+               for kind, count in kinds), exposed_bwd
 
 
 def _recompute(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU) -> tuple[PassTime, float, float]:
@@ -284,32 +291,48 @@ def _recompute(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU) -> tuple[Pa
     uniform and block methods), collectives included; selective re-runs its
     modules' kernels (compute.recomputed_forward): the dense MLP half of a
     layer's TP collectives with mlp, an MoE layer's dispatch and combine with moe."""
-    n = chunk.num_layers
-    n_moe = shape.model.moe_layers_in(chunk.first_layer, n)
+    n, model = chunk.num_layers, shape.model
+    n_moe = model.moe_layers_in(chunk.first_layer, n)
     full = layout.fully_recomputed(n)
     if full:
-        full_moe = shape.model.moe_layers_in(chunk.first_layer, full)
-        recompute = _layers(shape, gpu, full - full_moe, full_moe, backward=False)
+        full_moe = model.moe_layers_in(chunk.first_layer, full)
+        recompute = _layers(shape, gpu, model.layer_kinds_in(chunk.first_layer, full), backward=False)
         if chunk.vision and full == n:
             recompute = recompute + layers.vision_tower(shape, gpu)
         return recompute, full / n, full_moe / n_moe if n_moe else 0.0
     modules = layout.selective_modules
     if not modules or not n:
         return PassTime(), 0.0, 0.0
-    dense = recomputed_forward(shape, gpu, modules).scaled(n - n_moe)
-    recompute = dense + recomputed_forward(shape, gpu, modules, moe=True).scaled(n_moe) if n_moe else dense
+    recompute = PassTime()
+    for kind, count in model.layer_kinds_in(chunk.first_layer, n):
+        recompute = recompute + recomputed_forward(shape, gpu, modules, kind).scaled(count)
     if modules == (OP_SAC,):
         # Every all-gather runs again; the reduce-scatters' outputs are kept
         # (torchtitan's _op_sac_save_list): half of each layer's collectives,
         # and the MoE dispatch and combine (not in the list) in full.
         return recompute, 0.5, float(n_moe > 0)
-    return recompute, 0.5 * (n - n_moe) / n * ("mlp" in modules), float("moe" in modules and n_moe > 0)
+    sublayers = sum(count * len(SUBLAYERS[kind]) for kind, count in model.layer_kinds_in(chunk.first_layer, n))
+    dense_mlps = model.sublayers_in(chunk.first_layer, n, "mlp")
+    return recompute, dense_mlps / sublayers * ("mlp" in modules), float("moe" in modules and n_moe > 0)
 
 
-def _layers(shape: Shape, gpu: GPU, dense: int, moe: int, backward: bool) -> PassTime:
-    """``dense`` dense and ``moe`` MoE decoder layers, one pass."""
-    total = layers.decoder_layer(shape, gpu, backward).scaled(dense)
-    return total + layers.decoder_layer(shape, gpu, backward, moe=True).scaled(moe) if moe else total
+def _layers(shape: Shape, gpu: GPU, kinds: tuple[tuple[str, int], ...], backward: bool) -> PassTime:
+    """``kinds`` (kind, count) of decoder layers, one pass."""
+    total = PassTime()
+    for kind, count in kinds:
+        total = total + layers.decoder_layer(shape, gpu, backward, kind).scaled(count)
+    return total
+
+
+def _mamba_context_parallel_s(shape: Shape, link: Link) -> float:
+    """What context parallelism adds to one Mamba layer, forward: an
+    all-to-all of its in-projection's output from sequence to head shards
+    before the conv1d and scan, and one of y back after (megatron-core
+    ssm/mamba_context_parallel.py pre_conv_ssm, post_conv_ssm), each on the
+    layer's critical path. Backward runs the same two in reverse."""
+    mamba = shape.model.mamba
+    width = (mamba.in_proj_size + mamba.inner_size) / shape.tp
+    return all_to_all_s(shape.tokens * width * shape.cp * shape.act_bytes, shape.cp, link)
 
 
 def _pipeline_s(stage_s: list[float], layout: Layout) -> float:

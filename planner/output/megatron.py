@@ -33,7 +33,7 @@ ATTENTION_BACKEND = {"cudnn": "fused", "flash2": "flash"}
 
 def megatron_args(job: Job, layout: Layout, stages: list[Stage]) -> list[str]:
     """Every model, parallel, batch and precision flag of ``pretrain_gpt.py``
-    for this layout (data flags are added by ``train.sh``).
+    (or ``pretrain_mamba.py``) for this layout (data flags are added by ``train.sh``).
 
     Raises ValueError for a layout or split Megatron-LM cannot run as planned."""
     check_layout(job, layout, stages)
@@ -85,6 +85,11 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
         problems.append("optimizer offload needs the distributed optimizer and no Megatron-FSDP")
     if layout.fsdp and (layout.fsdp != layout.dp or not layout.distributed_optimizer or not layout.reshard_after_forward):
         problems.append("Megatron-FSDP shards over all of DP with the distributed optimizer and reshards after forward")
+    if model.mamba is not None and (layout.vpp > 1 or len({stage.num_layers for stage in stages}) > 1 or layout.recompute == "full"):
+        # MambaStack (ssm/mamba_block.py) asserts no virtual stages, splits
+        # its layers evenly unless told first/last counts, and has no
+        # checkpointed forward.
+        problems.append("a hybrid Mamba model split other than evenly over PP without interleaving, or under full recompute")
     problems += _stage_problems(layout, stages, model.num_layers)
     if problems:
         raise ValueError(f"Megatron-LM cannot run layout {layout.label()} as planned: " + "; ".join(problems))
@@ -134,14 +139,14 @@ def _model_args(job: Job) -> list[str]:
         "--max-position-embeddings", str(_max_positions(m, job.seq_length)),
         "--normalization", m.normalization,
         "--norm-epsilon", f"{m.norm_epsilon:g}",
-        "--position-embedding-type", "learned_absolute" if m.learned_position_embeddings else "rope",
+        "--position-embedding-type", "learned_absolute" if m.learned_position_embeddings else "rope" if m.rotary else "none",
         "--hidden-dropout", str(m.dropout),
         "--attention-dropout", str(m.dropout),
         # Pre-tokenised data (or mock data) only needs the vocabulary size.
         "--tokenizer-type", "NullTokenizer",
         "--vocab-size", str(m.vocab_size),
     ]
-    if not m.learned_position_embeddings:
+    if m.rotary:
         args += ["--rotary-base", str(int(m.rope_theta))]
         if m.rotary_percent < 1.0:
             args += ["--rotary-percent", f"{m.rotary_percent:g}"]
@@ -168,7 +173,20 @@ def _model_args(job: Job) -> list[str]:
             args.append("--add-qkv-bias")
     if m.qk_norm:
         args.append("--qk-layernorm")
-    return args + _window_args(m) + _mla_args(m) + _moe_args(m) + _moe_feature_args(job)
+    return args + _window_args(m) + _mla_args(m) + _hybrid_args(m) + _moe_args(m) + _moe_feature_args(job)
+
+
+def _hybrid_args(m: ModelSpec) -> list[str]:
+    """A hybrid Mamba model for pretrain_mamba.py: megatron-core's Mamba
+    stack spec, its layer pattern and the Mamba-2 mixers' shape
+    (TransformerConfig's is_hybrid_model and mamba_* fields; Megatron-LM
+    examples/mamba/train.sh)."""
+    if m.mamba is None:
+        return []
+    mamba = m.mamba
+    return ["--spec", "megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec", "--is-hybrid-model",
+            "--hybrid-override-pattern", m.hybrid_pattern, "--mamba-num-heads", str(mamba.num_heads), "--mamba-head-dim", str(mamba.head_dim),
+            "--mamba-state-dim", str(mamba.state_size), "--mamba-num-groups", str(mamba.num_groups)]
 
 
 def _window_args(m: ModelSpec) -> list[str]:
@@ -441,7 +459,8 @@ def _training_args(job: Job, layout: Layout) -> list[str]:
 
 def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement) -> str:
     """``train.sh``: run once on every node; starts torchrun for that node
-    (output/torchrun.py) with ``pretrain_gpt.py`` and this layout's flags.
+    (output/torchrun.py) with ``pretrain_gpt.py`` (``pretrain_mamba.py`` for
+    a hybrid Mamba model) and this layout's flags.
 
     Raises ValueError when the placement cannot be realised by one torchrun per
     node (see ``nodes_of``: a host's ranks not contiguous, hosts with different
@@ -449,13 +468,15 @@ def train_sh(job: Job, layout: Layout, stages: list[Stage], placement: Placement
     args = megatron_args(job, layout, stages)
     if len(placement.gpus) != layout.world_size:
         raise ValueError(f"placement has {len(placement.gpus)} ranks, layout {layout.label()} needs {layout.world_size}")
+    # Hybrid Mamba models train with pretrain_mamba.py (MambaModel), the rest with pretrain_gpt.py.
+    script = "pretrain_mamba.py" if job.model.mamba is not None else "pretrain_gpt.py"
     program = Program(
         title=f"Megatron-LM pre-training of {job.model.name}",
         notes=["# Data: --mock-data unless DATA_PATH is set (a Megatron indexed-dataset prefix,",
                "# or a blend 'weight prefix weight prefix')."],
         setup=['MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-/workspace/Megatron-LM}"', "", *_environment(layout), *torchrun.tf32_environment(job.precision),
                *bash_array("MEGATRON_ARGS", args), *_data_args()],
-        target='"$MEGATRON_LM_DIR/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "${DATA_ARGS[@]}"',
+        target=f'"$MEGATRON_LM_DIR/{script}" "${{MEGATRON_ARGS[@]}}" "${{DATA_ARGS[@]}}"',
     )
     return torchrun.train_sh(program, job.cluster.name, layout.label(), layout.world_size, nodes_of(placement, job.cluster), job.cluster.named_hosts)
 

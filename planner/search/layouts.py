@@ -193,7 +193,7 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     shape = shape_of(job, layout)
     first_of_kind: dict[tuple, int] = {}
     for s, stage in enumerate(stages):
-        chunks = tuple((c.num_layers, job.model.moe_layers_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision) for c in stage.chunks)
+        chunks = tuple((job.model.layer_kinds_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision) for c in stage.chunks)
         first_of_kind.setdefault((chunks, gpus[s].name), s)
     return max(
         (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes,
@@ -379,8 +379,10 @@ def splittable(job: Job, layout: Layout) -> bool:
     of Megatron (--pipeline-model-parallel-layout) and torchtitan
     (module_fqns_per_model_part), not DeepSpeed's; block recompute saves per
     chunk, not per layer, so the partition's per-layer costs do not describe
-    it and it keeps the even split."""
-    return job.framework != "deepspeed" and layout.pp > 1 and not layout.recompute_num_layers
+    it and it keeps the even split; so does a hybrid Mamba model on
+    Megatron, whose MambaStack takes no pipeline layout."""
+    hybrid_megatron = job.model.mamba is not None and job.framework == "megatron"
+    return job.framework != "deepspeed" and layout.pp > 1 and not layout.recompute_num_layers and not hybrid_megatron
 
 
 def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Partition | None]:

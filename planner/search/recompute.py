@@ -39,14 +39,14 @@ def module_ladder(job: Job, layout: Layout) -> list[tuple[str, ...]]:
     modules already chosen (moe covers moe_act and shared_experts, so those
     add nothing after it); a module that frees nothing more ends the ladder."""
     shape, gpu, model = shape_of(job, layout), job.cluster.slowest.gpu, job.model
-    counts = [(count, moe) for count, moe in ((model.num_layers - model.num_moe_layers, False), (model.num_moe_layers, True)) if count]
+    counts = model.layer_kinds_in(0, model.num_layers)
 
     def saved_and_cost(modules: tuple[str, ...]) -> tuple[float, float]:
         if not modules:
             return 0.0, 0.0
-        saved = sum(count * (layer_activation_bytes(shape, "none", moe) - layer_activation_bytes(shape, "selective", moe, modules))
-                    for count, moe in counts)
-        return saved, sum(count * recomputed_forward(shape, gpu, modules, moe).total_s for count, moe in counts)
+        saved = sum(count * (layer_activation_bytes(shape, "none", kind) - layer_activation_bytes(shape, "selective", kind, modules))
+                    for kind, count in counts)
+        return saved, sum(count * recomputed_forward(shape, gpu, modules, kind).total_s for kind, count in counts)
 
     known = (OP_SAC,) if job.framework == "torchtitan" else RECOMPUTE_MODULES
     remaining = [m for m in known

@@ -72,11 +72,13 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
             activation_bytes=activation_bytes * (1 + ALLOCATOR_SLACK_FRACTION),
         )
 
-    # Dense and MoE decoder layers (DeepSeek-V3 keeps its first layers dense).
+    # Each kind of decoder layer priced once (DeepSeek-V3 keeps its first
+    # layers dense; a hybrid model mixes Mamba, attention and MLP layers).
     modules = layout.selective_modules or DEFAULT_RECOMPUTE_MODULES
-    kinds = {moe: layer(Chunk(first, 1), layer_activation_bytes(shape, layout.recompute, moe, modules))
-             for first, moe in ((0, False), (model.moe.first_dense_layers if model.moe else 0, model.moe is not None))}
-    decoders = [kinds[model.is_moe_layer(i)] for i in range(model.num_layers)]
+    kind_of = [model.layer_kind(i) for i in range(model.num_layers)]
+    kinds = {kind: layer(Chunk(kind_of.index(kind), 1), layer_activation_bytes(shape, layout.recompute, kind, modules))
+             for kind in model.layer_kinds}
+    decoders = [kinds[kind] for kind in kind_of]
     # A vision tower runs with the text embedding on the first chunk
     # (Megatron's LLaVA builds its encoder on pipeline rank 0): one entry.
     vision = model.vision
@@ -96,7 +98,7 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
 
     fixed = sum(runtime_bytes(shape, layout, reference, job.framework, 0.0).values())
     if layout.recompute == "full":
-        fixed += layer_activation_bytes(shape, "none", moe=model.moe is not None) * (1 + ALLOCATOR_SLACK_FRACTION)
+        fixed += max(layer_activation_bytes(shape, "none", kind) for kind in model.layer_kinds) * (1 + ALLOCATOR_SLACK_FRACTION)
     reference_layer_s = decoders[0].work_s
     devices = []
     for g, gpu in enumerate(groups):

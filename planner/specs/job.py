@@ -467,7 +467,7 @@ def job_warnings(job: Job) -> list[str]:
     if tokens > TOKENS_PER_STEP_WARNING:
         warnings.append(f"global_batch_size counts sequences: {job.global_batch_size:,} sequences of {job.seq_length:,} tokens is "
                         f"{tokens / 1e9:.1f}B tokens per step (published runs use up to ~0.02B); did you give it in tokens?")
-    if job.seq_length > job.model.max_position_embeddings and not job.model.alibi:
+    if job.seq_length > job.model.max_position_embeddings and job.model.rotary:
         warnings.append(f"seq_length {job.seq_length:,} is longer than {job.model.name}'s max_position_embeddings "
                         f"{job.model.max_position_embeddings:,}: the launch files raise it to the sequence length (rotary "
                         "positions extrapolate; quality is not loom's to judge)")

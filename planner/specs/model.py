@@ -97,6 +97,22 @@ BLOOM_POSITIONS = 2048
 GPT_LIKE = {"gpt2", "gpt_neox"}
 # Vision-language models: a vision encoder, a projector, a language model.
 VISION_LANGUAGE = {"llava"}
+# Hybrid Mamba-2 / attention models (Nemotron-H, NVIDIA 2025, arXiv
+# 2504.03624; Nemotron Nano 2 and Nemotron 3; transformers' NemotronHConfig):
+# one sublayer per layer as ``hybrid_override_pattern`` lays them out, each
+# behind its own RMSNorm; attention without position embeddings, a
+# squared-ReLU MLP, no biases, untied embeddings.
+HYBRID = {"nemotron_h"}
+
+# The sublayers of each kind of layer, each behind its own pre-norm and
+# residual add. A transformer layer has an attention and an MLP sublayer;
+# a hybrid model's layers are one sublayer each, in the order megatron-core's
+# hybrid pattern gives (ssm/mamba_hybrid_layer_allocation.py Symbols: M
+# Mamba, * attention, - MLP, E MoE; mamba_block.py builds a MambaLayer,
+# TransformerLayer with attention only, MLPLayer or MoE layer for each).
+SUBLAYERS = {"dense": ("attention", "mlp"), "moe": ("attention", "moe"), "mamba": ("mamba",), "attention": ("attention",),
+             "mlp": ("mlp",), "moe_mlp": ("moe",)}
+HYBRID_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe_mlp"}
 
 
 @dataclass(frozen=True)
@@ -118,11 +134,19 @@ class MoE:
     # Softmax over all experts before the top-k, the k weights not renormalised
     # (Hugging Face's norm_topk_prob false; megatron-core's moe_router_pre_softmax).
     pre_softmax: bool = False
+    # Gated experts (SwiGLU: gate and up projections), or plain ones (up
+    # only: Nemotron 3's squared-ReLU experts).
+    gated: bool = True
+
+    @property
+    def up_projections(self) -> int:
+        """How many hidden -> width projections an expert has (gate and up, or up)."""
+        return 2 if self.gated else 1
 
     def expert_params(self, hidden: int) -> int:
         """One routed expert (gate, up and down projections, and their biases)."""
-        f = self.expert_ffn_hidden_size
-        return 3 * hidden * f + (2 * f + hidden) * self.bias
+        f, up = self.expert_ffn_hidden_size, self.up_projections
+        return (up + 1) * hidden * f + (up * f + hidden) * self.bias
 
     def router_params(self, hidden: int) -> int:
         return (hidden + self.bias) * self.num_experts
@@ -133,7 +157,7 @@ class MoE:
 
     def shared_params(self, hidden: int) -> int:
         """The shared experts (gate, up, down) and their output gate."""
-        return 3 * hidden * self.shared_ffn_hidden_size + hidden * self.shared_gate
+        return (self.up_projections + 1) * hidden * self.shared_ffn_hidden_size + hidden * self.shared_gate
 
     def active_params(self, hidden: int) -> int:
         """The MLP weights one token multiplies in an MoE layer."""
@@ -164,6 +188,45 @@ class MLA:
         key_value = hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
         key_value += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
         return query + key_value + heads * self.v_head_dim * hidden
+
+
+@dataclass(frozen=True)
+class Mamba:
+    """A Mamba-2 mixer (Dao and Gu 2024, "Transformers are SSMs", arXiv
+    2405.21060, sec. 7; megatron-core ssm/mamba_mixer.py): one input
+    projection to z, x, B, C and dt (z and x ``num_heads`` x ``head_dim``
+    wide, B and C ``num_groups`` x ``state_size``, dt one per head), a
+    depthwise causal conv1d over x, B and C, the chunked SSD scan, a
+    group-wise RMSNorm of y * silu(z), and the output projection."""
+
+    num_heads: int  # H
+    head_dim: int  # P
+    state_size: int  # N (d_state)
+    num_groups: int  # G: heads in a group share B and C
+    conv_kernel: int = 4  # d_conv
+    chunk_size: int = 128  # the SSD kernels' block length Q (megatron-core's default)
+
+    @property
+    def inner_size(self) -> int:
+        """d_inner = H x P: the width of x, z and y."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        """x, B and C, which the conv1d runs over."""
+        return self.inner_size + 2 * self.num_groups * self.state_size
+
+    @property
+    def in_proj_size(self) -> int:
+        """The input projection's output: z, x, B, C and dt."""
+        return 2 * self.inner_size + 2 * self.num_groups * self.state_size + self.num_heads
+
+    def params(self, hidden: int) -> int:
+        """In and out projections (no biases: megatron-core asserts none), the
+        conv1d's weights and biases, dt_bias, A_log and D per head, the
+        gated norm's weight."""
+        conv = self.conv_channels * (self.conv_kernel + 1)
+        return hidden * self.in_proj_size + conv + 3 * self.num_heads + self.inner_size + self.inner_size * hidden
 
 
 @dataclass(frozen=True)
@@ -208,6 +271,40 @@ class ModelSpec:
     logit_softcap: float | None = None  # Gemma 2's tanh cap on the output logits (final_logit_softcapping)
     alibi: bool = False  # ALiBi's per-head linear biases on the attention scores instead of position embeddings (BLOOM)
     embedding_norm: bool = False  # a norm right after the word embedding (BLOOM's word_embeddings_layernorm)
+    no_position_embedding: bool = False  # attention without any position information (Nemotron-H: NoPE)
+    mamba: Mamba | None = None  # the Mamba-2 mixers of a hybrid model
+    hybrid_pattern: str = ""  # a hybrid model's layers, one HYBRID_SYMBOLS character each ("" for transformer layers)
+
+    @property
+    def rotary(self) -> bool:
+        """Whether the attention applies rotary embeddings to Q and K."""
+        return not (self.learned_position_embeddings or self.alibi or self.no_position_embedding)
+
+    def layer_kind(self, layer: int) -> str:
+        """The kind (a SUBLAYERS key) of decoder layer ``layer`` (0-based)."""
+        if self.hybrid_pattern:
+            return HYBRID_SYMBOLS[self.hybrid_pattern[layer]]
+        return "moe" if self.is_moe_layer(layer) else "dense"
+
+    def layer_kinds_in(self, first: int, count: int) -> tuple[tuple[str, int], ...]:
+        """(kind, how many) of layers [first, first + count), in SUBLAYERS'
+        order, kinds absent from the range left out."""
+        if self.hybrid_pattern:
+            window = self.hybrid_pattern[first:first + count]
+            counts = {kind: window.count(symbol) for symbol, kind in HYBRID_SYMBOLS.items()}
+        else:
+            moe = self.moe_layers_in(first, count)
+            counts = {"dense": count - moe, "moe": moe}
+        return tuple((kind, counts[kind]) for kind in SUBLAYERS if counts.get(kind))
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The kinds of layer the model has, in SUBLAYERS' order."""
+        return tuple(kind for kind, _ in self.layer_kinds_in(0, self.num_layers))
+
+    def sublayers_in(self, first: int, count: int, sublayer: str) -> int:
+        """How many of layers [first, first + count) have ``sublayer``."""
+        return sum(n for kind, n in self.layer_kinds_in(first, count) if sublayer in SUBLAYERS[kind])
 
     @property
     def windowed_layers(self) -> int:
@@ -215,16 +312,20 @@ class ModelSpec:
         return sum(self.window_layers) if self.sliding_window else 0
 
     def is_moe_layer(self, layer: int) -> bool:
+        if self.hybrid_pattern:
+            return self.hybrid_pattern[layer] == "E"
         return self.moe is not None and layer >= self.moe.first_dense_layers
 
     @property
     def num_moe_layers(self) -> int:
-        return 0 if self.moe is None else self.num_layers - self.moe.first_dense_layers
+        return self.moe_layers_in(0, self.num_layers)
 
     def moe_layers_in(self, first: int, count: int) -> int:
-        """How many of layers [first, first + count) are MoE layers."""
+        """How many of layers [first, first + count) have an MoE MLP."""
         if self.moe is None:
             return 0
+        if self.hybrid_pattern:
+            return self.hybrid_pattern[first:first + count].count("E")
         return max(0, first + count - max(first, self.moe.first_dense_layers))
 
     @property
@@ -280,11 +381,23 @@ class ModelSpec:
         """Parameters of one norm (LayerNorm has a bias, RMSNorm not)."""
         return self.hidden_size * (2 if self.normalization == "LayerNorm" else 1)
 
-    def layer_params(self, moe: bool = False) -> int:
-        """One decoder layer: attention, its MLP (dense, or MoE when ``moe``) and its norms."""
-        mlp = self.moe.layer_params(self.hidden_size) if moe else self.mlp_params()
-        sinks = self.num_attention_heads * self.attention_sinks
-        return self.attention_params() + mlp + self.norms_per_layer * self.norm_params() + 2 * self.head_dim * self.qk_norm + sinks
+    def sublayer_params(self, sublayer: str) -> int:
+        """One sublayer's weights, its norms excluded: the attention (with
+        QK norms and sinks), a dense or MoE MLP, or a Mamba mixer."""
+        if sublayer == "attention":
+            return self.attention_params() + 2 * self.head_dim * self.qk_norm + self.num_attention_heads * self.attention_sinks
+        if sublayer == "mlp":
+            return self.mlp_params()
+        if sublayer == "moe":
+            return self.moe.layer_params(self.hidden_size)
+        return self.mamba.params(self.hidden_size)
+
+    def layer_params(self, kind: str = "dense") -> int:
+        """One decoder layer of ``kind`` (a SUBLAYERS key): its sublayers
+        and their norms (one before each, and Gemma 2/3's one after each)."""
+        sublayers = SUBLAYERS[kind]
+        norms = self.norms_per_layer // 2 * len(sublayers)
+        return sum(self.sublayer_params(sublayer) for sublayer in sublayers) + norms * self.norm_params()
 
     def embedding_params(self) -> int:
         """The word (and learned position) embedding, and BLOOM's norm after it."""
@@ -300,12 +413,11 @@ class ModelSpec:
         """Each multi-token prediction module: two norms, a 2h -> h projection
         and one MoE layer; it shares the embedding and the output layer."""
         h = self.hidden_size
-        return self.mtp_layers * (2 * self.norm_params() + 2 * h * h + self.layer_params(moe=self.moe is not None))
+        return self.mtp_layers * (2 * self.norm_params() + 2 * h * h + self.layer_params("moe" if self.moe is not None else "dense"))
 
     def total_params(self) -> int:
         vision = self.vision.params(self.hidden_size) if self.vision else 0
-        moe_layers = self.num_moe_layers
-        layers = (self.num_layers - moe_layers) * self.layer_params() + (moe_layers and moe_layers * self.layer_params(moe=True))
+        layers = sum(count * self.layer_params(kind) for kind, count in self.layer_kinds_in(0, self.num_layers))
         return layers + self.embedding_params() + self.head_params() + vision + self.mtp_params()
 
     def active_params(self, input_embedding: bool = True) -> int:
@@ -398,7 +510,7 @@ def model_from_hf_config(config: dict, name: str, source: str) -> ModelSpec:
     read.check()
     if family in VISION_LANGUAGE:
         return _vision_language(read, name)
-    spec = _decoder(read, name)
+    spec = _hybrid(read, name) if family in HYBRID else _decoder(read, name)
     read.check()
     return spec
 
@@ -412,7 +524,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA | BLOOM
     if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
-        read.require(False, "model_type", f"one of {sorted(known | VISION_LANGUAGE)}{where}", family)
+        read.require(False, "model_type", f"one of {sorted(known | HYBRID | VISION_LANGUAGE)}{where}", family)
         read.check()
     # BloomConfig lets n_embed win over hidden_size
     hidden = read.int(*(("n_embed", "hidden_size") if family in BLOOM else ("hidden_size", "n_embd")), high=LIMITS["width"])
@@ -489,6 +601,97 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         if window:
             spec = replace(spec, sliding_window=window, window_layers=(True,) * num_layers)
     return spec
+
+
+# transformers' NemotronHConfig spells each layer of ``layers_block_type``
+# with one of these (newer releases: linear_attention for Mamba and
+# full_attention), where older configs give ``hybrid_override_pattern``.
+HYBRID_BLOCK_TYPES = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
+
+
+def _hybrid(read: ConfigReader, name: str) -> ModelSpec:
+    """Nemotron-H, Nemotron Nano 2 and Nemotron 3 (transformers'
+    NemotronHConfig, whose defaults fill what a config leaves out): the
+    layers ``hybrid_override_pattern`` lays out (section 1 of the Nemotron-H
+    report, arXiv 2504.03624: Mamba-2, self-attention and MLP layers, each a
+    residual block with its own RMSNorm), attention without position
+    embeddings, squared-ReLU MLPs and experts, no biases but the conv1d's,
+    untied embeddings. What Megatron-LM's pretrain_mamba.py cannot build, or
+    loom does not price, is refused naming the field."""
+    pattern = read.str("hybrid_override_pattern")
+    if pattern is None:
+        types = read.str_list("layers_block_type", tuple(HYBRID_BLOCK_TYPES))
+        pattern = "".join(HYBRID_BLOCK_TYPES[kind] for kind in types or ())
+    read.require("/" not in pattern, "hybrid_override_pattern", "no multi-token prediction part after '/' (loom does not plan a "
+                 "hybrid model's MTP layers)", pattern)
+    pattern = pattern.split("/")[0]
+    read.require(bool(pattern) and set(pattern) <= set(HYBRID_SYMBOLS), "hybrid_override_pattern",
+                 f"one character per layer, each of {''.join(HYBRID_SYMBOLS)} (megatron-core's hybrid layer symbols)", pattern)
+    read.require(len(pattern) <= LIMITS["layers"], "hybrid_override_pattern", f"at most {LIMITS['layers']:,} layers", len(pattern))
+    num_layers = read.int("num_hidden_layers", default=max(1, len(pattern)), high=LIMITS["layers"])
+    read.require(num_layers == len(pattern), "num_hidden_layers", f"the {len(pattern)} layers of hybrid_override_pattern", num_layers,
+                 given=("num_hidden_layers",))
+    hidden = read.int("hidden_size", high=LIMITS["width"])
+    heads = read.int("num_attention_heads", high=LIMITS["heads"])
+    kv_heads = read.int("num_key_value_heads", default=8, high=LIMITS["heads"])
+    read.require(heads % kv_heads == 0, "num_key_value_heads", f"a divisor of {heads} attention heads", kv_heads,
+                 given=("num_attention_heads", "num_key_value_heads"))
+    head_dim = read.int("head_dim", "attention_head_dim", default=128, high=LIMITS["width"])
+    mamba = Mamba(
+        num_heads=read.int("mamba_num_heads", default=128, high=LIMITS["heads"]),
+        head_dim=read.int("mamba_head_dim", default=64, high=LIMITS["width"]),
+        state_size=read.int("ssm_state_size", "mamba_state_dim", default=128, high=LIMITS["width"]),
+        num_groups=read.int("n_groups", "mamba_n_groups", "mamba_num_groups", default=8, high=LIMITS["heads"]),
+        conv_kernel=read.int("conv_kernel", "mamba_d_conv", default=4, high=1 << 10),
+        chunk_size=read.int("chunk_size", "mamba_chunk_size", default=128, high=1 << 16),
+    )
+    read.require(mamba.num_heads % mamba.num_groups == 0, "mamba_num_heads", f"a multiple of the {mamba.num_groups} groups (n_groups)",
+                 mamba.num_heads, given=("mamba_num_heads", "n_groups", "mamba_n_groups", "mamba_num_groups"))
+    for key in ("use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias"):
+        read.require(not read.bool(key, False), key, "false (Megatron-LM's Mamba mixer has no projection biases; its layers bias all "
+                     "linear layers or none)", True)
+    read.require(read.bool("use_conv_bias", True), "use_conv_bias", "true (megatron-core's Mamba conv1d has a bias)", False)
+    read.require(not read.bool("residual_in_fp32", False), "residual_in_fp32", "false (loom prices a 16-bit residual stream)", True)
+    read.require(read.str("mlp_hidden_act", "relu2") == "relu2", "mlp_hidden_act", "relu2 (Megatron's --squared-relu)",
+                 read.config.get("mlp_hidden_act"))
+    read.require(read.config.get("moe_latent_size") is None, "moe_latent_size", "none (loom does not plan latent MoE projections)",
+                 read.config.get("moe_latent_size"))
+    read.require(not read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]), "num_nextn_predict_layers",
+                 "0 (loom does not plan a hybrid model's multi-token prediction layers)", read.config.get("num_nextn_predict_layers"))
+    moe = None
+    if "E" in pattern:
+        experts = read.int("n_routed_experts", high=LIMITS["experts"])
+        top_k = read.int("num_experts_per_tok", high=LIMITS["experts"])
+        read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
+                     given=("n_routed_experts", "num_experts_per_tok"))
+        shared_experts = read.int("n_shared_experts", default=0, low=0, high=1)
+        moe = MoE(num_experts=experts, top_k=top_k, expert_ffn_hidden_size=read.int("moe_intermediate_size", high=LIMITS["width"]),
+                  shared_ffn_hidden_size=shared_experts and read.int("moe_shared_expert_intermediate_size", high=LIMITS["width"]),
+                  gated=False)
+    return ModelSpec(
+        name=name,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        ffn_hidden_size=read.int("intermediate_size", default=21504, high=LIMITS["width"]) if "-" in pattern else 4 * hidden,
+        vocab_size=read.int("vocab_size", default=131072, low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
+        max_position_embeddings=read.int("max_position_embeddings", default=4096, high=LIMITS["positions"]),
+        gated_mlp=False,
+        tied_embeddings=read.bool("tie_word_embeddings", False),
+        learned_position_embeddings=False,
+        linear_bias=False,
+        qkv_bias=False,
+        normalization="RMSNorm",
+        dropout=read.number("hidden_dropout", default=0.0, high=1.0, below_high=True),
+        kv_channels=head_dim if head_dim * heads != hidden else None,
+        norm_epsilon=read.number("layer_norm_epsilon", "rms_norm_eps", default=1e-5, high=1.0, above_low=True, below_high=True),
+        moe=moe,
+        squared_relu=True,
+        no_position_embedding=True,
+        mamba=mamba,
+        hybrid_pattern=pattern,
+    )
 
 
 def _check_family(read: ConfigReader, family: str) -> None:

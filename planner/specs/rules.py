@@ -62,6 +62,8 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
         need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
     _recompute_problems(job, layout, need)
+    if model.mamba is not None:
+        _hybrid_problems(job, layout, need)
     need(layout.fsdp == 0 or layout.dp % layout.fsdp == 0, "fsdp", f"0 (off) or a divisor of dp = {layout.dp}", layout.fsdp)
     _offload_problems(job, layout, need)
     if job.framework == "megatron" and job.features.optimizer_states == "bf16":
@@ -181,6 +183,32 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
         need(not overlapped, "features", "no Megatron MoE overlap with torchtitan", "overlap_moe_expert_parallel_comm/moe_shared_expert_overlap")
 
 
+def _hybrid_problems(job: Job, layout: Layout, need) -> None:
+    """What a hybrid Mamba model needs (megatron-core 0.16): TP splitting
+    the Mamba heads and groups (ssm/mamba_mixer.py asserts both), CP
+    splitting each TP rank's heads and its groups, or the groups its ranks
+    (ssm/mamba_context_parallel.py), and under fp8 an in-projection width
+    that is a multiple of 16. Megatron's MambaStack (ssm/mamba_block.py)
+    has no interleaved pipeline (it asserts no virtual stages), splits its
+    layers evenly or with first/last stage counts only, and no checkpointed
+    forward, so no full recompute (loom plans its even split only)."""
+    mamba, tp, cp = job.model.mamba, layout.tp, layout.cp
+    need(mamba.num_heads % tp == 0 and mamba.num_groups % tp == 0, "tp",
+         f"a divisor of the {mamba.num_heads} Mamba heads and {mamba.num_groups} groups", tp)
+    if mamba.num_heads % tp == 0 and mamba.num_groups % tp == 0:
+        heads, groups = mamba.num_heads // tp, mamba.num_groups // tp
+        need(heads % cp == 0 and (groups % cp == 0 if groups >= cp else cp % groups == 0), "cp",
+             f"a divisor of the {heads} Mamba heads per TP rank that divides or is a multiple of its {groups} groups", cp)
+    need(job.precision not in ("fp8", "nvfp4") or mamba.in_proj_size % 16 == 0, "precision",
+         f"bf16 for {job.model.name} (fp8 needs a Mamba in-projection width, {mamba.in_proj_size}, that is a multiple of 16)", job.precision)
+    if job.framework == "megatron":
+        need(layout.vpp == 1, "vpp", "1 for a hybrid Mamba model (Megatron's MambaStack has no interleaved schedule)", layout.vpp)
+        need(job.model.num_layers % layout.pp == 0, "pp", f"a divisor of {job.model.num_layers} layers for a hybrid Mamba model "
+             "(Megatron's MambaStack splits its layers evenly)", layout.pp)
+        need(layout.recompute != "full", "recompute", "none or selective for a hybrid Mamba model (Megatron's MambaStack has no "
+             "full-layer recompute)", layout.recompute)
+
+
 def _recompute_problems(job: Job, layout: Layout, need) -> None:
     """What megatron-core's TransformerConfig.__post_init__ checks of
     recompute_modules and recompute_num_layers (0.16): known modules, each
@@ -194,7 +222,7 @@ def _recompute_problems(job: Job, layout: Layout, need) -> None:
         unknown = [m for m in modules if m not in known]
         need(not unknown, "recompute_modules", f"module names among {', '.join(known)} with {job.framework}", unknown)
         need(len(set(modules)) == len(modules), "recompute_modules", "each module once", list(modules))
-        need(model.num_layers > model.num_moe_layers or "mlp" not in modules, "recompute_modules",
+        need(model.sublayers_in(0, model.num_layers, "mlp") > 0 or "mlp" not in modules, "recompute_modules",
              "mlp only for a model with dense MLP layers (every layer of this one is MoE: use moe or moe_act)", "mlp")
         moe_only = [m for m in modules if m in ("moe", "moe_act", "shared_experts")]
         need(model.moe is not None or not moe_only, "recompute_modules", "moe, moe_act and shared_experts only for MoE models", moe_only)

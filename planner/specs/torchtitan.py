@@ -71,10 +71,10 @@ def trainable(model: ModelSpec) -> str:
     ReLU, zero-centred or post-sublayer norms, ALiBi, embedding norm, and
     none of the families Megatron cannot build either)."""
     foreign = model.megatron_unbuildable or model.squared_relu or model.layernorm_1p or model.alibi or model.embedding_norm \
-        or model.norms_per_layer != 2
+        or model.norms_per_layer != 2 or model.mamba is not None
     if flavor_of(model) is not None and not foreign:
         return ""
     if foreign:
-        return f"its models' blocks; {model.name}'s differ (its family's activation, norms or positions)"
+        return f"its models' blocks; {model.name}'s differ (its family's activation, norms, positions or Mamba layers)"
     names = ", ".join(f"{flavor.name} {flavor.flavor}" for flavor in FLAVORS)
     return f"one of the torchtitan 0.2 models loom writes files for ({names}); {model.name} is none of them"
