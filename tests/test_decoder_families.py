@@ -292,18 +292,19 @@ def test_gemma_parameter_counts_and_layers(name):
     assert (m.norms_per_layer, m.qk_norm, m.window_layers) == expected
 
 
-@pytest.mark.parametrize("name", [*GEMMAS, "bloom-560m"])
+@pytest.mark.parametrize("name", [*GEMMAS, "bloom-560m", "falcon-7b"])
 def test_plans_under_deepspeed_what_megatron_cannot_build(tmp_path, name):
+    source = NOT_BUILT_BY_MEGATRON[name][0] if name in NOT_BUILT_BY_MEGATRON else str(FAMILIES / f"{name}.json")
     cluster = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
-    job = {"model": NOT_BUILT_BY_MEGATRON[name][0], "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 4096,
+    job = {"model": source, "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 2048,
            "search": {"tp": [1, 2], "pp": [1], "micro_batch_size": [1]}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     refused = runner.invoke(app, ["plan", str(tmp_path / "job.yaml")])
     assert refused.exit_code == 2 and "field 'framework': expected deepspeed" in refused.output and "Megatron-LM cannot build" in refused.output
     planned = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--framework", "deepspeed", "--json", "--out", str(tmp_path / "out")])
     assert planned.exit_code == 0, planned.output
-    assert json.loads(planned.stdout)["model_parameters"] == load_model(NOT_BUILT_BY_MEGATRON[name][0]).total_params()
+    assert json.loads(planned.stdout)["model_parameters"] == load_model(source).total_params()
     assert (tmp_path / "out" / "ds_config.json").is_file()
 
 
@@ -379,3 +380,34 @@ def test_gemma2s_soft_caps_cost_a_pass_over_the_scores_and_the_logits(tmp_path):
     scores = 2 * capped.num_attention_heads * 4096 * 4096  # one 16-bit tanh of the s x s scores per head
     assert activations.layer_parts(shapes[0])["core_attention"] - activations.layer_parts(shapes[1])["core_attention"] == scores
     assert activations.head(shapes[0]) - activations.head(shapes[1]) == 2 * 4096 * capped.vocab_size
+
+
+# Falcon's Hub checkpoints store the output layer beside the embedding it is
+# tied to (transformers' FalconConfig ties them): the Hub's safetensors
+# counts, 7.22B (falcon-7b), 41.8B (falcon-40b) and 179.523B (falcon-180B,
+# as the Open LLM Leaderboard's request file records it), are loom's count
+# plus one vocabulary x hidden copy.
+FALCONS = {"falcon-7b": 7.22, "falcon-40b": 41.8, "falcon-180b": 179.523}
+
+
+@pytest.mark.parametrize("name", sorted(FALCONS))
+def test_falcon_parameter_counts_and_layers(name):
+    m = load_model(str(FAMILIES / f"{name}.json"))
+    stored = m.total_params() + m.vocab_size * m.hidden_size
+    assert stored / 1e9 == pytest.approx(FALCONS[name], rel=0.005 if name != "falcon-180b" else 1e-5)
+    # 7B: multi-query attention and one LayerNorm feeding both branches; 40B/180B: 8 key/value groups, a LayerNorm each
+    assert (m.num_query_groups, m.norms_per_layer) == ((1, 1) if name == "falcon-7b" else (8, 2))
+    assert m.parallel_attention and m.tied_embeddings and not m.linear_bias and m.rotary and not m.gated_mlp
+    assert m.megatron_unbuildable and "parallel attention" in m.megatron_unbuildable
+
+
+def test_falcons_parallel_block_keeps_one_input():
+    """Both branches read the layer's input: no residual after the attention
+    to keep, and with Falcon-7B's one norm no second normalised copy."""
+    from loom.planner.cost.activations import layer_parts
+    from loom.planner.cost.shape import Shape
+
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8)
+    seven, forty = (Shape.of(load_model(str(FAMILIES / f"{n}.json")), layout, 2048, "bf16", Features()) for n in ("falcon-7b", "falcon-40b"))
+    assert "mlp_norm_input" not in layer_parts(seven) and "mlp_input" not in layer_parts(seven)
+    assert "mlp_norm_input" not in layer_parts(forty) and layer_parts(forty)["mlp_input"] == layer_parts(forty)["qkv_input"]

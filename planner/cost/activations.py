@@ -82,14 +82,21 @@ def layer_parts(shape: Shape, kind: str = "dense") -> dict[str, float]:
     m, T, w = shape.model, shape.tokens, shape.replicated_width
     sublayers = SUBLAYERS[kind]
     parts: dict[str, float] = {
-        "dropout_masks": (len(sublayers) if m.dropout else 0) * T * w,  # 1 byte each, after each sublayer
+        # 1 byte each, after each sublayer (after the sum of a parallel block's two)
+        "dropout_masks": ((1 if m.parallel_attention else len(sublayers)) if m.dropout else 0) * T * w,
         # Gemma 2/3's norms after the attention and the MLP keep their inputs (the sublayers' outputs), 16-bit.
-        "post_norm_inputs": (m.norms_per_layer // 2 - 1) * len(sublayers) * shape.act_bytes * T * w,
+        "post_norm_inputs": 0 if m.parallel_attention else (m.norms_in(kind) - len(sublayers)) * shape.act_bytes * T * w,
     }
     if "attention" in sublayers:
         parts.update(_attention_parts(shape))
     if "mlp" in sublayers or "moe" in sublayers:
         parts.update(_mlp_parts(shape, moe="moe" in sublayers))
+    if m.parallel_attention:
+        # The MLP reads the layer's input (kept once, as "input"), and with
+        # one shared norm (Falcon-7B) the attention's normalised input too.
+        parts.pop("mlp_norm_input")
+        if m.norms_per_layer == 1:
+            parts.pop("mlp_input")
     if "mamba" in sublayers:
         parts.update(_mamba_parts(shape))
     return parts

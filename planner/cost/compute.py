@@ -269,11 +269,11 @@ def sublayer(shape: Shape, gpu: GPU, name: str, backward: bool = False) -> PassT
 
 def decoder_layer(shape: Shape, gpu: GPU, backward: bool = False, kind: str = "dense") -> PassTime:
     """Kernel time of one decoder layer of ``kind`` (a SUBLAYERS key), one
-    micro batch, one pass: each sublayer with its norm (and Gemma 2/3's
-    post-norm) and residual add."""
+    micro batch, one pass: its sublayers, their norms (model.norms_in) and
+    a residual add each (a parallel block's attention output is added to the
+    MLP's, then to the residual: two adds too)."""
     sublayers = SUBLAYERS[kind]
-    per_sublayer = norm(shape, gpu, backward).scaled(shape.model.norms_per_layer // 2) + residual_add(shape, gpu, backward)
-    total = per_sublayer.scaled(len(sublayers))
+    total = norm(shape, gpu, backward).scaled(shape.model.norms_in(kind)) + residual_add(shape, gpu, backward).scaled(len(sublayers))
     for name in sublayers:
         total = total + sublayer(shape, gpu, name, backward)
     return total

@@ -140,7 +140,7 @@ def _layer_params_per_gpu(model: ModelSpec, t: int, ep: int, etp: int, kind: str
     tensor_model_parallel: ssm/mamba_mixer.py)."""
     h, sublayers = model.hidden_size, SUBLAYERS[kind]
     linear, expert = 0.0, 0.0
-    other = model.norms_per_layer // 2 * len(sublayers) * model.norm_params()
+    other = model.norms_in(kind) * model.norm_params()
     if "attention" in sublayers:
         linear += _attention_params_per_gpu(model, t)
         other += 2 * model.head_dim * model.qk_norm

@@ -1,9 +1,11 @@
 """The model spec: a decoder-only transformer, read from a Hugging Face
 style ``config.json`` (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3,
-InternLM2, StarCoder2, Nemotron-4, GPT-2, GPT-NeoX; Gemma 1/2/3 and BLOOM,
-which Megatron-LM's pretrain_gpt.py cannot build; the mixture-of-experts Mixtral,
+InternLM2, StarCoder2, Nemotron-4, GPT-2, GPT-NeoX; Gemma 1/2/3, BLOOM and
+Falcon, which Megatron-LM's pretrain_gpt.py cannot build; the mixture-of-experts Mixtral,
 Qwen1.5/2-MoE, Qwen3-MoE, DeepSeek-V2/V3 with their latent attention and
-gpt-oss with its sliding-window layers and attention sinks),
+gpt-oss with its sliding-window layers and attention sinks; the hybrid
+Mamba-2 / attention Nemotron-H, Nano 2 and Nemotron 3, whose layers are of
+several kinds: SUBLAYERS),
 and optionally a vision tower feeding it (LLaVA: a CLIP ViT and
 an MLP projector).
 
@@ -14,6 +16,7 @@ arguments so the emitters can write them out directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from loom.planner.specs.errors import SpecError
@@ -39,7 +42,7 @@ WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
 # Families added with issue #16 whose rope_scaling loom checks: none, or
 # "dynamic" NTK scaling, which changes nothing within max_position_embeddings
 # (transformers' dynamic rope update) and so nothing in pre-training.
-ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron"}
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon"}
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
@@ -76,6 +79,8 @@ MEGATRON_CANNOT_BUILD = {
                    "(the standard layer spec has input and pre-MLP norms only)",
     "bloom": "BLOOM's ALiBi attention biases and its LayerNorm after the word embedding (megatron-core's --position-embedding-type "
              "has learned_absolute, rope, mrope, relative and none; GPTModel has no embedding norm)",
+    "falcon": "Falcon's parallel attention and MLP (both on the layer's input, added into one residual: megatron-core's "
+              "TransformerLayer runs the MLP after the attention) or Falcon-RW's ALiBi",
 }
 # Families with latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1).
 MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
@@ -95,6 +100,14 @@ UNBUILDABLE = {
 BLOOM_POSITIONS = 2048
 # Families with a plain GeLU MLP, LayerNorm and biases everywhere.
 GPT_LIKE = {"gpt2", "gpt_neox"}
+# Falcon (Almazrouei et al. 2023, arXiv 2311.16867; transformers'
+# FalconConfig and FalconDecoderLayer): attention and a 4h GeLU MLP side by
+# side on the layer's input (parallel_attn), one shared LayerNorm (Falcon-7B)
+# or one each (new_decoder_architecture, num_ln_in_parallel_attn: 40B,
+# 180B), multi-query attention (7B) or num_kv_heads groups, RoPE, no biases,
+# tied embeddings; Falcon-RW: sequential layers with ALiBi.
+FALCON = {"falcon"}
+FALCON_POSITIONS = 2048  # FalconConfig's default max_position_embeddings, which Falcon-7B's and 40B's configs leave out
 # Vision-language models: a vision encoder, a projector, a language model.
 VISION_LANGUAGE = {"llava"}
 # Hybrid Mamba-2 / attention models (Nemotron-H, NVIDIA 2025, arXiv
@@ -265,13 +278,16 @@ class ModelSpec:
     glu_clamp: float | None = None  # gpt-oss's gated MLP: (up + 1) * gate * sigmoid(1.702 gate), both clamped at this
     squared_relu: bool = False  # a plain MLP's activation is relu(x)^2 (Nemotron-4), not GeLU: same GEMMs, one elementwise pass
     layernorm_1p: bool = False  # LayerNorm scaled by (1 + gamma), gamma initialised at 0 (Nemotron-4): the same parameters
-    norms_per_layer: int = 2  # before attention and MLP; Gemma 2/3 add one after each (post-norms): 4
+    norms_per_layer: int = 2  # before attention and MLP; Gemma 2/3 add one after each (post-norms): 4; Falcon-7B's shared one: 1
     megatron_unbuildable: str | None = None  # why Megatron-LM's pretrain_gpt.py cannot build it (None: it can)
     attention_softcap: float | None = None  # Gemma 2's tanh cap on the attention scores (attn_logit_softcapping)
     logit_softcap: float | None = None  # Gemma 2's tanh cap on the output logits (final_logit_softcapping)
     alibi: bool = False  # ALiBi's per-head linear biases on the attention scores instead of position embeddings (BLOOM)
     embedding_norm: bool = False  # a norm right after the word embedding (BLOOM's word_embeddings_layernorm)
     no_position_embedding: bool = False  # attention without any position information (Nemotron-H: NoPE)
+    # Attention and MLP side by side on the layer's input, their outputs
+    # added into one residual (Falcon; GPT-J): norms_per_layer norms feed them.
+    parallel_attention: bool = False
     mamba: Mamba | None = None  # the Mamba-2 mixers of a hybrid model
     hybrid_pattern: str = ""  # a hybrid model's layers, one HYBRID_SYMBOLS character each ("" for transformer layers)
 
@@ -288,7 +304,18 @@ class ModelSpec:
 
     def layer_kinds_in(self, first: int, count: int) -> tuple[tuple[str, int], ...]:
         """(kind, how many) of layers [first, first + count), in SUBLAYERS'
-        order, kinds absent from the range left out."""
+        order, kinds absent from the range left out (remembered per range:
+        the search asks for the same few ranges millions of times)."""
+        found = self._layer_kinds_memo.get((first, count))
+        if found is None:
+            found = self._layer_kinds_memo[first, count] = self._count_layer_kinds(first, count)
+        return found
+
+    @cached_property
+    def _layer_kinds_memo(self) -> dict[tuple[int, int], tuple[tuple[str, int], ...]]:
+        return {}
+
+    def _count_layer_kinds(self, first: int, count: int) -> tuple[tuple[str, int], ...]:
         if self.hybrid_pattern:
             window = self.hybrid_pattern[first:first + count]
             counts = {kind: window.count(symbol) for symbol, kind in HYBRID_SYMBOLS.items()}
@@ -301,6 +328,11 @@ class ModelSpec:
     def layer_kinds(self) -> tuple[str, ...]:
         """The kinds of layer the model has, in SUBLAYERS' order."""
         return tuple(kind for kind, _ in self.layer_kinds_in(0, self.num_layers))
+
+    def norms_in(self, kind: str) -> int:
+        """Norms in one layer of ``kind``: each sublayer's pre-norm (and
+        Gemma 2/3's post-norm), or a parallel block's norms_per_layer."""
+        return self.norms_per_layer if self.parallel_attention else self.norms_per_layer // 2 * len(SUBLAYERS[kind])
 
     def sublayers_in(self, first: int, count: int, sublayer: str) -> int:
         """How many of layers [first, first + count) have ``sublayer``."""
@@ -395,9 +427,7 @@ class ModelSpec:
     def layer_params(self, kind: str = "dense") -> int:
         """One decoder layer of ``kind`` (a SUBLAYERS key): its sublayers
         and their norms (one before each, and Gemma 2/3's one after each)."""
-        sublayers = SUBLAYERS[kind]
-        norms = self.norms_per_layer // 2 * len(sublayers)
-        return sum(self.sublayer_params(sublayer) for sublayer in sublayers) + norms * self.norm_params()
+        return sum(self.sublayer_params(sublayer) for sublayer in SUBLAYERS[kind]) + self.norms_in(kind) * self.norm_params()
 
     def embedding_params(self) -> int:
         """The word (and learned position) embedding, and BLOOM's norm after it."""
@@ -521,7 +551,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     if family in UNBUILDABLE:
         read.require(False, "model_type", UNBUILDABLE[family], family)
         read.check()
-    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA | BLOOM
+    known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA | BLOOM | FALCON
     if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
         read.require(False, "model_type", f"one of {sorted(known | HYBRID | VISION_LANGUAGE)}{where}", family)
@@ -557,7 +587,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         ffn_hidden_size=4 * hidden if family in BLOOM else read.int("intermediate_size", "n_inner", default=4 * hidden, high=LIMITS["width"]),
         vocab_size=read.int("vocab_size", low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
         # ALiBi has no position table: BLOOM's config names no limit (its 2,048-token pre-training length stands in)
-        max_position_embeddings=read.int("max_position_embeddings", "n_positions", default=BLOOM_POSITIONS if family in BLOOM else None,
+        max_position_embeddings=read.int("max_position_embeddings", "n_positions", default={"bloom": BLOOM_POSITIONS, "falcon": FALCON_POSITIONS}.get(family),
                                          high=LIMITS["positions"]),
         gated_mlp=llama_like,
         # transformers' defaults: GPT-2 and StarCoder2 tie, the others here do not (Nemotron, Gemma and BLOOM: below).
@@ -580,6 +610,8 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     )
     if family in NEMOTRON:  # transformers' NemotronConfig defaults: no attention or MLP biases, untied
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
+    if family in FALCON:
+        spec = _falcon(read, spec)
     if family in BLOOM:  # transformers' BloomConfig: tied by default, biases everywhere
         spec = replace(spec, tied_embeddings=read.bool("tie_word_embeddings", True), alibi=True, embedding_norm=True,
                        megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
@@ -692,6 +724,30 @@ def _hybrid(read: ConfigReader, name: str) -> ModelSpec:
         mamba=mamba,
         hybrid_pattern=pattern,
     )
+
+
+def _falcon(read: ConfigReader, spec: ModelSpec) -> ModelSpec:
+    """Falcon's fields over the common ones (transformers' FalconConfig
+    defaults): key/value heads (num_kv_heads under the new decoder
+    architecture; one with multi_query, which that architecture ignores;
+    else one per head), the MLP width (ffn_hidden_size, 4h), its biases
+    (bias), tied embeddings, ALiBi, and the parallel block with its norms
+    (num_ln_in_parallel_attn: 2 under the new architecture, else 1)."""
+    heads = spec.num_attention_heads
+    new_architecture = read.bool("new_decoder_architecture", False)
+    if new_architecture:
+        kv_heads = read.int("num_kv_heads", default=heads, high=LIMITS["heads"])
+    else:
+        kv_heads = 1 if read.bool("multi_query", True) else heads
+    read.require(heads % kv_heads == 0, "num_kv_heads", f"a divisor of {heads} attention heads", kv_heads, given=("num_kv_heads",))
+    read.require(read.str("activation", "gelu") == "gelu", "activation", "gelu (Falcon's MLP)", read.config.get("activation"))
+    parallel = new_architecture or read.bool("parallel_attn", True)
+    norms = read.int("num_ln_in_parallel_attn", default=2 if new_architecture else 1, high=2) if parallel else 2
+    alibi = read.bool("alibi", False)
+    return replace(spec, num_query_groups=kv_heads, ffn_hidden_size=read.int("ffn_hidden_size", default=4 * spec.hidden_size, high=LIMITS["width"]),
+                   linear_bias=read.bool("bias", False), tied_embeddings=read.bool("tie_word_embeddings", True), alibi=alibi,
+                   parallel_attention=parallel, norms_per_layer=norms,
+                   megatron_unbuildable=MEGATRON_CANNOT_BUILD["falcon"] if parallel or alibi else None)
 
 
 def _check_family(read: ConfigReader, family: str) -> None:
