@@ -125,16 +125,6 @@ def test_what_megatron_cannot_build_is_refused(tmp_path, family, change, field):
     assert error.value.field == field
 
 
-def test_olmo2_is_refused():
-    path = DATA / "unbuildable" / "olmo-2-7b.json"
-    with pytest.raises(SpecError) as error:
-        load_model(str(path))
-    assert error.value.field == "model_type" and "post_attention_layernorm" in str(error.value) and "olmo2" in str(error.value)
-    result = runner.invoke(app, ["plan", "--model", str(path)])
-    assert result.exit_code == 2
-    assert len(result.output.strip().splitlines()) == 1 and "olmo-2-7b" in result.output
-
-
 # The flags each family's launch must carry (beside the common ones).
 FLAGS = {
     "qwen3-8b": ["--qk-layernorm", "--swiglu", "--disable-bias-linear", "--num-query-groups 8"],
@@ -260,6 +250,8 @@ NOT_BUILT_BY_MEGATRON = {
     "gemma-3-1b-pt": (str(FAMILIES / "gemma-3-1b-pt.json"), 1.00),
     "bloom-560m": (str(FAMILIES / "bloom-560m.json"), 0.559214592),
     "bloom-176b": (str(FAMILIES / "bloom-176b.json"), 176.247271424),
+    # OLMo-2-1124-7B: the Hub's safetensors count, 7.30B.
+    "olmo-2-7b": (str(FAMILIES / "olmo-2-7b.json"), 7.30),
 }
 GEMMAS = sorted(name for name in NOT_BUILT_BY_MEGATRON if name.startswith("gemma"))
 
@@ -267,10 +259,24 @@ GEMMAS = sorted(name for name in NOT_BUILT_BY_MEGATRON if name.startswith("gemma
 @pytest.mark.parametrize("name", sorted(NOT_BUILT_BY_MEGATRON))
 def test_parameter_counts_of_what_megatron_cannot_build(name):
     source, billions = NOT_BUILT_BY_MEGATRON[name]
-    assert load_model(source).total_params() / 1e9 == pytest.approx(billions, rel=0.005 if name.startswith("gemma") else 1e-12)
+    assert load_model(source).total_params() / 1e9 == pytest.approx(billions, rel=0.005 if name.startswith(("gemma", "olmo")) else 1e-12)
     # the Hub's exact safetensors counts for the Gemmas
     exact = {"gemma-7b": 8_537_680_896, "gemma-2-9b": 9_241_705_984, "gemma-3-1b-pt": 999_885_952}
     assert name not in exact or load_model(source).total_params() == exact[name]
+
+
+def test_olmo2_reads_post_norms_and_a_qk_norm_across_heads():
+    """Each sublayer's norm after it (keeping that sublayer's output) and
+    none before: the GEMMs read the residual stream itself; the QK norm
+    weighs every head's query and key dims."""
+    from loom.planner.cost.activations import layer_parts
+    from loom.planner.cost.shape import Shape
+
+    m = load_model(NOT_BUILT_BY_MEGATRON["olmo-2-7b"][0])
+    assert m.post_norms_only and m.qk_norm_params == m.q_size + m.kv_size and "post_attention_layernorm" in m.megatron_unbuildable
+    shape = Shape.of(m, Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8), 4096, "bf16", Features())
+    parts = layer_parts(shape)
+    assert "input" not in parts and "mlp_norm_input" not in parts and parts["post_norm_inputs"] == 2 * 2 * shape.tokens * m.hidden_size
 
 
 def test_bloom_reads_alibi_and_its_embedding_norm():
@@ -292,7 +298,7 @@ def test_gemma_parameter_counts_and_layers(name):
     assert (m.norms_per_layer, m.qk_norm, m.window_layers) == expected
 
 
-@pytest.mark.parametrize("name", [*GEMMAS, "bloom-560m", "falcon-7b"])
+@pytest.mark.parametrize("name", [*GEMMAS, "bloom-560m", "falcon-7b", "olmo-2-7b"])
 def test_plans_under_deepspeed_what_megatron_cannot_build(tmp_path, name):
     source = NOT_BUILT_BY_MEGATRON[name][0] if name in NOT_BUILT_BY_MEGATRON else str(FAMILIES / f"{name}.json")
     cluster = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
@@ -411,3 +417,12 @@ def test_falcons_parallel_block_keeps_one_input():
     seven, forty = (Shape.of(load_model(str(FAMILIES / f"{n}.json")), layout, 2048, "bf16", Features()) for n in ("falcon-7b", "falcon-40b"))
     assert "mlp_norm_input" not in layer_parts(seven) and "mlp_input" not in layer_parts(seven)
     assert "mlp_norm_input" not in layer_parts(forty) and layer_parts(forty)["mlp_input"] == layer_parts(forty)["qkv_input"]
+
+
+@pytest.mark.parametrize("family, what", [("t5", "encoder-decoder"), ("bert", "encoder-only"), ("vit", "vision-only"),
+                                          ("mamba2", "pure state-space"), ("foo", "encoder-decoder")])
+def test_out_of_scope_architectures_are_refused_saying_what_they_are(tmp_path, family, what):
+    config = {"model_type": family, "hidden_size": 512, **({"is_encoder_decoder": True} if family == "foo" else {})}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "config.json")])
+    assert result.exit_code == 2 and what in result.output and "model_type" in result.output and "Traceback" not in result.output

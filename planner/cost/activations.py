@@ -91,6 +91,12 @@ def layer_parts(shape: Shape, kind: str = "dense") -> dict[str, float]:
         parts.update(_attention_parts(shape))
     if "mlp" in sublayers or "moe" in sublayers:
         parts.update(_mlp_parts(shape, moe="moe" in sublayers))
+    if m.post_norms_only:
+        # OLMo-2: the QKV and up GEMMs read the residual stream itself (kept
+        # as their inputs), and each sublayer's norm keeps that sublayer's output.
+        parts.pop("input")
+        parts.pop("mlp_norm_input")
+        parts["post_norm_inputs"] = len(sublayers) * shape.act_bytes * T * w
     if m.parallel_attention:
         # The MLP reads the layer's input (kept once, as "input"), and with
         # one shared norm (Falcon-7B) the attention's normalised input too.

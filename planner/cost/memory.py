@@ -143,7 +143,7 @@ def _layer_params_per_gpu(model: ModelSpec, t: int, ep: int, etp: int, kind: str
     other = model.norms_in(kind) * model.norm_params()
     if "attention" in sublayers:
         linear += _attention_params_per_gpu(model, t)
-        other += 2 * model.head_dim * model.qk_norm
+        other += model.qk_norm_params
     if "mlp" in sublayers:
         linear += model.mlp_params() / t
     if "moe" in sublayers:

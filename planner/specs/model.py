@@ -29,7 +29,11 @@ from loom.profiles.catalogue import model_config_path, model_names
 # V (qkv_proj, wqkv) and gate/up (gate_up_proj, w1/w3) in their checkpoints;
 # the shapes are Llama's.
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "internlm2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2",
-              "deepseek_v3"}
+              "deepseek_v3", "olmo2"}
+# OLMo-2 (OLMo Team 2024, "2 OLMo 2 Furious", arXiv 2501.00656, sec. 3;
+# transformers' Olmo2Config): Llama's shapes with each sublayer's norm moved
+# after it (before the residual add) and a QK norm over all heads at once.
+OLMO2 = {"olmo2"}
 # RMSNorm on each head's query and key (Qwen3 q_norm/k_norm over head_dim: megatron-core's --qk-layernorm).
 QK_NORM_FAMILIES = {"qwen3", "qwen3_moe"}
 QKV_BIAS_FAMILIES = {"qwen2", "qwen2_moe"}
@@ -42,7 +46,7 @@ WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
 # Families added with issue #16 whose rope_scaling loom checks: none, or
 # "dynamic" NTK scaling, which changes nothing within max_position_embeddings
 # (transformers' dynamic rope update) and so nothing in pre-training.
-ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon"}
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon", "olmo2"}
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
@@ -79,6 +83,10 @@ MEGATRON_CANNOT_BUILD = {
                    "(the standard layer spec has input and pre-MLP norms only)",
     "bloom": "BLOOM's ALiBi attention biases and its LayerNorm after the word embedding (megatron-core's --position-embedding-type "
              "has learned_absolute, rope, mrope, relative and none; GPTModel has no embedding norm)",
+    "olmo2": "OLMo-2's norms after each sublayer's output, before the residual add (post_attention_layernorm, "
+             "post_feedforward_layernorm; no input norm), which megatron-core's transformer layer (input_layernorm, "
+             "pre_mlp_layernorm) cannot place, and its QK norm across all heads (q_norm over heads x head_dim; "
+             "--qk-layernorm normalises each head on its own)",
     "falcon": "Falcon's parallel attention and MLP (both on the layer's input, added into one residual: megatron-core's "
               "TransformerLayer runs the MLP after the attention) or Falcon-RW's ALiBi",
 }
@@ -91,10 +99,6 @@ UNBUILDABLE = {
              "(q_norm over hidden_size), megatron-core's --qk-layernorm each head on its own",
     "phimoe": "a family Megatron-LM can build: Phi-3.5-MoE has biases on Q, K, V and the attention output and on the "
               "LM head but none in its experts; Megatron has --add-qkv-bias or biases on every linear layer, and no LM-head bias",
-    "olmo2": "a family Megatron-LM can build: OLMo-2 normalises each sublayer's output before the residual add "
-             "(post_attention_layernorm, post_feedforward_layernorm; no input norm), which megatron-core's transformer layer "
-             "(input_layernorm, pre_mlp_layernorm) cannot place, and its QK norm spans all heads (q_norm over "
-             "heads x head_dim), megatron-core's --qk-layernorm each head on its own",
 }
 # BLOOM's pre-training sequence, standing in for the position limit its config lacks (ALiBi has none).
 BLOOM_POSITIONS = 2048
@@ -108,6 +112,14 @@ GPT_LIKE = {"gpt2", "gpt_neox"}
 # tied embeddings; Falcon-RW: sequential layers with ALiBi.
 FALCON = {"falcon"}
 FALCON_POSITIONS = 2048  # FalconConfig's default max_position_embeddings, which Falcon-7B's and 40B's configs leave out
+# Architectures outside loom's scope, by what they are (transformers' model_type).
+OUT_OF_SCOPE = {
+    "an encoder-decoder model": {"t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "whisper", "longt5", "switch_transformers"},
+    "an encoder-only model": {"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert", "albert", "modernbert"},
+    "a vision-only model": {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "convnext", "swin", "resnet"},
+    "a pure state-space or recurrent model (Mamba-2 hybrids with attention read as nemotron_h)": {"mamba", "mamba2", "rwkv",
+                                                                                                    "falcon_mamba"},
+}
 # Vision-language models: a vision encoder, a projector, a language model.
 VISION_LANGUAGE = {"llava"}
 # Hybrid Mamba-2 / attention models (Nemotron-H, NVIDIA 2025, arXiv
@@ -268,6 +280,8 @@ class ModelSpec:
     moe: MoE | None = None  # mixture-of-experts MLPs
     mla: MLA | None = None  # multi-head latent attention
     qk_norm: bool = False  # RMSNorm on each head's query and key (Qwen3)
+    qk_norm_across_heads: bool = False  # OLMo-2's QK norm: one RMSNorm over all heads' queries (and keys), not one per head
+    post_norms_only: bool = False  # each sublayer's norm after it, before the residual add, and none before (OLMo-2)
     mtp_layers: int = 0  # multi-token prediction modules after the last layer (DeepSeek-V3)
     # Sliding-window attention (gpt-oss): in the layers ``window_layers``
     # marks, a query attends to itself and the sliding_window - 1 keys before
@@ -328,6 +342,13 @@ class ModelSpec:
     def layer_kinds(self) -> tuple[str, ...]:
         """The kinds of layer the model has, in SUBLAYERS' order."""
         return tuple(kind for kind, _ in self.layer_kinds_in(0, self.num_layers))
+
+    @property
+    def qk_norm_params(self) -> int:
+        """The QK norms' weights: one head dim each (Qwen3), or the whole query and key widths (OLMo-2)."""
+        if not self.qk_norm:
+            return 0
+        return self.q_size + self.kv_size if self.qk_norm_across_heads else 2 * self.head_dim
 
     def norms_in(self, kind: str) -> int:
         """Norms in one layer of ``kind``: each sublayer's pre-norm (and
@@ -417,7 +438,7 @@ class ModelSpec:
         """One sublayer's weights, its norms excluded: the attention (with
         QK norms and sinks), a dense or MoE MLP, or a Mamba mixer."""
         if sublayer == "attention":
-            return self.attention_params() + 2 * self.head_dim * self.qk_norm + self.num_attention_heads * self.attention_sinks
+            return self.attention_params() + self.qk_norm_params + self.num_attention_heads * self.attention_sinks
         if sublayer == "mlp":
             return self.mlp_params()
         if sublayer == "moe":
@@ -554,7 +575,9 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
     known = LLAMA_LIKE | GPT_LIKE | GPT_OSS | STARCODER2 | NEMOTRON | GEMMA | BLOOM | FALCON
     if family not in known:
         where = " (its language model nested under text_config)" if read.has("text_config") else ""
-        read.require(False, "model_type", f"one of {sorted(known | HYBRID | VISION_LANGUAGE)}{where}", family)
+        why = next((f"; it is {reason}, and loom plans decoder language models" for reason, families in OUT_OF_SCOPE.items()
+                    if family in families or read.bool("is_encoder_decoder", False) and reason == "an encoder-decoder model"), "")
+        read.require(False, "model_type", f"one of {sorted(known | HYBRID | VISION_LANGUAGE)}{where}{why}", family)
         read.check()
     # BloomConfig lets n_embed win over hidden_size
     hidden = read.int(*(("n_embed", "hidden_size") if family in BLOOM else ("hidden_size", "n_embd")), high=LIMITS["width"])
@@ -612,6 +635,8 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
     if family in FALCON:
         spec = _falcon(read, spec)
+    if family in OLMO2:
+        spec = replace(spec, qk_norm=True, qk_norm_across_heads=True, post_norms_only=True, megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
     if family in BLOOM:  # transformers' BloomConfig: tied by default, biases everywhere
         spec = replace(spec, tied_embeddings=read.bool("tie_word_embeddings", True), alibi=True, embedding_norm=True,
                        megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
@@ -770,6 +795,8 @@ def _check_family(read: ConfigReader, family: str) -> None:
         activation = read.str("hidden_activation", read.str("hidden_act", "gelu_pytorch_tanh"))
         read.require(activation in GEMMA_ACTIVATIONS, "hidden_activation", f"a GeLU ({', '.join(GEMMA_ACTIVATIONS)}) for {family}'s "
                      "GeGLU", activation)
+    if family in OLMO2:
+        read.require(not read.bool("attention_bias", False), "attention_bias", "false for olmo2 (OLMo-2 has no biases)", True)
     if family in NEMOTRON:
         read.require(read.str("hidden_act", "relu2") == "relu2", "hidden_act", "relu2 for nemotron (Megatron's --squared-relu)",
                      read.config.get("hidden_act"))

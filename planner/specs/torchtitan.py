@@ -71,7 +71,7 @@ def trainable(model: ModelSpec) -> str:
     ReLU, zero-centred or post-sublayer norms, ALiBi, embedding norm, and
     none of the families Megatron cannot build either)."""
     foreign = model.megatron_unbuildable or model.squared_relu or model.layernorm_1p or model.alibi or model.embedding_norm \
-        or model.norms_per_layer != 2 or model.mamba is not None
+        or model.norms_per_layer != 2 or model.mamba is not None or model.post_norms_only or model.parallel_attention
     if flavor_of(model) is not None and not foreign:
         return ""
     if foreign:
