@@ -72,6 +72,9 @@ def rank_shapes(model: ModelSpec, grid: Grid) -> Iterator[tuple[str, RankShape]]
     or TP or the sequence length do not divide."""
     if model.mla is not None:
         raise SpecError("--model", "model", "a model without multi-head latent attention (MLA layers are not built yet; the planner estimates them)", model.name)
+    if model.mamba is not None:
+        raise SpecError("--model", "model", "a transformer (a hybrid model's Mamba layers are not built yet; the planner estimates "
+                        "every layer kind)", model.name)
     available = model_kinds(model)
     kinds = [kind for kind in grid.kinds if kind in available]
     if not kinds:

@@ -226,3 +226,9 @@ def test_dense_models_price_as_before():
     halves = compute.decoder_layer(shape, gpu, kind="attention") + compute.decoder_layer(shape, gpu, kind="mlp")
     assert dense.total_s == pytest.approx(halves.total_s)
     assert dataclasses.replace(job.model, hybrid_pattern="").layer_kinds == ("dense",)
+
+
+def test_profile_layers_refuses_a_hybrid_model(tmp_path):
+    """`loom profile layers` builds transformer layers only: it says so rather than measure the wrong layer."""
+    result = runner.invoke(app, ["profile", "layers", "nemotron-h-8b", "--out", str(tmp_path / "p.json"), "--device", "cpu", "--gpu", "H100"])
+    assert result.exit_code == 2 and "Mamba" in result.output and not (tmp_path / "p.json").exists()
