@@ -63,6 +63,21 @@ def model_kinds(model: ModelSpec) -> tuple[str, ...]:
     return tuple(kind for kind in KINDS if (kind != "moe" or moe is not None) and (kind != "dense" or moe is None or moe.first_dense_layers > 0))
 
 
+def _unbuilt_block_features(model: ModelSpec) -> str:
+    """What of ``model``'s layers torch_blocks.py does not build (a
+    pre-norm, sequential, Llama- or GPT-style block), named; '' when none."""
+    features = {
+        "Mamba layers": model.mamba is not None,
+        "parallel attention and MLP": model.parallel_attention,
+        "norms after each sublayer": model.post_norms_only or model.norms_per_layer != 2,
+        "QK norm across heads": model.qk_norm_across_heads,
+        "norm after the embedding": model.embedding_norm,
+        "ALiBi": model.alibi,
+        "soft-capped scores or logits": model.attention_softcap is not None or model.logit_softcap is not None,
+    }
+    return ", ".join(name for name, present in features.items() if present)
+
+
 def rank_shapes(model: ModelSpec, grid: Grid) -> Iterator[tuple[str, RankShape]]:
     """(kind, shape) for every grid point the model has: of ``grid.kinds``
     those in ``model_kinds``, expert parallelism only for MoE layers; TP must
@@ -72,9 +87,10 @@ def rank_shapes(model: ModelSpec, grid: Grid) -> Iterator[tuple[str, RankShape]]
     or TP or the sequence length do not divide."""
     if model.mla is not None:
         raise SpecError("--model", "model", "a model without multi-head latent attention (MLA layers are not built yet; the planner estimates them)", model.name)
-    if model.mamba is not None:
-        raise SpecError("--model", "model", "a transformer (a hybrid model's Mamba layers are not built yet; the planner estimates "
-                        "every layer kind)", model.name)
+    unbuilt = _unbuilt_block_features(model)
+    if unbuilt:
+        raise SpecError("--model", "model", f"a model whose layers loom builds (its {unbuilt} are not built yet; the planner "
+                        "estimates them)", model.name)
     available = model_kinds(model)
     kinds = [kind for kind in grid.kinds if kind in available]
     if not kinds:

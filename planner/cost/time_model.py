@@ -325,14 +325,16 @@ def _layers(shape: Shape, gpu: GPU, kinds: tuple[tuple[str, int], ...], backward
 
 
 def _mamba_context_parallel_s(shape: Shape, link: Link) -> float:
-    """What context parallelism adds to one Mamba layer, forward: an
-    all-to-all of its in-projection's output from sequence to head shards
-    before the conv1d and scan, and one of y back after (megatron-core
+    """What context parallelism adds to one Mamba layer, forward: the
+    all-to-alls from sequence to head shards of z, x, B, C and dt before the
+    conv1d and scan, one at a time, and of y back after (megatron-core
     ssm/mamba_context_parallel.py pre_conv_ssm, post_conv_ssm), each on the
-    layer's critical path. Backward runs the same two in reverse."""
+    layer's critical path; each rank's buffer is its own tokens' share.
+    Backward runs the same in reverse."""
     mamba = shape.model.mamba
-    width = (mamba.in_proj_size + mamba.inner_size) / shape.tp
-    return all_to_all_s(shape.tokens * width * shape.cp * shape.act_bytes, shape.cp, link)
+    group_state = mamba.num_groups * mamba.state_size
+    widths = (mamba.inner_size, mamba.inner_size, group_state, group_state, mamba.num_heads, mamba.inner_size)
+    return sum(all_to_all_s(shape.tokens * width / shape.tp * shape.act_bytes, shape.cp, link) for width in widths)
 
 
 def _pipeline_s(stage_s: list[float], layout: Layout) -> float:

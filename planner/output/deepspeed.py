@@ -324,7 +324,7 @@ def pipeline_snippet(layout: Layout, stages: list[Stage]) -> str:
             "from deepspeed.pipe import PipelineModule",
             "",
             f"PIPELINE_STAGES = {layout.pp}",
-            'DECODER_LAYER_REGEX = "DecoderLayer"',
+            'DECODER_LAYER_REGEX = "(DecoderLayer|Block|Layer)$"  # Hugging Face\'s LlamaDecoderLayer, BloomBlock, NemotronHBlock, GPTNeoXLayer',
             f"ACTIVATION_CHECKPOINT_INTERVAL = {interval}  # 1: recompute every layer (full recompute); 0: off",
             "",
             "",

@@ -119,6 +119,8 @@ OUT_OF_SCOPE = {
     "a vision-only model": {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "convnext", "swin", "resnet"},
     "a pure state-space or recurrent model (Mamba-2 hybrids with attention read as nemotron_h)": {"mamba", "mamba2", "rwkv",
                                                                                                     "falcon_mamba"},
+    "a hybrid state-space model of another family (loom reads Nemotron-H's, nemotron_h)": {"jamba", "zamba", "zamba2", "bamba",
+                                                                                             "granitemoehybrid", "falcon_h1"},
 }
 # Vision-language models: a vision encoder, a projector, a language model.
 VISION_LANGUAGE = {"llava"}
@@ -687,7 +689,7 @@ def _hybrid(read: ConfigReader, name: str) -> ModelSpec:
     read.require(len(pattern) <= LIMITS["layers"], "hybrid_override_pattern", f"at most {LIMITS['layers']:,} layers", len(pattern))
     num_layers = read.int("num_hidden_layers", default=max(1, len(pattern)), high=LIMITS["layers"])
     read.require(num_layers == len(pattern), "num_hidden_layers", f"the {len(pattern)} layers of hybrid_override_pattern", num_layers,
-                 given=("num_hidden_layers",))
+                 given=("num_hidden_layers", "hybrid_override_pattern", "layers_block_type"))
     hidden = read.int("hidden_size", high=LIMITS["width"])
     heads = read.int("num_attention_heads", high=LIMITS["heads"])
     kv_heads = read.int("num_key_value_heads", default=8, high=LIMITS["heads"])
@@ -711,6 +713,8 @@ def _hybrid(read: ConfigReader, name: str) -> ModelSpec:
     read.require(not read.bool("residual_in_fp32", False), "residual_in_fp32", "false (loom prices a 16-bit residual stream)", True)
     read.require(read.str("mlp_hidden_act", "relu2") == "relu2", "mlp_hidden_act", "relu2 (Megatron's --squared-relu)",
                  read.config.get("mlp_hidden_act"))
+    read.require(read.str("mamba_hidden_act", "silu") == "silu", "mamba_hidden_act", "silu (the Mamba-2 mixer's activation)",
+                 read.config.get("mamba_hidden_act"))
     read.require(read.config.get("moe_latent_size") is None, "moe_latent_size", "none (loom does not plan latent MoE projections)",
                  read.config.get("moe_latent_size"))
     read.require(not read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]), "num_nextn_predict_layers",
@@ -721,7 +725,11 @@ def _hybrid(read: ConfigReader, name: str) -> ModelSpec:
         top_k = read.int("num_experts_per_tok", high=LIMITS["experts"])
         read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
                      given=("n_routed_experts", "num_experts_per_tok"))
-        shared_experts = read.int("n_shared_experts", default=0, low=0, high=1)
+        shared_experts = read.int("n_shared_experts", default=1, low=0, high=1)  # NemotronHConfig's default: 1
+        read.number("routed_scaling_factor", default=1.0, high=1e6, above_low=True)
+        for key in ("n_group", "topk_group"):
+            read.int(key, default=1, high=LIMITS["experts"])
+        read.bool("norm_topk_prob", True)
         moe = MoE(num_experts=experts, top_k=top_k, expert_ffn_hidden_size=read.int("moe_intermediate_size", high=LIMITS["width"]),
                   shared_ffn_hidden_size=shared_experts and read.int("moe_shared_expert_intermediate_size", high=LIMITS["width"]),
                   gated=False)

@@ -191,7 +191,8 @@ def _hybrid_problems(job: Job, layout: Layout, need) -> None:
     that is a multiple of 16. Megatron's MambaStack (ssm/mamba_block.py)
     has no interleaved pipeline (it asserts no virtual stages), splits its
     layers evenly or with first/last stage counts only, and no checkpointed
-    forward, so no full recompute (loom plans its even split only)."""
+    forward, so no full recompute (loom plans its even split only);
+    Megatron-FSDP does not shard its Mamba layers."""
     mamba, tp, cp = job.model.mamba, layout.tp, layout.cp
     need(mamba.num_heads % tp == 0 and mamba.num_groups % tp == 0, "tp",
          f"a divisor of the {mamba.num_heads} Mamba heads and {mamba.num_groups} groups", tp)
@@ -202,6 +203,15 @@ def _hybrid_problems(job: Job, layout: Layout, need) -> None:
     need(job.precision not in ("fp8", "nvfp4") or mamba.in_proj_size % 16 == 0, "precision",
          f"bf16 for {job.model.name} (fp8 needs a Mamba in-projection width, {mamba.in_proj_size}, that is a multiple of 16)", job.precision)
     if job.framework == "megatron":
+        # MambaMixer takes megatron-core's defaults (d_conv 4, chunk_size 128):
+        # mamba_layer_specs passes neither.
+        need((mamba.conv_kernel, mamba.chunk_size) == (4, 128), "model", f"a Mamba conv1d of 4 and SSD chunks of 128 with Megatron "
+             f"(its Mamba mixer fixes both; {job.model.name} has {mamba.conv_kernel} and {mamba.chunk_size})", job.model.name)
+        # Megatron-FSDP shards and frees TransformerLayer units only
+        # (distributed/fsdp/mcore_fsdp_adapter.py fsdp_unit_modules): a
+        # MambaLayer's weights would stay gathered, which loom does not price.
+        need(layout.fsdp == 0, "fsdp", "0 for a hybrid Mamba model with Megatron (Megatron-FSDP's units are TransformerLayers; "
+             "its Mamba layers would stay gathered)", layout.fsdp)
         need(layout.vpp == 1, "vpp", "1 for a hybrid Mamba model (Megatron's MambaStack has no interleaved schedule)", layout.vpp)
         need(job.model.num_layers % layout.pp == 0, "pp", f"a divisor of {job.model.num_layers} layers for a hybrid Mamba model "
              "(Megatron's MambaStack splits its layers evenly)", layout.pp)
