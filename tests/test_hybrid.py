@@ -175,12 +175,17 @@ def test_megatron_flags_build_megatron_cores_hybrid_config():
         num_moe_experts=int(flags["num-experts"]), moe_router_topk=int(flags["moe-router-topk"]),
         moe_ffn_hidden_size=int(flags["moe-ffn-hidden-size"]),
         moe_shared_expert_intermediate_size=int(flags["moe-shared-expert-intermediate-size"]),
+        moe_router_score_function=flags["moe-router-score-function"], moe_router_enable_expert_bias="moe-router-enable-expert-bias" in flags,
+        moe_router_topk_scaling_factor=float(flags["moe-router-topk-scaling-factor"]),
         expert_model_parallel_size=int(flags["expert-model-parallel-size"]),
         bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
     )
     assert config.mamba_num_heads * config.mamba_head_dim == model.mamba.inner_size
     assert config.mamba_state_dim == model.mamba.state_size and config.mamba_num_groups == model.mamba.num_groups
     assert config.moe_shared_expert_intermediate_size == model.moe.shared_ffn_hidden_size and not config.gated_linear_unit
+    # Nemotron 3's router: sigmoid scores, a per-expert bias, weights scaled 2.5x (its routed_scaling_factor)
+    assert config.moe_router_score_function == "sigmoid" and config.moe_router_enable_expert_bias
+    assert config.moe_router_topk_scaling_factor == 2.5
     layers = allocate_layers(config.num_layers, 0.0, 0.0, flags["hybrid-override-pattern"])
     assert [{"M": "mamba", "*": "attention", "-": "mlp", "E": "moe_mlp"}[s] for s in layers] == \
         [model.layer_kind(i) for i in range(model.num_layers)]

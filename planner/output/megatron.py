@@ -247,6 +247,10 @@ def _moe_args(m: ModelSpec) -> list[str]:
             args.append("--moe-shared-expert-gate")
     if moe.pre_softmax:
         args.append("--moe-router-pre-softmax")
+    if moe.sigmoid_router:
+        args += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"]
+    if moe.topk_scaling_factor is not None:
+        args += ["--moe-router-topk-scaling-factor", f"{moe.topk_scaling_factor:g}"]
     if moe.first_dense_layers:
         args += ["--moe-layer-freq", f"([0]*{moe.first_dense_layers}+[1]*{m.num_layers - moe.first_dense_layers})"]
     if m.mtp_layers:

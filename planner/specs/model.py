@@ -164,6 +164,12 @@ class MoE:
     # Gated experts (SwiGLU: gate and up projections), or plain ones (up
     # only: Nemotron 3's squared-ReLU experts).
     gated: bool = True
+    # Nemotron 3's router (transformers' NemotronHTopkRouter; Megatron-Bridge's
+    # Nemotron3NanoProvider): sigmoid scores with a learned per-expert bias on
+    # the top-k choice, the chosen weights scaled by topk_scaling_factor.
+    # Launch flags only: the router's kernels are priced alike.
+    sigmoid_router: bool = False
+    topk_scaling_factor: float | None = None
 
     @property
     def up_projections(self) -> int:
@@ -726,13 +732,13 @@ def _hybrid(read: ConfigReader, name: str) -> ModelSpec:
         read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
                      given=("n_routed_experts", "num_experts_per_tok"))
         shared_experts = read.int("n_shared_experts", default=1, low=0, high=1)  # NemotronHConfig's default: 1
-        read.number("routed_scaling_factor", default=1.0, high=1e6, above_low=True)
+        scaling = read.number("routed_scaling_factor", default=1.0, high=1e6, above_low=True)
         for key in ("n_group", "topk_group"):
             read.int(key, default=1, high=LIMITS["experts"])
         read.bool("norm_topk_prob", True)
         moe = MoE(num_experts=experts, top_k=top_k, expert_ffn_hidden_size=read.int("moe_intermediate_size", high=LIMITS["width"]),
                   shared_ffn_hidden_size=shared_experts and read.int("moe_shared_expert_intermediate_size", high=LIMITS["width"]),
-                  gated=False)
+                  gated=False, sigmoid_router=True, topk_scaling_factor=scaling)
     return ModelSpec(
         name=name,
         num_layers=num_layers,
