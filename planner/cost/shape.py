@@ -11,7 +11,8 @@ holds ``seq / cp`` tokens and attends to all keys (ring attention, Liu et al.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from loom.planner.specs.job import FP32_PRECISIONS, Features
@@ -40,6 +41,15 @@ class Shape:
     ep: int = 1
     etp: int = 1
     measured: MeasuredLayers | None = None  # a layers profile resolved for the job (cost/measured.py)
+
+    def __hash__(self) -> int:
+        """The fields' hash, computed once: every cached kernel time and
+        activation count is keyed on a shape."""
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, field.name) for field in fields(self)))
 
     @classmethod
     def of(cls, model: ModelSpec, layout: Layout, seq_length: int, precision: str, features: Features, measured: MeasuredLayers | None = None) -> Shape:

@@ -15,7 +15,7 @@ arguments so the emitters can write them out directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -312,6 +312,15 @@ class ModelSpec:
     parallel_attention: bool = False
     mamba: Mamba | None = None  # the Mamba-2 mixers of a hybrid model
     hybrid_pattern: str = ""  # a hybrid model's layers, one HYBRID_SYMBOLS character each ("" for transformer layers)
+
+    def __hash__(self) -> int:
+        """The fields' hash, computed once: specs are keys of the cost
+        models' caches, looked up millions of times in a search."""
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, field.name) for field in fields(self)))
 
     @property
     def rotary(self) -> bool:
