@@ -397,7 +397,9 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
         split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
         if split is not None:
             solve = split.solution
-            if solve.status == "optimal":
+            even = options[0]
+            # Often the optimal split is the even one, whose plan is built already.
+            if solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
                 options.append(build_plan(job, layout, split.stages, split.placement))
     fitting = [plan for plan in options if plan.leaves_headroom]
     return min(fitting or options, key=lambda plan: plan.step_time_s), solve
