@@ -219,41 +219,69 @@ def simulate(costs: PipelineCosts, schedule: str, record_events: bool = True) ->
     return _execute(costs, schedule, orders, record_events)
 
 
-# A step of more than 4 * STEADY_STATE_FROM * pp micro batches is simulated
-# at STEADY_STATE_FROM * pp micro batches and twice that, and extended along
-# its steady state (``simulate_long``).
-STEADY_STATE_FROM = 16
+# A long step is simulated at k + r, 2k + r and 3k + r micro batches (k the
+# least multiple of pp from SETTLE_FROM to start with) and extended along its
+# steady state once the two increments agree (``simulate_long``).
+SETTLE_FROM = 64
+# Relative difference below which two increments of k micro batches count as
+# the same steady state (float sums of the same costs in another order).
+SETTLED_REL = 1e-9
 
 
 def simulate_long(costs: PipelineCosts, schedule: str) -> Simulation:
-    """``simulate`` without events, in time independent of the number of
-    micro batches m.
+    """``simulate`` without events, in time that stops growing with the
+    number of micro batches m once the schedule settles.
 
-    Megatron's schedules (1F1B, interleaved) and ZB-H1 settle into a steady
-    state in which every further micro batch adds the same time to each
-    stage and to the step. Beyond 4k micro batches (k = STEADY_STATE_FROM *
-    pp) it simulates k + r and 2k + r (r = m mod pp, so that interleaving's
-    groups of pp line up) and extends both linearly to m; the in-flight
-    counts and bytes are the longer run's, which the steady state no longer
-    raises. Exact to 1e-12 on the published runs' plans; within 0.2% on
-    random stages up to 5x uneven, which settle more slowly
-    (tests/test_simulate.py). GPipe, whose in-flight count grows with m, is
-    simulated whole."""
+    Megatron's schedules (1F1B, interleaved) and ZB-H1 are max-plus linear
+    systems: after a transient, every further k micro batches add the same
+    time to each stage and to the step (the cycle time; Cohen et al. 1985,
+    "A linear-system-theoretic view of discrete-event processes"). So it
+    simulates k + r, 2k + r and 3k + r micro batches (r = m mod pp, so that
+    interleaving's groups of pp line up); when the two increments agree to
+    SETTLED_REL on the step, the pipeline, every stage's busy time and the
+    in-flight peaks, it extends the last run linearly to m. Otherwise k
+    doubles, and once 3k + r would reach m the step is simulated whole. Equal
+    stages settle within 2 pp; stages several times uneven take longer and
+    are found so (tests/test_simulate.py). GPipe, whose in-flight count grows
+    with m, is simulated whole."""
     pp, microbatches = len(costs.stages), costs.microbatches
-    k, r = STEADY_STATE_FROM * pp, microbatches % pp
-    if schedule == "gpipe" or microbatches <= 4 * k:
-        return simulate(costs, schedule, record_events=False)
-    shorter, longer = (simulate(replace(costs, microbatches=m), schedule, record_events=False) for m in (k + r, 2 * k + r))
-    per_k = (microbatches - (2 * k + r)) / k  # steady-state stretches of k micro batches still to add
+    k, r = pp * -(-SETTLE_FROM // pp), microbatches % pp
 
-    def extended(a: float, b: float) -> float:
-        return b + per_k * (b - a)
+    def run(m: int) -> Simulation:
+        return simulate(replace(costs, microbatches=m), schedule, record_events=False)
+
+    if schedule == "gpipe" or 6 * k + 3 * r >= microbatches:
+        return run(microbatches)
+    first = run(k + r)
+    while 6 * k + 3 * r < microbatches:  # three runs cost less than the whole
+        second, third = run(2 * k + r), run(3 * k + r)
+        if _settled(first, second, third):
+            return _extended(second, third, (microbatches - (3 * k + r)) / k)
+        k, first = 2 * k, second
+    return run(microbatches)
+
+
+def _settled(a: Simulation, b: Simulation, c: Simulation) -> bool:
+    """Whether runs ``a``, ``b``, ``c`` of k + r, 2k + r, 3k + r micro
+    batches grow by the same increments and hold the same peaks."""
+    def same(x: float, y: float, z: float) -> bool:
+        return abs((z - y) - (y - x)) <= SETTLED_REL * max(abs(z), 1e-30)
+
+    return (b.peak_in_flight == c.peak_in_flight and b.peak_activation_bytes == c.peak_activation_bytes
+            and same(a.step_time_s, b.step_time_s, c.step_time_s) and same(a.pipeline_time_s, b.pipeline_time_s, c.pipeline_time_s)
+            and all(same(x, y, z) for x, y, z in zip(a.busy_s, b.busy_s, c.busy_s)))
+
+
+def _extended(b: Simulation, c: Simulation, stretches: float) -> Simulation:
+    """Run ``c`` with each time grown by ``stretches`` more increments c - b."""
+    def grown(y: float, z: float) -> float:
+        return z + stretches * (z - y)
 
     return replace(
-        longer,
-        step_time_s=extended(shorter.step_time_s, longer.step_time_s),
-        pipeline_time_s=extended(shorter.pipeline_time_s, longer.pipeline_time_s),
-        busy_s=tuple(extended(a, b) for a, b in zip(shorter.busy_s, longer.busy_s)),
+        c,
+        step_time_s=grown(b.step_time_s, c.step_time_s),
+        pipeline_time_s=grown(b.pipeline_time_s, c.pipeline_time_s),
+        busy_s=tuple(grown(y, z) for y, z in zip(b.busy_s, c.busy_s)),
     )
 
 
