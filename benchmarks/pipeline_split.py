@@ -3,14 +3,16 @@
     python benchmarks/pipeline_split.py
 
 For each model and pipeline layout, the plan with Megatron's even split is
-compared with the plan whose split the partition MILP chose (both priced by
+compared with the plan whose split the partition solver chose (both priced by
 the full time model, both checked against memory). On a cluster mixing H100
 and A100 nodes it also compares a split proportional to each stage's speed
 (Metis's and AMP's heuristic) with the MILP, which chooses the split and which
 device group runs which stage jointly, and, for the largest of those
 (SC'21's 1T GPT: 128 layers on 64 stages of 32 A100 and 32 H100 nodes), the
 exact typed program against the MILP at the search's 2 s and at 10 s, on the
-partition's own objective.
+partition's own objective; and a memory-tight interleaved case (Llama-3
+405B, TP8 PP32x2 on 256 H100, whose even split does not fit) the same way:
+the exact interleaved method against the MILP.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def row(label: str, baseline_name: str, baseline, planned, solution, solve_s: fl
 
 
 def main() -> None:
-    print(f"{'job':<48}{'baseline':<12}{'base s':>9}{'':<6} {'MILP s':>9}{'':<6}{'gain':>8}{'solve s':>9}  method     MILP layers per stage")
+    print(f"{'job':<48}{'baseline':<12}{'base s':>9}{'':<6} {'split s':>9}{'':<6}{'gain':>8}{'solve s':>9}  method     layers per stage")
     for model, gpus, gbs, seq, parallel in CASES:
         job = job_on(model, [H100] * (gpus // 8), gbs, seq)
         layout = layout_of(parallel, gbs)
@@ -98,7 +100,20 @@ def main() -> None:
     print()
     print("gpt-1t on 32 A100 + 32 H100 nodes, TP8 PP64, the solver placing the stages (partition objective, s):")
     print(f"  proportional in node order: {evaluate_partition(problem, proportional_partition(problem))}")
-    for method, limit in [("typed", 10), ("milp", 2), ("milp", 10)]:
+    solver_rows(problem, "typed")
+
+    job, layout = job_on("llama-3-405b", [H100] * 32, 512, 4096), layout_of(dict(tp=8, pp=32, dp=1, vpp=2), 512)
+    even, planned, solution, solve_s = compare(job, layout)
+    print()
+    print(f"llama-3-405b on 256 H100, seq 4096, {layout.label()} (memory-tight: the even split needs "
+          f"{even.peak_memory.peak_bytes / 2**30:.1f} GiB), partition objective, s:")
+    solver_rows(partition_problem(job, layout), "interleaved")
+    print(f"  simulated step of the plan on the interleaved split: {planned.step_time_s:.3f} s (fits: {planned.fits})")
+
+
+def solver_rows(problem, exact: str) -> None:
+    """The exact method and the MILP at the search's 2 s and at 10 s."""
+    for method, limit in [(exact, 10), ("milp", 2), ("milp", 10)]:
         started = time.perf_counter()
         result = solve_partition(problem, time_limit_s=limit, method=method)
         print(f"  {result.method:<11} limit {limit:>2} s: step {result.objective_s:8.3f}  bound {result.bound_s:8.3f}  gap {result.gap:6.1%}  "

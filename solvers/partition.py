@@ -15,7 +15,7 @@ backward time of its layers and v = vpp::
 
     fixed + sum of its layers' state_bytes + in_flight[s] * (largest activation of one of its chunks)
 
-Three exact methods return the same optimum:
+Four exact methods return the same optimum:
 
 * ``"bottleneck"`` (vpp = 1 and every stage as fast as every other): sum tau is
   then a constant, so the step time is minimised by minimising T alone.  Binary
@@ -24,6 +24,10 @@ Three exact methods return the same optimum:
 * ``"typed"`` (vpp = 1, stages of a few GPU types, in a given order or
   placed by the solver): a dynamic program over boundaries and groups used
   (``solvers/typed_split.py``), in milliseconds where the MILP needs seconds.
+* ``"interleaved"`` (vpp > 1, equally fast stages, the layer list one run of
+  equal decoder layers between the embedding and the head): only the layers
+  per stage matter, and a greedy min-max allocation is exact
+  (``solvers/interleaved_split.py``), in milliseconds.
 * ``"milp"``: the general model (interleaving, unequal speeds, choosing which
   device group runs which pipeline position) as a MILP in PuLP, solved by HiGHS
   or, when HiGHS cannot load, by CBC.
@@ -47,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pulp
 
+from loom.solvers.interleaved_split import Entry, StageMemory, solve_interleaved_run
 from loom.solvers.typed_split import MAX_COUNT_STATES, DeviceType, last_ends, solve_typed_split
 
 GIB = 2.0**30
@@ -611,6 +616,22 @@ def _typed_applies(problem: PartitionProblem) -> bool:
     return not problem.assign_devices or math.prod(len(group) + 1 for group in members[:-1]) <= MAX_COUNT_STATES
 
 
+def _interleaved_applies(problem: PartitionProblem) -> bool:
+    """Interleaved chunks on equally fast stages (wherever they are placed),
+    over an embedding, one run of equal decoder layers and a head."""
+    if problem.vpp == 1 or len({d.speed for d in problem.devices}) != 1 or (problem.assign_devices and len(set(problem.devices)) > 1):
+        return False
+    runs = _runs(problem.layers)
+    return len(runs) == 3 and runs[0][1] == 1 and runs[2][1] == 1
+
+
+def _solve_interleaved(problem: PartitionProblem) -> tuple[int, ...] | None:
+    """solvers/interleaved_split.py on ``problem``: chunk sizes, or None when nothing fits."""
+    first, body, last = (Entry(l.work_s, l.state_bytes, l.activation_bytes) for l, _, _ in _runs(problem.layers))
+    memory = tuple(StageMemory(d.capacity_bytes, d.fixed_bytes, f) for d, f in zip(problem.devices, problem.in_flight))
+    return solve_interleaved_run(first, body, last, len(problem.layers) - 2, problem.pp, problem.vpp, memory)
+
+
 def _solve_typed(problem: PartitionProblem) -> tuple[tuple[int, ...], tuple[int, ...], float] | None:
     """solvers/typed_split.py on ``problem``: sizes, device group of each
     stage (each type's groups handed to its stages in order, as the MILP's
@@ -629,12 +650,22 @@ def _solve_typed(problem: PartitionProblem) -> tuple[tuple[int, ...], tuple[int,
     return found.sizes, tuple(unused[t].pop(0) for t in found.stage_type), found.bound_s
 
 
+def auto_method(problem: PartitionProblem) -> str:
+    """The method ``solve_partition`` picks for ``problem``: the first exact
+    fast one that applies, else "milp"."""
+    if _bottleneck_applies(problem):
+        return "bottleneck"
+    if _typed_applies(problem):
+        return "typed"
+    return "interleaved" if _interleaved_applies(problem) else "milp"
+
+
 def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, method: str = "auto") -> Partition:
     """Optimal split of ``problem`` (``method``: "auto", "bottleneck",
-    "typed" or "milp")."""
+    "typed", "interleaved" or "milp")."""
     started = time.perf_counter()
     if method == "auto":
-        method = "bottleneck" if _bottleneck_applies(problem) else "typed" if _typed_applies(problem) else "milp"
+        method = auto_method(problem)
     if method == "bottleneck" and not _bottleneck_applies(problem):
         raise ValueError("the bottleneck method needs vpp = 1 and equally fast stages")
 
@@ -660,6 +691,13 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, metho
         sizes, stage_device, bound = typed
         objective = step_time_s(problem, sizes, stage_device)
         return result("optimal" if bound >= objective * (1 - 1e-12) else "time_limit", sizes, stage_device, bound, "typed")
+    if method == "interleaved":
+        if not _interleaved_applies(problem):
+            raise ValueError("the interleaved method needs vpp > 1, equally fast stages and one run of equal layers")
+        sizes = _solve_interleaved(problem)
+        if sizes is None:
+            return result("infeasible", (), identity, None, "interleaved", _explain_infeasible(problem))
+        return result("optimal", sizes, identity, None, "interleaved")
     if method == "bottleneck":
         sizes = _Bottleneck(problem).solve()
         if sizes is None:

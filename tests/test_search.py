@@ -104,7 +104,7 @@ def test_evaluate_with_the_best_split_reproduces_the_plans_figures(tmp_path):
         flags.append("--recompute-modules=" + ",".join(parallel["recompute_modules"]))
     report = json.loads(CliRunner().invoke(app, ["evaluate", str(job_file), *flags, "--split", "best", "--json"]).stdout)
     best = report["plans"][0]
-    assert report["search"]["solver"] in ("bottleneck", "typed", "milp-highs", "milp-cbc")  # the split solver that ran
+    assert report["search"]["solver"] in ("bottleneck", "typed", "interleaved", "milp-highs", "milp-cbc")  # the split solver that ran
     assert [s["layers"] for s in best["stages"]] == [s["layers"] for s in planned["stages"]]
     assert best["predicted"]["step_time_s"] == pytest.approx(planned["predicted"]["step_time_s"], rel=1e-9)
 

@@ -387,14 +387,14 @@ def splittable(job: Job, layout: Layout) -> bool:
 
 def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Partition | None]:
     """The plan of ``layout`` on the better of the even split and the
-    partition MILP's (Megatron runs either), one that leaves the memory
-    headroom first, and the MILP's solution when it found one (``milp``:
-    whether it may run). Only a proven optimum is used: a time-limited
-    incumbent depends on the machine's speed, and the same inputs must give
-    the same plan."""
+    optimal one (Megatron runs either), one that leaves the memory headroom
+    first, and the split solver's solution when it found one (``milp``:
+    whether the general MILP may run; the exact methods always do). Only a
+    proven optimum is used: a time-limited incumbent depends on the
+    machine's speed, and the same inputs must give the same plan."""
     options, solve = [build_plan(job, layout)], None
-    if milp and splittable(job, layout):
-        split = solve_split(job, layout, SPLIT_TIME_LIMIT_S)
+    if splittable(job, layout):
+        split = solve_split(job, layout, SPLIT_TIME_LIMIT_S, milp)
         if split is not None:
             solve = split.solution
             even = options[0]
@@ -407,17 +407,15 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
 
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
     """Plans for the best layouts (split_plan), and the split solutions. The
-    MILP, which only interleaved layouts need (one chunk per stage, on one
-    GPU type or several, has exact methods that take milliseconds), runs for
-    at most MILP_REFINED of them."""
+    general MILP, which only interleaved layouts over several kinds of layer
+    or on GPUs of different speeds need (the others have exact methods that
+    take milliseconds), runs for at most MILP_REFINED of them."""
     plans, solves, milp_runs = [], [], 0
     for candidate in [*best, *near]:
-        needs_milp = candidate.layout.vpp > 1
-        milp = not needs_milp or milp_runs < MILP_REFINED
-        milp_runs += needs_milp and milp and splittable(job, candidate.layout)
-        plan, solve = split_plan(job, candidate.layout, milp)
+        plan, solve = split_plan(job, candidate.layout, milp_runs < MILP_REFINED)
         if solve is not None:
             solves.append(solve)
+            milp_runs += solve.method.startswith("milp")
         if plan.leaves_headroom:
             plans.append(plan)
     return plans, solves

@@ -27,7 +27,7 @@ from loom.planner.specs.stages import Chunk, Placement, Stage, default_placement
 from loom.planner.cost.network import Links
 from loom.planner.cost.time_model import chunk_time
 from loom.profiles.catalogue import GPU
-from loom.solvers.partition import Layer, Partition, PartitionProblem, StageDevice, solve_partition
+from loom.solvers.partition import Layer, Partition, PartitionProblem, StageDevice, auto_method, solve_partition
 
 
 @dataclass(frozen=True)
@@ -122,10 +122,14 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
     )
 
 
-def solve_split(job: Job, layout: Layout, time_limit_s: float) -> Split | None:
-    """The optimal split of ``layout`` (None when no split fits in memory or
-    none was found within the time limit)."""
-    solution = solve_partition(partition_problem(job, layout), time_limit_s=time_limit_s)
+def solve_split(job: Job, layout: Layout, time_limit_s: float, milp: bool = True) -> Split | None:
+    """The optimal split of ``layout`` (None when no split fits in memory,
+    none was found within the time limit, or only the general MILP applies
+    and ``milp`` is False)."""
+    problem = partition_problem(job, layout)
+    if not milp and auto_method(problem) == "milp":
+        return None
+    solution = solve_partition(problem, time_limit_s=time_limit_s)
     if not solution.chunk_sizes:  # infeasible, or no split found in the time
         return None
     # Entries of the layer list are [embedding, decoder..., head]: the first
