@@ -719,10 +719,20 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, metho
     status, sizes, stage_device, bound, method_name = _Milp(problem, floor_s=floor).solve(remaining)
     if status == "infeasible":
         return result("infeasible", (), identity, None, method_name, _explain_infeasible(problem))
-    if status == "no_solution":
-        return result("time_limit", (), identity, bound, method_name, "no feasible split found within the time limit")
     if floor is not None and bound is not None:
         bound = max(bound, floor)
+    if status != "optimal":
+        # A solve stopped by its time limit is never worse than the splits
+        # anyone would try first: the even one and the one proportional to
+        # each stage's speed, in node order.
+        found = [(step_time_s(problem, sizes, stage_device), sizes, stage_device)] if sizes else []
+        for baseline in (uniform_partition(problem), proportional_partition(problem)):
+            step = evaluate_partition(problem, baseline, identity)
+            if step is not None:
+                found.append((step, baseline, identity))
+        if not found:
+            return result("time_limit", (), identity, bound, method_name, "no feasible split found within the time limit")
+        _, sizes, stage_device = min(found, key=lambda option: option[0])
     return result(status, sizes, stage_device, bound, method_name)
 
 
