@@ -126,3 +126,23 @@ def test_a_slow_node_slows_the_whole_job():
     slow_cluster = parse_cluster({**base, "node_overrides": [{"node": 5, "nic_Gbps": 100}]}, "test")
     slow = evaluate(replace(job, cluster=slow_cluster), layout)
     assert slow.step.breakdown_s["dp_grad_reduce"] == pytest.approx(4 * fast.step.breakdown_s["dp_grad_reduce"], rel=0.05)
+
+
+def test_chunks_of_one_size_but_other_layers_are_priced_each_as_their_own():
+    """DeepSeek-V3's first three layers are dense: two-layer chunks over
+    layers 2-3 (dense + MoE) and 4-5 (MoE + MoE) cost differently, and each
+    stage's price is what chunk_time gives its own chunk (the per-step memo
+    is keyed on the layers' kinds, not their count)."""
+    from loom.planner.cost.layers import shape_of
+    from loom.planner.cost.network import Links
+    from loom.planner.cost.time_model import chunk_time, step_parts
+    from loom.planner.specs.stages import split_stages
+
+    job = make_job("deepseek-v3", nodes=32, gbs=256, seq=4096)
+    layout = Layout(tp=1, pp=4, dp=64, cp=1, ep=8, micro_batch_size=1, global_batch_size=256, distributed_optimizer=True)
+    stages = split_stages(layout, (2, 2, 2, 55))
+    gpu = job.cluster.slowest.gpu
+    parts = step_parts(job, layout, stages, [gpu] * 4)
+    own = [chunk_time(shape_of(job, layout), layout, stage.chunks[0], gpu, Links.of(job, layout), job) for stage in stages]
+    assert [cs[0] for cs in parts.chunks] == own
+    assert own[1].total_s < own[2].total_s  # one dense layer is cheaper than a second MoE layer

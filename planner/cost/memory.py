@@ -455,9 +455,9 @@ def _held_counts(schedule: str, pp: int, vpp: int, microbatches: int, stage_inde
     return tuple(sorted(v for v in seen if not any(w != v and all(a >= b for a, b in zip(w, v)) for w in seen)))
 
 
-def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> StageMemory:
-    """Peak memory of one GPU (of type ``gpu``) of ``stage`` under Megatron's
-    pipeline schedule, term by term (module docstring)."""
+def _stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> tuple[StageParams, StateBytes, dict[str, float]]:
+    """One GPU of ``stage``: its parameters, their bytes per parameter, and
+    the model-state terms it holds on the device."""
     params = stage_params(shape.model, layout, stage)
     state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer, layout.zero_stage)
     state = model_state_bytes(params, layout, state_bytes)
@@ -466,7 +466,20 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
         # torchtitan's CPUOffloadPolicy the sharded weights and gradients too.
         host = ("optimizer_states", "weights", "gradients") if framework == "torchtitan" else ("optimizer_states",)
         state = {term: 0.0 if term in host else value for term, value in state.items()}
+    return params, state_bytes, state
 
+
+def stage_state_bytes(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> float:
+    """The model-state part of ``stage_memory`` (weights, fp8 copies,
+    gradients, optimizer state on the device): a lower bound on its peak
+    that costs a fraction of it, since every other term is non-negative."""
+    return sum(_stage_state(shape, layout, stage, framework, gpu)[2].values())
+
+
+def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> StageMemory:
+    """Peak memory of one GPU (of type ``gpu``) of ``stage`` under Megatron's
+    pipeline schedule, term by term (module docstring)."""
+    params, state_bytes, state = _stage_state(shape, layout, stage, framework, gpu)
     chunks = in_flight_chunks(layout, stage.index)
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.

@@ -25,7 +25,7 @@ from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.model import SUBLAYERS
-from loom.planner.specs.stages import Chunk, Placement, Stage
+from loom.planner.specs.stages import Chunk, Placement, Stage, stage_signature
 from loom.profiles.catalogue import GPU
 
 # Megatron's DDP bucket: max(40M, 1M x dp) parameters (megatron/core/distributed/
@@ -526,29 +526,43 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
     its groups on the links ``placement`` gives them (default: Megatron's order)."""
     shape = layers.shape_of(job, layout)
     links = Links.of(job, layout, placement)
-    # Stages with the same chunk sizes (all but the first and last, usually)
-    # cost the same: price each kind once.
-    memo: dict[tuple, ChunkTime] = {}
+    model = job.model
+    # Chunks with the same layers' kinds (all but the first and last, usually)
+    # cost the same, and so do stages alike in them (stage_signature): price
+    # each kind once. Full recompute of a chunk's first N layers re-runs
+    # those N layers' kinds.
+    chunk_memo: dict[tuple, ChunkTime] = {}
 
     def priced(chunk: Chunk, gpu: GPU) -> ChunkTime:
-        kind = (chunk.num_layers, chunk.embedding, chunk.head, chunk.vision, gpu.name)
-        if kind not in memo:
-            memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
-        return memo[kind]
+        again = model.layer_kinds_in(chunk.first_layer, layout.recompute_num_layers) if layout.recompute_num_layers else ()
+        kind = (model.layer_kinds_in(chunk.first_layer, chunk.num_layers), again, chunk.embedding, chunk.head, chunk.vision, gpu.name)
+        if kind not in chunk_memo:
+            chunk_memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
+        return chunk_memo[kind]
 
-    chunks = [[priced(chunk, gpu) for chunk in stage.chunks] for stage, gpu in zip(stages, gpus)]
-    sharded = [_sharding_s(job, layout, stage, gpu, links, cs) for stage, gpu, cs in zip(stages, gpus, chunks)]
+    stage_memo: dict[tuple, tuple] = {}
+
+    def stage_costs(stage: Stage, gpu: GPU) -> tuple:
+        kind = (stage_signature(model, stage), gpu.name)
+        if kind not in stage_memo:
+            chunks = [priced(chunk, gpu) for chunk in stage.chunks]
+            stage_memo[kind] = (chunks, _sharding_s(job, layout, stage, gpu, links, chunks), _accumulation_copies_s(job, layout, stage, gpu),
+                                data_parallel_comm(job, layout, stage, links), _optimizer_s(job, layout, stage, gpu))
+        return stage_memo[kind]
+
+    costs = [stage_costs(stage, gpu) for stage, gpu in zip(stages, gpus)]
+    chunks = [list(chunk_times) for chunk_times, *_ in costs]
     all_chunks = [c for cs in chunks for c in cs]
     return StepParts(
         job=job,
         layout=layout,
         chunks=chunks,
-        sharding_s=[microbatch_s for microbatch_s, _ in sharded],
-        sharding_step_s=[step_s for _, step_s in sharded],
-        offload_s=[_accumulation_copies_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
+        sharding_s=[sharded[0] for _, sharded, *_ in costs],
+        sharding_step_s=[sharded[1] for _, sharded, *_ in costs],
+        offload_s=[offload_s for _, _, offload_s, _, _ in costs],
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * shape.act_bytes / layout.tp, links.pp) if layout.pp > 1 else 0.0,
-        dp=[data_parallel_comm(job, layout, stage, links) for stage in stages],
-        optimizer_s=[_optimizer_s(job, layout, stage, gpu) for stage, gpu in zip(stages, gpus)],
+        dp=[dp for *_, dp, _ in costs],
+        optimizer_s=[optimizer_s for *_, optimizer_s in costs],
         embedding_sync_s=_embedding_sync_s(job, layout, links),
         p2p_exposed_s=_p2p_s(shape, layout, links, sum(c.compute_fwd_s for c in all_chunks) / len(all_chunks)),
     )
@@ -565,6 +579,26 @@ def closed_form_step(parts: StepParts) -> StepTime:
     reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
     breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
+
+
+def step_lower_bound_s(job: Job, layout: Layout) -> float:
+    """Seconds no split, placement or overlap can take a step of ``layout``
+    below, at a fraction of pricing it: m micro batches through the busiest
+    stage, which runs at least the mean stage's share of every decoder
+    layer's forward and backward kernels, on the cluster's fastest GPU.
+    Valid because chunk_time adds only non-negative terms (recompute,
+    exposed communication and host time, the embedding and head) to those
+    kernels, the pipeline term m * max(tau) + (sum(tau) - max(tau)) / v is
+    at least m * sum(tau) / pp, and the step's other parts are non-negative
+    (closed_form_step; split_bound_s bounds from the same term)."""
+    shape = layers.shape_of(job, layout)
+    kinds = job.model.layer_kinds_in(0, job.model.num_layers)
+    per_microbatch_s = min(
+        sum(count * (layers.decoder_layer(shape, gpu, False, kind).total_s + layers.decoder_layer(shape, gpu, True, kind).total_s)
+            for kind, count in kinds)
+        for gpu in job.cluster.gpu_types
+    )
+    return layout.num_microbatches * per_microbatch_s / layout.pp
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

@@ -23,7 +23,9 @@ take these candidates:
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -36,16 +38,16 @@ from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
-from loom.planner.cost.memory import GiB, stage_memory
+from loom.planner.cost.memory import GiB, stage_memory, stage_state_bytes
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
 from loom.planner.plan import Plan, build_plan
 from loom.planner.specs.rules import default_recompute_modules, layout_problems
-from loom.planner.specs.stages import Stage, default_placement, stage_gpus, uniform_stages
+from loom.planner.specs.stages import Stage, default_placement, stage_gpus, stage_signature, uniform_stages
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
-from loom.planner.cost.time_model import StepTime, step_time
+from loom.planner.cost.time_model import StepTime, step_lower_bound_s, step_time
 
 
 # The even split ranks every layout; the best ones (and those within
@@ -181,8 +183,10 @@ class _Fullest:
         return self.peak_bytes / self.usable_bytes
 
 
-def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> _Fullest:
-    """The stage closest to (or furthest over) its GPU's usable memory.
+def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], skip_beyond: float = math.inf) -> _Fullest | None:
+    """The stage closest to (or furthest over) its GPU's usable memory, or
+    None when some stage's model state alone fills more than
+    ``skip_beyond`` of its usable memory (then the fullest is fuller still).
 
     Stages alike in what they hold (the same layers, dense and MoE, per
     chunk, the same embedding, head and GPU type) differ only in how many
@@ -193,11 +197,14 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     shape = shape_of(job, layout)
     first_of_kind: dict[tuple, int] = {}
     for s, stage in enumerate(stages):
-        chunks = tuple((job.model.layer_kinds_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision) for c in stage.chunks)
-        first_of_kind.setdefault((chunks, gpus[s].name), s)
+        first_of_kind.setdefault((stage_signature(job.model, stage), gpus[s].name), s)
+    kinds = list(first_of_kind.values())
+    if skip_beyond < math.inf and any(stage_state_bytes(shape, layout, stages[s], job.framework, gpus[s])
+                                      > skip_beyond * job.memory_headroom.usable(gpus[s].memory_bytes) for s in kinds):
+        return None
     return max(
         (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes,
-                  job.memory_headroom.usable(gpus[s].memory_bytes)) for s in first_of_kind.values()),
+                  job.memory_headroom.usable(gpus[s].memory_bytes)) for s in kinds),
         key=lambda fullest: fullest.fullness,
     )
 
@@ -264,36 +271,53 @@ def dispatcher_variants(job: Job) -> list[Job]:
 
 
 def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Rank the layouts of ``job`` as its features stand."""
+    """Rank the layouts of ``job`` as its features stand.
+
+    Branch and bound: layouts are priced in the order of a lower bound on
+    their step (step_lower_bound_s), and one whose bound cannot reach any
+    list the search draws from (_Frontier) is not timed. Memory is judged
+    for every layout (the count of those that fit, and what binds when none
+    does), except one whose model state alone is beyond NEAR_FIT of its GPU
+    and beyond the least full layout seen: it can neither fit nor be the
+    one named in the message."""
     started = time.perf_counter()
     layouts = list(candidate_layouts(job))
     # Every layout fills the cluster, so they share Megatron's default placement,
     # on which the enumeration prices every layout.
     placement = default_placement(job.cluster, job.cluster.num_gpus)
     rejected: Counter[str] = Counter()
-    smallest: tuple[_Fullest, Layout] | None = None
-    scored: list[_Scored] = []
-    near: list[_Scored] = []  # do not fit evenly, but might split unevenly
-    for i, layout in enumerate(layouts):
-        if progress and i % 256 == 0:
-            progress(i, len(layouts))
+    valid = []
+    for layout in layouts:
         problems = layout_problems(job, layout)
         if problems:
             field, expected, _ = problems[0]
             rejected[f"{field}: {expected}"] += 1
-            continue
+        else:
+            valid.append((step_lower_bound_s(job, layout), layout))
+    valid.sort(key=lambda bounded: bounded[0])  # stable: the enumeration's order among equal bounds
+    smallest: tuple[_Fullest, Layout] | None = None
+    frontier = _Frontier(job, top_k)
+    fitting = 0
+    for i, (lower_bound_s, layout) in enumerate(valid):
+        if progress and i % 256 == 0:
+            progress(i, len(valid))
         stages = uniform_stages(job.model, layout)
         gpus = stage_gpus(job.cluster, placement, stages)
-        fullest = fullest_stage(job, layout, stages, gpus)
+        fullest = fullest_stage(job, layout, stages, gpus, skip_beyond=max(NEAR_FIT, smallest[0].fullness) if smallest else math.inf)
+        if fullest is None:
+            continue
         if smallest is None or fullest.fullness < smallest[0].fullness:
             smallest = (fullest, layout)
-        if fullest.fits or (splittable(job, layout) and fullest.peak_bytes <= NEAR_FIT * fullest.usable_bytes):
+        fitting += fullest.fits
+        near = not fullest.fits and splittable(job, layout) and fullest.peak_bytes <= NEAR_FIT * fullest.usable_bytes
+        if (fullest.fits or near) and frontier.may_enter(layout, lower_bound_s, fullest.fits):
             timing = step_time(job, layout, stages, gpus)
-            candidate = _Scored(timing.step_time_s, fullest.peak_bytes, layout, split_bound_s(job, layout, stages, timing))
-            (scored if fullest.fits else near).append(candidate)
+            frontier.add(_Scored(timing.step_time_s, fullest.peak_bytes, layout, split_bound_s(job, layout, stages, timing)), fullest.fits)
     if progress:
-        progress(len(layouts), len(layouts))
-    scored += _partial_recompute(job, scored, placement)
+        progress(len(valid), len(valid))
+    scored, near = frontier.fitting, frontier.near
+    partial = _partial_recompute(job, scored, placement)
+    scored += partial
     # The top k as they stand, and of the layouts an uneven split may speed
     # up (the others cannot overtake the top k) the REFINED fastest and the
     # REFINED with the lowest bound.
@@ -310,12 +334,69 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     return SearchResult(
         plans=plans[:top_k],
         candidates=len(layouts),
-        feasible=len(scored) + sum(plan.layout in {c.layout for c in near} for plan in plans),
+        feasible=fitting + len(partial) + sum(plan.layout in {c.layout for c in near} for plan in plans),
         wall_time_s=time.perf_counter() - started,
         solver="+".join(["enumeration", *methods]),
         status="time_limit" if any(solve.status == "time_limit" for solve in solves) or any(p.status != "optimal" for p in placements) else "optimal",
         gap=max([solve.gap for solve in solves] + [p.gap for p in placements], default=0.0),
     )
+
+
+class _Least:
+    """The ``count`` least values offered so far: ``cutoff`` is the largest
+    of them once there are ``count`` (no value above it can join), else inf."""
+
+    def __init__(self, count: int):
+        self.count, self._negated = count, []
+
+    def offer(self, value: float) -> None:
+        if len(self._negated) < self.count:
+            heapq.heappush(self._negated, -value)
+        elif value < -self._negated[0]:
+            heapq.heapreplace(self._negated, -value)
+
+    @property
+    def cutoff(self) -> float:
+        return -self._negated[0] if len(self._negated) == self.count else math.inf
+
+
+class _Frontier:
+    """The priced layouts, and the step below which an unpriced one must be
+    to reach a list the search draws from: the top k; of the splittable
+    ones, those that _promising may pick outside the top k (top k + REFINED
+    fastest, top k + REFINED lowest split bounds); the PARTIAL_CANDIDATES
+    fastest fully recomputed ones (_partial_recompute); of the near ones,
+    the REFINED fastest and lowest bounds. Each list's cutoff only falls as
+    layouts are priced, so a layout beyond every cutoff that applies to it
+    would not have been chosen."""
+
+    def __init__(self, job: Job, top_k: int):
+        self.job, self.fitting, self.near = job, [], []
+        self.fastest = _Least(top_k)
+        self.splittable_fastest, self.splittable_bounds = _Least(top_k + REFINED), _Least(top_k + REFINED)
+        self.fully_recomputed = _Least(PARTIAL_CANDIDATES)
+        self.near_fastest, self.near_bounds = _Least(REFINED), _Least(REFINED)
+
+    def _cutoffs(self, layout: Layout, fits: bool) -> list[_Least]:
+        if not fits:
+            return [self.near_fastest, self.near_bounds]
+        lists = [self.fastest]
+        if splittable(self.job, layout):
+            lists += [self.splittable_fastest, self.splittable_bounds]
+        if layout.recompute == "full" and not layout.recompute_num_layers:
+            lists.append(self.fully_recomputed)
+        return lists
+
+    def may_enter(self, layout: Layout, lower_bound_s: float, fits: bool) -> bool:
+        """Whether a layout whose step is at least ``lower_bound_s`` might
+        enter a list (keys round steps to 1e-9 s: a bound that close counts)."""
+        return any(lower_bound_s <= least.cutoff + 1e-9 for least in self._cutoffs(layout, fits))
+
+    def add(self, candidate: _Scored, fits: bool) -> None:
+        (self.fitting if fits else self.near).append(candidate)
+        for least in self._cutoffs(candidate.layout, fits):
+            bounds = least in (self.splittable_bounds, self.near_bounds)
+            least.offer(candidate.bound_s if bounds else candidate.step_time_s)
 
 
 def _promising(ranked: list[_Scored]) -> list[_Scored]:

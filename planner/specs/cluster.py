@@ -128,7 +128,7 @@ class Cluster:
     def slowest(self) -> Node:
         """A node with the least of everything: synchronous training runs at the
         pace of its slowest member, so uniform-cluster formulas use this node."""
-        gpu = group_gpu(tuple(dict.fromkeys(n.gpu for n in self.nodes)))
+        gpu = group_gpu(self.gpu_types)
         return Node(
             host="slowest",
             gpu=gpu,
@@ -144,6 +144,11 @@ class Cluster:
     @property
     def hosts(self) -> list[str]:
         return [n.host for n in self.nodes]
+
+    @cached_property
+    def gpu_types(self) -> tuple[GPU, ...]:
+        """The distinct GPUs of the nodes, in node order."""
+        return tuple(dict.fromkeys(n.gpu for n in self.nodes))
 
     @cached_property
     def heterogeneous(self) -> bool:

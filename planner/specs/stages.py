@@ -8,6 +8,7 @@ the default placement puts rank r on node r // gpus_per_node, GPU r % gpus_per_n
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Stage:
         return any(chunk.vision for chunk in self.chunks)
 
 
+@functools.cache
 def even_chunk_sizes(num_layers: int, chunks: int) -> tuple[int, ...]:
     """Decoder layers per chunk, as even as possible. A remainder goes to the
     middle chunks: the first and last already carry the embedding and the LM
@@ -72,23 +74,39 @@ def split_stages(layout: Layout, chunk_sizes: tuple[int, ...], vision: bool = Fa
     entries). With interleaving, pipeline rank s runs chunks s, s + pp,
     s + 2pp, ... (Narayanan et al. SC'21, sec. 2.2). Stage s owns the block
     of global ranks [s*n, (s+1)*n), n = tp*cp*dp, of Megatron's rank order."""
-    chunks_total = layout.pp * layout.vpp
-    assert len(chunk_sizes) == chunks_total, "one size per model chunk"
-    firsts = [0, *itertools.accumulate(chunk_sizes)]
-    n = layout.tp * layout.cp * layout.dp
-    stages = []
-    for s in range(layout.pp):
-        chunks = tuple(
-            Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1, vision=vision and c == 0)
-            for c in (v * layout.pp + s for v in range(layout.vpp))
-        )
-        stages.append(Stage(index=s, chunks=chunks, ranks=range(s * n, (s + 1) * n)))
-    return stages
+    assert len(chunk_sizes) == layout.pp * layout.vpp, "one size per model chunk"
+    return list(_stages(layout.pp, layout.vpp, layout.tp * layout.cp * layout.dp, tuple(chunk_sizes), vision))
 
 
 def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
     """Megatron's default split (as even as possible when it does not divide)."""
-    return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp), vision=model.vision is not None)
+    chunk_sizes = even_chunk_sizes(model.num_layers, layout.pp * layout.vpp)
+    return list(_stages(layout.pp, layout.vpp, layout.tp * layout.cp * layout.dp, chunk_sizes, model.vision is not None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stages(pp: int, vpp: int, group: int, chunk_sizes: tuple[int, ...], vision: bool) -> tuple[Stage, ...]:
+    """split_stages for a pipeline of ``pp`` groups of ``group`` ranks, built
+    once per shape (a search asks for the same few thousand shapes tens of
+    thousands of times)."""
+    chunks_total = pp * vpp
+    firsts = [0, *itertools.accumulate(chunk_sizes)]
+    stages = []
+    for s in range(pp):
+        chunks = tuple(
+            Chunk(first_layer=firsts[c], num_layers=chunk_sizes[c], embedding=c == 0, head=c == chunks_total - 1, vision=vision and c == 0)
+            for c in (v * pp + s for v in range(vpp))
+        )
+        stages.append(Stage(index=s, chunks=chunks, ranks=range(s * group, (s + 1) * group)))
+    return tuple(stages)
+
+
+def stage_signature(model: ModelSpec, stage: Stage) -> tuple:
+    """What a stage's costs and states are a function of: per chunk, its
+    layers' kinds and counts and whether it runs the embedding, the head or
+    the vision tower. Stages alike in it differ only in which micro batches
+    they hold in flight."""
+    return tuple((model.layer_kinds_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision) for c in stage.chunks)
 
 
 @dataclass(frozen=True)
