@@ -128,3 +128,56 @@ def test_search_status_covers_the_placement_solves(monkeypatch):
     result = search(degraded_job(), top_k=1)
     assert result.plans[0].placement_solve is not None
     assert result.status == "time_limit" and result.gap >= 0.1 - 1e-9
+
+
+def _bounds_hold(job) -> int:
+    """Every valid layout's step lower bound is at most its closed-form step
+    and its split bound, and its model state at most its fullest stage's
+    peak; returns how many layouts were checked."""
+    from loom.planner.cost.memory import stage_memory, stage_state_bytes
+    from loom.planner.cost.layers import shape_of
+    from loom.planner.cost.time_model import step_lower_bound_s, step_time
+    from loom.planner.search.layouts import split_bound_s
+    from loom.planner.specs.stages import stage_gpus, default_placement, uniform_stages
+
+    placement, checked = default_placement(job.cluster, job.cluster.num_gpus), 0
+    for layout in candidate_layouts(job):
+        if layout_problems(job, layout):
+            continue
+        stages = uniform_stages(job.model, layout)
+        gpus = stage_gpus(job.cluster, placement, stages)
+        timing = step_time(job, layout, stages, gpus)
+        bound = step_lower_bound_s(job, layout)
+        assert bound <= min(timing.step_time_s, split_bound_s(job, layout, stages, timing)) * (1 + 1e-12), layout.label()
+        shape = shape_of(job, layout)
+        for stage, gpu in zip(stages, gpus):
+            held = stage_memory(shape, layout, stage, job.framework, gpu).peak_bytes
+            assert stage_state_bytes(shape, layout, stage, job.framework, gpu) <= held * (1 + 1e-12)
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("model,nodes", [("llama-3-8b", 2), ("deepseek-v2-lite", 1)])
+def test_the_searchs_bounds_are_bounds(model, nodes):
+    """What the search prunes by (the step's lower bound, model state as a
+    floor on memory) never exceeds what it stands for, on every layout."""
+    assert _bounds_hold(make_job(model, nodes=nodes, gbs=64, seq=4096)) > 100
+
+
+@pytest.mark.parametrize("model,nodes,framework", [("llama-3-8b", 2, "megatron"), ("deepseek-v2-lite", 1, "megatron"), ("llama-3-8b", 1, "torchtitan")])
+def test_pruning_returns_what_pricing_every_layout_returns(monkeypatch, model, nodes, framework):
+    """Branch and bound changes how much is priced, not the answer: the
+    plans (and the count of layouts that fit) equal those of a search that
+    times every layout, which times more."""
+    import loom.planner.search.layouts as layouts
+
+    job = make_job(model, nodes=nodes, gbs=128, seq=4096, framework=framework)
+    timed = []
+    real_step_time = layouts.step_time
+    monkeypatch.setattr(layouts, "step_time", lambda *args: timed.append(1) or real_step_time(*args))
+    pruned = search(job, top_k=5)
+    pruned_timed = len(timed)
+    monkeypatch.setattr(layouts._Frontier, "may_enter", lambda self, layout, bound, fits: True)
+    every = search(job, top_k=5)
+    assert [(p.layout, p.stages, round(p.step_time_s, 12)) for p in pruned.plans] == [(p.layout, p.stages, round(p.step_time_s, 12)) for p in every.plans]
+    assert pruned.feasible == every.feasible and pruned_timed < len(timed) - pruned_timed
