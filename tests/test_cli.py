@@ -308,8 +308,10 @@ def test_json_report_validates_against_the_shipped_schema(tmp_path):
         assert p["global_batch_size"] == JOB["global_batch_size"]
         assert sum(stage["layers"] for stage in plan["stages"]) == layers
         assert len(plan["stages"]) == p["pp"]
-        assert sorted(slot["rank"] for slot in plan["placement"]) == list(range(gpus))
-        assert len({(slot["host"], slot["gpu"]) for slot in plan["placement"]}) == gpus
+        slots = [(run["rank"] + k, run["host"], run["gpu"] + k) for run in plan["placement"] for k in range(run["count"])]
+        assert [rank for rank, _, _ in slots] == list(range(gpus))
+        assert len({(host, gpu) for _, host, gpu in slots}) == gpus
+        assert len(plan["placement"]) == 2  # Megatron's order: one run per node
         assert plan["memory"]["peak_bytes_per_gpu"] <= plan["memory"]["capacity_bytes"]
 
 

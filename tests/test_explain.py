@@ -269,13 +269,14 @@ def _drop_last(*path):
 
 
 def _duplicate_gpu(report):
-    placement = report["plans"][0]["placement"]
-    placement[3] = {**placement[0], "rank": 3}
+    """The second node's run starts on the first node's last GPU."""
+    first, second = report["plans"][0]["placement"]
+    second.update(host=first["host"], gpu=first["gpu"] + first["count"] - 1)
 
 
 def _swap_ranks(report):
     placement = report["plans"][0]["placement"]
-    placement[0]["rank"], placement[1]["rank"] = 1, 0
+    placement[0]["rank"], placement[1]["rank"] = placement[1]["rank"], placement[0]["rank"]
 
 
 def _shorter_model(report):
@@ -286,7 +287,7 @@ def _shorter_model(report):
 
 
 INVALID = {
-    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3' or '1.4'"),
+    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4' or '1.5'"),
     "tp 0": (_set("plans", 0, "parallel", "tp", 0), "plans.0.parallel.tp", "greater than or equal to 1"),
     "pp 0": (_set("plans", 0, "parallel", "pp", 0), "plans.0.parallel.pp", "greater than or equal to 1"),
     "dp 0": (_set("plans", 0, "parallel", "dp", 0), "plans.0.parallel.dp", "greater than or equal to 1"),
@@ -295,10 +296,11 @@ INVALID = {
     "ep not dividing a stage": (_set("plans", 0, "parallel", "ep", 3), "plans.0.parallel.ep", "a divisor of a stage's tp x cp x dp = 4"),
     "world over the cluster": (_set("gpus", 8), "plans.0.parallel", "tp x pp x dp x cp at most the cluster's 8 GPUs"),
     "placement shorter than the world": (_drop_last("plans", 0, "placement"), "plans.0.placement", "16 slots, one per rank"),
-    "two ranks on one GPU": (_duplicate_gpu, "plans.0.placement.3", "a GPU of its own (rank 0 runs on"),
-    "placement out of rank order": (_swap_ranks, "plans.0.placement.0.rank", "0 (slots in rank order)"),
+    "two ranks on one GPU": (_duplicate_gpu, "plans.0.placement.1", "a GPU of its own (rank 7 runs on"),
+    "placement out of rank order": (_swap_ranks, "plans.0.placement.0.rank", "0 (runs in rank order)"),
     "device group not the stage's ranks": (_set("plans", 0, "stages", 1, "device_group", [0, 1, 2, 3]), "plans.0.stages.1.device_group",
                                            "global ranks 4 to 7"),
+    "stage ranks not the stage's": (_set("plans", 0, "stages", 1, "ranks", [0, 4]), "plans.0.stages.1.ranks", "global ranks 4 to 7"),
     "a stage missing": (_drop_last("plans", 0, "stages"), "plans.0.stages", "4 stages (parallel.pp)"),
     "layers not those of the ranges": (_set("plans", 0, "stages", 1, "layers", lambda n: n + 1), "plans.0.stages.1.layers", "layers of its layer_ranges"),
     "a gap between layer ranges": (_set("plans", 0, "stages", 2, "layer_ranges", lambda r: [[r[0][0] + 1, r[0][1]]]), "plans.0.stages.2.layer_ranges.0",
@@ -429,3 +431,18 @@ def test_bad_inputs_exit_2(plan_json, tmp_path):
     assert explain(plan_json, "--plan", "99").exit_code == 2
     assert explain(plan_json, "--schedule", "wavy").exit_code == 2
     assert explain(plan_json, "--timeline", tmp_path / "t.gif").exit_code == 2
+
+
+def test_a_1_4_report_with_rank_lists_still_reads(plan_json, tmp_path):
+    """Before 1.5 a placement listed every rank and a stage every rank of
+    its group: such a report is explained as it was."""
+    def version_1_4(report):
+        report["schema_version"] = "1.4"
+        for plan in report["plans"]:
+            plan["placement"] = [{"rank": run["rank"] + k, "host": run["host"], "gpu": run["gpu"] + k}
+                                 for run in plan["placement"] for k in range(run["count"])]
+            for stage in plan["stages"]:
+                stage["device_group"] = list(range(*stage.pop("ranks")))
+
+    result = explain(mutated(plan_json, tmp_path, version_1_4))
+    assert result.exit_code == 0, result.output

@@ -245,7 +245,7 @@ def traced_stage(plan: PlanReport, log: RunLog) -> int:
     Raises SpecError naming the trace when its rank is not one of the plan's."""
     if log.rank is not None and log.rank >= plan.parallel.world_size:
         raise SpecError(log.path, "distributedInfo.rank", f"a rank of the plan's {plan.parallel.world_size} ({plan.label})", log.rank)
-    return stage_of_rank(((s.index, s.device_group) for s in plan.stages), log.rank)
+    return stage_of_rank(((s.index, s.global_ranks) for s in plan.stages), log.rank)
 
 
 def _trace_rows(plan: PlanReport, log: RunLog) -> list[Row]:

@@ -15,6 +15,8 @@ A report that breaks them when written is a bug in loom.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dataclasses
 import json
 from pathlib import Path
@@ -30,13 +32,14 @@ from loom.planner.specs.job import job_warnings
 from loom.planner.specs.layout import Recompute
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
-# and optimizer_offload), 1.3 too (stages[].kernels_s) and 1.4
-# (model_parameters, model_active_parameters), so 1.0-1.3 reports read as they did.
-READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", SCHEMA_VERSION)
+# and optimizer_offload), 1.3 too (stages[].kernels_s), 1.4
+# (model_parameters, model_active_parameters) and 1.5 (placement[].count:
+# a run of ranks, 1 in every earlier report), so 1.0-1.4 reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -82,16 +85,40 @@ class StageReport(pydantic.BaseModel):
     layer_ranges: list[tuple[Index, Index]] = pydantic.Field(description="[first, last) decoder layers of each model chunk")
     embedding: bool
     head: bool
-    device_group: list[Index] = pydantic.Field(description="global ranks of the stage")
+    ranks: tuple[Index, Index] | None = pydantic.Field(default=None, description="[first, end) global ranks of the stage (schema 1.5)")
+    device_group: list[Index] | None = pydantic.Field(default=None, description="global ranks of the stage, each (schema 1.0-1.4)")
     kernels_s: dict[Literal["gemm", "attention", "elementwise"], Amount] = pydantic.Field(
         default_factory=dict, description="one GPU of the stage, the whole step: its compute kernels' seconds by kind "
         "(forward, backward and recompute; what a profiler trace measures, loom compare)")
 
+    @property
+    def global_ranks(self) -> Sequence[int]:
+        """The stage's global ranks, as either schema writes them."""
+        return range(*self.ranks) if self.ranks is not None else self.device_group or []
+
 
 class GPUSlot(pydantic.BaseModel):
+    """Ranks rank .. rank + count - 1 on GPUs gpu .. gpu + count - 1 of one
+    host: a placement is written as such runs, one per host under Megatron's
+    order, so that 65,536 ranks take a few thousand entries."""
+
     rank: Index
     host: str = pydantic.Field(min_length=1)
     gpu: Index
+    count: Count = pydantic.Field(default=1, description="consecutive ranks on consecutive GPUs of the host from (rank, gpu)")
+
+
+def placement_runs(gpus: tuple[tuple[str, int], ...]) -> list[GPUSlot]:
+    """``gpus[rank] = (host, GPU)`` as runs of consecutive ranks on
+    consecutive GPUs of one host, in rank order."""
+    runs: list[GPUSlot] = []
+    for rank, (host, gpu) in enumerate(gpus):
+        last = runs[-1] if runs else None
+        if last is not None and last.host == host and last.gpu + last.count == gpu:
+            last.count += 1
+        else:
+            runs.append(GPUSlot(rank=rank, host=host, gpu=gpu))
+    return runs
 
 
 class PlacementReport(pydantic.BaseModel):
@@ -268,8 +295,12 @@ def _stage_problems(stages: list[StageReport], p: Parallel, need) -> None:
     shaped = True
     for s, stage in enumerate(stages):
         need(stage.index == s, ("stages", s, "index"), f"{s} (stages in pipeline order)", stage.index)
-        need(stage.device_group == list(range(s * n, (s + 1) * n)), ("stages", s, "device_group"),
-             f"global ranks {s * n} to {(s + 1) * n - 1} (stage s of tp x cp x dp = {n} ranks)", stage.device_group)
+        expected = f"global ranks {s * n} to {(s + 1) * n - 1} (stage s of tp x cp x dp = {n} ranks)"
+        need(stage.ranks is not None or stage.device_group is not None, ("stages", s, "ranks"), expected, None)
+        if stage.ranks is not None:
+            need(tuple(stage.ranks) == (s * n, (s + 1) * n), ("stages", s, "ranks"), expected, list(stage.ranks))
+        if stage.device_group is not None:
+            need(stage.device_group == list(range(s * n, (s + 1) * n)), ("stages", s, "device_group"), expected, stage.device_group)
         shaped &= need(len(stage.layer_ranges) == p.vpp, ("stages", s, "layer_ranges"), f"{p.vpp} model chunks (parallel.vpp)",
                        len(stage.layer_ranges))
         counted = sum(last - first for first, last in stage.layer_ranges)
@@ -289,16 +320,20 @@ def _stage_problems(stages: list[StageReport], p: Parallel, need) -> None:
 
 
 def _placement_problems(placement: list[GPUSlot], world_size: int, need) -> None:
-    """One slot per rank, in rank order, each on a GPU of its own."""
-    if not need(len(placement) == world_size, ("placement",), f"{world_size} slots, one per rank (tp x pp x dp x cp)", len(placement)):
+    """Runs that give every rank one slot, in rank order, each on a GPU of its own."""
+    slots = sum(run.count for run in placement)
+    if not need(slots == world_size, ("placement",), f"{world_size} slots, one per rank (tp x pp x dp x cp)", slots):
         return
     owner: dict[tuple[str, int], int] = {}
-    for i, slot in enumerate(placement):
-        if not need(slot.rank == i, ("placement", i, "rank"), f"{i} (slots in rank order)", slot.rank):
+    rank = 0
+    for i, run in enumerate(placement):
+        if not need(run.rank == rank, ("placement", i, "rank"), f"{rank} (runs in rank order)", run.rank):
             return
-        other = owner.setdefault((slot.host, slot.gpu), i)
-        if not need(other == i, ("placement", i), f"a GPU of its own (rank {other} runs on {slot.host} GPU {slot.gpu})", slot.gpu):
-            return
+        for k in range(run.count):
+            other = owner.setdefault((run.host, run.gpu + k), rank + k)
+            if not need(other == rank + k, ("placement", i), f"a GPU of its own (rank {other} runs on {run.host} GPU {run.gpu + k})", run.gpu):
+                return
+        rank += run.count
 
 
 def report_problems(report: Report) -> list[Invariant]:
@@ -359,12 +394,12 @@ def plan_report(plan: Plan) -> PlanReport:
                 layer_ranges=[(c.first_layer, c.first_layer + c.num_layers) for c in stage.chunks],
                 embedding=stage.embedding,
                 head=stage.head,
-                device_group=list(stage.ranks),
+                ranks=(stage.ranks.start, stage.ranks.stop),
                 kernels_s=_kernels_s(plan, stage.index),
             )
             for stage in plan.stages
         ],
-        placement=[GPUSlot(rank=r, host=host, gpu=gpu) for r, (host, gpu) in enumerate(plan.placement.gpus)],
+        placement=placement_runs(plan.placement.gpus),
         placement_solver=_placement_report(plan),
         predicted=Predicted(
             step_time_s=plan.step_time_s,
@@ -436,7 +471,8 @@ def build_report(plans: list[Plan], search: SearchInfo) -> Report:
 
 
 def report_json(report: Report) -> str:
-    return report.model_dump_json(indent=2) + "\n"
+    """The report as loom writes it: stages name their ranks as a range."""
+    return report.model_dump_json(indent=2, exclude={"plans": {"__all__": {"stages": {"__all__": {"device_group"}}}}}) + "\n"
 
 
 def json_schema() -> str:
