@@ -34,7 +34,7 @@ from loom.planner.specs.job import job_warnings, load_job
 from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
-from loom.planner.output.report import SearchInfo, build_report, report_json
+from loom.planner.output.report import NearbyBatchReport, SearchInfo, build_report, report_json
 from loom.planner.search.fixes import cheapest_fix
 from loom.planner.specs.rules import default_distributed_optimizer, default_recompute_modules, layout_problems
 from loom.planner.search.layouts import search, split_plan
@@ -113,7 +113,12 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     if as_json:
         typer.echo(report, nl=False)
     else:
-        show(Console(), plans, f"{job.model.name} on {job.cluster.gpu_summary} ({job.framework})")
+        console = Console()
+        idle = plans[0].idle_gpus
+        show(console, plans, f"{job.model.name} on {job.cluster.gpu_summary}{f' + {idle} idle' if idle else ''} ({job.framework})")
+        for nearby in info.nearby_global_batch_sizes:
+            console.print(f"global batch {nearby.global_batch_size} instead of {plans[0].layout.global_batch_size}: "
+                          f"{escape(nearby.label)}, {nearby.tokens_per_s:,.0f} tokens/s ({nearby.gain:+.1%})")
     _print_expected_gain(plans[0])
     if out is not None:
         best = plans[0]
@@ -247,8 +252,10 @@ def plan(
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        nearby = [NearbyBatchReport(global_batch_size=n.global_batch_size, label=n.label, tokens_per_s=n.tokens_per_s, gain=n.gain)
+                  for n in result.nearby_batches]
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
-                          solver=result.solver, status=result.status, gap=result.gap)
+                          solver=result.solver, status=result.status, gap=result.gap, nearby_global_batch_sizes=nearby)
         err.print(f"searched {result.candidates:,} layouts ({result.feasible:,} fit) in {result.wall_time_s:.2f} s")
         _finish(result.plans, info, out, as_json, gates, trials)
 

@@ -33,6 +33,7 @@ class Plan:
     simulation: Simulation
     placement_solve: PlacementSolution | None = None  # when the placement solver ran (planner/search/placement.py)
     start_step_time_s: float | None = None  # the step time on the placement it started from
+    idle_gpus: int = 0  # GPUs of the cluster the plan leaves idle: its last nodes, whole (search/alternatives.py)
 
     @property
     def step_time_s(self) -> float:

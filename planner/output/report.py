@@ -38,7 +38,9 @@ SCHEMA_VERSION = "1.5"
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
 # and optimizer_offload), 1.3 too (stages[].kernels_s), 1.4
 # (model_parameters, model_active_parameters) and 1.5 (placement[].count:
-# a run of ranks, 1 in every earlier report), so 1.0-1.4 reports read as they did.
+# a run of ranks, 1 in every earlier report; stages[].ranks beside the
+# older device_group; plans[].idle_gpus; search.nearby_global_batch_sizes),
+# so 1.0-1.4 reports read as they did.
 READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
@@ -153,6 +155,13 @@ class Memory(pydantic.BaseModel):
     per_stage_peak_bytes: list[Amount]
 
 
+class NearbyBatchReport(pydantic.BaseModel):
+    global_batch_size: Count
+    label: str = pydantic.Field(description="its best plan's layout")
+    tokens_per_s: Amount
+    gain: Finite = pydantic.Field(description="tokens per second over this report's best plan's, less 1")
+
+
 class SearchInfo(pydantic.BaseModel):
     candidates: Index = pydantic.Field(description="layouts enumerated")
     feasible: Index = pydantic.Field(description="layouts that fit in memory")
@@ -161,6 +170,8 @@ class SearchInfo(pydantic.BaseModel):
     solver: str
     status: str
     gap: float
+    nearby_global_batch_sizes: list[NearbyBatchReport] = pydantic.Field(
+        default_factory=list, description="nearby global batch sizes whose best plan trains faster (schema 1.5)")
 
 
 class ChunkCostReport(pydantic.BaseModel):
@@ -203,6 +214,7 @@ class PlanReport(pydantic.BaseModel):
     stages: list[StageReport]
     placement: list[GPUSlot]
     placement_solver: PlacementReport | None = None
+    idle_gpus: Index = pydantic.Field(default=0, description="GPUs of the cluster the plan leaves idle: its last nodes, whole (schema 1.5)")
     predicted: Predicted
     memory: Memory
     schedule: ScheduleReport
@@ -401,6 +413,7 @@ def plan_report(plan: Plan) -> PlanReport:
         ],
         placement=placement_runs(plan.placement.gpus),
         placement_solver=_placement_report(plan),
+        idle_gpus=plan.idle_gpus,
         predicted=Predicted(
             step_time_s=plan.step_time_s,
             tokens_per_s=plan.tokens_per_s,
@@ -457,7 +470,7 @@ def build_report(plans: list[Plan], search: SearchInfo) -> Report:
         model_parameters=job.model.total_params(),
         model_active_parameters=job.model.active_params(input_embedding=True),
         cluster=job.cluster.name,
-        gpus=job.cluster.num_gpus,
+        gpus=job.cluster.num_gpus + plans[0].idle_gpus,
         framework=job.framework,
         precision=job.precision,
         seq_length=job.seq_length,

@@ -1,7 +1,9 @@
 """The search: enumerate layouts, prune by divisibility and memory, rank by
 predicted step time, keep the best k.
 
-Every GPU of the cluster is used (dp = gpus / (tp * pp * cp)). "auto" knobs
+Every GPU of the cluster is used (dp = gpus / (tp * pp * cp)), except that a
+cluster of an awkward size is also searched on its first nodes, leaving the
+rest idle (search/alternatives.py). "auto" knobs
 take these candidates:
 
 - tp: powers of two up to a node's GPUs that divide heads and key/value heads
@@ -39,6 +41,7 @@ from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.cost.memory import GiB, stage_memory, stage_state_bytes
+from loom.planner.search.alternatives import MIN_GAIN, NearbyBatch, idle_node_counts, nearby_batch_sizes
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
@@ -76,6 +79,8 @@ class SearchResult:
     # stopped short of proving its answer optimal
     status: str = "optimal"
     gap: float = 0.0  # largest relative gap of those solves
+    # Nearby global batch sizes that would train faster (search/alternatives.py).
+    nearby_batches: tuple[NearbyBatch, ...] = ()
 
 
 def _divisors(n: int) -> list[int]:
@@ -227,8 +232,45 @@ class _Scored:
 def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
     """Rank the layouts of ``job`` — for an MoE job, under each token
     dispatcher its ``search.moe_token_dispatcher`` lists (each plan carries
-    its job, so its launch files name its dispatcher); raise
-    InfeasibleError saying what binds."""
+    its job, so its launch files name its dispatcher); on a cluster of an
+    awkward size also on its first nodes, the rest idle, and for an awkward
+    global batch the nearby sizes' best throughput (search/alternatives.py).
+    Raises InfeasibleError saying what binds."""
+    results, infeasible = [], None
+    try:
+        results.append(_search_dispatchers(job, top_k, progress))
+    except InfeasibleError as error:
+        infeasible = error
+    for nodes in idle_node_counts(job.cluster):
+        idle = job.cluster.num_gpus - nodes * job.cluster.gpus_per_node
+        try:
+            found = _search_dispatchers(replace(job, cluster=job.cluster.first_nodes(nodes)), top_k)
+        except InfeasibleError:
+            continue
+        results.append(replace(found, plans=[replace(plan, idle_gpus=idle) for plan in found.plans]))
+    if not results:
+        raise infeasible
+    merged = _merged(results, top_k)
+    return replace(merged, nearby_batches=tuple(_nearby_batches(job, merged.plans[0].tokens_per_s)))
+
+
+def _nearby_batches(job: Job, tokens_per_s: float) -> list[NearbyBatch]:
+    """The nearby global batch sizes whose best plan on the whole cluster
+    trains at least MIN_GAIN more tokens per second than ``tokens_per_s``."""
+    found = []
+    for batch in nearby_batch_sizes(job.global_batch_size):
+        try:
+            best = _search_dispatchers(replace(job, global_batch_size=batch), 1).plans[0]
+        except InfeasibleError:
+            continue
+        gain = best.tokens_per_s / tokens_per_s - 1
+        if gain >= MIN_GAIN:
+            found.append(NearbyBatch(batch, best.layout.label(), best.tokens_per_s, gain))
+    return found
+
+
+def _search_dispatchers(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Rank the layouts of ``job`` under each token dispatcher it lists."""
     variants = dispatcher_variants(job)
     if len(variants) == 1:
         return _search_layouts(variants[0], top_k, progress)
@@ -240,6 +282,13 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
             infeasible.append(error)
     if not results:
         raise infeasible[0]
+    return _merged(results, top_k)
+
+
+def _merged(results: list[SearchResult], top_k: int) -> SearchResult:
+    """One result of several searches: their best top_k plans, their counts and times summed."""
+    if len(results) == 1:
+        return results[0]
     return SearchResult(
         plans=_ranked([plan for result in results for plan in result.plans])[:top_k],
         candidates=sum(result.candidates for result in results),

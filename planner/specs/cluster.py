@@ -169,6 +169,22 @@ class Cluster:
         """The graph of GPUs, NICs and switches with every pair's bandwidth."""
         return build_topology(self.nodes, self.gpus_per_node, self.fabric, self.name)
 
+    def first_nodes(self, count: int) -> Cluster:
+        """The cluster of its first ``count`` nodes, the others left idle:
+        their switches, NIC and NVLink figures kept. Raises ValueError when
+        ``count`` would split an NVLink domain or the links were measured
+        (a profile describes the whole cluster)."""
+        domain_nodes = self.slowest.domain_gpus // self.gpus_per_node
+        if not 0 < count <= len(self.nodes) or count % domain_nodes or self.fabric.measured:
+            raise ValueError(f"cannot keep the first {count} of {len(self.nodes)} nodes of {self.name}")
+        fabric = dataclasses.replace(
+            self.fabric,
+            leaf_of_node=None if self.fabric.leaf_of_node is None else self.fabric.leaf_of_node[:count],
+            nic_Gbps=tuple(o for o in self.fabric.nic_Gbps if o[0] < count),
+            nvlink_GBps=tuple(o for o in self.fabric.nvlink_GBps if o[0] < count),
+        )
+        return dataclasses.replace(self, nodes=self.nodes[:count], fabric=fabric)
+
     def slowest_gpu(self, hosts: set[str]) -> GPU:
         """The GPU a group over ``hosts`` runs as (group_gpu)."""
         return group_gpu(tuple(dict.fromkeys(self.node_of_host[host].gpu for host in sorted(hosts))))

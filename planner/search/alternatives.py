@@ -1,0 +1,95 @@
+"""Answers beyond the cluster and the batch as given: whole nodes left idle,
+and nearby global batch sizes.
+
+Every layout uses every GPU (tp x pp x dp x cp = GPUs) and splits the global
+batch evenly (micro batch x dp divides it). So a node count with a large
+prime factor forces that factor into one degree: on 89 nodes of 8 A100,
+GPT-3 175B (96 layers) can only run 89 pipeline stages. A global batch with
+few factors of two (3,091 = 11 x 281) leaves data parallelism almost no
+sizes. A practitioner then leaves a few nodes idle or rounds the batch; the
+search does both (``search`` in layouts.py):
+
+- idle nodes: when the node count has a prime factor above SMOOTH_PRIME, the
+  search also runs on the first k nodes, for the CANDIDATES values of k that
+  leave at most MAX_IDLE_FRACTION of the nodes idle and factor best (most
+  factors of two, then the most nodes); those plans rank with the others by
+  step time and report the GPUs they leave idle (the last nodes in the
+  cluster's order);
+- nearby batches: when the global batch is not a multiple of ROUND_BATCH,
+  the CANDIDATES batch sizes within NEARBY_BATCH_FRACTION with the most
+  factors of two are searched too, and those whose best plan trains
+  MIN_GAIN more tokens per second are reported (not planned: the batch is
+  the user's choice).
+
+Imports: planner.specs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loom.planner.specs.cluster import Cluster
+
+# Thresholds of what counts as awkward and as near [assumed: a practitioner's
+# rules of thumb, not measured]: at most an eighth of the nodes idle, batch
+# sizes within 5%, counts whose prime factors are all at most 7, batches
+# that are multiples of 16, gains of at least 1%.
+MAX_IDLE_FRACTION = 1 / 8
+NEARBY_BATCH_FRACTION = 0.05
+SMOOTH_PRIME = 7
+ROUND_BATCH = 16
+MIN_GAIN = 0.01
+CANDIDATES = 2
+
+
+@dataclass(frozen=True)
+class NearbyBatch:
+    """A global batch size near the job's and what its best plan would give."""
+
+    global_batch_size: int
+    label: str  # its best plan's layout
+    tokens_per_s: float
+    gain: float  # tokens per second over the job's own best plan's, less 1
+
+
+def largest_prime_factor(n: int) -> int:
+    """The largest prime dividing ``n`` (1 for n = 1)."""
+    largest, p = 1, 2
+    while p * p <= n:
+        while n % p == 0:
+            largest, n = p, n // p
+        p += 1
+    return max(largest, n)
+
+
+def factors_of_two(n: int) -> int:
+    """How many times 2 divides ``n`` > 0."""
+    return (n & -n).bit_length() - 1
+
+
+def idle_node_counts(cluster: Cluster) -> list[int]:
+    """Node counts worth searching besides the whole cluster: none unless its
+    node count has a prime factor above SMOOTH_PRIME; else up to CANDIDATES
+    counts that leave at most MAX_IDLE_FRACTION idle, keep whole NVLink
+    domains and have only small prime factors, most factors of two first."""
+    nodes = len(cluster.nodes)
+    if largest_prime_factor(nodes) <= SMOOTH_PRIME or cluster.fabric.measured:
+        return []
+    domain_nodes = cluster.slowest.domain_gpus // cluster.gpus_per_node
+    fewest = math.ceil(nodes * (1 - MAX_IDLE_FRACTION))
+    counts = [k for k in range(fewest, nodes) if k % domain_nodes == 0 and largest_prime_factor(k) <= SMOOTH_PRIME]
+    return sorted(counts, key=lambda k: (-factors_of_two(k * cluster.gpus_per_node), -k))[:CANDIDATES]
+
+
+def nearby_batch_sizes(global_batch_size: int) -> list[int]:
+    """Global batch sizes worth trying besides the job's: none when it is a
+    multiple of ROUND_BATCH; else up to CANDIDATES within
+    NEARBY_BATCH_FRACTION with more factors of two, the most first, then the
+    nearest."""
+    if global_batch_size % ROUND_BATCH == 0:
+        return []
+    low = math.ceil(global_batch_size * (1 - NEARBY_BATCH_FRACTION))
+    high = math.floor(global_batch_size * (1 + NEARBY_BATCH_FRACTION))
+    rounder = [b for b in range(max(low, 1), high + 1) if factors_of_two(b) > factors_of_two(global_batch_size)]
+    return sorted(rounder, key=lambda b: (-factors_of_two(b), abs(b - global_batch_size), b))[:CANDIDATES]
