@@ -16,6 +16,7 @@ from loom.planner.specs.stages import Placement, Stage, default_placement, stage
 from loom.planner.cost.simulated_step import simulated_step
 from loom.planner.schedule.simulate import PipelineCosts, Simulation
 from loom.planner.cost.time_model import StepTime, step_parts
+from loom.solvers.partition import Partition
 from loom.solvers.placement import PlacementSolution
 
 
@@ -34,6 +35,12 @@ class Plan:
     placement_solve: PlacementSolution | None = None  # when the placement solver ran (planner/search/placement.py)
     start_step_time_s: float | None = None  # the step time on the placement it started from
     idle_gpus: int = 0  # GPUs of the cluster the plan leaves idle: its last nodes, whole (search/alternatives.py)
+    split_solve: Partition | None = None  # when a split solver ran for this layout (search/split.py)
+
+    @property
+    def even_stages(self) -> tuple[Stage, ...]:
+        """Megatron's default split of this plan's layout."""
+        return tuple(uniform_stages(self.job.model, self.layout))
 
     @property
     def step_time_s(self) -> float:

@@ -181,3 +181,18 @@ def test_pruning_returns_what_pricing_every_layout_returns(monkeypatch, model, n
     every = search(job, top_k=5)
     assert [(p.layout, p.stages, round(p.step_time_s, 12)) for p in pruned.plans] == [(p.layout, p.stages, round(p.step_time_s, 12)) for p in every.plans]
     assert pruned.feasible == every.feasible and pruned_timed < len(timed) - pruned_timed
+
+
+def test_each_plan_reports_the_split_solve_behind_it():
+    """search.status sums every solve up; each plan also says which split
+    solver ran for its layout, whether it proved its split and whether the
+    plan runs it."""
+    from loom.planner.output.report import SearchInfo, build_report
+
+    result = search(make_job("llama-3-8b", nodes=2, gbs=128, seq=4096, search=SearchFile(pp=[4])), top_k=3)
+    report = build_report(result.plans, SearchInfo(candidates=1, feasible=1, wall_time_s=None, solver=result.solver, status=result.status, gap=result.gap))
+    for plan, reported in zip(result.plans, report.plans):
+        split = reported.split_solver
+        assert split is not None and split.method in ("bottleneck", "interleaved") and split.status == "optimal" and split.gap == 0
+        assert split.used == (tuple(plan.stages) != plan.even_stages)
+    assert any(plan.split_solver.used for plan in report.plans)

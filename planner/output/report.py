@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,7 +40,8 @@ SCHEMA_VERSION = "1.5"
 # and optimizer_offload), 1.3 too (stages[].kernels_s), 1.4
 # (model_parameters, model_active_parameters) and 1.5 (placement[].count:
 # a run of ranks, 1 in every earlier report; stages[].ranks beside the
-# older device_group; plans[].idle_gpus; search.nearby_global_batch_sizes),
+# older device_group; plans[].idle_gpus and split_solver;
+# search.nearby_global_batch_sizes),
 # so 1.0-1.4 reports read as they did.
 READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
@@ -135,6 +137,17 @@ class PlacementReport(pydantic.BaseModel):
     start_step_time_s: Amount = pydantic.Field(description="predicted step time on the default order")
 
 
+class SplitReport(pydantic.BaseModel):
+    """What the pipeline split solver did for this plan's layout (solvers/partition.py); absent when none ran."""
+
+    method: str = pydantic.Field(description="bottleneck, typed, interleaved (exact, milliseconds) or milp-highs / milp-cbc")
+    status: str = pydantic.Field(description="optimal (proven), time_limit (its best split and bound when the limit struck) or infeasible")
+    used: bool = pydantic.Field(description="the plan runs the solver's split (else the even split, which fits or simulates faster)")
+    objective_s: Amount | None = pydantic.Field(description="the split's closed-form step time; null when no split was found")
+    bound_s: Finite | None = pydantic.Field(description="no split makes the closed-form step shorter; null when none is known")
+    gap: Finite | None = pydantic.Field(description="(objective - bound) / objective; null when no split was found")
+
+
 class Predicted(pydantic.BaseModel):
     step_time_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
     tokens_per_s: Amount
@@ -215,6 +228,7 @@ class PlanReport(pydantic.BaseModel):
     placement: list[GPUSlot]
     placement_solver: PlacementReport | None = None
     idle_gpus: Index = pydantic.Field(default=0, description="GPUs of the cluster the plan leaves idle: its last nodes, whole (schema 1.5)")
+    split_solver: SplitReport | None = pydantic.Field(default=None, description="the pipeline split's solve (schema 1.5)")
     predicted: Predicted
     memory: Memory
     schedule: ScheduleReport
@@ -414,6 +428,7 @@ def plan_report(plan: Plan) -> PlanReport:
         placement=placement_runs(plan.placement.gpus),
         placement_solver=_placement_report(plan),
         idle_gpus=plan.idle_gpus,
+        split_solver=_split_report(plan),
         predicted=Predicted(
             step_time_s=plan.step_time_s,
             tokens_per_s=plan.tokens_per_s,
@@ -434,6 +449,18 @@ def plan_report(plan: Plan) -> PlanReport:
         schedule=_schedule_report(plan),
         sources={**sources(shape_of(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute),
                  "links": "measured" if plan.job.cluster.fabric.measured else "estimated"},
+    )
+
+
+def _split_report(plan: Plan) -> SplitReport | None:
+    solve = plan.split_solve
+    if solve is None:
+        return None
+    found = bool(solve.chunk_sizes)
+    return SplitReport(
+        method=solve.method, status=solve.status, used=found and plan.stages != plan.even_stages,
+        objective_s=solve.objective_s if found else None, bound_s=solve.bound_s if math.isfinite(solve.bound_s) else None,
+        gap=solve.gap if found else None,
     )
 
 

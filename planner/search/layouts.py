@@ -532,7 +532,7 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
             if solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
                 options.append(build_plan(job, layout, split.stages, split.placement))
     fitting = [plan for plan in options if plan.leaves_headroom]
-    return min(fitting or options, key=lambda plan: plan.step_time_s), solve
+    return replace(min(fitting or options, key=lambda plan: plan.step_time_s), split_solve=solve), solve
 
 
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
