@@ -34,7 +34,7 @@ class Plan:
     simulation: Simulation
     placement_solve: PlacementSolution | None = None  # when the placement solver ran (planner/search/placement.py)
     start_step_time_s: float | None = None  # the step time on the placement it started from
-    idle_gpus: int = 0  # GPUs of the cluster the plan leaves idle: its last nodes, whole (search/alternatives.py)
+    idle_gpus: int = 0  # GPUs of the cluster the plan leaves idle: its slowest nodes, whole (search/alternatives.py)
     split_solve: Partition | None = None  # when a split solver ran for this layout (search/split.py)
 
     @property

@@ -117,10 +117,10 @@ class Partition:
     objective_s: float  # predicted step time (inf when no split was found)
     bound_s: float  # best proven lower bound on the step time
     gap: float  # (objective - bound) / objective
-    status: str  # "optimal" | "time_limit" | "infeasible"
+    status: str  # "optimal" | "time_limit" (its best split and bound; no split when none was found) | "infeasible"
     wall_time_s: float
     binding: str | None  # infeasible / no incumbent: what binds
-    method: str  # "bottleneck" | "milp-highs" | "milp-cbc"
+    method: str  # "bottleneck" | "typed" | "interleaved" | "milp-highs" | "milp-cbc"
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -733,6 +733,17 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, metho
         if not found:
             return result("time_limit", (), identity, bound, method_name, "no feasible split found within the time limit")
         _, sizes, stage_device = min(found, key=lambda option: option[0])
+        # No incumbent may come with no bound either: every stage doing its
+        # share of the work at the fastest speed still bounds the step.
+        status, bound = "time_limit", max(bound if bound is not None else -math.inf, _work_bound_s(problem))
     return result(status, sizes, stage_device, bound, method_name)
+
+
+def _work_bound_s(problem: PartitionProblem) -> float:
+    """A step no split beats: T is at least the mean stage's work and the
+    sum of the stages' at least all of it, both at the fastest device's speed."""
+    work = min(d.speed for d in problem.devices) * sum(layer.work_s for layer in problem.layers)
+    v = problem.vpp
+    return (problem.microbatches - 1.0 / v) * work / problem.pp + work / v
 
 

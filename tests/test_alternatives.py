@@ -25,12 +25,23 @@ def test_awkward_sizes_and_their_alternatives():
     assert all(abs(b / 63 - 1) <= 0.05 for b in nearby_batch_sizes(63))
 
 
-def test_first_nodes_keep_their_switches_and_refuse_to_split_a_domain():
-    cluster = make_cluster(11)
-    kept = cluster.first_nodes(10)
-    assert kept.num_gpus == 80 and kept.hosts == cluster.hosts[:10]
+def test_the_nodes_left_idle_are_the_slowest_and_keep_their_links():
+    """Of 11 nodes, node 2 has a capped GPU and node 5 a slow NIC: keeping 9
+    drops those two, keeps the others in order, and re-indexes the NIC
+    overrides and switch leaves of the nodes kept; without a slow node the
+    last ones go."""
+    from loom.planner.specs.cluster import parse_cluster
+
+    spec = {**CLUSTER, "nodes": 11, "nodes_per_leaf": 4, "node_overrides": [{"node": 2, "power_limit_W": 400}],
+            "nic_overrides": [{"node": 5, "nic": 0, "Gbps": 100}, {"node": 7, "nic": 1, "Gbps": 390}]}
+    cluster = parse_cluster(spec, "t")
+    kept = cluster.fastest_nodes(9)
+    assert kept.hosts == [h for i, h in enumerate(cluster.hosts) if i not in (2, 5)]
+    assert kept.fabric.nic_Gbps == ((5, 1, 390.0),)  # node 7 is the 6th kept
+    assert kept.fabric.leaf_of_node == tuple(cluster.fabric.leaf_of_node[i] for i in (0, 1, 3, 4, 6, 7, 8, 9, 10))
+    assert make_cluster(11).fastest_nodes(10).hosts == make_cluster(11).hosts[:10]
     with pytest.raises(ValueError):
-        cluster.first_nodes(12)
+        cluster.fastest_nodes(12)
 
 
 def test_an_awkward_cluster_leaves_nodes_idle_when_that_is_faster():
@@ -63,3 +74,13 @@ def test_idle_gpus_and_nearby_batches_reach_the_table_and_plan_json(tmp_path):
     assert "+ 8 idle" in table and "idle" in table.splitlines()[2]
     best = json.loads(invoke("plan", *args, "--global-batch-size", 64, "--json").stdout)
     assert best["gpus"] == 88 and best["plans"][0]["idle_gpus"] == 8 and sum(run["count"] for run in best["plans"][0]["placement"]) == 80
+
+
+def test_when_the_batch_fits_no_layout_the_message_names_the_nearby_ones_that_do(tmp_path):
+    """DeepSpeed pipelines must divide the 32 layers, so on 64 GPUs data
+    parallelism is at least 2 and a prime global batch of 509 has no layout:
+    exit 3, and the message names 512, which has."""
+    cluster = write_yaml(tmp_path / "cluster.yaml", {**CLUSTER, "nodes": 8})
+    result = invoke("plan", "--model", "llama-3-8b", "--framework", "deepspeed", "--cluster", cluster, "--global-batch-size", 509,
+                    "--seq-length", 4096)
+    assert result.exit_code == 3 and "nearby global batch sizes fit: 512 (" in " ".join(result.output.split()), result.output

@@ -288,3 +288,13 @@ def test_a_time_limited_milp_is_never_worse_than_the_obvious_splits():
     baselines = [evaluate_partition(problem, split(problem)) for split in (uniform_partition, proportional_partition)]
     assert result.objective_s <= min(b for b in baselines if b is not None) * (1 + 1e-12)
     assert evaluate_partition(problem, result.chunk_sizes, result.stage_device) == pytest.approx(result.objective_s)
+
+
+def test_a_milp_with_no_incumbent_reports_a_finite_gap_on_a_baseline(monkeypatch):
+    """When HiGHS stops with no split and no bound, the result is the best
+    baseline, status time_limit, with a bound from the work alone."""
+    monkeypatch.setattr(partition._Milp, "solve", lambda self, limit: ("no_solution", None, (), None, "milp-highs"))
+    problem = llama_like(48, 8, 3)
+    result = solve_partition(problem, time_limit_s=1, method="milp")
+    assert result.status == "time_limit" and result.chunk_sizes and math.isfinite(result.gap) and 0 < result.gap < 1
+    assert result.bound_s <= result.objective_s

@@ -206,6 +206,11 @@ def test_placement_moves_data_parallel_groups_under_one_leaf():
     # The placement keeps each host's ranks contiguous: one torchrun per node realises it.
     hosts = [host for host, _ in placed.placement.gpus]
     assert all(hosts[r] == hosts[r - r % 8] for r in range(len(hosts)))
+    # Placing a plan keeps the split solve behind its stages (plan.json's split_solver).
+    from loom.planner.search.layouts import split_plan
+
+    split, _ = split_plan(job, layout)
+    assert split.split_solve is not None and place(split, time_limit_s=5).split_solve is split.split_solve
 
 
 def test_placement_routes_tensor_parallel_groups_around_a_slow_nvlink_pair():

@@ -61,3 +61,19 @@ def test_nodes_capped_differently_are_different_gpu_kinds():
     cluster = parse_cluster({**NODE, "node_overrides": [{"node": 1, "power_limit_W": 400}]}, "mixed")
     assert cluster.heterogeneous
     assert not parse_cluster({**NODE, "power_limit_W": 400}, "even").heterogeneous
+
+
+@pytest.mark.parametrize("capped", [1, 2])
+def test_a_capped_node_slows_its_own_stage_only(capped):
+    """One node of four capped at 350 W, one pipeline stage per node: that
+    stage's chunks run slower and the others' do not (stages alike in layers
+    but on GPUs of another kind are priced apart), so the step is slower."""
+    base = {"nodes": 4, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    plain = make_job("llama-3-8b", nodes=4, gbs=128, seq=8192)
+    job = replace(plain, cluster=parse_cluster({**base, "node_overrides": [{"node": capped, "power_limit_W": 350}]}, "t"))
+    layout = Layout(tp=8, pp=4, dp=1, cp=1, micro_batch_size=1, global_batch_size=128, sequence_parallel=True)
+    chunks = evaluate(job, layout).schedule_costs.stages
+    uncapped = evaluate(plain, layout).schedule_costs.stages
+    slower = [s for s in range(4) if chunks[s][0].forward_s > uncapped[s][0].forward_s * 1.01]
+    assert slower == [capped]
+    assert evaluate(job, layout).step_time_s > evaluate(plain, layout).step_time_s

@@ -196,3 +196,12 @@ def test_each_plan_reports_the_split_solve_behind_it():
         assert split is not None and split.method in ("bottleneck", "interleaved") and split.status == "optimal" and split.gap == 0
         assert split.used == (tuple(plan.stages) != plan.even_stages)
     assert any(plan.split_solver.used for plan in report.plans)
+
+
+def test_merged_searches_name_their_solvers_in_one_order():
+    """Searches on several cluster sizes or dispatchers are merged; the
+    solver names come in a fixed order (same inputs, same bytes)."""
+    from loom.planner.search.layouts import SearchResult, _merged
+
+    parts = [SearchResult([], 1, 1, 0.1, solver="enumeration+typed"), SearchResult([], 1, 1, 0.1, solver="enumeration+decomposed+bottleneck")]
+    assert _merged(parts, 3).solver == _merged(parts[::-1], 3).solver == "enumeration+bottleneck+decomposed+typed"

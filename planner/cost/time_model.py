@@ -535,7 +535,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
 
     def priced(chunk: Chunk, gpu: GPU) -> ChunkTime:
         again = model.layer_kinds_in(chunk.first_layer, layout.recompute_num_layers) if layout.recompute_num_layers else ()
-        kind = (model.layer_kinds_in(chunk.first_layer, chunk.num_layers), again, chunk.embedding, chunk.head, chunk.vision, gpu.name)
+        kind = (model.layer_kinds_in(chunk.first_layer, chunk.num_layers), again, chunk.embedding, chunk.head, chunk.vision, gpu.kind)
         if kind not in chunk_memo:
             chunk_memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
         return chunk_memo[kind]
@@ -543,7 +543,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
     stage_memo: dict[tuple, tuple] = {}
 
     def stage_costs(stage: Stage, gpu: GPU) -> tuple:
-        kind = (stage_signature(model, stage), gpu.name)
+        kind = (stage_signature(model, stage), gpu.kind)
         if kind not in stage_memo:
             chunks = [priced(chunk, gpu) for chunk in stage.chunks]
             stage_memo[kind] = (chunks, _sharding_s(job, layout, stage, gpu, links, chunks), _accumulation_copies_s(job, layout, stage, gpu),
@@ -585,7 +585,8 @@ def step_lower_bound_s(job: Job, layout: Layout) -> float:
     """Seconds no split, placement or overlap can take a step of ``layout``
     below, at a fraction of pricing it: m micro batches through the busiest
     stage, which runs at least the mean stage's share of every decoder
-    layer's forward and backward kernels, on the cluster's fastest GPU.
+    layer's forward and backward kernels, each kind of layer on whichever of
+    the cluster's GPUs runs it fastest.
     Valid because chunk_time adds only non-negative terms (recompute,
     exposed communication and host time, the embedding and head) to those
     kernels, the pipeline term m * max(tau) + (sum(tau) - max(tau)) / v is
@@ -593,10 +594,10 @@ def step_lower_bound_s(job: Job, layout: Layout) -> float:
     (closed_form_step; split_bound_s bounds from the same term)."""
     shape = layers.shape_of(job, layout)
     kinds = job.model.layer_kinds_in(0, job.model.num_layers)
-    per_microbatch_s = min(
-        sum(count * (layers.decoder_layer(shape, gpu, False, kind).total_s + layers.decoder_layer(shape, gpu, True, kind).total_s)
-            for kind, count in kinds)
-        for gpu in job.cluster.gpu_types
+    per_microbatch_s = sum(
+        count * min(layers.decoder_layer(shape, gpu, False, kind).total_s + layers.decoder_layer(shape, gpu, True, kind).total_s
+                    for gpu in job.cluster.gpu_types)
+        for kind, count in kinds
     )
     return layout.num_microbatches * per_microbatch_s / layout.pp
 

@@ -227,7 +227,8 @@ class PlanReport(pydantic.BaseModel):
     stages: list[StageReport]
     placement: list[GPUSlot]
     placement_solver: PlacementReport | None = None
-    idle_gpus: Index = pydantic.Field(default=0, description="GPUs of the cluster the plan leaves idle: its last nodes, whole (schema 1.5)")
+    idle_gpus: Index = pydantic.Field(default=0, description="GPUs of the cluster the plan leaves unused: whole nodes the search left idle, "
+                                      "or what a fixed layout does not fill (schema 1.5)")
     split_solver: SplitReport | None = pydantic.Field(default=None, description="the pipeline split's solve (schema 1.5)")
     predicted: Predicted
     memory: Memory
@@ -427,7 +428,8 @@ def plan_report(plan: Plan) -> PlanReport:
         ],
         placement=placement_runs(plan.placement.gpus),
         placement_solver=_placement_report(plan),
-        idle_gpus=plan.idle_gpus,
+        # The search's idle nodes, or the GPUs a fixed layout leaves unused (loom evaluate --dp).
+        idle_gpus=plan.job.cluster.num_gpus + plan.idle_gpus - plan.layout.world_size,
         split_solver=_split_report(plan),
         predicted=Predicted(
             step_time_s=plan.step_time_s,

@@ -10,11 +10,11 @@ sizes. A practitioner then leaves a few nodes idle or rounds the batch; the
 search does both (``search`` in layouts.py):
 
 - idle nodes: when the node count has a prime factor above SMOOTH_PRIME, the
-  search also runs on the first k nodes, for the CANDIDATES values of k that
-  leave at most MAX_IDLE_FRACTION of the nodes idle and factor best (most
-  factors of two, then the most nodes); those plans rank with the others by
-  step time and report the GPUs they leave idle (the last nodes in the
-  cluster's order);
+  search also runs on k nodes, for the CANDIDATES values of k that leave at
+  most MAX_IDLE_FRACTION of the nodes idle and factor best (most factors of
+  two, then the most nodes); the nodes left idle are the slowest
+  (Cluster.fastest_nodes); those plans rank with the others by step time and
+  report the GPUs they leave idle;
 - nearby batches: when the global batch is not a multiple of ROUND_BATCH,
   the CANDIDATES batch sizes within NEARBY_BATCH_FRACTION with the most
   factors of two are searched too, and those whose best plan trains
@@ -74,7 +74,7 @@ def idle_node_counts(cluster: Cluster) -> list[int]:
     counts that leave at most MAX_IDLE_FRACTION idle, keep whole NVLink
     domains and have only small prime factors, most factors of two first."""
     nodes = len(cluster.nodes)
-    if largest_prime_factor(nodes) <= SMOOTH_PRIME or cluster.fabric.measured:
+    if largest_prime_factor(nodes) <= SMOOTH_PRIME or cluster.fabric.links_profile is not None:
         return []
     domain_nodes = cluster.slowest.domain_gpus // cluster.gpus_per_node
     fewest = math.ceil(nodes * (1 - MAX_IDLE_FRACTION))

@@ -1,9 +1,11 @@
 """The search: enumerate layouts, prune by divisibility and memory, rank by
-predicted step time, keep the best k.
+predicted step time, keep the best k. Layouts are priced in the order of a
+lower bound on their step, and one whose bound cannot reach the lists the
+search draws from is not timed (branch and bound, ``_Frontier``).
 
 Every GPU of the cluster is used (dp = gpus / (tp * pp * cp)), except that a
-cluster of an awkward size is also searched on its first nodes, leaving the
-rest idle (search/alternatives.py). "auto" knobs
+cluster of an awkward size is also searched on fewer nodes, leaving the
+slowest idle (search/alternatives.py). "auto" knobs
 take these candidates:
 
 - tp: powers of two up to a node's GPUs that divide heads and key/value heads
@@ -55,9 +57,11 @@ from loom.planner.cost.time_model import StepTime, step_lower_bound_s, step_time
 
 # The even split ranks every layout; the best ones (and those within
 # NEAR_FIT of fitting, which an uneven split may make fit) are then split
-# optimally. Without interleaving on one GPU type the split is a bottleneck
-# problem solved exactly in milliseconds (mixed GPUs too: the typed program),
-# so REFINED layouts get it; the general MILP (interleaving) runs for the best
+# optimally. Without interleaving the split is solved exactly in
+# milliseconds (the bottleneck method; mixed GPUs: the typed program), and
+# so is interleaving over one run of equal layers (the interleaved method),
+# so REFINED layouts get it; the general MILP (interleaving over several
+# kinds of layer, or on GPUs of different speeds) runs for the best
 # MILP_REFINED only, each solve capped at SPLIT_TIME_LIMIT_S.
 REFINED = 8
 MILP_REFINED = 3
@@ -202,7 +206,7 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     shape = shape_of(job, layout)
     first_of_kind: dict[tuple, int] = {}
     for s, stage in enumerate(stages):
-        first_of_kind.setdefault((stage_signature(job.model, stage), gpus[s].name), s)
+        first_of_kind.setdefault((stage_signature(job.model, stage), gpus[s].kind), s)
     kinds = list(first_of_kind.values())
     if skip_beyond < math.inf and any(stage_state_bytes(shape, layout, stages[s], job.framework, gpus[s])
                                       > skip_beyond * job.memory_headroom.usable(gpus[s].memory_bytes) for s in kinds):
@@ -233,39 +237,55 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     """Rank the layouts of ``job`` — for an MoE job, under each token
     dispatcher its ``search.moe_token_dispatcher`` lists (each plan carries
     its job, so its launch files name its dispatcher); on a cluster of an
-    awkward size also on its first nodes, the rest idle, and for an awkward
-    global batch the nearby sizes' best throughput (search/alternatives.py).
-    Raises InfeasibleError saying what binds."""
-    results, infeasible = [], None
+    awkward size also on fewer nodes, the slowest idle; and for an awkward
+    global batch, the nearby sizes that would train faster
+    (search/alternatives.py). Raises InfeasibleError saying what binds, and
+    which nearby global batch sizes would fit."""
+    try:
+        result = _search_sizes(job, top_k, progress)
+    except InfeasibleError as error:
+        fitting = _nearby_batches(job)
+        if not fitting:
+            raise
+        listed = ", ".join(f"{batch} ({plan.layout.label()}, {plan.tokens_per_s:,.0f} tokens/s)" for batch, plan in fitting)
+        raise InfeasibleError(f"{error}; nearby global batch sizes fit: {listed}") from None
+    started = time.perf_counter()
+    best = result.plans[0].tokens_per_s
+    nearby = [NearbyBatch(batch, plan.layout.label(), plan.tokens_per_s, plan.tokens_per_s / best - 1)
+              for batch, plan in _nearby_batches(job) if plan.tokens_per_s / best - 1 >= MIN_GAIN]
+    return replace(result, nearby_batches=tuple(nearby), wall_time_s=result.wall_time_s + time.perf_counter() - started)
+
+
+def _search_sizes(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Rank the layouts of ``job`` on its whole cluster and, where the node
+    count is awkward, on fewer nodes (the slowest idle), together."""
+    results, infeasible, tried = [], None, []
     try:
         results.append(_search_dispatchers(job, top_k, progress))
     except InfeasibleError as error:
         infeasible = error
     for nodes in idle_node_counts(job.cluster):
         idle = job.cluster.num_gpus - nodes * job.cluster.gpus_per_node
+        tried.append(str(nodes))
         try:
-            found = _search_dispatchers(replace(job, cluster=job.cluster.first_nodes(nodes)), top_k)
+            found = _search_dispatchers(replace(job, cluster=job.cluster.fastest_nodes(nodes)), top_k)
         except InfeasibleError:
             continue
         results.append(replace(found, plans=[replace(plan, idle_gpus=idle) for plan in found.plans]))
     if not results:
-        raise infeasible
-    merged = _merged(results, top_k)
-    return replace(merged, nearby_batches=tuple(_nearby_batches(job, merged.plans[0].tokens_per_s)))
+        raise InfeasibleError(f"{infeasible} (nor on {' or '.join(tried)} of its nodes)" if tried else str(infeasible)) from None
+    return _merged(results, top_k)
 
 
-def _nearby_batches(job: Job, tokens_per_s: float) -> list[NearbyBatch]:
-    """The nearby global batch sizes whose best plan on the whole cluster
-    trains at least MIN_GAIN more tokens per second than ``tokens_per_s``."""
+def _nearby_batches(job: Job) -> list[tuple[int, Plan]]:
+    """Each nearby global batch size (alternatives.nearby_batch_sizes) that
+    has a plan, with its best plan (on the whole cluster or fewer nodes)."""
     found = []
     for batch in nearby_batch_sizes(job.global_batch_size):
         try:
-            best = _search_dispatchers(replace(job, global_batch_size=batch), 1).plans[0]
+            found.append((batch, _search_sizes(replace(job, global_batch_size=batch), 1).plans[0]))
         except InfeasibleError:
             continue
-        gain = best.tokens_per_s / tokens_per_s - 1
-        if gain >= MIN_GAIN:
-            found.append(NearbyBatch(batch, best.layout.label(), best.tokens_per_s, gain))
     return found
 
 
@@ -294,7 +314,7 @@ def _merged(results: list[SearchResult], top_k: int) -> SearchResult:
         candidates=sum(result.candidates for result in results),
         feasible=sum(result.feasible for result in results),
         wall_time_s=sum(result.wall_time_s for result in results),
-        solver="+".join(sorted({part for result in results for part in result.solver.split("+")}, key=lambda part: part != "enumeration")),
+        solver="+".join(sorted({part for result in results for part in result.solver.split("+")}, key=lambda part: (part != "enumeration", part))),
         status="time_limit" if any(result.status == "time_limit" for result in results) else "optimal",
         gap=max(result.gap for result in results),
     )
@@ -529,7 +549,7 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
             solve = split.solution
             even = options[0]
             # Often the optimal split is the even one, whose plan is built already.
-            if solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
+            if split.stages and solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
                 options.append(build_plan(job, layout, split.stages, split.placement))
     fitting = [plan for plan in options if plan.leaves_headroom]
     return replace(min(fitting or options, key=lambda plan: plan.step_time_s), split_solve=solve), solve

@@ -92,4 +92,5 @@ def place(plan: Plan, time_limit_s: float = PLACEMENT_TIME_LIMIT_S) -> Plan:
         # from the solver's volumes): keep the start and say so.
         placed = plan
         solution = dataclasses.replace(solution, slot_of_rank=placement_problem(plan).start, communication_s=solution.start_s, status="start kept")
-    return dataclasses.replace(placed, placement_solve=solution, start_step_time_s=plan.step_time_s)
+    return dataclasses.replace(placed, placement_solve=solution, start_step_time_s=plan.step_time_s, split_solve=plan.split_solve,
+                               idle_gpus=plan.idle_gpus)

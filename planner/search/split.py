@@ -32,7 +32,7 @@ from loom.solvers.partition import Layer, Partition, PartitionProblem, StageDevi
 
 @dataclass(frozen=True)
 class Split:
-    stages: list[Stage]
+    stages: list[Stage]  # empty when the solver found no split (solution says why)
     placement: Placement
     solution: Partition
 
@@ -123,15 +123,15 @@ def partition_problem(job: Job, layout: Layout) -> PartitionProblem:
 
 
 def solve_split(job: Job, layout: Layout, time_limit_s: float, milp: bool = True) -> Split | None:
-    """The optimal split of ``layout`` (None when no split fits in memory,
-    none was found within the time limit, or only the general MILP applies
-    and ``milp`` is False)."""
+    """The optimal split of ``layout`` and the solve behind it (no stages
+    when no split fits in memory or none was found within the time limit);
+    None when only the general MILP applies and ``milp`` is False."""
     problem = partition_problem(job, layout)
     if not milp and auto_method(problem) == "milp":
         return None
     solution = solve_partition(problem, time_limit_s=time_limit_s)
     if not solution.chunk_sizes:  # infeasible, or no split found in the time
-        return None
+        return Split(stages=[], placement=default_placement(job.cluster, layout.world_size), solution=solution)
     # Entries of the layer list are [embedding, decoder..., head]: the first
     # and last chunks each hold one entry that is not a decoder layer.
     decoder_sizes = list(solution.chunk_sizes)

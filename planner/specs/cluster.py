@@ -169,21 +169,35 @@ class Cluster:
         """The graph of GPUs, NICs and switches with every pair's bandwidth."""
         return build_topology(self.nodes, self.gpus_per_node, self.fabric, self.name)
 
-    def first_nodes(self, count: int) -> Cluster:
-        """The cluster of its first ``count`` nodes, the others left idle:
-        their switches, NIC and NVLink figures kept. Raises ValueError when
-        ``count`` would split an NVLink domain or the links were measured
-        (a profile describes the whole cluster)."""
+    def fastest_nodes(self, count: int) -> Cluster:
+        """The cluster of ``count`` of its nodes, in their order, the others
+        left idle: those with the slowest GPUs, then the slowest NICs, then
+        the slowest NVLink (ties: the last nodes); with NVLink domains of
+        several nodes, the last whole domains. Switches and link figures are
+        kept. Raises ValueError when ``count`` would split an NVLink domain
+        or the links were measured pair by pair (a links profile describes
+        the whole cluster)."""
         domain_nodes = self.slowest.domain_gpus // self.gpus_per_node
-        if not 0 < count <= len(self.nodes) or count % domain_nodes or self.fabric.measured:
-            raise ValueError(f"cannot keep the first {count} of {len(self.nodes)} nodes of {self.name}")
+        if not 0 < count <= len(self.nodes) or count % domain_nodes or self.fabric.links_profile is not None:
+            raise ValueError(f"cannot keep {count} of the {len(self.nodes)} nodes of {self.name}")
+        if domain_nodes > 1:
+            kept = list(range(count))
+        else:
+            def strength(i: int) -> tuple:
+                node = self.nodes[i]
+                nic = min([node.nic_Gbps, *(gbps for n, _, gbps in self.fabric.nic_Gbps if n == i)])
+                nvlink = min([node.nvlink_GBps, *(gbps for n, _, _, gbps in self.fabric.nvlink_GBps if n == i)])
+                return (_gpu_pace(node.gpu), nic, nvlink, -i)
+
+            kept = sorted(sorted(range(len(self.nodes)), key=strength, reverse=True)[:count])
+        new_index = {old: new for new, old in enumerate(kept)}
         fabric = dataclasses.replace(
             self.fabric,
-            leaf_of_node=None if self.fabric.leaf_of_node is None else self.fabric.leaf_of_node[:count],
-            nic_Gbps=tuple(o for o in self.fabric.nic_Gbps if o[0] < count),
-            nvlink_GBps=tuple(o for o in self.fabric.nvlink_GBps if o[0] < count),
+            leaf_of_node=None if self.fabric.leaf_of_node is None else tuple(self.fabric.leaf_of_node[i] for i in kept),
+            nic_Gbps=tuple((new_index[n], nic, gbps) for n, nic, gbps in self.fabric.nic_Gbps if n in new_index),
+            nvlink_GBps=tuple((new_index[n], a, b, gbps) for n, a, b, gbps in self.fabric.nvlink_GBps if n in new_index),
         )
-        return dataclasses.replace(self, nodes=self.nodes[:count], fabric=fabric)
+        return dataclasses.replace(self, nodes=tuple(self.nodes[i] for i in kept), fabric=fabric)
 
     def slowest_gpu(self, hosts: set[str]) -> GPU:
         """The GPU a group over ``hosts`` runs as (group_gpu)."""
