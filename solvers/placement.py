@@ -25,9 +25,10 @@ Methods (each returns the objective, a proven lower bound, gap and status):
   same leaf, bandwidth and GPU type are interchangeable, so the model has a
   variable per (block, host class), not per (block, host). Level 2 permutes
   each host's GPUs with the ``exact`` model on that host alone. The bound is
-  the global one of ``lower_bound_s``: every GPU runs some rank of every kind
-  that covers all ranks, so no kind can be faster than its worst GPU's best
-  possible group.
+  the global one of ``lower_bound_s``: every used GPU runs some rank, and
+  that rank's groups of every kind together can be no faster than that
+  GPU's links allow (a group reaching beyond its leaf switch pays the
+  spine).
 * ``anneal``: simulated annealing over the same moves (swap two blocks'
   hosts, or two GPUs inside a host), the baseline Pipette uses.
 
@@ -115,45 +116,134 @@ def communication_s(problem: PlacementProblem, slot_of_rank: np.ndarray) -> floa
     return total
 
 
-def lower_bound_s(problem: PlacementProblem) -> float:
-    """No placement beats this. For a kind whose groups cover every rank, some
-    group sits on each used GPU (the slowest GPUs may idle when ranks < GPUs).
-    A group whose members include c on one node is at most as fast as its GPU's
-    (c-1)-th fastest NVLink partner, and across nodes at most k times its
-    fastest network partner; if it spans more nodes than a leaf switch holds,
-    at most k times its fastest partner under another leaf."""
+@dataclass(frozen=True)
+class _Reach:
+    """The fastest partners each GPU slot has: inside its host (ranked),
+    on any other host, on another host under its own leaf switch, and
+    under another leaf; how many hosts its leaf holds."""
+
+    inside_ranked: np.ndarray  # (slots, GPUs per host): fastest partner first
+    across_best: np.ndarray
+    in_leaf_best: np.ndarray
+    across_leaf_best: np.ndarray
+    leaf_hosts: np.ndarray  # hosts under each slot's leaf
+    largest_leaf: int
+    idle: int  # slots no rank uses
+
+
+def _reach(problem: PlacementProblem) -> _Reach:
     bandwidth, host_of_slot = problem.bandwidth_GBps, problem.host_of_slot
     hosts = _hosts(problem)
     num_hosts, per_host = len(hosts.leaf), len(host_of_slot) // len(hosts.leaf)
     by_host = bandwidth.reshape(num_hosts, per_host, num_hosts, per_host)
     inside = by_host[np.arange(num_hosts), :, np.arange(num_hosts), :].copy()  # (host, GPU, partner)
     inside[:, np.arange(per_host), np.arange(per_host)] = -np.inf
-    inside_ranked = -np.sort(-inside.reshape(len(host_of_slot), per_host), axis=1)  # fastest partner first
-    same = host_of_slot[:, None] == host_of_slot[None, :]
-    across_best = np.where(same, 0.0, bandwidth).max(axis=1)
+    same_host = host_of_slot[:, None] == host_of_slot[None, :]
     leaf_of_slot = hosts.leaf[host_of_slot]
-    across_leaf_best = np.where(leaf_of_slot[:, None] != leaf_of_slot[None, :], bandwidth, 0.0).max(axis=1)
-    largest_leaf = np.bincount(hosts.leaf).max()
-    idle = len(host_of_slot) - problem.num_ranks
-    bound = 0.0
-    for kind in problem.kinds:
-        size = kind.groups.shape[1]
+    same_leaf = leaf_of_slot[:, None] == leaf_of_slot[None, :]
+    leaf_sizes = np.bincount(hosts.leaf)
+    return _Reach(
+        inside_ranked=-np.sort(-inside.reshape(len(host_of_slot), per_host), axis=1),
+        across_best=np.where(same_host, 0.0, bandwidth).max(axis=1),
+        in_leaf_best=np.where(~same_host & same_leaf, bandwidth, 0.0).max(axis=1),
+        across_leaf_best=np.where(~same_leaf, bandwidth, 0.0).max(axis=1),
+        leaf_hosts=leaf_sizes[leaf_of_slot],
+        largest_leaf=int(leaf_sizes.max()),
+        idle=len(host_of_slot) - problem.num_ranks,
+    )
+
+
+def _kind_caps_GBps(problem: PlacementProblem, reach: _Reach) -> np.ndarray:
+    """Per kind, a bandwidth no placement gives all its groups (inf where
+    none is proven). For a kind whose groups cover every rank, some group
+    sits on each used GPU (the slowest GPUs may idle when ranks < GPUs). A
+    group whose members include c on one node is at most as fast as its
+    GPU's (c-1)-th fastest NVLink partner, and across nodes at most k times
+    its fastest network partner; if it spans more nodes than a leaf switch
+    holds, at most k times its fastest partner under another leaf."""
+    caps = np.full(len(problem.kinds), np.inf)
+    for t, kind in enumerate(problem.kinds):
         covers = len(np.unique(kind.groups)) == problem.num_ranks  # every rank in some group
-        if size < 2 or kind.volume_GB == 0 or not covers:
+        if kind.groups.shape[1] < 2 or kind.volume_GB == 0 or not covers:
             continue
         blocks = kind.groups // problem.block_size
         together = (blocks[:, :, None] == blocks[:, None, :]).sum(axis=2)  # members on each member's node
         spanned = np.array([len(set(row)) for row in blocks.tolist()])
         k = together.min(axis=1).max()
-        best = np.full(len(host_of_slot), np.inf)
+        best = np.full(len(problem.host_of_slot), np.inf)
         if together.min() > 1:
-            best = np.minimum(best, inside_ranked[:, together.min() - 2])
+            best = np.minimum(best, reach.inside_ranked[:, together.min() - 2])
         if spanned.min() > 1:
-            best = np.minimum(best, k * across_best)
-        if spanned.min() > largest_leaf:
-            best = np.minimum(best, k * across_leaf_best)
-        bound += kind.volume_GB / np.sort(best)[idle]
-    return bound
+            best = np.minimum(best, k * reach.across_best)
+        if spanned.min() > reach.largest_leaf:
+            best = np.minimum(best, k * reach.across_leaf_best)
+        caps[t] = np.sort(best)[reach.idle]
+    return caps
+
+
+def _rank_shapes(problem: PlacementProblem) -> dict[tuple, list[int]]:
+    """What the bound needs to know of each rank's groups, with the ranks
+    alike in it merged: per group through the rank, (kind, members on the
+    rank's node c, fewest members on one node k, nodes spanned > 1), and for
+    each subset of its groups spanning nodes, how many nodes their union
+    spans (mask-indexed). Maps each shape to the indices, in the shape's
+    group list, of the groups that span nodes."""
+    of_rank: list[list] = [[] for _ in range(problem.num_ranks)]
+    for t, kind in enumerate(problem.kinds):
+        if kind.groups.shape[1] < 2 or kind.volume_GB == 0:
+            continue
+        for group, row in zip(kind.groups.tolist(), (kind.groups // problem.block_size).tolist()):
+            counts: dict[int, int] = {}
+            for block in row:
+                counts[block] = counts.get(block, 0) + 1
+            k, blocks = min(counts.values()), frozenset(counts)
+            for rank, block in zip(group, row):
+                of_rank[rank].append((t, counts[block], k, blocks))
+    shapes: dict[tuple, list[int]] = {}
+    for groups in {tuple(sorted(groups, key=lambda g: (g[0], g[1], g[2], sorted(g[3])))) for groups in of_rank}:
+        spanning = [i for i, group in enumerate(groups) if len(group[3]) > 1]
+        unions = tuple(len(frozenset().union(*(groups[spanning[i]][3] for i in range(len(spanning)) if mask >> i & 1))) or 1
+                       for mask in range(1 << len(spanning)))
+        shapes[(tuple((t, c, k, len(blocks) > 1) for t, c, k, blocks in groups), unions)] = spanning
+    return shapes
+
+
+def lower_bound_s(problem: PlacementProblem) -> float:
+    """No placement communicates less, by the groups through each GPU
+    together. Fix a placement, a used slot s and the rank r on it. Each
+    group g through r (c of its members on r's node, at least k on each of
+    its nodes: both fixed by the blocks) is at most as fast as s's (c-1)-th
+    fastest NVLink partner, and, if it spans nodes, k times s's fastest
+    partner on another host under s's leaf when all its nodes are under that
+    leaf, else under another leaf; and no faster than its kind's cap
+    (_kind_caps_GBps). The groups wholly under s's leaf span together at most
+    the hosts the leaf holds. So the step's communication is at least
+    LB(s) = min over ranks and over such subsets of sum over kinds of
+    volume / (that kind's bound at s), and, as at most ``idle`` slots go
+    unused, at least the (idle + 1)-th largest LB(s). It is never below the
+    kinds' caps summed (checked against brute force and CP-SAT optima in
+    tests/test_placement.py)."""
+    reach = _reach(problem)
+    caps = _kind_caps_GBps(problem, reach)
+    volumes = np.array([kind.volume_GB for kind in problem.kinds])
+    capped = np.where(np.isfinite(caps), volumes / caps, 0.0)  # per kind, the cap's time
+    slot_bound = np.full(len(problem.host_of_slot), np.inf)
+    for (groups, unions), spanning in _rank_shapes(problem).items():
+        for mask, union in enumerate(unions):
+            possible = union <= reach.leaf_hosts
+            if not possible.any():
+                continue
+            under_leaf = {spanning[i] for i in range(len(spanning)) if mask >> i & 1}
+            fastest = np.tile(caps[:, None], (1, len(problem.host_of_slot)))  # (kind, slot)
+            for i, (t, c, k, spans) in enumerate(groups):
+                if c >= 2:
+                    fastest[t] = np.minimum(fastest[t], reach.inside_ranked[:, c - 2])
+                if spans:
+                    fastest[t] = np.minimum(fastest[t], k * (reach.in_leaf_best if i in under_leaf else reach.across_leaf_best))
+            with np.errstate(divide="ignore"):
+                seconds = np.where(np.isfinite(fastest), volumes[:, None] / fastest, capped[:, None]).sum(axis=0)
+            slot_bound = np.minimum(slot_bound, np.where(possible, seconds, np.inf))
+    return float(np.sort(slot_bound)[::-1][reach.idle])
 
 
 def solve(problem: PlacementProblem, time_limit_s: float = 10.0) -> PlacementSolution:

@@ -89,6 +89,39 @@ def test_bound_and_heuristics_bracket_the_optimum(hosts, per_host, tp, pp, leave
         assert solution.bound_s <= optimum * (1 + 1e-9)
 
 
+def test_the_joint_bound_is_never_weaker_than_each_kind_alone():
+    """The bound by the groups through each GPU together is at least the
+    kinds' caps summed (what the bound was) and at most the brute-force optimum."""
+    from loom.solvers.placement import _kind_caps_GBps, _reach
+
+    for (hosts, per_host, tp, pp, leaves), seed in itertools.product(SMALL, range(4)):
+        problem = random_problem(hosts, per_host, seed, tp, pp, leaves)
+        caps = _kind_caps_GBps(problem, _reach(problem))
+        per_kind = sum(kind.volume_GB / cap for kind, cap in zip(problem.kinds, caps) if np.isfinite(cap))
+        assert per_kind * (1 - 1e-12) <= lower_bound_s(problem) <= brute_force_s(problem) * (1 + 1e-9)
+
+
+def test_a_faulty_cluster_behind_an_oversubscribed_spine_is_placed_provably_optimally():
+    """#15: 8 nodes under two leaves behind a 2:1 spine, one NIC rail down
+    and three NICs at half speed. A DP group of 16 ranks needs 8 nodes, so
+    the rank on the slowest NIC has its DP group or its pipeline neighbour
+    beyond its leaf: the kinds' caps alone leave a gap; the joint bound
+    meets the decomposition's placement, which is then proven optimal."""
+    from loom.solvers.placement import _kind_caps_GBps, _reach
+
+    spec = {**H100, "nodes": 8, "leaves": [[0, 1, 2, 3], [4, 5, 6, 7]], "spine_oversubscription": 2,
+            "nic_overrides": [{"nic": 3, "Gbps": 0}, {"node": 2, "nic": 1, "Gbps": 200}, {"node": 4, "nic": 0, "Gbps": 200},
+                              {"node": 4, "nic": 7, "Gbps": 200}]}
+    job = Job(model=load_model("llama-3-8b"), cluster=parse_cluster(spec, "faults.yaml"), global_batch_size=256, seq_length=8192)
+    layout = Layout(tp=2, pp=2, dp=16, cp=1, micro_batch_size=1, global_batch_size=256, sequence_parallel=True,
+                    distributed_optimizer=True, recompute="selective")
+    problem = placement_problem(evaluate(job, layout))
+    solution = decomposed(problem, 5)
+    caps = _kind_caps_GBps(problem, _reach(problem))
+    per_kind = sum(kind.volume_GB / cap for kind, cap in zip(problem.kinds, caps) if np.isfinite(cap))
+    assert solution.status == "optimal" and solution.gap == 0 and per_kind < 0.95 * solution.communication_s
+
+
 def test_uniform_links_keep_megatrons_order():
     """Nothing to gain: both methods return the start itself, with a proof."""
     problem = random_problem(4, 4, 0)
