@@ -338,8 +338,9 @@ def evaluate(
             raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
         plan_, solve = (evaluate_layout(job, layout), None) if split == "even" else split_plan(job, layout)
         # --split best: which split solver ran, and whether it proved its split (split_plan keeps the even one otherwise).
+        found = solve is not None and bool(solve.chunk_sizes)  # a split the solver found (else the even split stands)
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver=solve.method if solve else "none",
-                          status="evaluated" if solve is None or solve.status == "optimal" else solve.status, gap=solve.gap if solve else 0.0)
+                          status="time_limit" if found and solve.status != "optimal" else "evaluated", gap=solve.gap if found else 0.0)
         if not plan_.fits:
             _show(plan_, info, as_json)
             raise InfeasibleError(_does_not_fit(job, plan_))

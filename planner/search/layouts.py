@@ -407,7 +407,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
         wall_time_s=time.perf_counter() - started,
         solver="+".join(["enumeration", *methods]),
         status="time_limit" if any(solve.status == "time_limit" for solve in solves) or any(p.status != "optimal" for p in placements) else "optimal",
-        gap=max([solve.gap for solve in solves] + [p.gap for p in placements], default=0.0),
+        gap=max([solve.gap for solve in solves if solve.chunk_sizes] + [p.gap for p in placements], default=0.0),
     )
 
 
