@@ -164,7 +164,7 @@ def test_the_searchs_bounds_are_bounds(model, nodes):
     assert _bounds_hold(make_job(model, nodes=nodes, gbs=64, seq=4096)) > 100
 
 
-@pytest.mark.parametrize("model,nodes,framework", [("llama-3-8b", 2, "megatron"), ("deepseek-v2-lite", 1, "megatron"), ("llama-3-8b", 1, "torchtitan")])
+@pytest.mark.parametrize("model,nodes,framework", [("deepseek-v2-lite", 1, "megatron"), ("llama-3-8b", 1, "torchtitan")])
 def test_pruning_returns_what_pricing_every_layout_returns(monkeypatch, model, nodes, framework):
     """Branch and bound changes how much is priced, not the answer: the
     plans (and the count of layouts that fit) equal those of a search that
