@@ -338,9 +338,11 @@ def evaluate(
             raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
         plan_, solve = (evaluate_layout(job, layout), None) if split == "even" else split_plan(job, layout)
         # --split best: which split solver ran, and whether it proved its split (split_plan keeps the even one otherwise).
-        found = solve is not None and bool(solve.chunk_sizes)  # a split the solver found (else the even split stands)
+        # The solver's gap describes the plan only when the plan runs its split (else the even split, which fit or was faster).
+        used = solve is not None and bool(solve.chunk_sizes) and tuple(plan_.stages) != plan_.even_stages
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver=solve.method if solve else "none",
-                          status="time_limit" if found and solve.status != "optimal" else "evaluated", gap=solve.gap if found else 0.0)
+                          status="time_limit" if solve is not None and solve.status == "time_limit" else "evaluated",
+                          gap=solve.gap if used else 0.0)
         if not plan_.fits:
             _show(plan_, info, as_json)
             raise InfeasibleError(_does_not_fit(job, plan_))

@@ -80,9 +80,9 @@ class SearchResult:
     wall_time_s: float
     solver: str = "enumeration"  # and the split methods that ran
     # "time_limit" when a split or placement solve behind the returned plans
-    # stopped short of proving its answer optimal
+    # stopped short of proving its answer optimal (or of finding a split)
     status: str = "optimal"
-    gap: float = 0.0  # largest relative gap of those solves
+    gap: float = 0.0  # largest relative gap of those solves that found a split or placement
     # Nearby global batch sizes that would train faster (search/alternatives.py).
     nearby_batches: tuple[NearbyBatch, ...] = ()
 
