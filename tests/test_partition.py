@@ -124,17 +124,22 @@ def test_instance_mix(instances):
     assert any(len({d.speed for d in p.devices}) > 1 and not p.assign_devices for p in instances)
 
 
+def assert_agrees_with_milp(problems: list[PartitionProblem], method: str) -> None:
+    """``method`` and the MILP reach the same status and optimum on each of
+    ``problems``, both checked against enumeration."""
+    for problem in problems:
+        fast = check_against_brute_force(problem, method=method)
+        milp = check_against_brute_force(problem, method="milp")
+        assert fast.method == method and milp.method.startswith("milp") and fast.status == milp.status
+        if fast.status == "optimal":
+            assert fast.objective_s == pytest.approx(milp.objective_s, rel=1e-6)
+
+
 def test_bottleneck_and_milp_agree(instances):
     """Where the fast exact method applies, the MILP reaches the same optimum."""
     applicable = [p for p in instances if p.vpp == 1 and len({d.speed for d in p.devices}) == 1 and not p.assign_devices]
     assert len(applicable) >= 30
-    for problem in applicable:
-        fast = check_against_brute_force(problem, method="bottleneck")
-        milp = check_against_brute_force(problem, method="milp")
-        assert fast.method == "bottleneck" and milp.method.startswith("milp")
-        assert fast.status == milp.status
-        if fast.status == "optimal":
-            assert milp.objective_s == pytest.approx(fast.objective_s, rel=1e-6)
+    assert_agrees_with_milp(applicable, "bottleneck")
 
 
 def test_typed_program_and_milp_agree(instances):
@@ -143,12 +148,7 @@ def test_typed_program_and_milp_agree(instances):
     MILP's optimum (both checked against enumeration)."""
     applicable = [p for p in instances if p.vpp == 1 and p.pp > 1 and (len(set(p.devices)) > 1 or p.assign_devices)]
     assert len(applicable) >= 30 and any(p.assign_devices for p in applicable)
-    for problem in applicable:
-        typed = check_against_brute_force(problem, method="typed")
-        milp = check_against_brute_force(problem, method="milp")
-        assert typed.method == "typed" and typed.status == milp.status
-        if typed.status == "optimal":
-            assert typed.objective_s == pytest.approx(milp.objective_s, rel=1e-6)
+    assert_agrees_with_milp(applicable, "typed")
 
 
 def test_mixed_cluster_with_placement_is_solved_exactly():
@@ -250,12 +250,7 @@ def test_interleaved_program_and_milp_agree(instances):
     checked against enumeration), memory binding or not."""
     applicable = [p for p in instances if p.vpp > 1 and partition._interleaved_applies(p)]
     assert len(applicable) >= 15 and any(check_against_brute_force(p).status == "infeasible" for p in applicable)
-    for problem in applicable:
-        fast = check_against_brute_force(problem, method="interleaved")
-        milp = check_against_brute_force(problem, method="milp")
-        assert fast.method == "interleaved" and fast.status == milp.status
-        if fast.status == "optimal":
-            assert fast.objective_s == pytest.approx(milp.objective_s, rel=1e-6)
+    assert_agrees_with_milp(applicable, "interleaved")
 
 
 def test_memory_tight_interleaved_split_is_proven_in_milliseconds():
