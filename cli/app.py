@@ -336,7 +336,8 @@ def evaluate(
         problems = layout_problems(job, layout)
         if problems:
             raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
-        plan_, solve = (evaluate_layout(job, layout), None) if split == "even" else split_plan(job, layout)
+        plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)
+        solve = plan_.split_solve
         # --split best: which split solver ran, and whether it proved its split (split_plan keeps the even one otherwise).
         # The solver's gap describes the plan only when the plan runs its split (else the even split, which fit or was faster).
         used = solve is not None and bool(solve.chunk_sizes) and tuple(plan_.stages) != plan_.even_stages

@@ -242,7 +242,7 @@ def test_placement_moves_data_parallel_groups_under_one_leaf():
     # Placing a plan keeps the split solve behind its stages (plan.json's split_solver).
     from loom.planner.search.layouts import split_plan
 
-    split, _ = split_plan(job, layout)
+    split = split_plan(job, layout)
     assert split.split_solve is not None and place(split, time_limit_s=5).split_solve is split.split_solve
 
 

@@ -251,8 +251,8 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
         raise InfeasibleError(f"{error}; nearby global batch sizes fit: {listed}") from None
     started = time.perf_counter()
     best = result.plans[0].tokens_per_s
-    nearby = [NearbyBatch(batch, plan.layout.label(), plan.tokens_per_s, plan.tokens_per_s / best - 1)
-              for batch, plan in _nearby_batches(job) if plan.tokens_per_s / best - 1 >= MIN_GAIN]
+    nearby = [NearbyBatch(batch, plan.layout.label(), plan.tokens_per_s, gain)
+              for batch, plan in _nearby_batches(job) if (gain := plan.tokens_per_s / best - 1) >= MIN_GAIN]
     return replace(result, nearby_batches=tuple(nearby), wall_time_s=result.wall_time_s + time.perf_counter() - started)
 
 
@@ -535,10 +535,10 @@ def splittable(job: Job, layout: Layout) -> bool:
     return job.framework != "deepspeed" and layout.pp > 1 and not layout.recompute_num_layers and not hybrid_megatron
 
 
-def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Partition | None]:
+def split_plan(job: Job, layout: Layout, milp: bool = True) -> Plan:
     """The plan of ``layout`` on the better of the even split and the
     optimal one (Megatron runs either), one that leaves the memory headroom
-    first, and the split solver's solution when it found one (``milp``:
+    first, carrying the split solve that ran as ``split_solve`` (``milp``:
     whether the general MILP may run; the exact methods always do). Only a
     proven optimum is used: a time-limited incumbent depends on the
     machine's speed, and the same inputs must give the same plan."""
@@ -552,7 +552,7 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> tuple[Plan, Parti
             if split.stages and solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
                 options.append(build_plan(job, layout, split.stages, split.placement))
     fitting = [plan for plan in options if plan.leaves_headroom]
-    return replace(min(fitting or options, key=lambda plan: plan.step_time_s), split_solve=solve), solve
+    return replace(min(fitting or options, key=lambda plan: plan.step_time_s), split_solve=solve)
 
 
 def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
@@ -562,10 +562,10 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
     take milliseconds), runs for at most MILP_REFINED of them."""
     plans, solves, milp_runs = [], [], 0
     for candidate in [*best, *near]:
-        plan, solve = split_plan(job, candidate.layout, milp_runs < MILP_REFINED)
-        if solve is not None:
-            solves.append(solve)
-            milp_runs += solve.method.startswith("milp")
+        plan = split_plan(job, candidate.layout, milp_runs < MILP_REFINED)
+        if plan.split_solve is not None:
+            solves.append(plan.split_solve)
+            milp_runs += plan.split_solve.method.startswith("milp")
         if plan.leaves_headroom:
             plans.append(plan)
     return plans, solves

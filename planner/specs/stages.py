@@ -80,8 +80,7 @@ def split_stages(layout: Layout, chunk_sizes: tuple[int, ...], vision: bool = Fa
 
 def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
     """Megatron's default split (as even as possible when it does not divide)."""
-    chunk_sizes = even_chunk_sizes(model.num_layers, layout.pp * layout.vpp)
-    return list(_stages(layout.pp, layout.vpp, layout.tp * layout.cp * layout.dp, chunk_sizes, model.vision is not None))
+    return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp), vision=model.vision is not None)
 
 
 @functools.lru_cache(maxsize=4096)
