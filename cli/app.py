@@ -339,11 +339,9 @@ def evaluate(
         plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)
         solve = plan_.split_solve
         # --split best: which split solver ran, and whether it proved its split (split_plan keeps the even one otherwise).
-        # The solver's gap describes the plan only when the plan runs its split (else the even split, which fit or was faster).
-        used = solve is not None and bool(solve.chunk_sizes) and tuple(plan_.stages) != plan_.even_stages
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver=solve.method if solve else "none",
                           status="time_limit" if solve is not None and solve.status == "time_limit" else "evaluated",
-                          gap=solve.gap if used else 0.0)
+                          gap=solve.gap if plan_.runs_split else 0.0)  # the solver's gap describes only a split the plan runs
         if not plan_.fits:
             _show(plan_, info, as_json)
             raise InfeasibleError(_does_not_fit(job, plan_))

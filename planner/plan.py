@@ -43,6 +43,12 @@ class Plan:
         return tuple(uniform_stages(self.job.model, self.layout))
 
     @property
+    def runs_split(self) -> bool:
+        """The plan runs the split solver's split (else the even one, which
+        fit where the solver's did not, or simulated faster)."""
+        return self.split_solve is not None and bool(self.split_solve.chunk_sizes) and tuple(self.stages) != self.even_stages
+
+    @property
     def step_time_s(self) -> float:
         return self.step.step_time_s
 

@@ -460,7 +460,7 @@ def _split_report(plan: Plan) -> SplitReport | None:
         return None
     found = bool(solve.chunk_sizes)
     return SplitReport(
-        method=solve.method, status=solve.status, used=found and plan.stages != plan.even_stages,
+        method=solve.method, status=solve.status, used=plan.runs_split,
         objective_s=solve.objective_s if found else None, bound_s=solve.bound_s if math.isfinite(solve.bound_s) else None,
         gap=solve.gap if found else None,
     )
