@@ -131,12 +131,13 @@ def test_search_status_covers_the_placement_solves(monkeypatch):
 
 
 def _bounds_hold(job) -> int:
-    """Every valid layout's step lower bound is at most its closed-form step
-    and its split bound, and its model state at most its fullest stage's
-    peak; returns how many layouts were checked."""
+    """Every valid layout's step lower bounds (kernels; chunks on its even
+    split and under any split) are at most its closed-form step and its
+    split bound, and its model state at most its fullest stage's peak;
+    returns how many layouts were checked."""
     from loom.planner.cost.memory import stage_memory, stage_state_bytes
     from loom.planner.cost.layers import shape_of
-    from loom.planner.cost.time_model import step_lower_bound_s, step_time
+    from loom.planner.cost.time_model import chunk_bounds_s, step_lower_bound_s, step_time
     from loom.planner.search.layouts import split_bound_s
     from loom.planner.specs.stages import stage_gpus, default_placement, uniform_stages
 
@@ -147,8 +148,10 @@ def _bounds_hold(job) -> int:
         stages = uniform_stages(job.model, layout)
         gpus = stage_gpus(job.cluster, placement, stages)
         timing = step_time(job, layout, stages, gpus)
-        bound = step_lower_bound_s(job, layout)
-        assert bound <= min(timing.step_time_s, split_bound_s(job, layout, stages, timing)) * (1 + 1e-12), layout.label()
+        bound, any_split = step_lower_bound_s(job, layout), split_bound_s(job, layout, stages, timing)
+        assert bound <= min(timing.step_time_s, any_split) * (1 + 1e-12), layout.label()
+        even_chunks, any_split_chunks = chunk_bounds_s(job, layout, stages, gpus)
+        assert even_chunks <= timing.step_time_s * (1 + 1e-12) and any_split_chunks <= any_split * (1 + 1e-12), layout.label()
         shape = shape_of(job, layout)
         for stage, gpu in zip(stages, gpus):
             held = stage_memory(shape, layout, stage, job.framework, gpu).peak_bytes
@@ -177,7 +180,7 @@ def test_pruning_returns_what_pricing_every_layout_returns(monkeypatch, model, n
     monkeypatch.setattr(layouts, "step_time", lambda *args: timed.append(1) or real_step_time(*args))
     pruned = search(job, top_k=5)
     pruned_timed = len(timed)
-    monkeypatch.setattr(layouts._Frontier, "may_enter", lambda self, layout, bound, fits: True)
+    monkeypatch.setattr(layouts._Frontier, "may_enter", lambda self, layout, step_bound, split_bound, fits: True)
     every = search(job, top_k=5)
     assert [(p.layout, p.stages, round(p.step_time_s, 12)) for p in pruned.plans] == [(p.layout, p.stages, round(p.step_time_s, 12)) for p in every.plans]
     assert pruned.feasible == every.feasible and pruned_timed < len(timed) - pruned_timed

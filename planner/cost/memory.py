@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from loom.planner.cost import moe, sharding
 from loom.planner.cost.activations import head_transient
 from loom.planner.cost.efficiency import NVFP4_BYTES
+from loom.planner.cost.memo import Memo
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from loom.planner.cost.shape import Shape
 from loom.planner.schedule.simulate import megatron_schedule, stage_order
 from loom.planner.specs.job import FP32_PRECISIONS, Features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import SUBLAYERS, ModelSpec
-from loom.planner.specs.stages import Chunk, Stage
+from loom.planner.specs.stages import Chunk, Stage, stage_signature
 from loom.profiles.catalogue import GPU
 
 GiB = 1024**3
@@ -455,9 +456,38 @@ def _held_counts(schedule: str, pp: int, vpp: int, microbatches: int, stage_inde
     return tuple(sorted(v for v in seen if not any(w != v and all(a >= b for a, b in zip(w, v)) for w in seen)))
 
 
-def _stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> tuple[StageParams, StateBytes, dict[str, float]]:
-    """One GPU of ``stage``: its parameters, their bytes per parameter, and
-    the model-state terms it holds on the device."""
+@dataclass(frozen=True)
+class _StageState:
+    """What one GPU of a stage holds for its model, whatever its micro
+    batches: the model-state terms on the device (their sum ``bytes``), the
+    sharded data parallel buffers, and the optimizer step's gradient copy;
+    with the parameters and bytes per parameter they come from."""
+
+    params: StageParams
+    state_bytes: StateBytes
+    terms: dict[str, float]
+    bytes: float
+    sharding_buffers: float
+    optimizer_step: float
+
+
+# A stage's model state reads its layers (stage_signature), the shape of its
+# weights (Shape.weights_shape: the model, precision, features, TP and
+# expert degrees), the framework, the GPU, and of the rest of the layout
+# only its degrees and how the state is sharded or offloaded (its pipeline
+# depth for torchtitan's buffers): not the micro batch, sequence
+# parallelism or recomputation.
+_STAGE_STATES: Memo[_StageState] = Memo()
+
+
+def _stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> _StageState:
+    """What one GPU of ``stage`` holds for its model (_StageState)."""
+    key = (shape.weights_shape, framework, gpu, stage_signature(shape.model, stage), layout.cp, layout.dp, layout.pp,
+           layout.distributed_optimizer, layout.zero_stage, layout.fsdp, layout.reshard_after_forward, layout.optimizer_offload)
+    return _STAGE_STATES.get(key, lambda: _priced_stage_state(shape, layout, stage, framework, gpu))
+
+
+def _priced_stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> _StageState:
     params = stage_params(shape.model, layout, stage)
     state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer, layout.zero_stage)
     state = model_state_bytes(params, layout, state_bytes)
@@ -466,20 +496,59 @@ def _stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
         # torchtitan's CPUOffloadPolicy the sharded weights and gradients too.
         host = ("optimizer_states", "weights", "gradients") if framework == "torchtitan" else ("optimizer_states",)
         state = {term: 0.0 if term in host else value for term, value in state.items()}
-    return params, state_bytes, state
+    buffers = 0.0
+    if layout.fsdp:
+        buffers = sharding.buffer_bytes(framework, layout, sharding_units(shape.model, framework, layout, params, stage, state_bytes), WEIGHT_BYTES)
+    return _StageState(params, state_bytes, state, sum(state.values()), buffers, optimizer_step_bytes(params, layout, state_bytes, framework))
 
 
 def stage_state_bytes(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> float:
     """The model-state part of ``stage_memory`` (weights, fp8 copies,
     gradients, optimizer state on the device): a lower bound on its peak
     that costs a fraction of it, since every other term is non-negative."""
-    return sum(_stage_state(shape, layout, stage, framework, gpu)[2].values())
+    return _stage_state(shape, layout, stage, framework, gpu).bytes
 
 
 def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> StageMemory:
     """Peak memory of one GPU (of type ``gpu``) of ``stage`` under Megatron's
     pipeline schedule, term by term (module docstring)."""
-    params, state_bytes, state = _stage_state(shape, layout, stage, framework, gpu)
+    state, activations, transient, runtime = _stage_terms(shape, layout, stage, framework, gpu)
+    return StageMemory(stage=stage.index, breakdown_bytes={**state.terms, "sharding_buffers": state.sharding_buffers, "activations": activations,
+                                                           "transient": transient, **runtime})
+
+
+def stage_peak_bytes(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> float:
+    """``stage_memory(...).peak_bytes`` without its breakdown (the search
+    asks it of every layout), summed in the same order to the same bits."""
+    state, activations, transient, runtime = _stage_terms(shape, layout, stage, framework, gpu)
+    return sum((*state.terms.values(), state.sharding_buffers, activations, transient, *runtime.values()))
+
+
+def _stage_terms(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> tuple[_StageState, float, float, dict[str, float]]:
+    state = _stage_state(shape, layout, stage, framework, gpu)
+    activations, transient = _stage_activations(shape, layout, stage)
+    # The optimizer step holds no activations: its gradient copy binds only
+    # when it is larger than everything the backward held.
+    transient = max(transient, state.optimizer_step - activations)
+    return state, activations, transient, runtime_bytes(shape, layout, gpu, framework, activations + transient)
+
+
+# What a stage holds for its micro batches in flight reads the shape, the
+# recompute settings, the stage's chunks and index, and the schedule's
+# pp, vpp and micro batch count: not DP, the optimizer or sharding.
+_STAGE_ACTIVATIONS: Memo[tuple[float, float]] = Memo()
+
+
+def _stage_activations(shape: Shape, layout: Layout, stage: Stage) -> tuple[float, float]:
+    """The activations ``stage`` holds at its peak and the transient bytes
+    its passes add on top (the head's logits, an MoE layer's forward, a
+    recomputed layer), before the optimizer step's."""
+    key = (shape, layout.recompute, layout.recompute_num_layers, layout.selective_modules, stage.chunks, stage.index,
+           layout.pp, layout.vpp, layout.num_microbatches)
+    return _STAGE_ACTIVATIONS.get(key, lambda: _priced_stage_activations(shape, layout, stage))
+
+
+def _priced_stage_activations(shape: Shape, layout: Layout, stage: Stage) -> tuple[float, float]:
     chunks = in_flight_chunks(layout, stage.index)
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.
@@ -500,15 +569,7 @@ def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
         transient = max(transient, max(layer_activation_bytes(shape, "none", kind) for kind in shape.model.layer_kinds))
-    # The optimizer step holds no activations: its gradient copy binds only
-    # when it is larger than everything the backward held.
-    transient = max(transient, optimizer_step_bytes(params, layout, state_bytes, framework) - activations)
-    buffers = 0.0
-    if layout.fsdp:  # most layouts of a search have none: build the units only for those that do
-        buffers = sharding.buffer_bytes(framework, layout, sharding_units(shape.model, framework, layout, params, stage, state_bytes), WEIGHT_BYTES)
-    runtime = runtime_bytes(shape, layout, gpu, framework, activations + transient)
-    return StageMemory(stage=stage.index, breakdown_bytes={**state, "sharding_buffers": buffers, "activations": activations,
-                                                           "transient": transient, **runtime})
+    return activations, transient
 
 
 def sharding_units(model: ModelSpec, framework: str, layout: Layout, params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:

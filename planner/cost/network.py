@@ -118,14 +118,22 @@ class Links:
     def of(cls, job: Job, layout: Layout, placement: Placement | None = None) -> Links:
         """On a uniform cluster, by the closed forms above;
         otherwise each group priced on the GPUs ``placement`` gives it."""
-        if job.cluster.uniform:
-            return _uniform_links(job.cluster.slowest, layout)
-        placement = placement or default_placement(job.cluster, layout.world_size)
         degrees = (layout.tp, layout.cp, layout.dp, layout.pp, layout.ep, layout.etp, layout.fsdp)
+        if job.cluster.uniform:
+            return _uniform_links(job.cluster.slowest, degrees)
+        placement = placement or default_placement(job.cluster, layout.world_size)
         return _placed_links(job.cluster.topology, degrees, placement)
 
 
-def _uniform_links(node: Node, layout: Layout) -> Links:
+def _groups_layout(degrees: tuple[int, ...]) -> Layout:
+    """A layout with these (tp, cp, dp, pp, ep, etp, fsdp): all its groups depend on."""
+    tp, cp, dp, pp, ep, etp, fsdp = degrees
+    return Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, fsdp=fsdp, micro_batch_size=1, global_batch_size=dp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _uniform_links(node: Node, degrees: tuple[int, ...]) -> Links:
+    layout = _groups_layout(degrees)
     stage_ranks = layout.tp * layout.cp * layout.dp
     pp = pipeline_link(node, stage_ranks, layout.pp)
     ep, ep_remote_share = all_to_all_link(node, layout.ep, layout.etp)
@@ -156,8 +164,8 @@ def _all_to_all(topology: Topology, placed: np.ndarray) -> dict:
 
 @functools.lru_cache(maxsize=256)
 def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Placement) -> Links:
-    tp, cp, dp, pp, ep, etp, fsdp = degrees
-    groups = rank_groups(Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, fsdp=fsdp, micro_batch_size=1, global_batch_size=dp))
+    layout = _groups_layout(degrees)
+    groups = rank_groups(layout)
     slots = topology.slots(placement.gpus)
 
     def link(ranks: np.ndarray) -> Link:
@@ -173,5 +181,5 @@ def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Place
         tp=link(groups["tp"]), cp=link(groups["cp"]), dp=link(groups["dp-cp"]),
         pp=link(neighbour_pairs(groups["pp"])), embedding=link(groups["embedding"]),
         **_all_to_all(topology, slots[groups["ep"]]), etp=link(groups["etp"]), expert_dp=link(groups["expert-dp"]),
-        shard=link(groups["shard"]) if fsdp else LOCAL, replicate=link(groups["replicate"]) if fsdp else LOCAL,
+        shard=link(groups["shard"]) if layout.fsdp else LOCAL, replicate=link(groups["replicate"]) if layout.fsdp else LOCAL,
     )

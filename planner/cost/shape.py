@@ -11,6 +11,7 @@ holds ``seq / cp`` tokens and attends to all keys (ring attention, Liu et al.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -53,7 +54,16 @@ class Shape:
 
     @classmethod
     def of(cls, model: ModelSpec, layout: Layout, seq_length: int, precision: str, features: Features, measured: MeasuredLayers | None = None) -> Shape:
-        return cls(model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision, features, layout.ep, layout.etp, measured)
+        return _interned(cls, model, layout.tp, layout.cp, layout.micro_batch_size, layout.sequence_parallel, seq_length, precision,
+                         features, layout.ep, layout.etp, measured)
+
+    @cached_property
+    def weights_shape(self) -> Shape:
+        """This shape less its tokens (one token, no context or sequence
+        parallelism, nothing measured): what the weights on one GPU and
+        their state are a function of, so memos of the model state key on
+        it (one object per shape, its hash computed once)."""
+        return _interned(type(self), self.model, self.tp, 1, 1, False, 1, self.precision, self.features, self.ep, self.etp, None)
 
     @property
     def act_bytes(self) -> int:
@@ -136,3 +146,10 @@ class Shape:
         as in the language model, no context parallelism."""
         tower = self.model.vision
         return Shape(tower.encoder, self.tp, 1, self.micro_batch_size, self.sequence_parallel, tower.image_tokens, self.precision, self.features)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _interned(cls: type[Shape], *fields_: object) -> Shape:
+    """One Shape object per distinct shape: its hash, which every memo keyed
+    on it needs, is computed once, not once per layout priced."""
+    return cls(*fields_)

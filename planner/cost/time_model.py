@@ -19,6 +19,7 @@ from loom.planner.cost import host, layers, moe, offload, sharding
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
+from loom.planner.cost.memo import Memo
 from loom.planner.cost.memory import StageParams, StateBytes, optimizer_partition, sharding_units, stage_params
 from loom.planner.cost.network import Links
 from loom.planner.cost.shape import Shape
@@ -521,31 +522,38 @@ class StepParts:
         }
 
 
+# A chunk's time depends on its layout only through what chunk_time reads:
+# the shape (tp, cp, ep, etp, micro batch, sequence parallelism, features),
+# the recompute settings and the TP, CP, EP and ETP links; DP, PP, sharding
+# and the optimizer do not enter it. Chunks with the same layers' kinds (all
+# but the first and last, usually) cost the same; full recompute of a
+# chunk's first N layers re-runs those N layers' kinds.
+_CHUNK_TIMES: Memo[ChunkTime] = Memo()
+
+
+def _chunk_time_memo(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Links, job: Job) -> ChunkTime:
+    """chunk_time, shared by the layouts that agree on what it reads."""
+    model = shape.model
+    again = model.layer_kinds_in(chunk.first_layer, layout.recompute_num_layers) if layout.recompute_num_layers else ()
+    key = (shape, job.framework, layout.recompute, layout.recompute_num_layers, layout.selective_modules,
+           model.layer_kinds_in(chunk.first_layer, chunk.num_layers), again, chunk.embedding, chunk.head, chunk.vision, gpu,
+           links.tp, links.cp, links.ep, links.ep_remote_share, links.etp)
+    return _CHUNK_TIMES.get(key, lambda: chunk_time(shape, layout, chunk, gpu, links, job))
+
+
 def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepParts:
     """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``,
     its groups on the links ``placement`` gives them (default: Megatron's order)."""
     shape = layers.shape_of(job, layout)
     links = Links.of(job, layout, placement)
     model = job.model
-    # Chunks with the same layers' kinds (all but the first and last, usually)
-    # cost the same, and so do stages alike in them (stage_signature): price
-    # each kind once. Full recompute of a chunk's first N layers re-runs
-    # those N layers' kinds.
-    chunk_memo: dict[tuple, ChunkTime] = {}
-
-    def priced(chunk: Chunk, gpu: GPU) -> ChunkTime:
-        again = model.layer_kinds_in(chunk.first_layer, layout.recompute_num_layers) if layout.recompute_num_layers else ()
-        kind = (model.layer_kinds_in(chunk.first_layer, chunk.num_layers), again, chunk.embedding, chunk.head, chunk.vision, gpu.kind)
-        if kind not in chunk_memo:
-            chunk_memo[kind] = chunk_time(shape, layout, chunk, gpu, links, job)
-        return chunk_memo[kind]
-
+    # Stages alike in their layers (stage_signature) cost the same: price each kind once.
     stage_memo: dict[tuple, tuple] = {}
 
     def stage_costs(stage: Stage, gpu: GPU) -> tuple:
         kind = (stage_signature(model, stage), gpu.kind)
         if kind not in stage_memo:
-            chunks = [priced(chunk, gpu) for chunk in stage.chunks]
+            chunks = [_chunk_time_memo(shape, layout, chunk, gpu, links, job) for chunk in stage.chunks]
             stage_memo[kind] = (chunks, _sharding_s(job, layout, stage, gpu, links, chunks), _accumulation_copies_s(job, layout, stage, gpu),
                                 data_parallel_comm(job, layout, stage, links), _optimizer_s(job, layout, stage, gpu))
         return stage_memo[kind]
@@ -583,23 +591,64 @@ def closed_form_step(parts: StepParts) -> StepTime:
 
 def step_lower_bound_s(job: Job, layout: Layout) -> float:
     """Seconds no split, placement or overlap can take a step of ``layout``
-    below, at a fraction of pricing it: m micro batches through the busiest
-    stage, which runs at least the mean stage's share of every decoder
-    layer's forward and backward kernels, each kind of layer on whichever of
-    the cluster's GPUs runs it fastest.
+    below, at a fraction of pricing it: the pipeline term of stages that
+    share evenly every decoder layer's forward and backward kernels, each
+    kind of layer on whichever of the cluster's GPUs runs it fastest
+    (_even_pipeline_s).
     Valid because chunk_time adds only non-negative terms (recompute,
     exposed communication and host time, the embedding and head) to those
-    kernels, the pipeline term m * max(tau) + (sum(tau) - max(tau)) / v is
-    at least m * sum(tau) / pp, and the step's other parts are non-negative
-    (closed_form_step; split_bound_s bounds from the same term)."""
+    kernels, the pipeline term m * max(tau) + (sum(tau) - max(tau)) / v
+    grows with max(tau) >= sum(tau) / pp and with sum(tau), and the step's
+    other parts are non-negative (closed_form_step; split_bound_s bounds
+    from the same term)."""
     shape = layers.shape_of(job, layout)
-    kinds = job.model.layer_kinds_in(0, job.model.num_layers)
-    per_microbatch_s = sum(
-        count * min(layers.decoder_layer(shape, gpu, False, kind).total_s + layers.decoder_layer(shape, gpu, True, kind).total_s
-                    for gpu in job.cluster.gpu_types)
-        for kind, count in kinds
-    )
-    return layout.num_microbatches * per_microbatch_s / layout.pp
+    per_microbatch_s = _LAYER_KERNELS.get((shape, job.cluster.gpu_types), lambda: _layer_kernels_s(shape, job.cluster.gpu_types))
+    return _even_pipeline_s(per_microbatch_s, layout)
+
+
+def _even_pipeline_s(work_s: float, layout: Layout) -> float:
+    """The pipeline term (_pipeline_s) of pp stages that each take
+    ``work_s / pp`` per micro batch: (m + (p - 1) / v) * work_s / p, Megatron's
+    (Narayanan et al. SC'21, sec. 2.2); the least any split of ``work_s`` reaches."""
+    return work_s / layout.pp * (layout.num_microbatches + (layout.pp - 1) / layout.vpp)
+
+
+_LAYER_KERNELS: Memo[float] = Memo()
+
+
+def _layer_kernels_s(shape: Shape, gpus: tuple[GPU, ...]) -> float:
+    """Every decoder layer's forward and backward kernels for one micro
+    batch of ``shape``, each kind of layer on whichever of ``gpus`` runs it fastest."""
+    return sum(count * min(layers.decoder_layer(shape, gpu, False, kind).total_s + layers.decoder_layer(shape, gpu, True, kind).total_s
+                           for gpu in gpus)
+               for kind, count in shape.model.layer_kinds_in(0, shape.model.num_layers))
+
+
+def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> tuple[float, float]:
+    """Seconds a step of ``layout`` cannot go below, at a part of pricing
+    it: on ``stages`` (stage s on ``gpus[s]``, Megatron's placement), and
+    under any split of its layers. Both from its chunks' times alone, tau'_s
+    per stage, which the step's tau_s only adds sharding and offload time to.
+
+    On these stages: the pipeline term m * max(tau') + (sum(tau') - max(tau')) / v;
+    the step is at least its pipeline term (closed_form_step: work, exposed
+    send/recv and bubble, plus non-negative terms). Under any split
+    (split_bound_s, which keeps the stages' total work W): that term is
+    increasing in max(tau) >= W / p, so at least W' / p * (m + (p - 1) / v),
+    W' = sum(tau'). Tighter than step_lower_bound_s by the exposed
+    communication, host time, recomputation and the embedding and head;
+    the chunk times are the ones step_time reads (_chunk_time_memo)."""
+    shape, links, model = layers.shape_of(job, layout), Links.of(job, layout), job.model
+    memo: dict[tuple, float] = {}
+
+    def stage_s(stage: Stage, gpu: GPU) -> float:
+        kind = (stage_signature(model, stage), gpu)
+        if kind not in memo:
+            memo[kind] = sum(_chunk_time_memo(shape, layout, chunk, gpu, links, job).total_s for chunk in stage.chunks)
+        return memo[kind]
+
+    tau = [stage_s(stage, gpu) for stage, gpu in zip(stages, gpus)]
+    return _pipeline_s(tau, layout), _even_pipeline_s(sum(tau), layout)
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

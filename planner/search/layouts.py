@@ -27,13 +27,14 @@ take these candidates:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 import pydantic
 
@@ -42,7 +43,8 @@ from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.specs.job import Features, Job
 from loom.planner.specs.layout import Layout
-from loom.planner.cost.memory import GiB, stage_memory, stage_state_bytes
+from loom.planner.specs.model import ModelSpec
+from loom.planner.cost.memory import GiB, stage_peak_bytes, stage_state_bytes
 from loom.planner.search.alternatives import MIN_GAIN, NearbyBatch, idle_node_counts, nearby_batch_sizes
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
@@ -52,7 +54,7 @@ from loom.planner.specs.rules import default_recompute_modules, layout_problems
 from loom.planner.specs.stages import Stage, default_placement, stage_gpus, stage_signature, uniform_stages
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
-from loom.planner.cost.time_model import StepTime, step_lower_bound_s, step_time
+from loom.planner.cost.time_model import StepTime, chunk_bounds_s, step_lower_bound_s, step_time
 
 
 # The even split ranks every layout; the best ones (and those within
@@ -202,20 +204,37 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     micro batches are in flight, and Megatron's schedules hold no fewer on
     an earlier stage (``in_flight_chunks``; for unequal chunks every count
     a later stage reaches is covered by an earlier one's, which
-    tests/test_memory.py checks): only the first of each kind is priced."""
+    tests/test_memory.py checks): only the first of each kind is priced.
+    ``stages``: the layout's even split (uniform_stages), stage s on ``gpus[s]``."""
     shape = shape_of(job, layout)
-    first_of_kind: dict[tuple, int] = {}
-    for s, stage in enumerate(stages):
-        first_of_kind.setdefault((stage_signature(job.model, stage), gpus[s].kind), s)
-    kinds = list(first_of_kind.values())
+    if job.cluster.heterogeneous:
+        kinds = _first_of_each((stage_signature(job.model, stage), gpu.kind) for stage, gpu in zip(stages, gpus))
+    else:
+        kinds = _distinct_even_stages(job.model, layout.pp, layout.vpp)
     if skip_beyond < math.inf and any(stage_state_bytes(shape, layout, stages[s], job.framework, gpus[s])
                                       > skip_beyond * job.memory_headroom.usable(gpus[s].memory_bytes) for s in kinds):
         return None
     return max(
-        (_Fullest(stage_memory(shape, layout, stages[s], job.framework, gpus[s]).peak_bytes, gpus[s].memory_bytes,
+        (_Fullest(stage_peak_bytes(shape, layout, stages[s], job.framework, gpus[s]), gpus[s].memory_bytes,
                   job.memory_headroom.usable(gpus[s].memory_bytes)) for s in kinds),
         key=lambda fullest: fullest.fullness,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _distinct_even_stages(model: ModelSpec, pp: int, vpp: int) -> tuple[int, ...]:
+    """Of the even split's stages (uniform_stages: their layers depend on pp
+    and vpp alone), the first of each stage_signature."""
+    stages = uniform_stages(model, Layout(tp=1, pp=pp, dp=1, cp=1, vpp=vpp, micro_batch_size=1, global_batch_size=1))
+    return _first_of_each(stage_signature(model, stage) for stage in stages)
+
+
+def _first_of_each(kinds: Iterable[Hashable]) -> tuple[int, ...]:
+    """The position of the first of each distinct value of ``kinds``, in order."""
+    first: dict[Hashable, int] = {}
+    for i, kind in enumerate(kinds):
+        first.setdefault(kind, i)
+    return tuple(first.values())
 
 
 @dataclass(frozen=True)
@@ -344,7 +363,8 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
 
     Branch and bound: layouts are priced in the order of a lower bound on
     their step (step_lower_bound_s), and one whose bound cannot reach any
-    list the search draws from (_Frontier) is not timed. Memory is judged
+    list the search draws from (_Frontier) is not timed, nor one whose
+    tighter bound from its chunks' times (chunk_bounds_s) cannot. Memory is judged
     for every layout (the count of those that fit, and what binds when none
     does), except one whose model state alone is beyond NEAR_FIT of its GPU
     and beyond the least full layout seen: it can neither fit nor be the
@@ -367,6 +387,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     smallest: tuple[_Fullest, Layout] | None = None
     frontier = _Frontier(job, top_k)
     fitting = 0
+    chunk_bounds: dict[Layout, tuple[float, float]] = {}
     for i, (lower_bound_s, layout) in enumerate(valid):
         if progress and i % 256 == 0:
             progress(i, len(valid))
@@ -379,7 +400,14 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
             smallest = (fullest, layout)
         fitting += fullest.fits
         near = not fullest.fits and splittable(job, layout) and fullest.peak_bytes <= NEAR_FIT * fullest.usable_bytes
-        if (fullest.fits or near) and frontier.may_enter(layout, lower_bound_s, fullest.fits):
+        if (fullest.fits or near) and frontier.may_enter(layout, lower_bound_s, lower_bound_s, fullest.fits):
+            # Layouts that differ only in how the model state is sharded or
+            # offloaded run the same chunks: their chunk bounds are one.
+            unsharded = replace(layout, distributed_optimizer=False, zero_stage=0, fsdp=0, reshard_after_forward=True, optimizer_offload=False)
+            if unsharded not in chunk_bounds:
+                chunk_bounds[unsharded] = chunk_bounds_s(job, layout, stages, gpus)
+            if not frontier.may_enter(layout, *chunk_bounds[unsharded], fullest.fits):
+                continue
             timing = step_time(job, layout, stages, gpus)
             frontier.add(_Scored(timing.step_time_s, fullest.peak_bytes, layout, split_bound_s(job, layout, stages, timing)), fullest.fits)
     if progress:
@@ -456,16 +484,20 @@ class _Frontier:
             lists.append(self.fully_recomputed)
         return lists
 
-    def may_enter(self, layout: Layout, lower_bound_s: float, fits: bool) -> bool:
-        """Whether a layout whose step is at least ``lower_bound_s`` might
-        enter a list (keys round steps to 1e-9 s: a bound that close counts)."""
-        return any(lower_bound_s <= least.cutoff + 1e-9 for least in self._cutoffs(layout, fits))
+    def may_enter(self, layout: Layout, step_bound_s: float, split_bound_s: float, fits: bool) -> bool:
+        """Whether a layout whose step is at least ``step_bound_s``, and at
+        least ``split_bound_s`` under any split of its layers, might enter a
+        list (keys round steps to 1e-9 s: a bound that close counts)."""
+        return any((split_bound_s if self._bounds(least) else step_bound_s) <= least.cutoff + 1e-9 for least in self._cutoffs(layout, fits))
+
+    def _bounds(self, least: _Least) -> bool:
+        """Whether ``least`` holds split bounds (split_bound_s), not steps."""
+        return least in (self.splittable_bounds, self.near_bounds)
 
     def add(self, candidate: _Scored, fits: bool) -> None:
         (self.fitting if fits else self.near).append(candidate)
         for least in self._cutoffs(candidate.layout, fits):
-            bounds = least in (self.splittable_bounds, self.near_bounds)
-            least.offer(candidate.bound_s if bounds else candidate.step_time_s)
+            least.offer(candidate.bound_s if self._bounds(least) else candidate.step_time_s)
 
 
 def _promising(ranked: list[_Scored]) -> list[_Scored]:

@@ -55,6 +55,10 @@ class Stage:
     def vision(self) -> bool:
         return any(chunk.vision for chunk in self.chunks)
 
+    @functools.cached_property
+    def _signatures(self) -> dict[ModelSpec, tuple]:
+        return {}  # stage_signature per model (stages are built once per shape and asked for it again and again)
+
 
 @functools.cache
 def even_chunk_sizes(num_layers: int, chunks: int) -> tuple[int, ...]:
@@ -105,7 +109,11 @@ def stage_signature(model: ModelSpec, stage: Stage) -> tuple:
     layers' kinds and counts and whether it runs the embedding, the head or
     the vision tower. Stages alike in it differ only in which micro batches
     they hold in flight."""
-    return tuple((model.layer_kinds_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision) for c in stage.chunks)
+    found = stage._signatures.get(model)
+    if found is None:
+        found = stage._signatures[model] = tuple((model.layer_kinds_in(c.first_layer, c.num_layers), c.embedding, c.head, c.vision)
+                                                 for c in stage.chunks)
+    return found
 
 
 @dataclass(frozen=True)
