@@ -9,8 +9,11 @@ Rows: pytorch/torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md``
 HBM2e at a 500 W limit per host, NVLink inside, 400 Gb/s RDMA per GPU
 (loom's ``H100-SXM5-96GB``); tokens/s per GPU read at step 90, memory the
 largest reserved over GPUs (the file's footnote 1). Memory in torchtitan's
-log is the allocator's reserved bytes, which loom's peak models
-(fragmentation included).
+log is the caching allocator's peak reserved bytes (9dec370 metrics.py:
+``reserved_bytes.all.peak``), so it is compared with loom's peak as the
+allocator sees it: fragmentation included, the CUDA context and NCCL's
+buffers (allocated outside it) left out, as ``loom compare`` does
+(planner/calibrate/compare.py predicted_memory_bytes).
 
 What each row ran, as loom's inputs, with the ``torchtitan-2412`` stack
 (torchtitan 9dec370 on the PyTorch of then: FlashAttention-2 through SDPA,
@@ -33,6 +36,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from loom.planner.calibrate.compare import predicted_memory_bytes
 from loom.planner.plan import evaluate
 from loom.planner.specs.cluster import parse_cluster
 from loom.planner.specs.job import Features, Job, stack_features
@@ -85,7 +89,7 @@ def _rows() -> list[Row]:
 
 
 def predict(row: Row) -> tuple[float, float, bool, str]:
-    """loom's tokens/s per GPU, peak GiB, whether it fits, and the layout's label."""
+    """loom's tokens/s per GPU, peak reserved GiB, whether it fits, and the layout's label."""
     cluster = parse_cluster({**GRAND_TETON, "nodes": row.gpus // 8}, "grand-teton")
     dp = row.gpus // (row.tp * row.pp * row.cp)
     global_batch = row.local_batch * dp
@@ -99,7 +103,8 @@ def predict(row: Row) -> tuple[float, float, bool, str]:
                     reshard_after_forward=row.pp == 1)
     plan = evaluate(job, layout)
     tokens = global_batch * row.seq / (plan.step_time_s * row.gpus)
-    return tokens, plan.peak_memory.peak_bytes / GiB, plan.fits, layout.label()
+    reserved = max(predicted_memory_bytes(stage.peak_bytes, stage.breakdown_bytes, reserved=True) for stage in plan.memory)
+    return tokens, reserved / GiB, plan.fits, layout.label()
 
 
 def main() -> None:

@@ -41,13 +41,13 @@ def test_memoised_costs_equal_pricing_afresh(job):
         shape, links, stages = _priced(job, layout)
         for stage, gpu in stages:
             _stage_state(shape, layout, stage, job.framework, gpu)
-            _stage_activations(shape, layout, stage)
+            _stage_activations(shape, layout, stage, job.framework)
             for chunk in stage.chunks:
                 _chunk_time_memo(shape, layout, chunk, gpu, links, job)
     for layout in reversed(layouts):
         shape, links, stages = _priced(job, layout)
         for stage, gpu in stages:
             assert _stage_state(shape, layout, stage, job.framework, gpu) == _priced_stage_state(shape, layout, stage, job.framework, gpu)
-            assert _stage_activations(shape, layout, stage) == _priced_stage_activations(shape, layout, stage)
+            assert _stage_activations(shape, layout, stage, job.framework) == _priced_stage_activations(shape, layout, stage, job.framework)
             for chunk in stage.chunks:
                 assert _chunk_time_memo(shape, layout, chunk, gpu, links, job) == chunk_time(shape, layout, chunk, gpu, links, job), layout.label()

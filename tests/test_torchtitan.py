@@ -364,3 +364,60 @@ def test_repeated_kv_heads_are_saved_for_backward():
         memory[repeat] = evaluate(job, layout).memory[0].breakdown_bytes["activations"]
     # K and V of 8 heads become 32 heads' worth: 2 x (4096 - 1024) x 2 bytes per token per layer.
     assert memory[True] - memory[False] == pytest.approx(32 * 4096 * 2 * 3072 * 2, rel=0.01)
+
+
+def _tp_pipeline_memory(stack: str, microbatches: int) -> list[dict[str, float]]:
+    """Each stage's memory terms of Llama-3 8B under torchtitan, TP2 PP4 SP on one node."""
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=microbatches, seq_length=4096, framework="torchtitan",
+              stack=stack, features=stack_features(stack, Features()))
+    layout = Layout(tp=2, pp=4, dp=1, cp=1, micro_batch_size=1, global_batch_size=microbatches, sequence_parallel=True, recompute="full",
+                    reshard_after_forward=False)
+    return [memory.breakdown_bytes for memory in evaluate(job, layout).memory]
+
+
+def test_torchs_pipeline_keeps_a_receive_buffer_per_micro_batch():
+    """torch.distributed.pipelining allocates an activation and a gradient
+    receive buffer per micro batch and keeps them: a middle stage holds two
+    more [mbs, seq / tp, hidden] 16-bit buffers per micro batch, the first
+    stage (no activations to receive) one; Megatron's pipeline none."""
+    boundary = 2 * 4096 / 2 * 4096
+    fewer, more = _tp_pipeline_memory("torchtitan", 8), _tp_pipeline_memory("torchtitan", 12)
+    assert more[1]["pipeline_buffers"] - fewer[1]["pipeline_buffers"] == pytest.approx(4 * 2 * boundary)
+    assert more[0]["pipeline_buffers"] - fewer[0]["pipeline_buffers"] == pytest.approx(4 * boundary)
+    megatron = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=8, seq_length=4096)
+    layout = Layout(tp=2, pp=4, dp=1, cp=1, micro_batch_size=1, global_batch_size=8, sequence_parallel=True, recompute="full")
+    assert all(memory.breakdown_bytes["pipeline_buffers"] == 0 for memory in evaluate(megatron, layout).memory)
+
+
+def test_torch_2_6_pipelines_keep_every_micro_batchs_logits():
+    """torchtitan 9dec370's torch kept each micro batch's stage output until
+    the next step (output_chunks): its last stage holds all m micro batches'
+    16-bit logits, today's only the one in flight."""
+    logits = 2 * 4096 * 128_256 / 2
+    kept, today = _tp_pipeline_memory("torchtitan-2412", 8)[-1], _tp_pipeline_memory("torchtitan", 8)[-1]
+    assert kept["pipeline_buffers"] - today["pipeline_buffers"] == pytest.approx(7 * logits)
+
+
+def test_loss_parallel_holds_three_fp32_logit_tensors_in_backward():
+    """Under TP torchtitan's loss is DTensor's loss_parallel, whose backward
+    holds zeros_like(x), exp(x), their sum and product beside x: 12 bytes
+    per local logit beyond the saved ones, where ATen's cross_entropy holds 8.
+    Its output layer also keeps its all-gathered input."""
+    from loom.planner.cost.activations import dtensor_head_input_bytes, head_transient
+    from loom.planner.cost.shape import Shape
+
+    model, features = load_model("llama-3-8b"), stack_features("torchtitan", Features())
+    local_logits = 4096 * model.vocab_size / 2
+    sharded = Shape(model, tp=2, cp=1, micro_batch_size=1, sequence_parallel=True, seq_length=4096, precision="bf16", features=features)
+    whole = Shape(model, tp=1, cp=1, micro_batch_size=1, sequence_parallel=False, seq_length=4096, precision="bf16", features=features)
+    assert head_transient(sharded) == pytest.approx(12 * local_logits) and head_transient(whole) == pytest.approx(8 * 2 * local_logits)
+    assert dtensor_head_input_bytes(sharded) == pytest.approx(2 * 4096 * model.hidden_size / 2) and dtensor_head_input_bytes(whole) == 0
+
+
+def test_keeping_pipeline_outputs_is_torchtitans_only(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "features": {"pipeline_keeps_outputs": True}}))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2 and "features.pipeline_keeps_outputs" in result.output, result.output

@@ -38,6 +38,12 @@ from loom.planner.specs.model import SUBLAYERS
 # nll_loss_backward, _log_softmax_backward_data).
 LOSS_SAVED_BYTES_PER_LOGIT = {"none": 4, "native": 4, "te": 2, "torch": 4}
 LOSS_TRANSIENT_BYTES_PER_LOGIT = {"none": 2, "native": 2, "te": 0, "torch": 8}
+# Under tensor parallelism torchtitan runs that loss as DTensor's
+# loss_parallel on vocabulary-sharded logits: its backward,
+# _nll_loss_and_log_softmax_backward, computes (zeros_like(x) + exp(x)) *
+# grad_output, three fp32 tensors the size of the saved log-softmax output x
+# alive at once (torch 2.6-2.13 torch/distributed/tensor/parallel/loss.py).
+LOSS_PARALLEL_TRANSIENT_BYTES_PER_LOGIT = 12
 
 
 def gemm_input_bytes(shape: Shape) -> float:
@@ -261,5 +267,21 @@ def head(shape: Shape) -> float:
 
 
 def head_transient(shape: Shape) -> float:
-    """What the loss holds beside its saved tensor while it runs."""
-    return LOSS_TRANSIENT_BYTES_PER_LOGIT[shape.features.cross_entropy_fusion] * shape.tokens * shape.model.vocab_size / shape.tp
+    """What the loss holds beside its saved tensor while it runs (PyTorch's
+    loss under TP: loss_parallel's)."""
+    loss = shape.features.cross_entropy_fusion
+    per_logit = LOSS_PARALLEL_TRANSIENT_BYTES_PER_LOGIT if loss == "torch" and shape.tp > 1 else LOSS_TRANSIENT_BYTES_PER_LOGIT[loss]
+    return per_logit * shape.tokens * shape.model.vocab_size / shape.tp
+
+
+def dtensor_head_input_bytes(shape: Shape) -> float:
+    """What torchtitan's output layer keeps beyond Megatron's under sequence
+    parallelism: its input all-gathered over TP. ColwiseParallel with
+    input_layouts Shard(1) redistributes the final norm's output to whole
+    sequences before the Linear, which saves that for its weight gradient
+    (torchtitan models/llama3/infra/parallelize.py apply_tp; torch
+    distributed/tensor/parallel/style.py); Megatron's ColumnParallelLinear
+    saves its local shard and gathers it again in backward."""
+    if not shape.sequence_parallel:
+        return 0.0
+    return shape.act_bytes * shape.tokens * shape.model.hidden_size * (1 - 1 / shape.tp)

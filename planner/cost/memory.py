@@ -13,6 +13,8 @@ Engine, PyTorch, CUDA and NCCL hold at the stage's peak, term by term
   optimizer step's fp32 gradient copy, whichever phase holds the most;
 - ``sharding_buffers``: under ZeRO-3 / FSDP, the unsharded layers in
   flight and the gradient reduce buffers (sharding.py);
+- ``pipeline_buffers``: torch.distributed.pipelining's receive buffers and
+  the stage outputs it keeps, under torchtitan (``pipelining_bytes``);
 - ``cuda_context``, ``cublas_workspaces``, ``nccl_buffers``,
   ``tp_comm_buffers``, ``moe_dispatcher_buffers`` (moe.py) and
   ``allocator_fragmentation``: what the runtime holds
@@ -29,7 +31,7 @@ import functools
 from dataclasses import dataclass
 
 from loom.planner.cost import moe, sharding
-from loom.planner.cost.activations import head_transient
+from loom.planner.cost.activations import dtensor_head_input_bytes, head_transient
 from loom.planner.cost.efficiency import NVFP4_BYTES
 from loom.planner.cost.memo import Memo
 from loom.planner.cost.layers import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
@@ -512,43 +514,44 @@ def stage_state_bytes(shape: Shape, layout: Layout, stage: Stage, framework: str
 def stage_memory(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> StageMemory:
     """Peak memory of one GPU (of type ``gpu``) of ``stage`` under Megatron's
     pipeline schedule, term by term (module docstring)."""
-    state, activations, transient, runtime = _stage_terms(shape, layout, stage, framework, gpu)
+    state, activations, transient, pipeline, runtime = _stage_terms(shape, layout, stage, framework, gpu)
     return StageMemory(stage=stage.index, breakdown_bytes={**state.terms, "sharding_buffers": state.sharding_buffers, "activations": activations,
-                                                           "transient": transient, **runtime})
+                                                           "transient": transient, "pipeline_buffers": pipeline, **runtime})
 
 
 def stage_peak_bytes(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> float:
     """``stage_memory(...).peak_bytes`` without its breakdown (the search
     asks it of every layout), summed in the same order to the same bits."""
-    state, activations, transient, runtime = _stage_terms(shape, layout, stage, framework, gpu)
-    return sum((*state.terms.values(), state.sharding_buffers, activations, transient, *runtime.values()))
+    state, activations, transient, pipeline, runtime = _stage_terms(shape, layout, stage, framework, gpu)
+    return sum((*state.terms.values(), state.sharding_buffers, activations, transient, pipeline, *runtime.values()))
 
 
-def _stage_terms(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> tuple[_StageState, float, float, dict[str, float]]:
+def _stage_terms(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> tuple[_StageState, float, float, float, dict[str, float]]:
     state = _stage_state(shape, layout, stage, framework, gpu)
-    activations, transient = _stage_activations(shape, layout, stage)
+    activations, transient = _stage_activations(shape, layout, stage, framework)
+    pipeline = pipelining_bytes(shape, layout, stage) if framework == "torchtitan" else 0.0
     # The optimizer step holds no activations: its gradient copy binds only
     # when it is larger than everything the backward held.
     transient = max(transient, state.optimizer_step - activations)
-    return state, activations, transient, runtime_bytes(shape, layout, gpu, framework, activations + transient)
+    return state, activations, transient, pipeline, runtime_bytes(shape, layout, gpu, framework, activations + transient)
 
 
 # What a stage holds for its micro batches in flight reads the shape, the
-# recompute settings, the stage's chunks and index, and the schedule's
-# pp, vpp and micro batch count: not DP, the optimizer or sharding.
+# recompute settings, the stage's chunks and index, the schedule's pp, vpp
+# and micro batch count, and the framework: not DP, the optimizer or sharding.
 _STAGE_ACTIVATIONS: Memo[tuple[float, float]] = Memo()
 
 
-def _stage_activations(shape: Shape, layout: Layout, stage: Stage) -> tuple[float, float]:
+def _stage_activations(shape: Shape, layout: Layout, stage: Stage, framework: str) -> tuple[float, float]:
     """The activations ``stage`` holds at its peak and the transient bytes
     its passes add on top (the head's logits, an MoE layer's forward, a
     recomputed layer), before the optimizer step's."""
-    key = (shape, layout.recompute, layout.recompute_num_layers, layout.selective_modules, stage.chunks, stage.index,
+    key = (shape, framework, layout.recompute, layout.recompute_num_layers, layout.selective_modules, stage.chunks, stage.index,
            layout.pp, layout.vpp, layout.num_microbatches)
-    return _STAGE_ACTIVATIONS.get(key, lambda: _priced_stage_activations(shape, layout, stage))
+    return _STAGE_ACTIVATIONS.get(key, lambda: _priced_stage_activations(shape, layout, stage, framework))
 
 
-def _priced_stage_activations(shape: Shape, layout: Layout, stage: Stage) -> tuple[float, float]:
+def _priced_stage_activations(shape: Shape, layout: Layout, stage: Stage, framework: str) -> tuple[float, float]:
     chunks = in_flight_chunks(layout, stage.index)
     # Micro batches (not chunks) in flight on this stage: the embedding and
     # head chunks are one of vpp, so they hold 1/vpp of the chunk count.
@@ -558,7 +561,7 @@ def _priced_stage_activations(shape: Shape, layout: Layout, stage: Stage) -> tup
     if stage.embedding:
         activations += microbatches * embedding_activation_bytes(shape)
     if stage.head:
-        activations += head_activation_bytes(shape)
+        activations += head_activation_bytes(shape) + (dtensor_head_input_bytes(shape) if framework == "torchtitan" else 0.0)
     if stage.vision:
         vision = shape.vision()
         activations += microbatches * vision.model.num_layers * layer_activation_bytes(vision, layout.recompute)
@@ -570,6 +573,36 @@ def _priced_stage_activations(shape: Shape, layout: Layout, stage: Stage) -> tup
         # Backward re-runs one layer's forward and holds all its activations.
         transient = max(transient, max(layer_activation_bytes(shape, "none", kind) for kind in shape.model.layer_kinds))
     return activations, transient
+
+
+def pipelining_bytes(shape: Shape, layout: Layout, stage: Stage) -> float:
+    """What torch.distributed.pipelining (torchtitan's pipeline) keeps on
+    one GPU of ``stage`` beyond the layers' saved activations, in bytes
+    (torch 2.6-2.13 distributed/pipelining/stage.py):
+
+    - a receive buffer per micro batch for each local stage's input (all
+      but the model's first) and one for its input's gradient (all but the
+      last), allocated once (_prepare_forward_infra,
+      _prepare_backward_infra) and kept; the inputs of the micro batches in
+      flight are already counted as their first layer's saved input;
+    - each micro batch's output (the last stage's: its logits), kept from
+      its forward to its backward (fwd_cache), or until the next step under
+      ``Features.pipeline_keeps_outputs`` (output_chunks).
+
+    A stage boundary is [micro batch, seq / cp, hidden] in 16-bit, split
+    over TP under sequence parallelism; in-flight micro batches are shared
+    evenly over the local stages (in_flight_chunks)."""
+    if layout.pp == 1:
+        return 0.0
+    m, chunks = layout.num_microbatches, len(stage.chunks)
+    boundary = shape.act_bytes * shape.tokens * shape.model.hidden_size / (shape.tp if shape.sequence_parallel else 1)
+    logits = shape.act_bytes * shape.tokens * shape.model.vocab_size / shape.tp
+    in_flight = in_flight_chunks(layout, stage.index) / chunks
+    outputs_held = m if shape.features.pipeline_keeps_outputs else in_flight
+    receiving = sum(not chunk.embedding for chunk in stage.chunks)
+    receiving_gradients = sum(not chunk.head for chunk in stage.chunks)
+    outputs = sum(outputs_held * (logits if chunk.head else boundary) for chunk in stage.chunks)
+    return boundary * (receiving * (m - in_flight) + receiving_gradients * m) + outputs
 
 
 def sharding_units(model: ModelSpec, framework: str, layout: Layout, params: StageParams, stage: Stage, state: StateBytes) -> sharding.Units:

@@ -132,6 +132,12 @@ class Features(StrictModel):
     # 9dec370 models/llama/model.py repeat_kv before SDPA); False: the kernel
     # reads the grouped heads itself (TE; torchtitan 0.2.2's enable_gqa).
     repeat_kv: bool = False
+    # torch.distributed.pipelining keeps every micro batch's stage output
+    # until the next step: torch 2.6's PipelineStage.forward_one_chunk
+    # appends it to output_chunks on every stage (torchtitan 9dec370's
+    # torch); torch 2.13 only when the schedule returns outputs, which
+    # torchtitan 0.2.2 asks not to (train.py: return_outputs=False).
+    pipeline_keeps_outputs: bool = False
     # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
     # capacity factor drops each expert's tokens beyond capacity_factor x its
     # even share (None: dropless), and padding every expert to capacity gives
@@ -405,6 +411,9 @@ def check_job(job: Job) -> None:
     if job.features.repeat_kv and job.framework != "torchtitan":
         raise SpecError(job.source, *_from_stack(job, "repeat_kv", f"false with {job.framework} (its attention reads grouped K and V; "
                                                                   "repeating them is torchtitan 2024-12's)"))
+    if job.features.pipeline_keeps_outputs and job.framework != "torchtitan":
+        raise SpecError(job.source, *_from_stack(job, "pipeline_keeps_outputs", f"false with {job.framework} (it is torch.distributed."
+                                                                               "pipelining's, which torchtitan runs)"))
     if job.features.optimizer_states == "bf16" and job.framework == "deepspeed":
         raise SpecError(job.source, "features.optimizer_states", "fp32 with DeepSpeed (loom writes no bf16 optimizer for it)", "bf16")
     if job.framework == "megatron" and job.precision == "fp32":

@@ -77,11 +77,13 @@ STACKS = {
             # cuDNN made opt-in by pytorch/pytorch#138522, discussed in
             # #138649 and #142132) running FlashAttention-2.
             # Its Llama repeats K and V to every query head before SDPA
-            # (models/llama/model.py repeat_kv).
+            # (models/llama/model.py repeat_kv); its torch's pipeline stages
+            # keep every micro batch's output (Features.pipeline_keeps_outputs).
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
-                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2", repeat_kv=True),
+                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2", repeat_kv=True,
+                          pipeline_keeps_outputs=True),
             source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132), "
-                   "models/llama/model.py",
+                   "models/llama/model.py, torch 2.6 distributed/pipelining/stage.py",
         ),
     )
 }
