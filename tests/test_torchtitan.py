@@ -421,3 +421,45 @@ def test_keeping_pipeline_outputs_is_torchtitans_only(tmp_path):
                                                    "seq_length": 4096, "features": {"pipeline_keeps_outputs": True}}))
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
     assert result.exit_code == 2 and "features.pipeline_keeps_outputs" in result.output, result.output
+
+
+def _fsdp8_step(**features) -> dict[str, float]:
+    """Llama-3 8B under torchtitan's FSDP on 8 GPUs, one micro batch: its step's parts."""
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=8, seq_length=4096, framework="torchtitan",
+              stack="torchtitan", features=stack_features("torchtitan", Features(**features)))
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=8, fsdp=8)
+    return evaluate(job, layout).step.breakdown_s
+
+
+def test_fsdp2_copies_its_collectives_buffers_on_the_compute_stream(monkeypatch):
+    """Per micro batch FSDP2 copies each unit's gathered weights out of the
+    all-gather buffer (twice when resharded after forward) and its gradients
+    into the reduce-scatter input, on the compute stream: 2 x (2 + 2) B of
+    bf16 weights and 2 + 4 B into the fp32 reduce per parameter, priced as
+    HBM passes beside what the collectives expose."""
+    from loom.planner.cost.efficiency import memory_time_s
+    from loom.profiles.catalogue import find_gpu
+
+    from loom.planner.cost import sharding
+
+    params = load_model("llama-3-8b").total_params()
+    with_copies = _fsdp8_step()["sharding_comm"]
+    monkeypatch.setattr(sharding, "fsdp2_copy_bytes", lambda *args: 0.0)
+    copies = memory_time_s(params * (2 * 2 * 2 + 2 + 4), find_gpu("H100"))
+    assert with_copies - _fsdp8_step()["sharding_comm"] == pytest.approx(copies, rel=0.02) and copies > 0.01
+
+
+def test_foreach_adamw_makes_a_pass_per_op():
+    """torchtitan 9dec370 stepped AdamW with foreach kernels, one HBM pass per
+    op (96 B per parameter with the clipping), today's fused kernel one (40 B)."""
+    fused, foreach = _fsdp8_step()["optimizer"], _fsdp8_step(fused_optimizer=False)["optimizer"]
+    assert foreach / fused == pytest.approx(96 / 40)
+
+
+def test_foreach_adamw_is_torchtitans_only(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
+                                                   "seq_length": 4096, "features": {"fused_optimizer": False}}))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2 and "features.fused_optimizer" in result.output, result.output

@@ -205,6 +205,21 @@ def exposed_s(framework: str, layout: Layout, units: Units, links: ShardingLinks
     return once, 0.0
 
 
+def fsdp2_copy_bytes(layout: Layout, units: Units, compute_grad_bytes: float) -> float:
+    """HBM bytes FSDP2 moves on the compute stream for one stage each time
+    it gathers and reduces its units (torch 2.6-2.13 fsdp/_fully_shard/
+    _fsdp_collectives.py): after every all-gather,
+    foreach_all_gather_copy_out's split_with_sizes_copy reads the gathered
+    buffer and writes the unsharded parameters (from wait_for_unshard, on
+    the current stream); before every reduce-scatter,
+    foreach_reduce_scatter_copy_in's chunk_cat reads the unsharded
+    gradients (``compute_grad_bytes`` each) and writes the reduce-scatter
+    input in the reduce dtype, on the current stream too (the reduce-scatter
+    stream waits for it). A unit resharded after forward is gathered twice."""
+    gathers = 1 + (layout.reshard_after_forward and not held_across_microbatches("torchtitan", layout))
+    return units.count * units.params * (gathers * 2 * units.gather_bytes + compute_grad_bytes + units.reduce_bytes)
+
+
 def buffer_bytes(framework: str, layout: Layout, units: Units, compute_grad_bytes: float) -> float:
     """The unsharded weights and gradient buffers one rank holds at its peak
     under sharded data parallelism (ZeRO-3 / FSDP), in bytes.

@@ -36,6 +36,14 @@ DDP_BUCKET_PARAMS = 40_000_000
 # master, m, v (12 B) and the 16-bit weight (2 B), plus reading the grads once
 # more for the global norm used by gradient clipping (4 B).
 OPTIMIZER_STEP_BYTES_PER_PARAM = 34
+# torchtitan steps torch.optim.AdamW after clip_grad_norm_(foreach=True),
+# whose _foreach_norm reads the gradients (4 B) and _foreach_mul_ scales
+# them (8 B) (torch 2.6-2.13 nn/utils/clip_grad.py). Fused AdamW reads the
+# weight, both moments and the gradient and writes the three back in one
+# pass (28 B); the foreach path (optim/adam.py _multi_tensor_adam, decoupled
+# weight decay) runs one pass per op: mul_ weights 8, lerp_ m 12, mul_ v 8,
+# addcmul_ v 16, sqrt 8, div_ 8, add_ eps 8, addcdiv_ weights 16 (84 B).
+TORCHTITAN_OPTIMIZER_STEP_BYTES_PER_PARAM = {True: 28 + 12, False: 84 + 12}
 
 
 @dataclass(frozen=True)
@@ -440,12 +448,16 @@ def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
     params = optimizer_partition(stage_params(job.model, layout, stage), layout)
     if layout.optimizer_offload:
         return offload.step_s(params, gpu, job.framework)
+    if job.framework == "torchtitan":
+        return memory_time_s(params * TORCHTITAN_OPTIMIZER_STEP_BYTES_PER_PARAM[job.features.fused_optimizer], gpu)
     return memory_time_s(params * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
 
 
 def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> tuple[float, float]:
     """Exposed ZeRO-2 / ZeRO-3 / FSDP communication of ``stage``, per micro
-    batch and once per step (sharding.py), behind its chunks' compute."""
+    batch and once per step (sharding.py), behind its chunks' compute, and
+    under torchtitan FSDP2's copies in and out of its collectives' buffers
+    (sharding.fsdp2_copy_bytes)."""
     if not sharding.reduces_every_microbatch(job.framework, layout):
         return 0.0, 0.0
     params = stage_params(job.model, layout, stage)
@@ -453,7 +465,13 @@ def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, 
     shard = links.shard if layout.fsdp else links.dp
     sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp, host=offload.pcie_link(gpu))
     forward_s = sum(c.forward_s for c in chunks)
-    return sharding.exposed_s(job.framework, layout, units, sharding_links, forward_s, sum(c.total_s for c in chunks) - forward_s)
+    per_microbatch_s, per_step_s = sharding.exposed_s(job.framework, layout, units, sharding_links, forward_s, sum(c.total_s for c in chunks) - forward_s)
+    if job.framework == "torchtitan" and layout.fsdp:  # FSDP2's copies in and out of its collectives' buffers, on the compute stream
+        copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, layers.shape_of(job, layout).act_bytes), gpu)
+        if sharding.held_across_microbatches(job.framework, layout):
+            return per_microbatch_s, per_step_s + copies_s
+        return per_microbatch_s + copies_s, per_step_s
+    return per_microbatch_s, per_step_s
 
 
 @dataclass(frozen=True)

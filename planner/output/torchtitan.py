@@ -107,7 +107,7 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
         "job": {"description": f"loom plan {layout.label()}"},
         "metrics": {"log_freq": TRIAL_LOG_INTERVAL if job.trial else LOG_FREQ},
         "model": {"name": flavor.name, "flavor": flavor.flavor, **_converters(job)},
-        "optimizer": {"name": "AdamW", "lr": LR},
+        "optimizer": {"name": "AdamW", "lr": LR, "implementation": "fused" if job.features.fused_optimizer else "foreach"},
         "lr_scheduler": {"warmup_steps": WARMUP_STEPS},
         "training": _training(job, layout),
         "parallelism": _parallelism(job, layout, stages),

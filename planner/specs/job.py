@@ -138,6 +138,10 @@ class Features(StrictModel):
     # torch); torch 2.13 only when the schedule returns outputs, which
     # torchtitan 0.2.2 asks not to (train.py: return_outputs=False).
     pipeline_keeps_outputs: bool = False
+    # torchtitan's AdamW as one fused kernel (torch.optim.AdamW fused=True,
+    # 0.2.2's Optimizer.implementation default) or as foreach kernels
+    # (9dec370's optimizer.py: fused off, foreach on).
+    fused_optimizer: bool = True
     # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
     # capacity factor drops each expert's tokens beyond capacity_factor x its
     # even share (None: dropless), and padding every expert to capacity gives
@@ -414,6 +418,9 @@ def check_job(job: Job) -> None:
     if job.features.pipeline_keeps_outputs and job.framework != "torchtitan":
         raise SpecError(job.source, *_from_stack(job, "pipeline_keeps_outputs", f"false with {job.framework} (it is torch.distributed."
                                                                                "pipelining's, which torchtitan runs)"))
+    if not job.features.fused_optimizer and job.framework != "torchtitan":
+        raise SpecError(job.source, *_from_stack(job, "fused_optimizer", f"true with {job.framework} (loom prices its fused Adam; "
+                                                                       "foreach kernels are torchtitan's choice)"))
     if job.features.optimizer_states == "bf16" and job.framework == "deepspeed":
         raise SpecError(job.source, "features.optimizer_states", "fp32 with DeepSpeed (loom writes no bf16 optimizer for it)", "bf16")
     if job.framework == "megatron" and job.precision == "fp32":

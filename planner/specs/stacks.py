@@ -78,12 +78,13 @@ STACKS = {
             # #138649 and #142132) running FlashAttention-2.
             # Its Llama repeats K and V to every query head before SDPA
             # (models/llama/model.py repeat_kv); its torch's pipeline stages
-            # keep every micro batch's output (Features.pipeline_keeps_outputs).
+            # keep every micro batch's output (Features.pipeline_keeps_outputs);
+            # its AdamW runs foreach kernels (optimizer.py: fused False).
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
                           cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2", repeat_kv=True,
-                          pipeline_keeps_outputs=True),
+                          pipeline_keeps_outputs=True, fused_optimizer=False),
             source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132), "
-                   "models/llama/model.py, torch 2.6 distributed/pipelining/stage.py",
+                   "models/llama/model.py, optimizer.py, torch 2.6 distributed/pipelining/stage.py",
         ),
     )
 }
