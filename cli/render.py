@@ -60,7 +60,8 @@ def plans_table(plans: list[Plan], title: str) -> Table:
     captions = [label_legend([plan.layout.label() for plan in plans]) + "; GiB: peak memory of the fullest GPU"
                 + ("; then the MoE token dispatcher" if dispatchers > 1 else "")]
     if idle:
-        captions.append("idle: GPUs the plan leaves unused, the slowest nodes (a size whose prime factors force a poor layout)")
+        captions.append("idle: GPUs the plan leaves unused, the slowest nodes (a slower kind of GPU, or a node count whose "
+                        "prime factors force a poor layout)")
     if placed:
         captions.append("placed: step time the solver's rank placement saves against Megatron's default order on the same links "
                         "(* not proven optimal; -: not re-placed)")

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pulp
 
+from loom.solvers.gap import relative_gap
 from loom.solvers.interleaved_split import Entry, StageMemory, solve_interleaved_run
 from loom.solvers.typed_split import MAX_COUNT_STATES, DeviceType, last_ends, solve_typed_split
 
@@ -674,10 +675,9 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, metho
         if status == "optimal" and (bound is None or bound > objective):
             bound = objective  # proven optimal: the solver's bound is the objective up to its tolerance
         bound = -math.inf if bound is None else bound
-        gap = (objective - bound) / objective if sizes and objective > 0 else (0.0 if sizes else math.inf)
         return Partition(
             chunk_sizes=tuple(sizes), stage_device=tuple(stage_device), objective_s=objective,
-            bound_s=bound, gap=max(gap, 0.0), status=status, wall_time_s=time.perf_counter() - started,
+            bound_s=bound, gap=relative_gap(objective, bound) if sizes else math.inf, status=status, wall_time_s=time.perf_counter() - started,
             binding=binding, method=method_name,
         )
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from loom.solvers.gap import relative_gap
 from loom.solvers.links import group_bandwidth_GBps
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class PlacementSolution:
 
     @property
     def gap(self) -> float:
-        return 0.0 if self.communication_s <= 0 else max(0.0, 1.0 - self.bound_s / self.communication_s)
+        return relative_gap(self.communication_s, self.bound_s)
 
 
 def communication_s(problem: PlacementProblem, slot_of_rank: np.ndarray) -> float:

@@ -5,6 +5,7 @@ table, plan.json and the launch files."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import make_cluster, make_job
@@ -42,6 +43,21 @@ def test_the_nodes_left_idle_are_the_slowest_and_keep_their_links():
     assert make_cluster(11).fastest_nodes(10).hosts == make_cluster(11).hosts[:10]
     with pytest.raises(ValueError):
         cluster.fastest_nodes(12)
+
+
+def test_a_mixed_cluster_also_plans_on_its_faster_gpus_alone():
+    """8 A100 nodes beside 8 H100 nodes: training runs at the A100s' pace,
+    so the search also plans on the H100 nodes alone, and for Llama-3 8B at
+    global batch 64 that plan is the fastest, the A100s idle."""
+    from loom.planner.specs.cluster import parse_cluster
+
+    a100 = {"gpu": "A100-SXM4-80GB", "nvlink_GBps": 300, "nic_Gbps": 200}
+    mixed = parse_cluster({**CLUSTER, "nodes": 16, "node_overrides": [{"node": i, **a100} for i in range(8)]}, "mixed")
+    assert idle_node_counts(mixed) == [8] and idle_node_counts(make_cluster(16)) == []
+    result = search(replace(make_job("llama-3-8b", gbs=64, seq=4096), cluster=mixed), top_k=3)
+    best = result.plans[0]
+    assert best.idle_gpus == 64 and not best.job.cluster.heterogeneous and "A100" not in best.job.cluster.slowest.gpu.name
+    assert all(plan.step_time_s > best.step_time_s for plan in result.plans if not plan.idle_gpus)
 
 
 def test_an_awkward_cluster_leaves_nodes_idle_when_that_is_faster():

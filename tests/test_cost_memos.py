@@ -6,6 +6,8 @@ another's value, and this would see it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from conftest import make_job
 
@@ -14,6 +16,7 @@ from loom.planner.cost.memory import _priced_stage_activations, _priced_stage_st
 from loom.planner.cost.network import Links
 from loom.planner.cost.time_model import _chunk_time_memo, chunk_time
 from loom.planner.search.layouts import candidate_layouts
+from loom.planner.specs.cluster import parse_cluster
 from loom.planner.specs.job import Features, SearchFile
 from loom.planner.specs.rules import layout_problems
 from loom.planner.specs.stages import default_placement, stage_gpus, uniform_stages
@@ -26,6 +29,11 @@ def _priced(job, layout):
     return shape_of(job, layout), Links.of(job, layout), list(zip(stages, gpus))
 
 
+MIXED = parse_cluster({"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400,
+                       "node_overrides": [{"node": 0, "gpu": "A100-SXM4-80GB", "nvlink_GBps": 300, "nic_Gbps": 200},
+                                          {"node": 1, "power_limit_W": 500}]}, "mixed")
+
+
 @pytest.mark.parametrize("job", [
     make_job("deepseek-v2-lite", nodes=1, gbs=64, seq=4096),
     make_job("llama-3-8b", nodes=1, gbs=64, seq=4096, framework="torchtitan"),
@@ -33,7 +41,8 @@ def _priced(job, layout):
              search=SearchFile(zero_stage=[0, 1, 2, 3], optimizer_offload=[False, True])),
     make_job("llama-3-8b", nodes=1, gbs=64, seq=4096, features=Features(tp_comm_overlap=True),
              search=SearchFile(recompute=["none", "selective", "full"], tp=[1, 2, 4])),
-], ids=["megatron-moe", "torchtitan", "deepspeed-zero-offload", "megatron-dense"])
+    replace(make_job("deepseek-v2-lite", gbs=32, seq=4096), cluster=MIXED),
+], ids=["megatron-moe", "torchtitan", "deepspeed-zero-offload", "megatron-dense", "mixed-capped-moe"])
 def test_memoised_costs_equal_pricing_afresh(job):
     layouts = [layout for layout in candidate_layouts(job) if not layout_problems(job, layout)]
     assert len(layouts) > 20

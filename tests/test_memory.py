@@ -145,7 +145,7 @@ def test_the_fullest_stage_is_found_without_pricing_every_stage():
         gpus = stage_gpus(job.cluster, default_placement(job.cluster, layout.world_size), stages)
         shape = shape_of(job, layout)
         every = max(stage_memory(shape, layout, stage, job.framework, gpu).peak_bytes / gpu.memory_bytes for stage, gpu in zip(stages, gpus))
-        fullest = fullest_stage(job, layout, stages, gpus)
+        fullest = fullest_stage(job, layout, gpus)
         assert fullest.peak_bytes / fullest.capacity_bytes == pytest.approx(every)
 
 

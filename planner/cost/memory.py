@@ -462,11 +462,8 @@ def _held_counts(schedule: str, pp: int, vpp: int, microbatches: int, stage_inde
 class _StageState:
     """What one GPU of a stage holds for its model, whatever its micro
     batches: the model-state terms on the device (their sum ``bytes``), the
-    sharded data parallel buffers, and the optimizer step's gradient copy;
-    with the parameters and bytes per parameter they come from."""
+    sharded data parallel buffers, and the optimizer step's gradient copy."""
 
-    params: StageParams
-    state_bytes: StateBytes
     terms: dict[str, float]
     bytes: float
     sharding_buffers: float
@@ -501,7 +498,7 @@ def _priced_stage_state(shape: Shape, layout: Layout, stage: Stage, framework: s
     buffers = 0.0
     if layout.fsdp:
         buffers = sharding.buffer_bytes(framework, layout, sharding_units(shape.model, framework, layout, params, stage, state_bytes), WEIGHT_BYTES)
-    return _StageState(params, state_bytes, state, sum(state.values()), buffers, optimizer_step_bytes(params, layout, state_bytes, framework))
+    return _StageState(state, sum(state.values()), buffers, optimizer_step_bytes(params, layout, state_bytes, framework))
 
 
 def stage_state_bytes(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> float:

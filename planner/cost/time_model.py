@@ -14,6 +14,7 @@ plus (m - 1) times the slowest stage".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from loom.planner.cost import host, layers, moe, offload, sharding
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
@@ -25,7 +26,7 @@ from loom.planner.cost.network import Links
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import OP_SAC, Layout
-from loom.planner.specs.model import SUBLAYERS
+from loom.planner.specs.model import SUBLAYERS, ModelSpec
 from loom.planner.specs.stages import Chunk, Placement, Stage, stage_signature
 from loom.profiles.catalogue import GPU
 
@@ -559,24 +560,35 @@ def _chunk_time_memo(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links
     return _CHUNK_TIMES.get(key, lambda: chunk_time(shape, layout, chunk, gpu, links, job))
 
 
+T = TypeVar("T")
+
+
+def _per_stage_kind(model: ModelSpec, stages: list[Stage], gpus: list[GPU], price: Callable[[Stage, GPU], T]) -> list[T]:
+    """``price(stage, gpu)`` of each stage, computed once per kind of stage:
+    stages alike in their layers (stage_signature) on one kind of GPU cost
+    the same."""
+    priced: dict[tuple, T] = {}
+    found = []
+    for stage, gpu in zip(stages, gpus):
+        kind = (stage_signature(model, stage), gpu.kind)
+        if kind not in priced:
+            priced[kind] = price(stage, gpu)
+        found.append(priced[kind])
+    return found
+
+
 def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepParts:
     """Price every piece of a step of ``layout``, stage s on GPUs ``gpus[s]``,
     its groups on the links ``placement`` gives them (default: Megatron's order)."""
     shape = layers.shape_of(job, layout)
     links = Links.of(job, layout, placement)
-    model = job.model
-    # Stages alike in their layers (stage_signature) cost the same: price each kind once.
-    stage_memo: dict[tuple, tuple] = {}
 
     def stage_costs(stage: Stage, gpu: GPU) -> tuple:
-        kind = (stage_signature(model, stage), gpu.kind)
-        if kind not in stage_memo:
-            chunks = [_chunk_time_memo(shape, layout, chunk, gpu, links, job) for chunk in stage.chunks]
-            stage_memo[kind] = (chunks, _sharding_s(job, layout, stage, gpu, links, chunks), _accumulation_copies_s(job, layout, stage, gpu),
-                                data_parallel_comm(job, layout, stage, links), _optimizer_s(job, layout, stage, gpu))
-        return stage_memo[kind]
+        chunks = [_chunk_time_memo(shape, layout, chunk, gpu, links, job) for chunk in stage.chunks]
+        return (chunks, _sharding_s(job, layout, stage, gpu, links, chunks), _accumulation_copies_s(job, layout, stage, gpu),
+                data_parallel_comm(job, layout, stage, links), _optimizer_s(job, layout, stage, gpu))
 
-    costs = [stage_costs(stage, gpu) for stage, gpu in zip(stages, gpus)]
+    costs = _per_stage_kind(job.model, stages, gpus, stage_costs)
     chunks = [list(chunk_times) for chunk_times, *_ in costs]
     all_chunks = [c for cs in chunks for c in cs]
     return StepParts(
@@ -631,6 +643,7 @@ def _even_pipeline_s(work_s: float, layout: Layout) -> float:
     return work_s / layout.pp * (layout.num_microbatches + (layout.pp - 1) / layout.vpp)
 
 
+# Every layer's kernels for one micro batch read the shape and the GPUs only.
 _LAYER_KERNELS: Memo[float] = Memo()
 
 
@@ -656,16 +669,12 @@ def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU
     W' = sum(tau'). Tighter than step_lower_bound_s by the exposed
     communication, host time, recomputation and the embedding and head;
     the chunk times are the ones step_time reads (_chunk_time_memo)."""
-    shape, links, model = layers.shape_of(job, layout), Links.of(job, layout), job.model
-    memo: dict[tuple, float] = {}
+    shape, links = layers.shape_of(job, layout), Links.of(job, layout)
 
     def stage_s(stage: Stage, gpu: GPU) -> float:
-        kind = (stage_signature(model, stage), gpu)
-        if kind not in memo:
-            memo[kind] = sum(_chunk_time_memo(shape, layout, chunk, gpu, links, job).total_s for chunk in stage.chunks)
-        return memo[kind]
+        return sum(_chunk_time_memo(shape, layout, chunk, gpu, links, job).total_s for chunk in stage.chunks)
 
-    tau = [stage_s(stage, gpu) for stage, gpu in zip(stages, gpus)]
+    tau = _per_stage_kind(job.model, stages, gpus, stage_s)
     return _pipeline_s(tau, layout), _even_pipeline_s(sum(tau), layout)
 
 

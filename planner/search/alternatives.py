@@ -9,12 +9,14 @@ few factors of two (3,091 = 11 x 281) leaves data parallelism almost no
 sizes. A practitioner then leaves a few nodes idle or rounds the batch; the
 search does both (``search`` in layouts.py):
 
-- idle nodes: when the node count has a prime factor above SMOOTH_PRIME, the
-  search also runs on k nodes, for the CANDIDATES values of k that leave at
-  most MAX_IDLE_FRACTION of the nodes idle and factor best (most factors of
-  two, then the most nodes); the nodes left idle are the slowest
-  (Cluster.fastest_nodes); those plans rank with the others by step time and
-  report the GPUs they leave idle;
+- idle nodes: on a cluster of GPUs of different paces, the search also runs
+  on the nodes of each faster kind and up alone (synchronous training runs at
+  its slowest GPU's pace, so the slow kind may cost more than it adds); when
+  the node count has a prime factor above SMOOTH_PRIME, on k nodes, for the
+  CANDIDATES values of k that leave at most MAX_IDLE_FRACTION of the nodes
+  idle and factor best (most factors of two, then the most nodes); the nodes
+  left idle are the slowest (Cluster.fastest_nodes); those plans rank with
+  the others by step time and report the GPUs they leave idle;
 - nearby batches: when the global batch is not a multiple of ROUND_BATCH,
   the CANDIDATES batch sizes within NEARBY_BATCH_FRACTION with the most
   factors of two are searched too, and those whose best plan trains
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loom.planner.specs.cluster import Cluster
+from loom.planner.specs.cluster import Cluster, gpu_pace
 
 # Thresholds of what counts as awkward and as near [assumed: a practitioner's
 # rules of thumb, not measured]: at most an eighth of the nodes idle, batch
@@ -69,17 +71,24 @@ def factors_of_two(n: int) -> int:
 
 
 def idle_node_counts(cluster: Cluster) -> list[int]:
-    """Node counts worth searching besides the whole cluster: none unless its
-    node count has a prime factor above SMOOTH_PRIME; else up to CANDIDATES
-    counts that leave at most MAX_IDLE_FRACTION idle, keep whole NVLink
-    domains and have only small prime factors, most factors of two first."""
+    """Node counts worth searching besides the whole cluster (none when its
+    links were measured pair by pair, or for a count that would split an
+    NVLink domain): the nodes of each faster kind of GPU and up; and when
+    the node count has a prime factor above SMOOTH_PRIME, up to CANDIDATES
+    counts that leave at most MAX_IDLE_FRACTION idle and have only small
+    prime factors, most factors of two first."""
     nodes = len(cluster.nodes)
-    if largest_prime_factor(nodes) <= SMOOTH_PRIME or cluster.fabric.links_profile is not None:
+    if cluster.fabric.links_profile is not None:
         return []
     domain_nodes = cluster.slowest.domain_gpus // cluster.gpus_per_node
-    fewest = math.ceil(nodes * (1 - MAX_IDLE_FRACTION))
-    counts = [k for k in range(fewest, nodes) if k % domain_nodes == 0 and largest_prime_factor(k) <= SMOOTH_PRIME]
-    return sorted(counts, key=lambda k: (-factors_of_two(k * cluster.gpus_per_node), -k))[:CANDIDATES]
+    paces = sorted({gpu_pace(node.gpu) for node in cluster.nodes})
+    faster = [sum(gpu_pace(node.gpu) >= pace for node in cluster.nodes) for pace in paces[1:]]
+    rounder = []
+    if largest_prime_factor(nodes) > SMOOTH_PRIME:
+        fewest = math.ceil(nodes * (1 - MAX_IDLE_FRACTION))
+        smooth = [k for k in range(fewest, nodes) if k % domain_nodes == 0 and largest_prime_factor(k) <= SMOOTH_PRIME]
+        rounder = sorted(smooth, key=lambda k: (-factors_of_two(k * cluster.gpus_per_node), -k))[:CANDIDATES]
+    return list(dict.fromkeys([*rounder, *(k for k in faster if k % domain_nodes == 0)]))
 
 
 def nearby_batch_sizes(global_batch_size: int) -> list[int]:

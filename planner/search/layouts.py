@@ -194,8 +194,9 @@ class _Fullest:
         return self.peak_bytes / self.usable_bytes
 
 
-def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], skip_beyond: float = math.inf) -> _Fullest | None:
-    """The stage closest to (or furthest over) its GPU's usable memory, or
+def fullest_stage(job: Job, layout: Layout, gpus: list[GPU], skip_beyond: float = math.inf) -> _Fullest | None:
+    """Of the layout's even split (uniform_stages), stage s on ``gpus[s]``,
+    the stage closest to (or furthest over) its GPU's usable memory, or
     None when some stage's model state alone fills more than
     ``skip_beyond`` of its usable memory (then the fullest is fuller still).
 
@@ -204,9 +205,8 @@ def fullest_stage(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]
     micro batches are in flight, and Megatron's schedules hold no fewer on
     an earlier stage (``in_flight_chunks``; for unequal chunks every count
     a later stage reaches is covered by an earlier one's, which
-    tests/test_memory.py checks): only the first of each kind is priced.
-    ``stages``: the layout's even split (uniform_stages), stage s on ``gpus[s]``."""
-    shape = shape_of(job, layout)
+    tests/test_memory.py checks): only the first of each kind is priced."""
+    shape, stages = shape_of(job, layout), uniform_stages(job.model, layout)
     if job.cluster.heterogeneous:
         kinds = _first_of_each((stage_signature(job.model, stage), gpu.kind) for stage, gpu in zip(stages, gpus))
     else:
@@ -393,7 +393,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
             progress(i, len(valid))
         stages = uniform_stages(job.model, layout)
         gpus = stage_gpus(job.cluster, placement, stages)
-        fullest = fullest_stage(job, layout, stages, gpus, skip_beyond=max(NEAR_FIT, smallest[0].fullness) if smallest else math.inf)
+        fullest = fullest_stage(job, layout, gpus, skip_beyond=max(NEAR_FIT, smallest[0].fullness) if smallest else math.inf)
         if fullest is None:
             continue
         if smallest is None or fullest.fullness < smallest[0].fullness:
@@ -542,12 +542,12 @@ def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scor
         gpus = stage_gpus(job.cluster, placement, stages)
 
         def fits(layout: Layout) -> bool:  # the same stages: only recomputation changes
-            return fullest_stage(job, layout, stages, gpus).fits
+            return fullest_stage(job, layout, gpus).fits
 
         for variant in partial_variants(job, candidate.layout, fits):
             if not layout_problems(job, variant):
                 timing = step_time(job, variant, stages, gpus)
-                found.append(_Scored(timing.step_time_s, fullest_stage(job, variant, stages, gpus).peak_bytes, variant,
+                found.append(_Scored(timing.step_time_s, fullest_stage(job, variant, gpus).peak_bytes, variant,
                                      split_bound_s(job, variant, stages, timing)))
     return found
 

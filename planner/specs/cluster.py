@@ -187,7 +187,7 @@ class Cluster:
                 node = self.nodes[i]
                 nic = min([node.nic_Gbps, *(gbps for n, _, gbps in self.fabric.nic_Gbps if n == i)])
                 nvlink = min([node.nvlink_GBps, *(gbps for n, _, _, gbps in self.fabric.nvlink_GBps if n == i)])
-                return (_gpu_pace(node.gpu), nic, nvlink, -i)
+                return (gpu_pace(node.gpu), nic, nvlink, -i)
 
             kept = sorted(sorted(range(len(self.nodes)), key=strength, reverse=True)[:count])
         new_index = {old: new for new, old in enumerate(kept)}
@@ -219,14 +219,14 @@ def group_gpu(gpus: tuple[GPU, ...]) -> GPU:
     slowest member's pace, and in its smallest member's memory (every rank
     holds the same share) — a type of its own when those are two GPUs (one
     object per set, so identity stays equality)."""
-    slowest = min(gpus, key=_gpu_pace)
+    slowest = min(gpus, key=gpu_pace)
     smallest = min(gpus, key=lambda gpu: gpu.memory_bytes)
     if smallest.memory_bytes >= slowest.memory_bytes:
         return slowest
     return dataclasses.replace(slowest, name=f"{slowest.name}/{smallest.name}", memory_bytes=smallest.memory_bytes)
 
 
-def _gpu_pace(gpu: GPU) -> tuple[float, int]:
+def gpu_pace(gpu: GPU) -> tuple[float, int]:
     """Orders GPUs slowest (then smallest) first."""
     return (gpu.peak_tflops["bf16"] * gpu.clock_fraction, gpu.memory_bytes)
 
