@@ -61,7 +61,7 @@ def plans_table(plans: list[Plan], title: str) -> Table:
                 + ("; then the MoE token dispatcher" if dispatchers > 1 else "")]
     if idle:
         captions.append("idle: GPUs the plan leaves unused, the slowest nodes (a slower kind of GPU, or a node count whose "
-                        "prime factors force a poor layout)")
+                        "prime factors, or the global batch's, force a poor layout)")
     if placed:
         captions.append("placed: step time the solver's rank placement saves against Megatron's default order on the same links "
                         "(* not proven optimal; -: not re-placed)")

@@ -20,8 +20,10 @@ def test_awkward_sizes_and_their_alternatives():
     assert [largest_prime_factor(n) for n in (1, 2, 89, 84, 3091)] == [1, 2, 89, 7, 281]
     assert [factors_of_two(n) for n in (1, 96, 3072)] == [0, 5, 10]
     # 89 nodes (712 GPUs): 80 and 84 leave at most an eighth idle and factor into 2, 3, 5, 7.
-    assert idle_node_counts(make_cluster(89)) == [80, 84]
-    assert idle_node_counts(make_cluster(84)) == [] and idle_node_counts(make_cluster(168)) == []
+    assert idle_node_counts(make_cluster(89), 1536) == [80, 84]
+    assert idle_node_counts(make_cluster(84), 1536) == [] and idle_node_counts(make_cluster(168), 3072) == []
+    # 3,091 = 11 x 281: 154 and 165 of 168 nodes give GPU counts 11 divides (281 is beyond every count).
+    assert idle_node_counts(make_cluster(168), 3091) == [154, 165]
     assert nearby_batch_sizes(3091) == [3072, 3200] and nearby_batch_sizes(1536) == []
     assert all(abs(b / 63 - 1) <= 0.05 for b in nearby_batch_sizes(63))
 
@@ -53,7 +55,7 @@ def test_a_mixed_cluster_also_plans_on_its_faster_gpus_alone():
 
     a100 = {"gpu": "A100-SXM4-80GB", "nvlink_GBps": 300, "nic_Gbps": 200}
     mixed = parse_cluster({**CLUSTER, "nodes": 16, "node_overrides": [{"node": i, **a100} for i in range(8)]}, "mixed")
-    assert idle_node_counts(mixed) == [8] and idle_node_counts(make_cluster(16)) == []
+    assert idle_node_counts(mixed, 64) == [8] and idle_node_counts(make_cluster(16), 64) == []
     result = search(replace(make_job("llama-3-8b", gbs=64, seq=4096), cluster=mixed), top_k=3)
     best = result.plans[0]
     assert best.idle_gpus == 64 and not best.job.cluster.heterogeneous and "A100" not in best.job.cluster.slowest.gpu.name
@@ -100,3 +102,15 @@ def test_when_the_batch_fits_no_layout_the_message_names_the_nearby_ones_that_do
     result = invoke("plan", "--model", "llama-3-8b", "--framework", "deepspeed", "--cluster", cluster, "--global-batch-size", 509,
                     "--seq-length", 4096)
     assert result.exit_code == 3 and "nearby global batch sizes fit: 512 (" in " ".join(result.output.split()), result.output
+
+
+def test_an_awkward_batch_leaves_nodes_idle_for_data_parallelism():
+    """Global batch 88 = 8 x 11 on 12 nodes (96 GPUs): data parallelism can
+    take 11 only on a GPU count 11 divides, so the search also plans on 11
+    nodes, and there DP11 (or 22, 44) beats every layout of all 96 GPUs."""
+    from loom.planner.search.layouts import _search_dispatchers
+
+    job = make_job("llama-3-8b", nodes=12, gbs=88, seq=4096)
+    best = search(job, top_k=3).plans[0]
+    assert best.idle_gpus == 8 and best.layout.dp % 11 == 0
+    assert _search_dispatchers(job, 1).plans[0].step_time_s > best.step_time_s

@@ -14,9 +14,11 @@ search does both (``search`` in layouts.py):
   its slowest GPU's pace, so the slow kind may cost more than it adds); when
   the node count has a prime factor above SMOOTH_PRIME, on k nodes, for the
   CANDIDATES values of k that leave at most MAX_IDLE_FRACTION of the nodes
-  idle and factor best (most factors of two, then the most nodes); the nodes
-  left idle are the slowest (Cluster.fastest_nodes); those plans rank with
-  the others by step time and report the GPUs they leave idle;
+  idle and factor best (most factors of two, then the most nodes), and
+  likewise on counts whose GPUs a large prime factor of the global batch
+  divides (idle_node_counts); the nodes left idle are the slowest
+  (Cluster.fastest_nodes); those plans rank with the others by step time and
+  report the GPUs they leave idle;
 - nearby batches: when the global batch is not a multiple of ROUND_BATCH,
   the CANDIDATES batch sizes within NEARBY_BATCH_FRACTION with the most
   factors of two are searched too, and those whose best plan trains
@@ -57,12 +59,7 @@ class NearbyBatch:
 
 def largest_prime_factor(n: int) -> int:
     """The largest prime dividing ``n`` (1 for n = 1)."""
-    largest, p = 1, 2
-    while p * p <= n:
-        while n % p == 0:
-            largest, n = p, n // p
-        p += 1
-    return max(largest, n)
+    return max(prime_factors(n), default=1)
 
 
 def factors_of_two(n: int) -> int:
@@ -70,25 +67,50 @@ def factors_of_two(n: int) -> int:
     return (n & -n).bit_length() - 1
 
 
-def idle_node_counts(cluster: Cluster) -> list[int]:
+def idle_node_counts(cluster: Cluster, global_batch_size: int) -> list[int]:
     """Node counts worth searching besides the whole cluster (none when its
     links were measured pair by pair, or for a count that would split an
-    NVLink domain): the nodes of each faster kind of GPU and up; and when
-    the node count has a prime factor above SMOOTH_PRIME, up to CANDIDATES
-    counts that leave at most MAX_IDLE_FRACTION idle and have only small
-    prime factors, most factors of two first."""
-    nodes = len(cluster.nodes)
+    NVLink domain):
+
+    - the nodes of each faster kind of GPU and up;
+    - when the node count has a prime factor above SMOOTH_PRIME, up to
+      CANDIDATES counts that leave at most MAX_IDLE_FRACTION idle and have
+      only small prime factors, most factors of two first;
+    - for each prime factor above SMOOTH_PRIME of the global batch that the
+      GPU count lacks, up to CANDIDATES counts that leave at most
+      MAX_IDLE_FRACTION idle and whose GPUs it divides, most factors of two
+      first: data parallelism can then take it (3,091 = 11 x 281 on 1,344
+      GPUs can only run DP1; on 1,232 it can run DP11)."""
+    nodes, per_node = len(cluster.nodes), cluster.gpus_per_node
     if cluster.fabric.links_profile is not None:
         return []
-    domain_nodes = cluster.slowest.domain_gpus // cluster.gpus_per_node
+    domain_nodes = cluster.slowest.domain_gpus // per_node
+    fewer = range(math.ceil(nodes * (1 - MAX_IDLE_FRACTION)), nodes)
+
+    def roundest(counts: list[int]) -> list[int]:
+        kept = [k for k in counts if k % domain_nodes == 0]
+        return sorted(kept, key=lambda k: (-factors_of_two(k * per_node), -k))[:CANDIDATES]
+
     paces = sorted({gpu_pace(node.gpu) for node in cluster.nodes})
-    faster = [sum(gpu_pace(node.gpu) >= pace for node in cluster.nodes) for pace in paces[1:]]
-    rounder = []
+    counts = [sum(gpu_pace(node.gpu) >= pace for node in cluster.nodes) for pace in paces[1:]]
     if largest_prime_factor(nodes) > SMOOTH_PRIME:
-        fewest = math.ceil(nodes * (1 - MAX_IDLE_FRACTION))
-        smooth = [k for k in range(fewest, nodes) if k % domain_nodes == 0 and largest_prime_factor(k) <= SMOOTH_PRIME]
-        rounder = sorted(smooth, key=lambda k: (-factors_of_two(k * cluster.gpus_per_node), -k))[:CANDIDATES]
-    return list(dict.fromkeys([*rounder, *(k for k in faster if k % domain_nodes == 0)]))
+        counts += roundest([k for k in fewer if largest_prime_factor(k) <= SMOOTH_PRIME])
+    for prime in prime_factors(global_batch_size):
+        if prime > SMOOTH_PRIME and (nodes * per_node) % prime:
+            counts += roundest([k for k in fewer if k * per_node % prime == 0])
+    return list(dict.fromkeys(k for k in counts if k % domain_nodes == 0))
+
+
+def prime_factors(n: int) -> list[int]:
+    """The distinct primes dividing ``n``, smallest first."""
+    found, p = [], 2
+    while p * p <= n:
+        if n % p == 0:
+            found.append(p)
+            while n % p == 0:
+                n //= p
+        p += 1
+    return found + ([n] if n > 1 else [])
 
 
 def nearby_batch_sizes(global_batch_size: int) -> list[int]:

@@ -283,7 +283,7 @@ def _search_sizes(job: Job, top_k: int, progress: Callable[[int, int], None] | N
         results.append(_search_dispatchers(job, top_k, progress))
     except InfeasibleError as error:
         infeasible = error
-    for nodes in idle_node_counts(job.cluster):
+    for nodes in idle_node_counts(job.cluster, job.global_batch_size):
         idle = job.cluster.num_gpus - nodes * job.cluster.gpus_per_node
         tried.append(str(nodes))
         try:
