@@ -3,7 +3,7 @@ time and per-stage memory — and ``evaluate``, which makes one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loom.planner.cost.compute import model_flops_per_token
 from loom.planner.cost.layers import shape_of
@@ -13,7 +13,7 @@ from loom.planner.specs.layout import Layout
 from loom.planner.specs.rules import layout_problems
 from loom.planner.cost.memory import StageMemory, stage_memory
 from loom.planner.specs.stages import Placement, Stage, default_placement, stage_gpus, uniform_stages
-from loom.planner.cost.simulated_step import simulated_step
+from loom.planner.cost.simulated_step import simulated_step, with_send_recv
 from loom.planner.schedule.simulate import PipelineCosts, Simulation
 from loom.planner.cost.time_model import StepTime, step_parts
 from loom.solvers.partition import Partition
@@ -36,6 +36,9 @@ class Plan:
     start_step_time_s: float | None = None  # the step time on the placement it started from
     idle_gpus: int = 0  # GPUs of the cluster the plan leaves idle: its slowest nodes, whole (search/alternatives.py)
     split_solve: Partition | None = None  # when a split solver ran for this layout (search/split.py)
+    # Whether step.breakdown_s tells the pipeline's exposed send/recv from its
+    # bubble (a second simulation: build_plan's send_recv; with_pp_comm).
+    pp_comm_told: bool = True
 
     @property
     def even_stages(self) -> tuple[Stage, ...]:
@@ -111,14 +114,18 @@ def evaluate(job: Job, layout: Layout, source: str = "layout") -> Plan:
     return build_plan(job, layout)
 
 
-def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, placement: Placement | None = None) -> Plan:
+def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, placement: Placement | None = None,
+               send_recv: bool = True) -> Plan:
     """The plan of a valid layout with the given stages and placement
-    (default: the even split, Megatron's rank order on the nodes in order)."""
+    (default: the even split, Megatron's rank order on the nodes in order);
+    without ``send_recv`` its bubble holds the send/recv time the pipeline
+    exposes (simulated_step: one simulation, not two; with_pp_comm tells
+    them apart later), the step time the same."""
     stages = stages or uniform_stages(job.model, layout)
     placement = placement or default_placement(job.cluster, layout.world_size)
     gpus = stage_gpus(job.cluster, placement, stages)
     shape = shape_of(job, layout)
-    simulated = simulated_step(step_parts(job, layout, stages, gpus, placement), stages)
+    simulated = simulated_step(step_parts(job, layout, stages, gpus, placement), stages, send_recv=send_recv)
     return Plan(
         job=job,
         layout=layout,
@@ -130,4 +137,13 @@ def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, plac
         schedule=simulated.simulation.schedule,
         schedule_costs=simulated.costs,
         simulation=simulated.simulation,
+        pp_comm_told=send_recv,
     )
+
+
+def with_pp_comm(plan: Plan) -> Plan:
+    """``plan`` with its pipeline's exposed send/recv told apart from its
+    bubble, if build_plan left them together."""
+    if plan.pp_comm_told:
+        return plan
+    return replace(plan, step=with_send_recv(plan.step, plan.schedule_costs, plan.simulation), pp_comm_told=True)

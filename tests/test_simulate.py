@@ -365,3 +365,20 @@ def test_a_short_step_or_gpipe_is_simulated_whole():
     assert simulate_long(short, "1f1b") == simulate(short, "1f1b", record_events=False)
     long = _ends_heavier(4, 300, 1)
     assert simulate_long(long, "gpipe") == simulate(long, "gpipe", record_events=False)
+
+
+def test_send_recv_told_apart_later_is_what_it_is_at_once():
+    """The search builds its finalists with one simulation (the bubble
+    holding the send/recv the pipeline exposes) and tells the two apart only
+    for the plans it keeps: same step, same breakdown as two at once."""
+    from conftest import make_job
+
+    from loom.planner.plan import build_plan, with_pp_comm
+    from loom.planner.specs.layout import Layout
+
+    job = make_job("llama-3-8b", nodes=2, gbs=64, seq=4096)
+    layout = Layout(tp=2, pp=4, dp=2, cp=1, vpp=2, micro_batch_size=1, global_batch_size=64, sequence_parallel=True)
+    at_once, later = build_plan(job, layout), build_plan(job, layout, send_recv=False)
+    assert later.step_time_s == at_once.step_time_s and not later.pp_comm_told
+    assert later.step.breakdown_s["pp_comm"] == 0 and at_once.step.breakdown_s["pp_comm"] > 0
+    assert with_pp_comm(later).step == at_once.step

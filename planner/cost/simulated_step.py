@@ -44,6 +44,24 @@ def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
     )
 
 
+def send_recv_exposed_s(costs: PipelineCosts, simulation: Simulation) -> float:
+    """What send/recv add to the simulated pipeline: the schedule simulated
+    again with free transfers is that much shorter."""
+    if costs.p2p_s <= 0 or len(costs.stages) == 1:
+        return 0.0
+    return max(0.0, simulation.pipeline_time_s - simulate_long(replace(costs, p2p_s=0.0), simulation.schedule).pipeline_time_s)
+
+
+def with_send_recv(step: StepTime, costs: PipelineCosts, simulation: Simulation) -> StepTime:
+    """``step``, simulated with ``send_recv`` False, with the send/recv time
+    its pipeline exposes moved from ``pipeline_bubble`` to ``pp_comm``, as
+    simulated_step puts it (StepParts.breakdown_s); the step time is the same."""
+    breakdown = dict(step.breakdown_s)
+    moved = min(send_recv_exposed_s(costs, simulation), breakdown["pipeline_bubble"])
+    breakdown["pp_comm"], breakdown["pipeline_bubble"] = moved, breakdown["pipeline_bubble"] - moved
+    return replace(step, breakdown_s=breakdown)
+
+
 @dataclass(frozen=True)
 class SimulatedStep:
     step: StepTime
@@ -51,20 +69,19 @@ class SimulatedStep:
     costs: PipelineCosts
 
 
-def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None = None) -> SimulatedStep:
+def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None = None, send_recv: bool = True) -> SimulatedStep:
     """The step by simulation: the pipeline, the exposed reduce and the
     optimizer from the simulated schedule; the parameter gather and the
     embedding sync, which follow it, added. The send/recv time the pipeline
-    exposes is what it adds to the simulated pipeline: the schedule
-    simulated again with free transfers is that much shorter."""
+    exposes (``pp_comm``) is told apart from its bubble by a second
+    simulation (send_recv_exposed_s), unless ``send_recv`` is False: then
+    the bubble holds it, and the step time is the same."""
     costs = pipeline_costs(parts, stages)
     name = schedule or megatron_schedule(parts.layout.vpp)
     simulation = simulate_long(costs, name)  # explain simulates the plan's costs again to draw it
-    free_p2p_s = (simulate_long(replace(costs, p2p_s=0.0), name).pipeline_time_s
-                  if costs.p2p_s > 0 and parts.layout.pp > 1 else simulation.pipeline_time_s)
     after_pipeline = simulation.step_time_s - simulation.pipeline_time_s
     breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)),
-                                  max(0.0, simulation.pipeline_time_s - free_p2p_s))
+                                  send_recv_exposed_s(costs, simulation) if send_recv else 0.0)
     # The optimizer of the last stage to finish may overlap others' reduces:
     # keep the breakdown summing to the simulated step.
     breakdown["optimizer"] = min(breakdown["optimizer"], after_pipeline)

@@ -49,7 +49,7 @@ from loom.planner.search.alternatives import MIN_GAIN, NearbyBatch, idle_node_co
 from loom.planner.search.recompute import PARTIAL_CANDIDATES, partial_variants
 from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
-from loom.planner.plan import Plan, build_plan
+from loom.planner.plan import Plan, build_plan, with_pp_comm
 from loom.planner.specs.rules import default_recompute_modules, layout_problems
 from loom.planner.specs.stages import Stage, default_placement, stage_gpus, stage_signature, uniform_stages
 from loom.profiles.catalogue import GPU
@@ -429,7 +429,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     methods = sorted({solve.method for solve in solves} | {plan.placement_solve.method for plan in plans if plan.placement_solve})
     placements = [plan.placement_solve for plan in plans[:top_k] if plan.placement_solve]
     return SearchResult(
-        plans=plans[:top_k],
+        plans=[with_pp_comm(plan) for plan in plans[:top_k]],
         candidates=len(layouts),
         feasible=fitting + len(partial) + sum(plan.layout in {c.layout for c in near} for plan in plans),
         wall_time_s=time.perf_counter() - started,
@@ -567,14 +567,15 @@ def splittable(job: Job, layout: Layout) -> bool:
     return job.framework != "deepspeed" and layout.pp > 1 and not layout.recompute_num_layers and not hybrid_megatron
 
 
-def split_plan(job: Job, layout: Layout, milp: bool = True) -> Plan:
+def split_plan(job: Job, layout: Layout, milp: bool = True, send_recv: bool = True) -> Plan:
     """The plan of ``layout`` on the better of the even split and the
     optimal one (Megatron runs either), one that leaves the memory headroom
     first, carrying the split solve that ran as ``split_solve`` (``milp``:
-    whether the general MILP may run; the exact methods always do). Only a
-    proven optimum is used: a time-limited incumbent depends on the
-    machine's speed, and the same inputs must give the same plan."""
-    options, solve = [build_plan(job, layout)], None
+    whether the general MILP may run; the exact methods always do;
+    ``send_recv``: build_plan's). Only a proven optimum is used: a
+    time-limited incumbent depends on the machine's speed, and the same
+    inputs must give the same plan."""
+    options, solve = [build_plan(job, layout, send_recv=send_recv)], None
     if splittable(job, layout):
         split = solve_split(job, layout, SPLIT_TIME_LIMIT_S, milp)
         if split is not None:
@@ -582,7 +583,7 @@ def split_plan(job: Job, layout: Layout, milp: bool = True) -> Plan:
             even = options[0]
             # Often the optimal split is the even one, whose plan is built already.
             if split.stages and solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
-                options.append(build_plan(job, layout, split.stages, split.placement))
+                options.append(build_plan(job, layout, split.stages, split.placement, send_recv))
     fitting = [plan for plan in options if plan.leaves_headroom]
     return replace(min(fitting or options, key=lambda plan: plan.step_time_s), split_solve=solve)
 
@@ -591,10 +592,12 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
     """Plans for the best layouts (split_plan), and the split solutions. The
     general MILP, which only interleaved layouts over several kinds of layer
     or on GPUs of different speeds need (the others have exact methods that
-    take milliseconds), runs for at most MILP_REFINED of them."""
+    take milliseconds), runs for at most MILP_REFINED of them. Their
+    pipelines' send/recv and bubble are told apart only for the plans
+    kept (with_pp_comm): ranking needs the step, not its breakdown."""
     plans, solves, milp_runs = [], [], 0
     for candidate in [*best, *near]:
-        plan = split_plan(job, candidate.layout, milp_runs < MILP_REFINED)
+        plan = split_plan(job, candidate.layout, milp_runs < MILP_REFINED, send_recv=False)
         if plan.split_solve is not None:
             solves.append(plan.split_solve)
             milp_runs += plan.split_solve.method.startswith("milp")
