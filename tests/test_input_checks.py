@@ -209,3 +209,12 @@ def test_a_job_file_too_large_to_be_hand_written_is_refused_before_parsing(tmp_p
     job.write_text("model: llama-3-8b\n# " + "x" * (5 * 2**20) + "\n")
     result = CliRunner().invoke(app, ["plan", str(job)])
     assert result.exit_code == 2 and "at most 4 MiB" in result.output
+
+
+@pytest.mark.parametrize("framework, stack", [("deepspeed", "megatron-bridge"), ("megatron", "torchtitan"), ("torchtitan", "megatron-lm")])
+def test_a_stack_of_another_framework_is_refused(tmp_path, framework, stack):
+    """A stack's presets are what one framework's release runs: NVIDIA's
+    Megatron-Bridge recipes (TE's fused loss, userbuffers) are not
+    DeepSpeed's, torchtitan's are not Megatron's."""
+    assert_bad(run(tmp_path, "--framework", framework, "--stack", stack), "--stack", stack)
+    assert_bad(run(tmp_path, job={**JOB, "framework": framework, "stack": stack}), "stack", stack)

@@ -313,6 +313,9 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     if spec.precision == "mxfp8":  # fp8 with MXFP8 block scaling
         spec = _as_mxfp8(spec, cluster, source if "precision" not in flags else "command line", flags.get("precision", "precision"))
     stack = spec.stack or FRAMEWORK_STACK[spec.framework]
+    if spec.framework not in STACKS[stack].frameworks:
+        ours = ", ".join(name for name, preset in STACKS.items() if spec.framework in preset.frameworks)
+        raise SpecError("command line" if "stack" in flags else source, flags.get("stack", "stack"), f"a stack {spec.framework} runs ({ours})", stack)
     job = Job(
         model=model,
         cluster=cluster,

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stack:
-    """Feature values (fields of ``job.Features``) and where each comes from."""
+    """Feature values (fields of ``job.Features``) and where each comes
+    from, for the frameworks that run them."""
 
     name: str
     features: dict[str, object]
     source: str
+    frameworks: tuple[str, ...]
 
 
 STACKS = {
@@ -35,6 +37,8 @@ STACKS = {
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="delayed", fp8_param_gather=False,
                           cross_entropy_fusion="none", tp_comm_overlap=False),
             source="Megatron-LM core_v0.16.1 megatron/training/arguments.py (argument defaults, validate_args)",
+            # DeepSpeed trains Megatron-LM's model code (Megatron-DeepSpeed) with these defaults.
+            frameworks=("megatron", "deepspeed"),
         ),
         Stack(
             name="megatron-bridge",
@@ -52,6 +56,7 @@ STACKS = {
                           cross_entropy_fusion="te", tp_comm_overlap=True, moe_router_fusion=True, moe_permute_fusion=True),
             source="Megatron-Bridge v0.3.1 scripts/performance (perf recipes: grad_reduce_in_fp32 False, "
                    "fp8 current scaling with fp8_param_gather, TE fused cross-entropy, TP comm overlap, fused MoE router and permutation)",
+            frameworks=("megatron",),
         ),
         Stack(
             name="torchtitan",
@@ -68,6 +73,7 @@ STACKS = {
                           cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="cudnn"),
             source="torchtitan 0.2.2 torchtitan/config/job_config.py (Training, Parallelism, Float8Linear defaults), "
                    "components/loss.py, models/attention.py",
+            frameworks=("torchtitan",),
         ),
         Stack(
             name="torchtitan-2412",
@@ -85,6 +91,7 @@ STACKS = {
                           pipeline_keeps_outputs=True, fused_optimizer=False),
             source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132), "
                    "models/llama/model.py, optimizer.py, torch 2.6 distributed/pipelining/stage.py",
+            frameworks=("torchtitan",),
         ),
     )
 }
