@@ -117,8 +117,9 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
         idle = plans[0].idle_gpus
         show(console, plans, f"{job.model.name} on {job.cluster.gpu_summary}{f' + {idle} idle' if idle else ''} ({job.framework})")
         for nearby in info.nearby_global_batch_sizes:
+            idle = f", {nearby.idle_gpus} GPUs idle" if nearby.idle_gpus else ""
             console.print(f"global batch {nearby.global_batch_size} instead of {plans[0].layout.global_batch_size}: "
-                          f"{escape(nearby.label)}, {nearby.tokens_per_s:,.0f} tokens/s ({nearby.gain:+.1%})")
+                          f"{escape(nearby.label)}{idle}, {nearby.tokens_per_s:,.0f} tokens/s ({nearby.gain:+.1%})")
     _print_expected_gain(plans[0])
     if out is not None:
         best = plans[0]
@@ -252,7 +253,8 @@ def plan(
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
-        nearby = [NearbyBatchReport(global_batch_size=n.global_batch_size, label=n.label, tokens_per_s=n.tokens_per_s, gain=n.gain)
+        nearby = [NearbyBatchReport(global_batch_size=n.global_batch_size, label=n.label, tokens_per_s=n.tokens_per_s, gain=n.gain,
+                                    idle_gpus=n.idle_gpus)
                   for n in result.nearby_batches]
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
                           solver=result.solver, status=result.status, gap=result.gap, nearby_global_batch_sizes=nearby)

@@ -75,6 +75,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+from loom.solvers.gap import relative_gap
 from ortools.graph.python import linear_sum_assignment
 from ortools.sat.python import cp_model
 
@@ -208,7 +210,7 @@ class ExpertPlacement:
 
     @property
     def gap(self) -> float:
-        return 0.0 if self.objective <= 0 else max(0.0, 1.0 - self.bound / self.objective)
+        return relative_gap(self.objective, self.bound)
 
 
 def link_cost_matrix(node_of_gpu: np.ndarray, cross_node: float = CROSS_NODE_COST, cross_gpu: float = CROSS_GPU_COST,

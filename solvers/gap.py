@@ -9,9 +9,10 @@ GAP_TOLERANCE = 1e-12
 
 
 def relative_gap(objective: float, bound: float) -> float:
-    """(objective - bound) / objective, 0 within GAP_TOLERANCE or for an
-    objective of 0; inf for a bound of -inf (nothing proven)."""
+    """(objective - bound) / objective: 0 for an objective of 0 or less, or
+    within GAP_TOLERANCE; inf for a positive objective and a bound of -inf
+    (nothing proven); NaN stays NaN."""
     if objective <= 0:
         return 0.0
     gap = (objective - bound) / objective
-    return gap if gap > GAP_TOLERANCE else 0.0
+    return 0.0 if gap <= GAP_TOLERANCE else gap

@@ -60,6 +60,9 @@ def test_a_mixed_cluster_also_plans_on_its_faster_gpus_alone():
     best = result.plans[0]
     assert best.idle_gpus == 64 and not best.job.cluster.heterogeneous and "A100" not in best.job.cluster.slowest.gpu.name
     assert all(plan.step_time_s > best.step_time_s for plan in result.plans if not plan.idle_gpus)
+    # At batch 63 the suggested batch 64 is that plan: the suggestion says it leaves the A100s idle.
+    nearby = search(replace(make_job("llama-3-8b", gbs=63, seq=4096), cluster=mixed), top_k=1).nearby_batches
+    assert any(n.global_batch_size == 64 and n.idle_gpus == 64 and n.label == best.layout.label() for n in nearby)
 
 
 def test_an_awkward_cluster_leaves_nodes_idle_when_that_is_faster():

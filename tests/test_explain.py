@@ -287,7 +287,7 @@ def _shorter_model(report):
 
 
 INVALID = {
-    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4' or '1.5'"),
+    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4', '1.5' or '1.6'"),
     "tp 0": (_set("plans", 0, "parallel", "tp", 0), "plans.0.parallel.tp", "greater than or equal to 1"),
     "pp 0": (_set("plans", 0, "parallel", "pp", 0), "plans.0.parallel.pp", "greater than or equal to 1"),
     "dp 0": (_set("plans", 0, "parallel", "dp", 0), "plans.0.parallel.dp", "greater than or equal to 1"),

@@ -33,7 +33,7 @@ from loom.planner.specs.job import job_warnings
 from loom.planner.specs.layout import Recompute
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
@@ -41,9 +41,9 @@ SCHEMA_VERSION = "1.5"
 # (model_parameters, model_active_parameters) and 1.5 (placement[].count:
 # a run of ranks, 1 in every earlier report; stages[].ranks beside the
 # older device_group; plans[].idle_gpus and split_solver;
-# search.nearby_global_batch_sizes),
-# so 1.0-1.4 reports read as they did.
-READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", SCHEMA_VERSION)
+# search.nearby_global_batch_sizes) and 1.6 (their idle_gpus),
+# so 1.0-1.5 reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -173,6 +173,7 @@ class NearbyBatchReport(pydantic.BaseModel):
     label: str = pydantic.Field(description="its best plan's layout")
     tokens_per_s: Amount
     gain: Finite = pydantic.Field(description="tokens per second over this report's best plan's, less 1")
+    idle_gpus: Index = pydantic.Field(0, description="GPUs its best plan leaves idle (schema 1.6)")
 
 
 class SearchInfo(pydantic.BaseModel):

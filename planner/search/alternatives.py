@@ -9,10 +9,10 @@ few factors of two (3,091 = 11 x 281) leaves data parallelism almost no
 sizes. A practitioner then leaves a few nodes idle or rounds the batch; the
 search does both (``search`` in layouts.py):
 
-- idle nodes: on a cluster of GPUs of different paces, the search also runs
+- idle nodes: on a cluster of GPUs of different compute, the search also runs
   on the nodes of each faster kind and up alone (synchronous training runs at
   its slowest GPU's pace, so the slow kind may cost more than it adds); when
-  the node count has a prime factor above SMOOTH_PRIME, on k nodes, for the
+  a node count has a prime factor above SMOOTH_PRIME, on k nodes, for the
   CANDIDATES values of k that leave at most MAX_IDLE_FRACTION of the nodes
   idle and factor best (most factors of two, then the most nodes), and
   likewise on counts whose GPUs a large prime factor of the global batch
@@ -55,6 +55,7 @@ class NearbyBatch:
     label: str  # its best plan's layout
     tokens_per_s: float
     gain: float  # tokens per second over the job's own best plan's, less 1
+    idle_gpus: int = 0  # the GPUs its best plan leaves idle
 
 
 def largest_prime_factor(n: int) -> int:
@@ -72,10 +73,12 @@ def idle_node_counts(cluster: Cluster, global_batch_size: int) -> list[int]:
     links were measured pair by pair, or for a count that would split an
     NVLink domain):
 
-    - the nodes of each faster kind of GPU and up;
-    - when the node count has a prime factor above SMOOTH_PRIME, up to
-      CANDIDATES counts that leave at most MAX_IDLE_FRACTION idle and have
-      only small prime factors, most factors of two first;
+    - the nodes of each faster kind of GPU and up (faster: more compute;
+      synchronous training runs at its slowest GPU's pace);
+    - for the whole cluster and each of those, when its node count has a
+      prime factor above SMOOTH_PRIME, up to CANDIDATES counts that leave at
+      most MAX_IDLE_FRACTION of it idle and have only small prime factors,
+      most factors of two first;
     - for each prime factor above SMOOTH_PRIME of the global batch that the
       GPU count lacks, up to CANDIDATES counts that leave at most
       MAX_IDLE_FRACTION idle and whose GPUs it divides, most factors of two
@@ -85,19 +88,20 @@ def idle_node_counts(cluster: Cluster, global_batch_size: int) -> list[int]:
     if cluster.fabric.links_profile is not None:
         return []
     domain_nodes = cluster.slowest.domain_gpus // per_node
-    fewer = range(math.ceil(nodes * (1 - MAX_IDLE_FRACTION)), nodes)
 
-    def roundest(counts: list[int]) -> list[int]:
-        kept = [k for k in counts if k % domain_nodes == 0]
+    def fewer(total: int, fits) -> list[int]:
+        kept = [k for k in range(math.ceil(total * (1 - MAX_IDLE_FRACTION)), total) if k % domain_nodes == 0 and fits(k)]
         return sorted(kept, key=lambda k: (-factors_of_two(k * per_node), -k))[:CANDIDATES]
 
-    paces = sorted({gpu_pace(node.gpu) for node in cluster.nodes})
-    counts = [sum(gpu_pace(node.gpu) >= pace for node in cluster.nodes) for pace in paces[1:]]
-    if largest_prime_factor(nodes) > SMOOTH_PRIME:
-        counts += roundest([k for k in fewer if largest_prime_factor(k) <= SMOOTH_PRIME])
+    compute = sorted({gpu_pace(node.gpu)[0] for node in cluster.nodes})
+    faster = [sum(gpu_pace(node.gpu)[0] >= pace for node in cluster.nodes) for pace in compute[1:]]
+    counts = list(faster)
+    for total in [nodes, *faster]:
+        if largest_prime_factor(total) > SMOOTH_PRIME:
+            counts += fewer(total, lambda k: largest_prime_factor(k) <= SMOOTH_PRIME)
     for prime in prime_factors(global_batch_size):
         if prime > SMOOTH_PRIME and (nodes * per_node) % prime:
-            counts += roundest([k for k in fewer if k * per_node % prime == 0])
+            counts += fewer(nodes, lambda k, prime=prime: k * per_node % prime == 0)
     return list(dict.fromkeys(k for k in counts if k % domain_nodes == 0))
 
 

@@ -255,10 +255,10 @@ class _Scored:
 def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
     """Rank the layouts of ``job`` — for an MoE job, under each token
     dispatcher its ``search.moe_token_dispatcher`` lists (each plan carries
-    its job, so its launch files name its dispatcher); on a cluster of an
-    awkward size also on fewer nodes, the slowest idle; and for an awkward
-    global batch, the nearby sizes that would train faster
-    (search/alternatives.py). Raises InfeasibleError saying what binds, and
+    its job, so its launch files name its dispatcher); also on fewer nodes,
+    the slowest idle, where the cluster mixes GPUs of different compute or
+    its node count or the global batch is awkward; and for an awkward global
+    batch, the nearby sizes that would train faster (search/alternatives.py). Raises InfeasibleError saying what binds, and
     which nearby global batch sizes would fit."""
     try:
         result = _search_sizes(job, top_k, progress)
@@ -270,14 +270,14 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
         raise InfeasibleError(f"{error}; nearby global batch sizes fit: {listed}") from None
     started = time.perf_counter()
     best = result.plans[0].tokens_per_s
-    nearby = [NearbyBatch(batch, plan.layout.label(), plan.tokens_per_s, gain)
+    nearby = [NearbyBatch(batch, plan.layout.label(), plan.tokens_per_s, gain, plan.idle_gpus)
               for batch, plan in _nearby_batches(job) if (gain := plan.tokens_per_s / best - 1) >= MIN_GAIN]
     return replace(result, nearby_batches=tuple(nearby), wall_time_s=result.wall_time_s + time.perf_counter() - started)
 
 
 def _search_sizes(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Rank the layouts of ``job`` on its whole cluster and, where the node
-    count is awkward, on fewer nodes (the slowest idle), together."""
+    """Rank the layouts of ``job`` on its whole cluster and on the fewer
+    nodes alternatives.idle_node_counts offers (the slowest idle), together."""
     results, infeasible, tried = [], None, []
     try:
         results.append(_search_dispatchers(job, top_k, progress))

@@ -86,7 +86,7 @@ def place(plan: Plan, time_limit_s: float = PLACEMENT_TIME_LIMIT_S) -> Plan:
     solution = solve(placement_problem(plan), time_limit_s)
     topology = plan.job.cluster.topology
     placement = Placement(gpus=tuple(topology.gpus[slot] for slot in solution.slot_of_rank))
-    placed = build_plan(plan.job, plan.layout, list(plan.stages), placement)
+    placed = build_plan(plan.job, plan.layout, list(plan.stages), placement, plan.pp_comm_told)
     if placed.step_time_s > plan.step_time_s:
         # Less communication, yet a slower step (what overlap hides differs
         # from the solver's volumes): keep the start and say so.
