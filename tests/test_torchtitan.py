@@ -265,13 +265,16 @@ def test_torchs_ring_attention_costs_grow_with_the_ring():
     assert _cp_s("megatron", "megatron-lm", 8) < titan[8] / 4
 
 
-def test_repeated_kv_heads_are_torchtitans_only(tmp_path):
+@pytest.mark.parametrize("feature, value", [("repeat_kv", True), ("pipeline_keeps_outputs", True), ("fused_optimizer", False)])
+def test_torchtitans_own_features_are_refused_under_megatron(tmp_path, feature, value):
+    """K and V repeated before attention, pipeline outputs kept to the next
+    step and foreach AdamW are torchtitan's; a Megatron job setting one is bad input."""
     (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
                                                        "nics_per_node": 8, "nic_Gbps": 400}))
     (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
-                                                   "seq_length": 4096, "features": {"repeat_kv": True}}))
+                                                   "seq_length": 4096, "features": {feature: value}}))
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
-    assert result.exit_code == 2 and "features.repeat_kv" in result.output, result.output
+    assert result.exit_code == 2 and f"features.{feature}" in result.output, result.output
 
 
 def test_per_op_checkpointing_keeps_what_torchtitans_policy_saves():
@@ -414,15 +417,6 @@ def test_loss_parallel_holds_three_fp32_logit_tensors_in_backward():
     assert dtensor_head_input_bytes(sharded) == pytest.approx(2 * 4096 * model.hidden_size / 2) and dtensor_head_input_bytes(whole) == 0
 
 
-def test_keeping_pipeline_outputs_is_torchtitans_only(tmp_path):
-    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
-                                                       "nics_per_node": 8, "nic_Gbps": 400}))
-    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
-                                                   "seq_length": 4096, "features": {"pipeline_keeps_outputs": True}}))
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
-    assert result.exit_code == 2 and "features.pipeline_keeps_outputs" in result.output, result.output
-
-
 def _fsdp8_step(**features) -> dict[str, float]:
     """Llama-3 8B under torchtitan's FSDP on 8 GPUs, one micro batch: its step's parts."""
     job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=8, seq_length=4096, framework="torchtitan",
@@ -454,12 +448,3 @@ def test_foreach_adamw_makes_a_pass_per_op():
     op (96 B per parameter with the clipping), today's fused kernel one (40 B)."""
     fused, foreach = _fsdp8_step()["optimizer"], _fsdp8_step(fused_optimizer=False)["optimizer"]
     assert foreach / fused == pytest.approx(96 / 40)
-
-
-def test_foreach_adamw_is_torchtitans_only(tmp_path):
-    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450,
-                                                       "nics_per_node": 8, "nic_Gbps": 400}))
-    (tmp_path / "job.yaml").write_text(json.dumps({"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 64,
-                                                   "seq_length": 4096, "features": {"fused_optimizer": False}}))
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml")])
-    assert result.exit_code == 2 and "features.fused_optimizer" in result.output, result.output
