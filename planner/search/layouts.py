@@ -258,8 +258,9 @@ def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = N
     its job, so its launch files name its dispatcher); also on fewer nodes,
     the slowest idle, where the cluster mixes GPUs of different compute or
     its node count or the global batch is awkward; and for an awkward global
-    batch, the nearby sizes that would train faster (search/alternatives.py). Raises InfeasibleError saying what binds, and
-    which nearby global batch sizes would fit."""
+    batch, the nearby sizes that would train faster (search/alternatives.py).
+    Raises InfeasibleError saying what binds, and which nearby global batch
+    sizes would fit."""
     try:
         result = _search_sizes(job, top_k, progress)
     except InfeasibleError as error:
@@ -364,9 +365,9 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     Branch and bound: layouts are priced in the order of a lower bound on
     their step (step_lower_bound_s), and one whose bound cannot reach any
     list the search draws from (_Frontier) is not timed, nor one whose
-    tighter bound from its chunks' times (chunk_bounds_s) cannot. Memory is judged
-    for every layout (the count of those that fit, and what binds when none
-    does), except one whose model state alone is beyond NEAR_FIT of its GPU
+    tighter bound from its chunks' times (chunk_bounds_s) cannot. Memory is
+    judged for every layout (the count of those that fit, and what binds when
+    none does), except one whose model state alone is beyond NEAR_FIT of its GPU
     and beyond the least full layout seen: it can neither fit nor be the
     one named in the message."""
     started = time.perf_counter()
