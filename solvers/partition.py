@@ -690,7 +690,7 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, metho
             return result("infeasible", (), identity, None, "typed", _explain_infeasible(problem))
         sizes, stage_device, bound = typed
         objective = step_time_s(problem, sizes, stage_device)
-        return result("optimal" if bound >= objective * (1 - 1e-12) else "time_limit", sizes, stage_device, bound, "typed")
+        return result("optimal" if relative_gap(objective, bound) == 0 else "time_limit", sizes, stage_device, bound, "typed")
     if method == "interleaved":
         if not _interleaved_applies(problem):
             raise ValueError("the interleaved method needs vpp > 1, equally fast stages and one run of equal layers")

@@ -215,8 +215,9 @@ def fsdp2_copy_bytes(layout: Layout, units: Units, compute_grad_bytes: float) ->
     foreach_reduce_scatter_copy_in's chunk_cat reads the unsharded
     gradients (``compute_grad_bytes`` each) and writes the reduce-scatter
     input in the reduce dtype, on the current stream too (the reduce-scatter
-    stream waits for it). A unit resharded after forward is gathered twice."""
-    gathers = 1 + (layout.reshard_after_forward and not held_across_microbatches("torchtitan", layout))
+    stream waits for it). A unit resharded after forward is gathered twice
+    (torchtitan's pipelines keep it: layout rules)."""
+    gathers = 1 + layout.reshard_after_forward
     return units.count * units.params * (gathers * 2 * units.gather_bytes + compute_grad_bytes + units.reduce_bytes)
 
 
