@@ -86,7 +86,7 @@ def test_idle_gpus_and_nearby_batches_reach_the_table_and_plan_json(tmp_path):
     assert shown.exit_code == 0 and "global batch 64 instead of 63" in shown.stdout, shown.output
     report = json.loads(invoke("plan", *args, "--global-batch-size", 63, "--json").stdout)
     nearby = report["search"]["nearby_global_batch_sizes"]
-    assert nearby[0]["global_batch_size"] == 64 and nearby[0]["gain"] > 0.1
+    assert nearby[0]["global_batch_size"] == 64 and nearby[0]["gain"] > 0.05
     assert all(abs(n["global_batch_size"] / 63 - 1) <= 0.05 and n["gain"] >= 0.01 for n in nearby)
     assert report["plans"][0]["idle_gpus"] == 0 and report["plans"][0]["parallel"]["global_batch_size"] == 63
 

@@ -32,9 +32,9 @@ from loom.profiles.run_logs.record import GiB, RankMemory, RunLog
 
 # loom's predicted terms (breakdown_s keys) grouped as each framework times them.
 ALL_BUT_OPTIMIZER = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead",
-                     "sharding_comm", "offload_copies", "pp_comm", "pipeline_bubble", "dp_grad_reduce", "sharding_comm_once",
+                     "overlap_contention", "sharding_comm", "offload_copies", "pp_comm", "pipeline_bubble", "dp_grad_reduce", "sharding_comm_once",
                      "embedding_sync")
-WORK = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead")
+WORK = ("compute_forward", "compute_backward", "recompute", "tp_comm", "cp_comm", "ep_comm", "host_overhead", "overlap_contention")
 # Megatron's timers (megatron/core/timers.py), by the code each wraps:
 # forward-backward the whole schedule incl. finalize_model_grads
 # (core/pipeline_parallel/schedules.py), all-grads-sync finish_grad_sync
@@ -62,7 +62,7 @@ MEGATRON_P2P = ("forward-recv", "forward-send", "backward-recv", "backward-send"
 # the optimizer step (ZeRO's parameter gather after it included).
 DEEPSPEED_TIMERS = {
     "fwd": ("compute_forward",),
-    "bwd_inner": ("compute_backward", "recompute"),
+    "bwd_inner": ("compute_backward", "recompute", "overlap_contention"),
     "bwd_allreduce": ("dp_grad_reduce", "sharding_comm", "sharding_comm_once"),
     "step": ("optimizer", "dp_param_gather", "offload_copies"),
 }

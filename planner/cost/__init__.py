@@ -10,7 +10,8 @@
 - ``measured``: a layers profile resolved once per job into corrections of
   those estimates; ``layers``: where the two meet (what the models below read);
 - ``collectives`` and ``network``: alpha-beta collective times and the link
-  each group of a layout lands on;
+  each group of a layout lands on; ``contention``: the SMs a collective
+  holds from the compute it hides behind;
 - ``memory``: per-stage memory; ``time_model``: the priced parts of a step and
   its closed form; ``simulated_step``: the step by simulating the schedule.
 

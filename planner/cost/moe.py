@@ -20,7 +20,7 @@ from loom.profiles.catalogue import GPU
 
 # SMs the fused dispatchers' kernels occupy while they run: megatron-core
 # 0.16.1 TransformerConfig moe_deepep_num_sms = 20, moe_hybridep_num_sms = 16.
-# (NCCL's all-to-all also runs on SMs, as many as its channels; not priced.)
+# (NCCL's all-to-all runs on as many SMs as its channels: contention.py.)
 DISPATCHER_SMS = {"deepep": 20, "hybridep": 16}
 # Transformer Engine's GroupedLinear issues one cuBLAS GEMM per local expert,
 # round-robin over its compute streams (TE cpp_extensions/gemm.py

@@ -156,6 +156,32 @@ def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks, share
     return gather, reduce, replicas
 
 
+def _unit_reduce_s(framework: str, layout: Layout, units: Units, links: ShardingLinks) -> float:
+    """Without FSDP, one unit's gradient reduce in each micro batch: ZeRO-2's
+    reduce-scatter, torchtitan's DDP all-reduce (bucketed behind backward),
+    else 0."""
+    if layout.grad_shards > 1:
+        return unit_collectives_s(layout, units, links)[1]
+    if reduces_every_microbatch(framework, layout):
+        return all_reduce_s(units.params * units.reduce_bytes, layout.dp * layout.cp, links.shard)
+    return 0.0
+
+
+def busy_s(framework: str, layout: Layout, units: Units, links: ShardingLinks) -> tuple[float, float]:
+    """(per micro batch, once per step) seconds the collectives of sharded
+    data parallelism run on one stage, hidden or not: what exposed_s
+    counts, before overlap (contention.py prices what the hidden part
+    costs the compute beside it)."""
+    if not layout.fsdp:
+        return units.count * _unit_reduce_s(framework, layout, units, links), 0.0
+    total = 0.0
+    for share in units.pieces:
+        gather, reduce, replicas = unit_collectives_s(layout, units, links, share)
+        total += gather * (1 + layout.reshard_after_forward) + reduce + replicas
+    total *= units.count
+    return (0.0, total) if held_across_microbatches(framework, layout) else (total, 0.0)
+
+
 def exposed_microbatch_s(layout: Layout, units: Units, links: ShardingLinks, forward_s: float, backward_s: float) -> float:
     """Sharding communication one micro batch exposes on a stage whose units
     compute ``forward_s`` and ``backward_s`` (recompute included) in all:
@@ -192,12 +218,7 @@ def exposed_s(framework: str, layout: Layout, units: Units, links: ShardingLinks
     every micro batch's gradients and gathers nothing (Rajbhandari et al.
     2020, sec. 5.2); torchtitan's DDP all-reduces them every micro batch."""
     if not layout.fsdp:
-        if layout.grad_shards > 1:
-            _, reduce, _ = unit_collectives_s(layout, units, links)
-        elif reduces_every_microbatch(framework, layout):  # torchtitan's DDP: bucketed all-reduces behind backward
-            reduce = all_reduce_s(units.params * units.reduce_bytes, layout.dp * layout.cp, links.shard)
-        else:
-            return 0.0, 0.0
+        reduce = _unit_reduce_s(framework, layout, units, links)
         return reduce + (units.count - 1) * max(0.0, reduce - backward_s / units.count), 0.0
     once = exposed_microbatch_s(layout, units, links, forward_s, backward_s)
     if held_across_microbatches(framework, layout):

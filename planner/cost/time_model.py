@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from loom.planner.cost import host, layers, moe, offload, sharding
+from loom.planner.cost import contention, host, layers, moe, offload, sharding
 from loom.planner.cost.collectives import Link, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, send_recv_s
 from loom.planner.cost.compute import PassTime, attention_core, mlp, recomputed_forward
 from loom.planner.cost.efficiency import memory_time_s
@@ -168,7 +168,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
             routed_bytes = shape.moe_tokens * model.moe.top_k * model.hidden_size * shape.act_bytes * layout.etp
             ep_fwd += dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
         ep_bwd = ep_fwd * (1 + ep_again)
-        ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
+        ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, links.ep, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
     host_fwd, host_bwd = _exposed_host(shape, gpu, kinds, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd,
                                        bwd_layer.total_s + tp_fwd * tp_again + tp_bwd + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
@@ -252,22 +252,24 @@ def _micro_pipeline_backward_s(activation_bytes: float, layout: Layout, link: Li
     return n * 2 * reduce_scatter_s(activation_bytes, layout.tp, link)
 
 
-def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: PassTime, ep_fwd: float, ep_bwd: float) -> tuple[float, float]:
-    """The dispatch and combine time nothing hides, forward and backward.
-    --overlap-moe-expert-parallel-comm runs one micro batch's forward beside
-    another's backward, layer by layer, so each pass's all-to-alls hide
-    behind the other pass's compute (megatron-core combined_1f1b.py,
-    fine_grained_callables.py), at the cost of the SMs DeepEP's or HybridEP's
-    kernels hold meanwhile. --moe-shared-expert-overlap runs the shared
-    experts on a side stream during the dispatch and combine
+def _exposed_dispatch(shape: Shape, gpu: GPU, link: Link, n_moe: int, fwd: PassTime, bwd: PassTime, ep_fwd: float,
+                      ep_bwd: float) -> tuple[float, float]:
+    """The dispatch and combine time nothing hides, forward and backward, on
+    the EP group's ``link``. --overlap-moe-expert-parallel-comm runs one
+    micro batch's forward beside another's backward, layer by layer, so
+    each pass's all-to-alls hide behind the other pass's compute
+    (megatron-core combined_1f1b.py, fine_grained_callables.py), at the cost
+    of the SMs the dispatcher's kernels hold meanwhile: DeepEP's or
+    HybridEP's (moe.DISPATCHER_SMS), NCCL's channels for the alltoall and
+    allgather dispatchers (contention.py). --moe-shared-expert-overlap runs
+    the shared experts on a side stream during the dispatch and combine
     (shared_experts.py)."""
     features = shape.features
     if features.overlap_moe_expert_parallel_comm:
-        # What the dispatcher's kernels hide, they hide on SMs taken from the
-        # compute beside them, which runs that much slower (moe.DISPATCHER_SMS).
-        share = moe.DISPATCHER_SMS.get(features.moe_token_dispatcher, 0) / gpu.sms
+        dispatcher = features.moe_token_dispatcher
+        share = moe.DISPATCHER_SMS[dispatcher] / gpu.sms if dispatcher in moe.DISPATCHER_SMS else contention.sm_share(link, gpu)
         hidden_fwd, hidden_bwd = min(ep_fwd, bwd.total_s), min(ep_bwd, fwd.total_s)
-        slowed = (hidden_fwd + hidden_bwd) * share / (1 - share)
+        slowed = contention.slowdown_s(hidden_fwd + hidden_bwd, share)
         return ep_fwd - hidden_fwd + slowed / 2, ep_bwd - hidden_bwd + slowed / 2
     if features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
         shared = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size)
@@ -377,9 +379,10 @@ class DataParallelComm:
     reduce_s: float
     gather_s: float
     bucket_fraction: float  # of the stage's parameters in one DDP bucket
+    sm_share: float = 0.0  # of the GPU's SMs NCCL holds while they run (contention.py), over both groups
 
 
-def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> DataParallelComm:
+def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links, gpu: GPU) -> DataParallelComm:
     """Dense parameters reduce over DP x CP; routed experts over expert data
     parallel, on their own group's link (Megatron's expert DDP buffers)."""
     params = stage_params(job.model, layout, stage)
@@ -389,7 +392,10 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links) -> 
     dense_reduce, dense_gather = _reduce_and_gather_s(job, layout, dense.total * state.grad, state.gathered_bytes(dense), layout.dp * layout.cp, links.dp)
     expert_reduce, expert_gather = _reduce_and_gather_s(job, layout, experts.total * state.grad, state.gathered_bytes(experts), layout.expert_dp, links.expert_dp)
     n = layout.dp * layout.cp
-    return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total))
+    dense_s, expert_s = dense_reduce + dense_gather, expert_reduce + expert_gather
+    share = (dense_s * contention.sm_share(links.dp, gpu) + expert_s * contention.sm_share(links.expert_dp, gpu)) / (dense_s + expert_s or 1.0)
+    return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total),
+                            share)
 
 
 def _state_bytes(job: Job, layout: Layout) -> StateBytes:
@@ -454,25 +460,41 @@ def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
     return memory_time_s(params * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
 
 
-def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> tuple[float, float]:
+@dataclass(frozen=True)
+class ShardingTime:
+    """One stage's ZeRO-2 / ZeRO-3 / FSDP time: exposed per micro batch and
+    once per step, and over the whole step what its hidden collectives cost
+    the compute beside them (contention.py)."""
+
+    microbatch_s: float = 0.0
+    step_s: float = 0.0
+    contention_s: float = 0.0
+
+
+def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> ShardingTime:
     """Exposed ZeRO-2 / ZeRO-3 / FSDP communication of ``stage``, per micro
     batch and once per step (sharding.py), behind its chunks' compute, and
     under torchtitan FSDP2's copies in and out of its collectives' buffers
-    (sharding.fsdp2_copy_bytes)."""
+    (sharding.fsdp2_copy_bytes); what is hidden slows that compute
+    (contention.py)."""
     if not sharding.reduces_every_microbatch(job.framework, layout):
-        return 0.0, 0.0
+        return ShardingTime()
     params = stage_params(job.model, layout, stage)
     units = sharding_units(job.model, job.framework, layout, params, stage, _state_bytes(job, layout))
     shard = links.shard if layout.fsdp else links.dp
     sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp, host=offload.pcie_link(gpu))
     forward_s = sum(c.forward_s for c in chunks)
     per_microbatch_s, per_step_s = sharding.exposed_s(job.framework, layout, units, sharding_links, forward_s, sum(c.total_s for c in chunks) - forward_s)
+    busy_microbatch_s, busy_step_s = sharding.busy_s(job.framework, layout, units, sharding_links)
+    hidden_s = layout.num_microbatches * max(0.0, busy_microbatch_s - per_microbatch_s) + max(0.0, busy_step_s - per_step_s)
+    contention_s = contention.slowdown_s(hidden_s, contention.sm_share(shard, gpu))
     if job.framework == "torchtitan" and layout.fsdp:  # FSDP2's copies in and out of its collectives' buffers, on the compute stream
         copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, layers.shape_of(job, layout).act_bytes), gpu)
         if sharding.held_across_microbatches(job.framework, layout):
-            return per_microbatch_s, per_step_s + copies_s
-        return per_microbatch_s + copies_s, per_step_s
-    return per_microbatch_s, per_step_s
+            per_step_s += copies_s
+        else:
+            per_microbatch_s += copies_s
+    return ShardingTime(per_microbatch_s, per_step_s, contention_s)
 
 
 @dataclass(frozen=True)
@@ -482,8 +504,7 @@ class StepParts:
     job: Job
     layout: Layout
     chunks: list[list[ChunkTime]]  # per stage, in virtual-stage order
-    sharding_s: list[float]  # per stage, per micro batch (ZeRO-2/3, FSDP)
-    sharding_step_s: list[float]  # per stage, once per step (FSDP weights kept across micro batches)
+    sharding: list[ShardingTime]  # per stage
     offload_s: list[float]  # per stage, per micro batch (DeepSpeed's offloaded gradient accumulation)
     p2p_one_s: float  # one activation (or gradient) transfer between stages
     dp: list[DataParallelComm]  # per stage
@@ -505,7 +526,18 @@ class StepParts:
     @property
     def tau_s(self) -> list[float]:
         """One micro batch through all chunks of each stage."""
-        return [sum(c.total_s for c in chunks) + z + o for chunks, z, o in zip(self.chunks, self.sharding_s, self.offload_s)]
+        return [sum(c.total_s for c in chunks) + z.microbatch_s + o for chunks, z, o in zip(self.chunks, self.sharding, self.offload_s)]
+
+    def contention_s(self, dp_grad_reduce_s: float) -> float:
+        """What the data-parallel and sharding collectives hidden behind a
+        stage's compute cost that compute (contention.py), the most of any
+        stage: the gradient reduce beyond the step's exposed
+        ``dp_grad_reduce_s`` when it overlaps backward, the parameter gather
+        the next forward hides, and the sharded collectives."""
+        job, layout = self.job, self.layout
+        overlap = job.features.overlap_grad_reduce
+        return max(contention.slowdown_s(max(0.0, d.reduce_s - dp_grad_reduce_s) * overlap + d.gather_s - _exposed_gather_s(d, job, layout),
+                                         d.sm_share) + z.contention_s for d, z in zip(self.dp, self.sharding))
 
     def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float, pp_comm_s: float) -> dict[str, float]:
         """Where the step goes, with the pipeline's length, the send/recv time
@@ -524,7 +556,7 @@ class StepParts:
             "cp_comm": m * sum(c.cp_comm_s for c in chunks),
             "ep_comm": m * sum(c.ep_comm_s for c in chunks),
             "host_overhead": m * sum(c.host_s for c in chunks),
-            "sharding_comm": m * self.sharding_s[slowest],
+            "sharding_comm": m * self.sharding[slowest].microbatch_s,
             "offload_copies": m * self.offload_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))
@@ -534,7 +566,8 @@ class StepParts:
             "pp_comm": p2p_s,
             "pipeline_bubble": idle_s - p2p_s,
             "dp_grad_reduce": dp_grad_reduce_s,
-            "sharding_comm_once": max(self.sharding_step_s),
+            "sharding_comm_once": max(z.step_s for z in self.sharding),
+            "overlap_contention": self.contention_s(dp_grad_reduce_s),
             "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout) for d in self.dp),
             "embedding_sync": self.embedding_sync_s,
             "optimizer": max(self.optimizer_s),
@@ -586,7 +619,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
     def stage_costs(stage: Stage, gpu: GPU) -> tuple:
         chunks = [_chunk_time_memo(shape, layout, chunk, gpu, links, job) for chunk in stage.chunks]
         return (chunks, _sharding_s(job, layout, stage, gpu, links, chunks), _accumulation_copies_s(job, layout, stage, gpu),
-                data_parallel_comm(job, layout, stage, links), _optimizer_s(job, layout, stage, gpu))
+                data_parallel_comm(job, layout, stage, links, gpu), _optimizer_s(job, layout, stage, gpu))
 
     costs = _per_stage_kind(job.model, stages, gpus, stage_costs)
     chunks = [list(chunk_times) for chunk_times, *_ in costs]
@@ -595,8 +628,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         job=job,
         layout=layout,
         chunks=chunks,
-        sharding_s=[sharded[0] for _, sharded, *_ in costs],
-        sharding_step_s=[sharded[1] for _, sharded, *_ in costs],
+        sharding=[sharded for _, sharded, *_ in costs],
         offload_s=[offload_s for _, _, offload_s, _, _ in costs],
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * shape.act_bytes / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[dp for *_, dp, _ in costs],
