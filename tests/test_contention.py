@@ -79,3 +79,15 @@ def test_an_overlapped_all_to_all_costs_its_sms(dispatcher, sms):
         return evaluate(make_job("mixtral-8x7b", nodes=1, gbs=64, seq=4096, features=features), layout).step.breakdown_s["ep_comm"]
 
     assert ep_comm(True) == pytest.approx(ep_comm(False) * sms / 132, rel=1e-6)
+
+
+def test_offloaded_shards_host_copies_hold_no_sms():
+    """torchtitan's CPU offload copies each shard over PCIe before its gather:
+    copy engines, not NCCL's blocks, so the busy time that contends is the
+    collectives' alone."""
+    links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK, host=Link(bandwidth_GBps=50, latency_s=0.0, kind="local"))
+    layout = Layout(tp=1, pp=1, dp=64, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=64)
+    plain = sharding.Units(count=32, params=2e8, expert_params=0.0, gather_bytes=2.0, reduce_bytes=4.0)
+    offloaded = sharding.Units(count=32, params=2e8, expert_params=0.0, gather_bytes=2.0, reduce_bytes=4.0, host_copy_bytes=2e8 * 4 / 64)
+    assert sharding.unit_collectives_s(layout, offloaded, links)[0] > sharding.unit_collectives_s(layout, plain, links)[0]
+    assert sharding.busy_s("torchtitan", layout, offloaded, links) == sharding.busy_s("torchtitan", layout, plain, links)

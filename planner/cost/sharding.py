@@ -47,7 +47,7 @@ the reduce dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loom.planner.cost.collectives import LOCAL, Link, all_gather_s, all_reduce_s, reduce_scatter_s
 from loom.planner.specs.layout import Layout
@@ -168,10 +168,12 @@ def _unit_reduce_s(framework: str, layout: Layout, units: Units, links: Sharding
 
 
 def busy_s(framework: str, layout: Layout, units: Units, links: ShardingLinks) -> tuple[float, float]:
-    """(per micro batch, once per step) seconds the collectives of sharded
-    data parallelism run on one stage, hidden or not: what exposed_s
-    counts, before overlap (contention.py prices what the hidden part
-    costs the compute beside it)."""
+    """(per micro batch, once per step) seconds the NCCL collectives of
+    sharded data parallelism run on one stage, hidden or not: what
+    exposed_s counts before overlap, less the offloaded shards' host copies
+    (copy engines, no SMs). contention.py prices what the hidden part costs
+    the compute beside it."""
+    units = replace(units, host_copy_bytes=0.0)
     if not layout.fsdp:
         return units.count * _unit_reduce_s(framework, layout, units, links), 0.0
     total = 0.0
