@@ -49,6 +49,13 @@ def crosses_nodes(host_of_slot: np.ndarray, groups: np.ndarray) -> bool:
     return bool((hosts != hosts[:, :1]).any())
 
 
+def fewest_members_per_node(host_of_slot: np.ndarray, groups: np.ndarray) -> int:
+    """The fewest members any group has on one of its nodes (groups: an
+    array of slot indices, one row per group)."""
+    hosts = host_of_slot[np.asarray(groups)]
+    return int((hosts[:, :, None] == hosts[:, None, :]).sum(axis=2).min())
+
+
 def all_to_all_GBps(bandwidth_GBps: np.ndarray, host_of_slot: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     """An all-to-all is not a ring: every GPU sends its own share straight to
     every other member, the part for other nodes through its own NIC. So the

@@ -30,10 +30,10 @@ def layout(dp: int, fsdp: int, **kwargs) -> Layout:
 def test_compute_hides_all_but_the_first_gather_and_the_last_reduce():
     links = sharding.ShardingLinks(shard=NVLINK, replicate=NVLINK, expert_dp=NVLINK)
     gather, reduce, _ = sharding.unit_collectives_s(layout(8, 8), units(), links)
-    slow = sharding.exposed_microbatch_s(layout(8, 8), units(), links, forward_s=32 * 10 * gather, backward_s=32 * 10 * (gather + reduce))
+    slow = sharding.microbatch_s(layout(8, 8), units(), links, H100, forward_s=32 * 10 * gather, backward_s=32 * 10 * (gather + reduce))[0]
     assert slow == pytest.approx(2 * gather + reduce)
     # Compute shorter than a unit's collectives exposes the difference, unit by unit.
-    tight = sharding.exposed_microbatch_s(layout(8, 8), units(), links, forward_s=32 * gather / 2, backward_s=32 * gather)
+    tight = sharding.microbatch_s(layout(8, 8), units(), links, H100, forward_s=32 * gather / 2, backward_s=32 * gather)[0]
     assert tight == pytest.approx(2 * gather + reduce + 31 * (gather / 2 + reduce))
 
 
@@ -51,7 +51,7 @@ def test_keeping_weights_after_forward_drops_the_backward_gather_and_holds_the_s
     links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
     resharded, kept = layout(64, 64), layout(64, 64, reshard_after_forward=False)
     gather, _, _ = sharding.unit_collectives_s(resharded, units(), links)
-    assert sharding.exposed_microbatch_s(resharded, units(), links, 0.0, 0.0) - sharding.exposed_microbatch_s(kept, units(), links, 0.0, 0.0) \
+    assert sharding.microbatch_s(resharded, units(), links, H100, 0.0, 0.0)[0] - sharding.microbatch_s(kept, units(), links, H100, 0.0, 0.0)[0] \
         == pytest.approx(32 * gather)
     assert sharding.buffer_bytes("torchtitan", kept, units(), 2.0) == pytest.approx(32 * 2e8 * 2 + 2e8 * (2 + 4))
     assert sharding.buffer_bytes("torchtitan", resharded, units(), 2.0) == pytest.approx(2 * 2e8 * 2 + 2e8 * (2 + 4))
@@ -62,7 +62,8 @@ def test_torchtitans_pipeline_gathers_once_per_step_and_holds_fp32_gradients():
     gradients unreduced until the last micro batch's backward."""
     links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
     piped = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=16, reshard_after_forward=False)
-    per_microbatch, once = sharding.exposed_s("torchtitan", piped, units(8), links, 1.0, 2.0)
+    time = sharding.time_s("torchtitan", piped, units(8), links, H100, 1.0, 2.0)
+    per_microbatch, once = time.microbatch_s, time.step_s
     assert per_microbatch == 0.0 and once > 0.0
     assert sharding.buffer_bytes("torchtitan", piped, units(8), 2.0) == pytest.approx(8 * 2e8 * (2 + 4))
 
@@ -74,7 +75,7 @@ def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():
     links = sharding.ShardingLinks(shard=NVLINK, replicate=NETWORK, expert_dp=NVLINK)
     gather, reduce, replicas = sharding.unit_collectives_s(hsdp, units(), links)
     assert replicas > 0.0 and sharding.unit_collectives_s(layout(64, 64), units(), links)[2] == 0.0
-    exposed = sharding.exposed_microbatch_s(hsdp, units(), links, 0.0, 0.0)
+    exposed = sharding.microbatch_s(hsdp, units(), links, H100, 0.0, 0.0)[0]
     assert exposed == pytest.approx(32 * gather + 32 * max(gather + reduce, replicas))
 
 
@@ -116,9 +117,9 @@ def test_deepspeed_fetches_a_layers_matrices_one_behind_another():
                                                        pieces=pieces)
     gather, _, _ = sharding.unit_collectives_s(layout(512, 512), fsdp, links)
     forward_s = 96 * 1.25 * gather  # each layer's forward outlasts its gather
-    assert sharding.exposed_microbatch_s(layout(512, 512), fsdp, links, forward_s, 3 * forward_s) == pytest.approx(
+    assert sharding.microbatch_s(layout(512, 512), fsdp, links, H100, forward_s, 3 * forward_s)[0] == pytest.approx(
         sharding.unit_collectives_s(layout(512, 512), fsdp, links)[0] + sum(sharding.unit_collectives_s(layout(512, 512), fsdp, links)[:2]))
-    assert sharding.exposed_microbatch_s(layout(512, 512), deepspeed, links, forward_s, 3 * forward_s) > 10 * gather
+    assert sharding.microbatch_s(layout(512, 512), deepspeed, links, H100, forward_s, 3 * forward_s)[0] > 10 * gather
 
 
 def test_the_largest_unit_bounds_the_buffers():

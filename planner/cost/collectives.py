@@ -21,6 +21,9 @@ class Link:
     bandwidth_GBps: float  # achievable per-GPU bus bandwidth, per direction
     latency_s: float  # per step of a ring or per hop of a tree
     kind: str  # "nvlink" | "network" | "local"
+    # On a network link, the group's members in one NVLink domain (the
+    # fewest of any domain it spans): the NICs its rings leave through.
+    members_per_node: int = 1
 
     def seconds(self, bytes_: float) -> float:
         return bytes_ / (self.bandwidth_GBps * 1e9)

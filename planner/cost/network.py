@@ -32,7 +32,7 @@ from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout, neighbour_pairs, rank_groups
 from loom.planner.specs.stages import Placement, default_placement
 from loom.planner.specs.topology import Topology
-from loom.solvers.links import all_to_all_GBps, crosses_nodes, group_bandwidth_GBps
+from loom.solvers.links import all_to_all_GBps, crosses_nodes, fewest_members_per_node, group_bandwidth_GBps
 
 # Per-step latency of a ring step or tree hop (NCCL Simple/LL128 protocols).
 NVLINK_LATENCY_S = 3e-6
@@ -71,7 +71,7 @@ def group_link(node: Node, size: int, stride: int) -> Link:
     # One ring channel per member an NVLink domain (a node, or a rack) holds,
     # each leaving it through its own GPU's NIC.
     network_GBps = k * node.nic_GBps_per_gpu * node.nic_efficiency
-    return Link(min(network_GBps, node.nvlink_GBps * node.nvlink_efficiency), NETWORK_LATENCY_S, "network")
+    return Link(min(network_GBps, node.nvlink_GBps * node.nvlink_efficiency), NETWORK_LATENCY_S, "network", k)
 
 
 def pipeline_link(node: Node, stride: int, pp: int) -> Link:
@@ -94,7 +94,7 @@ def all_to_all_link(node: Node, size: int, stride: int) -> tuple[Link, float]:
     k = members_per_node(size, stride, nvlink_gpus(node, size, stride))
     if k >= size:
         return nvlink(node), 0.0
-    return Link(node.nic_GBps_per_gpu * node.nic_efficiency, NETWORK_LATENCY_S, "network"), (size - k) / size
+    return Link(node.nic_GBps_per_gpu * node.nic_efficiency, NETWORK_LATENCY_S, "network", k), (size - k) / size
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,8 @@ def _all_to_all(topology: Topology, placed: np.ndarray) -> dict:
     if placed.shape[1] == 1:
         return {"ep": LOCAL, "ep_remote_share": 0.0}
     bandwidth, share = all_to_all_GBps(topology.bandwidth_GBps, topology.host_of_slot, placed)
-    link = Link(bandwidth, NETWORK_LATENCY_S, "network") if share else Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
+    link = Link(bandwidth, NETWORK_LATENCY_S, "network", fewest_members_per_node(topology.host_of_slot, placed)) if share \
+        else Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
     return {"ep": link, "ep_remote_share": share}
 
 
@@ -174,7 +175,7 @@ def _placed_links(topology: Topology, degrees: tuple[int, ...], placement: Place
         placed = slots[ranks]
         bandwidth = float(group_bandwidth_GBps(topology.bandwidth_GBps, topology.host_of_slot, placed).min())
         if crosses_nodes(topology.host_of_slot, placed):
-            return Link(bandwidth, NETWORK_LATENCY_S, "network")
+            return Link(bandwidth, NETWORK_LATENCY_S, "network", fewest_members_per_node(topology.host_of_slot, placed))
         return Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
 
     return Links(

@@ -47,11 +47,14 @@ the reduce dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from loom.planner.cost import contention
 from loom.planner.cost.collectives import LOCAL, Link, all_gather_s, all_reduce_s, reduce_scatter_s
+from loom.planner.specs.job import Features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
+from loom.profiles.catalogue import GPU
 
 # DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py, 0.19):
 # stage3_max_live_parameters bounds the gathered parameters resident at once,
@@ -136,96 +139,170 @@ def held_across_microbatches(framework: str, layout: Layout) -> bool:
     return framework == "torchtitan" and layout.pp > 1 and not layout.reshard_after_forward
 
 
-def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks, share: float = 1.0) -> tuple[float, float, float]:
-    """The all-gather, reduce-scatter and HSDP all-reduce of ``share`` of
-    one unit's weights, in seconds."""
+Part = list[tuple[float, Link]]  # a collective's pieces: (seconds, the link each runs on)
+
+
+def _unit_parts(layout: Layout, units: Units, links: ShardingLinks, share: float) -> tuple[Part, Part, Part]:
+    """The all-gather, reduce-scatter and HSDP all-reduce of ``share`` of one
+    unit's weights, each as (seconds, link) pieces: dense weights over the
+    shard group, routed experts over expert data parallel, an offloaded
+    shard's host copies over PCIe."""
     dense, experts = share * (units.params - units.expert_params), share * units.expert_params
     expert_shards, shards = max(1, layout.expert_shards), layout.grad_shards
-    gather = all_gather_s(dense * units.gather_bytes, layout.param_shards, links.shard)
-    reduce = reduce_scatter_s(dense * units.reduce_bytes, shards, links.shard)
+    gather = [(all_gather_s(dense * units.gather_bytes, layout.param_shards, links.shard), links.shard)]
+    reduce = [(reduce_scatter_s(dense * units.reduce_bytes, shards, links.shard), links.shard)]
     if experts:
-        gather += all_gather_s(experts * units.gather_bytes, expert_shards, links.expert_dp)
-        reduce += reduce_scatter_s(experts * units.reduce_bytes, expert_shards, links.expert_dp)
+        gather.append((all_gather_s(experts * units.gather_bytes, expert_shards, links.expert_dp), links.expert_dp))
+        reduce.append((reduce_scatter_s(experts * units.reduce_bytes, expert_shards, links.expert_dp), links.expert_dp))
     if units.host_copy_bytes:  # the shard comes from the host first, its gradient goes back after
-        gather += links.host.seconds(share * units.host_copy_bytes)
-        reduce += links.host.seconds(share * units.host_copy_bytes)
-    replicas = 0.0
+        gather.append((links.host.seconds(share * units.host_copy_bytes), links.host))
+        reduce.append((links.host.seconds(share * units.host_copy_bytes), links.host))
+    replicas: Part = []
     if layout.fsdp:  # each replica's shards, dense and expert, all-reduced across the replicas
         gradient_shard = dense * units.reduce_bytes / shards + experts * units.reduce_bytes / expert_shards
-        replicas = all_reduce_s(gradient_shard, layout.dp_replicate, links.replicate)
+        replicas.append((all_reduce_s(gradient_shard, layout.dp_replicate, links.replicate), links.replicate))
     return gather, reduce, replicas
 
 
-def _unit_reduce_s(framework: str, layout: Layout, units: Units, links: ShardingLinks) -> float:
+def _seconds(part: Part) -> float:
+    return sum(seconds for seconds, _ in part)
+
+
+def _held_s(part: Part, gpu: GPU) -> float:
+    """SM-seconds (in whole GPUs) a collective's NCCL kernels hold (contention.py)."""
+    return sum(seconds * contention.sm_share(link, gpu) for seconds, link in part)
+
+
+def unit_collectives_s(layout: Layout, units: Units, links: ShardingLinks, share: float = 1.0) -> tuple[float, float, float]:
+    """The all-gather, reduce-scatter and HSDP all-reduce of ``share`` of
+    one unit's weights, in seconds."""
+    gather, reduce, replicas = _unit_parts(layout, units, links, share)
+    return _seconds(gather), _seconds(reduce), _seconds(replicas)
+
+
+@dataclass(frozen=True)
+class Comm:
+    """Collectives in one window: ``seconds`` on the wall, ``held_s`` the
+    SM-seconds their kernels hold meanwhile (in whole GPUs)."""
+
+    seconds: float
+    held_s: float
+
+
+@dataclass(frozen=True)
+class ShardingTime:
+    """One stage's ZeRO-2 / ZeRO-3 / FSDP time: exposed per micro batch and
+    once per step, and what its hidden collectives cost the compute beside
+    them (contention.py), per micro batch and once per step."""
+
+    microbatch_s: float = 0.0
+    step_s: float = 0.0
+    contention_microbatch_s: float = 0.0
+    contention_step_s: float = 0.0
+
+
+def _unit_reduce(framework: str, layout: Layout, units: Units, links: ShardingLinks, gpu: GPU) -> Comm:
     """Without FSDP, one unit's gradient reduce in each micro batch: ZeRO-2's
     reduce-scatter, torchtitan's DDP all-reduce (bucketed behind backward),
-    else 0."""
+    else none."""
     if layout.grad_shards > 1:
-        return unit_collectives_s(layout, units, links)[1]
-    if reduces_every_microbatch(framework, layout):
-        return all_reduce_s(units.params * units.reduce_bytes, layout.dp * layout.cp, links.shard)
-    return 0.0
+        reduce = _unit_parts(layout, units, links, 1.0)[1]
+    elif reduces_every_microbatch(framework, layout):
+        reduce = [(all_reduce_s(units.params * units.reduce_bytes, layout.dp * layout.cp, links.shard), links.shard)]
+    else:
+        return Comm(0.0, 0.0)
+    return Comm(_seconds(reduce), _held_s(reduce, gpu))
 
 
-def busy_s(framework: str, layout: Layout, units: Units, links: ShardingLinks) -> tuple[float, float]:
-    """(per micro batch, once per step) seconds the NCCL collectives of
-    sharded data parallelism run on one stage, hidden or not: what
-    exposed_s counts before overlap, less the offloaded shards' host copies
-    (copy engines, no SMs). contention.py prices what the hidden part costs
-    the compute beside it."""
-    units = replace(units, host_copy_bytes=0.0)
-    if not layout.fsdp:
-        return units.count * _unit_reduce_s(framework, layout, units, links), 0.0
-    total = 0.0
+@dataclass(frozen=True)
+class Overlap:
+    """Which sharding collectives run on their own stream, behind compute;
+    the others run in turn with it (exposed whole)."""
+
+    gather: bool = True
+    reduce: bool = True
+
+    @classmethod
+    def of(cls, framework: str, features: Features, layout: Layout) -> Overlap:
+        """As each framework runs them: torchtitan's FSDP2 and DDP always
+        overlap; DeepSpeed always prefetches ZeRO-3's gathers and overlaps
+        the reduce with ``overlap_comm`` (loom writes overlap_grad_reduce
+        there); Megatron-FSDP overlaps the reduce with
+        --overlap-grad-reduce and the gathers with --overlap-param-gather
+        too, which loom writes only beside it and the distributed optimizer
+        (output/megatron.py _overlap_args)."""
+        if framework == "torchtitan":
+            return cls()
+        if framework == "deepspeed":
+            return cls(gather=True, reduce=features.overlap_grad_reduce)
+        return cls(gather=features.overlap_grad_reduce and features.overlap_param_gather and layout.distributed_optimizer,
+                   reduce=features.overlap_grad_reduce)
+
+
+def microbatch_s(layout: Layout, units: Units, links: ShardingLinks, gpu: GPU, forward_s: float, backward_s: float,
+                 overlap: Overlap = Overlap()) -> tuple[float, float]:
+    """(exposed, contention) seconds of the sharding collectives of one
+    micro batch on a stage whose units compute ``forward_s`` and
+    ``backward_s`` (recompute included) in all: each pass's first
+    collective plus, per later piece of a unit, what its collectives take
+    beyond the compute of the piece before (module docstring; the backward
+    runs the pieces in reverse), and every collective ``overlap`` does not
+    overlap; and what the hidden ones cost that compute."""
+    forward_comm, backward_comm, in_turn = [], [], 0.0
     for share in units.pieces:
-        gather, reduce, replicas = unit_collectives_s(layout, units, links, share)
-        total += gather * (1 + layout.reshard_after_forward) + reduce + replicas
-    total *= units.count
-    return (0.0, total) if held_across_microbatches(framework, layout) else (total, 0.0)
-
-
-def exposed_microbatch_s(layout: Layout, units: Units, links: ShardingLinks, forward_s: float, backward_s: float) -> float:
-    """Sharding communication one micro batch exposes on a stage whose units
-    compute ``forward_s`` and ``backward_s`` (recompute included) in all:
-    each pass's first collective plus, per later piece of a unit, what its
-    collectives take beyond the compute of the piece before (module
-    docstring; the backward runs the pieces in reverse)."""
-    forward_comm, backward_comm = [], []
-    for share in units.pieces:
-        gather, reduce, replicas = unit_collectives_s(layout, units, links, share)
-        backward_gather = gather if layout.reshard_after_forward else 0.0
-        forward_comm.append(gather)
+        gather, reduce, replicas = _unit_parts(layout, units, links, share)
+        regather = gather if layout.reshard_after_forward else []
+        gathers = (gather, regather) if overlap.gather else ([], [])
+        reduces = (reduce, replicas) if overlap.reduce else ([], [])
+        in_turn += _seconds(gather + regather) * (not overlap.gather) + _seconds(reduce + replicas) * (not overlap.reduce)
+        forward_comm.append(Comm(_seconds(gathers[0]), _held_s(gathers[0], gpu)))
+        shard_side, replica_side = gathers[1] + reduces[0], reduces[1]
+        held = _held_s(shard_side + replica_side, gpu)
         if links.replicate.kind == links.shard.kind:
-            backward_comm.append(backward_gather + reduce + replicas)
+            backward_comm.append(Comm(_seconds(shard_side + replica_side), held))
         else:  # different fabrics: the replicas' all-reduce runs beside the shard group's
-            backward_comm.append(max(backward_gather + reduce, replicas))
-    forward = _pass_exposed_s(forward_comm, [forward_s / units.count * share for share in units.pieces], units.count)
-    backward = _pass_exposed_s(backward_comm[::-1], [backward_s / units.count * share for share in units.pieces[::-1]], units.count)
-    return forward + backward
+            backward_comm.append(Comm(max(_seconds(shard_side), _seconds(replica_side)), held))
+    forward = _pass_s(forward_comm, [forward_s / units.count * share for share in units.pieces], units.count)
+    backward = _pass_s(backward_comm[::-1], [backward_s / units.count * share for share in units.pieces[::-1]], units.count)
+    return forward[0] + backward[0] + units.count * in_turn, forward[1] + backward[1]
 
 
-def _pass_exposed_s(comm: list[float], compute: list[float], count: int) -> float:
-    """One pass over ``count`` units of pieces with collectives ``comm`` and
-    compute ``compute`` (in running order): the first collective has
-    nothing to hide behind; each later one hides behind the piece before
-    (the previous unit's last piece for a unit's first)."""
-    within = sum(max(0.0, comm[j] - compute[j - 1]) for j in range(1, len(comm)))
-    across = max(0.0, comm[0] - compute[-1])
-    return comm[0] + within + (count - 1) * (across + within)
+def _pass_s(comm: list[Comm], compute: list[float], count: int) -> tuple[float, float]:
+    """(exposed, contention) seconds of one pass over ``count`` units of
+    pieces with collectives ``comm`` and compute ``compute`` (in running
+    order): the first collective has nothing to hide behind; each later one
+    hides behind the piece before (the previous unit's last piece for a
+    unit's first), exposes what outlasts it and slows it by the SMs it
+    holds meanwhile, less that slack (contention.slowdown_s)."""
+
+    def behind(c: Comm, compute_s: float) -> tuple[float, float]:
+        slack = max(0.0, c.seconds - compute_s)
+        return slack, contention.slowdown_s(c.seconds, c.held_s, min(c.seconds, compute_s), slack)
+
+    within = [behind(comm[j], compute[j - 1]) for j in range(1, len(comm))]
+    across = behind(comm[0], compute[-1])
+    exposed = comm[0].seconds + sum(e for e, _ in within) + (count - 1) * (across[0] + sum(e for e, _ in within))
+    slowed = sum(c for _, c in within) + (count - 1) * (across[1] + sum(c for _, c in within))
+    return exposed, slowed
 
 
-def exposed_s(framework: str, layout: Layout, units: Units, links: ShardingLinks, forward_s: float, backward_s: float) -> tuple[float, float]:
-    """(per micro batch, once per step) exposed seconds of sharded data
-    parallelism on one stage; both 0 without it. ZeRO-2 reduce-scatters
-    every micro batch's gradients and gathers nothing (Rajbhandari et al.
-    2020, sec. 5.2); torchtitan's DDP all-reduces them every micro batch."""
+def time_s(framework: str, layout: Layout, units: Units, links: ShardingLinks, gpu: GPU, forward_s: float, backward_s: float,
+           overlap: Overlap = Overlap()) -> ShardingTime:
+    """Sharded data parallelism's time on one stage (ShardingTime); none
+    without it. ZeRO-2 reduce-scatters every micro batch's gradients and
+    gathers nothing (Rajbhandari et al. 2020, sec. 5.2); torchtitan's DDP
+    all-reduces them every micro batch; torchtitan's pipeline gathers and
+    reduces once per step (held_across_microbatches)."""
     if not layout.fsdp:
-        reduce = _unit_reduce_s(framework, layout, units, links)
-        return reduce + (units.count - 1) * max(0.0, reduce - backward_s / units.count), 0.0
-    once = exposed_microbatch_s(layout, units, links, forward_s, backward_s)
+        reduce = _unit_reduce(framework, layout, units, links, gpu)
+        if not overlap.reduce:
+            return ShardingTime(microbatch_s=units.count * reduce.seconds)
+        exposed, slowed = _pass_s([reduce], [backward_s / units.count], units.count)
+        return ShardingTime(microbatch_s=exposed, contention_microbatch_s=slowed)
+    exposed, slowed = microbatch_s(layout, units, links, gpu, forward_s, backward_s, overlap)
     if held_across_microbatches(framework, layout):
-        return 0.0, once
-    return once, 0.0
+        return ShardingTime(step_s=exposed, contention_step_s=slowed)
+    return ShardingTime(microbatch_s=exposed, contention_microbatch_s=slowed)
 
 
 def fsdp2_copy_bytes(layout: Layout, units: Units, compute_grad_bytes: float) -> float:

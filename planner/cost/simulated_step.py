@@ -28,13 +28,13 @@ def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
             tuple(
                 ChunkCost(
                     forward_s=cost.forward_s,
-                    backward_s=cost.backward_s + (zero.microbatch_s + offload_s) / len(stage.chunks),
+                    backward_s=cost.backward_s + (zero.microbatch_s + zero.contention_microbatch_s + offload_s) / len(stage.chunks),
                     weight_grad_s=cost.weight_grad_s,
                     activation_bytes=chunk_activation_bytes(shape, layout, chunk),
                 )
                 for chunk, cost in zip(stage.chunks, costs)
             )
-            for stage, costs, zero, offload_s in zip(stages, parts.chunks, parts.sharding, parts.offload_s)
+            for stage, costs, zero, offload_s in zip(stages, parts.chunks, parts.sharded, parts.offload_s)
         ),
         microbatches=layout.num_microbatches,
         p2p_s=parts.p2p_one_s,

@@ -13,7 +13,7 @@ plus (m - 1) times the slowest stage".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 from loom.planner.cost import contention, host, layers, moe, offload, sharding
@@ -76,14 +76,17 @@ class ChunkTime:
     host_s: float = 0.0  # host time the GPU waits for (host.py), all passes
     host_fwd_s: float = 0.0
     kernels: PassTime = PassTime()  # compute_fwd + compute_bwd + recompute, by kernel kind
+    contention_s: float = 0.0  # compute slowed by the MoE all-to-alls hidden behind it (contention.py), all passes
+    contention_fwd_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s + self.host_s
+        return (self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s + self.host_s
+                + self.contention_s)
 
     @property
     def forward_s(self) -> float:
-        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s + self.ep_comm_fwd_s + self.host_fwd_s
+        return self.compute_fwd_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s + self.ep_comm_fwd_s + self.host_fwd_s + self.contention_fwd_s
 
     @property
     def backward_s(self) -> float:
@@ -161,14 +164,16 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
     # its ETP ranks before the expert GEMMs and reduce-scatter them after.
     # (the multi-token prediction modules on the last stage have MoE layers too)
     dispatching = n_moe + chunk.head * model.mtp_layers * (model.moe is not None)
-    ep_fwd = ep_bwd = 0.0
+    ep_fwd = ep_bwd = slowed_fwd = slowed_bwd = 0.0
     if dispatching:
-        ep_fwd = dispatching * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
+        dispatch = dispatching * 2 * moe.dispatch_s(shape, links.ep, links.ep_remote_share)
+        etp = 0.0
         if features.moe_token_dispatcher in ("alltoall", "allgather") and layout.etp > 1:
             routed_bytes = shape.moe_tokens * model.moe.top_k * model.hidden_size * shape.act_bytes * layout.etp
-            ep_fwd += dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
-        ep_bwd = ep_fwd * (1 + ep_again)
-        ep_fwd, ep_bwd = _exposed_dispatch(shape, gpu, links.ep, dispatching, fwd_layer, bwd_layer, ep_fwd, ep_bwd)
+            etp = dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
+        held = dispatch * _dispatcher_sm_share(features.moe_token_dispatcher, links.ep, gpu) + etp * contention.sm_share(links.etp, gpu)
+        ep_fwd, ep_bwd, slowed_fwd, slowed_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer,
+                                                                   sharding.Comm(dispatch + etp, held), 1 + ep_again)
     host_fwd, host_bwd = _exposed_host(shape, gpu, kinds, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd,
                                        bwd_layer.total_s + tp_fwd * tp_again + tp_bwd + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
@@ -178,6 +183,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
         tp_comm_s=tp_fwd * (1 + tp_again) + tp_bwd, cp_comm_s=cp_fwd + cp_bwd, tp_comm_fwd_s=tp_fwd, cp_comm_fwd_s=cp_fwd,
         weight_grad_s=bwd.gemm_s / 2, tp_busy_s=fwd_tp * tp_passes, cp_busy_s=cp_busy,
         ep_comm_s=ep_fwd + ep_bwd, ep_comm_fwd_s=ep_fwd, host_s=host_fwd + host_bwd, host_fwd_s=host_fwd, kernels=fwd + bwd + recompute,
+        contention_s=slowed_fwd + slowed_bwd, contention_fwd_s=slowed_fwd,
     )
 
 
@@ -252,30 +258,41 @@ def _micro_pipeline_backward_s(activation_bytes: float, layout: Layout, link: Li
     return n * 2 * reduce_scatter_s(activation_bytes, layout.tp, link)
 
 
-def _exposed_dispatch(shape: Shape, gpu: GPU, link: Link, n_moe: int, fwd: PassTime, bwd: PassTime, ep_fwd: float,
-                      ep_bwd: float) -> tuple[float, float]:
-    """The dispatch and combine time nothing hides, forward and backward, on
-    the EP group's ``link``. --overlap-moe-expert-parallel-comm runs one
-    micro batch's forward beside another's backward, layer by layer, so
-    each pass's all-to-alls hide behind the other pass's compute
-    (megatron-core combined_1f1b.py, fine_grained_callables.py), at the cost
-    of the SMs the dispatcher's kernels hold meanwhile: DeepEP's or
-    HybridEP's (moe.DISPATCHER_SMS), NCCL's channels for the alltoall and
-    allgather dispatchers (contention.py). --moe-shared-expert-overlap runs
-    the shared experts on a side stream during the dispatch and combine
+def _dispatcher_sm_share(dispatcher: str, link: Link, gpu: GPU) -> float:
+    """The share of the SMs the token dispatcher's kernels hold while they
+    run: DeepEP's or HybridEP's (moe.DISPATCHER_SMS), NCCL's send/recv
+    channels for the alltoall and allgather dispatchers (contention.py)."""
+    if dispatcher in moe.DISPATCHER_SMS:
+        return moe.DISPATCHER_SMS[dispatcher] / gpu.sms
+    return contention.sm_share(link, gpu, all_to_all=dispatcher == "alltoall")
+
+
+def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: PassTime, forward: sharding.Comm,
+                      backward_passes: float) -> tuple[float, float, float, float]:
+    """The dispatch and combine time nothing hides, forward and backward,
+    and what the hidden part costs the compute beside it, forward and
+    backward; ``forward``: one forward pass's all-to-alls (and ETP
+    collectives), which backward runs ``backward_passes`` times (again under
+    recompute). --overlap-moe-expert-parallel-comm runs one micro batch's
+    forward beside another's backward, layer by layer, so each pass's
+    all-to-alls hide behind the other pass's compute (megatron-core
+    combined_1f1b.py, fine_grained_callables.py) and slow it by the SMs
+    their kernels hold meanwhile. --moe-shared-expert-overlap runs the
+    shared experts on a side stream during the dispatch and combine
     (shared_experts.py)."""
     features = shape.features
+    backward = sharding.Comm(forward.seconds * backward_passes, forward.held_s * backward_passes)
     if features.overlap_moe_expert_parallel_comm:
-        dispatcher = features.moe_token_dispatcher
-        share = moe.DISPATCHER_SMS[dispatcher] / gpu.sms if dispatcher in moe.DISPATCHER_SMS else contention.sm_share(link, gpu)
-        hidden_fwd, hidden_bwd = min(ep_fwd, bwd.total_s), min(ep_bwd, fwd.total_s)
-        slowed = contention.slowdown_s(hidden_fwd + hidden_bwd, share)
-        return ep_fwd - hidden_fwd + slowed / 2, ep_bwd - hidden_bwd + slowed / 2
-    if features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
-        shared = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size)
-        shared_bwd = mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size, backward=True)
-        return max(0.0, ep_fwd - n_moe * shared.total_s), max(0.0, ep_bwd - n_moe * shared_bwd.total_s)
-    return ep_fwd, ep_bwd
+        behind_fwd, behind_bwd = bwd.total_s, fwd.total_s  # each pass hides behind the other
+    elif features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
+        behind_fwd = n_moe * mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size).total_s
+        behind_bwd = n_moe * mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size, backward=True).total_s
+    else:
+        return forward.seconds, backward.seconds, 0.0, 0.0
+    exposed_fwd, exposed_bwd = max(0.0, forward.seconds - behind_fwd), max(0.0, backward.seconds - behind_bwd)
+    slowed_fwd = contention.slowdown_s(forward.seconds, forward.held_s, forward.seconds - exposed_fwd, exposed_fwd)
+    slowed_bwd = contention.slowdown_s(backward.seconds, backward.held_s, backward.seconds - exposed_bwd, exposed_bwd)
+    return exposed_fwd, exposed_bwd, slowed_fwd, slowed_bwd
 
 
 def _exposed_host(shape: Shape, gpu: GPU, kinds: tuple[tuple[str, int], ...], comm_per_layer_s: float, gpu_fwd_s: float,
@@ -379,7 +396,9 @@ class DataParallelComm:
     reduce_s: float
     gather_s: float
     bucket_fraction: float  # of the stage's parameters in one DDP bucket
-    sm_share: float = 0.0  # of the GPU's SMs NCCL holds while they run (contention.py), over both groups
+    # SM-seconds (in whole GPUs) NCCL's kernels hold while each runs (contention.py)
+    reduce_held_s: float
+    gather_held_s: float
 
 
 def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links, gpu: GPU) -> DataParallelComm:
@@ -392,10 +411,13 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links, gpu
     dense_reduce, dense_gather = _reduce_and_gather_s(job, layout, dense.total * state.grad, state.gathered_bytes(dense), layout.dp * layout.cp, links.dp)
     expert_reduce, expert_gather = _reduce_and_gather_s(job, layout, experts.total * state.grad, state.gathered_bytes(experts), layout.expert_dp, links.expert_dp)
     n = layout.dp * layout.cp
-    dense_s, expert_s = dense_reduce + dense_gather, expert_reduce + expert_gather
-    share = (dense_s * contention.sm_share(links.dp, gpu) + expert_s * contention.sm_share(links.expert_dp, gpu)) / (dense_s + expert_s or 1.0)
-    return DataParallelComm(dense_reduce + expert_reduce, dense_gather + expert_gather, min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total),
-                            share)
+    dense_share, expert_share = contention.sm_share(links.dp, gpu), contention.sm_share(links.expert_dp, gpu)
+    return DataParallelComm(
+        reduce_s=dense_reduce + expert_reduce, gather_s=dense_gather + expert_gather,
+        bucket_fraction=min(1.0, max(DDP_BUCKET_PARAMS, 1_000_000 * n) / params.total),
+        reduce_held_s=dense_reduce * dense_share + expert_reduce * expert_share,
+        gather_held_s=dense_gather * dense_share + expert_gather * expert_share,
+    )
 
 
 def _state_bytes(job: Job, layout: Layout) -> StateBytes:
@@ -418,11 +440,16 @@ def _reduce_and_gather_s(job: Job, layout: Layout, grad_bytes: float, gather_byt
     return all_reduce_s(grad_bytes, n, link), 0.0
 
 
-def _exposed_gather_s(comm: DataParallelComm, job: Job, layout: Layout) -> float:
+def _exposed_gather_s(comm: DataParallelComm, job: Job, layout: Layout, forward_s: float) -> float:
     """The distributed optimizer's parameter all-gather overlaps the next
-    step's forward, all but its first bucket."""
-    overlap = job.features.overlap_param_gather and layout.distributed_optimizer
-    return comm.gather_s * comm.bucket_fraction if overlap else comm.gather_s
+    step's first forward pass, ``forward_s`` on the stage: each bucket's
+    forward pre-hook waits for its gather and issues the next bucket's
+    (megatron-core distributed_data_parallel.py _make_forward_pre_hook,
+    param_and_grad_buffer.py finish_param_sync), so the first bucket and
+    whatever outlasts that forward are exposed."""
+    if not (job.features.overlap_param_gather and layout.distributed_optimizer):
+        return comm.gather_s
+    return max(comm.gather_s * comm.bucket_fraction, comm.gather_s - forward_s)
 
 
 def _embedding_sync_s(job: Job, layout: Layout, links: Links) -> float:
@@ -460,41 +487,25 @@ def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
     return memory_time_s(params * OPTIMIZER_STEP_BYTES_PER_PARAM, gpu)
 
 
-@dataclass(frozen=True)
-class ShardingTime:
-    """One stage's ZeRO-2 / ZeRO-3 / FSDP time: exposed per micro batch and
-    once per step, and over the whole step what its hidden collectives cost
-    the compute beside them (contention.py)."""
-
-    microbatch_s: float = 0.0
-    step_s: float = 0.0
-    contention_s: float = 0.0
-
-
-def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> ShardingTime:
-    """Exposed ZeRO-2 / ZeRO-3 / FSDP communication of ``stage``, per micro
-    batch and once per step (sharding.py), behind its chunks' compute, and
-    under torchtitan FSDP2's copies in and out of its collectives' buffers
-    (sharding.fsdp2_copy_bytes); what is hidden slows that compute
-    (contention.py)."""
+def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> sharding.ShardingTime:
+    """ZeRO-2 / ZeRO-3 / FSDP time of ``stage`` (sharding.time_s) behind its
+    chunks' compute, with torchtitan FSDP2's copies in and out of its
+    collectives' buffers on the compute stream (sharding.fsdp2_copy_bytes)."""
     if not sharding.reduces_every_microbatch(job.framework, layout):
-        return ShardingTime()
+        return sharding.ShardingTime()
     params = stage_params(job.model, layout, stage)
     units = sharding_units(job.model, job.framework, layout, params, stage, _state_bytes(job, layout))
     shard = links.shard if layout.fsdp else links.dp
     sharding_links = sharding.ShardingLinks(shard=shard, replicate=links.replicate, expert_dp=links.expert_dp, host=offload.pcie_link(gpu))
     forward_s = sum(c.forward_s for c in chunks)
-    per_microbatch_s, per_step_s = sharding.exposed_s(job.framework, layout, units, sharding_links, forward_s, sum(c.total_s for c in chunks) - forward_s)
-    busy_microbatch_s, busy_step_s = sharding.busy_s(job.framework, layout, units, sharding_links)
-    hidden_s = layout.num_microbatches * max(0.0, busy_microbatch_s - per_microbatch_s) + max(0.0, busy_step_s - per_step_s)
-    contention_s = contention.slowdown_s(hidden_s, contention.sm_share(shard, gpu))
-    if job.framework == "torchtitan" and layout.fsdp:  # FSDP2's copies in and out of its collectives' buffers, on the compute stream
-        copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, layers.shape_of(job, layout).act_bytes), gpu)
-        if sharding.held_across_microbatches(job.framework, layout):
-            per_step_s += copies_s
-        else:
-            per_microbatch_s += copies_s
-    return ShardingTime(per_microbatch_s, per_step_s, contention_s)
+    time = sharding.time_s(job.framework, layout, units, sharding_links, gpu, forward_s, sum(c.total_s for c in chunks) - forward_s,
+                           sharding.Overlap.of(job.framework, job.features, layout))
+    if not (job.framework == "torchtitan" and layout.fsdp):
+        return time
+    copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, layers.shape_of(job, layout).act_bytes), gpu)
+    if sharding.held_across_microbatches(job.framework, layout):
+        return replace(time, step_s=time.step_s + copies_s)
+    return replace(time, microbatch_s=time.microbatch_s + copies_s)
 
 
 @dataclass(frozen=True)
@@ -504,7 +515,7 @@ class StepParts:
     job: Job
     layout: Layout
     chunks: list[list[ChunkTime]]  # per stage, in virtual-stage order
-    sharding: list[ShardingTime]  # per stage
+    sharded: list[sharding.ShardingTime]  # per stage
     offload_s: list[float]  # per stage, per micro batch (DeepSpeed's offloaded gradient accumulation)
     p2p_one_s: float  # one activation (or gradient) transfer between stages
     dp: list[DataParallelComm]  # per stage
@@ -514,9 +525,17 @@ class StepParts:
 
     @property
     def stage_kernels(self) -> tuple[PassTime, ...]:
-        """Each stage's compute kernels over the whole step (all micro batches), by kind."""
-        m = self.layout.num_microbatches
-        return tuple(sum((c.kernels for c in chunks), PassTime()).scaled(m) for chunks in self.chunks)
+        """Each stage's compute kernels over the whole step (all micro
+        batches), by kind, as a trace times them: its GEMMs and attention
+        slowed by the collectives beside them (stage_contention_s), in
+        proportion."""
+        m, kernels = self.layout.num_microbatches, []
+        for chunks, (microbatch_s, once_s) in zip(self.chunks, self.stage_contention_s):
+            total = sum((c.kernels for c in chunks), PassTime()).scaled(m)
+            compute_s = total.gemm_s + total.attention_s
+            slowed = 1 + (m * microbatch_s + once_s) / compute_s if compute_s else 1.0
+            kernels.append(PassTime(gemm_s=total.gemm_s * slowed, attention_s=total.attention_s * slowed, elementwise_s=total.elementwise_s))
+        return tuple(kernels)
 
     @property
     def stage_tp_busy_s(self) -> tuple[float, ...]:
@@ -526,18 +545,34 @@ class StepParts:
     @property
     def tau_s(self) -> list[float]:
         """One micro batch through all chunks of each stage."""
-        return [sum(c.total_s for c in chunks) + z.microbatch_s + o for chunks, z, o in zip(self.chunks, self.sharding, self.offload_s)]
+        return [sum(c.total_s for c in chunks) + z.microbatch_s + z.contention_microbatch_s + o
+                for chunks, z, o in zip(self.chunks, self.sharded, self.offload_s)]
 
-    def contention_s(self, dp_grad_reduce_s: float) -> float:
-        """What the data-parallel and sharding collectives hidden behind a
-        stage's compute cost that compute (contention.py), the most of any
-        stage: the gradient reduce beyond the step's exposed
-        ``dp_grad_reduce_s`` when it overlaps backward, the parameter gather
-        the next forward hides, and the sharded collectives."""
-        job, layout = self.job, self.layout
-        overlap = job.features.overlap_grad_reduce
-        return max(contention.slowdown_s(max(0.0, d.reduce_s - dp_grad_reduce_s) * overlap + d.gather_s - _exposed_gather_s(d, job, layout),
-                                         d.sm_share) + z.contention_s for d, z in zip(self.dp, self.sharding))
+    @property
+    def reduce_windows_s(self) -> list[float]:
+        """Per stage, the compute its gradient reduce hides behind: its last
+        backward and the cool-down of the stages after it."""
+        return [sum(c.backward_s for c in chunks) * (1 + s) for s, chunks in enumerate(self.chunks)]
+
+    @property
+    def stage_contention_s(self) -> list[tuple[float, float]]:
+        """Per stage, (per micro batch, once per step) seconds the
+        collectives hidden behind its compute cost it (contention.py): its
+        chunks' MoE all-to-alls and sharded data parallelism's per micro
+        batch; sharding's once-per-step collectives, the gradient reduce
+        that overlaps backward (beyond its closed-form exposure) and the
+        parameter gather the next forward hides, once."""
+        job, layout, overlap = self.job, self.layout, self.job.features.overlap_grad_reduce
+        found = []
+        for chunks, z, d, window in zip(self.chunks, self.sharded, self.dp, self.reduce_windows_s):
+            reduce_exposed = _exposed_reduce_s(d, window, overlap)
+            reduce = contention.slowdown_s(d.reduce_s, d.reduce_held_s, d.reduce_s - reduce_exposed,
+                                           max(0.0, reduce_exposed - d.reduce_s * d.bucket_fraction))
+            gather_exposed = _exposed_gather_s(d, job, layout, sum(c.forward_s for c in chunks))
+            gather = contention.slowdown_s(d.gather_s, d.gather_held_s, d.gather_s - gather_exposed,
+                                           max(0.0, gather_exposed - d.gather_s * d.bucket_fraction))
+            found.append((sum(c.contention_s for c in chunks) + z.contention_microbatch_s, z.contention_step_s + reduce + gather))
+        return found
 
     def breakdown_s(self, pipeline_s: float, dp_grad_reduce_s: float, pp_comm_s: float) -> dict[str, float]:
         """Where the step goes, with the pipeline's length, the send/recv time
@@ -545,7 +580,7 @@ class StepParts:
         or the simulator. The pipeline's time is the slowest stage's work,
         the exposed send/recv, and the rest of that stage's idle time: the
         pipeline bubble (warm-up, cool-down and waiting for other stages)."""
-        tau = self.tau_s
+        tau, slowed = self.tau_s, self.stage_contention_s
         slowest = max(range(len(tau)), key=lambda s: tau[s])
         m, chunks = self.layout.num_microbatches, self.chunks[slowest]
         work = {
@@ -556,7 +591,8 @@ class StepParts:
             "cp_comm": m * sum(c.cp_comm_s for c in chunks),
             "ep_comm": m * sum(c.ep_comm_s for c in chunks),
             "host_overhead": m * sum(c.host_s for c in chunks),
-            "sharding_comm": m * self.sharding[slowest].microbatch_s,
+            "overlap_contention": m * slowed[slowest][0],
+            "sharding_comm": m * self.sharded[slowest].microbatch_s,
             "offload_copies": m * self.offload_s[slowest],
         }
         idle_s = max(0.0, pipeline_s - sum(work.values()))
@@ -566,9 +602,10 @@ class StepParts:
             "pp_comm": p2p_s,
             "pipeline_bubble": idle_s - p2p_s,
             "dp_grad_reduce": dp_grad_reduce_s,
-            "sharding_comm_once": max(z.step_s for z in self.sharding),
-            "overlap_contention": self.contention_s(dp_grad_reduce_s),
-            "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout) for d in self.dp),
+            "sharding_comm_once": max(z.step_s for z in self.sharded),
+            "overlap_contention": work["overlap_contention"] + max(once for _, once in slowed),
+            "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout, sum(c.forward_s for c in chunks))
+                                   for d, chunks in zip(self.dp, self.chunks)),
             "embedding_sync": self.embedding_sync_s,
             "optimizer": max(self.optimizer_s),
         }
@@ -628,7 +665,7 @@ def step_parts(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], p
         job=job,
         layout=layout,
         chunks=chunks,
-        sharding=[sharded for _, sharded, *_ in costs],
+        sharded=[sharded for _, sharded, *_ in costs],
         offload_s=[offload_s for _, _, offload_s, _, _ in costs],
         p2p_one_s=send_recv_s(shape.tokens * job.model.hidden_size * shape.act_bytes / layout.tp, links.pp) if layout.pp > 1 else 0.0,
         dp=[dp for *_, dp, _ in costs],
@@ -645,8 +682,7 @@ def closed_form_step(parts: StepParts) -> StepTime:
     stages; the search prunes with it and ranks its best with the simulator."""
     layout, tau = parts.layout, parts.tau_s
     features = parts.job.features
-    windows = [sum(c.backward_s for c in cs) * (1 + s) for s, cs in enumerate(parts.chunks)]
-    reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, windows))
+    reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, parts.reduce_windows_s))
     breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
 
