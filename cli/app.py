@@ -7,6 +7,7 @@ renders and maps errors to exit codes.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,13 +31,14 @@ from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.output.trial import TRIAL_ITERATIONS, TRIAL_PROFILE_STEP, trial_job
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
-from loom.planner.specs.job import job_warnings, load_job
+from loom.planner.specs.job import Job, job_warnings, load_job
 from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
 from loom.planner.search.placement import place
 from loom.planner.plan import Plan, evaluate as evaluate_layout
 from loom.planner.output.report import NearbyBatchReport, SearchInfo, build_report, report_json
 from loom.planner.search.fixes import cheapest_fix
 from loom.planner.specs.rules import default_distributed_optimizer, default_recompute_modules, layout_problems
+from loom.planner.specs.stages import default_placement
 from loom.planner.search.layouts import search, split_plan
 from loom.planner.cost.memory import GiB
 
@@ -150,6 +152,17 @@ LAYOUT_FLAGS = {
     "recompute_num_layers": "--recompute-num-layers", "zero_stage": "--zero-stage", "distributed_optimizer": "--distributed-optimizer",
     "fsdp": "--fsdp", "reshard_after_forward": "--reshard-after-forward", "optimizer_offload": "--offload-optimizer",
 }
+
+
+def _launch_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
+    """What keeps ``--out`` from launching ``layout``: a per-node launcher
+    (torchrun, deepspeed's hostfile, srun) starts as many ranks on every node
+    it uses, so the ranks must fill whole nodes, or lie in one."""
+    ranks = Counter(host for host, _ in default_placement(job.cluster, layout.world_size).gpus)
+    if len(set(ranks.values())) <= 1:
+        return []
+    return [("tp*pp*dp*cp", f"whole nodes for the launch files --out writes (nodes of {job.cluster.gpus_per_node} GPUs: a per-node "
+             "launcher starts as many ranks on every node), or one node's GPUs at most", layout.world_size)]
 
 
 def _timeless(info: SearchInfo) -> SearchInfo:
@@ -335,7 +348,7 @@ def evaluate(
             reshard_after_forward=not (job.framework == "torchtitan" and pp > 1) if reshard_after_forward is None else reshard_after_forward,
             optimizer_offload=offload_optimizer,
         )
-        problems = layout_problems(job, layout)
+        problems = layout_problems(job, layout) + (_launch_problems(job, layout) if out is not None else [])
         if problems:
             raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
         plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)

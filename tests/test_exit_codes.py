@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,6 +16,7 @@ from loom.cli.app import app
 from loom.planner.output.files import MANIFEST
 
 runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def invoke(*args: object):
@@ -283,3 +285,30 @@ def test_a_bad_flag_is_blamed_on_the_command_line_not_the_bundled_job():
     result = invoke("plan", "--precision", "fp9")
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: command line: --precision:") and "llama3-8b-h100" not in result.output
+
+
+def test_launch_files_for_ranks_that_do_not_fill_whole_nodes_are_bad_input(tmp_path):
+    """12 ranks on nodes of 8: no per-node launcher starts 8 on one and 4 on
+    the other. Priced without --out; refused naming the degrees with it."""
+    args = ["evaluate", "--framework", "torchtitan", "--global-batch-size", 96, "--dp", 6, "--pp", 2]
+    assert invoke(*args).exit_code in (0, 3)
+    result = invoke(*args, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "--tp x --pp x --dp x --cp" in one_line(result) and "whole nodes" in one_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_with_expert_tensor_parallelism_is_bad_input():
+    result = invoke("evaluate", "--model", "mixtral-8x7b", "--framework", "deepspeed", "--global-batch-size", 256, "--seq-length", 4096,
+                    "--ep", 8, "--etp", 2, "--zero-stage", 2)
+    assert result.exit_code == 2 and "--etp" in one_line(result) and "DeepSpeed" in one_line(result)
+
+
+@pytest.mark.parametrize("imbalance, expected", [("100", "at most 4 at any EP"), ("{8: 5}", "at most 4 at EP 8")])
+def test_a_load_no_routing_can_reach_is_bad_input(tmp_path, imbalance, expected):
+    """Mixtral sends each token to 2 of 8 experts: a rank receives at most
+    min(2, its experts) copies of it, so at most 4x the mean."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: mixtral-8x7b\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n"
+                   f"features: {{moe_load_imbalance: {imbalance}}}\n")
+    result = invoke("plan", job)
+    assert result.exit_code == 2 and "features.moe_load_imbalance" in one_line(result) and expected in one_line(result)

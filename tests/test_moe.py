@@ -377,10 +377,17 @@ def test_every_part_of_a_deepseek_step_is_a_duration():
 
 def test_load_imbalance_by_ep_size_is_read_at_the_layouts_ep():
     features = Features(moe_load_imbalance={8: 1.2, 32: 1.6})
-    assert moe.load_imbalance(features, 8) == 1.2 and moe.load_imbalance(features, 32) == 1.6
-    assert moe.load_imbalance(features, 16) == pytest.approx(1.4)  # halfway in log2(ep)
-    assert moe.load_imbalance(features, 2) == pytest.approx(1 + 0.2 / 3)  # from 1.0 at EP 1
-    assert moe.load_imbalance(features, 64) == 1.6
+    assert moe.load_imbalance(features, 8, DEEPSEEK.moe) == 1.2 and moe.load_imbalance(features, 32, DEEPSEEK.moe) == 1.6
+    assert moe.load_imbalance(features, 16, DEEPSEEK.moe) == pytest.approx(1.4)  # halfway in log2(ep)
+    assert moe.load_imbalance(features, 2, DEEPSEEK.moe) == pytest.approx(1 + 0.2 / 3)  # from 1.0 at EP 1
+    assert moe.load_imbalance(features, 64, DEEPSEEK.moe) == 1.6
+    # Routing cannot put more than min(top_k, local experts) copies of a
+    # token on a rank: Mixtral (top-2 of 8) carries at most 2x the mean at
+    # EP 2 and 4x from EP 4 on; one rank holds every expert at EP 1.
+    mixtral = load_model("mixtral-8x7b").moe
+    assert [mixtral.most_imbalance(ep) for ep in (1, 2, 4, 8)] == [1.0, 2.0, 4.0, 4.0]
+    assert moe.load_imbalance(Features(moe_load_imbalance=100.0), 8, mixtral) == 4.0
+    assert moe.load_imbalance(Features(moe_load_imbalance=1.3), 1, mixtral) == 1.0
     # The busiest rank computes and receives more: slower experts and dispatch.
     job = lambda imbalance: mixtral_job(features=Features(moe_load_imbalance=imbalance))  # noqa: E731
     even, uneven = evaluate(job(1.0), layout(dp=64, ep=8)), evaluate(job({8: 1.5}), layout(dp=64, ep=8))

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,16 +37,17 @@ REGISTRIES = {"llama3": "llama3_args", "qwen3": "qwen3_args", "deepseek_v3": "de
 
 def _shape(name: str, args) -> tuple[int, ...]:
     """A registered flavor's entries of loom's Flavor.shape, as its model builds them."""
+    tied = int(getattr(args, "enable_weight_tying", False))
     if name == "llama3":  # FeedForward: 2/3 of 4 dim, times ffn_dim_multiplier, rounded up to multiple_of
         ffn = int(args.ffn_dim_multiplier * int(2 * 4 * args.dim / 3))
         ffn = args.multiple_of * -(-ffn // args.multiple_of)
-        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, ffn, args.vocab_size, 0)
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, ffn, args.vocab_size, 0, tied)
     if name == "qwen3":
         experts = args.moe_args.num_experts if args.moe_enabled else 0
-        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size, experts)
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size, experts, tied)
     if name == "gpt_oss":
-        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.moe_inter_dim, args.vocab_size, args.moe_args.num_experts)
-    return (args.dim, args.n_layers, args.n_heads, args.n_heads, args.inter_dim, args.vocab_size, args.moe_args.num_experts)
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.moe_inter_dim, args.vocab_size, args.moe_args.num_experts, tied)
+    return (args.dim, args.n_layers, args.n_heads, args.n_heads, args.inter_dim, args.vocab_size, args.moe_args.num_experts, tied)
 
 
 def test_loom_flavors_are_torchtitans():
@@ -63,6 +65,8 @@ def test_catalogue_models_map_to_their_flavors():
     assert torchtitan.flavor_of(load_model("deepseek-v2-lite")).flavor == "16B"
     assert torchtitan.flavor_of(load_model("gpt-oss-120b")).flavor == "120b"
     assert torchtitan.flavor_of(load_model("mistral-7b")) is None  # Llama 3 8B's width and depth, another vocabulary
+    # The same shape with its output layer tied to the embedding is another model (flavor 8B is untied).
+    assert torchtitan.flavor_of(replace(load_model("llama-3-8b"), tied_embeddings=True)) is None
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from loom.planner.cost.collectives import Link, all_gather_s
 from loom.planner.cost.efficiency import backward_gemms, gemm_time_s
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.job import Features
+from loom.planner.specs.model import MoE
 from loom.profiles.catalogue import GPU
 
 # SMs the fused dispatchers' kernels occupy while they run: megatron-core
@@ -30,12 +31,17 @@ DISPATCHER_SMS = {"deepep": 20, "hybridep": 16}
 TE_GEMM_STREAMS = 4
 
 
-def load_imbalance(features: Features, ep: int) -> float:
+def load_imbalance(features: Features, ep: int, moe: MoE) -> float:
     """``features.moe_load_imbalance`` at expert parallel size ``ep``: the
     number, or from a mapping by EP size (``loom experts`` prints one), the
     listed value, else linear in log2(ep) between the listed sizes around
     it (from 1.0 at EP 1: one rank holds every expert), the largest listed
-    size's value beyond them."""
+    size's value beyond them; never above what routing can reach there
+    (MoE.most_imbalance)."""
+    return min(_listed_imbalance(features, ep), moe.most_imbalance(ep))
+
+
+def _listed_imbalance(features: Features, ep: int) -> float:
     if not isinstance(features.moe_load_imbalance, tuple):
         return features.moe_load_imbalance
     given = dict(features.moe_load_imbalance)
@@ -58,7 +64,7 @@ def busiest_rows_factor(shape: Shape) -> float:
     expert compute exactly that many rows (moe_utils.get_capacity and
     apply_router_token_dropping)."""
     features = shape.features
-    imbalance = load_imbalance(features, shape.ep)
+    imbalance = load_imbalance(features, shape.ep, shape.model.moe)
     capacity = features.moe_expert_capacity_factor
     if capacity is None:
         return imbalance

@@ -26,7 +26,7 @@ from loom.planner.specs.errors import SpecError
 from loom.planner.specs.files import StrictModel, count, rate, read_json, read_mapping, validate
 from loom.planner.specs import torchtitan
 from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
-from loom.planner.specs.model import ModelSpec, load_model
+from loom.planner.specs.model import MoE, ModelSpec, load_model
 from loom.planner.specs.stacks import DEFAULT_STACK, FRAMEWORK_STACK, STACKS
 from loom.profiles.calibration import CalibrationDocument, read_calibration
 from loom.profiles.catalogue import GPU, GiB, find_gpu
@@ -393,6 +393,8 @@ def stack_features(stack: str, features: Features) -> Features:
 def check_job(job: Job) -> None:
     """Checks that need the model and cluster together."""
     moe = job.model.moe
+    if moe is not None:
+        _check_load_imbalance(job, moe)
     if moe is not None and job.framework == "deepspeed" and (moe.top_k > 2 or moe.shared_ffn_hidden_size or job.model.mla):
         # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
         # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
@@ -475,6 +477,18 @@ def _check_torchtitan(job: Job) -> None:
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
         raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)
+
+
+def _check_load_imbalance(job: Job, moe: MoE) -> None:
+    """A busiest/mean ratio routing can reach (MoE.most_imbalance)."""
+    value = job.features.moe_load_imbalance
+    pairs = value if isinstance(value, tuple) else ((moe.num_experts, value),)
+    for ep, ratio in pairs:
+        most = moe.most_imbalance(ep)
+        if ratio > most:
+            where = f"at EP {ep}" if isinstance(value, tuple) else "at any EP"
+            raise SpecError(job.source, "features.moe_load_imbalance", f"at most {most:g} {where} for {job.model.name} (a rank receives "
+                            f"at most min(top_k, its experts) of each token's {moe.top_k} copies)", ratio)
 
 
 def job_warnings(job: Job) -> list[str]:

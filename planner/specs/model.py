@@ -171,6 +171,14 @@ class MoE:
     sigmoid_router: bool = False
     topk_scaling_factor: float | None = None
 
+    def most_imbalance(self, ep: int) -> float:
+        """The largest busiest/mean load ratio routing can reach at expert
+        parallel size ``ep``: a token's top_k copies go to distinct experts,
+        so a rank holding num_experts / ep of them receives at most
+        min(top_k, that) copies of each token, against top_k / ep on average
+        (num_experts / top_k at most, at any EP)."""
+        return ep * min(self.top_k, max(1, self.num_experts // ep)) / self.top_k
+
     @property
     def up_projections(self) -> int:
         """How many hidden -> width projections an expert has (gate and up, or up)."""

@@ -90,6 +90,7 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         need(layout.fsdp == (layout.dp if layout.zero_stage == 3 else 0), "fsdp",
              f"dp = {layout.dp} with DeepSpeed's ZeRO-3 and 0 below it (it shards weights over all of DP only)", layout.fsdp)
         need(layout.tp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
+        need(layout.etp == 1, "etp", "1 with DeepSpeed (its MoE layers have no expert tensor parallelism)", layout.etp)
         need(layout.cp == 1, "cp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.cp)
         need(not layout.distributed_optimizer, "distributed_optimizer", "false with DeepSpeed (use zero_stage)", True)
         need(layout.recompute != "selective", "recompute", "none or full with DeepSpeed", layout.recompute)

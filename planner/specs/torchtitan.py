@@ -27,12 +27,14 @@ class Flavor:
 
     name: str  # [model] name
     flavor: str  # [model] flavor
-    shape: tuple[int, ...]  # hidden, layers, heads, key/value heads, FFN width, vocabulary, routed experts
+    shape: tuple[int, ...]  # hidden, layers, heads, key/value heads, FFN width, vocabulary, routed experts, tied embeddings
     pipeline: bool  # torchtitan can split it into pipeline stages
 
 
-def _flavors(name: str, pipeline: bool, rows: dict[str, tuple[int, ...]]) -> tuple[Flavor, ...]:
-    return tuple(Flavor(name, flavor, shape, pipeline) for flavor, shape in rows.items())
+def _flavors(name: str, pipeline: bool, rows: dict[str, tuple[int, ...]], tied: tuple[str, ...] = ()) -> tuple[Flavor, ...]:
+    """``tied``: the flavors whose output layer is the embedding's weight
+    (qwen3's enable_weight_tying)."""
+    return tuple(Flavor(name, flavor, (*shape, int(flavor in tied)), pipeline) for flavor, shape in rows.items())
 
 
 FLAVORS = (
@@ -42,7 +44,8 @@ FLAVORS = (
         "0.6B": (1024, 28, 16, 8, 3072, 151936, 0), "1.7B": (2048, 28, 16, 8, 6144, 151936, 0),
         "4B": (2560, 36, 32, 8, 9728, 151936, 0), "8B": (4096, 36, 32, 8, 12288, 151936, 0),
         "14B": (5120, 40, 40, 8, 17408, 151936, 0), "32B": (5120, 64, 64, 8, 25600, 151936, 0),
-        "30B-A3B": (2048, 48, 32, 4, 6144, 151936, 128), "235B-A22B": (4096, 94, 64, 4, 12288, 151936, 128)}),
+        "30B-A3B": (2048, 48, 32, 4, 6144, 151936, 128), "235B-A22B": (4096, 94, 64, 4, 12288, 151936, 128)},
+        tied=("0.6B", "1.7B", "4B")),
     *_flavors("deepseek_v3", True, {"16B": (2048, 27, 16, 16, 10944, 102400, 64), "236B": (5120, 60, 128, 128, 12288, 102400, 160),
                                     "671B": (7168, 61, 128, 128, 18432, 129280, 256)}),
     # gpt_oss (gptoss_configs; GptOssModelArgs' defaults give the widths): its
@@ -56,7 +59,7 @@ def shape_of(model: ModelSpec) -> tuple[int, ...]:
     """``model``'s entries of ``Flavor.shape``."""
     experts = model.moe.num_experts if model.moe is not None else 0
     return (model.hidden_size, model.num_layers, model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size,
-            model.vocab_size, experts)
+            model.vocab_size, experts, int(model.tied_embeddings))
 
 
 def flavor_of(model: ModelSpec) -> Flavor | None:
