@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from loom.cli.common import OneLineErrors, check_output, err, run
+from loom.cli.common import OneLineErrors, StdoutConsole, check_output, err, run, stdout_may_close
 from loom.cli.experts import experts
 from loom.cli.explain import explain
 from loom.cli.learn import calibrate, compare
@@ -112,16 +112,17 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
     # The report leaves out the wall time (plan prints it on stderr) so that the
     # same inputs print the same bytes; plan.json is the very same text.
     report = report_json(build_report(plans, _timeless(info)))
-    if as_json:
-        typer.echo(report, nl=False)
-    else:
-        console = Console()
-        idle = plans[0].idle_gpus
-        show(console, plans, f"{job.model.name} on {job.cluster.gpu_summary}{f' + {idle} idle' if idle else ''} ({job.framework})")
-        for nearby in info.nearby_global_batch_sizes:
-            idle = f", {nearby.idle_gpus} GPUs idle" if nearby.idle_gpus else ""
-            console.print(f"global batch {nearby.global_batch_size} instead of {plans[0].layout.global_batch_size}: "
-                          f"{escape(nearby.label)}{idle}, {nearby.tokens_per_s:,.0f} tokens/s ({nearby.gain:+.1%})")
+    with stdout_may_close():
+        if as_json:
+            typer.echo(report, nl=False)
+        else:
+            console = StdoutConsole()
+            idle = plans[0].idle_gpus
+            show(console, plans, f"{job.model.name} on {job.cluster.gpu_summary}{f' + {idle} idle' if idle else ''} ({job.framework})")
+            for nearby in info.nearby_global_batch_sizes:
+                idle = f", {nearby.idle_gpus} GPUs idle" if nearby.idle_gpus else ""
+                console.print(f"global batch {nearby.global_batch_size} instead of {plans[0].layout.global_batch_size}: "
+                              f"{escape(nearby.label)}{idle}, {nearby.tokens_per_s:,.0f} tokens/s ({nearby.gain:+.1%})")
     _print_expected_gain(plans[0])
     if out is not None:
         best = plans[0]

@@ -10,7 +10,8 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -48,6 +49,32 @@ def run(action: Callable[[], None]) -> None:
         err.print(f"[red]internal error:[/red] {escape(where)}. This is a bug in loom: please report it to its maintainers "
                   "with the command and its input files (LOOM_DEBUG=1 prints the traceback)")
         raise typer.Exit(INTERNAL_ERROR_EXIT_CODE) from None
+
+
+def _quiet_stdout() -> None:
+    """Send the rest of stdout nowhere: its reader has gone (the pattern the
+    Python docs give for SIGPIPE)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class StdoutConsole(Console):
+    """A stdout console its reader may close (``loom plan | head``): the rest
+    of the table goes nowhere and the command goes on to write its files
+    and check its gates, where rich would exit 1 (the failed-gate code)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _quiet_stdout()
+
+
+@contextmanager
+def stdout_may_close() -> Iterator[None]:
+    """Print to stdout that its reader may close, as StdoutConsole does."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
 
 
 def check_output(path: Optional[Path], flag: str = "--out", *, folder: bool = True) -> None:

@@ -172,6 +172,16 @@ def test_the_cheapest_fix_may_use_the_gpus_a_small_layout_leaves_idle():
     assert invoke("evaluate", "--tp", 1, "--pp", 1, "--dp", 64, "--global-batch-size", 256, "--seq-length", 4096).exit_code == 0
 
 
+@pytest.mark.parametrize("flags, fix", [(["--framework", "deepspeed", "--zero-stage", 0], "--zero-stage "),
+                                        (["--framework", "torchtitan", "--fsdp", 0, "--recompute", "full"], "--fsdp 64")])
+def test_the_cheapest_fix_shards_what_data_parallelism_replicates(flags, fix):
+    """Llama-3 8B replicated over 64 GPUs holds 90 GiB of Adam state: a
+    higher ZeRO stage (any, not only the next) or torchtitan's FSDP fits."""
+    result = invoke("evaluate", *flags)
+    assert result.exit_code == 3
+    assert f"the cheapest single change that fits: {fix}" in " ".join(result.stderr.split())
+
+
 def test_mxfp8_needs_blackwell(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("model: llama-3-8b\ncluster: h100-64.yaml\nglobal_batch_size: 512\nseq_length: 8192\nprecision: fp8\n"
@@ -312,3 +322,32 @@ def test_a_load_no_routing_can_reach_is_bad_input(tmp_path, imbalance, expected)
                    f"features: {{moe_load_imbalance: {imbalance}}}\n")
     result = invoke("plan", job)
     assert result.exit_code == 2 and "features.moe_load_imbalance" in one_line(result) and expected in one_line(result)
+
+
+@pytest.mark.parametrize("lines, field", [
+    ("features: {overlap_moe_expert_parallel_comm: true}", "features.overlap_moe_expert_parallel_comm"),
+    ("features: {moe_token_dispatcher: allgather}", "features.moe_token_dispatcher"),
+    ("search: {moe_token_dispatcher: [alltoall, hybridep]}", "search.moe_token_dispatcher"),
+])
+def test_megatron_moe_features_with_torchtitan_are_bad_input_for_plan_too(tmp_path, lines, field):
+    """Not "no layout passes the rules" (exit 3): the job asks for what
+    torchtitan does not have, whatever the layout."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: deepseek-v2-lite\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n"
+                   f"framework: torchtitan\n{lines}\n")
+    for command in ("plan", "evaluate") if field.startswith("features") else ("plan",):
+        result = invoke(command, job)
+        assert result.exit_code == 2 and field in one_line(result) and "torchtitan" in one_line(result), (command, result.output)
+
+
+def test_a_reader_that_closes_stdout_does_not_stop_the_files(tmp_path):
+    """``loom plan --out DIR | head -1``: the table's reader goes away after
+    a line; the plan is still written and the exit is not a failed gate's 1."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "loom.cli", "plan", "--out", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
+    process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    assert (tmp_path / "out" / "plan.json").is_file()

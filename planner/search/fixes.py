@@ -3,7 +3,8 @@ fit, which ``loom evaluate`` suggests beside what binds.
 
 The candidates are the knobs a Megatron or DeepSpeed user turns first when a
 job runs out of memory, each changed alone: more recomputation, the
-distributed optimizer or the next ZeRO stage, a smaller micro batch, less
+distributed optimizer, a higher ZeRO stage or sharding the weights over
+data parallelism (FSDP), a smaller micro batch, less
 interleaving, sequence parallelism, and twice the tensor, pipeline or
 context parallelism in place of data parallelism (the GPU count stays) or,
 when the layout leaves GPUs idle, one of data, tensor, pipeline or context
@@ -33,9 +34,11 @@ def single_changes(job: Job, layout: Layout) -> list[tuple[str, Layout]]:
         changes.append(("--recompute full", replace(layout, recompute="full", **plain)))
     if job.framework == "megatron" and not layout.distributed_optimizer:
         changes.append(("--distributed-optimizer", replace(layout, distributed_optimizer=True)))
-    if job.framework == "deepspeed" and layout.zero_stage < 3:
-        stage = layout.zero_stage + 1
-        changes.append((f"--zero-stage {stage}", replace(layout, zero_stage=stage, fsdp=layout.dp if stage == 3 else 0)))
+    if job.framework == "deepspeed":
+        for stage in range(layout.zero_stage + 1, 4):
+            changes.append((f"--zero-stage {stage}", replace(layout, zero_stage=stage, fsdp=layout.dp if stage == 3 else 0)))
+    if job.framework == "torchtitan" and not layout.fsdp and layout.dp > 1:
+        changes.append((f"--fsdp {layout.dp}", replace(layout, fsdp=layout.dp)))
     if job.framework == "megatron" and not layout.fsdp:
         dropped = " --no-offload-optimizer" if layout.optimizer_offload else ""
         changes.append((f"--fsdp {layout.dp}{dropped}", replace(layout, fsdp=layout.dp, distributed_optimizer=True, optimizer_offload=False)))

@@ -355,6 +355,8 @@ def dispatcher_variants(job: Job) -> list[Job]:
         except pydantic.ValidationError as error:
             reason = error.errors()[0]["msg"].removeprefix("Value error, ")
             raise SpecError(job.source, "search.moe_token_dispatcher", f"dispatchers the job's features allow ({reason})", dispatcher) from None
+        if job.framework == "torchtitan" and dispatcher not in torchtitan.DISPATCHERS:
+            raise SpecError(job.source, "search.moe_token_dispatcher", f"{' or '.join(torchtitan.DISPATCHERS)} with torchtitan", dispatcher)
         variants.append(replace(job, features=features))
     return variants
 

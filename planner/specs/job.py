@@ -477,6 +477,14 @@ def _check_torchtitan(job: Job) -> None:
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
         raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)
+    if job.model.moe is None:
+        return
+    if job.features.moe_token_dispatcher not in torchtitan.DISPATCHERS:
+        raise SpecError(job.source, *_from_stack(job, "moe_token_dispatcher", f"{' or '.join(torchtitan.DISPATCHERS)} with torchtitan "
+                                                                              "(its expert_parallel_comm_backend: standard | deepep)"))
+    for feature in ("overlap_moe_expert_parallel_comm", "moe_shared_expert_overlap"):
+        if getattr(job.features, feature):
+            raise SpecError(job.source, *_from_stack(job, feature, "false with torchtitan (Megatron's MoE overlap)"))
 
 
 def _check_load_imbalance(job: Job, moe: MoE) -> None:

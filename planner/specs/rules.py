@@ -177,11 +177,6 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
     if model.moe is not None:
         shard_ranks = max(1, layout.fsdp) * layout.cp * layout.tp
         need(shard_ranks % layout.ep == 0, "ep", f"a divisor of fsdp x cp x tp = {shard_ranks} (torchtitan's EP borrows FSDP and TP ranks)", layout.ep)
-        features = job.features
-        need(features.moe_token_dispatcher in ("alltoall", "deepep"), "moe_token_dispatcher",
-             "alltoall or deepep with torchtitan (expert_parallel_comm_backend standard | deepep)", features.moe_token_dispatcher)
-        overlapped = features.overlap_moe_expert_parallel_comm or features.moe_shared_expert_overlap
-        need(not overlapped, "features", "no Megatron MoE overlap with torchtitan", "overlap_moe_expert_parallel_comm/moe_shared_expert_overlap")
 
 
 def _hybrid_problems(job: Job, layout: Layout, need) -> None:

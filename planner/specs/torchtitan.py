@@ -55,6 +55,11 @@ FLAVORS = (
 )
 
 
+# The token dispatchers torchtitan 0.2.2 runs, as loom names them: its
+# parallelism.expert_parallel_comm_backend "standard" (all-to-all) and "deepep".
+DISPATCHERS = ("alltoall", "deepep")
+
+
 def shape_of(model: ModelSpec) -> tuple[int, ...]:
     """``model``'s entries of ``Flavor.shape``."""
     experts = model.moe.num_experts if model.moe is not None else 0
