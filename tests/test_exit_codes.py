@@ -328,6 +328,8 @@ def test_a_load_no_routing_can_reach_is_bad_input(tmp_path, imbalance, expected)
     ("features: {overlap_moe_expert_parallel_comm: true}", "features.overlap_moe_expert_parallel_comm"),
     ("features: {moe_token_dispatcher: allgather}", "features.moe_token_dispatcher"),
     ("search: {moe_token_dispatcher: [alltoall, hybridep]}", "search.moe_token_dispatcher"),
+    ("features: {moe_router_fusion: true}", "features.moe_router_fusion"),
+    ("features: {overlap_grad_reduce: false}", "features.overlap_grad_reduce"),
 ])
 def test_megatron_moe_features_with_torchtitan_are_bad_input_for_plan_too(tmp_path, lines, field):
     """Not "no layout passes the rules" (exit 3): the job asks for what

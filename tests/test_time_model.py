@@ -146,3 +146,11 @@ def test_chunks_of_one_size_but_other_layers_are_priced_each_as_their_own():
     own = [chunk_time(shape_of(job, layout), layout, stage.chunks[0], gpu, Links.of(job, layout), job) for stage in stages]
     assert [cs[0] for cs in parts.chunks] == own
     assert own[1].total_s < own[2].total_s  # one dense layer is cheaper than a second MoE layer
+
+
+def test_one_gpu_reduces_nothing_not_a_rounding_error():
+    """The simulated step's reduce is what follows the pipeline beyond the
+    optimizer: on one GPU exactly none (not 1e-16 s)."""
+    job = make_job("llama-3-8b", nodes=1, gbs=4, seq=2048)
+    layout = Layout(tp=1, pp=1, dp=1, cp=1, micro_batch_size=1, global_batch_size=4, recompute="full")
+    assert evaluate(job, layout).step.breakdown_s["dp_grad_reduce"] == 0.0

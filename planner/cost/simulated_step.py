@@ -80,7 +80,9 @@ def simulated_step(parts: StepParts, stages: list[Stage], schedule: str | None =
     name = schedule or megatron_schedule(parts.layout.vpp)
     simulation = simulate_long(costs, name)  # explain simulates the plan's costs again to draw it
     after_pipeline = simulation.step_time_s - simulation.pipeline_time_s
-    breakdown = parts.breakdown_s(simulation.pipeline_time_s, max(0.0, after_pipeline - max(parts.optimizer_s)),
+    # What rounding leaves of a reduce that ends within the optimizer is none.
+    reduce_s = after_pipeline - max(parts.optimizer_s)
+    breakdown = parts.breakdown_s(simulation.pipeline_time_s, reduce_s if reduce_s > 1e-12 * simulation.step_time_s else 0.0,
                                   send_recv_exposed_s(costs, simulation) if send_recv else 0.0)
     # The optimizer of the last stage to finish may overlap others' reduces:
     # keep the breakdown summing to the simulated step.

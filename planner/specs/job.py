@@ -477,8 +477,15 @@ def _check_torchtitan(job: Job) -> None:
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
         raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)
+    for feature in ("overlap_grad_reduce", "overlap_param_gather"):
+        if not getattr(job.features, feature):
+            raise SpecError(job.source, *_from_stack(job, feature, "true with torchtitan (FSDP2 and its DDP always overlap "
+                                                                   "their collectives with compute)"))
     if job.model.moe is None:
         return
+    for feature in ("moe_router_fusion", "moe_permute_fusion"):
+        if getattr(job.features, feature):
+            raise SpecError(job.source, *_from_stack(job, feature, "false with torchtitan (Megatron's fused MoE kernels)"))
     if job.features.moe_token_dispatcher not in torchtitan.DISPATCHERS:
         raise SpecError(job.source, *_from_stack(job, "moe_token_dispatcher", f"{' or '.join(torchtitan.DISPATCHERS)} with torchtitan "
                                                                               "(its expert_parallel_comm_backend: standard | deepep)"))
