@@ -353,3 +353,17 @@ def test_a_reader_that_closes_stdout_does_not_stop_the_files(tmp_path):
     process.stdout.close()
     assert process.wait(timeout=120) == 0
     assert (tmp_path / "out" / "plan.json").is_file()
+
+
+@pytest.mark.parametrize("lines, field", [
+    ("model: llama-3-8b\nsearch: {ep: [8]}", "search.ep"),
+    ("model: llama-3-8b\nsearch: {zero_stage: [3]}", "search.zero_stage"),
+    ("model: mixtral-8x7b\nframework: deepspeed\nsearch: {etp: [2]}", "search.etp"),
+])
+def test_a_search_list_no_layout_can_run_is_bad_input(tmp_path, lines, field):
+    """A rule that refuses every layout because of a value the search list
+    asks for: bad input naming that list, as evaluate names the flag."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"{lines}\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n")
+    result = invoke("plan", job)
+    assert result.exit_code == 2 and f"field '{field}'" in one_line(result), result.output

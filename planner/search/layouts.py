@@ -378,14 +378,18 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     # on which the enumeration prices every layout.
     placement = default_placement(job.cluster, job.cluster.num_gpus)
     rejected: Counter[str] = Counter()
+    broken: Counter[tuple[str, str]] = Counter()  # every rule a layout breaks, by layouts
     valid = []
     for layout in layouts:
         problems = layout_problems(job, layout)
         if problems:
             field, expected, _ = problems[0]
             rejected[f"{field}: {expected}"] += 1
+            broken.update({(field, expected) for field, expected, _ in problems})
         else:
             valid.append((step_lower_bound_s(job, layout), layout))
+    if not valid:
+        _refuse_search_list(job, broken, len(layouts))
     valid.sort(key=lambda bounded: bounded[0])  # stable: the enumeration's order among equal bounds
     smallest: tuple[_Fullest, Layout] | None = None
     frontier = _Frontier(job, top_k)
@@ -607,6 +611,17 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
         if plan.leaves_headroom:
             plans.append(plan)
     return plans, solves
+
+
+def _refuse_search_list(job: Job, broken: Counter, layouts: int) -> None:
+    """Bad input, not infeasibility: when a rule refuses every layout and
+    that rule's knob is one the job's ``search:`` lists, the list asks for
+    what this model, framework or cluster never runs (``search: {ep: [8]}``
+    for a dense model, ``{etp: [2]}`` with DeepSpeed)."""
+    for (field, expected), count in broken.most_common():
+        listed = getattr(job.search, field) if field in type(job.search).model_fields else "auto"
+        if count == layouts and listed != "auto":
+            raise SpecError(job.source, f"search.{field}", expected, listed)
 
 
 def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
