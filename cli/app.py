@@ -7,7 +7,6 @@ renders and maps errors to exit codes.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,6 +27,7 @@ from loom.cli.profile import profile_app
 from loom.cli.render import show
 from loom.planner.output.files import write_file_set
 from loom.planner.output.launch import launch_files, training_script_steps
+from loom.planner.output.slurm import nodes_of
 from loom.planner.output.trial import TRIAL_ITERATIONS, TRIAL_PROFILE_STEP, trial_job
 from loom.planner.specs.errors import InfeasibleError, SpecError
 from loom.planner.output.gates import failed_gates, parse_gate
@@ -156,14 +156,16 @@ LAYOUT_FLAGS = {
 
 
 def _launch_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
-    """What keeps ``--out`` from launching ``layout``: a per-node launcher
-    (torchrun, deepspeed's hostfile, srun) starts as many ranks on every node
-    it uses, so the ranks must fill whole nodes, or lie in one."""
-    ranks = Counter(host for host, _ in default_placement(job.cluster, layout.world_size).gpus)
-    if len(set(ranks.values())) <= 1:
-        return []
-    return [("tp*pp*dp*cp", f"whole nodes for the launch files --out writes (nodes of {job.cluster.gpus_per_node} GPUs: a per-node "
-             "launcher starts as many ranks on every node), or one node's GPUs at most", layout.world_size)]
+    """What keeps ``--out`` from launching ``layout`` on Megatron's default
+    placement: a per-node launcher (torchrun, deepspeed's hostfile, srun)
+    starts as many ranks on every node it uses (slurm.nodes_of, which the
+    launch files are written from)."""
+    try:
+        nodes_of(default_placement(job.cluster, layout.world_size))
+    except ValueError:
+        return [("tp*pp*dp*cp", f"whole nodes for the launch files --out writes (nodes of {job.cluster.gpus_per_node} GPUs: a "
+                 "per-node launcher starts as many ranks on every node), or one node's GPUs at most", layout.world_size)]
+    return []
 
 
 def _timeless(info: SearchInfo) -> SearchInfo:

@@ -67,7 +67,7 @@ def all_to_all_GBps(bandwidth_GBps: np.ndarray, host_of_slot: np.ndarray, groups
     hosts = host_of_slot[groups]
     same = hosts[:, :, None] == hosts[:, None, :]
     pair = bandwidth_GBps[groups[:, :, None], groups[:, None, :]]
-    remote_share = float(1 - same.sum(axis=2).min() / groups.shape[1])
+    remote_share = float(1 - fewest_members_per_node(host_of_slot, groups) / groups.shape[1])
     if remote_share == 0:
         return float(np.where(same & ~np.eye(groups.shape[1], dtype=bool), pair, np.inf).min()), 0.0
     return float(np.where(same, np.inf, pair).min()), remote_share

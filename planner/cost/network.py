@@ -158,8 +158,9 @@ def _all_to_all(topology: Topology, placed: np.ndarray) -> dict:
     if placed.shape[1] == 1:
         return {"ep": LOCAL, "ep_remote_share": 0.0}
     bandwidth, share = all_to_all_GBps(topology.bandwidth_GBps, topology.host_of_slot, placed)
-    link = Link(bandwidth, NETWORK_LATENCY_S, "network", fewest_members_per_node(topology.host_of_slot, placed)) if share \
-        else Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
+    # share = (n - k) / n with k members on a node (all_to_all_GBps)
+    members = round(placed.shape[1] * (1 - share))
+    link = Link(bandwidth, NETWORK_LATENCY_S, "network", members) if share else Link(bandwidth, NVLINK_LATENCY_S, "nvlink")
     return {"ep": link, "ep_remote_share": share}
 
 
