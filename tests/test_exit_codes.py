@@ -359,6 +359,11 @@ def test_a_reader_that_closes_stdout_does_not_stop_the_files(tmp_path):
     ("model: llama-3-8b\nsearch: {ep: [8]}", "search.ep"),
     ("model: llama-3-8b\nsearch: {zero_stage: [3]}", "search.zero_stage"),
     ("model: mixtral-8x7b\nframework: deepspeed\nsearch: {etp: [2]}", "search.etp"),
+    # Lists that combine to no layout at all: the knob whose list is to blame.
+    ("model: llama-3-8b\nsearch: {tp: [3]}", "search.tp"),
+    ("model: llama-3-8b\nsearch: {tp: [8], pp: [3]}", "search.pp"),
+    ("model: llama-3-8b\nsearch: {pp: [1], vpp: [2]}", "search.vpp"),
+    ("model: llama-3-8b\nsearch: {tp: [1], sequence_parallel: [true]}", "search.sequence_parallel"),
 ])
 def test_a_search_list_no_layout_can_run_is_bad_input(tmp_path, lines, field):
     """A rule that refuses every layout because of a value the search list

@@ -289,7 +289,7 @@ def _search_sizes(job: Job, top_k: int, progress: Callable[[int, int], None] | N
         tried.append(str(nodes))
         try:
             found = _search_dispatchers(replace(job, cluster=job.cluster.fastest_nodes(nodes)), top_k)
-        except InfeasibleError:
+        except (InfeasibleError, SpecError):  # the search lists were judged on the whole cluster
             continue
         results.append(replace(found, plans=[replace(plan, idle_gpus=idle) for plan in found.plans]))
     if not results:
@@ -304,7 +304,7 @@ def _nearby_batches(job: Job) -> list[tuple[int, Plan]]:
     for batch in nearby_batch_sizes(job.global_batch_size):
         try:
             found.append((batch, _search_sizes(replace(job, global_batch_size=batch), 1).plans[0]))
-        except InfeasibleError:
+        except (InfeasibleError, SpecError):  # the search lists were judged at the job's own batch
             continue
     return found
 
@@ -374,6 +374,8 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     one named in the message."""
     started = time.perf_counter()
     layouts = list(candidate_layouts(job))
+    if not layouts:
+        _refuse_empty_space(job)
     # Every layout fills the cluster, so they share Megatron's default placement,
     # on which the enumeration prices every layout.
     placement = default_placement(job.cluster, job.cluster.num_gpus)
@@ -624,6 +626,31 @@ def _refuse_search_list(job: Job, broken: Counter, layouts: int) -> None:
             raise SpecError(job.source, f"search.{field}", expected, listed)
 
 
+def _refuse_empty_space(job: Job) -> None:
+    """Bad input: the ``search:`` lists combine to no layout at all (no
+    tp x cp x pp among them divides the cluster, a vpp listed only beside
+    pp 1, ...). "auto" always leaves the all-ones layout, so a listed knob
+    is to blame: the first whose list, set back to "auto", leaves a layout
+    is named (knobs that qualify others first: vpp before pp, sequence
+    parallelism before tp); when no single one does, the listed knobs together."""
+    space, gpus = job.search, job.cluster.num_gpus
+    listed = [knob for knob in reversed(type(space).model_fields) if getattr(space, knob) != "auto"]
+    expected = f"values that leave a layout for {gpus} GPUs beside the other search lists"
+    for knob in listed:
+        if next(candidate_layouts(replace(job, search=space.model_copy(update={knob: "auto"}))), None) is not None:
+            raise SpecError(job.source, f"search.{knob}", expected + _SPACE_RULES.get(knob, ""), getattr(space, knob))
+    raise SpecError(job.source, "search", expected, {knob: getattr(space, knob) for knob in listed})
+
+
+# What candidate_layouts asks of each degree beyond its own list.
+_SPACE_RULES = {
+    **dict.fromkeys(("tp", "cp", "pp"), " (tp x cp x pp divides the GPUs)"),
+    **dict.fromkeys(("ep", "etp"), " (ep x etp divides a stage's GPUs)"),
+    "vpp": " (vpp > 1 needs pp > 1)",
+    "sequence_parallel": " (sequence parallel needs tp > 1)",
+}
+
+
 def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
     if smallest is not None:
         fullest, layout = smallest
@@ -632,7 +659,5 @@ def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Co
             f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "
             f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom"
         )
-    if not rejected:
-        return f"the search space of {job.source} leaves no layout for {job.cluster.num_gpus} GPUs (check the search: lists)"
     reasons = "; ".join(f"{reason} ({count} layouts)" for reason, count in rejected.most_common(3))
     return f"no layout of {job.model.name} on {job.cluster.num_gpus} GPUs passes the divisibility rules: {reasons}"
