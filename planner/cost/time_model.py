@@ -595,13 +595,17 @@ class StepParts:
             "sharding_comm": m * self.sharded[slowest].microbatch_s,
             "offload_copies": m * self.offload_s[slowest],
         }
-        idle_s = max(0.0, pipeline_s - sum(work.values()))
+        # Nothing sharded (torchtitan's DDP): each micro batch's all-reduce is
+        # data parallelism's gradient reduce, not sharding's.
+        ddp_s = work["sharding_comm"] if not self.layout.fsdp and self.layout.grad_shards == 1 else 0.0
+        work["sharding_comm"] -= ddp_s
+        idle_s = max(0.0, pipeline_s - sum(work.values()) - ddp_s)
         p2p_s = min(pp_comm_s, idle_s)
         return {
             **work,
             "pp_comm": p2p_s,
             "pipeline_bubble": idle_s - p2p_s,
-            "dp_grad_reduce": dp_grad_reduce_s,
+            "dp_grad_reduce": dp_grad_reduce_s + ddp_s,
             "sharding_comm_once": max(z.step_s for z in self.sharded),
             "overlap_contention": work["overlap_contention"] + max(once for _, once in slowed),
             "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout, sum(c.forward_s for c in chunks))
