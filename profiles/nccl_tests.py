@@ -75,6 +75,14 @@ class Cell(StrictModel):
         description="values the result check found wrong: 0 (a row with any is refused), or null where nccl-tests printed N/A (not checked)")
 
 
+# nccl-tests' bus factors (doc/PERFORMANCE.md) are at most 2 (all-reduce's
+# 2(n-1)/n), so busbw never exceeds twice algbw; algbw is size / time
+# (src/common.cu), printed to two decimals, the time to about four digits.
+MAX_BUS_FACTOR = 2.0
+PRINTED_GBps = 0.01
+TIME_DIGITS = 2e-3  # relative rounding of a time printed with 4 significant digits, doubled
+
+
 class Row(StrictModel):
     size_bytes: Index
     count: Index
@@ -83,6 +91,20 @@ class Row(StrictModel):
     root: Annotated[int, pydantic.Field(ge=-1)]  # -1: the operation has no root
     out_of_place: Cell
     in_place: Cell
+
+    @pydantic.model_validator(mode="after")
+    def _bandwidths_agree(self) -> Row:
+        """algbw is the size over the time and busbw at most twice algbw,
+        as nccl-tests computes them: a row that says otherwise was edited
+        or comes from something else."""
+        for name, cell in (("out_of_place", self.out_of_place), ("in_place", self.in_place)):
+            algbw_GBps = self.size_bytes / (cell.time_us * 1e3)
+            if abs(cell.algbw_GBps - algbw_GBps) > TIME_DIGITS * algbw_GBps + PRINTED_GBps:
+                raise ValueError(f"{name}: algbw = size / time = {algbw_GBps:.2f} GB/s, as nccl-tests computes it (got {cell.algbw_GBps})")
+            if cell.busbw_GBps > MAX_BUS_FACTOR * cell.algbw_GBps + PRINTED_GBps:
+                raise ValueError(f"{name}: busbw at most {MAX_BUS_FACTOR:g} x algbw = {MAX_BUS_FACTOR * cell.algbw_GBps:.2f} GB/s "
+                                 f"(nccl-tests' bus factors, doc/PERFORMANCE.md; got {cell.busbw_GBps})")
+        return self
 
 
 class Gpu(StrictModel):

@@ -119,9 +119,26 @@ def test_a_llava_config_nests_its_text_model(tmp_path):
     ({"nic_Gbps": float("nan")}, "nic_Gbps"),
     ({"nodes": 10**9}, "nodes"),
     ({"gpus_per_node": True}, "gpus_per_node"),
+    # a node overridden twice: which of the two did the user mean?
+    ({"nodes": 2, "node_overrides": [{"node": 1, "nic_Gbps": 100}, {"node": 1, "nic_Gbps": 300}]}, "node_overrides.1.node"),
+    # an unknown field inside a list names the fields its entries take
+    ({"nodes": 2, "node_overrides": [{"node": 1, "foo": 5}]}, "one of the fields node, gpu, nvlink_GBps"),
 ])
 def test_a_cluster_that_cannot_be(tmp_path, change, field):
     assert_bad(run(tmp_path, cluster={**CLUSTER, **change}), "cluster.yaml", field)
+
+
+def test_exponents_in_a_cluster_file_are_numbers(tmp_path):
+    """YAML 1.2 reads 4e2 as a number; PyYAML (YAML 1.1) as a string,
+    which loom refused as 'a valid number'."""
+    (tmp_path / "cluster.yaml").write_text("nodes: 1\ngpus_per_node: 8\ngpu: H100\nnvlink_GBps: 4.5e2\nnics_per_node: 8\nnic_Gbps: 4e2\n")
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(CLUSTER))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(JOB))
+    plans = [runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / name), "--json"]) for name in ("cluster.yaml", "plain.yaml")]
+    assert all(result.exit_code == 0 for result in plans), plans[0].output
+    steps = [json.loads(result.stdout)["plans"][0]["predicted"]["step_time_s"] for result in plans]
+    assert steps[0] == steps[1]
 
 
 @pytest.mark.parametrize("host", ["", "a; rm -rf ~", "b c", "$(touch /tmp/pwned)", "`id`", "a'b", "-gpu", "gpu-", "a..b", ".a", "a_b",

@@ -93,6 +93,9 @@ def _cell(document: dict, run: int, row: int, placement: str = "out_of_place") -
     (lambda d: _cell(d, 1, 2).__setitem__("wrong", 7), "runs.1.rows.2.out_of_place.wrong"),  # a failed result check
     (lambda d: _cell(d, 0, -1).__setitem__("busbw_GBps", 0.0), "runs.0.rows"),  # 16 GPUs that moved nothing: efficiency 0
     (lambda d: d["runs"][0].__setitem__("avg_busbw_GBps", -5.0), "runs.0.avg_busbw_GBps"),
+    # bandwidths nccl-tests cannot print: busbw beyond its largest bus factor, algbw not size / time
+    (lambda d: _cell(d, 0, -1).__setitem__("busbw_GBps", 99999.0), "runs.0.rows.30"),
+    (lambda d: _cell(d, 1, -1).__setitem__("algbw_GBps", 2 * _cell(d, 1, -1)["algbw_GBps"]), "runs.1.rows.30"),
 ])
 def test_unusable_nccl_tests_profiles_exit_2(calibrated, edit, field):
     document = json.loads((calibrated / "nccl.json").read_text())
@@ -106,3 +109,16 @@ def test_a_missing_nccl_tests_file_names_the_cluster_field(tmp_path):
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"nodes": 2, **H100_NODES, "nccl_tests": "absent.json"}))
     result = runner.invoke(app, ["evaluate", "--cluster", str(tmp_path / "cluster.yaml")])
     assert result.exit_code == 2 and "nccl_tests" in result.output
+
+
+@pytest.mark.parametrize("cluster, reason", [
+    ({"nics_per_node": 1, "nic_Gbps": 25}, "beyond the 2x"),  # the log moved 100x what these NICs carry
+    ({"gpu": "A100"}, "ran on NVIDIA H100"),
+])
+def test_a_profile_of_another_cluster_is_refused(calibrated, cluster, reason):
+    """A profile whose bus bandwidth the declared links cannot carry, or
+    measured on another GPU, calibrates nothing: exit 2 naming nccl_tests,
+    not links priced as free."""
+    (calibrated / "cluster.yaml").write_text(yaml.safe_dump({"nodes": 2, **H100_NODES, **cluster, "nccl_tests": "nccl.json"}))
+    result = runner.invoke(app, ["evaluate", "--cluster", str(calibrated / "cluster.yaml")])
+    assert result.exit_code == 2 and "nccl_tests" in result.output and reason in result.output, result.output

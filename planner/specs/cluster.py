@@ -254,16 +254,21 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
     per_node = [dict(base) for _ in hosts]
     gpu_field = [at("gpu")] * spec.nodes  # where each node's GPU type was given, for error messages
     power_field = [at("power_limit_W")] * spec.nodes
+    overridden: set[int] = set()
     for i, override in enumerate(spec.node_overrides):
         index = hosts.index(override.node) if override.node in hosts else override.node
         if not isinstance(index, int) or not 0 <= index < spec.nodes:
             raise SpecError(source, at(f"node_overrides.{i}.node"), f"a node index below {spec.nodes} or a host name", override.node)
+        if index in overridden:
+            raise SpecError(source, at(f"node_overrides.{i}.node"), "a node no earlier override names (one entry per node)", override.node)
+        overridden.add(index)
         per_node[index].update(override.model_dump(exclude={"node"}, exclude_none=True))
         if override.gpu is not None:
             gpu_field[index] = at(f"node_overrides.{i}.gpu")
         if override.power_limit_W is not None:
             power_field[index] = at(f"node_overrides.{i}.power_limit_W")
-    efficiencies = _measured_efficiencies(spec, source, at) if spec.nccl_tests else {}
+    families = {find_gpu(fields["gpu"], source, field).name.split("-")[0].lower() for fields, field in zip(per_node, gpu_field)}
+    efficiencies = _measured_efficiencies(spec, source, at, families) if spec.nccl_tests else {}
     nodes = tuple(
         Node(
             host=host,
@@ -307,13 +312,22 @@ def _capped_gpu(gpu: GPU, power_limit_W: float | None, source: str, field: str) 
         raise SpecError(source, field, str(problem), power_limit_W) from None
 
 
-def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, float]:
+# In-network reduction (NVLink SHARP, InfiniBand SHARP) sends each byte of an
+# all-reduce once instead of 2(n-1)/n times, so its bus bandwidth (nccl-tests
+# doc/PERFORMANCE.md) can reach twice the links' rate, and nothing more.
+MAX_BUS_EFFICIENCY = 2.0
+
+
+def _measured_efficiencies(spec: ClusterFile, source: str, at, families: set[str]) -> dict[str, float]:
     """NVLink and NIC efficiency from an imported nccl-tests profile: each
     run's bus bandwidth at its largest message (busbw is normalised to be
     comparable to the links' speed, nccl-tests doc/PERFORMANCE.md) over the
     line rate it ran on. Runs inside one node measure NVLink; runs across
     nodes with k GPUs per node measure k GPUs' share of the NICs. The median
-    of each kind replaces the default; a kind no run measured keeps it."""
+    of each kind replaces the default; a kind no run measured keeps it.
+    A run on GPUs of none of the cluster's ``families`` (the catalogue
+    name's first word: h100, a100) or beyond MAX_BUS_EFFICIENCY measured
+    another cluster: SpecError naming ``nccl_tests``."""
     path = Path(spec.nccl_tests)
     if not path.is_absolute() and Path(source).is_file():
         path = Path(source).parent / path
@@ -322,15 +336,24 @@ def _measured_efficiencies(spec: ClusterFile, source: str, at) -> dict[str, floa
     document = validate(NcclTestsDocument, read_json(path, "nccl-tests profile"), str(path))
     nvlink, nic = [], []
     for run in document.runs:
+        foreign = next((gpu.device for gpu in run.gpus if not any(family in gpu.device.lower() for family in families)), None)
+        if foreign is not None:
+            raise SpecError(source, at("nccl_tests"), f"a profile measured on this cluster's {spec.gpu} GPUs ({run.source} ran on {foreign})",
+                            spec.nccl_tests)
         gpus_per_host = Counter(gpu.host for gpu in run.gpus)
         if sum(gpus_per_host.values()) < 2:
             continue
         busbw_GBps = max(run.rows, key=lambda row: row.size_bytes).out_of_place.busbw_GBps
         if len(gpus_per_host) == 1:
-            nvlink.append(busbw_GBps / spec.nvlink_GBps)
+            kind, line_GBps = "NVLink", spec.nvlink_GBps
+            nvlink.append(busbw_GBps / line_GBps)
         else:
-            nic_GBps_per_gpu = spec.nics_per_node * spec.nic_Gbps / 8 / spec.gpus_per_node
-            nic.append(busbw_GBps / (min(gpus_per_host.values()) * nic_GBps_per_gpu))
+            kind, line_GBps = "NIC", min(gpus_per_host.values()) * spec.nics_per_node * spec.nic_Gbps / 8 / spec.gpus_per_node
+            nic.append(busbw_GBps / line_GBps)
+        if busbw_GBps > MAX_BUS_EFFICIENCY * line_GBps:
+            raise SpecError(source, at("nccl_tests"), f"a profile of this cluster's links: {run.source} moved {busbw_GBps:.1f} GB/s of bus "
+                            f"bandwidth over {line_GBps:.1f} GB/s of {kind} the cluster declares, beyond the {MAX_BUS_EFFICIENCY:g}x that "
+                            "in-network reduction reaches", spec.nccl_tests)
     if not nvlink and not nic:
         raise SpecError(str(path), "runs", "a run on two or more GPUs with its '#  Rank ... on HOST' lines")
     found = {"nvlink_efficiency": nvlink, "nic_efficiency": nic}

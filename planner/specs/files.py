@@ -4,10 +4,11 @@ the file and the field (exit code 2)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, get_args
 
 import difflib
 import json
+import re
 
 import pydantic
 import yaml
@@ -121,6 +122,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's floats (its core schema): PyYAML reads YAML 1.1, where 4e2 and
+# 1e12 are strings, not the numbers a user writing a bandwidth means.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"), list("-+0123456789."))
+
+
 def read_mapping(path: Path, what: str = "YAML file") -> dict:
     """Parse a YAML (or JSON, which is YAML) file that must hold a mapping."""
     text = _text(path, what, MAX_YAML_BYTES)
@@ -221,10 +228,21 @@ def _field_path(data: object, loc: tuple) -> tuple:
 
 
 def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
-    """Field names of the (nested) model that ``loc`` points into."""
+    """Field names of the (nested) model that ``loc`` points into, through
+    lists, dicts and optional fields (``node_overrides.0``)."""
     for part in loc:
-        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+        if isinstance(part, int) or str(part) not in model.model_fields:
+            continue  # a list index or a dict key: the model inside the list or dict
+        nested = _model_in(model.model_fields[str(part)].annotation)
+        if nested is None:
             return []
-        model = annotation
+        model = nested
     return list(model.model_fields)
+
+
+def _model_in(annotation) -> type[pydantic.BaseModel] | None:
+    """The pydantic model an annotation holds (itself, or inside list[...],
+    dict[..., ...] or ... | None), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_in(arg)) is not None), None)
