@@ -75,7 +75,8 @@ def _trial_logs(folder: Path) -> list[Path]:
 def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
     """PLAN LOG... [PLAN LOG...]: each plan.json followed by the logs of its run.
 
-    Raises SpecError when a log comes before any plan or a plan has no log."""
+    Raises SpecError when a log comes before any plan, a plan has no log or
+    a log is given twice."""
     runs: list[tuple[Path, Report, list[Path]]] = []
     for path in files:
         if not path.exists():
@@ -88,9 +89,14 @@ def _runs(files: list[Path]) -> list[tuple[Path, Report, list[Path]]]:
             raise SpecError(str(path), "<file>", "a plan.json first (loom plan or loom evaluate --out writes one), then the logs of its run")
         else:
             runs[-1][2].append(path)
+    seen: set[Path] = set()
     for path, _, logs in runs:
         if not logs:
             raise SpecError(str(path), "<file>", "a training log or profiler trace of this plan's run after it")
+        for log in logs:
+            if log.resolve() in seen:
+                raise SpecError(str(log), "<file>", "each run once (given twice, one run would count as two)")
+            seen.add(log.resolve())
     return runs
 
 

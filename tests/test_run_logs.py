@@ -108,14 +108,14 @@ def test_a_profiler_schedule_that_starts_late_has_no_warm_up_step(tmp_path):
     assert log.warmup_logs == 0 and len(log.steady) == 2
 
 
-def _megatron_log(step_ms: list[float], timers: dict[str, float], args: dict[str, int]) -> str:
+def _megatron_log(step_ms: list[float], timers: dict[str, float], args: dict[str, int], batch: int = 512) -> str:
     """A Megatron-LM log written with training_log's and Timers.log's format strings."""
     lines = ["------------------------ arguments ------------------------"]
     lines += ["  {} {} {}".format(k, "." * (48 - len(k)), v) for k, v in sorted(args.items())]
     lines.append("-------------------- end of arguments ---------------------")
     for i, ms in enumerate(step_ms):
         lines.append(" iteration {:8d}/{:8d} |".format(10 * (i + 1), 10 * len(step_ms)) + " consumed samples: {:12d} |".format(5120 * (i + 1))
-                     + " elapsed time per iteration (ms): {:.1f} |".format(ms) + " global batch size: {:5d} |".format(512))
+                     + " elapsed time per iteration (ms): {:.1f} |".format(ms) + " global batch size: {:5d} |".format(batch))
         lines.append("(min, max) time across ranks (ms):")
         lines += ["    {}: ({:.2f}, {:.2f})".format((name + " ").ljust(48, "."), value * 0.99, value) for name, value in timers.items()]
     return "\n".join(lines) + "\n"
@@ -161,6 +161,26 @@ def test_compare_refuses_a_log_of_another_layout(plan_json, tmp_path):
     result = runner.invoke(app, ["compare", str(plan_json), str(log)])
     assert result.exit_code == 2
     assert "tensor_model_parallel_size" in result.output and "expected 2" in result.output
+
+
+def test_compare_and_calibrate_refuse_a_log_of_another_global_batch(plan_json, tmp_path):
+    """A log without an argument dump still prints each iteration's global
+    batch: one of another batch is another job, whatever its step time."""
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([7000.0] * 3, {}, {}, batch=256))
+    for command in (["compare", str(plan_json), str(log)],
+                    ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "global batch size 512" in result.output and "got 256" in result.output, result.output
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_calibrate_counts_a_run_once(plan_json, tmp_path):
+    predicted = json.loads(plan_json.read_text())["plans"][0]["predicted"]["step_time_s"]
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([predicted * 1.1e3] * 4, {}, ARGS))
+    result = runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), str(plan_json), str(log), "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2 and "each run once" in result.output and not (tmp_path / "c.json").exists()
 
 
 def test_calibrate_then_plan_with_it(plan_json, tmp_path):
@@ -222,7 +242,7 @@ def test_trials_write_each_plan_with_its_reports_on(tmp_path):
     # the trial folders feed loom calibrate directly: trial 1 ran as predicted, trial 2 20% slower
     for number, slower in ((1, 1.0), (2, 1.2)):
         predicted = best[number - 1]["predicted"]["step_time_s"]
-        (out / f"trial-{number}" / "train.log").write_text(_megatron_log([predicted * 1e3 * slower] * 3, {}, {}))
+        (out / f"trial-{number}" / "train.log").write_text(_megatron_log([predicted * 1e3 * slower] * 3, {}, {}, batch=32))
     calib = tmp_path / "calib.json"
     fitted = runner.invoke(app, ["calibrate", str(job), str(out / "trial-1"), str(out / "trial-2"), "--out", str(calib)])
     assert fitted.exit_code == 0, fitted.output
@@ -438,7 +458,7 @@ def test_calibrate_prices_the_plan_as_it_was_made(tmp_path):
     made = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--stack", "megatron-bridge", "--trials", "1", "--out", str(out)])
     assert made.exit_code == 0, made.output
     predicted = json.loads((out / "trial-1" / "plan.json").read_text())["plans"][0]["predicted"]["step_time_s"]
-    (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}))
+    (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}, batch=32))
     calib = tmp_path / "calib.json"
     fitted = runner.invoke(app, ["calibrate", str(job), str(out / "trial-1"), "--out", str(calib)])
     assert fitted.exit_code == 0, fitted.output

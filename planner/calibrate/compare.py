@@ -322,6 +322,10 @@ def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
         if text is not None and text.strip().isdigit() and int(text) != parallel[field]:
             raise SpecError(log.path, argument, f"{parallel[field]}, the plan's {field} ({plan.label}): this log is of another "
                             "layout", int(text))
+    if log.global_batch is not None and log.global_batch[0] != plan.parallel.global_batch_size:
+        batch, line = log.global_batch
+        raise SpecError(log.path, f"line {line}", f"global batch size {plan.parallel.global_batch_size}, the plan's: this log is of "
+                        "another job", batch)
     text = log.arguments.get("seq_length")
     if text is not None and text.strip().isdigit() and int(text) != report.seq_length:
         raise SpecError(log.path, "seq_length", f"{report.seq_length}, the plan's sequence length", int(text))

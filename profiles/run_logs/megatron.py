@@ -15,7 +15,8 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   averages from that iteration too. So when the first line is not at a
   multiple of the interval (or the interval is 1), or the timestamps carry
   microseconds (core_v0.16's), two lines hold the warm-up, else one
-  (``warmup_logs``). The interval is the argument dump's ``log_interval``,
+  (``warmup_logs``). The last line's ``global batch size`` is the run's
+  (after any batch-size ramp-up). The interval is the argument dump's ``log_interval``,
   else the commonest gap between lines. Every field ends in ``|``: an
   iteration line without it is cut short, left out when it is the log's
   last line (a run killed mid-write), else bad input;
@@ -115,7 +116,7 @@ def read(lines: list[str], source: str) -> RunLog:
     memory: dict[int, RankMemory] = {}
     timer_blocks: list[tuple[int, dict[str, float]]] = []  # (the iteration line it follows, its timers)
     arguments: dict[str, str] = {}
-    estimate = None
+    estimate = global_batch = None
     core_0_16 = False
     in_timers = in_args = False
     timer_name = None
@@ -165,6 +166,8 @@ def read(lines: list[str], source: str) -> RunLog:
             if step_s <= 0:
                 raise SpecError(source, f"line {line_number}", "an elapsed time per iteration above 0 ms", elapsed)
             iterations.append((iteration, line_number, step_s))
+            if (batch := fields.get("global batch size")) is not None:
+                global_batch = (int(number(batch, source, line_number, "global batch size")), line_number)
             continue
         if match := THEORETICAL.search(line):
             if match.group(3):  # v0.7-v0.14 print only the weights without SP and selective recompute: no total
@@ -183,4 +186,4 @@ def read(lines: list[str], source: str) -> RunLog:
     timers = {name: statistics.median(block[name] for block in steady_timers if name in block)
               for name in sorted({name for block in steady_timers for name in block})}
     return RunLog(path=source, format="megatron", intervals=tuple(intervals), memory=tuple(sorted(memory.values(), key=lambda m: m.rank)),
-                  timers_s=timers, arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate)
+                  timers_s=timers, arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate, global_batch=global_batch)

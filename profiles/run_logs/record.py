@@ -95,6 +95,8 @@ class RunLog:
     parameters: int | None = None
     rank: int | None = None  # the rank a trace was taken on
     framework_estimate_bytes: float | None = None  # the framework's own memory estimate (Megatron's theoretical footprint)
+    # The global batch the log's last iteration line printed, and that line's number (Megatron's "global batch size").
+    global_batch: tuple[int, int] | None = None
     warmup_logs: int = WARMUP_LOGS  # leading intervals that hold the warm-up
 
     @property
