@@ -76,10 +76,12 @@ def _bounded_costs(plan_file: Path, index: int, plan: PlanReport) -> PipelineCos
 def _simulate(costs: PipelineCosts, name: str, blame: tuple[str, str]) -> Simulation:
     """``simulate``, a schedule that cannot run these costs (interleaving
     without vpp > 1, an unknown name) blamed on ``blame`` (source, field)."""
+    if name not in SCHEDULES:
+        raise SpecError(*blame, f"one of {', '.join(SCHEDULES)}", name)
     try:
         return simulate(costs, name)
     except ValueError as error:
-        raise SpecError(*blame, str(error), name) from None
+        raise SpecError(*blame, f"a schedule this plan can run ({error})", name) from None
 
 
 def _status(text: str) -> AbstractContextManager:

@@ -151,4 +151,8 @@ def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
             str(report.index), str(report.layers), f"{peak / GiB:.1f}", f"{plan.memory.capacity_bytes / GiB:.1f}",
             str(in_flight), f"{busy:.3f}", f"{simulation.pipeline_time_s - busy:.3f}",
         )
+    memory = plan.memory
+    if not memory.fits:
+        stages.caption = (f"does not fit: stage {memory.peak_stage} needs {memory.peak_bytes_per_gpu / GiB:.1f} GiB of a "
+                          f"{memory.capacity_bytes / GiB:.1f} GiB GPU")
     return [whole_figures(times), whole_figures(stages)]

@@ -480,7 +480,7 @@ def test_evaluate_reports_exactly_the_layout_given(tmp_path):
     assert len(report["plans"]) == 1
     parallel = report["plans"][0]["parallel"]
     assert parallel == {
-        "tp": 2, "pp": 2, "dp": 2, "cp": 1, "ep": 1, "vpp": 2, "micro_batch_size": 2,
+        "tp": 2, "pp": 2, "dp": 2, "cp": 1, "ep": 1, "etp": 1, "vpp": 2, "micro_batch_size": 2,
         "global_batch_size": JOB["global_batch_size"], "sequence_parallel": True, "recompute": "selective",
         "recompute_modules": ["core_attn", "mlp"], "recompute_num_layers": 0,
         "zero_stage": 0, "distributed_optimizer": True, "fsdp": 0, "reshard_after_forward": True, "optimizer_offload": False,
@@ -552,3 +552,18 @@ def test_help_fits_80_columns_and_names_every_option_whole(command):
     options = re.findall(r"^\s+(--[a-z0-9-]+)", result.stdout, flags=re.M)
     assert options and not any(option.endswith("…") for option in options)
     assert "…" not in result.stdout
+
+
+def test_an_evaluated_etp_survives_the_report(tmp_path):
+    """plan.json carries etp (schema 1.7): before, an evaluated --etp 2 was
+    dropped, and loom calibrate re-priced the plan with experts unsplit."""
+    from loom.planner.calibrate.fit import plan_of
+    from loom.planner.output.report import read_report
+
+    job = make_job(tmp_path, nodes=2, model="mixtral-8x7b")
+    out = tmp_path / "out"
+    result = invoke("evaluate", job, "--tp", 2, "--ep", 8, "--etp", 2, "--pp", 1, "--dp", 8, "--sequence-parallel", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = read_report(out / "plan.json")
+    assert report.plans[0].parallel.etp == 2
+    assert plan_of(load_job(job), report, report.plans[0], "plan.json").layout.etp == 2

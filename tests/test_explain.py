@@ -287,7 +287,7 @@ def _shorter_model(report):
 
 
 INVALID = {
-    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4', '1.5' or '1.6'"),
+    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4', '1.5', '1.6' or '1.7'"),
     "tp 0": (_set("plans", 0, "parallel", "tp", 0), "plans.0.parallel.tp", "greater than or equal to 1"),
     "pp 0": (_set("plans", 0, "parallel", "pp", 0), "plans.0.parallel.pp", "greater than or equal to 1"),
     "dp 0": (_set("plans", 0, "parallel", "dp", 0), "plans.0.parallel.dp", "greater than or equal to 1"),
@@ -325,6 +325,15 @@ INVALID = {
     "a reduce missing": (_drop_last("plans", 0, "schedule", "dp_reduce_s"), "plans.0.schedule.dp_reduce_s", "one entry per stage (4) or none"),
     "unknown schedule": (_set("plans", 0, "schedule", "name", "wavy"), "plans.0.schedule.name", "'gpipe', '1f1b', 'interleaved' or 'zb-h1'"),
     "no plans": (_set("plans", []), "plans", "at least one plan"),
+    # figures that contradict each other: explain would show shares adding to 116%, MFU 200%, a plan that fits and does not
+    "a breakdown part beyond the step": (_set("plans", 0, "predicted", "breakdown_s", "foo_bar", 1.0), "plans.0.predicted.step_time_s",
+                                         "the sum of breakdown_s"),
+    "a step time not its parts'": (_set("plans", 0, "predicted", "step_time_s", 100.0), "plans.0.predicted.step_time_s", "the sum of breakdown_s"),
+    "MFU over 1": (_set("plans", 0, "predicted", "mfu", 2.0), "plans.0.predicted.mfu", "at most 1"),
+    "a peak not its parts'": (_set("plans", 0, "memory", "peak_bytes_per_gpu", lambda b: 2 * b), "plans.0.memory.peak_bytes_per_gpu",
+                              "the sum of breakdown_bytes"),
+    "fits beyond capacity": (_set("plans", 0, "memory", "capacity_bytes", 1), "plans.0.memory.fits", "false: peak_bytes_per_gpu is beyond"),
+    "an unknown field": (_set("plans", 0, "predicted", "tflops", 1.0), "plans.0.predicted.tflops", "did you mean 'tflops_per_gpu'"),
 }
 
 

@@ -33,7 +33,7 @@ from loom.planner.specs.job import job_warnings
 from loom.planner.specs.layout import Recompute
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
@@ -41,9 +41,10 @@ SCHEMA_VERSION = "1.6"
 # (model_parameters, model_active_parameters) and 1.5 (placement[].count:
 # a run of ranks, 1 in every earlier report; stages[].ranks beside the
 # older device_group; plans[].idle_gpus and split_solver;
-# search.nearby_global_batch_sizes) and 1.6 (their idle_gpus),
-# so 1.0-1.5 reports read as they did.
-READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", SCHEMA_VERSION)
+# search.nearby_global_batch_sizes), 1.6 (their idle_gpus) and 1.7
+# (parallel.etp: earlier reports were of plans with etp 1, the search's
+# only value, or dropped an evaluated --etp), so 1.0-1.6 reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -53,16 +54,27 @@ Index = Annotated[int, pydantic.Field(ge=0)]  # a rank, a GPU, a layer or stage 
 Amount = Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]  # seconds, bytes, a rate: finite, >= 0
 Finite = Annotated[float, pydantic.Field(allow_inf_nan=False)]  # a fraction that may be < 0 (headroom of a plan that does not fit)
 
+# Parts written as floats add up to their total to within rounding.
+SUM_TOLERANCE = 1e-6
 # (location in the report, what was expected, what was found): one broken relation between fields.
 Invariant = tuple[tuple[str | int, ...], str, object]
 
 
-class Parallel(pydantic.BaseModel):
+class _ReportModel(pydantic.BaseModel):
+    """A part of the report: a field loom does not write is refused when
+    the report is read back (no field was ever removed, so every schema
+    version's reports read)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class Parallel(_ReportModel):
     tp: Count
     pp: Count
     dp: Count
     cp: Count
     ep: Count
+    etp: Count = pydantic.Field(default=1, description="expert tensor parallelism: each expert's weights split over etp ranks (schema 1.7)")
     vpp: Count
     micro_batch_size: Count
     global_batch_size: Count
@@ -83,7 +95,7 @@ class Parallel(pydantic.BaseModel):
         return self.tp * self.pp * self.dp * self.cp
 
 
-class StageReport(pydantic.BaseModel):
+class StageReport(_ReportModel):
     index: Index
     layers: Index = pydantic.Field(description="decoder layers (0: a stage of only the embedding or the LM head)")
     layer_ranges: list[tuple[Index, Index]] = pydantic.Field(description="[first, last) decoder layers of each model chunk")
@@ -101,7 +113,7 @@ class StageReport(pydantic.BaseModel):
         return range(*self.ranks) if self.ranks is not None else self.device_group or []
 
 
-class GPUSlot(pydantic.BaseModel):
+class GPUSlot(_ReportModel):
     """Ranks rank .. rank + count - 1 on GPUs gpu .. gpu + count - 1 of one
     host: a placement is written as such runs, one per host under Megatron's
     order, so that 65,536 ranks take a few thousand entries."""
@@ -125,7 +137,7 @@ def placement_runs(gpus: tuple[tuple[str, int], ...]) -> list[GPUSlot]:
     return runs
 
 
-class PlacementReport(pydantic.BaseModel):
+class PlacementReport(_ReportModel):
     """What the rank placement solver did (planner/search/placement.py); absent on uniform clusters."""
 
     method: str = pydantic.Field(description="exact (one CP-SAT model) or decomposed (nodes, then GPUs)")
@@ -137,7 +149,7 @@ class PlacementReport(pydantic.BaseModel):
     start_step_time_s: Amount = pydantic.Field(description="predicted step time on the default order")
 
 
-class SplitReport(pydantic.BaseModel):
+class SplitReport(_ReportModel):
     """What the pipeline split solver did for this plan's layout (solvers/partition.py); absent when none ran."""
 
     method: str = pydantic.Field(description="bottleneck, typed, interleaved (exact, milliseconds) or milp-highs / milp-cbc")
@@ -148,7 +160,7 @@ class SplitReport(pydantic.BaseModel):
     gap: Finite | None = pydantic.Field(description="(objective - bound) / objective; null when no split was found")
 
 
-class Predicted(pydantic.BaseModel):
+class Predicted(_ReportModel):
     step_time_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
     tokens_per_s: Amount
     tflops_per_gpu: Amount
@@ -156,7 +168,7 @@ class Predicted(pydantic.BaseModel):
     breakdown_s: dict[str, Amount]
 
 
-class Memory(pydantic.BaseModel):
+class Memory(_ReportModel):
     peak_bytes_per_gpu: Amount = pydantic.Field(description="the peak of the stage with the least headroom (relative to its GPU)")
     capacity_bytes: Annotated[int, pydantic.Field(gt=0)] = pydantic.Field(
         description="what PyTorch's allocator can hand out on the peak stage's GPU (torch total_memory)")
@@ -168,7 +180,7 @@ class Memory(pydantic.BaseModel):
     per_stage_peak_bytes: list[Amount]
 
 
-class NearbyBatchReport(pydantic.BaseModel):
+class NearbyBatchReport(_ReportModel):
     global_batch_size: Count
     label: str = pydantic.Field(description="its best plan's layout")
     tokens_per_s: Amount
@@ -176,7 +188,7 @@ class NearbyBatchReport(pydantic.BaseModel):
     idle_gpus: Index = pydantic.Field(0, description="GPUs its best plan leaves idle (schema 1.6)")
 
 
-class SearchInfo(pydantic.BaseModel):
+class SearchInfo(_ReportModel):
     candidates: Index = pydantic.Field(description="layouts enumerated")
     feasible: Index = pydantic.Field(description="layouts that fit in memory")
     wall_time_s: Amount | None = pydantic.Field(
@@ -188,14 +200,14 @@ class SearchInfo(pydantic.BaseModel):
         default_factory=list, description="nearby global batch sizes whose best plan trains faster (schema 1.5)")
 
 
-class ChunkCostReport(pydantic.BaseModel):
+class ChunkCostReport(_ReportModel):
     forward_s: Amount
     backward_s: Amount
     weight_grad_s: Amount
     activation_bytes: Amount
 
 
-class ScheduleReport(pydantic.BaseModel):
+class ScheduleReport(_ReportModel):
     """The simulated pipeline schedule and its inputs (``loom explain`` re-simulates them)."""
 
     name: Literal[SCHEDULES]
@@ -220,7 +232,7 @@ class ScheduleReport(pydantic.BaseModel):
         )
 
 
-class PlanReport(pydantic.BaseModel):
+class PlanReport(_ReportModel):
     label: str
     parallel: Parallel
     moe_token_dispatcher: Literal["alltoall", "allgather", "deepep", "hybridep"] | None = pydantic.Field(
@@ -244,7 +256,7 @@ class PlanReport(pydantic.BaseModel):
         return self
 
 
-class Report(pydantic.BaseModel):
+class Report(_ReportModel):
     schema_version: Literal[READ_SCHEMA_VERSIONS] = pydantic.Field(description=f"loom writes {SCHEMA_VERSION}")
     model: str
     model_parameters: Count | None = pydantic.Field(default=None, description="the model's weights, every expert and both embeddings "
@@ -308,9 +320,22 @@ def plan_problems(plan: PlanReport) -> list[Invariant]:
     need(len(schedule.peak_in_flight) == p.pp, ("schedule", "peak_in_flight"), f"one entry per stage ({p.pp})", len(schedule.peak_in_flight))
     need(any(c.forward_s + c.backward_s > 0 for chunks in schedule.stages for c in chunks), ("schedule", "stages"),
          "some chunk with compute time > 0", 0.0)
-    need(len(plan.memory.per_stage_peak_bytes) == p.pp, ("memory", "per_stage_peak_bytes"), f"one entry per stage ({p.pp})",
-         len(plan.memory.per_stage_peak_bytes))
-    need(plan.memory.peak_stage < p.pp, ("memory", "peak_stage"), f"a stage index below pp = {p.pp}", plan.memory.peak_stage)
+    predicted, memory = plan.predicted, plan.memory
+    parts_s = sum(predicted.breakdown_s.values())
+    need(math.isclose(parts_s, predicted.step_time_s, rel_tol=SUM_TOLERANCE), ("predicted", "step_time_s"),
+         f"the sum of breakdown_s, {parts_s:.6g} s", predicted.step_time_s)
+    need(predicted.mfu <= 1, ("predicted", "mfu"), "at most 1 (a fraction of peak)", predicted.mfu)
+    parts_bytes = sum(memory.breakdown_bytes.values())
+    need(math.isclose(parts_bytes, memory.peak_bytes_per_gpu, rel_tol=SUM_TOLERANCE), ("memory", "peak_bytes_per_gpu"),
+         f"the sum of breakdown_bytes, {parts_bytes:.6g}", memory.peak_bytes_per_gpu)
+    need(not memory.fits or memory.peak_bytes_per_gpu <= memory.capacity_bytes, ("memory", "fits"),
+         f"false: peak_bytes_per_gpu is beyond capacity_bytes = {memory.capacity_bytes}", memory.fits)
+    if need(len(memory.per_stage_peak_bytes) == p.pp, ("memory", "per_stage_peak_bytes"), f"one entry per stage ({p.pp})",
+            len(memory.per_stage_peak_bytes)) and need(memory.peak_stage < p.pp, ("memory", "peak_stage"), f"a stage index below pp = {p.pp}",
+                                                         memory.peak_stage):
+        stage_peak = memory.per_stage_peak_bytes[memory.peak_stage]
+        need(math.isclose(stage_peak, memory.peak_bytes_per_gpu, rel_tol=SUM_TOLERANCE), ("memory", "peak_bytes_per_gpu"),
+             f"per_stage_peak_bytes[peak_stage], {stage_peak:.6g}", memory.peak_bytes_per_gpu)
     return problems
 
 
