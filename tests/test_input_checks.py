@@ -59,9 +59,40 @@ def test_a_deepseek_v3_config_that_cannot_be(tmp_path, change, field):
     ({"vocab_size": 4}, "vocab_size"),
     ({"num_hidden_layers": 10**6}, "num_hidden_layers"),
     ({"hidden_size": True}, "hidden_size"),
+    # fields that change the model a launch file would train: refused, not dropped
+    ({"hidden_act": "gelu"}, "hidden_act"),  # GeGLU in transformers; loom writes --swiglu
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}}, "rope_scaling.low_freq_factor"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
 ])
 def test_a_llama_config_that_cannot_be(tmp_path, change, field):
     assert_bad(run(tmp_path, config={**LLAMA, **change}), "config.json", field)
+
+
+def test_llama_3_1_rope_scaling_reaches_the_launch_file(tmp_path):
+    """Llama 3.1's rope_scaling (rope_type llama3, megatron-core's fixed
+    low/high factors and 8,192 original positions) is written as
+    --use-rope-scaling with its factor."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    result = run(tmp_path, "--tp", "2", "--out", str(tmp_path / "out"), config={**LLAMA, "rope_scaling": scaling})
+    assert result.exit_code == 0, result.output
+    assert "--use-rope-scaling --rope-scaling-factor 8 " in " ".join((tmp_path / "out" / "train.sh").read_text().split()) + " "
+
+
+def test_mistrals_sliding_window_is_priced_and_written(tmp_path):
+    """Mistral 7B v0.1 windows every layer at 4,096 keys (transformers'
+    MistralAttention): cheaper attention past the window, and --window-size."""
+    steps = {}
+    for window in (None, 256):
+        folder = tmp_path / str(window)
+        folder.mkdir()
+        config = {**LLAMA, "model_type": "mistral", **({"sliding_window": window} if window else {})}
+        result = run(folder, "--tp", "1", "--out", str(folder / "out"), config=config)
+        assert result.exit_code == 0, result.output
+        steps[window] = json.loads(result.stdout)["plans"][0]["predicted"]["breakdown_s"]["compute_forward"]
+        assert ("--window-size 255,0" in " ".join((folder / "out" / "train.sh").read_text().split())) == bool(window)
+    assert steps[256] < steps[None]
 
 
 def test_moe_layer_freq_other_than_1_is_refused(tmp_path):

@@ -148,6 +148,8 @@ def _model_args(job: Job) -> list[str]:
     ]
     if m.rotary:
         args += ["--rotary-base", str(int(m.rope_theta))]
+        if m.rope_scaling_factor is not None:
+            args += ["--use-rope-scaling", "--rope-scaling-factor", f"{m.rope_scaling_factor:g}"]
         if m.rotary_percent < 1.0:
             args += ["--rotary-percent", f"{m.rotary_percent:g}"]
     if m.kv_channels:

@@ -41,12 +41,20 @@ QKV_BIAS_FAMILIES = {"qwen2", "qwen2_moe"}
 # (use_bias), a plain GeLU MLP (c_fc, c_proj), RoPE, GQA.
 STARCODER2 = {"starcoder2"}
 # Families whose ``sliding_window`` (when set) windows every layer
-# (transformers' Starcoder2Attention and Phi3Attention pass it to each layer).
-WINDOW_EVERY_LAYER = {"starcoder2", "phi3"}
+# (transformers' Starcoder2Attention, Phi3Attention, MistralAttention and
+# MixtralAttention pass it to each layer; Mistral 7B v0.1's is 4096).
+WINDOW_EVERY_LAYER = {"starcoder2", "phi3", "mistral", "mixtral"}
 # Families added with issue #16 whose rope_scaling loom checks: none, or
 # "dynamic" NTK scaling, which changes nothing within max_position_embeddings
 # (transformers' dynamic rope update) and so nothing in pre-training.
 ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon", "olmo2"}
+# Llama 3.1's frequency scaling as megatron-core applies it (RotaryEmbedding
+# _apply_scaling, --use-rope-scaling): only the factor is an argument; the
+# rest are fixed at these.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# The activation of Llama-like families' gated MLP (transformers' ACT2FN
+# names for SiLU): megatron-core's --swiglu.
+SWIGLU_ACTIVATIONS = ("silu", "swish")
 # gpt-oss (OpenAI 2025, model card sec. 2): RMSNorm, RoPE, GQA, biases on the
 # attention, router and experts, a clamped gated MLP, attention sinks, and
 # sliding-window attention on the layers ``layer_types`` names.
@@ -289,6 +297,8 @@ class ModelSpec:
     dropout: float  # hidden and attention dropout during pre-training
     kv_channels: int | None = None  # head dim when not hidden / heads (Mistral-NeMo, Qwen3)
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
+    # Llama 3.1's rope_scaling (rope_type llama3): megatron-core's --use-rope-scaling factor; None: unscaled.
+    rope_scaling_factor: float | None = None
     rotary_percent: float = 1.0  # the share of each head's dims RoPE rotates (Phi-3's partial_rotary_factor)
     norm_epsilon: float = 1e-5
     causal: bool = True  # decoders mask the future; vision encoders attend to all patches
@@ -647,6 +657,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         dropout=dropout,
         kv_channels=head_dim if head_dim != hidden // heads else None,
         rope_theta=read.number("rope_theta", "rotary_emb_base", default=10000.0, high=1e12, above_low=True),
+        rope_scaling_factor=_rope_scaling_factor(read, family) if family in LLAMA_LIKE - ROPE_CHECKED - MLA_FAMILIES else None,
         rotary_percent=read.number("partial_rotary_factor", default=1.0 if family == "phi3" else 0.5, high=1.0, above_low=True)
         if family in ("phi3", "nemotron") else 1.0,
         norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps", default=1e-5, high=1.0,
@@ -806,6 +817,23 @@ def _falcon(read: ConfigReader, spec: ModelSpec) -> ModelSpec:
                    megatron_unbuildable=MEGATRON_CANNOT_BUILD["falcon"] if parallel or alibi else None)
 
 
+def _rope_scaling_factor(read: ConfigReader, family: str) -> float | None:
+    """Llama 3.1's rope scaling factor (None: no scaling) of a Llama-like
+    family that ROPE_CHECKED does not cover. Scalings megatron-core cannot
+    apply (yarn, linear, llama3 with other fixed values) are refused: a
+    launch file would train other position encodings than the config's."""
+    scaling = read.nested("rope_scaling")
+    kind = scaling.str("rope_type", scaling.str("type")) if scaling else None
+    if kind in (None, "default", "dynamic"):
+        return None
+    read.require(kind == "llama3", "rope_scaling", f"none, dynamic or llama3 for {family} (megatron-core's --use-rope-scaling is "
+                 "Llama 3.1's; other scalings loom does not write)", kind)
+    for key, fixed in LLAMA3_ROPE_FIXED.items():
+        value = scaling.number(key, default=fixed, high=1e9)
+        read.require(value == fixed, f"rope_scaling.{key}", f"{fixed:g}, the value megatron-core's --use-rope-scaling applies", value)
+    return scaling.number("factor", default=8.0, high=1e6, above_low=True)
+
+
 def _check_family(read: ConfigReader, family: str) -> None:
     """What a family's config may switch on that Megatron-LM cannot build
     (or loom does not plan): each refused, naming the field."""
@@ -837,6 +865,10 @@ def _check_family(read: ConfigReader, family: str) -> None:
     if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         read.require(not read.bool("use_sliding_window", False), "use_sliding_window",
                      "false (loom does not plan Qwen's windowed layers past max_window_layers)", True)
+    if family in LLAMA_LIKE and family not in MLA_FAMILIES:
+        activation = read.str("hidden_act", "silu")
+        read.require(activation in SWIGLU_ACTIVATIONS, "hidden_act", f"silu for {family} (its gated MLP is SwiGLU, Megatron's --swiglu)",
+                     activation)
     if family in ROPE_CHECKED:
         scaling = read.nested("rope_scaling")
         kind = scaling.str("rope_type", scaling.str("type")) if scaling else None
