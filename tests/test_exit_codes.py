@@ -364,6 +364,14 @@ def test_a_reader_that_closes_stdout_does_not_stop_the_files(tmp_path):
     ("model: llama-3-8b\nsearch: {tp: [8], pp: [3]}", "search.pp"),
     ("model: llama-3-8b\nsearch: {pp: [1], vpp: [2]}", "search.vpp"),
     ("model: llama-3-8b\nsearch: {tp: [1], sequence_parallel: [true]}", "search.sequence_parallel"),
+    # rules whose expectation differs per layout (each its own dp), or that sit on a job field a knob drives
+    ("model: llama-3-8b\nsearch: {fsdp: [3]}", "search.fsdp"),
+    ("model: llama-3-8b\nsearch: {micro_batch_size: [1024]}", "search.micro_batch_size"),
+    # MoE knobs and features on a dense model, which it would ignore
+    ("model: llama-3-8b\nsearch: {moe_token_dispatcher: [deepep]}", "search.moe_token_dispatcher"),
+    ("model: llama-3-8b\nfeatures: {moe_load_imbalance: 1.3}", "features.moe_load_imbalance"),
+    ("model: llama-3-8b\nfeatures: {overlap_moe_expert_parallel_comm: true}", "features.overlap_moe_expert_parallel_comm"),
+    ("model: mixtral-8x7b\nfeatures: {moe_load_imbalance: {3: 1.5}}", "features.moe_load_imbalance"),  # EP 3 of 8 experts
 ])
 def test_a_search_list_no_layout_can_run_is_bad_input(tmp_path, lines, field):
     """A rule that refuses every layout because of a value the search list

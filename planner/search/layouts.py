@@ -380,18 +380,21 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     # on which the enumeration prices every layout.
     placement = default_placement(job.cluster, job.cluster.num_gpus)
     rejected: Counter[str] = Counter()
-    broken: Counter[tuple[str, str]] = Counter()  # every rule a layout breaks, by layouts
+    broken: Counter[str] = Counter()  # every field a layout breaks a rule on, by layouts
+    expectations: dict[str, Counter[str]] = {}  # what the rules on each field expected, by layouts
     valid = []
     for layout in layouts:
         problems = layout_problems(job, layout)
         if problems:
             field, expected, _ = problems[0]
             rejected[f"{field}: {expected}"] += 1
-            broken.update({(field, expected) for field, expected, _ in problems})
+            broken.update({field for field, _, _ in problems})
+            for field, expected, _ in problems:
+                expectations.setdefault(field, Counter())[expected] += 1
         else:
             valid.append((step_lower_bound_s(job, layout), layout))
     if not valid:
-        _refuse_search_list(job, broken, len(layouts))
+        _refuse_search_list(job, broken, expectations, len(layouts))
     valid.sort(key=lambda bounded: bounded[0])  # stable: the enumeration's order among equal bounds
     smallest: tuple[_Fullest, Layout] | None = None
     frontier = _Frontier(job, top_k)
@@ -615,15 +618,24 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
     return plans, solves
 
 
-def _refuse_search_list(job: Job, broken: Counter, layouts: int) -> None:
-    """Bad input, not infeasibility: when a rule refuses every layout and
-    that rule's knob is one the job's ``search:`` lists, the list asks for
-    what this model, framework or cluster never runs (``search: {ep: [8]}``
-    for a dense model, ``{etp: [2]}`` with DeepSpeed)."""
-    for (field, expected), count in broken.most_common():
-        listed = getattr(job.search, field) if field in type(job.search).model_fields else "auto"
+def _refuse_search_list(job: Job, broken: Counter[str], expectations: dict[str, Counter[str]], layouts: int) -> None:
+    """Bad input, not infeasibility: when the rules on one knob refuse
+    every layout (whatever each expected of its own dp: ``search: {fsdp:
+    [3]}`` on 64 GPUs) and the job's ``search:`` lists that knob, the list
+    asks for what this model, framework or cluster never runs (``search:
+    {ep: [8]}`` for a dense model, ``{etp: [2]}`` with DeepSpeed). The
+    message gives what the rules expected most often."""
+    for field, count in broken.most_common():
+        knob = _KNOB_OF_RULE.get(field, field)
+        listed = getattr(job.search, knob) if knob in type(job.search).model_fields else "auto"
         if count == layouts and listed != "auto":
-            raise SpecError(job.source, f"search.{field}", expected, listed)
+            expected = expectations[field].most_common(1)[0][0]
+            raise SpecError(job.source, f"search.{knob}", expected if knob == field else f"values for which {field} is {expected}", listed)
+
+
+# A rule on a job field that a search knob drives: the global batch must be a
+# multiple of micro_batch_size x dp.
+_KNOB_OF_RULE = {"global_batch_size": "micro_batch_size"}
 
 
 def _refuse_empty_space(job: Job) -> None:

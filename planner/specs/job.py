@@ -395,6 +395,8 @@ def check_job(job: Job) -> None:
     moe = job.model.moe
     if moe is not None:
         _check_load_imbalance(job, moe)
+    else:
+        _check_dense(job)
     if moe is not None and job.framework == "deepspeed" and (moe.top_k > 2 or moe.shared_ffn_hidden_size or job.model.mla):
         # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
         # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
@@ -494,11 +496,35 @@ def _check_torchtitan(job: Job) -> None:
             raise SpecError(job.source, *_from_stack(job, feature, "false with torchtitan (Megatron's MoE overlap)"))
 
 
+# The features that only an MoE model's layers read.
+MOE_FEATURES = ("moe_load_imbalance", "moe_token_dispatcher", "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
+                "moe_router_fusion", "moe_permute_fusion", "overlap_moe_expert_parallel_comm", "moe_shared_expert_overlap")
+
+
+def _check_dense(job: Job) -> None:
+    """A dense model's job sets no MoE feature its stack did not (it would
+    be ignored, where the user meant something by it), nor searches
+    dispatchers."""
+    preset = STACKS[job.stack].features
+    for feature in MOE_FEATURES:
+        value, default = getattr(job.features, feature), Features.model_fields[feature].default
+        if value != preset.get(feature, default) and value != default:
+            raise SpecError(job.source, f"features.{feature}", f"{default!r}, the default, for {job.model.name} (a dense model: no experts)",
+                            value)
+    if job.search.moe_token_dispatcher != "auto":
+        raise SpecError(job.source, "search.moe_token_dispatcher", f"auto for {job.model.name} (a dense model: no tokens to dispatch)",
+                        job.search.moe_token_dispatcher)
+
+
 def _check_load_imbalance(job: Job, moe: MoE) -> None:
-    """A busiest/mean ratio routing can reach (MoE.most_imbalance)."""
+    """A busiest/mean ratio routing can reach (MoE.most_imbalance), at EP
+    sizes that divide the experts."""
     value = job.features.moe_load_imbalance
     pairs = value if isinstance(value, tuple) else ((moe.num_experts, value),)
     for ep, ratio in pairs:
+        if moe.num_experts % ep:
+            raise SpecError(job.source, "features.moe_load_imbalance", f"EP sizes that divide {job.model.name}'s {moe.num_experts} experts",
+                            ep)
         most = moe.most_imbalance(ep)
         if ratio > most:
             where = f"at EP {ep}" if isinstance(value, tuple) else "at any EP"
