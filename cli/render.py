@@ -39,10 +39,11 @@ def plans_table(plans: list[Plan], title: str) -> Table:
     """The ranked plans, one line each, 80 columns wide for labels up to ~40
     characters (a longer label wraps; the figures are never cut); a legend
     of its words below."""
-    capacities = sorted({capacity / GiB for plan in plans for capacity in plan.stage_capacity_bytes})  # mixed clusters: several
-    table = titled_table(f"{title}, {' or '.join(f'{c:.1f}' for c in capacities)} GiB per GPU")
+    # mixed clusters: several (as printed: an A100 and an H100 of 80 GB both hold 79.1 GiB)
+    capacities = sorted({f"{capacity / GiB:.1f}" for plan in plans for capacity in plan.stage_capacity_bytes}, key=float)
+    table = titled_table(f"{title}, {' or '.join(capacities)} GiB per GPU")
     placed = any(plan.placement_solve for plan in plans)
-    idle = any(plan.idle_gpus for plan in plans)
+    idle = any(plan.unused_gpus for plan in plans)
     dispatchers = len({plan.job.features.moe_token_dispatcher for plan in plans})  # a search that tried several names each
     columns = [("#", "right"), ("layout", "left"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"), ("GiB", "right")]
     for column, justify in columns + ([("placed", "right")] if placed else []) + ([("idle", "right")] if idle else []):
@@ -56,12 +57,12 @@ def plans_table(plans: list[Plan], title: str) -> Table:
             f"{plan.mfu:.1%}",
             f"{plan.peak_memory.peak_bytes / GiB:.1f}",
         ]
-        table.add_row(*row, *([_placement_saved(plan)] if placed else []), *([str(plan.idle_gpus)] if idle else []))
+        table.add_row(*row, *([_placement_saved(plan)] if placed else []), *([str(plan.unused_gpus)] if idle else []))
     captions = [label_legend([plan.layout.label() for plan in plans]) + "; GiB: peak memory of the fullest GPU"
                 + ("; then the MoE token dispatcher" if dispatchers > 1 else "")]
     if idle:
-        captions.append("idle: GPUs the plan leaves unused, the slowest nodes (a slower kind of GPU, or a node count whose "
-                        "prime factors, or the global batch's, force a poor layout)")
+        captions.append("idle: GPUs the plan leaves unused: the slowest nodes (a slower kind of GPU, or a node count whose "
+                        "prime factors, or the global batch's, force a poor layout), or those the layout given does not fill")
     if placed:
         captions.append("placed: step time the solver's rank placement saves against Megatron's default order on the same links "
                         "(* not proven optimal; -: not re-placed)")

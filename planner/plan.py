@@ -52,6 +52,12 @@ class Plan:
         return self.split_solve is not None and bool(self.split_solve.chunk_sizes) and tuple(self.stages) != self.even_stages
 
     @property
+    def unused_gpus(self) -> int:
+        """GPUs of the whole cluster the plan does not run on: its idle
+        nodes, and those a layout evaluated as given does not fill."""
+        return self.job.cluster.num_gpus + self.idle_gpus - self.layout.world_size
+
+    @property
     def step_time_s(self) -> float:
         return self.step.step_time_s
 

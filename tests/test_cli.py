@@ -567,3 +567,18 @@ def test_an_evaluated_etp_survives_the_report(tmp_path):
     report = read_report(out / "plan.json")
     assert report.plans[0].parallel.etp == 2
     assert plan_of(load_job(job), report, report.plans[0], "plan.json").layout.etp == 2
+
+
+def test_evaluate_shows_the_gpus_a_layout_leaves_idle(tmp_path):
+    """TP8 PP3 DP2 runs on 48 of 64 GPUs: the table says so, as plan.json's idle_gpus does."""
+    job = make_job(tmp_path, nodes=8)
+    result = invoke("evaluate", job, "--tp", 8, "--pp", 3, "--dp", 2)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "layout" in line)
+    row = next(line for line in result.output.splitlines() if "TP8 PP3 DP2" in line)
+    assert header.split()[-1] == "idle" and row.split()[-1] == "16"
+
+
+def test_an_empty_model_flag_is_blamed_on_the_flag(tmp_path):
+    result = invoke("evaluate", make_job(tmp_path), "--model", "")
+    assert result.exit_code == 2 and "--model" in result.output and "job.yaml" not in result.output, result.output

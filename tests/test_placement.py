@@ -12,7 +12,7 @@ import yaml
 
 from loom.planner.specs.cluster import load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.job import Job
+from loom.planner.specs.job import Job, job_warnings
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
 from loom.planner.search.placement import place, placement_problem
@@ -303,6 +303,11 @@ def test_a_measured_links_profile_prices_the_groups(tmp_path):
     placed = place(evaluate(job, crossed), time_limit_s=5)
     assert placed.placement_solve.status == "optimal"  # TP4 fills the node: the slow pair is unavoidable
     assert placed.step_time_s == evaluate(job, crossed).step_time_s
+    assert not any("links profile" in warning for warning in job_warnings(job))
+    # the same figures measured with gloo on CPUs (loom profile links without GPUs) are not the H100s' links
+    (tmp_path / "links.json").write_text(json.dumps({**profile, "backend": "gloo", "device": "cpu"}))
+    gloo = Job(model=load_model("llama-3-8b"), cluster=load_cluster(cluster_file), global_batch_size=64, seq_length=4096)
+    assert any("measured with gloo on cpu" in warning for warning in job_warnings(gloo))
 
 
 def test_a_links_profile_missing_a_gpu_is_bad_input(tmp_path):

@@ -155,6 +155,16 @@ def test_compare_names_the_term_that_is_30_percent_off(plan_json, tmp_path):
     assert "forward-backward" in table.output and "the pipeline" in table.output
 
 
+def test_compare_refuses_a_peak_beyond_the_gpu(plan_json, tmp_path):
+    """A rank that reports more memory than its GPU holds ran elsewhere (or
+    the log was edited): refused naming the line, not compared."""
+    log = tmp_path / "train.log"
+    memory = "[Rank 0] (after 10 iterations) memory (MB) | allocated: 1.0 | max allocated: 2.0 | reserved: 3.0 | max reserved: 200000.0"
+    log.write_text(_megatron_log([7000.0] * 3, {}, ARGS) + memory + "\n")
+    result = runner.invoke(app, ["compare", str(plan_json), str(log)])
+    assert result.exit_code == 2 and "a peak within the GPU's" in result.output and "line " in result.output, result.output
+
+
 def test_compare_refuses_a_log_of_another_layout(plan_json, tmp_path):
     log = tmp_path / "train.log"
     log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, "tensor_model_parallel_size": 4}))

@@ -287,6 +287,9 @@ def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparis
     found = measured_memory(logs, plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes)
     if found:
         log, peak = found.log, found.report
+        if peak.peak_bytes > plan.memory.capacity_bytes:
+            raise SpecError(log.path, f"line {peak.line}", f"a peak within the GPU's {plan.memory.capacity_bytes / GiB:.2f} GiB (PyTorch's "
+                            "allocator hands out no more): this log is of another GPU", f"{peak.peak_bytes / GiB:,.2f} GiB")
         statistic = "max reserved" if peak.reserved else "max allocated"
         memory_row = Row("peak memory", found.measured_bytes, found.predicted_bytes, "bytes",
                          f"{log.path}:{peak.line}: rank {peak.rank} {statistic}", POINTS_TO["peak memory"])

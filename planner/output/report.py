@@ -454,8 +454,7 @@ def plan_report(plan: Plan) -> PlanReport:
         ],
         placement=placement_runs(plan.placement.gpus),
         placement_solver=_placement_report(plan),
-        # The search's idle nodes, or the GPUs a fixed layout leaves unused (loom evaluate --dp).
-        idle_gpus=plan.job.cluster.num_gpus + plan.idle_gpus - plan.layout.world_size,
+        idle_gpus=plan.unused_gpus,
         split_solver=_split_report(plan),
         predicted=Predicted(
             step_time_s=plan.step_time_s,

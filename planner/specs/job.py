@@ -31,6 +31,7 @@ from loom.planner.specs.stacks import DEFAULT_STACK, FRAMEWORK_STACK, STACKS
 from loom.profiles.calibration import CalibrationDocument, read_calibration
 from loom.profiles.catalogue import GPU, GiB, find_gpu
 from loom.profiles.layer_profile import GemmDocument, LayersDocument, ModelDims, read_profile
+from loom.profiles.links_profile import load_links_profile
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 DEFAULT_JOB = EXAMPLES_DIR / "llama3-8b-h100.yaml"
@@ -209,7 +210,7 @@ class SearchFile(StrictModel):
 
 
 class JobFile(StrictModel):
-    model: str
+    model: Annotated[str, pydantic.Field(min_length=1)]  # a catalogue name or a config.json path
     cluster: str | dict
     global_batch_size: count(MAX_GLOBAL_BATCH)
     seq_length: count(MAX_SEQ_LENGTH)
@@ -308,7 +309,7 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     # A value from a flag is blamed on the flag, not on the job file.
     flags = {key: "--" + ("profile" if key == "profiles" else key.replace("_", "-")) for key in given}
     spec = validate(JobFile, data, source, flags=flags)
-    model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if overrides and overrides.get("model") else source)
+    model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if "model" in given else source)
     cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
     if spec.precision == "mxfp8":  # fp8 with MXFP8 block scaling
         spec = _as_mxfp8(spec, cluster, source if "precision" not in flags else "command line", flags.get("precision", "precision"))
@@ -552,6 +553,11 @@ def job_warnings(job: Job) -> list[str]:
     if not job.cluster.named_hosts and not job.cluster.uniform:
         warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "
                         "files take the i-th node the job is given as its node i; give hosts: to pin them")
+    if job.cluster.fabric.links_profile is not None:
+        links = load_links_profile(job.cluster.fabric.links_profile)
+        if links.backend != "nccl" or links.device == "cpu":
+            warnings.append(f"links profile {job.cluster.fabric.links_profile} was measured with {links.backend} on {links.device}: "
+                            f"its bandwidths are not those NCCL reaches between {job.cluster.gpu_summary} GPUs")
     return warnings
 
 
