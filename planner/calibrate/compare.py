@@ -89,9 +89,11 @@ NO_TERMS = {
 }
 FRAMEWORK_LOGS = ("megatron", "torchtitan", "deepspeed")  # log formats of one framework (a trace is of any)
 # Megatron's argument names for the layout fields a plan fixes.
+# (Not expert_tensor_parallel_size: Megatron sets it to the TP size when not
+# given, so a dense model's dump differs from the plan's etp 1.)
 MEGATRON_ARGUMENTS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp", "context_parallel_size": "cp",
-                      "expert_model_parallel_size": "ep", "expert_tensor_parallel_size": "etp", "data_parallel_size": "dp",
-                      "micro_batch_size": "micro_batch_size", "global_batch_size": "global_batch_size"}
+                      "expert_model_parallel_size": "ep", "data_parallel_size": "dp", "micro_batch_size": "micro_batch_size",
+                      "global_batch_size": "global_batch_size"}
 # Terms outside PyTorch's caching allocator (see the module docstring).
 OUTSIDE_ALLOCATOR = ("cuda_context", "nccl_buffers")
 
