@@ -9,7 +9,15 @@ makes for Mixtral 8x7B on 64 H100 and DeepSeek-V3 on 1,024 H100.
    expert to capacity 1.0). NVIDIA force-balances the routing (imbalance 1.0).
 2. Megatron-Bridge's 25.11 summary rows (docs/performance-summary.md): the
    H100 Qwen3 row prints no global batch size; 2,048 is assumed.
-3. Two field reports: Mixtral 8x7B on 16 H100 (measured 5.58 s per step) and
+3. NVIDIA's Megatron MoE team's H100 Qwen3-235B-A22B table
+   (yanring/Megatron-MoE-ModelZoo best_practice/qwen3/readme.md at e865051:
+   256 H100, BF16, sequence 4,096, global batch 2,048), each row's layout,
+   dispatcher, recompute modules and 1F1B A2A overlap as printed, the rest
+   from its model_configs/benchmarking/Qwen3-235B-A22B.yaml (router and
+   permute fusion, TE cross-entropy fusion, sequence parallelism, expert TP
+   1). Unknown, assumed: balanced routing (the table does not say whether
+   --moe-router-force-load-balancing was on).
+4. Two field reports: Mixtral 8x7B on 16 H100 (measured 5.58 s per step) and
    Qwen3-30B-A3B on 32 H100 (about 120 TFLOP/s per GPU). Unknowns assumed:
    bf16, Megatron-LM's defaults otherwise (expert TP = TP, dropless, no
    fused kernels; loom's alltoall dispatcher), sequence 4,096 and global
@@ -26,6 +34,7 @@ import statistics
 from loom.planner.plan import evaluate
 from loom.planner.search.layouts import search
 from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.errors import SpecError
 from loom.planner.specs.job import Features, Job, stack_features
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
@@ -68,6 +77,34 @@ def published_runs() -> list[float]:
     return errors
 
 
+# (label, dispatcher, tp, pp, vpp, ep, dp, fsdp, micro batch, recompute, its modules, A2A overlap, published s per step)
+MOE_TEAM_QWEN3_235B = [
+    ("deepep cross-node EP32", "deepep", 2, 8, 4, 32, 16, 0, 1, "selective", ("moe_act", "layernorm"), False, 19.7),
+    ("deepep cross-node EP32 + 1f1b overlap", "deepep", 2, 8, 4, 32, 16, 0, 1, "selective", ("moe_act", "layernorm"), True, 17.6),
+    ("deepep EP8 Megatron-FSDP", "deepep", 2, 1, 1, 8, 128, 128, 4, "full", (), False, 17.6),
+    ("alltoall EP8 PP32", "alltoall", 2, 32, 3, 8, 4, 0, 1, "selective", ("moe_act", "layernorm"), False, 24.2),
+    ("deepep EP8 TP4", "deepep", 4, 8, 4, 8, 8, 0, 1, "none", (), False, 29.0),
+]
+
+
+def moe_team_runs() -> list[float]:
+    errors = []
+    cluster = _cluster("DGX-H100", 256, "moe-team")
+    for label, dispatcher, tp, pp, vpp, ep, dp, fsdp, mbs, recompute, modules, overlap, published_s in MOE_TEAM_QWEN3_235B:
+        features = Features(moe_token_dispatcher=dispatcher, moe_router_fusion=True, moe_permute_fusion=True, cross_entropy_fusion="te",
+                            overlap_moe_expert_parallel_comm=overlap)
+        job = Job(model=load_model("qwen3-235b-a22b"), cluster=cluster, global_batch_size=2048, seq_length=4096, features=features)
+        layout = Layout(tp=tp, pp=pp, dp=dp, cp=1, ep=ep, vpp=vpp, micro_batch_size=mbs, global_batch_size=2048, sequence_parallel=True,
+                        distributed_optimizer=True, fsdp=fsdp, recompute=recompute, recompute_modules=modules)
+        try:
+            plan = evaluate(job, layout)
+        except SpecError as refused:  # e.g. a chunk holding only the embedding or the loss (--account-for-*-in-pipeline-split)
+            print(f"{'moe-team: ' + label:<34} {layout.label():<32} {published_s:>7.2f}  not priced: {refused}")
+            continue
+        errors.append(_row(f"moe-team: {label}", layout, published_s, plan))
+    return errors
+
+
 def field_reports() -> list[float]:
     errors = []
     mixtral = Job(model=load_model("mixtral-8x7b"), cluster=_cluster("DGX-H100", 16, "field"), global_batch_size=128, seq_length=2048)
@@ -103,6 +140,8 @@ def _summary(label: str, errors: list[float]) -> None:
 if __name__ == "__main__":
     published = published_runs()
     _summary("published MoE runs", published)
+    print()
+    _summary("Megatron MoE team's Qwen3-235B runs", moe_team_runs())
     print()
     field = field_reports()
     _summary("field reports", field)
