@@ -329,6 +329,8 @@ INVALID = {
     "a breakdown part beyond the step": (_set("plans", 0, "predicted", "breakdown_s", "foo_bar", 1.0), "plans.0.predicted.step_time_s",
                                          "the sum of breakdown_s"),
     "a step time not its parts'": (_set("plans", 0, "predicted", "step_time_s", 100.0), "plans.0.predicted.step_time_s", "the sum of breakdown_s"),
+    # a schema 1.6 report of an ETP 2 plan: its parallel had no etp, which reads back as 1
+    "etp not the label's": (_set("plans", 0, "label", lambda label: label + " ETP2"), "plans.0.parallel.etp", "2, as the label says"),
     "MFU over 1": (_set("plans", 0, "predicted", "mfu", 2.0), "plans.0.predicted.mfu", "at most 1"),
     "a peak not its parts'": (_set("plans", 0, "memory", "peak_bytes_per_gpu", lambda b: 2 * b), "plans.0.memory.peak_bytes_per_gpu",
                               "the sum of breakdown_bytes"),

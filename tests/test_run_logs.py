@@ -108,14 +108,16 @@ def test_a_profiler_schedule_that_starts_late_has_no_warm_up_step(tmp_path):
     assert log.warmup_logs == 0 and len(log.steady) == 2
 
 
-def _megatron_log(step_ms: list[float], timers: dict[str, float], args: dict[str, int], batch: int = 512) -> str:
-    """A Megatron-LM log written with training_log's and Timers.log's format strings."""
+def _megatron_log(step_ms: list[float], timers: dict[str, float], args: dict[str, int], batch: int | list[int] = 512) -> str:
+    """A Megatron-LM log written with training_log's and Timers.log's format
+    strings; ``batch``: the global batch of every line, or of each."""
+    batches = batch if isinstance(batch, list) else [batch] * len(step_ms)
     lines = ["------------------------ arguments ------------------------"]
     lines += ["  {} {} {}".format(k, "." * (48 - len(k)), v) for k, v in sorted(args.items())]
     lines.append("-------------------- end of arguments ---------------------")
     for i, ms in enumerate(step_ms):
         lines.append(" iteration {:8d}/{:8d} |".format(10 * (i + 1), 10 * len(step_ms)) + " consumed samples: {:12d} |".format(5120 * (i + 1))
-                     + " elapsed time per iteration (ms): {:.1f} |".format(ms) + " global batch size: {:5d} |".format(batch))
+                     + " elapsed time per iteration (ms): {:.1f} |".format(ms) + " global batch size: {:5d} |".format(batches[i]))
         lines.append("(min, max) time across ranks (ms):")
         lines += ["    {}: ({:.2f}, {:.2f})".format((name + " ").ljust(48, "."), value * 0.99, value) for name, value in timers.items()]
     return "\n".join(lines) + "\n"
@@ -183,6 +185,15 @@ def test_compare_and_calibrate_refuse_a_log_of_another_global_batch(plan_json, t
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and "global batch size 512" in result.output and "got 256" in result.output, result.output
     assert not (tmp_path / "c.json").exists()
+
+
+def test_compare_refuses_timing_a_batch_size_ramp_up(plan_json, tmp_path):
+    """--rampup-batch-size grows the batch over the first samples: intervals
+    timed before it reaches the plan's batch are of another step."""
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([7000.0] * 5, {}, ARGS, batch=[256, 384, 384, 512, 512]))
+    result = runner.invoke(app, ["compare", str(plan_json), str(log)])
+    assert result.exit_code == 2 and "ramp-up" in result.output and "got 384" in result.output, result.output
 
 
 def test_calibrate_counts_a_run_once(plan_json, tmp_path):

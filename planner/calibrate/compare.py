@@ -327,10 +327,11 @@ def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
         if text is not None and text.strip().isdigit() and int(text) != parallel[field]:
             raise SpecError(log.path, argument, f"{parallel[field]}, the plan's {field} ({plan.label}): this log is of another "
                             "layout", int(text))
-    if log.global_batch is not None and log.global_batch[0] != plan.parallel.global_batch_size:
-        batch, line = log.global_batch
-        raise SpecError(log.path, f"line {line}", f"global batch size {plan.parallel.global_batch_size}, the plan's: this log is of "
-                        "another job", batch)
+    batch = plan.parallel.global_batch_size
+    other = next((interval for interval in log.steady if interval.global_batch_size not in (None, batch)), None)
+    if other is not None:
+        raise SpecError(log.path, f"line {other.line}", f"global batch size {batch}, the plan's, in every timed iteration: this log is of "
+                        "another job, or of a batch-size ramp-up (time the run after it)", other.global_batch_size)
     text = log.arguments.get("seq_length")
     if text is not None and text.strip().isdigit() and int(text) != report.seq_length:
         raise SpecError(log.path, "seq_length", f"{report.seq_length}, the plan's sequence length", int(text))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -296,6 +297,9 @@ def plan_problems(plan: PlanReport) -> list[Invariant]:
         return ok
 
     need(stage_ranks % p.ep == 0, ("parallel", "ep"), f"a divisor of a stage's tp x cp x dp = {stage_ranks} ranks", p.ep)
+    labelled = re.search(r"\bETP(\d+)\b", plan.label)
+    need(int(labelled.group(1)) == p.etp if labelled else p.etp == 1, ("parallel", "etp"),
+         f"{labelled.group(1) if labelled else 1}, as the label says (reports before schema 1.7 dropped etp: write the plan again)", p.etp)
     need(p.vpp == 1 or p.pp > 1, ("parallel", "vpp"), "1 unless pp > 1", p.vpp)
     need(p.fsdp == 0 or p.dp % p.fsdp == 0, ("parallel", "fsdp"), f"0 or a divisor of dp = {p.dp}", p.fsdp)
     per_step = p.micro_batch_size * p.dp

@@ -624,7 +624,10 @@ def _refuse_search_list(job: Job, broken: Counter[str], expectations: dict[str, 
     [3]}`` on 64 GPUs) and the job's ``search:`` lists that knob, the list
     asks for what this model, framework or cluster never runs (``search:
     {ep: [8]}`` for a dense model, ``{etp: [2]}`` with DeepSpeed). The
-    message gives what the rules expected most often."""
+    message gives what the rules expected most often. Not when the lists
+    run on the fewer nodes the search also tries."""
+    if _lists_run_on_fewer_nodes(job):
+        return
     for field, count in broken.most_common():
         knob = _KNOB_OF_RULE.get(field, field)
         listed = getattr(job.search, knob) if knob in type(job.search).model_fields else "auto"
@@ -638,6 +641,17 @@ def _refuse_search_list(job: Job, broken: Counter[str], expectations: dict[str, 
 _KNOB_OF_RULE = {"global_batch_size": "micro_batch_size"}
 
 
+def _lists_run_on_fewer_nodes(job: Job) -> bool:
+    """Some layout the search lists allow passes the rules on the fewer
+    nodes the search also tries (alternatives.idle_node_counts: a mixed
+    cluster's faster nodes, an awkward node count's neighbours)."""
+    for nodes in idle_node_counts(job.cluster, job.global_batch_size):
+        fewer = replace(job, cluster=job.cluster.fastest_nodes(nodes))
+        if any(not layout_problems(fewer, layout) for layout in candidate_layouts(fewer)):
+            return True
+    return False
+
+
 def _refuse_empty_space(job: Job) -> None:
     """Bad input: the ``search:`` lists combine to no layout at all (no
     tp x cp x pp among them divides the cluster, a vpp listed only beside
@@ -645,6 +659,8 @@ def _refuse_empty_space(job: Job) -> None:
     is to blame: the first whose list, set back to "auto", leaves a layout
     is named (knobs that qualify others first: vpp before pp, sequence
     parallelism before tp); when no single one does, the listed knobs together."""
+    if _lists_run_on_fewer_nodes(job):
+        return  # the search tries those nodes (idle_node_counts)
     space, gpus = job.search, job.cluster.num_gpus
     listed = [knob for knob in reversed(type(space).model_fields) if getattr(space, knob) != "auto"]
     expected = f"values that leave a layout for {gpus} GPUs beside the other search lists"
@@ -671,5 +687,7 @@ def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Co
             f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "
             f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom"
         )
+    if not rejected:
+        return f"the search lists of {job.source} leave no layout for {job.cluster.num_gpus} GPUs"
     reasons = "; ".join(f"{reason} ({count} layouts)" for reason, count in rejected.most_common(3))
     return f"no layout of {job.model.name} on {job.cluster.num_gpus} GPUs passes the divisibility rules: {reasons}"

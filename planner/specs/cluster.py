@@ -267,8 +267,7 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
             gpu_field[index] = at(f"node_overrides.{i}.gpu")
         if override.power_limit_W is not None:
             power_field[index] = at(f"node_overrides.{i}.power_limit_W")
-    families = {find_gpu(fields["gpu"], source, field).name.split("-")[0].lower() for fields, field in zip(per_node, gpu_field)}
-    efficiencies = _measured_efficiencies(spec, source, at, families) if spec.nccl_tests else {}
+    efficiencies = _measured_efficiencies(spec, source, at, hosts, per_node) if spec.nccl_tests else {}
     nodes = tuple(
         Node(
             host=host,
@@ -312,48 +311,68 @@ def _capped_gpu(gpu: GPU, power_limit_W: float | None, source: str, field: str) 
         raise SpecError(source, field, str(problem), power_limit_W) from None
 
 
-# In-network reduction (NVLink SHARP, InfiniBand SHARP) sends each byte of an
-# all-reduce once instead of 2(n-1)/n times, so its bus bandwidth (nccl-tests
-# doc/PERFORMANCE.md) can reach twice the links' rate, and nothing more.
-MAX_BUS_EFFICIENCY = 2.0
+# How far a run's bus bandwidth (nccl-tests doc/PERFORMANCE.md) may exceed the
+# line rate the cluster declares. In-network reduction (NVLink SHARP,
+# InfiniBand SHARP) sends each byte of a collective once instead of 2(n-1)/n
+# times, so its busbw can reach twice the links' rate; a point-to-point or
+# all-to-all run cannot beyond the datasheet's rounding (an H100's 18 NVLink 4
+# links carry 18 x 26.6 = 478 GB/s per direction, quoted as 450) [derived].
+MAX_BUS_EFFICIENCY = {"in_network": 2.0, "point_to_point": 1.1}
+IN_NETWORK_OPS = ("all_reduce", "reduce_scatter", "all_gather", "reduce", "broadcast")
 
 
-def _measured_efficiencies(spec: ClusterFile, source: str, at, families: set[str]) -> dict[str, float]:
+def _measured_efficiencies(spec: ClusterFile, source: str, at, hosts: list[str], per_node: list[dict]) -> dict[str, float]:
     """NVLink and NIC efficiency from an imported nccl-tests profile: each
     run's bus bandwidth at its largest message (busbw is normalised to be
     comparable to the links' speed, nccl-tests doc/PERFORMANCE.md) over the
-    line rate it ran on. Runs inside one node measure NVLink; runs across
-    nodes with k GPUs per node measure k GPUs' share of the NICs. The median
-    of each kind replaces the default; a kind no run measured keeps it.
-    A run on GPUs of none of the cluster's ``families`` (the catalogue
-    name's first word: h100, a100) or beyond MAX_BUS_EFFICIENCY measured
-    another cluster: SpecError naming ``nccl_tests``."""
+    line rate it ran on, from the nodes it ran on (``per_node`` fields of
+    ``hosts``; a host the cluster does not name counts as the default node).
+    Runs inside one NVLink domain (a node, or nvlink_domain_nodes of them)
+    measure NVLink; runs across domains with k GPUs per node measure the
+    NICs k GPUs use: each its own NIC while there are enough, else its share
+    (max(k x nics / gpus_per_node, min(k, nics))). The median of each kind
+    replaces the default; a kind no run measured keeps it. A run on GPUs of
+    another kind than the cluster's (the catalogue name's first word: h100
+    is not h200) or beyond MAX_BUS_EFFICIENCY measured another cluster:
+    SpecError naming ``nccl_tests``."""
     path = Path(spec.nccl_tests)
     if not path.is_absolute() and Path(source).is_file():
         path = Path(source).parent / path
     if not path.is_file():
         raise SpecError(source, at("nccl_tests"), "an existing profile from loom profile nccl-tests", spec.nccl_tests)
     document = validate(NcclTestsDocument, read_json(path, "nccl-tests profile"), str(path))
+    families = {find_gpu(fields["gpu"], source).name.split("-")[0].lower() for fields in per_node}
+    index_of = {host.lower(): i for i, host in enumerate(hosts)}
+    default = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
     nvlink, nic = [], []
     for run in document.runs:
-        foreign = next((gpu.device for gpu in run.gpus if not any(family in gpu.device.lower() for family in families)), None)
+        foreign = next((gpu.device for gpu in run.gpus
+                        if not any(re.search(rf"\b{family}\b", gpu.device.lower()) for family in families)), None)
         if foreign is not None:
             raise SpecError(source, at("nccl_tests"), f"a profile measured on this cluster's {spec.gpu} GPUs ({run.source} ran on {foreign})",
                             spec.nccl_tests)
         gpus_per_host = Counter(gpu.host for gpu in run.gpus)
         if sum(gpus_per_host.values()) < 2:
             continue
+        indices = [index_of.get(host.lower()) for host in gpus_per_host]
+        nodes = [per_node[i] if i is not None else default for i in indices]
+        known = all(i is not None for i in indices)
+        one_domain = len({i // spec.nvlink_domain_nodes for i in indices}) == 1 if known else len(indices) <= spec.nvlink_domain_nodes
         busbw_GBps = max(run.rows, key=lambda row: row.size_bytes).out_of_place.busbw_GBps
-        if len(gpus_per_host) == 1:
-            kind, line_GBps = "NVLink", spec.nvlink_GBps
+        if one_domain:
+            kind, line_GBps = "NVLink", min(node["nvlink_GBps"] for node in nodes)
             nvlink.append(busbw_GBps / line_GBps)
         else:
-            kind, line_GBps = "NIC", min(gpus_per_host.values()) * spec.nics_per_node * spec.nic_Gbps / 8 / spec.gpus_per_node
+            k = min(gpus_per_host.values())
+            kind = "NIC"
+            line_GBps = min(max(k * node["nics_per_node"] / spec.gpus_per_node, min(k, node["nics_per_node"])) * node["nic_Gbps"] / 8
+                            for node in nodes)
             nic.append(busbw_GBps / line_GBps)
-        if busbw_GBps > MAX_BUS_EFFICIENCY * line_GBps:
-            raise SpecError(source, at("nccl_tests"), f"a profile of this cluster's links: {run.source} moved {busbw_GBps:.1f} GB/s of bus "
-                            f"bandwidth over {line_GBps:.1f} GB/s of {kind} the cluster declares, beyond the {MAX_BUS_EFFICIENCY:g}x that "
-                            "in-network reduction reaches", spec.nccl_tests)
+        most = MAX_BUS_EFFICIENCY["in_network" if run.op in IN_NETWORK_OPS else "point_to_point"]
+        if busbw_GBps > most * line_GBps:
+            raise SpecError(source, at("nccl_tests"), f"a profile of this cluster's links: {run.source} ({run.op}) moved {busbw_GBps:.1f} GB/s "
+                            f"of bus bandwidth over {line_GBps:.1f} GB/s of {kind} the cluster declares, beyond the {most:g}x it can reach",
+                            spec.nccl_tests)
     if not nvlink and not nic:
         raise SpecError(str(path), "runs", "a run on two or more GPUs with its '#  Rank ... on HOST' lines")
     found = {"nvlink_efficiency": nvlink, "nic_efficiency": nic}

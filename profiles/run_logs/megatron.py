@@ -15,8 +15,8 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   averages from that iteration too. So when the first line is not at a
   multiple of the interval (or the interval is 1), or the timestamps carry
   microseconds (core_v0.16's), two lines hold the warm-up, else one
-  (``warmup_logs``). The last line's ``global batch size`` is the run's
-  (after any batch-size ramp-up). The interval is the argument dump's ``log_interval``,
+  (``warmup_logs``). Each line's ``global batch size`` is kept with its
+  interval (a batch-size ramp-up changes it). The interval is the argument dump's ``log_interval``,
   else the commonest gap between lines. Every field ends in ``|``: an
   iteration line without it is cut short, left out when it is the log's
   last line (a run killed mid-write), else bad input;
@@ -88,21 +88,22 @@ def _fields(text: str) -> dict[str, str]:
     return fields
 
 
-def _intervals(lines: list[tuple[int, int, float]], log_interval: int | None, core_0_16: bool) -> tuple[list[Interval], int]:
-    """The logged intervals of ``(iteration, line, seconds per iteration)``
-    lines, and how many of them hold the warm-up (module docstring)."""
+def _intervals(lines: list[tuple[int, int, float, int | None]], log_interval: int | None, core_0_16: bool) -> tuple[list[Interval], int]:
+    """The logged intervals of ``(iteration, line, seconds per iteration,
+    global batch)`` lines, and how many of them hold the warm-up (module
+    docstring)."""
     gaps = Counter(b[0] - a[0] for a, b in zip(lines, lines[1:]))
     interval = log_interval or (gaps.most_common(1)[0][0] if gaps else lines[0][0] if lines else 1)
     first_iteration_line = bool(lines) and (core_0_16 or interval == 1 or lines[0][0] % interval != 0)
     intervals, previous = [], None
-    for index, (iteration, line, step_s) in enumerate(lines):
+    for index, (iteration, line, step_s, batch) in enumerate(lines):
         if previous is None:
             first = iteration if first_iteration_line else max(1, iteration - interval + 1)
         elif index == 1 and first_iteration_line:
             first = intervals[0].first  # core_v0.16: the first-iteration line did not reset the timer
         else:
             first = previous + 1
-        intervals.append(Interval(first=first, last=iteration, line=line, step_time_s=step_s))
+        intervals.append(Interval(first=first, last=iteration, line=line, step_time_s=step_s, global_batch_size=batch))
         previous = iteration
     return intervals, 2 if first_iteration_line else 1
 
@@ -112,11 +113,11 @@ def read(lines: list[str], source: str) -> RunLog:
 
     Raises SpecError naming ``source`` and the line of an unreadable figure,
     or of an iteration that goes back (two runs in one log)."""
-    iterations: list[tuple[int, int, float]] = []
+    iterations: list[tuple[int, int, float, int | None]] = []
     memory: dict[int, RankMemory] = {}
     timer_blocks: list[tuple[int, dict[str, float]]] = []  # (the iteration line it follows, its timers)
     arguments: dict[str, str] = {}
-    estimate = global_batch = None
+    estimate = None
     core_0_16 = False
     in_timers = in_args = False
     timer_name = None
@@ -165,9 +166,8 @@ def read(lines: list[str], source: str) -> RunLog:
             step_s = number(elapsed, source, line_number, "elapsed time per iteration (ms)") / 1000.0
             if step_s <= 0:
                 raise SpecError(source, f"line {line_number}", "an elapsed time per iteration above 0 ms", elapsed)
-            iterations.append((iteration, line_number, step_s))
-            if (batch := fields.get("global batch size")) is not None:
-                global_batch = (int(number(batch, source, line_number, "global batch size")), line_number)
+            batch = fields.get("global batch size")
+            iterations.append((iteration, line_number, step_s, int(number(batch, source, line_number, "global batch size")) if batch else None))
             continue
         if match := THEORETICAL.search(line):
             if match.group(3):  # v0.7-v0.14 print only the weights without SP and selective recompute: no total
@@ -186,4 +186,4 @@ def read(lines: list[str], source: str) -> RunLog:
     timers = {name: statistics.median(block[name] for block in steady_timers if name in block)
               for name in sorted({name for block in steady_timers for name in block})}
     return RunLog(path=source, format="megatron", intervals=tuple(intervals), memory=tuple(sorted(memory.values(), key=lambda m: m.rank)),
-                  timers_s=timers, arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate, global_batch=global_batch)
+                  timers_s=timers, arguments=arguments, warmup_logs=warmup, framework_estimate_bytes=estimate)

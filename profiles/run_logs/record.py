@@ -42,6 +42,7 @@ class Interval:
     step_time_s: float | None = None  # seconds per iteration, averaged over the interval
     tokens_per_s_per_gpu: float | None = None
     samples_per_s: float | None = None  # global samples (sequences) per second
+    global_batch_size: int | None = None  # as the line printed it (Megatron's "global batch size")
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,6 @@ class RunLog:
     parameters: int | None = None
     rank: int | None = None  # the rank a trace was taken on
     framework_estimate_bytes: float | None = None  # the framework's own memory estimate (Megatron's theoretical footprint)
-    # The global batch the log's last iteration line printed, and that line's number (Megatron's "global batch size").
-    global_batch: tuple[int, int] | None = None
     warmup_logs: int = WARMUP_LOGS  # leading intervals that hold the warm-up
 
     @property
