@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from loom.cli import figures
-from loom.cli.common import check_output, err, run
+from loom.cli.common import StdoutConsole, check_output, err, run
 from loom.cli.render import explain_tables
 from loom.planner.output.report import PlanReport, read_report
 from loom.planner.schedule.simulate import MAX_OPS, SCHEDULES, PipelineCosts, Simulation, simulate
@@ -46,11 +45,12 @@ def explain(
         costs = _bounded_costs(plan_file, plan_index - 1, chosen)
         with _status("simulating the schedule"):
             simulation = _simulate(costs, name, ("--schedule", "schedule") if schedule else (str(plan_file), f"plans.{plan_index - 1}.schedule.name"))
+        console = StdoutConsole()  # its reader may close it (loom explain plan.json | head) before the figures are drawn
         for table in explain_tables(chosen, simulation):
-            Console().print(table)
+            console.print(table)
         if name != saved:
             base = _simulate(costs, saved, (str(plan_file), f"plans.{plan_index - 1}.schedule.name"))
-            Console().print(f"{name}: pipeline {simulation.pipeline_time_s:.3f} s against {saved}'s {base.pipeline_time_s:.3f} s")
+            console.print(f"{name}: pipeline {simulation.pipeline_time_s:.3f} s against {saved}'s {base.pipeline_time_s:.3f} s")
         if timeline is not None:
             with _status(f"drawing the timeline ({costs.ops:,} ops)"):
                 figures.save(figures.timeline_figure(simulation, f"{report.model} {chosen.label} ({name})"), timeline, "--timeline")

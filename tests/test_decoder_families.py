@@ -128,7 +128,7 @@ def test_what_megatron_cannot_build_is_refused(tmp_path, family, change, field):
 # The flags each family's launch must carry (beside the common ones).
 FLAGS = {
     "qwen3-8b": ["--qk-layernorm", "--swiglu", "--disable-bias-linear", "--num-query-groups 8"],
-    "starcoder2-7b": ["--normalization LayerNorm", "--window-size 4095,0", "--window-attn-skip-freq '([1]*32)'", "--num-query-groups 4"],
+    "starcoder2-7b": ["--normalization LayerNorm", "--num-query-groups 4"],
     "phi-3-mini-4k-instruct": ["--swiglu", "--disable-bias-linear", "--window-size 2046,0", "--untie-embeddings-and-output-weights"],
     "internlm2-7b": ["--swiglu", "--disable-bias-linear", "--num-query-groups 8", "--rotary-base 1000000"],
     "qwen1.5-moe-a2.7b": ["--add-qkv-bias", "--num-experts 60", "--moe-router-topk 4", "--moe-ffn-hidden-size 1408",
@@ -138,7 +138,8 @@ FLAGS = {
 }
 ABSENT = {
     "qwen3-8b": ["--add-qkv-bias", "--window-size"],
-    "starcoder2-7b": ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--qk-layernorm"],
+    # its 4,096-key window at the job's 4,096 tokens masks nothing: no window is written
+    "starcoder2-7b": ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--qk-layernorm", "--window-size"],
     "phi-3-mini-4k-instruct": ["--group-query-attention", "--kv-channels"],
     "internlm2-7b": ["--add-qkv-bias", "--window-size", "--kv-channels"],
     "qwen1.5-moe-a2.7b": ["--moe-layer-freq", "--group-query-attention"],
@@ -182,7 +183,7 @@ def test_flags_build_megatron_cores_config(name):
 
     spec = load_model(PUBLISHED[name][0])
     cluster = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "t")
-    job = Job(model=spec, cluster=cluster, global_batch_size=64, seq_length=4096)
+    job = Job(model=spec, cluster=cluster, global_batch_size=64, seq_length=8192)  # past every family's window: each is written
     ep = 4 if spec.moe else 1
     layout = Layout(tp=2, pp=1, dp=4, cp=1, ep=ep, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, distributed_optimizer=True)
     flags = parse_flags(megatron_args(job, layout, uniform_stages(spec, layout)))

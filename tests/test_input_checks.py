@@ -14,6 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from loom.cli.app import app
+from loom.planner.cost.compute import model_flops_per_token
+from loom.planner.specs.model import model_from_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -80,6 +82,17 @@ def test_llama_3_1_rope_scaling_reaches_the_launch_file(tmp_path):
     assert "--use-rope-scaling --rope-scaling-factor 8 " in " ".join((tmp_path / "out" / "train.sh").read_text().split()) + " "
 
 
+def test_a_window_as_wide_as_the_sequence_is_no_window(tmp_path):
+    """Mistral 7B v0.1's 4,096-key window at a 4,096-token sequence (JOB's
+    1,024 at a 1,024-key window here) masks nothing: context parallelism is
+    allowed and no --window-size is written."""
+    config = {**LLAMA, "model_type": "mistral", "sliding_window": JOB["seq_length"]}
+    result = run(tmp_path, "--tp", "1", "--cp", "2", "--out", str(tmp_path / "out"), config=config)
+    assert result.exit_code == 0, result.output
+    assert "--window-size" not in (tmp_path / "out" / "train.sh").read_text()
+    assert_bad(run(tmp_path, "--tp", "1", "--cp", "2", config={**config, "sliding_window": JOB["seq_length"] // 2}), "--cp")
+
+
 def test_mistrals_sliding_window_is_priced_and_written(tmp_path):
     """Mistral 7B v0.1 windows every layer at 4,096 keys (transformers'
     MistralAttention): cheaper attention past the window, and --window-size."""
@@ -93,6 +106,11 @@ def test_mistrals_sliding_window_is_priced_and_written(tmp_path):
         steps[window] = json.loads(result.stdout)["plans"][0]["predicted"]["breakdown_s"]["compute_forward"]
         assert ("--window-size 255,0" in " ".join((folder / "out" / "train.sh").read_text().split())) == bool(window)
     assert steps[256] < steps[None]
+    # MFU counts the window's keys, not the sequence's: 1,024 tokens see at most 256 keys each in every layer
+    windowed, full = (model_from_hf_config({**LLAMA, "model_type": "mistral", **extra}, name="m", source="t")
+                      for extra in ({"sliding_window": 256}, {}))
+    per_key = 6.0 * LLAMA["num_attention_heads"] * 2 * (LLAMA["hidden_size"] // LLAMA["num_attention_heads"]) * LLAMA["num_hidden_layers"]
+    assert model_flops_per_token(full, 1024) - model_flops_per_token(windowed, 1024) == pytest.approx(per_key * (1024 - 256))
 
 
 def test_moe_layer_freq_other_than_1_is_refused(tmp_path):

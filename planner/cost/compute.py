@@ -382,10 +382,15 @@ def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
     routed to) and untied heads (the published runs' 'model_flops'). A Mamba
     layer's scan counts 3 x 7 x d_inner x state size, as Megatron-LM's
     num_floating_point_operations does for hybrid models (training.py
-    mamba_layer_flops)."""
+    mamba_layer_flops). A sliding-window layer counts its window of keys,
+    min(s, W), in place of s (the band, its masked half counted anyway)."""
     h = model.hidden_size
+
+    def attention_flops(keys: int) -> float:
+        return 6.0 * model.attention_weights() + 6.0 * keys * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim)
+
     per_sublayer = {
-        "attention": 6.0 * model.attention_weights() + 6.0 * seq_length * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim),
+        "attention": attention_flops(seq_length),
         "mlp": 6.0 * (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size,
         "moe": 6.0 * model.moe.active_params(h) if model.moe else 0.0,
     }
@@ -393,4 +398,6 @@ def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
         mamba = model.mamba
         per_sublayer["mamba"] = 6.0 * h * (mamba.in_proj_size + mamba.inner_size) + 3.0 * 7 * mamba.inner_size * mamba.state_size
     layers = sum(count * per_sublayer[name] for kind, count in model.layer_kinds_in(0, model.num_layers) for name in SUBLAYERS[kind])
+    if model.windowed_layers:
+        layers -= model.windowed_layers * (attention_flops(seq_length) - attention_flops(min(seq_length, model.sliding_window)))
     return layers + 6.0 * h * model.vocab_size

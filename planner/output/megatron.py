@@ -66,7 +66,7 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage]) -> None:
         problems.append(f"global batch {layout.global_batch_size} not a multiple of mbs x dp")
     if layout.cp > 1 and job.seq_length % (2 * layout.cp):
         problems.append(f"seq length {job.seq_length} not a multiple of 2 x CP{layout.cp} (load-balanced CP chunks)")
-    if layout.cp > 1 and (model.sliding_window or model.attention_sinks):
+    if layout.cp > 1 and (model.window_binds(job.seq_length) or model.attention_sinks):
         problems.append("context parallelism with sliding-window attention or attention sinks (Transformer Engine runs them "
                         "under CP only with a2a or all-gather communication, not the ring loom prices)")
     if layout.cp > 1 and not job.features.flash_attention:
@@ -175,7 +175,7 @@ def _model_args(job: Job) -> list[str]:
             args.append("--add-qkv-bias")
     if m.qk_norm:
         args.append("--qk-layernorm")
-    return args + _window_args(m) + _mla_args(m) + _hybrid_args(m) + _moe_args(m) + _moe_feature_args(job)
+    return args + _window_args(m, job.seq_length) + _mla_args(m) + _hybrid_args(m) + _moe_args(m) + _moe_feature_args(job)
 
 
 def _hybrid_args(m: ModelSpec) -> list[str]:
@@ -191,7 +191,7 @@ def _hybrid_args(m: ModelSpec) -> list[str]:
             "--mamba-state-dim", str(mamba.state_size), "--mamba-num-groups", str(mamba.num_groups)]
 
 
-def _window_args(m: ModelSpec) -> list[str]:
+def _window_args(m: ModelSpec, seq_length: int) -> list[str]:
     """Sliding-window layers (gpt-oss; every layer of StarCoder2 and Phi-3)
     and attention sinks (gpt-oss). Transformer
     Engine's window (left, 0) lets query i see keys i - left .. i, so a
@@ -199,9 +199,10 @@ def _window_args(m: ModelSpec) -> list[str]:
     reference's), is left = W - 1. --window-attn-skip-freq lists the layers,
     1 windowed, 0 full (megatron-core transformer/utils.py
     is_layer_window_attention). Sinks are megatron-core's learnable softmax
-    offset, one logit per head (softmax_type 'learnable')."""
+    offset, one logit per head (softmax_type 'learnable'). A window as wide
+    as the sequence is no window (ModelSpec.window_binds): none is written."""
     args = []
-    if m.sliding_window:
+    if m.window_binds(seq_length):
         args += ["--window-size", f"{m.sliding_window - 1},0", "--window-attn-skip-freq", _layer_pattern(m.window_layers)]
     if m.attention_sinks:
         args += ["--softmax-type", "learnable"]

@@ -399,6 +399,11 @@ class ModelSpec:
         """How many layers attend within the sliding window."""
         return sum(self.window_layers) if self.sliding_window else 0
 
+    def window_binds(self, seq_length: int) -> bool:
+        """A sliding window narrower than the sequence: at or beyond it, every
+        query sees all its keys and the layers are plain causal attention."""
+        return bool(self.sliding_window) and self.sliding_window < seq_length
+
     def is_moe_layer(self, layer: int) -> bool:
         if self.hybrid_pattern:
             return self.hybrid_pattern[layer] == "E"

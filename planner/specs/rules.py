@@ -57,7 +57,7 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     # Transformer Engine runs attention sinks under CP only with a2a
     # communication and sliding windows only with a2a or all-gather (TE 2.9
     # get_attention_backend, attn_forward_func_with_cp), not the ring loom prices.
-    need(layout.cp == 1 or not (model.sliding_window or model.attention_sinks), "cp",
+    need(layout.cp == 1 or not (model.window_binds(job.seq_length) or model.attention_sinks), "cp",
          f"1 for {model.name} (Transformer Engine runs its sliding window and attention sinks under CP only with a2a, which loom does not price)", layout.cp)
     if layout.vpp > 1 and layout.global_batch_size % per_step == 0:
         need(layout.num_microbatches % layout.pp == 0, "vpp", f"interleaving needs micro batches ({layout.num_microbatches}) divisible by pp", layout.vpp)
