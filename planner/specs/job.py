@@ -510,8 +510,9 @@ def _check_dense(job: Job) -> None:
     for feature in MOE_FEATURES:
         value, default = getattr(job.features, feature), Features.model_fields[feature].default
         if value != preset.get(feature, default) and value != default:
-            raise SpecError(job.source, f"features.{feature}", f"{default!r}, the default, for {job.model.name} (a dense model: no experts)",
-                            value)
+            shown = {None: "unset", False: "false", True: "true"}.get(default, default) if not isinstance(default, float) else f"{default:g}"
+            raise SpecError(job.source, f"features.{feature}", f"{shown}, the default, for {job.model.name} (a dense model: no experts)",
+                            dict(value) if isinstance(value, tuple) else value)
     if job.search.moe_token_dispatcher != "auto":
         raise SpecError(job.source, "search.moe_token_dispatcher", f"auto for {job.model.name} (a dense model: no tokens to dispatch)",
                         job.search.moe_token_dispatcher)
