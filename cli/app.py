@@ -275,9 +275,45 @@ def plan(
         info = SearchInfo(candidates=result.candidates, feasible=result.feasible, wall_time_s=result.wall_time_s,
                           solver=result.solver, status=result.status, gap=result.gap, nearby_global_batch_sizes=nearby)
         err.print(f"searched {result.candidates:,} layouts ({result.feasible:,} fit) in {result.wall_time_s:.2f} s")
+        _check_measured_rates(result.plans)
+        _warn_unpinned(job, result.plans[0])
         _finish(result.plans, info, out, as_json, gates, trials)
 
     run(action)
+
+
+def _warn_unpinned(job: Job, best: Plan) -> None:
+    """A plan on some of a mixed cluster's nodes whose hosts have no names:
+    the launch files cannot say which nodes (job_warnings says so only when
+    the plan spans the whole mixed cluster)."""
+    if best.idle_gpus and not job.cluster.named_hosts and not job.cluster.uniform:
+        err.print(f"[yellow]warning:[/yellow] the plan runs on {escape(best.job.cluster.gpu_summary)} of {escape(job.cluster.gpu_summary)}, "
+                  "but the cluster names no hosts: a scheduler may hand the launch files any of its nodes; give hosts: to pin those planned")
+
+
+def _check_measured_rates(plans: list[Plan]) -> None:
+    """Bad input: measured layer, GEMM or calibration figures (--profile)
+    that put a plan's model FLOPs above the GPUs' peak; the profiles'
+    schemas cannot tell a time too short for the GPU it names."""
+    for plan_ in plans:
+        if plan_.mfu > 1 and plan_.job.profiles:
+            raise SpecError(", ".join(plan_.job.profiles), "--profile", f"measured times the GPU's peak allows: with them "
+                            f"{plan_.layout.label()} would run its model FLOPs at {plan_.mfu:.0%} of {plan_.job.precision} peak")
+
+
+def _on_fastest_nodes(job: Job, layout: Layout) -> tuple[Job, int]:
+    """A layout of whole nodes that leaves some of a mixed cluster's nodes
+    idle runs on its fastest ones, as loom plan places it
+    (Cluster.fastest_nodes), with the GPUs left idle; otherwise as given."""
+    cluster = job.cluster
+    nodes, rest = divmod(layout.world_size, cluster.gpus_per_node)
+    if cluster.uniform or rest or nodes >= len(cluster.nodes):
+        return job, 0
+    try:
+        fastest = cluster.fastest_nodes(nodes)
+    except ValueError:  # it would split an NVLink domain, or the links were measured pair by pair
+        return job, 0
+    return replace(job, cluster=fastest), cluster.num_gpus - fastest.num_gpus
 
 
 @app.command()
@@ -354,7 +390,11 @@ def evaluate(
         problems = layout_problems(job, layout) + (_launch_problems(job, layout) if out is not None else [])
         if problems:
             raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
+        whole, (job, idle) = job, _on_fastest_nodes(job, layout)
         plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)
+        plan_ = replace(plan_, idle_gpus=idle)
+        _check_measured_rates([plan_])
+        _warn_unpinned(whole, plan_)
         solve = plan_.split_solve
         # --split best: which split solver ran, and whether it proved its split (split_plan keeps the even one otherwise).
         info = SearchInfo(candidates=1, feasible=int(plan_.fits), wall_time_s=0.0, solver=solve.method if solve else "none",

@@ -250,7 +250,24 @@ def read_profile(path: Path) -> Document:
         _check_gemm_rates(document, gpu, str(path))
     else:
         _check_entries(document, str(path))
+        _check_layer_rates(document, gpu, str(path))
     return document
+
+
+def _check_layer_rates(document: LayersDocument, gpu: GPU, source: str) -> None:
+    """No layer ran faster than ``gpu``'s peak allows. loom's estimate of
+    the same pass (estimated_*_s) runs each kernel at a fraction of peak
+    (gemm_efficiency, attention_efficiency); at full peak none could take
+    less than the smallest of those fractions of it (PEAK_TOLERANCE spared):
+    a time below was measured on another GPU, or made up."""
+    lowest = min(filter(None, (gpu.gemm_efficiency.get(document.dtype), gpu.attention_efficiency, gpu.flash2_attention_efficiency)))
+    for i, entry in enumerate(document.entries):
+        for pass_, estimated_s in (("forward", entry.estimated_forward_s), ("backward", entry.estimated_backward_s)):
+            floor_s = estimated_s * lowest / (1 + PEAK_TOLERANCE)
+            if getattr(entry, pass_).median_s < floor_s:
+                raise SpecError(source, f"entries.{i}.{pass_}.median_s", f"a time the {gpu.name} can reach: at least {floor_s:.3g} s, its "
+                                f"peak rates on loom's estimate of {estimated_s:.3g} s; was it measured on another GPU?",
+                                getattr(entry, pass_).median_s)
 
 
 def first_above_peak(points: list[GemmPoint], peak_tflops: float) -> int | None:

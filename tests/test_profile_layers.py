@@ -546,3 +546,18 @@ def test_a_profile_whose_entries_time_another_model_is_refused(tiny_files, tmp_p
     (tmp_path / "twice.json").write_text(json.dumps(document))
     with pytest.raises(SpecError, match=r"each shape measured once"):
         layer_profile.read_profile(tmp_path / "twice.json")
+
+
+def test_a_profile_faster_than_the_gpu_is_bad_input(tiny_files, tmp_path):
+    """Schema-valid but impossible: layer times a millionth of the measured
+    ones put the model's FLOPs far above the GPU's peak. Bad input naming
+    the profile, not an MFU of thousands of percent (or a crash)."""
+    profile = json.loads((tiny_files / "layers.json").read_text())
+    for entry in profile["entries"]:
+        for pass_ in ("forward", "backward"):
+            entry[pass_] = {stat: value * 1e-6 for stat, value in entry[pass_].items()}
+    fast = tmp_path / "fast.json"
+    fast.write_text(json.dumps(profile))
+    for command in ("plan", "evaluate"):
+        result = runner.invoke(app, [command, str(tiny_files / "job.yaml"), "--profile", str(fast)])
+        assert result.exit_code == 2 and "fast.json" in result.output and "peak" in result.output, result.output
