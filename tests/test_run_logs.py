@@ -238,10 +238,18 @@ def test_a_calibration_of_another_gpu_is_refused(plan_json, tmp_path):
     out = tmp_path / "calib.json"
     assert runner.invoke(app, ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(out)]).exit_code == 0
     document = json.loads(out.read_text())
-    document["gpu"] = "A100-SXM4-80GB"
-    out.write_text(json.dumps(document))
-    result = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--profile", str(out)])
-    assert result.exit_code == 2 and "field 'gpu'" in result.output
+    for field, value in (("gpu", "A100-SXM4-80GB"), ("precision", "banana"), ("framework", "pytorch-lightning")):
+        out.write_text(json.dumps({**document, field: value}))
+        result = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--profile", str(out)])
+        assert result.exit_code == 2 and f"field '{field}'" in result.output, result.output
+    # a GEMM factor learnt at fp8 does not apply to a bf16 job: not claimed as applied
+    claimed = {}
+    for precision in ("bf16", "fp8"):
+        out.write_text(json.dumps({**document, "precision": precision, "attention": None, "elementwise": None}))
+        result = runner.invoke(app, ["evaluate", str(EXAMPLE), *LAYOUT, "--profile", str(out)])
+        assert result.exit_code == 0, result.output
+        claimed[precision] = "gemm x" in result.output
+    assert claimed == {"bf16": True, "fp8": False}
 
 
 def test_calibration_schema_is_in_sync():

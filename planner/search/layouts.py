@@ -682,10 +682,12 @@ _SPACE_RULES = {
 def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Counter) -> str:
     if smallest is not None:
         fullest, layout = smallest
+        offload = ("; optimizer offload is not searched unless the job lists it (search: {optimizer_offload: [false, true]})"
+                   if job.search.optimizer_offload == "auto" else "")
         return (
             f"no layout of {job.model.name} fits on {job.cluster.gpu_summary}: the smallest "
             f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "
-            f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom"
+            f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom{offload}"
         )
     if not rejected:
         return f"the search lists of {job.source} leave no layout for {job.cluster.num_gpus} GPUs"

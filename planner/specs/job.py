@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import pydantic
 
@@ -554,6 +554,9 @@ def job_warnings(job: Job) -> list[str]:
     if not job.cluster.named_hosts and not job.cluster.uniform:
         warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "
                         "files take the i-th node the job is given as its node i; give hosts: to pin them")
+    for path in job.profiles:
+        if read_json(Path(path), "profile JSON").get("device") == "cpu":
+            warnings.append(f"profile {path} was measured on a CPU (device: cpu): its times are not a GPU's")
     if job.cluster.fabric.links_profile is not None:
         links = load_links_profile(job.cluster.fabric.links_profile)
         if links.backend != "nccl" or links.device == "cpu":
@@ -602,7 +605,11 @@ def calibrated_cluster(job: Job, cluster: Cluster, document: CalibrationDocument
     of the same framework, hold the learnt memory overhead; on the cluster
     the runs ran on, its links reach the learnt collective efficiency.
 
-    Raises SpecError naming ``source`` when the cluster has no GPU of the calibration's type."""
+    Raises SpecError naming ``source`` when the cluster has no GPU of the
+    calibration's type, or its precision or framework is none loom knows."""
+    for name, known in (("precision", get_args(Precision)), ("framework", get_args(Framework))):
+        if getattr(document, name) not in known:
+            raise SpecError(source, name, f"one of {', '.join(known)}", getattr(document, name))
     gpu = find_gpu(document.gpu, source, "gpu")
     types = sorted({node.gpu.name for node in cluster.nodes})
     if gpu.name not in types:
@@ -617,7 +624,9 @@ def calibrated_cluster(job: Job, cluster: Cluster, document: CalibrationDocument
     calibrated: dict[int, GPU] = {}  # one object per GPU kind, so identity stays equality
     same_cluster = document.cluster == cluster.name
     same_framework = document.framework == job.framework
-    learnt = [f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise") if (factor := getattr(document, kind))]
+    # The GEMM factor holds at the runs' precision only (it scales that precision's gemm_efficiency).
+    learnt = [f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise") if (factor := getattr(document, kind))
+              and (kind != "gemm" or document.precision == job.precision)]
     learnt += [f"{kind} links x{factor.value:.3f}" for kind in ("nvlink", "network") if (factor := getattr(document, kind)) and same_cluster]
     if same_framework and document.memory_overhead_bytes:
         learnt.append(f"memory +{document.memory_overhead_bytes / GiB:.2f} GiB")
