@@ -386,3 +386,12 @@ def test_a_search_list_no_layout_can_run_is_bad_input(tmp_path, lines, field):
     job.write_text(f"{lines}\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n")
     result = invoke("plan", job)
     assert result.exit_code == 2 and f"field '{field}'" in one_line(result), result.output
+
+
+def test_nothing_fits_says_offload_was_not_searched(tmp_path):
+    """Llama 3 405B on 64 H100 fits only with the optimizer on the host,
+    which the search tries only when the job lists it: exit 3 says so."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: llama-3-405b\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n")
+    result = invoke("plan", job)
+    assert result.exit_code == 3 and "optimizer offload is not searched" in one_line(result), result.output

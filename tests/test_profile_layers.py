@@ -561,3 +561,12 @@ def test_a_profile_faster_than_the_gpu_is_bad_input(tiny_files, tmp_path):
     for command in ("plan", "evaluate"):
         result = runner.invoke(app, [command, str(tiny_files / "job.yaml"), "--profile", str(fast)])
         assert result.exit_code == 2 and "fast.json" in result.output and "peak" in result.output, result.output
+
+
+def test_a_profile_measured_on_a_cpu_says_so(tiny_files):
+    """The tiny profile ran on this machine's CPU (device: cpu) for an H100
+    cluster: the plan uses it, and warns that its times are not a GPU's."""
+    result = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--mbs", "2", "--profile", str(tiny_files / "layers.json")])
+    assert result.exit_code == 0 and "measured on a CPU" in result.output, result.output
+    plain = runner.invoke(app, ["evaluate", str(tiny_files / "job.yaml"), "--mbs", "2"])
+    assert "measured on a CPU" not in plain.output
