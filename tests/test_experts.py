@@ -422,3 +422,13 @@ def test_loads_as_json_booleans_or_beyond_floats_are_refused_in_one_line(tmp_pat
     np.save(tmp_path / "big.npy", np.full((4, 64), 1e308))
     result = run_experts(str(tmp_path / "big.npy"), "--ep-size", "8", "--slots-per-gpu", "8")
     assert result.exit_code == 2 and "Warning" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_trace_repeating_an_expert_in_a_tokens_top_k_is_refused(tmp_path, inputs):
+    """A router's top-k picks k distinct experts: a token listing one twice is not a trace of one."""
+    trace = np.load(inputs["trace"]) if str(inputs["trace"]).endswith(".npy") else None
+    assert trace is not None and trace.shape[2] > 1
+    trace[3, 1, 1] = trace[3, 1, 0]
+    np.save(tmp_path / "repeat.npy", trace)
+    result = run_experts(str(inputs["loads"]), "--ep-size", "4", "--slots-per-gpu", "4", "--trace", str(tmp_path / "repeat.npy"))
+    one_line_error(result, str(tmp_path / "repeat.npy"), "'topk_ids[3][1]'", "distinct experts")

@@ -184,7 +184,8 @@ def read_loads(path: Path) -> np.ndarray:
 def read_trace(path: Path, layers: int, experts: int) -> np.ndarray:
     """(tokens, layers, top_k) expert ids, checked against the loads' shape.
     Raises SpecError naming ``path`` unless the ids are integers from 0 to
-    experts - 1, tokens x layers x top_k^2 is at most MAX_TRACE_PAIRS and
+    experts - 1, distinct within each token's top-k, tokens x layers x
+    top_k^2 is at most MAX_TRACE_PAIRS and
     the affinity it gives, (layers - 1) x experts^2, at most MAX_DENSE_CELLS."""
     if (layers - 1) * experts**2 > MAX_DENSE_CELLS:
         raise SpecError(str(path), "topk_ids", f"a model of (layers - 1) x experts^2 <= {MAX_DENSE_CELLS:,} (the affinity between layers)",
@@ -198,6 +199,12 @@ def read_trace(path: Path, layers: int, experts: int) -> np.ndarray:
                         f"(tokens x layers x top_k^2 <= {MAX_TRACE_PAIRS:,})", f"{tokens:,} tokens")
     if not np.array_equal(trace, np.round(trace)) or trace.min() < 0 or trace.max() >= experts:
         raise SpecError(str(path), "topk_ids", f"integer expert ids from 0 to {experts - 1}")
+    ids = np.sort(trace.astype(np.int64), axis=2)
+    repeated = np.argwhere((ids[:, :, 1:] == ids[:, :, :-1]).any(axis=2))
+    if len(repeated):
+        token, layer = repeated[0]
+        raise SpecError(str(path), f"topk_ids[{token}][{layer}]", "distinct experts: a router's top-k picks each expert once",
+                        trace[token, layer].astype(np.int64).tolist())
     return trace.astype(np.int64)
 
 
