@@ -68,12 +68,12 @@ def test_nvfp4_plans_and_its_flags_build_megatron_cores_config(tmp_path):
 @pytest.mark.parametrize("fields, gpu, expected", [
     ({"precision": "nvfp4"}, "H100", "a precision H100-SXM5-80GB supports"),
     ({"precision": "nvfp4", "framework": "torchtitan"}, "B200", "bf16 or fp8 with torchtitan"),
-    ({"precision": "nvfp4", "framework": "deepspeed"}, "B200", "bf16 or fp16 with deepspeed"),
+    ({"precision": "nvfp4", "framework": "deepspeed"}, "B200", "bf16, fp16, tf32 or fp32 with deepspeed"),
     ({"precision": "nvfp4"}, "MI355X", "a precision MI355X-288GB supports"),  # NVFP4 is NVIDIA Blackwell's
     ({"precision": "nvfp4", "stack": "megatron-bridge"}, "B200", "features.tp_comm_overlap"),
     ({"precision": "mxfp8", "features": {"fp8_recipe": "delayed"}}, "B200", "mxfp8 (or unset) with precision mxfp8"),
     ({"precision": "mxfp8"}, "H100", "field 'precision': expected a precision H100-SXM5-80GB runs (MXFP8 needs Blackwell"),
-    ({"precision": "mxfp8", "framework": "deepspeed"}, "B200", "field 'precision': expected bf16 or fp16 with DeepSpeed"),
+    ({"precision": "mxfp8", "framework": "deepspeed"}, "B200", "field 'precision': expected bf16, fp16, tf32 or fp32 with DeepSpeed"),
 ])
 def test_what_cannot_run_low_precision_is_bad_input(tmp_path, fields, gpu, expected):
     result = runner.invoke(app, ["evaluate", _job(tmp_path, gpu=gpu, **fields)])

@@ -370,7 +370,7 @@ def _as_mxfp8(spec: JobFile, cluster: Cluster, source: str, field: str) -> JobFi
     if old:
         raise SpecError(source, field, f"a precision {old} runs (MXFP8 needs Blackwell's block-scaled fp8)", "mxfp8")
     if spec.framework == "deepspeed":
-        raise SpecError(source, field, "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "mxfp8")
+        raise SpecError(source, field, "bf16, fp16, tf32 or fp32 with DeepSpeed (its config has no fp8 switch; use Megatron)", "mxfp8")
     return spec.model_copy(update={"precision": "fp8", "features": spec.features.model_copy(update={"fp8_recipe": "mxfp8"})})
 
 
@@ -437,14 +437,14 @@ def check_job(job: Job) -> None:
     if job.precision in FP32_PRECISIONS and job.features.optimizer_states == "bf16":
         raise SpecError(job.source, "features.optimizer_states", f"fp32 with precision {job.precision}", "bf16")
     if job.precision == "nvfp4" and job.framework != "megatron":
-        other = "bf16 or fp16" if job.framework == "deepspeed" else "bf16 or fp8"
+        other = "bf16, fp16, tf32 or fp32" if job.framework == "deepspeed" else "bf16 or fp8"
         raise SpecError(job.source, "precision", f"{other} with {job.framework} (nvfp4 is Transformer Engine's NVFP4BlockScaling, "
                         "through Megatron's --fp4-format)", "nvfp4")
     if job.precision == "nvfp4" and job.features.tp_comm_overlap:
         raise SpecError(job.source, "features.tp_comm_overlap", "false with precision nvfp4 (set it in the job's features: loom "
                         "prices Transformer Engine's userbuffers for bf16 and fp8 only)", True)
     if job.framework == "deepspeed" and job.precision == "fp8":
-        raise SpecError(job.source, "precision", "bf16 or fp16 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
+        raise SpecError(job.source, "precision", "bf16, fp16, tf32 or fp32 with DeepSpeed (its config has no fp8 switch; use Megatron)", "fp8")
     if job.seq_length > job.model.max_position_embeddings and job.model.learned_position_embeddings:
         raise SpecError(
             job.source, "seq_length", f"at most {job.model.max_position_embeddings} (learned position embeddings)", job.seq_length
