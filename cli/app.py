@@ -389,7 +389,7 @@ def evaluate(
         )
         problems = layout_problems(job, layout) + (_launch_problems(job, layout) if out is not None else [])
         if problems:
-            raise SpecError.of("loom evaluate", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
+            raise SpecError.of("command line", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
         whole, (job, idle) = job, _on_fastest_nodes(job, layout)
         plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)
         plan_ = replace(plan_, idle_gpus=idle)
