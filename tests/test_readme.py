@@ -67,7 +67,7 @@ def _prepare(folder: Path) -> None:
     loads = rng.zipf(1.5, (2, 256)).astype(float)  # 2 MoE layers of DeepSeek-V3's 256 experts
     np.save(folder / "loads.npy", loads)
     (folder / "loads.json").write_text(json.dumps(loads.tolist()))
-    np.save(folder / "topk_ids.npy", rng.integers(0, 256, (200, 2, 8)))  # 200 tokens' top-8 experts per layer
+    np.save(folder / "topk_ids.npy", rng.random((200, 2, 256)).argsort(axis=2)[:, :, :8])  # 200 tokens' 8 distinct experts per layer
 
 
 def test_readme_examples_run_as_printed(tmp_path):
