@@ -343,7 +343,7 @@ def _measured_efficiencies(spec: ClusterFile, source: str, at, hosts: list[str],
     document = validate(NcclTestsDocument, read_json(path, "nccl-tests profile"), str(path))
     families = {find_gpu(fields["gpu"], source).name.split("-")[0].lower() for fields in per_node}
     index_of = {host.lower(): i for i, host in enumerate(hosts)}
-    default = dict(gpu=spec.gpu, nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
+    default = dict(nvlink_GBps=spec.nvlink_GBps, nics_per_node=spec.nics_per_node, nic_Gbps=spec.nic_Gbps)
     nvlink, nic = [], []
     for run in document.runs:
         foreign = next((gpu.device for gpu in run.gpus
