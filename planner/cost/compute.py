@@ -373,31 +373,54 @@ def vision_projector(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime
     return PassTime(gemm_s=sum(gemm_time_s(*mnk, gpu, "bf16") for mnk in gemms))
 
 
-def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
-    """Model FLOPs per token, forward + backward, no recompute: 6 x (the
-    weights a token multiplies) + attention 6 x 2s x (qk + v head dims) x
-    heads per attention layer (half the s x s scores are masked, counted
-    anyway) — the convention of Narayanan et al. SC'21 eq. (3) and PaLM's
-    MFU, generalised to GQA, MLA, gated MLPs, MoE (the experts a token is
-    routed to) and untied heads (the published runs' 'model_flops'). A Mamba
+def layer_flops_per_token(model: ModelSpec, kind: str, keys: float) -> float:
+    """Model FLOPs per token of one decoder layer of ``kind`` (a SUBLAYERS
+    key), forward + backward, no recompute, each query scoring ``keys`` keys:
+    6 x (the weights a token multiplies) + attention 6 x 2 x keys x (qk + v
+    head dims) x heads (Narayanan et al. SC'21 eq. (3), generalised to GQA,
+    MLA, gated MLPs and MoE: the experts a token is routed to). A Mamba
     layer's scan counts 3 x 7 x d_inner x state size, as Megatron-LM's
     num_floating_point_operations does for hybrid models (training.py
-    mamba_layer_flops). A sliding-window layer counts its window of keys,
-    min(s, W), in place of s (the band, its masked half counted anyway)."""
-    h = model.hidden_size
+    mamba_layer_flops)."""
+    h, flops = model.hidden_size, 0.0
+    for sublayer in SUBLAYERS[kind]:
+        if sublayer == "attention":
+            flops += 6.0 * model.attention_weights() + 6.0 * keys * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim)
+        elif sublayer == "mlp":
+            flops += 6.0 * (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size
+        elif sublayer == "moe":
+            flops += 6.0 * model.moe.active_params(h)
+        elif sublayer == "mamba":
+            mamba = model.mamba
+            flops += 6.0 * h * (mamba.in_proj_size + mamba.inner_size) + 3.0 * 7 * mamba.inner_size * mamba.state_size
+    return flops
 
-    def attention_flops(keys: int) -> float:
-        return 6.0 * model.attention_weights() + 6.0 * keys * model.num_attention_heads * (model.qk_head_dim + model.v_head_dim)
 
-    per_sublayer = {
-        "attention": attention_flops(seq_length),
-        "mlp": 6.0 * (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size,
-        "moe": 6.0 * model.moe.active_params(h) if model.moe else 0.0,
-    }
-    if model.mamba:
-        mamba = model.mamba
-        per_sublayer["mamba"] = 6.0 * h * (mamba.in_proj_size + mamba.inner_size) + 3.0 * 7 * mamba.inner_size * mamba.state_size
-    layers = sum(count * per_sublayer[name] for kind, count in model.layer_kinds_in(0, model.num_layers) for name in SUBLAYERS[kind])
+def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
+    """Model FLOPs per token, forward + backward, no recompute: every
+    layer's layer_flops_per_token with all s keys (half the s x s scores
+    are masked, counted anyway) plus the output head — the convention of
+    Narayanan et al. SC'21 eq. (3), PaLM's MFU and NeMo's tables up to 24.07
+    (the published runs' 'model_flops'). A sliding-window layer counts its
+    window of keys, min(s, W), in place of s (the band, its masked half
+    counted anyway)."""
+    layers = sum(count * layer_flops_per_token(model, kind, seq_length) for kind, count in model.layer_kinds_in(0, model.num_layers))
     if model.windowed_layers:
-        layers -= model.windowed_layers * (attention_flops(seq_length) - attention_flops(min(seq_length, model.sliding_window)))
-    return layers + 6.0 * h * model.vocab_size
+        per_key = layer_flops_per_token(model, "dense", 1) - layer_flops_per_token(model, "dense", 0)
+        layers -= model.windowed_layers * per_key * (seq_length - min(seq_length, model.sliding_window))
+    return layers + 6.0 * model.hidden_size * model.vocab_size
+
+
+def megatron_flops_per_token(model: ModelSpec, seq_length: int) -> float:
+    """Model FLOPs per token as Megatron-LM prints them (``throughput per GPU
+    (TFLOP/s/GPU)``, and NVIDIA's tables from 25.09 on): training.py
+    num_floating_point_operations since Megatron-LM 8873b55 (2025-03-06)
+    counts only the unmasked half of causal attention's scores (s / 2 keys
+    per query, every layer: it ignores sliding windows) and each of
+    ``mtp_layers`` multi-token prediction modules as one more decoder layer
+    of the last layer's kind, its 2h x h projection and norms, and one more
+    output head (core_v0.16.1)."""
+    h = model.hidden_size
+    layers = sum(count * layer_flops_per_token(model, kind, seq_length / 2) for kind, count in model.layer_kinds_in(0, model.num_layers))
+    mtp = model.mtp_layers * (layer_flops_per_token(model, model.layer_kind(model.num_layers - 1), seq_length / 2) + 6.0 * (2 * h * h + 3 * h))
+    return layers + mtp + (1 + model.mtp_layers) * 6.0 * h * model.vocab_size
