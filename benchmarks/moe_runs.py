@@ -17,7 +17,14 @@ makes for Mixtral 8x7B on 64 H100 and DeepSeek-V3 on 1,024 H100.
    permute fusion, TE cross-entropy fusion, sequence parallelism, expert TP
    1). Unknown, assumed: balanced routing (the table does not say whether
    --moe-router-force-load-balancing was on).
-4. Two field reports: Mixtral 8x7B on 16 H100 (measured 5.58 s per step) and
+4. Megatron-LM's own MoE recipes (NVIDIA/Megatron-LM dev branch at d48bd6b,
+   examples/moe_recipes): each recipe's arguments and the README's median
+   TFLOP/s per GPU, turned into a step time with Megatron-LM's FLOPs count
+   (compute.megatron_flops_per_token). Recipes that capture CUDA graphs
+   (partial) are priced eager and printed, not counted; left out: those
+   without a figure, with paged stash and whole-iteration graphs, with
+   activation offload, on GB300 or B300, and DeepSeek-V4.
+5. Two field reports: Mixtral 8x7B on 16 H100 (measured 5.58 s per step) and
    Qwen3-30B-A3B on 32 H100 (about 120 TFLOP/s per GPU, Megatron-LM's
    count: compute.megatron_flops_per_token). Unknowns assumed:
    bf16, Megatron-LM's defaults otherwise (expert TP = TP, dropless, no
@@ -107,6 +114,61 @@ def moe_team_runs() -> list[float]:
     return errors
 
 
+# Megatron-LM's own MoE recipes (NVIDIA/Megatron-LM dev branch at d48bd6b,
+# examples/moe_recipes: README "Median TFLOP/s/GPU" in Megatron-LM's count,
+# each recipe's ARGS): (label, model, system, GPUs, tp, pp, vpp, ep, micro
+# batch, global batch, dispatcher, A2A overlap, precision, fp8 recipe,
+# recompute modules ("" none), CUDA graph scope ("" none), TFLOP/s/GPU).
+# Every recipe forces balanced routing and fuses router and permutation.
+MEGATRON_RECIPES = [
+    ("qwen3_30b/h100/bf16_32GPU_TP1PP1EP8", QWEN3_30B, "DGX-H100", 32, 1, 1, 1, 8, 1, 256, "hybridep", False, "bf16", "tensorwise", "", "", 234.1),
+    ("qwen3_30b/h100/fp8_32GPU_TP1PP1EP8", QWEN3_30B, "DGX-H100", 32, 1, 1, 1, 8, 1, 256, "hybridep", False, "fp8", "blockwise", "",
+     "moe_router moe_preprocess", 232.4),
+    ("qwen3_30b/gb200/bf16_16GPU_TP1PP1EP16", QWEN3_30B, "GB200", 16, 1, 1, 1, 16, 4, 512, "hybridep", False, "bf16", "tensorwise", "", "", 528.0),
+    ("qwen3_30b/gb200/mxfp8_16GPU_TP1PP1EP16_partial_cg", QWEN3_30B, "GB200", 16, 1, 1, 1, 16, 4, 512, "hybridep", False, "fp8", "mxfp8", "",
+     "attn moe_router moe_preprocess", 514.0),
+    ("qwen3_235b/h100/bf16_256GPU_TP2PP8EP32", "qwen3-235b-a22b", "DGX-H100", 256, 2, 8, 4, 32, 1, 2048, "hybridep", True, "bf16", "tensorwise",
+     "moe_act layernorm", "moe_router moe_preprocess", 214.3),
+    # 94 layers and the embedding and loss as one layer each in 4 x 12 chunks of 2 (--account-for-*-in-pipeline-split):
+    # priced as 94 layers over 48 chunks.
+    ("qwen3_235b/b200/mxfp8_128GPU_TP2PP4EP16", "qwen3-235b-a22b", "DGX-B200", 128, 2, 4, 12, 16, 3, 3072, "deepep", True, "fp8", "mxfp8", "", "",
+     633.9),
+    ("qwen3_235b/gb200/mxfp8_128GPU_TP1PP1EP64_partial_cg_overlap", "qwen3-235b-a22b", "GB200", 128, 1, 1, 1, 64, 1, 8192, "hybridep", True,
+     "fp8", "mxfp8", "", "attn moe_router moe_preprocess", 1018.0),
+    # pipeline_model_parallel_layout Et*4|(tttt|)*14tmL: 16 chunks of 61 layers, the MTP module and loss in the last.
+    ("deepseek_v3/b200/mxfp8_256GPU_TP1PP8EP32", "deepseek-v3", "DGX-B200", 256, 1, 8, 2, 32, 1, 2048, "deepep", True, "fp8", "mxfp8",
+     "mla_up_proj mlp", "", 776.7),
+]
+# GB200 NVL72 trays, 64 GPUs (16 trays) of a rack used as one NVLink domain (examples/gb200-nvl72-256.yaml).
+GB200_TRAYS = {"gpus_per_node": 4, "gpu": "GB200", "nvlink_GBps": 900, "nics_per_node": 4, "nic_Gbps": 400}
+
+
+def megatron_recipes() -> list[float]:
+    errors = []
+    for (label, model_name, system, gpus, tp, pp, vpp, ep, mbs, batch, dispatcher, overlap, precision, fp8_recipe, modules, graphs,
+         published_tflops) in MEGATRON_RECIPES:
+        if system == "GB200":
+            cluster = parse_cluster({**GB200_TRAYS, "nodes": gpus // 4, "nvlink_domain_nodes": min(16, gpus // 4)}, "recipes")
+        else:
+            cluster = _cluster(system, gpus, "recipes")
+        features = Features(moe_token_dispatcher=dispatcher, moe_router_fusion=True, moe_permute_fusion=True, cross_entropy_fusion="te",
+                            overlap_moe_expert_parallel_comm=overlap, fp8_recipe=fp8_recipe, fp8_param_gather=precision == "fp8")
+        model = load_model(model_name)
+        job = Job(model=model, cluster=cluster, global_batch_size=batch, seq_length=4096, precision=precision, features=features)
+        layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), cp=1, ep=ep, vpp=vpp, micro_batch_size=mbs, global_batch_size=batch,
+                        sequence_parallel=tp > 1, distributed_optimizer=True, recompute="selective" if modules else "none",
+                        recompute_modules=tuple(modules.split()))
+        published_s = megatron_flops_per_token(model, 4096) * batch * 4096 / (published_tflops * 1e12 * gpus)
+        name = f"recipe: {label}"
+        if graphs:  # loom prices eager PyTorch: the captured scopes' host time is not modelled
+            plan = evaluate(job, layout)
+            print(f"{name:<34} {layout.label():<32} {published_s:>7.2f} {plan.step_time_s:>7.2f} {plan.step_time_s / published_s - 1:>+7.1%}"
+                  f"  not counted: CUDA graphs ({graphs}) not expressible, priced eager")
+            continue
+        errors.append(_row(name, layout, published_s, evaluate(job, layout)))
+    return errors
+
+
 def field_reports() -> list[float]:
     errors = []
     mixtral = Job(model=load_model("mixtral-8x7b"), cluster=_cluster("DGX-H100", 16, "field"), global_batch_size=128, seq_length=2048)
@@ -145,6 +207,8 @@ if __name__ == "__main__":
     _summary("published MoE runs", published)
     print()
     _summary("Megatron MoE team's Qwen3-235B runs", moe_team_runs())
+    print()
+    _summary("Megatron-LM's MoE recipes", megatron_recipes())
     print()
     field = field_reports()
     _summary("field reports", field)
