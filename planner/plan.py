@@ -12,7 +12,7 @@ from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.rules import layout_problems
 from loom.planner.cost.memory import StageMemory, stage_memory
-from loom.planner.specs.stages import Placement, Stage, default_placement, stage_gpus, uniform_stages
+from loom.planner.specs.stages import Placement, Stage, default_placement, default_stages, stage_gpus
 from loom.planner.cost.simulated_step import simulated_step, with_send_recv
 from loom.planner.schedule.simulate import PipelineCosts, Simulation
 from loom.planner.cost.time_model import StepTime, step_parts
@@ -42,8 +42,8 @@ class Plan:
 
     @property
     def even_stages(self) -> tuple[Stage, ...]:
-        """Megatron's default split of this plan's layout."""
-        return tuple(uniform_stages(self.job.model, self.layout))
+        """The split this plan's framework runs by default (default_stages)."""
+        return tuple(default_stages(self.job.model, self.layout, self.job.framework))
 
     @property
     def runs_split(self) -> bool:
@@ -123,11 +123,11 @@ def evaluate(job: Job, layout: Layout, source: str = "layout") -> Plan:
 def build_plan(job: Job, layout: Layout, stages: list[Stage] | None = None, placement: Placement | None = None,
                send_recv: bool = True) -> Plan:
     """The plan of a valid layout with the given stages and placement
-    (default: the even split, Megatron's rank order on the nodes in order);
+    (default: the framework's default split, Megatron's rank order on the nodes in order);
     without ``send_recv`` its bubble holds the send/recv time the pipeline
     exposes (simulated_step: one simulation, not two; with_pp_comm tells
     them apart later), the step time the same."""
-    stages = stages or uniform_stages(job.model, layout)
+    stages = stages or default_stages(job.model, layout, job.framework)
     placement = placement or default_placement(job.cluster, layout.world_size)
     gpus = stage_gpus(job.cluster, placement, stages)
     shape = shape_of(job, layout)

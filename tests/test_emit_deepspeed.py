@@ -24,7 +24,7 @@ from loom.planner.specs.job import Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import load_model
 from loom.planner.specs.rules import layout_problems
-from loom.planner.specs.stages import Placement, default_placement, uniform_stages
+from loom.planner.specs.stages import Placement, default_placement, default_stages, front_loaded_stage_sizes, uniform_stages
 
 
 def make_cluster(nodes: int, hosts: list[str] | None = None, named: bool = True):
@@ -41,6 +41,10 @@ CASES = {
     "zero1-pipeline-full-recompute": (
         Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=256, seq_length=4096, framework="deepspeed"),
         Layout(tp=1, pp=4, dp=4, cp=1, micro_batch_size=2, global_batch_size=256, zero_stage=1, recompute="full"),
+    ),
+    "zero1-uneven-pipeline": (  # 32 layers on 3 stages: 11, 11, 10
+        Job(model=LLAMA, cluster=make_cluster(3), global_batch_size=240, seq_length=4096, framework="deepspeed"),
+        Layout(tp=1, pp=3, dp=8, cp=1, micro_batch_size=1, global_batch_size=240, zero_stage=1),
     ),
     "zero3-fp16": (
         Job(model=LLAMA, cluster=make_cluster(2), global_batch_size=128, seq_length=2048, precision="fp16",
@@ -61,7 +65,7 @@ CASES = {
 def files_for(name: str, placement: Placement | None = None) -> tuple[Job, Layout, dict[str, str]]:
     job, layout = CASES[name]
     placement = placement or default_placement(job.cluster, layout.world_size)
-    return job, layout, launch_files(job, layout, uniform_stages(job.model, layout), placement)
+    return job, layout, launch_files(job, layout, default_stages(job.model, layout, job.framework), placement)
 
 
 class DataParallelMpu:
@@ -185,14 +189,15 @@ def test_a_gpu_order_the_runner_would_sort_is_set_by_gpu_order_py():
     assert "gpu_order.py" not in files_for("zero3-fp16")[2]
 
 
-def test_pipeline_snippet_partitions_like_loom_stages():
-    job, layout, files = files_for("zero1-pipeline-full-recompute")
-    stages = uniform_stages(job.model, layout)
+@pytest.mark.parametrize("name", ["zero1-pipeline-full-recompute", "zero1-uneven-pipeline"])
+def test_pipeline_snippet_partitions_like_loom_stages(name):
+    job, layout, files = files_for(name)
+    stages = default_stages(job.model, layout, job.framework)
     snippet = files["pipeline_snippet.py"]
     namespace: dict = {}
     exec(compile(snippet, "pipeline_snippet.py", "exec"), namespace)  # valid Python, imports deepspeed.pipe
     assert namespace["PIPELINE_STAGES"] == layout.pp
-    assert namespace["ACTIVATION_CHECKPOINT_INTERVAL"] == 1
+    assert namespace["ACTIVATION_CHECKPOINT_INTERVAL"] == (1 if layout.recompute == "full" else 0)
     # "type:REGEX" balances a 0/1 weight per layer spec (module.py _partition_layers):
     # [embedding, decoder layers..., head].
     weights = [0] + [1] * job.model.num_layers + [0]
@@ -202,6 +207,27 @@ def test_pipeline_snippet_partitions_like_loom_stages():
     # DeepSpeed's pipe-major rank order gives each stage loom's ranks.
     topology = PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp)
     assert [tuple(topology.get_axis_list("pipe", s)) for s in range(layout.pp)] == [tuple(stage.ranks) for stage in stages]
+
+
+@pytest.mark.parametrize("num_layers, stages", [(layers, pp) for layers in range(1, 34) for pp in range(1, min(layers, 8) + 1)]
+                         + [(61, 8), (94, 8), (126, 16)])
+def test_front_loaded_sizes_are_deepspeeds_count_balanced_partition(num_layers, stages):
+    weights = [0] + [1] * num_layers + [0]  # [embedding, decoder layers..., head], as the snippet builds them
+    bounds = partition_balanced(weights=weights, num_parts=stages)
+    assert list(front_loaded_stage_sizes(num_layers, stages)) == [sum(weights[bounds[s]:bounds[s + 1]]) for s in range(stages)]
+
+
+def test_uneven_deepspeed_pipelines_are_priced_and_searched():
+    """Layers that pp does not divide: priced on DeepSpeed's own split, and the search tries them."""
+    from loom.planner.plan import evaluate
+    from loom.planner.search.layouts import candidate_layouts
+
+    job, layout = CASES["zero1-uneven-pipeline"]
+    assert not layout_problems(job, layout)
+    plan = evaluate(job, layout)
+    assert [stage.num_layers for stage in plan.stages] == [11, 11, 10]
+    assert plan.memory[0].peak_bytes > plan.memory[2].peak_bytes  # one more layer and the most micro batches in flight
+    assert any(candidate.pp == 3 for candidate in candidate_layouts(job))
 
 
 def test_no_pipeline_snippet_without_a_pipeline():

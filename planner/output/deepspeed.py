@@ -20,7 +20,7 @@ from loom.planner.output.slurm import NodeRanks, nodes_of
 from loom.planner.output.trial import TRIAL_LOG_INTERVAL
 from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import Layout
-from loom.planner.specs.stages import Placement, Stage, uniform_stages
+from loom.planner.specs.stages import Placement, Stage, default_stages
 
 # Placeholder optimiser settings, as for Megatron: the user tunes them.
 ADAM_PARAMS = {"lr": 3.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.1}
@@ -87,7 +87,7 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Place
         problems.append("fp8 has no DeepSpeed config switch (it needs Transformer Engine in the model code)")
     if layout.global_batch_size % (layout.micro_batch_size * layout.dp):
         problems.append(f"global batch {layout.global_batch_size} not a multiple of mbs x dp")
-    if stages != uniform_stages(job.model, layout):
+    if stages != default_stages(job.model, layout, job.framework):
         # PipelineModule has no explicit stage boundaries (see pipeline_snippet).
         problems.append("only a uniform layer split can be given to PipelineModule")
     if len(placement.gpus) != layout.world_size:
@@ -308,9 +308,11 @@ def pipeline_snippet(layout: Layout, stages: list[Stage]) -> str:
     decoder layers, with the embedding on the first stage and the head on the last."""
     split = [f"  stage {stage.index}: layers {_layer_range(stage)}" for stage in stages]
     interval = 1 if layout.recompute == "full" else 0
+    counts = sorted({stage.num_layers for stage in stages}, reverse=True)
+    per_stage = f"{counts[0]} decoder layers on each" if len(counts) == 1 else f"{counts[0]} or {counts[1]} decoder layers on each (the first take the extra)"
     return "\n".join(
         [
-            f'"""Pipeline split written by loom: {stages[0].num_layers} decoder layers on each of {layout.pp} stages.',
+            f'"""Pipeline split written by loom: {per_stage} of {layout.pp} stages.',
             "",
             *split,
             "",

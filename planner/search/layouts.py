@@ -51,7 +51,7 @@ from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
 from loom.planner.plan import Plan, build_plan, with_pp_comm
 from loom.planner.specs.rules import default_recompute_modules, layout_problems
-from loom.planner.specs.stages import Stage, default_placement, stage_gpus, stage_signature, uniform_stages
+from loom.planner.specs.stages import Stage, default_placement, default_stages, stage_gpus, stage_signature
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
 from loom.planner.cost.time_model import StepTime, chunk_bounds_s, step_lower_bound_s, step_time
@@ -109,7 +109,7 @@ def _choices(job: Job) -> dict[str, list]:
         "ep": [e for e in _divisors(model.moe.num_experts) if e <= gpus] if model.moe else [1],
         # Experts are small GEMMs already: splitting them (ETP) rarely pays; Megatron's MoE recipes keep etp = 1.
         "etp": [1],
-        "pp": [p for p in _divisors(model.num_layers) if gpus % p == 0] if deepspeed else stages if megatron or flavor.pipeline else [1],
+        "pp": stages if megatron or deepspeed or flavor.pipeline else [1],
         "vpp": [1] if deepspeed else None,  # per pp: see _virtual_stages
         "micro_batch_size": [1, 2, 4, 8],
         "sequence_parallel": None,  # on exactly when tp > 1
@@ -195,7 +195,7 @@ class _Fullest:
 
 
 def fullest_stage(job: Job, layout: Layout, gpus: list[GPU], skip_beyond: float = math.inf) -> _Fullest | None:
-    """Of the layout's even split (uniform_stages), stage s on ``gpus[s]``,
+    """Of the layout's default split (default_stages), stage s on ``gpus[s]``,
     the stage closest to (or furthest over) its GPU's usable memory, or
     None when some stage's model state alone fills more than
     ``skip_beyond`` of its usable memory (then the fullest is fuller still).
@@ -206,11 +206,11 @@ def fullest_stage(job: Job, layout: Layout, gpus: list[GPU], skip_beyond: float 
     an earlier stage (``in_flight_chunks``; for unequal chunks every count
     a later stage reaches is covered by an earlier one's, which
     tests/test_memory.py checks): only the first of each kind is priced."""
-    shape, stages = shape_of(job, layout), uniform_stages(job.model, layout)
+    shape, stages = shape_of(job, layout), default_stages(job.model, layout, job.framework)
     if job.cluster.heterogeneous:
         kinds = _first_of_each((stage_signature(job.model, stage), gpu.kind) for stage, gpu in zip(stages, gpus))
     else:
-        kinds = _distinct_even_stages(job.model, layout.pp, layout.vpp)
+        kinds = _distinct_default_stages(job.model, layout.pp, layout.vpp, job.framework)
     if skip_beyond < math.inf and any(stage_state_bytes(shape, layout, stages[s], job.framework, gpus[s])
                                       > skip_beyond * job.memory_headroom.usable(gpus[s].memory_bytes) for s in kinds):
         return None
@@ -222,10 +222,10 @@ def fullest_stage(job: Job, layout: Layout, gpus: list[GPU], skip_beyond: float 
 
 
 @functools.lru_cache(maxsize=1024)
-def _distinct_even_stages(model: ModelSpec, pp: int, vpp: int) -> tuple[int, ...]:
-    """Of the even split's stages (uniform_stages: their layers depend on pp
-    and vpp alone), the first of each stage_signature."""
-    stages = uniform_stages(model, Layout(tp=1, pp=pp, dp=1, cp=1, vpp=vpp, micro_batch_size=1, global_batch_size=1))
+def _distinct_default_stages(model: ModelSpec, pp: int, vpp: int, framework: str) -> tuple[int, ...]:
+    """Of the default split's stages (default_stages: their layers depend on
+    pp, vpp and the framework alone), the first of each stage_signature."""
+    stages = default_stages(model, Layout(tp=1, pp=pp, dp=1, cp=1, vpp=vpp, micro_batch_size=1, global_batch_size=1), framework)
     return _first_of_each(stage_signature(model, stage) for stage in stages)
 
 
@@ -403,7 +403,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     for i, (lower_bound_s, layout) in enumerate(valid):
         if progress and i % 256 == 0:
             progress(i, len(valid))
-        stages = uniform_stages(job.model, layout)
+        stages = default_stages(job.model, layout, job.framework)
         gpus = stage_gpus(job.cluster, placement, stages)
         fullest = fullest_stage(job, layout, gpus, skip_beyond=max(NEAR_FIT, smallest[0].fullness) if smallest else math.inf)
         if fullest is None:
@@ -550,7 +550,7 @@ def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scor
     fully = sorted((c for c in scored if c.layout.recompute == "full" and not c.layout.recompute_num_layers), key=_Scored.key)
     found = []
     for candidate in fully[:PARTIAL_CANDIDATES]:
-        stages = uniform_stages(job.model, candidate.layout)
+        stages = default_stages(job.model, candidate.layout, job.framework)
         gpus = stage_gpus(job.cluster, placement, stages)
 
         def fits(layout: Layout) -> bool:  # the same stages: only recomputation changes

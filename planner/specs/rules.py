@@ -36,10 +36,9 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     need(model.num_query_groups % layout.tp == 0, "tp", f"a divisor of {model.num_query_groups} key/value heads", layout.tp)
     _tp_width_problems(model, layout.tp, need)
     chunks = layout.pp * layout.vpp
-    if job.framework != "deepspeed":  # uneven splits: Megatron's --pipeline-model-parallel-layout, torchtitan's module_fqns_per_model_part
-        need(chunks <= model.num_layers, "pp*vpp", f"at most {model.num_layers} layers (one per model chunk)", chunks)
-    else:  # DeepSpeed's PipelineModule balances layer counts: an even split only
-        need(model.num_layers % chunks == 0, "pp*vpp", f"a divisor of {model.num_layers} layers", chunks)
+    # Uneven splits: Megatron's --pipeline-model-parallel-layout, torchtitan's
+    # module_fqns_per_model_part, DeepSpeed's count-balanced partition (stages.default_stages).
+    need(chunks <= model.num_layers, "pp*vpp", f"at most {model.num_layers} layers (one per model chunk)", chunks)
     per_step = layout.micro_batch_size * layout.dp
     need(layout.global_batch_size % per_step == 0, "global_batch_size", f"a multiple of micro batch x dp = {per_step}", layout.global_batch_size)
     # Context parallelism cuts the sequence into 2*cp chunks (two per rank,

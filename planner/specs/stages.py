@@ -87,6 +87,27 @@ def uniform_stages(model: ModelSpec, layout: Layout) -> list[Stage]:
     return split_stages(layout, even_chunk_sizes(model.num_layers, layout.pp * layout.vpp), vision=model.vision is not None)
 
 
+@functools.cache
+def front_loaded_stage_sizes(num_layers: int, stages: int) -> tuple[int, ...]:
+    """Decoder layers per stage as DeepSpeed's PipelineModule splits them
+    with ``partition_method="type:<decoder layer class>"``: balanced by count,
+    a remainder on the first stages (deepspeed/runtime/utils.py
+    partition_balanced over 0/1 weights, the embedding on the first stage and
+    the head on the last; tests/test_deepspeed.py checks it against DeepSpeed's own)."""
+    base, extra = divmod(num_layers, stages)
+    return tuple(base + (s < extra) for s in range(stages))
+
+
+def default_stages(model: ModelSpec, layout: Layout, framework: str) -> list[Stage]:
+    """The split ``framework`` runs when loom's planned split is the even
+    one: DeepSpeed's PipelineModule's (front_loaded_stage_sizes: it takes no
+    stage boundaries), else uniform_stages (Megatron's default, and what
+    loom writes for Megatron and torchtitan)."""
+    if framework == "deepspeed":
+        return split_stages(layout, front_loaded_stage_sizes(model.num_layers, layout.pp), vision=model.vision is not None)
+    return uniform_stages(model, layout)
+
+
 @functools.lru_cache(maxsize=4096)
 def _stages(pp: int, vpp: int, group: int, chunk_sizes: tuple[int, ...], vision: bool) -> tuple[Stage, ...]:
     """split_stages for a pipeline of ``pp`` groups of ``group`` ranks, built
