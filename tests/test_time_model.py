@@ -154,3 +154,22 @@ def test_one_gpu_reduces_nothing_not_a_rounding_error():
     job = make_job("llama-3-8b", nodes=1, gbs=4, seq=2048)
     layout = Layout(tp=1, pp=1, dp=1, cp=1, micro_batch_size=1, global_batch_size=4, recompute="full")
     assert evaluate(job, layout).step.breakdown_s["dp_grad_reduce"] == 0.0
+
+
+def test_qk_norms_read_and_write_the_queries_and_keys():
+    """Qwen3's q_layernorm and k_layernorm are two more memory-bound passes over Q and K, each way."""
+    from loom.planner.cost.compute import attention_projections
+    from loom.planner.cost.efficiency import memory_time_s
+    from loom.planner.cost.layers import shape_of
+    from loom.planner.specs.model import load_model
+
+    qwen = load_model("qwen3-235b-a22b")  # 64 query heads, 4 key/value heads of 128
+    assert qwen.qk_norm
+    layout = Layout(tp=2, pp=1, dp=4, cp=1, ep=8, micro_batch_size=1, global_batch_size=8, sequence_parallel=True)
+    gpu = find_gpu("H100")
+    for backward, passes in ((False, 1), (True, 2)):
+        jobs = [replace(make_job(seq=4096), model=model) for model in (qwen, replace(qwen, qk_norm=False))]
+        times = [attention_projections(shape_of(job, layout), gpu, backward) for job in jobs]
+        q_and_k_bytes = 2 * 4096 * (qwen.q_size + qwen.kv_size) // 2
+        assert times[0].gemm_s == times[1].gemm_s
+        assert times[0].elementwise_s - times[1].elementwise_s == pytest.approx(memory_time_s(passes * 2 * q_and_k_bytes, gpu))

@@ -146,11 +146,22 @@ def _rotary_bytes(shape: Shape) -> float:
     return 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp if m.rotary else 0
 
 
+def _qk_norm_bytes(shape: Shape) -> float:
+    """The query and key RMSNorms (Qwen3's per head, OLMo-2's across heads)
+    read and write Q and K: megatron-core attention.py applies
+    q_layernorm and k_layernorm as their own Transformer Engine norm kernels,
+    between the QKV GEMM and rotary embedding."""
+    m = shape.model
+    return 2 * shape.act_bytes * shape.tokens * (m.q_size + m.kv_size) // shape.tp if m.qk_norm else 0
+
+
 def attention_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     """The attention's GEMMs (QKV, or MLA's latents and up-projections, and
-    the output projection) and rotary embedding; the core is attention_core."""
+    the output projection), the QK norms and rotary embedding; the core is
+    attention_core."""
     gemms = shape.attention_gemms()
-    return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward), elementwise_s=_elementwise(shape, gpu, _rotary_bytes(shape), backward, gemms))
+    return PassTime(gemm_s=_gemms(shape, gpu, gemms, backward),
+                    elementwise_s=_elementwise(shape, gpu, _qk_norm_bytes(shape) + _rotary_bytes(shape), backward, gemms))
 
 
 def mla_up_projections(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
