@@ -3,6 +3,8 @@ the search and the Megatron flags (checked by megatron-core's configs)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from loom.planner.cost.compute import model_flops_per_token
@@ -288,6 +290,27 @@ def test_all_to_all_overlap_hides_dispatch_behind_the_other_micro_batch():
     # Megatron needs interleaving for it when pp > 1.
     problems = layout_problems(job(overlap_moe_expert_parallel_comm=True), layout(tp=2, pp=8, dp=16, ep=32, sequence_parallel=True, global_batch_size=512))
     assert any(field == "vpp" for field, _, _ in problems)
+
+
+def test_all_to_all_overlap_pairs_all_but_the_warm_up_and_cool_down_passes():
+    """megatron-core's combined 1F1B runs the first forward and the last
+    backward alone without a pipeline; interleaved, each rank's warm-up
+    forwards (one more for the overlap) and cool-down backwards."""
+    from loom.planner.cost.time_model import paired_share
+
+    assert paired_share(layout(dp=64, ep=8, global_batch_size=256)) == 3 / 4  # 4 micro batches: 3 paired
+    assert paired_share(layout(dp=256, ep=8, global_batch_size=256)) == 0.0
+    # pp 8, vpp 4, 32 micro batches: 128 chunk passes, 7 + 3 x 8 + 1 = 32 alone on the mean rank.
+    assert paired_share(layout(tp=2, pp=8, vpp=4, dp=8, ep=8, sequence_parallel=True, global_batch_size=256)) == 96 / 128
+    job = lambda **features: Job(model=load_model("qwen3-235b-a22b"), cluster=make_cluster(8), global_batch_size=64, seq_length=4096,  # noqa: E731
+                                 features=Features(**features))
+    one_each = layout(dp=64, ep=64, global_batch_size=64)  # one micro batch: nothing to pair with
+    plain, overlapped = evaluate(job(), one_each), evaluate(job(overlap_moe_expert_parallel_comm=True), one_each)
+    assert overlapped.step.breakdown_s["ep_comm"] == pytest.approx(plain.step.breakdown_s["ep_comm"])
+    four_each = layout(dp=64, ep=64, global_batch_size=256)
+    job4 = lambda **features: replace(job(**features), global_batch_size=256)  # noqa: E731
+    plain, overlapped = evaluate(job4(), four_each), evaluate(job4(overlap_moe_expert_parallel_comm=True), four_each)
+    assert plain.step.breakdown_s["ep_comm"] / 4 <= overlapped.step.breakdown_s["ep_comm"] < plain.step.breakdown_s["ep_comm"]
 
 
 def test_shared_expert_overlap_hides_dispatch_behind_the_shared_experts():

@@ -173,7 +173,7 @@ def chunk_time(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links: Link
             etp = dispatching * (all_gather_s(routed_bytes, layout.etp, links.etp) + reduce_scatter_s(routed_bytes, layout.etp, links.etp))
         held = dispatch * _dispatcher_sm_share(features.moe_token_dispatcher, links.ep, gpu) + etp * contention.sm_share(links.etp, gpu)
         ep_fwd, ep_bwd, slowed_fwd, slowed_bwd = _exposed_dispatch(shape, gpu, dispatching, fwd_layer, bwd_layer,
-                                                                   sharding.Comm(dispatch + etp, held), 1 + ep_again)
+                                                                   sharding.Comm(dispatch + etp, held), 1 + ep_again, paired_share(layout))
     host_fwd, host_bwd = _exposed_host(shape, gpu, kinds, (tp_fwd + ep_fwd) / max(n, 1), fwd_layer.total_s + tp_fwd + ep_fwd,
                                        bwd_layer.total_s + tp_fwd * tp_again + tp_bwd + ep_bwd)
     # Weight- and input-gradient GEMMs have the same FLOPs (dW = X^T dY,
@@ -267,8 +267,24 @@ def _dispatcher_sm_share(dispatcher: str, link: Link, gpu: GPU) -> float:
     return contention.sm_share(link, gpu, all_to_all=dispatcher == "alltoall")
 
 
+def paired_share(layout: Layout) -> float:
+    """Of a pipeline rank's forward (and backward) chunk passes, the share
+    megatron-core's combined 1F1B runs beside another micro batch's backward
+    (forward). Without a pipeline every forward but the first runs beside
+    the previous micro batch's backward, and the last backward runs alone
+    (combined_1f1b.py combined_1f1b_schedule_for_no_pipelining); interleaved,
+    rank r's (pp - r - 1) x 2 + (vpp - 1) x pp + 1 warm-up forwards and as
+    many cool-down backwards run alone (schedules.py
+    get_pp_rank_microbatches: one warm-up step more for the overlap),
+    pp - 1 + (vpp - 1) x pp + 1 on the mean rank. Of m x vpp passes, the
+    rest are paired."""
+    passes = layout.num_microbatches * layout.vpp
+    alone = (layout.pp - 1) + (layout.vpp - 1) * layout.pp + 1
+    return max(0, passes - alone) / passes
+
+
 def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: PassTime, forward: sharding.Comm,
-                      backward_passes: float) -> tuple[float, float, float, float]:
+                      backward_passes: float, paired: float) -> tuple[float, float, float, float]:
     """The dispatch and combine time nothing hides, forward and backward,
     and what the hidden part costs the compute beside it, forward and
     backward; ``forward``: one forward pass's all-to-alls (and ETP
@@ -277,14 +293,19 @@ def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: Pa
     forward beside another's backward, layer by layer, so each pass's
     all-to-alls hide behind the other pass's compute (megatron-core
     combined_1f1b.py, fine_grained_callables.py) and slow it by the SMs
-    their kernels hold meanwhile. --moe-shared-expert-overlap runs the
-    shared experts on a side stream during the dispatch and combine
+    their kernels hold meanwhile — in the ``paired`` share of the passes
+    (paired_share), the rest running alone. --moe-shared-expert-overlap runs
+    the shared experts on a side stream during the dispatch and combine
     (shared_experts.py)."""
     features = shape.features
     backward = sharding.Comm(forward.seconds * backward_passes, forward.held_s * backward_passes)
     if features.overlap_moe_expert_parallel_comm:
         behind_fwd, behind_bwd = bwd.total_s, fwd.total_s  # each pass hides behind the other
-    elif features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
+        hidden_fwd, hidden_bwd = paired * min(forward.seconds, behind_fwd), paired * min(backward.seconds, behind_bwd)
+        exposed_fwd, exposed_bwd = forward.seconds - hidden_fwd, backward.seconds - hidden_bwd
+        return (exposed_fwd, exposed_bwd, contention.slowdown_s(forward.seconds, forward.held_s, hidden_fwd, exposed_fwd),
+                contention.slowdown_s(backward.seconds, backward.held_s, hidden_bwd, exposed_bwd))
+    if features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
         behind_fwd = n_moe * mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size).total_s
         behind_bwd = n_moe * mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size, backward=True).total_s
     else:
@@ -628,7 +649,8 @@ def _chunk_time_memo(shape: Shape, layout: Layout, chunk: Chunk, gpu: GPU, links
     """chunk_time, shared by the layouts that agree on what it reads."""
     model = shape.model
     again = model.layer_kinds_in(chunk.first_layer, layout.recompute_num_layers) if layout.recompute_num_layers else ()
-    key = (shape, job.framework, layout.recompute, layout.recompute_num_layers, layout.selective_modules,
+    paired = paired_share(layout) if job.features.overlap_moe_expert_parallel_comm else None
+    key = (shape, job.framework, paired, layout.recompute, layout.recompute_num_layers, layout.selective_modules,
            model.layer_kinds_in(chunk.first_layer, chunk.num_layers), again, chunk.embedding, chunk.head, chunk.vision, gpu,
            links.tp, links.cp, links.ep, links.ep_remote_share, links.etp)
     return _CHUNK_TIMES.get(key, lambda: chunk_time(shape, layout, chunk, gpu, links, job))
