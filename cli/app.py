@@ -159,7 +159,10 @@ def _launch_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     """What keeps ``--out`` from launching ``layout`` on Megatron's default
     placement: a per-node launcher (torchrun, deepspeed's hostfile, srun)
     starts as many ranks on every node it uses (slurm.nodes_of, which the
-    launch files are written from)."""
+    launch files are written from). A layout larger than the cluster is
+    layout_problems' to name."""
+    if layout.world_size > job.cluster.num_gpus:
+        return []
     try:
         nodes_of(default_placement(job.cluster, layout.world_size))
     except ValueError:

@@ -67,8 +67,10 @@ class Plan:
 
     @property
     def tflops_per_gpu(self) -> float:
-        """Model FLOPs (no recompute counted) per second per GPU, in TFLOP/s."""
-        flops = model_flops_per_token(self.job.model, self.job.seq_length) * self.layout.global_batch_size * self.job.seq_length
+        """Model FLOPs (no recompute counted, dropped tokens' experts not)
+        per second per GPU, in TFLOP/s."""
+        per_token = model_flops_per_token(self.job.model, self.job.seq_length, self.job.features.moe_expert_capacity_factor)
+        flops = per_token * self.layout.global_batch_size * self.job.seq_length
         return flops / self.step_time_s / self.layout.world_size / 1e12
 
     @property

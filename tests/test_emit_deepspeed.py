@@ -159,6 +159,20 @@ def test_without_host_names_launch_sh_writes_the_hostfile_from_the_nodes_it_is_g
     assert too_few.returncode == 2 and "the plan runs on 2 nodes, got 1" in too_few.stderr
 
 
+def test_a_one_node_plan_without_host_names_launches_on_this_machine(tmp_path):
+    """No LOOM_HOSTS and no SLURM allocation: a one-node plan runs here (localhost); a two-node one still asks."""
+    job = Job(model=LLAMA, cluster=make_cluster(1, named=False), global_batch_size=32, seq_length=2048, framework="deepspeed")
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=32, zero_stage=1)
+    files = launch_files(job, layout, uniform_stages(job.model, layout), default_placement(job.cluster, layout.world_size))
+    result = run_launch_sh(files, tmp_path, [])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["localhost slots=8"]
+    two = Job(model=LLAMA, cluster=make_cluster(2, named=False), global_batch_size=128, seq_length=2048, framework="deepspeed")
+    wide = Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=1, global_batch_size=128, zero_stage=1)
+    files = launch_files(two, wide, uniform_stages(two.model, wide), default_placement(two.cluster, wide.world_size))
+    assert "set LOOM_HOSTS" in run_launch_sh(files, tmp_path, []).stderr
+
+
 def permuted_hosts_job() -> tuple[Job, Layout]:
     job = Job(model=LLAMA, cluster=make_cluster(2, hosts=["a", "b"]), global_batch_size=128, seq_length=2048,
               framework="deepspeed")

@@ -395,3 +395,12 @@ def test_nothing_fits_says_offload_was_not_searched(tmp_path):
     job.write_text(f"model: llama-3-405b\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n")
     result = invoke("plan", job)
     assert result.exit_code == 3 and "optimizer offload is not searched" in one_line(result), result.output
+
+
+@pytest.mark.parametrize("framework", ["megatron", "deepspeed", "torchtitan"])
+def test_a_layout_larger_than_the_cluster_is_bad_input_with_out_too(tmp_path, framework):
+    """--out adds the launch files' checks; a layout wider than the cluster is named first, not a crash."""
+    result = runner.invoke(app, ["evaluate", "--dp", "128", "--framework", framework, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert "at most the cluster's 64 GPUs" in result.output
+    assert not (tmp_path / "x").exists()

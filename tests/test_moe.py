@@ -473,3 +473,99 @@ def test_a_listed_dispatcher_the_features_rule_out_is_refused_not_dropped():
               features=Features(overlap_moe_expert_parallel_comm=True), search=SearchFile(moe_token_dispatcher=["allgather"]))
     with pytest.raises(SpecError, match="search.moe_token_dispatcher"):
         search(job, top_k=1)
+
+
+# --- what each framework runs of the MoE features (fresh-user review, 2026-11-30) ---
+
+import json  # noqa: E402
+
+from loom.planner.output.megatron import megatron_args  # noqa: E402
+from loom.planner.specs.model import model_from_hf_config  # noqa: E402
+from loom.profiles.catalogue import MODELS_DIR  # noqa: E402
+from loom.planner.specs.errors import SpecError  # noqa: E402
+from loom.planner.specs.job import check_job  # noqa: E402
+
+
+def _refused(job: Job) -> str:
+    with pytest.raises(SpecError) as refused:
+        check_job(job)
+    return str(refused.value)
+
+
+def test_dropped_tokens_are_not_counted_as_model_flops():
+    """A capacity factor of 0.1 drops 90% of the routed copies: MFU counts
+    the experts' FLOPs the step does, so it stays a fraction of peak."""
+    dropping = mixtral_job(features=Features(moe_expert_capacity_factor=0.1))
+    plan = evaluate(dropping, layout(pp=2, dp=32, ep=8))
+    assert plan.mfu <= 1
+    routed = 6 * MIXTRAL.moe.top_k * MIXTRAL.moe.expert_params(MIXTRAL.hidden_size) * MIXTRAL.num_layers
+    assert model_flops_per_token(MIXTRAL, 4096) - model_flops_per_token(MIXTRAL, 4096, 0.1) == pytest.approx(0.9 * routed)
+    assert model_flops_per_token(MIXTRAL, 4096, 1.5) == model_flops_per_token(MIXTRAL, 4096)
+
+
+@pytest.mark.parametrize("framework, features, field", [
+    ("deepspeed", dict(moe_expert_capacity_factor=0.5), "moe_expert_capacity_factor"),
+    ("deepspeed", dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm"),
+    ("deepspeed", dict(moe_token_dispatcher="allgather"), "moe_token_dispatcher"),
+    ("deepspeed", dict(moe_router_fusion=True), "moe_router_fusion"),
+    ("megatron", dict(moe_shared_expert_overlap=True), "moe_shared_expert_overlap"),  # Mixtral has no shared experts
+])
+def test_moe_features_a_framework_does_not_run_are_refused(framework, features, field):
+    assert f"features.{field}" in _refused(mixtral_job(framework=framework, features=Features(**features)))
+
+
+def test_torchtitans_moe_is_dropless():
+    qwen = Job(model=load_model("qwen3-30b-a3b"), cluster=make_cluster(2), global_batch_size=64, seq_length=4096, framework="torchtitan",
+               stack="torchtitan", features=Features(moe_expert_capacity_factor=0.5, quantized_experts=False, cross_entropy_fusion="torch"))
+    assert "features.moe_expert_capacity_factor" in _refused(qwen)
+
+
+def test_megatron_core_refusals_of_the_a2a_overlap_are_exit_2():
+    """megatron-core: 'overlap_moe_expert_parallel_comm is only supported with
+    bf16 or fp16 model', 'MTP layernum only supports 1 when enabling ...'."""
+    overlap = Features(overlap_moe_expert_parallel_comm=True)
+    assert "precision tf32" in _refused(mixtral_job(precision="tf32", features=overlap))
+    two_mtp = replace(DEEPSEEK, mtp_layers=2)
+    assert "2 multi-token" in _refused(Job(model=two_mtp, cluster=make_cluster(8), global_batch_size=256, seq_length=4096, features=overlap))
+
+
+def test_top_1_needs_megatrons_pre_softmax_router():
+    """At top-1 megatron-core wants --moe-router-pre-softmax, which weights the
+    expert by its probability where Mixtral's router renormalises it to 1."""
+    top1 = replace(MIXTRAL, moe=replace(MIXTRAL.moe, top_k=1))
+    assert "top-k of at least 2" in _refused(Job(model=top1, cluster=make_cluster(8), global_batch_size=256, seq_length=4096))
+    pre = replace(top1, moe=replace(top1.moe, pre_softmax=True))  # a Qwen-style router is what Megatron runs
+    check_job(Job(model=pre, cluster=make_cluster(8), global_batch_size=256, seq_length=4096))
+
+
+def test_deepseek_routers_reach_megatron():
+    """DeepSeek-V3's sigmoid, expert-biased, group-limited, scaled router and
+    DeepSeek-V2-Lite's unnormalised softmax are written as megatron-core names
+    them, and its TransformerConfig takes them."""
+    TransformerConfig = pytest.importorskip("megatron.core.transformer").TransformerConfig
+    v3 = load_model("deepseek-v3")
+    job = Job(model=v3, cluster=make_cluster(8), global_batch_size=256, seq_length=4096)
+    lay = layout(tp=1, pp=8, dp=8, ep=8)
+    args = " ".join(megatron_args(job, lay, uniform_stages(v3, lay)))
+    for flag in ("--moe-router-score-function sigmoid", "--moe-router-enable-expert-bias", "--moe-router-topk-scaling-factor 2.5",
+                 "--moe-router-num-groups 8 --moe-router-group-topk 4"):
+        assert flag in args
+    TransformerConfig(num_layers=4, hidden_size=1024, num_attention_heads=8, num_moe_experts=256, moe_router_topk=8, add_bias_linear=False,
+                      moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
+                      moe_router_num_groups=8, moe_router_group_topk=4, expert_model_parallel_size=8, moe_token_dispatcher_type="alltoall")
+    lite = load_model("deepseek-v2-lite")
+    assert lite.moe.pre_softmax and lite.moe.router_groups == 1 and not lite.moe.sigmoid_router
+    # A sigmoid router that does not renormalise is not one megatron-core has.
+    config = {**json.loads((MODELS_DIR / "deepseek-v3.json").read_text()), "norm_topk_prob": False}
+    with pytest.raises(SpecError, match="norm_topk_prob"):
+        model_from_hf_config(config, "v3", "config.json")
+
+
+def test_expert_biases_turn_off_the_bias_dropout_fusion():
+    """megatron-core's TEGroupedMLP: 'bias_dropout_fusion is not supported in
+    TEGroupedMLP when add_bias_linear=True' (gpt-oss)."""
+    oss = load_model("gpt-oss-20b")
+    job = Job(model=oss, cluster=make_cluster(8), global_batch_size=256, seq_length=4096)
+    lay = layout(dp=64, ep=8)
+    assert "--no-bias-dropout-fusion" in megatron_args(job, lay, uniform_stages(oss, lay))
+    assert "--no-bias-dropout-fusion" not in megatron_args(mixtral_job(), lay, uniform_stages(MIXTRAL, lay))

@@ -41,13 +41,17 @@ def _shape(name: str, args) -> tuple[int, ...]:
     if name == "llama3":  # FeedForward: 2/3 of 4 dim, times ffn_dim_multiplier, rounded up to multiple_of
         ffn = int(args.ffn_dim_multiplier * int(2 * 4 * args.dim / 3))
         ffn = args.multiple_of * -(-ffn // args.multiple_of)
-        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, ffn, args.vocab_size, 0, tied)
+        head = args.dim // args.n_heads
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, ffn, args.vocab_size, 0, tied, head, head)
     if name == "qwen3":
         experts = args.moe_args.num_experts if args.moe_enabled else 0
-        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size, experts, tied)
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size, experts, tied, args.head_dim,
+                args.head_dim)
     if name == "gpt_oss":
-        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.moe_inter_dim, args.vocab_size, args.moe_args.num_experts, tied)
-    return (args.dim, args.n_layers, args.n_heads, args.n_heads, args.inter_dim, args.vocab_size, args.moe_args.num_experts, tied)
+        return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.moe_inter_dim, args.vocab_size, args.moe_args.num_experts, tied,
+                args.head_dim, args.head_dim)
+    return (args.dim, args.n_layers, args.n_heads, args.n_heads, args.inter_dim, args.vocab_size, args.moe_args.num_experts, tied,
+            args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim)
 
 
 def test_loom_flavors_are_torchtitans():
@@ -67,6 +71,8 @@ def test_catalogue_models_map_to_their_flavors():
     assert torchtitan.flavor_of(load_model("mistral-7b")) is None  # Llama 3 8B's width and depth, another vocabulary
     # The same shape with its output layer tied to the embedding is another model (flavor 8B is untied).
     assert torchtitan.flavor_of(replace(load_model("llama-3-8b"), tied_embeddings=True)) is None
+    # So is a head dim of its own (torchtitan's llama3 builds dim / n_heads).
+    assert torchtitan.flavor_of(replace(load_model("llama-3-8b"), kv_channels=256)) is None
 
 
 @pytest.fixture(scope="module")
@@ -377,11 +383,12 @@ def test_repeated_kv_heads_are_saved_for_backward():
 
 
 def _tp_pipeline_memory(stack: str, microbatches: int) -> list[dict[str, float]]:
-    """Each stage's memory terms of Llama-3 8B under torchtitan, TP2 PP4 SP on one node."""
-    job = Job(model=load_model("llama-3-8b"), cluster=cluster(1), global_batch_size=microbatches, seq_length=4096, framework="torchtitan",
+    """Each stage's memory terms of Llama-3 8B under torchtitan, TP2 PP4 SP and FSDP2 on two nodes (without FSDP torchtitan
+    runs TP and PP in float32), ``microbatches`` per pipeline."""
+    job = Job(model=load_model("llama-3-8b"), cluster=cluster(2), global_batch_size=2 * microbatches, seq_length=4096, framework="torchtitan",
               stack=stack, features=stack_features(stack, Features()))
-    layout = Layout(tp=2, pp=4, dp=1, cp=1, micro_batch_size=1, global_batch_size=microbatches, sequence_parallel=True, recompute="full",
-                    reshard_after_forward=False)
+    layout = Layout(tp=2, pp=4, dp=2, cp=1, micro_batch_size=1, global_batch_size=2 * microbatches, sequence_parallel=True, recompute="full",
+                    reshard_after_forward=False, fsdp=2)
     return [memory.breakdown_bytes for memory in evaluate(job, layout).memory]
 
 
@@ -455,3 +462,64 @@ def test_foreach_adamw_makes_a_pass_per_op():
     op (96 B per parameter with the clipping), today's fused kernel one (40 B)."""
     fused, foreach = _fsdp8_step()["optimizer"], _fsdp8_step(fused_optimizer=False)["optimizer"]
     assert foreach / fused == pytest.approx(96 / 40)
+
+
+# --- what torchtitan 0.2.2 (on torch 2.13) refuses or ignores (fresh-user review, 2026-11-30) ---
+
+from loom.planner.specs.errors import SpecError  # noqa: E402
+from loom.planner.specs.job import check_job  # noqa: E402
+from loom.planner.specs.rules import layout_problems  # noqa: E402
+from conftest import make_cluster  # noqa: E402
+
+
+def _titan(model: str = "llama-3-8b", nodes: int = 2, batch: int = 64, seq: int = 4096, gpu: str = "H100", **kwargs) -> Job:
+    features = kwargs.pop("features", Features())
+    return Job(model=load_model(model), cluster=make_cluster(nodes, gpu=gpu), global_batch_size=batch, seq_length=seq, framework="torchtitan",
+               stack="torchtitan", features=stack_features("torchtitan", features), **kwargs)
+
+
+def _fields(job: Job, layout: Layout) -> set[str]:
+    return {field for field, _, _ in layout_problems(job, layout)}
+
+
+def test_layouts_torchtitan_refuses_or_runs_in_float32_are_refused():
+    job = _titan()
+    # TP and PP without FSDP or CP: maybe_enable_amp leaves the run in float32.
+    assert "dp" in _fields(job, Layout(tp=8, pp=2, dp=1, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True))
+    # parallelize_fn: seq_len % (tp x 2cp) == 0.
+    odd = _titan(seq=8196)
+    assert "seq_length" in _fields(odd, Layout(tp=2, pp=1, dp=4, cp=2, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, fsdp=4))
+    # Schedule1F1B: at least one micro batch per stage.
+    short = _titan(batch=8)
+    assert "global_batch_size" in _fields(short, Layout(tp=1, pp=4, dp=4, cp=1, micro_batch_size=1, global_batch_size=8, fsdp=4,
+                                                        reshard_after_forward=False))
+    # MXLinearConverter: no TP under torch.compile.
+    mx = _titan(gpu="B200", precision="fp8", features=Features(fp8_recipe="mxfp8"))
+    assert "tp" in _fields(mx, Layout(tp=2, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, sequence_parallel=True, fsdp=8))
+
+
+def test_deepep_only_where_torchtitan_reads_it():
+    """Only torchtitan's deepseek_v3 reads expert_parallel_comm_backend."""
+    with pytest.raises(SpecError, match="moe_token_dispatcher"):
+        check_job(_titan("qwen3-30b-a3b", features=Features(moe_token_dispatcher="deepep")))
+    check_job(_titan("deepseek-v2-lite", features=Features(moe_token_dispatcher="deepep")))
+
+
+def test_torchtitans_deepseek_v3_has_no_multi_token_prediction():
+    v3 = load_model("deepseek-v3")
+    assert v3.mtp_layers == 1
+    assert _titan("deepseek-v3", nodes=128).model.mtp_layers == 0
+
+
+def test_torchtitan_float8_leaves_the_experts_in_bf16():
+    """Its float8 converter quantizes nn.Linear; the routed experts are GroupedExperts parameters."""
+    lay = Layout(tp=1, pp=1, dp=16, cp=1, ep=8, micro_batch_size=2, global_batch_size=64, fsdp=16)
+    titan = evaluate(_titan("deepseek-v2-lite", precision="fp8"), lay)
+    everything = replace(titan.job, framework="megatron", stack="megatron-lm",
+                         features=Features(**{**titan.job.features.model_dump(), "quantized_experts": True}))
+    from loom.planner.cost.compute import routed_experts
+    from loom.planner.cost.layers import shape_of
+    gpu = titan.job.cluster.nodes[0].gpu
+    assert routed_experts(shape_of(titan.job, lay), gpu).gemm_s > routed_experts(shape_of(everything, lay), gpu).gemm_s
+    with pytest.raises(SpecError, match="quantized_experts"):
+        check_job(_titan("deepseek-v2-lite", precision="fp8", features=Features(quantized_experts=True)))

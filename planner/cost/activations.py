@@ -188,7 +188,8 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
     under fp8), and for every routed copy of a token its permuted input, its
     expert's up-projection output and activation, plus the router's fp32
     logits and probabilities (megatron-core's MoE layer and alltoall
-    dispatcher); the busiest rank's routed rows (moe.busiest_rows_factor)."""
+    dispatcher); the busiest rank's routed rows (moe.busiest_rows_factor).
+    Routed inputs are 16-bit where the experts are (Features.quantized_experts)."""
     m, T, e, g = shape.model, shape.tokens, shape.act_bytes, gemm_input_bytes(shape)
     up = (2 if m.gated_mlp else 1) * e
     norm = {"mlp_norm_input": e * T * shape.replicated_width}
@@ -196,6 +197,7 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
         return {**norm, "mlp_input": g * T * shape.replicated_width, "mlp": (up + g) * m.ffn_hidden_size * T / shape.tp}
     routed = shape.moe_tokens * m.moe.top_k * shape.etp * busiest_rows_factor(shape)
     expert_width = m.moe.expert_ffn_hidden_size / shape.etp
+    expert_input = g if shape.features.quantized_experts else e
     shared = (up + g) * m.moe.shared_ffn_hidden_size * T / shape.tp
     if m.moe.shared_ffn_hidden_size and g != e:
         shared += g * T * shape.replicated_width
@@ -203,8 +205,8 @@ def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:
         **norm,
         "moe_norm_output": e * T * shape.replicated_width,
         "shared_experts": shared,
-        "routed": routed * (g * m.hidden_size + up * expert_width),
-        "routed_activation": routed * g * expert_width,
+        "routed": routed * (expert_input * m.hidden_size + up * expert_width),
+        "routed_activation": routed * expert_input * expert_width,
         "router": 2 * 4 * shape.moe_tokens * m.moe.num_experts,
     }
 

@@ -198,16 +198,18 @@ def routed_activation(shape: Shape, gpu: GPU, backward: bool = False) -> PassTim
 
 def routed_experts(shape: Shape, gpu: GPU, backward: bool = False) -> PassTime:
     """The router GEMM (16-bit), the routed experts' GEMMs as Transformer
-    Engine runs them (moe.expert_gemms_s) on the busiest rank's rows
+    Engine runs them (moe.expert_gemms_s; in bf16 unless
+    Features.quantized_experts) on the busiest rank's rows
     (moe.busiest_rows_factor), their activation, and the dispatcher's local
     permutations (moe.permute_bytes)."""
     m = shape.model
     experts, local = shape.expert_gemms()
     rows = moe.busiest_rows_factor(shape)
     experts = [(max(1, round(balanced * rows)), n, k) for balanced, n, k in experts]
-    grouped_s = moe.expert_gemms_s(gpu, experts, local, shape.precision, backward)
+    quantized = shape.features.quantized_experts
+    grouped_s = moe.expert_gemms_s(gpu, experts, local, shape.precision if quantized else "bf16", backward)
     router_s = _gemms(shape, gpu, [(shape.moe_tokens, m.moe.num_experts, m.hidden_size)], backward, precision="bf16")
-    gemms = [g for g in experts for _ in range(local)]
+    gemms = [g for g in experts for _ in range(local)] if quantized else []
     elementwise_s = _elementwise(shape, gpu, moe.permute_bytes(shape), backward, gemms)
     return PassTime(gemm_s=grouped_s + router_s, elementwise_s=elementwise_s) + routed_activation(shape, gpu, backward).scaled(rows)
 
@@ -407,18 +409,22 @@ def layer_flops_per_token(model: ModelSpec, kind: str, keys: float) -> float:
     return flops
 
 
-def model_flops_per_token(model: ModelSpec, seq_length: int) -> float:
+def model_flops_per_token(model: ModelSpec, seq_length: int, capacity_factor: float | None = None) -> float:
     """Model FLOPs per token, forward + backward, no recompute: every
     layer's layer_flops_per_token with all s keys (half the s x s scores
     are masked, counted anyway) plus the output head — the convention of
     Narayanan et al. SC'21 eq. (3), PaLM's MFU and NeMo's tables up to 24.07
     (the published runs' 'model_flops'). A sliding-window layer counts its
     window of keys, min(s, W), in place of s (the band, its masked half
-    counted anyway)."""
+    counted anyway). An expert ``capacity_factor`` below 1 drops the routed
+    copies beyond it: at most that share of the routed experts' FLOPs is done."""
     layers = sum(count * layer_flops_per_token(model, kind, seq_length) for kind, count in model.layer_kinds_in(0, model.num_layers))
     if model.windowed_layers:
         per_key = layer_flops_per_token(model, "dense", 1) - layer_flops_per_token(model, "dense", 0)
         layers -= model.windowed_layers * per_key * (seq_length - min(seq_length, model.sliding_window))
+    if capacity_factor is not None and capacity_factor < 1.0:
+        routed = 6.0 * model.moe.top_k * model.moe.expert_params(model.hidden_size)
+        layers -= (1.0 - capacity_factor) * model.sublayers_in(0, model.num_layers, "moe") * routed
     return layers + 6.0 * model.hidden_size * model.vocab_size
 
 

@@ -300,11 +300,15 @@ def _exposed_dispatch(shape: Shape, gpu: GPU, n_moe: int, fwd: PassTime, bwd: Pa
     features = shape.features
     backward = sharding.Comm(forward.seconds * backward_passes, forward.held_s * backward_passes)
     if features.overlap_moe_expert_parallel_comm:
-        behind_fwd, behind_bwd = bwd.total_s, fwd.total_s  # each pass hides behind the other
-        hidden_fwd, hidden_bwd = paired * min(forward.seconds, behind_fwd), paired * min(backward.seconds, behind_bwd)
-        exposed_fwd, exposed_bwd = forward.seconds - hidden_fwd, backward.seconds - hidden_bwd
-        return (exposed_fwd, exposed_bwd, contention.slowdown_s(forward.seconds, forward.held_s, hidden_fwd, exposed_fwd),
-                contention.slowdown_s(backward.seconds, backward.held_s, hidden_bwd, exposed_bwd))
+        # A paired pass hides its all-to-alls behind the other pass's compute
+        # (slowing it), a pass alone waits for them.
+        found = []
+        for comm, behind in ((forward, bwd.total_s), (backward, fwd.total_s)):
+            hidden = min(comm.seconds, behind)
+            slowed = contention.slowdown_s(comm.seconds, comm.held_s, hidden, comm.seconds - hidden)
+            found.append((comm.seconds - paired * hidden, paired * slowed))
+        (exposed_fwd, slowed_fwd), (exposed_bwd, slowed_bwd) = found
+        return exposed_fwd, exposed_bwd, slowed_fwd, slowed_bwd
     if features.moe_shared_expert_overlap and shape.model.moe.shared_ffn_hidden_size:
         behind_fwd = n_moe * mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size).total_s
         behind_bwd = n_moe * mlp(shape, gpu, shape.model.moe.shared_ffn_hidden_size, backward=True).total_s

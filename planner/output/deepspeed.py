@@ -273,11 +273,14 @@ def launch_sh(job: Job, layout: Layout, nodes: list[NodeRanks]) -> str:
 
 def _hosts_of_allocation(nodes: list[NodeRanks], gpus_per_node: int, include: bool) -> list[str]:
     """Bash that takes the nodes the job was given (LOOM_HOSTS, else SLURM's
-    allocation), checks there are as many as planned, and writes the hostfile
-    (and the --include list) in node-rank order: the plan's node k is the
-    job's node ``given_index`` of k (see ``NodeRanks``)."""
+    allocation, else this machine for a one-node plan), checks there are as
+    many as planned, and writes the hostfile (and the --include list) in
+    node-rank order: the plan's node k is the job's node ``given_index`` of k
+    (see ``NodeRanks``)."""
+    alone = ['elif [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then GIVEN=(localhost)  # a one-node plan: this machine'] if len(nodes) == 1 else []
     lines = [
         'if [[ -n "${LOOM_HOSTS:-}" ]]; then read -r -a GIVEN <<< "$LOOM_HOSTS"',
+        *alone,
         'else mapfile -t GIVEN < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?set LOOM_HOSTS to the nodes, node 0 first}"); fi',
         f'[[ "${{#GIVEN[@]}}" -eq {len(nodes)} ]] || {{ echo "launch.sh: the plan runs on {len(nodes)} nodes, got ${{#GIVEN[@]}}: ${{GIVEN[*]}}" >&2; exit 2; }}',
         "# Node rank k runs on the job's node GIVEN_INDEX[k].",

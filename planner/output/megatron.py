@@ -173,6 +173,10 @@ def _model_args(job: Job) -> list[str]:
         args.append("--disable-bias-linear")
         if m.qkv_bias:
             args.append("--add-qkv-bias")
+    elif m.moe is not None:
+        # megatron-core's TEGroupedMLP: "bias_dropout_fusion is not supported
+        # in TEGroupedMLP when add_bias_linear=True" (moe/experts.py).
+        args.append("--no-bias-dropout-fusion")
     if m.qk_norm:
         args.append("--qk-layernorm")
     return args + _window_args(m, job.seq_length) + _mla_args(m) + _hybrid_args(m) + _moe_args(m) + _moe_feature_args(job)
@@ -254,6 +258,8 @@ def _moe_args(m: ModelSpec) -> list[str]:
         args += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"]
     if moe.topk_scaling_factor is not None:
         args += ["--moe-router-topk-scaling-factor", f"{moe.topk_scaling_factor:g}"]
+    if moe.router_groups > 1:
+        args += ["--moe-router-num-groups", str(moe.router_groups), "--moe-router-group-topk", str(moe.router_group_topk)]
     if moe.first_dense_layers:
         args += ["--moe-layer-freq", f"([0]*{moe.first_dense_layers}+[1]*{m.num_layers - moe.first_dense_layers})"]
     if m.mtp_layers:

@@ -158,6 +158,12 @@ class Features(StrictModel):
     moe_permute_fusion: bool = False
     overlap_moe_expert_parallel_comm: bool = False
     moe_shared_expert_overlap: bool = False
+    # The routed experts' grouped GEMMs at the job's fp8 or nvfp4 precision,
+    # as Transformer Engine's GroupedLinear runs them; torchtitan's float8 and
+    # mx converters quantize nn.Linear only and leave its GroupedExperts in
+    # bf16 (its quantize.grouped_mm converters are torchao prototypes loom
+    # does not write: components/quantization/float8.py, mx.py).
+    quantized_experts: bool = True
 
     @pydantic.model_validator(mode="after")
     def _moe_combinations(self) -> Features:
@@ -263,6 +269,12 @@ class Job:
     layer_profile: LayerProfile | None = None  # measured layers in place of estimates
     profiles: tuple[str, ...] = ()  # the profile files applied
     memory_headroom: MemoryHeadroom = DEFAULT_HEADROOM  # what every plan leaves free (headroom.py)
+
+    def __post_init__(self) -> None:
+        # torchtitan 0.2.2's deepseek_v3 builds no multi-token prediction
+        # modules (models/deepseek_v3/model/): the job trains the model without them.
+        if self.framework == "torchtitan" and self.model.mtp_layers:
+            object.__setattr__(self, "model", replace(self.model, mtp_layers=0))
 
     @property
     def params_dtype_bytes(self) -> int:
@@ -396,6 +408,7 @@ def check_job(job: Job) -> None:
     moe = job.model.moe
     if moe is not None:
         _check_load_imbalance(job, moe)
+        _check_moe_features(job, moe)
     else:
         _check_dense(job)
     if moe is not None and job.framework == "deepspeed" and (moe.top_k > 2 or moe.shared_ffn_hidden_size or job.model.mla):
@@ -495,11 +508,65 @@ def _check_torchtitan(job: Job) -> None:
     for feature in ("overlap_moe_expert_parallel_comm", "moe_shared_expert_overlap"):
         if getattr(job.features, feature):
             raise SpecError(job.source, *_from_stack(job, feature, "false with torchtitan (Megatron's MoE overlap)"))
+    if job.features.quantized_experts and job.precision in ("fp8", "nvfp4"):
+        raise SpecError(job.source, *_from_stack(job, "quantized_experts", "false with torchtitan (loom writes its float8 or mx "
+                                                                         "converter for nn.Linear only; the experts stay in bf16)"))
+    flavor = torchtitan.flavor_of(job.model)
+    if job.features.moe_token_dispatcher == "deepep" and flavor is not None and flavor.name != "deepseek_v3":
+        raise SpecError(job.source, *_from_stack(job, "moe_token_dispatcher", f"alltoall for torchtitan's {flavor.name} (only its "
+                                                                              "deepseek_v3 reads expert_parallel_comm_backend)"))
 
 
 # The features that only an MoE model's layers read.
 MOE_FEATURES = ("moe_load_imbalance", "moe_token_dispatcher", "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
-                "moe_router_fusion", "moe_permute_fusion", "overlap_moe_expert_parallel_comm", "moe_shared_expert_overlap")
+                "moe_router_fusion", "moe_permute_fusion", "overlap_moe_expert_parallel_comm", "moe_shared_expert_overlap",
+                "quantized_experts")
+
+
+# The MoE features only Megatron runs; what DeepSpeed's and torchtitan's MoE
+# layers run is their default (features.py defaults).
+MEGATRON_MOE_FEATURES = ("moe_token_dispatcher", "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity", "moe_router_fusion",
+                         "moe_permute_fusion", "overlap_moe_expert_parallel_comm", "moe_shared_expert_overlap")
+
+
+def _check_moe_features(job: Job, moe: MoE) -> None:
+    """An MoE job's features against what its framework and model run:
+    DeepSpeed runs none of Megatron's MoE features (loom writes its MoE layer
+    dropless: moe_snippet.py); torchtitan 0.2.2's MoE is dropless
+    (models/moe/moe.py); megatron-core 0.16.1 (transformer_config.py
+    __post_init__) runs the A2A overlap only on a bf16 or fp16 model and with
+    at most one MTP layer, needs a pre-softmax router at top-1 ('Please use
+    --moe-router-pre-softmax when topk is 1', where transformers' Mixtral
+    renormalises the one weight to 1), and the shared-expert overlap needs
+    shared experts to run."""
+    features = job.features
+    if job.framework == "deepspeed":
+        for feature in MEGATRON_MOE_FEATURES:
+            if getattr(features, feature) != Features.model_fields[feature].default:
+                raise SpecError(job.source, f"features.{feature}", f"{Features.model_fields[feature].default} with deepspeed (Megatron's "
+                                "MoE feature; loom writes DeepSpeed's MoE layer dropless, on its all-to-all)", getattr(features, feature))
+        return
+    if job.framework == "torchtitan":
+        for feature in ("moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity"):
+            if getattr(features, feature):
+                raise SpecError(job.source, f"features.{feature}", "unset with torchtitan (its MoE is dropless)", getattr(features, feature))
+        return
+    if not features.quantized_experts:
+        raise SpecError(job.source, *_from_stack(job, "quantized_experts", f"true with {job.framework} (Transformer Engine's "
+                                                                         "GroupedLinear runs the experts at the job's precision)"))
+    if features.overlap_moe_expert_parallel_comm:
+        if job.precision in FP32_PRECISIONS:
+            raise SpecError(job.source, "features.overlap_moe_expert_parallel_comm", f"false with precision {job.precision} "
+                            "(megatron-core runs it on bf16 or fp16 models only)", True)
+        if job.model.mtp_layers > 1:
+            raise SpecError(job.source, "features.overlap_moe_expert_parallel_comm", f"false with {job.model.mtp_layers} multi-token "
+                            "prediction layers (megatron-core runs it with at most one)", True)
+    if features.moe_shared_expert_overlap and not moe.shared_ffn_hidden_size:
+        raise SpecError(job.source, "features.moe_shared_expert_overlap", f"false for {job.model.name} (no shared experts to overlap)", True)
+    if moe.top_k == 1 and not moe.pre_softmax:
+        raise SpecError(job.source, "model", f"top-k of at least 2 for {job.model.name} with Megatron (at top-1 megatron-core needs a "
+                        "pre-softmax router, which weights the expert by its probability where this model renormalises it to 1)",
+                        f"num_experts_per_tok {moe.top_k}")
 
 
 def _check_dense(job: Job) -> None:

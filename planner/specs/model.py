@@ -178,6 +178,11 @@ class MoE:
     # Launch flags only: the router's kernels are priced alike.
     sigmoid_router: bool = False
     topk_scaling_factor: float | None = None
+    # DeepSeek's group-limited routing: experts in ``router_groups`` groups,
+    # each token's top-k drawn from its best ``router_group_topk`` groups
+    # (n_group, topk_group; --moe-router-num-groups, --moe-router-group-topk).
+    router_groups: int = 1
+    router_group_topk: int = 1
 
     def most_imbalance(self, ep: int) -> float:
         """The largest busiest/mean load ratio routing can reach at expert
@@ -921,6 +926,9 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
     width = read.int(width_key, high=LIMITS["width"])
     read.require(first_dense < num_layers, "first_k_dense_replace", f"fewer than the {num_layers} layers (some must be MoE)", first_dense,
                  given=("num_hidden_layers", "n_layer"))
+    # transformers' Qwen2MoeConfig and Qwen3MoeConfig default norm_topk_prob to false.
+    router = _deepseek_router(read, family, experts) if family in MLA_FAMILIES else {
+        "pre_softmax": family in ("qwen2_moe", "qwen3_moe") and not read.bool("norm_topk_prob", False)}
     qwen2_moe = family == "qwen2_moe"
     if qwen2_moe:  # one gated shared expert of its own width
         shared = read.int("shared_expert_intermediate_size", default=0, low=0, high=LIMITS["width"])
@@ -934,9 +942,41 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
         first_dense_layers=min(first_dense, num_layers - 1),
         bias=family in GPT_OSS,
         shared_gate=qwen2_moe and shared > 0,
-        # transformers' Qwen2MoeConfig and Qwen3MoeConfig default norm_topk_prob to false.
-        pre_softmax=family in ("qwen2_moe", "qwen3_moe") and not read.bool("norm_topk_prob", False),
+        **router,
     )
+
+
+# DeepSeek's routers as transformers' configs default them: V2 softmax over
+# all experts, greedy top-k, not renormalised, unscaled; V3 sigmoid scores
+# with a learned expert bias choosing the top-k (noaux_tc) from the best 4 of
+# 8 groups, renormalised and scaled by 2.5 (DeepseekV2Config, DeepseekV3Config).
+DEEPSEEK_ROUTER_DEFAULTS = {
+    "deepseek_v2": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1),
+    "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4),
+}
+
+
+def _deepseek_router(read: ConfigReader, family: str, experts: int) -> dict:
+    """A DeepSeek config's router as MoE fields (megatron-core 0.16.1
+    router.py: --moe-router-score-function, --moe-router-enable-expert-bias,
+    --moe-router-pre-softmax, --moe-router-topk-scaling-factor and the group
+    limit). megatron-core renormalises sigmoid scores over the top-k, so a
+    sigmoid router that does not is refused."""
+    default = DEEPSEEK_ROUTER_DEFAULTS[family]
+    scoring = read.str("scoring_func", default["scoring_func"])
+    read.require(scoring in ("softmax", "sigmoid"), "scoring_func", "softmax or sigmoid", scoring)
+    method = read.str("topk_method", default["topk_method"])
+    read.require(method in ("greedy", "group_limited_greedy", "noaux_tc"), "topk_method", "greedy, group_limited_greedy or noaux_tc", method)
+    normalised = read.bool("norm_topk_prob", default["norm_topk_prob"])
+    read.require(scoring == "softmax" or normalised, "norm_topk_prob", "true with sigmoid scores (megatron-core renormalises them)", normalised)
+    read.require(scoring == "softmax" or method == "noaux_tc", "topk_method", "noaux_tc with sigmoid scores (megatron-core's sigmoid "
+                 "router as loom writes it chooses by score plus the expert bias)", method)
+    groups = read.int("n_group", default=default["n_group"], high=experts) if method != "greedy" else 1
+    group_topk = read.int("topk_group", default=default["topk_group"], high=groups) if method != "greedy" else 1
+    read.require(experts % groups == 0, "n_group", f"a divisor of the {experts} experts", groups)
+    scaling = read.number("routed_scaling_factor", default=default["routed_scaling_factor"], high=1e6, above_low=True)
+    return dict(sigmoid_router=scoring == "sigmoid" and method == "noaux_tc", pre_softmax=scoring == "softmax" and not normalised,
+                topk_scaling_factor=None if scaling == 1.0 else scaling, router_groups=groups, router_group_topk=group_topk)
 
 
 def _qwen_dense_layers(read: ConfigReader, num_layers: int) -> int:

@@ -154,6 +154,21 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
     need(layout.param_shards > 1 or layout.dp == 1 or layout.tp * layout.pp * layout.ep == 1, "fsdp",
          "fsdp x cp of at least 2 with TP, PP or EP (torchtitan otherwise runs DDP, which is 1-D only)", layout.fsdp)
     need(layout.fsdp != 1 or layout.cp > 1 or layout.dp == 1, "fsdp", "0 rather than 1 (one shard per replica is torchtitan's DDP)", layout.fsdp)
+    # Without FSDP (dp_shard x cp of 1) torchtitan autocasts only a 1-D job:
+    # with TP or PP it trains in float32 (distributed/utils.py maybe_enable_amp).
+    need(layout.param_shards > 1 or layout.tp * layout.pp == 1, "dp", "dp x cp of at least 2 with TP or PP (torchtitan runs no mixed "
+         "precision without FSDP when TP or PP is on)", layout.dp)
+    # Every parallelize_fn asserts seq_len % (tp x 2cp) == 0 (ParallelDims.seq_len_divisor).
+    need(job.seq_length % (layout.tp * 2 * layout.cp) == 0, "seq_length", f"a multiple of tp x 2 x cp = {layout.tp * 2 * layout.cp} with "
+         "torchtitan", job.seq_length)
+    # torch.distributed.pipelining's Schedule1F1B needs a micro batch per stage
+    # at least (torch 2.13 schedules.py; interleaving's whole rounds follow from
+    # the micro batches pp divides, checked for every framework).
+    need(layout.pp == 1 or layout.vpp > 1 or layout.num_microbatches >= layout.pp, "global_batch_size", f"at least pp = {layout.pp} "
+         f"micro batches per step for torchtitan's 1F1B (got {layout.num_microbatches})", layout.global_batch_size)
+    # MXLinearConverter: "TP not yet supported with torch.compile for mxfp8" (loom's TOML compiles).
+    need(layout.tp == 1 or not (job.precision == "fp8" and job.features.fp8_recipe == "mxfp8"), "tp", "1 with mxfp8 on torchtitan (its "
+         "mx converter refuses TP under torch.compile)", layout.tp)
     # torch.distributed.pipelining keeps every FSDP stage's gradients unreduced
     # until the last micro batch whatever the forward policy (stage.py);
     # loom prices torchtitan's pipeline with its default, weights kept gathered.

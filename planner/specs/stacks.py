@@ -66,11 +66,12 @@ STACKS = {
             # (Float8Linear.recipe_name None), weights gathered in bf16
             # unless enable_fsdp_float8_all_gather; async TP off
             # (Parallelism.enable_async_tensor_parallel).
+            # Its float8 leaves the MoE experts in bf16 (Features.quantized_experts).
             # Its loss is PyTorch's cross_entropy on fp32 logits
             # (components/loss.py) and SDPA tries cuDNN's attention first
             # (models/attention.py ScaledDotProductAttentionWrapper).
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
-                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="cudnn"),
+                          cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="cudnn", quantized_experts=False),
             source="torchtitan 0.2.2 torchtitan/config/job_config.py (Training, Parallelism, Float8Linear defaults), "
                    "components/loss.py, models/attention.py",
             frameworks=("torchtitan",),
@@ -88,7 +89,7 @@ STACKS = {
             # its AdamW runs foreach kernels (optimizer.py: fused False).
             features=dict(grad_reduce_in_fp32=True, fp8_recipe="tensorwise", fp8_param_gather=False,
                           cross_entropy_fusion="torch", tp_comm_overlap=False, attention_kernel="flash2", repeat_kv=True,
-                          pipeline_keeps_outputs=True, fused_optimizer=False),
+                          pipeline_keeps_outputs=True, fused_optimizer=False, quantized_experts=False),
             source="torchtitan 9dec370 (December 2024) on PyTorch's SDPA default of then (pytorch/pytorch#138522, #142132), "
                    "models/llama/model.py, optimizer.py, torch 2.6 distributed/pipelining/stage.py",
             frameworks=("torchtitan",),

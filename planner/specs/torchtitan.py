@@ -27,14 +27,25 @@ class Flavor:
 
     name: str  # [model] name
     flavor: str  # [model] flavor
-    shape: tuple[int, ...]  # hidden, layers, heads, key/value heads, FFN width, vocabulary, routed experts, tied embeddings
+    # hidden, layers, heads, key/value heads, FFN width, vocabulary, routed
+    # experts, tied embeddings, query/key and value head dims
+    shape: tuple[int, ...]
     pipeline: bool  # torchtitan can split it into pipeline stages
+
+
+# Head dims each model family builds: llama3 dim / n_heads (Attention), qwen3
+# head_dim 128 and gpt_oss 64 (their model args' defaults, every flavor),
+# deepseek_v3's MLA qk_nope 128 + qk_rope 64 and v 128.
+HEAD_DIMS = {"qwen3": (128, 128), "deepseek_v3": (192, 128), "gpt_oss": (64, 64)}
 
 
 def _flavors(name: str, pipeline: bool, rows: dict[str, tuple[int, ...]], tied: tuple[str, ...] = ()) -> tuple[Flavor, ...]:
     """``tied``: the flavors whose output layer is the embedding's weight
     (qwen3's enable_weight_tying)."""
-    return tuple(Flavor(name, flavor, (*shape, int(flavor in tied)), pipeline) for flavor, shape in rows.items())
+    def head_dims(shape: tuple[int, ...]) -> tuple[int, int]:
+        return HEAD_DIMS.get(name, (shape[0] // shape[2], shape[0] // shape[2]))
+
+    return tuple(Flavor(name, flavor, (*shape, int(flavor in tied), *head_dims(shape)), pipeline) for flavor, shape in rows.items())
 
 
 FLAVORS = (
@@ -64,7 +75,7 @@ def shape_of(model: ModelSpec) -> tuple[int, ...]:
     """``model``'s entries of ``Flavor.shape``."""
     experts = model.moe.num_experts if model.moe is not None else 0
     return (model.hidden_size, model.num_layers, model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size,
-            model.vocab_size, experts, int(model.tied_embeddings))
+            model.vocab_size, experts, int(model.tied_embeddings), model.qk_head_dim, model.v_head_dim)
 
 
 def flavor_of(model: ModelSpec) -> Flavor | None:
