@@ -370,6 +370,8 @@ def lower_bound(problem: ExpertProblem) -> float:
     across = problem.link_cost[~same].min() if (~same).any() else np.inf
     # Every crossing token pays at least the cheaper kind of link; those crossing nodes the dearer one.
     cheapest = min(inside, across)
+    if not np.isfinite(cheapest):  # one GPU: no token crosses
+        return bound
     traffic = cheapest * crossing_gpu + (across - cheapest) * crossing_node if np.isfinite(across) else cheapest * crossing_gpu
     return bound + float(traffic) / problem.gpus
 

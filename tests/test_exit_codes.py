@@ -404,3 +404,10 @@ def test_a_layout_larger_than_the_cluster_is_bad_input_with_out_too(tmp_path, fr
     assert result.exit_code == 2, result.output
     assert "at most the cluster's 64 GPUs" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_flag_refused_when_writing_files_is_blamed_on_the_flag(tmp_path):
+    """--stack torchtitan-2412 prices the December 2024 benchmark but cannot be written; the flag set it, not the bundled job file."""
+    result = runner.invoke(app, ["plan", "--framework", "torchtitan", "--stack", "torchtitan-2412", "--top-k", "1", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "command line: --stack" in result.output and "llama3-8b-h100.yaml" not in result.output

@@ -432,3 +432,15 @@ def test_a_trace_repeating_an_expert_in_a_tokens_top_k_is_refused(tmp_path, inpu
     np.save(tmp_path / "repeat.npy", trace)
     result = run_experts(str(inputs["loads"]), "--ep-size", "4", "--slots-per-gpu", "4", "--trace", str(tmp_path / "repeat.npy"))
     one_line_error(result, str(tmp_path / "repeat.npy"), "'topk_ids[3][1]'", "distinct experts")
+
+
+def test_one_gpu_gets_a_finite_bound_in_strict_json(tmp_path):
+    """EP size 1: no token crosses a GPU, so the traffic floor is 0 (not inf x 0 = NaN, which is not JSON)."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "loads.npy", rng.integers(1, 100, (8, 16)).astype(float))
+    np.save(tmp_path / "trace.npy", np.stack([np.stack([rng.choice(16, 2, replace=False) for _ in range(8)]) for _ in range(64)]))
+    result = run_experts(str(tmp_path / "loads.npy"), "--ep-size", "1", "--slots-per-gpu", "16", "--trace", str(tmp_path / "trace.npy"),
+                         "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    solver = json.loads((tmp_path / "out" / MAP_FILE).read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the map"))["solver"]
+    assert solver["gap"] == 0.0 and solver["bound"] == solver["objective"]

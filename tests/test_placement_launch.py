@@ -353,6 +353,23 @@ def test_slurm_sbatch_starts_every_rank_on_its_planned_gpu(tmp_path, name, seed)
     assert_groups_land_as_priced(megatron_groups(layout), layout, launched, placement)
 
 
+def test_slurm_sbatch_finds_train_sh_beside_the_script_it_was_submitted_as(tmp_path):
+    """``sbatch out/slurm.sbatch`` from out's parent: SLURM runs a copy of the
+    script, and scontrol's Command= says where the submitted one lies."""
+    name, seed = placements(MEGATRON, seeds=(4,))[0].values
+    job, layout, placement, files = files_of(MEGATRON[name], seed)
+    hosts = list(dict.fromkeys(host for host, _ in placement.gpus))
+    install(tmp_path, "torchrun", RECORDER.format(python=sys.executable))
+    install(tmp_path, "srun", FAKE_SRUN)
+    install(tmp_path, "scontrol", '#!/bin/bash\n[[ "$1 $2" == "show job" ]] && echo "   Command=out/slurm.sbatch WorkDir=x"\n')
+    (tmp_path / "out").mkdir()
+    for name_, text in files.items():
+        (tmp_path / "out" / name_).write_text(text)
+    env = clean_env(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="7", SLURM_JOB_NODELIST=",".join(sorted(hosts)))
+    subprocess.run(["bash", str(tmp_path / "out" / "slurm.sbatch")], env=env, check=True, cwd=tmp_path)
+    assert sorted(got["env"]["SLURMD_NODENAME"] for got in captures(tmp_path)) == sorted(hosts)
+
+
 # --- DeepSpeed: launch.sh through DeepSpeed's runner and launch.py ----------------------
 
 TRAIN_SCRIPT = """import json, os, sys

@@ -21,6 +21,8 @@ from loom.planner.specs.job import load_job
 from loom.planner.specs.model import load_model, model_from_hf_config
 from loom.profiles.catalogue import find_gpu, gpu_names, model_names
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 # --- the model catalogue --------------------------------------------------------
 
 # Publicly stated parameter counts (model cards / papers), in billions.
@@ -397,3 +399,15 @@ def test_job_warnings_say_what_is_legal_but_probably_not_meant(gbs, seq, cluster
     job = Job(model=load_model("llama-3-8b"), cluster=parse_cluster(spec, "c.yaml"), global_batch_size=gbs, seq_length=seq)
     warnings = job_warnings(job)
     assert (warnings == []) if warned is None else (len(warnings) == 1 and warned in warnings[0])
+
+
+@pytest.mark.parametrize("features, field", [
+    ("features: {moe_router_fusion: 'on'}", "features.moe_router_fusion"),  # a string is not a boolean
+    ("features: {overlap_grad_reduce: 1.0}", "features.overlap_grad_reduce"),
+    ("features:\n  moe_load_imbalance:\n    8: 1.2\n    8: 3.0", "'8'"),  # the same EP size twice
+])
+def test_job_features_are_read_strictly(tmp_path, features, field):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: mixtral-8x7b\ncluster: {EXAMPLES / 'h100-64.yaml'}\nglobal_batch_size: 256\nseq_length: 4096\n{features}\n")
+    with pytest.raises(SpecError, match=field):
+        load_job(job)

@@ -523,3 +523,8 @@ def test_torchtitan_float8_leaves_the_experts_in_bf16():
     assert routed_experts(shape_of(titan.job, lay), gpu).gemm_s > routed_experts(shape_of(everything, lay), gpu).gemm_s
     with pytest.raises(SpecError, match="quantized_experts"):
         check_job(_titan("deepseek-v2-lite", precision="fp8", features=Features(quantized_experts=True)))
+
+
+def test_torchtitans_gpt_oss_runs_no_async_tp():
+    with pytest.raises(SpecError, match="tp_comm_overlap"):
+        check_job(_titan("gpt-oss-20b", features=Features(tp_comm_overlap=True)))

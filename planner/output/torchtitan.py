@@ -75,7 +75,7 @@ def check_layout(job: Job, layout: Layout, stages: list[Stage], placement: Place
     if job.features.attention_kernel != "cudnn":
         # 0.2.2 puts cuDNN attention first (models/attention.py): a job priced
         # with another kernel (the torchtitan-2412 stack) would run differently.
-        raise SpecError(job.source, "stack", "one whose attention kernel torchtitan 0.2.2 runs (cudnn: the torchtitan stack) to write "
+        raise SpecError(*job.blame("stack"), "one whose attention kernel torchtitan 0.2.2 runs (cudnn: the torchtitan stack) to write "
                         "its files", job.stack)
     problems = []
     if torchtitan.flavor_of(job.model) is None:

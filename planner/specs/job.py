@@ -98,23 +98,23 @@ class Features(StrictModel):
     features win. Set them off to model an older stack (e.g. the 2021 SC'21
     runs had none)."""
 
-    flash_attention: bool = True
-    overlap_grad_reduce: bool = True  # --overlap-grad-reduce
-    overlap_param_gather: bool = True  # --overlap-param-gather (distributed optimizer)
-    tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers)
+    flash_attention: pydantic.StrictBool = True
+    overlap_grad_reduce: pydantic.StrictBool = True  # --overlap-grad-reduce
+    overlap_param_gather: pydantic.StrictBool = True  # --overlap-param-gather (distributed optimizer)
+    tp_comm_overlap: pydantic.StrictBool = False  # --tp-comm-overlap (TE userbuffers)
     # MoE: the busiest GPU's routed tokens over the mean (1 = perfectly
     # balanced), one number or one per EP size ({8: 1.1, 16: 1.3}: what
     # `loom experts` prints for a loads file).
     moe_load_imbalance: LoadImbalance = 1.0
     # Megatron's gradient buffer in fp32 (--accumulate-allreduce-grads-in-fp32,
     # on by default for bf16) or in the parameters' dtype (--grad-reduce-in-bf16).
-    grad_reduce_in_fp32: bool = True
+    grad_reduce_in_fp32: pydantic.StrictBool = True
     # Transformer Engine's fp8 scaling (--fp8-recipe): per-tensor delayed or
     # current ("tensorwise"), MXFP8 blocks of 32, or DeepSeek-style 128-blocks.
     fp8_recipe: Fp8Recipe = "delayed"
     # fp8 primary weights, all-gathered in fp8 (--fp8-param-gather; needs the
     # distributed optimizer): no bf16 copy of the GEMM weights.
-    fp8_param_gather: bool = False
+    fp8_param_gather: pydantic.StrictBool = False
     # The loss: Megatron's unfused vocab-parallel cross-entropy, its native
     # fused one, or Transformer Engine's (--cross-entropy-loss-fusion
     # --cross-entropy-fusion-impl native|te).
@@ -132,17 +132,17 @@ class Features(StrictModel):
     # Attention called on K and V repeated to every query head (torchtitan
     # 9dec370 models/llama/model.py repeat_kv before SDPA); False: the kernel
     # reads the grouped heads itself (TE; torchtitan 0.2.2's enable_gqa).
-    repeat_kv: bool = False
+    repeat_kv: pydantic.StrictBool = False
     # torch.distributed.pipelining keeps every micro batch's stage output
     # until the next step: torch 2.6's PipelineStage.forward_one_chunk
     # appends it to output_chunks on every stage (torchtitan 9dec370's
     # torch); torch 2.13 only when the schedule returns outputs, which
     # torchtitan 0.2.2 asks not to (train.py: return_outputs=False).
-    pipeline_keeps_outputs: bool = False
+    pipeline_keeps_outputs: pydantic.StrictBool = False
     # torchtitan's AdamW as one fused kernel (torch.optim.AdamW fused=True,
     # 0.2.2's Optimizer.implementation default) or as foreach kernels
     # (9dec370's optimizer.py: fused off, foreach on).
-    fused_optimizer: bool = True
+    fused_optimizer: pydantic.StrictBool = True
     # MoE (megatron-core 0.16 transformer/moe/): the token dispatcher; a
     # capacity factor drops each expert's tokens beyond capacity_factor x its
     # even share (None: dropless), and padding every expert to capacity gives
@@ -153,17 +153,17 @@ class Features(StrictModel):
     # shared experts run beside the all-to-all (--moe-shared-expert-overlap).
     moe_token_dispatcher: Dispatcher = "alltoall"
     moe_expert_capacity_factor: rate(1_000, minimum=0.0) | None = None
-    moe_pad_expert_input_to_capacity: bool = False
-    moe_router_fusion: bool = False
-    moe_permute_fusion: bool = False
-    overlap_moe_expert_parallel_comm: bool = False
-    moe_shared_expert_overlap: bool = False
+    moe_pad_expert_input_to_capacity: pydantic.StrictBool = False
+    moe_router_fusion: pydantic.StrictBool = False
+    moe_permute_fusion: pydantic.StrictBool = False
+    overlap_moe_expert_parallel_comm: pydantic.StrictBool = False
+    moe_shared_expert_overlap: pydantic.StrictBool = False
     # The routed experts' grouped GEMMs at the job's fp8 or nvfp4 precision,
     # as Transformer Engine's GroupedLinear runs them; torchtitan's float8 and
     # mx converters quantize nn.Linear only and leave its GroupedExperts in
     # bf16 (its quantize.grouped_mm converters are torchao prototypes loom
     # does not write: components/quantization/float8.py, mx.py).
-    quantized_experts: bool = True
+    quantized_experts: pydantic.StrictBool = True
 
     @pydantic.model_validator(mode="after")
     def _moe_combinations(self) -> Features:
@@ -269,6 +269,13 @@ class Job:
     layer_profile: LayerProfile | None = None  # measured layers in place of estimates
     profiles: tuple[str, ...] = ()  # the profile files applied
     memory_headroom: MemoryHeadroom = DEFAULT_HEADROOM  # what every plan leaves free (headroom.py)
+    flags: tuple[tuple[str, str], ...] = ()  # (field, flag) of the fields a command-line flag set
+
+    def blame(self, field_name: str) -> tuple[str, str]:
+        """(source, field) to name in an error about ``field_name``: the
+        command line's flag where one set it, else the job file's field."""
+        flag = dict(self.flags).get(field_name)
+        return ("command line", flag) if flag else (self.source, field_name)
 
     def __post_init__(self) -> None:
         # torchtitan 0.2.2's deepseek_v3 builds no multi-token prediction
@@ -345,6 +352,7 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
         train_iters=spec.train_iters,
         source=source,
         memory_headroom=parse_headroom(spec.memory_headroom),
+        flags=tuple(flags.items()),
     )
     try:
         check_job(job)
@@ -497,6 +505,10 @@ def _check_torchtitan(job: Job) -> None:
         if not getattr(job.features, feature):
             raise SpecError(job.source, *_from_stack(job, feature, "true with torchtitan (FSDP2 and its DDP always overlap "
                                                                    "their collectives with compute)"))
+    flavor = torchtitan.flavor_of(job.model)
+    if job.features.tp_comm_overlap and flavor is not None and flavor.name == "gpt_oss":
+        raise SpecError(job.source, "features.tp_comm_overlap", "false for torchtitan's gpt_oss (its parallelize_fn applies TP with "
+                        "enable_async_tp=False: models/gpt_oss/infra/parallelize.py)", True)
     if job.model.moe is None:
         return
     for feature in ("moe_router_fusion", "moe_permute_fusion"):
@@ -511,7 +523,6 @@ def _check_torchtitan(job: Job) -> None:
     if job.features.quantized_experts and job.precision in ("fp8", "nvfp4"):
         raise SpecError(job.source, *_from_stack(job, "quantized_experts", "false with torchtitan (loom writes its float8 or mx "
                                                                          "converter for nn.Linear only; the experts stay in bf16)"))
-    flavor = torchtitan.flavor_of(job.model)
     if job.features.moe_token_dispatcher == "deepep" and flavor is not None and flavor.name != "deepseek_v3":
         raise SpecError(job.source, *_from_stack(job, "moe_token_dispatcher", f"alltoall for torchtitan's {flavor.name} (only its "
                                                                               "deepseek_v3 reads expert_parallel_comm_backend)"))
