@@ -63,8 +63,9 @@ def experts(
         methods["loom"] = solution.figures
         Console().print(_table(problem, methods, trace is not None))
         by_ep = ", ".join(f"{ep}: {ratio:.4g}" for ep, ratio in imbalance_by_ep_size(problem.load_tokens).items())
-        Console().print(f"for loom plan: busiest/mean rank load per EP size\n(Megatron's contiguous experts, no replicas)\n"
-                        f"features: {{moe_load_imbalance: {{{by_ep}}}}}", markup=False, soft_wrap=True)
+        if by_ep:  # one expert: no EP size above 1 to spread it over
+            Console().print(f"for loom plan: busiest/mean rank load per EP size\n(Megatron's contiguous experts, no replicas)\n"
+                            f"features: {{moe_load_imbalance: {{{by_ep}}}}}", markup=False, soft_wrap=True)
         cut_short = f"; {solution.cut_short}" if solution.cut_short else ""
         err.print(f"loom: {solution.method}, {solution.status}, objective {solution.objective:,.1f}, bound {solution.bound:,.1f}, "
                   f"gap {solution.gap:.1%}, {solution.wall_time_s:.1f} s{cut_short}")

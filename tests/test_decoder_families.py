@@ -427,3 +427,17 @@ def test_out_of_scope_architectures_are_refused_saying_what_they_are(tmp_path, f
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "config.json")])
     assert result.exit_code == 2 and what in result.output and "model_type" in result.output and "Traceback" not in result.output
+
+
+def test_gpt_oss_yarn_and_qwen3_moe_yarn_are_refused_each_once():
+    """A launch file would train plain RoPE where the config scales it (YaRN): refused, with one problem, not a Llama-3 check besides."""
+    from loom.planner.specs.errors import SpecError
+    from loom.planner.specs.model import model_from_hf_config
+    from loom.profiles.catalogue import MODELS_DIR
+
+    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}
+    for name in ("gpt-oss-20b", "qwen3-30b-a3b"):
+        config = {**json.loads((MODELS_DIR / f"{name}.json").read_text()), "rope_scaling": yarn}
+        with pytest.raises(SpecError) as refused:
+            model_from_hf_config(config, name, "config.json")
+        assert [field for field, _, _ in refused.value.problems] == ["rope_scaling"]

@@ -444,3 +444,10 @@ def test_one_gpu_gets_a_finite_bound_in_strict_json(tmp_path):
     assert result.exit_code == 0, result.output
     solver = json.loads((tmp_path / "out" / MAP_FILE).read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the map"))["solver"]
     assert solver["gap"] == 0.0 and solver["bound"] == solver["objective"]
+
+
+def test_one_expert_prints_no_imbalance_line_plan_would_refuse(tmp_path):
+    np.save(tmp_path / "one.npy", np.ones((1, 1)))
+    result = run_experts(str(tmp_path / "one.npy"), "--ep-size", "2", "--slots-per-gpu", "1")
+    assert result.exit_code == 0, result.output
+    assert "moe_load_imbalance" not in result.output

@@ -44,10 +44,11 @@ STARCODER2 = {"starcoder2"}
 # (transformers' Starcoder2Attention, Phi3Attention, MistralAttention and
 # MixtralAttention pass it to each layer; Mistral 7B v0.1's is 4096).
 WINDOW_EVERY_LAYER = {"starcoder2", "phi3", "mistral", "mixtral"}
-# Families added with issue #16 whose rope_scaling loom checks: none, or
-# "dynamic" NTK scaling, which changes nothing within max_position_embeddings
-# (transformers' dynamic rope update) and so nothing in pre-training.
-ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon", "olmo2"}
+# Families (issue #16's, and gpt-oss, whose configs carry YaRN) whose
+# rope_scaling loom checks: none, or "dynamic" NTK scaling, which changes
+# nothing within max_position_embeddings (transformers' dynamic rope update)
+# and so nothing in pre-training.
+ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon", "olmo2", "gpt_oss"}
 # Llama 3.1's frequency scaling as megatron-core applies it (RotaryEmbedding
 # _apply_scaling, --use-rope-scaling): only the factor is an argument; the
 # rest are fixed at these.
@@ -838,6 +839,8 @@ def _rope_scaling_factor(read: ConfigReader, family: str) -> float | None:
         return None
     read.require(kind == "llama3", "rope_scaling", f"none, dynamic or llama3 for {family} (megatron-core's --use-rope-scaling is "
                  "Llama 3.1's; other scalings loom does not write)", kind)
+    if kind != "llama3":  # its other keys are another scaling's
+        return None
     for key, fixed in LLAMA3_ROPE_FIXED.items():
         value = scaling.number(key, default=fixed, high=1e9)
         read.require(value == fixed, f"rope_scaling.{key}", f"{fixed:g}, the value megatron-core's --use-rope-scaling applies", value)
@@ -885,8 +888,9 @@ def _check_family(read: ConfigReader, family: str) -> None:
         # Phi-3-128k / Phi-3.5-mini: LongRoPE ("longrope", formerly "su"), a
         # rescaling factor per rotary dimension, which megatron-core's rotary
         # embeddings (rope, yarn, llama3-style --use-rope-scaling) do not have.
-        read.require(kind in (None, "default", "dynamic"), "rope_scaling", f"none or dynamic for {family} (megatron-core's rotary "
-                     "embedding has no per-dimension LongRoPE factors nor this family's scaling)", kind)
+        read.require(kind in (None, "default", "dynamic"), "rope_scaling", f"none or dynamic for {family} (loom writes plain rotary "
+                     "embeddings: Megatron-LM core_v0.16.1's flags have no per-dimension LongRoPE factors, and YaRN for GPT models "
+                     "only in megatron-core, not --position-embedding-type)", kind)
 
 
 def _sliding_window(read: ConfigReader, num_layers: int, period: int, default: int = 0) -> tuple[int | None, tuple[bool, ...]]:
