@@ -569,6 +569,13 @@ def _priced_stage_activations(shape: Shape, layout: Layout, stage: Stage, framew
     if layout.recompute == "full":
         # Backward re-runs one layer's forward and holds all its activations.
         transient = max(transient, max(layer_activation_bytes(shape, "none", kind) for kind in shape.model.layer_kinds))
+    elif layout.recompute == "selective":
+        # Backward re-runs one layer's recomputed modules and holds what they
+        # save until that layer's backward is through (megatron-core's
+        # CheckpointWithoutOutput; torch.utils.checkpoint under torchtitan).
+        modules = layout.selective_modules
+        transient = max(transient, max(layer_activation_bytes(shape, "none", kind) - layer_activation_bytes(shape, "selective", kind, modules)
+                                       for kind in shape.model.layer_kinds))
     return activations, transient
 
 
