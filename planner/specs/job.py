@@ -553,9 +553,11 @@ def _check_moe_features(job: Job, moe: MoE) -> None:
     features = job.features
     if job.framework == "deepspeed":
         for feature in MEGATRON_MOE_FEATURES:
-            if getattr(features, feature) != Features.model_fields[feature].default:
-                raise SpecError(job.source, f"features.{feature}", f"{Features.model_fields[feature].default} with deepspeed (Megatron's "
-                                "MoE feature; loom writes DeepSpeed's MoE layer dropless, on its all-to-all)", getattr(features, feature))
+            default = Features.model_fields[feature].default
+            if getattr(features, feature) != default:
+                shown = {None: "unset", False: "false"}.get(default, default)
+                raise SpecError(job.source, f"features.{feature}", f"{shown} with deepspeed (Megatron's MoE feature; loom writes "
+                                "DeepSpeed's MoE layer dropless, on its all-to-all)", getattr(features, feature))
         return
     if job.framework == "torchtitan":
         for feature in ("moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity"):
