@@ -569,3 +569,16 @@ def test_expert_biases_turn_off_the_bias_dropout_fusion():
     lay = layout(dp=64, ep=8)
     assert "--no-bias-dropout-fusion" in megatron_args(job, lay, uniform_stages(oss, lay))
     assert "--no-bias-dropout-fusion" not in megatron_args(mixtral_job(), lay, uniform_stages(MIXTRAL, lay))
+
+
+@pytest.mark.parametrize("framework, model, dispatcher", [("deepspeed", "mixtral-8x7b", "deepep"), ("torchtitan", "qwen3-30b-a3b", "deepep")])
+def test_searched_dispatchers_are_the_frameworks_too(framework, model, dispatcher):
+    """search.moe_token_dispatcher cannot list what the framework does not run (DeepSpeed's own all-to-all; torchtitan's qwen3 ignores DeepEP)."""
+    from loom.planner.search.layouts import dispatcher_variants
+    from loom.planner.specs.job import stack_features
+
+    stack = "torchtitan" if framework == "torchtitan" else "megatron-lm"
+    job = Job(model=load_model(model), cluster=make_cluster(8), global_batch_size=256, seq_length=4096, framework=framework, stack=stack,
+              features=stack_features(stack, Features()), search=SearchFile(moe_token_dispatcher=["alltoall", dispatcher]))
+    with pytest.raises(SpecError, match="search.moe_token_dispatcher"):
+        dispatcher_variants(job)

@@ -347,6 +347,8 @@ def test_megatron_arguments_give_interleaving_and_block_recompute():
     assert layout_from_arguments(job, {**arguments, "recompute_method": "uniform"}, "train.log").recompute_num_layers == 0
     with pytest.raises(SpecError, match="num_layers"):
         layout_from_arguments(job, {**arguments, "num_layers": "80"}, "train.log")
+    # Megatron fills expert_tensor_parallel_size with TP even for a dense model: no experts, no ETP.
+    assert layout_from_arguments(job, {**arguments, "expert_tensor_parallel_size": "2"}, "train.log").etp == 1
 
 
 @pytest.mark.parametrize("framework", ["torchtitan", "deepspeed"])

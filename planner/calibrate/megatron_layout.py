@@ -77,7 +77,8 @@ def layout_from_arguments(job: Job, arguments: dict[str, str], source: str) -> L
     modules = _argument(arguments, "recompute_modules")
     return Layout(
         tp=tp, pp=pp, dp=dp, cp=_count(arguments, "context_parallel_size", source, 1), ep=_count(arguments, "expert_model_parallel_size", source, 1),
-        etp=_count(arguments, "expert_tensor_parallel_size", source, 1), vpp=vpp if isinstance(vpp, int) and vpp > 1 else 1,
+        # A dense model has no experts to split: Megatron fills expert_tensor_parallel_size with TP regardless (validate_args).
+        etp=_count(arguments, "expert_tensor_parallel_size", source, 1) if job.model.moe is not None else 1, vpp=vpp if isinstance(vpp, int) and vpp > 1 else 1,
         micro_batch_size=_count(arguments, "micro_batch_size", source), global_batch_size=_count(arguments, "global_batch_size", source),
         sequence_parallel=_argument(arguments, "sequence_parallel") is True, recompute=recompute,
         recompute_modules=tuple(modules) if recompute == "selective" and isinstance(modules, list) and modules != ["core_attn"] else (),

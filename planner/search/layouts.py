@@ -41,7 +41,7 @@ import pydantic
 from loom.planner.cost.layers import shape_of
 from loom.planner.specs import torchtitan
 from loom.planner.specs.errors import InfeasibleError, SpecError
-from loom.planner.specs.job import Features, Job
+from loom.planner.specs.job import Features, Job, check_job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 from loom.planner.cost.memory import GiB, stage_peak_bytes, stage_state_bytes
@@ -357,7 +357,13 @@ def dispatcher_variants(job: Job) -> list[Job]:
             raise SpecError(job.source, "search.moe_token_dispatcher", f"dispatchers the job's features allow ({reason})", dispatcher) from None
         if job.framework == "torchtitan" and dispatcher not in torchtitan.DISPATCHERS:
             raise SpecError(job.source, "search.moe_token_dispatcher", f"{' or '.join(torchtitan.DISPATCHERS)} with torchtitan", dispatcher)
-        variants.append(replace(job, features=features))
+        variant = replace(job, features=features)
+        try:  # what the framework runs (DeepSpeed: its own all-to-all; torchtitan: DeepEP for deepseek_v3 only)
+            check_job(variant)
+        except SpecError as refused:
+            _, expected, _ = refused.problems[0]
+            raise SpecError(job.source, "search.moe_token_dispatcher", f"dispatchers {job.framework} runs ({expected})", dispatcher) from None
+        variants.append(variant)
     return variants
 
 
