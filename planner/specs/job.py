@@ -555,8 +555,7 @@ def _check_moe_features(job: Job, moe: MoE) -> None:
         for feature in MEGATRON_MOE_FEATURES:
             default = Features.model_fields[feature].default
             if getattr(features, feature) != default:
-                shown = {None: "unset", False: "false"}.get(default, default)
-                raise SpecError(job.source, f"features.{feature}", f"{shown} with deepspeed (Megatron's MoE feature; loom writes "
+                raise SpecError(job.source, f"features.{feature}", f"{_shown(default)} with deepspeed (Megatron's MoE feature; loom writes "
                                 "DeepSpeed's MoE layer dropless, on its all-to-all)", getattr(features, feature))
         return
     if job.framework == "torchtitan":
@@ -582,6 +581,11 @@ def _check_moe_features(job: Job, moe: MoE) -> None:
                         f"num_experts_per_tok {moe.top_k}")
 
 
+def _shown(default: object) -> str:
+    """A feature's default as a job file writes it: unset, false, true, 1."""
+    return f"{default:g}" if isinstance(default, float) else {None: "unset", False: "false", True: "true"}.get(default, str(default))
+
+
 def _check_dense(job: Job) -> None:
     """A dense model's job sets no MoE feature its stack did not (it would
     be ignored, where the user meant something by it), nor searches
@@ -590,7 +594,7 @@ def _check_dense(job: Job) -> None:
     for feature in MOE_FEATURES:
         value, default = getattr(job.features, feature), Features.model_fields[feature].default
         if value != preset.get(feature, default) and value != default:
-            shown = {None: "unset", False: "false", True: "true"}.get(default, default) if not isinstance(default, float) else f"{default:g}"
+            shown = _shown(default)
             raise SpecError(job.source, f"features.{feature}", f"{shown}, the default, for {job.model.name} (a dense model: no experts)",
                             dict(value) if isinstance(value, tuple) else value)
     if job.search.moe_token_dispatcher != "auto":
