@@ -7,6 +7,7 @@ build, refused."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -441,3 +442,64 @@ def test_gpt_oss_yarn_and_qwen3_moe_yarn_are_refused_each_once():
         with pytest.raises(SpecError) as refused:
             model_from_hf_config(config, name, "config.json")
         assert [field for field, _, _ in refused.value.problems] == ["rope_scaling"]
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v2-lite"])
+def test_deepseek_yarn_reaches_megatrons_mla_rotary_embedding(name):
+    """DeepSeek's YaRN (factor 40, its two mscales) is written as Megatron-LM's
+    MLA flags and builds megatron-core's YarnRotaryEmbedding with the
+    config's terms (it was dropped: MLA trained YaRN with factor 1)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_mscale
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from loom.profiles.catalogue import MODELS_DIR
+    from test_emit_megatron import parse_flags
+
+    scaling = json.loads((MODELS_DIR / f"{name}.json").read_text())["rope_scaling"]
+    spec = load_model(name)
+    cluster = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "t")
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, ep=8, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True)
+    flags = parse_flags(megatron_args(Job(model=spec, cluster=cluster, global_batch_size=64, seq_length=4096), layout, uniform_stages(spec, layout)))
+    config = MLATransformerConfig(num_layers=2, hidden_size=int(flags["hidden-size"]), num_attention_heads=int(flags["num-attention-heads"]),
+                                  multi_latent_attention=True, kv_lora_rank=int(flags["kv-lora-rank"]),
+                                  qk_head_dim=int(flags["qk-head-dim"]), qk_pos_emb_head_dim=int(flags["qk-pos-emb-head-dim"]),
+                                  v_head_dim=int(flags["v-head-dim"]), rotary_scaling_factor=float(flags["rotary-scaling-factor"]),
+                                  mscale=float(flags["mscale"]), mscale_all_dim=float(flags["mscale-all-dim"]))
+    assert config.rope_type == "yarn"
+    assert (config.rotary_scaling_factor, config.mscale, config.mscale_all_dim) == (scaling["factor"], scaling["mscale"], scaling["mscale_all_dim"])
+    assert (config.original_max_position_embeddings, config.beta_fast, config.beta_slow) == (
+        scaling["original_max_position_embeddings"], scaling["beta_fast"], scaling["beta_slow"])
+    # The temperature megatron-core's MLA puts on its softmax scale (mscale_all_dim), DeepSeek's yarn_get_mscale.
+    temperature = _yarn_get_mscale(config.rotary_scaling_factor, config.mscale_all_dim)
+    assert temperature == pytest.approx(0.1 * scaling["mscale_all_dim"] * math.log(scaling["factor"]) + 1.0) and temperature > 1.2
+
+
+def test_mla_yarn_megatron_cannot_set_is_refused_naming_the_term():
+    from loom.planner.specs.model import model_from_hf_config
+    from loom.profiles.catalogue import MODELS_DIR
+
+    config = json.loads((MODELS_DIR / "deepseek-v3.json").read_text())
+    for change, field in (({"beta_fast": 16}, "rope_scaling.beta_fast"), ({"original_max_position_embeddings": 8192},
+                          "rope_scaling.original_max_position_embeddings"), ({"type": "linear"}, "rope_scaling")):
+        with pytest.raises(SpecError) as refused:
+            model_from_hf_config({**config, "rope_scaling": {**config["rope_scaling"], **change}}, "deepseek", "config.json")
+        assert [problem[0] for problem in refused.value.problems] == [field]
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "llama-3-8b", "qwen3-8b"])
+def test_transformers_5_rope_parameters_read_as_rope_scaling(name):
+    """transformers 5 saves rope_theta and the scaling under rope_parameters
+    (rope_type "default" when unscaled): the same model as transformers 4's keys."""
+    from loom.planner.specs.model import model_from_hf_config
+    from loom.profiles.catalogue import MODELS_DIR
+
+    config = json.loads((MODELS_DIR / f"{name}.json").read_text())
+    scaling = config.pop("rope_scaling", None) or {"rope_type": "default"}
+    saved = {**config, "rope_parameters": {**scaling, "rope_theta": config.pop("rope_theta")}}
+    assert model_from_hf_config(saved, name, "config.json") == load_model(name)
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if name == "llama-3-8b":
+        assert model_from_hf_config({**saved, "rope_parameters": {**llama31, "rope_theta": 500000.0}}, name, "c").rope_scaling_factor == 8.0
+    with pytest.raises(SpecError) as refused:
+        model_from_hf_config({**saved, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, name, "config.json")
+    assert refused.value.problems[0][0] == "rope_parameters"

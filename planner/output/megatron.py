@@ -230,6 +230,11 @@ def _mla_args(m: ModelSpec) -> list[str]:
             "--qk-pos-emb-head-dim", str(m.mla.qk_rope_head_dim), "--v-head-dim", str(m.mla.v_head_dim)]
     if m.mla.q_lora_rank:
         args += ["--q-lora-rank", str(m.mla.q_lora_rank)]
+    if m.mla.rope_scaling_factor is not None:
+        # MLA's rotary embeddings are YaRN by default (rope_type "yarn"); these
+        # are its factor and temperatures (Megatron-LM's DeepSeek examples).
+        args += ["--rotary-scaling-factor", f"{m.mla.rope_scaling_factor:g}", "--mscale", f"{m.mla.mscale:g}",
+                 "--mscale-all-dim", f"{m.mla.mscale_all_dim:g}"]
     return args
 
 

@@ -49,6 +49,11 @@ WINDOW_EVERY_LAYER = {"starcoder2", "phi3", "mistral", "mixtral"}
 # nothing within max_position_embeddings (transformers' dynamic rope update)
 # and so nothing in pre-training.
 ROPE_CHECKED = {"qwen3", "phi3", "internlm2", "starcoder2", "qwen2_moe", "nemotron", "falcon", "olmo2", "gpt_oss"}
+# YaRN terms megatron-core's multi-head latent attention fixes
+# (MLATransformerConfig's original_max_position_embeddings, beta_fast,
+# beta_slow; no Megatron-LM core_v0.16.1 flag sets them); DeepSeek-V2 and V3
+# were extended from 4K with these.
+MLA_YARN_FIXED = {"original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
 # Llama 3.1's frequency scaling as megatron-core applies it (RotaryEmbedding
 # _apply_scaling, --use-rope-scaling): only the factor is an argument; the
 # rest are fixed at these.
@@ -230,6 +235,14 @@ class MLA:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    # YaRN on the rotary part (Peng et al. 2023, arXiv 2309.00071; DeepSeek-V2
+    # sec. 3.3): the frequency scaling factor (None: unscaled rotary
+    # embeddings) and the attention-temperature terms of DeepSeek's
+    # yarn_get_mscale, mscale over the rotary part and mscale_all_dim over the
+    # softmax scale (megatron-core's YarnRotaryEmbedding and MLA softmax_scale).
+    rope_scaling_factor: float | None = None
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
 
     @property
     def qk_head_dim(self) -> int:
@@ -667,7 +680,7 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         normalization="RMSNorm" if llama_like else "LayerNorm",
         dropout=dropout,
         kv_channels=head_dim if head_dim != hidden // heads else None,
-        rope_theta=read.number("rope_theta", "rotary_emb_base", default=10000.0, high=1e12, above_low=True),
+        rope_theta=_rope_theta(read),
         rope_scaling_factor=_rope_scaling_factor(read, family) if family in LLAMA_LIKE - ROPE_CHECKED - MLA_FAMILIES else None,
         rotary_percent=read.number("partial_rotary_factor", default=1.0 if family == "phi3" else 0.5, high=1.0, above_low=True)
         if family in ("phi3", "nemotron") else 1.0,
@@ -828,22 +841,39 @@ def _falcon(read: ConfigReader, spec: ModelSpec) -> ModelSpec:
                    megatron_unbuildable=MEGATRON_CANNOT_BUILD["falcon"] if parallel or alibi else None)
 
 
+def _rope_scaling(read: ConfigReader) -> tuple[str, ConfigReader | None, str | None]:
+    """The config's rotary-embedding scaling: its key, reader and kind
+    (None or "default" unscaled; "dynamic", "llama3", "yarn", ...).
+    transformers 4 saves ``rope_scaling``; transformers 5 saves
+    ``rope_parameters`` (rope_type "default" when unscaled, rope_theta inside)."""
+    key = "rope_scaling" if read.has("rope_scaling") else "rope_parameters"
+    scaling = read.nested(key)
+    return key, scaling, scaling.str("rope_type", scaling.str("type")) if scaling else None
+
+
+def _rope_theta(read: ConfigReader) -> float:
+    """The rotary base: top-level ``rope_theta`` (or GPT-NeoX's
+    ``rotary_emb_base``), else transformers 5's ``rope_parameters.rope_theta``."""
+    parameters = read.nested("rope_parameters")
+    inner = parameters.number("rope_theta", default=10000.0, high=1e12, above_low=True) if parameters else 10000.0
+    return read.number("rope_theta", "rotary_emb_base", default=inner, high=1e12, above_low=True)
+
+
 def _rope_scaling_factor(read: ConfigReader, family: str) -> float | None:
     """Llama 3.1's rope scaling factor (None: no scaling) of a Llama-like
     family that ROPE_CHECKED does not cover. Scalings megatron-core cannot
     apply (yarn, linear, llama3 with other fixed values) are refused: a
     launch file would train other position encodings than the config's."""
-    scaling = read.nested("rope_scaling")
-    kind = scaling.str("rope_type", scaling.str("type")) if scaling else None
+    key, scaling, kind = _rope_scaling(read)
     if kind in (None, "default", "dynamic"):
         return None
-    read.require(kind == "llama3", "rope_scaling", f"none, dynamic or llama3 for {family} (megatron-core's --use-rope-scaling is "
+    read.require(kind == "llama3", key, f"none, dynamic or llama3 for {family} (megatron-core's --use-rope-scaling is "
                  "Llama 3.1's; other scalings loom does not write)", kind)
     if kind != "llama3":  # its other keys are another scaling's
         return None
     for key, fixed in LLAMA3_ROPE_FIXED.items():
         value = scaling.number(key, default=fixed, high=1e9)
-        read.require(value == fixed, f"rope_scaling.{key}", f"{fixed:g}, the value megatron-core's --use-rope-scaling applies", value)
+        scaling.require(value == fixed, key, f"{fixed:g}, the value megatron-core's --use-rope-scaling applies", value)
     return scaling.number("factor", default=8.0, high=1e6, above_low=True)
 
 
@@ -883,12 +913,11 @@ def _check_family(read: ConfigReader, family: str) -> None:
         read.require(activation in SWIGLU_ACTIVATIONS, "hidden_act", f"silu for {family} (its gated MLP is SwiGLU, Megatron's --swiglu)",
                      activation)
     if family in ROPE_CHECKED:
-        scaling = read.nested("rope_scaling")
-        kind = scaling.str("rope_type", scaling.str("type")) if scaling else None
+        key, _, kind = _rope_scaling(read)
         # Phi-3-128k / Phi-3.5-mini: LongRoPE ("longrope", formerly "su"), a
         # rescaling factor per rotary dimension, which megatron-core's rotary
         # embeddings (rope, yarn, llama3-style --use-rope-scaling) do not have.
-        read.require(kind in (None, "default", "dynamic"), "rope_scaling", f"none or dynamic for {family} (loom writes plain rotary "
+        read.require(kind in (None, "default", "dynamic"), key, f"none or dynamic for {family} (loom writes plain rotary "
                      "embeddings: Megatron-LM core_v0.16.1's flags have no per-dimension LongRoPE factors, and YaRN for GPT models "
                      "only in megatron-core, not --position-embedding-type)", kind)
 
@@ -999,13 +1028,38 @@ def _qwen_dense_layers(read: ConfigReader, num_layers: int) -> int:
 
 
 def _mla(read: ConfigReader) -> MLA:
-    return MLA(
+    mla = MLA(
         q_lora_rank=read.int("q_lora_rank", high=LIMITS["width"]) if read.has("q_lora_rank") else None,
         kv_lora_rank=read.int("kv_lora_rank", high=LIMITS["width"]),
         qk_nope_head_dim=read.int("qk_nope_head_dim", high=LIMITS["width"]),
         qk_rope_head_dim=read.int("qk_rope_head_dim", high=LIMITS["width"]),
         v_head_dim=read.int("v_head_dim", high=LIMITS["width"]),
     )
+    return _mla_yarn(read, mla)
+
+
+def _mla_yarn(read: ConfigReader, mla: MLA) -> MLA:
+    """``mla`` with the config's YaRN ``rope_scaling`` (DeepSeek-V2/V3 ship
+    ``type: yarn``, factor 40). Megatron-LM core_v0.16.1 sets only the
+    factor and the two mscales (--rotary-scaling-factor, --mscale,
+    --mscale-all-dim); the other YaRN terms must be MLATransformerConfig's
+    fixed defaults (MLA_YARN_FIXED), or a launch file would train other
+    position encodings than the config's. Absent keys take DeepSeek's
+    modeling defaults (DeepseekV2YarnRotaryEmbedding: mscale 1,
+    mscale_all_dim 0, beta_fast 32, beta_slow 1, original 4,096 positions)."""
+    key, scaling, kind = _rope_scaling(read)
+    if kind in (None, "default", "dynamic"):
+        return mla
+    read.require(kind == "yarn", key, "none, dynamic or yarn for multi-head latent attention (megatron-core's MLA "
+                 "rotary embeddings are plain or YaRN)", kind)
+    if kind != "yarn":  # its other keys are another scaling's
+        return mla
+    for key, fixed in MLA_YARN_FIXED.items():
+        value = scaling.number(key, default=fixed, high=1e9)
+        scaling.require(value == fixed, key, f"{fixed:g}, MLATransformerConfig's value (Megatron-LM core_v0.16.1 has no flag for it)",
+                        value)
+    return replace(mla, rope_scaling_factor=scaling.number("factor", default=1.0, low=1.0, high=1e6),
+                   mscale=scaling.number("mscale", default=1.0, high=1e3), mscale_all_dim=scaling.number("mscale_all_dim", default=0.0, high=1e3))
 
 
 def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
