@@ -568,3 +568,40 @@ def test_a_megatron_run_that_stopped_before_logging_says_so(plan_json, tmp_path)
     log.write_text(_megatron_log([], {}, ARGS) + "RuntimeError: CUDA out of memory\n")
     result = runner.invoke(app, ["compare", str(plan_json), str(log)])
     assert result.exit_code == 2 and "logged none" in result.output
+
+
+def _deepspeed_pipeline_log(iteration_s: list[float], batch: int, every: int, timers_ms: dict[str, float]) -> str:
+    """A PipelineEngine's rank-0 stdout, in its own formats (deepspeed/runtime/pipe/engine.py
+    train_batch, utils/timer.py Timers.log): the timers are sums over ``every`` steps."""
+    lines = []
+    for index, seconds in enumerate(iteration_s):
+        if timers_ms:
+            lines.append("time (ms) | " + " | ".join(f"{name}: {every * ms:.2f}" for name, ms in timers_ms.items()))
+        lines.append(f"steps: {every * (index + 1)} loss: 10.4321 iter time (s): {seconds:0.3f} samples/sec: {batch / seconds:0.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def test_deepspeed_pipeline_log_is_compared_and_calibrated(tmp_path):
+    """A DeepSpeed pipeline run prints no throughput-timer line (PipelineEngine
+    skips DeepSpeedEngine.step): its 'steps: ... iter time (s)' lines time it."""
+    job, out = small_job(tmp_path, "deepspeed"), tmp_path / "plan"
+    made = runner.invoke(app, ["evaluate", str(job), "--tp", "1", "--pp", "2", "--mbs", "1", "--zero-stage", "1", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    plan = json.loads((out / "plan.json").read_text())["plans"][0]
+    predicted, bubble = plan["predicted"]["step_time_s"], plan["predicted"]["breakdown_s"]["pipeline_bubble"]
+    measured = 1.2 * predicted
+    log = tmp_path / "train.log"
+    log.write_text(_deepspeed_pipeline_log([3 * measured, measured, measured, measured], 32, 5,
+                                           {"pipe_recv_input": 1e3 * bubble / 2, "pipe_recv_grad": 1e3 * bubble / 2}))
+    read = read_run_log(log)
+    assert read.format == "deepspeed" and [(i.first, i.last) for i in read.intervals] == [(1, 5), (6, 10), (11, 15), (16, 20)]
+    assert read.timers_s["pipe_recv_input"] == pytest.approx(bubble / 2, abs=1e-5)  # per step, the warm-up sum left out
+    result = runner.invoke(app, ["compare", str(out / "plan.json"), str(log), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["measured"]["step_time_s"] == pytest.approx(measured, abs=1e-3) and report["warmup_iterations"] == 5
+    pipe = next(row for row in report["rows"] if row["quantity"] == "pipeline send/recv (pipe timers)")
+    assert pipe["measured"] == pytest.approx(bubble, abs=1e-5)
+    fitted = runner.invoke(app, ["calibrate", str(job), str(out / "plan.json"), str(log), "--out", str(tmp_path / "calib.json")])
+    assert fitted.exit_code == 0, fitted.output
+    assert calibration.read_calibration(tmp_path / "calib.json").gemm.value < 1.0  # a slower run than loom's pace

@@ -59,8 +59,12 @@ MEGATRON_P2P = ("forward-recv", "forward-send", "backward-recv", "backward-send"
                 "forward-backward-send-forward-backward-recv")
 # DeepSpeed's global timers (deepspeed/runtime/engine.py): fwd and bwd summed
 # over the step's micro batches; bwd_allreduce the gradient reduction; step
-# the optimizer step (ZeRO's parameter gather after it included).
+# the optimizer step (ZeRO's parameter gather after it included). A
+# pipeline's send/recv timers (runtime/pipe/engine.py) wait for the
+# neighbour stage, so hold the bubble.
+DEEPSPEED_PIPE = ("pipe_send_output", "pipe_send_grad", "pipe_recv_input", "pipe_recv_grad")
 DEEPSPEED_TIMERS = {
+    "pipeline send/recv (pipe timers)": ("pp_comm", "pipeline_bubble"),
     "fwd": ("compute_forward",),
     "bwd_inner": ("compute_backward", "recompute", "overlap_contention"),
     "bwd_allreduce": ("dp_grad_reduce", "sharding_comm", "sharding_comm_once"),
@@ -108,6 +112,7 @@ POINTS_TO = {
     "embedding-grads-all-reduce": "the tied-embedding sync between the first and last stage",
     "params-all-gather": "the distributed optimizer's parameter all-gather (overlap_param_gather)",
     "optimizer": "the optimizer step (HBM streaming of its states) and the parameter gather",
+    "pipeline send/recv (pipe timers)": "the pipeline bubble (stage balance, schedule) and the PP link",
     "fwd": "forward compute rates",
     "bwd_inner": "backward compute rates and recomputation",
     "bwd_allreduce": "the gradient reduction (NIC efficiency, ZeRO's bucket overlap)",
@@ -232,6 +237,9 @@ def _timer_rows(plan: PlanReport, log: RunLog) -> list[Row]:
             timers["pipeline send/recv (p2p timers)"] = sum(p2p)
         table = MEGATRON_TIMERS
     elif log.format == "deepspeed":
+        pipe = [timers[name] for name in DEEPSPEED_PIPE if name in timers]
+        if pipe:
+            timers["pipeline send/recv (pipe timers)"] = sum(pipe)
         table = DEEPSPEED_TIMERS
     else:
         return rows

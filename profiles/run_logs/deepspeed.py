@@ -20,6 +20,17 @@ Lines read (any prefix, such as ``log_dist``'s ``[Rank 0]``, is fine):
   each summed over the step's micro batches and reset; the ``*_microstep``
   lines are per micro batch and are skipped); the first
   ``THROUGHPUT_START_STEP`` steps' are warm-up.
+
+A pipeline (``PipelineEngine``, deepspeed/runtime/pipe/engine.py) never stops
+the throughput timer (its ``train_batch`` skips ``DeepSpeedEngine.step``);
+``train_batch`` prints instead, every ``steps_per_print`` steps: ``steps: G
+loss: L [name: value ...] iter time (s): T samples/sec: S``, T the mean over
+the steps since the last line (the train_batch timer, reset at each line), S
+``train_batch_size`` / T. The first line holds the run's first step
+(warm-up). Its wall-clock timers (the global ones and ``pipe_send_output``,
+``pipe_send_grad``, ``pipe_recv_input``, ``pipe_recv_grad``) are logged at
+those steps only, each summed since the last line: divided here by the steps
+between lines; the first of each is warm-up. It prints no memory figure.
 """
 
 from __future__ import annotations
@@ -34,20 +45,23 @@ THROUGHPUT = re.compile(r"epoch=(\d+)/micro_step=(\d+)/global_step=(\d+),(.*)$")
 KEY_VALUE = re.compile(r"(\w+)=([^,\s]+)")
 THROUGHPUT_START_STEP = 2  # ThroughputTimer(start_step=2): steps it leaves out as warm-up
 TIMERS = re.compile(r"\btime \(ms\)((?:\s*\|\s*\w+:\s*\S+)+)")
+PIPELINE = re.compile(r"\bsteps: (\d+) loss: .*?\biter time \(s\): (\S+) samples/sec: (\S+)")
 
 
 def looks_like(lines: list[str]) -> bool:
-    """Whether ``lines`` are a DeepSpeed log (a ThroughputTimer line)."""
-    return any(THROUGHPUT.search(line) for line in lines)
+    """Whether ``lines`` are a DeepSpeed log (a ThroughputTimer line, or a
+    PipelineEngine's ``steps: ...`` line)."""
+    return any(THROUGHPUT.search(line) or PIPELINE.search(line) for line in lines)
 
 
 def read(lines: list[str], source: str) -> RunLog:
     """The run a DeepSpeed log describes (module docstring: what is read).
 
     Raises SpecError naming ``source`` and the line of an unreadable figure."""
+    if not any(THROUGHPUT.search(line) for line in lines):
+        return _read_pipeline(lines, source)
     intervals: list[Interval] = []
     peaks: list[tuple[float, int]] = []
-    blocks: list[dict[str, float]] = []
     previous = 0
     for index, line in enumerate(lines):
         line_number = index + 1
@@ -65,22 +79,59 @@ def read(lines: list[str], source: str) -> RunLog:
                 raise SpecError(source, f"line {line_number}", "a 'CurrSamplesPerSec=X' field", line.strip())
             peaks.append((number(fields["MaxMemAllocated"].removesuffix("GB"), source, line_number, "MaxMemAllocated") * GiB, line_number))
             previous = step
-            if fields["CurrSamplesPerSec"].lower().lstrip("+-") in ("inf", "nan"):
+            if _unmeasured(fields["CurrSamplesPerSec"]):
                 continue
-            rate = number(fields["CurrSamplesPerSec"], source, line_number, "CurrSamplesPerSec")
-            if rate <= 0:
-                raise SpecError(source, f"line {line_number}", "CurrSamplesPerSec above 0", fields["CurrSamplesPerSec"])
+            rate = _positive(fields["CurrSamplesPerSec"], source, line_number, "CurrSamplesPerSec")
             intervals.append(Interval(first=step, last=step, line=line_number, samples_per_s=rate))
+    warmup = sum(interval.last <= THROUGHPUT_START_STEP for interval in intervals)
+    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), memory=peak_report(peaks, 0, reserved=False),
+                  timers_s=_timers(lines, source, skip=THROUGHPUT_START_STEP, steps_per_value=1), warmup_logs=warmup)
+
+
+def _read_pipeline(lines: list[str], source: str) -> RunLog:
+    """A PipelineEngine's log (module docstring): one interval per ``steps:``
+    line, from the step after the previous line's to its own."""
+    intervals: list[Interval] = []
+    previous = 0
+    for index, line in enumerate(lines):
+        if not (match := PIPELINE.search(line)):
             continue
+        line_number, step = index + 1, int(match.group(1))
+        if step <= previous:
+            raise SpecError(source, f"line {line_number}", f"a step after {previous}", step)
+        first, previous = previous + 1, step
+        if _unmeasured(match.group(2)) or _unmeasured(match.group(3)):
+            continue
+        iteration_s = number(match.group(2), source, line_number, "iter time (s)")
+        rate = _positive(match.group(3), source, line_number, "samples/sec")
+        # A step under the 3-decimal print's resolution (0.000 s) is timed by its rate.
+        intervals.append(Interval(first=first, last=step, line=line_number, step_time_s=iteration_s if iteration_s > 0 else None,
+                                  samples_per_s=rate))
+    spacing = intervals[-1].last - intervals[-1].first + 1 if intervals else 1
+    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), timers_s=_timers(lines, source, skip=1, steps_per_value=spacing))
+
+
+def _unmeasured(text: str) -> bool:
+    """A rate or time printed as inf or nan (a step shorter than the timer resolves)."""
+    return text.lower().lstrip("+-") in ("inf", "nan")
+
+
+def _positive(text: str, source: str, line_number: int, what: str) -> float:
+    value = number(text, source, line_number, what)
+    if value <= 0:
+        raise SpecError(source, f"line {line_number}", f"{what} above 0", text)
+    return value
+
+
+def _timers(lines: list[str], source: str, skip: int, steps_per_value: int) -> dict[str, float]:
+    """Each wall-clock timer's median in seconds per step, its first ``skip``
+    values (warm-up) left out, each value covering ``steps_per_value`` steps;
+    the per-micro-batch ``*_microstep`` timers are not read."""
+    values: dict[str, list[float]] = {}
+    for index, line in enumerate(lines):
         if (match := TIMERS.search(line)) and "_microstep" not in line:
-            block = {}
             for part in match.group(1).split("|"):
                 name, sep, value = part.partition(":")
                 if sep:
-                    block[name.strip()] = number(value.strip(), source, line_number, f"timer {name.strip()}") / 1000.0
-            blocks.append(block)
-    steady = blocks[THROUGHPUT_START_STEP:] or blocks
-    timers = {name: statistics.median(block[name] for block in steady if name in block) for name in sorted({n for b in steady for n in b})}
-    warmup = sum(interval.last <= THROUGHPUT_START_STEP for interval in intervals)
-    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), memory=peak_report(peaks, 0, reserved=False), timers_s=timers,
-                  warmup_logs=warmup)
+                    values.setdefault(name.strip(), []).append(number(value.strip(), source, index + 1, f"timer {name.strip()}") / 1000.0)
+    return {name: statistics.median(series[skip:] or series) / steps_per_value for name, series in sorted(values.items())}
