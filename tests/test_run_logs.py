@@ -451,17 +451,18 @@ def test_a_resumed_megatron_0_16_run_skips_its_own_first_iterations(tmp_path):
     assert log.step_time_s() == pytest.approx(6.25)
 
 
-def test_megatron_timers_every_option_and_prefix(tmp_path):
+@pytest.mark.parametrize("label", ["63: ", "  7: ", "[default0]:"])  # srun -l pads its task ids to the widest one's width
+def test_megatron_timers_every_option_and_prefix(tmp_path, label):
     body = [_v016_line(it, 30, ms) for it, ms in ((10, 9000.0), (20, 7000.0), (30, 7000.0))]
     lines = []
     for index, line in enumerate(body):
-        lines.append("63: " + line)
-        lines += ["63: times across ranks (ms):", "63:   forward-backward:", "63:      rank  0: 6800.00", "63:      rank  1: 6900.00",
-                  "[Rank 32] (after 10 iterations) memory (MB) | allocated: 1.0 | max allocated: 2.0 | reserved: 3.0 | max reserved: 4.0",
-                  "63:   optimizer:", "63:      rank  0: 20.00", "63:      rank  1: 25.00"]
+        lines.append(label + line)
+        lines += [label + text for text in ("times across ranks (ms):", "  forward-backward:", "     rank  0: 6800.00", "     rank  1: 6900.00")]
+        lines.append("[Rank 32] (after 10 iterations) memory (MB) | allocated: 1.0 | max allocated: 2.0 | reserved: 3.0 | max reserved: 4.0")
+        lines += [label + text for text in ("  optimizer:", "     rank  0: 20.00", "     rank  1: 25.00")]
     path = tmp_path / "srun.log"
-    path.write_text("\n".join(["63: ------------------------ arguments ------------------------", "63:   log_interval .... 10",
-                               "63: -------------------- end of arguments ---------------------", *lines]) + "\n")
+    path.write_text("\n".join([label + "------------------------ arguments ------------------------", label + "  log_interval .... 10",
+                               label + "-------------------- end of arguments ---------------------", *lines]) + "\n")
     log = read_run_log(path)
     assert log.arguments == {"log_interval": "10"} and log.warmup_logs == 2  # core 0.16's timestamps: its first line is the first iteration's
     assert log.timers_s == pytest.approx({"forward-backward": 6.9, "optimizer": 0.025})  # the slowest rank, foreign lines between
