@@ -175,6 +175,21 @@ def test_compare_refuses_a_log_of_another_layout(plan_json, tmp_path):
     assert "tensor_model_parallel_size" in result.output and "expected 2" in result.output
 
 
+def test_compare_and_calibrate_refuse_a_log_of_another_precision(plan_json, tmp_path):
+    """An fp8 run against a bf16 plan is another job: its argument dump says so."""
+    precision = json.loads(plan_json.read_text())["precision"]
+    log = tmp_path / "train.log"
+    for arguments, named in (({"bf16": "True", "fp8": "hybrid"}, "fp8"), ({"bf16": "False", "fp16": "True", "fp8": "None"}, "fp16"),
+                             ({"bf16": "False", "fp16": "False", "fp8": "None"}, "bf16")):
+        log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, **arguments}))
+        for command in (["compare", str(plan_json), str(log)],
+                        ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")]):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 2 and f"the plan's precision, {precision}" in result.output and named in result.output, result.output
+    log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, "bf16": "True", "fp8": "None"}))
+    assert runner.invoke(app, ["compare", str(plan_json), str(log)]).exit_code == 0
+
+
 def test_compare_and_calibrate_refuse_a_log_of_another_global_batch(plan_json, tmp_path):
     """A log without an argument dump still prints each iteration's global
     batch: one of another batch is another job, whatever its step time."""

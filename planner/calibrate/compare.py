@@ -343,3 +343,23 @@ def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
     text = log.arguments.get("seq_length")
     if text is not None and text.strip().isdigit() and int(text) != report.seq_length:
         raise SpecError(log.path, "seq_length", f"{report.seq_length}, the plan's sequence length", int(text))
+    logged = megatron_precision(log.arguments)
+    if logged is not None and logged[1] != report.precision:
+        argument, precision = logged
+        raise SpecError(log.path, argument, f"the plan's precision, {report.precision}: this log ran {precision}", log.arguments[argument])
+
+
+def megatron_precision(arguments: dict[str, str]) -> tuple[str, str] | None:
+    """The precision a Megatron argument dump says the run trained in, as
+    loom names it, and the argument that says so (None: no dump): fp4 or
+    fp8 set (not "None") for NVFP4 and fp8 GEMMs, else bf16 or fp16 True,
+    else fp32 weights (loom's tf32; megatron/training/arguments.py)."""
+    if "bf16" not in arguments:
+        return None
+    for argument, precision in (("fp4", "nvfp4"), ("fp8", "fp8")):
+        if arguments.get(argument, "None") != "None":
+            return argument, precision
+    for argument in ("bf16", "fp16"):
+        if arguments.get(argument) == "True":
+            return argument, argument
+    return "bf16", "tf32"
