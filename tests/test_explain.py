@@ -336,6 +336,11 @@ INVALID = {
                               "the sum of breakdown_bytes"),
     "fits beyond capacity": (_set("plans", 0, "memory", "capacity_bytes", 1), "plans.0.memory.fits", "false: peak_bytes_per_gpu is beyond"),
     "an unknown field": (_set("plans", 0, "predicted", "tflops", 1.0), "plans.0.predicted.tflops", "did you mean 'tflops_per_gpu'"),
+    # names loom does not know: explain would print them as if planned
+    "an unknown framework": (_set("framework", "jax"), "framework", "'megatron', 'deepspeed' or 'torchtitan'"),
+    "an unknown precision": (_set("precision", "int3"), "precision", "'bf16', 'fp16', 'fp8'"),
+    "an unknown stack": (_set("stack", "nemo"), "stack", "one of megatron-lm"),
+    "an unknown feature": (_set("features", "flash_atention", True), "features.flash_atention", "a feature loom names"),
 }
 
 

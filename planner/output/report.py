@@ -30,8 +30,9 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from loom.planner.cost.layers import shape_of, sources
 from loom.planner.plan import Plan
 from loom.planner.specs.files import read_json, validate
-from loom.planner.specs.job import job_warnings
+from loom.planner.specs.job import Features, Framework, Precision, job_warnings
 from loom.planner.specs.layout import Recompute
+from loom.planner.specs.stacks import STACKS
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
 SCHEMA_VERSION = "1.7"
@@ -267,8 +268,8 @@ class Report(_ReportModel):
                                   "(the input embedding counted, as Qwen's and Phi's cards do)")
     cluster: str
     gpus: Count
-    framework: str
-    precision: str
+    framework: Framework
+    precision: Precision
     seq_length: Count
     plans: list[PlanReport] = pydantic.Field(json_schema_extra={"minItems": 1}, description="best first; at least one")
     search: SearchInfo
@@ -396,8 +397,12 @@ def _placement_problems(placement: list[GPUSlot], world_size: int, need) -> None
 def report_problems(report: Report) -> list[Invariant]:
     """What relates the plans to the report: there is one at least, each
     fits the cluster's GPUs, and all split the same model (the same number of
-    decoder layers)."""
+    decoder layers); the stack and the features are ones loom names."""
     problems, layers = [], [sum(stage.layers for stage in plan.stages) for plan in report.plans]
+    if report.stack not in STACKS:
+        problems.append((("stack",), f"one of {', '.join(STACKS)}", report.stack))
+    problems += [(("features", name), f"a feature loom names ({', '.join(Features.model_fields)})", name)
+                 for name in report.features if name not in Features.model_fields]
     if not report.plans:
         problems.append((("plans",), "at least one plan", []))
     for i, plan in enumerate(report.plans):
