@@ -172,6 +172,8 @@ def test_a_llava_config_nests_its_text_model(tmp_path):
     ({"nodes": 2, "node_overrides": [{"node": 1, "nic_Gbps": 100}, {"node": 1, "nic_Gbps": 300}]}, "node_overrides.1.node"),
     # an unknown field inside a list names the fields its entries take
     ({"nodes": 2, "node_overrides": [{"node": 1, "foo": 5}]}, "one of the fields node, gpu, nvlink_GBps"),
+    # NCCL on the H100s and RCCL on the MI300Xs form no one communicator
+    ({"nodes": 2, "node_overrides": [{"node": 1, "gpu": "MI300X"}]}, "node_overrides.0.gpu"),
 ])
 def test_a_cluster_that_cannot_be(tmp_path, change, field):
     assert_bad(run(tmp_path, cluster={**CLUSTER, **change}), "cluster.yaml", field)

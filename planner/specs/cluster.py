@@ -282,8 +282,21 @@ def cluster_from_spec(spec: ClusterFile, source: str, prefix: str = "") -> Clust
         for host, fields, field, limit_field in zip(hosts, per_node, gpu_field, power_field)
     )
     _check_domains(spec, source, at)
+    _check_one_vendor(nodes, per_node, gpu_field, source)
     return Cluster(name=spec.name or Path(source).stem, nodes=nodes, gpus_per_node=spec.gpus_per_node, fabric=_fabric(spec, hosts, source, at),
                    named_hosts=spec.hosts is not None)
+
+
+def _check_one_vendor(nodes: tuple[Node, ...], per_node: list[dict], gpu_field: list[str], source: str) -> None:
+    """One job's GPUs are one vendor's: its collectives run in one
+    communicator, NCCL's on NVIDIA GPUs (those with a CUDA compute
+    capability) or RCCL's on AMD's, and neither joins the other's."""
+    nvidia = [node.gpu.compute_capability is not None for node in nodes]
+    other = next((i for i, flag in enumerate(nvidia) if flag != nvidia[0]), None)
+    if other is not None:
+        vendor = "an NVIDIA" if nvidia[0] else "a non-NVIDIA"
+        raise SpecError(source, gpu_field[other], f"{vendor} GPU like node 0's {nodes[0].gpu.name} (one job's collectives form one NCCL "
+                        "or RCCL communicator; neither spans both vendors' GPUs)", per_node[other]["gpu"])
 
 
 def _check_domains(spec: ClusterFile, source: str, at) -> None:
