@@ -27,6 +27,13 @@ PEAK_OF = {"nvfp4": "fp4"}
 NVFP4_EFFICIENCY_FROM = "fp8"
 
 
+# CPU time to issue one PyTorch op from Python on an x86 training host:
+# torch.nn.Linear's forward took 13.48 us of CPU per call on a DGX H100
+# (Xeon 8480C) (TransformerEngine issue #2053, table: BF16, hidden 2048,
+# 8192 tokens). Grace hosts are slower per op (gpus.yaml host_op_us).
+X86_HOST_OP_S = 13.48e-6
+
+
 @dataclass(frozen=True, eq=False)
 class GPU:
     """One GPU type: what it can compute and hold. Entries are unique per
@@ -58,6 +65,7 @@ class GPU:
     hbm_efficiency_factor: float = 1.0
     memory_overhead_bytes: float = 0.0
     calibration: str | None = None
+    host_op_s: float = X86_HOST_OP_S  # the system's CPU time to issue one PyTorch op from Python (gpus.yaml host_op_us)
 
     @property
     def kind(self) -> str:
@@ -135,6 +143,7 @@ def _gpu_table() -> dict[str, GPU]:
             host_memory_GBps=float(entry["host_memory_GBps"]),
             compute_capability=tuple(entry["compute_capability"]) if entry.get("compute_capability") else None,
             tdp_W=float(entry["tdp_W"]) if entry.get("tdp_W") else None,
+            host_op_s=float(entry["host_op_us"]) * 1e-6 if entry.get("host_op_us") else X86_HOST_OP_S,
         )
         for key in [name, *entry.get("aliases", [])]:
             table[key.lower()] = gpu

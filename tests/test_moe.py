@@ -276,8 +276,25 @@ def test_fine_grained_experts_at_one_sequence_wait_for_the_host():
     dense = evaluate(llama, layout(tp=4, pp=4, dp=1, sequence_parallel=True, global_batch_size=64))
     assert dense.step.breakdown_s["host_overhead"] == 0.0
     # More local experts, more to issue.
-    assert host.layer_host_s(_shape(qwen30b, Features(), ep=4), "moe") > host.layer_host_s(_shape(qwen30b, Features(), ep=16), "moe")
-    assert host.layer_host_s(_shape(qwen30b, Features(moe_router_fusion=True), ep=8), "moe") < host.layer_host_s(_shape(qwen30b, Features(), ep=8), "moe")
+    assert host.layer_host_s(_shape(qwen30b, Features(), ep=4), find_gpu("H100"), "moe") > host.layer_host_s(_shape(qwen30b, Features(), ep=16), find_gpu("H100"), "moe")
+    assert host.layer_host_s(_shape(qwen30b, Features(moe_router_fusion=True), ep=8), find_gpu("H100"), "moe") < host.layer_host_s(_shape(qwen30b, Features(), ep=8), find_gpu("H100"), "moe")
+
+
+def test_a_grace_host_issues_kernels_slower_than_an_x86_one():
+    """GB200's Grace CPU takes 2.75x a DGX H100's Xeon to issue a torch op
+    (TransformerEngine issue #2053): the same host-bound plan waits longer
+    for it than on x86-hosted B200s."""
+    from loom.planner.specs.cluster import parse_cluster
+
+    qwen30b = load_model("qwen3-30b-a3b")
+    waits = {}
+    for gpu, per_node in (("B200", 8), ("GB200", 4)):
+        cluster = parse_cluster({"nodes": 8 // per_node, "gpus_per_node": per_node, "gpu": gpu, "nvlink_GBps": 900, "nics_per_node": per_node,
+                                 "nic_Gbps": 400, "nvlink_domain_nodes": 8 // per_node}, "test")
+        job = Job(model=qwen30b, cluster=cluster, global_batch_size=64, seq_length=4096, precision="fp8")
+        waits[gpu] = evaluate(job, layout(dp=8, ep=8, global_batch_size=64)).step.breakdown_s["host_overhead"]
+    assert waits["GB200"] > 2 * waits["B200"] > 0
+    assert find_gpu("GB200").host_op_s / find_gpu("H100").host_op_s == pytest.approx(37.08 / 13.48)
 
 
 def test_all_to_all_overlap_hides_dispatch_behind_the_other_micro_batch():

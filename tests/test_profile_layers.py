@@ -165,7 +165,7 @@ def test_profile_replaces_the_layer_times_and_bytes_with_the_measured_ones(tiny_
         estimate = sum(count * entries[kind, 1][f"estimated_{field}"] for kind, count in (("dense", layers), ("embedding", 1), ("head", 1)))
         # ... plus the host time the estimated layers leave exposed (cost/host.py), none once measured.
         gpu_layers_s = layers * entries["dense", 1][f"estimated_{field}"]
-        host_s = layers * host.layer_host_s(tiny_shape, "dense", backward=pass_ == "backward")
+        host_s = layers * host.layer_host_s(tiny_shape, find_gpu("H100"), "dense", backward=pass_ == "backward")
         assert estimated["schedule"]["stages"][0][0][field] == pytest.approx(estimate + max(0.0, host_s - gpu_layers_s), rel=1e-9)
     saved = layers * entries["dense", 1]["saved_bytes"]["none"] + entries["embedding", 1]["saved_bytes"]["none"] + entries["head", 1]["saved_bytes"]["none"]
     assert chunk["activation_bytes"] == pytest.approx(saved, rel=1e-9)

@@ -17,15 +17,14 @@ from __future__ import annotations
 from loom.planner.cost.efficiency import QUANTISED
 from loom.planner.cost.shape import Shape
 from loom.planner.specs.model import SUBLAYERS
+from loom.profiles.catalogue import GPU
 
-# CPU time to issue one PyTorch op from Python: torch.nn.Linear's forward
-# took 13.48 us of CPU per call on a DGX H100 (Xeon 8480C)
-# (TransformerEngine issue #2053, table: BF16, hidden 2048, 8192 tokens).
-TORCH_OP_HOST_S = 13.48e-6
-# A Transformer Engine module call (quantizers, workspaces, fp8 metadata)
-# took 2.7x a torch Linear's CPU time on the same machine: 99.66 vs 37.08 us
-# on GB200 and 90.53 vs 33.17 us on GH200 (same issue).
-TE_MODULE_HOST_S = TORCH_OP_HOST_S * 99.66 / 37.08
+# The CPU time to issue one PyTorch op is the system's (GPU.host_op_s:
+# 13.48 us on an x86 DGX H100, 37.08 us on GB200's Grace; TransformerEngine
+# issue #2053). A Transformer Engine module call (quantizers, workspaces, fp8
+# metadata) took 2.7x a torch Linear's CPU time on the same machine: 99.66 vs
+# 37.08 us on GB200 and 90.53 vs 33.17 us on GH200 (same issue).
+TE_MODULE_OPS = 99.66 / 37.08
 # Under fp8 a TE module also quantizes its input and weight and keeps their
 # scales: "scheduling a te.Linear layer in FP8 takes more than 2x more time
 # compared to scheduling the te.Linear layer in BF16" (H100,
@@ -101,11 +100,12 @@ def _layer_ops(shape: Shape, kind: str, backward: bool) -> tuple[int, int]:
     return modules, ops + (gemms if backward else 0)
 
 
-def layer_host_s(shape: Shape, kind: str, backward: bool = False) -> float:
-    """Host time to issue one decoder layer's kernels, one pass."""
+def layer_host_s(shape: Shape, gpu: GPU, kind: str, backward: bool = False) -> float:
+    """Host time to issue one decoder layer's kernels, one pass, on the
+    host ``gpu`` sits in."""
     modules, ops = _layer_ops(shape, kind, backward)
-    module_s = TE_MODULE_HOST_S * (TE_FP8_MODULE_FACTOR if shape.precision in QUANTISED else 1.0)
-    return modules * module_s + ops * TORCH_OP_HOST_S
+    module_ops = TE_MODULE_OPS * (TE_FP8_MODULE_FACTOR if shape.precision in QUANTISED else 1.0)
+    return (modules * module_ops + ops) * gpu.host_op_s
 
 
 def syncs_every_moe_layer(shape: Shape) -> bool:

@@ -89,7 +89,7 @@ def layer_host_s(shape: Shape, gpu: GPU, kind: str = "dense", backward: bool = F
     quantity = "backward_s" if backward else "forward_s"
     if shape.measured is not None and kind in MEASURABLE and shape.measured.source(kind, quantity, shape, gpu.name) != "estimated":
         return 0.0
-    return host.layer_host_s(shape, kind, backward)
+    return host.layer_host_s(shape, gpu, kind, backward)
 
 
 @cache
