@@ -25,7 +25,8 @@ from loom.cli.app import app
 from loom.planner.output.launch import launch_files
 from loom.planner.plan import evaluate
 from loom.planner.specs import torchtitan
-from loom.planner.specs.job import Features, Job, stack_features
+from loom.planner.specs.cluster import parse_cluster
+from loom.planner.specs.job import Features, Job, job_warnings, stack_features
 from loom.planner.specs.layout import Layout, rank_groups
 from loom.planner.specs.model import load_model
 from loom.planner.specs.stages import uniform_stages
@@ -60,8 +61,25 @@ def test_loom_flavors_are_torchtitans():
     for flavor in torchtitan.FLAVORS:
         module = importlib.import_module(f"torchtitan.models.{flavor.name}")
         registered = getattr(module, REGISTRIES[flavor.name])
-        assert _shape(flavor.name, registered[flavor.flavor]) == flavor.shape, flavor
+        args = registered[flavor.flavor]
+        assert _shape(flavor.name, args) == flavor.shape, flavor
         assert (module.get_train_spec().pipelining_fn is not None) == flavor.pipeline, flavor
+        scaling = args.rope_scaling_args.scaling_factor if flavor.name == "llama3" else None
+        assert flavor.rotary == (args.rope_theta, scaling), flavor
+
+
+def test_a_config_whose_rotary_embeddings_torchtitan_does_not_build_is_warned():
+    """torchtitan's llama3 always applies Llama 3.1's RoPE scaling and its
+    Qwen3-235B flavor a rope_theta of 5e6: a config without them trains
+    the flavor's positions, which the plan says."""
+    cluster = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+    llama3 = Job(model=load_model("llama-3-8b"), cluster=parse_cluster(cluster, "t"), global_batch_size=16, seq_length=8192, framework="torchtitan")
+    [warning] = [w for w in job_warnings(llama3) if "rotary" in w]
+    assert "Llama 3.1's scaling x8" in warning and "llama-3-8b's config rope_theta 500000, unscaled" in warning
+    scaled = replace(llama3.model, rope_scaling_factor=8.0)
+    assert not [w for w in job_warnings(replace(llama3, model=scaled)) if "rotary" in w]
+    assert torchtitan.rotary_mismatch(load_model("qwen3-235b-a22b")).count("rope_theta") == 2
+    assert not job_warnings(replace(llama3, framework="megatron"))
 
 
 def test_catalogue_models_map_to_their_flavors():
@@ -348,7 +366,7 @@ def test_selective_recompute_is_per_op_checkpointing(tmp_path):
         result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--mbs", "2", "--recompute", recompute,
                                           "--out", str(out), "--json"])
         assert result.exit_code == 0, result.output
-        plan = json.loads(result.output)["plans"][0]
+        plan = json.loads(result.stdout)["plans"][0]
         figures[recompute] = (plan["predicted"]["step_time_s"], plan["memory"]["peak_bytes_per_gpu"])
         if recompute == "selective":
             assert "sel:op" in plan["label"]

@@ -620,7 +620,8 @@ def _check_load_imbalance(job: Job, moe: MoE) -> None:
 
 def job_warnings(job: Job) -> list[str]:
     """What is legal but probably not meant: a batch that looks like tokens,
-    a sequence longer than the model was trained on, nodes that differ but
+    a sequence longer than the model was trained on, a torchtitan flavor
+    whose rotary embeddings are not the config's, nodes that differ but
     have no names to tell them apart by."""
     warnings = []
     tokens = job.global_batch_size * job.seq_length
@@ -635,6 +636,8 @@ def job_warnings(job: Job) -> list[str]:
         ignored = " (fp8_param_gather is fp8's: ignored)" if job.features.fp8_param_gather else ""
         warnings.append("nvfp4 GEMMs are priced at fp8's large-GEMM efficiency on the fp4 peak, an assumption no published figure "
                         f"checks yet: expect nvfp4 step times to be optimistic{ignored}")
+    if job.framework == "torchtitan" and (mismatch := torchtitan.rotary_mismatch(job.model)):
+        warnings.append(mismatch)
     if not job.cluster.named_hosts and not job.cluster.uniform:
         warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "
                         "files take the i-th node the job is given as its node i; give hosts: to pin them")

@@ -31,21 +31,36 @@ class Flavor:
     # experts, tied embeddings, query/key and value head dims
     shape: tuple[int, ...]
     pipeline: bool  # torchtitan can split it into pipeline stages
+    # The rotary embeddings it builds: rope_theta and Llama 3.1's scaling
+    # factor (None: unscaled). Its job TOML sets neither.
+    rotary: tuple[float, float | None]
 
 
+# Rotary embeddings each family builds (model args' defaults): llama3 always
+# scales by Llama 3.1's RoPEScalingArgs (factor 8); qwen3's theta is set per
+# flavor; deepseek_v3 and gpt_oss apply YaRN beyond original_seq_len, which
+# loom does not compare.
+ROPE_THETA = {"llama3": 500000.0, "qwen3": 1000000.0, "deepseek_v3": 10000.0, "gpt_oss": 150000.0}
+LLAMA3_SCALING = 8.0
 # Head dims each model family builds: llama3 dim / n_heads (Attention), qwen3
 # head_dim 128 and gpt_oss 64 (their model args' defaults, every flavor),
 # deepseek_v3's MLA qk_nope 128 + qk_rope 64 and v 128.
 HEAD_DIMS = {"qwen3": (128, 128), "deepseek_v3": (192, 128), "gpt_oss": (64, 64)}
 
 
-def _flavors(name: str, pipeline: bool, rows: dict[str, tuple[int, ...]], tied: tuple[str, ...] = ()) -> tuple[Flavor, ...]:
+def _flavors(name: str, pipeline: bool, rows: dict[str, tuple[int, ...]], tied: tuple[str, ...] = (),
+             theta: dict[str, float] | None = None) -> tuple[Flavor, ...]:
     """``tied``: the flavors whose output layer is the embedding's weight
-    (qwen3's enable_weight_tying)."""
+    (qwen3's enable_weight_tying); ``theta``: flavors whose rope_theta is
+    not the family's."""
     def head_dims(shape: tuple[int, ...]) -> tuple[int, int]:
         return HEAD_DIMS.get(name, (shape[0] // shape[2], shape[0] // shape[2]))
 
-    return tuple(Flavor(name, flavor, (*shape, int(flavor in tied), *head_dims(shape)), pipeline) for flavor, shape in rows.items())
+    def rotary(flavor: str) -> tuple[float, float | None]:
+        return (theta or {}).get(flavor, ROPE_THETA[name]), LLAMA3_SCALING if name == "llama3" else None
+
+    return tuple(Flavor(name, flavor, (*shape, int(flavor in tied), *head_dims(shape)), pipeline, rotary(flavor))
+                 for flavor, shape in rows.items())
 
 
 FLAVORS = (
@@ -56,7 +71,7 @@ FLAVORS = (
         "4B": (2560, 36, 32, 8, 9728, 151936, 0), "8B": (4096, 36, 32, 8, 12288, 151936, 0),
         "14B": (5120, 40, 40, 8, 17408, 151936, 0), "32B": (5120, 64, 64, 8, 25600, 151936, 0),
         "30B-A3B": (2048, 48, 32, 4, 6144, 151936, 128), "235B-A22B": (4096, 94, 64, 4, 12288, 151936, 128)},
-        tied=("0.6B", "1.7B", "4B")),
+        tied=("0.6B", "1.7B", "4B"), theta={"235B-A22B": 5000000.0}),
     *_flavors("deepseek_v3", True, {"16B": (2048, 27, 16, 16, 10944, 102400, 64), "236B": (5120, 60, 128, 128, 12288, 102400, 160),
                                     "671B": (7168, 61, 128, 128, 18432, 129280, 256)}),
     # gpt_oss (gptoss_configs; GptOssModelArgs' defaults give the widths): its
@@ -82,6 +97,21 @@ def flavor_of(model: ModelSpec) -> Flavor | None:
     """The torchtitan flavor with ``model``'s shape, or None."""
     shape = shape_of(model)
     return next((flavor for flavor in FLAVORS if flavor.shape == shape), None)
+
+
+def rotary_mismatch(model: ModelSpec) -> str:
+    """What differs between the rotary embeddings of ``model``'s config and
+    those its torchtitan flavor builds ('' when none, or no flavor): a run
+    trains the flavor's."""
+    flavor = flavor_of(model)
+    if flavor is None or not model.rotary or (model.rope_theta, model.rope_scaling_factor) == flavor.rotary:
+        return ""
+
+    def said(theta: float, scaling: float | None) -> str:
+        return f"rope_theta {theta:g}" + (f" with Llama 3.1's scaling x{scaling:g}" if scaling else ", unscaled")
+
+    return (f"torchtitan's {flavor.name} {flavor.flavor} builds rotary embeddings with {said(*flavor.rotary)}, {model.name}'s config "
+            f"{said(model.rope_theta, model.rope_scaling_factor)}: the run trains torchtitan's (its job TOML sets neither)")
 
 
 def trainable(model: ModelSpec) -> str:
