@@ -621,3 +621,20 @@ def test_deepspeed_pipeline_log_is_compared_and_calibrated(tmp_path):
     fitted = runner.invoke(app, ["calibrate", str(job), str(out / "plan.json"), str(log), "--out", str(tmp_path / "calib.json")])
     assert fitted.exit_code == 0, fitted.output
     assert calibration.read_calibration(tmp_path / "calib.json").gemm.value < 1.0  # a slower run than loom's pace
+
+
+def test_compare_and_calibrate_refuse_a_torchtitan_log_of_another_model(tmp_path):
+    """torchtitan prints its model's size: a 70B run's log set against an 8B
+    plan is refused by compare as by calibrate."""
+    job, out = small_job(tmp_path, "torchtitan"), tmp_path / "plan"
+    made = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    text = (LOGS / "torchtitan-0.2.log").read_text()
+    log = tmp_path / "train.log"
+    log.write_text(text)
+    assert runner.invoke(app, ["compare", str(out / "plan.json"), str(log)]).exit_code == 0
+    log.write_text(text.replace("8,030,261,248", "70,553,706,496"))
+    for command in (["compare", str(out / "plan.json"), str(log)],
+                    ["calibrate", str(job), str(out / "plan.json"), str(log), "--out", str(tmp_path / "c.json")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "total parameters" in result.output and "70,553,706,496" in result.output, result.output

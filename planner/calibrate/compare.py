@@ -98,6 +98,10 @@ FRAMEWORK_LOGS = ("megatron", "torchtitan", "deepspeed")  # log formats of one f
 MEGATRON_ARGUMENTS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp", "context_parallel_size": "cp",
                       "expert_model_parallel_size": "ep", "data_parallel_size": "dp", "micro_batch_size": "micro_batch_size",
                       "global_batch_size": "global_batch_size"}
+# How far a log's own parameter count (torchtitan prints it) may be from the
+# plan's model before the log is taken to be of another model: loom's counts
+# are within 0.5% of the model cards (tests/test_decoder_families.py).
+PARAMETER_TOLERANCE = 0.005
 # Terms outside PyTorch's caching allocator (see the module docstring).
 OUTSIDE_ALLOCATOR = ("cuda_context", "nccl_buffers")
 
@@ -324,7 +328,8 @@ def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparis
 
 def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
     """A log must be of the plan: what it printed of its configuration
-    (Megatron's argument dump) must match the plan's layout and sequence.
+    (Megatron's argument dump, torchtitan's model size) must match the
+    plan's layout, sequence, model and precision.
 
     Raises SpecError naming the log, the field, the plan's value and the log's."""
     if log.format in FRAMEWORK_LOGS and log.format != report.framework:
@@ -343,6 +348,10 @@ def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
     text = log.arguments.get("seq_length")
     if text is not None and text.strip().isdigit() and int(text) != report.seq_length:
         raise SpecError(log.path, "seq_length", f"{report.seq_length}, the plan's sequence length", int(text))
+    total = report.model_parameters
+    if log.parameters and total and abs(log.parameters / total - 1) > PARAMETER_TOLERANCE:
+        raise SpecError(log.path, "total parameters", f"{total:,} ({report.model}, within {PARAMETER_TOLERANCE:.1%}): this log is of "
+                        "another model", f"{log.parameters:,}")
     logged = megatron_precision(log.arguments)
     if logged is not None and logged[1] != report.precision:
         argument, precision = logged
