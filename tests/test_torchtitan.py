@@ -78,7 +78,12 @@ def test_a_config_whose_rotary_embeddings_torchtitan_does_not_build_is_warned():
     assert "Llama 3.1's scaling x8" in warning and "llama-3-8b's config rope_theta 500000, unscaled" in warning
     scaled = replace(llama3.model, rope_scaling_factor=8.0)
     assert not [w for w in job_warnings(replace(llama3, model=scaled)) if "rotary" in w]
-    assert torchtitan.rotary_mismatch(load_model("qwen3-235b-a22b")).count("rope_theta") == 2
+    assert torchtitan.rotary_mismatch(load_model("qwen3-235b-a22b"), 4096).count("rope_theta") == 2
+    # DeepSeek-V3's config scales by YaRN x40 at any length; torchtitan only past its original 4,096 tokens.
+    deepseek = load_model("deepseek-v3")
+    assert "unscaled at 4,096 tokens" in torchtitan.rotary_mismatch(deepseek, 4096)
+    assert not torchtitan.rotary_mismatch(deepseek, 8192)
+    assert "YaRN x32" in torchtitan.rotary_mismatch(load_model("gpt-oss-20b"), 4096)  # the catalogue's config is unscaled
     assert not job_warnings(replace(llama3, framework="megatron"))
 
 

@@ -636,7 +636,7 @@ def job_warnings(job: Job) -> list[str]:
         ignored = " (fp8_param_gather is fp8's: ignored)" if job.features.fp8_param_gather else ""
         warnings.append("nvfp4 GEMMs are priced at fp8's large-GEMM efficiency on the fp4 peak, an assumption no published figure "
                         f"checks yet: expect nvfp4 step times to be optimistic{ignored}")
-    if job.framework == "torchtitan" and (mismatch := torchtitan.rotary_mismatch(job.model)):
+    if job.framework == "torchtitan" and (mismatch := torchtitan.rotary_mismatch(job.model, job.seq_length)):
         warnings.append(mismatch)
     if not job.cluster.named_hosts and not job.cluster.uniform:
         warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "

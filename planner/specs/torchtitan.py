@@ -38,10 +38,12 @@ class Flavor:
 
 # Rotary embeddings each family builds (model args' defaults): llama3 always
 # scales by Llama 3.1's RoPEScalingArgs (factor 8); qwen3's theta is set per
-# flavor; deepseek_v3 and gpt_oss apply YaRN beyond original_seq_len, which
-# loom does not compare.
+# flavor; deepseek_v3 applies YaRN (rope_factor 40) only to sequences longer
+# than original_seq_len 4096 (precompute_freqs_cis), gpt_oss always (rope_factor
+# 32 > 1: precompute_rope_cache).
 ROPE_THETA = {"llama3": 500000.0, "qwen3": 1000000.0, "deepseek_v3": 10000.0, "gpt_oss": 150000.0}
 LLAMA3_SCALING = 8.0
+YARN = {"deepseek_v3": (40.0, 4096), "gpt_oss": (32.0, 0)}  # (factor, the longest sequence it leaves unscaled)
 # Head dims each model family builds: llama3 dim / n_heads (Attention), qwen3
 # head_dim 128 and gpt_oss 64 (their model args' defaults, every flavor),
 # deepseek_v3's MLA qk_nope 128 + qk_rope 64 and v 128.
@@ -99,19 +101,25 @@ def flavor_of(model: ModelSpec) -> Flavor | None:
     return next((flavor for flavor in FLAVORS if flavor.shape == shape), None)
 
 
-def rotary_mismatch(model: ModelSpec) -> str:
+def rotary_mismatch(model: ModelSpec, seq_length: int) -> str:
     """What differs between the rotary embeddings of ``model``'s config and
-    those its torchtitan flavor builds ('' when none, or no flavor): a run
-    trains the flavor's."""
+    those its torchtitan flavor builds for ``seq_length`` tokens ('' when
+    none, or no flavor): a run trains the flavor's."""
     flavor = flavor_of(model)
-    if flavor is None or not model.rotary or (model.rope_theta, model.rope_scaling_factor) == flavor.rotary:
+    if flavor is None or not model.rotary:
+        return ""
+    factor, unscaled_up_to = YARN.get(flavor.name, (None, 0))
+    theirs = (*flavor.rotary, factor if factor and seq_length > unscaled_up_to else None)
+    ours = (model.rope_theta, model.rope_scaling_factor, model.mla.rope_scaling_factor if model.mla else None)
+    if ours == theirs:
         return ""
 
-    def said(theta: float, scaling: float | None) -> str:
-        return f"rope_theta {theta:g}" + (f" with Llama 3.1's scaling x{scaling:g}" if scaling else ", unscaled")
+    def said(theta: float, llama3: float | None, yarn: float | None) -> str:
+        scaled = f"Llama 3.1's scaling x{llama3:g}" if llama3 else f"YaRN x{yarn:g}" if yarn else "unscaled"
+        return f"rope_theta {theta:g}, {scaled}"
 
-    return (f"torchtitan's {flavor.name} {flavor.flavor} builds rotary embeddings with {said(*flavor.rotary)}, {model.name}'s config "
-            f"{said(model.rope_theta, model.rope_scaling_factor)}: the run trains torchtitan's (its job TOML sets neither)")
+    return (f"torchtitan's {flavor.name} {flavor.flavor} builds rotary embeddings with {said(*theirs)} at {seq_length:,} tokens, "
+            f"{model.name}'s config {said(*ours)}: the run trains torchtitan's (its job TOML sets neither)")
 
 
 def trainable(model: ModelSpec) -> str:
