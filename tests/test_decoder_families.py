@@ -480,7 +480,8 @@ def test_mla_yarn_megatron_cannot_set_is_refused_naming_the_term():
 
     config = json.loads((MODELS_DIR / "deepseek-v3.json").read_text())
     for change, field in (({"beta_fast": 16}, "rope_scaling.beta_fast"), ({"original_max_position_embeddings": 8192},
-                          "rope_scaling.original_max_position_embeddings"), ({"type": "linear"}, "rope_scaling")):
+                          "rope_scaling.original_max_position_embeddings"), ({"type": "linear"}, "rope_scaling"),
+                          ({"attention_factor": 2.0}, "rope_scaling.attention_factor"), ({"truncate": False}, "rope_scaling.truncate")):
         with pytest.raises(SpecError) as refused:
             model_from_hf_config({**config, "rope_scaling": {**config["rope_scaling"], **change}}, "deepseek", "config.json")
         assert [problem[0] for problem in refused.value.problems] == [field]
@@ -495,7 +496,8 @@ def test_transformers_5_rope_parameters_read_as_rope_scaling(name):
 
     config = json.loads((MODELS_DIR / f"{name}.json").read_text())
     scaling = config.pop("rope_scaling", None) or {"rope_type": "default"}
-    saved = {**config, "rope_parameters": {**scaling, "rope_theta": config.pop("rope_theta")}}
+    theta = config.pop("rope_theta")
+    saved = {**config, "rope_parameters": {**scaling, "rope_theta": theta}}
     assert model_from_hf_config(saved, name, "config.json") == load_model(name)
     llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     if name == "llama-3-8b":
@@ -503,3 +505,21 @@ def test_transformers_5_rope_parameters_read_as_rope_scaling(name):
     with pytest.raises(SpecError) as refused:
         model_from_hf_config({**saved, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, name, "config.json")
     assert refused.value.problems[0][0] == "rope_parameters"
+    # What would otherwise be read silently as something else:
+    ambiguous = {
+        # two bases
+        "rope_parameters.rope_theta": {**saved, "rope_theta": theta / 2},
+        # a scaling with no kind
+        "rope_parameters.rope_type": {**saved, "rope_parameters": {"factor": 4.0, "rope_theta": theta}},
+        # per-layer-type parameters outside Gemma 3
+        "rope_parameters": {**saved, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": theta},
+                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    }
+    for field, config in ambiguous.items():
+        with pytest.raises(SpecError) as refused:
+            model_from_hf_config(config, name, "config.json")
+        assert refused.value.problems[0][0] == field, refused.value.problems
+    # two scalings that disagree (transformers 4's and 5's keys)
+    with pytest.raises(SpecError) as refused:
+        model_from_hf_config({**saved, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, name, "config.json")
+    assert "rope_parameters" in [problem[0] for problem in refused.value.problems]

@@ -128,6 +128,13 @@ def _chunks_in_layer_order(stages: list[Stage]) -> list[Chunk]:
     return [stage.chunks[v] for v in range(len(stages[0].chunks)) for stage in stages]
 
 
+def _exact(value: float) -> str:
+    """A config's number as a flag value, every digit kept (``:g`` keeps 6:
+    an mscale of 0.70710678 would train as 0.707107), integers without ".0"."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
 def _model_args(job: Job) -> list[str]:
     m = job.model
     args = [
@@ -138,7 +145,7 @@ def _model_args(job: Job) -> list[str]:
         "--seq-length", str(job.seq_length),
         "--max-position-embeddings", str(_max_positions(m, job.seq_length)),
         "--normalization", m.normalization,
-        "--norm-epsilon", f"{m.norm_epsilon:g}",
+        "--norm-epsilon", _exact(m.norm_epsilon),
         "--position-embedding-type", "learned_absolute" if m.learned_position_embeddings else "rope" if m.rotary else "none",
         "--hidden-dropout", str(m.dropout),
         "--attention-dropout", str(m.dropout),
@@ -149,9 +156,9 @@ def _model_args(job: Job) -> list[str]:
     if m.rotary:
         args += ["--rotary-base", str(int(m.rope_theta))]
         if m.rope_scaling_factor is not None:
-            args += ["--use-rope-scaling", "--rope-scaling-factor", f"{m.rope_scaling_factor:g}"]
+            args += ["--use-rope-scaling", "--rope-scaling-factor", _exact(m.rope_scaling_factor)]
         if m.rotary_percent < 1.0:
-            args += ["--rotary-percent", f"{m.rotary_percent:g}"]
+            args += ["--rotary-percent", _exact(m.rotary_percent)]
     if m.kv_channels:
         args += ["--kv-channels", str(m.kv_channels)]
     if m.num_query_groups != m.num_attention_heads:
@@ -160,7 +167,7 @@ def _model_args(job: Job) -> list[str]:
         # gpt-oss's MLP, (up + 1) * gate * sigmoid(1.702 gate) with gate <= limit
         # and |up| <= limit: megatron-core's quick_gelu GLU with a linear
         # offset and a clamp (moe/experts.py, mlp.py; Megatron-Bridge's GPTOSSProvider).
-        args += ["--quick-geglu", "--glu-linear-offset", "1.0", "--activation-func-clamp-value", f"{m.glu_clamp:g}"]
+        args += ["--quick-geglu", "--glu-linear-offset", "1.0", "--activation-func-clamp-value", _exact(m.glu_clamp)]
     elif m.gated_mlp:
         args.append("--swiglu")
     elif m.squared_relu:
@@ -233,8 +240,8 @@ def _mla_args(m: ModelSpec) -> list[str]:
     if m.mla.rope_scaling_factor is not None:
         # MLA's rotary embeddings are YaRN by default (rope_type "yarn"); these
         # are its factor and temperatures (Megatron-LM's DeepSeek examples).
-        args += ["--rotary-scaling-factor", f"{m.mla.rope_scaling_factor:g}", "--mscale", f"{m.mla.mscale:g}",
-                 "--mscale-all-dim", f"{m.mla.mscale_all_dim:g}"]
+        args += ["--rotary-scaling-factor", _exact(m.mla.rope_scaling_factor), "--mscale", _exact(m.mla.mscale),
+                 "--mscale-all-dim", _exact(m.mla.mscale_all_dim)]
     return args
 
 
@@ -262,7 +269,7 @@ def _moe_args(m: ModelSpec) -> list[str]:
     if moe.sigmoid_router:
         args += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"]
     if moe.topk_scaling_factor is not None:
-        args += ["--moe-router-topk-scaling-factor", f"{moe.topk_scaling_factor:g}"]
+        args += ["--moe-router-topk-scaling-factor", _exact(moe.topk_scaling_factor)]
     if moe.router_groups > 1:
         args += ["--moe-router-num-groups", str(moe.router_groups), "--moe-router-group-topk", str(moe.router_group_topk)]
     if moe.first_dense_layers:
@@ -286,7 +293,7 @@ def _moe_feature_args(job: Job) -> list[str]:
     if dispatcher in ("deepep", "hybridep"):
         args += ["--moe-flex-dispatcher-backend", dispatcher]
     if features.moe_expert_capacity_factor is not None:
-        args += ["--moe-expert-capacity-factor", f"{features.moe_expert_capacity_factor:g}"]
+        args += ["--moe-expert-capacity-factor", _exact(features.moe_expert_capacity_factor)]
         if features.moe_pad_expert_input_to_capacity:
             args.append("--moe-pad-expert-input-to-capacity")
     if features.moe_router_fusion:

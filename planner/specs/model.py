@@ -845,18 +845,44 @@ def _rope_scaling(read: ConfigReader) -> tuple[str, ConfigReader | None, str | N
     """The config's rotary-embedding scaling: its key, reader and kind
     (None or "default" unscaled; "dynamic", "llama3", "yarn", ...).
     transformers 4 saves ``rope_scaling``; transformers 5 saves
-    ``rope_parameters`` (rope_type "default" when unscaled, rope_theta inside)."""
-    key = "rope_scaling" if read.has("rope_scaling") else "rope_parameters"
-    scaling = read.nested(key)
-    return key, scaling, scaling.str("rope_type", scaling.str("type")) if scaling else None
+    ``rope_parameters`` (rope_type "default" when unscaled, rope_theta
+    inside). Where both are given they must agree; a rope_parameters that
+    scales must name its rope_type; per-layer-type parameters are Gemma 3's
+    only (read as unscaled: loom does not build Gemma's layers)."""
+    parameters = read.nested("rope_parameters")
+    if parameters is not None and any(isinstance(value, dict) for value in parameters.config.values()):
+        read.require(read.str("model_type") in GEMMA, "rope_parameters", "one rope_type and rope_theta (per-layer-type rotary "
+                     "parameters are Gemma 3's)", ", ".join(sorted(parameters.config)))
+        parameters = None
+    if parameters is not None:
+        terms = sorted(set(parameters.config) - {"rope_theta", "rope_type", "type"})
+        parameters.require(parameters.has("rope_type", "type") or not terms, "rope_type", "a rope type beside the scaling terms "
+                           "(transformers 5 names every scaling's)", ", ".join(terms))
+    if not read.has("rope_scaling"):
+        return "rope_parameters", parameters, parameters.str("rope_type", parameters.str("type")) if parameters else None
+    scaling = read.nested("rope_scaling")
+    if scaling is not None and parameters is not None:
+        read.require(_scaling_terms(parameters.config) in ({}, _scaling_terms(scaling.config)), "rope_parameters",
+                     "the scaling rope_scaling gives (the config names two)", parameters.config)
+    return "rope_scaling", scaling, scaling.str("rope_type", scaling.str("type")) if scaling else None
+
+
+def _scaling_terms(mapping: dict) -> dict:
+    """A rotary scaling's terms, its kind under one name, the base left out."""
+    return {("rope_type" if key == "type" else key): value for key, value in mapping.items() if key != "rope_theta"}
 
 
 def _rope_theta(read: ConfigReader) -> float:
     """The rotary base: top-level ``rope_theta`` (or GPT-NeoX's
-    ``rotary_emb_base``), else transformers 5's ``rope_parameters.rope_theta``."""
+    ``rotary_emb_base``), else transformers 5's ``rope_parameters.rope_theta``;
+    where both are given they must agree."""
     parameters = read.nested("rope_parameters")
     inner = parameters.number("rope_theta", default=10000.0, high=1e12, above_low=True) if parameters else 10000.0
-    return read.number("rope_theta", "rotary_emb_base", default=inner, high=1e12, above_low=True)
+    theta = read.number("rope_theta", "rotary_emb_base", default=inner, high=1e12, above_low=True)
+    if parameters is not None and parameters.has("rope_theta") and read.has("rope_theta", "rotary_emb_base"):
+        read.require(theta == inner, "rope_parameters.rope_theta", f"{theta:.10g}, the config's rope_theta (it names two)", inner,
+                     given=("rope_theta", "rope_parameters.rope_theta"))
+    return theta
 
 
 def _rope_scaling_factor(read: ConfigReader, family: str) -> float | None:
@@ -1058,6 +1084,13 @@ def _mla_yarn(read: ConfigReader, mla: MLA) -> MLA:
         value = scaling.number(key, default=fixed, high=1e9)
         scaling.require(value == fixed, key, f"{fixed:g}, MLATransformerConfig's value (Megatron-LM core_v0.16.1 has no flag for it)",
                         value)
+    # megatron-core derives the attention temperature from the two mscales
+    # and rounds the correction range to whole dimensions
+    # (YarnRotaryEmbedding: correction_range_round_to_int, transformers' truncate).
+    scaling.require(not scaling.has("attention_factor"), "attention_factor", "absent (megatron-core derives the attention temperature "
+                    "from mscale and mscale_all_dim)", scaling.config.get("attention_factor"))
+    scaling.require(scaling.bool("truncate", True), "truncate", "true (megatron-core rounds YaRN's correction range to whole "
+                    "dimensions)", False)
     return replace(mla, rope_scaling_factor=scaling.number("factor", default=1.0, low=1.0, high=1e6),
                    mscale=scaling.number("mscale", default=1.0, high=1e3), mscale_all_dim=scaling.number("mscale_all_dim", default=0.0, high=1e3))
 

@@ -116,7 +116,7 @@ def rotary_mismatch(model: ModelSpec, seq_length: int) -> str:
 
     def said(theta: float, llama3: float | None, yarn: float | None) -> str:
         scaled = f"Llama 3.1's scaling x{llama3:g}" if llama3 else f"YaRN x{yarn:g}" if yarn else "unscaled"
-        return f"rope_theta {theta:g}, {scaled}"
+        return f"rope_theta {theta:.10g}, {scaled}"
 
     return (f"torchtitan's {flavor.name} {flavor.flavor} builds rotary embeddings with {said(*theirs)} at {seq_length:,} tokens, "
             f"{model.name}'s config {said(*ours)}: the run trains torchtitan's (its job TOML sets neither)")
