@@ -295,6 +295,12 @@ def test_a_grace_host_issues_kernels_slower_than_an_x86_one():
         waits[gpu] = evaluate(job, layout(dp=8, ep=8, global_batch_size=64)).step.breakdown_s["host_overhead"]
     assert waits["GB200"] > 2 * waits["B200"] > 0
     assert find_gpu("GB200").host_op_s / find_gpu("H100").host_op_s == pytest.approx(37.08 / 13.48)
+    # A stage over a Grace node and an x86 one issues at the Grace host's pace (its collectives wait for it).
+    mixed = parse_cluster({"nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400,
+                           "node_overrides": [{"node": 1, "gpu": "GH200"}]}, "test")
+    assert mixed.slowest.gpu.host_op_s == find_gpu("GH200").host_op_s and mixed.slowest.gpu.memory_bytes == find_gpu("H100").memory_bytes
+    job = Job(model=qwen30b, cluster=mixed, global_batch_size=64, seq_length=4096, precision="fp8")
+    assert evaluate(job, layout(dp=16, ep=8, global_batch_size=64)).step.breakdown_s["host_overhead"] > 0
 
 
 def test_all_to_all_overlap_hides_dispatch_behind_the_other_micro_batch():

@@ -216,14 +216,17 @@ def _node_figures(node: Node) -> tuple:
 @functools.cache
 def group_gpu(gpus: tuple[GPU, ...]) -> GPU:
     """What a group spanning ``gpus`` (distinct types) runs as: at its
-    slowest member's pace, and in its smallest member's memory (every rank
-    holds the same share) — a type of its own when those are two GPUs (one
-    object per set, so identity stays equality)."""
+    slowest member's pace, in its smallest member's memory (every rank
+    holds the same share) and at its slowest host's pace issuing kernels
+    (the group's collectives wait for it) — a type of its own when those are
+    other GPUs' (one object per set, so identity stays equality)."""
     slowest = min(gpus, key=gpu_pace)
     smallest = min(gpus, key=lambda gpu: gpu.memory_bytes)
-    if smallest.memory_bytes >= slowest.memory_bytes:
+    host_op_s = max(gpu.host_op_s for gpu in gpus)
+    if smallest.memory_bytes >= slowest.memory_bytes and host_op_s == slowest.host_op_s:
         return slowest
-    return dataclasses.replace(slowest, name=f"{slowest.name}/{smallest.name}", memory_bytes=smallest.memory_bytes)
+    name = slowest.name if smallest.memory_bytes >= slowest.memory_bytes else f"{slowest.name}/{smallest.name}"
+    return dataclasses.replace(slowest, name=name, memory_bytes=smallest.memory_bytes, host_op_s=host_op_s)
 
 
 def gpu_pace(gpu: GPU) -> tuple[float, int]:
