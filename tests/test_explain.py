@@ -341,6 +341,8 @@ INVALID = {
     "an unknown precision": (_set("precision", "int3"), "precision", "'bf16', 'fp16', 'fp8'"),
     "an unknown stack": (_set("stack", "nemo"), "stack", "one of megatron-lm"),
     "an unknown feature": (_set("features", "flash_atention", True), "features.flash_atention", "a feature loom names"),
+    "a feature of the wrong type": (_set("features", "flash_attention", "yes"), "features.flash_attention", "valid boolean"),
+    "a feature out of range": (_set("features", "moe_load_imbalance", -5.0), "features.moe_load_imbalance", "busiest/mean ratios from 1"),
 }
 
 

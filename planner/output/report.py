@@ -401,8 +401,13 @@ def report_problems(report: Report) -> list[Invariant]:
     problems, layers = [], [sum(stage.layers for stage in plan.stages) for plan in report.plans]
     if report.stack not in STACKS:
         problems.append((("stack",), f"one of {', '.join(STACKS)}", report.stack))
-    problems += [(("features", name), f"a feature loom names ({', '.join(Features.model_fields)})", name)
-                 for name in report.features if name not in Features.model_fields]
+    unknown = [name for name in report.features if name not in Features.model_fields]
+    problems += [(("features", name), f"a feature loom names ({', '.join(Features.model_fields)})", name) for name in unknown]
+    if not unknown:
+        try:
+            Features.model_validate(report.features)
+        except pydantic.ValidationError as error:
+            problems += [(("features", *detail["loc"]), detail["msg"], detail.get("input")) for detail in error.errors()]
     if not report.plans:
         problems.append((("plans",), "at least one plan", []))
     for i, plan in enumerate(report.plans):
