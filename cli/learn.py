@@ -235,7 +235,9 @@ def calibrate(
         write_text_file(out, calibration_json(document), "--out")
         factors = ", ".join(f"{kind} x{factor.value:.3f}" for kind in ("gemm", "attention", "elementwise", "nvlink", "network")
                             if (factor := getattr(document, kind)) is not None)
-        err.print(f"wrote {escape(str(out))}: {factors}; memory overhead {document.memory_overhead_bytes / GiB:.2f} GiB")
+        measured = any(log.peak_memory is not None for run in runs for log in run.logs)
+        memory = f"memory overhead {document.memory_overhead_bytes / GiB:.2f} GiB" if measured else "no memory measured (kept at 0)"
+        err.print(f"wrote {escape(str(out))}: {factors}; {memory}")
         for record in document.runs:
             err.print(f"  {escape(record.layout)}: measured {record.measured_step_time_s:.4g} s, loom {record.predicted_step_time_s:.4g} s "
                       f"-> {record.calibrated_step_time_s:.4g} s calibrated")

@@ -180,13 +180,31 @@ def test_compare_and_calibrate_refuse_a_log_of_another_precision(plan_json, tmp_
     precision = json.loads(plan_json.read_text())["precision"]
     log = tmp_path / "train.log"
     for arguments, named in (({"bf16": "True", "fp8": "hybrid"}, "fp8"), ({"bf16": "False", "fp16": "True", "fp8": "None"}, "fp16"),
-                             ({"bf16": "False", "fp16": "False", "fp8": "None"}, "bf16")):
+                             ({"bf16": "False", "fp16": "False", "fp8": "None"}, "bf16"), ({"fp16": "True"}, "fp16")):
         log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, **arguments}))
         for command in (["compare", str(plan_json), str(log)],
                         ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")]):
             result = runner.invoke(app, command)
             assert result.exit_code == 2 and f"the plan's precision, {precision}" in result.output and named in result.output, result.output
     log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, "bf16": "True", "fp8": "None"}))
+    assert runner.invoke(app, ["compare", str(plan_json), str(log)]).exit_code == 0
+
+
+def test_an_fp8_log_of_another_recipe_is_refused(tmp_path):
+    """An fp8 plan's recipe (delayed, tensorwise, mxfp8, blockwise) sets its GEMM rate: a log of another is another job."""
+    job = small_job(tmp_path)
+    (tmp_path / "job.yaml").write_text(json.dumps({**json.loads(job.read_text()), "precision": "fp8", "features": {"fp8_recipe": "tensorwise"}}))
+    made = runner.invoke(app, ["evaluate", str(job), "--tp", "2", "--pp", "1", "--mbs", "1", "--out", str(tmp_path / "plan")])
+    assert made.exit_code == 0, made.output
+    plan_json = tmp_path / "plan" / "plan.json"
+    plan = json.loads(plan_json.read_text())["plans"][0]["parallel"]
+    arguments = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "data_parallel_size": plan["dp"], "micro_batch_size": 1,
+                 "global_batch_size": plan["global_batch_size"], "bf16": "True", "fp8": "hybrid"}
+    log = tmp_path / "train.log"
+    log.write_text(_megatron_log([7000.0] * 3, {}, {**arguments, "fp8_recipe": "delayed"}, batch=plan["global_batch_size"]))
+    result = runner.invoke(app, ["compare", str(plan_json), str(log)])
+    assert result.exit_code == 2 and "fp8_recipe" in result.output and "tensorwise" in result.output and "delayed" in result.output, result.output
+    log.write_text(_megatron_log([7000.0] * 3, {}, {**arguments, "fp8_recipe": "tensorwise"}, batch=plan["global_batch_size"]))
     assert runner.invoke(app, ["compare", str(plan_json), str(log)]).exit_code == 0
 
 
@@ -466,7 +484,8 @@ def test_a_resumed_megatron_0_16_run_skips_its_own_first_iterations(tmp_path):
     assert log.step_time_s() == pytest.approx(6.25)
 
 
-@pytest.mark.parametrize("label", ["63: ", "  7: ", "[default0]:"])  # srun -l pads its task ids to the widest one's width
+# srun -l pads its task ids to the widest one's width; srun around torchrun stacks both labels
+@pytest.mark.parametrize("label", ["63: ", "  7: ", "[default0]:", "  7: [default0]:", "node01: [default0]:"])
 def test_megatron_timers_every_option_and_prefix(tmp_path, label):
     body = [_v016_line(it, 30, ms) for it, ms in ((10, 9000.0), (20, 7000.0), (30, 7000.0))]
     lines = []
@@ -498,6 +517,23 @@ def test_deepspeed_skips_a_step_too_short_to_time(tmp_path):
     path = tmp_path / "ds.log"
     path.write_text(text)
     assert [i.samples_per_s for i in read_run_log(path).steady] == [60.5, 70.8, 71.0]
+
+
+def test_an_mxfp8_jobs_own_trial_calibrates(tmp_path):
+    """precision mxfp8 is saved as fp8 with fp8_recipe mxfp8: calibrate reads
+    it back as mxfp8, not as fp8 with the stack's default recipe."""
+    job = small_job(tmp_path)
+    (tmp_path / "cluster.yaml").write_text(json.dumps({"nodes": 1, "gpus_per_node": 8, "gpu": "B200", "nvlink_GBps": 900,
+                                                       "nics_per_node": 8, "nic_Gbps": 400}))
+    (tmp_path / "job.yaml").write_text(json.dumps({**json.loads(job.read_text()), "precision": "mxfp8"}))
+    out = tmp_path / "plans"
+    made = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--trials", "1", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    predicted = json.loads((out / "trial-1" / "plan.json").read_text())["plans"][0]["predicted"]["step_time_s"]
+    (out / "trial-1" / "train.log").write_text(_megatron_log([predicted * 1e3] * 3, {}, {}, batch=32))
+    fitted = runner.invoke(app, ["calibrate", str(job), str(out / "trial-1"), "--out", str(tmp_path / "calib.json")])
+    assert fitted.exit_code == 0, fitted.output
+    assert calibration.read_calibration(tmp_path / "calib.json").gemm.value == pytest.approx(1.0, abs=1e-3)
 
 
 def test_calibrate_prices_the_plan_as_it_was_made(tmp_path):
@@ -621,6 +657,36 @@ def test_deepspeed_pipeline_log_is_compared_and_calibrated(tmp_path):
     fitted = runner.invoke(app, ["calibrate", str(job), str(out / "plan.json"), str(log), "--out", str(tmp_path / "calib.json")])
     assert fitted.exit_code == 0, fitted.output
     assert calibration.read_calibration(tmp_path / "calib.json").gemm.value < 1.0  # a slower run than loom's pace
+    assert "no memory measured" in fitted.output  # a pipeline prints no memory figure
+    # Each line's samples/sec x iter time is its global batch: a run of another batch is refused.
+    log.write_text(_deepspeed_pipeline_log([3 * measured, measured, measured, measured], 16, 5, {}))
+    other = runner.invoke(app, ["compare", str(out / "plan.json"), str(log)])
+    assert other.exit_code == 2 and "global batch size 32" in other.output and "got 16" in other.output, other.output
+    # A line cut short before the log's end is bad input, not a skipped interval.
+    lines = _deepspeed_pipeline_log([measured] * 4, 32, 5, {}).splitlines()
+    log.write_text("\n".join([*lines[:2], lines[2][:30], lines[3]]) + "\n")
+    cut = runner.invoke(app, ["compare", str(out / "plan.json"), str(log)])
+    assert cut.exit_code == 2 and "line 3" in cut.output and "cut short" in cut.output, cut.output
+
+
+def test_a_deepspeed_log_of_another_engine_is_refused(tmp_path):
+    """PipelineEngine prints 'steps:' lines, DeepSpeedEngine throughput lines:
+    which one a log has says whether the run had a pipeline."""
+    job = small_job(tmp_path, "deepspeed")
+    plans = {}
+    for pp in (1, 2):
+        out = tmp_path / f"pp{pp}"
+        made = runner.invoke(app, ["evaluate", str(job), "--tp", "1", "--pp", str(pp), "--mbs", "1", "--zero-stage", "1", "--out", str(out)])
+        assert made.exit_code == 0, made.output
+        plans[pp] = out / "plan.json"
+    log = tmp_path / "train.log"
+    log.write_text(_deepspeed_pipeline_log([1.0] * 4, 32, 5, {}))
+    result = runner.invoke(app, ["compare", str(plans[1]), str(log)])
+    assert result.exit_code == 2 and "a log of 1 pipeline stage(s)" in result.output and "with a pipeline" in result.output, result.output
+    log.write_text("".join(f"[Rank 0] epoch=0/micro_step={s}/global_step={s}, RunningAvgSamplesPerSec=30.0, CurrSamplesPerSec=30.0, "
+                           "MemAllocated=20.0GB, MaxMemAllocated=30.0GB\n" for s in (5, 10, 15)))
+    result = runner.invoke(app, ["compare", str(plans[2]), str(log)])
+    assert result.exit_code == 2 and "a log of 2 pipeline stage(s)" in result.output and "without a pipeline" in result.output, result.output
 
 
 def test_compare_and_calibrate_refuse_a_torchtitan_log_of_another_model(tmp_path):

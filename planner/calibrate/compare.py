@@ -348,6 +348,10 @@ def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
     text = log.arguments.get("seq_length")
     if text is not None and text.strip().isdigit() and int(text) != report.seq_length:
         raise SpecError(log.path, "seq_length", f"{report.seq_length}, the plan's sequence length", int(text))
+    if log.pipelined is not None and log.pipelined != (plan.parallel.pp > 1):
+        engine = "PipelineEngine's 'steps: ... iter time' lines" if log.pipelined else "DeepSpeedEngine's throughput lines"
+        raise SpecError(log.path, "<file>", f"a log of {plan.parallel.pp} pipeline stage(s), the plan's ({plan.label})",
+                        f"{engine}: a run {'with' if log.pipelined else 'without'} a pipeline")
     total = report.model_parameters
     if log.parameters and total and abs(log.parameters / total - 1) > PARAMETER_TOLERANCE:
         raise SpecError(log.path, "total parameters", f"{total:,} ({report.model}, within {PARAMETER_TOLERANCE:.1%}): this log is of "
@@ -356,6 +360,9 @@ def check_layout(report: Report, plan: PlanReport, log: RunLog) -> None:
     if logged is not None and logged[1] != report.precision:
         argument, precision = logged
         raise SpecError(log.path, argument, f"the plan's precision, {report.precision}: this log ran {precision}", log.arguments[argument])
+    recipe, planned = log.arguments.get("fp8_recipe"), report.features.get("fp8_recipe")
+    if logged is not None and logged[1] == "fp8" and recipe is not None and planned is not None and recipe != planned:
+        raise SpecError(log.path, "fp8_recipe", f"the plan's fp8 recipe, {planned} (it sets the GEMMs' rate as the precision does)", recipe)
 
 
 def megatron_precision(arguments: dict[str, str]) -> tuple[str, str] | None:
@@ -363,7 +370,7 @@ def megatron_precision(arguments: dict[str, str]) -> tuple[str, str] | None:
     loom names it, and the argument that says so (None: no dump): fp4 or
     fp8 set (not "None") for NVFP4 and fp8 GEMMs, else bf16 or fp16 True,
     else fp32 weights (loom's tf32; megatron/training/arguments.py)."""
-    if "bf16" not in arguments:
+    if "bf16" not in arguments and "fp16" not in arguments:
         return None
     for argument, precision in (("fp4", "nvfp4"), ("fp8", "fp8")):
         if arguments.get(argument, "None") != "None":

@@ -85,7 +85,10 @@ def job_overrides(report: Report, is_calibration: Callable[[str], bool]) -> dict
     """``load_job`` overrides that make a job the one ``report``'s plans were
     made for: its framework, precision, sequence, stack and global batch, and
     its profiles but the calibrations (``is_calibration`` tells them by path)."""
-    return dict(framework=report.framework, precision=report.precision, seq_length=report.seq_length, stack=report.stack,
+    # A plan of precision mxfp8 is saved as fp8 with fp8_recipe mxfp8: given
+    # back as fp8, the job would take the stack's default recipe.
+    mxfp8 = report.precision == "fp8" and report.features.get("fp8_recipe") == "mxfp8"
+    return dict(framework=report.framework, precision="mxfp8" if mxfp8 else report.precision, seq_length=report.seq_length, stack=report.stack,
                 global_batch_size=report.plans[0].parallel.global_batch_size,
                 profiles=[path for path in report.profiles if not is_calibration(path)])
 

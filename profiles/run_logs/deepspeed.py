@@ -45,13 +45,15 @@ THROUGHPUT = re.compile(r"epoch=(\d+)/micro_step=(\d+)/global_step=(\d+),(.*)$")
 KEY_VALUE = re.compile(r"(\w+)=([^,\s]+)")
 THROUGHPUT_START_STEP = 2  # ThroughputTimer(start_step=2): steps it leaves out as warm-up
 TIMERS = re.compile(r"\btime \(ms\)((?:\s*\|\s*\w+:\s*\S+)+)")
-PIPELINE = re.compile(r"\bsteps: (\d+) loss: .*?\biter time \(s\): (\S+) samples/sec: (\S+)")
+PIPELINE_STEP = re.compile(r"\bsteps: (\d+) loss: ")
+PIPELINE_RATE = re.compile(r"\biter time \(s\): (\S+) samples/sec: (\S+)")
+PIPELINE_DECIMALS_S = 0.0005  # both figures print with 3 decimals: each is within this of its value
 
 
 def looks_like(lines: list[str]) -> bool:
     """Whether ``lines`` are a DeepSpeed log (a ThroughputTimer line, or a
     PipelineEngine's ``steps: ...`` line)."""
-    return any(THROUGHPUT.search(line) or PIPELINE.search(line) for line in lines)
+    return any(THROUGHPUT.search(line) or PIPELINE_STEP.search(line) for line in lines)
 
 
 def read(lines: list[str], source: str) -> RunLog:
@@ -85,30 +87,39 @@ def read(lines: list[str], source: str) -> RunLog:
             intervals.append(Interval(first=step, last=step, line=line_number, samples_per_s=rate))
     warmup = sum(interval.last <= THROUGHPUT_START_STEP for interval in intervals)
     return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), memory=peak_report(peaks, 0, reserved=False),
-                  timers_s=_timers(lines, source, skip=THROUGHPUT_START_STEP, steps_per_value=1), warmup_logs=warmup)
+                  timers_s=_timers(lines, source, skip=THROUGHPUT_START_STEP, steps_per_value=1), warmup_logs=warmup, pipelined=False)
 
 
 def _read_pipeline(lines: list[str], source: str) -> RunLog:
     """A PipelineEngine's log (module docstring): one interval per ``steps:``
-    line, from the step after the previous line's to its own."""
+    line, from the step after the previous line's to its own, timed by its
+    samples/sec (exact to 3 decimals; the 3-decimal iter time is not, for
+    short steps), with the global batch the two figures together fix."""
     intervals: list[Interval] = []
     previous = 0
     for index, line in enumerate(lines):
-        if not (match := PIPELINE.search(line)):
+        if not (step_match := PIPELINE_STEP.search(line)):
             continue
-        line_number, step = index + 1, int(match.group(1))
+        line_number, step = index + 1, int(step_match.group(1))
+        if not (match := PIPELINE_RATE.search(line, step_match.end())):
+            if index == len(lines) - 1:
+                break  # cut short as the run was killed
+            raise SpecError(source, f"line {line_number}", "a pipeline line ending in 'iter time (s): T samples/sec: S' (is it cut short?)",
+                            line.strip())
         if step <= previous:
             raise SpecError(source, f"line {line_number}", f"a step after {previous}", step)
         first, previous = previous + 1, step
-        if _unmeasured(match.group(2)) or _unmeasured(match.group(3)):
+        if _unmeasured(match.group(1)) or _unmeasured(match.group(2)):
             continue
-        iteration_s = number(match.group(2), source, line_number, "iter time (s)")
-        rate = _positive(match.group(3), source, line_number, "samples/sec")
-        # A step under the 3-decimal print's resolution (0.000 s) is timed by its rate.
-        intervals.append(Interval(first=first, last=step, line=line_number, step_time_s=iteration_s if iteration_s > 0 else None,
-                                  samples_per_s=rate))
+        iteration_s = number(match.group(1), source, line_number, "iter time (s)")
+        rate = _positive(match.group(2), source, line_number, "samples/sec")
+        batch = rate * iteration_s
+        known = (rate + iteration_s) * PIPELINE_DECIMALS_S < 0.5  # the product is within half a sample of the batch
+        intervals.append(Interval(first=first, last=step, line=line_number, samples_per_s=rate,
+                                  global_batch_size=round(batch) if known and batch >= 1 else None))
     spacing = intervals[-1].last - intervals[-1].first + 1 if intervals else 1
-    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), timers_s=_timers(lines, source, skip=1, steps_per_value=spacing))
+    return RunLog(path=source, format="deepspeed", intervals=tuple(intervals), timers_s=_timers(lines, source, skip=1, steps_per_value=spacing),
+                  pipelined=True)
 
 
 def _unmeasured(text: str) -> bool:

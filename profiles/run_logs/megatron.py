@@ -43,8 +43,9 @@ torchrun's ``[default0]:`` or a timestamp are fine):
   ``  name ....... value`` lines between ``--- arguments ---`` and
   ``--- end of arguments ---``, which say the layout the run used.
 
-A launcher's prefix (torchrun's ``[default0]:``, ``srun -l``'s ``63:``, padded to the widest task id: ``  7:``) may
-precede any line. Every other line is skipped. An iteration line whose
+Launchers' labels ending in a colon (torchrun's ``[default0]:``, ``srun -l``'s
+``63:``, padded to the widest task id: ``  7:``, or both: ``  7: [default0]:``)
+may precede any line. Every other line is skipped. An iteration line whose
 fields do not parse is bad input naming the line.
 """
 
@@ -57,7 +58,7 @@ from collections import Counter
 from loom.planner.specs.errors import SpecError
 from loom.profiles.run_logs.record import MiB, Interval, RankMemory, RunLog, number
 
-PREFIX = r"^(?:\s*\S*:)?"  # a launcher's, e.g. "[default0]:", "63:" or srun -l's padded "  7:"
+PREFIX = r"^(?:\s*[^\s:]*:)*"  # launchers' labels, stacked: "[default0]:", "63:", srun -l's padded "  7:", "  7: [default0]:"
 ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)$")
 CORE_0_16_TIMESTAMP = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\] iteration")  # strftime('%Y-%m-%d %H:%M:%S.%f')
 MEMORY = re.compile(r"\[Rank (\d+)\] \(after (\d+) iterations\) memory \(MB\)((?:\s*\|\s*[a-z ]+:\s*\S+)+)")

@@ -97,6 +97,7 @@ class RunLog:
     rank: int | None = None  # the rank a trace was taken on
     framework_estimate_bytes: float | None = None  # the framework's own memory estimate (Megatron's theoretical footprint)
     warmup_logs: int = WARMUP_LOGS  # leading intervals that hold the warm-up
+    pipelined: bool | None = None  # whether the run had pipeline stages, where its log's format says (DeepSpeed's engines)
 
     @property
     def steady(self) -> tuple[Interval, ...]:
