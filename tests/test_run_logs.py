@@ -180,7 +180,8 @@ def test_compare_and_calibrate_refuse_a_log_of_another_precision(plan_json, tmp_
     precision = json.loads(plan_json.read_text())["precision"]
     log = tmp_path / "train.log"
     for arguments, named in (({"bf16": "True", "fp8": "hybrid"}, "fp8"), ({"bf16": "False", "fp16": "True", "fp8": "None"}, "fp16"),
-                             ({"bf16": "False", "fp16": "False", "fp8": "None"}, "bf16"), ({"fp16": "True"}, "fp16")):
+                             ({"bf16": "False", "fp16": "False", "fp8": "None"}, "bf16"), ({"fp16": "True"}, "fp16"),
+                             ({"fp16": "False"}, "tf32")):
         log.write_text(_megatron_log([7000.0] * 3, {}, {**ARGS, **arguments}))
         for command in (["compare", str(plan_json), str(log)],
                         ["calibrate", str(EXAMPLE), str(plan_json), str(log), "--out", str(tmp_path / "c.json")]):

@@ -378,4 +378,4 @@ def megatron_precision(arguments: dict[str, str]) -> tuple[str, str] | None:
     for argument in ("bf16", "fp16"):
         if arguments.get(argument) == "True":
             return argument, argument
-    return "bf16", "tf32"
+    return ("bf16" if "bf16" in arguments else "fp16"), "tf32"
