@@ -430,18 +430,31 @@ def test_out_of_scope_architectures_are_refused_saying_what_they_are(tmp_path, f
     assert result.exit_code == 2 and what in result.output and "model_type" in result.output and "Traceback" not in result.output
 
 
-def test_gpt_oss_yarn_and_qwen3_moe_yarn_are_refused_each_once():
-    """A launch file would train plain RoPE where the config scales it (YaRN): refused, with one problem, not a Llama-3 check besides."""
-    from loom.planner.specs.errors import SpecError
+def test_yarn_outside_mla_is_torchtitans_or_deepspeeds_to_train(tmp_path):
+    """gpt-oss ships YaRN x32 (Qwen3 takes it for long context): Megatron-LM's
+    flags write YaRN for MLA only, so a Megatron job is refused, once; torchtitan's
+    gpt_oss builds exactly gpt-oss's YaRN, DeepSpeed runs the user's own model."""
+    from loom.planner.specs import torchtitan
     from loom.planner.specs.model import model_from_hf_config
     from loom.profiles.catalogue import MODELS_DIR
 
-    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}
+    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096,
+            "truncate": False}
     for name in ("gpt-oss-20b", "qwen3-30b-a3b"):
         config = {**json.loads((MODELS_DIR / f"{name}.json").read_text()), "rope_scaling": yarn}
-        with pytest.raises(SpecError) as refused:
-            model_from_hf_config(config, name, "config.json")
-        assert [field for field, _, _ in refused.value.problems] == ["rope_scaling"]
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        model = model_from_hf_config(config, name, "config.json")
+        assert (model.yarn.factor, model.yarn.truncate, model.rope_scaling_factor) == (32.0, False, None)
+        cluster = {"nodes": 4, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
+        job = {"model": str(tmp_path / f"{name}.json"), "cluster": cluster, "global_batch_size": 256, "seq_length": 4096}
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        refused = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--tp", "1", "--ep", "8"])
+        assert refused.exit_code == 2 and "YaRN" in refused.output and "framework" in refused.output, refused.output
+    assert not torchtitan.rotary_mismatch(model_from_hf_config({**json.loads((MODELS_DIR / "gpt-oss-20b.json").read_text()),
+                                                                 "rope_scaling": yarn}, "gpt-oss-20b", "c"), 4096)
+    rounded = model_from_hf_config({**json.loads((MODELS_DIR / "gpt-oss-20b.json").read_text()), "rope_scaling": {**yarn, "truncate": True}},
+                                   "gpt-oss-20b", "c")
+    assert "YaRN x32" in torchtitan.rotary_mismatch(rounded, 4096)  # torchtitan's ramp is not rounded
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v2-lite"])

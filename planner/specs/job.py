@@ -423,6 +423,10 @@ def check_job(job: Job) -> None:
         # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
         # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
         raise SpecError(job.source, "framework", f"megatron for {job.model.name} (DeepSpeed's MoE gates top-1/top-2 only, without shared experts)", job.framework)
+    if job.framework == "megatron" and job.model.yarn is not None:
+        raise SpecError(job.source, "framework", f"torchtitan or deepspeed for {job.model.name} (its config scales RoPE by YaRN, which "
+                        "Megatron-LM core_v0.16.1 writes for multi-latent attention only: --position-embedding-type has no yarn)",
+                        job.framework)
     if job.framework == "megatron" and job.model.megatron_unbuildable:
         raise SpecError(job.source, "framework", f"deepspeed for {job.model.name} (your own model code under DeepSpeed; Megatron-LM "
                         f"cannot build {job.model.megatron_unbuildable})", job.framework)

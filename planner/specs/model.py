@@ -298,6 +298,21 @@ class Mamba:
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN on a standard attention's rotary embeddings (Peng et al. 2023,
+    arXiv 2309.00071; transformers' _compute_yarn_parameters): frequencies
+    of fewer than ``beta_slow`` rotations over the original context are
+    interpolated by ``factor``, those of more than ``beta_fast`` kept, a ramp
+    between; ``truncate`` rounds the ramp's ends to whole dimensions."""
+
+    factor: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    original_positions: int = 4096
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     num_layers: int
@@ -318,6 +333,9 @@ class ModelSpec:
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
     # Llama 3.1's rope_scaling (rope_type llama3): megatron-core's --use-rope-scaling factor; None: unscaled.
     rope_scaling_factor: float | None = None
+    # YaRN rope_scaling outside MLA (gpt-oss; Qwen3 for long context): Megatron-LM
+    # core_v0.16.1 writes YaRN for MLA only, torchtitan's gpt_oss builds it. None: none.
+    yarn: Yarn | None = None
     rotary_percent: float = 1.0  # the share of each head's dims RoPE rotates (Phi-3's partial_rotary_factor)
     norm_epsilon: float = 1e-5
     causal: bool = True  # decoders mask the future; vision encoders attend to all patches
@@ -691,6 +709,8 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         qk_norm=family in QK_NORM_FAMILIES,
         mtp_layers=read.int("num_nextn_predict_layers", default=0, low=0, high=LIMITS["layers"]),
     )
+    if family not in MLA_FAMILIES:
+        spec = replace(spec, yarn=_yarn(read, spec.max_position_embeddings))
     if family in NEMOTRON:  # transformers' NemotronConfig defaults: no attention or MLP biases, untied
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
     if family in FALCON:
@@ -872,6 +892,23 @@ def _scaling_terms(mapping: dict) -> dict:
     return {("rope_type" if key == "type" else key): value for key, value in mapping.items() if key != "rope_theta"}
 
 
+def _yarn(read: ConfigReader, max_positions: int) -> Yarn | None:
+    """The config's YaRN rope_scaling outside MLA (None: none), absent terms
+    at transformers' defaults (the original context: max_position_embeddings).
+    The attention temperature is YaRN's own (0.1 ln factor + 1): an
+    attention_factor or DeepSeek's mscales are refused."""
+    _, scaling, kind = _rope_scaling(read)
+    if kind != "yarn" or scaling is None:
+        return None
+    for term in ("attention_factor", "mscale", "mscale_all_dim"):
+        scaling.require(not scaling.has(term), term, "absent for YaRN outside multi-head latent attention (YaRN's own attention "
+                        "temperature)", scaling.config.get(term))
+    return Yarn(factor=scaling.number("factor", default=1.0, low=1.0, high=1e6), beta_fast=scaling.number("beta_fast", default=32.0, high=1e6),
+                beta_slow=scaling.number("beta_slow", default=1.0, high=1e6),
+                original_positions=scaling.int("original_max_position_embeddings", default=max_positions, high=LIMITS["positions"]),
+                truncate=scaling.bool("truncate", True))
+
+
 def _rope_theta(read: ConfigReader) -> float:
     """The rotary base: top-level ``rope_theta`` (or GPT-NeoX's
     ``rotary_emb_base``), else transformers 5's ``rope_parameters.rope_theta``;
@@ -891,9 +928,9 @@ def _rope_scaling_factor(read: ConfigReader, family: str) -> float | None:
     apply (yarn, linear, llama3 with other fixed values) are refused: a
     launch file would train other position encodings than the config's."""
     key, scaling, kind = _rope_scaling(read)
-    if kind in (None, "default", "dynamic"):
+    if kind in (None, "default", "dynamic", "yarn"):  # yarn: ModelSpec.yarn
         return None
-    read.require(kind == "llama3", key, f"none, dynamic or llama3 for {family} (megatron-core's --use-rope-scaling is "
+    read.require(kind == "llama3", key, f"none, dynamic, yarn or llama3 for {family} (megatron-core's --use-rope-scaling is "
                  "Llama 3.1's; other scalings loom does not write)", kind)
     if kind != "llama3":  # its other keys are another scaling's
         return None
@@ -943,9 +980,8 @@ def _check_family(read: ConfigReader, family: str) -> None:
         # Phi-3-128k / Phi-3.5-mini: LongRoPE ("longrope", formerly "su"), a
         # rescaling factor per rotary dimension, which megatron-core's rotary
         # embeddings (rope, yarn, llama3-style --use-rope-scaling) do not have.
-        read.require(kind in (None, "default", "dynamic"), key, f"none or dynamic for {family} (loom writes plain rotary "
-                     "embeddings: Megatron-LM core_v0.16.1's flags have no per-dimension LongRoPE factors, and YaRN for GPT models "
-                     "only in megatron-core, not --position-embedding-type)", kind)
+        read.require(kind in (None, "default", "dynamic", "yarn"), key, f"none, dynamic or yarn for {family} (Megatron-LM "
+                     "core_v0.16.1's flags have no per-dimension LongRoPE factors)", kind)
 
 
 def _sliding_window(read: ConfigReader, num_layers: int, period: int, default: int = 0) -> tuple[int | None, tuple[bool, ...]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.planner.specs.model import ModelSpec
+from loom.planner.specs.model import ModelSpec, Yarn
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,10 @@ class Flavor:
 # 32 > 1: precompute_rope_cache).
 ROPE_THETA = {"llama3": 500000.0, "qwen3": 1000000.0, "deepseek_v3": 10000.0, "gpt_oss": 150000.0}
 LLAMA3_SCALING = 8.0
-YARN = {"deepseek_v3": (40.0, 4096), "gpt_oss": (32.0, 0)}  # (factor, the longest sequence it leaves unscaled)
+# deepseek_v3: YaRN x40 beyond 4,096 tokens, compared by its factor (MLA.rope_scaling_factor);
+# gpt_oss: GptOssModelArgs' rope_factor 32, ntk_beta 32, ntk_alpha 1, original_seq_len 4096, its ramp not rounded.
+DEEPSEEK_YARN = (40.0, 4096)  # (factor, the longest sequence it leaves unscaled)
+GPT_OSS_YARN = Yarn(factor=32.0, beta_fast=32.0, beta_slow=1.0, original_positions=4096, truncate=False)
 # Head dims each model family builds: llama3 dim / n_heads (Attention), qwen3
 # head_dim 128 and gpt_oss 64 (their model args' defaults, every flavor),
 # deepseek_v3's MLA qk_nope 128 + qk_rope 64 and v 128.
@@ -108,14 +111,24 @@ def rotary_mismatch(model: ModelSpec, seq_length: int) -> str:
     flavor = flavor_of(model)
     if flavor is None or not model.rotary:
         return ""
-    factor, unscaled_up_to = YARN.get(flavor.name, (None, 0))
-    theirs = (*flavor.rotary, factor if factor and seq_length > unscaled_up_to else None)
-    ours = (model.rope_theta, model.rope_scaling_factor, model.mla.rope_scaling_factor if model.mla else None)
+    if flavor.name == "deepseek_v3":
+        factor, unscaled_up_to = DEEPSEEK_YARN
+        theirs = (*flavor.rotary, factor if seq_length > unscaled_up_to else None)
+        ours = (model.rope_theta, model.rope_scaling_factor, model.mla.rope_scaling_factor if model.mla else None)
+    else:
+        theirs = (*flavor.rotary, GPT_OSS_YARN if flavor.name == "gpt_oss" else None)
+        ours = (model.rope_theta, model.rope_scaling_factor, model.yarn)
     if ours == theirs:
         return ""
 
-    def said(theta: float, llama3: float | None, yarn: float | None) -> str:
-        scaled = f"Llama 3.1's scaling x{llama3:g}" if llama3 else f"YaRN x{yarn:g}" if yarn else "unscaled"
+    def said(theta: float, llama3: float | None, yarn: float | Yarn | None) -> str:
+        if llama3:
+            scaled = f"Llama 3.1's scaling x{llama3:g}"
+        elif isinstance(yarn, Yarn):
+            scaled = (f"YaRN x{yarn.factor:g} (betas {yarn.beta_fast:g}/{yarn.beta_slow:g} over {yarn.original_positions:,} positions, "
+                      f"{'' if yarn.truncate else 'un'}rounded)")
+        else:
+            scaled = f"YaRN x{yarn:g}" if yarn else "unscaled"
         return f"rope_theta {theta:.10g}, {scaled}"
 
     return (f"torchtitan's {flavor.name} {flavor.flavor} builds rotary embeddings with {said(*theirs)} at {seq_length:,} tokens, "
