@@ -195,6 +195,7 @@ def test_deepspeed_moe_snippet_binds_to_deepspeeds_moe_layer(tmp_path):
     inspect.signature(moe_layer.MoE.__init__).bind(None, **arguments)
     assert arguments["ep_size"] == best.layout.ep and arguments["num_experts"] == 8 and arguments["k"] == 2
     assert arguments["drop_tokens"] is False
+    assert arguments["top2_2nd_expert_sampling"] is False  # Mixtral routes to its top two by score (DeepSpeed samples the second by default)
     per_gpu = 8 // best.layout.ep
     assert f"so {per_gpu} expert{'s' if per_gpu > 1 else ''} per GPU" in files["moe_snippet.py"]
 

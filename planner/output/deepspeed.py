@@ -388,6 +388,8 @@ def moe_snippet(job: Job, layout: Layout) -> str:
             "        ep_size=EXPERT_PARALLEL_SIZE,",
             "        k=TOP_K,",
             "        drop_tokens=False,  # dropless, as loom's time model assumes",
+            *(["        top2_2nd_expert_sampling=False,  # the second expert by its score, as the model routes (not Gumbel-sampled)"]
+              if moe.top_k == 2 else []),
             "    )",
             "",
             "",
