@@ -602,6 +602,10 @@ def test_compare_checks_a_traces_rank_and_counts_collectives_of_no_group(plan_js
     path.write_text(json.dumps(trace))
     report = json.loads(runner.invoke(app, ["compare", str(plan_json), str(path), "--json"]).stdout)
     assert report["measured"]["terms"]["comm"] > 0  # the TP and DP kernels, named by no group
+    # ... set against all of loom's communication once, not again group by group at 0
+    assert "tp_comm" not in report["measured"]["terms"] and "dp_comm" not in report["measured"]["terms"]
+    named = json.loads(runner.invoke(app, ["compare", str(plan_json), str(LOGS / "trace-rank0.json"), "--json"]).stdout)
+    assert "comm" not in named["measured"]["terms"] and named["measured"]["terms"]["dp_comm"] > 0
     path.write_text(json.dumps({**trace, "distributedInfo": {"rank": 1000}}))
     result = runner.invoke(app, ["compare", str(plan_json), str(path)])
     assert result.exit_code == 2 and "distributedInfo.rank" in result.output

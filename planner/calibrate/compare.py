@@ -274,8 +274,15 @@ def _trace_rows(plan: PlanReport, log: RunLog) -> list[Row]:
     if "optimizer" in log.timers_s:
         rows.append(Row("optimizer kernels", log.timers_s["optimizer"], breakdown.get("optimizer", 0.0), "s",
                         f"{log.path}: optimizer kernels", POINTS_TO["optimizer kernels"]))
+    # Collectives the trace names no group for (torch < 2.4) are set against all
+    # of loom's communication, once: each group's own row then only where the
+    # trace measured that group, and no "comm" row where it named every one.
+    unlabelled = log.exposed_s.get("comm", 0.0) > 0
     for term, terms in TRACE_EXPOSED.items():
         measured, predicted = log.exposed_s.get(term, 0.0), _sum(breakdown, terms)
+        grouped = term not in ("comm", "idle")
+        if (term == "comm" and not unlabelled) or (grouped and unlabelled and not measured):
+            continue
         if measured or predicted:
             rows.append(Row(term, measured, predicted, "s", f"{log.path}: {term} exposed", POINTS_TO[term]))
     return rows
