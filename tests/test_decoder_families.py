@@ -479,6 +479,12 @@ def test_deepseek_yarn_reaches_megatrons_mla_rotary_embedding(name):
                                   v_head_dim=int(flags["v-head-dim"]), rotary_scaling_factor=float(flags["rotary-scaling-factor"]),
                                   mscale=float(flags["mscale"]), mscale_all_dim=float(flags["mscale-all-dim"]))
     assert config.rope_type == "yarn"
+    # DeepSeek's latent RMSNorms exist only with --qk-layernorm (megatron-core's MLA layer spec)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    attention = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm="qk-layernorm" in flags).submodules.self_attention
+    assert attention.submodules.kv_layernorm is not IdentityOp and attention.submodules.q_layernorm is not IdentityOp
     assert (config.rotary_scaling_factor, config.mscale, config.mscale_all_dim) == (scaling["factor"], scaling["mscale"], scaling["mscale_all_dim"])
     assert (config.original_max_position_embeddings, config.beta_fast, config.beta_slow) == (
         scaling["original_max_position_embeddings"], scaling["beta_fast"], scaling["beta_slow"])
@@ -536,3 +542,36 @@ def test_transformers_5_rope_parameters_read_as_rope_scaling(name):
     with pytest.raises(SpecError) as refused:
         model_from_hf_config({**saved, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, name, "config.json")
     assert "rope_parameters" in [problem[0] for problem in refused.value.problems]
+
+
+def test_a_mixture_family_without_its_expert_counts_takes_transformers_defaults():
+    """A Mixtral config.json that leaves out num_local_experts is transformers'
+    8 experts, top-2 (MixtralConfig), not a dense model."""
+    from loom.planner.specs.model import model_from_hf_config
+    from loom.profiles.catalogue import MODELS_DIR
+
+    config = json.loads((MODELS_DIR / "mixtral-8x7b.json").read_text())
+    trimmed = {key: value for key, value in config.items() if key not in ("num_local_experts", "num_experts_per_tok")}
+    assert model_from_hf_config(trimmed, "mixtral", "config.json").moe == load_model("mixtral-8x7b").moe
+    # The catalogue's Qwen3-235B renormalises its top-8 as the released config says (norm_topk_prob true): no pre-softmax router.
+    assert not load_model("qwen3-235b-a22b").moe.pre_softmax
+
+
+@pytest.mark.parametrize("name, loss", [("mixtral-8x7b", ("aux_loss", 0.02)), ("qwen3-30b-a3b", ("aux_loss", 0.001)),
+                                        ("deepseek-v3", ("seq_aux_loss", 0.001)), ("gpt-oss-20b", ("aux_loss", 0.9))])
+def test_the_load_balancing_loss_is_the_configs(name, loss):
+    """train.sh balances experts with the loss the config gives (Mixtral's
+    router_aux_loss_coef 0.02, DeepSeek's per-sequence aux_loss_alpha), not one
+    coefficient for every model; megatron-core's TransformerConfig takes it."""
+    from megatron.core.transformer import TransformerConfig
+
+    from test_emit_megatron import parse_flags
+
+    spec = load_model(name)
+    cluster = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "t")
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, ep=8, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True)
+    flags = parse_flags(megatron_args(Job(model=spec, cluster=cluster, global_batch_size=64, seq_length=4096), layout, uniform_stages(spec, layout)))
+    assert (flags["moe-router-load-balancing-type"], float(flags["moe-aux-loss-coeff"])) == loss
+    config = TransformerConfig(num_layers=2, hidden_size=256, num_attention_heads=4, num_moe_experts=spec.moe.num_experts,
+                               moe_router_topk=spec.moe.top_k, moe_router_load_balancing_type=loss[0], moe_aux_loss_coeff=loss[1])
+    assert config.moe_aux_loss_coeff == loss[1]

@@ -230,11 +230,15 @@ def _layer_pattern(flags: tuple[bool, ...]) -> str:
 
 
 def _mla_args(m: ModelSpec) -> list[str]:
-    """Multi-head latent attention (megatron-core's MLATransformerConfig)."""
+    """Multi-head latent attention (megatron-core's MLATransformerConfig).
+    DeepSeek's RMSNorms on the query and key/value latents (q_a_layernorm,
+    kv_a_layernorm) are built only with --qk-layernorm (gpt_layer_specs.py:
+    the up-projections become LayerNormLinear, q_layernorm and kv_layernorm
+    norms; IdentityOp without it)."""
     if m.mla is None:
         return []
     args = ["--multi-latent-attention", "--kv-lora-rank", str(m.mla.kv_lora_rank), "--qk-head-dim", str(m.mla.qk_nope_head_dim),
-            "--qk-pos-emb-head-dim", str(m.mla.qk_rope_head_dim), "--v-head-dim", str(m.mla.v_head_dim)]
+            "--qk-pos-emb-head-dim", str(m.mla.qk_rope_head_dim), "--v-head-dim", str(m.mla.v_head_dim), "--qk-layernorm"]
     if m.mla.q_lora_rank:
         args += ["--q-lora-rank", str(m.mla.q_lora_rank)]
     if m.mla.rope_scaling_factor is not None:
@@ -257,9 +261,10 @@ def _moe_args(m: ModelSpec) -> list[str]:
         "--moe-router-topk", str(moe.top_k),
         "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
         "--moe-grouped-gemm",
-        "--moe-router-load-balancing-type", "aux_loss",
-        "--moe-aux-loss-coeff", "1e-2",
     ]
+    if moe.aux_loss_coeff is not None:
+        args += ["--moe-router-load-balancing-type", "seq_aux_loss" if moe.seq_aux_loss else "aux_loss",
+                 "--moe-aux-loss-coeff", _exact(moe.aux_loss_coeff)]
     if moe.shared_ffn_hidden_size:
         args += ["--moe-shared-expert-intermediate-size", str(moe.shared_ffn_hidden_size)]
         if moe.shared_gate:

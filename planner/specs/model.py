@@ -189,6 +189,13 @@ class MoE:
     # (n_group, topk_group; --moe-router-num-groups, --moe-router-group-topk).
     router_groups: int = 1
     router_group_topk: int = 1
+    # The load-balancing loss the model trained with (launch flags only: its
+    # kernels are priced alike): its coefficient (Switch Transformer's
+    # auxiliary loss, Fedus et al. 2021; transformers' router_aux_loss_coef,
+    # DeepSeek's aux_loss_alpha), per sequence where DeepSeek's seq_aux says
+    # so (megatron-core's seq_aux_loss); None: none given (Megatron's default, none).
+    aux_loss_coeff: float | None = None
+    seq_aux_loss: bool = False
 
     def most_imbalance(self, ep: int) -> float:
         """The largest busiest/mean load ratio routing can reach at expert
@@ -1006,16 +1013,17 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
     intermediate_size (gpt-oss: with biases). Qwen3-MoE and DeepSeek-V2/V3: num_experts / n_routed_experts and
     moe_intermediate_size; DeepSeek's first_k_dense_replace layers are dense
     and every later one is MoE (moe_layer_freq 1)."""
-    if not read.has("num_local_experts", "num_experts", "n_routed_experts"):
+    defaults = MOE_FAMILY_DEFAULTS.get(family)
+    if not read.has("num_local_experts", "num_experts", "n_routed_experts") and defaults is None:
         return None
-    experts = read.int("num_local_experts", "num_experts", "n_routed_experts", high=LIMITS["experts"])
+    experts = read.int("num_local_experts", "num_experts", "n_routed_experts", high=LIMITS["experts"], default=defaults and defaults[0])
     first_dense = read.int("first_k_dense_replace", default=0, low=0, high=LIMITS["layers"])
     if family in ("qwen2_moe", "qwen3_moe"):
         first_dense = _qwen_dense_layers(read, num_layers)
     read.require(read.config.get("moe_layer_freq", 1) == 1, "moe_layer_freq", "1 (an MoE MLP in every layer after the dense ones)",
                  read.config.get("moe_layer_freq"))
     width_key = "intermediate_size" if family in ("mixtral", "gpt_oss") else "moe_intermediate_size"
-    top_k = read.int("num_experts_per_tok", high=LIMITS["experts"])
+    top_k = read.int("num_experts_per_tok", high=LIMITS["experts"], default=defaults and defaults[1])
     read.require(top_k <= experts, "num_experts_per_tok", f"at most the {experts} experts", top_k,
                  given=("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"))
     width = read.int(width_key, high=LIMITS["width"])
@@ -1029,9 +1037,13 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
         shared = read.int("shared_expert_intermediate_size", default=0, low=0, high=LIMITS["width"])
     else:
         shared = read.int("n_shared_experts", default=0, low=0, high=LIMITS["experts"]) * width
+    aux_key = "aux_loss_alpha" if family in MLA_FAMILIES else "router_aux_loss_coef"
     return MoE(
         num_experts=experts,
         top_k=top_k,
+        aux_loss_coeff=read.number(aux_key, default=AUX_LOSS_DEFAULTS.get(family), high=1e3) if read.has(aux_key) or family in AUX_LOSS_DEFAULTS
+        else None,
+        seq_aux_loss=family in MLA_FAMILIES and read.bool("seq_aux", True),
         expert_ffn_hidden_size=width,
         shared_ffn_hidden_size=shared,
         first_dense_layers=min(first_dense, num_layers - 1),
@@ -1041,6 +1053,15 @@ def _moe(read: ConfigReader, family: str, num_layers: int) -> MoE | None:
     )
 
 
+# The load-balancing loss coefficient where a config leaves it out:
+# transformers' router_aux_loss_coef defaults (MixtralConfig, Qwen2MoeConfig,
+# Qwen3MoeConfig 0.001; GptOssConfig 0.9) and DeepSeek's aux_loss_alpha 0.001
+# (its configs' and modeling code's, with seq_aux true).
+AUX_LOSS_DEFAULTS = {"mixtral": 0.001, "qwen2_moe": 0.001, "qwen3_moe": 0.001, "gpt_oss": 0.9, "deepseek_v2": 0.001, "deepseek_v3": 0.001}
+# Families that are mixtures of experts by design, and their experts and
+# top-k where a config leaves them out (transformers' MixtralConfig,
+# Qwen2MoeConfig, Qwen3MoeConfig, GptOssConfig and DeepseekV3Config defaults).
+MOE_FAMILY_DEFAULTS = {"mixtral": (8, 2), "qwen2_moe": (60, 4), "qwen3_moe": (128, 8), "gpt_oss": (128, 4), "deepseek_v3": (256, 8)}
 # DeepSeek's routers as transformers' configs default them: V2 softmax over
 # all experts, greedy top-k, not renormalised, unscaled; V3 sigmoid scores
 # with a learned expert bias choosing the top-k (noaux_tc) from the best 4 of
