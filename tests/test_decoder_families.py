@@ -107,7 +107,7 @@ def test_qwen2_moe_dense_layers(tmp_path):
     path.write_text(json.dumps({**config, "decoder_sparse_step": 2}))
     with pytest.raises(SpecError) as error:
         load_model(str(path))
-    assert error.value.field == "mlp_only_layers"
+    assert error.value.field == "decoder_sparse_step"  # the field that interleaves them
 
 
 @pytest.mark.parametrize("family, change, field", [
@@ -450,6 +450,9 @@ def test_yarn_outside_mla_is_torchtitans_or_deepspeeds_to_train(tmp_path):
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
         refused = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--tp", "1", "--ep", "8"])
         assert refused.exit_code == 2 and "YaRN" in refused.output and "framework" in refused.output, refused.output
+    # DeepSpeed's MoE gates top-2 at most: the refusal offers the one framework left, not Megatron back
+    refused = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--tp", "1", "--ep", "8", "--framework", "deepspeed"])
+    assert refused.exit_code == 2 and "expected torchtitan for" in refused.output and "top-1/top-2" in refused.output, refused.output
     assert not torchtitan.rotary_mismatch(model_from_hf_config({**json.loads((MODELS_DIR / "gpt-oss-20b.json").read_text()),
                                                                  "rope_scaling": yarn}, "gpt-oss-20b", "c"), 4096)
     rounded = model_from_hf_config({**json.loads((MODELS_DIR / "gpt-oss-20b.json").read_text()), "rope_scaling": {**yarn, "truncate": True}},

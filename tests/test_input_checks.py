@@ -63,12 +63,20 @@ def test_a_deepseek_v3_config_that_cannot_be(tmp_path, change, field):
     ({"hidden_size": True}, "hidden_size"),
     # fields that change the model a launch file would train: refused, not dropped
     ({"hidden_act": "gelu"}, "hidden_act"),  # GeGLU in transformers; loom writes --swiglu
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}}, "rope_scaling.low_freq_factor"),
     ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
 ])
 def test_a_llama_config_that_cannot_be(tmp_path, change, field):
     assert_bad(run(tmp_path, config={**LLAMA, **change}), "config.json", field)
+
+
+def test_a_yarn_llama_config_is_refused_for_megatron_only(tmp_path):
+    """YaRN on a standard attention has no Megatron-LM flag: the Megatron job
+    names its framework and the one that can run it; DeepSpeed plans it."""
+    config = {**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    assert_bad(run(tmp_path, config=config), "job.yaml", "framework", "expected deepspeed for", "YaRN")
+    assert run(tmp_path, "--framework", "deepspeed", config=config).exit_code == 0
 
 
 def test_llama_3_1_rope_scaling_reaches_the_launch_file(tmp_path):

@@ -419,17 +419,9 @@ def check_job(job: Job) -> None:
         _check_moe_features(job, moe)
     else:
         _check_dense(job)
-    if moe is not None and job.framework == "deepspeed" and (moe.top_k > 2 or moe.shared_ffn_hidden_size or job.model.mla):
-        # DeepSpeed's MoE gates top-1 or top-2 and has no shared experts or
-        # MLA (deepspeed/moe/sharded_moe.py): such models need Megatron.
-        raise SpecError(job.source, "framework", f"megatron for {job.model.name} (DeepSpeed's MoE gates top-1/top-2 only, without shared experts)", job.framework)
-    if job.framework == "megatron" and job.model.yarn is not None:
-        raise SpecError(job.source, "framework", f"torchtitan or deepspeed for {job.model.name} (its config scales RoPE by YaRN, which "
-                        "Megatron-LM core_v0.16.1 writes for multi-latent attention only: --position-embedding-type has no yarn)",
-                        job.framework)
-    if job.framework == "megatron" and job.model.megatron_unbuildable:
-        raise SpecError(job.source, "framework", f"deepspeed for {job.model.name} (your own model code under DeepSpeed; Megatron-LM "
-                        f"cannot build {job.model.megatron_unbuildable})", job.framework)
+    why = _why_not(job.model, job.framework)
+    if why:
+        raise SpecError(job.source, "framework", f"{_frameworks_for(job.model)} for {job.model.name} ({why})", job.framework)
     gpus = {node.gpu.name: node.gpu for node in job.cluster.nodes}.values()
     for gpu in gpus:
         if not gpu.supports(job.precision):
@@ -485,15 +477,33 @@ def _from_stack(job: Job, feature: str, expected: str) -> tuple[str, str, object
     return f"features.{feature}", expected, value
 
 
+def _why_not(model: ModelSpec, framework: str) -> str:
+    """Why ``framework`` cannot train ``model`` ('' when it can)."""
+    moe = model.moe
+    if framework == "deepspeed" and moe is not None and (moe.top_k > 2 or moe.shared_ffn_hidden_size or model.mla):
+        # deepspeed/moe/sharded_moe.py: top1gating, top2gating; no shared experts or MLA
+        return "DeepSpeed's MoE gates top-1/top-2 only, without shared experts"
+    if framework == "megatron" and model.yarn is not None:
+        return ("its config scales RoPE by YaRN, which Megatron-LM core_v0.16.1 writes for multi-latent attention only: "
+                "--position-embedding-type has no yarn")
+    if framework == "megatron" and model.megatron_unbuildable:
+        return f"Megatron-LM cannot build {model.megatron_unbuildable}; DeepSpeed runs your own model code"
+    if framework == "torchtitan" and (why := torchtitan.trainable(model)):
+        return f"torchtitan needs {why}"
+    return ""
+
+
+def _frameworks_for(model: ModelSpec) -> str:
+    """The frameworks that can train ``model``, as an error message offers them."""
+    able = [name for name in get_args(Framework) if not _why_not(model, name)]
+    return " or ".join(able) if able else "none of loom's frameworks: Megatron-LM, DeepSpeed and torchtitan each refuse it"
+
+
 def _check_torchtitan(job: Job) -> None:
     """What torchtitan 0.2.2 can train: its registered models
     (specs/torchtitan.py), in bf16 or float8 through torchao (tensorwise
     scaling, or MXFP8 on Blackwell: its quantize.linear.float8 and
     quantize.linear.mx converters; no fp16 in Training.mixed_precision_param)."""
-    why = torchtitan.trainable(job.model)
-    if why:
-        others = "deepspeed" if job.model.megatron_unbuildable else "megatron or deepspeed"
-        raise SpecError(job.source, "framework", f"{others} for this model; torchtitan needs {why}", job.framework)
     if job.precision == "fp16":
         raise SpecError(job.source, "precision", "bf16, fp8, tf32 or fp32 with torchtitan (its mixed precision is bfloat16 or float32)",
                         job.precision)

@@ -1104,9 +1104,11 @@ def _qwen_dense_layers(read: ConfigReader, num_layers: int) -> int:
     dense_only = set(read.int_list("mlp_only_layers") or [])
     moe = [i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)]
     first = moe.index(True) if any(moe) else num_layers
-    read.require(all(moe[first:]) and first < num_layers, "mlp_only_layers", "dense layers (mlp_only_layers, decoder_sparse_step) "
+    # the field that interleaves them: a sparse step over 1 does by itself
+    key, value = ("decoder_sparse_step", step) if step > 1 and num_layers > step else ("mlp_only_layers", sorted(dense_only))
+    read.require(all(moe[first:]) and first < num_layers, key, "dense layers (mlp_only_layers, decoder_sparse_step) "
                  "only before the MoE ones, and some MoE layers (loom prices interleaved dense layers only at the start)",
-                 sorted(dense_only), given=("decoder_sparse_step", "mlp_only_layers"))
+                 value, given=("decoder_sparse_step", "mlp_only_layers"))
     return first if first < num_layers else 0
 
 
