@@ -401,6 +401,18 @@ def test_job_warnings_say_what_is_legal_but_probably_not_meant(gbs, seq, cluster
     assert (warnings == []) if warned is None else (len(warnings) == 1 and warned in warnings[0])
 
 
+def test_a_routed_only_moe_plan_is_warned_optimistic_and_deepseek_v3_is_not():
+    """Against measured runs (benchmarks/moe_runs.py) loom prices MoE models
+    without a shared expert too fast: the plan says so."""
+    from loom.planner.specs.job import Job, job_warnings
+
+    cluster = parse_cluster({"nodes": 4, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "c")
+    warned = {name: any("optimistic" in w for w in job_warnings(Job(model=load_model(name), cluster=cluster, global_batch_size=256,
+                                                                    seq_length=4096)))
+              for name in ("qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "llama-3-8b")}
+    assert warned == {"qwen3-30b-a3b": True, "mixtral-8x7b": True, "deepseek-v3": False, "llama-3-8b": False}
+
+
 @pytest.mark.parametrize("features, field", [
     ("features: {moe_router_fusion: 'on'}", "features.moe_router_fusion"),  # a string is not a boolean
     ("features: {overlap_grad_reduce: 1.0}", "features.overlap_grad_reduce"),

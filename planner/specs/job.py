@@ -634,9 +634,10 @@ def _check_load_imbalance(job: Job, moe: MoE) -> None:
 
 def job_warnings(job: Job) -> list[str]:
     """What is legal but probably not meant: a batch that looks like tokens,
-    a sequence longer than the model was trained on, a torchtitan flavor
-    whose rotary embeddings are not the config's, nodes that differ but
-    have no names to tell them apart by."""
+    a sequence longer than the model was trained on, an MoE model of the
+    kind loom prices optimistically, a torchtitan flavor whose rotary
+    embeddings are not the config's, nodes that differ but have no names to
+    tell them apart by."""
     warnings = []
     tokens = job.global_batch_size * job.seq_length
     if tokens > TOKENS_PER_STEP_WARNING:
@@ -650,6 +651,11 @@ def job_warnings(job: Job) -> list[str]:
         ignored = " (fp8_param_gather is fp8's: ignored)" if job.features.fp8_param_gather else ""
         warnings.append("nvfp4 GEMMs are priced at fp8's large-GEMM efficiency on the fp4 peak, an assumption no published figure "
                         f"checks yet: expect nvfp4 step times to be optimistic{ignored}")
+    moe = job.model.moe
+    if moe is not None and not moe.shared_ffn_hidden_size and job.framework == "megatron":
+        warnings.append(f"{job.model.name} routes to experts only (no shared expert): loom prices such models faster than most "
+                        "measured Megatron runs of Qwen3-MoE, gpt-oss and Mixtral it is checked against, where it is right for "
+                        "DeepSeek-V3 (benchmarks/moe_runs.py); treat this step time as optimistic")
     if job.framework == "torchtitan" and (mismatch := torchtitan.rotary_mismatch(job.model, job.seq_length)):
         warnings.append(mismatch)
     if not job.cluster.named_hosts and not job.cluster.uniform:
