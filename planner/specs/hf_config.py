@@ -134,6 +134,10 @@ class ConfigReader:
             self.problems.append((self.field(key), expected, got))
 
     def check(self) -> None:
-        """Raise the SpecError naming every problem recorded."""
+        """Raise the SpecError naming every problem recorded, each once (a
+        field read by two checks records its problem twice)."""
         if self.problems:
-            raise SpecError.of(self.source, self.problems)
+            first = {}  # by repr: a value in a problem may be a list or a mapping
+            for problem in self.problems:
+                first.setdefault(repr(problem), problem)
+            raise SpecError.of(self.source, list(first.values()))
