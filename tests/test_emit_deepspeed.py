@@ -317,3 +317,25 @@ def test_the_rules_name_the_dimension_deepspeed_lacks(change, flag):
     job, layout = CASES["zero1-pipeline-full-recompute"]
     problems = layout_problems(job, Layout(**{**layout.as_dict(), **change}))
     assert [field for field, _, _ in problems if field in ("tp", "cp")] == [flag]
+
+
+def test_zero_1_and_2_hold_deepspeeds_gradient_reduce_buckets(monkeypatch):
+    """With contiguous_gradients and overlap_comm (as ds_config.json writes)
+    DeepSpeed ZeRO-1/2 allocates two reduce_bucket_size buffers in the
+    gradients' dtype (stage_1_and_2.py setup_buckets): 2 x 5e8 x 2 B per GPU."""
+    from loom.planner.cost.sharding import ZERO_REDUCE_BUCKET_PARAMS
+    from loom.planner.plan import evaluate
+    from loom.planner.specs.job import Features
+
+    monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda: 0)
+    for stage in (1, 2):
+        for overlap in (True, False):
+            job = Job(model=load_model("llama-3-8b"), cluster=make_cluster(2), global_batch_size=64, seq_length=4096, framework="deepspeed",
+                      features=Features(overlap_grad_reduce=overlap))
+            layout = Layout(tp=1, pp=1, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, zero_stage=stage)
+            plan = evaluate(job, layout)
+            config = json.loads(launch_files(job, layout, list(plan.stages), plan.placement)["ds_config.json"])
+            ours = DeepSpeedConfig(config, mpu=type("Mpu", (), {"get_data_parallel_world_size": lambda self: 16})()).zero_config
+            assert ours.contiguous_gradients and ours.overlap_comm == overlap and ours.reduce_bucket_size == ZERO_REDUCE_BUCKET_PARAMS
+            buffers = plan.peak_memory.breakdown_bytes["sharding_buffers"]
+            assert buffers == (2 if overlap else 1) * ours.reduce_bucket_size * 2

@@ -12,7 +12,8 @@ Engine, PyTorch, CUDA and NCCL hold at the stage's peak, term by term
   routed-token buffers (moe.py), the layer a full recompute re-runs, or the
   optimizer step's fp32 gradient copy, whichever phase holds the most;
 - ``sharding_buffers``: under ZeRO-3 / FSDP, the unsharded layers in
-  flight and the gradient reduce buffers (sharding.py);
+  flight and the gradient reduce buffers; under DeepSpeed ZeRO-1/2, its
+  gradient reduce buckets (sharding.py);
 - ``pipeline_buffers``: torch.distributed.pipelining's receive buffers and
   the stage outputs it keeps, under torchtitan (``pipelining_bytes``);
 - ``cuda_context``, ``cublas_workspaces``, ``nccl_buffers``,
@@ -214,7 +215,8 @@ class StateBytes:
     optimizer: float = OPTIMIZER_BYTES
 
     @classmethod
-    def of(cls, framework: str, precision: str, features: Features, gpu: GPU, distributed_optimizer: bool = True, zero_stage: int = 0) -> StateBytes:
+    def of(cls, framework: str, precision: str, features: Features, gpu: GPU, distributed_optimizer: bool = True, zero_stage: int = 0,
+           fsdp: int = 0) -> StateBytes:
         """Megatron keeps its gradient buffer in fp32 (grad_reduce_in_fp32)
         or in the parameters' dtype (megatron/core/distributed/
         distributed_data_parallel.py: ``grad_dtype = torch.float if
@@ -244,8 +246,10 @@ class StateBytes:
         param_gather = features.fp8_param_gather and distributed_optimizer
         if framework == "torchtitan":
             # torchao's float8 training casts the bf16 weights on the fly; with
-            # enable_fsdp_float8_all_gather (fp8_param_gather) FSDP2 gathers fp8.
-            gather = 1.0 if precision == "fp8" and features.fp8_param_gather else WEIGHT_BYTES
+            # enable_fsdp_float8_all_gather (fp8_param_gather) FSDP2 gathers fp8,
+            # which torchtitan turns on only over a data-parallel shard degree
+            # above 1 (components/quantization/float8.py).
+            gather = 1.0 if precision == "fp8" and features.fp8_param_gather and fsdp > 1 else WEIGHT_BYTES
             state = TORCHTITAN_BF16_STATE if features.optimizer_states == "bf16" else TORCHTITAN_STATE
             return cls(**state, gemm_gather=gather)
         state = cls._mixed_precision(framework, precision, features, gpu, param_gather)
@@ -488,7 +492,7 @@ def _stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu
 
 def _priced_stage_state(shape: Shape, layout: Layout, stage: Stage, framework: str, gpu: GPU) -> _StageState:
     params = stage_params(shape.model, layout, stage)
-    state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer, layout.zero_stage)
+    state_bytes = StateBytes.of(framework, shape.precision, shape.features, gpu, layout.distributed_optimizer, layout.zero_stage, layout.fsdp)
     state = model_state_bytes(params, layout, state_bytes)
     if layout.optimizer_offload:
         # On the host (offload.py): the optimizer state, and under
@@ -498,6 +502,8 @@ def _priced_stage_state(shape: Shape, layout: Layout, stage: Stage, framework: s
     buffers = 0.0
     if layout.fsdp:
         buffers = sharding.buffer_bytes(framework, layout, sharding_units(shape.model, framework, layout, params, stage, state_bytes), WEIGHT_BYTES)
+    elif framework == "deepspeed" and layout.zero_stage in (1, 2):
+        buffers = sharding.zero_bucket_bytes(shape.features.overlap_grad_reduce, shape.act_bytes)
     return _StageState(state, sum(state.values()), buffers, optimizer_step_bytes(params, layout, state_bytes, framework))
 
 

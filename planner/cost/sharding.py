@@ -61,7 +61,7 @@ from loom.profiles.catalogue import GPU
 # and stage3.py allocates one reduce bucket of reduce_bucket_size elements
 # per gradient dtype (IPGBucketZ3.buffer).
 ZERO3_MAX_LIVE_PARAMS = 1_000_000_000
-ZERO3_REDUCE_BUCKET_PARAMS = 500_000_000
+ZERO_REDUCE_BUCKET_PARAMS = 500_000_000  # reduce_bucket_size's default, every stage
 # ... and the optimizer steps over sub groups of at most sub_group_size elements.
 ZERO3_SUB_GROUP_PARAMS = 1_000_000_000
 # The FSDP units a unit's collectives overlap with: the one running while the
@@ -321,6 +321,14 @@ def fsdp2_copy_bytes(layout: Layout, units: Units, compute_grad_bytes: float) ->
     return units.count * units.params * (gathers * 2 * units.gather_bytes + compute_grad_bytes + units.reduce_bytes)
 
 
+def zero_bucket_bytes(overlap_comm: bool, compute_grad_bytes: float) -> float:
+    """DeepSpeed ZeRO-1/2's gradient reduce buckets: with contiguous_gradients
+    (which loom writes) one buffer of reduce_bucket_size elements in the
+    gradients' dtype, and with overlap_comm a second one to reduce from while
+    the next fills (stage_1_and_2.py setup_buckets), whatever the model's size."""
+    return (2 if overlap_comm else 1) * ZERO_REDUCE_BUCKET_PARAMS * compute_grad_bytes
+
+
 def buffer_bytes(framework: str, layout: Layout, units: Units, compute_grad_bytes: float) -> float:
     """The unsharded weights and gradient buffers one rank holds at its peak
     under sharded data parallelism (ZeRO-3 / FSDP), in bytes.
@@ -339,7 +347,7 @@ def buffer_bytes(framework: str, layout: Layout, units: Units, compute_grad_byte
     stage_params = units.count * units.params
     largest = max(units.largest, units.params)
     if framework == "deepspeed":
-        return min(ZERO3_MAX_LIVE_PARAMS, stage_params) * units.gather_bytes + ZERO3_REDUCE_BUCKET_PARAMS * compute_grad_bytes
+        return min(ZERO3_MAX_LIVE_PARAMS, stage_params) * units.gather_bytes + ZERO_REDUCE_BUCKET_PARAMS * compute_grad_bytes
     if held_across_microbatches(framework, layout):
         return stage_params * (units.gather_bytes + units.reduce_bytes)
     in_flight = largest + (UNITS_IN_FLIGHT - 1) * units.params
