@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import subprocess
+import tomllib
 from dataclasses import replace
 
 import pytest
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from loom.cli.app import app
 from loom.planner.output.launch import launch_files
+from loom.planner.output.torchtitan import job_toml
 from loom.planner.plan import evaluate
 from loom.planner.specs import torchtitan
 from loom.planner.specs.cluster import parse_cluster
@@ -551,3 +553,17 @@ def test_torchtitan_float8_leaves_the_experts_in_bf16():
 def test_torchtitans_gpt_oss_runs_no_async_tp():
     with pytest.raises(SpecError, match="tp_comm_overlap"):
         check_job(_titan("gpt-oss-20b", features=Features(tp_comm_overlap=True)))
+
+
+def test_float8_gathers_only_over_a_shard_degree_above_1():
+    """torchtitan turns on FSDP's float8 all-gather only when
+    data_parallel_shard_degree > 1 (float8.py): with one shard (FSDP over the
+    CP ranks) the TOML says false and the gathers are priced in bf16."""
+    job = _titan("llama-3-70b", nodes=4, precision="fp8", features=Features(fp8_param_gather=True))
+    plain = _titan("llama-3-70b", nodes=4, precision="fp8", features=Features(fp8_param_gather=False))
+    for fsdp, gathered in ((1, False), (2, True)):
+        layout = Layout(tp=4, pp=1, dp=fsdp, cp=4, micro_batch_size=1, global_batch_size=64, fsdp=fsdp, recompute="full", sequence_parallel=True)
+        toml = tomllib.loads(job_toml(job, layout, uniform_stages(job.model, layout)))
+        assert toml["quantize"]["linear"]["float8"]["enable_fsdp_float8_all_gather"] is gathered
+        same = evaluate(job, layout).step_time_s == pytest.approx(evaluate(plain, layout).step_time_s)
+        assert same is not gathered

@@ -448,7 +448,7 @@ def data_parallel_comm(job: Job, layout: Layout, stage: Stage, links: Links, gpu
 def _state_bytes(job: Job, layout: Layout) -> StateBytes:
     """Bytes per parameter of gradients and gathered weights (memory.StateBytes)."""
     return StateBytes.of(job.framework, job.precision, job.features, job.cluster.slowest.gpu, layout.distributed_optimizer,
-                         layout.zero_stage)
+                         layout.zero_stage, layout.fsdp)
 
 
 def _reduce_and_gather_s(job: Job, layout: Layout, grad_bytes: float, gather_bytes: float, n: int, link: Link) -> tuple[float, float]:

@@ -115,7 +115,7 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
         "compile": {"enable": True, "components": ["model", "loss"]},
     }
     if job.precision == "fp8":
-        config["quantize"] = _quantize(job)
+        config["quantize"] = _quantize(job, layout)
     if job.trial:
         config["profiling"] = {"enable_profiling": True, "profile_freq": TRIAL_PROFILE_STEP}
     return config
@@ -178,11 +178,13 @@ def _converters(job: Job) -> dict:
     return {"converters": ["quantize.linear.mx" if job.features.fp8_recipe == "mxfp8" else "quantize.linear.float8"]}
 
 
-def _quantize(job: Job) -> dict:
+def _quantize(job: Job, layout: Layout) -> dict:
     """The output layer stays in bf16 (as torchtitan's llama3 configs
-    filter it); fp8 parameter gathers are FSDP2's float8 all-gather."""
+    filter it); fp8 parameter gathers are FSDP2's float8 all-gather, which
+    torchtitan turns on only over a shard degree above 1 (so written, and
+    priced, only there)."""
     if job.features.fp8_recipe == "mxfp8":
         return {"linear": {"mx": {"filter_fqns": ["output"]}}}
-    gather = job.features.fp8_param_gather
+    gather = job.features.fp8_param_gather and layout.fsdp > 1
     return {"linear": {"float8": {"enable_fsdp_float8_all_gather": gather, "precompute_float8_dynamic_scale_for_fsdp": gather,
                                   "filter_fqns": ["output"]}}}

@@ -41,7 +41,7 @@ def _piece_state_bytes(job: Job, layout: Layout, chunk: Chunk, gpu: GPU) -> floa
     """Weights, fp8 copies, gradients and optimizer state of one piece (a
     one-layer, embedding-only or head-only chunk) on one GPU."""
     piece = Stage(index=0, chunks=(chunk,), ranks=range(1))
-    state = StateBytes.of(job.framework, job.precision, job.features, gpu, layout.distributed_optimizer, layout.zero_stage)
+    state = StateBytes.of(job.framework, job.precision, job.features, gpu, layout.distributed_optimizer, layout.zero_stage, layout.fsdp)
     return sum(model_state_bytes(stage_params(job.model, layout, piece), layout, state).values())
 
 
