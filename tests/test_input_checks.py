@@ -64,6 +64,8 @@ def test_a_deepseek_v3_config_that_cannot_be(tmp_path, change, field):
     # fields that change the model a launch file would train: refused, not dropped
     ({"hidden_act": "gelu"}, "hidden_act"),  # GeGLU in transformers; loom writes --swiglu
     ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling"),
+    ({"attention_bias": True}, "attention_bias"),  # biases dropped from train.sh and the parameter count
+    ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}}, "rope_scaling.low_freq_factor"),
     ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
 ])

@@ -955,6 +955,12 @@ def _check_family(read: ConfigReader, family: str) -> None:
         # Megatron has --add-qkv-bias (Q, K, V only) or biases on every linear layer.
         read.require(not read.bool("attention_bias", False), "attention_bias", f"false for {family} (biases on Q, K, V and the "
                      "attention output, but not the MLP: Megatron has --add-qkv-bias or biases on every linear layer)", True)
+    if family == "llama":
+        # LlamaConfig's attention_bias biases Q, K, V and the output projection,
+        # mlp_bias the MLP: Megatron has --add-qkv-bias or biases on every linear layer.
+        for key in ("attention_bias", "mlp_bias"):
+            read.require(not read.bool(key, False), key, "false for llama (Megatron biases Q, K, V alone (--add-qkv-bias) or every "
+                         "linear layer; loom prices Llama without biases)", True)
     if family == "internlm2":
         # InternLM2's bias: on wqkv and wo, never on w1/w2/w3 (modeling_internlm2.py).
         read.require(not read.bool("bias", False), "bias", "false for internlm2 (biases on wqkv and wo but not the MLP: Megatron has "
