@@ -429,7 +429,8 @@ def check_job(job: Job) -> None:
             raise SpecError(job.source, "precision", f"a precision {gpu.name} supports ({supported})", job.precision)
         if job.precision == "fp8" and job.features.fp8_recipe == "mxfp8" and not gpu.fp8_gemm_any_layout:
             # MXFP8's block scales are a Blackwell tensor-core format (TE's MXFP8BlockScaling needs compute capability 10.0).
-            raise SpecError(job.source, "features.fp8_recipe", f"delayed, tensorwise or blockwise on {gpu.name} (MXFP8 needs Blackwell)", "mxfp8")
+            others = "tensorwise" if job.framework == "torchtitan" else "delayed, tensorwise or blockwise"  # torchtitan's float8: _check_torchtitan
+            raise SpecError(job.source, "features.fp8_recipe", f"{others} on {gpu.name} (MXFP8 needs Blackwell)", "mxfp8")
         if job.memory_headroom.of(gpu.memory_bytes) >= gpu.memory_bytes:
             raise SpecError(job.source, "memory_headroom", f"less than the {gpu.memory_bytes / 2**30:.2f} GiB a {gpu.name} has",
                             str(job.memory_headroom))
@@ -513,7 +514,7 @@ def _check_torchtitan(job: Job) -> None:
         raise SpecError(job.source, "precision", "bf16 or fp8 for torchtitan's MoE models (its grouped expert GEMMs cast to bf16 "
                         "whatever the training dtype: models/moe/moe.py _run_experts_grouped_mm)", job.precision)
     if job.precision == "fp8" and job.features.fp8_recipe not in ("tensorwise", "mxfp8"):
-        raise SpecError(job.source, "features.fp8_recipe", "tensorwise or mxfp8 with torchtitan (torchao's float8 and MX training)",
+        raise SpecError(job.source, "features.fp8_recipe", "tensorwise (or mxfp8 on Blackwell) with torchtitan (torchao's float8 and MX training)",
                         job.features.fp8_recipe)
     for feature in ("overlap_grad_reduce", "overlap_param_gather"):
         if not getattr(job.features, feature):

@@ -68,8 +68,10 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
     if job.framework == "megatron" and job.features.optimizer_states == "bf16":
         # --use-precision-aware-optimizer: "only supported with distributed
         # optimizer" (megatron-core optimizer_config.py __post_init__).
-        need(layout.distributed_optimizer and not layout.fsdp, "distributed_optimizer",
-             "on, without Megatron-FSDP, for bf16 optimizer states (Megatron's precision-aware optimizer)", layout.distributed_optimizer)
+        need(not layout.fsdp, "fsdp", "0 for bf16 optimizer states (Megatron's precision-aware optimizer runs without Megatron-FSDP)",
+             layout.fsdp)
+        need(layout.distributed_optimizer or layout.fsdp, "distributed_optimizer", "on for bf16 optimizer states (Megatron's "
+             "precision-aware optimizer)", layout.distributed_optimizer)
     if job.framework == "torchtitan":
         _torchtitan_problems(job, layout, need)
         return problems
@@ -87,7 +89,8 @@ def layout_problems(job: Job, layout: Layout) -> list[tuple[str, str, object]]:
         # DeepSpeed 0.19 removed MiCS (runtime/config.py _REMOVED_ZERO_CONFIG_KEYS):
         # ZeRO-3 shards over the whole data-parallel group.
         need(layout.fsdp == (layout.dp if layout.zero_stage == 3 else 0), "fsdp",
-             f"dp = {layout.dp} with DeepSpeed's ZeRO-3 and 0 below it (it shards weights over all of DP only)", layout.fsdp)
+             f"dp = {layout.dp} with DeepSpeed's ZeRO-3 (it shards weights over all of DP only)" if layout.zero_stage == 3 else
+             f"0 with ZeRO-{layout.zero_stage} (fsdp is ZeRO-3's weight sharding: set zero_stage 3 for it)", layout.fsdp)
         need(layout.tp == 1, "tp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.tp)
         need(layout.etp == 1, "etp", "1 with DeepSpeed (its MoE layers have no expert tensor parallelism)", layout.etp)
         need(layout.cp == 1, "cp", "1 with DeepSpeed (ZeRO data parallel + optional pipeline)", layout.cp)
@@ -156,8 +159,10 @@ def _torchtitan_problems(job: Job, layout: Layout, need) -> None:
     need(layout.fsdp != 1 or layout.cp > 1 or layout.dp == 1, "fsdp", "0 rather than 1 (one shard per replica is torchtitan's DDP)", layout.fsdp)
     # Without FSDP (dp_shard x cp of 1) torchtitan autocasts only a 1-D job:
     # with TP or PP it trains in float32 (distributed/utils.py maybe_enable_amp).
-    need(layout.param_shards > 1 or layout.tp * layout.pp == 1, "dp", "dp x cp of at least 2 with TP or PP (torchtitan runs no mixed "
-         "precision without FSDP when TP or PP is on)", layout.dp)
+    shardable = layout.dp * layout.cp > 1  # then fsdp is what leaves one shard
+    need(layout.param_shards > 1 or layout.tp * layout.pp == 1, "fsdp" if shardable else "dp",
+         f"{'fsdp' if shardable else 'dp'} x cp of at least 2 with TP or PP (torchtitan runs no mixed precision without FSDP when TP or "
+         "PP is on)", layout.fsdp if shardable else layout.dp)
     # Every parallelize_fn asserts seq_len % (tp x 2cp) == 0 (ParallelDims.seq_len_divisor).
     need(job.seq_length % (layout.tp * 2 * layout.cp) == 0, "seq_length", f"a multiple of tp x 2 x cp = {layout.tp * 2 * layout.cp} with "
          "torchtitan", job.seq_length)
