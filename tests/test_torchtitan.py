@@ -567,3 +567,20 @@ def test_float8_gathers_only_over_a_shard_degree_above_1():
         assert toml["quantize"]["linear"]["float8"]["enable_fsdp_float8_all_gather"] is gathered
         same = evaluate(job, layout).step_time_s == pytest.approx(evaluate(plain, layout).step_time_s)
         assert same is not gathered
+
+
+def test_layout_refusals_name_the_field_at_fault():
+    """The field a user must change, not one that already holds: torchtitan's
+    TP without FSDP is fsdp's fault when there are replicas to shard over."""
+    job = _titan("llama-3-70b", nodes=8)
+    no_fsdp = Layout(tp=8, pp=2, dp=4, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=0, recompute="full", sequence_parallel=True)
+    assert "fsdp" in _fields(job, no_fsdp) and "dp" not in _fields(job, no_fsdp)
+    alone = Layout(tp=8, pp=8, dp=1, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=0, recompute="full", sequence_parallel=True)
+    assert "dp" in _fields(job, alone)
+    megatron = replace(job, framework="megatron", stack="megatron-lm", features=Features(optimizer_states="bf16"))
+    sharded = Layout(tp=8, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=8, distributed_optimizer=True,
+                     sequence_parallel=True)
+    assert "fsdp" in _fields(megatron, sharded) and "distributed_optimizer" not in _fields(megatron, sharded)
+    deepspeed = replace(job, framework="deepspeed", stack="megatron-lm", features=Features())
+    zero1 = Layout(tp=1, pp=1, dp=64, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=64, zero_stage=1)
+    assert any(field == "fsdp" and "ZeRO-3's weight sharding" in expected for field, expected, _ in layout_problems(deepspeed, zero1))
