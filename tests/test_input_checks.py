@@ -189,6 +189,21 @@ def test_a_cluster_that_cannot_be(tmp_path, change, field):
     assert_bad(run(tmp_path, cluster={**CLUSTER, **change}), "cluster.yaml", field)
 
 
+def test_integers_in_a_cluster_file_are_yaml_1_2_decimals(tmp_path):
+    """PyYAML (YAML 1.1) reads 010 as octal 8 and 0x10, 1_6, 1:20 as
+    integers: a node count of 010 planned 8 nodes. YAML 1.2 reads 010 as 10;
+    the others are not integers there, so the field refuses them."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(JOB))
+    text = yaml.safe_dump({**CLUSTER, "nodes": 2}).replace("nodes: 2", "nodes: {}")
+    (tmp_path / "cluster.yaml").write_text(text.format("010"))
+    plan = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json", "--global-batch-size", "80"])
+    assert plan.exit_code == 0 and json.loads(plan.stdout)["gpus"] == 80, plan.output
+    for written in ("0x10", "1_6", "1:20"):
+        (tmp_path / "cluster.yaml").write_text(text.format(written))
+        assert_bad(runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json"]), "cluster.yaml", "nodes")
+
+
 def test_exponents_in_a_cluster_file_are_numbers(tmp_path):
     """YAML 1.2 reads 4e2 as a number; PyYAML (YAML 1.1) as a string,
     which loom refused as 'a valid number'."""
