@@ -176,6 +176,8 @@ def test_a_llava_config_nests_its_text_model(tmp_path):
     ({"nodes": 2, "hosts": ["a", "a"]}, "hosts"),  # 16 ranks on 8 GPUs, then a crash at --out
     ({"nvlink_GBps": float("inf")}, "nvlink_GBps"),
     ({"nic_Gbps": float("nan")}, "nic_Gbps"),
+    ({"nic_Gbps": 1e-300}, "nic_Gbps"),  # a unit mistake, not a link: it priced a step of 4.67e300 s
+    ({"nvlink_GBps": 0.5}, "nvlink_GBps"),
     ({"nodes": 10**9}, "nodes"),
     ({"gpus_per_node": True}, "gpus_per_node"),
     # a node overridden twice: which of the two did the user mean?

@@ -47,9 +47,11 @@ from loom.profiles.nccl_tests import NcclTestsDocument
 
 # What no cluster has (the error message states the limit): 131,072 nodes
 # (a million GPUs), 1,024 GPUs a node, 64 NICs a node, 10 TB/s of NVLink per
-# GPU, 10 Tb/s per NIC.
+# GPU, 10 Tb/s per NIC; nor a GPU link under 1 GB/s (a PCIe Gen1 x4 link) or
+# a NIC under 1 Gb/s (Ethernet's slowest data-center rate): below those a
+# figure is a unit mistake (1e-300 priced a step of 4.67e300 s).
 MAX_NODES, MAX_GPUS_PER_NODE, MAX_NICS = 1 << 17, 1024, 64
-NVLINK_GBPS, NIC_GBPS = rate(10_000), rate(10_000)
+NVLINK_GBPS, NIC_GBPS = rate(10_000, minimum=1.0, inclusive_minimum=True), rate(10_000, minimum=1.0, inclusive_minimum=True)
 POWER_W = rate(10_000)  # a GPU's power cap; the GPU's own TDP bounds it (catalogue.power_limited)
 NodeIndex = count(MAX_NODES - 1, minimum=0)
 # A host name as RFC 1123 allows it (labels of letters, digits and hyphens,
