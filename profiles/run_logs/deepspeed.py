@@ -47,7 +47,7 @@ THROUGHPUT_START_STEP = 2  # ThroughputTimer(start_step=2): steps it leaves out 
 TIMERS = re.compile(r"\btime \(ms\)((?:\s*\|\s*\w+:\s*\S+)+)")
 PIPELINE_STEP = re.compile(r"\bsteps: (\d+) loss: ")
 PIPELINE_RATE = re.compile(r"\biter time \(s\): (\S+) samples/sec: (\S+)")
-PIPELINE_DECIMALS_S = 0.0005  # both figures print with 3 decimals: each is within this of its value
+PIPELINE_PRINT_ROUNDING = 0.0005  # both figures print with 3 decimals: each is within this of its value (s, samples/s)
 
 
 def looks_like(lines: list[str]) -> bool:
@@ -114,7 +114,7 @@ def _read_pipeline(lines: list[str], source: str) -> RunLog:
         iteration_s = number(match.group(1), source, line_number, "iter time (s)")
         rate = _positive(match.group(2), source, line_number, "samples/sec")
         batch = rate * iteration_s
-        known = (rate + iteration_s) * PIPELINE_DECIMALS_S < 0.5  # the product is within half a sample of the batch
+        known = (rate + iteration_s) * PIPELINE_PRINT_ROUNDING < 0.5  # the product is within half a sample of the batch
         intervals.append(Interval(first=first, last=step, line=line_number, samples_per_s=rate,
                                   global_batch_size=round(batch) if known and batch >= 1 else None))
     spacing = intervals[-1].last - intervals[-1].first + 1 if intervals else 1
