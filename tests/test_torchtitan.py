@@ -68,6 +68,7 @@ def test_loom_flavors_are_torchtitans():
         assert (module.get_train_spec().pipelining_fn is not None) == flavor.pipeline, flavor
         scaling = args.rope_scaling_args.scaling_factor if flavor.name == "llama3" else None
         assert flavor.rotary == (args.rope_theta, scaling), flavor
+        assert torchtitan.NORM_EPS[flavor.name] == args.norm_eps, flavor
 
 
 def test_a_config_whose_rotary_embeddings_torchtitan_does_not_build_is_warned():
@@ -86,6 +87,8 @@ def test_a_config_whose_rotary_embeddings_torchtitan_does_not_build_is_warned():
     assert "unscaled at 4,096 tokens" in torchtitan.rotary_mismatch(deepseek, 4096)
     assert not torchtitan.rotary_mismatch(deepseek, 8192)
     assert "YaRN x32" in torchtitan.rotary_mismatch(load_model("gpt-oss-20b"), 4096)  # the catalogue's config is unscaled
+    # DeepSeek-V3 normalises with eps 1e-6; torchtitan's deepseek_v3 with 1e-5
+    assert "eps 1e-05" in torchtitan.norm_mismatch(deepseek) and not torchtitan.norm_mismatch(load_model("qwen3-8b"))
     assert not job_warnings(replace(llama3, framework="megatron"))
 
 

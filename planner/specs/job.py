@@ -637,8 +637,8 @@ def job_warnings(job: Job) -> list[str]:
     """What is legal but probably not meant: a batch that looks like tokens,
     a sequence longer than the model was trained on, an MoE model of the
     kind loom prices optimistically, a torchtitan flavor whose rotary
-    embeddings are not the config's, nodes that differ but have no names to
-    tell them apart by."""
+    embeddings or norm epsilon are not the config's, nodes that differ but
+    have no names to tell them apart by."""
     warnings = []
     tokens = job.global_batch_size * job.seq_length
     if tokens > TOKENS_PER_STEP_WARNING:
@@ -657,8 +657,8 @@ def job_warnings(job: Job) -> list[str]:
         warnings.append(f"{job.model.name} routes to experts only (no shared expert): loom prices such models faster than most "
                         "measured Megatron runs of Qwen3-MoE, gpt-oss and Mixtral it is checked against, where it is right for "
                         "DeepSeek-V3 (benchmarks/moe_runs.py); treat this step time as optimistic")
-    if job.framework == "torchtitan" and (mismatch := torchtitan.rotary_mismatch(job.model, job.seq_length)):
-        warnings.append(mismatch)
+    if job.framework == "torchtitan":
+        warnings += [text for text in (torchtitan.rotary_mismatch(job.model, job.seq_length), torchtitan.norm_mismatch(job.model)) if text]
     if not job.cluster.named_hosts and not job.cluster.uniform:
         warnings.append(f"cluster {job.cluster.name}'s nodes differ (overrides, leaves or links) but it names no hosts: the launch "
                         "files take the i-th node the job is given as its node i; give hosts: to pin them")

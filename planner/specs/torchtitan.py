@@ -46,6 +46,8 @@ LLAMA3_SCALING = 8.0
 # deepseek_v3: YaRN x40 beyond 4,096 tokens, compared by its factor (MLA.rope_scaling_factor);
 # gpt_oss: GptOssModelArgs' rope_factor 32, ntk_beta 32, ntk_alpha 1, original_seq_len 4096, its ramp not rounded.
 DEEPSEEK_YARN = (40.0, 4096)  # (factor, the longest sequence it leaves unscaled)
+# The RMSNorm epsilon each family's model args fix (norm_eps; no flavor sets its own).
+NORM_EPS = {"llama3": 1e-5, "qwen3": 1e-6, "deepseek_v3": 1e-5, "gpt_oss": 1e-5}
 GPT_OSS_YARN = Yarn(factor=32.0, beta_fast=32.0, beta_slow=1.0, original_positions=4096, truncate=False)
 # Head dims each model family builds: llama3 dim / n_heads (Attention), qwen3
 # head_dim 128 and gpt_oss 64 (their model args' defaults, every flavor),
@@ -133,6 +135,16 @@ def rotary_mismatch(model: ModelSpec, seq_length: int) -> str:
 
     return (f"torchtitan's {flavor.name} {flavor.flavor} builds rotary embeddings with {said(*theirs)} at {seq_length:,} tokens, "
             f"{model.name}'s config {said(*ours)}: the run trains torchtitan's (its job TOML sets neither)")
+
+
+def norm_mismatch(model: ModelSpec) -> str:
+    """The config's RMSNorm epsilon where its torchtitan flavor builds
+    another ('' when the same, or no flavor): a run trains the flavor's."""
+    flavor = flavor_of(model)
+    if flavor is None or model.norm_epsilon == NORM_EPS[flavor.name]:
+        return ""
+    return (f"torchtitan's {flavor.name} {flavor.flavor} normalises with eps {NORM_EPS[flavor.name]:g}, {model.name}'s config with "
+            f"{model.norm_epsilon:g}: the run trains torchtitan's (its job TOML cannot set it)")
 
 
 def trainable(model: ModelSpec) -> str:
