@@ -204,6 +204,9 @@ def test_integers_in_a_cluster_file_are_yaml_1_2_decimals(tmp_path):
     for written in ("0x10", "1_6", "1:20"):
         (tmp_path / "cluster.yaml").write_text(text.format(written))
         assert_bad(runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json"]), "cluster.yaml", "nodes")
+    for written in ("4_0.5", "6:40.5"):  # YAML 1.1 floats (405.0, 400.5), not 1.2's
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({**CLUSTER, "nic_Gbps": 1.0}).replace("nic_Gbps: 1.0", f"nic_Gbps: {written}"))
+        assert_bad(runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json"]), "cluster.yaml", "nic_Gbps")
 
 
 def test_exponents_in_a_cluster_file_are_numbers(tmp_path):

@@ -123,12 +123,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 # YAML 1.2's integers and floats (its core schema): PyYAML reads YAML 1.1,
-# where 010 is octal 8, 0x10, 1_6 and 1:20 are integers (16, 16, 80) and 4e2
-# and 1e12 are strings, none of them what a user writing a node count or a
-# bandwidth means. Integers are decimal (leading zeros allowed, as 1.2 reads
-# them); other digit strings stay strings, which the fields refuse.
+# where 010 is octal 8, 0x10, 1_6 and 1:20 are integers (16, 16, 80), 1_0.5
+# and 1:20.5 floats, and 4e2 and 1e12 strings, none of them what a user
+# writing a node count or a bandwidth means. Integers are decimal (leading
+# zeros allowed, as 1.2 reads them); other digit strings stay strings, which
+# the fields refuse.
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:int"]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _NUMBER_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
