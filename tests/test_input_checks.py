@@ -209,6 +209,21 @@ def test_integers_in_a_cluster_file_are_yaml_1_2_decimals(tmp_path):
         assert_bad(runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json"]), "cluster.yaml", "nic_Gbps")
 
 
+def test_a_yaml_merge_key_reads_and_may_be_overridden(tmp_path):
+    """``<<: *anchor`` brings an entry's fields in (it was refused: 'could not
+    determine a constructor for the tag merge'), and the entry may give one again."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(JOB))
+    base = yaml.safe_dump({**CLUSTER, "nodes": 2})
+    (tmp_path / "cluster.yaml").write_text(base + "node_overrides:\n  - &slow {node: 0, nic_Gbps: 200}\n  - <<: *slow\n    node: 1\n")
+    merged = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json"])
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({**CLUSTER, "nodes": 2, "nic_Gbps": 200}))
+    plain = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--json"])
+    assert merged.exit_code == 0 and plain.exit_code == 0, merged.output
+    steps = [json.loads(result.stdout)["plans"][0]["predicted"]["step_time_s"] for result in (merged, plain)]
+    assert steps[0] == steps[1]
+
+
 def test_exponents_in_a_cluster_file_are_numbers(tmp_path):
     """YAML 1.2 reads 4e2 as a number; PyYAML (YAML 1.1) as a string,
     which loom refused as 'a valid number'."""

@@ -110,11 +110,17 @@ class _DuplicateKey(Exception):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, except that a key given twice in one mapping is
-    an error (YAML 1.2 requires unique keys; PyYAML silently keeps the last)."""
+    an error (YAML 1.2 requires unique keys; PyYAML silently keeps the last).
+    Keys a merge (``<<: *defaults``) brings in may be given again: that is
+    what a merge is for."""
 
     def construct_mapping(self, node, deep=False):
+        own = {id(key_node) for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"}
+        self.flatten_mapping(node)
         seen = set()
         for key_node, _ in node.value:
+            if id(key_node) not in own:
+                continue
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float)) and key in seen:  # names, and numbers (EP sizes of moe_load_imbalance)
                 raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
