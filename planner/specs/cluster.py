@@ -51,7 +51,7 @@ from loom.profiles.nccl_tests import NcclTestsDocument
 # a NIC under 1 Gb/s (Ethernet's slowest data-center rate): below those a
 # figure is a unit mistake (1e-300 priced a step of 4.67e300 s).
 MAX_NODES, MAX_GPUS_PER_NODE, MAX_NICS = 1 << 17, 1024, 64
-NVLINK_GBPS, NIC_GBPS = rate(10_000, minimum=1.0, inclusive_minimum=True), rate(10_000, minimum=1.0, inclusive_minimum=True)
+NVLINK_GBPS = NIC_GBPS = rate(10_000, minimum=1.0, inclusive_minimum=True)
 POWER_W = rate(10_000)  # a GPU's power cap; the GPU's own TDP bounds it (catalogue.power_limited)
 NodeIndex = count(MAX_NODES - 1, minimum=0)
 # A host name as RFC 1123 allows it (labels of letters, digits and hyphens,
