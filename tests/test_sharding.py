@@ -68,6 +68,22 @@ def test_torchtitans_pipeline_gathers_once_per_step_and_holds_fp32_gradients():
     assert sharding.buffer_bytes("torchtitan", piped, units(8), 2.0) == pytest.approx(8 * 2e8 * (2 + 4))
 
 
+def test_torchtitans_pipeline_reduces_after_the_last_backward_with_nothing_to_hide_behind():
+    """stage.py reduces a stage's gradients only once its last micro batch's
+    backward is done: however long the backward, every reduce-scatter is
+    exposed, while the gathers still hide behind the first forward."""
+    links = sharding.ShardingLinks(shard=NETWORK, replicate=NETWORK, expert_dp=NETWORK)
+    piped = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=16, reshard_after_forward=False)
+    gather, reduce, _ = sharding.unit_collectives_s(piped, units(8), links)
+    long_compute = sharding.time_s("torchtitan", piped, units(8), links, H100, forward_s=100.0, backward_s=200.0)
+    assert long_compute.step_s == pytest.approx(gather + 8 * reduce)
+    # ... and an HSDP all-reduce on another fabric runs beside the reduce-scatters.
+    hsdp = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=4, reshard_after_forward=False)
+    beside = sharding.ShardingLinks(shard=NVLINK, replicate=NETWORK, expert_dp=NVLINK)
+    _, scatter, replicas = sharding.unit_collectives_s(hsdp, units(8), beside)
+    assert sharding.reduced_after_backward_s(hsdp, units(8), beside) == pytest.approx(8 * max(scatter, replicas) + min(scatter, replicas))
+
+
 def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():
     """Shards in a node, replicas across nodes: the replicas' all-reduce of
     the gradient shard runs on the network beside the NVLink collectives."""

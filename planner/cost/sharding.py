@@ -40,7 +40,9 @@ gradients (torch.distributed.pipelining stage.py sets
 ``set_reshard_after_backward(False)`` and ``set_requires_gradient_sync(False)``
 for all but the last backward; torchtitan's default
 ``fsdp_reshard_after_forward`` is off with PP): its collectives run once per
-step, and the stage holds its whole unsharded weights and an fp32 gradient
+step, the gathers behind the first micro batch's forward and every reduce
+after the last one's backward, exposed (reduced_after_backward_s), and the
+stage holds its whole unsharded weights and an fp32 gradient
 accumulator (FSDP2 ``FSDPParam.to_accumulated_grad_if_needed`` upcasts to
 the reduce dtype).
 """
@@ -239,15 +241,12 @@ class Overlap:
                    reduce=features.overlap_grad_reduce)
 
 
-def microbatch_s(layout: Layout, units: Units, links: ShardingLinks, gpu: GPU, forward_s: float, backward_s: float,
-                 overlap: Overlap = Overlap()) -> tuple[float, float]:
-    """(exposed, contention) seconds of the sharding collectives of one
-    micro batch on a stage whose units compute ``forward_s`` and
-    ``backward_s`` (recompute included) in all: each pass's first
-    collective plus, per later piece of a unit, what its collectives take
-    beyond the compute of the piece before (module docstring; the backward
-    runs the pieces in reverse), and every collective ``overlap`` does not
-    overlap; and what the hidden ones cost that compute."""
+def _unit_comms(layout: Layout, units: Units, links: ShardingLinks, gpu: GPU, overlap: Overlap) -> tuple[list[Comm], list[Comm], float]:
+    """Per piece of a unit, in forward order: the collectives hidden behind
+    the forward (the gather) and behind the backward (the gather again when
+    resharded, the reduce-scatter, and the HSDP all-reduce beside it on
+    another fabric); and the seconds of those ``overlap`` runs in turn with
+    compute."""
     forward_comm, backward_comm, in_turn = [], [], 0.0
     for share in units.pieces:
         gather, reduce, replicas = _unit_parts(layout, units, links, share)
@@ -262,9 +261,40 @@ def microbatch_s(layout: Layout, units: Units, links: ShardingLinks, gpu: GPU, f
             backward_comm.append(Comm(_seconds(shard_side + replica_side), held))
         else:  # different fabrics: the replicas' all-reduce runs beside the shard group's
             backward_comm.append(Comm(max(_seconds(shard_side), _seconds(replica_side)), held))
+    return forward_comm, backward_comm, in_turn
+
+
+def microbatch_s(layout: Layout, units: Units, links: ShardingLinks, gpu: GPU, forward_s: float, backward_s: float,
+                 overlap: Overlap = Overlap()) -> tuple[float, float]:
+    """(exposed, contention) seconds of the sharding collectives of one
+    micro batch on a stage whose units compute ``forward_s`` and
+    ``backward_s`` (recompute included) in all: each pass's first
+    collective plus, per later piece of a unit, what its collectives take
+    beyond the compute of the piece before (module docstring; the backward
+    runs the pieces in reverse), and every collective ``overlap`` does not
+    overlap; and what the hidden ones cost that compute."""
+    forward_comm, backward_comm, in_turn = _unit_comms(layout, units, links, gpu, overlap)
     forward = _pass_s(forward_comm, [forward_s / units.count * share for share in units.pieces], units.count)
     backward = _pass_s(backward_comm[::-1], [backward_s / units.count * share for share in units.pieces[::-1]], units.count)
     return forward[0] + backward[0] + units.count * in_turn, forward[1] + backward[1]
+
+
+def reduced_after_backward_s(layout: Layout, units: Units, links: ShardingLinks) -> float:
+    """Seconds of a torchtitan pipeline stage's gradient reduction, all of
+    it after its last micro batch's backward: torch.distributed.pipelining
+    calls FSDP's ``post_backward`` for every unit only then (stage.py
+    ``perform_reduce_grad``, before that ``backward_maybe_with_nosync``'s
+    ``run_post_backward``, torch 2.5-2.13), so no compute is left to hide
+    the reduce-scatters; the HSDP all-reduce of each unit's shard follows
+    its reduce-scatter on its own stream, so on another fabric the two
+    overlap as a two-machine flow (the longer per unit, the shorter once)."""
+    scatter = replicas = 0.0
+    for share in units.pieces:
+        _, reduce, replica = _unit_parts(layout, units, links, share)
+        scatter, replicas = scatter + _seconds(reduce), replicas + _seconds(replica)
+    if links.replicate.kind == links.shard.kind:
+        return units.count * (scatter + replicas)
+    return units.count * max(scatter, replicas) + min(scatter, replicas)
 
 
 def _pass_s(comm: list[Comm], compute: list[float], count: int) -> tuple[float, float]:
@@ -291,17 +321,20 @@ def time_s(framework: str, layout: Layout, units: Units, links: ShardingLinks, g
     """Sharded data parallelism's time on one stage (ShardingTime); none
     without it. ZeRO-2 reduce-scatters every micro batch's gradients and
     gathers nothing (Rajbhandari et al. 2020, sec. 5.2); torchtitan's DDP
-    all-reduces them every micro batch; torchtitan's pipeline gathers and
-    reduces once per step (held_across_microbatches)."""
+    all-reduces them every micro batch; torchtitan's pipeline gathers once
+    per step behind the first micro batch's forward and reduces after the
+    last one's backward (held_across_microbatches)."""
     if not layout.fsdp:
         reduce = _unit_reduce(framework, layout, units, links, gpu)
         if not overlap.reduce:
             return ShardingTime(microbatch_s=units.count * reduce.seconds)
         exposed, slowed = _pass_s([reduce], [backward_s / units.count], units.count)
         return ShardingTime(microbatch_s=exposed, contention_microbatch_s=slowed)
-    exposed, slowed = microbatch_s(layout, units, links, gpu, forward_s, backward_s, overlap)
     if held_across_microbatches(framework, layout):
-        return ShardingTime(step_s=exposed, contention_step_s=slowed)
+        forward_comm = _unit_comms(layout, units, links, gpu, overlap)[0]
+        gathered, slowed = _pass_s(forward_comm, [forward_s / units.count * share for share in units.pieces], units.count)
+        return ShardingTime(step_s=gathered + reduced_after_backward_s(layout, units, links), contention_step_s=slowed)
+    exposed, slowed = microbatch_s(layout, units, links, gpu, forward_s, backward_s, overlap)
     return ShardingTime(microbatch_s=exposed, contention_microbatch_s=slowed)
 
 
