@@ -115,6 +115,22 @@ def test_overlapping_the_gradient_reduce_hides_it():
     assert exposed.step.breakdown_s["dp_grad_reduce"] > 3 * hidden
 
 
+def test_deepspeed_without_zero_all_reduces_after_the_backward():
+    """DeepSpeed's engine all-reduces a ZeRO-0 model's gradients after the
+    backward (allreduce_gradients), whatever overlap_grad_reduce says;
+    ZeRO-1's gradient hooks reduce behind it."""
+    plain = Layout(tp=1, pp=1, dp=64, cp=1, micro_batch_size=1, global_batch_size=64, distributed_optimizer=False)
+    zero1 = replace(plain, zero_stage=1)
+    deepspeed = make_job("llama-3-8b", gbs=64, framework="deepspeed")
+    megatron = evaluate(make_job("llama-3-8b", gbs=64), plain).step.breakdown_s["dp_grad_reduce"]
+    after = evaluate(deepspeed, plain).step.breakdown_s["dp_grad_reduce"]
+    assert after > 3 * megatron
+    in_turn = Features(overlap_grad_reduce=False, grad_reduce_in_fp32=False)  # DeepSpeed reduces its 16-bit gradients
+    assert after == pytest.approx(evaluate(make_job("llama-3-8b", gbs=64, features=in_turn), plain)
+                                  .step.breakdown_s["dp_grad_reduce"])
+    assert evaluate(deepspeed, zero1).step.breakdown_s["dp_grad_reduce"] < after / 3
+
+
 def test_a_slow_node_slows_the_whole_job():
     """Synchronous training runs at the pace of the slowest member."""
     from loom.planner.specs.cluster import parse_cluster

@@ -15,7 +15,7 @@ from loom.planner.cost.layers import shape_of
 from loom.planner.cost.memory import chunk_activation_bytes
 from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, megatron_schedule, simulate_long
 from loom.planner.specs.stages import Stage
-from loom.planner.cost.time_model import StepParts, StepTime
+from loom.planner.cost.time_model import StepParts, StepTime, reduce_overlaps_backward
 
 
 def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
@@ -39,7 +39,7 @@ def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
         microbatches=layout.num_microbatches,
         p2p_s=parts.p2p_one_s,
         dp_reduce_s=tuple(d.reduce_s for d in parts.dp),
-        dp_overlap=job.features.overlap_grad_reduce,
+        dp_overlap=reduce_overlaps_backward(job, layout),
         optimizer_s=tuple(parts.optimizer_s),
     )
 

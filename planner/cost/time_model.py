@@ -485,6 +485,20 @@ def _embedding_sync_s(job: Job, layout: Layout, links: Links) -> float:
     return all_reduce_s(word_embedding * _state_bytes(job, layout).grad, 2, links.embedding)
 
 
+def reduce_overlaps_backward(job: Job, layout: Layout) -> bool:
+    """Whether the data-parallel gradient reduce runs behind the backward:
+    as ``overlap_grad_reduce`` says (Megatron's --overlap-grad-reduce,
+    DeepSpeed ZeRO-1's overlap_comm, whose gradient hooks reduce buckets as
+    they fill: stage_1_and_2.py create_gradient_handling_hooks), except
+    under DeepSpeed without ZeRO, which all-reduces every gradient after the
+    backward whatever its config says (engine.py _backward_epilogue ->
+    allreduce_gradients -> buffered_allreduce_fallback; the pipeline
+    engine's _exec_reduce_grads likewise after its flush)."""
+    if job.framework == "deepspeed" and layout.zero_stage == 0:
+        return False
+    return job.features.overlap_grad_reduce
+
+
 def _exposed_reduce_s(comm: DataParallelComm, window_s: float, overlap: bool) -> float:
     """Buckets reduce while backward still runs (``window_s``); the last
     bucket (the first layers' gradients) cannot overlap."""
@@ -587,7 +601,8 @@ class StepParts:
         batch; sharding's once-per-step collectives, the gradient reduce
         that overlaps backward (beyond its closed-form exposure) and the
         parameter gather the next forward hides, once."""
-        job, layout, overlap = self.job, self.layout, self.job.features.overlap_grad_reduce
+        job, layout = self.job, self.layout
+        overlap = reduce_overlaps_backward(job, layout)
         found = []
         for chunks, z, d, window in zip(self.chunks, self.sharded, self.dp, self.reduce_windows_s):
             reduce_exposed = _exposed_reduce_s(d, window, overlap)
@@ -711,8 +726,8 @@ def closed_form_step(parts: StepParts) -> StepTime:
     last backward and the cool-down of the stages after it. Exact for equal
     stages; the search prunes with it and ranks its best with the simulator."""
     layout, tau = parts.layout, parts.tau_s
-    features = parts.job.features
-    reduce = max(_exposed_reduce_s(d, w, features.overlap_grad_reduce) for d, w in zip(parts.dp, parts.reduce_windows_s))
+    overlap = reduce_overlaps_backward(parts.job, layout)
+    reduce = max(_exposed_reduce_s(d, w, overlap) for d, w in zip(parts.dp, parts.reduce_windows_s))
     breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
 
