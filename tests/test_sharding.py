@@ -84,6 +84,16 @@ def test_torchtitans_pipeline_reduces_after_the_last_backward_with_nothing_to_hi
     assert sharding.reduced_after_backward_s(hsdp, units(8), beside) == pytest.approx(8 * max(scatter, replicas) + min(scatter, replicas))
 
 
+def test_torchtitans_pipeline_adds_each_micro_batchs_gradients_into_fp32():
+    """The first micro batch's bf16 gradients are cast into the fp32
+    accumulator (read 2, write 4), every later one added to it (read 2 + 4,
+    write 4): HBM traffic that grows with the micro batches."""
+    for microbatches in (1, 4):
+        piped = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=16 * microbatches, fsdp=16,
+                       reshard_after_forward=False)
+        assert sharding.fsdp2_accumulation_bytes(piped, units(8), 2.0) == pytest.approx(8 * 2e8 * (6 + (microbatches - 1) * 10))
+
+
 def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():
     """Shards in a node, replicas across nodes: the replicas' all-reduce of
     the gradient shard runs on the network beside the NVLink collectives."""

@@ -354,6 +354,21 @@ def fsdp2_copy_bytes(layout: Layout, units: Units, compute_grad_bytes: float) ->
     return units.count * units.params * (gathers * 2 * units.gather_bytes + compute_grad_bytes + units.reduce_bytes)
 
 
+def fsdp2_accumulation_bytes(layout: Layout, units: Units, compute_grad_bytes: float) -> float:
+    """HBM bytes FSDP2 moves on the compute stream for one stage when a
+    torchtitan pipeline accumulates unsharded gradients (held_across_
+    microbatches): after the first micro batch's backward each unit's
+    gradient is cast to the fp32 accumulator (to_accumulated_grad_if_needed:
+    read ``compute_grad_bytes``, write 4), after each later one added to it
+    (accumulate_unsharded_grad_if_needed: read both, write 4) (torch
+    2.6-2.13 fsdp/_fully_shard/_fsdp_param.py, called from
+    _fsdp_param_group.py post_backward)."""
+    params = units.count * units.params
+    first = compute_grad_bytes + 4
+    later = compute_grad_bytes + 4 + 4
+    return params * (first + (layout.num_microbatches - 1) * later)
+
+
 def zero_bucket_bytes(overlap_comm: bool, compute_grad_bytes: float) -> float:
     """DeepSpeed ZeRO-1/2's gradient reduce buckets: with contiguous_gradients
     (which loom writes) one buffer of reduce_bucket_size elements in the

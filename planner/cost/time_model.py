@@ -529,7 +529,9 @@ def _optimizer_s(job: Job, layout: Layout, stage: Stage, gpu: GPU) -> float:
 def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, chunks: list[ChunkTime]) -> sharding.ShardingTime:
     """ZeRO-2 / ZeRO-3 / FSDP time of ``stage`` (sharding.time_s) behind its
     chunks' compute, with torchtitan FSDP2's copies in and out of its
-    collectives' buffers on the compute stream (sharding.fsdp2_copy_bytes)."""
+    collectives' buffers on the compute stream (sharding.fsdp2_copy_bytes)
+    and, under its pipeline, its fp32 gradient accumulation
+    (sharding.fsdp2_accumulation_bytes)."""
     if not sharding.reduces_every_microbatch(job.framework, layout):
         return sharding.ShardingTime()
     params = stage_params(job.model, layout, stage)
@@ -541,9 +543,11 @@ def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, 
                            sharding.Overlap.of(job.framework, job.features, layout))
     if not (job.framework == "torchtitan" and layout.fsdp):
         return time
-    copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, layers.shape_of(job, layout).act_bytes), gpu)
+    grad_bytes = layers.shape_of(job, layout).act_bytes
+    copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, grad_bytes), gpu)
     if sharding.held_across_microbatches(job.framework, layout):
-        return replace(time, step_s=time.step_s + copies_s)
+        accumulation_s = memory_time_s(sharding.fsdp2_accumulation_bytes(layout, units, grad_bytes), gpu)
+        return replace(time, step_s=time.step_s + copies_s + accumulation_s)
     return replace(time, microbatch_s=time.microbatch_s + copies_s)
 
 
