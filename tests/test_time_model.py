@@ -129,6 +129,11 @@ def test_deepspeed_without_zero_all_reduces_after_the_backward():
     assert after == pytest.approx(evaluate(make_job("llama-3-8b", gbs=64, features=in_turn), plain)
                                   .step.breakdown_s["dp_grad_reduce"])
     assert evaluate(deepspeed, zero1).step.breakdown_s["dp_grad_reduce"] < after / 3
+    # Its pipeline engine reduces after the flush, ZeRO-1 included.
+    piped = Layout(tp=1, pp=2, dp=32, cp=1, micro_batch_size=1, global_batch_size=64, distributed_optimizer=False, zero_stage=1)
+    megatron_piped = replace(piped, zero_stage=0, distributed_optimizer=True)
+    assert evaluate(deepspeed, piped).step.breakdown_s["dp_grad_reduce"] == pytest.approx(
+        evaluate(make_job("llama-3-8b", gbs=64, features=in_turn), megatron_piped).step.breakdown_s["dp_grad_reduce"])
 
 
 def test_a_slow_node_slows_the_whole_job():

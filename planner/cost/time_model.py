@@ -492,9 +492,11 @@ def reduce_overlaps_backward(job: Job, layout: Layout) -> bool:
     they fill: stage_1_and_2.py create_gradient_handling_hooks), except
     under DeepSpeed without ZeRO, which all-reduces every gradient after the
     backward whatever its config says (engine.py _backward_epilogue ->
-    allreduce_gradients -> buffered_allreduce_fallback; the pipeline
-    engine's _exec_reduce_grads likewise after its flush)."""
-    if job.framework == "deepspeed" and layout.zero_stage == 0:
+    allreduce_gradients -> buffered_allreduce_fallback), and under
+    DeepSpeed's pipeline engine, which reduces only after its flush: its
+    is_gradient_accumulation_boundary is true only inside _exec_reduce_grads,
+    so ZeRO-1's hooks reduce nothing during the backward (pipe/engine.py)."""
+    if job.framework == "deepspeed" and (layout.zero_stage == 0 or layout.pp > 1):
         return False
     return job.features.overlap_grad_reduce
 
