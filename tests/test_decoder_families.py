@@ -452,7 +452,7 @@ def test_yarn_outside_mla_is_torchtitans_or_deepspeeds_to_train(tmp_path):
         assert refused.exit_code == 2 and "YaRN" in refused.output and "framework" in refused.output, refused.output
     # DeepSpeed's MoE gates top-2 at most: the refusal offers the one framework left, not Megatron back
     refused = runner.invoke(app, ["evaluate", str(tmp_path / "job.yaml"), "--tp", "1", "--ep", "8", "--framework", "deepspeed"])
-    assert refused.exit_code == 2 and "expected torchtitan for" in refused.output and "top-1/top-2" in refused.output, refused.output
+    assert refused.exit_code == 2 and "expected torchtitan for" in refused.output and "top-1 and top-2 gates" in refused.output, refused.output
     assert not torchtitan.rotary_mismatch(model_from_hf_config({**json.loads((MODELS_DIR / "gpt-oss-20b.json").read_text()),
                                                                  "rope_scaling": yarn}, "gpt-oss-20b", "c"), 4096)
     rounded = model_from_hf_config({**json.loads((MODELS_DIR / "gpt-oss-20b.json").read_text()), "rope_scaling": {**yarn, "truncate": True}},

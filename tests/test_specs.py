@@ -377,7 +377,7 @@ def test_top8_moe_models_need_megatron(tmp_path):
     job = tmp_path / "job.yaml"
     cluster = "{nodes: 8, gpus_per_node: 8, gpu: H100, nvlink_GBps: 450, nics_per_node: 8, nic_Gbps: 400}"
     job.write_text(f"model: qwen3-235b-a22b\ncluster: {cluster}\nglobal_batch_size: 256\nseq_length: 4096\nframework: deepspeed\n")
-    with pytest.raises(SpecError, match="top-1/top-2") as error:
+    with pytest.raises(SpecError, match="top-1 and top-2 gates") as error:
         load_job(job)
     assert error.value.field == "framework"
 

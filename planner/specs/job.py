@@ -482,8 +482,11 @@ def _why_not(model: ModelSpec, framework: str) -> str:
     """Why ``framework`` cannot train ``model`` ('' when it can)."""
     moe = model.moe
     if framework == "deepspeed" and moe is not None and (moe.top_k > 2 or moe.shared_ffn_hidden_size or model.mla):
-        # deepspeed/moe/sharded_moe.py: top1gating, top2gating; no shared experts or MLA
-        return "DeepSpeed's MoE gates top-1/top-2 only, without shared experts"
+        # deepspeed/moe/sharded_moe.py: loom prices top1gating and top2gating;
+        # topkgating (k > 2) renormalises the chosen experts' gates whatever the
+        # model does and dispatches through dense [tokens, experts, capacity]
+        # one-hot masks, which loom does not price; no shared experts or MLA.
+        return "loom's DeepSpeed MoE pricing, which covers top-1 and top-2 gates without shared experts or MLA"
     if framework == "megatron" and model.yarn is not None:
         return ("its config scales RoPE by YaRN, which Megatron-LM core_v0.16.1 writes for multi-latent attention only: "
                 "--position-embedding-type has no yarn")
