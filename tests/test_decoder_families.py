@@ -578,3 +578,85 @@ def test_the_load_balancing_loss_is_the_configs(name, loss):
     config = TransformerConfig(num_layers=2, hidden_size=256, num_attention_heads=4, num_moe_experts=spec.moe.num_experts,
                                moe_router_topk=spec.moe.top_k, moe_router_load_balancing_type=loss[0], moe_aux_loss_coeff=loss[1])
     assert config.moe_aux_loss_coeff == loss[1]
+
+
+NEOX_20B = Path(__file__).parents[1] / "profiles" / "models" / "gpt-neox-20b.json"
+
+
+def _flags_of(spec) -> dict:
+    from test_emit_megatron import parse_flags
+
+    cluster = parse_cluster({"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}, "t")
+    layout = Layout(tp=1, pp=1, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, distributed_optimizer=True)
+    return parse_flags(megatron_args(Job(model=spec, cluster=cluster, global_batch_size=64, seq_length=2048), layout, uniform_stages(spec, layout)))
+
+
+def test_gpt_neox_reads_its_partial_rotary_and_parallel_residual(tmp_path):
+    """GPT-NeoX 20B rotates a quarter of each head (rotary_pct 0.25) and adds
+    attention and MLP side by side (use_parallel_residual): Megatron's layer
+    cannot, so it is DeepSpeed's to train; a NeoX without the parallel
+    residual gets --rotary-percent (the default 0.25 when the config omits it)."""
+    config = json.loads(NEOX_20B.read_text())
+    neox = load_model(str(NEOX_20B))
+    assert neox.parallel_attention and neox.rotary_percent == 0.25 and neox.megatron_unbuildable
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({key: value for key, value in config.items() if key != "rotary_pct"} | {"use_parallel_residual": False}))
+    sequential = load_model(str(path))
+    assert not sequential.parallel_attention and not sequential.megatron_unbuildable
+    assert float(_flags_of(sequential)["rotary-percent"]) == 0.25
+    result = runner.invoke(app, ["plan", "--model", str(NEOX_20B), "--framework", "megatron", "--cluster", str(
+        Path(__file__).parents[1] / "examples" / "h100-64.yaml"), "--global-batch-size", "64", "--seq-length", "2048"])
+    assert result.exit_code == 2 and "use_parallel_residual" in result.output, result.output
+
+
+@pytest.mark.parametrize("source, change, field", [
+    (str(FAMILIES / "starcoder2-7b.json"), {"hidden_act": "relu"}, "hidden_act"),
+    (str(NEOX_20B), {"hidden_act": "silu"}, "hidden_act"),
+    ("gpt3-175b", {"activation_function": "relu"}, "activation_function"),
+    (str(NEOX_20B), {"attention_bias": False}, "attention_bias"),
+])
+def test_a_plain_mlp_family_without_a_gelu_is_refused(tmp_path, source, change, field):
+    """Megatron builds (and loom prices) a GeLU for the plain-MLP families;
+    another activation would train a model the config does not describe."""
+    base = Path(source) if source.endswith(".json") else Path(__file__).parents[1] / "profiles" / "models" / f"{source}.json"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(base.read_text()), **change}))
+    with pytest.raises(SpecError) as error:
+        load_model(str(path))
+    assert error.value.field == field
+
+
+def test_attention_dropout_is_its_own_flag(tmp_path):
+    """Llama with attention_dropout 0.1 trains with --attention-dropout 0.1
+    and no hidden dropout; StarCoder2's residual_dropout is the hidden one."""
+    base = json.loads((Path(__file__).parents[1] / "profiles" / "models" / "llama-3-8b.json").read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**base, "attention_dropout": 0.1}))
+    flags = _flags_of(load_model(str(path)))
+    assert (float(flags["attention-dropout"]), float(flags["hidden-dropout"])) == (0.1, 0.0)
+    path.write_text(json.dumps({**json.loads((FAMILIES / "starcoder2-7b.json").read_text()), "attention_dropout": 0.0, "residual_dropout": 0.1}))
+    flags = _flags_of(load_model(str(path)))
+    assert (float(flags["attention-dropout"]), float(flags["hidden-dropout"])) == (0.0, 0.1)
+
+
+@pytest.mark.parametrize("missing", ["intermediate_size", "rms_norm_eps"])
+def test_a_field_whose_default_differs_by_family_is_required(tmp_path, missing):
+    """transformers' config classes disagree on these defaults (LlamaConfig's
+    intermediate_size 11008 and rms_norm_eps 1e-6, MixtralConfig's 14336 and
+    1e-5): a config without them is refused, not planned with a guess."""
+    base = json.loads((Path(__file__).parents[1] / "profiles" / "models" / "llama-3-8b.json").read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({key: value for key, value in base.items() if key != missing}))
+    with pytest.raises(SpecError) as error:
+        load_model(str(path))
+    assert error.value.field == missing
+
+
+def test_a_mistral_config_without_a_window_takes_mistrals_default(tmp_path):
+    """MistralConfig's sliding_window defaults to 4096; a null one is none."""
+    base = json.loads((Path(__file__).parents[1] / "profiles" / "models" / "mistral-7b.json").read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({key: value for key, value in base.items() if key != "sliding_window"}))
+    assert load_model(str(path)).sliding_window == 4096
+    path.write_text(json.dumps({**base, "sliding_window": None}))
+    assert load_model(str(path)).sliding_window is None

@@ -49,7 +49,7 @@ runner = CliRunner()
 
 MODEL = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
          "intermediate_size": 688, "vocab_size": 1000, "max_position_embeddings": 4096, "rope_theta": 500000.0,
-         "tie_word_embeddings": False}
+         "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
 CLUSTER = {"name": "tiny", "nodes": 2, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400,
            "hosts": ["a", "b"], "node_overrides": [{"node": "b", "nic_Gbps": 200}]}
 JOB = {"model": "config.json", "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 1024, "precision": "bf16",

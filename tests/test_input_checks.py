@@ -22,7 +22,7 @@ runner = CliRunner()
 
 DEEPSEEK_V3 = json.loads((ROOT / "profiles" / "models" / "deepseek-v3.json").read_text())
 LLAMA = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-         "intermediate_size": 688, "vocab_size": 1000, "max_position_embeddings": 4096}
+         "intermediate_size": 688, "vocab_size": 1000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
 CLUSTER = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400}
 JOB = {"model": "config.json", "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 1024}
 
@@ -110,7 +110,7 @@ def test_mistrals_sliding_window_is_priced_and_written(tmp_path):
     for window in (None, 256):
         folder = tmp_path / str(window)
         folder.mkdir()
-        config = {**LLAMA, "model_type": "mistral", **({"sliding_window": window} if window else {})}
+        config = {**LLAMA, "model_type": "mistral", "sliding_window": window}  # null: no window
         result = run(folder, "--tp", "1", "--out", str(folder / "out"), config=config)
         assert result.exit_code == 0, result.output
         steps[window] = json.loads(result.stdout)["plans"][0]["predicted"]["breakdown_s"]["compute_forward"]
@@ -118,7 +118,7 @@ def test_mistrals_sliding_window_is_priced_and_written(tmp_path):
     assert steps[256] < steps[None]
     # MFU counts the window's keys, not the sequence's: 1,024 tokens see at most 256 keys each in every layer
     windowed, full = (model_from_hf_config({**LLAMA, "model_type": "mistral", **extra}, name="m", source="t")
-                      for extra in ({"sliding_window": 256}, {}))
+                      for extra in ({"sliding_window": 256}, {"sliding_window": None}))
     per_key = 6.0 * LLAMA["num_attention_heads"] * 2 * (LLAMA["hidden_size"] // LLAMA["num_attention_heads"]) * LLAMA["num_hidden_layers"]
     assert model_flops_per_token(full, 1024) - model_flops_per_token(windowed, 1024) == pytest.approx(per_key * (1024 - 256))
 
@@ -141,7 +141,8 @@ def test_an_ffn_narrower_than_tp_is_refused_not_divided_by_zero(tmp_path):
 
 
 MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
-           "intermediate_size": 688, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 1000, "max_position_embeddings": 4096}
+           "intermediate_size": 688, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 1000, "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-5}
 
 
 def test_an_ffn_width_tp_does_not_divide_is_refused_naming_tp(tmp_path):

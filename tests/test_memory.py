@@ -30,7 +30,7 @@ def gpt(run: dict) -> ModelSpec:
         name=run["id"], num_layers=run["layers"], hidden_size=h, num_attention_heads=run["heads"],
         num_query_groups=run["heads"], ffn_hidden_size=4 * h, vocab_size=run["vocab"], max_position_embeddings=run["seq"],
         gated_mlp=False, tied_embeddings=True, learned_position_embeddings=True, linear_bias=True, qkv_bias=False,
-        normalization="LayerNorm", dropout=0.1,
+        normalization="LayerNorm", dropout=0.1, attention_dropout=0.1,
     )
 
 

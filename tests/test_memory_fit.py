@@ -92,7 +92,8 @@ def test_every_nvidia_run_that_loom_can_express_fits():
 @pytest.mark.parametrize("job_yaml", [
     # A new user's job: GPT-NeoX 20B on one node of 8 A100-80GB (its plans used to need 79.8 GiB).
     {"model": "gpt-neox-20b", "cluster": {"nodes": 1, "gpus_per_node": 8, "gpu": "A100-SXM4-80GB", "nvlink_GBps": 300, "nics_per_node": 8,
-                                          "nic_Gbps": 200}, "global_batch_size": 32, "seq_length": 2048, "precision": "fp16", "top_k": 3},
+                                          "nic_Gbps": 200}, "global_batch_size": 32, "seq_length": 2048, "precision": "fp16", "top_k": 3,
+     "framework": "deepspeed"},  # its parallel residual is not Megatron's layer (GPT-NeoX trains with DeepSpeed)
     # The bundled 70B example (its best plan used 79.3 of 79.6 GiB).
     None,
 ])
@@ -125,18 +126,19 @@ def test_a_headroom_that_is_neither_is_bad_input(bad, tmp_path):
 
 
 def test_a_headroom_gate_constrains_the_search_instead_of_failing_it(tmp_path):
-    """--gate memory_headroom>=0.2 keeps the plans that leave 20% free; the
+    """--gate memory_headroom>=0.3 keeps the plans that leave 30% free; the
     best plan without it leaves less (so the gate would have failed)."""
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump({"model": "gpt-neox-20b", "global_batch_size": 32, "seq_length": 2048, "precision": "fp16", "top_k": 3,
+                                        "framework": "deepspeed",
                                         "cluster": {"nodes": 1, "gpus_per_node": 8, "gpu": "A100-SXM4-80GB", "nvlink_GBps": 300,
                                                     "nics_per_node": 8, "nic_Gbps": 200}}))
     runner = CliRunner()
     free = json.loads(runner.invoke(app, ["plan", str(job_file), "--json"]).stdout)["plans"][0]["memory"]["headroom"]
-    assert free < 0.2
-    result = runner.invoke(app, ["plan", str(job_file), "--json", "--gate", "memory_headroom>=0.2"])
+    assert free < 0.3
+    result = runner.invoke(app, ["plan", str(job_file), "--json", "--gate", "memory_headroom>=0.3"])
     assert result.exit_code == 0, result.output
-    assert all(plan["memory"]["headroom"] >= 0.2 for plan in json.loads(result.stdout)["plans"])
+    assert all(plan["memory"]["headroom"] >= 0.3 for plan in json.loads(result.stdout)["plans"])
 
 
 def test_evaluate_of_a_layout_that_does_not_fit_exits_3_and_writes_nothing(tmp_path):

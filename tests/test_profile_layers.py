@@ -36,11 +36,12 @@ from loom.profiles.torch_blocks import RankShape, build
 
 runner = CliRunner()
 LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 2,
-         "num_hidden_layers": 4, "vocab_size": 1024, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+         "num_hidden_layers": 4, "vocab_size": 1024, "max_position_embeddings": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
 GPT = {"model_type": "gpt2", "n_embd": 256, "n_head": 8, "n_layer": 2, "vocab_size": 1024, "n_positions": 1024, "n_inner": 1024}
 QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
              "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 2, "vocab_size": 1024,
-             "max_position_embeddings": 4096, "num_experts": 16, "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": []}
+             "max_position_embeddings": 4096, "num_experts": 16, "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [],
+             "rms_norm_eps": 1e-6}
 MODELS = {name: model_from_hf_config(config, name, "test") for name, config in
           [("tiny-llama", LLAMA), ("tiny-gpt", GPT), ("tiny-qwen3-moe", QWEN3_MOE)]}
 

@@ -67,8 +67,8 @@ SMALL = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "
          "vocab_size": 1000, "max_position_embeddings": 4096}
 FAMILY_CONFIGS = {
     "llama": {"model_type": "llama", **SMALL, "num_key_value_heads": 2, "rope_theta": 500000.0, "rms_norm_eps": 1e-5},
-    "mistral": {"model_type": "mistral", **SMALL, "num_key_value_heads": 4, "tie_word_embeddings": False},
-    "qwen2": {"model_type": "qwen2", **SMALL, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", **SMALL, "num_key_value_heads": 4, "tie_word_embeddings": False, "rms_norm_eps": 1e-5},
+    "qwen2": {"model_type": "qwen2", **SMALL, "num_key_value_heads": 2, "tie_word_embeddings": True, "rms_norm_eps": 1e-6},
     "gpt2": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 8, "n_inner": None, "n_positions": 1024,
              "vocab_size": 1000},
     "gpt_neox": {"model_type": "gpt_neox", **SMALL, "intermediate_size": 1024, "tie_word_embeddings": False},
@@ -124,11 +124,11 @@ PUBLIC_SMALL = {
     # Qwen2.5-0.5B: 0.49B (494,032,768) with tied embeddings, QKV biases, GQA 14/2.
     "qwen2": ({"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
                "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
-               "max_position_embeddings": 32768, "tie_word_embeddings": True}, 494_032_768),
+               "max_position_embeddings": 32768, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}, 494_032_768),
     # TinyLlama-1.1B: 1,100,048,384 parameters (GQA 32/4, untied).
     "llama": ({"model_type": "llama", "num_hidden_layers": 22, "hidden_size": 2048, "num_attention_heads": 32,
                "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,
-               "max_position_embeddings": 2048}, 1_100_048_384),
+               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}, 1_100_048_384),
 }
 
 
@@ -143,7 +143,7 @@ def test_explicit_head_dim_is_honoured():
     (so do Gemma and Qwen3); its published size is 12.25B parameters."""
     config = {"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32, "num_key_value_heads": 8,
               "head_dim": 128, "intermediate_size": 14336, "num_hidden_layers": 40, "vocab_size": 131072,
-              "max_position_embeddings": 1024000, "tie_word_embeddings": False}
+              "max_position_embeddings": 1024000, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
     model = model_from_hf_config(config, name="mistral-nemo", source="test")
     assert model.head_dim == 128
     assert model.total_params() / 1e9 == pytest.approx(12.25, rel=0.02)

@@ -174,7 +174,7 @@ def _core_attention_bytes(shape: Shape) -> float:
         return 4 * shape.micro_batch_size * heads_per_rank * shape.seq_length / shape.cp
     scores = shape.micro_batch_size * heads_per_rank * (shape.seq_length / shape.cp) * shape.seq_length
     capped = shape.act_bytes if m.attention_softcap else 0  # Gemma 2's soft-cap keeps its tanh for backward
-    return (shape.act_bytes + capped + (1 + shape.act_bytes if m.dropout else 0)) * scores
+    return (shape.act_bytes + capped + (1 + shape.act_bytes if m.attention_dropout else 0)) * scores
 
 
 def _mlp_parts(shape: Shape, moe: bool) -> dict[str, float]:

@@ -83,7 +83,7 @@ def _unfused_attention(shape: Shape, gpu: GPU, backward: bool) -> PassTime:
     passes = 1 + (m.attention_softcap is not None)
     softmax_bytes = passes * (3 if backward else 2) * shape.act_bytes * scores
     alibi_bytes = 2 * shape.act_bytes * scores if m.alibi and not backward else 0
-    dropout_bytes = 5 * scores if m.dropout else 0  # read, write, 1-byte mask
+    dropout_bytes = 5 * scores if m.attention_dropout else 0  # read, write, 1-byte mask
     return PassTime(gemm_s=gemm_s, elementwise_s=memory_time_s(softmax_bytes + alibi_bytes + dropout_bytes, gpu))
 
 

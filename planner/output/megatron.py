@@ -148,7 +148,7 @@ def _model_args(job: Job) -> list[str]:
         "--norm-epsilon", _exact(m.norm_epsilon),
         "--position-embedding-type", "learned_absolute" if m.learned_position_embeddings else "rope" if m.rotary else "none",
         "--hidden-dropout", str(m.dropout),
-        "--attention-dropout", str(m.dropout),
+        "--attention-dropout", str(m.attention_dropout),
         # Pre-tokenised data (or mock data) only needs the vocabulary size.
         "--tokenizer-type", "NullTokenizer",
         "--vocab-size", str(m.vocab_size),

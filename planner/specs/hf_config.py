@@ -66,8 +66,7 @@ class ConfigReader:
         key, value = self._pick(keys)
         if value is None:
             if default is None:
-                where = f"a value in the model config (looked for {', '.join(self.field(k) for k in keys)})"
-                self.problems.append((self.field(key), where, None))
+                self._missing(keys)
                 return placeholder
             return default
         if isinstance(value, bool) or not isinstance(value, int):
@@ -79,21 +78,29 @@ class ConfigReader:
             return placeholder
         return value
 
-    def number(self, *keys: str, default: float, low: float = 0.0, high: float = math.inf, below_high: bool = False,
+    def _missing(self, keys: tuple[str, ...]) -> None:
+        """Record a required field that the config lacks."""
+        self.problems.append((self.field(keys[0]), f"a value in the model config (looked for {', '.join(self.field(k) for k in keys)})", None))
+
+    def number(self, *keys: str, default: float | None, low: float = 0.0, high: float = math.inf, below_high: bool = False,
                above_low: bool = False) -> float:
-        """A finite number in its range (open at either end where asked)."""
+        """A finite number in its range (open at either end where asked);
+        ``default`` when absent (required when None: its placeholder is 1)."""
         key, value = self._pick(keys)
         if value is None:
+            if default is None:
+                self._missing(keys)
+                return 1.0
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             self.problems.append((self.field(key), "a finite number", value))
-            return default
+            return 1.0 if default is None else default
         too_low = value <= low if above_low else value < low
         too_high = value >= high if below_high else value > high
         if too_low or too_high:
             interval = f"{'(' if above_low else '['}{low:g}, {high:g}{')' if below_high else ']'}"
             self.problems.append((self.field(key), f"a number in {interval}", value))
-            return default
+            return 1.0 if default is None else default
         return float(value)
 
     def _checked(self, key: str, default: Any, ok: Callable[[Any], bool], expected: str) -> Any:

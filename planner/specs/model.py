@@ -44,6 +44,7 @@ STARCODER2 = {"starcoder2"}
 # (transformers' Starcoder2Attention, Phi3Attention, MistralAttention and
 # MixtralAttention pass it to each layer; Mistral 7B v0.1's is 4096).
 WINDOW_EVERY_LAYER = {"starcoder2", "phi3", "mistral", "mixtral"}
+MISTRAL_WINDOW = 4096  # MistralConfig's sliding_window default
 # Families (issue #16's, and gpt-oss, whose configs carry YaRN) whose
 # rope_scaling loom checks: none, or "dynamic" NTK scaling, which changes
 # nothing within max_position_embeddings (transformers' dynamic rope update)
@@ -80,6 +81,11 @@ NEMOTRON = {"nemotron"}
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
 GEMMA_WINDOW = 4096  # Gemma2Config's and Gemma3TextConfig's default sliding_window
 GEMMA_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # the GeLU variants of Gemma's GeGLU
+GELU_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python", "gelu_accurate")  # transformers' ACT2FN GeLUs
+# The plain-MLP families' activation field and its config-class default
+# (GPT2Config activation_function, GPTNeoXConfig and Starcoder2Config hidden_act).
+GELU_MLP_ACTIVATION = {"gpt2": ("activation_function", "gelu_new"), "gpt_neox": ("hidden_act", "gelu"),
+                       "starcoder2": ("hidden_act", "gelu_pytorch_tanh")}
 # BLOOM (BigScience 2022, arXiv 2211.05100, sec. 3.2; transformers' BloomConfig):
 # ALiBi instead of position embeddings, a LayerNorm right after the word
 # embedding, a 4h GeLU MLP, LayerNorm and biases everywhere, tied embeddings.
@@ -101,6 +107,8 @@ MEGATRON_CANNOT_BUILD = {
              "post_feedforward_layernorm; no input norm), which megatron-core's transformer layer (input_layernorm, "
              "pre_mlp_layernorm) cannot place, and its QK norm across all heads (q_norm over heads x head_dim; "
              "--qk-layernorm normalises each head on its own)",
+    "gpt_neox": "GPT-NeoX's parallel attention and MLP (use_parallel_residual: both on the layer's input, added into one "
+                "residual: megatron-core's TransformerLayer runs the MLP after the attention)",
     "falcon": "Falcon's parallel attention and MLP (both on the layer's input, added into one residual: megatron-core's "
               "TransformerLayer runs the MLP after the attention) or Falcon-RW's ALiBi",
 }
@@ -335,7 +343,8 @@ class ModelSpec:
     linear_bias: bool  # biases in the linear layers (GPT) or none (Llama)
     qkv_bias: bool  # Qwen2 has biases on Q, K, V only
     normalization: str  # "LayerNorm" | "RMSNorm" (Megatron's spelling)
-    dropout: float  # hidden and attention dropout during pre-training
+    dropout: float  # hidden (residual) dropout during pre-training
+    attention_dropout: float = 0.0  # dropout on the attention probabilities (Megatron's --attention-dropout)
     kv_channels: int | None = None  # head dim when not hidden / heads (Mistral-NeMo, Qwen3)
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
     # Llama 3.1's rope_scaling (rope_type llama3): megatron-core's --use-rope-scaling factor; None: unscaled.
@@ -682,16 +691,21 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
                      "Megatron biases all linear layers or none)", False)
     _check_family(read, family)
     starcoder2 = family in STARCODER2
-    # GPT-2/3 and NeoX pre-trained with 0.1 dropout; Llama-era models with none.
+    # transformers' defaults: GPT2Config's resid_pdrop and attn_pdrop 0.1, the
+    # other families' hidden and attention dropout 0.0.
     dropout = read.number("resid_pdrop", "hidden_dropout", "residual_dropout", default=0.1 if family == "gpt2" else 0.0, high=1.0,
                           below_high=True)
+    attention_dropout = read.number("attn_pdrop", "attention_dropout", default=0.1 if family == "gpt2" else 0.0, high=1.0, below_high=True)
     spec = ModelSpec(
         name=name,
         num_layers=num_layers,
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=kv_heads,
-        ffn_hidden_size=4 * hidden if family in BLOOM else read.int("intermediate_size", "n_inner", default=4 * hidden, high=LIMITS["width"]),
+        # GPT-2's n_inner null is 4h (GPT2MLP), Falcon's width is read below;
+        # every other family's config class has its own default, so the field is required.
+        ffn_hidden_size=4 * hidden if family in BLOOM else read.int("intermediate_size", "n_inner", high=LIMITS["width"],
+                                                                    default=4 * hidden if family in {"gpt2"} | FALCON else None),
         vocab_size=read.int("vocab_size", low=MIN_VOCAB, high=LIMITS["vocab"], placeholder=MIN_VOCAB),
         # ALiBi has no position table: BLOOM's config names no limit (its 2,048-token pre-training length stands in)
         max_position_embeddings=read.int("max_position_embeddings", "n_positions", default={"bloom": BLOOM_POSITIONS, "falcon": FALCON_POSITIONS}.get(family),
@@ -704,13 +718,15 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         qkv_bias=family in QKV_BIAS_FAMILIES,
         normalization="RMSNorm" if llama_like else "LayerNorm",
         dropout=dropout,
+        attention_dropout=attention_dropout,
         kv_channels=head_dim if head_dim != hidden // heads else None,
         rope_theta=_rope_theta(read),
         rope_scaling_factor=_rope_scaling_factor(read, family) if family in LLAMA_LIKE - ROPE_CHECKED - MLA_FAMILIES else None,
-        rotary_percent=read.number("partial_rotary_factor", default=1.0 if family == "phi3" else 0.5, high=1.0, above_low=True)
-        if family in ("phi3", "nemotron") else 1.0,
-        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps", default=1e-5, high=1.0,
-                                 above_low=True, below_high=True),
+        rotary_percent=_rotary_percent(read, family),
+        # The LayerNorm families' config classes default to 1e-5; the RMSNorm
+        # ones differ (LlamaConfig 1e-6, MixtralConfig 1e-5), so it is required.
+        norm_epsilon=read.number("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
+                                 default=None if llama_like else 1e-5, high=1.0, above_low=True, below_high=True),
         moe=_moe(read, family, num_layers),
         mla=_mla(read) if family in MLA_FAMILIES else None,
         qk_norm=family in QK_NORM_FAMILIES,
@@ -722,6 +738,11 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
     if family in FALCON:
         spec = _falcon(read, spec)
+    if family == "gpt_neox":
+        # GPTNeoXConfig: use_parallel_residual (default true) runs attention
+        # and MLP side by side on the layer's input, each with its own LayerNorm.
+        parallel = read.bool("use_parallel_residual", True)
+        spec = replace(spec, parallel_attention=parallel, megatron_unbuildable=MEGATRON_CANNOT_BUILD["gpt_neox"] if parallel else None)
     if family in OLMO2:
         spec = replace(spec, qk_norm=True, qk_norm_across_heads=True, post_norms_only=True, megatron_unbuildable=MEGATRON_CANNOT_BUILD[family])
     if family in BLOOM:  # transformers' BloomConfig: tied by default, biases everywhere
@@ -741,7 +762,9 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         spec = replace(spec, sliding_window=window, window_layers=layers, attention_sinks=True,
                        glu_clamp=read.number("swiglu_limit", default=7.0, high=1e6, above_low=True))
     elif family in WINDOW_EVERY_LAYER:
-        window = read.int("sliding_window", default=0, low=1, high=LIMITS["positions"]) or None
+        # MistralConfig's sliding_window defaults to 4096 (a null one is none); the others' to none.
+        default = MISTRAL_WINDOW if family == "mistral" and "sliding_window" not in read.config else 0
+        window = read.int("sliding_window", default=default, low=1, high=LIMITS["positions"]) or None
         if window:
             spec = replace(spec, sliding_window=window, window_layers=(True,) * num_layers)
     return spec
@@ -916,6 +939,18 @@ def _yarn(read: ConfigReader, max_positions: int) -> Yarn | None:
                 truncate=scaling.bool("truncate", True))
 
 
+def _rotary_percent(read: ConfigReader, family: str) -> float:
+    """The share of each head's dimensions RoPE rotates: Phi-3's and
+    Nemotron's partial_rotary_factor (Phi3Config 1.0, NemotronConfig 0.5),
+    GPT-NeoX's rotary_pct (GPTNeoXConfig 0.25; partial_rotary_factor in
+    transformers 5); every other family rotates all of them."""
+    defaults = {"phi3": 1.0, "nemotron": 0.5, "gpt_neox": 0.25}
+    if family not in defaults:
+        return 1.0
+    keys = ("rotary_pct", "partial_rotary_factor") if family == "gpt_neox" else ("partial_rotary_factor",)
+    return read.number(*keys, default=defaults[family], high=1.0, above_low=True)
+
+
 def _rope_theta(read: ConfigReader) -> float:
     """The rotary base: top-level ``rope_theta`` (or GPT-NeoX's
     ``rotary_emb_base``), else transformers 5's ``rope_parameters.rope_theta``;
@@ -984,6 +1019,14 @@ def _check_family(read: ConfigReader, family: str) -> None:
     if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         read.require(not read.bool("use_sliding_window", False), "use_sliding_window",
                      "false (loom does not plan Qwen's windowed layers past max_window_layers)", True)
+    if family in GELU_MLP_ACTIVATION:
+        key, default = GELU_MLP_ACTIVATION[family]
+        activation = read.str(key, default)
+        read.require(activation in GELU_ACTIVATIONS, key, f"a GeLU ({', '.join(GELU_ACTIVATIONS)}) for {family}'s MLP (loom prices and "
+                     "Megatron builds a GeLU)", activation)
+    if family == "gpt_neox":
+        read.require(read.bool("attention_bias", True), "attention_bias", "true for gpt_neox (Megatron biases all linear layers or none)",
+                     False)
     if family in LLAMA_LIKE and family not in MLA_FAMILIES:
         activation = read.str("hidden_act", "silu")
         read.require(activation in SWIGLU_ACTIVATIONS, "hidden_act", f"silu for {family} (its gated MLP is SwiGLU, Megatron's --swiglu)",
