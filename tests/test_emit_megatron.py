@@ -394,6 +394,15 @@ def test_without_host_names_train_sh_runs_on_the_nodes_the_scheduler_gives(tmp_p
         assert flag(got["argv"], "--node-rank") == str(1 - node)
         assert flag(got["argv"], "--master-addr") == "gpu-17"
         assert got["env"]["CUDA_VISIBLE_DEVICES"] == visible
+    # The sbatch exports the same rank-0 node (train.sh keeps an exported MASTER_ADDR).
+    export = next(line for line in files["slurm.sbatch"].splitlines() if line.startswith("export MASTER_ADDR="))
+    env = {**os.environ, "PATH": f"{scontrol.parent}:{os.environ['PATH']}", **slurm}
+    env.pop("MASTER_ADDR", None)
+    exported = subprocess.run(["bash", "-c", f'{export}; echo "$MASTER_ADDR"'], env=env, capture_output=True, text=True, check=True)
+    assert exported.stdout.strip() == "gpu-17"
+    # LOOM_NODE_RANK alone names the node rank, outside SLURM too.
+    got = run_train_sh(tmp_path, files["train.sh"], "elsewhere", {"LOOM_NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"})
+    assert flag(got["argv"], "--node-rank") == "1" and got["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
 
 
 def test_train_sh_refuses_a_host_with_non_contiguous_ranks():
@@ -409,7 +418,7 @@ def test_slurm_wrapper_lists_hosts_in_node_order():
     sbatch = files["slurm.sbatch"].splitlines()
     assert "#SBATCH --nodelist=b,a" in sbatch
     assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
-    assert "#SBATCH --gpus-per-node=8" in sbatch
+    assert "#SBATCH --gpus-per-node=8" in sbatch and "#SBATCH --exclusive" in sbatch
     assert any(line.startswith("srun ") and "train.sh" in line for line in sbatch)
     for text in files.values():
         subprocess.run(["bash", "-n"], input=text, text=True, check=True)  # syntax

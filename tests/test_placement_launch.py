@@ -326,7 +326,9 @@ done
 
 
 def sbatch_directives(script: str) -> dict[str, str]:
-    return dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH --"))
+    """The sbatch's options; a flag without a value (--exclusive) maps to ''."""
+    options = (line.removeprefix("#SBATCH --") for line in script.splitlines() if line.startswith("#SBATCH --"))
+    return dict((*option.split("=", 1), "")[:2] for option in options)
 
 
 @pytest.mark.parametrize("name, seed", placements(MEGATRON, seeds=(4,)))

@@ -29,7 +29,7 @@ def launch_files(job: Job, layout: Layout, stages: list[Stage], placement: Place
     if job.framework == "megatron":
         return {
             "train.sh": train_sh(job, layout, stages, placement),
-            "slurm.sbatch": slurm_sbatch(f"loom-{job.model.name}", nodes_of(placement), job.cluster.gpus_per_node, job.cluster.named_hosts,
+            "slurm.sbatch": slurm_sbatch(f"loom-{job.model.name}", nodes_of(placement, job.cluster), job.cluster.gpus_per_node, job.cluster.named_hosts,
                                       job.cluster.slowest.domain_gpus // job.cluster.gpus_per_node),
         }
     if job.framework == "deepspeed":

@@ -109,8 +109,13 @@ def _node_table(nodes: list[NodeRanks], named: bool) -> list[str]:
         rank = [
             "# Node rank of the job's i-th node.",
             f"NODE_RANK_OF_GIVEN=({' '.join(map(str, rank_of_given))})",
-            'NODE_INDEX="${LOOM_NODE_INDEX:-${SLURM_NODEID:?set LOOM_NODE_INDEX to the index of this node, 0 first}}"',
-            'NODE_RANK="${LOOM_NODE_RANK:-${NODE_RANK_OF_GIVEN[$NODE_INDEX]:?the plan runs on nodes 0..$((NNODES - 1)), not $NODE_INDEX}}"',
+            "# LOOM_NODE_RANK, where set, is the node rank itself.",
+            'if [[ -n "${LOOM_NODE_RANK:-}" ]]; then',
+            '    NODE_RANK="$LOOM_NODE_RANK"',
+            "else",
+            '    NODE_INDEX="${LOOM_NODE_INDEX:-${SLURM_NODEID:?set LOOM_NODE_INDEX to the index of this node, 0 first, or LOOM_NODE_RANK}}"',
+            '    NODE_RANK="${NODE_RANK_OF_GIVEN[$NODE_INDEX]:?the plan runs on nodes 0..$((NNODES - 1)), not $NODE_INDEX}"',
+            "fi",
         ]
     lines = [
         f"# Node k runs global ranks k*{len(nodes[0].gpus)} .. (k+1)*{len(nodes[0].gpus)}-1.",
