@@ -45,11 +45,11 @@ def explain(
         costs = _bounded_costs(plan_file, plan_index - 1, chosen)
         with _status("simulating the schedule"):
             simulation = _simulate(costs, name, ("--schedule", "schedule") if schedule else (str(plan_file), f"plans.{plan_index - 1}.schedule.name"))
+            base = simulation if name == saved else _simulate(costs, saved, (str(plan_file), f"plans.{plan_index - 1}.schedule.name"))
         console = StdoutConsole()  # its reader may close it (loom explain plan.json | head) before the figures are drawn
-        for table in explain_tables(chosen, simulation):
+        for table in explain_tables(chosen, simulation, base):
             console.print(table)
         if name != saved:
-            base = _simulate(costs, saved, (str(plan_file), f"plans.{plan_index - 1}.schedule.name"))
             console.print(f"{name}: pipeline {simulation.pipeline_time_s:.3f} s against {saved}'s {base.pipeline_time_s:.3f} s")
         if timeline is not None:
             with _status(f"drawing the timeline ({costs.ops:,} ops)"):

@@ -130,9 +130,16 @@ def show(console: Console, plans: list[Plan], title: str) -> None:
     console.print(breakdown_table(plans[0]))
 
 
-def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
+def explain_tables(plan: PlanReport, simulation: Simulation, saved: Simulation | None = None) -> list[Table]:
     """A saved plan's step-time breakdown and, per stage, its layers, memory,
-    in-flight micro batches and busy time in the simulated schedule."""
+    in-flight micro batches and busy time in the simulated schedule. Under
+    another schedule than the plan's (``saved`` its simulation) a stage's
+    peak changes by the activations that schedule holds beyond the saved
+    one's (Simulation.peak_activation_bytes, from the plan's own per-chunk
+    activations)."""
+    saved = saved or simulation
+    peaks = [peak + held - held_saved for peak, held, held_saved in
+             zip(plan.memory.per_stage_peak_bytes, simulation.peak_activation_bytes, saved.peak_activation_bytes)]
     step = plan.predicted.step_time_s
     times = titled_table(f"{plan.label}: {step:.3f} s per step, MFU {plan.predicted.mfu:.1%}")
     times.add_column("where the step goes")
@@ -147,13 +154,14 @@ def explain_tables(plan: PlanReport, simulation: Simulation) -> list[Table]:
     stages = titled_table(f"stages under {simulation.schedule}: idle {simulation.bubble_fraction():.1%} of the pipeline on average")
     for column in ("stage", "layers", "peak GiB", "capacity GiB", "in flight", "busy s", "idle s"):
         stages.add_column(column, justify="right")
-    for report, peak, in_flight, busy in zip(plan.stages, plan.memory.per_stage_peak_bytes, simulation.peak_in_flight, simulation.busy_s):
+    for report, peak, in_flight, busy in zip(plan.stages, peaks, simulation.peak_in_flight, simulation.busy_s):
         stages.add_row(
             str(report.index), str(report.layers), f"{peak / GiB:.1f}", f"{plan.memory.capacity_bytes / GiB:.1f}",
             str(in_flight), f"{busy:.3f}", f"{simulation.pipeline_time_s - busy:.3f}",
         )
-    memory = plan.memory
-    if not memory.fits:
-        stages.caption = (f"does not fit: stage {memory.peak_stage} needs {memory.peak_bytes_per_gpu / GiB:.1f} GiB of a "
-                          f"{memory.capacity_bytes / GiB:.1f} GiB GPU")
+    capacity = plan.memory.capacity_bytes
+    fullest = max(range(len(peaks)), key=lambda stage: peaks[stage])
+    if not plan.memory.fits or peaks[fullest] > capacity:
+        stages.caption = (f"does not fit under {simulation.schedule}: stage {fullest} needs {peaks[fullest] / GiB:.1f} GiB of a "
+                          f"{capacity / GiB:.1f} GiB GPU")
     return [whole_figures(times), whole_figures(stages)]

@@ -110,6 +110,21 @@ def test_zero_bubble_schedule_shrinks_the_bubble(plan_json):
     assert "zb-h1: pipeline" in result.stdout
 
 
+def test_another_schedules_memory_is_its_own(plan_json):
+    """GPipe holds all 16 micro batches on every stage where 1F1B holds
+    pp - s: the stage table shows the peak it would have, not the plan's."""
+    stage_rows = {}
+    for schedule in ("1f1b", "gpipe"):
+        result = explain(plan_json, "--schedule", schedule)
+        assert result.exit_code == 0, result.output
+        stage_rows[schedule] = [line.split() for line in result.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+", line)]
+    plan = read_report(plan_json).plans[0]
+    per_microbatch = [stage.activation_bytes for stage in plan.schedule.costs().stages[0]][0]  # stage 0's one chunk
+    one_f_one_b, gpipe = (float(stage_rows[name][0][2]) for name in ("1f1b", "gpipe"))
+    assert gpipe - one_f_one_b == pytest.approx((16 - 4) * per_microbatch / 2**30, abs=0.06)
+    assert [row[4] for row in stage_rows["gpipe"]] == ["16"] * 4
+
+
 def test_explain_is_its_own_module_registered_on_the_app():
     import loom.cli.app as app_module
     import loom.cli.explain as explain_module
