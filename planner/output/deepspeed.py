@@ -16,15 +16,13 @@ import json
 import shlex
 import textwrap
 
+from loom.planner.output import optimizer
 from loom.planner.output.slurm import NodeRanks, nodes_of
 from loom.planner.output.trial import TRIAL_LOG_INTERVAL
 from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import Layout
 from loom.planner.specs.stages import Placement, Stage, default_stages
 
-# Placeholder optimiser settings, as for Megatron: the user tunes them.
-ADAM_PARAMS = {"lr": 3.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.1}
-GRADIENT_CLIPPING = 1.0
 STEPS_PER_PRINT = 10
 MASTER_PORT = 29500
 
@@ -107,8 +105,7 @@ def ds_config(job: Job, layout: Layout) -> dict:
         "gradient_accumulation_steps": layout.num_microbatches,
         "steps_per_print": TRIAL_LOG_INTERVAL if job.trial else STEPS_PER_PRINT,
         **({"wall_clock_breakdown": True, "log_level": "info"} if job.trial else {}),
-        "gradient_clipping": GRADIENT_CLIPPING,
-        "optimizer": {"type": "Adam", "params": ADAM_PARAMS},
+        **_optimizer(job),
         **_precision(job),
         "zero_optimization": _zero(job, layout),
     }
@@ -121,6 +118,22 @@ def ds_config(job: Job, layout: Layout) -> dict:
             "cpu_checkpointing": False,
         }
     return config
+
+
+def _optimizer(job: Job) -> dict:
+    """The shared optimiser settings (output/optimizer.py): DeepSpeed's Adam
+    (AdamW: adam_w_mode defaults on) and its WarmupCosineLR schedule
+    (runtime/lr_schedules.py), linear warm-up from 0 and cosine to the
+    shared floor."""
+    schedule = optimizer.schedule_of(job.model, job.train_iters)
+    return {
+        "gradient_clipping": optimizer.CLIP_GRAD,
+        "optimizer": {"type": "Adam", "params": {"lr": schedule.peak_lr, "betas": list(optimizer.ADAM_BETAS), "eps": optimizer.ADAM_EPS,
+                                                 "weight_decay": optimizer.WEIGHT_DECAY}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": schedule.steps, "warmup_num_steps": schedule.warmup_steps,
+                                                           "warmup_min_ratio": 0.0, "warmup_type": "linear",
+                                                           "cos_min_ratio": optimizer.MIN_LR_FRACTION}},
+    }
 
 
 def _precision(job: Job) -> dict:

@@ -9,6 +9,7 @@ flags are generated there from megatron-core's ``TransformerConfig`` and
 from __future__ import annotations
 
 from loom.planner.output import torchrun
+from loom.planner.output import optimizer
 from loom.planner.output.slurm import nodes_of
 from loom.planner.output.torchrun import Program, bash_array
 from loom.planner.output.trial import TRIAL_LOG_INTERVAL
@@ -17,14 +18,6 @@ from loom.planner.specs.layout import Layout
 from loom.planner.specs.model import ModelSpec
 from loom.planner.specs.stages import Chunk, Placement, Stage
 
-# Placeholder optimiser settings: the layout does not depend on them, so the
-# user is expected to tune them. Values are the usual GPT-3/Llama pre-training ones.
-LR = "3.0e-4"
-MIN_LR = "3.0e-5"
-LR_WARMUP_FRACTION = "0.01"
-WEIGHT_DECAY = "0.1"
-CLIP_GRAD = "1.0"
-ADAM_BETAS = ("0.9", "0.95")
 LOG_INTERVAL = "10"
 
 # --attention-backend for each attention kernel of job.Features.
@@ -470,19 +463,23 @@ def _precision_args(job: Job, layout: Layout) -> list[str]:
 
 
 def _training_args(job: Job, layout: Layout) -> list[str]:
+    """Batch, steps and the shared optimiser settings (output/optimizer.py;
+    Megatron's adam is AdamW: decoupled weight decay)."""
+    schedule = optimizer.schedule_of(job.model, job.train_iters)
     return [
         "--micro-batch-size", str(layout.micro_batch_size),
         "--global-batch-size", str(layout.global_batch_size),
         "--train-iters", str(job.train_iters),
         "--optimizer", "adam",
-        "--lr", LR,
-        "--min-lr", MIN_LR,
+        "--lr", _exact(schedule.peak_lr),
+        "--min-lr", _exact(schedule.min_lr),
         "--lr-decay-style", "cosine",
-        "--lr-warmup-fraction", LR_WARMUP_FRACTION,
-        "--weight-decay", WEIGHT_DECAY,
-        "--clip-grad", CLIP_GRAD,
-        "--adam-beta1", ADAM_BETAS[0],
-        "--adam-beta2", ADAM_BETAS[1],
+        "--lr-warmup-iters", str(schedule.warmup_steps),
+        "--weight-decay", _exact(optimizer.WEIGHT_DECAY),
+        "--clip-grad", _exact(optimizer.CLIP_GRAD),
+        "--adam-beta1", _exact(optimizer.ADAM_BETAS[0]),
+        "--adam-beta2", _exact(optimizer.ADAM_BETAS[1]),
+        "--adam-eps", _exact(optimizer.ADAM_EPS),
         *(("--log-interval", str(TRIAL_LOG_INTERVAL), "--log-throughput", "--timing-log-level", "1") if job.trial else ("--log-interval", LOG_INTERVAL)),
     ]
 

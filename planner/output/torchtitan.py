@@ -25,6 +25,7 @@ from __future__ import annotations
 import tomli_w
 
 from loom.planner.output import torchrun
+from loom.planner.output import optimizer
 from loom.planner.output.slurm import nodes_of, slurm_sbatch
 from loom.planner.output.torchrun import Program
 from loom.planner.specs import torchtitan
@@ -34,10 +35,6 @@ from loom.planner.specs.job import FP32_PRECISIONS, Job
 from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.stages import Chunk, Placement, Stage
 
-# Placeholder optimiser settings (the layout does not depend on them), as
-# torchtitan's own llama3 configs set them.
-LR = 8e-4
-WARMUP_STEPS = 200
 LOG_FREQ = 10
 # As torchtitan's run_train.sh launches it (LOG_RANK=0): only each node's local
 # rank 0 writes to the console, its lines prefixed [rank0]: (torchrun's
@@ -107,8 +104,7 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
         "job": {"description": f"loom plan {layout.label()}"},
         "metrics": {"log_freq": TRIAL_LOG_INTERVAL if job.trial else LOG_FREQ},
         "model": {"name": flavor.name, "flavor": flavor.flavor, **_converters(job)},
-        "optimizer": {"name": "AdamW", "lr": LR, "implementation": "fused" if job.features.fused_optimizer else "foreach"},
-        "lr_scheduler": {"warmup_steps": WARMUP_STEPS},
+        **_optimizer(job),
         "training": _training(job, layout),
         "parallelism": _parallelism(job, layout, stages),
         "activation_checkpoint": {"mode": layout.recompute, **({"selective_ac_option": OP_SAC} if layout.recompute == "selective" else {})},
@@ -121,6 +117,19 @@ def job_config(job: Job, layout: Layout, stages: list[Stage]) -> dict:
     return config
 
 
+def _optimizer(job: Job) -> dict:
+    """The shared optimiser settings (output/optimizer.py) as torchtitan's
+    Optimizer and LRScheduler sections take them (gradient clipping is
+    training.max_norm)."""
+    schedule = optimizer.schedule_of(job.model, job.train_iters)
+    return {
+        "optimizer": {"name": "AdamW", "lr": schedule.peak_lr, "beta1": optimizer.ADAM_BETAS[0], "beta2": optimizer.ADAM_BETAS[1],
+                      "eps": optimizer.ADAM_EPS, "weight_decay": optimizer.WEIGHT_DECAY,
+                      "implementation": "fused" if job.features.fused_optimizer else "foreach"},
+        "lr_scheduler": {"warmup_steps": schedule.warmup_steps, "decay_type": "cosine", "min_lr_factor": optimizer.MIN_LR_FRACTION},
+    }
+
+
 def _training(job: Job, layout: Layout) -> dict:
     local = layout.micro_batch_size * (layout.num_microbatches if layout.pp > 1 else 1)
     return {
@@ -128,6 +137,7 @@ def _training(job: Job, layout: Layout) -> dict:
         "global_batch_size": layout.global_batch_size,
         "seq_len": job.seq_length,
         "steps": job.train_iters,
+        "max_norm": optimizer.CLIP_GRAD,
         "dtype": "bfloat16" if job.features.optimizer_states == "bf16" else "float32",
         "mixed_precision_param": "float32" if job.precision in FP32_PRECISIONS else "bfloat16",
         "mixed_precision_reduce": "float32",
