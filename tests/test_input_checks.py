@@ -332,3 +332,45 @@ def test_a_stack_of_another_framework_is_refused(tmp_path, framework, stack):
     DeepSpeed's, torchtitan's are not Megatron's."""
     assert_bad(run(tmp_path, "--framework", framework, "--stack", stack), "--stack", stack)
     assert_bad(run(tmp_path, job={**JOB, "framework": framework, "stack": stack}), "stack", stack)
+
+
+# --- paths and files a new user gets wrong ----------------------------------------------
+def test_a_folder_or_missing_file_is_named_as_such(tmp_path):
+    """A folder or a missing file given as the cluster or the model says
+    which (not the catalogue's names); a model folder holding config.json is
+    a Hugging Face checkout and reads."""
+    (tmp_path / "empty").mkdir()
+    for args, field, why in [(["--cluster", str(tmp_path / "empty")], "--cluster", "it is a folder"),
+                             (["--cluster", str(tmp_path / "no.yaml")], "--cluster", "no such file"),
+                             (["--model", str(tmp_path / "empty")], "--model", "has no config.json"),
+                             (["--model", str(tmp_path / "no.json")], "--model", "no such file")]:
+        result = runner.invoke(app, ["plan", *args])
+        assert_bad(result, field, why)
+        assert "llama-3-8b" not in result.stderr  # no catalogue listing
+    checkout = tmp_path / "Llama-3.1-8B"
+    checkout.mkdir()
+    (checkout / "config.json").write_text((ROOT / "profiles" / "models" / "llama-3-8b.json").read_text())
+    result = runner.invoke(app, ["plan", "--model", str(checkout), "--top-k", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "Llama-3.1-8B"
+
+
+def test_a_missing_profile_is_blamed_on_its_field_or_flag(tmp_path):
+    job = {**JOB, "profiles": ["gone.json"]}
+    assert_bad(run(tmp_path, job=job), "job.yaml", "profiles.0", "no such file")
+    assert_bad(runner.invoke(app, ["plan", "--profile", str(tmp_path / "gone.json")]), "command line", "--profile", "no such file")
+
+
+def test_a_model_config_given_as_the_job_says_to_pass_it_as_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    assert_bad(runner.invoke(app, ["plan", str(tmp_path / "config.json")]), "model_type", "--model")
+
+
+def test_without_a_job_file_the_bundled_examples_field_is_blamed_on_its_flag(tmp_path):
+    """The user gave no job file: the refusal names --framework, not a path
+    to the bundled example they never saw."""
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                                                "original_max_position_embeddings": 1024}}))
+    result = runner.invoke(app, ["plan", "--model", str(tmp_path / "config.json")])
+    assert_bad(result, "command line", "--framework")
+    assert "examples" not in result.stderr

@@ -293,10 +293,12 @@ class Job:
 def _resolve_cluster(value: str | dict, job_path: Path | None, source: str) -> Cluster:
     if isinstance(value, dict):
         return parse_cluster(value, source, prefix="cluster")
-    for candidate in [Path(value), *([job_path.parent / value] if job_path else []), EXAMPLES_DIR / value]:
+    candidates = [Path(value), *([job_path.parent / value] if job_path else []), EXAMPLES_DIR / value]
+    for candidate in candidates:
         if candidate.is_file():
             return load_cluster(candidate)
-    raise SpecError(source, "cluster", "a cluster YAML path (absolute, relative to the job file, or a bundled example)", value)
+    why = "it is a folder" if any(candidate.is_dir() for candidate in candidates) else "no such file"
+    raise SpecError(source, "cluster", f"a cluster YAML path (absolute, relative to the job file, or a bundled example; {why})", value)
 
 
 def _resolve_file(value: str, job_path: Path | None) -> Path:
@@ -314,19 +316,31 @@ def load_job(path: Path | None = None, overrides: dict | None = None) -> Job:
     try:
         return _load_job(path, overrides)
     except SpecError as error:
-        if all(str(field).startswith("--") for field, _, _ in error.problems) and error.source == str(path or DEFAULT_JOB):
-            raise SpecError.of("command line", error.problems) from None
+        problems = error.problems
+        if path is None and error.source == str(DEFAULT_JOB):
+            # No job file given: a field of the bundled example is changed by its flag.
+            problems = [(_flag_of(field) if field in (overrides or {}) else field, expected, got) for field, expected, got in problems]
+        if all(str(field).startswith("--") for field, _, _ in problems) and error.source == str(path or DEFAULT_JOB):
+            raise SpecError.of("command line", problems) from None
         raise
+
+
+def _flag_of(field: str) -> str:
+    """The command-line flag that sets a job file's field."""
+    return "--" + ("profile" if field == "profiles" else field.replace("_", "-"))
 
 
 def _load_job(path: Path | None, overrides: dict | None) -> Job:
     job_path = path or DEFAULT_JOB
     source = str(job_path)
     data = read_mapping(job_path)
+    if "model_type" in data and "model" not in data:
+        raise SpecError(source, "model_type", "a job file (model, cluster, global_batch_size, seq_length): this is a model's "
+                        "config.json, which --model takes", data["model_type"])
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     data.update(given)
     # A value from a flag is blamed on the flag, not on the job file.
-    flags = {key: "--" + ("profile" if key == "profiles" else key.replace("_", "-")) for key in given}
+    flags = {key: _flag_of(key) for key in given}
     spec = validate(JobFile, data, source, flags=flags)
     model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if "model" in given else source)
     cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
@@ -358,7 +372,14 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
         check_job(job)
     except SpecError as error:
         raise SpecError.of(source, [(flags.get(field, field), expected, got) for field, expected, got in error.problems]) from None
-    return with_profiles(job, [_resolve_file(value, job_path) for value in spec.profiles])
+    paths = [_resolve_file(value, job_path) for value in spec.profiles]
+    for index, (value, path) in enumerate(zip(spec.profiles, paths)):
+        if not path.is_file():
+            field = flags.get("profiles", f"profiles.{index}")
+            where = "a folder" if path.is_dir() else "no such file"
+            raise SpecError("command line" if "profiles" in flags else source, field,
+                            f"an existing profile JSON, absolute or relative to the job file ({where})", value)
+    return with_profiles(job, paths)
 
 
 def _attention_features(features: Features, model: ModelSpec, given: Features, source: str) -> Features:

@@ -1204,12 +1204,19 @@ def _mla_yarn(read: ConfigReader, mla: MLA) -> MLA:
 
 
 def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
-    """A catalogue name (``llama-3-70b``) or a path to a ``config.json``;
-    ``source`` is where the name was given (a job file or the flag)."""
+    """A catalogue name (``llama-3-70b``), a path to a ``config.json`` or a
+    folder holding one (a Hugging Face checkout); ``source`` is where the
+    name was given (a job file or the flag)."""
     path = model_config_path(name_or_path)
     if path is None:
         path = Path(name_or_path)
-        if not path.is_file():
+        if path.is_dir() and (path / "config.json").is_file():  # a Hugging Face checkout
+            path = path / "config.json"
+        elif path.is_dir():
+            raise SpecError(source, "model", "a config.json path or a folder holding one (this folder has no config.json)", name_or_path)
+        elif not path.is_file() and (path.suffix or len(path.parts) > 1):
+            raise SpecError(source, "model", "an existing config.json path (no such file)", name_or_path)
+        elif not path.is_file():
             raise SpecError(source, "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path)
     config = read_json(path, "config.json")
     if not isinstance(config, dict):
