@@ -111,7 +111,7 @@ def test_qwen2_moe_dense_layers(tmp_path):
 
 
 @pytest.mark.parametrize("family, change, field", [
-    ("phi-3-mini-4k-instruct", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "rope_scaling"),
+    ("phi-3-mini-4k-instruct", {"rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_scaling"),
     ("internlm2-7b", {"bias": True}, "bias"),
     ("qwen3-8b", {"attention_bias": True}, "attention_bias"),
     ("qwen1.5-moe-a2.7b", {"use_sliding_window": True}, "use_sliding_window"),
@@ -660,3 +660,16 @@ def test_a_mistral_config_without_a_window_takes_mistrals_default(tmp_path):
     assert load_model(str(path)).sliding_window == 4096
     path.write_text(json.dumps({**base, "sliding_window": None}))
     assert load_model(str(path)).sliding_window is None
+
+
+def test_phi3s_longrope_is_deepspeeds_to_train(tmp_path):
+    """Phi-3.5's LongRoPE (a factor per rotary dimension) reads: Megatron's
+    rotary embeddings lack it, DeepSpeed runs the user's model code."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads((FAMILIES / "phi-3-mini-4k-instruct.json").read_text()),
+                                "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}))
+    assert "LongRoPE" in load_model(str(path)).megatron_unbuildable
+    cluster = str(Path(__file__).parents[1] / "examples" / "h100-64.yaml")
+    assert runner.invoke(app, ["plan", "--model", str(path), "--cluster", cluster, "--framework", "deepspeed", "--top-k", "1"]).exit_code == 0
+    refused = runner.invoke(app, ["plan", "--model", str(path), "--cluster", cluster])
+    assert refused.exit_code == 2 and "LongRoPE" in refused.output, refused.output

@@ -45,6 +45,9 @@ STARCODER2 = {"starcoder2"}
 # MixtralAttention pass it to each layer; Mistral 7B v0.1's is 4096).
 WINDOW_EVERY_LAYER = {"starcoder2", "phi3", "mistral", "mixtral"}
 MISTRAL_WINDOW = 4096  # MistralConfig's sliding_window default
+# Phi-3-128k and Phi-3.5's rope_scaling types (LongRoPE, formerly "su"):
+# priced as RoPE (its factors only rescale the rotation frequencies).
+LONGROPE = ("longrope", "su")
 # Families (issue #16's, and gpt-oss, whose configs carry YaRN) whose
 # rope_scaling loom checks: none, or "dynamic" NTK scaling, which changes
 # nothing within max_position_embeddings (transformers' dynamic rope update)
@@ -738,6 +741,9 @@ def _decoder(read: ConfigReader, name: str) -> ModelSpec:
         spec = replace(spec, linear_bias=False, squared_relu=True, layernorm_1p=True, tied_embeddings=read.bool("tie_word_embeddings", False))
     if family in FALCON:
         spec = _falcon(read, spec)
+    if family == "phi3" and _rope_scaling(read)[2] in LONGROPE:
+        spec = replace(spec, megatron_unbuildable="Phi-3's LongRoPE: a rescaling factor per rotary dimension (short_factor, "
+                                                  "long_factor), which Megatron-LM core_v0.16.1's rotary embeddings do not have")
     if family == "gpt_neox":
         # GPTNeoXConfig: use_parallel_residual (default true) runs attention
         # and MLP side by side on the layer's input, each with its own LayerNorm.
@@ -1033,11 +1039,10 @@ def _check_family(read: ConfigReader, family: str) -> None:
                      activation)
     if family in ROPE_CHECKED:
         key, _, kind = _rope_scaling(read)
-        # Phi-3-128k / Phi-3.5-mini: LongRoPE ("longrope", formerly "su"), a
-        # rescaling factor per rotary dimension, which megatron-core's rotary
-        # embeddings (rope, yarn, llama3-style --use-rope-scaling) do not have.
-        read.require(kind in (None, "default", "dynamic", "yarn"), key, f"none, dynamic or yarn for {family} (Megatron-LM "
-                     "core_v0.16.1's flags have no per-dimension LongRoPE factors)", kind)
+        # Phi-3-128k / Phi-3.5-mini's LongRoPE reads (Megatron cannot build
+        # it: _decoder marks the model); other scalings change what trains.
+        allowed = (None, "default", "dynamic", "yarn", *(LONGROPE if family == "phi3" else ()))
+        read.require(kind in allowed, key, f"{', '.join(map(str, allowed[1:-1]))} or {allowed[-1]} for {family}", kind)
 
 
 def _sliding_window(read: ConfigReader, num_layers: int, period: int, default: int = 0) -> tuple[int | None, tuple[bool, ...]]:
