@@ -317,6 +317,14 @@ def test_trials_write_each_plan_with_its_reports_on(tmp_path):
     assert "measured, not estimated" in replanned.output and best[0]["label"] in replanned.output.split("fastest run")[1]
 
 
+def test_more_trials_than_top_k_keep_that_many_plans(tmp_path):
+    """--trials 3 with --top-k 1 writes three trials, not one."""
+    job, out = small_job(tmp_path), tmp_path / "plans"
+    result = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--trials", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in out.glob("trial-*")) == ["trial-1", "trial-2", "trial-3"]
+
+
 def test_trials_need_an_out_folder():
     result = runner.invoke(app, ["plan", str(EXAMPLE), "--trials", "2"])
     assert result.exit_code == 2 and "--trials" in result.output
