@@ -30,6 +30,7 @@ from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.output.slurm import nodes_of
 from loom.planner.output.trial import TRIAL_ITERATIONS, TRIAL_PROFILE_STEP, trial_job
 from loom.planner.specs.errors import InfeasibleError, SpecError
+from loom.planner.specs.headroom import GiB
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import Job, job_warnings, load_job
 from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
@@ -265,12 +266,16 @@ def plan(
         job = load_job(job_file, dict(model=model, cluster=cluster, global_batch_size=global_batch_size,
                                       seq_length=seq_length, precision=precision, framework=framework, stack=stack, top_k=top_k,
                                       profiles=_paths(profile), memory_headroom=_headroom(memory_headroom)))
-        # A memory-headroom gate is a constraint of the search, not a check of its winner.
+        # A memory gate that bounds what a plan may use is a constraint of the search, not a check of its winner.
         for gate_ in parsed:
             if gate_.metric == "memory_headroom" and gate_.op in (">=", ">"):
                 if not 0 <= gate_.threshold < 1:
                     raise SpecError("--gate", "gate", "memory_headroom as a fraction of capacity in [0, 1)", str(gate_))
                 job = replace(job, memory_headroom=job.memory_headroom.at_least(gate_.threshold))
+            if gate_.metric == "peak_memory_GiB" and gate_.op in ("<=", "<"):
+                if not gate_.threshold > 0:
+                    raise SpecError("--gate", "gate", "peak_memory_GiB above 0", str(gate_))
+                job = replace(job, memory_headroom=job.memory_headroom.capped(gate_.threshold * GiB))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
             # --trials N asks for the top N plans: keep at least that many.

@@ -166,3 +166,16 @@ def test_the_search_reports_the_headroom_it_could_not_leave():
 
     with pytest.raises(InfeasibleError, match=r"after the 5% memory headroom"):
         search(job, 1)
+
+
+def test_a_peak_memory_gate_constrains_the_search_like_the_headroom_gate(tmp_path):
+    """--gate 'peak_memory_GiB<=X' keeps the plans that use at most X GiB
+    (it failed on plan 1 while such plans existed); one no plan meets exits 3."""
+    runner = CliRunner()
+    best = json.loads(runner.invoke(app, ["plan", "--json"]).stdout)["plans"][0]["memory"]["peak_bytes_per_gpu"] / GiB
+    cap = round(best - 15)
+    result = runner.invoke(app, ["plan", "--json", "--gate", f"peak_memory_GiB<={cap}"])
+    assert result.exit_code == 0, result.output
+    assert all(plan["memory"]["peak_bytes_per_gpu"] <= cap * GiB for plan in json.loads(result.stdout)["plans"])
+    impossible = runner.invoke(app, ["plan", "--json", "--gate", "peak_memory_GiB<=1"])
+    assert impossible.exit_code == 3, impossible.output

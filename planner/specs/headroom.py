@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GiB = 1024**3
 DEFAULT_FRACTION = 0.05
@@ -28,14 +28,16 @@ EXPECTED = "a fraction of capacity in [0, 1) or a size in GiB, GB, MiB or MB, su
 
 @dataclass(frozen=True)
 class MemoryHeadroom:
-    """The larger of a fraction of each GPU's capacity and a fixed size."""
+    """The larger of a fraction of each GPU's capacity and a fixed size, and
+    what a peak cap (``peak_bytes``) leaves of it."""
 
     fraction: float = 0.0
     bytes_: float = 0.0
+    peak_bytes: float = math.inf  # use at most this much of any GPU (a --gate peak_memory_GiB<=X)
 
     def of(self, capacity_bytes: float) -> float:
         """Bytes to leave free on a GPU of ``capacity_bytes``."""
-        return max(self.fraction * capacity_bytes, self.bytes_)
+        return max(self.fraction * capacity_bytes, self.bytes_, capacity_bytes - self.peak_bytes)
 
     def usable(self, capacity_bytes: float) -> float:
         """What a plan may use of a GPU of ``capacity_bytes``."""
@@ -44,11 +46,17 @@ class MemoryHeadroom:
     def at_least(self, fraction: float) -> MemoryHeadroom:
         """This headroom, or ``fraction`` of capacity where that is more: how
         a ``--gate memory_headroom>=X`` tightens the job's own."""
-        return MemoryHeadroom(fraction=max(self.fraction, fraction), bytes_=self.bytes_)
+        return replace(self, fraction=max(self.fraction, fraction))
+
+    def capped(self, peak_bytes: float) -> MemoryHeadroom:
+        """This headroom leaving at most ``peak_bytes`` used on any GPU: how
+        a ``--gate peak_memory_GiB<=X`` constrains the search."""
+        return replace(self, peak_bytes=min(self.peak_bytes, peak_bytes))
 
     def __str__(self) -> str:
         parts = ([f"{self.fraction:.0%}"] if self.fraction else []) + ([f"{self.bytes_ / GiB:g} GiB"] if self.bytes_ else [])
-        return " or ".join(parts) or "0"
+        peak = f" (a peak of at most {self.peak_bytes / GiB:g} GiB)" if math.isfinite(self.peak_bytes) else ""
+        return (" or ".join(parts) or "0") + peak
 
 
 def parse_headroom(value: object) -> MemoryHeadroom:
