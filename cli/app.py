@@ -400,7 +400,11 @@ def evaluate(
         )
         problems = layout_problems(job, layout) + (_launch_problems(job, layout) if out is not None else [])
         if problems:
-            raise SpecError.of("command line", [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems])
+            named = [(LAYOUT_FLAGS.get(field, field), expected, got) for field, expected, got in problems]
+            if dp is None:  # a dp the user did not give: say where it came from
+                derived = f"--dp (not given: {job.cluster.num_gpus} GPUs // (tp x pp x cp) = {data_parallel})"
+                named = [(field.replace("--dp", derived), expected, got) for field, expected, got in named]
+            raise SpecError.of("command line", named)
         whole, (job, idle) = job, _on_fastest_nodes(job, layout)
         plan_ = evaluate_layout(job, layout) if split == "even" else split_plan(job, layout)
         plan_ = replace(plan_, idle_gpus=idle)

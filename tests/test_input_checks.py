@@ -292,6 +292,13 @@ def test_several_wrong_layout_flags_are_all_named(tmp_path):
     assert_bad(result, "--tp: expected tp x cp dividing", "--cp: expected 2*cp dividing", "2 problems")
 
 
+def test_a_derived_dp_says_where_it_came_from(tmp_path):
+    """--tp 3 on 8 GPUs without --dp: the batch problem names dp 2 as
+    8 GPUs // (tp x pp x cp), not as a flag the user never gave."""
+    result = run(tmp_path, "--tp", "3", "--mbs", "3")
+    assert_bad(result, "--dp (not given: 8 GPUs // (tp x pp x cp) = 2)")
+
+
 def test_search_knobs_name_only_the_real_problem(tmp_path):
     """An empty knob is bad input (nothing to search), and a bad value in a
     list is named alone, without the union's other branch ("auto")."""
