@@ -128,6 +128,7 @@ def main() -> None:
     sys.path.insert(0, options.megatron_lm)  # megatron is a namespace package: megatron-core's part and Megatron-LM's
     sys.modules["megatron.core.transformer.custom_layers.batch_invariant_kernels"] = MagicMock()
     from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.tokenizer.tokenizer import build_tokenizer
 
     capability = {"major": 9}
     torch.cuda.get_device_properties = lambda *a, **k: SimpleNamespace(major=capability["major"], minor=0, name="GPU", total_memory=80 * 2**30,
@@ -147,9 +148,12 @@ def main() -> None:
         os.environ.update(WORLD_SIZE=str(layout.world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")  # as train.sh exports it,
         if layout.fsdp:
             del os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]  # or unsets it for Megatron-FSDP
-        sys.argv = ["pretrain_gpt.py", *argv, "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(job.model.vocab_size)]
+        sys.argv = ["pretrain_gpt.py", *argv, "--mock-data"]
         try:
-            validate_args(parse_args())
+            args = validate_args(parse_args())
+            vocab = build_tokenizer(args).vocab_size
+            if vocab != job.model.vocab_size:
+                raise ValueError(f"the tokenizer's vocabulary is {vocab}, the config's {job.model.vocab_size}")
             print(f"accepted  {name}")
         except (AssertionError, ValueError, SystemExit) as error:
             failures += 1

@@ -578,3 +578,14 @@ def test_host_names_differing_only_in_case_are_one_host():
 
     with pytest.raises(SpecError, match="ignore case"):
         make_cluster(2, hosts=["gpu-a", "GPU-A"])
+
+
+def test_the_null_tokenizers_vocabulary_is_the_configs():
+    """Megatron-LM's NullTokenizer appends its end-of-document id to the ids
+    --vocab-size gives (training/tokenizer/tokenizer.py: vocab_size = given
+    + 1); given one fewer, the model's vocabulary is the config's (its
+    padding then too). benchmarks/megatron_lm_args.py builds the tokenizer
+    from the flags and checks the same against Megatron-LM's own code."""
+    job, layout, _ = build("llama-cp-full")
+    flags = parse_flags(megatron_args(job, layout, uniform_stages(job.model, layout)))
+    assert flags["tokenizer-type"] == "NullTokenizer" and int(flags["vocab-size"]) + 1 == job.model.vocab_size

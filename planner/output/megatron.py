@@ -143,8 +143,11 @@ def _model_args(job: Job) -> list[str]:
         "--hidden-dropout", str(m.dropout),
         "--attention-dropout", str(m.attention_dropout),
         # Pre-tokenised data (or mock data) only needs the vocabulary size.
+        # NullTokenizer adds its end-of-document id after the ids it is given
+        # (megatron/training/tokenizer/tokenizer.py _NullTokenizer.vocab_size:
+        # given + 1): one fewer makes its vocabulary the config's.
         "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", str(m.vocab_size),
+        "--vocab-size", str(m.vocab_size - 1),
     ]
     if m.rotary:
         args += ["--rotary-base", str(int(m.rope_theta))]
