@@ -30,7 +30,6 @@ from loom.planner.output.launch import launch_files, training_script_steps
 from loom.planner.output.slurm import nodes_of
 from loom.planner.output.trial import TRIAL_ITERATIONS, TRIAL_PROFILE_STEP, trial_job
 from loom.planner.specs.errors import InfeasibleError, SpecError
-from loom.planner.specs.headroom import GiB
 from loom.planner.output.gates import failed_gates, parse_gate
 from loom.planner.specs.job import Job, job_warnings, load_job
 from loom.planner.specs.layout import RECOMPUTE_MODULES, Layout
