@@ -136,7 +136,8 @@ def _finish(plans: list[Plan], info: SearchInfo, out: Optional[Path], as_json: b
             err.print(f"[yellow]note:[/yellow] your training script must {escape(step)}")
         if trials:
             if len(plans) < trials:
-                err.print(f"[yellow]note:[/yellow] --trials {trials}: the search found {len(plans)} plan(s) that fit")
+                # Not by keeping more plans: how many the search keeps can change which wins (uneven splits are tried on those kept).
+                err.print(f"[yellow]note:[/yellow] --trials {trials}: {len(plans)} plan(s) kept (raise --top-k for more)")
             folders = "trial-1" if trials == 1 or len(plans) == 1 else f"trial-1 ... trial-{min(trials, len(plans))}"
             trace = (f" and its profile_traces/iteration_{TRIAL_PROFILE_STEP}/rank0_trace.json" if job.framework == "torchtitan" else "")
             err.print(f"wrote {folders} to {escape(str(out))}: {TRIAL_ITERATIONS} iterations each; keep each run's output as "
@@ -277,8 +278,7 @@ def plan(
                 job = replace(job, memory_headroom=job.memory_headroom.capped(gate_.threshold * GiB))
         with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
             task = bar.add_task("searching layouts", total=None)
-            # --trials N asks for the top N plans: keep at least that many.
-            result = search(job, max(job.top_k, trials), progress=lambda done, total: bar.update(task, completed=done, total=total))
+            result = search(job, job.top_k, progress=lambda done, total: bar.update(task, completed=done, total=total))
         nearby = [NearbyBatchReport(global_batch_size=n.global_batch_size, label=n.label, tokens_per_s=n.tokens_per_s, gain=n.gain,
                                     idle_gpus=n.idle_gpus)
                   for n in result.nearby_batches]

@@ -317,12 +317,16 @@ def test_trials_write_each_plan_with_its_reports_on(tmp_path):
     assert "measured, not estimated" in replanned.output and best[0]["label"] in replanned.output.split("fastest run")[1]
 
 
-def test_more_trials_than_top_k_keep_that_many_plans(tmp_path):
-    """--trials 3 with --top-k 1 writes three trials, not one."""
+def test_more_trials_than_top_k_say_so_and_leave_the_plan_alone(tmp_path):
+    """--trials 3 with --top-k 1 writes the one plan kept and says how to get
+    more; asking for trials never changes plan 1 (how many plans the search
+    keeps can: uneven splits are tried on those kept)."""
     job, out = small_job(tmp_path), tmp_path / "plans"
     result = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--trials", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(path.name for path in out.glob("trial-*")) == ["trial-1", "trial-2", "trial-3"]
+    assert sorted(path.name for path in out.glob("trial-*")) == ["trial-1"] and "raise --top-k" in result.output
+    plain = runner.invoke(app, ["plan", str(job), "--top-k", "1", "--json"])
+    assert json.loads(plain.stdout)["plans"][0]["label"] == json.loads((out / "plan.json").read_text())["plans"][0]["label"]
 
 
 def test_trials_need_an_out_folder():
