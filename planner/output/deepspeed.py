@@ -130,7 +130,8 @@ def _optimizer(job: Job) -> dict:
         "gradient_clipping": optimizer.CLIP_GRAD,
         "optimizer": {"type": "Adam", "params": {"lr": schedule.peak_lr, "betas": list(optimizer.ADAM_BETAS), "eps": optimizer.ADAM_EPS,
                                                  "weight_decay": optimizer.WEIGHT_DECAY}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": schedule.steps, "warmup_num_steps": schedule.warmup_steps,
+        # WarmupCosineLR takes a warm-up of at least one step (lr_schedules.py raises on 0).
+        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": schedule.steps, "warmup_num_steps": max(1, schedule.warmup_steps),
                                                            "warmup_min_ratio": 0.0, "warmup_type": "linear",
                                                            "cos_min_ratio": optimizer.MIN_LR_FRACTION}},
     }

@@ -11,14 +11,15 @@ appendix B), which Llama kept (Touvron et al. 2023, sec. 2.2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loom.planner.specs.model import ModelSpec
 
 # Peak learning rate by parameter count: GPT-3's models (Brown et al. 2020,
-# Table 2.1), 125M to 175B; a model takes the rate of the largest row its
-# size reaches (the smallest row's below it), counting the parameters a token
-# activates (an MoE model's experts but the routed few).
+# Table 2.1), 125M to 175B; a model takes the rate of the row nearest its
+# size on a log scale (GPT-3 175B's 174.6B parameters are its row's), counting
+# the parameters a token activates (an MoE model's experts but the routed few).
 GPT3_PEAK_LR = ((125e6, 6.0e-4), (350e6, 3.0e-4), (760e6, 2.5e-4), (1.3e9, 2.0e-4), (2.7e9, 1.6e-4), (6.7e9, 1.2e-4),
                 (13e9, 1.0e-4), (175e9, 0.6e-4))
 MIN_LR_FRACTION = 0.1
@@ -42,11 +43,14 @@ class Schedule:
 def peak_lr(model: ModelSpec) -> float:
     """GPT-3's peak learning rate for a model of ``model``'s activated size (GPT3_PEAK_LR)."""
     size = model.active_params()
-    return next((lr for params, lr in reversed(GPT3_PEAK_LR) if size >= params), GPT3_PEAK_LR[0][1])
+    return min(GPT3_PEAK_LR, key=lambda row: abs(math.log(size / row[0])))[1]
 
 
 def schedule_of(model: ModelSpec, steps: int) -> Schedule:
-    """The shared schedule for ``steps`` optimizer steps (at least one of warm-up)."""
+    """The shared schedule for ``steps`` optimizer steps: warm-up at least
+    one step and fewer than ``steps`` (megatron-core's
+    OptimizerParamScheduler asserts lr_warmup_steps < lr_decay_steps), so
+    none for a one-step run."""
     lr = peak_lr(model)
     min_lr = float(f"{lr * MIN_LR_FRACTION:.6g}")  # 6e-06, not 6.000000000000001e-06
-    return Schedule(peak_lr=lr, min_lr=min_lr, warmup_steps=max(1, round(WARMUP_FRACTION * steps)), steps=steps)
+    return Schedule(peak_lr=lr, min_lr=min_lr, warmup_steps=min(max(1, round(WARMUP_FRACTION * steps)), steps - 1), steps=steps)

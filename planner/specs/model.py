@@ -948,13 +948,21 @@ def _yarn(read: ConfigReader, max_positions: int) -> Yarn | None:
 def _rotary_percent(read: ConfigReader, family: str) -> float:
     """The share of each head's dimensions RoPE rotates: Phi-3's and
     Nemotron's partial_rotary_factor (Phi3Config 1.0, NemotronConfig 0.5),
-    GPT-NeoX's rotary_pct (GPTNeoXConfig 0.25; partial_rotary_factor in
-    transformers 5); every other family rotates all of them."""
+    GPT-NeoX's rotary_pct (GPTNeoXConfig 0.25; in transformers 5
+    partial_rotary_factor, or rope_parameters.partial_rotary_factor, which
+    must agree with a top-level one); every other family rotates all of them."""
     defaults = {"phi3": 1.0, "nemotron": 0.5, "gpt_neox": 0.25}
     if family not in defaults:
         return 1.0
     keys = ("rotary_pct", "partial_rotary_factor") if family == "gpt_neox" else ("partial_rotary_factor",)
-    return read.number(*keys, default=defaults[family], high=1.0, above_low=True)
+    # transformers 5 moves it into rope_parameters (convert_rope_params_to_dict).
+    parameters = read.nested("rope_parameters")
+    inner = parameters.number("partial_rotary_factor", default=defaults[family], high=1.0, above_low=True) if parameters else defaults[family]
+    factor = read.number(*keys, default=inner, high=1.0, above_low=True)
+    if parameters is not None and parameters.has("partial_rotary_factor") and read.has(*keys):
+        read.require(factor == inner, "rope_parameters.partial_rotary_factor", f"{factor:g}, the config's {keys[0]} (it names two)", inner,
+                     given=(*keys, "rope_parameters.partial_rotary_factor"))
+    return factor
 
 
 def _rope_theta(read: ConfigReader) -> float:
