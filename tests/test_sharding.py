@@ -76,7 +76,7 @@ def test_torchtitans_pipeline_reduces_after_the_last_backward_with_nothing_to_hi
     piped = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=16, reshard_after_forward=False)
     gather, reduce, _ = sharding.unit_collectives_s(piped, units(8), links)
     long_compute = sharding.time_s("torchtitan", piped, units(8), links, H100, forward_s=100.0, backward_s=200.0)
-    assert long_compute.step_s == pytest.approx(gather + 8 * reduce)
+    assert (long_compute.step_s, long_compute.after_backward_s) == pytest.approx((gather, 8 * reduce))
     # ... and an HSDP all-reduce on another fabric runs beside the reduce-scatters.
     hsdp = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=4, reshard_after_forward=False)
     beside = sharding.ShardingLinks(shard=NVLINK, replicate=NETWORK, expert_dp=NVLINK)
@@ -92,6 +92,25 @@ def test_torchtitans_pipeline_adds_each_micro_batchs_gradients_into_fp32():
         piped = Layout(tp=1, pp=4, dp=16, cp=1, micro_batch_size=1, global_batch_size=16 * microbatches, fsdp=16,
                        reshard_after_forward=False)
         assert sharding.fsdp2_accumulation_bytes(piped, units(8), 2.0) == pytest.approx(8 * 2e8 * (6 + (microbatches - 1) * 10))
+        assert sharding.fsdp2_accumulation_bytes(piped, units(8), 4.0) == 0.0  # fp32 gradients are the accumulator
+
+
+def test_torchtitans_pipeline_accumulates_in_each_micro_batch_and_reduces_behind_the_cool_down():
+    """The accumulation runs in every micro batch's backward (the pipeline
+    sees it); a stage's reduce after its last backward hides behind the
+    cool-down of the stages that finish after it, so stage 0's is exposed."""
+    from loom.planner.cost.time_model import step_parts
+    from loom.planner.specs.stages import uniform_stages
+
+    job = make_job("llama-3-8b", nodes=4, gbs=64, seq=4096, framework="torchtitan")
+    layout = Layout(tp=1, pp=4, dp=8, cp=1, micro_batch_size=1, global_batch_size=64, fsdp=8, reshard_after_forward=False)
+    stages = uniform_stages(job.model, layout)
+    parts = step_parts(job, layout, stages, [job.cluster.slowest.gpu] * len(stages))
+    assert all(z.microbatch_s > 0 and z.after_backward_s > 0 for z in parts.sharded)
+    assert parts.cooldown_s[0] == 0 and all(later > 0 for later in parts.cooldown_s[1:])
+    once = parts.breakdown_s(1.0, 0.0, 0.0)["sharding_comm_once"]
+    assert once == pytest.approx(max(z.step_s + max(0.0, z.after_backward_s - c) for z, c in zip(parts.sharded, parts.cooldown_s)))
+    assert once >= parts.sharded[0].step_s + parts.sharded[0].after_backward_s
 
 
 def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():

@@ -201,6 +201,9 @@ class ShardingTime:
     step_s: float = 0.0
     contention_microbatch_s: float = 0.0
     contention_step_s: float = 0.0
+    # Once per step after the stage's last backward (torchtitan's pipeline
+    # reduce): hidden by as much of the later-finishing stages' cool-down.
+    after_backward_s: float = 0.0
 
 
 def _unit_reduce(framework: str, layout: Layout, units: Units, links: ShardingLinks, gpu: GPU) -> Comm:
@@ -333,7 +336,7 @@ def time_s(framework: str, layout: Layout, units: Units, links: ShardingLinks, g
     if held_across_microbatches(framework, layout):
         forward_comm = _unit_comms(layout, units, links, gpu, overlap)[0]
         gathered, slowed = _pass_s(forward_comm, [forward_s / units.count * share for share in units.pieces], units.count)
-        return ShardingTime(step_s=gathered + reduced_after_backward_s(layout, units, links), contention_step_s=slowed)
+        return ShardingTime(step_s=gathered, after_backward_s=reduced_after_backward_s(layout, units, links), contention_step_s=slowed)
     exposed, slowed = microbatch_s(layout, units, links, gpu, forward_s, backward_s, overlap)
     return ShardingTime(microbatch_s=exposed, contention_microbatch_s=slowed)
 
@@ -362,7 +365,11 @@ def fsdp2_accumulation_bytes(layout: Layout, units: Units, compute_grad_bytes: f
     read ``compute_grad_bytes``, write 4), after each later one added to it
     (accumulate_unsharded_grad_if_needed: read both, write 4) (torch
     2.6-2.13 fsdp/_fully_shard/_fsdp_param.py, called from
-    _fsdp_param_group.py post_backward)."""
+    _fsdp_param_group.py post_backward). None when the gradients are fp32
+    already (the reduce dtype): autograd accumulates them in place, as in
+    every framework."""
+    if compute_grad_bytes >= 4:
+        return 0.0
     params = units.count * units.params
     first = compute_grad_bytes + 4
     later = compute_grad_bytes + 4 + 4

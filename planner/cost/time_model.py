@@ -548,8 +548,9 @@ def _sharding_s(job: Job, layout: Layout, stage: Stage, gpu: GPU, links: Links, 
     grad_bytes = layers.shape_of(job, layout).act_bytes
     copies_s = memory_time_s(sharding.fsdp2_copy_bytes(layout, units, grad_bytes), gpu)
     if sharding.held_across_microbatches(job.framework, layout):
-        accumulation_s = memory_time_s(sharding.fsdp2_accumulation_bytes(layout, units, grad_bytes), gpu)
-        return replace(time, step_s=time.step_s + copies_s + accumulation_s)
+        # The accumulation runs in each micro batch's backward: its share of it per micro batch.
+        accumulation_s = memory_time_s(sharding.fsdp2_accumulation_bytes(layout, units, grad_bytes), gpu) / layout.num_microbatches
+        return replace(time, step_s=time.step_s + copies_s, microbatch_s=time.microbatch_s + accumulation_s)
     return replace(time, microbatch_s=time.microbatch_s + copies_s)
 
 
@@ -594,10 +595,17 @@ class StepParts:
                 for chunks, z, o in zip(self.chunks, self.sharded, self.offload_s)]
 
     @property
+    def cooldown_s(self) -> list[float]:
+        """Per stage, how long after its last backward the step's last one
+        ends: the cool-down of the stages before it (1F1B's stage s ends s
+        backwards before stage 0)."""
+        return [sum(c.backward_s for c in chunks) * s for s, chunks in enumerate(self.chunks)]
+
+    @property
     def reduce_windows_s(self) -> list[float]:
         """Per stage, the compute its gradient reduce hides behind: its last
-        backward and the cool-down of the stages after it."""
-        return [sum(c.backward_s for c in chunks) * (1 + s) for s, chunks in enumerate(self.chunks)]
+        backward and the cool-down."""
+        return [sum(c.backward_s for c in chunks) + cooldown for chunks, cooldown in zip(self.chunks, self.cooldown_s)]
 
     @property
     def stage_contention_s(self) -> list[tuple[float, float]]:
@@ -652,7 +660,7 @@ class StepParts:
             "pp_comm": p2p_s,
             "pipeline_bubble": idle_s - p2p_s,
             "dp_grad_reduce": dp_grad_reduce_s + ddp_s,
-            "sharding_comm_once": max(z.step_s for z in self.sharded),
+            "sharding_comm_once": max(z.step_s + max(0.0, z.after_backward_s - cooldown) for z, cooldown in zip(self.sharded, self.cooldown_s)),
             "overlap_contention": work["overlap_contention"] + max(once for _, once in slowed),
             "dp_param_gather": max(_exposed_gather_s(d, self.job, self.layout, sum(c.forward_s for c in chunks))
                                    for d, chunks in zip(self.dp, self.chunks)),
