@@ -156,12 +156,12 @@ def explain_tables(plan: PlanReport, simulation: Simulation, saved: Simulation |
         stages.add_column(column, justify="right")
     for report, peak, in_flight, busy in zip(plan.stages, peaks, simulation.peak_in_flight, simulation.busy_s):
         stages.add_row(
-            str(report.index), str(report.layers), f"{peak / GiB:.1f}", f"{plan.memory.capacity_bytes / GiB:.1f}",
+            str(report.index), str(report.layers), f"{peak / GiB:.1f}", f"{plan.memory.stage_capacity_bytes(report.index) / GiB:.1f}",
             str(in_flight), f"{busy:.3f}", f"{simulation.pipeline_time_s - busy:.3f}",
         )
-    capacity = plan.memory.capacity_bytes
-    fullest = max(range(len(peaks)), key=lambda stage: peaks[stage])
-    if not plan.memory.fits or peaks[fullest] > capacity:
+    capacity = [plan.memory.stage_capacity_bytes(stage) for stage in range(len(peaks))]
+    fullest = max(range(len(peaks)), key=lambda stage: peaks[stage] / capacity[stage])
+    if not plan.memory.fits or peaks[fullest] > capacity[fullest]:
         stages.caption = (f"does not fit under {simulation.schedule}: stage {fullest} needs {peaks[fullest] / GiB:.1f} GiB of a "
-                          f"{capacity / GiB:.1f} GiB GPU")
+                          f"{capacity[fullest] / GiB:.1f} GiB GPU")
     return [whole_figures(times), whole_figures(stages)]

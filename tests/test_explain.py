@@ -125,6 +125,24 @@ def test_another_schedules_memory_is_its_own(plan_json):
     assert [row[4] for row in stage_rows["gpipe"]] == ["16"] * 4
 
 
+def test_each_stage_is_judged_against_its_own_gpu(tmp_path):
+    """On a cluster of 40 GB A100s beside 80 GB H100s plan.json carries each
+    stage's capacity (schema 1.8) and explain shows and judges each stage by
+    it, not by the peak stage's GPU."""
+    cluster = {**CLUSTER, "nodes": 4, "node_overrides": [{"node": 0, "gpu": "A100-SXM4-40GB"}, {"node": 1, "gpu": "A100-SXM4-40GB"}]}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    job = {"model": "llama-3-8b", "cluster": "cluster.yaml", "global_batch_size": 32, "seq_length": 4096,
+           "search": {"pp": [4], "vpp": [1]}, "top_k": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    memory = read_report(tmp_path / "out" / "plan.json").plans[0].memory
+    assert len(set(memory.per_stage_capacity_bytes)) == 2
+    shown = explain(tmp_path / "out" / "plan.json")
+    rows = [line.split() for line in shown.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+", line)]
+    assert [float(row[3]) for row in rows] == [round(capacity / 2**30, 1) for capacity in memory.per_stage_capacity_bytes]
+
+
 def test_explain_is_its_own_module_registered_on_the_app():
     import loom.cli.app as app_module
     import loom.cli.explain as explain_module
@@ -302,7 +320,7 @@ def _shorter_model(report):
 
 
 INVALID = {
-    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4', '1.5', '1.6' or '1.7'"),
+    "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4', '1.5', '1.6', '1.7' or '1.8'"),
     "tp 0": (_set("plans", 0, "parallel", "tp", 0), "plans.0.parallel.tp", "greater than or equal to 1"),
     "pp 0": (_set("plans", 0, "parallel", "pp", 0), "plans.0.parallel.pp", "greater than or equal to 1"),
     "dp 0": (_set("plans", 0, "parallel", "dp", 0), "plans.0.parallel.dp", "greater than or equal to 1"),

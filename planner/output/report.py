@@ -35,7 +35,7 @@ from loom.planner.specs.layout import Recompute
 from loom.planner.specs.stacks import STACKS
 from loom.planner.schedule.simulate import SCHEDULES, ChunkCost, PipelineCosts
 
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "1.8"
 # What read_report accepts: 1.1 only added fields with defaults
 # (memory.required_headroom_bytes and fits, parallel.recompute_modules and
 # recompute_num_layers), and 1.2 too (parallel.fsdp, reshard_after_forward
@@ -45,8 +45,9 @@ SCHEMA_VERSION = "1.7"
 # older device_group; plans[].idle_gpus and split_solver;
 # search.nearby_global_batch_sizes), 1.6 (their idle_gpus) and 1.7
 # (parallel.etp: earlier reports were of plans with etp 1, the search's
-# only value, or dropped an evaluated --etp), so 1.0-1.6 reports read as they did.
-READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", SCHEMA_VERSION)
+# only value, or dropped an evaluated --etp) and 1.8
+# (memory.per_stage_capacity_bytes), so 1.0-1.7 reports read as they did.
+READ_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", SCHEMA_VERSION)
 SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")
 
 # Field types: what the planner writes, and so what a report read back must hold.
@@ -180,6 +181,12 @@ class Memory(_ReportModel):
     peak_stage: Index
     breakdown_bytes: dict[str, Amount] = pydantic.Field(description="of the peak stage")
     per_stage_peak_bytes: list[Amount]
+    per_stage_capacity_bytes: list[Annotated[int, pydantic.Field(gt=0)]] | None = pydantic.Field(
+        default=None, description="what PyTorch's allocator can hand out on each stage's GPU (schema 1.8; before, capacity_bytes for all)")
+
+    def stage_capacity_bytes(self, stage: int) -> int:
+        """Stage ``stage``'s GPU capacity (a report before 1.8: the peak stage's, for every stage)."""
+        return self.per_stage_capacity_bytes[stage] if self.per_stage_capacity_bytes else self.capacity_bytes
 
 
 class NearbyBatchReport(_ReportModel):
@@ -341,6 +348,11 @@ def plan_problems(plan: PlanReport) -> list[Invariant]:
         stage_peak = memory.per_stage_peak_bytes[memory.peak_stage]
         need(math.isclose(stage_peak, memory.peak_bytes_per_gpu, rel_tol=SUM_TOLERANCE), ("memory", "peak_bytes_per_gpu"),
              f"per_stage_peak_bytes[peak_stage], {stage_peak:.6g}", memory.peak_bytes_per_gpu)
+        capacities = memory.per_stage_capacity_bytes
+        if capacities is not None and need(len(capacities) == p.pp, ("memory", "per_stage_capacity_bytes"), f"one entry per stage ({p.pp})",
+                                           len(capacities)):
+            need(capacities[memory.peak_stage] == memory.capacity_bytes, ("memory", "capacity_bytes"),
+                 f"per_stage_capacity_bytes[peak_stage], {capacities[memory.peak_stage]}", memory.capacity_bytes)
     return problems
 
 
@@ -486,6 +498,7 @@ def plan_report(plan: Plan) -> PlanReport:
             peak_stage=peak.stage,
             breakdown_bytes=peak.breakdown_bytes,
             per_stage_peak_bytes=[stage.peak_bytes for stage in plan.memory],
+            per_stage_capacity_bytes=list(plan.stage_capacity_bytes),
         ),
         schedule=_schedule_report(plan),
         sources={**sources(shape_of(plan.job, plan.layout), plan.job.cluster.slowest.gpu, plan.layout.recompute),
