@@ -420,7 +420,7 @@ def evaluate(
         if not plan_.leaves_headroom:
             stage, capacity = plan_.peak_memory, plan_.capacity_bytes
             err.print(f"[yellow]warning:[/yellow] stage {stage.stage} leaves {(capacity - stage.peak_bytes) / GiB:.1f} GiB free, "
-                      f"less than the {job.memory_headroom} memory headroom (--memory-headroom)")
+                      f"less than {job.memory_headroom.describe()} (--memory-headroom)")
         _finish([place(plan_)], info, out, as_json, gates)
 
     run(action)

@@ -693,7 +693,7 @@ def _what_binds(job: Job, smallest: tuple[_Fullest, Layout] | None, rejected: Co
         return (
             f"no layout of {job.model.name} fits on {job.cluster.gpu_summary}: the smallest "
             f"({layout.label()}) still needs {fullest.peak_bytes / GiB:.1f} GiB of a {fullest.capacity_bytes / GiB:.1f} GiB GPU, "
-            f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after the {job.memory_headroom} memory headroom{offload}"
+            f"which leaves {fullest.usable_bytes / GiB:.1f} GiB after {job.memory_headroom.describe()}{offload}"
         )
     if not rejected:
         return f"the search lists of {job.source} leave no layout for {job.cluster.num_gpus} GPUs"

@@ -55,8 +55,13 @@ class MemoryHeadroom:
 
     def __str__(self) -> str:
         parts = ([f"{self.fraction:.0%}"] if self.fraction else []) + ([f"{self.bytes_ / GiB:g} GiB"] if self.bytes_ else [])
-        peak = f" (a peak of at most {self.peak_bytes / GiB:g} GiB)" if math.isfinite(self.peak_bytes) else ""
-        return (" or ".join(parts) or "0") + peak
+        return " or ".join(parts) or "0"
+
+    def describe(self) -> str:
+        """As a message says what a plan must leave: 'the 5% memory headroom',
+        and a peak cap where a gate set one."""
+        cap = f" and the --gate cap of {self.peak_bytes / GiB:g} GiB used" if math.isfinite(self.peak_bytes) else ""
+        return f"the {self} memory headroom{cap}"
 
 
 def parse_headroom(value: object) -> MemoryHeadroom:

@@ -342,7 +342,8 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     # A value from a flag is blamed on the flag, not on the job file.
     flags = {key: _flag_of(key) for key in given}
     spec = validate(JobFile, data, source, flags=flags)
-    model = load_model(str(_resolve_file(spec.model, job_path)), source="--model" if "model" in given else source)
+    resolved = _resolve_file(spec.model, job_path)  # as given where it is not the job file's neighbour ("dir/" keeps its slash)
+    model = load_model(spec.model if resolved == Path(spec.model) else str(resolved), source="--model" if "model" in given else source)
     cluster = _resolve_cluster(spec.cluster, job_path, "--cluster" if "cluster" in given else source)
     if spec.precision == "mxfp8":  # fp8 with MXFP8 block scaling
         spec = _as_mxfp8(spec, cluster, source if "precision" not in flags else "command line", flags.get("precision", "precision"))

@@ -15,6 +15,7 @@ arguments so the emitters can write them out directly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -1227,8 +1228,8 @@ def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
             path = path / "config.json"
         elif path.is_dir():
             raise SpecError(source, "model", "a config.json path or a folder holding one (this folder has no config.json)", name_or_path)
-        elif not path.is_file() and (path.suffix or len(path.parts) > 1):
-            raise SpecError(source, "model", "an existing config.json path (no such file)", name_or_path)
+        elif not path.is_file() and (path.suffix or len(path.parts) > 1 or name_or_path.endswith(("/", os.sep))):
+            raise SpecError(source, "model", "an existing config.json path or a folder holding one (no such file)", name_or_path)
         elif not path.is_file():
             raise SpecError(source, "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path)
     config = read_json(path, "config.json")
