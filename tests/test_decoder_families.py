@@ -613,10 +613,13 @@ def test_gpt_neox_reads_its_partial_rotary_and_parallel_residual(tmp_path):
     v5 = {key: value for key, value in config.items() if key != "rotary_pct"} | {"use_parallel_residual": False}
     path.write_text(json.dumps(v5 | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}))
     assert load_model(str(path)).rotary_percent == 1.0
-    path.write_text(json.dumps(v5 | {"rotary_pct": 0.25, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}))
-    with pytest.raises(SpecError) as error:
-        load_model(str(path))
-    assert error.value.field == "rope_parameters.partial_rotary_factor"
+    for names_two, field in [({"rotary_pct": 0.25, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+                              "rope_parameters.partial_rotary_factor"),
+                             ({"rotary_pct": 0.25, "partial_rotary_factor": 0.5}, "partial_rotary_factor")]:
+        path.write_text(json.dumps(v5 | names_two))
+        with pytest.raises(SpecError) as error:
+            load_model(str(path))
+        assert error.value.field == field
     result = runner.invoke(app, ["plan", "--model", str(NEOX_20B), "--framework", "megatron", "--cluster", str(
         Path(__file__).parents[1] / "examples" / "h100-64.yaml"), "--global-batch-size", "64", "--seq-length", "2048"])
     assert result.exit_code == 2 and "use_parallel_residual" in result.output, result.output

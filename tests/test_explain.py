@@ -320,6 +320,8 @@ def _shorter_model(report):
 
 
 INVALID = {
+    "a stage beyond its own GPU in a plan that fits": (_set("plans", 0, "memory", "per_stage_capacity_bytes", 1, 1000), "plans.0.memory.fits",
+                                                       "stage 1's peak is beyond its per_stage_capacity_bytes"),
     "unknown schema version": (_set("schema_version", "9.9"), "schema_version", "'1.0', '1.1', '1.2', '1.3', '1.4', '1.5', '1.6', '1.7' or '1.8'"),
     "tp 0": (_set("plans", 0, "parallel", "tp", 0), "plans.0.parallel.tp", "greater than or equal to 1"),
     "pp 0": (_set("plans", 0, "parallel", "pp", 0), "plans.0.parallel.pp", "greater than or equal to 1"),

@@ -3,6 +3,8 @@ mechanism by mechanism."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import make_job
@@ -111,6 +113,10 @@ def test_torchtitans_pipeline_accumulates_in_each_micro_batch_and_reduces_behind
     once = parts.breakdown_s(1.0, 0.0, 0.0)["sharding_comm_once"]
     assert once == pytest.approx(max(z.step_s + max(0.0, z.after_backward_s - c) for z, c in zip(parts.sharded, parts.cooldown_s)))
     assert once >= parts.sharded[0].step_s + parts.sharded[0].after_backward_s
+    # Interleaved, each chunk's reduce holds up the rank's remaining backwards: no cool-down hides it.
+    interleaved = replace(layout, vpp=2)
+    stages = uniform_stages(job.model, interleaved)
+    assert step_parts(job, interleaved, stages, [job.cluster.slowest.gpu] * len(stages)).cooldown_s == [0.0] * 4
 
 
 def test_hsdp_all_reduces_the_shard_across_replicas_beside_the_shard_group():

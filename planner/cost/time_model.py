@@ -595,17 +595,24 @@ class StepParts:
                 for chunks, z, o in zip(self.chunks, self.sharded, self.offload_s)]
 
     @property
-    def cooldown_s(self) -> list[float]:
-        """Per stage, how long after its last backward the step's last one
-        ends: the cool-down of the stages before it (1F1B's stage s ends s
-        backwards before stage 0)."""
-        return [sum(c.backward_s for c in chunks) * s for s, chunks in enumerate(self.chunks)]
-
-    @property
     def reduce_windows_s(self) -> list[float]:
         """Per stage, the compute its gradient reduce hides behind: its last
-        backward and the cool-down."""
-        return [sum(c.backward_s for c in chunks) + cooldown for chunks, cooldown in zip(self.chunks, self.cooldown_s)]
+        backward and the cool-down of the stages after it."""
+        return [sum(c.backward_s for c in chunks) * (1 + s) for s, chunks in enumerate(self.chunks)]
+
+    @property
+    def cooldown_s(self) -> list[float]:
+        """Per stage, how long after its last backward the step's last one
+        ends, which a torchtitan stage's reduce after its last backward
+        (ShardingTime.after_backward_s) hides behind: under 1F1B stage s ends
+        s backwards before stage 0. Under interleaving none: each model
+        chunk's reduce makes the rank's compute stream wait for it (torch
+        2.13 stage.py perform_reduce_grad -> _root_post_backward_final_callback
+        -> _fsdp_param_group.py finalize_backward) while its other chunks
+        still have backwards to run."""
+        if self.layout.vpp > 1:
+            return [0.0] * len(self.chunks)
+        return [sum(c.backward_s for c in chunks) * s for s, chunks in enumerate(self.chunks)]
 
     @property
     def stage_contention_s(self) -> list[tuple[float, float]]:

@@ -353,6 +353,9 @@ def plan_problems(plan: PlanReport) -> list[Invariant]:
                                            len(capacities)):
             need(capacities[memory.peak_stage] == memory.capacity_bytes, ("memory", "capacity_bytes"),
                  f"per_stage_capacity_bytes[peak_stage], {capacities[memory.peak_stage]}", memory.capacity_bytes)
+            beyond = [s for s, (peak, capacity) in enumerate(zip(memory.per_stage_peak_bytes, capacities)) if peak > capacity]
+            need(not memory.fits or not beyond, ("memory", "fits"), f"false: stage {beyond[0] if beyond else 0}'s peak is beyond its "
+                 "per_stage_capacity_bytes", memory.fits)
     return problems
 
 

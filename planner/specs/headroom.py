@@ -61,7 +61,7 @@ class MemoryHeadroom:
         """As a message says what a plan must leave: 'the 5% memory headroom',
         and a peak cap where a gate set one."""
         cap = f" and the --gate cap of {self.peak_bytes / GiB:g} GiB used" if math.isfinite(self.peak_bytes) else ""
-        return f"the {self} memory headroom{cap}"
+        return (f"the {self} memory headroom" if self.fraction or self.bytes_ else "no memory headroom") + cap
 
 
 def parse_headroom(value: object) -> MemoryHeadroom:

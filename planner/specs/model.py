@@ -959,10 +959,12 @@ def _rotary_percent(read: ConfigReader, family: str) -> float:
     # transformers 5 moves it into rope_parameters (convert_rope_params_to_dict).
     parameters = read.nested("rope_parameters")
     inner = parameters.number("partial_rotary_factor", default=defaults[family], high=1.0, above_low=True) if parameters else defaults[family]
-    factor = read.number(*keys, default=inner, high=1.0, above_low=True)
-    if parameters is not None and parameters.has("partial_rotary_factor") and read.has(*keys):
-        read.require(factor == inner, "rope_parameters.partial_rotary_factor", f"{factor:g}, the config's {keys[0]} (it names two)", inner,
-                     given=(*keys, "rope_parameters.partial_rotary_factor"))
+    given = {key: read.number(key, default=inner, high=1.0, above_low=True) for key in keys if read.has(key)}
+    if parameters is not None and parameters.has("partial_rotary_factor"):
+        given["rope_parameters.partial_rotary_factor"] = inner
+    (first, factor), *others = given.items() or [(keys[0], inner)]
+    for key, value in others:  # every form the config names must say the same
+        read.require(value == factor, key, f"{factor:g}, the config's {first} (it names two)", value, given=(first, key))
     return factor
 
 
@@ -1228,7 +1230,7 @@ def load_model(name_or_path: str, source: str = "--model") -> ModelSpec:
             path = path / "config.json"
         elif path.is_dir():
             raise SpecError(source, "model", "a config.json path or a folder holding one (this folder has no config.json)", name_or_path)
-        elif not path.is_file() and (path.suffix or len(path.parts) > 1 or name_or_path.endswith(("/", os.sep))):
+        elif not path.is_file() and (path.suffix or "/" in name_or_path or os.sep in name_or_path):
             raise SpecError(source, "model", "an existing config.json path or a folder holding one (no such file)", name_or_path)
         elif not path.is_file():
             raise SpecError(source, "model", f"a catalogue name ({', '.join(model_names())}) or a config.json path", name_or_path)
