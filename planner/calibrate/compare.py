@@ -308,8 +308,9 @@ def compare(report: Report, logs: list[RunLog], plan_index: int = 0) -> Comparis
     found = measured_memory(logs, plan.memory.peak_bytes_per_gpu, plan.memory.breakdown_bytes)
     if found:
         log, peak = found.log, found.report
-        if peak.peak_bytes > plan.memory.capacity_bytes:
-            raise SpecError(log.path, f"line {peak.line}", f"a peak within the GPU's {plan.memory.capacity_bytes / GiB:.2f} GiB (PyTorch's "
+        largest = max(plan.memory.per_stage_capacity_bytes or [plan.memory.capacity_bytes])  # a mixed cluster's largest GPU (schema 1.8)
+        if peak.peak_bytes > largest:
+            raise SpecError(log.path, f"line {peak.line}", f"a peak within the GPU's {largest / GiB:.2f} GiB (PyTorch's "
                             "allocator hands out no more): this log is of another GPU", f"{peak.peak_bytes / GiB:,.2f} GiB")
         statistic = "max reserved" if peak.reserved else "max allocated"
         memory_row = Row("peak memory", found.measured_bytes, found.predicted_bytes, "bytes",
