@@ -148,7 +148,7 @@ def _bounds_hold(job) -> int:
         stages = uniform_stages(job.model, layout)
         gpus = stage_gpus(job.cluster, placement, stages)
         timing = step_time(job, layout, stages, gpus)
-        bound, any_split = step_lower_bound_s(job, layout), split_bound_s(job, layout, stages, timing)
+        bound, any_split = step_lower_bound_s(job, layout), split_bound_s(job, layout, stages, timing, gpus)
         assert bound <= min(timing.step_time_s, any_split) * (1 + 1e-12), layout.label()
         even_chunks, any_split_chunks = chunk_bounds_s(job, layout, stages, gpus)
         assert even_chunks <= timing.step_time_s * (1 + 1e-12) and any_split_chunks <= any_split * (1 + 1e-12), layout.label()
@@ -208,3 +208,28 @@ def test_merged_searches_name_their_solvers_in_one_order():
 
     parts = [SearchResult([], 1, 1, 0.1, solver="enumeration+typed"), SearchResult([], 1, 1, 0.1, solver="enumeration+decomposed+bottleneck")]
     assert _merged(parts, 3).solver == _merged(parts[::-1], 3).solver == "enumeration+bottleneck+decomposed+typed"
+
+
+def test_on_mixed_gpus_the_best_plan_does_not_depend_on_top_k():
+    """16 A100-40GB beside 48 H100: which layout wins once split must not
+    depend on how many plans are kept. The even split says little there and
+    the layouts of lowest split bound are one layout's interleaved variants,
+    so the search branches and bounds, on bounds that hold where a split
+    moves work to the faster GPUs (every plan's step is at least its bound)."""
+    from loom.planner.cost.time_model import step_time
+    from loom.planner.search.layouts import split_bound_s
+    from loom.planner.specs.cluster import parse_cluster
+    from loom.planner.specs.stages import default_placement, default_stages, stage_gpus
+
+    cluster = parse_cluster({"nodes": 8, "gpus_per_node": 8, "gpu": "H100", "nvlink_GBps": 450, "nics_per_node": 8, "nic_Gbps": 400,
+                             "node_overrides": [{"node": 0, "gpu": "A100-SXM4-40GB"}, {"node": 1, "gpu": "A100-SXM4-40GB"}]}, "mixed")
+    job = replace(make_job(), cluster=cluster)
+    one, many = search(job, 1).plans, search(job, 20).plans
+    assert (one[0].layout, one[0].step_time_s) == (many[0].layout, many[0].step_time_s)
+    for plan in many[:5]:
+        if plan.idle_gpus:
+            continue  # planned on the H100s alone: another (uniform) job
+        stages = default_stages(job.model, plan.layout, job.framework)
+        gpus = stage_gpus(job.cluster, default_placement(job.cluster, plan.layout.world_size), stages)
+        timing = step_time(job, plan.layout, stages, gpus)
+        assert split_bound_s(job, plan.layout, stages, timing, gpus) <= plan.step_time_s * (1 + 1e-9), plan.layout.label()

@@ -770,6 +770,31 @@ def step_lower_bound_s(job: Job, layout: Layout) -> float:
     return _even_pipeline_s(per_microbatch_s, layout)
 
 
+def layer_rates_s(job: Job, layout: Layout, gpus: list[GPU]) -> dict[GPU, float]:
+    """Per GPU of ``gpus``, the least one decoder layer adds to a stage's
+    time per micro batch on it (its chunk time, forward, backward and
+    recompute, at the cheapest of the model's kinds of layer), whatever the
+    split: chunk_time adds up layer by layer. Not for layouts that recompute
+    the first N layers of each chunk, whose layers cost what their place in
+    the chunk says."""
+    model, shape, links = job.model, layers.shape_of(job, layout), Links.of(job, layout)
+    firsts = {model.layer_kind(layer): layer for layer in reversed(range(model.num_layers))}
+    return {gpu: min(_chunk_time_memo(shape, layout, Chunk(first, 1), gpu, links, job).total_s for first in firsts.values())
+            for gpu in dict.fromkeys(gpus)}
+
+
+def mixed_split_floor_s(num_layers: int, rates_s: list[float], layout: Layout) -> float:
+    """The least pipeline term (_pipeline_s) any split of ``num_layers``
+    layers reaches over stages that take at least ``rates_s[s]`` a layer
+    (GPUs of different speeds): the slowest stage no faster than the
+    continuous split that evens them out, T = L / sum(1 / r), and all of them
+    no less than every layer on the fastest, W = L min r; the term
+    (m - 1/v) T + W / v grows with both, and W >= T."""
+    slowest = num_layers / sum(1 / rate for rate in rates_s)
+    work = num_layers * min(rates_s)
+    return layout.num_microbatches * slowest + max(0.0, work - slowest) / layout.vpp
+
+
 def _even_pipeline_s(work_s: float, layout: Layout) -> float:
     """The pipeline term (_pipeline_s) of pp stages that each take
     ``work_s / pp`` per micro batch: (m + (p - 1) / v) * work_s / p, Megatron's
@@ -802,13 +827,18 @@ def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU
     increasing in max(tau) >= W / p, so at least W' / p * (m + (p - 1) / v),
     W' = sum(tau'). Tighter than step_lower_bound_s by the exposed
     communication, host time, recomputation and the embedding and head;
-    the chunk times are the ones step_time reads (_chunk_time_memo)."""
+    the chunk times are the ones step_time reads (_chunk_time_memo). On
+    GPUs of different speeds a split moves work to the faster ones, so W is
+    no constant there: mixed_split_floor_s bounds it instead."""
     shape, links = layers.shape_of(job, layout), Links.of(job, layout)
 
     def stage_s(stage: Stage, gpu: GPU) -> float:
         return sum(_chunk_time_memo(shape, layout, chunk, gpu, links, job).total_s for chunk in stage.chunks)
 
     tau = _per_stage_kind(job.model, stages, gpus, stage_s)
+    if len(set(gpus)) > 1 and not layout.recompute_num_layers:  # a split moves work to the faster GPUs: W is no constant
+        rates = layer_rates_s(job, layout, gpus)
+        return _pipeline_s(tau, layout), mixed_split_floor_s(job.model.num_layers, [rates[gpu] for gpu in gpus], layout)
     return _pipeline_s(tau, layout), _even_pipeline_s(sum(tau), layout)
 
 

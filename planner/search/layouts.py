@@ -54,7 +54,7 @@ from loom.planner.specs.rules import default_recompute_modules, layout_problems
 from loom.planner.specs.stages import Stage, default_placement, default_stages, stage_gpus, stage_signature
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
-from loom.planner.cost.time_model import StepTime, chunk_bounds_s, step_lower_bound_s, step_time
+from loom.planner.cost.time_model import StepTime, chunk_bounds_s, layer_rates_s, mixed_split_floor_s, step_lower_bound_s, step_time
 
 
 # The even split ranks every layout; the best ones (and those within
@@ -66,6 +66,8 @@ from loom.planner.cost.time_model import StepTime, chunk_bounds_s, step_lower_bo
 # kinds of layer, or on GPUs of different speeds) runs for the best
 # MILP_REFINED only, each solve capped at SPLIT_TIME_LIMIT_S.
 REFINED = 8
+# On GPUs of different speeds, how many more layouts branch and bound may split (_refine_below_best).
+MIXED_REFINED = 32
 MILP_REFINED = 3
 NEAR_FIT = 1.25
 SPLIT_TIME_LIMIT_S = 2.0
@@ -427,7 +429,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
             if not frontier.may_enter(layout, *chunk_bounds[unsharded], fullest.fits):
                 continue
             timing = step_time(job, layout, stages, gpus)
-            frontier.add(_Scored(timing.step_time_s, fullest.peak_bytes, layout, split_bound_s(job, layout, stages, timing)), fullest.fits)
+            frontier.add(_Scored(timing.step_time_s, fullest.peak_bytes, layout, split_bound_s(job, layout, stages, timing, gpus)), fullest.fits)
     if progress:
         progress(len(valid), len(valid))
     scored, near = frontier.fitting, frontier.near
@@ -437,8 +439,11 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     # up (the others cannot overtake the top k) the REFINED fastest and the
     # REFINED with the lowest bound.
     ranked = sorted(scored, key=_Scored.key)
-    plans, solves = _split_best(job, ranked[:top_k] + _promising([c for c in ranked[top_k:] if splittable(job, c.layout)]),
-                                _promising(sorted(near, key=_Scored.key)))
+    rest = [c for c in ranked[top_k:] if splittable(job, c.layout)]
+    chosen = ranked[:top_k] + _promising(rest)
+    plans, solves = _split_best(job, chosen, _promising(sorted(near, key=_Scored.key)))
+    if mixed_gpus(job):
+        plans, solves = _refine_below_best(job, plans, solves, [c for c in rest if c not in chosen])
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -488,7 +493,9 @@ class _Frontier:
     def __init__(self, job: Job, top_k: int):
         self.job, self.fitting, self.near = job, [], []
         self.fastest = _Least(top_k)
-        self.splittable_fastest, self.splittable_bounds = _Least(top_k + REFINED), _Least(top_k + REFINED)
+        # On GPUs of different speeds branch and bound may split MIXED_REFINED more (_refine_below_best).
+        bounded = top_k + REFINED + (MIXED_REFINED if mixed_gpus(job) else 0)
+        self.splittable_fastest, self.splittable_bounds = _Least(top_k + REFINED), _Least(bounded)
         self.fully_recomputed = _Least(PARTIAL_CANDIDATES)
         self.near_fastest, self.near_bounds = _Least(REFINED), _Least(REFINED)
 
@@ -527,24 +534,30 @@ def _promising(ranked: list[_Scored]) -> list[_Scored]:
     return list({id(c): c for c in [*ranked[:REFINED], *lowest]}.values())
 
 
-def split_bound_s(job: Job, layout: Layout, stages: list[Stage], timing: StepTime) -> float:
+def split_bound_s(job: Job, layout: Layout, stages: list[Stage], timing: StepTime, gpus: list[GPU]) -> float:
     """A lower bound on the step time of ``layout`` under any split of its
-    layers, from its even split ``stages`` and their ``timing``. The
-    pipeline term m * T + (W - T) / v (time_model, T the slowest stage's
-    work, W all stages') grows with T, and no split makes T smaller than the
-    mean W / p nor than the work a stage has beyond its layers (the
-    embedding, the head and multi-token prediction, which cannot be cut:
-    its even-split time less its layers at the slowest per-layer time of the
-    stages that have nothing else). The rest of the step does not depend on
-    the split. The step itself when the layout keeps its split."""
+    layers, from its even split ``stages`` (on ``gpus``) and their
+    ``timing``. The pipeline term m * T + (W - T) / v (time_model, T the
+    slowest stage's work, W all stages') grows with T, and no split makes T
+    smaller than the mean W / p nor than the work a stage has beyond its
+    layers (the embedding, the head and multi-token prediction, which cannot
+    be cut: its even-split time less its layers at the slowest per-layer
+    time of the stages that have nothing else). On GPUs of different speeds
+    a split also moves work to the faster ones, so W is no constant: the
+    pipeline term is bounded from each GPU's least time a layer instead
+    (time_model.mixed_split_floor_s). The rest of the step does not depend
+    on the split. The step itself when the layout keeps its split."""
     if not splittable(job, layout):
         return timing.step_time_s
     tau = timing.stage_microbatch_s
     m, v, p, work = layout.num_microbatches, layout.vpp, layout.pp, sum(timing.stage_microbatch_s)
+    even = m * max(tau) + (work - max(tau)) / v
+    if len(set(gpus)) > 1 and not layout.recompute_num_layers:
+        rates = layer_rates_s(job, layout, gpus)
+        return timing.step_time_s - max(0.0, even - mixed_split_floor_s(job.model.num_layers, [rates[gpu] for gpu in gpus], layout))
     plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
     fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
     slowest = max(work / p, *fixed)
-    even = m * max(tau) + (work - max(tau)) / v
     return timing.step_time_s - max(0.0, even - (m * slowest + (work - slowest) / v))
 
 
@@ -566,7 +579,7 @@ def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scor
             if not layout_problems(job, variant):
                 timing = step_time(job, variant, stages, gpus)
                 found.append(_Scored(timing.step_time_s, fullest_stage(job, variant, gpus).peak_bytes, variant,
-                                     split_bound_s(job, variant, stages, timing)))
+                                     split_bound_s(job, variant, stages, timing, gpus)))
     return found
 
 
@@ -621,6 +634,31 @@ def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[lis
             milp_runs += plan.split_solve.method.startswith("milp")
         if plan.leaves_headroom:
             plans.append(plan)
+    return plans, solves
+
+
+def mixed_gpus(job: Job) -> bool:
+    """The cluster has GPUs of more than one kind (or power cap)."""
+    return len({node.gpu for node in job.cluster.nodes}) > 1
+
+
+def _refine_below_best(job: Job, plans: list[Plan], solves: list[Partition], rest: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
+    """On GPUs of different speeds the even split says little of what a
+    split reaches, and the layouts of lowest bound are often the interleaved
+    variants of one: branch and bound over the others, split in order of
+    their bound while it is below the fastest plan's step, at most
+    MIXED_REFINED more, with the exact split methods only (the MILP's budget
+    is _split_best's)."""
+    best = min((plan.step_time_s for plan in plans), default=math.inf)
+    for candidate in sorted(rest, key=lambda c: (round(c.bound_s, 9), c.key()))[:MIXED_REFINED]:
+        if candidate.bound_s >= best:
+            break
+        plan = split_plan(job, candidate.layout, milp=False, send_recv=False)
+        if plan.split_solve is not None:
+            solves.append(plan.split_solve)
+        if plan.leaves_headroom:
+            plans.append(plan)
+            best = min(best, plan.step_time_s)
     return plans, solves
 
 
