@@ -783,15 +783,21 @@ def layer_rates_s(job: Job, layout: Layout, gpus: list[GPU]) -> dict[GPU, float]
             for gpu in dict.fromkeys(gpus)}
 
 
-def mixed_split_floor_s(num_layers: int, rates_s: list[float], layout: Layout) -> float:
-    """The least pipeline term (_pipeline_s) any split of ``num_layers``
-    layers reaches over stages that take at least ``rates_s[s]`` a layer
-    (GPUs of different speeds): the slowest stage no faster than the
-    continuous split that evens them out, T = L / sum(1 / r), and all of them
-    no less than every layer on the fastest, W = L min r; the term
-    (m - 1/v) T + W / v grows with both, and W >= T."""
-    slowest = num_layers / sum(1 / rate for rate in rates_s)
-    work = num_layers * min(rates_s)
+def mixed_split_floor_s(job: Job, layout: Layout, gpus: list[GPU]) -> float | None:
+    """The least pipeline term (_pipeline_s) any split of the model's L
+    layers reaches over stages on ``gpus`` of different speeds, stage s
+    taking at least r_s a layer (layer_rates_s): the slowest stage no faster
+    than the continuous split that evens them out, T = L / sum(1 / r), and
+    all of them no less than every layer on the fastest, W = L min r; the
+    term (m - 1/v) T + W / v grows with both, and W >= T. None on GPUs of one
+    kind (the stages' total work is then the same under any split) or when
+    the layout recomputes the first N layers of each chunk."""
+    if len(set(gpus)) == 1 or layout.recompute_num_layers:
+        return None
+    rates = layer_rates_s(job, layout, gpus)
+    num_layers = job.model.num_layers
+    slowest = num_layers / sum(1 / rates[gpu] for gpu in gpus)
+    work = num_layers * min(rates.values())
     return layout.num_microbatches * slowest + max(0.0, work - slowest) / layout.vpp
 
 
@@ -836,10 +842,8 @@ def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU
         return sum(_chunk_time_memo(shape, layout, chunk, gpu, links, job).total_s for chunk in stage.chunks)
 
     tau = _per_stage_kind(job.model, stages, gpus, stage_s)
-    if len(set(gpus)) > 1 and not layout.recompute_num_layers:  # a split moves work to the faster GPUs: W is no constant
-        rates = layer_rates_s(job, layout, gpus)
-        return _pipeline_s(tau, layout), mixed_split_floor_s(job.model.num_layers, [rates[gpu] for gpu in gpus], layout)
-    return _pipeline_s(tau, layout), _even_pipeline_s(sum(tau), layout)
+    mixed = mixed_split_floor_s(job, layout, gpus)  # a split moves work to the faster GPUs: W is no constant
+    return _pipeline_s(tau, layout), _even_pipeline_s(sum(tau), layout) if mixed is None else mixed
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

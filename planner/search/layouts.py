@@ -54,7 +54,7 @@ from loom.planner.specs.rules import default_recompute_modules, layout_problems
 from loom.planner.specs.stages import Stage, default_placement, default_stages, stage_gpus, stage_signature
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
-from loom.planner.cost.time_model import StepTime, chunk_bounds_s, layer_rates_s, mixed_split_floor_s, step_lower_bound_s, step_time
+from loom.planner.cost.time_model import StepTime, chunk_bounds_s, mixed_split_floor_s, step_lower_bound_s, step_time
 
 
 # The even split ranks every layout; the best ones (and those within
@@ -552,9 +552,9 @@ def split_bound_s(job: Job, layout: Layout, stages: list[Stage], timing: StepTim
     tau = timing.stage_microbatch_s
     m, v, p, work = layout.num_microbatches, layout.vpp, layout.pp, sum(timing.stage_microbatch_s)
     even = m * max(tau) + (work - max(tau)) / v
-    if len(set(gpus)) > 1 and not layout.recompute_num_layers:
-        rates = layer_rates_s(job, layout, gpus)
-        return timing.step_time_s - max(0.0, even - mixed_split_floor_s(job.model.num_layers, [rates[gpu] for gpu in gpus], layout))
+    mixed = mixed_split_floor_s(job, layout, gpus)
+    if mixed is not None:
+        return timing.step_time_s - max(0.0, even - mixed)
     plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
     fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
     slowest = max(work / p, *fixed)
