@@ -18,6 +18,11 @@ from loom.planner.specs.errors import WHOLE_FILE, SpecError
 Spec = TypeVar("Spec", bound=pydantic.BaseModel)
 
 
+def why_missing(*candidates: Path) -> str:
+    """Why none of ``candidates`` (where a file was looked for) is a file, as a message says it."""
+    return "it is a folder" if any(path.is_dir() for path in candidates) else "no such file"
+
+
 def count(maximum: int, minimum: int = 1) -> object:
     """An integer field in [minimum, maximum]: a YAML ``true`` or ``"8"`` is
     not a number (pydantic's strict mode), and no cluster or job has more

@@ -23,7 +23,7 @@ import pydantic
 
 from loom.planner.specs.cluster import Cluster, load_cluster, parse_cluster
 from loom.planner.specs.errors import SpecError
-from loom.planner.specs.files import StrictModel, count, rate, read_json, read_mapping, validate
+from loom.planner.specs.files import StrictModel, count, rate, read_json, read_mapping, validate, why_missing
 from loom.planner.specs import torchtitan
 from loom.planner.specs.headroom import DEFAULT_FRACTION, DEFAULT_HEADROOM, MemoryHeadroom, parse_headroom
 from loom.planner.specs.model import MoE, ModelSpec, load_model
@@ -297,8 +297,8 @@ def _resolve_cluster(value: str | dict, job_path: Path | None, source: str) -> C
     for candidate in candidates:
         if candidate.is_file():
             return load_cluster(candidate)
-    why = "it is a folder" if any(candidate.is_dir() for candidate in candidates) else "no such file"
-    raise SpecError(source, "cluster", f"a cluster YAML path (absolute, relative to the job file, or a bundled example; {why})", value)
+    raise SpecError(source, "cluster", f"a cluster YAML path (absolute, relative to the job file, or a bundled example; "
+                    f"{why_missing(*candidates)})", value)
 
 
 def _resolve_file(value: str, job_path: Path | None) -> Path:
@@ -377,9 +377,8 @@ def _load_job(path: Path | None, overrides: dict | None) -> Job:
     for index, (value, path) in enumerate(zip(spec.profiles, paths)):
         if not path.is_file():
             field = flags.get("profiles", f"profiles.{index}")
-            where = "a folder" if path.is_dir() else "no such file"
             raise SpecError("command line" if "profiles" in flags else source, field,
-                            f"an existing profile JSON, absolute or relative to the job file ({where})", value)
+                            f"an existing profile JSON, absolute or relative to the job file ({why_missing(path)})", value)
     return with_profiles(job, paths)
 
 
