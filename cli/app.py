@@ -62,7 +62,8 @@ StackOpt = Annotated[Optional[str], typer.Option(help="Feature presets of a trai
 HeadroomOpt = Annotated[Optional[str], typer.Option(help="Memory every plan leaves free: a fraction of capacity (0.05) or a size ('4 GiB').")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Write launch files and plan.json here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
-GateOpt = Annotated[Optional[list[str]], typer.Option(metavar="CONDITION", help="Exit 1 unless the best plan meets a quoted condition, e.g. --gate 'mfu>=0.4' (repeatable).")]
+GateOpt = Annotated[Optional[list[str]], typer.Option(metavar="CONDITION", help="Exit 1 unless the best plan meets a quoted condition, e.g. --gate 'mfu>=0.4' (repeatable); "
+                                                                             "under loom plan, 'memory_headroom>=X' and 'peak_memory_GiB<=X' bound what the search keeps instead (exit 3 when nothing fits).")]
 ProfileOpt = Annotated[Optional[list[Path]], typer.Option("--profile", metavar="FILE", help="A loom profile layers or gemm JSON, or a loom calibrate profile: measured numbers replace estimates (repeatable).")]
 
 
