@@ -15,7 +15,7 @@ from loom.planner.specs.layout import Layout
 from loom.planner.specs.hardware import NIC_EFFICIENCY, NVLINK_EFFICIENCY
 from loom.planner.cost.network import group_link
 from loom.planner.plan import evaluate
-from loom.planner.cost.time_model import _pipeline_s
+from loom.planner.cost.time_model import pipeline_term_s
 from loom.profiles.catalogue import find_gpu
 
 H100 = find_gpu("H100")
@@ -61,7 +61,7 @@ def test_pipeline_time_is_megatrons_bubble_formula_for_equal_stages():
     tau, p, m = 0.1, 8, 32
     for v in (1, 2, 4):
         layout = Layout(tp=1, pp=p, dp=1, cp=1, vpp=v, micro_batch_size=1, global_batch_size=m)
-        assert _pipeline_s([tau] * p, layout) == pytest.approx((m + (p - 1) / v) * tau)
+        assert pipeline_term_s([tau] * p, layout) == pytest.approx((m + (p - 1) / v) * tau)
 
 
 def test_breakdown_adds_up_and_more_micro_batches_shrink_the_bubble():

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 from loom.planner.cost.layers import shape_of
 from loom.planner.cost.memory import chunk_activation_bytes
-from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, megatron_schedule, simulate_long
+from loom.planner.schedule.simulate import ChunkCost, PipelineCosts, Simulation, megatron_schedule, pipeline_floor_s, simulate_long
 from loom.planner.specs.stages import Stage
-from loom.planner.cost.time_model import StepParts, StepTime, reduce_overlaps_backward
+from loom.planner.cost.time_model import StepParts, StepTime, closed_form_step, hideable_s, pipeline_term_s, reduce_overlaps_backward
 
 
 def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
@@ -42,6 +42,21 @@ def pipeline_costs(parts: StepParts, stages: list[Stage]) -> PipelineCosts:
         dp_overlap=reduce_overlaps_backward(job, layout),
         optimizer_s=tuple(parts.optimizer_s),
     )
+
+
+def step_floor_s(parts: StepParts, stages: list[Stage]) -> float:
+    """Seconds simulated_step cannot come out below for these parts and
+    stages (under Megatron's schedules), at a part of simulating them: the
+    closed form with its pipeline term replaced by pipeline_floor_s, less
+    what the simulation may hide behind other stages' work (hideable_s),
+    plus the least optimizer step of any stage (the last stage to finish
+    its pipeline work steps after it)."""
+    timing, costs = closed_form_step(parts), pipeline_costs(parts, stages)
+    stage_s = [sum(chunk.forward_s + chunk.backward_s for chunk in chunks) for chunks in costs.stages]
+    first_chunk_s = [chunks[0].forward_s + chunks[0].backward_s for chunks in costs.stages]
+    floor_s = pipeline_floor_s(stage_s, first_chunk_s, costs.microbatches)
+    closed_s = pipeline_term_s(parts.tau_s, parts.layout)
+    return timing.step_time_s - hideable_s(timing) + min(parts.optimizer_s) - max(0.0, closed_s - floor_s)
 
 
 def send_recv_exposed_s(costs: PipelineCosts, simulation: Simulation) -> float:

@@ -24,6 +24,7 @@ from loom.planner.cost.memo import Memo
 from loom.planner.cost.memory import StageParams, StateBytes, optimizer_partition, sharding_units, stage_params
 from loom.planner.cost.network import Links
 from loom.planner.cost.shape import Shape
+from loom.planner.schedule.simulate import split_pipeline_floor_s
 from loom.planner.specs.job import Job
 from loom.planner.specs.layout import OP_SAC, Layout
 from loom.planner.specs.model import SUBLAYERS, ModelSpec
@@ -391,7 +392,9 @@ def _mamba_context_parallel_s(shape: Shape, link: Link) -> float:
     return sum(all_to_all_s(shape.tokens * width / shape.tp * shape.act_bytes, shape.cp, link) for width in widths)
 
 
-def _pipeline_s(stage_s: list[float], layout: Layout) -> float:
+def pipeline_term_s(stage_s: list[float], layout: Layout) -> float:
+    """The closed form's pipeline term of stages taking ``stage_s`` per micro
+    batch: m * max(tau) + (sum(tau) - max(tau)) / v (module docstring)."""
     slowest = max(stage_s)
     return layout.num_microbatches * slowest + (sum(stage_s) - slowest) / layout.vpp
 
@@ -749,25 +752,32 @@ def closed_form_step(parts: StepParts) -> StepTime:
     layout, tau = parts.layout, parts.tau_s
     overlap = reduce_overlaps_backward(parts.job, layout)
     reduce = max(_exposed_reduce_s(d, w, overlap) for d, w in zip(parts.dp, parts.reduce_windows_s))
-    breakdown = parts.breakdown_s(_pipeline_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
+    breakdown = parts.breakdown_s(pipeline_term_s(tau, layout) + parts.p2p_exposed_s, reduce, parts.p2p_exposed_s)
     return StepTime(step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_microbatch_s=tuple(tau))
 
 
+def hideable_s(timing: StepTime) -> float:
+    """Of a closed-form step, what the simulated one (cost/simulated_step.py)
+    may hide behind other stages' work: the send/recv and the gradient
+    reduce the closed form exposes, and the optimizer (the slowest stage's
+    in the closed form; in the simulation each stage steps once its own
+    pipeline work is done, so only the last stage to finish adds its own)."""
+    return timing.breakdown_s["pp_comm"] + timing.breakdown_s["dp_grad_reduce"] + timing.breakdown_s["optimizer"]
+
+
 def step_lower_bound_s(job: Job, layout: Layout) -> float:
-    """Seconds no split, placement or overlap can take a step of ``layout``
-    below, at a fraction of pricing it: the pipeline term of stages that
-    share evenly every decoder layer's forward and backward kernels, each
-    kind of layer on whichever of the cluster's GPUs runs it fastest
-    (_even_pipeline_s).
+    """Seconds no split, placement, overlap or schedule can take a step of
+    ``layout`` below, closed form or simulated, at a fraction of pricing
+    it: the least pipeline time of any split (_split_pipeline_floor_s) of
+    every decoder layer's forward and backward kernels, each kind of layer
+    on whichever of the cluster's GPUs runs it fastest.
     Valid because chunk_time adds only non-negative terms (recompute,
     exposed communication and host time, the embedding and head) to those
-    kernels, the pipeline term m * max(tau) + (sum(tau) - max(tau)) / v
-    grows with max(tau) >= sum(tau) / pp and with sum(tau), and the step's
-    other parts are non-negative (closed_form_step; split_bound_s bounds
-    from the same term)."""
+    kernels, that floor grows with the work, and the step's other parts are
+    non-negative (closed_form_step, simulated_step)."""
     shape = layers.shape_of(job, layout)
     per_microbatch_s = _LAYER_KERNELS.get((shape, job.cluster.gpu_types), lambda: _layer_kernels_s(shape, job.cluster.gpu_types))
-    return _even_pipeline_s(per_microbatch_s, layout)
+    return _split_pipeline_floor_s(per_microbatch_s, layout)
 
 
 def layer_rates_s(job: Job, layout: Layout, gpus: list[GPU]) -> dict[GPU, float]:
@@ -784,28 +794,29 @@ def layer_rates_s(job: Job, layout: Layout, gpus: list[GPU]) -> dict[GPU, float]
 
 
 def mixed_split_floor_s(job: Job, layout: Layout, gpus: list[GPU]) -> float | None:
-    """The least pipeline term (_pipeline_s) any split of the model's L
+    """The least pipeline time any schedule of any split of the model's L
     layers reaches over stages on ``gpus`` of different speeds, stage s
-    taking at least r_s a layer (layer_rates_s): the slowest stage no faster
-    than the continuous split that evens them out, T = L / sum(1 / r), and
-    all of them no less than every layer on the fastest, W = L min r; the
-    term (m - 1/v) T + W / v grows with both, and W >= T. None on GPUs of one
-    kind (the stages' total work is then the same under any split) or when
-    the layout recomputes the first N layers of each chunk."""
+    taking at least r_s a layer (layer_rates_s): the slowest stage is no
+    faster than the continuous split that evens them out, T = L / sum(1 / r),
+    so the pipeline takes at least m T; and all of them take no less than
+    every layer on the fastest, W = L min r, whose least pipeline time under
+    any split is _split_pipeline_floor_s(W). None on GPUs of one kind (the
+    stages' total work is then the same under any split) or when the layout
+    recomputes the first N layers of each chunk."""
     if len(set(gpus)) == 1 or layout.recompute_num_layers:
         return None
     rates = layer_rates_s(job, layout, gpus)
     num_layers = job.model.num_layers
     slowest = num_layers / sum(1 / rates[gpu] for gpu in gpus)
     work = num_layers * min(rates.values())
-    return layout.num_microbatches * slowest + max(0.0, work - slowest) / layout.vpp
+    return max(layout.num_microbatches * slowest, _split_pipeline_floor_s(work, layout))
 
 
-def _even_pipeline_s(work_s: float, layout: Layout) -> float:
-    """The pipeline term (_pipeline_s) of pp stages that each take
-    ``work_s / pp`` per micro batch: (m + (p - 1) / v) * work_s / p, Megatron's
-    (Narayanan et al. SC'21, sec. 2.2); the least any split of ``work_s`` reaches."""
-    return work_s / layout.pp * (layout.num_microbatches + (layout.pp - 1) / layout.vpp)
+def _split_pipeline_floor_s(work_s: float, layout: Layout) -> float:
+    """The least pipeline time any schedule of any split of ``work_s``
+    seconds per micro batch over ``layout``'s stages reaches
+    (schedule/simulate.py split_pipeline_floor_s)."""
+    return split_pipeline_floor_s(work_s, layout.pp, layout.vpp, layout.num_microbatches)
 
 
 # Every layer's kernels for one micro batch read the shape and the GPUs only.
@@ -827,11 +838,11 @@ def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU
     per stage, which the step's tau_s only adds sharding and offload time to.
 
     On these stages: the pipeline term m * max(tau') + (sum(tau') - max(tau')) / v;
-    the step is at least its pipeline term (closed_form_step: work, exposed
-    send/recv and bubble, plus non-negative terms). Under any split
-    (split_bound_s, which keeps the stages' total work W): that term is
-    increasing in max(tau) >= W / p, so at least W' / p * (m + (p - 1) / v),
-    W' = sum(tau'). Tighter than step_lower_bound_s by the exposed
+    the closed-form step is at least its pipeline term (closed_form_step:
+    work, exposed send/recv and bubble, plus non-negative terms). Under any
+    split and schedule, closed form or simulated (split_bound_s, which keeps
+    the stages' total work W): the least pipeline time of any split of
+    W' = sum(tau') (_split_pipeline_floor_s). Tighter than step_lower_bound_s by the exposed
     communication, host time, recomputation and the embedding and head;
     the chunk times are the ones step_time reads (_chunk_time_memo). On
     GPUs of different speeds a split moves work to the faster ones, so W is
@@ -843,7 +854,7 @@ def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU
 
     tau = _per_stage_kind(job.model, stages, gpus, stage_s)
     mixed = mixed_split_floor_s(job, layout, gpus)  # a split moves work to the faster GPUs: W is no constant
-    return _pipeline_s(tau, layout), _even_pipeline_s(sum(tau), layout) if mixed is None else mixed
+    return pipeline_term_s(tau, layout), _split_pipeline_floor_s(sum(tau), layout) if mixed is None else mixed
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

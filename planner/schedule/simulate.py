@@ -190,6 +190,37 @@ def stage_order(schedule: str, pp: int, vpp: int, m: int, stage: int) -> list[Op
     return {"gpipe": gpipe_order, "1f1b": one_f_one_b_order, "zb-h1": zb_h1_order}[schedule](pp, m, stage)
 
 
+# --- bounds: no schedule runs faster ------------------------------------------
+def pipeline_floor_s(stage_s: list[float], first_chunk_s: list[float], microbatches: int) -> float:
+    """Seconds no schedule (GPipe, 1F1B, interleaved) of these stages runs
+    its pipeline in less, whatever its transfers cost: stage b computes
+    m * ``stage_s[b]`` (one micro batch through all its chunks, F and B),
+    and cannot start before micro batch 1's F has passed every stage before
+    it (through their first chunks, model chunks 0..b-1), nor end before its
+    last B (of its first chunk) has passed back through them:
+    max_b (m stage_s[b] + sum_{s<b} first_chunk_s[s]), ``first_chunk_s[s]``
+    stage s's first chunk's F + B (0 where unknown: the bound still holds).
+    For equal stages without interleaving that is the closed form's
+    (m + p - 1) tau (time_model.pipeline_term_s); for unequal ones the closed
+    form's m max(tau) + sum(tau) - max(tau) can exceed it, and the
+    simulation with it (warm-up forwards hide later stages' work)."""
+    return max(microbatches * stage + sum(first_chunk_s[:b]) for b, stage in enumerate(stage_s))
+
+
+def split_pipeline_floor_s(work_s: float, pp: int, vpp: int, microbatches: int) -> float:
+    """The least pipeline_floor_s over every split of ``work_s`` seconds
+    (per micro batch, all stages together) over ``pp`` stages. With one
+    chunk per stage (vpp 1) the first chunk is the stage, and the least of
+    max_b (m tau_b + sum_{s<b} tau_s) over tau summing to work_s evens the
+    terms out: tau_b = (C / m) (1 - 1/m)^b, a geometric series, so
+    C = work_s / (1 - (1 - 1/m)^p); between m work_s / p and the closed
+    form's (m + p - 1) work_s / p. Interleaved stages may hold little in
+    their first chunks: m work_s / p."""
+    if vpp > 1:
+        return microbatches * work_s / pp
+    return work_s / (1 - (1 - 1 / microbatches) ** pp)
+
+
 # --- the simulation ----------------------------------------------------------
 def _check(costs: PipelineCosts) -> tuple[int, int]:
     """(pp, vpp) of ``costs``, or ValueError."""

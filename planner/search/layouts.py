@@ -34,7 +34,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable, Hashable, Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 import pydantic
 
@@ -51,23 +51,26 @@ from loom.planner.search.split import solve_split
 from loom.planner.search.placement import can_place, place
 from loom.planner.plan import Plan, build_plan, with_pp_comm
 from loom.planner.specs.rules import default_recompute_modules, layout_problems
-from loom.planner.specs.stages import Stage, default_placement, default_stages, stage_gpus, stage_signature
+from loom.planner.specs.stages import Placement, Stage, default_placement, default_stages, stage_gpus, stage_signature
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
-from loom.planner.cost.time_model import StepTime, chunk_bounds_s, mixed_split_floor_s, step_lower_bound_s, step_time
+from loom.planner.cost.simulated_step import step_floor_s as simulated_step_floor_s
+from loom.planner.cost.time_model import StepTime, chunk_bounds_s, hideable_s, mixed_split_floor_s, pipeline_term_s, step_lower_bound_s, step_parts, step_time
+from loom.planner.schedule.simulate import pipeline_floor_s, split_pipeline_floor_s
 
 
-# The even split ranks every layout; the best ones (and those within
-# NEAR_FIT of fitting, which an uneven split may make fit) are then split
-# optimally. Without interleaving the split is solved exactly in
-# milliseconds (the bottleneck method; mixed GPUs: the typed program), and
-# so is interleaving over one run of equal layers (the interleaved method),
-# so REFINED layouts get it; the general MILP (interleaving over several
-# kinds of layer, or on GPUs of different speeds) runs for the best
-# MILP_REFINED only, each solve capped at SPLIT_TIME_LIMIT_S.
+# Layouts that fit are priced by the closed form; every one whose split
+# bound is below the k-th fastest plan is then split optimally, in order of
+# that bound (_branch_and_bound), so the best plan does not depend on k. Of
+# those within NEAR_FIT of fitting (an uneven split may make them fit) the
+# REFINED fastest and REFINED of lowest bound are split too. Without
+# interleaving the split is solved exactly in milliseconds (the bottleneck
+# method; mixed GPUs: the typed program), and so is interleaving over one
+# run of equal layers (the interleaved method); the general MILP
+# (interleaving over several kinds of layer, or on GPUs of different
+# speeds) runs for the MILP_REFINED layouts of lowest bound that need it,
+# each solve capped at SPLIT_TIME_LIMIT_S.
 REFINED = 8
-# On GPUs of different speeds, how many more layouts branch and bound may split (_refine_below_best).
-MIXED_REFINED = 32
 MILP_REFINED = 3
 NEAR_FIT = 1.25
 SPLIT_TIME_LIMIT_S = 2.0
@@ -244,11 +247,13 @@ class _Scored:
     """A feasible layout with what it is ranked by: fastest first, ties broken
     by less memory, then by the layout's label, so the ranking is deterministic."""
 
-    step_time_s: float
+    step_time_s: float  # the closed form's, on the even split
     peak_bytes: float
     layout: Layout
     # No split of the layers can make the step shorter than this (split_bound_s).
     bound_s: float = 0.0
+    # The plan on the even split, where the search built it (_Frontier.add).
+    even_plan: Plan | None = None
 
     def key(self) -> tuple:
         return (round(self.step_time_s, 9), round(self.peak_bytes), self.layout.label())
@@ -435,15 +440,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     scored, near = frontier.fitting, frontier.near
     partial = _partial_recompute(job, scored, placement)
     scored += partial
-    # The top k as they stand, and of the layouts an uneven split may speed
-    # up (the others cannot overtake the top k) the REFINED fastest and the
-    # REFINED with the lowest bound.
-    ranked = sorted(scored, key=_Scored.key)
-    rest = [c for c in ranked[top_k:] if splittable(job, c.layout)]
-    chosen = ranked[:top_k] + _promising(rest)
-    plans, solves = _split_best(job, chosen, _promising(sorted(near, key=_Scored.key)))
-    if mixed_gpus(job):
-        plans, solves = _refine_below_best(job, plans, solves, [c for c in rest if c not in chosen])
+    plans, solves = _branch_and_bound(job, [*scored, *_promising(sorted(near, key=_Scored.key))], frontier.kept)
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -480,34 +477,48 @@ class _Least:
         return -self._negated[0] if len(self._negated) == self.count else math.inf
 
 
+class _FastestPlans:
+    """The least step of each layout's plans built so far: ``cutoff`` is the
+    ``count``-th least of them once ``count`` layouts have one (no layout
+    beyond it can be among the ``count`` fastest), else inf. A layout's
+    split plan replaces its even one, so none is counted twice."""
+
+    def __init__(self, count: int):
+        self.count, self.cutoff, self._steps = count, math.inf, {}
+
+    def offer(self, layout: Layout, step_s: float) -> None:
+        if step_s < self._steps.get(layout, math.inf):
+            self._steps[layout] = step_s
+            if len(self._steps) >= self.count:
+                self.cutoff = heapq.nsmallest(self.count, self._steps.values())[-1]
+
+
 class _Frontier:
-    """The priced layouts, and the step below which an unpriced one must be
-    to reach a list the search draws from: the top k; of the splittable
-    ones, those that _promising may pick outside the top k (top k + REFINED
-    fastest, top k + REFINED lowest split bounds); the PARTIAL_CANDIDATES
-    fastest fully recomputed ones (_partial_recompute); of the near ones,
-    the REFINED fastest and lowest bounds. Each list's cutoff only falls as
-    layouts are priced, so a layout beyond every cutoff that applies to it
-    would not have been chosen."""
+    """The priced layouts, and the bound below which an unpriced one must be
+    to reach a list the search draws from: ``kept``, the steps of the k
+    fastest plans built (their even splits, simulated: every layout whose
+    split bound is at most the k-th of them is split by _branch_and_bound);
+    the PARTIAL_CANDIDATES fastest fully recomputed ones by the closed form
+    (_partial_recompute); of the near ones, the REFINED fastest and lowest
+    bounds (_promising). Each list's cutoff only falls as layouts are
+    priced, so a layout beyond every cutoff that applies to it would not
+    have been chosen.
+
+    ``kept`` holds at least PLACED steps: the placement solver runs for the
+    PLACED fastest plans, which must not depend on k either."""
 
     def __init__(self, job: Job, top_k: int):
         self.job, self.fitting, self.near = job, [], []
-        self.fastest = _Least(top_k)
-        # On GPUs of different speeds branch and bound may split MIXED_REFINED more (_refine_below_best).
-        bounded = top_k + REFINED + (MIXED_REFINED if mixed_gpus(job) else 0)
-        self.splittable_fastest, self.splittable_bounds = _Least(top_k + REFINED), _Least(bounded)
+        self.kept = _FastestPlans(max(top_k, PLACED))
         self.fully_recomputed = _Least(PARTIAL_CANDIDATES)
         self.near_fastest, self.near_bounds = _Least(REFINED), _Least(REFINED)
 
-    def _cutoffs(self, layout: Layout, fits: bool) -> list[_Least]:
+    def _cutoffs(self, layout: Layout, fits: bool) -> list[_Least | _FastestPlans]:
         if not fits:
             return [self.near_fastest, self.near_bounds]
-        lists = [self.fastest]
-        if splittable(self.job, layout):
-            lists += [self.splittable_fastest, self.splittable_bounds]
         if layout.recompute == "full" and not layout.recompute_num_layers:
-            lists.append(self.fully_recomputed)
-        return lists
+            return [self.kept, self.fully_recomputed]
+        return [self.kept]
 
     def may_enter(self, layout: Layout, step_bound_s: float, split_bound_s: float, fits: bool) -> bool:
         """Whether a layout whose step is at least ``step_bound_s``, and at
@@ -515,50 +526,66 @@ class _Frontier:
         list (keys round steps to 1e-9 s: a bound that close counts)."""
         return any((split_bound_s if self._bounds(least) else step_bound_s) <= least.cutoff + 1e-9 for least in self._cutoffs(layout, fits))
 
-    def _bounds(self, least: _Least) -> bool:
-        """Whether ``least`` holds split bounds (split_bound_s), not steps."""
-        return least in (self.splittable_bounds, self.near_bounds)
+    def _bounds(self, least: _Least | _FastestPlans) -> bool:
+        """Whether ``least`` is compared with split bounds (split_bound_s), not steps."""
+        return least in (self.kept, self.near_bounds)
 
     def add(self, candidate: _Scored, fits: bool) -> None:
+        """Keep ``candidate``; one that fits and whose closed-form step is
+        below the k-th plan's has its even split simulated (build_plan),
+        which lowers that cutoff (the simulation, not the closed form, is the
+        step a plan reports)."""
+        if fits and candidate.step_time_s <= self.kept.cutoff:
+            plan = build_plan(self.job, candidate.layout, send_recv=False)
+            if plan.leaves_headroom:
+                self.kept.offer(candidate.layout, plan.step_time_s)
+            candidate = replace(candidate, even_plan=plan)
         (self.fitting if fits else self.near).append(candidate)
         for least in self._cutoffs(candidate.layout, fits):
-            least.offer(candidate.bound_s if self._bounds(least) else candidate.step_time_s)
+            if least is not self.kept:
+                least.offer(candidate.bound_s if self._bounds(least) else candidate.step_time_s)
 
 
 def _promising(ranked: list[_Scored]) -> list[_Scored]:
-    """Of ``ranked`` (fastest first), the REFINED fastest and the REFINED
-    whose split bound is lowest: the even split misjudges deep pipelines
-    whose end stages carry the embedding and the head, and the bound
-    (which ignores that a layer cannot be cut) overrates them."""
+    """Of the layouts near fitting ``ranked`` (fastest first), the REFINED
+    fastest and the REFINED whose split bound is lowest: the even split
+    misjudges deep pipelines whose end stages carry the embedding and the
+    head, and the bound (which ignores that a layer cannot be cut)
+    overrates them."""
     lowest = sorted(ranked, key=lambda c: (round(c.bound_s, 9), c.key()))[:REFINED]
     return list({id(c): c for c in [*ranked[:REFINED], *lowest]}.values())
 
 
 def split_bound_s(job: Job, layout: Layout, stages: list[Stage], timing: StepTime, gpus: list[GPU]) -> float:
-    """A lower bound on the step time of ``layout`` under any split of its
-    layers, from its even split ``stages`` (on ``gpus``) and their
-    ``timing``. The pipeline term m * T + (W - T) / v (time_model, T the
-    slowest stage's work, W all stages') grows with T, and no split makes T
+    """A lower bound on the step of ``layout``'s plan (simulated) under any
+    split of its layers, from its even split ``stages`` (on ``gpus``) and
+    their closed-form ``timing``: that step with its pipeline term replaced
+    by the least pipeline time any schedule of any split reaches, and
+    without what the simulated step may hide (hideable_s: the exposed
+    send/recv and gradient reduce, the optimizer). That least time:
+    the slowest stage's work T over m micro batches, where no split makes T
     smaller than the mean W / p nor than the work a stage has beyond its
     layers (the embedding, the head and multi-token prediction, which cannot
     be cut: its even-split time less its layers at the slowest per-layer
-    time of the stages that have nothing else). On GPUs of different speeds
-    a split also moves work to the faster ones, so W is no constant: the
-    pipeline term is bounded from each GPU's least time a layer instead
+    time of the stages that have nothing else), and no less than any split
+    of W reaches (split_pipeline_floor_s). On GPUs of different speeds a
+    split also moves work to the faster ones, so W is no constant: the
+    pipeline is bounded from each GPU's least time a layer instead
     (time_model.mixed_split_floor_s). The rest of the step does not depend
-    on the split. The step itself when the layout keeps its split."""
+    on the split. A layout that keeps its split: pipeline_floor_s of its
+    own stages."""
+    tau = list(timing.stage_microbatch_s)
+    m, v, p, work = layout.num_microbatches, layout.vpp, layout.pp, sum(tau)
     if not splittable(job, layout):
-        return timing.step_time_s
-    tau = timing.stage_microbatch_s
-    m, v, p, work = layout.num_microbatches, layout.vpp, layout.pp, sum(timing.stage_microbatch_s)
-    even = m * max(tau) + (work - max(tau)) / v
-    mixed = mixed_split_floor_s(job, layout, gpus)
-    if mixed is not None:
-        return timing.step_time_s - max(0.0, even - mixed)
-    plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
-    fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
-    slowest = max(work / p, *fixed)
-    return timing.step_time_s - max(0.0, even - (m * slowest + (work - slowest) / v))
+        # Without interleaving each stage is its own first chunk; with it the first chunks are not known here.
+        floor_s = pipeline_floor_s(tau, tau if v == 1 else [0.0] * p, m)
+    elif (mixed := mixed_split_floor_s(job, layout, gpus)) is not None:
+        floor_s = mixed
+    else:
+        plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
+        fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
+        floor_s = max(m * max(work / p, *fixed), split_pipeline_floor_s(work, p, v, m))
+    return timing.step_time_s - hideable_s(timing) - max(0.0, pipeline_term_s(tau, layout) - floor_s)
 
 
 def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scored]:
@@ -598,67 +625,80 @@ def splittable(job: Job, layout: Layout) -> bool:
     return job.framework != "deepspeed" and layout.pp > 1 and not layout.recompute_num_layers and not hybrid_megatron
 
 
-def split_plan(job: Job, layout: Layout, milp: bool = True, send_recv: bool = True) -> Plan:
+def split_plan(job: Job, layout: Layout, milp: bool = True) -> Plan:
     """The plan of ``layout`` on the better of the even split and the
     optimal one (Megatron runs either), one that leaves the memory headroom
     first, carrying the split solve that ran as ``split_solve`` (``milp``:
-    whether the general MILP may run; the exact methods always do;
-    ``send_recv``: build_plan's). Only a proven optimum is used: a
-    time-limited incumbent depends on the machine's speed, and the same
-    inputs must give the same plan."""
-    options, solve = [build_plan(job, layout, send_recv=send_recv)], None
-    if splittable(job, layout):
-        split = solve_split(job, layout, SPLIT_TIME_LIMIT_S, milp)
-        if split is not None:
-            solve = split.solution
-            even = options[0]
-            # Often the optimal split is the even one, whose plan is built already.
-            if split.stages and solve.status == "optimal" and (tuple(split.stages), split.placement) != (even.stages, even.placement):
-                options.append(build_plan(job, layout, split.stages, split.placement, send_recv))
+    whether the general MILP may run; the exact methods always do)."""
+    options, solve = _split_options(job, layout, milp)
+    return _better([build_plan(job, layout, list(stages), placement) for stages, placement in options], solve)
+
+
+def _split_options(job: Job, layout: Layout, milp: bool) -> tuple[list[tuple[tuple[Stage, ...], Placement]], Partition | None]:
+    """The stages and placements ``layout`` may run: the even split, then
+    the optimal split where it differs, and the split solve (None where the
+    layout keeps its split or only the general MILP applies and ``milp`` is
+    False). Only a proven optimum is offered: a time-limited incumbent
+    depends on the machine's speed, and the same inputs must give the same
+    plan."""
+    even = (tuple(default_stages(job.model, layout, job.framework)), default_placement(job.cluster, layout.world_size))
+    split = solve_split(job, layout, SPLIT_TIME_LIMIT_S, milp) if splittable(job, layout) else None
+    if split is None:
+        return [even], None
+    # Often the optimal split is the even one.
+    if split.stages and split.solution.status == "optimal" and (tuple(split.stages), split.placement) != even:
+        return [even, (tuple(split.stages), split.placement)], split.solution
+    return [even], split.solution
+
+
+def _better(options: list[Plan], solve: Partition | None) -> Plan:
+    """The fastest of ``options`` that leaves the memory headroom (the
+    fastest of all when none does; the first on a tie), carrying ``solve``."""
     fitting = [plan for plan in options if plan.leaves_headroom]
     return replace(min(fitting or options, key=lambda plan: plan.step_time_s), split_solve=solve)
 
 
-def _split_best(job: Job, best: list[_Scored], near: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
-    """Plans for the best layouts (split_plan), and the split solutions. The
-    general MILP, which only interleaved layouts over several kinds of layer
-    or on GPUs of different speeds need (the others have exact methods that
-    take milliseconds), runs for at most MILP_REFINED of them. Their
-    pipelines' send/recv and bubble are told apart only for the plans
-    kept (with_pp_comm): ranking needs the step, not its breakdown."""
+def step_floor_s(job: Job, layout: Layout, stages: Sequence[Stage], placement: Placement) -> float:
+    """Seconds the plan build_plan simulates for ``layout`` on ``stages``
+    and ``placement`` cannot go below, at a part of simulating it
+    (simulated_step.step_floor_s)."""
+    gpus = stage_gpus(job.cluster, placement, stages)
+    return simulated_step_floor_s(step_parts(job, layout, list(stages), gpus, placement), list(stages))
+
+
+def _branch_and_bound(job: Job, candidates: list[_Scored], kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
+    """Plans for ``candidates`` on the better of their even and optimal
+    splits (as split_plan), and the split solutions: in order of their
+    split bound, while it is at most the step of the ``kept.count``-th
+    fastest plan built (``kept`` holds the steps built so far); a candidate
+    beyond it cannot enter the plans returned, and a split whose step floor
+    (step_floor_s) is beyond it is not simulated. So every layout that
+    might be the fastest is split, whatever k, and the best plan does not
+    depend on it. The general MILP, which only interleaved layouts over
+    several kinds of layer or on GPUs of different speeds need (the others
+    have exact methods that take milliseconds), runs for at most
+    MILP_REFINED of them. Their pipelines' send/recv and bubble are told
+    apart only for the plans kept (with_pp_comm): ranking needs the step,
+    not its breakdown."""
     plans, solves, milp_runs = [], [], 0
-    for candidate in [*best, *near]:
-        plan = split_plan(job, candidate.layout, milp_runs < MILP_REFINED, send_recv=False)
-        if plan.split_solve is not None:
-            solves.append(plan.split_solve)
-            milp_runs += plan.split_solve.method.startswith("milp")
-        if plan.leaves_headroom:
-            plans.append(plan)
-    return plans, solves
-
-
-def mixed_gpus(job: Job) -> bool:
-    """The cluster has GPUs of more than one kind (or power cap)."""
-    return len({node.gpu for node in job.cluster.nodes}) > 1
-
-
-def _refine_below_best(job: Job, plans: list[Plan], solves: list[Partition], rest: list[_Scored]) -> tuple[list[Plan], list[Partition]]:
-    """On GPUs of different speeds the even split says little of what a
-    split reaches, and the layouts of lowest bound are often the interleaved
-    variants of one: branch and bound over the others, split in order of
-    their bound while it is below the fastest plan's step, at most
-    MIXED_REFINED more, with the exact split methods only (the MILP's budget
-    is _split_best's)."""
-    best = min((plan.step_time_s for plan in plans), default=math.inf)
-    for candidate in sorted(rest, key=lambda c: (round(c.bound_s, 9), c.key()))[:MIXED_REFINED]:
-        if candidate.bound_s >= best:
+    for candidate in sorted(candidates, key=lambda c: (round(c.bound_s, 9), c.key())):
+        if candidate.bound_s > kept.cutoff + 1e-9:
             break
-        plan = split_plan(job, candidate.layout, milp=False, send_recv=False)
-        if plan.split_solve is not None:
-            solves.append(plan.split_solve)
-        if plan.leaves_headroom:
+        layout = candidate.layout
+        options, solve = _split_options(job, layout, milp_runs < MILP_REFINED)
+        if solve is not None:
+            solves.append(solve)
+            milp_runs += solve.method.startswith("milp")
+        built = []
+        for i, (stages, placement) in enumerate(options):
+            if i == 0 and candidate.even_plan:
+                built.append(candidate.even_plan)
+            elif step_floor_s(job, layout, stages, placement) <= kept.cutoff + 1e-9:
+                built.append(build_plan(job, layout, list(stages), placement, send_recv=False))
+        plan = _better(built, solve) if built else None
+        if plan is not None and plan.leaves_headroom:
             plans.append(plan)
-            best = min(best, plan.step_time_s)
+            kept.offer(layout, plan.step_time_s)
     return plans, solves
 
 
