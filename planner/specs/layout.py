@@ -166,7 +166,8 @@ _PARALLEL_DEGREES = {"TP": "tensor", "PP": "pipeline", "DP": "data", "CP": "cont
 _LABEL_TERMS = {
     "mbs": "micro batch size", "SP": "sequence parallel", "sel": "selective recompute (of core_attn; sel:a+b of modules a, b)",
     "full": "full recompute (fullN: of N layers per chunk)", "DO": "distributed optimizer", "Z": "ZeRO stage",
-    "FSDP": "weights sharded over N data-parallel ranks (FSDPNk: kept whole from forward to backward)",
+    "FSDP": "weights sharded over N data-parallel ranks times CP, as torchtitan counts dp_shard (FSDP1 with CP2 shards over 2; "
+            "FSDPNk: kept whole from forward to backward)",
     "offload": "optimizer state and step on the host CPU",
 }
 
