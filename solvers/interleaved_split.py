@@ -26,6 +26,7 @@ earlier stages and chunks hold more micro batches in flight.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -57,26 +58,29 @@ def _stage_chunks(stage: int, pp: int, v: int) -> list[int]:
     return [stage + pp * i for i in range(v)]
 
 
-def _filled(stage: int, most: int, pp: int, v: int, first: Entry, body: Entry, last: Entry) -> list[tuple[list[int], float]]:
+@functools.lru_cache(maxsize=4096)
+def _filled(stage: int, most: int, pp: int, v: int, first_bytes: float, body_bytes: float, last_bytes: float) -> tuple[tuple[tuple[int, ...], float], ...]:
     """For each count of decoder layers ``stage`` may hold, from the least
     that fills its chunks up to ``most``: the layers per chunk and the
-    largest chunk's activation bytes. Each count adds one layer to the chunk
-    that stays smallest (ties to the later chunk), which is optimal at every
-    count."""
+    largest chunk's activation bytes (``*_bytes``: the first entry's, a
+    decoder layer's and the last entry's activation bytes). Each count adds
+    one layer to the chunk that stays smallest (ties to the later chunk),
+    which is optimal at every count. Layouts that share their activations
+    share these (the search splits many), hence the cache."""
     chunks = pp * v
     own = _stage_chunks(stage, pp, v)
     sizes = [_chunk_floor(c, chunks) for c in own]
-    extra = [(first.activation_bytes if c == 0 else 0.0) + (last.activation_bytes if c == chunks - 1 else 0.0) for c in own]
+    extra = [(first_bytes if c == 0 else 0.0) + (last_bytes if c == chunks - 1 else 0.0) for c in own]
 
     def largest() -> float:
-        return max(e + body.activation_bytes * x for e, x in zip(extra, sizes))
+        return max(e + body_bytes * x for e, x in zip(extra, sizes))
 
-    found = [(list(sizes), largest())]
+    found = [(tuple(sizes), largest())]
     for _ in range(most - sum(sizes)):
-        i = min(reversed(range(v)), key=lambda i: extra[i] + body.activation_bytes * (sizes[i] + 1))
+        i = min(reversed(range(v)), key=lambda i: extra[i] + body_bytes * (sizes[i] + 1))
         sizes[i] += 1
-        found.append((list(sizes), largest()))
-    return found
+        found.append((tuple(sizes), largest()))
+    return tuple(found)
 
 
 def _stage_extra(stage: int, pp: int, first: Entry, last: Entry, field: str) -> float:
@@ -101,7 +105,7 @@ def solve_interleaved_run(first: Entry, body: Entry, last: Entry, n: int, pp: in
         # filling memory exactly is kept).
         fitting = list(itertools.takewhile(
             lambda counted: fixed + body.state_bytes * counted[0] + memory[s].in_flight * counted[1][1] <= memory[s].capacity_bytes * (1 + 1e-9),
-            enumerate(_filled(s, n, pp, v, first, body, last), start=floors[s])))
+            enumerate(_filled(s, n, pp, v, first.activation_bytes, body.activation_bytes, last.activation_bytes), start=floors[s])))
         if not fitting:
             return None
         fills.append([fill for _, fill in fitting])

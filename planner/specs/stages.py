@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-
 from dataclasses import dataclass
 
 from loom.planner.specs.cluster import Cluster
@@ -160,10 +159,12 @@ def default_placement(cluster: Cluster, world_size: int) -> Placement:
     return stage_block_placement(cluster, world_size, (0,))
 
 
+@functools.lru_cache(maxsize=64)
 def stage_block_placement(cluster: Cluster, world_size: int, stage_slots: tuple[int, ...]) -> Placement:
     """Stage s's rank block on the GPU block ``stage_slots[s]`` (blocks of
     world_size / len(stage_slots) consecutive GPUs in node order): how a
-    pipeline position is moved onto other device groups, e.g. faster GPUs."""
+    pipeline position is moved onto other device groups, e.g. faster GPUs.
+    Cached: the search asks for the same few placements of every layout."""
     per_node, n = cluster.gpus_per_node, world_size // len(stage_slots)
     slots = (stage_slots[r // n] * n + r % n for r in range(world_size))
     return Placement(gpus=tuple((cluster.nodes[slot // per_node].host, slot % per_node) for slot in slots))
