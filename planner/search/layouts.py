@@ -440,7 +440,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     scored, near = frontier.fitting, frontier.near
     partial = _partial_recompute(job, scored, placement)
     scored += partial
-    plans, solves = _branch_and_bound(job, [*scored, *_promising(sorted(near, key=_Scored.key))], frontier.kept)
+    plans, solves = _branch_and_bound(job, scored, _promising(sorted(near, key=_Scored.key)), frontier.kept)
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -666,9 +666,10 @@ def step_floor_s(job: Job, layout: Layout, stages: Sequence[Stage], placement: P
     return simulated_step_floor_s(step_parts(job, layout, list(stages), gpus, placement), list(stages))
 
 
-def _branch_and_bound(job: Job, candidates: list[_Scored], kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
-    """Plans for ``candidates`` on the better of their even and optimal
-    splits (as split_plan), and the split solutions: in order of their
+def _branch_and_bound(job: Job, fitting: list[_Scored], near: list[_Scored], kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
+    """Plans for the candidates (``fitting`` on their even split, ``near``
+    fitting) on the better of their even and optimal splits (as
+    split_plan), and the split solutions: in order of their
     split bound, while it is at most the step of the ``kept.count``-th
     fastest plan built (``kept`` holds the steps built so far); a candidate
     beyond it cannot enter the plans returned, and a split whose step floor
@@ -677,15 +678,17 @@ def _branch_and_bound(job: Job, candidates: list[_Scored], kept: _FastestPlans) 
     depend on it. The general MILP, which only interleaved layouts over
     several kinds of layer or on GPUs of different speeds need (the others
     have exact methods that take milliseconds), runs for at most
-    MILP_REFINED of them. Their pipelines' send/recv and bubble are told
+    MILP_REFINED of them, those that fit on their even split (proving that
+    no split of a near one fits can take the MILP its whole time limit).
+    Their pipelines' send/recv and bubble are told
     apart only for the plans kept (with_pp_comm): ranking needs the step,
     not its breakdown."""
     plans, solves, milp_runs = [], [], 0
-    for candidate in sorted(candidates, key=lambda c: (round(c.bound_s, 9), c.key())):
+    for fits, candidate in sorted([(True, c) for c in fitting] + [(False, c) for c in near], key=lambda f_c: (round(f_c[1].bound_s, 9), f_c[1].key())):
         if candidate.bound_s > kept.cutoff + 1e-9:
             break
         layout = candidate.layout
-        options, solve = _split_options(job, layout, milp_runs < MILP_REFINED)
+        options, solve = _split_options(job, layout, fits and milp_runs < MILP_REFINED)
         if solve is not None:
             solves.append(solve)
             milp_runs += solve.method.startswith("milp")
