@@ -226,7 +226,7 @@ def test_no_plan_is_faster_than_the_bounds_that_prune_it(model, nodes):
     """Branch and bound compares closed-form bounds with simulated plans
     (build_plan): a layout's split bound is at most its plan on the better
     of its splits (split_plan), and each split's step floor at most that
-    split's plan. Every third valid layout."""
+    split's plan. Every eighth valid layout."""
     from loom.planner.cost.time_model import step_time
     from loom.planner.plan import build_plan
     from loom.planner.search.layouts import split_bound_s, split_plan, step_floor_s
@@ -234,7 +234,7 @@ def test_no_plan_is_faster_than_the_bounds_that_prune_it(model, nodes):
 
     job = make_job(model, nodes=nodes, gbs=64, seq=4096)
     placement = default_placement(job.cluster, job.cluster.num_gpus)
-    layouts = [layout for layout in candidate_layouts(job) if not layout_problems(job, layout)][::3]
+    layouts = [layout for layout in candidate_layouts(job) if not layout_problems(job, layout)][::8]
     for layout in layouts:
         stages = default_stages(job.model, layout, job.framework)
         gpus = stage_gpus(job.cluster, placement, stages)
@@ -243,7 +243,7 @@ def test_no_plan_is_faster_than_the_bounds_that_prune_it(model, nodes):
         assert step_floor_s(job, layout, best.stages, best.placement) <= best.step_time_s * (1 + 1e-12), layout.label()
         even = build_plan(job, layout)
         assert step_floor_s(job, layout, even.stages, even.placement) <= even.step_time_s * (1 + 1e-12), layout.label()
-    assert len(layouts) > 50
+    assert len(layouts) > 40
 
 
 def test_on_mixed_gpus_the_best_plan_does_not_depend_on_top_k():

@@ -193,18 +193,20 @@ def stage_order(schedule: str, pp: int, vpp: int, m: int, stage: int) -> list[Op
 # --- bounds: no schedule runs faster ------------------------------------------
 def pipeline_floor_s(stage_s: list[float], first_chunk_s: list[float], microbatches: int) -> float:
     """Seconds no schedule (GPipe, 1F1B, interleaved) of these stages runs
-    its pipeline in less, whatever its transfers cost: stage b computes
+    its pipeline in less, whatever its transfers cost. Stage b computes
     m * ``stage_s[b]`` (one micro batch through all its chunks, F and B),
     and cannot start before micro batch 1's F has passed every stage before
     it (through their first chunks, model chunks 0..b-1), nor end before its
     last B (of its first chunk) has passed back through them:
     max_b (m stage_s[b] + sum_{s<b} first_chunk_s[s]), ``first_chunk_s[s]``
     stage s's first chunk's F + B (0 where unknown: the bound still holds).
-    For equal stages without interleaving that is the closed form's
-    (m + p - 1) tau (time_model.pipeline_term_s); for unequal ones the closed
-    form's m max(tau) + sum(tau) - max(tau) can exceed it, and the
-    simulation with it (warm-up forwards hide later stages' work)."""
-    return max(microbatches * stage + sum(first_chunk_s[:b]) for b, stage in enumerate(stage_s))
+    And micro batch 1 alone goes forward through every chunk and back:
+    sum(stage_s). For equal stages without interleaving the first is the
+    closed form's (m + p - 1) tau (time_model.pipeline_term_s); for unequal
+    ones the closed form's m max(tau) + sum(tau) - max(tau) can exceed it,
+    and the simulation with it (warm-up forwards hide later stages' work)."""
+    stages = max(microbatches * stage + sum(first_chunk_s[:b]) for b, stage in enumerate(stage_s))
+    return max(stages, sum(stage_s))
 
 
 def split_pipeline_floor_s(work_s: float, pp: int, vpp: int, microbatches: int) -> float:
@@ -214,10 +216,11 @@ def split_pipeline_floor_s(work_s: float, pp: int, vpp: int, microbatches: int) 
     max_b (m tau_b + sum_{s<b} tau_s) over tau summing to work_s evens the
     terms out: tau_b = (C / m) (1 - 1/m)^b, a geometric series, so
     C = work_s / (1 - (1 - 1/m)^p); between m work_s / p and the closed
-    form's (m + p - 1) work_s / p. Interleaved stages may hold little in
-    their first chunks: m work_s / p."""
+    form's (m + p - 1) work_s / p, and at least work_s. Interleaved stages
+    may hold little in their first chunks: the larger of m work_s / p and
+    work_s (micro batch 1's way through the model)."""
     if vpp > 1:
-        return microbatches * work_s / pp
+        return max(microbatches * work_s / pp, work_s)
     return work_s / (1 - (1 - 1 / microbatches) ** pp)
 
 
