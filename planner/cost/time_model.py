@@ -847,14 +847,23 @@ def chunk_bounds_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU
     the chunk times are the ones step_time reads (_chunk_time_memo). On
     GPUs of different speeds a split moves work to the faster ones, so W is
     no constant there: mixed_split_floor_s bounds it instead."""
+    tau = chunk_stage_times_s(job, layout, stages, gpus)
+    mixed = mixed_split_floor_s(job, layout, gpus)  # a split moves work to the faster GPUs: W is no constant
+    return pipeline_term_s(tau, layout), _split_pipeline_floor_s(sum(tau), layout) if mixed is None else mixed
+
+
+def chunk_stage_times_s(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU]) -> list[float]:
+    """tau'_s: each stage's chunks' times for one micro batch (forward,
+    backward, recompute, exposed TP/CP/EP communication, host time), stage s
+    on ``gpus[s]``: the step's tau_s without the sharding and offload time a
+    stage's parameters add. Chunk times add up layer by layer, so on GPUs of
+    one kind their sum is the same under any split of the layers."""
     shape, links = layers.shape_of(job, layout), Links.of(job, layout)
 
     def stage_s(stage: Stage, gpu: GPU) -> float:
         return sum(_chunk_time_memo(shape, layout, chunk, gpu, links, job).total_s for chunk in stage.chunks)
 
-    tau = _per_stage_kind(job.model, stages, gpus, stage_s)
-    mixed = mixed_split_floor_s(job, layout, gpus)  # a split moves work to the faster GPUs: W is no constant
-    return pipeline_term_s(tau, layout), _split_pipeline_floor_s(sum(tau), layout) if mixed is None else mixed
+    return _per_stage_kind(job.model, stages, gpus, stage_s)
 
 
 def step_time(job: Job, layout: Layout, stages: list[Stage], gpus: list[GPU], placement: Placement | None = None) -> StepTime:

@@ -55,7 +55,7 @@ from loom.planner.specs.stages import Placement, Stage, default_placement, defau
 from loom.profiles.catalogue import GPU
 from loom.solvers.partition import Partition
 from loom.planner.cost.simulated_step import step_floor_s as simulated_step_floor_s
-from loom.planner.cost.time_model import StepTime, chunk_bounds_s, hideable_s, mixed_split_floor_s, pipeline_term_s, step_lower_bound_s, step_parts, step_time
+from loom.planner.cost.time_model import StepTime, chunk_bounds_s, chunk_stage_times_s, hideable_s, mixed_split_floor_s, pipeline_term_s, step_lower_bound_s, step_parts, step_time
 from loom.planner.schedule.simulate import pipeline_floor_s, split_pipeline_floor_s
 
 
@@ -82,6 +82,10 @@ MILP_REFINED = 3
 # of those. Measured on benchmarks/search_top_k.py's jobs and the bundled
 # examples, the plan that won was at most the 90th layout by bound.
 BRANCHED = 256
+# And, before them, the FASTEST_SPLIT fastest on the even split by the
+# closed form, whatever their bound: where bounds are loose a layout that
+# keeps its split (no pipeline) can sit beyond BRANCHED by bound.
+FASTEST_SPLIT = 16
 NEAR_FIT = 1.25
 SPLIT_TIME_LIMIT_S = 2.0
 # Where links differ (faults, oversubscription, a measured profile), the
@@ -450,7 +454,8 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     scored, near = frontier.fitting, frontier.near
     partial = _partial_recompute(job, scored, placement)
     scored += partial
-    plans, solves = _branch_and_bound(job, scored, _promising(sorted(near, key=_Scored.key)), frontier.kept)
+    ranked = sorted(scored, key=_Scored.key)
+    plans, solves = _branch_and_bound(job, ranked[:FASTEST_SPLIT], ranked[FASTEST_SPLIT:], _promising(sorted(near, key=_Scored.key)), frontier.kept)
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -508,7 +513,8 @@ class _Frontier:
     to reach a list the search draws from: ``kept``, the steps of the k
     fastest plans built (their even splits, simulated: every layout whose
     split bound is at most the k-th of them is split by _branch_and_bound);
-    the PARTIAL_CANDIDATES fastest fully recomputed ones by the closed form
+    the FASTEST_SPLIT fastest by the closed form (``fastest``, split whatever
+    their bound); the PARTIAL_CANDIDATES fastest fully recomputed ones by the closed form
     (_partial_recompute); of the near ones, the REFINED fastest and lowest
     bounds (_promising). Each list's cutoff only falls as layouts are
     priced, so a layout beyond every cutoff that applies to it would not
@@ -520,6 +526,7 @@ class _Frontier:
     def __init__(self, job: Job, top_k: int):
         self.job, self.fitting, self.near = job, [], []
         self.kept = _FastestPlans(max(top_k, PLACED))
+        self.fastest = _Least(FASTEST_SPLIT)
         self.fully_recomputed = _Least(PARTIAL_CANDIDATES)
         self.near_fastest, self.near_bounds = _Least(REFINED), _Least(REFINED)
 
@@ -527,8 +534,8 @@ class _Frontier:
         if not fits:
             return [self.near_fastest, self.near_bounds]
         if layout.recompute == "full" and not layout.recompute_num_layers:
-            return [self.kept, self.fully_recomputed]
-        return [self.kept]
+            return [self.kept, self.fastest, self.fully_recomputed]
+        return [self.kept, self.fastest]
 
     def may_enter(self, layout: Layout, step_bound_s: float, split_bound_s: float, fits: bool) -> bool:
         """Whether a layout whose step is at least ``step_bound_s``, and at
@@ -569,33 +576,38 @@ def _promising(ranked: list[_Scored]) -> list[_Scored]:
 def split_bound_s(job: Job, layout: Layout, stages: list[Stage], timing: StepTime, gpus: list[GPU]) -> float:
     """A lower bound on the step of ``layout``'s plan (simulated) under any
     split of its layers, from its even split ``stages`` (on ``gpus``) and
-    their closed-form ``timing``: that step with its pipeline term replaced
-    by the least pipeline time any schedule of any split reaches, and
-    without what the simulated step may hide (hideable_s: the exposed
-    send/recv and gradient reduce, the optimizer). That least time:
-    the slowest stage's work T over m micro batches, where no split makes T
-    smaller than the mean W / p nor than the work a stage has beyond its
-    layers (the embedding, the head and multi-token prediction, which cannot
-    be cut: its even-split time less its layers at the slowest per-layer
-    time of the stages that have nothing else), and no less than any split
-    of W reaches (split_pipeline_floor_s). On GPUs of different speeds a
-    split also moves work to the faster ones, so W is no constant: the
-    pipeline is bounded from each GPU's least time a layer instead
-    (time_model.mixed_split_floor_s). The rest of the step does not depend
-    on the split. A layout that keeps its split: pipeline_floor_s of its
-    own stages."""
-    tau = list(timing.stage_microbatch_s)
-    m, v, p, work = layout.num_microbatches, layout.vpp, layout.pp, sum(tau)
+    their closed-form ``timing``.
+
+    Of the step only the embedding's gradient sync and the pipeline do not
+    depend on the split: the optimizer, the sharded state's gathers and
+    reduces and the gradient reduce follow each stage's parameters, and the
+    simulation may hide the reduce and send/recv behind other stages' work.
+    The pipeline takes at least m T, T the slowest stage's chunks' work
+    (time_model.chunk_stage_times_s, whose sum W does not depend on the
+    split), which no split makes smaller than W / p nor than the work a
+    stage has beyond its layers (the embedding, the head and multi-token
+    prediction, which cannot be cut: its even-split time less its layers at
+    the slowest per-layer time of the stages that have nothing else), and no
+    less than any split of W reaches (split_pipeline_floor_s). On GPUs of
+    different speeds a split also moves work to the faster ones, so W is no
+    constant: time_model.mixed_split_floor_s bounds the pipeline from each
+    GPU's least time a layer instead. A layout that keeps its split: its
+    closed-form step less what the simulation may hide (hideable_s) and with
+    pipeline_floor_s of its own stages as its pipeline."""
+    m, v, p = layout.num_microbatches, layout.vpp, layout.pp
     if not splittable(job, layout):
+        tau = list(timing.stage_microbatch_s)
         # Without interleaving each stage is its own first chunk; with it the first chunks are not known here.
         floor_s = pipeline_floor_s(tau, tau if v == 1 else [0.0] * p, m)
-    elif (mixed := mixed_split_floor_s(job, layout, gpus)) is not None:
-        floor_s = mixed
-    else:
-        plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
-        fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
-        floor_s = max(m * max(work / p, *fixed), split_pipeline_floor_s(work, p, v, m))
-    return timing.step_time_s - hideable_s(timing) - max(0.0, pipeline_term_s(tau, layout) - floor_s)
+        return timing.step_time_s - hideable_s(timing) - max(0.0, pipeline_term_s(tau, layout) - floor_s)
+    mixed = mixed_split_floor_s(job, layout, gpus)
+    if mixed is not None:
+        return timing.breakdown_s["embedding_sync"] + mixed
+    tau = chunk_stage_times_s(job, layout, stages, gpus)
+    work = sum(tau)
+    plain = [t / s.num_layers for t, s in zip(tau, stages) if s.num_layers and not (s.embedding or s.head or s.vision)]
+    fixed = [t - s.num_layers * max(plain) for t, s in zip(tau, stages)] if plain else [0.0]
+    return timing.breakdown_s["embedding_sync"] + max(m * max(work / p, *fixed), split_pipeline_floor_s(work, p, v, m))
 
 
 def _partial_recompute(job: Job, scored: list[_Scored], placement) -> list[_Scored]:
@@ -676,44 +688,66 @@ def step_floor_s(job: Job, layout: Layout, stages: Sequence[Stage], placement: P
     return simulated_step_floor_s(step_parts(job, layout, list(stages), gpus, placement), list(stages))
 
 
-def _branch_and_bound(job: Job, fitting: list[_Scored], near: list[_Scored], kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
-    """Plans for the candidates (``fitting`` on their even split, ``near``
-    fitting) on the better of their even and optimal splits (as
-    split_plan), and the split solutions: in order of their
-    split bound, while it is at most the step of the ``kept.count``-th
-    fastest plan built (``kept`` holds the steps built so far); a candidate
-    beyond it cannot enter the plans returned, and a split whose step floor
-    (step_floor_s) is beyond it is not simulated; at most BRANCHED of
-    them. So every layout that might be the fastest is split, whatever k
-    (up to BRANCHED), and the best plan does not depend on it. The general MILP, which only interleaved layouts over
-    several kinds of layer or on GPUs of different speeds need (the others
-    have exact methods that take milliseconds), runs for at most
-    MILP_REFINED of them, those that fit on their even split (proving that
-    no split of a near one fits can take the MILP its whole time limit).
-    Their pipelines' send/recv and bubble are told
-    apart only for the plans kept (with_pp_comm): ranking needs the step,
-    not its breakdown."""
+def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], near: list[_Scored],
+                      kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
+    """Plans on the better of their even and optimal splits (as split_plan)
+    for ``fastest`` (the FASTEST_SPLIT layouts fastest on the even split),
+    ``rest`` (the other layouts that fit on it) and ``near`` (within
+    NEAR_FIT of fitting), and the split solutions.
+
+    The near ones first, every one: a split decides whether it fits, and
+    the count of layouts that fit must not depend on k; with the exact split
+    methods only (proving that no split of one fits can take the MILP its
+    whole time limit). Then the fastest, every one. Then the rest in order
+    of their split bound, while it is at most the step of the
+    ``kept.count``-th fastest plan built (``kept`` holds the steps built so
+    far), at most BRANCHED of them: a layout beyond it cannot enter the
+    plans returned, and a split whose step floor (step_floor_s) is beyond it
+    is not simulated. Each of those lists is the same whatever k (up to the
+    cutoff, which no layout that might be the fastest is beyond), so the
+    best plan does not depend on k. The general MILP, which only interleaved
+    layouts over several kinds of layer or on GPUs of different speeds need
+    (the others have exact methods that take milliseconds), runs for the
+    first MILP_REFINED layouts that fit and need it; the others keep the
+    even split. Their pipelines' send/recv and bubble are told apart only
+    for the plans kept (with_pp_comm): ranking needs the step, not its
+    breakdown."""
     plans, solves, milp_runs = [], [], 0
-    ordered = sorted([(True, c) for c in fitting] + [(False, c) for c in near], key=lambda f_c: (round(f_c[1].bound_s, 9), f_c[1].key()))
-    for fits, candidate in ordered[:BRANCHED]:
-        if candidate.bound_s > kept.cutoff + 1e-9:
-            break
-        layout = candidate.layout
-        options, solve = _split_options(job, layout, fits and milp_runs < MILP_REFINED)
+
+    def split(candidate: _Scored, milp: bool, cutoff_s: float) -> None:
+        nonlocal milp_runs
+        plan, solve = _split_candidate(job, candidate, milp and milp_runs < MILP_REFINED, cutoff_s)
         if solve is not None:
             solves.append(solve)
             milp_runs += solve.method.startswith("milp")
-        built = []
-        for i, (stages, placement) in enumerate(options):
-            if i == 0 and candidate.even_plan:
-                built.append(candidate.even_plan)
-            elif step_floor_s(job, layout, stages, placement) <= kept.cutoff + 1e-9:
-                built.append(build_plan(job, layout, list(stages), placement, send_recv=False))
-        plan = _better(built, solve) if built else None
         if plan is not None and plan.leaves_headroom:
             plans.append(plan)
-            kept.offer(layout, plan.step_time_s)
+            kept.offer(candidate.layout, plan.step_time_s)
+
+    for candidate in near:
+        split(candidate, milp=False, cutoff_s=math.inf)
+    for candidate in fastest:
+        split(candidate, milp=True, cutoff_s=math.inf)
+    for candidate in sorted(rest, key=lambda c: (round(c.bound_s, 9), c.key()))[:BRANCHED]:
+        if candidate.bound_s > kept.cutoff + 1e-9:
+            break
+        split(candidate, milp=True, cutoff_s=kept.cutoff)
     return plans, solves
+
+
+def _split_candidate(job: Job, candidate: _Scored, milp: bool, cutoff_s: float) -> tuple[Plan | None, Partition | None]:
+    """``candidate``'s plan on the better of its even and optimal splits
+    (_split_options; ``milp``: whether the general MILP may run), leaving
+    out a split whose step floor is beyond ``cutoff_s`` (None when both
+    are), and the split solve."""
+    layout, built = candidate.layout, []
+    options, solve = _split_options(job, layout, milp)
+    for i, (stages, placement) in enumerate(options):
+        if i == 0 and candidate.even_plan:
+            built.append(candidate.even_plan)
+        elif step_floor_s(job, layout, stages, placement) <= cutoff_s + 1e-9:
+            built.append(build_plan(job, layout, list(stages), placement, send_recv=False))
+    return (_better(built, solve) if built else None), solve
 
 
 def _refuse_search_list(job: Job, broken: Counter[str], expectations: dict[str, Counter[str]], layouts: int) -> None:
