@@ -59,33 +59,29 @@ from loom.planner.cost.time_model import StepTime, chunk_bounds_s, chunk_stage_t
 from loom.planner.schedule.simulate import pipeline_floor_s, split_pipeline_floor_s
 
 
-# Layouts that fit are priced by the closed form; every one whose split
-# bound is below the k-th fastest plan is then split optimally, in order of
-# that bound (_branch_and_bound), so the best plan does not depend on k. Of
-# those within NEAR_FIT of fitting (an uneven split may make them fit) the
-# REFINED fastest and REFINED of lowest bound are split too. Without
-# interleaving the split is solved exactly in milliseconds (the bottleneck
-# method; mixed GPUs: the typed program), and so is interleaving over one
-# run of equal layers (the interleaved method); the general MILP
-# (interleaving over several kinds of layer, or on GPUs of different
-# speeds) runs for the MILP_REFINED layouts of lowest bound that need it,
-# each solve capped at SPLIT_TIME_LIMIT_S.
+# Layouts that fit are priced by the closed form. Then the REFINED fastest
+# and REFINED of lowest bound of those within NEAR_FIT of fitting (an uneven
+# split may make them fit) are split optimally, the FASTEST_SPLIT fastest
+# that fit, and the others that fit in order of their split bound while it
+# is below the k-th fastest plan, at most BRANCHED of them
+# (_branch_and_bound). Each list is the same at any k up to that cutoff, so
+# the best plan does not depend on k. The cap is there because where bounds
+# are loose (a split may move work to faster GPUs; interleaving's bubble is
+# one a split may shrink) thousands can be below the cutoff: 4,904 for
+# Llama-3 8B at global batch 64 on 8 A100 and 8 H100 nodes, whose search
+# then took 25 s; where it binds, the best plan is the best of those split.
+# The FASTEST_SPLIT run first because there a layout that keeps its split
+# (no pipeline) can sit beyond BRANCHED by bound. Without interleaving the
+# split is solved exactly in milliseconds (the bottleneck method; mixed
+# GPUs: the typed program), and so is interleaving over one run of equal
+# layers (the interleaved method); the general MILP (interleaving over
+# several kinds of layer, or on GPUs of different speeds) runs for the first
+# MILP_REFINED layouts that fit and need it, each solve capped at
+# SPLIT_TIME_LIMIT_S.
 REFINED = 8
-MILP_REFINED = 3
-# Branch and bound splits at most BRANCHED layouts, the lowest bounds first.
-# Where the bounds are loose (a split may move work to faster GPUs, or
-# interleaving's bubble, which a split may shrink) thousands can be below
-# the k-th plan: 4,904 for Llama-3 8B at global batch 64 on 8 A100 and 8
-# H100 nodes. Layouts whose bound is below the best plan never fall beyond
-# this count, whatever k (the first BRANCHED by bound are the same), so the
-# best plan still does not depend on k; where the count binds it is the best
-# of those. Measured on benchmarks/search_top_k.py's jobs and the bundled
-# examples, the plan that won was at most the 90th layout by bound.
-BRANCHED = 256
-# And, before them, the FASTEST_SPLIT fastest on the even split by the
-# closed form, whatever their bound: where bounds are loose a layout that
-# keeps its split (no pipeline) can sit beyond BRANCHED by bound.
 FASTEST_SPLIT = 16
+BRANCHED = 256
+MILP_REFINED = 3
 NEAR_FIT = 1.25
 SPLIT_TIME_LIMIT_S = 2.0
 # Where links differ (faults, oversubscription, a measured profile), the
