@@ -451,7 +451,9 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     partial = _partial_recompute(job, scored, placement)
     scored += partial
     ranked = sorted(scored, key=_Scored.key)
-    plans, solves = _branch_and_bound(job, ranked[:FASTEST_SPLIT], ranked[FASTEST_SPLIT:], _promising(sorted(near, key=_Scored.key)), frontier.kept)
+    promising = _promising(sorted(near, key=_Scored.key))
+    others_near = [c for c in near if all(c is not p for p in promising)]
+    plans, solves = _branch_and_bound(job, ranked[:FASTEST_SPLIT], ranked[FASTEST_SPLIT:], promising, others_near, frontier.kept)
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -462,7 +464,8 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     return SearchResult(
         plans=[with_pp_comm(plan) for plan in plans[:top_k]],
         candidates=len(layouts),
-        feasible=fitting + len(partial) + sum(plan.layout in {c.layout for c in near} for plan in plans),
+        # Of the near ones, those always split (the count must not depend on k).
+        feasible=fitting + len(partial) + sum(plan.layout in {c.layout for c in promising} for plan in plans),
         wall_time_s=time.perf_counter() - started,
         solver="+".join(["enumeration", *methods]),
         status="time_limit" if any(solve.status == "time_limit" for solve in solves) or any(p.status != "optimal" for p in placements) else "optimal",
@@ -528,7 +531,7 @@ class _Frontier:
 
     def _cutoffs(self, layout: Layout, fits: bool) -> list[_Least | _FastestPlans]:
         if not fits:
-            return [self.near_fastest, self.near_bounds]
+            return [self.kept, self.near_fastest, self.near_bounds]
         if layout.recompute == "full" and not layout.recompute_num_layers:
             return [self.kept, self.fastest, self.fully_recomputed]
         return [self.kept, self.fastest]
@@ -684,30 +687,31 @@ def step_floor_s(job: Job, layout: Layout, stages: Sequence[Stage], placement: P
     return simulated_step_floor_s(step_parts(job, layout, list(stages), gpus, placement), list(stages))
 
 
-def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], near: list[_Scored],
+def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], near: list[_Scored], others_near: list[_Scored],
                       kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
     """Plans on the better of their even and optimal splits (as split_plan)
     for ``fastest`` (the FASTEST_SPLIT layouts fastest on the even split),
-    ``rest`` (the other layouts that fit on it) and ``near`` (within
-    NEAR_FIT of fitting), and the split solutions.
+    ``rest`` (the other layouts that fit on it), ``near`` (the layouts
+    within NEAR_FIT of fitting that _promising picks) and ``others_near``
+    (the other near ones), and the split solutions.
 
-    The near ones first, every one: a split decides whether it fits, and
-    the count of layouts that fit must not depend on k; with the exact split
-    methods only (proving that no split of one fits can take the MILP its
-    whole time limit). Then the fastest, every one. Then the rest in order
-    of their split bound, while it is at most the step of the
-    ``kept.count``-th fastest plan built (``kept`` holds the steps built so
-    far), at most BRANCHED of them: a layout beyond it cannot enter the
-    plans returned, and a split whose step floor (step_floor_s) is beyond it
-    is not simulated. Each of those lists is the same whatever k (up to the
-    cutoff, which no layout that might be the fastest is beyond), so the
-    best plan does not depend on k. The general MILP, which only interleaved
-    layouts over several kinds of layer or on GPUs of different speeds need
-    (the others have exact methods that take milliseconds), runs for the
-    first MILP_REFINED layouts that fit and need it; the others keep the
-    even split. Their pipelines' send/recv and bubble are told apart only
-    for the plans kept (with_pp_comm): ranking needs the step, not its
-    breakdown."""
+    ``near`` first, every one: a split decides whether it fits, and the
+    count of layouts that fit must not depend on k. Then ``fastest``, every
+    one. Then ``rest`` and ``others_near`` in order of their split bound,
+    while it is at most the step of the ``kept.count``-th fastest plan built
+    (``kept`` holds the steps built so far), at most BRANCHED of them: a
+    layout beyond it cannot enter the plans returned, and a split whose step
+    floor (step_floor_s) is beyond it is not simulated. Each of those lists
+    is the same whatever k (up to the cutoff, which no layout that might be
+    the fastest is beyond), so the best plan does not depend on k. The
+    general MILP, which only interleaved layouts over several kinds of layer
+    or on GPUs of different speeds need (the others have exact methods that
+    take milliseconds), runs for the first MILP_REFINED layouts that fit
+    and need it; the others keep the even split, and the near ones use the
+    exact split methods only (proving that no split of one fits can take
+    the MILP its whole time limit). Their pipelines' send/recv and bubble
+    are told apart only for the plans kept (with_pp_comm): ranking needs the
+    step, not its breakdown."""
     plans, solves, milp_runs = [], [], 0
 
     def split(candidate: _Scored, milp: bool, cutoff_s: float) -> None:
@@ -724,10 +728,11 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
         split(candidate, milp=False, cutoff_s=math.inf)
     for candidate in fastest:
         split(candidate, milp=True, cutoff_s=math.inf)
-    for candidate in sorted(rest, key=lambda c: (round(c.bound_s, 9), c.key()))[:BRANCHED]:
+    queue = [(c, True) for c in rest] + [(c, False) for c in others_near]
+    for candidate, fits in sorted(queue, key=lambda c_fits: (round(c_fits[0].bound_s, 9), c_fits[0].key()))[:BRANCHED]:
         if candidate.bound_s > kept.cutoff + 1e-9:
             break
-        split(candidate, milp=True, cutoff_s=kept.cutoff)
+        split(candidate, milp=fits, cutoff_s=kept.cutoff)
     return plans, solves
 
 
