@@ -766,8 +766,9 @@ def hideable_s(timing: StepTime) -> float:
 
 
 def step_lower_bound_s(job: Job, layout: Layout) -> float:
-    """Seconds no split, placement, overlap or schedule can take a step of
-    ``layout`` below, closed form or simulated, at a fraction of pricing
+    """Seconds no split, placement or overlap, nor any of Megatron's
+    schedules, can take a step of ``layout`` below, closed form or
+    simulated, at a fraction of pricing
     it: the least pipeline time of any split (_split_pipeline_floor_s) of
     every decoder layer's forward and backward kernels, each kind of layer
     on whichever of the cluster's GPUs runs it fastest.
@@ -856,8 +857,10 @@ def chunk_stage_times_s(job: Job, layout: Layout, stages: list[Stage], gpus: lis
     """tau'_s: each stage's chunks' times for one micro batch (forward,
     backward, recompute, exposed TP/CP/EP communication, host time), stage s
     on ``gpus[s]``: the step's tau_s without the sharding and offload time a
-    stage's parameters add. Chunk times add up layer by layer, so on GPUs of
-    one kind their sum is the same under any split of the layers."""
+    stage's parameters add. On GPUs of one kind their sum is the same under
+    any split of the layers, except that a chunk's exposed TP and host time
+    is a maximum taken over the chunk (chunk_time), which a split may
+    shift: the search's split bounds take it as fixed."""
     shape, links = layers.shape_of(job, layout), Links.of(job, layout)
 
     def stage_s(stage: Stage, gpu: GPU) -> float:

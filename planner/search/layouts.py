@@ -454,6 +454,10 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     promising = _promising(sorted(near, key=_Scored.key))
     others_near = [c for c in near if all(c is not p for p in promising)]
     plans, solves = _branch_and_bound(job, ranked[:FASTEST_SPLIT], ranked[FASTEST_SPLIT:], promising, others_near, frontier.kept)
+    # Even plans built while pricing lowered the cutoff: a layout beyond
+    # BRANCHED keeps its even split rather than vanishing from the ranking.
+    split_layouts = {plan.layout for plan in plans}
+    plans += [c.even_plan for c in scored if c.even_plan and c.even_plan.leaves_headroom and c.layout not in split_layouts]
     if not plans:
         raise InfeasibleError(_what_binds(job, smallest, rejected))
     plans = _ranked(plans)
@@ -510,8 +514,9 @@ class _FastestPlans:
 class _Frontier:
     """The priced layouts, and the bound below which an unpriced one must be
     to reach a list the search draws from: ``kept``, the steps of the k
-    fastest plans built (their even splits, simulated: every layout whose
-    split bound is at most the k-th of them is split by _branch_and_bound);
+    fastest plans built (their even splits, simulated, all of them ranked:
+    the layouts whose split bound is at most the k-th of them are split by
+    _branch_and_bound, up to BRANCHED);
     the FASTEST_SPLIT fastest by the closed form (``fastest``, split whatever
     their bound); the PARTIAL_CANDIDATES fastest fully recomputed ones by the closed form
     (_partial_recompute); of the near ones, the REFINED fastest and lowest
@@ -704,7 +709,10 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
     layout beyond it cannot enter the plans returned, and a split whose step
     floor (step_floor_s) is beyond it is not simulated. Each of those lists
     is the same whatever k (up to the cutoff, which no layout that might be
-    the fastest is beyond), so the best plan does not depend on k. The
+    the fastest is beyond), so the best plan does not depend on k, except
+    where BRANCHED binds and the best is a layout beyond it that keeps its
+    even split: that one is ranked only if pricing simulated its even split,
+    which it does when its closed-form step is below the cutoff then. The
     general MILP, which only interleaved layouts over several kinds of layer
     or on GPUs of different speeds need (the others have exact methods that
     take milliseconds), runs for the first MILP_REFINED layouts that fit
