@@ -703,9 +703,10 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
 
     ``near`` first, every one: a split decides whether it fits, and the
     count of layouts that fit must not depend on k. Then ``fastest``, every
-    one. Then ``rest`` and ``others_near`` in order of their split bound,
-    while it is at most the step of the ``kept.count``-th fastest plan built
-    (``kept`` holds the steps built so far), at most BRANCHED of them: a
+    one. Then ``rest``, then ``others_near``, each in order of their split
+    bound while it is at most the step of the ``kept.count``-th fastest plan
+    built (``kept`` holds the steps built so far), at most BRANCHED of each
+    (near ones, whose bounds are as loose, would crowd out the others): a
     layout beyond it cannot enter the plans returned, and a split whose step
     floor (step_floor_s) is beyond it is not simulated. Each of those lists
     is the same whatever k (up to the cutoff, which no layout that might be
@@ -737,11 +738,11 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
         split(candidate, milp=False, cutoff_s=math.inf)
     for candidate in fastest:
         split(candidate, milp=True, cutoff_s=math.inf)
-    queue = [(c, True) for c in rest] + [(c, False) for c in others_near]
-    for candidate, fits in sorted(queue, key=lambda c_fits: (round(c_fits[0].bound_s, 9), c_fits[0].key()))[:BRANCHED]:
-        if candidate.bound_s > kept.cutoff + 1e-9:
-            break
-        split(candidate, milp=fits, cutoff_s=kept.cutoff)
+    for queue, fits in ((rest, True), (others_near, False)):
+        for candidate in sorted(queue, key=lambda c: (round(c.bound_s, 9), c.key()))[:BRANCHED]:
+            if candidate.bound_s > kept.cutoff + 1e-9:
+                break
+            split(candidate, milp=fits, cutoff_s=kept.cutoff)
     return plans, solves
 
 
