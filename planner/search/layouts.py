@@ -62,8 +62,8 @@ from loom.planner.schedule.simulate import pipeline_floor_s, split_pipeline_floo
 # Layouts that fit are priced by the closed form. Then the REFINED fastest
 # and REFINED of lowest bound of those within NEAR_FIT of fitting (an uneven
 # split may make them fit) are split optimally, the FASTEST_SPLIT fastest
-# that fit, and the others, fitting or near, in order of their split bound
-# while it is below the k-th fastest plan, at most BRANCHED of them
+# that fit, and the others that fit, then those near, in order of their
+# split bound while it is below the k-th fastest plan, at most BRANCHED of each
 # (_branch_and_bound). Each list is the same at any k up to that cutoff, so
 # the best plan does not depend on k. The cap is there because where bounds
 # are loose (a split may move work to faster GPUs; interleaving's bubble is
