@@ -453,7 +453,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
     ranked = sorted(scored, key=_Scored.key)
     promising = _promising(sorted(near, key=_Scored.key))
     others_near = [c for c in near if all(c is not p for p in promising)]
-    plans, solves = _branch_and_bound(job, ranked[:FASTEST_SPLIT], ranked[FASTEST_SPLIT:], promising, others_near, frontier.kept)
+    plans, solves, near_fitting = _branch_and_bound(job, ranked[:FASTEST_SPLIT], ranked[FASTEST_SPLIT:], promising, others_near, frontier.kept)
     # Even plans built while pricing lowered the cutoff: a layout beyond
     # BRANCHED keeps its even split rather than vanishing from the ranking.
     split_layouts = {plan.layout for plan in plans}
@@ -469,7 +469,7 @@ def _search_layouts(job: Job, top_k: int, progress: Callable[[int, int], None] |
         plans=[with_pp_comm(plan) for plan in plans[:top_k]],
         candidates=len(layouts),
         # Of the near ones, those always split (the count must not depend on k).
-        feasible=fitting + len(partial) + sum(plan.layout in {c.layout for c in promising} for plan in plans),
+        feasible=fitting + len(partial) + near_fitting,
         wall_time_s=time.perf_counter() - started,
         solver="+".join(["enumeration", *methods]),
         status="time_limit" if any(solve.status == "time_limit" for solve in solves) or any(p.status != "optimal" for p in placements) else "optimal",
@@ -694,16 +694,17 @@ def step_floor_s(job: Job, layout: Layout, stages: Sequence[Stage], placement: P
 
 
 def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], near: list[_Scored], others_near: list[_Scored],
-                      kept: _FastestPlans) -> tuple[list[Plan], list[Partition]]:
+                      kept: _FastestPlans) -> tuple[list[Plan], list[Partition], int]:
     """Plans on the better of their even and optimal splits (as split_plan)
     for ``fastest`` (the FASTEST_SPLIT layouts fastest on the even split),
     ``rest`` (the other layouts that fit on it), ``near`` (the layouts
     within NEAR_FIT of fitting that _promising picks) and ``others_near``
-    (the other near ones), and the split solutions.
+    (the other near ones); the split solutions; and how many of ``near``
+    fit once split.
 
-    ``near`` first, every one: a split decides whether it fits, and the
-    count of layouts that fit must not depend on k. Then ``fastest``, every
-    one. Then ``rest``, then ``others_near``, each in order of their split
+    ``fastest`` first, every one. Then ``near``, every one split: a split
+    decides whether it fits, and the count of layouts that fit must not
+    depend on k (judged on memory; simulated below the cutoff). Then ``rest``, then ``others_near``, each in order of their split
     bound while it is at most the step of the ``kept.count``-th fastest plan
     built (``kept`` holds the steps built so far), at most BRANCHED of each
     (near ones, whose bounds are as loose, would crowd out the others): a
@@ -722,43 +723,53 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
     the MILP its whole time limit). Their pipelines' send/recv and bubble
     are told apart only for the plans kept (with_pp_comm): ranking needs the
     step, not its breakdown."""
-    plans, solves, milp_runs = [], [], 0
+    plans, solves, milp_runs, near_fitting = [], [], 0, 0
 
-    def split(candidate: _Scored, milp: bool, cutoff_s: float) -> None:
+    def split(candidate: _Scored, milp: bool, cutoff_s: float) -> bool:
         nonlocal milp_runs
-        plan, solve = _split_candidate(job, candidate, milp and milp_runs < MILP_REFINED, cutoff_s)
+        plan, solve, fits = _split_candidate(job, candidate, milp and milp_runs < MILP_REFINED, cutoff_s)
         if solve is not None:
             solves.append(solve)
             milp_runs += solve.method.startswith("milp")
-        if plan is not None and plan.leaves_headroom:
+        if plan is not None:
             plans.append(plan)
             kept.offer(candidate.layout, plan.step_time_s)
+        return fits
 
-    for candidate in near:
-        split(candidate, milp=False, cutoff_s=math.inf)
     for candidate in fastest:
         split(candidate, milp=True, cutoff_s=math.inf)
+    for candidate in near:
+        near_fitting += split(candidate, milp=False, cutoff_s=kept.cutoff)
     for queue, fits in ((rest, True), (others_near, False)):
         for candidate in sorted(queue, key=lambda c: (round(c.bound_s, 9), c.key()))[:BRANCHED]:
             if candidate.bound_s > kept.cutoff + 1e-9:
                 break
             split(candidate, milp=fits, cutoff_s=kept.cutoff)
-    return plans, solves
+    return plans, solves, near_fitting
 
 
-def _split_candidate(job: Job, candidate: _Scored, milp: bool, cutoff_s: float) -> tuple[Plan | None, Partition | None]:
+def _split_candidate(job: Job, candidate: _Scored, milp: bool, cutoff_s: float) -> tuple[Plan | None, Partition | None, bool]:
     """``candidate``'s plan on the better of its even and optimal splits
-    (_split_options; ``milp``: whether the general MILP may run), leaving
-    out a split whose step floor is beyond ``cutoff_s`` (None when both
-    are), and the split solve."""
-    layout, built = candidate.layout, []
+    (_split_options; ``milp``: whether the general MILP may run) that leave
+    the memory headroom, leaving out a split whose step floor is beyond
+    ``cutoff_s`` (None when no split is left); the split solve; and whether
+    some split leaves the headroom (judged on memory alone: a split is
+    simulated only if it may be fast enough)."""
+    layout, built, fits = candidate.layout, [], False
     options, solve = _split_options(job, layout, milp)
+    shape = shape_of(job, layout)
     for i, (stages, placement) in enumerate(options):
+        gpus = stage_gpus(job.cluster, placement, stages)
+        leaves = all(stage_peak_bytes(shape, layout, stage, job.framework, gpu) <= job.memory_headroom.usable(gpu.memory_bytes)
+                     for stage, gpu in zip(stages, gpus))
+        fits = fits or leaves
+        if not leaves:
+            continue
         if i == 0 and candidate.even_plan:
             built.append(candidate.even_plan)
         elif step_floor_s(job, layout, stages, placement) <= cutoff_s + 1e-9:
             built.append(build_plan(job, layout, list(stages), placement, send_recv=False))
-    return (_better(built, solve) if built else None), solve
+    return (_better(built, solve) if built else None), solve, fits
 
 
 def _refuse_search_list(job: Job, broken: Counter[str], expectations: dict[str, Counter[str]], layouts: int) -> None:
