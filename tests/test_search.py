@@ -236,8 +236,8 @@ def test_no_plan_is_faster_than_the_bounds_that_prune_it(model, nodes, framework
     (build_plan): a layout's split bound is at most its plan on the better
     of its splits (split_plan), and each split's step floor at most that
     split's plan; under torchtitan (FSDP2, whose per-stage gathers a split
-    changes) and on a node of A100s beside H100s too. Every eighth valid
-    layout (24th on the mixed cluster, where splits take longest)."""
+    changes) and on a node of A100s beside H100s too. Every 16th valid
+    layout (48th on the mixed cluster, where splits take longest)."""
     from loom.planner.cost.time_model import step_time
     from loom.planner.plan import build_plan
     from loom.planner.search.layouts import split_bound_s, split_plan, step_floor_s
@@ -251,7 +251,7 @@ def test_no_plan_is_faster_than_the_bounds_that_prune_it(model, nodes, framework
                    "node_overrides": [{"node": node, "gpu": "A100-SXM4-80GB"} for node in range(a100_nodes)]}
         job = replace(job, cluster=parse_cluster(cluster, "mixed"))
     placement = default_placement(job.cluster, job.cluster.num_gpus)
-    layouts = [layout for layout in candidate_layouts(job) if not layout_problems(job, layout)][::24 if a100_nodes else 8]
+    layouts = [layout for layout in candidate_layouts(job) if not layout_problems(job, layout)][::48 if a100_nodes else 16]
     for layout in layouts:
         stages = default_stages(job.model, layout, job.framework)
         gpus = stage_gpus(job.cluster, placement, stages)
@@ -260,7 +260,7 @@ def test_no_plan_is_faster_than_the_bounds_that_prune_it(model, nodes, framework
         assert step_floor_s(job, layout, best.stages, best.placement) <= best.step_time_s * (1 + 1e-12), layout.label()
         even = build_plan(job, layout)
         assert step_floor_s(job, layout, even.stages, even.placement) <= even.step_time_s * (1 + 1e-12), layout.label()
-    assert len(layouts) > 30
+    assert len(layouts) > 15
 
 
 def test_on_mixed_gpus_the_best_plan_does_not_depend_on_top_k():

@@ -702,7 +702,8 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
     (the other near ones); the split solutions; and how many of ``near``
     fit once split.
 
-    ``fastest`` first, every one. Then ``near``, every one split: a split
+    ``fastest`` first, every one (a split of one is simulated only if its
+    step floor is below the cutoff). Then ``near``, every one split: a split
     decides whether it fits, and the count of layouts that fit must not
     depend on k (judged on memory; simulated below the cutoff). Then ``rest``, then ``others_near``, each in order of their split
     bound while it is at most the step of the ``kept.count``-th fastest plan
@@ -737,7 +738,7 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
         return fits
 
     for candidate in fastest:
-        split(candidate, milp=True, cutoff_s=math.inf)
+        split(candidate, milp=True, cutoff_s=kept.cutoff)
     for candidate in near:
         near_fitting += split(candidate, milp=False, cutoff_s=kept.cutoff)
     for queue, fits in ((rest, True), (others_near, False)):
