@@ -268,6 +268,10 @@ class _Scored:
     def key(self) -> tuple:
         return (round(self.step_time_s, 9), round(self.peak_bytes), self.layout.label())
 
+    def bound_key(self) -> tuple:
+        """Lowest split bound first, then as key()."""
+        return (round(self.bound_s, 9), *self.key())
+
 
 def search(job: Job, top_k: int, progress: Callable[[int, int], None] | None = None) -> SearchResult:
     """Rank the layouts of ``job`` — for an MoE job, under each token
@@ -574,7 +578,7 @@ def _promising(ranked: list[_Scored]) -> list[_Scored]:
     misjudges deep pipelines whose end stages carry the embedding and the
     head, and the bound (which ignores that a layer cannot be cut)
     overrates them."""
-    lowest = sorted(ranked, key=lambda c: (round(c.bound_s, 9), c.key()))[:REFINED]
+    lowest = sorted(ranked, key=_Scored.bound_key)[:REFINED]
     return list({id(c): c for c in [*ranked[:REFINED], *lowest]}.values())
 
 
@@ -742,7 +746,7 @@ def _branch_and_bound(job: Job, fastest: list[_Scored], rest: list[_Scored], nea
     for candidate in near:
         near_fitting += split(candidate, milp=False, cutoff_s=kept.cutoff)
     for queue, fits in ((rest, True), (others_near, False)):
-        for candidate in sorted(queue, key=lambda c: (round(c.bound_s, 9), c.key()))[:BRANCHED]:
+        for candidate in sorted(queue, key=_Scored.bound_key)[:BRANCHED]:
             if candidate.bound_s > kept.cutoff + 1e-9:
                 break
             split(candidate, milp=fits, cutoff_s=kept.cutoff)
